@@ -1,0 +1,32 @@
+# `make test` and `make demo` work on a fresh machine: they create .venv, install torch first (pinned, so that no
+# dependency pulls a different torch with several GB of CUDA packages), then the package with its extras.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_VERSION ?= 2.13.0
+# Versions tested together (README, "Compatibility"); override with `make test PINS=`.
+PINS ?= "transformers==5.24.0" "trl==1.16.0" "accelerate==1.15.0" "deepspeed==0.19.8" "triton==3.9.0" "peft==0.21.2"
+
+.PHONY: test test-fast demo bench clean venv
+
+$(VENV)/.torch:
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "torch==$(TORCH_VERSION)"
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.torch setup.cfg pyproject.toml
+	$(PIP) install -q -e ".[test,plot]" $(PINS)
+	touch $@
+
+venv: $(VENV)/.installed
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q -ra
+
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q -ra -m "not slow"
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

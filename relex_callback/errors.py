@@ -1,0 +1,21 @@
+"""Exceptions raised by relex_callback.
+
+Every input mistake raises :class:`RelexInputError` with a message that says what to change; the CLI turns it
+into one line on stderr and exit code 2. Anything else is a bug or an environment failure and keeps its traceback.
+"""
+
+
+class RelexError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class RelexInputError(RelexError, ValueError):
+    """A setting, argument or input file is wrong; the message says what to change."""
+
+
+class RelexMemoryError(RelexInputError):
+    """The trajectory does not fit the chosen storage tier; the message names the bytes and the options."""
+
+
+class RelexNonFiniteError(RelexError, FloatingPointError):
+    """A weight delta contains NaN or Inf; the message names the tensor and the step."""

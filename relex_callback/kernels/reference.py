@@ -1,0 +1,99 @@
+"""Plain-torch implementations of the solver passes: the reference every fused kernel is tested against, and the
+CPU path itself (chunked so that the float32 copy of a chunk stays in cache and nothing of size T x n is ever
+materialised in float32).
+
+Shapes: ``M`` is ``[T, D]`` (buffer dtype); segment ``i`` is the column range ``[offsets[i], offsets[i]+numels[i])``.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+# Columns per float32 chunk: T x CHUNK x 4 bytes stays near the cache size for T ~ 75 (measured: 16K-64K columns
+# are equally fast on the 2-core CI machine; 4K is 10% slower).
+CHUNK = 1 << 15
+
+
+def _chunks(offset: int, numel: int, chunk: int):
+    for s in range(offset, offset + numel, chunk):
+        yield s, min(offset + numel, s + chunk)
+
+
+@torch.no_grad()
+def gram_reference(M: torch.Tensor, offsets: Sequence[int], numels: Sequence[int], chunk: int = CHUNK) -> torch.Tensor:
+    """``G[i] = M_i M_i^T`` for every segment, float32 accumulation per chunk, summed in float64. ``[S, T, T]``."""
+    T = M.shape[0]
+    G = torch.zeros(len(offsets), T, T, dtype=torch.float64, device=M.device)
+    if M.dtype == torch.float32 or M.device.type != "cpu":
+        # float32 buffer: mm directly on the view; on GPU the cast is cheap relative to the matmul
+        for i, (o, n) in enumerate(zip(offsets, numels)):
+            for s, e in _chunks(o, n, chunk * 8):
+                c = M[:, s:e].float()
+                G[i] += (c @ c.T).double()
+        return G
+    tmp = torch.empty(T, chunk, dtype=torch.float32, device=M.device)
+    acc = torch.empty(T, T, dtype=torch.float32, device=M.device)
+    for i, (o, n) in enumerate(zip(offsets, numels)):
+        acc.zero_()
+        for s, e in _chunks(o, n, chunk):
+            c = tmp[:, : e - s]
+            c.copy_(M[:, s:e])
+            acc.addmm_(c, c.T)
+        G[i] = acc.double()
+    return G
+
+
+@torch.no_grad()
+def project_reference(
+    M: torch.Tensor, offsets: Sequence[int], numels: Sequence[int], U: torch.Tensor, out: torch.Tensor, chunk: int = CHUNK
+) -> torch.Tensor:
+    """Direction pass: ``out[:, seg_i] = U[i]^T M_i`` for every segment. ``U`` is ``[S, T, r]`` (float32, already
+    divided by sigma), ``out`` is ``[r, D]`` in any float dtype. Returns ``out``."""
+    T = M.shape[0]
+    tmp = torch.empty(T, chunk, dtype=torch.float32, device=M.device) if M.dtype != torch.float32 else None
+    for i, (o, n) in enumerate(zip(offsets, numels)):
+        Ui = U[i].to(device=M.device, dtype=torch.float32)
+        for s, e in _chunks(o, n, chunk):
+            if tmp is None:
+                c = M[:, s:e]
+            else:
+                c = tmp[:, : e - s]
+                c.copy_(M[:, s:e])
+            out[:, s:e] = Ui.T @ c
+    return out
+
+
+@torch.no_grad()
+def matvec_reference(M: torch.Tensor, o: int, n: int, v: torch.Tensor, chunk: int = CHUNK, rowsq: torch.Tensor | None = None) -> torch.Tensor:
+    """``M_i v`` for one segment (``v`` float32 ``[n]``) -> float32 ``[T]``. With ``rowsq`` (float64 ``[T]``), also
+    accumulates each row's squared norm in the same pass."""
+    T = M.shape[0]
+    w = torch.zeros(T, dtype=torch.float32, device=M.device)
+    tmp = torch.empty(T, chunk, dtype=torch.float32, device=M.device) if M.dtype != torch.float32 else None
+    for s, e in _chunks(o, n, chunk):
+        if tmp is None:
+            c = M[:, s:e]
+        else:
+            c = tmp[:, : e - s]
+            c.copy_(M[:, s:e])
+        w.addmv_(c, v[s - o : e - o])
+        if rowsq is not None:
+            rowsq += (c * c).sum(1).double()
+    return w
+
+
+@torch.no_grad()
+def rmatvec_reference(M: torch.Tensor, o: int, n: int, w: torch.Tensor, out: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
+    """``M_i^T w`` for one segment (``w`` float32 ``[T]``) into float32 ``out[n]``."""
+    T = M.shape[0]
+    tmp = torch.empty(T, chunk, dtype=torch.float32, device=M.device) if M.dtype != torch.float32 else None
+    for s, e in _chunks(o, n, chunk):
+        if tmp is None:
+            c = M[:, s:e]
+        else:
+            c = tmp[:, : e - s]
+            c.copy_(M[:, s:e])
+        torch.mv(c.T, w, out=out[s - o : e - o])
+    return out

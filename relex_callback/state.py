@@ -1,0 +1,152 @@
+"""``relex_state.safetensors``: the whole result of a window, from which any horizon can be written later.
+
+Tensors: ``<name>`` -> the directions ``v_k`` of that tensor, ``[rank, n]`` in the buffer dtype (``n`` the
+elements this rank holds). Metadata ``relex`` (JSON): settings, steps, and per tensor slope, intercept, sigma,
+R^2, explained variance, ``||Delta_tcut||`` and a fingerprint of theta_0 (so a different base is refused).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .errors import RelexInputError
+from .params import TensorSpec
+
+STATE_NAME = "relex_state.safetensors"
+FORMAT_VERSION = 1
+N_SAMPLES = 8
+
+
+@torch.no_grad()
+def fingerprint(t: torch.Tensor) -> dict:
+    """A cheap, order-robust fingerprint of a tensor's values: float64 sum and sum of squares (compared with a
+    tolerance, as reduction order differs between devices) and a few sampled values (compared exactly)."""
+    x = t.reshape(-1)
+    n = x.numel()
+    xd = x.double()
+    idx = sorted({(i * 2654435761) % n for i in range(N_SAMPLES)}) if n else []
+    return {
+        "n": n,
+        "sum": float(xd.sum()) if n else 0.0,
+        "sumsq": float(xd.square().sum()) if n else 0.0,
+        "samples": [float(x[i]) for i in idx],
+    }
+
+
+def fingerprint_mismatch(a: dict, b: dict) -> Optional[str]:
+    if a["n"] != b["n"]:
+        return f"{a['n']} vs {b['n']} elements"
+    if a["samples"] != b["samples"]:
+        return "sampled values differ"
+    scale = max(b["sumsq"], 1e-30) ** 0.5 * max(a["n"], 1) ** 0.5
+    if abs(a["sum"] - b["sum"]) > 1e-5 * scale + 1e-30:
+        return f"sum {a['sum']:.6g} vs {b['sum']:.6g}"
+    if abs(a["sumsq"] - b["sumsq"]) > 1e-5 * max(b["sumsq"], 1e-30):
+        return f"sum of squares {a['sumsq']:.6g} vs {b['sumsq']:.6g}"
+    return None
+
+
+@dataclass
+class RelexState:
+    specs: list[TensorSpec]
+    steps: list[int]
+    tcut: int
+    rank: int
+    fit_start: Optional[int]
+    dtype: str
+    slope: torch.Tensor  # [S, r] float64
+    intercept: torch.Tensor  # [S, r]
+    tensors: dict  # name -> [r, n]
+    info: dict  # name -> per-tensor metadata dict
+
+    def coef_at(self, horizon: float) -> torch.Tensor:
+        return self.slope * float(horizon) + self.intercept
+
+    @torch.no_grad()
+    def extrapolate(self, i: int, horizon: float, theta0: torch.Tensor) -> torch.Tensor:
+        spec = self.specs[i]
+        coef = self.coef_at(horizon)[i]
+        out = theta0.reshape(-1).to(torch.float32).clone()
+        v = self.tensors[spec.name]
+        for k in range(self.rank):
+            c = float(coef[k])
+            if c != 0.0:
+                out.add_(v[k].to(torch.float32), alpha=c)
+        return out.to(spec.dtype)
+
+
+def save_state(path: str, solution, theta0_of, *, tcut: int, extra: Optional[dict] = None):
+    """Write the state file atomically. ``theta0_of(i)`` returns tensor i's local theta_0 (for the fingerprint)."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    info = {}
+    ev = solution.explained
+    for i, spec in enumerate(solution.specs):
+        tensors[spec.name] = solution.direction(i).detach().to("cpu").contiguous().clone()
+        info[spec.name] = {
+            "spec": spec.to_json(),
+            "slope": solution.slope[i].tolist(),
+            "intercept": solution.intercept[i].tolist(),
+            "sigma": solution.sigma[i].tolist(),
+            "r2": solution.r2[i].tolist(),
+            "explained_variance": float(ev[i]),
+            "delta_norm": float(solution.delta_norm[i]),
+            "theta0": fingerprint(theta0_of(i)),
+        }
+    meta = {
+        "version": FORMAT_VERSION,
+        "tcut": int(tcut),
+        "steps": solution.steps,
+        "rank": solution.rank,
+        "fit_start": solution.fit_start,
+        "dtype": str(solution.V.dtype).replace("torch.", ""),
+        "order": [s.name for s in solution.specs],
+        "tensors": info,
+    }
+    if extra:
+        meta.update(extra)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        save_file(tensors, tmp, metadata={"format": "pt", "relex": json.dumps(meta)})
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_state(path: str) -> RelexState:
+    from safetensors import safe_open
+
+    if os.path.isdir(path):
+        path = os.path.join(path, STATE_NAME)
+    if not os.path.isfile(path):
+        raise RelexInputError(f"{path} does not exist; pass the relex_state.safetensors written by the callback or `relex extrapolate`")
+    try:
+        with safe_open(path, "pt") as f:
+            md = f.metadata() or {}
+            if "relex" not in md:
+                raise RelexInputError(f"{path} is a safetensors file but not a RELEX state file (no 'relex' metadata)")
+            meta = json.loads(md["relex"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except RelexInputError:
+        raise
+    except Exception as e:
+        raise RelexInputError(f"cannot read {path}: {e}; the file is missing or corrupt") from None
+    if meta.get("version") != FORMAT_VERSION:
+        raise RelexInputError(f"{path} has state format version {meta.get('version')}; this relex_callback reads {FORMAT_VERSION}")
+    order = meta["order"]
+    info = meta["tensors"]
+    specs = [TensorSpec.from_json(info[n]["spec"]) for n in order]
+    slope = torch.tensor([info[n]["slope"] for n in order], dtype=torch.float64)
+    intercept = torch.tensor([info[n]["intercept"] for n in order], dtype=torch.float64)
+    return RelexState(
+        specs=specs, steps=meta["steps"], tcut=meta["tcut"], rank=meta["rank"], fit_start=meta.get("fit_start"),
+        dtype=meta["dtype"], slope=slope, intercept=intercept, tensors=tensors, info=info,
+    )
