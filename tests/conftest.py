@@ -1,0 +1,42 @@
+"""Shared fixtures: tiny local models and tokenizers (nothing is downloaded), quiet logs, deterministic CPU runs."""
+
+import os
+import sys
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+os.environ.setdefault("WANDB_DISABLED", "true")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture
+def tokenizer():
+    from relex_callback.toy import build_tokenizer
+
+    return build_tokenizer()
+
+
+@pytest.fixture
+def tiny_model(tokenizer):
+    from relex_callback.toy import build_model
+
+    return build_model(tokenizer)
+
+
+@pytest.fixture
+def subprocess_env():
+    """Environment for child processes (CLI, torchrun, accelerate launch): this checkout first on the path."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
