@@ -1,0 +1,84 @@
+"""The replication's synthetic task: two-operand sums ``a+b=`` with a verifiable answer, a supervised warm-up, and
+fast greedy scoring. Uses the toy character tokenizer and Qwen2-architecture model from ``relex_callback.toy``."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from relex_callback.toy import arithmetic_reward
+
+
+def all_problems(max_operand: int) -> list[dict]:
+    """Every ``a+b=`` with ``0 <= a, b <= max_operand``: the fixed evaluation set (the reward of a checkpoint)."""
+    return [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a in range(max_operand + 1) for b in range(max_operand + 1)]
+
+
+def sample_problems(n: int, max_operand: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        a, b = rng.randint(0, max_operand), rng.randint(0, max_operand)
+        out.append({"prompt": f"{a}+{b}=", "answer": str(a + b)})
+    return out
+
+
+def encode(tok, text: str) -> list[int]:
+    return tok.convert_tokens_to_ids(list(text))
+
+
+def warm_up(model, tok, *, steps: int, max_operand: int, seed: int, lr: float = 3e-3, batch: int = 64) -> list[float]:
+    """Supervised steps on ``prompt + answer + <eos>`` (loss on the answer only), so that RL starts from a model whose
+    reward is above zero but far from 1. Returns the loss per step."""
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    model.train()
+    losses = []
+    width = 4 + 2 + 1  # "a+b=" + up to two answer digits + eos
+    for _ in range(steps):
+        ab = torch.randint(0, max_operand + 1, (batch, 2), generator=g).tolist()
+        ids = torch.full((batch, width), tok.pad_token_id)
+        labels = torch.full((batch, width), -100)
+        attn = torch.zeros((batch, width), dtype=torch.long)
+        for r, (a, b) in enumerate(ab):
+            p, ans = encode(tok, f"{a}+{b}="), encode(tok, str(a + b)) + [tok.eos_token_id]
+            seq = p + ans
+            ids[r, : len(seq)] = torch.tensor(seq)
+            labels[r, len(p) : len(seq)] = torch.tensor(ans)
+            attn[r, : len(seq)] = 1
+        loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    model.eval()
+    return losses
+
+
+class Scorer:
+    """Greedy accuracy of a model on a fixed problem set (all prompts have the same length, so no padding), with the
+    same reward function GRPO trains on."""
+
+    def __init__(self, tok, problems: list[dict], max_new_tokens: int = 3):
+        self.tok = tok
+        self.problems = problems
+        self.ids = torch.tensor([encode(tok, p["prompt"]) for p in problems])
+        self.answers = [p["answer"] for p in problems]
+        self.max_new_tokens = max_new_tokens
+
+    @torch.no_grad()
+    def __call__(self, model) -> float:
+        model.eval()
+        x = self.ids
+        for _ in range(self.max_new_tokens):
+            logits = model(input_ids=x).logits[:, -1]
+            x = torch.cat([x, logits.argmax(-1, keepdim=True)], dim=1)
+        gen = x[:, self.ids.shape[1] :].tolist()
+        texts = []
+        for row in gen:
+            if self.tok.eos_token_id in row:
+                row = row[: row.index(self.tok.eos_token_id)]
+            texts.append(self.tok.decode(row, skip_special_tokens=True))
+        rewards = arithmetic_reward(texts, self.answers)
+        return sum(rewards) / len(rewards)
