@@ -36,6 +36,6 @@ def test_replicate_quick(tmp_path, subprocess_env):
     assert rows["rank 1, bf16 buffer"]["cos"] == pytest.approx(rows["rank 1"]["cos"], abs=0.02)
     # the callback ran inside the real GRPOTrainer with stop_training=False and wrote its horizons
     assert R["logs"]["callback_report_summary"] is not None
-    assert os.path.isdir(out / "relex" / "step-16")
+    assert os.path.isdir(out / "run" / "relex" / "step-16")
     for name in ("finding1.png", "finding2.png", "extrapolation.png", "ablations.png", "results.md"):
         assert (out / name).stat().st_size > 1000

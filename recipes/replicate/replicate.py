@@ -66,14 +66,14 @@ def train(cfg, out_dir):
 
     ds = Dataset.from_list(sample_problems(cfg.steps * cfg.prompts_per_step + 64, cfg.max_operand, cfg.seed + 1))
     args = GRPOConfig(
-        output_dir=os.path.join(out_dir, "grpo"), use_cpu=True, bf16=False, learning_rate=cfg.lr,
+        output_dir=os.path.join(out_dir, "run", "grpo"), use_cpu=True, bf16=False, learning_rate=cfg.lr,
         lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_steps=cfg.steps,
         per_device_train_batch_size=cfg.prompts_per_step * cfg.generations, num_generations=cfg.generations,
         max_completion_length=3, temperature=1.0, beta=0.0, logging_steps=10, save_strategy="no", report_to=[],
         seed=cfg.seed, data_seed=cfg.seed, disable_tqdm=True, dataloader_num_workers=0,
     )
     relex = RelexCallback(tcut=cfg.tcuts[1], horizons=[h for h in cfg.horizons_for(cfg.tcuts[1])], stop_training=False,
-                          dtype="float32", output_dir=os.path.join(out_dir, "relex"), overwrite=True)
+                          dtype="float32", output_dir=os.path.join(out_dir, "run", "relex"), overwrite=True)
     trainer = GRPOTrainer(model=model, processing_class=tok, reward_funcs=arithmetic_reward, args=args,
                           train_dataset=ds, callbacks=[relex, Record()])
     t1 = time.perf_counter()
