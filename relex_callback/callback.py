@@ -302,6 +302,7 @@ class RelexCallback(TrainerCallback):
                 method=self.settings.solver, overwrite=self.overwrite, max_shard_size=self.max_shard_size,
             )
         seconds = time.perf_counter() - t0
+        self.end_of_window_seconds = seconds
         self.solution, self.report = sol, report
         summ = report["summary"]
         self._pending_logs = {
