@@ -1,5 +1,6 @@
 """Distributed runs on CPU with real processes over gloo: DDP (torchrun), DeepSpeed ZeRO-2 and ZeRO-3 (accelerate
-launch), FSDP2 (torch's fully_shard under torchrun).
+launch), FSDP2 (torch's ``fully_shard`` applied by the script under torchrun: accelerate has no FSDP2 on CPU, an
+accelerate config with ``use_cpu`` silently drops FSDP).
 
 Each launch trains a tiny model with GRPOTrainer + RelexCallback (fp32 buffer, tcut=6, horizons 12 and 20); the
 script also records the full parameters at every snapshot step (test code only). The test replays those snapshots
@@ -140,17 +141,17 @@ def check_state(run_dir, ref_dir):
     assert not [e for e in os.listdir(run) if e.startswith(".")]  # no temporaries left
 
 
-@pytest.mark.parametrize("mode", ["ddp", "zero2", "zero3"])
+@pytest.mark.parametrize("mode", ["ddp", "zero2", "zero3", "fsdp2"])
 def test_horizons_match_single_process(runs, mode):
     run_dir, ref_dir, snaps = runs(mode)
     check_matches_single(run_dir, ref_dir, snaps)
     check_state(run_dir, ref_dir)
     info = rank_info(run_dir)
-    expected = {"ddp": "replicated", "zero2": "replicated", "zero3": "zero3"}[mode]
+    expected = {"ddp": "replicated", "zero2": "replicated", "zero3": "zero3", "fsdp2": "fsdp2"}[mode]
     assert [i["mode"] for i in info] == [expected, expected]
 
 
-@pytest.mark.parametrize("mode", ["ddp", "zero3"])
+@pytest.mark.parametrize("mode", ["ddp", "zero3", "fsdp2"])
 def test_each_rank_keeps_its_share(runs, mode):
     """No rank holds the full trajectory: per-rank buffer bytes are about total / world_size."""
     run_dir, _, snaps = runs(mode)

@@ -114,6 +114,10 @@ def main():
     rec = Recorder(a.tcut)
     trainer = GRPOTrainer(model=model, reward_funcs=ones_reward, args=args, train_dataset=ds, processing_class=tok,
                           callbacks=[relex, rec])
+    if a.fsdp2:
+        # accelerate has no FSDP2 on CPU (an accelerate config with use_cpu drops FSDP) and would wrap the already
+        # fully_shard-ed model in DDP; the model shards and reduces gradients itself, so hand it over unchanged
+        trainer.accelerator.prepare_model = lambda model, *args, **kwargs: model
     t0 = time.perf_counter()
     trainer.train(resume_from_checkpoint=True if a.resume else None)
     wall = time.perf_counter() - t0
