@@ -76,6 +76,7 @@ def main():
     ap.add_argument("--max-steps", type=int, default=0, help="stop earlier (resume tests); 0: run to tcut")
     ap.add_argument("--save-steps", type=int, default=0)
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--exclude", default=None, help="regex of parameters not to track (written as trained)")
     a = ap.parse_args()
 
     tok = build_tokenizer()
@@ -110,7 +111,7 @@ def main():
         temperature=1.0,
     )
     relex = RelexCallback(tcut=a.tcut, horizons=a.horizons, dtype="float32", storage="host",
-                          output_dir=os.path.join(a.out, "relex"))
+                          output_dir=os.path.join(a.out, "relex"), exclude=[a.exclude] if a.exclude else None)
     rec = Recorder(a.tcut)
     trainer = GRPOTrainer(model=model, reward_funcs=ones_reward, args=args, train_dataset=ds, processing_class=tok,
                           callbacks=[relex, rec])
