@@ -134,6 +134,7 @@ class RelexCallback(TrainerCallback):
         self.solution = None
         self._pending_logs: dict = {}
         self._trainer = None
+        self._dist = None  # DistContext: mode, rank, this rank's share (see distributed.py)
 
     @classmethod
     def from_config(cls, cfg: RelexConfig, **overrides) -> "RelexCallback":
@@ -174,7 +175,10 @@ class RelexCallback(TrainerCallback):
             raise RelexInputError("the model has no trainable floating-point parameters to track")
         names = select_names([n for n, _ in named], self.include, self.exclude)
         keep = set(names)
-        return plain_tracked([(n, p) for n, p in named if n in keep])
+        from .distributed import DistContext
+
+        self._dist = DistContext.from_model(model)
+        return self._dist.track([(n, p) for n, p in named if n in keep])
 
     def _read_all(self):
         return [t.read() for t in self.tracked]
@@ -210,7 +214,7 @@ class RelexCallback(TrainerCallback):
         specs = [t.spec for t in self.tracked]
         device = self.tracked[0].read().device
         capacity = len(self.settings.steps)
-        traj_dir = os.path.join(out_dir, "trajectory")
+        traj_dir = self._dist.trajectory_dir(os.path.join(out_dir, "trajectory"))
         resumed = self._resume_dir(args, state) if state.global_step > 0 else None
         if resumed is not None:
             self.store = TrajectoryStore.load(
@@ -243,7 +247,7 @@ class RelexCallback(TrainerCallback):
             cands.append(rfc)
         cands.append(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
         for c in cands:
-            d = os.path.join(c, TRAJECTORY_DIR)
+            d = self._dist.trajectory_dir(os.path.join(c, TRAJECTORY_DIR))
             if os.path.isfile(os.path.join(d, "trajectory.json")):
                 return d
         return None
@@ -261,8 +265,8 @@ class RelexCallback(TrainerCallback):
         if self.done or self.store is None:
             return
         ckpt = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-        if os.path.isdir(ckpt) and args.should_save:
-            self.store.save(os.path.join(ckpt, TRAJECTORY_DIR))
+        if os.path.isdir(ckpt) and (args.should_save or self._dist.is_distributed):  # every rank saves its share
+            self.store.save(self._dist.trajectory_dir(os.path.join(ckpt, TRAJECTORY_DIR)))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self._pending_logs and logs is not None:
@@ -272,7 +276,7 @@ class RelexCallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         if not self.done and self.store is not None and self.store.num_rows:
             out_dir = self._out_dir(args)
-            keep = os.path.join(out_dir, "partial_trajectory")
+            keep = self._dist.trajectory_dir(os.path.join(out_dir, "partial_trajectory"))
             self.store.save(keep)
             logger.warning(
                 "relex: training ended at step %d before tcut=%d; nothing was extrapolated. The %d recorded steps are "
@@ -285,12 +289,20 @@ class RelexCallback(TrainerCallback):
         model = kwargs.get("model")
         tokenizer = kwargs.get("processing_class")
         t0 = time.perf_counter()
-        sol, report = finalize(
-            self.store, tcut=self.tcut, horizons=self.horizons, out_dir=out_dir, source=ModelSource(model, tokenizer),
-            rank=self.settings.rank, fit_start=self.settings.fit_start, method=self.settings.solver,
-            overwrite=self.overwrite, max_shard_size=self.max_shard_size,
-        )
+        if self._dist is not None and self._dist.is_distributed:
+            sol, report = self._dist.finalize(
+                self.store, tcut=self.tcut, horizons=self.horizons, out_dir=out_dir, model=model, tokenizer=tokenizer,
+                rank=self.settings.rank, fit_start=self.settings.fit_start, method=self.settings.solver,
+                overwrite=self.overwrite, max_shard_size=self.max_shard_size,
+            )
+        else:
+            sol, report = finalize(
+                self.store, tcut=self.tcut, horizons=self.horizons, out_dir=out_dir,
+                source=ModelSource(model, tokenizer), rank=self.settings.rank, fit_start=self.settings.fit_start,
+                method=self.settings.solver, overwrite=self.overwrite, max_shard_size=self.max_shard_size,
+            )
         seconds = time.perf_counter() - t0
+        self.end_of_window_seconds = seconds
         self.solution, self.report = sol, report
         summ = report["summary"]
         self._pending_logs = {

@@ -31,7 +31,10 @@ def check_outputs_free(out_dir: str, horizons: Sequence[int], overwrite: bool):
     """Refuse, before any work, to overwrite existing results unless asked."""
     if overwrite:
         return
-    taken = [p for p in [horizon_dir(out_dir, h) for h in horizons] + [os.path.join(out_dir, STATE_NAME)] if os.path.exists(p)]
+    from .state import STATE_INDEX_NAME
+
+    states = [os.path.join(out_dir, STATE_NAME), os.path.join(out_dir, STATE_INDEX_NAME)]
+    taken = [p for p in [horizon_dir(out_dir, h) for h in horizons] + states if os.path.exists(p)]
     if taken:
         raise RelexInputError(
             f"{', '.join(taken)} already exist(s); choose another output directory, remove them, or pass overwrite"

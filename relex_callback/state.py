@@ -18,6 +18,7 @@ from .errors import RelexInputError
 from .params import TensorSpec
 
 STATE_NAME = "relex_state.safetensors"
+STATE_INDEX_NAME = "relex_state.index.json"  # distributed runs: state sharded by tensor (see distributed.py)
 FORMAT_VERSION = 1
 N_SAMPLES = 8
 
@@ -122,6 +123,51 @@ def save_state(path: str, solution, theta0_of, *, tcut: int, extra: Optional[dic
 
 
 def load_state(path: str) -> RelexState:
+    """Read a state file, or a distributed run's sharded state (``relex_state.index.json`` + one
+    ``relex_state-0000i-of-0000N.safetensors`` per writing rank, each holding whole tensors), merged."""
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, STATE_NAME)):
+        if os.path.isfile(os.path.join(path, STATE_INDEX_NAME)):
+            path = os.path.join(path, STATE_INDEX_NAME)
+    if path.endswith(".index.json") and os.path.isfile(path):
+        return _load_state_index(path)
+    return _load_state_file(path)
+
+
+def _load_state_index(path: str) -> RelexState:
+    try:
+        with open(path) as f:
+            index = json.load(f)
+        weight_map = index["weight_map"]
+        order = index["metadata"]["order"]
+    except (OSError, ValueError, KeyError) as e:
+        raise RelexInputError(f"{path} is not a valid RELEX state index: {e}") from None
+    base = os.path.dirname(path)
+    parts = [_load_state_file(os.path.join(base, fn)) for fn in dict.fromkeys(weight_map[n] for n in order)]
+    first = parts[0]
+    where = {}
+    for p in parts:
+        if (p.steps, p.tcut, p.rank, p.fit_start) != (first.steps, first.tcut, first.rank, first.fit_start):
+            raise RelexInputError(f"the state shards listed in {path} come from different runs")
+        for i, s in enumerate(p.specs):
+            where[s.name] = (p, i)
+    missing = [n for n in order if n not in where]
+    if missing:
+        raise RelexInputError(f"{path} lists {missing[:3]} but their state shard does not hold them; the state is incomplete")
+    specs, tensors, info = [], {}, {}
+    for n in order:
+        p, i = where[n]
+        specs.append(p.specs[i])
+        tensors[n] = p.tensors[n]
+        info[n] = p.info[n]
+    slope = torch.stack([where[n][0].slope[where[n][1]] for n in order])
+    intercept = torch.stack([where[n][0].intercept[where[n][1]] for n in order])
+    return RelexState(
+        specs=specs, steps=first.steps, tcut=first.tcut, rank=first.rank, fit_start=first.fit_start, dtype=first.dtype,
+        slope=slope, intercept=intercept, tensors=tensors, info=info,
+    )
+
+
+def _load_state_file(path: str) -> RelexState:
     from safetensors import safe_open
 
     if os.path.isdir(path):

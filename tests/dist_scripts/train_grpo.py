@@ -1,0 +1,154 @@
+"""Tiny GRPO run with RelexCallback, launched by tests/test_distributed.py under torchrun / accelerate launch.
+
+Besides the callback's own outputs (``<out>/relex``), the script records, for the test only, the full parameters
+at step 0 and at every snapshot step (``<out>/trajectory.pt``, rank 0; the test script may gather, the callback
+never does) so the test can replay the exact trajectory through the single-process engine, and writes
+``<out>/rank-<r>.json`` with what the callback reported on each rank.
+
+Usage: python train_grpo.py OUT [--fsdp2] [--tcut 6] [--horizons 12,20]
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_DISABLED", "true")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+import torch.distributed as dist  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
+from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+
+from relex_callback import RelexCallback  # noqa: E402
+from relex_callback.toy import arithmetic_problems, build_model, build_tokenizer  # noqa: E402
+
+
+def ones_reward(completions, **kwargs):
+    """A reward that varies within every group (count of '1' characters), so advantages are never all zero."""
+    return [float(str(c).count("1")) + 0.1 * len(str(c)) for c in completions]
+
+
+def full_params(model, names):
+    """Full copies of the named parameters (gathers under ZeRO-3 / FSDP2: test code only)."""
+    params = dict(model.named_parameters())
+    sel = [params[n] for n in names]
+    if any(hasattr(p, "ds_tensor") for p in sel):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(sel, modifier_rank=None):
+            return {n: p.detach().cpu().clone() for n, p in zip(names, sel)}
+    out = {}
+    for n, p in zip(names, sel):
+        t = p.full_tensor() if hasattr(p, "full_tensor") else p
+        out[n] = t.detach().cpu().clone()
+    return out
+
+
+class Recorder(TrainerCallback):
+    def __init__(self, tcut):
+        self.tcut = tcut
+        self.snaps = {}
+        self.names = None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
+        self.snaps[0] = full_params(model, self.names)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if 0 < state.global_step <= self.tcut:
+            self.snaps[state.global_step] = full_params(model, self.names)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("--tcut", type=int, default=6)
+    ap.add_argument("--horizons", default="12,20")
+    ap.add_argument("--fsdp2", action="store_true", help="shard with torch's fully_shard before training")
+    ap.add_argument("--hidden", type=int, default=32)
+    ap.add_argument("--max-steps", type=int, default=0, help="stop earlier (resume tests); 0: run to tcut")
+    ap.add_argument("--save-steps", type=int, default=0)
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--exclude", default=None, help="regex of parameters not to track (written as trained)")
+    a = ap.parse_args()
+
+    tok = build_tokenizer()
+    model = build_model(tok, hidden_size=a.hidden, layers=1, heads=2, kv_heads=1, seed=0)
+    if a.fsdp2:
+        from torch.distributed.fsdp import fully_shard
+
+        if not dist.is_initialized():
+            dist.init_process_group("gloo")
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+    ds = Dataset.from_list(arithmetic_problems(64, seed=0))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    args = GRPOConfig(
+        output_dir=a.out,
+        per_device_train_batch_size=4,
+        num_generations=4 if world == 1 else 2 * world,
+        max_completion_length=4,
+        learning_rate=3e-3,
+        lr_scheduler_type="constant",
+        max_steps=a.max_steps or 100,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="steps" if a.save_steps else "no",
+        save_steps=a.save_steps or 500,
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
+        bf16=False,
+        disable_tqdm=True,
+        temperature=1.0,
+    )
+    relex = RelexCallback(tcut=a.tcut, horizons=a.horizons, dtype="float32", storage="host",
+                          output_dir=os.path.join(a.out, "relex"), exclude=[a.exclude] if a.exclude else None)
+    rec = Recorder(a.tcut)
+    trainer = GRPOTrainer(model=model, reward_funcs=ones_reward, args=args, train_dataset=ds, processing_class=tok,
+                          callbacks=[relex, rec])
+    if a.fsdp2:
+        # accelerate has no FSDP2 on CPU (an accelerate config with use_cpu drops FSDP) and would wrap the already
+        # fully_shard-ed model in DDP; the model shards and reduces gradients itself, so hand it over unchanged
+        trainer.accelerator.prepare_model = lambda model, *args, **kwargs: model
+    t0 = time.perf_counter()
+    trainer.train(resume_from_checkpoint=True if a.resume else None)
+    wall = time.perf_counter() - t0
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    report = relex.report or {}
+    info = {
+        "rank": rank,
+        "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+        "mode": relex._dist.mode if relex._dist is not None else None,
+        "buffer_bytes": report.get("buffer_bytes"),
+        "buffer_bytes_per_rank": report.get("buffer_bytes_per_rank"),
+        "solve_seconds": report.get("solve_seconds"),
+        "gather_seconds": report.get("gather_seconds"),
+        "write_seconds": report.get("write_seconds"),
+        "end_of_window_seconds": getattr(relex, "end_of_window_seconds", None),
+        "tracked_elements_this_rank": sum(t.spec.local_numel for t in relex.tracked),
+        "tracked_elements_total": sum(t.spec.numel for t in relex.tracked) if relex._dist.mode != "replicated"
+        else None,
+        "global_step": trainer.state.global_step,
+        "train_seconds": wall,
+    }
+    with open(os.path.join(a.out, f"rank-{rank}.json"), "w") as f:
+        json.dump(info, f, indent=1)
+    if rank == 0 and rec.snaps:
+        torch.save({"names": rec.names, "snaps": rec.snaps}, os.path.join(a.out, "trajectory.pt"))
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
