@@ -91,7 +91,8 @@ def finalize(
     check_outputs_free(out_dir, horizons, overwrite)
     os.makedirs(out_dir, exist_ok=True)
     t0 = time.perf_counter()
-    sol = solve(store.rows(), store.steps, store.specs, rank=rank, fit_start=fit_start, method=method)
+    inputs = store.solve_inputs() if hasattr(store, "solve_inputs") else {"M": store.rows(), "steps": store.steps}
+    sol = solve(specs=store.specs, rank=rank, fit_start=fit_start, method=method, **inputs)
     t_solve = time.perf_counter() - t0
     theta0_of = lambda i: store.theta0_of(store.specs[i])  # noqa: E731
     save_state(os.path.join(out_dir, STATE_NAME), sol, theta0_of, tcut=tcut)
@@ -102,6 +103,9 @@ def finalize(
     t_write = time.perf_counter() - t1
     extra = {
         "buffer_bytes": store.buffer_bytes,
+        "buffer_rows": getattr(store, "rows_allocated", None),
+        "fold_rank": getattr(store, "fold_rank", None),
+        "folds": getattr(store, "folds", 0),
         "buffer_dtype": str(store.dtype).replace("torch.", ""),
         "storage": store.storage,
         "solve_seconds": round(t_solve, 6),
