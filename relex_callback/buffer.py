@@ -32,6 +32,7 @@ SNAPSHOT_CHUNK = 1 << 24
 BUFFER_FILE = "trajectory.bin"
 META_FILE = "trajectory.json"
 THETA0_FILE = "theta0.safetensors"
+FOLD_FILE = "fold.safetensors"
 
 
 def _fmt(n: float) -> str:
@@ -79,6 +80,8 @@ class TrajectoryStore:
         device (`torch.device`, *optional*): where the parameters live (theta_0 is kept there).
         directory (`str`, *optional*): run directory; required for the ``disk`` tier.
         max_bytes (`int`, *optional*): upper bound on the buffer's bytes.
+        fold_rank (`int`, *optional*): when set, a full ring is folded into a rank-``fold_rank`` factorisation per
+            tensor instead of raising (``relex_callback.fold``); the arena then has ``fold_rank + capacity`` rows.
     """
 
     def __init__(
@@ -92,6 +95,7 @@ class TrajectoryStore:
         directory: Optional[str] = None,
         max_bytes: Optional[int] = None,
         check_finite: bool = True,
+        fold_rank: Optional[int] = None,
         _allocate: bool = True,
     ):
         if not specs:
@@ -112,6 +116,15 @@ class TrajectoryStore:
         self.steps: list[int] = []
         self.theta0: Optional[torch.Tensor] = None
         self.M: Optional[torch.Tensor] = None
+        # streaming fold (None: off, the ring must hold the whole window)
+        self.fold_rank = int(fold_rank) if fold_rank else None
+        self.arena: Optional[torch.Tensor] = None  # [fold_rank + K, D]; M is a view of its last K rows
+        self.folded_steps: list[int] = []
+        self.basis_rows = 0  # rows of W in use (0 before the first fold, fold_rank after)
+        self.L: Optional[torch.Tensor] = None  # [S, T_folded, basis_rows] float64
+        self.folded_sq: Optional[torch.Tensor] = None  # [S] exact ||folded rows||_F^2
+        self.folds = 0
+        self._reset_fold()
         self.storage = self.choose_storage(storage) if _allocate else storage
         self._stream = None
         self._staging = None
@@ -122,7 +135,11 @@ class TrajectoryStore:
     # ------------------------------------------------------------------ sizes
     @property
     def buffer_bytes(self) -> int:
-        return self.K * self.D * self.dtype.itemsize
+        return self.rows_allocated * self.D * self.dtype.itemsize
+
+    @property
+    def rows_allocated(self) -> int:
+        return self.K + (self.fold_rank or 0)
 
     @property
     def theta0_bytes(self) -> int:
@@ -142,7 +159,7 @@ class TrajectoryStore:
 
     def choose_storage(self, storage: str) -> str:
         need = self.buffer_bytes
-        what = f"{self.K} slots x {self.D:,} elements x {self.dtype.itemsize} bytes ({dtype_name(self.dtype)})"
+        what = f"{self.rows_allocated} rows x {self.D:,} elements x {self.dtype.itemsize} bytes ({dtype_name(self.dtype)})"
         options = (
             "raise stride (fewer slots), use dtype='bfloat16', storage='disk' (memory-mapped file in the output "
             "directory) or storage='host'"
@@ -189,7 +206,7 @@ class TrajectoryStore:
 
     # ------------------------------------------------------------- allocation
     def _allocate(self):
-        shape = (self.K, self.D)
+        shape = (self.rows_allocated, self.D)
         if self.storage == "device":
             self.M = torch.empty(shape, dtype=self.dtype, device=self.device)
         elif self.storage == "host":
@@ -201,13 +218,16 @@ class TrajectoryStore:
         elif self.storage == "disk":
             os.makedirs(self.directory, exist_ok=True)
             path = os.path.join(self.directory, BUFFER_FILE)
-            n = self.K * self.D
+            n = self.rows_allocated * self.D
             with open(path, "ab") as f:
                 if f.tell() < n * self.dtype.itemsize:
                     f.truncate(n * self.dtype.itemsize)
             self.M = torch.from_file(path, shared=True, size=n, dtype=self.dtype).view(shape)
         else:  # pragma: no cover
             raise AssertionError(self.storage)
+        if self.fold_rank:
+            self.arena = self.M
+            self.M = self.arena[self.fold_rank :]
 
     # --------------------------------------------------------------- theta_0
     def set_theta0(self, tensors: Iterable[torch.Tensor]):
@@ -218,6 +238,7 @@ class TrajectoryStore:
             theta0[spec.offset : spec.offset + spec.local_numel].copy_(t.reshape(-1))
         self.theta0 = theta0
         self.steps = []
+        self._reset_fold()
         if self.storage == "disk":
             self._save_theta0(self.directory)
             self._write_meta(self.directory)
@@ -230,22 +251,35 @@ class TrajectoryStore:
     def num_rows(self) -> int:
         return len(self.steps)
 
-    def _slot_for(self, step: int) -> int:
+    @property
+    def num_ring_rows(self) -> int:
+        return len(self.steps) - len(self.folded_steps)
+
+    def _slot_for(self, step: int) -> Optional[int]:
+        if step in self.folded_steps:
+            return None  # already folded into the factorisation: the step is recorded
         if step in self.steps:
-            return self.steps.index(step)  # the same step twice is one row
+            return self.steps.index(step) - len(self.folded_steps)  # the same step twice is one row
         if self.steps and step < self.steps[-1]:
             raise RelexInputError(
                 f"snapshot for step {step} after step {self.steps[-1]}: steps must increase (call truncate() when "
                 f"training resumed from an earlier checkpoint)"
             )
-        if len(self.steps) >= self.K:
+        if self.num_ring_rows >= self.K and self.fold_rank:
+            self.fold()
+        if self.num_ring_rows >= self.K:
             raise RelexMemoryError(
                 f"the trajectory buffer is full ({self.K} slots) at step {step}; raise the capacity or the stride"
             )
-        return len(self.steps)
+        return self.num_ring_rows
 
     def truncate(self, last_step: int):
         """Forget rows recorded after ``last_step`` (a resume from an earlier checkpoint will replay them)."""
+        if self.folded_steps and last_step < self.folded_steps[-1]:
+            raise RelexInputError(
+                f"cannot go back to step {last_step}: steps up to {self.folded_steps[-1]} were already folded into the "
+                f"factorisation; resume from the checkpoint whose trajectory was saved at step {last_step}"
+            )
         self.steps = [s for s in self.steps if s <= last_step]
         if self.storage == "disk":
             self._write_meta(self.directory)
@@ -256,6 +290,8 @@ class TrajectoryStore:
         if self.theta0 is None:
             raise RuntimeError("set_theta0() must be called before snapshot()")
         slot = self._slot_for(step)
+        if slot is None:
+            return
         if self._staging is not None:
             target = self._staging
             if self._event is not None:
@@ -288,7 +324,7 @@ class TrajectoryStore:
                 self.M[slot].copy_(self._staging, non_blocking=True)
                 self._event = torch.cuda.Event()
                 self._event.record(self._stream)
-        if slot == len(self.steps):
+        if slot == self.num_ring_rows:
             self.steps.append(int(step))
         if self.storage == "disk":
             self._write_meta(self.directory)
@@ -298,9 +334,82 @@ class TrajectoryStore:
             self._event.synchronize()
 
     def rows(self) -> torch.Tensor:
-        """The recorded rows, in step order: a view ``[T, D]`` (no copy)."""
+        """The recorded rows, in step order: a view ``[T, D]`` (no copy). A folded store has no such matrix: use
+        :meth:`solve_inputs`."""
+        if self.folded_steps:
+            raise RuntimeError("the trajectory was folded; use solve_inputs() instead of rows()")
         self.synchronize()
         return self.M[: len(self.steps)]
+
+    # ------------------------------------------------------------------ fold
+    def _reset_fold(self):
+        self.folded_steps = []
+        self.basis_rows = 0
+        self.L = torch.zeros(len(self.specs), 0, 0, dtype=torch.float64)
+        self.folded_sq = torch.zeros(len(self.specs), dtype=torch.float64)
+        self.folds = 0
+
+    @property
+    def folded(self) -> bool:
+        return bool(self.folded_steps)
+
+    def _rows_in_use(self) -> torch.Tensor:
+        """``B = [W^T; R]``: the basis rows in use followed by the ring rows, a contiguous view of the arena."""
+        r = self.fold_rank
+        return self.arena[r - self.basis_rows : r + self.num_ring_rows]
+
+    def _left(self) -> torch.Tensor:
+        """``C = diag(L_i, I)`` per tensor: ``[S, T_folded + k, basis_rows + k]`` float64."""
+        S, Tf, b = self.L.shape
+        k = self.num_ring_rows
+        C = torch.zeros(S, Tf + k, b + k, dtype=torch.float64)
+        C[:, :Tf, :b] = self.L
+        C[:, Tf:, b:] = torch.eye(k, dtype=torch.float64)
+        return C
+
+    def _ring_sq(self, G_B: torch.Tensor) -> torch.Tensor:
+        b = self.basis_rows
+        return torch.diagonal(G_B[:, b:, b:], dim1=1, dim2=2).sum(-1)
+
+    @torch.no_grad()
+    def fold(self):
+        """Fold every delta in the ring into the rank-``fold_rank`` factorisation and free the slots."""
+        from .fold import project_inplace
+        from .solver import factor_left
+
+        if not self.fold_rank:
+            raise RuntimeError("this store was created without fold_rank")
+        if not self.num_ring_rows:
+            return
+        self.synchronize()
+        B = self._rows_in_use()
+        C = self._left()
+        sigma, U, X, G_B, _ = factor_left(B, C, self.specs, self.fold_rank)
+        self.folded_sq = self.folded_sq + self._ring_sq(G_B)
+        r = self.fold_rank
+        project_inplace(B, [s.offset for s in self.specs], [s.local_numel for s in self.specs], X, self.arena[:r])
+        self.L = U * sigma.unsqueeze(1)  # [S, T, r]
+        self.folded_steps = list(self.steps)
+        self.basis_rows = r
+        self.folds += 1
+        if self.storage == "disk":
+            self._save_fold(self.directory)
+            self._write_meta(self.directory)
+
+    def solve_inputs(self) -> dict:
+        """Keyword arguments for :func:`relex_callback.solver.solve`: ``M`` and ``steps`` (plus ``left`` and
+        ``total_sq`` for a folded store). Unfolded: exactly ``rows()`` and ``steps``."""
+        if not self.folded_steps:
+            return {"M": self.rows(), "steps": list(self.steps)}
+        self.synchronize()
+        B = self._rows_in_use()
+        from . import kernels
+
+        G_ring = kernels.gram(
+            self.M[: self.num_ring_rows], [s.offset for s in self.specs], [s.local_numel for s in self.specs]
+        ).double().cpu()
+        ring_sq = torch.diagonal(G_ring, dim1=1, dim2=2).sum(-1)
+        return {"M": B, "steps": list(self.steps), "left": self._left(), "total_sq": self.folded_sq + ring_sq}
 
     def release(self):
         """Free the buffer memory (the disk file stays until the directory is removed)."""
@@ -318,7 +427,17 @@ class TrajectoryStore:
             "theta0_dtype": dtype_name(self.theta0_dtype),
             "steps": list(self.steps),
             "specs": [s.to_json() for s in self.specs],
+            "fold_rank": self.fold_rank,
+            "folded_steps": list(self.folded_steps),
+            "basis_rows": self.basis_rows,
         }
+
+    def _save_fold(self, directory: str):
+        from safetensors.torch import save_file
+
+        tmp = os.path.join(directory, FOLD_FILE + ".tmp")
+        save_file({"L": self.L.contiguous(), "folded_sq": self.folded_sq.contiguous()}, tmp)
+        os.replace(tmp, os.path.join(directory, FOLD_FILE))
 
     def _write_meta(self, directory: str):
         tmp = os.path.join(directory, META_FILE + ".tmp")
@@ -342,11 +461,13 @@ class TrajectoryStore:
         self._save_theta0(directory)
         if not (self.storage == "disk" and os.path.abspath(directory) == os.path.abspath(self.directory)):
             tmp = os.path.join(directory, BUFFER_FILE + ".tmp")
-            rows = self.M[: len(self.steps)]
+            rows = self._rows_in_use() if self.fold_rank else self.M[: len(self.steps)]
             with open(tmp, "wb") as f:
                 if rows.numel():
                     rows.detach().cpu().contiguous().view(torch.uint8).numpy().tofile(f)
             os.replace(tmp, os.path.join(directory, BUFFER_FILE))
+        if self.folded_steps:
+            self._save_fold(directory)
         self._write_meta(directory)
 
     @classmethod
@@ -362,6 +483,7 @@ class TrajectoryStore:
         run_directory: Optional[str] = None,
         max_bytes=None,
         check_finite=True,
+        fold_rank=None,
     ) -> "TrajectoryStore":
         """Rebuild a store from ``save(directory)``; the specs must match the saved ones."""
         from safetensors.torch import load_file
@@ -380,16 +502,51 @@ class TrajectoryStore:
             )
         if meta["dtype"] != dtype_name(parse_dtype(dtype)):
             raise RelexInputError(f"the trajectory in {directory} is {meta['dtype']}, this run asks for {dtype}; use the same dtype")
+        saved_fold = meta.get("fold_rank")
+        if meta.get("folded_steps") and (fold_rank != saved_fold or capacity != meta["K"]):
+            raise RelexInputError(
+                f"the trajectory in {directory} was folded with fold_rank={saved_fold} and {meta['K']} slots; resume "
+                f"with the same fold_rank and buffer size (this run: fold_rank={fold_rank}, {capacity} slots)"
+            )
         store = cls(specs, capacity, dtype=dtype, storage=storage, device=device, directory=run_directory or directory,
-                    max_bytes=max_bytes, check_finite=check_finite)
+                    max_bytes=max_bytes, check_finite=check_finite, fold_rank=fold_rank)
         store.theta0 = load_file(os.path.join(directory, THETA0_FILE))["theta0"].to(store.device)
         steps = list(meta["steps"])
         same_file = store.storage == "disk" and os.path.abspath(store.directory) == os.path.abspath(directory)
-        if not same_file and steps:
-            raw = torch.from_file(os.path.join(directory, BUFFER_FILE), shared=False, size=len(steps) * store.D, dtype=store.dtype)
-            store.M[: len(steps)].copy_(raw.view(len(steps), store.D))
         store.steps = steps
+        if meta.get("folded_steps"):
+            from safetensors.torch import load_file as _lf
+
+            f = _lf(os.path.join(directory, FOLD_FILE))
+            store.L, store.folded_sq = f["L"], f["folded_sq"]
+            store.folded_steps = list(meta["folded_steps"])
+            store.basis_rows = int(meta["basis_rows"])
+        nrows = store.basis_rows + store.num_ring_rows
+        if not same_file and nrows:
+            raw = torch.from_file(os.path.join(directory, BUFFER_FILE), shared=False, size=nrows * store.D, dtype=store.dtype)
+            target = store._rows_in_use() if store.fold_rank else store.M[:nrows]
+            target.copy_(raw.view(nrows, store.D))
         if store.storage == "disk":
             store._write_meta(store.directory)
             store._save_theta0(store.directory)
+            if store.folded_steps:
+                store._save_fold(store.directory)
         return store
+
+    @classmethod
+    def open(cls, directory: str, *, storage: str = "host", device=None) -> "TrajectoryStore":
+        """Load a saved trajectory (``save(directory)``, e.g. ``partial_trajectory/``) using only what it recorded:
+        its tensors, dtype, slots and fold settings."""
+        meta_path = os.path.join(directory, META_FILE)
+        try:
+            with open(meta_path) as f:
+                meta = json.load(f)
+        except (OSError, ValueError) as e:
+            raise RelexInputError(
+                f"{directory} is not a saved RELEX trajectory (cannot read {META_FILE}: {e}); pass the "
+                f"partial_trajectory/ or relex_trajectory/ directory the callback wrote"
+            ) from None
+        specs = [TensorSpec.from_json(d) for d in meta["specs"]]
+        K = meta["K"] if meta.get("fold_rank") else max(1, len(meta["steps"]))
+        return cls.load(directory, specs, K, dtype=meta["dtype"], storage=storage, device=device,
+                        run_directory=directory if storage == "disk" else None, fold_rank=meta.get("fold_rank"))

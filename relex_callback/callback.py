@@ -72,6 +72,17 @@ class RelexCallback(TrainerCallback):
             Replace existing ``step-H`` directories in ``output_dir`` instead of refusing to start.
         max_shard_size (`str`, *optional*, defaults to `"50GB"`):
             Shard size of the written safetensors, as in ``save_pretrained``.
+        fold_rank (`int`, *optional*, defaults to `8`):
+            When the window does not fit ``max_buffer_bytes`` (or ``buffer_slots``), the full ring of deltas is
+            folded into a rank-``fold_rank`` factorisation per tensor (incremental SVD) and the slots reused:
+            memory is ``fold_rank + slots`` rows whatever ``tcut`` is. Must be >= ``rank``.
+        buffer_slots (`int`, *optional*):
+            Ring slots K; below ``tcut/stride`` the ring folds (see ``fold_rank``). Default: from
+            ``max_buffer_bytes``, else the whole window (exact, no fold).
+        on_nonfinite (`str`, *optional*, defaults to `"error"`):
+            A NaN/Inf in a weight delta at a snapshot: ``"error"`` stops training with an error naming the tensors
+            and the step (nothing is written from it); ``"skip"`` drops that step with a warning (counted in
+            ``report.json`` as ``skipped_nonfinite_steps``).
 
     Example:
 
@@ -107,6 +118,9 @@ class RelexCallback(TrainerCallback):
         solver: str = "auto",
         overwrite: bool = False,
         max_shard_size="50GB",
+        fold_rank: Optional[int] = None,
+        buffer_slots: Optional[int] = None,
+        on_nonfinite: str = "error",
     ):
         self.settings = RelexSettings.validate(
             tcut=tcut, horizons=horizons, stride=stride, fit_start=fit_start, rank=rank, storage=storage, dtype=dtype,
@@ -121,6 +135,14 @@ class RelexCallback(TrainerCallback):
         from .writer import parse_size
 
         parse_size(max_shard_size)
+        # --- streaming fold and fault options (relex_callback.fold)
+        from .fold import validate_fold
+
+        self.fold_rank, self.buffer_slots = validate_fold(fold_rank, buffer_slots, self.settings.rank)
+        if on_nonfinite not in ("error", "skip"):
+            raise RelexInputError(f"on_nonfinite={on_nonfinite!r} is not one of ['error', 'skip']")
+        self.on_nonfinite = on_nonfinite
+        self.skipped_steps: list[int] = []
         self.stop_training = stop_training
         self.output_dir = output_dir
         self.include = include
@@ -213,13 +235,24 @@ class RelexCallback(TrainerCallback):
         self.tracked = self._select(model)
         specs = [t.spec for t in self.tracked]
         device = self.tracked[0].read().device
-        capacity = len(self.settings.steps)
+        from .fold import plan_slots
+
+        capacity, fold_rank = plan_slots(
+            len(self.settings.steps), sum(s.local_numel for s in specs), self.settings.dtype.itemsize,
+            max_buffer_bytes=self.settings.max_buffer_bytes, buffer_slots=self.buffer_slots, fold_rank=self.fold_rank,
+        )
+        if fold_rank is not None and self._dist is not None and self._dist.is_distributed:
+            raise RelexInputError(
+                f"the window of {len(self.settings.steps)} snapshots does not fit max_buffer_bytes/buffer_slots on this "
+                f"rank, and folding is not supported in distributed runs (each rank's fold would differ); raise or drop "
+                f"max_buffer_bytes or buffer_slots, or raise stride"
+            )
         traj_dir = self._dist.trajectory_dir(os.path.join(out_dir, "trajectory"))
         resumed = self._resume_dir(args, state) if state.global_step > 0 else None
         if resumed is not None:
             self.store = TrajectoryStore.load(
                 resumed, specs, capacity, dtype=self.settings.dtype, storage=self.settings.storage, device=device,
-                run_directory=traj_dir, max_bytes=self.settings.max_buffer_bytes,
+                run_directory=traj_dir, max_bytes=self.settings.max_buffer_bytes, fold_rank=fold_rank,
             )
             self.store.truncate(state.global_step)
             logger.info("relex: resumed the window from %s (%d steps recorded)", resumed, self.store.num_rows)
@@ -232,12 +265,14 @@ class RelexCallback(TrainerCallback):
                 )
             self.store = TrajectoryStore(
                 specs, capacity, dtype=self.settings.dtype, storage=self.settings.storage, device=device,
-                directory=traj_dir, max_bytes=self.settings.max_buffer_bytes,
+                directory=traj_dir, max_bytes=self.settings.max_buffer_bytes, fold_rank=fold_rank,
             )
             self.store.set_theta0(self._read_all())
         logger.info(
-            "relex: tracking %d tensors (%d elements), %d snapshot slots, %.1f MiB buffer on %s",
-            len(specs), self.store.D, capacity, self.store.buffer_bytes / 2**20, self.store.storage,
+            "relex: tracking %d tensors (%d elements), %d snapshot slots%s, %.1f MiB buffer on %s",
+            len(specs), self.store.D, capacity,
+            f" + {fold_rank} fold rows (window of {len(self.settings.steps)} folded)" if fold_rank else "",
+            self.store.buffer_bytes / 2**20, self.store.storage,
         )
 
     def _resume_dir(self, args, state) -> Optional[str]:
@@ -257,9 +292,21 @@ class RelexCallback(TrainerCallback):
             return
         step = state.global_step
         if step % self.settings.stride == 0 and 0 < step <= self.tcut:
-            self.store.snapshot(step, self._read_all())
+            self._snapshot(step)
         if step >= self.tcut:
             self._finish(args, state, control, kwargs)
+
+    def _snapshot(self, step: int):
+        from .errors import RelexNonFiniteError
+
+        try:
+            self.store.snapshot(step, self._read_all())
+        except RelexNonFiniteError as e:
+            if self.on_nonfinite != "skip":
+                raise RelexNonFiniteError(f"relex: {e}. Training stopped (on_nonfinite='error'); no checkpoint was "
+                                          "written from it. Pass on_nonfinite='skip' to drop such steps") from None
+            self.skipped_steps.append(int(step))
+            logger.warning("relex: %s; step skipped (on_nonfinite='skip', %d skipped so far)", e, len(self.skipped_steps))
 
     def on_save(self, args, state, control, **kwargs):
         if self.done or self.store is None:
@@ -280,7 +327,9 @@ class RelexCallback(TrainerCallback):
             self.store.save(keep)
             logger.warning(
                 "relex: training ended at step %d before tcut=%d; nothing was extrapolated. The %d recorded steps are "
-                "in %s", state.global_step, self.tcut, self.store.num_rows, keep,
+                "in %s: extrapolate from them with relex_callback.engine.extrapolate_trajectory(%r, base=<the "
+                "checkpoint training started from>, horizons=[...], out_dir=...)", state.global_step, self.tcut,
+                self.store.num_rows, keep, keep,
             )
 
     # ---------------------------------------------------------------------------------------- finish
@@ -289,17 +338,19 @@ class RelexCallback(TrainerCallback):
         model = kwargs.get("model")
         tokenizer = kwargs.get("processing_class")
         t0 = time.perf_counter()
+        extra = {"skipped_nonfinite_steps": list(self.skipped_steps)}
         if self._dist is not None and self._dist.is_distributed:
             sol, report = self._dist.finalize(
                 self.store, tcut=self.tcut, horizons=self.horizons, out_dir=out_dir, model=model, tokenizer=tokenizer,
                 rank=self.settings.rank, fit_start=self.settings.fit_start, method=self.settings.solver,
-                overwrite=self.overwrite, max_shard_size=self.max_shard_size,
+                overwrite=self.overwrite, max_shard_size=self.max_shard_size, report_extra=extra,
             )
         else:
             sol, report = finalize(
                 self.store, tcut=self.tcut, horizons=self.horizons, out_dir=out_dir,
                 source=ModelSource(model, tokenizer), rank=self.settings.rank, fit_start=self.settings.fit_start,
                 method=self.settings.solver, overwrite=self.overwrite, max_shard_size=self.max_shard_size,
+                report_extra=extra,
             )
         seconds = time.perf_counter() - t0
         self.end_of_window_seconds = seconds

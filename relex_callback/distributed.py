@@ -243,6 +243,7 @@ class DistContext:
         method: str = "auto",
         overwrite: bool = False,
         max_shard_size="50GB",
+        report_extra: Optional[dict] = None,
     ):
         """Distributed counterpart of :func:`relex_callback.engine.finalize` (all ranks call it). Returns
         ``(solution, report)``: the solution covers this rank's pieces; the report covers every tensor."""
@@ -284,6 +285,8 @@ class DistContext:
             "write_seconds": round(t_write, 6),
             "checkpoints": written,
         }
+        if report_extra:
+            extra.update(report_extra)
         report = build_report(full, tcut=tcut, horizons=horizons, extra=extra) if full is not None else {"summary": {}}
         if full is not None:
             report.update(extra)

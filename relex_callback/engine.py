@@ -14,7 +14,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .errors import RelexInputError
+from .errors import RelexInputError, RelexNonFiniteError, RelexWriteError
 from .report import REPORT_NAME, build_report, write_report
 from .solver import solve
 from .state import STATE_NAME, save_state
@@ -63,16 +63,35 @@ def write_horizon(
     def produce(key):
         i = index.get(key)
         if i is None:
-            return source.get(key)
-        spec = result.specs[i]
-        return result.extrapolate(i, horizon, theta0_of(i)).reshape(spec.shape).to("cpu")
+            t = source.get(key)
+        else:
+            spec = result.specs[i]
+            t = result.extrapolate(i, horizon, theta0_of(i)).reshape(spec.shape).to("cpu")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise RelexNonFiniteError(
+                f"{key} would be written with NaN/Inf values in step-{int(horizon)} "
+                f"({'extrapolated' if i is not None else 'copied from the model'}); nothing was written"
+            )
+        return t
 
     meta = dict(source.meta)
     for n, i in index.items():
         meta[n] = (tuple(result.specs[i].shape), result.specs[i].dtype)
-    with atomic_directory(final, overwrite=overwrite) as tmp:
-        write_weights(tmp, list(source.keys), meta, produce, max_shard_size=max_shard_size)
-        source.write_extras(tmp)
+    try:
+        with atomic_directory(final, overwrite=overwrite) as tmp:
+            write_weights(tmp, list(source.keys), meta, produce, max_shard_size=max_shard_size)
+            source.write_extras(tmp)
+    except OSError as e:
+        if isinstance(e, RelexWriteError):
+            raise
+        state = os.path.join(out_dir, STATE_NAME)
+        hint = (f"the state file {state} is intact: free space (or fix permissions) and write the checkpoint with "
+                f"`relex materialize` (relex_callback.engine.materialize)") if os.path.isfile(state) else \
+            "free space (or fix permissions) and run again"
+        raise RelexWriteError(
+            f"writing {final} failed: {e.strerror or e} ({type(e).__name__}, errno {e.errno}); the partial temporary "
+            f"was removed and nothing exists under the final name; {hint}"
+        ) from e
     return final
 
 
@@ -94,7 +113,8 @@ def finalize(
     check_outputs_free(out_dir, horizons, overwrite)
     os.makedirs(out_dir, exist_ok=True)
     t0 = time.perf_counter()
-    sol = solve(store.rows(), store.steps, store.specs, rank=rank, fit_start=fit_start, method=method)
+    inputs = store.solve_inputs() if hasattr(store, "solve_inputs") else {"M": store.rows(), "steps": store.steps}
+    sol = solve(specs=store.specs, rank=rank, fit_start=fit_start, method=method, **inputs)
     t_solve = time.perf_counter() - t0
     theta0_of = lambda i: store.theta0_of(store.specs[i])  # noqa: E731
     save_state(os.path.join(out_dir, STATE_NAME), sol, theta0_of, tcut=tcut)
@@ -105,6 +125,9 @@ def finalize(
     t_write = time.perf_counter() - t1
     extra = {
         "buffer_bytes": store.buffer_bytes,
+        "buffer_rows": getattr(store, "rows_allocated", None),
+        "fold_rank": getattr(store, "fold_rank", None),
+        "folds": getattr(store, "folds", 0),
         "buffer_dtype": str(store.dtype).replace("torch.", ""),
         "storage": store.storage,
         "solve_seconds": round(t_solve, 6),
@@ -118,3 +141,73 @@ def finalize(
     logger.info("relex: solved %d tensors in %.2fs (%s), wrote %d checkpoint(s) in %.2fs to %s",
                 len(sol.specs), t_solve, sol.method, len(written), t_write, out_dir)
     return sol, report
+
+
+# ------------------------------------------------------------------------- after the fact (state file, trajectory)
+def materialize(state_path: str, base: str, horizons: Sequence[int], out_dir: Optional[str] = None, *,
+                overwrite: bool = False, max_shard_size="50GB") -> list[str]:
+    """Write ``step-H`` for each horizon from a state file and the base checkpoint (theta_0 and every untracked
+    tensor): what ``relex materialize`` runs. Refuses a base whose tracked tensors do not match the fingerprints
+    of theta_0 in the state. Returns the written directories."""
+    from .state import fingerprint, fingerprint_mismatch, load_state
+    from .writer import DirectorySource
+
+    st = load_state(state_path)
+    src = DirectorySource(base)
+    out_dir = out_dir or os.path.dirname(os.path.abspath(state_path if not os.path.isdir(state_path)
+                                                         else os.path.join(state_path, STATE_NAME)))
+    bad = [h for h in horizons if int(h) <= st.tcut]
+    if bad:
+        raise RelexInputError(f"horizons {bad} are not beyond the state's tcut={st.tcut}; use horizons > {st.tcut}")
+    thetas = {}
+    for spec in st.specs:
+        if spec.name not in src.meta:
+            raise RelexInputError(f"the base {base} has no tensor {spec.name}: it is not the model of this state file")
+        t = src.get(spec.name).reshape(-1)[spec.flat_start: spec.flat_start + spec.local_numel]
+        why = fingerprint_mismatch(fingerprint(t), st.info[spec.name]["theta0"])
+        if why:
+            raise RelexInputError(
+                f"the base {base} does not match the state's theta_0 for {spec.name} ({why}); pass the checkpoint "
+                "training started from"
+            )
+        thetas[spec.name] = t
+    return [write_horizon(out_dir, int(h), st, lambda i: thetas[st.specs[i].name], src, overwrite=overwrite,
+                          max_shard_size=max_shard_size) for h in sorted(int(h) for h in horizons)]
+
+
+def extrapolate_trajectory(trajectory_dir: str, base: str, horizons: Sequence[int], out_dir: str, *,
+                           rank: int = 1, fit_start: Optional[int] = None, method: str = "auto",
+                           overwrite: bool = False, max_shard_size="50GB"):
+    """Solve a saved trajectory (``<out>/partial_trajectory/`` of a run that ended before tcut, or a checkpoint's
+    ``relex_trajectory/``) and write the state, the horizons and the report, as the callback would have. ``tcut``
+    is the last recorded step. ``base`` is the checkpoint training started from (config, tokenizer, untracked
+    tensors); it must match the trajectory's theta_0. Returns ``(solution, report)``."""
+    from .buffer import TrajectoryStore
+    from .config import RelexSettings
+    from .state import fingerprint, fingerprint_mismatch
+    from .writer import DirectorySource
+
+    store = TrajectoryStore.open(trajectory_dir)
+    if store.num_rows < 2:
+        raise RelexInputError(f"{trajectory_dir} holds {store.num_rows} recorded step(s); a line needs at least 2")
+    tcut = store.steps[-1]
+    RelexSettings.validate(tcut=tcut, horizons=horizons, stride=1, fit_start=fit_start, rank=min(rank, store.num_rows),
+                           solver=method, allow_partial_stride=True)
+    if rank > store.num_rows:
+        raise RelexInputError(f"rank={rank} exceeds the {store.num_rows} recorded steps in {trajectory_dir}")
+    src = DirectorySource(base)
+    for spec in store.specs:
+        if spec.name not in src.meta:
+            raise RelexInputError(f"the base {base} has no tensor {spec.name}: it is not the model of this trajectory")
+        t = src.get(spec.name).reshape(-1)[spec.flat_start: spec.flat_start + spec.local_numel]
+        why = fingerprint_mismatch(fingerprint(t), fingerprint(store.theta0_of(spec)))
+        if why:
+            raise RelexInputError(
+                f"the base {base} does not match the trajectory's theta_0 for {spec.name} ({why}); pass the checkpoint "
+                "training started from"
+            )
+    logger.warning("relex: extrapolating a trajectory of %d steps (%s..%d) from %s", store.num_rows, store.steps[0],
+                   tcut, trajectory_dir)
+    return finalize(store, tcut=tcut, horizons=sorted(int(h) for h in horizons), out_dir=out_dir, source=src,
+                    rank=rank, fit_start=fit_start, method=method, overwrite=overwrite, max_shard_size=max_shard_size,
+                    report_extra={"trajectory": os.path.abspath(trajectory_dir), "partial": True})

@@ -19,3 +19,7 @@ class RelexMemoryError(RelexInputError):
 
 class RelexNonFiniteError(RelexError, FloatingPointError):
     """A weight delta contains NaN or Inf; the message names the tensor and the step."""
+
+
+class RelexWriteError(RelexError, OSError):
+    """Writing a checkpoint failed (disk full, unwritable directory); nothing was left under the final name."""

@@ -128,6 +128,8 @@ def solve(
     reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     max_iter: int = 30,
     tol: float = 2e-6,
+    left: Optional[torch.Tensor] = None,
+    total_sq: Optional[torch.Tensor] = None,
 ) -> Solution:
     """Solve every segment of ``M`` (``[T, D]``, rows in step order).
 
@@ -135,7 +137,15 @@ def solve(
         reduce: applied to the stacked Gram matrices (``[S, T, T]`` float64) before the eigen-decomposition; the
             distributed path passes an all-reduce here (one collective for all tensors).
         out_dtype: dtype of the direction arena ``V`` (default: the buffer dtype).
+        left: a folded store's left factors (``TrajectoryStore.solve_inputs``): ``[S, T, R]`` float64 with the
+            trajectory of segment ``i`` equal to ``left[i] @ M_i`` (``M`` then has ``R`` rows: the folded basis and
+            the remaining deltas). ``None`` (no fold) is the plain path, unchanged.
+        total_sq: exact ``||M_i||_F^2`` per segment for the report (a folded store knows it; the factorisation
+            alone would understate it).
     """
+    if left is not None:
+        return _solve_left(M, steps, specs, left=left, total_sq=total_sq, rank=rank, fit_start=fit_start,
+                           out_dtype=out_dtype, reduce=reduce)
     T, D = M.shape
     if T != len(steps):
         raise ValueError(f"{T} rows but {len(steps)} steps")
@@ -273,3 +283,62 @@ def _power_segment(M: torch.Tensor, o: int, n: int, *, max_iter: int, tol: float
     if float(c[-1]) < 0 or (float(c[-1]) == 0 and float(c[c.abs().argmax()]) < 0):
         c, x = -c, -x
     return x, c, float(rowsq.sum()), float(rowsq[-1])
+
+
+@torch.no_grad()
+def factor_left(M: torch.Tensor, left: torch.Tensor, specs: Sequence[TensorSpec], rank: int, reduce=None):
+    """Top ``rank`` singular triplets of ``A_i = left[i] @ M_i`` for every segment without forming ``A``: the Gram
+    ``A_i A_i^T = left[i] (M_i M_i^T) left[i]^T`` from one pass over ``M``, a float64 ``eigh``, and the weights
+    ``X_i = left[i]^T u / sigma`` [S, R, r] with which one more pass gives ``v = M_i^T X_i``.
+
+    Returns ``(sigma [S, r], U [S, T, r], X [S, R, r] float32, G_M [S, R, R] float64)``."""
+    offsets = [s.offset for s in specs]
+    numels = [s.local_numel for s in specs]
+    G_M = kernels.gram(M, offsets, numels)
+    if reduce is not None:
+        G_M = reduce(G_M)
+    G_M = G_M.double().cpu()
+    C = left.double().cpu()
+    G = C @ G_M @ C.transpose(1, 2)
+    G = 0.5 * (G + G.transpose(1, 2))
+    lam, U = _top_eigenpairs(G, rank)
+    U = _fix_signs(U)
+    if lam.shape[1] < rank:  # fewer steps than components so far (an early fold with few slots): pad with zeros
+        pad = rank - lam.shape[1]
+        lam = torch.nn.functional.pad(lam, (0, pad))
+        U = torch.nn.functional.pad(U, (0, pad))
+    sigma = lam.sqrt()
+    keep = sigma > (REL_SIGMA_FLOOR * sigma[:, :1]).clamp_min(1e-300)
+    scale = torch.where(keep, 1.0 / sigma.clamp_min(1e-300), 0.0)
+    X = (C.transpose(1, 2) @ (U * scale.unsqueeze(1))).float()
+    return sigma * keep, U, X, G_M, G
+
+
+def _solve_left(M, steps, specs, *, left, total_sq, rank, fit_start, out_dtype, reduce) -> Solution:
+    """The Gram path for a folded trajectory (see ``solve(left=...)``)."""
+    T = len(steps)
+    if left.shape[1] != T or left.shape[2] != M.shape[0]:
+        raise ValueError(f"left factors {tuple(left.shape)} do not match {T} steps and {M.shape[0]} rows")
+    if T < 2:
+        raise ValueError("at least two recorded steps are needed")
+    steps_t = torch.tensor(list(steps), dtype=torch.float64)
+    mask = steps_t >= (fit_start if fit_start is not None else -math.inf)
+    if int(mask.sum()) < 2:
+        raise ValueError(f"fit_start={fit_start} leaves fewer than 2 steps to fit")
+    t0 = time.perf_counter()
+    sigma, U, X, _, G = factor_left(M, left, specs, rank, reduce=reduce)
+    secs = {"gram": time.perf_counter() - t0}
+    t2 = time.perf_counter()
+    V = torch.zeros(rank, M.shape[1], dtype=out_dtype or M.dtype, device=M.device)
+    kernels.project(M, [s.offset for s in specs], [s.local_numel for s in specs], X, V)
+    secs["direction"] = time.perf_counter() - t2
+    coeffs = (U * sigma.unsqueeze(1)).transpose(1, 2)
+    total = total_sq.double() if total_sq is not None else torch.diagonal(G, dim1=1, dim2=2).sum(-1).clamp_min(0)
+    last_sq = G[:, -1, -1].clamp_min(0)
+    slope, intercept, r2 = fit_lines(coeffs, steps_t, mask)
+    secs["total"] = time.perf_counter() - t0
+    return Solution(
+        specs=list(specs), steps=[int(s) for s in steps], fit_start=fit_start, rank=rank, sigma=sigma, coeffs=coeffs,
+        slope=slope, intercept=intercept, r2=r2, total=total, last_sq=last_sq, V=V, method="gram-folded",
+        seconds=secs,
+    )

@@ -1,0 +1,94 @@
+"""Child process for tests/test_faults.py: a tiny causal-LM Trainer run with RelexCallback, optionally killed.
+
+    python tests/fault_child.py OUT --tcut 8 --horizons 40 [--storage disk] [--save-steps 3] [--kill-at-step 5]
+        [--resume CKPT] [--stall-write-horizon 40]
+"""
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+
+import torch
+
+torch.set_num_threads(1)
+
+
+def lm_dataset(tok, n=64, seed=0):
+    from relex_callback.toy import arithmetic_problems
+
+    rows = []
+    for p in arithmetic_problems(n, seed=seed):
+        ids = tok(p["prompt"] + p["answer"])["input_ids"][:8]
+        ids = ids + [tok.pad_token_id] * (8 - len(ids))
+        rows.append({"input_ids": ids, "labels": ids, "attention_mask": [1] * 8})
+    return rows
+
+
+def build_trainer(out, callbacks, *, max_steps, save_steps=None, seed=0, lr=5e-3):
+    from transformers import Trainer, TrainingArguments
+
+    from relex_callback.toy import build_model, build_tokenizer
+
+    tok = build_tokenizer()
+    model = build_model(tok, hidden_size=32, layers=1)
+    args = TrainingArguments(
+        output_dir=out, per_device_train_batch_size=8, learning_rate=lr, lr_scheduler_type="constant",
+        max_steps=max_steps, save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
+        logging_steps=100, report_to=[], use_cpu=True, seed=seed, data_seed=seed, dataloader_num_workers=0,
+        disable_tqdm=True, save_only_model=False,
+    )
+    return Trainer(model=model, args=args, train_dataset=lm_dataset(tok), processing_class=tok, callbacks=callbacks), model, tok
+
+
+def main():
+    from transformers import TrainerCallback
+
+    from relex_callback import RelexCallback
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("--tcut", type=int, default=8)
+    ap.add_argument("--horizons", default="40")
+    ap.add_argument("--storage", default="host")
+    ap.add_argument("--save-steps", type=int, default=None)
+    ap.add_argument("--kill-at-step", type=int, default=None)
+    ap.add_argument("--resume", default=None)
+    ap.add_argument("--stall-write-horizon", type=int, default=None)
+    ap.add_argument("--max-shard-size", default="50GB")
+    a = ap.parse_args()
+
+    class KillAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if a.kill_at_step is not None and state.global_step == a.kill_at_step:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    if a.stall_write_horizon is not None:
+        # fault timing (not a replacement): the real writer runs; after the first shard of the chosen horizon it
+        # tells the parent and waits to be SIGKILLed mid-checkpoint
+        from relex_callback import writer
+
+        real = writer.write_safetensors
+
+        def stalling(path, tensors, metadata=None):
+            real(path, tensors, metadata)
+            if f".step-{a.stall_write_horizon}.tmp-" in path:
+                open(os.path.join(a.out, "WRITING"), "w").close()
+                time.sleep(120)
+
+        writer.write_safetensors = stalling
+
+    cb = RelexCallback(tcut=a.tcut, horizons=a.horizons, storage=a.storage, dtype="float32",
+                       max_shard_size=a.max_shard_size)
+    trainer, model, tok = build_trainer(a.out, [cb, KillAt()], max_steps=4 * a.tcut, save_steps=a.save_steps)
+    if a.resume is None:
+        model.save_pretrained(os.path.join(a.out, "base"))
+        tok.save_pretrained(os.path.join(a.out, "base"))
+    trainer.train(resume_from_checkpoint=a.resume)
+    json.dump({"global_step": trainer.state.global_step}, open(os.path.join(a.out, "DONE.json"), "w"))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

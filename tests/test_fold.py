@@ -1,0 +1,222 @@
+"""Streaming fold (relex_callback.fold): a ring smaller than the window gives the same extrapolation as the exact
+path, within the bf16/rank-r truncation, and its memory does not grow with tcut."""
+
+import logging
+import os
+
+import pytest
+import torch
+
+from relex_callback.buffer import TrajectoryStore
+from relex_callback.errors import RelexInputError, RelexMemoryError
+from relex_callback.fold import plan_slots, validate_fold
+from relex_callback.params import TensorSpec
+from relex_callback.solver import solve
+
+logger = logging.getLogger(__name__)
+
+
+def _specs():
+    return [
+        TensorSpec("w", (48, 40), torch.float32, 48 * 40),
+        TensorSpec("b", (333,), torch.float32, 333),
+        TensorSpec("frozen", (17,), torch.float32, 17),
+    ]
+
+
+def _trajectory(T, noise=0.02, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    specs = _specs()
+    theta0 = [torch.randn(s.local_numel, generator=g) for s in specs]
+    v = [torch.randn(s.local_numel, generator=g) for s in specs]
+    snaps = []
+    for t in range(1, T + 1):
+        row = []
+        for i, s in enumerate(specs):
+            if s.name == "frozen":
+                row.append(theta0[i].clone())
+            else:
+                row.append(theta0[i] + (0.01 * t + 0.03) * v[i] + 0.01 * noise * torch.randn(s.local_numel, generator=g))
+        snaps.append(row)
+    return specs, theta0, snaps
+
+
+def _store(specs, theta0, snaps, K, fold_rank, dtype="float32", steps=None, **kw):
+    st = TrajectoryStore([TensorSpec(s.name, s.shape, s.dtype, s.local_numel) for s in specs], K, dtype=dtype,
+                         storage="host", fold_rank=fold_rank, **kw)
+    st.set_theta0(theta0)
+    for t, row in zip(steps or range(1, len(snaps) + 1), snaps):
+        st.snapshot(t, row)
+    return st
+
+
+def _solve(st, rank=1, fit_start=None):
+    return solve(specs=st.specs, rank=rank, fit_start=fit_start, method="gram", **st.solve_inputs())
+
+
+def compare(exact, other, theta0, H):
+    """(min cosine of the moves theta(H) - theta_0, max relative error of theta(H)) over the moving tensors."""
+    cos, rel = 1.0, 0.0
+    for i in range(len(exact.specs)):
+        a = exact.extrapolate(i, H, theta0[i]).float() - theta0[i].float()
+        b = other.extrapolate(i, H, theta0[i]).float() - theta0[i].float()
+        if a.norm() == 0:
+            assert b.norm() == 0, "a frozen tensor moved"
+            continue
+        cos = min(cos, float(torch.nn.functional.cosine_similarity(a, b, dim=0)))
+        rel = max(rel, float((a - b).norm() / a.norm()))
+    return cos, rel
+
+
+def test_no_fold_when_slots_cover_the_window_is_exact():
+    specs, theta0, snaps = _trajectory(20)
+    plain = _store(specs, theta0, snaps, 20, None, dtype="bfloat16")
+    ready = _store(specs, theta0, snaps, 20, 4, dtype="bfloat16")  # fold enabled but never needed
+    assert ready.folds == 0 and not ready.folded
+    a, b = _solve(plain), _solve(ready)
+    assert torch.equal(a.V, b.V)
+    assert torch.equal(a.slope, b.slope) and torch.equal(a.intercept, b.intercept)
+    # and the planner does not even allocate basis rows when the window fits
+    assert plan_slots(20, 1000, 2, max_buffer_bytes=None, buffer_slots=20, fold_rank=8) == (20, None)
+    assert plan_slots(20, 1000, 2, max_buffer_bytes=20 * 2000, buffer_slots=None, fold_rank=8) == (20, None)
+
+
+@pytest.mark.parametrize("dtype,K,tol_cos,tol_rel", [("float32", 3, 1 - 1e-6, 1e-4), ("float32", 1, 1 - 1e-6, 1e-4),
+                                                    ("bfloat16", 4, 0.999, 0.02)])
+def test_rank1_plus_noise_folded_matches_exact(dtype, K, tol_cos, tol_rel):
+    T = 30
+    specs, theta0, snaps = _trajectory(T, noise=0.05)
+    exact = _solve(_store(specs, theta0, snaps, T, None, dtype=dtype), fit_start=5)
+    st = _store(specs, theta0, snaps, K, 4, dtype=dtype)
+    assert st.folds >= (T - 1) // K - 1 and st.folded
+    folded = _solve(st, fit_start=5)
+    cos, rel = compare(exact, folded, theta0, H=300)
+    logger.warning("fold %s K=%d: cosine %.8f, relative error %.2e", dtype, K, cos, rel)
+    print(f"fold {dtype} K={K}: min cosine {cos:.8f}, max relative error {rel:.2e}")
+    assert cos >= tol_cos and rel <= tol_rel
+    # the report's explained variance uses the exact ||M||_F^2 kept beside the factorisation
+    assert torch.allclose(folded.total, exact.total, rtol=1e-3)
+    assert torch.allclose(folded.explained, exact.explained, atol=1e-3)
+    assert folded.steps == exact.steps and folded.coeffs.shape == exact.coeffs.shape
+
+
+def test_rank2_folded_matches_exact_when_fold_rank_covers_it():
+    T = 24
+    g = torch.Generator().manual_seed(3)
+    specs = _specs()
+    theta0 = [torch.randn(s.local_numel, generator=g) for s in specs]
+    v1 = [torch.randn(s.local_numel, generator=g) for s in specs]
+    v2 = [torch.randn(s.local_numel, generator=g) for s in specs]
+    snaps = [[theta0[i] + 0.01 * t * v1[i] + 0.003 * (t % 5) * v2[i] for i in range(3)] for t in range(1, T + 1)]
+    exact = _solve(_store(specs, theta0, snaps, T, None), rank=2)
+    folded = _solve(_store(specs, theta0, snaps, 5, 3), rank=2)  # the trajectory has rank 2 <= fold_rank: lossless
+    cos, rel = compare(exact, folded, theta0, H=100)
+    assert cos > 1 - 1e-6 and rel < 1e-4
+
+
+def test_memory_is_flat_in_tcut_and_stride_steps():
+    specs, theta0, snaps = _trajectory(200, noise=0.05)
+    sizes = {}
+    for T in (25, 50, 100, 200):
+        st = _store(specs, theta0, snaps[:T], 6, 4)
+        sizes[T] = st.buffer_bytes
+        assert st.M.shape[0] == 6 and st.arena.shape[0] == 10
+    assert len(set(sizes.values())) == 1, sizes
+    exact = _store(specs, theta0, snaps, 200, None)
+    assert exact.buffer_bytes > 10 * sizes[200]
+
+
+def test_folded_store_save_load_roundtrip(tmp_path):
+    specs, theta0, snaps = _trajectory(17)
+    st = _store(specs, theta0, snaps, 4, 3)
+    st.save(str(tmp_path / "traj"))
+    back = TrajectoryStore.open(str(tmp_path / "traj"))
+    assert back.steps == st.steps and back.folded_steps == st.folded_steps
+    a, b = _solve(st), _solve(back)
+    assert torch.equal(a.V, b.V) and torch.allclose(a.slope, b.slope, rtol=0, atol=0)
+    # a resumed run may keep snapshotting into it
+    more = _trajectory(20)[2][17:]
+    for t, row in zip(range(18, 21), more):
+        back.snapshot(t, row)
+    assert back.steps[-1] == 20
+
+
+def test_disk_tier_folds_in_the_mapped_file(tmp_path):
+    specs, theta0, snaps = _trajectory(12)
+    exact = _solve(_store(specs, theta0, snaps, 12, None))
+    st = TrajectoryStore(_specs(), 3, dtype="float32", storage="disk", directory=str(tmp_path / "run"), fold_rank=2)
+    st.set_theta0(theta0)
+    for t, row in enumerate(snaps, 1):
+        st.snapshot(t, row)
+    assert os.path.getsize(tmp_path / "run" / "trajectory.bin") == 5 * st.D * 4
+    back = TrajectoryStore.open(str(tmp_path / "run"), storage="disk")
+    cos, rel = compare(exact, _solve(back), theta0, H=100)
+    assert cos > 1 - 1e-5 and rel < 1e-3
+
+
+def test_fold_settings_errors():
+    with pytest.raises(RelexInputError, match="fold_rank=1 is below rank=2"):
+        validate_fold(1, None, rank=2)
+    with pytest.raises(RelexInputError, match="buffer_slots must be >= 1"):
+        validate_fold(4, 0)
+    with pytest.raises(RelexMemoryError, match="folding the window needs fold_rank=8"):
+        plan_slots(100, 1000, 2, max_buffer_bytes=5 * 2000, buffer_slots=None, fold_rank=8)
+    assert plan_slots(100, 1000, 2, max_buffer_bytes=20 * 2000, buffer_slots=None, fold_rank=8) == (12, 8)
+
+
+def test_truncate_before_a_fold_is_refused():
+    specs, theta0, snaps = _trajectory(10)
+    st = _store(specs, theta0, snaps, 3, 2)
+    with pytest.raises(RelexInputError, match="already folded"):
+        st.truncate(2)
+
+
+# ------------------------------------------------------------------------------------------ real GRPO run
+@pytest.mark.slow
+def test_grpo_callback_folded_matches_exact(tmp_path, tokenizer):
+    """One tiny GRPOTrainer run with two callbacks on the same trajectory: the exact one (whole window in memory)
+    and a folded one (3 slots + 4 fold rows, bf16). Their step-H checkpoints agree."""
+    from datasets import Dataset
+    from safetensors.torch import load_file
+    from trl import GRPOConfig, GRPOTrainer
+
+    from relex_callback import RelexCallback
+    from relex_callback.toy import arithmetic_problems, build_model
+
+    def digit_reward(completions, **kw):  # dense, so an untrained toy model gets a learning signal at once
+        return [sum(ch == "7" for ch in c) / max(1, len(c)) for c in completions]
+
+    model = build_model(tokenizer, hidden_size=32, layers=1)
+    ds = Dataset.from_list(arithmetic_problems(64, seed=1))
+    tcut, H = 12, 60
+    exact_cb = RelexCallback(tcut=tcut, horizons=[H], output_dir=str(tmp_path / "exact"), dtype="bfloat16")
+    D = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    folded_cb = RelexCallback(tcut=tcut, horizons=[H], output_dir=str(tmp_path / "folded"), dtype="bfloat16",
+                              max_buffer_bytes=7 * D * 2, fold_rank=4)
+    args = GRPOConfig(
+        output_dir=str(tmp_path / "run"), per_device_train_batch_size=8, num_generations=4, max_completion_length=4,
+        learning_rate=3e-3, lr_scheduler_type="constant", logging_steps=50, save_strategy="no", report_to=[],
+        use_cpu=True, seed=0, max_steps=40, beta=0.0, temperature=1.0,
+    )
+    trainer = GRPOTrainer(model=model, reward_funcs=digit_reward, args=args, train_dataset=ds,
+                          processing_class=tokenizer, callbacks=[exact_cb, folded_cb])
+    trainer.train()
+    assert trainer.state.global_step == tcut
+    assert folded_cb.report["buffer_bytes"] == 7 * D * 2 and folded_cb.report["folds"] >= 2
+    assert exact_cb.report["folds"] == 0
+    a = load_file(str(tmp_path / "exact" / f"step-{H}" / "model.safetensors"))
+    b = load_file(str(tmp_path / "folded" / f"step-{H}" / "model.safetensors"))
+    worst_cos, worst_rel, moved = 1.0, 0.0, 0
+    init = build_model(tokenizer, hidden_size=32, layers=1).state_dict()
+    for k in a:
+        da = a[k].float() - init[k].float()
+        db = b[k].float() - init[k].float()
+        if da.norm() == 0:
+            continue
+        moved += 1
+        worst_cos = min(worst_cos, float(torch.nn.functional.cosine_similarity(da.flatten(), db.flatten(), dim=0)))
+        worst_rel = max(worst_rel, float((a[k].float() - b[k].float()).norm() / a[k].float().norm()))
+    print(f"GRPO tcut={tcut} H={H}: {moved} tensors, min cosine of moves {worst_cos:.6f}, "
+          f"max relative error of weights {worst_rel:.2e}")
+    assert moved > 5
+    assert worst_cos > 0.99 and worst_rel < 1e-2
