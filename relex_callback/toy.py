@@ -71,3 +71,18 @@ def arithmetic_reward(completions, answer, **kwargs) -> list[float]:
         text = c if isinstance(c, str) else c[-1]["content"] if isinstance(c, list) else str(c)
         out.append(1.0 if extract_answer(text) == str(a) else 0.0)
     return out
+
+
+def _text(c) -> str:
+    return c if isinstance(c, str) else c[-1]["content"] if isinstance(c, list) else str(c)
+
+
+def digit_reward(completions, **kwargs) -> list[float]:
+    """A dense shaping reward for tests: the fraction of the completion's characters that are digits. Unlike
+    :func:`arithmetic_reward` it separates the completions of an untrained model, so GRPO moves the weights from
+    step 1."""
+    out = []
+    for c in completions:
+        text = _text(c).strip()
+        out.append(sum(ch.isdigit() for ch in text) / len(text) if text else 0.0)
+    return out
