@@ -312,7 +312,10 @@ class RelexCallback(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self._pending_logs and logs is not None:
-            logs.update(self._pending_logs)
+            logs.update(self._pending_logs)  # seen by the reporting callbacks after this one (TensorBoard, W&B)
+            last = state.log_history[-1] if state.log_history else None
+            if last is not None and last.get("step") == state.global_step:
+                last.update(self._pending_logs)  # Trainer.log appended its copy before calling on_log
             self._pending_logs = {}
 
     def on_train_end(self, args, state, control, **kwargs):
