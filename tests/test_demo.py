@@ -8,7 +8,6 @@ import sys
 import pytest
 
 
-@pytest.mark.slow
 def test_demo_quick(tmp_path, subprocess_env):
     out = tmp_path / "demo"
     r = subprocess.run([sys.executable, "-m", "relex_callback.demo", "--quick", "--out", str(out), "--threads", "1"],
