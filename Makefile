@@ -20,6 +20,11 @@ $(VENV)/.installed: $(VENV)/.torch setup.cfg pyproject.toml
 	$(PIP) install -q -e ".[test,plot]" $(PINS)
 	touch $@
 
+# The demo needs only the trl and plot extras (no test tools, no DeepSpeed/Triton).
+$(VENV)/.demo: $(VENV)/.torch setup.cfg pyproject.toml
+	$(PIP) install -q -e ".[trl,plot]" $(filter "transformers%" "trl%" "accelerate%",$(PINS))
+	touch $@
+
 venv: $(VENV)/.installed
 
 test: $(VENV)/.installed
@@ -27,6 +32,12 @@ test: $(VENV)/.installed
 
 test-fast: $(VENV)/.installed
 	$(PY) -m pytest -q -ra -m "not slow"
+
+demo: $(VENV)/.demo
+	OMP_NUM_THREADS=2 TOKENIZERS_PARALLELISM=false $(PY) -m relex_callback.demo $(DEMO_ARGS)
+
+bench: $(VENV)/.installed
+	$(PY) bench/overhead.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
+import json
 import logging
+import math
 import os
 import time
 from typing import Optional, Sequence
@@ -13,14 +16,25 @@ from transformers import TrainerCallback
 
 from .buffer import TrajectoryStore
 from .config import RelexConfig, RelexSettings
-from .engine import finalize
+from .engine import finalize, horizon_dir
 from .errors import RelexInputError
 from .params import plain_tracked, select_names, trainable_named_parameters
-from .writer import ModelSource
+from .report import REPORT_NAME, load_report, write_report
+from .state import STATE_NAME, load_state
+from .writer import ModelSource, atomic_directory, clean_stale_temporaries
 
 logger = logging.getLogger("relex_callback")
 
 TRAJECTORY_DIR = "relex_trajectory"  # inside each trainer checkpoint: the window so far, for resume
+VALIDATION_FILE = "validation.json"  # beside theta_0 in a checkpoint saved after tcut in validation mode
+
+
+def is_peft_model(model) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # peft is an optional extra
+        return False
+    return isinstance(model, PeftModel)
 
 
 class RelexCallback(TrainerCallback):
@@ -83,6 +97,19 @@ class RelexCallback(TrainerCallback):
             A NaN/Inf in a weight delta at a snapshot: ``"error"`` stops training with an error naming the tensors
             and the step (nothing is written from it); ``"skip"`` drops that step with a warning (counted in
             ``report.json`` as ``skipped_nonfinite_steps``).
+        merge_lora (`bool`, *optional*, defaults to `False`):
+            PEFT models only. Each horizon is always written as an adapter directory ``step-H/`` (loaded with
+            ``PeftModel.from_pretrained(base, "step-H")``); with ``True`` also as a full model ``step-H-merged/``
+            (``merge_and_unload`` on a copy of the model: needs memory for a second copy of the base weights).
+
+    Validation mode (``stop_training=False``): training continues after ``tcut``; when ``state.global_step``
+    reaches each horizon ``H``, the real deltas ``theta_H - theta_0`` are compared per tensor with the
+    extrapolated ones (cosine and norm ratio, the paper's Figure 6), logged as ``relex/validation/H/...`` and
+    added to ``report.json`` under ``"validation"``.
+
+    Resume: ``trainer.train(resume_from_checkpoint=...)`` inside the window continues the same trajectory
+    (theta_0 and the rows recorded so far are saved in ``checkpoint-N/relex_trajectory/``); resuming after
+    ``tcut`` writes nothing again.
 
     Example:
 
@@ -121,6 +148,7 @@ class RelexCallback(TrainerCallback):
         fold_rank: Optional[int] = None,
         buffer_slots: Optional[int] = None,
         on_nonfinite: str = "error",
+        merge_lora: bool = False,
     ):
         self.settings = RelexSettings.validate(
             tcut=tcut, horizons=horizons, stride=stride, fit_start=fit_start, rank=rank, storage=storage, dtype=dtype,
@@ -128,6 +156,12 @@ class RelexCallback(TrainerCallback):
         )
         if not isinstance(stop_training, bool):
             raise RelexInputError(f"stop_training must be True or False, got {stop_training!r}")
+        if not isinstance(merge_lora, bool):
+            raise RelexInputError(f"merge_lora must be True or False, got {merge_lora!r}")
+        if not isinstance(overwrite, bool):
+            raise RelexInputError(f"overwrite must be True or False, got {overwrite!r}")
+        if output_dir is not None and not isinstance(output_dir, (str, os.PathLike)):
+            raise RelexInputError(f"output_dir must be a path (str), got {type(output_dir).__name__}")
         from .config import compile_patterns
 
         compile_patterns(include, "include")
@@ -149,6 +183,8 @@ class RelexCallback(TrainerCallback):
         self.exclude = exclude
         self.overwrite = overwrite
         self.max_shard_size = max_shard_size
+        self.merge_lora = merge_lora
+        self.validation: Optional[dict] = None  # validation mode after tcut: result, theta_0, horizons left
         self.store: Optional[TrajectoryStore] = None
         self.tracked = []
         self.done = False
@@ -223,6 +259,8 @@ class RelexCallback(TrainerCallback):
         if state.global_step >= self.tcut:
             logger.info("relex: resumed at step %d >= tcut=%d; the window is already done", state.global_step, self.tcut)
             self.done = True
+            if not self.stop_training:
+                self._resume_validation(args, state, model)
             return
         if state.max_steps and 0 < state.max_steps < self.tcut:
             logger.warning(
@@ -288,9 +326,13 @@ class RelexCallback(TrainerCallback):
         return None
 
     def on_step_end(self, args, state, control, **kwargs):
+        step = state.global_step
+        if self.validation is not None:
+            if step in self.validation["pending"]:
+                self._validate(args, step, control)
+            return
         if self.done or self.store is None:
             return
-        step = state.global_step
         if step % self.settings.stride == 0 and 0 < step <= self.tcut:
             self._snapshot(step)
         if step >= self.tcut:
@@ -309,15 +351,25 @@ class RelexCallback(TrainerCallback):
             logger.warning("relex: %s; step skipped (on_nonfinite='skip', %d skipped so far)", e, len(self.skipped_steps))
 
     def on_save(self, args, state, control, **kwargs):
-        if self.done or self.store is None:
+        if self._dist is None or (self.store is None and self.validation is None):
+            return
+        if not (args.should_save or self._dist.is_distributed):  # distributed: every rank saves its own share
             return
         ckpt = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-        if os.path.isdir(ckpt) and (args.should_save or self._dist.is_distributed):  # every rank saves its share
-            self.store.save(self._dist.trajectory_dir(os.path.join(ckpt, TRAJECTORY_DIR)))
+        if not os.path.isdir(ckpt):
+            return
+        target = self._dist.trajectory_dir(os.path.join(ckpt, TRAJECTORY_DIR))
+        if self.validation is not None:
+            self._save_validation(target)
+        elif not self.done and self.store is not None:
+            self.store.save(target)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self._pending_logs and logs is not None:
-            logs.update(self._pending_logs)
+            logs.update(self._pending_logs)  # seen by the reporting callbacks after this one (TensorBoard, W&B)
+            last = state.log_history[-1] if state.log_history else None
+            if last is not None and last.get("step") == state.global_step:
+                last.update(self._pending_logs)  # Trainer.log appended its copy before calling on_log
             self._pending_logs = {}
 
     def on_train_end(self, args, state, control, **kwargs):
@@ -337,8 +389,9 @@ class RelexCallback(TrainerCallback):
         out_dir = self._out_dir(args)
         model = kwargs.get("model")
         tokenizer = kwargs.get("processing_class")
+        peft = is_peft_model(model)
         t0 = time.perf_counter()
-        extra = {"skipped_nonfinite_steps": list(self.skipped_steps)}
+        extra = {"skipped_nonfinite_steps": list(self.skipped_steps), "format": "peft_adapter" if peft else "full"}
         if self._dist is not None and self._dist.is_distributed:
             sol, report = self._dist.finalize(
                 self.store, tcut=self.tcut, horizons=self.horizons, out_dir=out_dir, model=model, tokenizer=tokenizer,
@@ -348,15 +401,17 @@ class RelexCallback(TrainerCallback):
         else:
             sol, report = finalize(
                 self.store, tcut=self.tcut, horizons=self.horizons, out_dir=out_dir,
-                source=ModelSource(model, tokenizer), rank=self.settings.rank, fit_start=self.settings.fit_start,
-                method=self.settings.solver, overwrite=self.overwrite, max_shard_size=self.max_shard_size,
+                source=None if peft else ModelSource(model, tokenizer),
+                rank=self.settings.rank, fit_start=self.settings.fit_start, method=self.settings.solver,
+                overwrite=self.overwrite, max_shard_size=self.max_shard_size,
+                write_fn=self._peft_writer(model, tokenizer, out_dir) if peft else None,
                 report_extra=extra,
             )
         seconds = time.perf_counter() - t0
         self.end_of_window_seconds = seconds
         self.solution, self.report = sol, report
         summ = report["summary"]
-        self._pending_logs = {
+        logs = {
             "relex/explained_variance_mean": summ["explained_variance_mean"],
             "relex/explained_variance_min": summ["explained_variance_min"],
             "relex/r2_mean": summ["r2_mean"],
@@ -364,11 +419,158 @@ class RelexCallback(TrainerCallback):
             "relex/end_of_window_seconds": seconds,
             "relex/buffer_bytes": self.store.buffer_bytes,
         }
-        self._pending_logs = {k: v for k, v in self._pending_logs.items() if v is not None}
-        logger.info("relex: %s", ", ".join(f"{k}={v:.4g}" for k, v in self._pending_logs.items()))
-        control.should_log = True
+        self._emit(logs, control)
         self.done = True
-        self.store.release()
-        self.store = None
+        store, self.store = self.store, None
+        store.release()
         if self.stop_training:
             control.should_training_stop = True
+        else:
+            self._start_validation(args, state, sol, store.theta0, store.specs)
+
+    def _emit(self, logs: dict, control):
+        """Queue ``relex/*`` metrics for the trainer's next ``on_log`` (this step: ``should_log`` is set)."""
+        logs = {k: v for k, v in logs.items() if v is not None}
+        self._pending_logs.update(logs)
+        logger.info("relex: %s", ", ".join(f"{k}={v:.4g}" for k, v in logs.items()))
+        control.should_log = True
+
+    # ------------------------------------------------------------------------------------------ PEFT
+    def _peft_writer(self, model, tokenizer, out_dir):
+        """A ``write_fn`` for :func:`engine.finalize` that writes each horizon as a PEFT adapter directory with
+        PEFT's own ``save_pretrained``: the adapter parameters temporarily hold the extrapolated values and are
+        restored bit for bit afterwards (also when writing fails)."""
+        params = {t.spec.name: t.param for t in self.tracked}
+
+        def write(horizon, result, theta0_of):
+            final = horizon_dir(out_dir, horizon)
+            clean_stale_temporaries(out_dir, os.path.basename(final))
+            saved = {n: p.detach().clone() for n, p in params.items()}
+            try:
+                with torch.no_grad():
+                    for i, spec in enumerate(result.specs):
+                        p = params[spec.name]
+                        p.copy_(result.extrapolate(i, horizon, theta0_of(i)).reshape(p.shape).to(p.device))
+                with atomic_directory(final, overwrite=self.overwrite) as tmp:
+                    model.save_pretrained(tmp)
+                    if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+                        tokenizer.save_pretrained(tmp)
+                if self.merge_lora:
+                    self._write_merged(model, tokenizer, final + "-merged")
+            finally:
+                with torch.no_grad():
+                    for n, p in params.items():
+                        p.copy_(saved[n])
+            return final
+
+        return write
+
+    def _write_merged(self, model, tokenizer, final: str):
+        merged = copy.deepcopy(model).merge_and_unload()
+        try:
+            with atomic_directory(final, overwrite=self.overwrite) as tmp:
+                merged.save_pretrained(tmp)
+                if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+                    tokenizer.save_pretrained(tmp)
+        finally:
+            del merged
+
+    # ------------------------------------------------------------------------------------ validation
+    def _start_validation(self, args, state, result, theta0, specs):
+        """Keep what the horizon comparisons need after the buffer is freed: the result (directions, lines) and
+        theta_0 (``D`` elements each)."""
+        pending = sorted(h for h in self.horizons if h > state.global_step)
+        if state.max_steps and any(h > state.max_steps for h in pending):
+            late = [h for h in pending if h > state.max_steps]
+            logger.warning("relex: validation horizons %s are beyond max_steps=%d and will not be reached", late, state.max_steps)
+        self.validation = {"result": result, "theta0": theta0, "specs": list(specs), "pending": set(pending),
+                           "out_dir": self._out_dir(args)}
+
+    @torch.no_grad()
+    def _compare(self, horizon: int) -> dict:
+        """Per-tensor cosine and norm ratio of the extrapolated delta vs the real one at step ``horizon``."""
+        v = self.validation
+        result, theta0 = v["result"], v["theta0"]
+        reads = {t.spec.name: t.read for t in self.tracked}
+        tensors = []
+        dot_all = real_all = pred_all = err_all = 0.0
+        for i, spec in enumerate(v["specs"]):
+            th0 = theta0[spec.offset : spec.offset + spec.local_numel]
+            real = reads[spec.name]().to(device=th0.device, dtype=torch.float32) - th0.float()
+            pred = result.extrapolate(i, horizon, th0.to(spec.dtype)).to(device=th0.device, dtype=torch.float32) - th0.float()
+            dot = float(torch.dot(real.double(), pred.double()))
+            rn, pn = float(real.double().norm()), float(pred.double().norm())
+            en = float((pred - real).double().norm())
+            dot_all, real_all, pred_all, err_all = dot_all + dot, real_all + rn**2, pred_all + pn**2, err_all + en**2
+            tensors.append({
+                "name": spec.name,
+                "cosine": dot / (rn * pn) if rn > 0 and pn > 0 else None,
+                "norm_ratio": pn / rn if rn > 0 else None,
+                "real_norm": rn,
+                "extrapolated_norm": pn,
+            })
+        cos = [t["cosine"] for t in tensors if t["cosine"] is not None]
+        ratio = [t["norm_ratio"] for t in tensors if t["norm_ratio"] is not None]
+        denom = math.sqrt(real_all * pred_all)
+        summary = {
+            "cosine_mean": sum(cos) / len(cos) if cos else None,
+            "cosine_min": min(cos) if cos else None,
+            "cosine_global": dot_all / denom if denom > 0 else None,
+            "norm_ratio_mean": sum(ratio) / len(ratio) if ratio else None,
+            "norm_ratio_global": math.sqrt(pred_all / real_all) if real_all > 0 else None,
+            "relative_error_global": math.sqrt(err_all / real_all) if real_all > 0 else None,
+        }
+        return {"step": int(horizon), "summary": summary, "tensors": tensors}
+
+    def _validate(self, args, horizon: int, control):
+        res = self._compare(horizon)
+        self.validation["pending"].discard(horizon)
+        self._emit({f"relex/validation/{horizon}/{k}": val for k, val in res["summary"].items()}, control)
+        self._record_validation(horizon, res)
+
+    def _record_validation(self, horizon: int, res: dict):
+        """Add the comparison to ``report.json`` under ``"validation"`` (rewritten atomically)."""
+        out_dir = self.validation["out_dir"]
+        path = os.path.join(out_dir, REPORT_NAME)
+        report = self.report if self.report is not None else load_report(path)
+        report.setdefault("validation", {})[str(horizon)] = res
+        self.report = report
+        write_report(path, report)
+
+    def _save_validation(self, directory: str):
+        """At a checkpoint after tcut in validation mode: theta_0 (the state file in ``output_dir`` has the rest),
+        so a resume can still compare at the horizons."""
+        from safetensors.torch import save_file
+
+        os.makedirs(directory, exist_ok=True)
+        v = self.validation
+        tmp = os.path.join(directory, "theta0.safetensors.tmp")
+        save_file({"theta0": v["theta0"].detach().cpu().contiguous()}, tmp)
+        os.replace(tmp, os.path.join(directory, "theta0.safetensors"))
+        with open(os.path.join(directory, VALIDATION_FILE), "w") as f:
+            json.dump({"pending": sorted(v["pending"]), "out_dir": v["out_dir"]}, f)
+
+    def _resume_validation(self, args, state, model):
+        """Resumed after tcut with ``stop_training=False``: reload the state file and theta_0 to keep validating."""
+        from safetensors.torch import load_file
+
+        out_dir = self._out_dir(args)
+        ckpt_dir = None
+        for c in [getattr(args, "resume_from_checkpoint", None), os.path.join(args.output_dir, f"checkpoint-{state.global_step}")]:
+            if isinstance(c, str) and os.path.isfile(os.path.join(c, TRAJECTORY_DIR, VALIDATION_FILE)):
+                ckpt_dir = os.path.join(c, TRAJECTORY_DIR)
+                break
+        if ckpt_dir is None or not os.path.isfile(os.path.join(out_dir, STATE_NAME)):
+            logger.warning("relex: resumed after tcut without the saved validation state; the horizons are not validated")
+            return
+        result = load_state(out_dir)
+        self.tracked = self._select(model)
+        names = {t.spec.name for t in self.tracked}
+        if any(sp.name not in names for sp in result.specs):
+            logger.warning("relex: the state file tracks other tensors than this model; the horizons are not validated")
+            return
+        theta0 = load_file(os.path.join(ckpt_dir, "theta0.safetensors"))["theta0"].to(self.tracked[0].read().device)
+        with open(os.path.join(ckpt_dir, VALIDATION_FILE)) as f:
+            saved = json.load(f)
+        self.validation = {"result": result, "theta0": theta0, "specs": list(result.specs),
+                           "pending": {h for h in saved["pending"] if h > state.global_step}, "out_dir": out_dir}

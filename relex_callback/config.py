@@ -210,6 +210,7 @@ class RelexConfig:
     relex_include: Optional[list[str]] = field(default=None, metadata={"help": "Regexes over parameter names to track (default: all trainable).", "nargs": "+"})
     relex_exclude: Optional[list[str]] = field(default=None, metadata={"help": "Regexes over parameter names to leave untracked.", "nargs": "+"})
     relex_solver: str = field(default="auto", metadata={"help": "auto, gram or power (see the README's solver section)."})
+    relex_merge_lora: bool = field(default=False, metadata={"help": "PEFT models: also write each horizon merged into a full model (step-H-merged)."})
 
     def to_kwargs(self) -> dict:
         return {f.name[len("relex_"):]: getattr(self, f.name) for f in dataclasses.fields(self)}

@@ -108,8 +108,12 @@ def finalize(
     overwrite: bool = False,
     max_shard_size="50GB",
     report_extra: Optional[dict] = None,
+    write_fn: Optional[Callable] = None,
 ):
-    """Solve ``store`` and write state, horizons and report into ``out_dir``. Returns ``(solution, report)``."""
+    """Solve ``store`` and write state, horizons and report into ``out_dir``. Returns ``(solution, report)``.
+
+    ``write_fn(horizon, solution, theta0_of) -> path`` replaces the full-checkpoint writer (the callback passes a
+    PEFT adapter writer here); by default every horizon is written with :func:`write_horizon` from ``source``."""
     check_outputs_free(out_dir, horizons, overwrite)
     os.makedirs(out_dir, exist_ok=True)
     t0 = time.perf_counter()
@@ -121,7 +125,10 @@ def finalize(
     t1 = time.perf_counter()
     written = []
     for h in horizons:
-        written.append(write_horizon(out_dir, h, sol, theta0_of, source, overwrite=overwrite, max_shard_size=max_shard_size))
+        if write_fn is not None:
+            written.append(write_fn(h, sol, theta0_of))
+        else:
+            written.append(write_horizon(out_dir, h, sol, theta0_of, source, overwrite=overwrite, max_shard_size=max_shard_size))
     t_write = time.perf_counter() - t1
     extra = {
         "buffer_bytes": store.buffer_bytes,

@@ -71,3 +71,79 @@ def arithmetic_reward(completions, answer, **kwargs) -> list[float]:
         text = c if isinstance(c, str) else c[-1]["content"] if isinstance(c, list) else str(c)
         out.append(1.0 if extract_answer(text) == str(a) else 0.0)
     return out
+
+
+def _text(c) -> str:
+    return c if isinstance(c, str) else c[-1]["content"] if isinstance(c, list) else str(c)
+
+
+def digit_reward(completions, **kwargs) -> list[float]:
+    """A dense shaping reward for tests: the fraction of the completion's characters that are digits. Unlike
+    :func:`arithmetic_reward` it separates the completions of an untrained model, so GRPO moves the weights from
+    step 1."""
+    out = []
+    for c in completions:
+        text = _text(c).strip()
+        out.append(sum(ch.isdigit() for ch in text) / len(text) if text else 0.0)
+    return out
+
+
+def arithmetic_split(n_test: int, seed: int = 0, max_operand: int = 9) -> tuple[list[dict], list[dict]]:
+    """All sums ``a+b`` with ``0 <= a, b <= max_operand``, split into disjoint train and held-out test problems
+    (``n_test`` held out), so evaluation uses prompts never seen in training."""
+    pairs = [(a, b) for a in range(max_operand + 1) for b in range(max_operand + 1)]
+    random.Random(seed).shuffle(pairs)
+    items = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a, b in pairs]
+    if not 0 < n_test < len(items):
+        raise ValueError(f"n_test must be between 1 and {len(items) - 1}, got {n_test}")
+    return items[n_test:], items[:n_test]
+
+
+@torch.no_grad()
+def greedy_accuracy(model, tokenizer, problems: list[dict], max_new_tokens: int = 3, batch_size: int = 64) -> float:
+    """Mean :func:`arithmetic_reward` of greedy completions (the verifier used in training)."""
+    model.eval()
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    total = 0.0
+    try:
+        for i in range(0, len(problems), batch_size):
+            chunk = problems[i : i + batch_size]
+            enc = tokenizer([p["prompt"] for p in chunk], return_tensors="pt", padding=True)
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            total += sum(arithmetic_reward(texts, [p["answer"] for p in chunk]))
+    finally:
+        tokenizer.padding_side = side
+    return total / max(len(problems), 1)
+
+
+def supervised_warmup(model, tokenizer, problems: list[dict], steps: int, lr: float = 3e-3, batch_size: int = 32,
+                      seed: int = 0) -> list[float]:
+    """A few plain supervised steps on ``prompt + answer + eos`` (loss on the answer only), so that the model
+    starts RL with a non-zero success rate. Returns the losses."""
+    rng = random.Random(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    model.train()
+    losses = []
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "right"
+    try:
+        for _ in range(steps):
+            batch = [rng.choice(problems) for _ in range(batch_size)]
+            texts = [p["prompt"] + p["answer"] + tokenizer.eos_token for p in batch]
+            enc = tokenizer(texts, return_tensors="pt", padding=True)
+            labels = enc["input_ids"].clone()
+            labels[enc["attention_mask"] == 0] = -100
+            for j, p in enumerate(batch):
+                labels[j, : len(p["prompt"])] = -100  # character-level tokenizer: one token per prompt character
+            loss = model(**enc, labels=labels).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+    finally:
+        tokenizer.padding_side = side
+    model.eval()
+    return losses

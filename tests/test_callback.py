@@ -1,0 +1,467 @@
+"""RelexCallback on real trainers (TRL GRPOTrainer, transformers Trainer) on CPU with the tiny local model.
+
+Every expected value is computed here, independently of the engine: a small recording callback keeps the
+parameters at each optimizer step, and a float64 SVD + least-squares line gives the reference extrapolation.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from relex_callback import RelexCallback, RelexConfig, RelexInputError
+from relex_callback.toy import arithmetic_problems, build_model, build_tokenizer, digit_reward
+
+TCUT = 6
+HORIZONS = [12, 20]
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+class Recorder(TrainerCallback):
+    """Records every trainable parameter (float64 copy) at train begin (step 0) and at each step end."""
+
+    def __init__(self):
+        self.snaps = {}
+
+    def _grab(self, model):
+        return {n: p.detach().double().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    def on_train_begin(self, args, state, control, model=None, **kw):
+        self.snaps.setdefault(state.global_step, self._grab(model))
+
+    def on_step_end(self, args, state, control, model=None, **kw):
+        self.snaps[state.global_step] = self._grab(model)
+
+
+class StopAt(TrainerCallback):
+    """Interrupts training at ``step`` (after the checkpoint of that step is saved by the trainer)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+def reference(snaps: dict, steps, horizon: int) -> dict:
+    """theta_0 + (a H + b) v per tensor, in float64, from the recorded snapshots (DESIGN.md, "The math")."""
+    theta0 = snaps[0]
+    out = {}
+    for name, t0 in theta0.items():
+        M = torch.stack([(snaps[t][name] - t0).reshape(-1) for t in steps])
+        if float(M.norm()) == 0:
+            out[name] = t0.clone()
+            continue
+        _, _, Vh = torch.linalg.svd(M, full_matrices=False)
+        v = Vh[0]
+        c = M @ v
+        X = torch.stack([torch.tensor(steps, dtype=torch.float64), torch.ones(len(steps), dtype=torch.float64)], 1)
+        a, b = torch.linalg.lstsq(X, c.unsqueeze(1)).solution.flatten().tolist()
+        out[name] = t0 + ((a * horizon + b) * v).reshape(t0.shape)
+    return out
+
+
+def read_weights(d: str) -> dict:
+    out = {}
+    for fn in os.listdir(d):
+        if fn.endswith(".safetensors"):
+            out.update(load_file(os.path.join(d, fn)))
+    return out
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def grpo_args(out_dir, **kw):
+    from trl import GRPOConfig
+
+    base = dict(
+        output_dir=str(out_dir), per_device_train_batch_size=4, num_generations=4, max_completion_length=4,
+        learning_rate=1e-3, lr_scheduler_type="constant", warmup_steps=0, max_steps=30, logging_steps=1,
+        save_strategy="no", report_to=[], use_cpu=True, bf16=False, seed=0, disable_tqdm=True,
+    )
+    base.update(kw)
+    return GRPOConfig(**base)
+
+
+def grpo_trainer(out_dir, callbacks, model=None, tok=None, **kw):
+    from datasets import Dataset
+    from trl import GRPOTrainer
+
+    tok = tok or build_tokenizer()
+    model = model if model is not None else build_model(tok)
+    ds = Dataset.from_list(arithmetic_problems(64, seed=1))
+    return GRPOTrainer(model=model, reward_funcs=digit_reward, args=grpo_args(out_dir, **kw), train_dataset=ds,
+                       processing_class=tok, callbacks=callbacks)
+
+
+# ------------------------------------------------------------------------------------- one shared GRPO run
+@pytest.fixture(scope="module")
+def grpo_run(tmp_path_factory):
+    """GRPO with tcut=6 (fp32 buffer), a full checkpoint at every step, and theta_0 saved as ``base/``."""
+    out = tmp_path_factory.mktemp("grpo")
+    tok = build_tokenizer()
+    model = build_model(tok)
+    model.save_pretrained(out / "base")
+    tok.save_pretrained(out / "base")
+    rec = Recorder()
+    cb = RelexCallback(tcut=TCUT, horizons=HORIZONS, dtype="float32")
+    trainer = grpo_trainer(out, [rec, cb], model=model, tok=tok, save_strategy="steps", save_steps=1)
+    trainer.train()
+    return {"out": out, "trainer": trainer, "rec": rec, "cb": cb, "relex": out / "relex"}
+
+
+def test_stops_at_tcut_and_writes_everything(grpo_run):
+    assert grpo_run["trainer"].state.global_step == TCUT
+    assert sorted(grpo_run["rec"].snaps) == list(range(TCUT + 1))
+    names = sorted(os.listdir(grpo_run["relex"]))
+    for expected in ["step-12", "step-20", "relex_state.safetensors", "report.json"]:
+        assert expected in names
+    assert not [n for n in names if n.startswith(".")], f"temporaries left behind: {names}"
+    report = json.load(open(grpo_run["relex"] / "report.json"))
+    assert report["tcut"] == TCUT and report["steps"] == list(range(1, TCUT + 1))
+    assert report["summary"]["tensors_moving"] == report["summary"]["tensors"] > 0
+
+
+def test_weights_match_float64_reference(grpo_run):
+    rec = grpo_run["rec"]
+    steps = list(range(1, TCUT + 1))
+    tracked = [s["name"] for s in json.load(open(grpo_run["relex"] / "report.json"))["tensors"]]
+    assert sorted(tracked) == sorted(rec.snaps[0])
+    for h in HORIZONS:
+        ref = reference(rec.snaps, steps, h)
+        got = read_weights(grpo_run["relex"] / f"step-{h}")
+        for name in tracked:
+            assert got[name].dtype == torch.float32
+            assert rel_err(got[name], ref[name]) < 1e-4, name
+            # the extrapolated move itself, not only the weights, is right (to fp32 round-off of the weights)
+            moved = ref[name] - rec.snaps[0][name]
+            assert float((got[name].double() - ref[name]).norm()) < 1e-3 * float(moved.norm()) + 1e-6, name
+
+
+def test_horizons_load_and_generate(grpo_run):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    for h in HORIZONS:
+        d = grpo_run["relex"] / f"step-{h}"
+        model = AutoModelForCausalLM.from_pretrained(d)
+        tok = AutoTokenizer.from_pretrained(d)
+        # tied weights stay tied, and the loaded embedding is the written one
+        assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+        assert torch.equal(model.model.embed_tokens.weight, read_weights(d)["model.embed_tokens.weight"])
+        enc = tok(["3+4=", "1+1="], return_tensors="pt", padding=True)
+        gen = model.generate(**enc, max_new_tokens=3, do_sample=False)
+        assert gen.shape[0] == 2 and gen.shape[1] > enc["input_ids"].shape[1]
+
+
+def test_relex_metrics_in_log_history(grpo_run):
+    logs = [l for l in grpo_run["trainer"].state.log_history if any(k.startswith("relex/") for k in l)]
+    assert len(logs) == 1
+    log = logs[0]
+    assert log["step"] == TCUT
+    for k in ["relex/explained_variance_mean", "relex/explained_variance_min", "relex/r2_mean",
+              "relex/solve_seconds", "relex/buffer_bytes"]:
+        assert k in log, k
+    rep = json.load(open(grpo_run["relex"] / "report.json"))
+    assert log["relex/explained_variance_mean"] == pytest.approx(rep["summary"]["explained_variance_mean"])
+    assert 0 < log["relex/explained_variance_min"] <= log["relex/explained_variance_mean"] <= 1
+
+
+def _compare_dirs(a, b, tol):
+    wa, wb = read_weights(a), read_weights(b)
+    assert sorted(wa) == sorted(wb)
+    for k in wa:
+        assert rel_err(wa[k], wb[k]) < tol, k
+
+
+def test_equals_offline_finalize_over_checkpoints(grpo_run, tmp_path):
+    """The callback's result equals the offline computation over the checkpoints saved at every step of the same
+    run (engine.finalize over a store filled from the checkpoint directories). Once `relex_callback.cli` is merged,
+    ``test_equals_cli_extrapolate`` below checks the same through `relex extrapolate`."""
+    from relex_callback.buffer import TrajectoryStore
+    from relex_callback.engine import finalize
+    from relex_callback.params import TensorSpec
+    from relex_callback.writer import DirectorySource
+
+    out = grpo_run["out"]
+    base = DirectorySource(str(out / "base"))
+    tracked = [s["name"] for s in json.load(open(grpo_run["relex"] / "report.json"))["tensors"]]
+    specs = [TensorSpec(n, base.meta[n][0], base.meta[n][1], base.get(n).numel()) for n in tracked]
+    store = TrajectoryStore(specs, TCUT, dtype="float32", storage="host")
+    store.set_theta0([base.get(n) for n in tracked])
+    for t in range(1, TCUT + 1):
+        src = DirectorySource(str(out / f"checkpoint-{t}"))
+        store.snapshot(t, [src.get(n) for n in tracked])
+    finalize(store, tcut=TCUT, horizons=HORIZONS, out_dir=str(tmp_path / "offline"), source=base)
+    for h in HORIZONS:
+        _compare_dirs(tmp_path / "offline" / f"step-{h}", grpo_run["relex"] / f"step-{h}", 1e-6)
+
+
+def test_equals_cli_extrapolate(grpo_run, tmp_path, subprocess_env):
+    """`relex extrapolate` over the per-step checkpoints writes the same weights as the callback."""
+    pytest.importorskip("relex_callback.cli", reason="the CLI is not in this checkout yet")
+    out = grpo_run["out"]
+    ckpts = [str(out / f"checkpoint-{t}") for t in range(1, TCUT + 1)]
+    cmd = [sys.executable, "-m", "relex_callback.cli", "extrapolate", "--base", str(out / "base"), "--checkpoints", *ckpts,
+           "--horizons", ",".join(map(str, HORIZONS)), "--out", str(tmp_path / "cli"), "--dtype", "float32"]
+    r = subprocess.run(cmd, env=subprocess_env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for h in HORIZONS:
+        _compare_dirs(tmp_path / "cli" / f"step-{h}", grpo_run["relex"] / f"step-{h}", 1e-6)
+
+
+def test_checkpoints_carry_the_window(grpo_run):
+    """Every checkpoint inside the window holds theta_0 and the rows recorded so far, for resume."""
+    from relex_callback.buffer import META_FILE
+
+    d = grpo_run["out"] / "checkpoint-3" / "relex_trajectory"
+    meta = json.load(open(d / META_FILE))
+    assert meta["steps"] == [1, 2, 3]
+    theta0 = load_file(d / "theta0.safetensors")["theta0"]
+    rec0 = grpo_run["rec"].snaps[0]
+    first = meta["specs"][0]
+    got = theta0[first["offset"] : first["offset"] + first["local_numel"]]
+    assert torch.equal(got.double(), rec0[first["name"]].reshape(-1))
+
+
+def test_resume_after_tcut_does_nothing_twice(grpo_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(grpo_run["out"], run)
+    before = {p: os.stat(run / "relex" / p).st_mtime_ns for p in os.listdir(run / "relex")}
+    cb = RelexCallback(tcut=TCUT, horizons=HORIZONS, dtype="float32")  # overwrite=False: writing again would raise
+    trainer = grpo_trainer(run, [cb], max_steps=TCUT + 2)
+    trainer.train(resume_from_checkpoint=str(run / f"checkpoint-{TCUT}"))
+    assert trainer.state.global_step == TCUT + 2
+    assert {p: os.stat(run / "relex" / p).st_mtime_ns for p in os.listdir(run / "relex")} == before
+    assert not any(k.startswith("relex/") for l in trainer.state.log_history[-3:] for k in l)
+
+
+# ----------------------------------------------------------------------------------------------- resume
+@pytest.mark.parametrize("storage", ["host", "disk"])
+def test_resume_in_window_equals_uninterrupted(tmp_path, storage):
+    kw = dict(tcut=TCUT, horizons=[15], dtype="float32", storage=storage)
+    full = grpo_trainer(tmp_path / "full", [RelexCallback(**kw)], save_strategy="steps", save_steps=3)
+    full.train()
+    rec = Recorder()
+    first = grpo_trainer(tmp_path / "cut", [RelexCallback(**kw), StopAt(4)], save_strategy="steps", save_steps=3)
+    first.train()
+    assert first.state.global_step == 4 and not (tmp_path / "cut" / "relex" / "step-15").exists()
+    cb = RelexCallback(**kw)
+    again = grpo_trainer(tmp_path / "cut", [cb, rec], save_strategy="steps", save_steps=3)
+    again.train(resume_from_checkpoint=str(tmp_path / "cut" / "checkpoint-3"))
+    assert again.state.global_step == TCUT
+    assert sorted(rec.snaps) == [3, 4, 5, 6]  # resumed at 3: steps 4..6 trained again
+    rep = json.load(open(tmp_path / "cut" / "relex" / "report.json"))
+    assert rep["steps"] == list(range(1, TCUT + 1)) and rep["storage"] == storage
+    _compare_dirs(tmp_path / "cut" / "relex" / "step-15", tmp_path / "full" / "relex" / "step-15", 1e-6)
+    a = load_file(tmp_path / "cut" / "relex" / "relex_state.safetensors")
+    b = load_file(tmp_path / "full" / "relex" / "relex_state.safetensors")
+    for k in b:
+        assert rel_err(a[k], b[k]) < 1e-5, k
+
+
+def test_resume_without_trajectory_is_refused(tmp_path):
+    first = grpo_trainer(tmp_path, [StopAt(3)], save_strategy="steps", save_steps=3)
+    first.train()
+    trainer = grpo_trainer(tmp_path, [RelexCallback(tcut=TCUT, horizons=[15])])
+    with pytest.raises(RelexInputError, match="theta_0 is unknown"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
+
+
+# ------------------------------------------------------------------------------------------- validation
+def test_validation_mode(tmp_path):
+    rec = Recorder()
+    cb = RelexCallback(tcut=4, horizons=[6, 9], dtype="float32", stop_training=False)
+    trainer = grpo_trainer(tmp_path, [rec, cb], max_steps=9)
+    trainer.train()
+    assert trainer.state.global_step == 9
+    rep = json.load(open(tmp_path / "relex" / "report.json"))
+    assert sorted(rep["validation"]) == ["6", "9"]
+    for h in (6, 9):
+        written = read_weights(tmp_path / "relex" / f"step-{h}")
+        by_name = {t["name"]: t for t in rep["validation"][str(h)]["tensors"]}
+        assert sorted(by_name) == sorted(rec.snaps[0])
+        for name, t0 in rec.snaps[0].items():
+            real = (rec.snaps[h][name] - t0).flatten()
+            pred = (written[name].double() - t0).flatten()
+            cos = float(real @ pred / (real.norm() * pred.norm()))
+            assert by_name[name]["cosine"] == pytest.approx(cos, abs=1e-5)
+            assert by_name[name]["norm_ratio"] == pytest.approx(float(pred.norm() / real.norm()), rel=1e-5)
+        log = [l for l in trainer.state.log_history if f"relex/validation/{h}/cosine_mean" in l]
+        assert len(log) == 1 and log[0]["step"] == h
+        assert log[0][f"relex/validation/{h}/cosine_mean"] == pytest.approx(rep["validation"][str(h)]["summary"]["cosine_mean"])
+    # the trajectory is close to linear over so few steps: the extrapolated move points the right way
+    assert rep["validation"]["6"]["summary"]["cosine_global"] > 0.5
+
+
+# ------------------------------------------------------------------------------------------------- PEFT
+def test_lora_adapter_horizons(tmp_path):
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    tok = build_tokenizer()
+    model = peft.get_peft_model(build_model(tok), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                                  init_lora_weights="gaussian"))
+    rec = Recorder()
+    cb = RelexCallback(tcut=4, horizons=[10], dtype="float32", merge_lora=True)
+    trainer = grpo_trainer(tmp_path, [rec, cb], model=model, tok=tok)
+    trainer.train()
+    assert trainer.state.global_step == 4
+    rep = json.load(open(tmp_path / "relex" / "report.json"))
+    tracked = [t["name"] for t in rep["tensors"]]
+    assert tracked and all("lora_" in n for n in tracked) and rep["format"] == "peft_adapter"
+    # the live adapter was restored exactly after writing
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(p.detach().double(), rec.snaps[4][n]), n
+    d = tmp_path / "relex" / "step-10"
+    assert (d / "adapter_config.json").is_file()
+    loaded = peft.PeftModel.from_pretrained(build_model(tok), str(d))
+    ref = reference(rec.snaps, [1, 2, 3, 4], 10)
+    lp = dict(loaded.named_parameters())
+    for n in tracked:
+        assert rel_err(lp[n].detach(), ref[n]) < 1e-4, n
+    enc = tok(["2+2="], return_tensors="pt")
+    assert loaded.generate(**enc, max_new_tokens=2, do_sample=False).shape[1] > enc["input_ids"].shape[1]
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "relex" / "step-10-merged")
+    expect = loaded.merge_and_unload()
+    for (n, p), (n2, q) in zip(merged.named_parameters(), expect.named_parameters()):
+        assert n == n2 and torch.allclose(p, q, atol=1e-6), n
+
+
+# ------------------------------------------------------------------------------ plain Trainer, accumulation
+def test_plain_trainer_sft_with_gradient_accumulation(tmp_path):
+    from datasets import Dataset
+    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+
+    tok = build_tokenizer()
+    texts = [p["prompt"] + p["answer"] + tok.eos_token for p in arithmetic_problems(64, seed=2)]
+    ds = Dataset.from_dict({"text": texts}).map(lambda b: tok(b["text"]), batched=True, remove_columns=["text"])
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, gradient_accumulation_steps=3,
+                             learning_rate=3e-3, lr_scheduler_type="constant", max_steps=40, logging_steps=1,
+                             save_strategy="no", report_to=[], use_cpu=True, bf16=False, seed=0, disable_tqdm=True)
+    rec = Recorder()
+    micro = []
+
+    class CountMicro(TrainerCallback):
+        def on_substep_end(self, *a, **k):
+            micro.append(1)
+
+    tok.padding_side = "right"
+    trainer = Trainer(model=build_model(tok), args=args, train_dataset=ds, processing_class=tok,
+                      data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
+                      callbacks=[rec, CountMicro(), RelexCallback(tcut=4, horizons=[8], dtype="float32")])
+    trainer.train()
+    assert trainer.state.global_step == 4
+    assert len(micro) == 4 * 2  # 3 micro-batches per optimizer step; on_substep_end fires for all but the last
+    assert sorted(rec.snaps) == [0, 1, 2, 3, 4]
+    ref = reference(rec.snaps, [1, 2, 3, 4], 8)
+    got = read_weights(tmp_path / "relex" / "step-8")
+    for n in rec.snaps[0]:
+        assert rel_err(got[n], ref[n]) < 1e-4, n
+
+
+# ------------------------------------------------------------------------------------------------- bf16
+def test_bf16_model_bf16_buffer(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    tok = build_tokenizer()
+    model = build_model(tok, dtype=torch.bfloat16)
+    rec = Recorder()
+    trainer = grpo_trainer(tmp_path, [rec, RelexCallback(tcut=4, horizons=[8])], model=model, tok=tok, learning_rate=2e-2)
+    trainer.train()
+    assert trainer.state.global_step == 4
+    d = tmp_path / "relex" / "step-8"
+    got = read_weights(d)
+    assert {t.dtype for t in got.values()} == {torch.bfloat16}
+    ref = reference(rec.snaps, [1, 2, 3, 4], 8)
+    moved = 0
+    for n, t0 in rec.snaps[0].items():
+        step = (ref[n] - t0).norm()
+        if step > 0:
+            moved += 1
+            # bf16 buffer and bf16 output: a few bf16 ulps of the weights
+            assert float((got[n].double() - ref[n]).norm()) < 0.02 * float(ref[n].norm()), n
+    assert moved > 0
+    m = AutoModelForCausalLM.from_pretrained(d)
+    assert m.dtype == torch.bfloat16
+    enc = tok(["5+3="], return_tensors="pt")
+    assert m.generate(**enc, max_new_tokens=2, do_sample=False).shape[1] > enc["input_ids"].shape[1]
+
+
+# -------------------------------------------------------------------------------------------- arguments
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(tcut=None, horizons=[10]), "tcut is required"),
+        (dict(tcut=10, horizons=[5]), "not beyond tcut"),
+        (dict(tcut=10, horizons=[]), "horizons is empty"),
+        (dict(tcut=10, horizons=[20, 20]), "repeat"),
+        (dict(tcut=10, horizons="20,x"), "whole step numbers"),
+        (dict(tcut=10, horizons=[20], stride=3), "not a multiple of stride"),
+        (dict(tcut=10, horizons=[20], fit_start=10), "fit_start"),
+        (dict(tcut=10, horizons=[20], rank=0), "rank must be >= 1"),
+        (dict(tcut=10, horizons=[20], storage="gpu"), "storage='gpu'"),
+        (dict(tcut=10, horizons=[20], dtype="int8"), "dtype"),
+        (dict(tcut=10, horizons=[20], stop_training="yes"), "stop_training"),
+        (dict(tcut=10, horizons=[20], merge_lora=1), "merge_lora"),
+        (dict(tcut=10, horizons=[20], include=["("]), "not a valid regular expression"),
+        (dict(tcut=10, horizons=[20], max_shard_size="lots"), "max_shard_size"),
+        (dict(tcut=10, horizons=[20], solver="svd"), "solver='svd'"),
+    ],
+)
+def test_bad_arguments(kwargs, message):
+    with pytest.raises(RelexInputError, match=message):
+        RelexCallback(**kwargs)
+
+
+def test_bad_setup_fails_before_training(tmp_path):
+    rec = Recorder()
+    trainer = grpo_trainer(tmp_path, [RelexCallback(tcut=4, horizons=[8], include=["no_such_param"]), rec])
+    with pytest.raises(RelexInputError, match="matches no trainable parameter"):
+        trainer.train()
+    assert not any(s > 0 for s in rec.snaps)
+    os.makedirs(tmp_path / "relex" / "step-8")
+    trainer = grpo_trainer(tmp_path, [RelexCallback(tcut=4, horizons=[8])])
+    with pytest.raises(RelexInputError, match="already exist"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+
+
+# ----------------------------------------------------------------------------------------------- config
+def test_config_from_yaml_and_cli_with_grpo_config(tmp_path):
+    from transformers import HfArgumentParser
+    from trl import GRPOConfig, TrlParser
+
+    yaml_path = tmp_path / "recipe.yaml"
+    yaml_path.write_text(
+        f"output_dir: {tmp_path}/out\nuse_cpu: true\nbf16: false\nlearning_rate: 1.0e-6\nrelex_tcut: 75\nrelex_horizons: [500, 1000]\n"
+        "relex_stride: 5\nrelex_dtype: float32\nrelex_include: ['mlp']\nrelex_stop_training: false\n"
+    )
+    relex, grpo = HfArgumentParser((RelexConfig, GRPOConfig)).parse_yaml_file(str(yaml_path))
+    assert isinstance(grpo, GRPOConfig) and grpo.learning_rate == 1e-6
+    cb = RelexCallback.from_config(relex)
+    assert cb.tcut == 75 and cb.horizons == (500, 1000) and cb.settings.stride == 5 and cb.stop_training is False
+    assert cb.settings.dtype == torch.float32 and cb.include == ["mlp"]
+
+    argv = ["--output_dir", str(tmp_path / "o2"), "--use_cpu", "true", "--bf16", "false", "--relex_tcut", "50", "--relex_horizons", "400", "800",
+            "--relex_fit_start", "10", "--relex_merge_lora", "true"]
+    relex, grpo = TrlParser((RelexConfig, GRPOConfig)).parse_args_and_config(argv)
+    cb = RelexCallback.from_config(relex)
+    assert cb.tcut == 50 and cb.horizons == (400, 800) and cb.settings.fit_start == 10 and cb.merge_lora is True
+    # the TrlParser reads the same YAML through --config, and CLI flags override it
+    relex, grpo = TrlParser((RelexConfig, GRPOConfig)).parse_args_and_config(["--config", str(yaml_path), "--relex_tcut", "60"])
+    assert RelexCallback.from_config(relex).tcut == 60 and relex.relex_stride == 5
+
+    bad = RelexConfig(relex_tcut=75, relex_horizons=[50])
+    with pytest.raises(RelexInputError, match="not beyond tcut"):
+        RelexCallback.from_config(bad)
