@@ -86,13 +86,19 @@ def finalize(
     overwrite: bool = False,
     max_shard_size="50GB",
     report_extra: Optional[dict] = None,
+    release_buffer: bool = False,
 ):
-    """Solve ``store`` and write state, horizons and report into ``out_dir``. Returns ``(solution, report)``."""
+    """Solve ``store`` and write state, horizons and report into ``out_dir``. Returns ``(solution, report)``.
+    With ``release_buffer`` the store's buffer is freed right after the solve (the writer needs only theta_0 and
+    the directions), which lowers the peak memory of the CLI."""
     check_outputs_free(out_dir, horizons, overwrite)
     os.makedirs(out_dir, exist_ok=True)
     t0 = time.perf_counter()
     sol = solve(store.rows(), store.steps, store.specs, rank=rank, fit_start=fit_start, method=method)
     t_solve = time.perf_counter() - t0
+    buffer_bytes, storage = store.buffer_bytes, store.storage
+    if release_buffer:
+        store.release()
     theta0_of = lambda i: store.theta0_of(store.specs[i])  # noqa: E731
     save_state(os.path.join(out_dir, STATE_NAME), sol, theta0_of, tcut=tcut)
     t1 = time.perf_counter()
@@ -101,9 +107,9 @@ def finalize(
         written.append(write_horizon(out_dir, h, sol, theta0_of, source, overwrite=overwrite, max_shard_size=max_shard_size))
     t_write = time.perf_counter() - t1
     extra = {
-        "buffer_bytes": store.buffer_bytes,
+        "buffer_bytes": buffer_bytes,
         "buffer_dtype": str(store.dtype).replace("torch.", ""),
-        "storage": store.storage,
+        "storage": storage,
         "solve_seconds": round(t_solve, 6),
         "write_seconds": round(t_write, 6),
         "checkpoints": written,
