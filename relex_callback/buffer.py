@@ -266,6 +266,12 @@ class TrajectoryStore:
         for spec, t in zip(self.specs, tensors, strict=True):
             src = t.reshape(-1)
             o, n = spec.offset, spec.local_numel
+            if src.dtype == torch.float32 and self.theta0.dtype == torch.float32 and src.device == self.theta0.device:
+                # float32 arithmetic, one rounding into the buffer dtype, no temporary (the CLI's hot loop)
+                torch.sub(src, self.theta0[o : o + n], out=target[o : o + n])
+                if self.check_finite:
+                    bad.append(target[o : o + n])
+                continue
             for s in range(0, n, SNAPSHOT_CHUNK):
                 e = min(n, s + SNAPSHOT_CHUNK)
                 d = src[s:e].to(device=self.theta0.device, dtype=torch.float32) - self.theta0[o + s : o + e].float()
@@ -274,7 +280,13 @@ class TrajectoryStore:
                 bad.append(target[o : o + n])
         if self.check_finite:
             # one reduction per tensor on device, one host sync for all of them
-            flags = torch.stack([(~torch.isfinite(x)).any() for x in bad]) if bad else None
+            # a sum is non-finite iff some element is (or, for absurd deltas ~1e38, it overflows: then the exact
+            # check below decides); 10x cheaper than isfinite().any() on CPU
+            sums = torch.stack([x.sum(dtype=torch.float32) for x in bad]) if bad else None
+            flags = ~torch.isfinite(sums) if sums is not None else None
+            if flags is not None and bool(flags.any()):
+                flags = torch.stack([(~torch.isfinite(x)).any() if f else torch.zeros((), dtype=torch.bool, device=x.device)
+                                     for x, f in zip(bad, flags.tolist())])
             if flags is not None and bool(flags.any()):
                 names = [self.specs[i].name for i in torch.nonzero(flags).flatten().tolist()]
                 raise RelexNonFiniteError(

@@ -15,9 +15,11 @@ import argparse
 import os
 import re
 import sys
+import time
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+_T_IMPORT = time.perf_counter()
 # Directory names that carry a step number: checkpoint-N (Trainer), global_step_N (verl, DeepSpeed), step_N, step-N.
 STEP_DIR = re.compile(r"^(?:checkpoint|global_step|step)[-_](\d+)$")
 VERL_SUBDIR = os.path.join("actor", "huggingface")
@@ -200,6 +202,7 @@ def check_out_free(out: str, horizons: Sequence[int], overwrite: bool, also: Seq
 
 # ---------------------------------------------------------------------------------------------- commands
 def cmd_extrapolate(args) -> int:
+    t_main = time.perf_counter()
     horizons = _int_list("--horizons", args.horizons)
     steps = _int_list("--steps", args.steps) if args.steps is not None else None
     if args.device not in ("cpu", "cuda"):
@@ -209,6 +212,7 @@ def cmd_extrapolate(args) -> int:
         raise _InputError(f"--out {args.out} exists and is not empty; choose a new directory, or pass --overwrite")
     check_out_free(args.out, horizons, args.overwrite)
 
+    t_start = time.perf_counter()
     import torch
 
     from .buffer import TrajectoryStore
@@ -249,6 +253,7 @@ def cmd_extrapolate(args) -> int:
 
     out = os.path.abspath(args.out)
     scratch = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.trajectory-{os.getpid()}")
+    t_checked = time.perf_counter()
     store = TrajectoryStore(specs, len(cks), dtype=settings.dtype, storage=settings.storage, device=torch.device(args.device),
                             directory=scratch)
     try:
@@ -259,18 +264,38 @@ def cmd_extrapolate(args) -> int:
             store.snapshot(ck.step, read_tensors(src, names, args.device))
             bar.update(1)
         bar.close()
+        t_read = time.perf_counter()
+        # theta_0 is the base checkpoint itself: free the in-memory copy before the solve (peak memory) and let the
+        # writer read it back tensor by tensor from the page cache
+        store.theta0 = None
+        base_mapped = {}
+
+        def theta0_of(i):
+            spec = specs[i]
+            fp = base.key_file[spec.name]
+            if fp not in base_mapped:
+                base_mapped[fp] = MappedSafetensors(fp)
+            return base_mapped[fp].get(spec.name).reshape(-1)
+
         _, report = finalize(
             store, tcut=tcut, horizons=settings.horizons, out_dir=out, source=base, rank=args.rank, fit_start=args.fit_start,
             method=settings.solver, overwrite=args.overwrite, max_shard_size=args.max_shard_size,
             report_extra={"base": os.path.abspath(args.base), "checkpoints_read": [c.path for c in cks]},
-            release_buffer=True,
+            release_buffer=True, theta0_of=theta0_of,
         )
+        for mf in base_mapped.values():
+            mf.close()
     finally:
         store.release()
         if os.path.isdir(scratch):
             import shutil
 
             shutil.rmtree(scratch, ignore_errors=True)
+    if os.environ.get("RELEX_TIMING"):
+        t_end = time.perf_counter()
+        print(f"relex: timing: process start to main {t_main - _T_IMPORT:.2f} s (module), imports {t_start - t_main:.2f}+"
+              f"{t_checked - t_start:.2f} s (imports + header checks), read+snapshot {t_read - t_checked:.2f} s, "
+              f"solve+write {t_end - t_read:.2f} s", file=sys.stderr)
     s = report["summary"]
     print(f"relex: {s['tensors']} tensors, explained variance mean {_f(s['explained_variance_mean'])}, "
           f"R^2 mean {_f(s['r2_mean'])}; wrote {', '.join(report['checkpoints'])}")
@@ -348,11 +373,12 @@ _ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfl
 
 
 class MappedSafetensors:
-    """One safetensors file memory-mapped (``torch.from_file``, private mapping): ``get(name)`` is a view of the page
-    cache, no copy. The header is checked against the file size when opened, so a truncated file is refused before
-    any work. The mapping lives as long as a tensor viewing it."""
+    """One safetensors file whose tensors are memory-mapped one at a time: ``get(name)`` is a view of the page cache
+    (a private mapping of just that tensor's pages, no copy), unmapped when the tensor is freed, so the resident
+    memory never holds a whole checkpoint. The header is checked against the file size when opened: a truncated
+    file is refused before any work."""
 
-    def __init__(self, path: str, map_now: bool = True):
+    def __init__(self, path: str):
         import json
         import struct
 
@@ -374,46 +400,54 @@ class MappedSafetensors:
                 raise _InputError(f"cannot read {path}: tensor {k} ends at byte {self.start + e} of a {size}-byte file; the file is truncated")
         self.header = header
         self.size = size
-        self._data = None
-        if map_now:
-            self._map()
-
-    def _map(self):
-        import torch
-
-        self._data = torch.from_file(self.path, shared=False, size=self.size, dtype=torch.uint8)
+        self._fd = None
 
     def get(self, name: str):
+        import mmap
+
         import torch
 
-        if self._data is None:
-            self._map()
         h = self.header[name]
         b, e = h["data_offsets"]
         dtype = getattr(torch, _ST_DTYPES.get(h["dtype"], "uint8"))
-        raw = self._data[self.start + b : self.start + e]
+        if e == b:
+            return torch.empty(h["shape"], dtype=dtype)
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        lo = (self.start + b) // mmap.ALLOCATIONGRANULARITY * mmap.ALLOCATIONGRANULARITY
+        mm = mmap.mmap(self._fd, self.start + e - lo, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=lo)
+        raw = torch.frombuffer(mm, dtype=torch.uint8, offset=self.start + b - lo, count=e - b)  # keeps mm alive
         if (self.start + b) % dtype.itemsize:  # unaligned (old writers): one copy
             raw = raw.clone()
         return raw.view(dtype).reshape(h["shape"])
+
+    def close(self):
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def read_tensors(source, names: Sequence[str], device: str = "cpu"):
     """Yield the tensors ``names`` of a :class:`~relex_callback.writer.DirectorySource` one at a time, memory-mapped
     from its safetensors files (no copy on CPU: the store subtracts theta_0 straight from the page cache)."""
     files = {}
-    for n in names:
-        fp = source.key_file[n]
-        mf = files.get(fp)
-        if mf is None:
-            mf = files[fp] = MappedSafetensors(fp)
-        t = mf.get(n)
-        yield t if device == "cpu" else t.to(device)
+    try:
+        for n in names:
+            fp = source.key_file[n]
+            mf = files.get(fp)
+            if mf is None:
+                mf = files[fp] = MappedSafetensors(fp)
+            t = mf.get(n)
+            yield t if device == "cpu" else t.to(device)
+    finally:
+        for mf in files.values():
+            mf.close()  # the mappings stay valid after the descriptor is closed
 
 
 def check_files(source):
     """Parse every safetensors header of ``source`` against its file size (no mapping): refuse truncated files early."""
     for fp in dict.fromkeys(source.key_file.values()):
-        MappedSafetensors(fp, map_now=False)
+        MappedSafetensors(fp)
 
 
 class _NoBar:

@@ -87,10 +87,12 @@ def finalize(
     max_shard_size="50GB",
     report_extra: Optional[dict] = None,
     release_buffer: bool = False,
+    theta0_of: Optional[Callable[[int], torch.Tensor]] = None,
 ):
     """Solve ``store`` and write state, horizons and report into ``out_dir``. Returns ``(solution, report)``.
     With ``release_buffer`` the store's buffer is freed right after the solve (the writer needs only theta_0 and
-    the directions), which lowers the peak memory of the CLI."""
+    the directions), which lowers the peak memory of the CLI. ``theta0_of(i)`` (default: the store's copy) returns
+    tensor i's flat theta_0; the CLI reads it from the base checkpoint."""
     check_outputs_free(out_dir, horizons, overwrite)
     os.makedirs(out_dir, exist_ok=True)
     t0 = time.perf_counter()
@@ -99,7 +101,8 @@ def finalize(
     buffer_bytes, storage = store.buffer_bytes, store.storage
     if release_buffer:
         store.release()
-    theta0_of = lambda i: store.theta0_of(store.specs[i])  # noqa: E731
+    if theta0_of is None:
+        theta0_of = lambda i: store.theta0_of(store.specs[i])  # noqa: E731
     save_state(os.path.join(out_dir, STATE_NAME), sol, theta0_of, tcut=tcut)
     t1 = time.perf_counter()
     written = []
