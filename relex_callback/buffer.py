@@ -28,7 +28,8 @@ logger = logging.getLogger("relex_callback")
 
 GiB = 1024**3
 # Largest number of elements converted to float32 at once while snapshotting (bounds the temporary memory).
-SNAPSHOT_CHUNK = 1 << 24
+SNAPSHOT_CHUNK = 1 << 20
+SNAPSHOT_CHUNK_DEVICE = 1 << 24
 BUFFER_FILE = "trajectory.bin"
 META_FILE = "trajectory.json"
 THETA0_FILE = "theta0.safetensors"
@@ -116,6 +117,7 @@ class TrajectoryStore:
         self._stream = None
         self._staging = None
         self._event = None
+        self._scratch = None
         if _allocate:
             self._allocate()
 
@@ -266,16 +268,22 @@ class TrajectoryStore:
         for spec, t in zip(self.specs, tensors, strict=True):
             src = t.reshape(-1)
             o, n = spec.offset, spec.local_numel
-            if src.dtype == torch.float32 and self.theta0.dtype == torch.float32 and src.device == self.theta0.device:
-                # float32 arithmetic, one rounding into the buffer dtype, no temporary (the CLI's hot loop)
-                torch.sub(src, self.theta0[o : o + n], out=target[o : o + n])
-                if self.check_finite:
-                    bad.append(target[o : o + n])
-                continue
-            for s in range(0, n, SNAPSHOT_CHUNK):
-                e = min(n, s + SNAPSHOT_CHUNK)
-                d = src[s:e].to(device=self.theta0.device, dtype=torch.float32) - self.theta0[o + s : o + e].float()
-                target[o + s : o + e].copy_(d)
+            # float32 arithmetic in a small reusable scratch (stays in cache), one rounding into the buffer dtype:
+            # measured 2.5x faster on CPU than one big sub with a bfloat16 `out` or a fresh temporary per chunk
+            chunk = SNAPSHOT_CHUNK if self.theta0.device.type == "cpu" else SNAPSHOT_CHUNK_DEVICE
+            if self._scratch is None or self._scratch.numel() < min(chunk, n):
+                self._scratch = torch.empty(min(chunk, self.D), dtype=torch.float32, device=self.theta0.device)
+            th0 = self.theta0[o : o + n]
+            for s in range(0, n, chunk):
+                e = min(n, s + chunk)
+                buf = self._scratch[: e - s]
+                a = src[s:e]
+                if a.dtype == torch.float32 and th0.dtype == torch.float32 and a.device == buf.device:
+                    torch.sub(a, th0[s:e], out=buf)
+                else:
+                    buf.copy_(a)
+                    buf.sub_(th0[s:e])
+                target[o + s : o + e].copy_(buf)
             if self.check_finite:
                 bad.append(target[o : o + n])
         if self.check_finite:
@@ -319,6 +327,7 @@ class TrajectoryStore:
         self.synchronize()
         self.M = None
         self._staging = None
+        self._scratch = None
 
     # ------------------------------------------------------------ persistence
     def meta(self) -> dict:
