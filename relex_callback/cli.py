@@ -5,8 +5,9 @@
     relex report OUT [--plot]
 
 Every input mistake ends with one line ``relex: error: ...`` on stderr and exit code 2, before anything is
-written. Imports are lazy: ``relex --help`` and the argument checks do not import torch; transformers is never
-imported (checkpoints are read as safetensors, config and tokenizer files are copied).
+written. transformers (and trl, deepspeed) are never imported: checkpoints are read as safetensors, memory-mapped
+tensor by tensor, and config and tokenizer files are copied. ``--stride k`` keeps the checkpoints whose step is a
+multiple of k. Set ``RELEX_TIMING=1`` for a line of phase timings and peak RSS on stderr.
 """
 
 from __future__ import annotations

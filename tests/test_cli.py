@@ -129,12 +129,14 @@ def test_extrapolate_matches_float64_reference(traj, extrapolated):
     assert rep["summary"]["explained_variance_min"] > 0.99  # the path is nearly rank-1 by construction
 
 
-def test_fit_start_and_stride(traj, tmp_path):
+def test_fit_start_stride_and_disk_storage(traj, tmp_path):
     out = str(tmp_path / "o")
     # stride 4 keeps steps 4, 8, 12; fit_start 8 fits the line through 8 and 12 only
     rc = main(["extrapolate", "--base", traj["base"], "--checkpoints", traj["ckpts"], "--horizons", "60", "--out", out,
-               "--dtype", "float32", "--stride", "4", "--fit-start", "8", "--no-progress", "--solver", "gram"])
+               "--dtype", "float32", "--stride", "4", "--fit-start", "8", "--no-progress", "--solver", "gram",
+               "--storage", "disk"])
     assert rc == 0
+    assert os.listdir(tmp_path) == ["o"]  # the memory-mapped trajectory file beside --out is gone
     steps = [4, 8, 12]
     ref = _reference(traj["base"], [os.path.join(traj["ckpts"], f"checkpoint-{t}") for t in steps], steps, 60, fit_start=8)
     err, _ = _rel_delta_error(os.path.join(out, "step-60"), traj["base"], ref)
