@@ -3,7 +3,6 @@
 Public names only; see README.md.
 """
 
-from .callback import RelexCallback
 from .config import RelexConfig, RelexSettings
 from .errors import RelexError, RelexInputError, RelexMemoryError, RelexNonFiniteError
 from .state import load_state
@@ -19,3 +18,13 @@ __all__ = [
     "load_state",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # RelexCallback needs transformers' Trainer machinery (seconds to import); the `relex` CLI never does, so it is
+    # imported on first use only.
+    if name == "RelexCallback":
+        from .callback import RelexCallback
+
+        return RelexCallback
+    raise AttributeError(f"module 'relex_callback' has no attribute {name!r}")

@@ -28,9 +28,8 @@ logger = logging.getLogger("relex_callback")
 
 GiB = 1024**3
 # Largest number of elements converted to float32 at once while snapshotting (bounds the temporary memory).
-SNAPSHOT_CHUNK = 1 << 24
-# On CPU a 4 MiB float32 temporary stays in cache (measured: 3-4x faster than one 64 MiB temporary per chunk).
-SNAPSHOT_CHUNK_CPU = 1 << 20
+SNAPSHOT_CHUNK = 1 << 20  # CPU: a 4 MiB float32 scratch stays in cache
+SNAPSHOT_CHUNK_DEVICE = 1 << 24
 BUFFER_FILE = "trajectory.bin"
 META_FILE = "trajectory.json"
 THETA0_FILE = "theta0.safetensors"
@@ -131,6 +130,7 @@ class TrajectoryStore:
         self._stream = None
         self._staging = None
         self._event = None
+        self._scratch = None
         if _allocate:
             self._allocate()
 
@@ -300,29 +300,37 @@ class TrajectoryStore:
                 self._event.synchronize()
         else:
             target = self.M[slot]
-        # Delta in float32 through a reused, cache-sized temporary; the finiteness check rides on the same data:
-        # a chunk's float32 sum is NaN/Inf iff the chunk has a NaN/Inf (or deltas near 1e38, which are as broken).
-        chunk = SNAPSHOT_CHUNK if self.theta0.device.type != "cpu" else SNAPSHOT_CHUNK_CPU
-        tmp = torch.empty(min(chunk, max(s.local_numel for s in self.specs)), dtype=torch.float32, device=self.theta0.device)
+        # Delta in float32 through a small reusable scratch (stays in cache), one rounding into the buffer dtype
+        # (measured 2.5x faster on CPU than a bfloat16 `out` or a fresh temporary per chunk). The finiteness check
+        # rides on the same in-cache data: a chunk's float32 sum is NaN/Inf iff the chunk holds a NaN/Inf (or deltas
+        # near 1e38, which are as broken); no second pass over the stored row.
+        chunk = SNAPSHOT_CHUNK if self.theta0.device.type == "cpu" else SNAPSHOT_CHUNK_DEVICE
+        need = min(chunk, max(s.local_numel for s in self.specs))
+        if self._scratch is None or self._scratch.numel() < need or self._scratch.device != self.theta0.device:
+            self._scratch = torch.empty(need, dtype=torch.float32, device=self.theta0.device)
         sums = []
         for spec, t in zip(self.specs, tensors, strict=True):
             src = t.reshape(-1)
             o, n = spec.offset, spec.local_numel
+            th0 = self.theta0[o : o + n]
             acc = None
             for s in range(0, n, chunk):
                 e = min(n, s + chunk)
-                d = tmp[: e - s]
-                d.copy_(src[s:e])
-                d.sub_(self.theta0[o + s : o + e])
+                buf = self._scratch[: e - s]
+                a = src[s:e]
+                if a.dtype == torch.float32 and th0.dtype == torch.float32 and a.device == buf.device:
+                    torch.sub(a, th0[s:e], out=buf)
+                else:
+                    buf.copy_(a)
+                    buf.sub_(th0[s:e])
                 if self.check_finite:
-                    cs = d.sum()
+                    cs = buf.sum()
                     acc = cs if acc is None else acc + cs
-                target[o + s : o + e].copy_(d)
+                target[o + s : o + e].copy_(buf)
             if self.check_finite:
-                sums.append(acc if acc is not None else torch.zeros((), device=tmp.device))
+                sums.append(acc if acc is not None else torch.zeros((), device=self.theta0.device))
         if self.check_finite and sums:
-            # one host sync for all tensors
-            flags = ~torch.isfinite(torch.stack(sums))
+            flags = ~torch.isfinite(torch.stack(sums))  # one host sync for all tensors
             if bool(flags.any()):
                 names = [self.specs[i].name for i in torch.nonzero(flags).flatten().tolist()]
                 raise RelexNonFiniteError(
@@ -428,6 +436,7 @@ class TrajectoryStore:
         self.synchronize()
         self.M = None
         self._staging = None
+        self._scratch = None
 
     # ------------------------------------------------------------ persistence
     def meta(self) -> dict:

@@ -109,18 +109,27 @@ def finalize(
     max_shard_size="50GB",
     report_extra: Optional[dict] = None,
     write_fn: Optional[Callable] = None,
+    release_buffer: bool = False,
+    theta0_of: Optional[Callable[[int], torch.Tensor]] = None,
 ):
     """Solve ``store`` and write state, horizons and report into ``out_dir``. Returns ``(solution, report)``.
 
     ``write_fn(horizon, solution, theta0_of) -> path`` replaces the full-checkpoint writer (the callback passes a
-    PEFT adapter writer here); by default every horizon is written with :func:`write_horizon` from ``source``."""
+    PEFT adapter writer here); by default every horizon is written with :func:`write_horizon` from ``source``.
+    With ``release_buffer`` the store's buffer is freed right after the solve (the writer needs only theta_0 and
+    the directions), which lowers the peak memory of the CLI. ``theta0_of(i)`` (default: the store's copy) returns
+    tensor i's flat theta_0; the CLI reads it from the base checkpoint."""
     check_outputs_free(out_dir, horizons, overwrite)
     os.makedirs(out_dir, exist_ok=True)
     t0 = time.perf_counter()
     inputs = store.solve_inputs() if hasattr(store, "solve_inputs") else {"M": store.rows(), "steps": store.steps}
     sol = solve(specs=store.specs, rank=rank, fit_start=fit_start, method=method, **inputs)
     t_solve = time.perf_counter() - t0
-    theta0_of = lambda i: store.theta0_of(store.specs[i])  # noqa: E731
+    buffer_bytes, storage = store.buffer_bytes, store.storage
+    if release_buffer:
+        store.release()
+    if theta0_of is None:
+        theta0_of = lambda i: store.theta0_of(store.specs[i])  # noqa: E731
     save_state(os.path.join(out_dir, STATE_NAME), sol, theta0_of, tcut=tcut)
     t1 = time.perf_counter()
     written = []
@@ -131,12 +140,12 @@ def finalize(
             written.append(write_horizon(out_dir, h, sol, theta0_of, source, overwrite=overwrite, max_shard_size=max_shard_size))
     t_write = time.perf_counter() - t1
     extra = {
-        "buffer_bytes": store.buffer_bytes,
+        "buffer_bytes": buffer_bytes,
         "buffer_rows": getattr(store, "rows_allocated", None),
         "fold_rank": getattr(store, "fold_rank", None),
         "folds": getattr(store, "folds", 0),
         "buffer_dtype": str(store.dtype).replace("torch.", ""),
-        "storage": store.storage,
+        "storage": storage,
         "solve_seconds": round(t_solve, 6),
         "write_seconds": round(t_write, 6),
         "checkpoints": written,

@@ -90,6 +90,7 @@ def _json_default(o):
 
 
 def load_report(path: str) -> dict:
+    """Read ``report.json`` (``path`` is the file or the directory holding it)."""
     from .errors import RelexInputError
 
     if os.path.isdir(path):
@@ -101,3 +102,138 @@ def load_report(path: str) -> dict:
         raise RelexInputError(f"{path} does not exist; pass the directory that `relex extrapolate` or the callback wrote") from None
     except ValueError as e:
         raise RelexInputError(f"{path} is not valid JSON: {e}") from None
+
+
+# ------------------------------------------------------------------------------------------ reading it
+def report_path(path: str) -> str:
+    """``path`` itself when it is a file, else ``path/report.json``."""
+    return os.path.join(path, REPORT_NAME) if os.path.isdir(path) else path
+
+
+def _dist(xs: list) -> dict:
+    return {
+        "mean": sum(xs) / len(xs),
+        "min": min(xs),
+        "q05": _q(xs, 0.05),
+        "q25": _q(xs, 0.25),
+        "median": _q(xs, 0.5),
+        "q75": _q(xs, 0.75),
+        "max": max(xs),
+    }
+
+
+def text_histogram(xs: list, lo: float = 0.0, hi: float = 1.0, bins: int = 10, width: int = 40) -> list[str]:
+    """One line per bin, ``[lo, hi)`` split evenly (the last bin closed), bars scaled to ``width`` characters."""
+    counts = [0] * bins
+    for x in xs:
+        b = int((min(max(x, lo), hi) - lo) / (hi - lo) * bins) if hi > lo else 0
+        counts[min(b, bins - 1)] += 1
+    top = max(counts) or 1
+    lines = []
+    for b, c in enumerate(counts):
+        a, e = lo + (hi - lo) * b / bins, lo + (hi - lo) * (b + 1) / bins
+        bar = "#" * (round(c / top * width) if c else 0)
+        lines.append(f"  [{a:4.2f}, {e:4.2f}{']' if b == bins - 1 else ')'} {c:6d} {bar}")
+    return lines
+
+
+def format_summary(report: dict, worst: int = 10) -> str:
+    """A readable summary of ``report.json``: the run, the explained variance and R^2 distributions over the tensors
+    that moved (mean, quantiles, a text histogram) and the ``worst`` tensors by explained variance and by R^2."""
+    ts = report.get("tensors", [])
+    moving = [t for t in ts if t.get("delta_norm", 0) > 0]
+    lines = [
+        f"RELEX report: tcut={report.get('tcut')}, {len(report.get('steps', []))} snapshot steps "
+        f"({_steps_text(report.get('steps', []))}), fit_start={report.get('fit_start')}, rank={report.get('rank')}, "
+        f"horizons={report.get('horizons')}, solver={report.get('solver')}",
+        f"tensors: {len(ts)} tracked, {len(moving)} moved, {len(ts) - len(moving)} unchanged (kept at theta_0)",
+    ]
+    if not moving:
+        return "\n".join(lines + ["no tensor moved: every written checkpoint equals the base"])
+    ev = [float(t["explained_variance"]) for t in moving]
+    r2 = [float(t["r2"][0]) if t["r2"][0] is not None else float("nan") for t in moving]
+    r2 = [x for x in r2 if math.isfinite(x)]
+    w = [t["numel"] for t in moving]
+    wev = sum(e * n for e, n in zip(ev, w)) / (sum(w) or 1)
+    hdr = f"{'':24s}{'mean':>8s}{'min':>8s}{'5%':>8s}{'25%':>8s}{'median':>8s}{'75%':>8s}{'max':>8s}"
+    lines += ["", hdr]
+    for label, xs in (("explained variance", ev), ("R^2 of the line fit", r2)):
+        if xs:
+            d = _dist(xs)
+            lines.append(f"{label:24s}" + "".join(f"{d[k]:8.4f}" for k in ("mean", "min", "q05", "q25", "median", "q75", "max")))
+    lines.append(f"explained variance weighted by tensor size: {wev:.4f}")
+    lines += ["", "explained variance (sigma1^2 / ||M||_F^2) over tensors:"] + text_histogram(ev)
+    if r2:
+        lines += ["R^2 of c_t = a t + b over tensors:"] + text_histogram(r2)
+    k = max(0, int(worst))
+    if k:
+        lines += ["", f"worst {min(k, len(moving))} tensors by explained variance:"]
+        for t in sorted(moving, key=lambda t: t["explained_variance"])[:k]:
+            lines.append(f"  {t['explained_variance']:.4f}  R^2 {_fmt(t['r2'][0])}  ||delta|| {t['delta_norm']:.3g}  {t['name']}")
+        lines += [f"worst {min(k, len(moving))} tensors by R^2:"]
+        for t in sorted(moving, key=lambda t: _key(t["r2"][0]))[:k]:
+            lines.append(f"  {_fmt(t['r2'][0])}  explained {t['explained_variance']:.4f}  ||delta|| {t['delta_norm']:.3g}  {t['name']}")
+    return "\n".join(lines)
+
+
+def _key(x):
+    return -math.inf if x is None or not math.isfinite(x) else x
+
+
+def _fmt(x) -> str:
+    return "  n/a " if x is None or not math.isfinite(x) else f"{x:.4f}"
+
+
+def _steps_text(steps: list) -> str:
+    if len(steps) <= 6:
+        return ", ".join(map(str, steps))
+    return f"{steps[0]}, {steps[1]}, ..., {steps[-1]}"
+
+
+def representative_tensors(report: dict, k: int = 4) -> list[dict]:
+    """Up to ``k`` moving tensors spread over the explained-variance range: the worst, the quantiles, the best."""
+    moving = sorted((t for t in report.get("tensors", []) if t.get("delta_norm", 0) > 0), key=lambda t: t["explained_variance"])
+    if len(moving) <= k:
+        return moving
+    idx = sorted({round(j * (len(moving) - 1) / (k - 1)) for j in range(k)})
+    return [moving[i] for i in idx]
+
+
+def plot_report(report: dict, path: str, k: int = 4) -> str:
+    """Write ``report.png``: the coefficients c_t of ``k`` representative tensors with their fitted lines
+    (extended to the first horizon), and the histogram of explained variance. Needs the ``plot`` extra."""
+    from .errors import RelexInputError
+
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise RelexInputError("--plot needs matplotlib: pip install 'relex_callback[plot]'") from None
+    steps = report.get("steps", [])
+    reps = representative_tensors(report, k)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    ax = axes[0]
+    hz = (report.get("horizons") or [max(steps or [1])])[0]
+    for t in reps:
+        c = t["coeffs"][0]
+        (line,) = ax.plot(steps, c, "o", ms=3, label=f"{t['name']} (EV {t['explained_variance']:.3f}, R^2 {_fmt(t['r2'][0]).strip()})")
+        a, b = t["slope"][0], t["intercept"][0]
+        xs = [min(steps), hz]
+        ax.plot(xs, [a * x + b for x in xs], "-", color=line.get_color(), lw=1)
+    ax.axvline(report.get("tcut", steps[-1] if steps else 0), color="grey", ls=":", lw=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("c_t = <Delta_t, v1>")
+    ax.set_title("coefficients and fitted lines (representative tensors)")
+    ax.legend(fontsize=6)
+    ax = axes[1]
+    ev = [t["explained_variance"] for t in report.get("tensors", []) if t.get("delta_norm", 0) > 0]
+    ax.hist(ev, bins=20, range=(0, 1))
+    ax.set_xlabel("explained variance sigma1^2 / ||M||_F^2")
+    ax.set_ylabel("tensors")
+    ax.set_title(f"{len(ev)} moving tensors")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
