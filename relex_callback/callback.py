@@ -379,8 +379,8 @@ class RelexCallback(TrainerCallback):
             self.store.save(keep)
             logger.warning(
                 "relex: training ended at step %d before tcut=%d; nothing was extrapolated. The %d recorded steps are "
-                "in %s: extrapolate from them with relex_callback.engine.extrapolate_trajectory(%r, base=<the "
-                "checkpoint training started from>, horizons=[...], out_dir=...)", state.global_step, self.tcut,
+                "in %s: extrapolate from them with `relex extrapolate --trajectory %s --base <the checkpoint training "
+                "started from> --horizons H --out DIR`", state.global_step, self.tcut,
                 self.store.num_rows, keep, keep,
             )
 

@@ -57,8 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("extrapolate", help="fit the trajectory of saved checkpoints and write extrapolated ones")
     e.add_argument("--base", required=True, help="theta_0: the checkpoint training started from (step 0)")
-    e.add_argument("--checkpoints", required=True, nargs="+",
-                   help="checkpoint directories (checkpoint-N, global_step_N, step_N, step-N), or one parent directory holding them")
+    src = e.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoints", nargs="+",
+                     help="checkpoint directories (checkpoint-N, global_step_N, step_N, step-N), or one parent directory holding them")
+    src.add_argument("--trajectory",
+                     help="a trajectory the callback saved (<out>/partial_trajectory/ of a run that ended before tcut, or "
+                          "a checkpoint's relex_trajectory/) instead of checkpoints; tcut is its last recorded step")
     e.add_argument("--horizons", required=True, help="steps to write, comma separated, each beyond the last checkpoint's step")
     e.add_argument("--out", required=True, help="output directory (step-H/, relex_state.safetensors, report.json)")
     e.add_argument("--steps", default=None, help="step numbers of --checkpoints, comma separated, in the order given (default: from the directory names)")
@@ -208,6 +212,8 @@ def cmd_extrapolate(args) -> int:
     steps = _int_list("--steps", args.steps) if args.steps is not None else None
     if args.device not in ("cpu", "cuda"):
         raise _InputError(f"--device {args.device!r} is not one of ['cpu', 'cuda']")
+    if args.trajectory is not None:
+        return _extrapolate_trajectory(args, horizons)
     cks = discover_checkpoints(args.checkpoints, steps, args.stride)
     if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
         raise _InputError(f"--out {args.out} exists and is not empty; choose a new directory, or pass --overwrite")
@@ -310,44 +316,30 @@ def cmd_extrapolate(args) -> int:
     return 0
 
 
+def _extrapolate_trajectory(args, horizons) -> int:
+    if args.steps is not None or args.stride != 1:
+        raise _InputError("--steps and --stride apply to --checkpoints; a saved trajectory keeps its own steps")
+    if not os.path.isdir(args.trajectory):
+        raise _InputError(f"--trajectory {args.trajectory} is not a directory")
+    if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
+        raise _InputError(f"--out {args.out} exists and is not empty; choose a new directory, or pass --overwrite")
+    from .engine import extrapolate_trajectory
+
+    _, report = extrapolate_trajectory(args.trajectory, args.base, horizons, args.out, rank=args.rank,
+                                       fit_start=args.fit_start, method=args.solver, overwrite=args.overwrite,
+                                       max_shard_size=args.max_shard_size)
+    print(f"relex: wrote {', '.join(report['checkpoints'])}")
+    return 0
+
+
 def cmd_materialize(args) -> int:
     horizons = _int_list("--horizons", args.horizons)
     check_out_free(args.out, horizons, args.overwrite)
 
-    from .engine import write_horizon
-    from .errors import RelexInputError
-    from .state import fingerprint, fingerprint_mismatch, load_state
-    from .writer import DirectorySource
+    from .engine import materialize
 
-    state = load_state(args.state)
-    hs = sorted(set(horizons))
-    if len(hs) != len(horizons):
-        raise RelexInputError(f"--horizons repeat: give each step once, e.g. {','.join(map(str, hs))}")
-    bad = [h for h in hs if h <= state.tcut]
-    if bad:
-        raise RelexInputError(f"--horizons {bad} are not beyond the state's last observed step {state.tcut}; use horizons > {state.tcut}")
-    base = DirectorySource(args.base)
-    theta0 = {}
-    for spec in state.specs:
-        if spec.name not in base.meta:
-            raise RelexInputError(f"{args.base} has no tensor {spec.name!r}; pass the base the state was computed from")
-        shape, dtype = base.meta[spec.name]
-        if tuple(shape) != tuple(spec.shape) or dtype != spec.dtype:
-            raise RelexInputError(
-                f"{spec.name}: {list(shape)} {dtype} in {args.base} but {list(spec.shape)} {spec.dtype} in the state; "
-                "pass the base the state was computed from"
-            )
-    for i, spec in enumerate(state.specs):
-        t = base.get(spec.name)
-        why = fingerprint_mismatch(fingerprint(t), state.info[spec.name]["theta0"])
-        if why:
-            raise RelexInputError(
-                f"{args.base} is not the base this state was computed from: {spec.name} differs ({why}); "
-                "pass the same base checkpoint given to `relex extrapolate` (or the model the callback trained)"
-            )
-        theta0[i] = t
-    written = [write_horizon(args.out, h, state, lambda i: theta0[i], base, overwrite=args.overwrite,
-                             max_shard_size=args.max_shard_size) for h in hs]
+    written = materialize(args.state, args.base, horizons, args.out, overwrite=args.overwrite,
+                          max_shard_size=args.max_shard_size)
     print(f"relex: wrote {', '.join(written)}")
     return 0
 

@@ -169,26 +169,37 @@ def materialize(state_path: str, base: str, horizons: Sequence[int], out_dir: Op
     from .writer import DirectorySource
 
     st = load_state(state_path)
+    hs = sorted(int(h) for h in horizons)
+    if len(set(hs)) != len(hs):
+        raise RelexInputError(f"horizons repeat: give each step once, e.g. {','.join(map(str, sorted(set(hs))))}")
+    bad = [h for h in hs if h <= st.tcut]
+    if bad:
+        raise RelexInputError(f"horizons {bad} are not beyond the state's last observed step {st.tcut}; use horizons > {st.tcut}")
     src = DirectorySource(base)
     out_dir = out_dir or os.path.dirname(os.path.abspath(state_path if not os.path.isdir(state_path)
                                                          else os.path.join(state_path, STATE_NAME)))
-    bad = [h for h in horizons if int(h) <= st.tcut]
-    if bad:
-        raise RelexInputError(f"horizons {bad} are not beyond the state's tcut={st.tcut}; use horizons > {st.tcut}")
-    thetas = {}
+    # every check before anything is written
     for spec in st.specs:
         if spec.name not in src.meta:
-            raise RelexInputError(f"the base {base} has no tensor {spec.name}: it is not the model of this state file")
+            raise RelexInputError(f"the base {base} has no tensor {spec.name}: pass the base the state was computed from")
+        shape, dtype = src.meta[spec.name]
+        if tuple(shape) != tuple(spec.shape) or dtype != spec.dtype:
+            raise RelexInputError(
+                f"{spec.name}: {list(shape)} {dtype} in {base} but {list(spec.shape)} {spec.dtype} in the state; "
+                "pass the base the state was computed from"
+            )
+    thetas = {}
+    for spec in st.specs:
         t = src.get(spec.name).reshape(-1)[spec.flat_start: spec.flat_start + spec.local_numel]
         why = fingerprint_mismatch(fingerprint(t), st.info[spec.name]["theta0"])
         if why:
             raise RelexInputError(
-                f"the base {base} does not match the state's theta_0 for {spec.name} ({why}); pass the checkpoint "
-                "training started from"
+                f"the base {base} does not match the state's theta_0 for {spec.name} ({why}); pass the same base "
+                "checkpoint given to `relex extrapolate` (or the model the callback trained)"
             )
         thetas[spec.name] = t
     return [write_horizon(out_dir, int(h), st, lambda i: thetas[st.specs[i].name], src, overwrite=overwrite,
-                          max_shard_size=max_shard_size) for h in sorted(int(h) for h in horizons)]
+                          max_shard_size=max_shard_size) for h in hs]
 
 
 def extrapolate_trajectory(trajectory_dir: str, base: str, horizons: Sequence[int], out_dir: str, *,

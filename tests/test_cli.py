@@ -191,7 +191,7 @@ def test_materialize_refuses_other_base(traj, extrapolated, tmp_path, capsys):
     rc = main(["materialize", "--state", extrapolated, "--base", other, "--horizons", "100", "--out", out])
     err = capsys.readouterr().err
     assert rc == 2
-    assert "not the base this state was computed from" in err and err.count("\n") == 1
+    assert "does not match the state's theta_0" in err and err.count("\n") == 1
     assert not os.path.exists(out)
     # a base of another shape is refused too
     small = str(tmp_path / "small")

@@ -226,3 +226,15 @@ def test_trainer_ending_before_tcut_keeps_the_trajectory(tmp_path, caplog, how):
     build_model(tok, hidden_size=32, layers=1, seed=5).save_pretrained(str(other))
     with pytest.raises(RelexInputError, match="does not match the trajectory's theta_0"):
         extrapolate_trajectory(str(part), str(other), [60], str(tmp_path / "y"))
+    if how == "max_steps":
+        # the command the warning names: same result as the Python call
+        from relex_callback.cli import main
+
+        assert main(["extrapolate", "--trajectory", str(part), "--base", str(base), "--horizons", "60",
+                     "--out", str(tmp_path / "cli"), "--no-progress"]) == 0
+        a = AutoModelForCausalLM.from_pretrained(str(tmp_path / "cli" / "step-60")).state_dict()
+        b = m.state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in b)
+        assert main(["extrapolate", "--trajectory", str(part), "--base", str(other), "--horizons", "60",
+                     "--out", str(tmp_path / "cli2"), "--no-progress"]) == 2
+        assert not (tmp_path / "cli2" / "step-60").exists()
