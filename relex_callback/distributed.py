@@ -480,7 +480,7 @@ class DistContext:
 
     # -- one horizon checkpoint
     def _write_horizon(self, final, horizon, owned, extra, plan, model, tokenizer, *, overwrite, max_shard_size):
-        from .writer import INDEX_NAME, ModelSource, _fsync_dir_files, _fsync_path, clean_stale_temporaries, \
+        from .writer import INDEX_NAME, ModelSource, clean_stale_temporaries, commit_directory, \
             plan_shards, shard_names, write_safetensors
 
         final = os.path.abspath(final)
@@ -531,17 +531,9 @@ class DistContext:
                             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2,
                                       sort_keys=True)
                     ModelSource(model, tokenizer).write_extras(tmp)
-                    _fsync_dir_files(tmp)
-                    if os.path.exists(final):
-                        if not overwrite:
-                            raise RelexInputError(f"{final} already exists; pass overwrite")
-                        trash = os.path.join(parent, f".{os.path.basename(final)}.old-{uuid.uuid4().hex[:8]}")
-                        os.replace(final, trash)
-                        os.replace(tmp, final)
-                        shutil.rmtree(trash, ignore_errors=True)
-                    else:
-                        os.replace(tmp, final)
-                    _fsync_path(parent)
+                    if os.path.exists(final) and not overwrite:
+                        raise RelexInputError(f"{final} already exists; pass overwrite")
+                    commit_directory(tmp, final)
             except Exception as e:
                 ok, err = False, e
             finally:

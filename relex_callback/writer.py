@@ -97,18 +97,24 @@ def atomic_directory(final: str, overwrite: bool = False):
     os.makedirs(tmp)
     try:
         yield tmp
-        _fsync_dir_files(tmp)
-        if os.path.exists(final):
-            trash = os.path.join(parent, f".{os.path.basename(final)}.old-{uuid.uuid4().hex[:8]}")
-            os.replace(final, trash)
-            os.replace(tmp, final)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        _fsync_path(parent)
+        commit_directory(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def commit_directory(tmp: str, final: str):
+    """Flush ``tmp`` and rename it to ``final`` (replacing an existing ``final`` only after the new one is whole)."""
+    parent = os.path.dirname(final)
+    _fsync_dir_files(tmp)
+    if os.path.exists(final):
+        trash = os.path.join(parent, f".{os.path.basename(final)}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(final, trash)
+        os.replace(tmp, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync_path(parent)
 
 
 def _fsync_path(path: str):

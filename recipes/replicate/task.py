@@ -3,7 +3,6 @@ fast greedy scoring. Uses the toy character tokenizer and Qwen2-architecture mod
 
 from __future__ import annotations
 
-import random
 
 import torch
 
@@ -16,12 +15,9 @@ def all_problems(max_operand: int) -> list[dict]:
 
 
 def sample_problems(n: int, max_operand: int, seed: int) -> list[dict]:
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        a, b = rng.randint(0, max_operand), rng.randint(0, max_operand)
-        out.append({"prompt": f"{a}+{b}=", "answer": str(a + b)})
-    return out
+    from relex_callback.toy import arithmetic_problems
+
+    return arithmetic_problems(n, seed=seed, max_operand=max_operand)
 
 
 def encode(tok, text: str) -> list[int]:
