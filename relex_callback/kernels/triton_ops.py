@@ -87,7 +87,9 @@ def _gram_kernel(
 
 
 @torch.no_grad()
-def gram(M: torch.Tensor, offsets: Sequence[int], numels: Sequence[int], block_n: int | None = None) -> torch.Tensor:
+def gram(
+    M: torch.Tensor, offsets: Sequence[int], numels: Sequence[int], block_n: int | None = None, span: int | None = None
+) -> torch.Tensor:
     """``[S, T, T]`` float64 Gram matrices of every segment (float32 accumulation), like
     :func:`~relex_callback.kernels.reference.gram_reference`.
 
@@ -96,6 +98,7 @@ def gram(M: torch.Tensor, offsets: Sequence[int], numels: Sequence[int], block_n
         offsets (`Sequence[int]`): first column of each segment.
         numels (`Sequence[int]`): number of columns of each segment.
         block_n (`int`, *optional*): columns per ``tl.dot`` step (default 64, 32 for ``T > 64``).
+        span (`int`, *optional*, defaults to `SPAN`): columns per program (a multiple of ``block_n``).
     """
     if M.stride(1) != 1:
         M = M.contiguous()
@@ -108,7 +111,7 @@ def gram(M: torch.Tensor, offsets: Sequence[int], numels: Sequence[int], block_n
     nb = triton.cdiv(T, BT)
     pairs = torch.tensor([(i, j) for i in range(nb) for j in range(i, nb)], dtype=torch.int64, device=M.device)
     BLOCK_N = block_n or (64 if BT <= 64 else 32)
-    table = _table(offsets, numels, SPAN, M.device)
+    table = _table(offsets, numels, span or SPAN, M.device)
     if table.shape[0] == 0:
         return G.double()
     grid = (table.shape[0], pairs.shape[0])
@@ -195,7 +198,7 @@ def _matvec_kernel(
 
 
 @torch.no_grad()
-def matvec(M: torch.Tensor, offsets: Sequence[int], numels: Sequence[int], x: torch.Tensor) -> torch.Tensor:
+def matvec(M: torch.Tensor, offsets: Sequence[int], numels: Sequence[int], x: torch.Tensor, span: int | None = None) -> torch.Tensor:
     """``W[i] = M_i x[seg_i]`` for every segment: ``[S, T]`` float32. ``x`` is ``[D]`` (a row in the arena layout),
     like :func:`~relex_callback.kernels.reference.matvec_grouped_reference`."""
     if M.stride(1) != 1:
@@ -205,7 +208,7 @@ def matvec(M: torch.Tensor, offsets: Sequence[int], numels: Sequence[int], x: to
     W = torch.zeros(S, T, dtype=torch.float32, device=M.device)
     TP = _pow2(T, 1)
     BLOCK_N = max(16, min(1024, 8192 // TP))
-    table = _table(offsets, numels, SPAN, M.device)
+    table = _table(offsets, numels, span or SPAN, M.device)
     if table.shape[0]:
         _matvec_kernel[(table.shape[0],)](M, x.contiguous(), W, table, T, M.stride(0), TP=TP, BLOCK_N=BLOCK_N)
     return W
