@@ -126,7 +126,7 @@ def test_project_matches_reference(T, sizes, dtype, r):
     for out_dtype in {torch.float32, dtype}:
         out_k = torch.full((r, M.shape[1]), 7.0, dtype=out_dtype, device=DEVICE)
         out_r = torch.full((r, M.shape[1]), 7.0, dtype=out_dtype)
-        res = triton_ops.project(M, offsets, numels, U, out_k)
+        res = triton_ops.project(M, offsets, numels, U, out_k, span=SPAN)
         assert res is out_k
         reference.project_reference(M.cpu(), offsets, numels, U, out_r)
         out_k = out_k.cpu().float()
@@ -182,3 +182,31 @@ def test_kernels_in_child_process(subprocess_env):
     assert proc.returncode == 0, tail
     m = re.search(r"(\d+) passed", tail)
     assert m and int(m.group(1)) >= 50, tail  # the kernel cases really ran (not skipped) in the child
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="triton not installed")
+def test_program_table_covers_every_column_once():
+    from relex_callback.kernels.triton_ops import _table
+
+    offsets, numels = [0, 10, 10, 50, 1000], [10, 0, 40, 901, 1]
+    for span in (1, 7, 64, 5000):
+        tab = _table(offsets, numels, span, "cpu").tolist()
+        expect = [(i, s, min(o + n, s + span)) for i, (o, n) in enumerate(zip(offsets, numels)) for s in range(o, o + n, span)]
+        assert [tuple(r) for r in tab] == expect
+    assert _table([5], [0], 16, "cpu").shape == (0, 3)
+
+
+@needs_kernels
+def test_default_span_matches_reference():
+    from relex_callback.kernels import triton_ops
+
+    M, offsets, numels = _arena(5, [3, 700], torch.bfloat16, seed=7)
+    G = triton_ops.gram(M, offsets, numels).cpu()
+    R = reference.gram_reference(M.cpu(), offsets, numels)
+    assert ((G - R).abs() / R.abs().max()).max() < TOL
+    U = torch.randn(2, 5, 1)
+    out_k = torch.zeros(1, M.shape[1], device=DEVICE)
+    out_r = torch.zeros(1, M.shape[1])
+    triton_ops.project(M, offsets, numels, U, out_k)
+    reference.project_reference(M.cpu(), offsets, numels, U, out_r)
+    assert ((out_k.cpu() - out_r).abs() / out_r.abs().max()).max() < TOL

@@ -38,15 +38,31 @@ def _pow2(n: int, lo: int = 16) -> int:
 
 
 def _table(offsets: Sequence[int], numels: Sequence[int], span: int, device) -> torch.Tensor:
-    """``[P, 3]`` int64 rows ``(segment, start, end)``: every segment cut into column ranges of at most ``span``."""
-    rows = []
-    for i, (o, n) in enumerate(zip(offsets, numels)):
-        o, n = int(o), int(n)
-        for s in range(o, o + n, span):
-            rows.append((i, s, min(o + n, s + span)))
-    if not rows:
+    """``[P, 3]`` int64 rows ``(segment, start, end)``: every segment cut into column ranges of at most ``span``
+    (built with tensor ops: a 1e9-column arena gives a large table, never a Python loop over its rows)."""
+    o = torch.as_tensor([int(x) for x in offsets], dtype=torch.int64)
+    n = torch.as_tensor([int(x) for x in numels], dtype=torch.int64)
+    keep = n > 0
+    seg_ids = torch.arange(len(o), dtype=torch.int64)[keep]
+    o, n = o[keep], n[keep]
+    if o.numel() == 0:
         return torch.empty(0, 3, dtype=torch.int64, device=device)
-    return torch.tensor(rows, dtype=torch.int64, device=device)
+    counts = (n + span - 1) // span
+    seg = torch.repeat_interleave(torch.arange(o.numel()), counts)
+    first = torch.cumsum(counts, 0) - counts
+    k = torch.arange(int(counts.sum()), dtype=torch.int64) - first[seg]
+    start = o[seg] + k * span
+    end = torch.minimum(start + span, o[seg] + n[seg])
+    return torch.stack([seg_ids[seg], start, end], 1).contiguous().to(device)
+
+
+def _auto_span(numels: Sequence[int], device, multiple: int) -> int:
+    """Columns per program: at least ``SPAN``, and few enough programs (~8 per SM) that the atomic reduction of the
+    partial results stays small on a large arena."""
+    total = sum(int(x) for x in numels)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+    span = max(SPAN, -(-total // (8 * sms)))
+    return -(-span // multiple) * multiple
 
 
 @triton.jit
@@ -111,7 +127,7 @@ def gram(
     nb = triton.cdiv(T, BT)
     pairs = torch.tensor([(i, j) for i in range(nb) for j in range(i, nb)], dtype=torch.int64, device=M.device)
     BLOCK_N = block_n or (64 if BT <= 64 else 32)
-    table = _table(offsets, numels, span or SPAN, M.device)
+    table = _table(offsets, numels, span or _auto_span(numels, M.device, BLOCK_N), M.device)
     if table.shape[0] == 0:
         return G.double()
     grid = (table.shape[0], pairs.shape[0])
@@ -137,19 +153,22 @@ def _project_kernel(
     end = tl.load(table_ptr + pid * 3 + 2)
     rows = tl.arange(0, TP)
     mr = rows < T
-    c = start + tl.arange(0, BLOCK_N)
-    mc = c < end
-    x = tl.load(M_ptr + rows[:, None].to(tl.int64) * stride_t + c[None, :], mask=mr[:, None] & mc[None, :], other=0.0)
-    x = x.to(tl.float32)
     ubase = U_ptr + seg.to(tl.int64) * T * R
-    for k in tl.static_range(R):
-        u = tl.load(ubase + rows * R + k, mask=mr, other=0.0)
-        y = tl.sum(x * u[:, None], axis=0)
-        tl.store(O_ptr + k * stride_o + c, y.to(O_ptr.dtype.element_ty), mask=mc)
+    for c0 in range(start, end, BLOCK_N):
+        c = c0 + tl.arange(0, BLOCK_N)
+        mc = c < end
+        x = tl.load(M_ptr + rows[:, None].to(tl.int64) * stride_t + c[None, :], mask=mr[:, None] & mc[None, :], other=0.0)
+        x = x.to(tl.float32)
+        for k in tl.static_range(R):
+            u = tl.load(ubase + rows * R + k, mask=mr, other=0.0)
+            y = tl.sum(x * u[:, None], axis=0)
+            tl.store(O_ptr + k * stride_o + c, y.to(O_ptr.dtype.element_ty), mask=mc)
 
 
 @torch.no_grad()
-def project(M: torch.Tensor, offsets: Sequence[int], numels: Sequence[int], U: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+def project(
+    M: torch.Tensor, offsets: Sequence[int], numels: Sequence[int], U: torch.Tensor, out: torch.Tensor, span: int | None = None
+) -> torch.Tensor:
     """Direction pass: ``out[:, seg_i] = U[i]^T M_i`` for every segment, like
     :func:`~relex_callback.kernels.reference.project_reference`.
 
@@ -158,6 +177,7 @@ def project(M: torch.Tensor, offsets: Sequence[int], numels: Sequence[int], U: t
         offsets (`Sequence[int]`), numels (`Sequence[int]`): the segments.
         U (`torch.Tensor`): ``[S, T, r]`` float32 (already divided by sigma).
         out (`torch.Tensor`): ``[r, D]`` in any float dtype; written in place and returned.
+        span (`int`, *optional*): columns per program (default: enough for ~8 programs per SM).
     """
     if M.stride(1) != 1:
         M = M.contiguous()
@@ -167,7 +187,7 @@ def project(M: torch.Tensor, offsets: Sequence[int], numels: Sequence[int], U: t
     target = out if out.stride(1) == 1 else torch.empty_like(out, memory_format=torch.contiguous_format)
     TP = _pow2(T, 1)
     BLOCK_N = max(16, min(1024, 8192 // TP))
-    table = _table(offsets, numels, BLOCK_N, M.device)
+    table = _table(offsets, numels, span or _auto_span(numels, M.device, BLOCK_N), M.device)
     if table.shape[0]:
         _project_kernel[(table.shape[0],)](M, Uc, target, table, T, M.stride(0), target.stride(0), TP=TP, R=r, BLOCK_N=BLOCK_N)
     if target is not out:
@@ -208,7 +228,7 @@ def matvec(M: torch.Tensor, offsets: Sequence[int], numels: Sequence[int], x: to
     W = torch.zeros(S, T, dtype=torch.float32, device=M.device)
     TP = _pow2(T, 1)
     BLOCK_N = max(16, min(1024, 8192 // TP))
-    table = _table(offsets, numels, span or SPAN, M.device)
+    table = _table(offsets, numels, span or _auto_span(numels, M.device, BLOCK_N), M.device)
     if table.shape[0]:
         _matvec_kernel[(table.shape[0],)](M, x.contiguous(), W, table, T, M.stride(0), TP=TP, BLOCK_N=BLOCK_N)
     return W
