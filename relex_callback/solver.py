@@ -98,14 +98,19 @@ class Solution:
 
 
 def default_method(device: torch.device, rank: int, distributed: bool) -> str:
-    """The dispatch table, from ``bench/solver.py`` measurements (README, "Solver figures"): ``gram`` everywhere.
+    """The dispatch table, from ``bench/solver.py`` measurements (README, "Solver figures").
 
-    On CPU (2 cores, T=75, 8M bf16 elements) the Gram pass took 0.72 s and the whole end of window 0.82 s, while the
-    ``power`` path needed 3 fused passes (+ the direction pass) on near-rank-1 data and took 4-5 s: each fused pass
-    streams the float32 chunk three times (convert, ``M^T q``, ``M y``) at GEMV speed, which costs more than the
-    Gram's one conversion + one cache-friendly GEMM. On CUDA the Gram is one Triton launch over all segments,
-    memory-bound, i.e. one read of the buffer, which no iterative method beats."""
-    return "gram"
+    * CPU, rank 1: ``power``. On 2 cores, T=75, 8M bf16 elements, a fused Krylov pass costs ~0.14 s (about two
+      plain copies of the buffer) while the Gram pass costs 0.72-1.0 s (compute-bound: T^2 n multiply-adds).
+      Near-rank-1 trajectories converge in 3 passes (end of window 0.51 s vs 0.99 s for ``gram``); noisier ones
+      (explained variance ~0.5) need ~5 passes and tie with ``gram``; flat spectra fall back to ``gram`` after
+      ``max_iter`` passes (worst case ~2x ``gram``). RLVR trajectories are the first kind.
+    * CUDA: ``gram`` (one Triton launch over all segments reads the buffer once; no iteration beats one read).
+    * rank > 1 or distributed (sharded tensors whose Grams are all-reduced): ``gram``.
+    """
+    if rank > 1 or distributed:
+        return "gram"
+    return "gram" if device.type == "cuda" else "power"
 
 
 def _top_eigenpairs(G: torch.Tensor, rank: int):

@@ -218,3 +218,16 @@ def test_bad_inputs():
         solve(M64.float(), steps, specs, method="svd")
     with pytest.raises(ValueError, match="two"):
         solve(M64.float()[:1], steps[:1], specs)
+
+
+def test_auto_dispatch():
+    M64, steps, specs = _trajectory(6, [30, 20], "near1", seed=10)
+    sol = solve(M64.float(), steps, specs)
+    assert sol.method == "power"  # CPU, rank 1 (README, "Solver figures")
+    assert solve(M64.float(), steps, specs, rank=2).method == "gram"
+    assert solve(M64.float(), steps, specs, reduce=lambda G: G).method == "gram"  # distributed: Grams all-reduced
+    _check(sol, M64.float().double(), steps, specs, cos_min=0.9999, rtol=1e-5)
+    # bytes read: power = its passes + the direction pass; gram = exactly two reads of the buffer
+    gram = solve(M64.float(), steps, specs, method="gram")
+    assert gram.bytes_read == 2 * M64.shape[0] * M64.shape[1] * 4
+    assert sol.bytes_read > gram.bytes_read
