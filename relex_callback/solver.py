@@ -272,6 +272,7 @@ def _power_eigs(M: torch.Tensor, offsets, numels, *, max_iter: int, tol: float):
         Q[-1, 0] = 1.0
         rowsq = torch.zeros(T, dtype=torch.float64, device=M.device)
         done = False
+        prev_err = math.inf
         for j in range(max_iter):
             w = _fused_gram_matvec(M, o, n, Q[:, j].to(device=M.device, dtype=torch.float32), rowsq if j == 0 else None, tmp, y).cpu()
             read += n
@@ -302,6 +303,14 @@ def _power_eigs(M: torch.Tensor, offsets, numels, *, max_iter: int, tol: float):
                 break
             if beta <= 1e-300:
                 break  # invariant subspace without a positive Ritz value: let the Gram path decide
+            # Give up early when the observed convergence rate cannot reach tol within max_iter passes (a flat
+            # spectrum): every further pass would be wasted before the Gram fallback.
+            err = res / max(min(th1, gap), 1e-300) if th1 > 0 else math.inf
+            if j >= 2 and math.isfinite(err) and prev_err > 0:
+                rate = err / prev_err
+                if rate >= 1.0 or (j + 1) + math.log(err / tol) / -math.log(rate) > max_iter:
+                    break
+            prev_err = err
             Q[:, j + 1] = w / beta
         if not done:
             todo.append(i)
