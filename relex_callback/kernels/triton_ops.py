@@ -68,7 +68,7 @@ def _auto_span(numels: Sequence[int], device, multiple: int) -> int:
 @triton.jit
 def _gram_kernel(
     M_ptr, G_ptr, table_ptr, T, stride_t, pairs_ptr,
-    BT: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    BT: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, SINGLE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pair = tl.program_id(1)
@@ -87,7 +87,10 @@ def _gram_kernel(
         c = c0 + cols
         mc = c < end
         a = tl.load(M_ptr + ri[:, None].to(tl.int64) * stride_t + c[None, :], mask=mi[:, None] & mc[None, :], other=0.0)
-        b = tl.load(M_ptr + rj[:, None].to(tl.int64) * stride_t + c[None, :], mask=mj[:, None] & mc[None, :], other=0.0)
+        if SINGLE:
+            b = a  # T <= 128: one block, the tile is multiplied by its own transpose (one load)
+        else:
+            b = tl.load(M_ptr + rj[:, None].to(tl.int64) * stride_t + c[None, :], mask=mj[:, None] & mc[None, :], other=0.0)
         if UPCAST:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
@@ -136,7 +139,7 @@ def gram(
     upcast = _INTERPRET and M.dtype == torch.bfloat16
     _gram_kernel[grid](
         M, G, table, T, M.stride(0), pairs, BT=BT, BLOCK_N=BLOCK_N, IEEE=M.dtype == torch.float32 or upcast,
-        UPCAST=upcast,
+        UPCAST=upcast, SINGLE=nb == 1,
         num_warps=8 if BT >= 128 else 4,
     )
     return G.double()
