@@ -10,9 +10,13 @@ Two ways to get the triplet, both a constant number of passes over the buffer:
   ``eigh`` of all the small ``T x T`` matrices gives ``(sigma, u)``, one more pass gives ``v = M^T u / sigma``.
   Exact for any trajectory; supports rank r > 1; the only path for sharded (distributed) tensors, whose Grams
   are all-reduced between the two passes.
-* ``power``: power iteration directly on ``M``, warm-started from the last delta (already close to ``v`` when the
-  trajectory is near rank-1): ``2 T n`` multiply-adds per iteration instead of ``T^2 n`` for the Gram. A segment
-  that has not converged after ``max_iter`` iterations falls back to the Gram path, so the result is the same.
+* ``power``: a Krylov (Lanczos) iteration on ``G_i = M_i M_i^T`` without ever forming ``G_i``: each step is one
+  fused pass over the segment, ``w = M (M^T q)`` computed chunk by chunk while the chunk is in cache (``4 T n``
+  multiply-adds instead of the Gram's ``T^2 n``; no ``n``-vector is stored). It starts from the last step
+  (``q = e_T``, so the first step yields the last row's Gram column: the warm start) and does Rayleigh-Ritz on the
+  small Krylov basis in float64. A near-rank-1 trajectory converges in 2-3 passes. A segment whose Ritz pair has
+  not converged after ``max_iter`` passes falls back to the Gram path, so the result is the same. Then the same
+  direction pass as ``gram``.
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ class Solution:
     method: str = "gram"
     seconds: dict = field(default_factory=dict)
     fallbacks: int = 0
+    bytes_read: int = 0  # bytes of the buffer read by the solve (passes x segment bytes)
 
     @property
     def explained(self) -> torch.Tensor:
@@ -93,7 +98,16 @@ class Solution:
 
 
 def default_method(device: torch.device, rank: int, distributed: bool) -> str:
-    """The dispatch table, from ``bench/solver.py`` measurements (see README, "Solver")."""
+    """The dispatch table, from ``bench/solver.py`` measurements (README, "Solver figures").
+
+    * CPU, rank 1: ``power``. On 2 cores, T=75, 8M bf16 elements, a fused Krylov pass costs ~0.14 s (about two
+      plain copies of the buffer) while the Gram pass costs 0.72-1.0 s (compute-bound: T^2 n multiply-adds).
+      Near-rank-1 trajectories converge in 3 passes (end of window 0.51 s vs 0.99 s for ``gram``); noisier ones
+      (explained variance ~0.5) need ~5 passes and tie with ``gram``; flat spectra fall back to ``gram`` after
+      ``max_iter`` passes (worst case ~2x ``gram``). RLVR trajectories are the first kind.
+    * CUDA: ``gram`` (one Triton launch over all segments reads the buffer once; no iteration beats one read).
+    * rank > 1 or distributed (sharded tensors whose Grams are all-reduced): ``gram``.
+    """
     if rank > 1 or distributed:
         return "gram"
     return "gram" if device.type == "cuda" else "power"
@@ -126,22 +140,32 @@ def solve(
     method: str = "auto",
     out_dtype: Optional[torch.dtype] = None,
     reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-    max_iter: int = 30,
-    tol: float = 2e-6,
+    max_iter: int = 6,
+    tol: float = 1e-6,
     left: Optional[torch.Tensor] = None,
     total_sq: Optional[torch.Tensor] = None,
 ) -> Solution:
     """Solve every segment of ``M`` (``[T, D]``, rows in step order).
 
     Args:
-        reduce: applied to the stacked Gram matrices (``[S, T, T]`` float64) before the eigen-decomposition; the
-            distributed path passes an all-reduce here (one collective for all tensors).
-        out_dtype: dtype of the direction arena ``V`` (default: the buffer dtype).
-        left: a folded store's left factors (``TrajectoryStore.solve_inputs``): ``[S, T, R]`` float64 with the
-            trajectory of segment ``i`` equal to ``left[i] @ M_i`` (``M`` then has ``R`` rows: the folded basis and
-            the remaining deltas). ``None`` (no fold) is the plain path, unchanged.
-        total_sq: exact ``||M_i||_F^2`` per segment for the report (a folded store knows it; the factorisation
-            alone would understate it).
+        M (`torch.Tensor`): the arena ``[T, D]`` (rows in step order; any float dtype).
+        steps (`Sequence[int]`): the step number of each row.
+        specs (`Sequence[TensorSpec]`): the segments (``offset``, ``local_numel``).
+        rank (`int`, *optional*, defaults to `1`): number of components per tensor.
+        fit_start (`int`, *optional*): fit the lines on steps ``>= fit_start`` only.
+        method (`str`, *optional*, defaults to `"auto"`): ``"gram"``, ``"power"`` or ``"auto"`` (see
+            :func:`default_method`). ``power`` falls back to ``gram`` for ``rank > 1`` and with ``reduce``.
+        out_dtype (`torch.dtype`, *optional*): dtype of the direction arena ``V`` (default: the buffer dtype).
+        reduce (`Callable`, *optional*): applied to the stacked Gram matrices (``[S, T, T]`` float64) before the
+            eigen-decomposition; the distributed path passes an all-reduce here (one collective for all tensors).
+        max_iter (`int`, *optional*, defaults to `6`): passes over a segment before ``power`` gives it to ``gram``.
+        tol (`float`, *optional*, defaults to `1e-6`): ``power`` accepts a Ritz pair when its residual is below
+            ``tol`` times both the Ritz value and the gap to the next one (eigenvector error ~ ``tol``).
+        left (`torch.Tensor`, *optional*): a folded store's left factors (``TrajectoryStore.solve_inputs``):
+            ``[S, T, R]`` float64 with the trajectory of segment ``i`` equal to ``left[i] @ M_i`` (``M`` then has
+            ``R`` rows: the folded basis and the remaining deltas). ``None`` (no fold) is the plain path.
+        total_sq (`torch.Tensor`, *optional*): exact ``||M_i||_F^2`` per segment for the report (a folded store
+            knows it; the factorisation alone would understate it).
     """
     if left is not None:
         return _solve_left(M, steps, specs, left=left, total_sq=total_sq, rank=rank, fit_start=fit_start,
@@ -160,9 +184,12 @@ def solve(
     S = len(specs)
     if method == "auto":
         method = default_method(M.device, rank, reduce is not None)
+    if method not in ("gram", "power"):
+        raise ValueError(f"unknown method {method!r}")
     if method == "power" and (rank > 1 or reduce is not None):
         method = "gram"
     V = torch.zeros(rank, D, dtype=out_dtype or M.dtype, device=M.device)
+    seg_bytes = T * sum(numels) * M.element_size()
     secs = {}
     t0 = time.perf_counter()
     fallbacks = 0
@@ -174,115 +201,130 @@ def solve(
         secs["gram"] = time.perf_counter() - t0
         t1 = time.perf_counter()
         lam, U = _top_eigenpairs(G, rank)
-        U = _fix_signs(U)
         total = torch.diagonal(G, dim1=1, dim2=2).sum(-1).clamp_min(0)
         last_sq = G[:, -1, -1].clamp_min(0)
-        sigma = lam.sqrt()
         secs["eigen"] = time.perf_counter() - t1
-        t2 = time.perf_counter()
-        keep = sigma > (REL_SIGMA_FLOOR * sigma[:, :1]).clamp_min(1e-300)
-        scale = torch.where(keep, 1.0 / sigma.clamp_min(1e-300), 0.0)
-        Us = (U * scale.unsqueeze(1)).float()  # [S, T, r], u / sigma
-        kernels.project(M, offsets, numels, Us, V)
-        secs["direction"] = time.perf_counter() - t2
-        coeffs = (U * (sigma * keep).unsqueeze(1)).transpose(1, 2)  # [S, r, T]
-        sigma = sigma * keep
-    elif method == "power":
-        sigma = torch.zeros(S, 1, dtype=torch.float64)
-        coeffs = torch.zeros(S, 1, T, dtype=torch.float64)
-        total = torch.zeros(S, dtype=torch.float64)
-        last_sq = torch.zeros(S, dtype=torch.float64)
-        todo = []
-        for i, (o, n) in enumerate(zip(offsets, numels)):
-            res = _power_segment(M, o, n, max_iter=max_iter, tol=tol)
-            if res is None:
-                todo.append(i)
-                continue
-            v, c, tot, lsq = res
-            V[0, o : o + n] = v
-            sigma[i, 0] = float(c.norm())
-            coeffs[i, 0] = c
-            total[i] = tot
-            last_sq[i] = lsq
+        passes = float(S > 0)
+    else:
+        lam, U, total, last_sq, todo, passes = _power_eigs(M, offsets, numels, max_iter=max_iter, tol=tol)
         fallbacks = len(todo)
         if todo:
-            sub = [specs[i] for i in todo]
-            sol = solve_gram_subset(M, sub, rank=1)
-            for j, i in enumerate(todo):
-                o, n = offsets[i], numels[i]
-                V[0, o : o + n] = sol["V"][j]
-                sigma[i] = sol["sigma"][j]
-                coeffs[i] = sol["coeffs"][j]
-                total[i] = sol["total"][j]
-                last_sq[i] = sol["last_sq"][j]
+            sub_o = [offsets[i] for i in todo]
+            sub_n = [numels[i] for i in todo]
+            G = kernels.gram(M, sub_o, sub_n).double().cpu()
+            lam_f, U_f = _top_eigenpairs(G, 1)
+            idx = torch.tensor(todo)
+            lam[idx] = lam_f
+            U[idx] = U_f
+            total[idx] = torch.diagonal(G, dim1=1, dim2=2).sum(-1).clamp_min(0)
+            last_sq[idx] = G[:, -1, -1].clamp_min(0)
+            passes += T * sum(sub_n) * M.element_size() / max(seg_bytes, 1)
         secs["power"] = time.perf_counter() - t0
-    else:
-        raise ValueError(f"unknown method {method!r}")
+    U = _fix_signs(U)
+    sigma = lam.sqrt()
+    t2 = time.perf_counter()
+    keep = sigma > (REL_SIGMA_FLOOR * sigma[:, :1]).clamp_min(1e-300)
+    scale = torch.where(keep, 1.0 / sigma.clamp_min(1e-300), 0.0)
+    Us = (U * scale.unsqueeze(1)).float()  # [S, T, r], u / sigma
+    kernels.project(M, offsets, numels, Us, V)
+    secs["direction"] = time.perf_counter() - t2
+    passes += float(S > 0)
+    coeffs = (U * (sigma * keep).unsqueeze(1)).transpose(1, 2)  # [S, r, T]
+    sigma = sigma * keep
     slope, intercept, r2 = fit_lines(coeffs, steps_t, mask)
     secs["total"] = time.perf_counter() - t0
     return Solution(
         specs=list(specs), steps=[int(s) for s in steps], fit_start=fit_start, rank=rank, sigma=sigma, coeffs=coeffs,
         slope=slope, intercept=intercept, r2=r2, total=total, last_sq=last_sq, V=V, method=method, seconds=secs,
-        fallbacks=fallbacks,
+        fallbacks=fallbacks, bytes_read=int(round(passes * seg_bytes)),
     )
 
 
-def solve_gram_subset(M: torch.Tensor, specs: Sequence[TensorSpec], rank: int) -> dict:
-    """Gram path for a few segments (the power path's fallback); directions returned per segment."""
-    offsets = [s.offset for s in specs]
-    numels = [s.local_numel for s in specs]
-    G = kernels.gram(M, offsets, numels).double().cpu()
-    lam, U = _top_eigenpairs(G, rank)
-    U = _fix_signs(U)
-    sigma = lam.sqrt()
-    keep = sigma > (REL_SIGMA_FLOOR * sigma[:, :1]).clamp_min(1e-300)
-    scale = torch.where(keep, 1.0 / sigma.clamp_min(1e-300), 0.0)
-    Vs = []
-    for j, (o, n) in enumerate(zip(offsets, numels)):
-        out = torch.empty(rank, n, dtype=torch.float32, device=M.device)
-        w = (U[j] * scale[j]).float().to(M.device)
-        for k in range(rank):
-            kernels.reference.rmatvec_reference(M, o, n, w[:, k], out[k])
-        Vs.append(out)
-    return {
-        "V": Vs,
-        "sigma": sigma * keep,
-        "coeffs": (U * (sigma * keep).unsqueeze(1)).transpose(1, 2),
-        "total": torch.diagonal(G, dim1=1, dim2=2).sum(-1).clamp_min(0),
-        "last_sq": G[:, -1, -1].clamp_min(0),
-    }
+def _fused_gram_matvec(M: torch.Tensor, o: int, n: int, q: torch.Tensor, rowsq: Optional[torch.Tensor], tmp, y):
+    """``M_i (M_i^T q)`` for one segment in one pass (float32 chunks, each used twice while in cache); with
+    ``rowsq`` also the squared row norms (float64). Returns float64 ``[T]``."""
+    w = torch.zeros(M.shape[0], dtype=torch.float32, device=M.device)
+    for s in range(o, o + n, y.shape[0]):
+        e = min(o + n, s + y.shape[0])
+        if tmp is None:
+            c = M[:, s:e]
+        else:
+            c = tmp[:, : e - s]
+            c.copy_(M[:, s:e])
+        yy = y[: e - s]
+        torch.mv(c.T, q, out=yy)
+        w.addmv_(c, yy)
+        if rowsq is not None:
+            rowsq += torch.linalg.vector_norm(c, dim=1).double().square()
+    return w.double()
 
 
-def _power_segment(M: torch.Tensor, o: int, n: int, *, max_iter: int, tol: float):
-    """Rank-1 power iteration on one segment, warm-started from the last row. Returns ``(v [n] f32, c [T] f64,
-    ||M||_F^2, ||Delta_last||^2)`` or ``None`` when it did not converge (the caller falls back to the Gram)."""
+def _power_eigs(M: torch.Tensor, offsets, numels, *, max_iter: int, tol: float):
+    """Top eigenpair of every ``G_i = M_i M_i^T`` by Lanczos (full re-orthogonalisation, float64 in the small
+    ``T``-space) without forming ``G_i``. Returns ``(lam [S,1], U [S,T,1], total [S], last_sq [S], todo, passes)``
+    where ``todo`` lists the segments that did not converge (their entries are left for the Gram fallback) and
+    ``passes`` counts reads of the whole buffer."""
     T = M.shape[0]
-    ref = kernels.reference
-    x = M[-1, o : o + n].float()
-    nx = x.norm()
-    if nx == 0:
-        return None  # rare (the last delta is zero): let the Gram path handle it exactly
-    x = x / nx
-    y = torch.empty(n, dtype=torch.float32, device=M.device)
-    rowsq = torch.zeros(T, dtype=torch.float64, device=M.device)
-    for it in range(max_iter):
-        w = ref.matvec_reference(M, o, n, x, rowsq=rowsq if it == 0 else None)
-        ref.rmatvec_reference(M, o, n, w, y)
-        lam = float(w.double().square().sum())  # Rayleigh quotient x^T M^T M x
-        ny = y.norm()
-        if ny == 0 or lam == 0:
-            return None
-        # sin of the angle between x and M^T M x: zero exactly at an eigenvector
-        res = float((y / ny - x).norm())
-        x = y / ny
-        if res < tol:
-            break
-    else:
-        return None
-    c = ref.matvec_reference(M, o, n, x).double()
-    if float(c[-1]) < 0 or (float(c[-1]) == 0 and float(c[c.abs().argmax()]) < 0):
-        c, x = -c, -x
-    return x, c, float(rowsq.sum()), float(rowsq[-1])
+    S = len(offsets)
+    chunk = kernels.reference.CHUNK
+    lam = torch.zeros(S, 1, dtype=torch.float64)
+    U = torch.zeros(S, T, 1, dtype=torch.float64)
+    U[:, -1, 0] = 1.0
+    total = torch.zeros(S, dtype=torch.float64)
+    last_sq = torch.zeros(S, dtype=torch.float64)
+    todo = []
+    tmp = torch.empty(T, chunk, dtype=torch.float32, device=M.device) if M.dtype != torch.float32 else None
+    y = torch.empty(chunk, dtype=torch.float32, device=M.device)
+    read = 0
+    for i, (o, n) in enumerate(zip(offsets, numels)):
+        Q = torch.zeros(T, max_iter + 1, dtype=torch.float64)
+        H = torch.zeros(max_iter + 1, max_iter, dtype=torch.float64)
+        Q[-1, 0] = 1.0
+        rowsq = torch.zeros(T, dtype=torch.float64, device=M.device)
+        done = False
+        prev_err = math.inf
+        for j in range(max_iter):
+            w = _fused_gram_matvec(M, o, n, Q[:, j].to(device=M.device, dtype=torch.float32), rowsq if j == 0 else None, tmp, y).cpu()
+            read += n
+            if j == 0:
+                rowsq = rowsq.cpu()
+                total[i] = rowsq.sum()
+                last_sq[i] = rowsq[-1]
+                if total[i] == 0:
+                    done = True  # the segment never moved: lam = 0, any u (the direction pass gives v = 0)
+                    break
+            Qj = Q[:, : j + 1]
+            h = Qj.T @ w
+            w = w - Qj @ h
+            h2 = Qj.T @ w  # second Gram-Schmidt sweep: orthogonality to round-off
+            w = w - Qj @ h2
+            H[: j + 1, j] = h + h2
+            beta = float(w.norm())
+            H[j + 1, j] = beta
+            Hj = H[: j + 1, : j + 1]
+            theta, Y = torch.linalg.eigh(0.5 * (Hj + Hj.T))
+            th1 = float(theta[-1])
+            gap = th1 - (float(theta[-2]) if j > 0 else 0.0)
+            res = beta * abs(float(Y[-1, -1]))
+            if th1 > 0 and (beta <= 1e-12 * th1 or (j > 0 and res <= tol * th1 and res <= tol * gap)):
+                lam[i, 0] = th1
+                U[i, :, 0] = Qj @ Y[:, -1]
+                done = True
+                break
+            if beta <= 1e-300:
+                break  # invariant subspace without a positive Ritz value: let the Gram path decide
+            # Give up early when the observed convergence rate cannot reach tol within max_iter passes (a flat
+            # spectrum): every further pass would be wasted before the Gram fallback.
+            err = res / max(min(th1, gap), 1e-300) if th1 > 0 else math.inf
+            if j >= 2 and math.isfinite(err) and prev_err > 0:
+                rate = err / prev_err
+                if rate >= 1.0 or (j + 1) + math.log(err / tol) / -math.log(rate) > max_iter:
+                    break
+            prev_err = err
+            Q[:, j + 1] = w / beta
+        if not done:
+            todo.append(i)
+    return lam, U, total, last_sq, todo, read * T / max(1, T * sum(numels)) if S else 0.0
 
 
 @torch.no_grad()

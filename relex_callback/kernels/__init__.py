@@ -1,5 +1,12 @@
 """Solver passes with per-device dispatch: Triton kernels on CUDA (``kernels/triton_ops.py``), the chunked torch
-references on CPU (``kernels/reference.py``). Every Triton kernel is tested against its reference."""
+references on CPU (``kernels/reference.py``). Every Triton kernel is tested against its reference.
+
+Environment switches:
+
+* ``RELEX_DISABLE_TRITON=1``: always use the torch references (also on CUDA).
+* ``RELEX_FORCE_TRITON=1``: use the Triton kernels on any device; on CPU tensors this only works when
+  ``TRITON_INTERPRET=1`` was set before ``triton`` was first imported (the tests do this).
+"""
 
 from __future__ import annotations
 
@@ -14,7 +21,7 @@ from . import reference
 def _use_triton(M: torch.Tensor) -> bool:
     if os.environ.get("RELEX_DISABLE_TRITON") == "1":
         return False
-    if M.device.type != "cuda":
+    if M.device.type != "cuda" and os.environ.get("RELEX_FORCE_TRITON") != "1":
         return False
     try:
         from . import triton_ops  # noqa: F401
@@ -39,3 +46,12 @@ def project(M: torch.Tensor, offsets: Sequence[int], numels: Sequence[int], U: t
 
         return triton_ops.project(M, offsets, numels, U, out)
     return reference.project_reference(M, offsets, numels, U, out)
+
+
+def matvec(M: torch.Tensor, offsets: Sequence[int], numels: Sequence[int], x: torch.Tensor) -> torch.Tensor:
+    """``[S, T]`` float32: ``M_i x[seg_i]`` for every segment (``x`` is ``[D]`` in the arena layout)."""
+    if _use_triton(M):
+        from . import triton_ops
+
+        return triton_ops.matvec(M, offsets, numels, x)
+    return reference.matvec_grouped_reference(M, offsets, numels, x)

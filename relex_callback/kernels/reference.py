@@ -97,3 +97,13 @@ def rmatvec_reference(M: torch.Tensor, o: int, n: int, w: torch.Tensor, out: tor
             c.copy_(M[:, s:e])
         torch.mv(c.T, w, out=out[s - o : e - o])
     return out
+
+
+@torch.no_grad()
+def matvec_grouped_reference(M: torch.Tensor, offsets: Sequence[int], numels: Sequence[int], x: torch.Tensor) -> torch.Tensor:
+    """``W[i] = M_i x[seg_i]`` for every segment: ``[S, T]`` float32 (``x`` is ``[D]``, a row in the arena layout)."""
+    W = torch.zeros(len(offsets), M.shape[0], dtype=torch.float32, device=M.device)
+    xf = x.to(device=M.device, dtype=torch.float32)
+    for i, (o, n) in enumerate(zip(offsets, numels)):
+        W[i] = matvec_reference(M, o, n, xf[o : o + n])
+    return W

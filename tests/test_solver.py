@@ -1,0 +1,233 @@
+"""The solver (both methods) against ``torch.linalg.svd`` in float64, and the OLS fit against a direct computation."""
+
+import math
+
+import pytest
+import torch
+
+from relex_callback.params import TensorSpec
+from relex_callback.solver import solve
+
+METHODS = ["gram", "power"]
+
+
+def _specs(sizes):
+    specs, o = [], 0
+    for i, n in enumerate(sizes):
+        specs.append(TensorSpec(name=f"t{i}", shape=(n,), dtype=torch.float32, local_numel=n, offset=o))
+        o += n
+    return specs, o
+
+
+def _trajectory(T, sizes, kind, seed=0, steps=None):
+    """float64 ``[T, D]``: ``near1`` = (a t + b) v + 1% noise per segment, ``random`` = Gaussian."""
+    g = torch.Generator().manual_seed(seed)
+    specs, D = _specs(sizes)
+    steps = steps or [3 * (k + 1) for k in range(T)]
+    M = torch.empty(T, D, dtype=torch.float64)
+    for sp in specs:
+        n = sp.local_numel
+        if kind == "random":
+            M[:, sp.offset : sp.offset + n] = torch.randn(T, n, generator=g, dtype=torch.float64) * 1e-3
+        else:
+            v = torch.randn(n, generator=g, dtype=torch.float64)
+            v /= v.norm()
+            a, b = 1e-3 * (1 + float(torch.rand(1, generator=g))), 2e-3 * float(torch.randn(1, generator=g))
+            c = torch.tensor([a * t + b for t in steps], dtype=torch.float64)
+            noise = torch.randn(T, n, generator=g, dtype=torch.float64) * (0.01 * c.abs().max() / math.sqrt(n))
+            M[:, sp.offset : sp.offset + n] = c[:, None] * v[None, :] + noise
+    return M, steps, specs
+
+
+def _svd_reference(M64, steps, spec, rank=1, fit_start=None):
+    """float64 truth for one segment: per component (sigma, v with the solver's sign convention, slope, intercept)."""
+    m = M64[:, spec.offset : spec.offset + spec.local_numel]
+    U, S, Vh = torch.linalg.svd(m, full_matrices=False)
+    t = torch.tensor(steps, dtype=torch.float64)
+    keep = t >= (fit_start if fit_start is not None else -math.inf)
+    out = []
+    for k in range(rank):
+        c = S[k] * U[:, k]
+        v = Vh[k]
+        if c[-1] < 0:
+            c, v = -c, -v
+        A = torch.stack([t[keep], torch.ones_like(t[keep])], 1)
+        a, b = torch.linalg.lstsq(A, c[keep][:, None]).solution[:, 0]
+        out.append((float(S[k]), v, float(a), float(b), c))
+    return out
+
+
+def _check(sol, M64, steps, specs, *, cos_min, rtol, rank=1, fit_start=None, coef_scale_tol=False):
+    for i, sp in enumerate(specs):
+        ref = _svd_reference(M64, steps, sp, rank, fit_start)
+        for k, (s, v, a, b, c) in enumerate(ref):
+            vk = sol.direction(i)[k].double()
+            cos = float(vk @ v) / max(float(vk.norm()), 1e-300)
+            assert cos >= cos_min, (sp.name, k, cos)
+            # the Gram squares the condition number: the error of a minor component's sigma scales with sigma_1
+            assert abs(float(sol.sigma[i, k]) - s) <= rtol * ref[0][0], (sp.name, k)
+            da, db = abs(float(sol.slope[i, k]) - a), abs(float(sol.intercept[i, k]) - b)
+            if coef_scale_tol:
+                # random trajectories: the true slope can be ~0, so a relative error on it means nothing; measure
+                # the error of the fitted line over the window against the size of the coefficients instead.
+                cmax = float(c.abs().max())
+                assert da * max(steps) + db <= rtol * cmax, (sp.name, k, da, db, cmax)
+            else:
+                assert da <= rtol * abs(a), (sp.name, k, a, da)
+                assert db <= rtol * max(abs(b), abs(a) * max(steps)), (sp.name, k, b, db)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("kind", ["near1", "random"])
+def test_matches_float64_svd_fp32_storage(method, kind):
+    M64, steps, specs = _trajectory(12, [1, 7, 300, 2000], kind, seed=1)
+    sol = solve(M64.float(), steps, specs, method=method)
+    assert sol.method == method
+    assert all(torch.isfinite(x).all() for x in (sol.sigma, sol.slope, sol.intercept, sol.r2, sol.V.float()))
+    # a 1-column segment is exactly rank 1: the check holds for it too
+    _check(sol, M64.float().double(), steps, specs, cos_min=0.9999, rtol=1e-5, coef_scale_tol=kind == "random")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_power_falls_back_on_random_data_and_agrees_with_gram(method):
+    M64, steps, specs = _trajectory(30, [500, 800], "random", seed=2)
+    a = solve(M64.float(), steps, specs, method="gram")
+    b = solve(M64.float(), steps, specs, method=method, max_iter=3)
+    if method == "power":
+        assert b.fallbacks >= 1  # flat spectrum: 3 Krylov steps are not enough, the Gram path finishes the job
+    assert torch.allclose(a.sigma, b.sigma, rtol=1e-6)
+    assert (a.V.double() - b.V.double()).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_all_zero_segments_give_theta0(method):
+    M64, steps, specs = _trajectory(6, [40, 50, 9], "near1", seed=3)
+    M = M64.float()
+    M[:, specs[1].offset : specs[1].offset + 50] = 0
+    M[:, specs[2].offset : specs[2].offset + 9] = 0
+    sol = solve(M, steps, specs, method=method)
+    for i in (1, 2):
+        assert float(sol.sigma[i, 0]) == 0.0
+        assert float(sol.slope[i, 0]) == 0.0 and float(sol.intercept[i, 0]) == 0.0
+        assert (sol.direction(i) == 0).all()
+        theta0 = torch.randn(specs[i].local_numel)
+        out = sol.extrapolate(i, 1000, theta0)
+        assert torch.equal(out, theta0)
+        assert float(sol.explained[i]) == 1.0 and float(sol.r2[i, 0]) == 1.0
+    for x in (sol.sigma, sol.slope, sol.intercept, sol.r2, sol.explained, sol.V.float(), sol.coeffs):
+        assert torch.isfinite(x).all()
+    # the moving segment is unaffected by its zero neighbours
+    _check(sol, M.double(), steps, specs[:1], cos_min=0.9999, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_movement_only_in_early_rows(method):
+    """A tensor that moved in the first steps and then stopped: the last delta is still the total movement, but a
+    segment whose later rows are exactly zero (moved, then restored) must also work (warm start e_T is useless)."""
+    T, n = 10, 64
+    steps = list(range(1, T + 1))
+    specs, D = _specs([n, n])
+    g = torch.Generator().manual_seed(4)
+    M = torch.zeros(T, D)
+    v = torch.randn(n, generator=g)
+    M[:3, :n] = torch.tensor([1.0, 2.0, 3.0])[:, None] * v * 1e-3  # later rows zero
+    M[:3, n:] = torch.randn(3, n, generator=g) * 1e-3
+    sol = solve(M, steps, specs, method=method)
+    assert torch.isfinite(sol.V.float()).all() and torch.isfinite(sol.slope).all()
+    _check(sol, M.double(), steps, specs, cos_min=0.9999, rtol=1e-5, coef_scale_tol=True)
+
+
+def test_rank_r_components_each_fitted():
+    T, sizes = 10, [200, 333]
+    g = torch.Generator().manual_seed(5)
+    specs, D = _specs(sizes)
+    steps = list(range(2, 2 * T + 1, 2))
+    M = torch.zeros(T, D, dtype=torch.float64)
+    for sp in specs:
+        n = sp.local_numel
+        Q, _ = torch.linalg.qr(torch.randn(n, 3, generator=g, dtype=torch.float64))
+        t = torch.tensor(steps, dtype=torch.float64)
+        C = torch.stack([5e-3 * t + 0.01, 3e-3 * t - 0.003, 2e-2 * torch.sin(t)], 1)
+        M[:, sp.offset : sp.offset + n] = C @ Q.T + torch.randn(T, n, generator=g, dtype=torch.float64) * 1e-6
+    for method in METHODS:  # power falls back to gram for rank > 1
+        sol = solve(M.float(), steps, specs, rank=3, method=method)
+        assert sol.method == "gram" and sol.V.shape == (3, D)
+        _check(sol, M.float().double(), steps, specs, rank=3, cos_min=0.9999, rtol=1e-5, coef_scale_tol=True)
+        assert (sol.explained_rank >= sol.explained).all()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_fit_start(method):
+    M64, steps, specs = _trajectory(15, [120, 50], "near1", seed=6)
+    sol = solve(M64.float(), steps, specs, method=method, fit_start=steps[5])
+    _check(sol, M64.float().double(), steps, specs, cos_min=0.9999, rtol=1e-5, fit_start=steps[5])
+    full = solve(M64.float(), steps, specs, method=method)
+    assert not torch.allclose(sol.slope, full.slope, rtol=1e-9)
+    with pytest.raises(ValueError, match="fit_start"):
+        solve(M64.float(), steps, specs, fit_start=steps[-1])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_explained_variance_and_r2_direct(method):
+    M64, steps, specs = _trajectory(9, [80, 31], "near1", seed=7)
+    M = M64.float()
+    sol = solve(M, steps, specs, method=method)
+    t = torch.tensor(steps, dtype=torch.float64)
+    for i, sp in enumerate(specs):
+        m = M.double()[:, sp.offset : sp.offset + sp.local_numel]
+        S = torch.linalg.svdvals(m)
+        assert abs(float(sol.explained[i]) - float(S[0] ** 2 / (m**2).sum())) < 1e-6
+        assert abs(float(sol.total[i]) - float((m**2).sum())) <= 1e-6 * float((m**2).sum())
+        assert abs(float(sol.delta_norm[i]) - float(m[-1].norm())) <= 1e-6 * float(m[-1].norm())
+        c = sol.coeffs[i, 0]
+        pred = sol.slope[i, 0] * t + sol.intercept[i, 0]
+        r2 = 1 - float(((c - pred) ** 2).sum() / ((c - c.mean()) ** 2).sum())
+        assert abs(float(sol.r2[i, 0]) - r2) < 1e-9
+        # c_t = <Delta_t, v>
+        assert torch.allclose(c, m @ sol.direction(i)[0].double(), rtol=1e-5, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_storage_near_rank1(method, dtype):
+    M64, steps, specs = _trajectory(20, [3000, 257], "near1", seed=8)
+    M = M64.to(dtype)
+    sol = solve(M, steps, specs, method=method)
+    assert sol.V.dtype == dtype
+    for i, sp in enumerate(specs):
+        _, Vh = torch.linalg.svd(M64[:, sp.offset : sp.offset + sp.local_numel], full_matrices=False)[1:]
+        v = sol.direction(i)[0].double()
+        assert float((v @ Vh[0]).abs() / v.norm()) >= 0.999
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_extrapolate_is_the_formula(method):
+    M64, steps, specs = _trajectory(8, [100], "near1", seed=9)
+    sol = solve(M64.float(), steps, specs, method=method)
+    theta0 = torch.randn(100)
+    H = 500
+    expect = theta0.double() + (float(sol.slope[0, 0]) * H + float(sol.intercept[0, 0])) * sol.direction(0)[0].double()
+    assert torch.allclose(sol.extrapolate(0, H, theta0).double(), expect, atol=1e-6)
+
+
+def test_bad_inputs():
+    M64, steps, specs = _trajectory(4, [10], "near1")
+    with pytest.raises(ValueError, match="steps"):
+        solve(M64.float(), steps[:-1], specs)
+    with pytest.raises(ValueError, match="method"):
+        solve(M64.float(), steps, specs, method="svd")
+    with pytest.raises(ValueError, match="two"):
+        solve(M64.float()[:1], steps[:1], specs)
+
+
+def test_auto_dispatch():
+    M64, steps, specs = _trajectory(6, [30, 20], "near1", seed=10)
+    sol = solve(M64.float(), steps, specs)
+    assert sol.method == "power"  # CPU, rank 1 (README, "Solver figures")
+    assert solve(M64.float(), steps, specs, rank=2).method == "gram"
+    assert solve(M64.float(), steps, specs, reduce=lambda G: G).method == "gram"  # distributed: Grams all-reduced
+    _check(sol, M64.float().double(), steps, specs, cos_min=0.9999, rtol=1e-5)
+    # bytes read: power = its passes + the direction pass; gram = exactly two reads of the buffer
+    gram = solve(M64.float(), steps, specs, method="gram")
+    assert gram.bytes_read == 2 * M64.shape[0] * M64.shape[1] * 4
+    assert sol.bytes_read > gram.bytes_read
