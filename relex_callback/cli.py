@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     e.add_argument("--storage", default="auto", help="buffer tier: auto (default), device, host or disk")
     e.add_argument("--solver", default="auto", help="auto (default), gram or power")
-    e.add_argument("--max-shard-size", default="5GB", help="shard the written checkpoints above this size (default 5GB)")
+    e.add_argument("--max-shard-size", default="50GB", help="shard the written checkpoints above this size (default 50GB, like save_pretrained)")
     e.add_argument("--overwrite", action="store_true", help="replace existing outputs in --out")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--base", required=True, help="the same base checkpoint the state was computed from")
     m.add_argument("--horizons", required=True, help="steps to write, comma separated")
     m.add_argument("--out", required=True, help="output directory (step-H/ for each horizon)")
-    m.add_argument("--max-shard-size", default="5GB", help="shard the written checkpoints above this size (default 5GB)")
+    m.add_argument("--max-shard-size", default="50GB", help="shard the written checkpoints above this size (default 50GB, like save_pretrained)")
     m.add_argument("--overwrite", action="store_true", help="replace existing step-H/ directories")
 
     r = sub.add_parser("report", help="summarise report.json (and plot it with --plot)")
