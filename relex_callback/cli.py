@@ -261,11 +261,7 @@ def cmd_extrapolate(args) -> int:
     out = os.path.abspath(args.out)
     scratch = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.trajectory-{os.getpid()}")
     t_checked = time.perf_counter()
-    method = settings.solver
-    if method == "auto" and args.device == "cpu" and args.rank == 1 and len(cks) <= 32:
-        # bench/extrapolate.py, 20 checkpoints of 76.6M parameters on the 2-core CPU machine: gram 2.4 s vs power 4.2 s
-        # (the Gram's T^2 n multiply-adds are cheap at small T; power iteration pays two passes per iteration)
-        method = "gram"
+    method = settings.solver  # "auto": solver.default_method picks by device and number of steps
     store = TrajectoryStore(specs, len(cks), dtype=settings.dtype, storage=settings.storage, device=torch.device(args.device),
                             directory=scratch)
     try:

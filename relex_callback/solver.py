@@ -97,7 +97,13 @@ class Solution:
         return out.to(spec.dtype)
 
 
-def default_method(device: torch.device, rank: int, distributed: bool) -> str:
+# Below this many recorded steps the CPU Gram (T^2 n multiply-adds, GEMM-efficient) beats the Krylov passes
+# (4 T n multiply-adds each, GEMV-bound): bench/extrapolate.py, 20 checkpoints of 76.6M parameters on the 2-core
+# machine: gram 2.4 s vs power 4.2 s; bench/solver.py at T=75: power 0.48 s vs gram 0.84 s.
+CPU_GRAM_MAX_STEPS = 32
+
+
+def default_method(device: torch.device, rank: int, distributed: bool, steps: int = 75) -> str:
     """The dispatch table, from ``bench/solver.py`` measurements (README, "Solver figures").
 
     * CPU, rank 1: ``power``. On 2 cores, T=75, 8M bf16 elements, a fused Krylov pass costs ~0.14 s (about two
@@ -105,12 +111,14 @@ def default_method(device: torch.device, rank: int, distributed: bool) -> str:
       Near-rank-1 trajectories converge in 3 passes (end of window 0.51 s vs 0.99 s for ``gram``); noisier ones
       (explained variance ~0.5) need ~5 passes and tie with ``gram``; flat spectra fall back to ``gram`` after
       ``max_iter`` passes (worst case ~2x ``gram``). RLVR trajectories are the first kind.
+    * CPU with at most ``CPU_GRAM_MAX_STEPS`` recorded steps: ``gram`` (at small T its T^2 n is below the Krylov
+      passes' cost).
     * CUDA: ``gram`` (one Triton launch over all segments reads the buffer once; no iteration beats one read).
     * rank > 1 or distributed (sharded tensors whose Grams are all-reduced): ``gram``.
     """
-    if rank > 1 or distributed:
+    if rank > 1 or distributed or device.type == "cuda" or steps <= CPU_GRAM_MAX_STEPS:
         return "gram"
-    return "gram" if device.type == "cuda" else "power"
+    return "power"
 
 
 def _top_eigenpairs(G: torch.Tensor, rank: int):
@@ -183,7 +191,7 @@ def solve(
     numels = [s.local_numel for s in specs]
     S = len(specs)
     if method == "auto":
-        method = default_method(M.device, rank, reduce is not None)
+        method = default_method(M.device, rank, reduce is not None, T)
     if method not in ("gram", "power"):
         raise ValueError(f"unknown method {method!r}")
     if method == "power" and (rank > 1 or reduce is not None):

@@ -1,18 +1,11 @@
 """Triton kernels vs their plain-torch references (Liger-Kernel discipline): every op, several shapes and dtypes.
 
-Without a GPU the kernels run on CPU tensors under ``TRITON_INTERPRET=1``. That variable must be set before
-``triton`` is first imported (importing relex_callback imports it, through transformers/torch._dynamo), and it must
-stay set while kernels run, so setting it here would leak into every later test and child process. Hence:
-
-* with a GPU, or when the variable is already set (``TRITON_INTERPRET=1 pytest tests/test_kernels.py``), the cases
-  run in this process;
-* otherwise they are skipped here and ``test_kernels_in_child_process`` runs this module in a child process with
-  the variable set (and asserts that the cases really ran there).
+Without a GPU the kernels run on CPU tensors under ``TRITON_INTERPRET=1``, which ``tests/conftest.py`` switches on
+before triton is first imported. ``test_interpreter_really_runs_the_kernels`` makes sure the cases below are not
+silently skipped for want of it.
 """
 
 import os
-import re
-import subprocess
 import sys
 
 import pytest
@@ -47,7 +40,7 @@ def _in_process_ok() -> bool:
 
 IN_PROCESS = _in_process_ok()
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-needs_kernels = pytest.mark.skipif(not IN_PROCESS, reason="triton interpreter not active in this process; see test_kernels_in_child_process")
+needs_kernels = pytest.mark.skipif(not IN_PROCESS, reason="triton is not installed (or its interpreter could not start: see test_interpreter_really_runs_the_kernels)")
 
 # (segment sizes) cases: a single column, odd sizes, sizes that are not multiples of any block, many tiny segments
 # and one big one. The tests shrink each program's column span to SPAN so that the big segments cover several
@@ -168,17 +161,10 @@ def test_dispatch_forced_triton_matches(monkeypatch):
     assert not kernels._use_triton(M)
 
 
-@pytest.mark.skipif(IN_PROCESS or not HAVE_TRITON, reason="the kernel cases ran in this process")
-def test_kernels_in_child_process(subprocess_env):
-    env = dict(subprocess_env, TRITON_INTERPRET="1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__)],
-        env=env, capture_output=True, text=True, timeout=900,
-    )
-    tail = (proc.stdout + proc.stderr)[-4000:]
-    assert proc.returncode == 0, tail
-    m = re.search(r"(\d+) passed", tail)
-    assert m and int(m.group(1)) >= 50, tail  # the kernel cases really ran (not skipped) in the child
+@pytest.mark.skipif(not HAVE_TRITON, reason="triton not installed")
+def test_interpreter_really_runs_the_kernels():
+    # the kernel cases are skipped only when they cannot run; with triton installed they must be able to
+    assert IN_PROCESS, "Triton kernels cannot run here: on CPU, TRITON_INTERPRET=1 must be set before triton is imported"
 
 
 @pytest.mark.skipif(not HAVE_TRITON, reason="triton not installed")

@@ -221,9 +221,13 @@ def test_bad_inputs():
 
 
 def test_auto_dispatch():
-    M64, steps, specs = _trajectory(6, [30, 20], "near1", seed=10)
+    from relex_callback.solver import CPU_GRAM_MAX_STEPS
+
+    M64, steps, specs = _trajectory(CPU_GRAM_MAX_STEPS + 2, [30, 20], "near1", seed=10)
     sol = solve(M64.float(), steps, specs)
-    assert sol.method == "power"  # CPU, rank 1 (README, "Solver figures")
+    assert sol.method == "power"  # CPU, rank 1, many steps (README, "Solver figures")
+    few = M64[: CPU_GRAM_MAX_STEPS]
+    assert solve(few.float(), steps[: CPU_GRAM_MAX_STEPS], specs).method == "gram"  # small T: T^2 n is cheaper
     assert solve(M64.float(), steps, specs, rank=2).method == "gram"
     assert solve(M64.float(), steps, specs, reduce=lambda G: G).method == "gram"  # distributed: Grams all-reduced
     _check(sol, M64.float().double(), steps, specs, cos_min=0.9999, rtol=1e-5)
