@@ -17,8 +17,13 @@ import argparse
 import json
 import os
 import time
+import warnings
 
 import torch
+
+# transformers 5 deprecation notices raised inside TRL (gradient_checkpointing -> activation_checkpointing) say
+# nothing a demo user can act on
+warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
 
 
 def parse_args(argv=None):
