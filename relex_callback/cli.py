@@ -50,6 +50,39 @@ def _int_list(what: str, value: str) -> list[int]:
     return out
 
 
+def _horizons(value: str) -> list[int]:
+    hs = _int_list("--horizons", value)
+    rep = sorted({h for h in hs if hs.count(h) > 1})
+    if rep:
+        raise _InputError(f"--horizons repeats {', '.join(map(str, rep))}: give each step once, e.g. "
+                          f"--horizons {','.join(map(str, sorted(set(hs))))}")
+    return hs
+
+
+def _check_dir(option: str, path: str, what: str, weights: bool = False):
+    if not os.path.exists(path):
+        raise _InputError(f"{option} {path} does not exist; pass {what}")
+    if not os.path.isdir(path):
+        raise _InputError(f"{option} {path} is not a directory; pass {what}")
+    if weights and not any(os.path.isfile(os.path.join(path, f)) for f in WEIGHT_FILES):
+        raise _InputError(f"{option} {path} has no {' or '.join(WEIGHT_FILES)}; pass {what}, saved with safetensors "
+                          "(the default of save_pretrained)")
+
+
+def _shard_size(value: str) -> int:
+    """``--max-shard-size`` in bytes, checked before any work (the writer would only refuse it at the end)."""
+    from .errors import RelexInputError
+    from .writer import parse_size
+
+    try:
+        n = parse_size(value)
+    except RelexInputError:
+        n = 0
+    if n <= 0:
+        raise _InputError(f"--max-shard-size {value!r} is not a size; use e.g. 5GB, 500MB or a number of bytes")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="relex", description="RELEX: rank-1 linear extrapolation of RL weight trajectories.")
     sub = p.add_subparsers(dest="command", metavar="{extrapolate,materialize,report}", parser_class=_Parser)
@@ -208,10 +241,24 @@ def check_out_free(out: str, horizons: Sequence[int], overwrite: bool, also: Seq
 # ---------------------------------------------------------------------------------------------- commands
 def cmd_extrapolate(args) -> int:
     t_main = time.perf_counter()
-    horizons = _int_list("--horizons", args.horizons)
+    horizons = _horizons(args.horizons)
     steps = _int_list("--steps", args.steps) if args.steps is not None else None
     if args.device not in ("cpu", "cuda"):
         raise _InputError(f"--device {args.device!r} is not one of ['cpu', 'cuda']")
+    if args.fit_start is not None and args.fit_start < 0:
+        raise _InputError(f"--fit-start must be >= 0 (a step number), got {args.fit_start}")
+    _check_dir("--base", args.base, "the checkpoint training started from (step 0)", weights=True)
+    from .config import SOLVERS, STORAGES, parse_dtype
+    from .errors import RelexInputError
+
+    for opt, value, allowed in (("--storage", args.storage, STORAGES), ("--solver", args.solver, SOLVERS)):
+        if value not in allowed:
+            raise _InputError(f"{opt} {value!r} is not one of {', '.join(allowed)}")
+    try:
+        parse_dtype(args.dtype)
+    except RelexInputError:
+        raise _InputError(f"--dtype {args.dtype!r} is not one of bfloat16, float16, float32 (the trajectory buffer's dtype)") from None
+    _shard_size(args.max_shard_size)
     if args.trajectory is not None:
         return _extrapolate_trajectory(args, horizons)
     cks = discover_checkpoints(args.checkpoints, steps, args.stride)
@@ -225,6 +272,7 @@ def cmd_extrapolate(args) -> int:
     from .buffer import TrajectoryStore
     from .config import RelexSettings
     from .engine import finalize
+    from .errors import RelexNonFiniteError
     from .params import TensorSpec
     from .writer import DirectorySource
 
@@ -232,6 +280,10 @@ def cmd_extrapolate(args) -> int:
         raise _InputError("--device cuda but no CUDA device is visible; use --device cpu")
     tcut = cks[-1].step
     obs = [c.step for c in cks]
+    early = [h for h in horizons if h <= tcut]
+    if early:
+        raise _InputError(f"--horizons {','.join(map(str, early))} not beyond the last checkpoint's step {tcut}: extrapolation "
+                          f"writes steps after it; use horizons > {tcut} (the paper uses 5-10x the last step)")
     # The CLI's steps need not be every stride-th step, so settings are validated with stride 1 and the checks that
     # depend on the actual steps are done here.
     settings = RelexSettings.validate(tcut=max(tcut, 2), horizons=horizons, stride=1, fit_start=None, rank=1,
@@ -269,7 +321,11 @@ def cmd_extrapolate(args) -> int:
         bar = _progress(len(cks), args.no_progress)
         for ck, src in zip(cks, sources):
             bar.set_postfix_str(os.path.basename(os.path.normpath(ck.path)))
-            store.snapshot(ck.step, read_tensors(src, names, args.device))
+            try:
+                store.snapshot(ck.step, read_tensors(src, names, args.device))
+            except RelexNonFiniteError as e:
+                bar.close()
+                raise _InputError(f"{ck.path}: {e}; leave this checkpoint (and later ones) out of --checkpoints") from None
             bar.update(1)
         bar.close()
         t_read = time.perf_counter()
@@ -315,8 +371,7 @@ def cmd_extrapolate(args) -> int:
 def _extrapolate_trajectory(args, horizons) -> int:
     if args.steps is not None or args.stride != 1:
         raise _InputError("--steps and --stride apply to --checkpoints; a saved trajectory keeps its own steps")
-    if not os.path.isdir(args.trajectory):
-        raise _InputError(f"--trajectory {args.trajectory} is not a directory")
+    _check_dir("--trajectory", args.trajectory, "the partial_trajectory/ or relex_trajectory/ directory the callback wrote")
     if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
         raise _InputError(f"--out {args.out} exists and is not empty; choose a new directory, or pass --overwrite")
     from .engine import extrapolate_trajectory
@@ -329,7 +384,9 @@ def _extrapolate_trajectory(args, horizons) -> int:
 
 
 def cmd_materialize(args) -> int:
-    horizons = _int_list("--horizons", args.horizons)
+    horizons = _horizons(args.horizons)
+    _check_dir("--base", args.base, "the same base checkpoint the state was computed from", weights=True)
+    _shard_size(args.max_shard_size)
     check_out_free(args.out, horizons, args.overwrite)
 
     from .engine import materialize
@@ -343,6 +400,8 @@ def cmd_materialize(args) -> int:
 def cmd_report(args) -> int:
     from .report import format_summary, load_report, plot_report, report_path
 
+    if args.worst < 0:
+        raise _InputError(f"--worst must be >= 0 (how many tensors to list), got {args.worst}")
     rep = load_report(args.dir)
     print(format_summary(rep, worst=args.worst))
     if args.plot:
