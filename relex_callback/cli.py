@@ -69,6 +69,54 @@ def _check_dir(option: str, path: str, what: str, weights: bool = False):
                           "(the default of save_pretrained)")
 
 
+def _check_out(out: str):
+    """``--out`` can be created: its nearest existing ancestor is a writable directory."""
+    if os.path.exists(out):
+        if not os.path.isdir(out):
+            raise _InputError(f"--out {out} exists and is not a directory")
+        probe = out
+    else:
+        probe = os.path.dirname(os.path.abspath(out))
+        while not os.path.exists(probe):
+            probe = os.path.dirname(probe)
+        if not os.path.isdir(probe):
+            raise _InputError(f"--out {out} cannot be created: {probe} is a file, not a directory; choose another --out")
+    import tempfile
+
+    try:  # permissions, read-only file systems, /proc: only trying tells (an empty directory, removed at once)
+        os.rmdir(tempfile.mkdtemp(prefix=".relex-probe-", dir=probe))
+    except OSError as e:
+        raise _InputError(f"--out {out} cannot be written ({probe}: {e.strerror}); choose another --out") from None
+
+
+def _check_trajectory(path: str):
+    """The files of a saved trajectory are whole (headers and sizes), so a damaged one is refused with a message."""
+    import json
+
+    meta_path = os.path.join(path, "trajectory.json")
+    if not os.path.isfile(meta_path):
+        return  # the engine says what a trajectory directory is
+    bad = f"--trajectory {path} is damaged"
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+        steps, folded, D = list(meta["steps"]), list(meta.get("folded_steps") or []), int(meta["D"])
+        meta["specs"], meta["dtype"]
+        nbytes = (int(meta.get("basis_rows") or 0) + len(steps) - len(folded)) * D * _ST_ITEMSIZE[meta["dtype"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise _InputError(f"{bad}: trajectory.json cannot be read ({type(e).__name__}: {e}); pass a partial_trajectory/ "
+                          "or relex_trajectory/ directory the callback wrote whole") from None
+    for name in ("theta0.safetensors",) + (("fold.safetensors",) if folded else ()):
+        MappedSafetensors(os.path.join(path, name))  # refuses a missing or truncated file
+    size = os.path.getsize(os.path.join(path, "trajectory.bin")) if os.path.isfile(os.path.join(path, "trajectory.bin")) else -1
+    if nbytes and size < nbytes:
+        raise _InputError(f"{bad}: trajectory.bin has {max(size, 0)} bytes, its {len(steps)} recorded step(s) need "
+                          f"{nbytes}; the file is missing or truncated")
+
+
+_ST_ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4}
+
+
 def _shard_size(value: str) -> int:
     """``--max-shard-size`` in bytes, checked before any work (the writer would only refuse it at the end)."""
     from .errors import RelexInputError
@@ -155,7 +203,8 @@ def discover_checkpoints(paths: Sequence[str], steps: Optional[Sequence[int]] = 
     """
     for p in paths:
         if not os.path.isdir(p):
-            raise _InputError(f"checkpoint directory {p} does not exist")
+            what = "is not a directory" if os.path.exists(p) else "does not exist"
+            raise _InputError(f"--checkpoints {p} {what}; pass checkpoint directories or one directory holding them")
     dirs = list(paths)
     if len(paths) == 1 and weights_dir(paths[0]) is None:
         parent = paths[0]
@@ -262,6 +311,7 @@ def cmd_extrapolate(args) -> int:
     if args.trajectory is not None:
         return _extrapolate_trajectory(args, horizons)
     cks = discover_checkpoints(args.checkpoints, steps, args.stride)
+    _check_out(args.out)
     if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
         raise _InputError(f"--out {args.out} exists and is not empty; choose a new directory, or pass --overwrite")
     check_out_free(args.out, horizons, args.overwrite)
@@ -372,6 +422,8 @@ def _extrapolate_trajectory(args, horizons) -> int:
     if args.steps is not None or args.stride != 1:
         raise _InputError("--steps and --stride apply to --checkpoints; a saved trajectory keeps its own steps")
     _check_dir("--trajectory", args.trajectory, "the partial_trajectory/ or relex_trajectory/ directory the callback wrote")
+    _check_trajectory(args.trajectory)
+    _check_out(args.out)
     if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
         raise _InputError(f"--out {args.out} exists and is not empty; choose a new directory, or pass --overwrite")
     from .engine import extrapolate_trajectory
@@ -387,6 +439,7 @@ def cmd_materialize(args) -> int:
     horizons = _horizons(args.horizons)
     _check_dir("--base", args.base, "the same base checkpoint the state was computed from", weights=True)
     _shard_size(args.max_shard_size)
+    _check_out(args.out)
     check_out_free(args.out, horizons, args.overwrite)
 
     from .engine import materialize
@@ -403,6 +456,9 @@ def cmd_report(args) -> int:
     if args.worst < 0:
         raise _InputError(f"--worst must be >= 0 (how many tensors to list), got {args.worst}")
     rep = load_report(args.dir)
+    if not isinstance(rep, dict) or not isinstance(rep.get("tensors"), list) or "tcut" not in rep:
+        raise _InputError(f"{report_path(args.dir)} is JSON but not a RELEX report (no 'tcut' and 'tensors'); pass the "
+                          "directory that `relex extrapolate` or the callback wrote")
     print(format_summary(rep, worst=args.worst))
     if args.plot:
         png = os.path.join(os.path.dirname(report_path(args.dir)), "report.png")

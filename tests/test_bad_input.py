@@ -191,7 +191,8 @@ CASES = [
 # output: state, step-40/, report.json), <traj> (a trajectory saved by the store), <out> (a fresh output directory
 # that must still not exist afterwards) and <dir> (the scratch directory).
 CLI_STEPS = (2, 4, 6, 8)
-_CLI_PATHS = ("base", "base1", "ckpts", "done", "traj", "small", "nan", "trunc", "nostep", "empty", "notes", "badjson", "file")
+_CLI_PATHS = ("base", "base1", "ckpts", "done", "traj", "small", "nan", "trunc", "nostep", "empty", "notes", "badjson",
+              "notreport", "file", "badmeta", "trunc_theta0", "short_rows", "trunc_state")
 
 
 def _save_like(src_dir, dst_dir, tensors):
@@ -263,6 +264,16 @@ def cli_fixture(d):
         st.snapshot(s, [theta0[x.name] + 1e-3 * s * dirs[x.name] for x in specs])
     st.save(p["traj"])
     st.release()
+    for name in ("badmeta", "trunc_theta0", "short_rows"):
+        shutil.copytree(p["traj"], p[name])
+    with open(os.path.join(p["badmeta"], "trajectory.json"), "w") as fh:
+        json.dump({"version": 1}, fh)
+    for name, fn in (("trunc_theta0", "theta0.safetensors"), ("short_rows", "trajectory.bin")):
+        f = os.path.join(p[name], fn)
+        os.truncate(f, os.path.getsize(f) // 2)
+    os.makedirs(p["notreport"])
+    with open(os.path.join(p["notreport"], "report.json"), "w") as fh:
+        json.dump([1, 2, 3], fh)
     # a finished run: state, step-40/ and report.json
     from relex_callback.cli import main
 
@@ -271,6 +282,10 @@ def cli_fixture(d):
                    p["done"], "--dtype", "float32", "--no-progress"])
     assert rc == 0, "the fixture's own `relex extrapolate` failed"
     json.load(open(os.path.join(p["done"], "report.json")))
+    os.makedirs(p["trunc_state"])
+    shutil.copy(os.path.join(p["done"], "relex_state.safetensors"), p["trunc_state"])
+    f = os.path.join(p["trunc_state"], "relex_state.safetensors")
+    os.truncate(f, os.path.getsize(f) - 50)
     return p
 
 
@@ -327,7 +342,9 @@ CLI_CASES = [
     ("extrapolate", "--max-shard-size garbage", X + " --max-shard-size lots"),
     ("extrapolate", "--base nonexistent", X.replace("<base>", "<dir>/nobase")),
     ("extrapolate", "--base without weights", X.replace("<base>", "<empty>")),
+    ("extrapolate", "--base a file", X.replace("<base>", "<file>")),
     ("extrapolate", "--checkpoints nonexistent", X.replace("<ckpts>", "<dir>/nockpts")),
+    ("extrapolate", "--checkpoints a file", X.replace("<ckpts>", "<file>")),
     ("extrapolate", "--checkpoints an empty directory", X.replace("<ckpts>", "<empty>")),
     ("extrapolate", "--checkpoints a single checkpoint", X.replace("<ckpts>", "<ckpts>/checkpoint-2")),
     ("extrapolate", "--checkpoints names without a step, no --steps", X.replace("<ckpts>", "<nostep>/first <nostep>/second")),
@@ -337,6 +354,9 @@ CLI_CASES = [
     ("extrapolate", "--trajectory not a directory", X.replace("--checkpoints <ckpts>", "--trajectory <file>")),
     ("extrapolate", "--trajectory nonexistent", X.replace("--checkpoints <ckpts>", "--trajectory <dir>/notraj")),
     ("extrapolate", "--trajectory not a saved trajectory", X.replace("--checkpoints <ckpts>", "--trajectory <ckpts>")),
+    ("extrapolate", "--trajectory with a damaged trajectory.json", X.replace("--checkpoints <ckpts>", "--trajectory <badmeta>")),
+    ("extrapolate", "--trajectory with a truncated theta0.safetensors", X.replace("--checkpoints <ckpts>", "--trajectory <trunc_theta0>")),
+    ("extrapolate", "--trajectory with a truncated trajectory.bin", X.replace("--checkpoints <ckpts>", "--trajectory <short_rows>")),
     ("extrapolate", "--trajectory with a mismatched --base", X.replace("--checkpoints <ckpts>", "--trajectory <traj>").replace("<base>", "<base1>")),
     ("extrapolate", "--trajectory with --steps", X.replace("--checkpoints <ckpts>", "--trajectory <traj>") + " --steps 2,4,6,8"),
     ("extrapolate", "--trajectory with --horizons <= its last step", X.replace("--checkpoints <ckpts>", "--trajectory <traj>").replace("40", "8")),
@@ -344,11 +364,12 @@ CLI_CASES = [
     ("extrapolate", "--trajectory with --max-shard-size garbage", X.replace("--checkpoints <ckpts>", "--trajectory <traj>") + " --max-shard-size lots"),
     ("extrapolate", "--out an existing non-empty directory", X.replace("<out>", "<done>")),
     ("extrapolate", "--out an existing file", X.replace("<out>", "<file>")),
+    ("extrapolate", "--out inside a file", X.replace("<out>", "<file>/out")),
     ("materialize", "--state missing", "materialize --base <base> --horizons 100 --out <out>"),
     ("materialize", "--state nonexistent", M.replace("<done>", "<dir>/nostate")),
     ("materialize", "--state not a state file (a model checkpoint)", M.replace("<done>", "<base>/model.safetensors")),
     ("materialize", "--state a directory without a state file", M.replace("<done>", "<empty>")),
-    ("materialize", "--state a truncated file", M.replace("<done>", "<trunc>/checkpoint-8/model.safetensors")),
+    ("materialize", "--state a truncated state file", M.replace("<done>", "<trunc_state>")),
     ("materialize", "--base of another model (mismatched)", M.replace("<base>", "<base1>")),
     ("materialize", "--base without weights", M.replace("<base>", "<empty>")),
     ("materialize", "--horizons <= the state's tcut (8)", M.replace("100", "8")),
@@ -357,10 +378,12 @@ CLI_CASES = [
     ("materialize", "--max-shard-size garbage", M + " --max-shard-size lots"),
     ("materialize", "--out holding step-H already", M.replace("100", "40").replace("<out>", "<done>")),
     ("materialize", "--out an existing file", M.replace("<out>", "<file>")),
+    ("materialize", "--out inside a file", M.replace("<out>", "<file>/out")),
     ("report", "directory missing", "report"),
     ("report", "directory nonexistent", "report <dir>/norun"),
     ("report", "directory without report.json", "report <notes>"),
     ("report", "report.json not valid JSON", "report <badjson>"),
+    ("report", "report.json valid JSON but not a report", "report <notreport>"),
     ("report", "--worst not an integer", "report <done> --worst many"),
     ("report", "--worst negative", "report <done> --worst -1"),
     ("report", "--plot without matplotlib installed", "report <done> --plot"),
@@ -475,6 +498,9 @@ def render(rows, cli_rows=()) -> str:
     def cell(s):
         return s.replace("|", "\\|").replace("\n", " ")
 
+    def code(s):  # a code span; doubled backticks when the text has one
+        return f"`` {cell(s)} ``" if "`" in s else f"`{cell(s)}`"
+
     out = [
         "# Bad input: what each invalid argument says",
         "",
@@ -501,15 +527,17 @@ def render(rows, cli_rows=()) -> str:
             "`<done>` a finished `relex extrapolate --horizons 40` output (state, step-40/, report.json), `<traj>` a "
             "saved trajectory, `<nan>` / `<trunc>` / `<small>` checkpoint-2..8 whose checkpoint-8 has a NaN / a "
             "truncated model.safetensors / other shapes, `<nostep>` checkpoints named first/ and second/, `<empty>` "
-            "an empty directory, `<notes>` a directory without report.json, `<badjson>` one with a broken "
-            "report.json, `<file>` a plain file, `<out>` a fresh output directory, `<dir>` the scratch directory. "
+            "an empty directory, `<notes>` a directory without report.json, `<badjson>` / `<notreport>` one with a "
+            "broken report.json / a JSON list, `<badmeta>` / `<trunc_theta0>` / `<short_rows>` copies of `<traj>` with "
+            "trajectory.json missing keys / theta0.safetensors or trajectory.bin cut in half, `<trunc_state>` the "
+            "state file without its last 50 bytes, `<file>` a plain file, `<out>` a fresh output directory, `<dir>` the scratch directory. "
             "`--device cuda without a GPU` and `--plot without matplotlib` are simulated when the machine has them.",
             "",
             "| command | what is wrong | command line | exit | message (stderr) |",
             "|---|---|---|---|---|",
         ]
         for r in cli_rows:
-            out.append(f"| {r[0]} | {cell(r[1])} | `{cell(r[2])}` | {r[3]} | `{cell(r[4])}` |")
+            out.append(f"| {r[0]} | {cell(r[1])} | {code(r[2])} | {r[3]} | {code(r[4])} |")
     return "\n".join(out) + "\n"
 
 
