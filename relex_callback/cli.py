@@ -101,7 +101,7 @@ def _check_trajectory(path: str):
         with open(meta_path) as f:
             meta = json.load(f)
         steps, folded, D = list(meta["steps"]), list(meta.get("folded_steps") or []), int(meta["D"])
-        meta["specs"], meta["dtype"]
+        _ = meta["specs"], meta["dtype"]  # present (KeyError otherwise)
         nbytes = (int(meta.get("basis_rows") or 0) + len(steps) - len(folded)) * D * _ST_ITEMSIZE[meta["dtype"]]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise _InputError(f"{bad}: trajectory.json cannot be read ({type(e).__name__}: {e}); pass a partial_trajectory/ "
