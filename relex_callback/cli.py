@@ -50,6 +50,87 @@ def _int_list(what: str, value: str) -> list[int]:
     return out
 
 
+def _horizons(value: str) -> list[int]:
+    hs = _int_list("--horizons", value)
+    rep = sorted({h for h in hs if hs.count(h) > 1})
+    if rep:
+        raise _InputError(f"--horizons repeats {', '.join(map(str, rep))}: give each step once, e.g. "
+                          f"--horizons {','.join(map(str, sorted(set(hs))))}")
+    return hs
+
+
+def _check_dir(option: str, path: str, what: str, weights: bool = False):
+    if not os.path.exists(path):
+        raise _InputError(f"{option} {path} does not exist; pass {what}")
+    if not os.path.isdir(path):
+        raise _InputError(f"{option} {path} is not a directory; pass {what}")
+    if weights and not any(os.path.isfile(os.path.join(path, f)) for f in WEIGHT_FILES):
+        raise _InputError(f"{option} {path} has no {' or '.join(WEIGHT_FILES)}; pass {what}, saved with safetensors "
+                          "(the default of save_pretrained)")
+
+
+def _check_out(out: str):
+    """``--out`` can be created: its nearest existing ancestor is a writable directory."""
+    if os.path.exists(out):
+        if not os.path.isdir(out):
+            raise _InputError(f"--out {out} exists and is not a directory")
+        probe = out
+    else:
+        probe = os.path.dirname(os.path.abspath(out))
+        while not os.path.exists(probe):
+            probe = os.path.dirname(probe)
+        if not os.path.isdir(probe):
+            raise _InputError(f"--out {out} cannot be created: {probe} is a file, not a directory; choose another --out")
+    import tempfile
+
+    try:  # permissions, read-only file systems, /proc: only trying tells (an empty directory, removed at once)
+        os.rmdir(tempfile.mkdtemp(prefix=".relex-probe-", dir=probe))
+    except OSError as e:
+        raise _InputError(f"--out {out} cannot be written ({probe}: {e.strerror}); choose another --out") from None
+
+
+def _check_trajectory(path: str):
+    """The files of a saved trajectory are whole (headers and sizes), so a damaged one is refused with a message."""
+    import json
+
+    meta_path = os.path.join(path, "trajectory.json")
+    if not os.path.isfile(meta_path):
+        return  # the engine says what a trajectory directory is
+    bad = f"--trajectory {path} is damaged"
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+        steps, folded, D = list(meta["steps"]), list(meta.get("folded_steps") or []), int(meta["D"])
+        _ = meta["specs"], meta["dtype"]  # present (KeyError otherwise)
+        nbytes = (int(meta.get("basis_rows") or 0) + len(steps) - len(folded)) * D * _ST_ITEMSIZE[meta["dtype"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise _InputError(f"{bad}: trajectory.json cannot be read ({type(e).__name__}: {e}); pass a partial_trajectory/ "
+                          "or relex_trajectory/ directory the callback wrote whole") from None
+    for name in ("theta0.safetensors",) + (("fold.safetensors",) if folded else ()):
+        MappedSafetensors(os.path.join(path, name))  # refuses a missing or truncated file
+    size = os.path.getsize(os.path.join(path, "trajectory.bin")) if os.path.isfile(os.path.join(path, "trajectory.bin")) else -1
+    if nbytes and size < nbytes:
+        raise _InputError(f"{bad}: trajectory.bin has {max(size, 0)} bytes, its {len(steps)} recorded step(s) need "
+                          f"{nbytes}; the file is missing or truncated")
+
+
+_ST_ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4}
+
+
+def _shard_size(value: str) -> int:
+    """``--max-shard-size`` in bytes, checked before any work (the writer would only refuse it at the end)."""
+    from .errors import RelexInputError
+    from .writer import parse_size
+
+    try:
+        n = parse_size(value)
+    except RelexInputError:
+        n = 0
+    if n <= 0:
+        raise _InputError(f"--max-shard-size {value!r} is not a size; use e.g. 5GB, 500MB or a number of bytes")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="relex", description="RELEX: rank-1 linear extrapolation of RL weight trajectories.")
     sub = p.add_subparsers(dest="command", metavar="{extrapolate,materialize,report}", parser_class=_Parser)
@@ -122,7 +203,8 @@ def discover_checkpoints(paths: Sequence[str], steps: Optional[Sequence[int]] = 
     """
     for p in paths:
         if not os.path.isdir(p):
-            raise _InputError(f"checkpoint directory {p} does not exist")
+            what = "is not a directory" if os.path.exists(p) else "does not exist"
+            raise _InputError(f"--checkpoints {p} {what}; pass checkpoint directories or one directory holding them")
     dirs = list(paths)
     if len(paths) == 1 and weights_dir(paths[0]) is None:
         parent = paths[0]
@@ -208,13 +290,28 @@ def check_out_free(out: str, horizons: Sequence[int], overwrite: bool, also: Seq
 # ---------------------------------------------------------------------------------------------- commands
 def cmd_extrapolate(args) -> int:
     t_main = time.perf_counter()
-    horizons = _int_list("--horizons", args.horizons)
+    horizons = _horizons(args.horizons)
     steps = _int_list("--steps", args.steps) if args.steps is not None else None
     if args.device not in ("cpu", "cuda"):
         raise _InputError(f"--device {args.device!r} is not one of ['cpu', 'cuda']")
+    if args.fit_start is not None and args.fit_start < 0:
+        raise _InputError(f"--fit-start must be >= 0 (a step number), got {args.fit_start}")
+    _check_dir("--base", args.base, "the checkpoint training started from (step 0)", weights=True)
+    from .config import SOLVERS, STORAGES, parse_dtype
+    from .errors import RelexInputError
+
+    for opt, value, allowed in (("--storage", args.storage, STORAGES), ("--solver", args.solver, SOLVERS)):
+        if value not in allowed:
+            raise _InputError(f"{opt} {value!r} is not one of {', '.join(allowed)}")
+    try:
+        parse_dtype(args.dtype)
+    except RelexInputError:
+        raise _InputError(f"--dtype {args.dtype!r} is not one of bfloat16, float16, float32 (the trajectory buffer's dtype)") from None
+    _shard_size(args.max_shard_size)
     if args.trajectory is not None:
         return _extrapolate_trajectory(args, horizons)
     cks = discover_checkpoints(args.checkpoints, steps, args.stride)
+    _check_out(args.out)
     if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
         raise _InputError(f"--out {args.out} exists and is not empty; choose a new directory, or pass --overwrite")
     check_out_free(args.out, horizons, args.overwrite)
@@ -225,6 +322,7 @@ def cmd_extrapolate(args) -> int:
     from .buffer import TrajectoryStore
     from .config import RelexSettings
     from .engine import finalize
+    from .errors import RelexNonFiniteError
     from .params import TensorSpec
     from .writer import DirectorySource
 
@@ -232,6 +330,10 @@ def cmd_extrapolate(args) -> int:
         raise _InputError("--device cuda but no CUDA device is visible; use --device cpu")
     tcut = cks[-1].step
     obs = [c.step for c in cks]
+    early = [h for h in horizons if h <= tcut]
+    if early:
+        raise _InputError(f"--horizons {','.join(map(str, early))} not beyond the last checkpoint's step {tcut}: extrapolation "
+                          f"writes steps after it; use horizons > {tcut} (the paper uses 5-10x the last step)")
     # The CLI's steps need not be every stride-th step, so settings are validated with stride 1 and the checks that
     # depend on the actual steps are done here.
     settings = RelexSettings.validate(tcut=max(tcut, 2), horizons=horizons, stride=1, fit_start=None, rank=1,
@@ -269,7 +371,11 @@ def cmd_extrapolate(args) -> int:
         bar = _progress(len(cks), args.no_progress)
         for ck, src in zip(cks, sources):
             bar.set_postfix_str(os.path.basename(os.path.normpath(ck.path)))
-            store.snapshot(ck.step, read_tensors(src, names, args.device))
+            try:
+                store.snapshot(ck.step, read_tensors(src, names, args.device))
+            except RelexNonFiniteError as e:
+                bar.close()
+                raise _InputError(f"{ck.path}: {e}; leave this checkpoint (and later ones) out of --checkpoints") from None
             bar.update(1)
         bar.close()
         t_read = time.perf_counter()
@@ -315,8 +421,9 @@ def cmd_extrapolate(args) -> int:
 def _extrapolate_trajectory(args, horizons) -> int:
     if args.steps is not None or args.stride != 1:
         raise _InputError("--steps and --stride apply to --checkpoints; a saved trajectory keeps its own steps")
-    if not os.path.isdir(args.trajectory):
-        raise _InputError(f"--trajectory {args.trajectory} is not a directory")
+    _check_dir("--trajectory", args.trajectory, "the partial_trajectory/ or relex_trajectory/ directory the callback wrote")
+    _check_trajectory(args.trajectory)
+    _check_out(args.out)
     if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
         raise _InputError(f"--out {args.out} exists and is not empty; choose a new directory, or pass --overwrite")
     from .engine import extrapolate_trajectory
@@ -329,7 +436,10 @@ def _extrapolate_trajectory(args, horizons) -> int:
 
 
 def cmd_materialize(args) -> int:
-    horizons = _int_list("--horizons", args.horizons)
+    horizons = _horizons(args.horizons)
+    _check_dir("--base", args.base, "the same base checkpoint the state was computed from", weights=True)
+    _shard_size(args.max_shard_size)
+    _check_out(args.out)
     check_out_free(args.out, horizons, args.overwrite)
 
     from .engine import materialize
@@ -343,7 +453,12 @@ def cmd_materialize(args) -> int:
 def cmd_report(args) -> int:
     from .report import format_summary, load_report, plot_report, report_path
 
+    if args.worst < 0:
+        raise _InputError(f"--worst must be >= 0 (how many tensors to list), got {args.worst}")
     rep = load_report(args.dir)
+    if not isinstance(rep, dict) or not isinstance(rep.get("tensors"), list) or "tcut" not in rep:
+        raise _InputError(f"{report_path(args.dir)} is JSON but not a RELEX report (no 'tcut' and 'tensors'); pass the "
+                          "directory that `relex extrapolate` or the callback wrote")
     print(format_summary(rep, worst=args.worst))
     if args.plot:
         png = os.path.join(os.path.dirname(report_path(args.dir)), "report.png")

@@ -1,4 +1,4 @@
-"""Bad input: every argument of the callback / settings / fold / Python entry points of the CLI with its invalid
+"""Bad input: every argument of the callback / settings / fold / Python entry points and of the `relex` CLI with its invalid
 values and the exact message. The same table generates docs/bad_input.md, and a test checks the doc is current:
 
     PYTHONPATH=. python tests/test_bad_input.py --write   # regenerate docs/bad_input.md
@@ -184,6 +184,299 @@ CASES = [
 ]
 
 
+# ------------------------------------------------------------------------------------------------ the CLI
+# Every option of `relex extrapolate / materialize / report` with its invalid values, run in process through
+# relex_callback.cli.main(argv). Command lines use placeholders for the fixture's paths: <base> (a tiny saved model),
+# <base1> (another model of the same shape), <ckpts> (its checkpoint-2,4,6,8), <done> (a finished `relex extrapolate`
+# output: state, step-40/, report.json), <traj> (a trajectory saved by the store), <out> (a fresh output directory
+# that must still not exist afterwards) and <dir> (the scratch directory).
+CLI_STEPS = (2, 4, 6, 8)
+_CLI_PATHS = ("base", "base1", "ckpts", "done", "traj", "small", "nan", "trunc", "nostep", "empty", "notes", "badjson",
+              "notreport", "file", "badmeta", "trunc_theta0", "short_rows", "trunc_state")
+
+
+def _save_like(src_dir, dst_dir, tensors):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    os.makedirs(dst_dir, exist_ok=True)
+    for f in os.listdir(src_dir):
+        if f != "model.safetensors":
+            shutil.copy(os.path.join(src_dir, f), dst_dir)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(dst_dir, "model.safetensors"),
+              metadata={"format": "pt"})
+
+
+def cli_fixture(d):
+    """Build the paths the CLI cases refer to, once per directory (cheap: a 16-wide one-layer model)."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file
+
+    p = {k: os.path.join(d, k) for k in _CLI_PATHS}
+    p["base"], p["base1"] = _base(d, 0), _base(d, 1)
+    if os.path.isdir(p["done"]):
+        return p
+    theta0 = load_file(os.path.join(p["base"], "model.safetensors"))
+    g = torch.Generator().manual_seed(0)
+    dirs = {k: torch.randn(v.shape, generator=g) for k, v in theta0.items()}
+    for s in CLI_STEPS:
+        _save_like(p["base"], os.path.join(p["ckpts"], f"checkpoint-{s}"),
+                   {k: v + 1e-3 * s * dirs[k].to(v.dtype) for k, v in theta0.items()})
+    # checkpoints whose last step has another shape / a NaN / a truncated file; names without a step
+    for name in ("small", "nan", "trunc"):
+        for s in CLI_STEPS[:-1]:
+            os.makedirs(p[name], exist_ok=True)
+            os.symlink(os.path.join(p["ckpts"], f"checkpoint-{s}"), os.path.join(p[name], f"checkpoint-{s}"))
+    last = os.path.join(p["ckpts"], f"checkpoint-{CLI_STEPS[-1]}")
+    small = {k: v[..., :-1] if v.dim() == 2 else v for k, v in load_file(os.path.join(last, "model.safetensors")).items()}
+    _save_like(last, os.path.join(p["small"], f"checkpoint-{CLI_STEPS[-1]}"), small)
+    nan = load_file(os.path.join(last, "model.safetensors"))
+    k0 = sorted(nan)[-1]
+    nan[k0] = nan[k0].clone()
+    nan[k0].reshape(-1)[0] = float("nan")
+    _save_like(last, os.path.join(p["nan"], f"checkpoint-{CLI_STEPS[-1]}"), nan)
+    shutil.copytree(last, os.path.join(p["trunc"], f"checkpoint-{CLI_STEPS[-1]}"))
+    f = os.path.join(p["trunc"], f"checkpoint-{CLI_STEPS[-1]}", "model.safetensors")
+    os.truncate(f, os.path.getsize(f) - 100)
+    os.makedirs(p["nostep"])
+    for s, name in ((2, "first"), (4, "second")):
+        os.symlink(os.path.join(p["ckpts"], f"checkpoint-{s}"), os.path.join(p["nostep"], name))
+    os.makedirs(p["empty"])
+    os.makedirs(p["notes"])
+    with open(os.path.join(p["notes"], "notes.txt"), "w") as fh:
+        fh.write("not a report\n")
+    os.makedirs(p["badjson"])
+    with open(os.path.join(p["badjson"], "report.json"), "w") as fh:
+        fh.write('{"summary": ')
+    with open(p["file"], "w") as fh:
+        fh.write("a file, not a directory\n")
+    # a real trajectory saved by the store (what the callback leaves in partial_trajectory/)
+    from relex_callback.buffer import TrajectoryStore
+    from relex_callback.params import TensorSpec
+
+    specs = [TensorSpec(name=k, shape=tuple(v.shape), dtype=v.dtype, local_numel=v.numel()) for k, v in theta0.items()]
+    st = TrajectoryStore(specs, len(CLI_STEPS), dtype="float32", storage="host")
+    st.set_theta0([theta0[s.name] for s in specs])
+    for s in CLI_STEPS:
+        st.snapshot(s, [theta0[x.name] + 1e-3 * s * dirs[x.name] for x in specs])
+    st.save(p["traj"])
+    st.release()
+    for name in ("badmeta", "trunc_theta0", "short_rows"):
+        shutil.copytree(p["traj"], p[name])
+    with open(os.path.join(p["badmeta"], "trajectory.json"), "w") as fh:
+        json.dump({"version": 1}, fh)
+    for name, fn in (("trunc_theta0", "theta0.safetensors"), ("short_rows", "trajectory.bin")):
+        f = os.path.join(p[name], fn)
+        os.truncate(f, os.path.getsize(f) // 2)
+    os.makedirs(p["notreport"])
+    with open(os.path.join(p["notreport"], "report.json"), "w") as fh:
+        json.dump([1, 2, 3], fh)
+    # a finished run: state, step-40/ and report.json
+    from relex_callback.cli import main
+
+    with _quiet():
+        rc = main(["extrapolate", "--base", p["base"], "--checkpoints", p["ckpts"], "--horizons", "40", "--out",
+                   p["done"], "--dtype", "float32", "--no-progress"])
+    assert rc == 0, "the fixture's own `relex extrapolate` failed"
+    json.load(open(os.path.join(p["done"], "report.json")))
+    os.makedirs(p["trunc_state"])
+    shutil.copy(os.path.join(p["done"], "relex_state.safetensors"), p["trunc_state"])
+    f = os.path.join(p["trunc_state"], "relex_state.safetensors")
+    os.truncate(f, os.path.getsize(f) - 50)
+    return p
+
+
+class _quiet:
+    def __enter__(self):
+        import contextlib
+        import io
+
+        self._cm = contextlib.ExitStack()
+        self._cm.enter_context(contextlib.redirect_stdout(io.StringIO()))
+        self._cm.enter_context(contextlib.redirect_stderr(io.StringIO()))
+        return self
+
+    def __exit__(self, *a):
+        self._cm.close()
+
+
+X = "extrapolate --base <base> --checkpoints <ckpts> --horizons 40 --out <out> --no-progress"  # a valid run
+M = "materialize --state <done> --base <base> --horizons 100 --out <out>"
+# (subcommand, what is wrong, command line after `relex` with placeholders; whitespace-split)
+CLI_CASES = [
+    ("(none)", "no subcommand", ""),
+    ("(none)", "unknown subcommand", "fit --base <base>"),
+    ("extrapolate", "--base missing", "extrapolate --checkpoints <ckpts> --horizons 40 --out <out>"),
+    ("extrapolate", "--checkpoints and --trajectory both missing", "extrapolate --base <base> --horizons 40 --out <out>"),
+    ("extrapolate", "--checkpoints and --trajectory both given", X + " --trajectory <traj>"),
+    ("extrapolate", "--horizons missing", "extrapolate --base <base> --checkpoints <ckpts> --out <out>"),
+    ("extrapolate", "--out missing", "extrapolate --base <base> --checkpoints <ckpts> --horizons 40"),
+    ("extrapolate", "unknown option", X + " --frobnicate"),
+    ("extrapolate", "--horizons not integers", X.replace("40", "forty")),
+    ("extrapolate", "--horizons a fraction", X.replace("40", "40.5")),
+    ("extrapolate", "--horizons empty", X.replace("40", ",")),
+    ("extrapolate", "--horizons <= last step (8)", X.replace("40", "40,8")),
+    ("extrapolate", "--horizons repeated", X.replace("40", "40,100,40")),
+    ("extrapolate", "--horizons negative", X.replace("40", "-40")),
+    ("extrapolate", "--steps count mismatch (4 checkpoints)", X + " --steps 1,2"),
+    ("extrapolate", "--steps repeated", X + " --steps 2,4,4,8"),
+    ("extrapolate", "--steps not integers", X + " --steps 2,4,six,8"),
+    ("extrapolate", "--steps includes 0", X + " --steps 0,4,6,8"),
+    ("extrapolate", "--stride 0", X + " --stride 0"),
+    ("extrapolate", "--stride not an integer", X + " --stride two"),
+    ("extrapolate", "--stride matching fewer than 2 checkpoints", X + " --stride 5"),
+    ("extrapolate", "--fit-start beyond the steps", X + " --fit-start 8"),
+    ("extrapolate", "--fit-start negative", X + " --fit-start -1"),
+    ("extrapolate", "--fit-start not an integer", X + " --fit-start early"),
+    ("extrapolate", "--rank 0", X + " --rank 0"),
+    ("extrapolate", "--rank > checkpoints", X + " --rank 5"),
+    ("extrapolate", "--rank 2 with --solver power", X + " --rank 2 --solver power"),
+    ("extrapolate", "--dtype unknown", X + " --dtype float8"),
+    ("extrapolate", "--device unknown", X + " --device tpu"),
+    ("extrapolate", "--device cuda without a GPU", X + " --device cuda"),
+    ("extrapolate", "--storage unknown", X + " --storage tape"),
+    ("extrapolate", "--solver unknown", X + " --solver svd"),
+    ("extrapolate", "--max-shard-size garbage", X + " --max-shard-size lots"),
+    ("extrapolate", "--base nonexistent", X.replace("<base>", "<dir>/nobase")),
+    ("extrapolate", "--base without weights", X.replace("<base>", "<empty>")),
+    ("extrapolate", "--base a file", X.replace("<base>", "<file>")),
+    ("extrapolate", "--checkpoints nonexistent", X.replace("<ckpts>", "<dir>/nockpts")),
+    ("extrapolate", "--checkpoints a file", X.replace("<ckpts>", "<file>")),
+    ("extrapolate", "--checkpoints an empty directory", X.replace("<ckpts>", "<empty>")),
+    ("extrapolate", "--checkpoints a single checkpoint", X.replace("<ckpts>", "<ckpts>/checkpoint-2")),
+    ("extrapolate", "--checkpoints names without a step, no --steps", X.replace("<ckpts>", "<nostep>/first <nostep>/second")),
+    ("extrapolate", "--checkpoints of another model (shapes differ)", X.replace("<ckpts>", "<small>")),
+    ("extrapolate", "--checkpoints with a truncated safetensors", X.replace("<ckpts>", "<trunc>")),
+    ("extrapolate", "--checkpoints with a NaN in a checkpoint", X.replace("<ckpts>", "<nan>")),
+    ("extrapolate", "--trajectory not a directory", X.replace("--checkpoints <ckpts>", "--trajectory <file>")),
+    ("extrapolate", "--trajectory nonexistent", X.replace("--checkpoints <ckpts>", "--trajectory <dir>/notraj")),
+    ("extrapolate", "--trajectory not a saved trajectory", X.replace("--checkpoints <ckpts>", "--trajectory <ckpts>")),
+    ("extrapolate", "--trajectory with a damaged trajectory.json", X.replace("--checkpoints <ckpts>", "--trajectory <badmeta>")),
+    ("extrapolate", "--trajectory with a truncated theta0.safetensors", X.replace("--checkpoints <ckpts>", "--trajectory <trunc_theta0>")),
+    ("extrapolate", "--trajectory with a truncated trajectory.bin", X.replace("--checkpoints <ckpts>", "--trajectory <short_rows>")),
+    ("extrapolate", "--trajectory with a mismatched --base", X.replace("--checkpoints <ckpts>", "--trajectory <traj>").replace("<base>", "<base1>")),
+    ("extrapolate", "--trajectory with --steps", X.replace("--checkpoints <ckpts>", "--trajectory <traj>") + " --steps 2,4,6,8"),
+    ("extrapolate", "--trajectory with --horizons <= its last step", X.replace("--checkpoints <ckpts>", "--trajectory <traj>").replace("40", "8")),
+    ("extrapolate", "--trajectory with --rank > recorded steps", X.replace("--checkpoints <ckpts>", "--trajectory <traj>") + " --rank 5"),
+    ("extrapolate", "--trajectory with --max-shard-size garbage", X.replace("--checkpoints <ckpts>", "--trajectory <traj>") + " --max-shard-size lots"),
+    ("extrapolate", "--out an existing non-empty directory", X.replace("<out>", "<done>")),
+    ("extrapolate", "--out an existing file", X.replace("<out>", "<file>")),
+    ("extrapolate", "--out inside a file", X.replace("<out>", "<file>/out")),
+    ("materialize", "--state missing", "materialize --base <base> --horizons 100 --out <out>"),
+    ("materialize", "--state nonexistent", M.replace("<done>", "<dir>/nostate")),
+    ("materialize", "--state not a state file (a model checkpoint)", M.replace("<done>", "<base>/model.safetensors")),
+    ("materialize", "--state a directory without a state file", M.replace("<done>", "<empty>")),
+    ("materialize", "--state a truncated state file", M.replace("<done>", "<trunc_state>")),
+    ("materialize", "--base of another model (mismatched)", M.replace("<base>", "<base1>")),
+    ("materialize", "--base without weights", M.replace("<base>", "<empty>")),
+    ("materialize", "--horizons <= the state's tcut (8)", M.replace("100", "8")),
+    ("materialize", "--horizons repeated", M.replace("100", "100,100")),
+    ("materialize", "--horizons not integers", M.replace("100", "1e3")),
+    ("materialize", "--max-shard-size garbage", M + " --max-shard-size lots"),
+    ("materialize", "--out holding step-H already", M.replace("100", "40").replace("<out>", "<done>")),
+    ("materialize", "--out an existing file", M.replace("<out>", "<file>")),
+    ("materialize", "--out inside a file", M.replace("<out>", "<file>/out")),
+    ("report", "directory missing", "report"),
+    ("report", "directory nonexistent", "report <dir>/norun"),
+    ("report", "directory without report.json", "report <notes>"),
+    ("report", "report.json not valid JSON", "report <badjson>"),
+    ("report", "report.json valid JSON but not a report", "report <notreport>"),
+    ("report", "--worst not an integer", "report <done> --worst many"),
+    ("report", "--worst negative", "report <done> --worst -1"),
+    ("report", "--plot without matplotlib installed", "report <done> --plot"),
+]
+
+
+def cli_argv(cmd: str, p: dict, d: str, out: str) -> list[str]:
+    """The argv of a case: placeholders <name> replaced by the fixture's paths, <out> by ``out``, <dir> by ``d``."""
+    paths = dict(p, out=out, dir=d)
+    return [re.sub(r"<(\w+)>", lambda m: paths[m.group(1)], a) for a in cmd.split()]
+
+
+class _simulate:
+    """What a case needs of the machine that is not true here: no GPU for ``--device cuda``, no matplotlib for
+    ``--plot`` (the import fails exactly as on a machine without it)."""
+
+    def __init__(self, cmd):
+        self.cmd = cmd
+        self.undo = []
+
+    def __enter__(self):
+        if "--device cuda" in self.cmd and torch.cuda.is_available():
+            self.undo.append((torch.cuda, "is_available", torch.cuda.is_available))
+            torch.cuda.is_available = lambda: False
+        if "--plot" in self.cmd:
+            for m in ("matplotlib", "matplotlib.pyplot"):
+                self.undo.append((sys.modules, m, sys.modules.get(m)))
+                sys.modules[m] = None  # `import matplotlib` raises ImportError
+        return self
+
+    def __exit__(self, *a):
+        for obj, name, old in reversed(self.undo):
+            if obj is sys.modules:
+                if old is None:
+                    sys.modules.pop(name, None)
+                else:
+                    sys.modules[name] = old
+            else:
+                setattr(obj, name, old)
+
+
+def _tree(path):
+    return sorted((r, tuple(sorted(f))) for r, _, f in os.walk(path))
+
+
+def run_cli_case(i: int, d: str, p: dict, capture) -> dict:
+    """Run CLI case ``i`` in process; ``capture()`` returns the stderr written since the last call."""
+    from relex_callback.cli import main
+
+    _, _, cmd = CLI_CASES[i]
+    out = os.path.join(d, f"out{i}")
+    argv = cli_argv(cmd, p, d, out)
+    before = _tree(p["done"]), sorted(os.listdir(d))
+    capture()
+    with _simulate(cmd):
+        try:
+            rc = main(argv)
+        except SystemExit as e:  # argparse's --help and friends (none of the cases)
+            rc = e.code
+    err = capture()
+    return {"rc": rc, "err": err, "out_exists": os.path.exists(out),
+            "changed": (_tree(p["done"]), sorted(os.listdir(d))) != before}
+
+
+def normalise_cli(msg: str, p: dict, d: str) -> str:
+    for k in sorted(p, key=lambda k: -len(p[k])):
+        msg = msg.replace(os.path.realpath(p[k]), f"<{k}>").replace(p[k], f"<{k}>")
+    msg = re.sub(re.escape(d) + r"/out\d+", "<out>", msg)
+    return normalise(msg, d)
+
+
+def collect_cli():
+    import contextlib
+    import io
+
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        p = cli_fixture(d)
+        buf = io.StringIO()
+
+        def capture():
+            v = buf.getvalue()
+            buf.seek(0)
+            buf.truncate()
+            return v
+
+        with contextlib.redirect_stderr(buf), contextlib.redirect_stdout(io.StringIO()):
+            for i in range(len(CLI_CASES)):
+                r = run_cli_case(i, d, p, capture)
+                rows.append((CLI_CASES[i][0], CLI_CASES[i][1], ("relex " + CLI_CASES[i][2]).strip(), r["rc"],
+                             normalise_cli(r["err"].rstrip("\n"), p, d)))
+    return rows
+
 def normalise(msg: str, d: str) -> str:
     return msg.replace(os.path.realpath(d), "<dir>").replace(d, "<dir>")
 
@@ -201,9 +494,12 @@ def collect():
     return rows
 
 
-def render(rows) -> str:
+def render(rows, cli_rows=()) -> str:
     def cell(s):
         return s.replace("|", "\\|").replace("\n", " ")
+
+    def code(s):  # a code span; doubled backticks when the text has one
+        return f"`` {cell(s)} ``" if "`" in s else f"`{cell(s)}`"
 
     out = [
         "# Bad input: what each invalid argument says",
@@ -218,10 +514,35 @@ def render(rows) -> str:
     ]
     for r in rows:
         out.append("| " + " | ".join(cell(x) for x in r[:3]) + f" | `{r[3]}` | {cell(r[4])} |")
+    if cli_rows:
+        out += [
+            "",
+            "## The `relex` CLI",
+            "",
+            "Each command line is run in process (`relex_callback.cli.main(argv)`); every one prints exactly the one "
+            "line shown on stderr, exits with code 2, writes nothing to `--out` and leaves the other directories as "
+            "they were (tests/test_bad_input.py checks all of it; a few also run as a real `python -m "
+            "relex_callback.cli` subprocess to show no traceback reaches stderr). Placeholders: `<base>` a saved "
+            "model (step 0), `<base1>` another model of the same shape, `<ckpts>` its checkpoint-2, -4, -6, -8, "
+            "`<done>` a finished `relex extrapolate --horizons 40` output (state, step-40/, report.json), `<traj>` a "
+            "saved trajectory, `<nan>` / `<trunc>` / `<small>` checkpoint-2..8 whose checkpoint-8 has a NaN / a "
+            "truncated model.safetensors / other shapes, `<nostep>` checkpoints named first/ and second/, `<empty>` "
+            "an empty directory, `<notes>` a directory without report.json, `<badjson>` / `<notreport>` one with a "
+            "broken report.json / a JSON list, `<badmeta>` / `<trunc_theta0>` / `<short_rows>` copies of `<traj>` with "
+            "trajectory.json missing keys / theta0.safetensors or trajectory.bin cut in half, `<trunc_state>` the "
+            "state file without its last 50 bytes, `<file>` a plain file, `<out>` a fresh output directory, `<dir>` the scratch directory. "
+            "`--device cuda without a GPU` and `--plot without matplotlib` are simulated when the machine has them.",
+            "",
+            "| command | what is wrong | command line | exit | message (stderr) |",
+            "|---|---|---|---|---|",
+        ]
+        for r in cli_rows:
+            out.append(f"| {r[0]} | {cell(r[1])} | {code(r[2])} | {r[3]} | {code(r[4])} |")
     return "\n".join(out) + "\n"
 
 
 _ROWS = None
+_CLI_ROWS = None
 
 
 def rows():
@@ -229,6 +550,13 @@ def rows():
     if _ROWS is None:
         _ROWS = collect()
     return _ROWS
+
+
+def cli_rows():
+    global _CLI_ROWS
+    if _CLI_ROWS is None:
+        _CLI_ROWS = collect_cli()
+    return _CLI_ROWS
 
 
 @pytest.mark.parametrize("i", range(len(CASES)), ids=[f"{c[1]}={c[2]}" for c in CASES])
@@ -241,17 +569,59 @@ def test_each_bad_input_raises_a_clear_input_error(i):
     assert key in msg or "<dir>" in msg or arg in ("state", "base", "trajectory"), msg
 
 
+@pytest.fixture(scope="module")
+def cli_env(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("cli"))
+    return d, cli_fixture(d)
+
+
+@pytest.mark.parametrize("i", range(len(CLI_CASES)), ids=[c[1] for c in CLI_CASES])
+def test_cli_bad_input_exits_2_with_one_line_and_writes_nothing(i, cli_env, capsys):
+    d, p = cli_env
+    r = run_cli_case(i, d, p, lambda: capsys.readouterr().err)
+    cmd = "relex " + CLI_CASES[i][2]
+    assert r["rc"] == 2, f"{cmd}: exit {r['rc']}, stderr {r['err']!r}"
+    assert r["err"].startswith("relex: error: ") and r["err"].count("\n") == 1, f"{cmd}: {r['err']!r}"
+    assert "Traceback" not in r["err"]
+    assert not r["out_exists"], f"{cmd}: wrote --out"
+    assert not r["changed"], f"{cmd}: changed the finished output or left files in the scratch directory"
+    # the same message as in docs/bad_input.md (the doc test checks the doc against cli_rows())
+    assert normalise_cli(r["err"].rstrip("\n"), p, d) == cli_rows()[i][4]
+
+
+# a few as a real process: the console entry point prints one line and no traceback
+SUBPROCESS_CASES = ["--checkpoints with a NaN in a checkpoint", "--state not a state file (a model checkpoint)",
+                    "report.json not valid JSON"]
+
+
+@pytest.mark.parametrize("what", SUBPROCESS_CASES)
+def test_cli_bad_input_in_a_real_process(what, cli_env, subprocess_env):
+    import subprocess
+
+    d, p = cli_env
+    i = [c[1] for c in CLI_CASES].index(what)
+    out = os.path.join(d, "sub-out")
+    argv = cli_argv(CLI_CASES[i][2], p, d, out)
+    r = subprocess.run([sys.executable, "-m", "relex_callback.cli", *argv], env=subprocess_env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith("relex: error: ") and r.stderr.count("\n") == 1, r.stderr
+    assert "Traceback" not in r.stderr and r.stdout == ""
+    assert normalise_cli(r.stderr.rstrip("\n"), p, d).replace("<out>", "<dir>/sub-out") == cli_rows()[i][4]
+    assert not os.path.exists(out)
+
+
 def test_doc_is_generated_from_the_real_messages():
     assert os.path.isfile(DOC), "run: PYTHONPATH=. python tests/test_bad_input.py --write"
     with open(DOC) as f:
-        assert f.read() == render(rows()), "docs/bad_input.md is stale: PYTHONPATH=. python tests/test_bad_input.py --write"
+        assert f.read() == render(rows(), cli_rows()), "docs/bad_input.md is stale: PYTHONPATH=. python tests/test_bad_input.py --write"
 
 
 if __name__ == "__main__":
     if "--write" in sys.argv:
         os.makedirs(os.path.dirname(DOC), exist_ok=True)
         with open(DOC, "w") as f:
-            f.write(render(rows()))
+            f.write(render(rows(), cli_rows()))
         print(f"wrote {DOC}")
     else:
-        print(render(rows()))
+        print(render(rows(), cli_rows()))
