@@ -567,7 +567,16 @@ class TrajectoryStore:
                 f"{directory} is not a saved RELEX trajectory (cannot read {META_FILE}: {e}); pass the "
                 f"partial_trajectory/ or relex_trajectory/ directory the callback wrote"
             ) from None
-        specs = [TensorSpec.from_json(d) for d in meta["specs"]]
-        K = meta["K"] if meta.get("fold_rank") else max(1, len(meta["steps"]))
-        return cls.load(directory, specs, K, dtype=meta["dtype"], storage=storage, device=device,
-                        run_directory=directory if storage == "disk" else None, fold_rank=meta.get("fold_rank"))
+        try:
+            specs = [TensorSpec.from_json(d) for d in meta["specs"]]
+            K = meta["K"] if meta.get("fold_rank") else max(1, len(meta["steps"]))
+            return cls.load(directory, specs, K, dtype=meta["dtype"], storage=storage, device=device,
+                            run_directory=directory if storage == "disk" else None, fold_rank=meta.get("fold_rank"))
+        except RelexInputError:
+            raise
+        except Exception as e:  # safetensors raises its own error type for a truncated file
+            # a damaged trajectory: missing fields, a truncated theta0.safetensors or buffer file
+            raise RelexInputError(
+                f"{directory} holds a damaged RELEX trajectory ({type(e).__name__}: {e}); use another checkpoint's "
+                f"relex_trajectory/ or the run's checkpoints with `relex extrapolate --checkpoints`"
+            ) from None

@@ -18,7 +18,7 @@ from .errors import RelexInputError, RelexNonFiniteError, RelexWriteError
 from .report import REPORT_NAME, build_report, write_report
 from .solver import solve
 from .state import STATE_NAME, save_state
-from .writer import atomic_directory, clean_stale_temporaries, write_weights
+from .writer import parse_size, atomic_directory, clean_stale_temporaries, write_weights
 
 logger = logging.getLogger("relex_callback")
 
@@ -120,6 +120,7 @@ def finalize(
     the directions), which lowers the peak memory of the CLI. ``theta0_of(i)`` (default: the store's copy) returns
     tensor i's flat theta_0; the CLI reads it from the base checkpoint."""
     check_outputs_free(out_dir, horizons, overwrite)
+    parse_size(max_shard_size)  # a bad size must fail before the state file is written
     os.makedirs(out_dir, exist_ok=True)
     t0 = time.perf_counter()
     inputs = store.solve_inputs() if hasattr(store, "solve_inputs") else {"M": store.rows(), "steps": store.steps}
@@ -168,6 +169,7 @@ def materialize(state_path: str, base: str, horizons: Sequence[int], out_dir: Op
     from .state import fingerprint, fingerprint_mismatch, load_state
     from .writer import DirectorySource
 
+    parse_size(max_shard_size)
     st = load_state(state_path)
     hs = sorted(int(h) for h in horizons)
     if len(set(hs)) != len(hs):

@@ -238,3 +238,40 @@ def test_trainer_ending_before_tcut_keeps_the_trajectory(tmp_path, caplog, how):
         assert main(["extrapolate", "--trajectory", str(part), "--base", str(other), "--horizons", "60",
                      "--out", str(tmp_path / "cli2"), "--no-progress"]) == 2
         assert not (tmp_path / "cli2" / "step-60").exists()
+
+
+def _small_store(tmp_path, model):
+    from relex_callback.params import plain_tracked, trainable_named_parameters
+
+    tracked = plain_tracked(trainable_named_parameters(model))
+    store = TrajectoryStore([t.spec for t in tracked], 3, dtype="float32", storage="host")
+    store.set_theta0([t.read() for t in tracked])
+    for step in (1, 2, 3):
+        with torch.no_grad():
+            for t in tracked:
+                t.param.add_(1e-3 * step)
+        store.snapshot(step, [t.read() for t in tracked])
+    return store
+
+
+def test_damaged_saved_trajectory_is_an_input_error_from_python(tmp_path, tiny_model):
+    store = _small_store(tmp_path, tiny_model)
+    saved = tmp_path / "traj"
+    store.save(str(saved))
+    assert TrajectoryStore.open(str(saved)).steps == [1, 2, 3]
+    theta0 = saved / "theta0.safetensors"
+    theta0.write_bytes(theta0.read_bytes()[:100])  # truncated
+    with pytest.raises(RelexInputError, match="damaged RELEX trajectory"):
+        TrajectoryStore.open(str(saved))
+
+
+def test_bad_shard_size_fails_before_the_state_file(tmp_path, tiny_model, tokenizer):
+    from relex_callback.engine import finalize
+    from relex_callback.writer import ModelSource
+
+    store = _small_store(tmp_path, tiny_model)
+    out = tmp_path / "out"
+    with pytest.raises(RelexInputError, match="max_shard_size"):
+        finalize(store, tcut=3, horizons=[9], out_dir=str(out), source=ModelSource(tiny_model, tokenizer),
+                 max_shard_size="lots")
+    assert not out.exists() or not any(out.iterdir())
