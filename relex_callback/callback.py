@@ -236,6 +236,12 @@ class RelexCallback(TrainerCallback):
         from .distributed import DistContext
 
         self._dist = DistContext.from_model(model)
+        if self._dist.is_distributed and is_peft_model(model):
+            raise RelexInputError(
+                f"RelexCallback does not support PEFT (LoRA) models in distributed runs ({self._dist.describe()}): the "
+                "adapter directories are written by PEFT's save_pretrained on one process. Train the adapter on one "
+                "process, or merge the adapter / train the full model under DDP, ZeRO or FSDP2"
+            )
         return self._dist.track([(n, p) for n, p in named if n in keep])
 
     def _read_all(self):
@@ -476,9 +482,15 @@ class RelexCallback(TrainerCallback):
             del merged
 
     # ------------------------------------------------------------------------------------ validation
+    # Validation works on this rank's pieces (single process: every tensor, whole; DDP / ZeRO-1/2: its share of the
+    # tensors, whole; ZeRO-3 / FSDP2: its flat shard of every tensor). Per tensor, <real, extrapolated> and the
+    # squared norms are sums over pieces: each rank computes its partial sums, one all-reduce adds them up
+    # (DistContext.validation_sums), and every rank derives the same cosines; only rank 0 writes report.json.
+    VALIDATION_SUMS = ("dot", "real_sq", "extrapolated_sq", "error_sq")
+
     def _start_validation(self, args, state, result, theta0, specs):
-        """Keep what the horizon comparisons need after the buffer is freed: the result (directions, lines) and
-        theta_0 (``D`` elements each)."""
+        """Keep what the horizon comparisons need after the buffer is freed: this rank's result (directions, lines)
+        and theta_0 (``D`` local elements each)."""
         pending = sorted(h for h in self.horizons if h > state.global_step)
         if state.max_steps and any(h > state.max_steps for h in pending):
             late = [h for h in pending if h > state.max_steps]
@@ -487,28 +499,41 @@ class RelexCallback(TrainerCallback):
                            "out_dir": self._out_dir(args)}
 
     @torch.no_grad()
-    def _compare(self, horizon: int) -> dict:
-        """Per-tensor cosine and norm ratio of the extrapolated delta vs the real one at step ``horizon``."""
+    def _partial_sums(self, horizon: int) -> dict:
+        """For each tensor piece this rank holds: ``<real, pred>``, ``||real||^2``, ``||pred||^2``, ``||pred-real||^2``
+        (float64) of the real delta ``theta_H - theta_0`` and the extrapolated one."""
         v = self.validation
         result, theta0 = v["result"], v["theta0"]
         reads = {t.spec.name: t.read for t in self.tracked}
-        tensors = []
-        dot_all = real_all = pred_all = err_all = 0.0
+        out = {}
         for i, spec in enumerate(v["specs"]):
             th0 = theta0[spec.offset : spec.offset + spec.local_numel]
-            real = reads[spec.name]().to(device=th0.device, dtype=torch.float32) - th0.float()
-            pred = result.extrapolate(i, horizon, th0.to(spec.dtype)).to(device=th0.device, dtype=torch.float32) - th0.float()
-            dot = float(torch.dot(real.double(), pred.double()))
-            rn, pn = float(real.double().norm()), float(pred.double().norm())
-            en = float((pred - real).double().norm())
-            dot_all, real_all, pred_all, err_all = dot_all + dot, real_all + rn**2, pred_all + pn**2, err_all + en**2
+            real = (reads[spec.name]().to(device=th0.device, dtype=torch.float32) - th0.float()).double()
+            pred = (result.extrapolate(i, horizon, th0.to(spec.dtype)).to(device=th0.device, dtype=torch.float32)
+                    - th0.float()).double()
+            out[spec.name] = torch.stack([real @ pred, real @ real, pred @ pred, (pred - real).square().sum()]).cpu()
+        return out
+
+    def _compare(self, horizon: int) -> dict:
+        """Per-tensor cosine and norm ratio of the extrapolated delta vs the real one at step ``horizon`` (every rank
+        calls it at the same step in distributed runs; the result is the same on every rank)."""
+        partial = self._partial_sums(horizon)
+        names = self._dist.names if self._dist is not None else [s.name for s in self.validation["specs"]]
+        if self._dist is not None and self._dist.is_distributed:
+            sums = self._dist.validation_sums(partial, len(self.VALIDATION_SUMS))
+        else:
+            sums = torch.stack([partial[n] for n in names]) if names else torch.zeros(0, 4, dtype=torch.float64)
+        tensors = []
+        for n, (dot, rr, pp, ee) in zip(names, sums.tolist()):
+            rn, pn = math.sqrt(max(rr, 0.0)), math.sqrt(max(pp, 0.0))
             tensors.append({
-                "name": spec.name,
+                "name": n,
                 "cosine": dot / (rn * pn) if rn > 0 and pn > 0 else None,
                 "norm_ratio": pn / rn if rn > 0 else None,
                 "real_norm": rn,
                 "extrapolated_norm": pn,
             })
+        dot_all, real_all, pred_all, err_all = (float(x) for x in sums.sum(0).tolist()) if len(names) else (0.0,) * 4
         cos = [t["cosine"] for t in tensors if t["cosine"] is not None]
         ratio = [t["norm_ratio"] for t in tensors if t["norm_ratio"] is not None]
         denom = math.sqrt(real_all * pred_all)
@@ -528,49 +553,89 @@ class RelexCallback(TrainerCallback):
         self._emit({f"relex/validation/{horizon}/{k}": val for k, val in res["summary"].items()}, control)
         self._record_validation(horizon, res)
 
+    def _is_writer(self) -> bool:
+        return self._dist is None or self._dist.rank == 0
+
     def _record_validation(self, horizon: int, res: dict):
-        """Add the comparison to ``report.json`` under ``"validation"`` (rewritten atomically)."""
-        out_dir = self.validation["out_dir"]
-        path = os.path.join(out_dir, REPORT_NAME)
-        report = self.report if self.report is not None else load_report(path)
+        """Add the comparison to ``report.json`` under ``"validation"`` (rewritten atomically, by rank 0 only; the
+        other ranks keep it in ``self.report``)."""
+        path = os.path.join(self.validation["out_dir"], REPORT_NAME)
+        report = self.report
+        if report is None:
+            report = load_report(path) if self._is_writer() and os.path.isfile(path) else {}
         report.setdefault("validation", {})[str(horizon)] = res
         self.report = report
-        write_report(path, report)
+        if self._is_writer():
+            write_report(path, report)
 
     def _save_validation(self, directory: str):
-        """At a checkpoint after tcut in validation mode: theta_0 (the state file in ``output_dir`` has the rest),
-        so a resume can still compare at the horizons."""
+        """At a checkpoint after tcut in validation mode, this rank's pieces: theta_0, and its result as a state file
+        (directions and lines, ``relex_state.safetensors`` holding only its pieces), so a resume can still compare at
+        the horizons. Written by every rank into its own directory (``rank-<r>/`` in distributed runs)."""
         from safetensors.torch import save_file
+
+        from .state import save_state
 
         os.makedirs(directory, exist_ok=True)
         v = self.validation
+        theta0, specs = v["theta0"], v["specs"]
+        state_path = os.path.join(directory, STATE_NAME)
+        if v.get("state_bytes") is not None:  # resumed: the result is the state file it was loaded from
+            with open(state_path + ".tmp", "wb") as f:
+                f.write(v["state_bytes"])
+            os.replace(state_path + ".tmp", state_path)
+        else:
+            save_state(state_path, v["result"],
+                       lambda i: theta0[specs[i].offset : specs[i].offset + specs[i].local_numel], tcut=self.tcut)
         tmp = os.path.join(directory, "theta0.safetensors.tmp")
-        save_file({"theta0": v["theta0"].detach().cpu().contiguous()}, tmp)
+        save_file({"theta0": theta0.detach().cpu().contiguous()}, tmp)
         os.replace(tmp, os.path.join(directory, "theta0.safetensors"))
-        with open(os.path.join(directory, VALIDATION_FILE), "w") as f:
-            json.dump({"pending": sorted(v["pending"]), "out_dir": v["out_dir"]}, f)
+        tmp = os.path.join(directory, VALIDATION_FILE + ".tmp")
+        with open(tmp, "w") as f:  # written last: its presence means the rest is complete
+            json.dump({"pending": sorted(v["pending"]), "out_dir": v["out_dir"],
+                       "specs": [s.to_json() for s in specs]}, f)
+        os.replace(tmp, os.path.join(directory, VALIDATION_FILE))
 
     def _resume_validation(self, args, state, model):
-        """Resumed after tcut with ``stop_training=False``: reload the state file and theta_0 to keep validating."""
+        """Resumed after tcut with ``stop_training=False``: reload this rank's pieces (theta_0 and the state saved
+        beside it in the checkpoint) to keep validating. In distributed runs every rank must have its pieces (same
+        world size, same tracked tensors) or no rank validates: the decision is collective, so no rank waits in an
+        all-reduce the others never reach."""
         from safetensors.torch import load_file
 
-        out_dir = self._out_dir(args)
-        ckpt_dir = None
-        for c in [getattr(args, "resume_from_checkpoint", None), os.path.join(args.output_dir, f"checkpoint-{state.global_step}")]:
-            if isinstance(c, str) and os.path.isfile(os.path.join(c, TRAJECTORY_DIR, VALIDATION_FILE)):
-                ckpt_dir = os.path.join(c, TRAJECTORY_DIR)
-                break
-        if ckpt_dir is None or not os.path.isfile(os.path.join(out_dir, STATE_NAME)):
-            logger.warning("relex: resumed after tcut without the saved validation state; the horizons are not validated")
-            return
-        result = load_state(out_dir)
+        from .params import TensorSpec
+
         self.tracked = self._select(model)
-        names = {t.spec.name for t in self.tracked}
-        if any(sp.name not in names for sp in result.specs):
-            logger.warning("relex: the state file tracks other tensors than this model; the horizons are not validated")
+        ckpt_dir, why = None, None
+        for c in [getattr(args, "resume_from_checkpoint", None), os.path.join(args.output_dir, f"checkpoint-{state.global_step}")]:
+            if isinstance(c, str):
+                d = self._dist.trajectory_dir(os.path.join(c, TRAJECTORY_DIR))
+                if os.path.isfile(os.path.join(d, VALIDATION_FILE)):
+                    ckpt_dir = d
+                    break
+        validation = None
+        if ckpt_dir is None:
+            why = "the checkpoint has no saved validation state for this rank (saved with another world size?)"
+        else:
+            with open(os.path.join(ckpt_dir, VALIDATION_FILE)) as f:
+                saved = json.load(f)
+            specs = [TensorSpec.from_json(d) for d in saved.get("specs", [])]
+            mine = [t.spec for t in self.tracked]
+            key = lambda s: (s.name, tuple(s.shape), s.local_numel, s.flat_start)  # noqa: E731
+            if [key(s) for s in specs] != [key(s) for s in mine]:
+                why = "the checkpoint's validation state holds other tensors (or other shards) than this rank tracks"
+            else:
+                state_file = os.path.join(ckpt_dir, STATE_NAME)
+                result = load_state(state_file)
+                theta0 = load_file(os.path.join(ckpt_dir, "theta0.safetensors"))["theta0"].to(self.tracked[0].read().device)
+                with open(state_file, "rb") as f:  # kept to save again (the source checkpoint may be rotated away)
+                    state_bytes = f.read()
+                validation = {"result": result, "theta0": theta0, "specs": specs, "state_bytes": state_bytes,
+                              "pending": {h for h in saved["pending"] if h > state.global_step},
+                              "out_dir": self._out_dir(args)}
+        everyone = self._dist.all_ok(validation is not None) if self._dist.is_distributed else validation is not None
+        if not everyone:
+            logger.warning("relex: resumed after tcut without the saved validation state%s; the horizons are not "
+                           "validated", f" ({why})" if why else " on another rank")
             return
-        theta0 = load_file(os.path.join(ckpt_dir, "theta0.safetensors"))["theta0"].to(self.tracked[0].read().device)
-        with open(os.path.join(ckpt_dir, VALIDATION_FILE)) as f:
-            saved = json.load(f)
-        self.validation = {"result": result, "theta0": theta0, "specs": list(result.specs),
-                           "pending": {h for h in saved["pending"] if h > state.global_step}, "out_dir": out_dir}
+        self.validation = validation

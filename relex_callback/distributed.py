@@ -200,12 +200,37 @@ class DistContext:
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
 
+    def reduce_sum(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum ``x`` over ranks in float64 with one all-reduce; every rank gets the same result (on ``x``'s device).
+        In a single process: ``x`` in float64, unchanged."""
+        if not self.is_distributed:
+            return x.to(torch.float64)
+        dist = _dist()
+        buf = x.to(device=self.comm_device(), dtype=torch.float64).contiguous()
+        dist.all_reduce(buf)
+        return buf.to(x.device)
+
     def reduce_grams(self, G: torch.Tensor) -> torch.Tensor:
         """Sum the stacked ``[S, T, T]`` Grams over ranks: one all-reduce for every tensor (float64)."""
         dist = _dist()
         buf = G.to(device=self.comm_device(), dtype=torch.float64).contiguous()
         dist.all_reduce(buf)
         return buf
+
+    def validation_sums(self, partial: dict[str, torch.Tensor], width: int) -> torch.Tensor:
+        """Validation mode across ranks: ``partial`` maps each tensor this rank holds a piece of to its ``width``
+        partial sums (e.g. ``<real, extrap>``, ``||real||^2``, ``||extrap||^2``). A sum over a tensor's pieces is a
+        sum over ranks, so the rows are stacked in :attr:`names` order (the model's order, the same on every rank;
+        zeros for tensors held elsewhere) and summed with ONE all-reduce. Returns ``[len(names), width]`` float64 on
+        CPU, identical on every rank."""
+        rows = {n: j for j, n in enumerate(self.names)}
+        unknown = [n for n in partial if n not in rows]
+        if unknown:
+            raise RuntimeError(f"relex: validation sums for untracked tensors {unknown[:3]}")
+        out = torch.zeros(len(self.names), width, dtype=torch.float64)
+        for n, v in partial.items():
+            out[rows[n]] += v.to(device="cpu", dtype=torch.float64).reshape(-1)
+        return self.reduce_sum(out).cpu()
 
     def all_ok(self, ok: bool) -> bool:
         """Barrier that also tells every rank whether every rank succeeded."""

@@ -77,7 +77,7 @@ class RelexState:
         for k in range(self.rank):
             c = float(coef[k])
             if c != 0.0:
-                out.add_(v[k].to(torch.float32), alpha=c)
+                out.add_(v[k].to(device=out.device, dtype=torch.float32), alpha=c)
         return out.to(spec.dtype)
 
 

@@ -5,7 +5,11 @@ at step 0 and at every snapshot step (``<out>/trajectory.pt``, rank 0; the test 
 never does) so the test can replay the exact trajectory through the single-process engine, and writes
 ``<out>/rank-<r>.json`` with what the callback reported on each rank.
 
-Usage: python train_grpo.py OUT [--fsdp2] [--tcut 6] [--horizons 12,20]
+With ``--validate`` the callback runs in validation mode (``stop_training=False``) and the script records the full
+parameters at every step up to ``--max-steps`` (the real weights at the horizons); ``rank-<r>.json`` then holds the
+``validation`` section each rank computed.
+
+Usage: python train_grpo.py OUT [--fsdp2] [--tcut 6] [--horizons 12,20] [--validate --max-steps 9]
 """
 
 import argparse
@@ -52,17 +56,19 @@ def full_params(model, names):
 
 
 class Recorder(TrainerCallback):
-    def __init__(self, tcut):
-        self.tcut = tcut
+    """Full parameters at the step training starts from (0, or the resumed step) and at steps ``1..until``."""
+
+    def __init__(self, until):
+        self.until = until
         self.snaps = {}
         self.names = None
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self.names = [n for n, p in model.named_parameters() if p.requires_grad]
-        self.snaps[0] = full_params(model, self.names)
+        self.snaps[state.global_step] = full_params(model, self.names)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        if 0 < state.global_step <= self.tcut:
+        if 0 < state.global_step <= self.until:
             self.snaps[state.global_step] = full_params(model, self.names)
 
 
@@ -77,6 +83,7 @@ def main():
     ap.add_argument("--save-steps", type=int, default=0)
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--exclude", default=None, help="regex of parameters not to track (written as trained)")
+    ap.add_argument("--validate", action="store_true", help="validation mode: train on past tcut to --max-steps")
     a = ap.parse_args()
 
     tok = build_tokenizer()
@@ -111,8 +118,9 @@ def main():
         temperature=1.0,
     )
     relex = RelexCallback(tcut=a.tcut, horizons=a.horizons, dtype="float32", storage="host",
-                          output_dir=os.path.join(a.out, "relex"), exclude=[a.exclude] if a.exclude else None)
-    rec = Recorder(a.tcut)
+                          output_dir=os.path.join(a.out, "relex"), exclude=[a.exclude] if a.exclude else None,
+                          stop_training=not a.validate)
+    rec = Recorder(a.max_steps if a.validate else a.tcut)
     trainer = GRPOTrainer(model=model, reward_funcs=ones_reward, args=args, train_dataset=ds, processing_class=tok,
                           callbacks=[relex, rec])
     if a.fsdp2:
@@ -138,6 +146,7 @@ def main():
         "tracked_elements_total": sum(t.spec.numel for t in relex.tracked) if relex._dist.mode != "replicated"
         else None,
         "global_step": trainer.state.global_step,
+        "validation": report.get("validation"),
         "train_seconds": wall,
     }
     with open(os.path.join(a.out, f"rank-{rank}.json"), "w") as f:
