@@ -303,6 +303,33 @@ def test_validation_mode(tmp_path):
     assert rep["validation"]["6"]["summary"]["cosine_global"] > 0.5
 
 
+def test_validation_resumes_after_tcut(tmp_path):
+    """Validation mode killed after tcut and resumed from a checkpoint: the remaining horizon is still compared,
+    with the same figures as an uninterrupted run (theta_0 and the state travel in the checkpoint)."""
+    kw = dict(tcut=4, horizons=[6, 9], dtype="float32", stop_training=False)
+    full = grpo_trainer(tmp_path / "full", [RelexCallback(**kw)], max_steps=9)
+    full.train()
+    first = grpo_trainer(tmp_path / "cut", [RelexCallback(**kw), StopAt(7)], max_steps=9, save_strategy="steps",
+                         save_steps=7)
+    first.train()
+    assert first.state.global_step == 7
+    rep = json.load(open(tmp_path / "cut" / "relex" / "report.json"))
+    assert sorted(rep["validation"]) == ["6"]  # 9 not reached yet
+    cb = RelexCallback(**kw)
+    again = grpo_trainer(tmp_path / "cut", [cb], max_steps=9, save_strategy="steps", save_steps=7)
+    again.train(resume_from_checkpoint=str(tmp_path / "cut" / "checkpoint-7"))
+    assert again.state.global_step == 9
+    got = json.load(open(tmp_path / "cut" / "relex" / "report.json"))["validation"]
+    want = json.load(open(tmp_path / "full" / "relex" / "report.json"))["validation"]
+    assert "9" in got
+    a = {t["name"]: t for t in got["9"]["tensors"]}
+    b = {t["name"]: t for t in want["9"]["tensors"]}
+    assert sorted(a) == sorted(b)
+    for name in b:
+        assert a[name]["cosine"] == pytest.approx(b[name]["cosine"], abs=1e-6), name
+        assert a[name]["norm_ratio"] == pytest.approx(b[name]["norm_ratio"], rel=1e-6), name
+
+
 # ------------------------------------------------------------------------------------------------- PEFT
 def test_lora_adapter_horizons(tmp_path):
     peft = pytest.importorskip("peft")
