@@ -51,7 +51,7 @@ def main(argv=None):
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=64)
-    p.add_argument("--tcut", type=int, default=16, help="even; steps 1..tcut-1 are timed")
+    p.add_argument("--tcut", type=int, default=24, help="even; steps 1..tcut-1 are timed")
     p.add_argument("--dtype", default="bfloat16", help="buffer dtype")
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args(argv)
