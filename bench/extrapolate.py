@@ -1,5 +1,5 @@
 """Benchmark: `relex extrapolate` end to end (a subprocess: imports included) over synthetic fp32 checkpoints of a
-~75M-parameter Qwen2-shaped model (hidden 1024, 8 layers), 20 checkpoints, 2 horizons.
+76.6M-parameter Qwen2-shaped model (hidden 1024, 8 layers), 20 checkpoints, 2 horizons.
 
     python bench/extrapolate.py [--dir /tmp/relex_bench] [--repeat 2] [--solver auto] [--dtype bfloat16]
 
@@ -21,7 +21,7 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Qwen2-shaped: hidden 1024, 8 layers, 16 heads (8 KV heads), MLP 1536, vocab 13312, tied embeddings: 75.5M params.
+# Qwen2-shaped: hidden 1024, 8 layers, 16 heads (8 KV heads), MLP 1536, vocab 13312, tied embeddings: 76.6M params.
 CONFIG = {
     "architectures": ["Qwen2ForCausalLM"],
     "model_type": "qwen2",
@@ -149,7 +149,8 @@ def main():
         print(f"run {r + 1}: relex extrapolate wall {wall:.2f} s, peak RSS {ru.ru_maxrss * 1024 / 1e9:.2f} GB, "
               f"user {ru.ru_utime:.2f} s, sys {ru.ru_stime:.2f} s | solve {rep.get('solve_seconds', 0):.2f} s "
               f"({rep.get('solver')}: {', '.join(f'{k} {v:.2f}' for k, v in secs.items())}), write {rep.get('write_seconds', 0):.2f} s "
-              f"| cat of the {len(files)} files {t_cat:.2f} s ({total / 1e9 / t_cat:.1f} GB/s)")
+              f"| cat of the {len(files)} files {t_cat:.2f} s ({total / 1e9 / t_cat:.1f} GB/s) | load average "
+              f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}")
         timing = [ln for ln in se.splitlines() if ln.startswith("relex: timing")]
         for ln in timing:
             print("   ", ln)

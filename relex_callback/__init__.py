@@ -3,9 +3,7 @@
 Public names only; see README.md.
 """
 
-from .config import RelexConfig, RelexSettings
 from .errors import RelexError, RelexInputError, RelexMemoryError, RelexNonFiniteError
-from .state import load_state
 
 __all__ = [
     "RelexCallback",
@@ -21,10 +19,18 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name):
-    # RelexCallback needs transformers' Trainer machinery (seconds to import); the `relex` CLI never does, so it is
-    # imported on first use only.
+    # Imported on first use only: RelexCallback needs transformers' Trainer machinery (seconds to import), the others
+    # need torch (~1.3 s here), and `relex --help` or an argument mistake should answer without either.
     if name == "RelexCallback":
         from .callback import RelexCallback
 
         return RelexCallback
+    if name in ("RelexConfig", "RelexSettings"):
+        from . import config
+
+        return getattr(config, name)
+    if name == "load_state":
+        from .state import load_state
+
+        return load_state
     raise AttributeError(f"module 'relex_callback' has no attribute {name!r}")

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 from typing import Iterable, Optional, Sequence
 
 import torch
@@ -63,6 +64,43 @@ def available_device_bytes(device: torch.device) -> int:
     return available_host_bytes()
 
 
+_MADV_POPULATE_WRITE = 23  # Linux >= 5.14
+
+
+def _madvise_populate():
+    """``madvise`` from libc with ``MADV_POPULATE_WRITE`` semantics, or None where it is not available."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        return lambda lo, n: libc.madvise(lo, n, _MADV_POPULATE_WRITE) == 0
+    except Exception:  # pragma: no cover - no libc
+        return None
+
+
+def prefault(t: torch.Tensor) -> bool:
+    """Back a large CPU tensor with physical pages now (``madvise(MADV_POPULATE_WRITE)``): the kernel zero-fills them
+    in one batch instead of taking a page fault per 4 KiB when a training step first writes them.
+
+    Measured on the 2-core VM (39M-element bf16 rows): a snapshot into fresh pages took 30 ms, into populated pages
+    14 ms, so the callback populates its buffer once when it is allocated, outside the training steps. The CLI does
+    not: there every row is written exactly once right away, and lazy faults measured faster end to end (1.62 s vs
+    1.95 s reading 20 checkpoints into a 3 GB buffer, interleaved runs). Transparent huge pages are not requested:
+    with ``defrag=madvise`` their direct compaction stalled for seconds here. Returns whether the pages were
+    populated (False off Linux >= 5.14: pages are then faulted in lazily)."""
+    n = t.numel() * t.element_size()
+    populate = _madvise_populate() if t.device.type == "cpu" and n >= (16 << 20) else None
+    if populate is None:
+        return False
+    page = os.sysconf("SC_PAGE_SIZE")
+    lo = -(-t.data_ptr() // page) * page
+    hi = (t.data_ptr() + n) // page * page
+    return hi > lo and populate(lo, hi - lo)
+
+
 def available_disk_bytes(directory: str) -> int:
     d = directory
     while d and not os.path.exists(d):
@@ -83,6 +121,8 @@ class TrajectoryStore:
         max_bytes (`int`, *optional*): upper bound on the buffer's bytes.
         fold_rank (`int`, *optional*): when set, a full ring is folded into a rank-``fold_rank`` factorisation per
             tensor instead of raising (``relex_callback.fold``); the arena then has ``fold_rank + capacity`` rows.
+        prefault (`bool`, *optional*, defaults to `True`): populate the pages of a CPU buffer and of theta_0 when
+            they are allocated (see :func:`prefault`) rather than at first write.
     """
 
     def __init__(
@@ -97,6 +137,7 @@ class TrajectoryStore:
         max_bytes: Optional[int] = None,
         check_finite: bool = True,
         fold_rank: Optional[int] = None,
+        prefault: bool = True,
         _allocate: bool = True,
     ):
         if not specs:
@@ -131,6 +172,7 @@ class TrajectoryStore:
         self._staging = None
         self._event = None
         self._scratch = None
+        self.prefault_pages = prefault
         if _allocate:
             self._allocate()
 
@@ -214,6 +256,8 @@ class TrajectoryStore:
         elif self.storage == "host":
             pin = torch.cuda.is_available() and self.device.type == "cuda"
             self.M = torch.empty(shape, dtype=self.dtype, pin_memory=pin)
+            if not pin and self.prefault_pages:
+                prefault(self.M)
             if pin:
                 self._stream = torch.cuda.Stream(device=self.device)
                 self._staging = torch.empty(self.D, dtype=self.dtype, device=self.device)
@@ -234,6 +278,8 @@ class TrajectoryStore:
     # --------------------------------------------------------------- theta_0
     def set_theta0(self, tensors: Iterable[torch.Tensor]):
         theta0 = torch.empty(self.D, dtype=self.theta0_dtype, device=self.device)
+        if self.prefault_pages:
+            prefault(theta0)
         for spec, t in zip(self.specs, tensors, strict=True):
             if t.numel() != spec.local_numel:
                 raise RelexInputError(f"{spec.name}: expected {spec.local_numel} elements, got {t.numel()}")

@@ -365,7 +365,7 @@ def cmd_extrapolate(args) -> int:
     t_checked = time.perf_counter()
     method = settings.solver  # "auto": solver.default_method picks by device and number of steps
     store = TrajectoryStore(specs, len(cks), dtype=settings.dtype, storage=settings.storage, device=torch.device(args.device),
-                            directory=scratch)
+                            directory=scratch, prefault=False)  # each row is written once, now: lazy faults measured faster
     try:
         store.set_theta0(read_tensors(base, names, args.device))
         bar = _progress(len(cks), args.no_progress)

@@ -125,6 +125,7 @@ def finalize(
     t0 = time.perf_counter()
     inputs = store.solve_inputs() if hasattr(store, "solve_inputs") else {"M": store.rows(), "steps": store.steps}
     sol = solve(specs=store.specs, rank=rank, fit_start=fit_start, method=method, **inputs)
+    del inputs  # its view of the buffer would keep the whole buffer alive through the writes (peak memory)
     t_solve = time.perf_counter() - t0
     buffer_bytes, storage = store.buffer_bytes, store.storage
     if release_buffer:

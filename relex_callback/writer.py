@@ -227,9 +227,14 @@ class ModelSource:
         tied = set(getattr(model, "all_tied_weights_keys", None) or {})
         self.keys = [k for k in sd if k not in tied]
         self.meta = {k: (tuple(sd[k].shape), sd[k].dtype) for k in self.keys}
+        self._sd = None
 
     def get(self, key: str) -> torch.Tensor:
-        return self.model.state_dict()[key].detach().to("cpu").contiguous()
+        # one state_dict() per source, not per key (it walks every module: quadratic in the number of tensors);
+        # its tensors share storage with the parameters, so later updates are still seen
+        if self._sd is None:
+            self._sd = self.model.state_dict()
+        return self._sd[key].detach().to("cpu").contiguous()
 
     def write_extras(self, out_dir: str):
         cfg = getattr(self.model, "config", None)
