@@ -483,6 +483,26 @@ class TrajectoryStore:
         self.M = None
         self._staging = None
         self._scratch = None
+        if hasattr(self, "arena"):
+            self.arena = None
+
+    def discard_files(self) -> int:
+        """Delete the disk tier's files (buffer, theta_0, metadata) once the window's result is written; returns the
+        bytes freed. Other tiers have none."""
+        if self.storage != "disk" or not self.directory:
+            return 0
+        self.release()
+        freed = 0
+        for name in (BUFFER_FILE, META_FILE, THETA0_FILE, FOLD_FILE):
+            path = os.path.join(self.directory, name)
+            if os.path.exists(path):
+                freed += os.path.getsize(path)
+                os.remove(path)
+        try:
+            os.rmdir(self.directory)
+        except OSError:
+            pass  # something else lives there: leave it
+        return freed
 
     # ------------------------------------------------------------ persistence
     def meta(self) -> dict:

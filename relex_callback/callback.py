@@ -429,6 +429,10 @@ class RelexCallback(TrainerCallback):
         self.done = True
         store, self.store = self.store, None
         store.release()
+        freed = store.discard_files()  # disk tier: the state file and the horizons hold the result now
+        if freed:
+            logger.info("relex: removed the disk-tier trajectory %s (%.2f GiB); the trainer checkpoints inside the "
+                        "window keep their own copy in relex_trajectory/", store.directory, freed / 2**30)
         if self.stop_training:
             control.should_training_stop = True
         else:

@@ -86,15 +86,19 @@ class Solution:
     def extrapolate(self, i: int, horizon: float, theta0: torch.Tensor) -> torch.Tensor:
         """This rank's piece of tensor ``i`` at step ``horizon``: ``theta0 + sum_k (a_k H + b_k) v_k`` computed in
         float32 and cast to the tensor's dtype. ``theta0`` is the flat local piece."""
-        spec = self.specs[i]
-        coef = self.coef_at(horizon)[i]
-        out = theta0.reshape(-1).to(torch.float32).clone()
-        v = self.direction(i)
-        for k in range(self.rank):
-            c = float(coef[k])
-            if c != 0.0:
-                out.add_(v[k].to(device=out.device, dtype=torch.float32), alpha=c)
-        return out.to(spec.dtype)
+        return extrapolate_piece(theta0, self.coef_at(horizon)[i], self.direction(i), self.specs[i].dtype)
+
+
+@torch.no_grad()
+def extrapolate_piece(theta0: torch.Tensor, coefs: torch.Tensor, V: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``theta0 + sum_k coefs[k] * V[k]`` in float32 (one float32 copy of theta0; the directions are added in their
+    stored dtype, widened inside the add), cast to ``dtype``. Shared by :class:`Solution` and the state file."""
+    out = theta0.reshape(-1).to(torch.float32, copy=True)
+    for k in range(V.shape[0]):
+        c = float(coefs[k])
+        if c != 0.0:
+            out.add_(V[k].to(out.device), alpha=c)
+    return out.to(dtype)
 
 
 # Below this many recorded steps the CPU Gram (T^2 n multiply-adds, GEMM-efficient) beats the Krylov passes

@@ -70,15 +70,10 @@ class RelexState:
 
     @torch.no_grad()
     def extrapolate(self, i: int, horizon: float, theta0: torch.Tensor) -> torch.Tensor:
+        from .solver import extrapolate_piece
+
         spec = self.specs[i]
-        coef = self.coef_at(horizon)[i]
-        out = theta0.reshape(-1).to(torch.float32).clone()
-        v = self.tensors[spec.name]
-        for k in range(self.rank):
-            c = float(coef[k])
-            if c != 0.0:
-                out.add_(v[k].to(device=out.device, dtype=torch.float32), alpha=c)
-        return out.to(spec.dtype)
+        return extrapolate_piece(theta0, self.coef_at(horizon)[i], self.tensors[spec.name][: self.rank], spec.dtype)
 
 
 def save_state(path: str, solution, theta0_of, *, tcut: int, extra: Optional[dict] = None):
