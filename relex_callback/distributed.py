@@ -272,11 +272,12 @@ class DistContext:
     ):
         """Distributed counterpart of :func:`relex_callback.engine.finalize` (all ranks call it). Returns
         ``(solution, report)``: the solution covers this rank's pieces; the report covers every tensor."""
-        from .engine import check_outputs_free, horizon_dir
+        from .engine import check_outputs_free, check_window, horizon_dir
         from .report import REPORT_NAME, build_report, write_report
         from .solver import solve
 
         check_outputs_free(out_dir, horizons, overwrite)
+        check_window(store)  # every rank records the same steps, so every rank raises alike
         if self.rank == 0:
             os.makedirs(out_dir, exist_ok=True)
         self.barrier()

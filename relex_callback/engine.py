@@ -41,6 +41,16 @@ def check_outputs_free(out_dir: str, horizons: Sequence[int], overwrite: bool):
         )
 
 
+def check_window(store):
+    """At least two recorded steps (a line); said before anything is written."""
+    if store.num_rows < 2:
+        raise RelexInputError(
+            f"only {store.num_rows} step(s) of the window were recorded ({store.steps}); a line needs at least 2. "
+            "Non-finite steps skipped with on_nonfinite='skip' are not recorded: the run diverged; lower the learning "
+            "rate or start from an earlier checkpoint"
+        )
+
+
 def write_horizon(
     out_dir: str,
     horizon: int,
@@ -121,6 +131,7 @@ def finalize(
     tensor i's flat theta_0; the CLI reads it from the base checkpoint."""
     check_outputs_free(out_dir, horizons, overwrite)
     parse_size(max_shard_size)  # a bad size must fail before the state file is written
+    check_window(store)
     os.makedirs(out_dir, exist_ok=True)
     t0 = time.perf_counter()
     inputs = store.solve_inputs() if hasattr(store, "solve_inputs") else {"M": store.rows(), "steps": store.steps}

@@ -275,3 +275,17 @@ def test_bad_shard_size_fails_before_the_state_file(tmp_path, tiny_model, tokeni
         finalize(store, tcut=3, horizons=[9], out_dir=str(out), source=ModelSource(tiny_model, tokenizer),
                  max_shard_size="lots")
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_window_with_fewer_than_two_recorded_steps_is_a_clear_error(tmp_path, tiny_model, tokenizer):
+    from relex_callback.engine import finalize
+    from relex_callback.params import plain_tracked, trainable_named_parameters
+    from relex_callback.writer import ModelSource
+
+    tracked = plain_tracked(trainable_named_parameters(tiny_model))
+    store = TrajectoryStore([t.spec for t in tracked], 4, dtype="float32", storage="host")
+    store.set_theta0([t.read() for t in tracked])
+    store.snapshot(4, [t.read() for t in tracked])  # steps 1-3 were skipped as non-finite
+    with pytest.raises(RelexInputError, match="only 1 step"):
+        finalize(store, tcut=4, horizons=[8], out_dir=str(tmp_path / "out"), source=ModelSource(tiny_model, tokenizer))
+    assert not (tmp_path / "out").exists()
