@@ -125,6 +125,17 @@ def default_method(device: torch.device, rank: int, distributed: bool, steps: in
     return "power"
 
 
+def _fit_steps(steps, fit_start):
+    """The real step numbers (float64) and the mask of those that enter the line fit (at least two)."""
+    if len(steps) < 2:
+        raise ValueError("at least two recorded steps are needed")
+    steps_t = torch.tensor(list(steps), dtype=torch.float64)
+    mask = steps_t >= (fit_start if fit_start is not None else -math.inf)
+    if int(mask.sum()) < 2:
+        raise ValueError(f"fit_start={fit_start} leaves fewer than 2 steps to fit")
+    return steps_t, mask
+
+
 def _top_eigenpairs(G: torch.Tensor, rank: int):
     """Top ``rank`` eigenpairs of each symmetric ``G[i]`` (float64): ``(lam [S, r], U [S, T, r])``, descending."""
     lam, vec = torch.linalg.eigh(G)
@@ -185,12 +196,7 @@ def solve(
     T, D = M.shape
     if T != len(steps):
         raise ValueError(f"{T} rows but {len(steps)} steps")
-    if T < 2:
-        raise ValueError("at least two recorded steps are needed")
-    steps_t = torch.tensor(list(steps), dtype=torch.float64)
-    mask = steps_t >= (fit_start if fit_start is not None else -math.inf)
-    if int(mask.sum()) < 2:
-        raise ValueError(f"fit_start={fit_start} leaves fewer than 2 steps to fit")
+    steps_t, mask = _fit_steps(steps, fit_start)
     offsets = [s.offset for s in specs]
     numels = [s.local_numel for s in specs]
     S = len(specs)
@@ -373,12 +379,7 @@ def _solve_left(M, steps, specs, *, left, total_sq, rank, fit_start, out_dtype, 
     T = len(steps)
     if left.shape[1] != T or left.shape[2] != M.shape[0]:
         raise ValueError(f"left factors {tuple(left.shape)} do not match {T} steps and {M.shape[0]} rows")
-    if T < 2:
-        raise ValueError("at least two recorded steps are needed")
-    steps_t = torch.tensor(list(steps), dtype=torch.float64)
-    mask = steps_t >= (fit_start if fit_start is not None else -math.inf)
-    if int(mask.sum()) < 2:
-        raise ValueError(f"fit_start={fit_start} leaves fewer than 2 steps to fit")
+    steps_t, mask = _fit_steps(steps, fit_start)
     t0 = time.perf_counter()
     sigma, U, X, _, G = factor_left(M, left, specs, rank, reduce=reduce)
     secs = {"gram": time.perf_counter() - t0}

@@ -21,6 +21,25 @@ def _chunks(offset: int, numel: int, chunk: int):
         yield s, min(offset + numel, s + chunk)
 
 
+def float32_scratch(M: torch.Tensor, chunk: int):
+    """A reusable ``[T, chunk]`` float32 scratch for widening chunks of ``M`` (None when ``M`` is float32)."""
+    return torch.empty(M.shape[0], chunk, dtype=torch.float32, device=M.device) if M.dtype != torch.float32 else None
+
+
+def _float32_chunks(M: torch.Tensor, o: int, n: int, chunk: int, tmp=False):
+    """``(s, e, c)`` over the columns ``[o, o+n)``: ``c`` is ``M[:, s:e]`` as float32, widened into one reused,
+    cache-sized scratch ``tmp`` (allocated here unless the caller passes its own; a view when ``M`` is float32)."""
+    if tmp is False:
+        tmp = float32_scratch(M, chunk)
+    for s, e in _chunks(o, n, chunk):
+        if tmp is None:
+            yield s, e, M[:, s:e]
+        else:
+            c = tmp[:, : e - s]
+            c.copy_(M[:, s:e])
+            yield s, e, c
+
+
 @torch.no_grad()
 def gram_reference(M: torch.Tensor, offsets: Sequence[int], numels: Sequence[int], chunk: int = CHUNK) -> torch.Tensor:
     """``G[i] = M_i M_i^T`` for every segment, float32 accumulation per chunk, summed in float64. ``[S, T, T]``."""
@@ -51,16 +70,10 @@ def project_reference(
 ) -> torch.Tensor:
     """Direction pass: ``out[:, seg_i] = U[i]^T M_i`` for every segment. ``U`` is ``[S, T, r]`` (float32, already
     divided by sigma), ``out`` is ``[r, D]`` in any float dtype. Returns ``out``."""
-    T = M.shape[0]
-    tmp = torch.empty(T, chunk, dtype=torch.float32, device=M.device) if M.dtype != torch.float32 else None
+    tmp = float32_scratch(M, chunk)
     for i, (o, n) in enumerate(zip(offsets, numels)):
         Ui = U[i].to(device=M.device, dtype=torch.float32)
-        for s, e in _chunks(o, n, chunk):
-            if tmp is None:
-                c = M[:, s:e]
-            else:
-                c = tmp[:, : e - s]
-                c.copy_(M[:, s:e])
+        for s, e, c in _float32_chunks(M, o, n, chunk, tmp):
             out[:, s:e] = Ui.T @ c
     return out
 
@@ -69,15 +82,8 @@ def project_reference(
 def matvec_reference(M: torch.Tensor, o: int, n: int, v: torch.Tensor, chunk: int = CHUNK, rowsq: torch.Tensor | None = None) -> torch.Tensor:
     """``M_i v`` for one segment (``v`` float32 ``[n]``) -> float32 ``[T]``. With ``rowsq`` (float64 ``[T]``), also
     accumulates each row's squared norm in the same pass."""
-    T = M.shape[0]
-    w = torch.zeros(T, dtype=torch.float32, device=M.device)
-    tmp = torch.empty(T, chunk, dtype=torch.float32, device=M.device) if M.dtype != torch.float32 else None
-    for s, e in _chunks(o, n, chunk):
-        if tmp is None:
-            c = M[:, s:e]
-        else:
-            c = tmp[:, : e - s]
-            c.copy_(M[:, s:e])
+    w = torch.zeros(M.shape[0], dtype=torch.float32, device=M.device)
+    for s, e, c in _float32_chunks(M, o, n, chunk):
         w.addmv_(c, v[s - o : e - o])
         if rowsq is not None:
             rowsq += (c * c).sum(1).double()
@@ -87,14 +93,7 @@ def matvec_reference(M: torch.Tensor, o: int, n: int, v: torch.Tensor, chunk: in
 @torch.no_grad()
 def rmatvec_reference(M: torch.Tensor, o: int, n: int, w: torch.Tensor, out: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
     """``M_i^T w`` for one segment (``w`` float32 ``[T]``) into float32 ``out[n]``."""
-    T = M.shape[0]
-    tmp = torch.empty(T, chunk, dtype=torch.float32, device=M.device) if M.dtype != torch.float32 else None
-    for s, e in _chunks(o, n, chunk):
-        if tmp is None:
-            c = M[:, s:e]
-        else:
-            c = tmp[:, : e - s]
-            c.copy_(M[:, s:e])
+    for s, e, c in _float32_chunks(M, o, n, chunk):
         torch.mv(c.T, w, out=out[s - o : e - o])
     return out
 
