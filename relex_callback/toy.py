@@ -64,17 +64,17 @@ def extract_answer(completion: str) -> Optional[str]:
     return m.group(1) if m else None
 
 
+def _text(c) -> str:
+    """Text of a completion: a string, or the last message of a chat completion."""
+    return c if isinstance(c, str) else c[-1]["content"] if isinstance(c, list) else str(c)
+
+
 def arithmetic_reward(completions, answer, **kwargs) -> list[float]:
     """1.0 when the completion starts with the right number, else 0.0 (a verifiable reward for GRPO)."""
     out = []
     for c, a in zip(completions, answer):
-        text = c if isinstance(c, str) else c[-1]["content"] if isinstance(c, list) else str(c)
-        out.append(1.0 if extract_answer(text) == str(a) else 0.0)
+        out.append(1.0 if extract_answer(_text(c)) == str(a) else 0.0)
     return out
-
-
-def _text(c) -> str:
-    return c if isinstance(c, str) else c[-1]["content"] if isinstance(c, list) else str(c)
 
 
 def digit_reward(completions, **kwargs) -> list[float]:
