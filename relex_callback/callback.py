@@ -191,7 +191,6 @@ class RelexCallback(TrainerCallback):
         self.report: Optional[dict] = None
         self.solution = None
         self._pending_logs: dict = {}
-        self._trainer = None
         self._dist = None  # DistContext: mode, rank, this rank's share (see distributed.py)
 
     @classmethod
@@ -213,8 +212,8 @@ class RelexCallback(TrainerCallback):
         return self.output_dir or os.path.join(args.output_dir, "relex")
 
     def _find_trainer(self):
-        """The Trainer that owns this callback (found on the call stack at ``on_init_end``), so its logging can be
-        used and this callback can run before the reporting callbacks in ``on_log``."""
+        """The Trainer that owns this callback (found on the call stack at ``on_init_end``), so this callback can run
+        before the reporting callbacks in ``on_log``."""
         frame = inspect.currentframe()
         try:
             while frame is not None:
@@ -251,7 +250,6 @@ class RelexCallback(TrainerCallback):
     def on_init_end(self, args, state, control, **kwargs):
         trainer = self._find_trainer()
         if trainer is not None:
-            self._trainer = trainer
             cbs = trainer.callback_handler.callbacks
             cbs.remove(self)
             cbs.insert(0, self)  # inject relex/* metrics into `logs` before TensorBoard/W&B see them
