@@ -189,7 +189,6 @@ class RelexCallback(TrainerCallback):
         self.tracked = []
         self.done = False
         self.report: Optional[dict] = None
-        self.solution = None
         self._pending_logs: dict = {}
         self._dist = None  # DistContext: mode, rank, this rank's share (see distributed.py)
 
@@ -413,7 +412,7 @@ class RelexCallback(TrainerCallback):
             )
         seconds = time.perf_counter() - t0
         self.end_of_window_seconds = seconds
-        self.solution, self.report = sol, report
+        self.report = report
         summ = report["summary"]
         logs = {
             "relex/explained_variance_mean": summ["explained_variance_mean"],
