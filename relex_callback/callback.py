@@ -518,12 +518,8 @@ class RelexCallback(TrainerCallback):
     def _compare(self, horizon: int) -> dict:
         """Per-tensor cosine and norm ratio of the extrapolated delta vs the real one at step ``horizon`` (every rank
         calls it at the same step in distributed runs; the result is the same on every rank)."""
-        partial = self._partial_sums(horizon)
-        names = self._dist.names if self._dist is not None else [s.name for s in self.validation["specs"]]
-        if self._dist is not None and self._dist.is_distributed:
-            sums = self._dist.validation_sums(partial, len(self.VALIDATION_SUMS))
-        else:
-            sums = torch.stack([partial[n] for n in names]) if names else torch.zeros(0, 4, dtype=torch.float64)
+        names = self._dist.names  # set by _select before validation starts; one process: the reduce is a no-op
+        sums = self._dist.validation_sums(self._partial_sums(horizon), len(self.VALIDATION_SUMS))
         tensors = []
         for n, (dot, rr, pp, ee) in zip(names, sums.tolist()):
             rn, pn = math.sqrt(max(rr, 0.0)), math.sqrt(max(pp, 0.0))
