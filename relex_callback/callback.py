@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 import torch
 from transformers import TrainerCallback
 
-from .buffer import TrajectoryStore
+from .buffer import META_FILE, TrajectoryStore
 from .config import RelexConfig, RelexSettings
 from .engine import finalize, horizon_dir
 from .errors import RelexInputError
@@ -289,7 +289,7 @@ class RelexCallback(TrainerCallback):
                 f"max_buffer_bytes or buffer_slots, or raise stride"
             )
         traj_dir = self._dist.trajectory_dir(os.path.join(out_dir, "trajectory"))
-        resumed = self._resume_dir(args, state) if state.global_step > 0 else None
+        resumed = self._saved_dir(args, state, META_FILE) if state.global_step > 0 else None
         if resumed is not None:
             self.store = TrajectoryStore.load(
                 resumed, specs, capacity, dtype=self.settings.dtype, storage=self.settings.storage, device=device,
@@ -316,16 +316,14 @@ class RelexCallback(TrainerCallback):
             self.store.buffer_bytes / 2**20, self.store.storage,
         )
 
-    def _resume_dir(self, args, state) -> Optional[str]:
-        cands = []
-        rfc = getattr(args, "resume_from_checkpoint", None)
-        if isinstance(rfc, str) and os.path.isdir(rfc):
-            cands.append(rfc)
-        cands.append(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
-        for c in cands:
-            d = self._dist.trajectory_dir(os.path.join(c, TRAJECTORY_DIR))
-            if os.path.isfile(os.path.join(d, "trajectory.json")):
-                return d
+    def _saved_dir(self, args, state, marker: str) -> Optional[str]:
+        """This rank's ``relex_trajectory/`` in the checkpoint training resumed from (``args.resume_from_checkpoint``,
+        else ``checkpoint-<global_step>``) when it holds ``marker``; ``None`` otherwise."""
+        for c in (getattr(args, "resume_from_checkpoint", None), os.path.join(args.output_dir, f"checkpoint-{state.global_step}")):
+            if isinstance(c, str):
+                d = self._dist.trajectory_dir(os.path.join(c, TRAJECTORY_DIR))
+                if os.path.isfile(os.path.join(d, marker)):
+                    return d
         return None
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -603,13 +601,7 @@ class RelexCallback(TrainerCallback):
         from .params import TensorSpec
 
         self.tracked = self._select(model)
-        ckpt_dir, why = None, None
-        for c in [getattr(args, "resume_from_checkpoint", None), os.path.join(args.output_dir, f"checkpoint-{state.global_step}")]:
-            if isinstance(c, str):
-                d = self._dist.trajectory_dir(os.path.join(c, TRAJECTORY_DIR))
-                if os.path.isfile(os.path.join(d, VALIDATION_FILE)):
-                    ckpt_dir = d
-                    break
+        ckpt_dir, why = self._saved_dir(args, state, VALIDATION_FILE), None
         validation = None
         if ckpt_dir is None:
             why = "the checkpoint has no saved validation state for this rank (saved with another world size?)"
