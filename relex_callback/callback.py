@@ -431,7 +431,7 @@ class RelexCallback(TrainerCallback):
         if self.stop_training:
             control.should_training_stop = True
         else:
-            self._start_validation(args, state, sol, store.theta0, store.specs)
+            self._start_validation(state, sol, store.theta0, store.specs)
 
     def _emit(self, logs: dict, control):
         """Queue ``relex/*`` metrics for the trainer's next ``on_log`` (this step: ``should_log`` is set)."""
@@ -487,15 +487,14 @@ class RelexCallback(TrainerCallback):
     # (DistContext.validation_sums), and every rank derives the same cosines; only rank 0 writes report.json.
     VALIDATION_SUMS = ("dot", "real_sq", "extrapolated_sq", "error_sq")
 
-    def _start_validation(self, args, state, result, theta0, specs):
+    def _start_validation(self, state, result, theta0, specs):
         """Keep what the horizon comparisons need after the buffer is freed: this rank's result (directions, lines)
         and theta_0 (``D`` local elements each)."""
         pending = sorted(h for h in self.horizons if h > state.global_step)
         if state.max_steps and any(h > state.max_steps for h in pending):
             late = [h for h in pending if h > state.max_steps]
             logger.warning("relex: validation horizons %s are beyond max_steps=%d and will not be reached", late, state.max_steps)
-        self.validation = {"result": result, "theta0": theta0, "specs": list(specs), "pending": set(pending),
-                           "out_dir": self._out_dir(args)}
+        self.validation = {"result": result, "theta0": theta0, "specs": list(specs), "pending": set(pending)}
 
     @torch.no_grad()
     def _partial_sums(self, horizon: int) -> dict:
@@ -546,15 +545,15 @@ class RelexCallback(TrainerCallback):
         res = self._compare(horizon)
         self.validation["pending"].discard(horizon)
         self._emit({f"relex/validation/{horizon}/{k}": val for k, val in res["summary"].items()}, control)
-        self._record_validation(horizon, res)
+        self._record_validation(self._out_dir(args), horizon, res)
 
     def _is_writer(self) -> bool:
         return self._dist is None or self._dist.rank == 0
 
-    def _record_validation(self, horizon: int, res: dict):
+    def _record_validation(self, out_dir: str, horizon: int, res: dict):
         """Add the comparison to ``report.json`` under ``"validation"`` (rewritten atomically, by rank 0 only; the
         other ranks keep it in ``self.report``)."""
-        path = os.path.join(self.validation["out_dir"], REPORT_NAME)
+        path = os.path.join(out_dir, REPORT_NAME)
         report = self.report
         if report is None:
             report = load_report(path) if self._is_writer() and os.path.isfile(path) else {}
@@ -587,8 +586,7 @@ class RelexCallback(TrainerCallback):
         os.replace(tmp, os.path.join(directory, "theta0.safetensors"))
         tmp = os.path.join(directory, VALIDATION_FILE + ".tmp")
         with open(tmp, "w") as f:  # written last: its presence means the rest is complete
-            json.dump({"pending": sorted(v["pending"]), "out_dir": v["out_dir"],
-                       "specs": [s.to_json() for s in specs]}, f)
+            json.dump({"pending": sorted(v["pending"]), "specs": [s.to_json() for s in specs]}, f)
         os.replace(tmp, os.path.join(directory, VALIDATION_FILE))
 
     def _resume_validation(self, args, state, model):
@@ -620,8 +618,7 @@ class RelexCallback(TrainerCallback):
                 with open(state_file, "rb") as f:  # kept to save again (the source checkpoint may be rotated away)
                     state_bytes = f.read()
                 validation = {"result": result, "theta0": theta0, "specs": specs, "state_bytes": state_bytes,
-                              "pending": {h for h in saved["pending"] if h > state.global_step},
-                              "out_dir": self._out_dir(args)}
+                              "pending": {h for h in saved["pending"] if h > state.global_step}}
         everyone = self._dist.all_ok(validation is not None) if self._dist.is_distributed else validation is not None
         if not everyone:
             logger.warning("relex: resumed after tcut without the saved validation state%s; the horizons are not "
