@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 import torch
 from transformers import TrainerCallback
 
-from .buffer import META_FILE, TrajectoryStore
+from .buffer import META_FILE, THETA0_FILE, TrajectoryStore
 from .config import RelexConfig, RelexSettings
 from .engine import finalize, horizon_dir
 from .errors import RelexInputError
@@ -581,9 +581,9 @@ class RelexCallback(TrainerCallback):
         else:
             save_state(state_path, v["result"],
                        lambda i: theta0[specs[i].offset : specs[i].offset + specs[i].local_numel], tcut=self.tcut)
-        tmp = os.path.join(directory, "theta0.safetensors.tmp")
+        tmp = os.path.join(directory, THETA0_FILE + ".tmp")
         save_file({"theta0": theta0.detach().cpu().contiguous()}, tmp)
-        os.replace(tmp, os.path.join(directory, "theta0.safetensors"))
+        os.replace(tmp, os.path.join(directory, THETA0_FILE))
         tmp = os.path.join(directory, VALIDATION_FILE + ".tmp")
         with open(tmp, "w") as f:  # written last: its presence means the rest is complete
             json.dump({"pending": sorted(v["pending"]), "specs": [s.to_json() for s in specs]}, f)
@@ -614,7 +614,7 @@ class RelexCallback(TrainerCallback):
             else:
                 state_file = os.path.join(ckpt_dir, STATE_NAME)
                 result = load_state(state_file)
-                theta0 = load_file(os.path.join(ckpt_dir, "theta0.safetensors"))["theta0"].to(self.tracked[0].read().device)
+                theta0 = load_file(os.path.join(ckpt_dir, THETA0_FILE))["theta0"].to(self.tracked[0].read().device)
                 with open(state_file, "rb") as f:  # kept to save again (the source checkpoint may be rotated away)
                     state_bytes = f.read()
                 validation = {"result": result, "theta0": theta0, "specs": specs, "state_bytes": state_bytes,
