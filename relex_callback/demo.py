@@ -58,6 +58,8 @@ def run(args) -> dict:
     from relex_callback.toy import (arithmetic_reward, arithmetic_split, build_model, build_tokenizer, greedy_accuracy,
                                     supervised_warmup)
 
+    cb = RelexCallback(tcut=args.tcut, horizons=args.horizons, overwrite=True)  # bad settings fail before any work
+    horizons = cb.horizons
     torch.set_num_threads(args.threads)
     hf_logging.set_verbosity_error()
     logging.getLogger("relex_callback").setLevel(logging.WARNING)
@@ -76,8 +78,6 @@ def run(args) -> dict:
     rows.append((f"base (SFT {args.warmup_steps} steps)", 0, evaluate(model)))
     t_warm = time.perf_counter() - t
 
-    horizons = [int(h) for h in str(args.horizons).split(",")]
-    cb = RelexCallback(tcut=args.tcut, horizons=horizons, overwrite=True)
     grpo_args = GRPOConfig(
         output_dir=args.out, per_device_train_batch_size=32, num_generations=8, max_completion_length=3,
         learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, max_steps=max(horizons),
