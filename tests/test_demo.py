@@ -20,4 +20,11 @@ def test_demo_quick(tmp_path, subprocess_env):
     assert all(0.0 <= row["held_out"] <= 1.0 and 0.0 <= row["train"] <= 1.0 for row in result["rows"])
     for h in (8, 12):
         assert os.path.isfile(out / "relex" / f"step-{h}" / "model.safetensors")
+    # the two horizons are distinct points on the extrapolated line, not copies of one checkpoint
+    from safetensors.torch import load_file
+
+    w8, w12 = (load_file(out / "relex" / f"step-{h}" / "model.safetensors") for h in (8, 12))
+    assert w8.keys() == w12.keys()
+    assert all(bool(w.isfinite().all()) for w in (*w8.values(), *w12.values()))
+    assert any(not w8[k].equal(w12[k]) for k in w8)
     assert (out / "demo.png").is_file() or "no plot" in r.stdout
