@@ -463,19 +463,13 @@ class TrajectoryStore:
             self._write_meta(self.directory)
 
     def solve_inputs(self) -> dict:
-        """Keyword arguments for :func:`relex_callback.solver.solve`: ``M`` and ``steps`` (plus ``left`` and
-        ``total_sq`` for a folded store). Unfolded: exactly ``rows()`` and ``steps``."""
+        """Keyword arguments for :func:`relex_callback.solver.solve`: ``M`` and ``steps`` (plus ``left``,
+        ``folded_sq`` and ``folded_steps`` for a folded store). Unfolded: exactly ``rows()`` and ``steps``."""
         if not self.folded_steps:
             return {"M": self.rows(), "steps": list(self.steps)}
         self.synchronize()
-        B = self._rows_in_use()
-        from . import kernels
-
-        G_ring = kernels.gram(
-            self.M[: self.num_ring_rows], [s.offset for s in self.specs], [s.local_numel for s in self.specs]
-        ).double().cpu()
-        ring_sq = torch.diagonal(G_ring, dim1=1, dim2=2).sum(-1)
-        return {"M": B, "steps": list(self.steps), "left": self._left(), "total_sq": self.folded_sq + ring_sq}
+        return {"M": self._rows_in_use(), "steps": list(self.steps), "left": self._left(), "folded_sq": self.folded_sq,
+                "folded_steps": len(self.folded_steps)}
 
     def release(self):
         """Free the buffer memory (the disk file stays until the directory is removed)."""

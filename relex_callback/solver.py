@@ -166,7 +166,8 @@ def solve(
     max_iter: int = 6,
     tol: float = 1e-6,
     left: Optional[torch.Tensor] = None,
-    total_sq: Optional[torch.Tensor] = None,
+    folded_sq: Optional[torch.Tensor] = None,
+    folded_steps: int = 0,
 ) -> Solution:
     """Solve every segment of ``M`` (``[T, D]``, rows in step order).
 
@@ -187,8 +188,10 @@ def solve(
         left (`torch.Tensor`, *optional*): a folded store's left factors (``TrajectoryStore.solve_inputs``):
             ``[S, T, R]`` float64 with the trajectory of segment ``i`` equal to ``left[i] @ M_i`` (``M`` then has
             ``R`` rows: the folded basis and the remaining deltas). ``None`` (no fold) is the plain path.
-        total_sq (`torch.Tensor`, *optional*): exact ``||M_i||_F^2`` per segment for the report (a folded store
-            knows it; the factorisation alone would understate it).
+        folded_sq (`torch.Tensor`, *optional*): with ``left``, the exact squared Frobenius norm per segment of the
+            first ``folded_steps`` steps (the factorisation alone would understate it); the report's total adds the
+            later steps' squared norms from the Gram diagonal, so the remaining deltas are not read again.
+        folded_steps (`int`, *optional*, defaults to `0`): how many leading steps ``folded_sq`` covers.
     """
     T, D = M.shape
     offsets = [s.offset for s in specs]
@@ -215,7 +218,11 @@ def solve(
     fallbacks = 0
     if method != "power":
         sigma, U, X, _, G = factor_left(M, left, specs, rank, reduce=reduce)
-        total = total_sq.double() if total_sq is not None else torch.diagonal(G, dim1=1, dim2=2).sum(-1).clamp_min(0)
+        row_sq = torch.diagonal(G, dim1=1, dim2=2)
+        if folded_sq is None:
+            total = row_sq.sum(-1).clamp_min(0)
+        else:
+            total = folded_sq.double() + row_sq[:, folded_steps:].sum(-1).clamp_min(0)
         last_sq = G[:, -1, -1].clamp_min(0)
         secs["gram"] = time.perf_counter() - t0
         passes = float(S > 0)
