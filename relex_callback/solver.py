@@ -278,13 +278,7 @@ def _fused_gram_matvec(M: torch.Tensor, o: int, n: int, q: torch.Tensor, rowsq: 
     """``M_i (M_i^T q)`` for one segment in one pass (float32 chunks, each used twice while in cache); with
     ``rowsq`` also the squared row norms (float64). Returns float64 ``[T]``."""
     w = torch.zeros(M.shape[0], dtype=torch.float32, device=M.device)
-    for s in range(o, o + n, y.shape[0]):
-        e = min(o + n, s + y.shape[0])
-        if tmp is None:
-            c = M[:, s:e]
-        else:
-            c = tmp[:, : e - s]
-            c.copy_(M[:, s:e])
+    for s, e, c in kernels.reference._float32_chunks(M, o, n, y.shape[0], tmp):
         yy = y[: e - s]
         torch.mv(c.T, q, out=yy)
         w.addmv_(c, yy)
@@ -307,7 +301,7 @@ def _power_eigs(M: torch.Tensor, offsets, numels, *, max_iter: int, tol: float):
     total = torch.zeros(S, dtype=torch.float64)
     last_sq = torch.zeros(S, dtype=torch.float64)
     todo = []
-    tmp = torch.empty(T, chunk, dtype=torch.float32, device=M.device) if M.dtype != torch.float32 else None
+    tmp = kernels.reference.float32_scratch(M, chunk)
     y = torch.empty(chunk, dtype=torch.float32, device=M.device)
     read = 0
     for i, (o, n) in enumerate(zip(offsets, numels)):
