@@ -352,8 +352,8 @@ class TrajectoryStore:
         # rides on the same in-cache data: a chunk's float32 sum is NaN/Inf iff the chunk holds a NaN/Inf (or deltas
         # near 1e38, which are as broken); no second pass over the stored row.
         chunk = SNAPSHOT_CHUNK if self.theta0.device.type == "cpu" else SNAPSHOT_CHUNK_DEVICE
-        need = min(chunk, max(s.local_numel for s in self.specs))
-        if self._scratch is None or self._scratch.numel() < need or self._scratch.device != self.theta0.device:
+        if self._scratch is None or self._scratch.device != self.theta0.device:  # once: specs and chunk are fixed
+            need = min(chunk, max(s.local_numel for s in self.specs))
             self._scratch = torch.empty(need, dtype=torch.float32, device=self.theta0.device)
         sums = []
         for spec, t in zip(self.specs, tensors, strict=True):
