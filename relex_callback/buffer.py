@@ -441,7 +441,7 @@ class TrajectoryStore:
     @torch.no_grad()
     def fold(self):
         """Fold every delta in the ring into the rank-``fold_rank`` factorisation and free the slots."""
-        from .fold import project_inplace
+        from .kernels.reference import project_reference
         from .solver import factor_left
 
         if not self.fold_rank:
@@ -454,7 +454,9 @@ class TrajectoryStore:
         sigma, U, X, G_B, _ = factor_left(B, C, self.specs, self.fold_rank)
         self.folded_sq = self.folded_sq + self._ring_sq(G_B)
         r = self.fold_rank
-        project_inplace(B, [s.offset for s in self.specs], [s.local_numel for s in self.specs], X, self.arena[:r])
+        # the new basis overwrites rows of B: safe in the chunked reference, which computes each chunk's product in
+        # full before writing it (the Triton kernel makes no such promise)
+        project_reference(B, [s.offset for s in self.specs], [s.local_numel for s in self.specs], X, self.arena[:r])
         self.L = U * sigma.unsqueeze(1)  # [S, T, r]
         self.folded_steps = list(self.steps)
         self.basis_rows = r
