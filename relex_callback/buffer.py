@@ -162,11 +162,6 @@ class TrajectoryStore:
         # streaming fold (None: off, the ring must hold the whole window)
         self.fold_rank = int(fold_rank) if fold_rank else None
         self.arena: Optional[torch.Tensor] = None  # [fold_rank + K, D]; M is a view of its last K rows
-        self.folded_steps: list[int] = []
-        self.basis_rows = 0  # rows of W in use (0 before the first fold, fold_rank after)
-        self.L: Optional[torch.Tensor] = None  # [S, T_folded, basis_rows] float64
-        self.folded_sq: Optional[torch.Tensor] = None  # [S] exact ||folded rows||_F^2
-        self.folds = 0
         self._reset_fold()
         self.storage = self.choose_storage(storage) if _allocate else storage
         self._stream = None
@@ -410,10 +405,10 @@ class TrajectoryStore:
 
     # ------------------------------------------------------------------ fold
     def _reset_fold(self):
-        self.folded_steps = []
-        self.basis_rows = 0
-        self.L = torch.zeros(len(self.specs), 0, 0, dtype=torch.float64)
-        self.folded_sq = torch.zeros(len(self.specs), dtype=torch.float64)
+        self.folded_steps: list[int] = []
+        self.basis_rows = 0  # rows of W in use (0 before the first fold, fold_rank after)
+        self.L = torch.zeros(len(self.specs), 0, 0, dtype=torch.float64)  # [S, T_folded, basis_rows]
+        self.folded_sq = torch.zeros(len(self.specs), dtype=torch.float64)  # [S] exact ||folded rows||_F^2
         self.folds = 0
 
     @property
@@ -480,8 +475,7 @@ class TrajectoryStore:
         self.M = None
         self._staging = None
         self._scratch = None
-        if hasattr(self, "arena"):
-            self.arena = None
+        self.arena = None
 
     def discard_files(self) -> int:
         """Delete the disk tier's files (buffer, theta_0, metadata) once the window's result is written; returns the
@@ -601,9 +595,7 @@ class TrajectoryStore:
         same_file = store.storage == "disk" and os.path.abspath(store.directory) == os.path.abspath(directory)
         store.steps = steps
         if meta.get("folded_steps"):
-            from safetensors.torch import load_file as _lf
-
-            f = _lf(os.path.join(directory, FOLD_FILE))
+            f = load_file(os.path.join(directory, FOLD_FILE))
             store.L, store.folded_sq = f["L"], f["folded_sq"]
             store.folded_steps = list(meta["folded_steps"])
             store.basis_rows = int(meta["basis_rows"])
