@@ -148,6 +148,7 @@ class TrajectoryStore:
             s.offset = off
             off += s.local_numel
         self.D = off
+        self._specs_json = [s.to_json() for s in self.specs]  # fixed from here on; written with every metadata update
         self.K = int(capacity)
         self.dtype = parse_dtype(dtype)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
@@ -161,11 +162,6 @@ class TrajectoryStore:
         # streaming fold (None: off, the ring must hold the whole window)
         self.fold_rank = int(fold_rank) if fold_rank else None
         self.arena: Optional[torch.Tensor] = None  # [fold_rank + K, D]; M is a view of its last K rows
-        self.folded_steps: list[int] = []
-        self.basis_rows = 0  # rows of W in use (0 before the first fold, fold_rank after)
-        self.L: Optional[torch.Tensor] = None  # [S, T_folded, basis_rows] float64
-        self.folded_sq: Optional[torch.Tensor] = None  # [S] exact ||folded rows||_F^2
-        self.folds = 0
         self._reset_fold()
         self.storage = self.choose_storage(storage) if _allocate else storage
         self._stream = None
@@ -351,8 +347,8 @@ class TrajectoryStore:
         # rides on the same in-cache data: a chunk's float32 sum is NaN/Inf iff the chunk holds a NaN/Inf (or deltas
         # near 1e38, which are as broken); no second pass over the stored row.
         chunk = SNAPSHOT_CHUNK if self.theta0.device.type == "cpu" else SNAPSHOT_CHUNK_DEVICE
-        need = min(chunk, max(s.local_numel for s in self.specs))
-        if self._scratch is None or self._scratch.numel() < need or self._scratch.device != self.theta0.device:
+        if self._scratch is None or self._scratch.device != self.theta0.device:  # once: specs and chunk are fixed
+            need = min(chunk, max(s.local_numel for s in self.specs))
             self._scratch = torch.empty(need, dtype=torch.float32, device=self.theta0.device)
         sums = []
         for spec, t in zip(self.specs, tensors, strict=True):
@@ -409,10 +405,10 @@ class TrajectoryStore:
 
     # ------------------------------------------------------------------ fold
     def _reset_fold(self):
-        self.folded_steps = []
-        self.basis_rows = 0
-        self.L = torch.zeros(len(self.specs), 0, 0, dtype=torch.float64)
-        self.folded_sq = torch.zeros(len(self.specs), dtype=torch.float64)
+        self.folded_steps: list[int] = []
+        self.basis_rows = 0  # rows of W in use (0 before the first fold, fold_rank after)
+        self.L = torch.zeros(len(self.specs), 0, 0, dtype=torch.float64)  # [S, T_folded, basis_rows]
+        self.folded_sq = torch.zeros(len(self.specs), dtype=torch.float64)  # [S] exact ||folded rows||_F^2
         self.folds = 0
 
     @property
@@ -440,7 +436,7 @@ class TrajectoryStore:
     @torch.no_grad()
     def fold(self):
         """Fold every delta in the ring into the rank-``fold_rank`` factorisation and free the slots."""
-        from .fold import project_inplace
+        from .kernels.reference import project_reference
         from .solver import factor_left
 
         if not self.fold_rank:
@@ -453,7 +449,9 @@ class TrajectoryStore:
         sigma, U, X, G_B, _ = factor_left(B, C, self.specs, self.fold_rank)
         self.folded_sq = self.folded_sq + self._ring_sq(G_B)
         r = self.fold_rank
-        project_inplace(B, [s.offset for s in self.specs], [s.local_numel for s in self.specs], X, self.arena[:r])
+        # the new basis overwrites rows of B: safe in the chunked reference, which computes each chunk's product in
+        # full before writing it (the Triton kernel makes no such promise)
+        project_reference(B, [s.offset for s in self.specs], [s.local_numel for s in self.specs], X, self.arena[:r])
         self.L = U * sigma.unsqueeze(1)  # [S, T, r]
         self.folded_steps = list(self.steps)
         self.basis_rows = r
@@ -463,19 +461,13 @@ class TrajectoryStore:
             self._write_meta(self.directory)
 
     def solve_inputs(self) -> dict:
-        """Keyword arguments for :func:`relex_callback.solver.solve`: ``M`` and ``steps`` (plus ``left`` and
-        ``total_sq`` for a folded store). Unfolded: exactly ``rows()`` and ``steps``."""
+        """Keyword arguments for :func:`relex_callback.solver.solve`: ``M`` and ``steps`` (plus ``left``,
+        ``folded_sq`` and ``folded_steps`` for a folded store). Unfolded: exactly ``rows()`` and ``steps``."""
         if not self.folded_steps:
             return {"M": self.rows(), "steps": list(self.steps)}
         self.synchronize()
-        B = self._rows_in_use()
-        from . import kernels
-
-        G_ring = kernels.gram(
-            self.M[: self.num_ring_rows], [s.offset for s in self.specs], [s.local_numel for s in self.specs]
-        ).double().cpu()
-        ring_sq = torch.diagonal(G_ring, dim1=1, dim2=2).sum(-1)
-        return {"M": B, "steps": list(self.steps), "left": self._left(), "total_sq": self.folded_sq + ring_sq}
+        return {"M": self._rows_in_use(), "steps": list(self.steps), "left": self._left(), "folded_sq": self.folded_sq,
+                "folded_steps": len(self.folded_steps)}
 
     def release(self):
         """Free the buffer memory (the disk file stays until the directory is removed)."""
@@ -483,8 +475,7 @@ class TrajectoryStore:
         self.M = None
         self._staging = None
         self._scratch = None
-        if hasattr(self, "arena"):
-            self.arena = None
+        self.arena = None
 
     def discard_files(self) -> int:
         """Delete the disk tier's files (buffer, theta_0, metadata) once the window's result is written; returns the
@@ -513,7 +504,7 @@ class TrajectoryStore:
             "dtype": dtype_name(self.dtype),
             "theta0_dtype": dtype_name(self.theta0_dtype),
             "steps": list(self.steps),
-            "specs": [s.to_json() for s in self.specs],
+            "specs": self._specs_json,
             "fold_rank": self.fold_rank,
             "folded_steps": list(self.folded_steps),
             "basis_rows": self.basis_rows,
@@ -529,7 +520,9 @@ class TrajectoryStore:
     def _write_meta(self, directory: str):
         tmp = os.path.join(directory, META_FILE + ".tmp")
         with open(tmp, "w") as f:
-            json.dump(self.meta(), f)
+            # one C-encoded string: json.dump's incremental Python encoder cost ~8 ms per write for 300 tensors,
+            # and the disk tier writes this at every snapshot
+            f.write(json.dumps(self.meta()))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, os.path.join(directory, META_FILE))
@@ -602,9 +595,7 @@ class TrajectoryStore:
         same_file = store.storage == "disk" and os.path.abspath(store.directory) == os.path.abspath(directory)
         store.steps = steps
         if meta.get("folded_steps"):
-            from safetensors.torch import load_file as _lf
-
-            f = _lf(os.path.join(directory, FOLD_FILE))
+            f = load_file(os.path.join(directory, FOLD_FILE))
             store.L, store.folded_sq = f["L"], f["folded_sq"]
             store.folded_steps = list(meta["folded_steps"])
             store.basis_rows = int(meta["basis_rows"])

@@ -14,37 +14,18 @@ whole trajectory as ``C @ B``; the solver works on that product without forming 
 * direction: ``v = (C B)^T u / sigma = B^T (C^T u / sigma)`` - one more pass (the same projection kernel).
 
 A fold is that same computation with ``rank = r``: ``L_new = U S`` and ``W_new^T = (C^T U S^-1)^T B``, written back
-into the basis rows in place, chunk by chunk (each chunk of ``B`` is read into float32 before its basis columns are
-overwritten). Nothing ``n x n`` is formed; two passes over ``r + K`` rows per fold. With no fold (``K`` at least the
-window) the store never allocates basis rows and the solve is the plain, exact path.
+into the basis rows in place by the reference projection, chunk by chunk (each chunk's product is computed in full
+before its basis columns are overwritten). Nothing ``n x n`` is formed; two passes over ``r + K`` rows per fold.
+With no fold (``K`` at least the window) the store never allocates basis rows and the solve is the plain, exact path.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
-
-import torch
+from typing import Optional
 
 from .errors import RelexInputError, RelexMemoryError
-from .kernels.reference import CHUNK, _chunks
 
 DEFAULT_FOLD_RANK = 8
-
-
-@torch.no_grad()
-def project_inplace(B: torch.Tensor, offsets: Sequence[int], numels: Sequence[int], X: torch.Tensor, out: torch.Tensor,
-                    chunk: int = CHUNK):
-    """``out[:, seg_i] = X[i]^T B[:, seg_i]`` where ``out`` may alias rows of ``B``: each chunk of ``B`` is copied to
-    float32 before ``out`` is written. ``X`` is ``[S, R, r]`` float32."""
-    R = B.shape[0]
-    tmp = torch.empty(R, chunk, dtype=torch.float32, device=B.device)
-    for i, (o, n) in enumerate(zip(offsets, numels)):
-        Xi = X[i].to(device=B.device, dtype=torch.float32)
-        for s, e in _chunks(o, n, chunk):
-            c = tmp[:, : e - s]
-            c.copy_(B[:, s:e])
-            out[:, s:e] = Xi.T @ c
-    return out
 
 
 def validate_fold(fold_rank, buffer_slots, rank: int = 1):

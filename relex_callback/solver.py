@@ -166,7 +166,8 @@ def solve(
     max_iter: int = 6,
     tol: float = 1e-6,
     left: Optional[torch.Tensor] = None,
-    total_sq: Optional[torch.Tensor] = None,
+    folded_sq: Optional[torch.Tensor] = None,
+    folded_steps: int = 0,
 ) -> Solution:
     """Solve every segment of ``M`` (``[T, D]``, rows in step order).
 
@@ -187,41 +188,43 @@ def solve(
         left (`torch.Tensor`, *optional*): a folded store's left factors (``TrajectoryStore.solve_inputs``):
             ``[S, T, R]`` float64 with the trajectory of segment ``i`` equal to ``left[i] @ M_i`` (``M`` then has
             ``R`` rows: the folded basis and the remaining deltas). ``None`` (no fold) is the plain path.
-        total_sq (`torch.Tensor`, *optional*): exact ``||M_i||_F^2`` per segment for the report (a folded store
-            knows it; the factorisation alone would understate it).
+        folded_sq (`torch.Tensor`, *optional*): with ``left``, the exact squared Frobenius norm per segment of the
+            first ``folded_steps`` steps (the factorisation alone would understate it); the report's total adds the
+            later steps' squared norms from the Gram diagonal, so the remaining deltas are not read again.
+        folded_steps (`int`, *optional*, defaults to `0`): how many leading steps ``folded_sq`` covers.
     """
-    if left is not None:
-        return _solve_left(M, steps, specs, left=left, total_sq=total_sq, rank=rank, fit_start=fit_start,
-                           out_dtype=out_dtype, reduce=reduce)
     T, D = M.shape
-    if T != len(steps):
-        raise ValueError(f"{T} rows but {len(steps)} steps")
-    steps_t, mask = _fit_steps(steps, fit_start)
     offsets = [s.offset for s in specs]
     numels = [s.local_numel for s in specs]
     S = len(specs)
-    if method == "auto":
-        method = default_method(M.device, rank, reduce is not None, T)
-    if method not in ("gram", "power"):
-        raise ValueError(f"unknown method {method!r}")
-    if method == "power" and (rank > 1 or reduce is not None):
-        method = "gram"
+    if left is not None:
+        if left.shape[1] != len(steps) or left.shape[2] != T:
+            raise ValueError(f"left factors {tuple(left.shape)} do not match {len(steps)} steps and {T} rows")
+        method = "gram-folded"  # the Gram path through the left factors
+    else:
+        if T != len(steps):
+            raise ValueError(f"{T} rows but {len(steps)} steps")
+        if method == "auto":
+            method = default_method(M.device, rank, reduce is not None, T)
+        if method not in ("gram", "power"):
+            raise ValueError(f"unknown method {method!r}")
+        if method == "power" and (rank > 1 or reduce is not None):
+            method = "gram"
+    steps_t, mask = _fit_steps(steps, fit_start)
     V = torch.zeros(rank, D, dtype=out_dtype or M.dtype, device=M.device)
     seg_bytes = T * sum(numels) * M.element_size()
     secs = {}
     t0 = time.perf_counter()
     fallbacks = 0
-    if method == "gram":
-        G = kernels.gram(M, offsets, numels)
-        if reduce is not None:
-            G = reduce(G)
-        G = G.double().cpu()
-        secs["gram"] = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        lam, U = _top_eigenpairs(G, rank)
-        total = torch.diagonal(G, dim1=1, dim2=2).sum(-1).clamp_min(0)
+    if method != "power":
+        sigma, U, X, _, G = factor_left(M, left, specs, rank, reduce=reduce)
+        row_sq = torch.diagonal(G, dim1=1, dim2=2)
+        if folded_sq is None:
+            total = row_sq.sum(-1).clamp_min(0)
+        else:
+            total = folded_sq.double() + row_sq[:, folded_steps:].sum(-1).clamp_min(0)
         last_sq = G[:, -1, -1].clamp_min(0)
-        secs["eigen"] = time.perf_counter() - t1
+        secs["gram"] = time.perf_counter() - t0
         passes = float(S > 0)
     else:
         lam, U, total, last_sq, todo, passes = _power_eigs(M, offsets, numels, max_iter=max_iter, tol=tol)
@@ -233,22 +236,15 @@ def solve(
             lam_f, U_f = _top_eigenpairs(G, 1)
             idx = torch.tensor(todo)
             lam[idx] = lam_f
-            U[idx] = U_f
-            total[idx] = torch.diagonal(G, dim1=1, dim2=2).sum(-1).clamp_min(0)
-            last_sq[idx] = G[:, -1, -1].clamp_min(0)
+            U[idx] = U_f  # total and last_sq came with the first Krylov pass
             passes += T * sum(sub_n) * M.element_size() / max(seg_bytes, 1)
+        sigma, U, X = _directions(lam, U, rank)
         secs["power"] = time.perf_counter() - t0
-    U = _fix_signs(U)
-    sigma = lam.sqrt()
     t2 = time.perf_counter()
-    keep = sigma > (REL_SIGMA_FLOOR * sigma[:, :1]).clamp_min(1e-300)
-    scale = torch.where(keep, 1.0 / sigma.clamp_min(1e-300), 0.0)
-    Us = (U * scale.unsqueeze(1)).float()  # [S, T, r], u / sigma
-    kernels.project(M, offsets, numels, Us, V)
+    kernels.project(M, offsets, numels, X, V)
     secs["direction"] = time.perf_counter() - t2
     passes += float(S > 0)
-    coeffs = (U * (sigma * keep).unsqueeze(1)).transpose(1, 2)  # [S, r, T]
-    sigma = sigma * keep
+    coeffs = (U * sigma.unsqueeze(1)).transpose(1, 2)  # [S, r, T]
     slope, intercept, r2 = fit_lines(coeffs, steps_t, mask)
     secs["total"] = time.perf_counter() - t0
     return Solution(
@@ -258,17 +254,29 @@ def solve(
     )
 
 
+def _directions(lam: torch.Tensor, U: torch.Tensor, rank: int, C: Optional[torch.Tensor] = None):
+    """From the top eigenpairs of the trajectory Grams to ``(sigma [S, r], U [S, T, r], X [S, R, r] float32)``:
+    signs fixed, components padded with zeros up to ``rank`` (fewer steps than components), round-off components
+    (below ``REL_SIGMA_FLOOR``) zeroed, and the weights ``X = C^T u / sigma`` (``u / sigma`` without ``C``) with
+    which the direction pass gives ``v = M_i^T X_i``."""
+    U = _fix_signs(U)
+    if lam.shape[1] < rank:  # fewer steps than components so far (an early fold with few slots): pad with zeros
+        pad = rank - lam.shape[1]
+        lam = torch.nn.functional.pad(lam, (0, pad))
+        U = torch.nn.functional.pad(U, (0, pad))
+    sigma = lam.sqrt()
+    keep = sigma > (REL_SIGMA_FLOOR * sigma[:, :1]).clamp_min(1e-300)
+    scale = torch.where(keep, 1.0 / sigma.clamp_min(1e-300), 0.0)
+    Us = U * scale.unsqueeze(1)
+    X = (Us if C is None else C.transpose(1, 2) @ Us).float()
+    return sigma * keep, U, X
+
+
 def _fused_gram_matvec(M: torch.Tensor, o: int, n: int, q: torch.Tensor, rowsq: Optional[torch.Tensor], tmp, y):
     """``M_i (M_i^T q)`` for one segment in one pass (float32 chunks, each used twice while in cache); with
     ``rowsq`` also the squared row norms (float64). Returns float64 ``[T]``."""
     w = torch.zeros(M.shape[0], dtype=torch.float32, device=M.device)
-    for s in range(o, o + n, y.shape[0]):
-        e = min(o + n, s + y.shape[0])
-        if tmp is None:
-            c = M[:, s:e]
-        else:
-            c = tmp[:, : e - s]
-            c.copy_(M[:, s:e])
+    for s, e, c in kernels.reference._float32_chunks(M, o, n, y.shape[0], tmp):
         yy = y[: e - s]
         torch.mv(c.T, q, out=yy)
         w.addmv_(c, yy)
@@ -291,7 +299,7 @@ def _power_eigs(M: torch.Tensor, offsets, numels, *, max_iter: int, tol: float):
     total = torch.zeros(S, dtype=torch.float64)
     last_sq = torch.zeros(S, dtype=torch.float64)
     todo = []
-    tmp = torch.empty(T, chunk, dtype=torch.float32, device=M.device) if M.dtype != torch.float32 else None
+    tmp = kernels.reference.float32_scratch(M, chunk)
     y = torch.empty(chunk, dtype=torch.float32, device=M.device)
     read = 0
     for i, (o, n) in enumerate(zip(offsets, numels)):
@@ -346,54 +354,23 @@ def _power_eigs(M: torch.Tensor, offsets, numels, *, max_iter: int, tol: float):
 
 
 @torch.no_grad()
-def factor_left(M: torch.Tensor, left: torch.Tensor, specs: Sequence[TensorSpec], rank: int, reduce=None):
+def factor_left(M: torch.Tensor, left: Optional[torch.Tensor], specs: Sequence[TensorSpec], rank: int, reduce=None):
     """Top ``rank`` singular triplets of ``A_i = left[i] @ M_i`` for every segment without forming ``A``: the Gram
     ``A_i A_i^T = left[i] (M_i M_i^T) left[i]^T`` from one pass over ``M``, a float64 ``eigh``, and the weights
-    ``X_i = left[i]^T u / sigma`` [S, R, r] with which one more pass gives ``v = M_i^T X_i``.
+    ``X_i = left[i]^T u / sigma`` [S, R, r] with which one more pass gives ``v = M_i^T X_i``. ``left=None`` is the
+    identity (the plain, unfolded trajectory ``A_i = M_i``).
 
-    Returns ``(sigma [S, r], U [S, T, r], X [S, R, r] float32, G_M [S, R, R] float64)``."""
-    offsets = [s.offset for s in specs]
-    numels = [s.local_numel for s in specs]
-    G_M = kernels.gram(M, offsets, numels)
+    Returns ``(sigma [S, r], U [S, T, r], X [S, R, r] float32, G_M [S, R, R] float64, G [S, T, T] float64)``."""
+    G_M = kernels.gram(M, [s.offset for s in specs], [s.local_numel for s in specs])
     if reduce is not None:
         G_M = reduce(G_M)
     G_M = G_M.double().cpu()
-    C = left.double().cpu()
-    G = C @ G_M @ C.transpose(1, 2)
-    G = 0.5 * (G + G.transpose(1, 2))
+    if left is None:
+        C, G = None, G_M
+    else:
+        C = left.double().cpu()
+        G = C @ G_M @ C.transpose(1, 2)
+        G = 0.5 * (G + G.transpose(1, 2))
     lam, U = _top_eigenpairs(G, rank)
-    U = _fix_signs(U)
-    if lam.shape[1] < rank:  # fewer steps than components so far (an early fold with few slots): pad with zeros
-        pad = rank - lam.shape[1]
-        lam = torch.nn.functional.pad(lam, (0, pad))
-        U = torch.nn.functional.pad(U, (0, pad))
-    sigma = lam.sqrt()
-    keep = sigma > (REL_SIGMA_FLOOR * sigma[:, :1]).clamp_min(1e-300)
-    scale = torch.where(keep, 1.0 / sigma.clamp_min(1e-300), 0.0)
-    X = (C.transpose(1, 2) @ (U * scale.unsqueeze(1))).float()
-    return sigma * keep, U, X, G_M, G
-
-
-def _solve_left(M, steps, specs, *, left, total_sq, rank, fit_start, out_dtype, reduce) -> Solution:
-    """The Gram path for a folded trajectory (see ``solve(left=...)``)."""
-    T = len(steps)
-    if left.shape[1] != T or left.shape[2] != M.shape[0]:
-        raise ValueError(f"left factors {tuple(left.shape)} do not match {T} steps and {M.shape[0]} rows")
-    steps_t, mask = _fit_steps(steps, fit_start)
-    t0 = time.perf_counter()
-    sigma, U, X, _, G = factor_left(M, left, specs, rank, reduce=reduce)
-    secs = {"gram": time.perf_counter() - t0}
-    t2 = time.perf_counter()
-    V = torch.zeros(rank, M.shape[1], dtype=out_dtype or M.dtype, device=M.device)
-    kernels.project(M, [s.offset for s in specs], [s.local_numel for s in specs], X, V)
-    secs["direction"] = time.perf_counter() - t2
-    coeffs = (U * sigma.unsqueeze(1)).transpose(1, 2)
-    total = total_sq.double() if total_sq is not None else torch.diagonal(G, dim1=1, dim2=2).sum(-1).clamp_min(0)
-    last_sq = G[:, -1, -1].clamp_min(0)
-    slope, intercept, r2 = fit_lines(coeffs, steps_t, mask)
-    secs["total"] = time.perf_counter() - t0
-    return Solution(
-        specs=list(specs), steps=[int(s) for s in steps], fit_start=fit_start, rank=rank, sigma=sigma, coeffs=coeffs,
-        slope=slope, intercept=intercept, r2=r2, total=total, last_sq=last_sq, V=V, method="gram-folded",
-        seconds=secs,
-    )
+    sigma, U, X = _directions(lam, U, rank, C)
+    return sigma, U, X, G_M, G

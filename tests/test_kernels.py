@@ -133,20 +133,6 @@ def test_project_matches_reference(T, sizes, dtype, r):
 
 
 @needs_kernels
-@pytest.mark.parametrize("T,sizes,dtype", [c for c in _cases() if c.values[0] in (5, 75)])
-def test_matvec_matches_reference(T, sizes, dtype):
-    from relex_callback.kernels import triton_ops
-
-    M, offsets, numels = _arena(T, sizes, dtype, seed=4)
-    x = torch.randn(M.shape[1], generator=torch.Generator().manual_seed(5))
-    W = triton_ops.matvec(M, offsets, numels, x.to(DEVICE), span=SPAN).cpu()
-    R = reference.matvec_grouped_reference(M.cpu(), offsets, numels, x)
-    assert W.shape == (len(sizes), T)
-    scale = R.abs().amax(dim=1, keepdim=True).clamp_min(1e-30)
-    assert ((W - R).abs() / scale).max() < TOL
-
-
-@needs_kernels
 def test_dispatch_forced_triton_matches(monkeypatch):
     """kernels.gram/project dispatch to Triton with RELEX_FORCE_TRITON=1 and give the reference's answer."""
     from relex_callback import kernels

@@ -97,6 +97,8 @@ def test_power_falls_back_on_random_data_and_agrees_with_gram(method):
         assert b.fallbacks >= 1  # flat spectrum: 3 Krylov steps are not enough, the Gram path finishes the job
     assert torch.allclose(a.sigma, b.sigma, rtol=1e-6)
     assert (a.V.double() - b.V.double()).abs().max() < 1e-6
+    # the report's figures of a fallen-back segment are those of the Gram path too
+    assert torch.allclose(a.total, b.total, rtol=1e-6) and torch.allclose(a.last_sq, b.last_sq, rtol=1e-6)
 
 
 @pytest.mark.parametrize("method", METHODS)

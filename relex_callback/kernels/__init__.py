@@ -46,12 +46,3 @@ def project(M: torch.Tensor, offsets: Sequence[int], numels: Sequence[int], U: t
 
         return triton_ops.project(M, offsets, numels, U, out)
     return reference.project_reference(M, offsets, numels, U, out)
-
-
-def matvec(M: torch.Tensor, offsets: Sequence[int], numels: Sequence[int], x: torch.Tensor) -> torch.Tensor:
-    """``[S, T]`` float32: ``M_i x[seg_i]`` for every segment (``x`` is ``[D]`` in the arena layout)."""
-    if _use_triton(M):
-        from . import triton_ops
-
-        return triton_ops.matvec(M, offsets, numels, x)
-    return reference.matvec_grouped_reference(M, offsets, numels, x)

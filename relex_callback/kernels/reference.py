@@ -76,33 +76,3 @@ def project_reference(
         for s, e, c in _float32_chunks(M, o, n, chunk, tmp):
             out[:, s:e] = Ui.T @ c
     return out
-
-
-@torch.no_grad()
-def matvec_reference(M: torch.Tensor, o: int, n: int, v: torch.Tensor, chunk: int = CHUNK, rowsq: torch.Tensor | None = None) -> torch.Tensor:
-    """``M_i v`` for one segment (``v`` float32 ``[n]``) -> float32 ``[T]``. With ``rowsq`` (float64 ``[T]``), also
-    accumulates each row's squared norm in the same pass."""
-    w = torch.zeros(M.shape[0], dtype=torch.float32, device=M.device)
-    for s, e, c in _float32_chunks(M, o, n, chunk):
-        w.addmv_(c, v[s - o : e - o])
-        if rowsq is not None:
-            rowsq += (c * c).sum(1).double()
-    return w
-
-
-@torch.no_grad()
-def rmatvec_reference(M: torch.Tensor, o: int, n: int, w: torch.Tensor, out: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
-    """``M_i^T w`` for one segment (``w`` float32 ``[T]``) into float32 ``out[n]``."""
-    for s, e, c in _float32_chunks(M, o, n, chunk):
-        torch.mv(c.T, w, out=out[s - o : e - o])
-    return out
-
-
-@torch.no_grad()
-def matvec_grouped_reference(M: torch.Tensor, offsets: Sequence[int], numels: Sequence[int], x: torch.Tensor) -> torch.Tensor:
-    """``W[i] = M_i x[seg_i]`` for every segment: ``[S, T]`` float32 (``x`` is ``[D]``, a row in the arena layout)."""
-    W = torch.zeros(len(offsets), M.shape[0], dtype=torch.float32, device=M.device)
-    xf = x.to(device=M.device, dtype=torch.float32)
-    for i, (o, n) in enumerate(zip(offsets, numels)):
-        W[i] = matvec_reference(M, o, n, xf[o : o + n])
-    return W

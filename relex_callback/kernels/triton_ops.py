@@ -10,8 +10,6 @@ one launch. Loads are in the buffer dtype, every product and sum in float32.
   partial Gram into a float32 output with atomic adds. For ``T > 128`` the output is tiled into ``64 x 64`` blocks
   and only the upper triangle of blocks is computed (mirrored on write).
 * :func:`project` — the direction pass ``out[:, seg_i] = U[i]^T M_i`` (``U`` float32 ``[S, T, r]``).
-* :func:`matvec` — ``W[i] = M_i x_i`` for every segment (``x`` laid out like a row of the arena); with
-  :func:`project` this is one power-iteration step for all segments at once.
 
 The plain-torch references are in :mod:`relex_callback.kernels.reference`; ``tests/test_kernels.py`` compares
 the two (on a machine without a GPU, under ``TRITON_INTERPRET=1`` with CPU tensors).
@@ -26,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-# Columns handled by one program of the Gram / matvec kernels (a multiple of every BLOCK_N used below). Large enough
+# Columns handled by one program of the Gram kernel (a multiple of every BLOCK_N used below). Large enough
 # that the atomic reduction of the [T, T] partials is negligible, small enough to give every SM work.
 SPAN = 1 << 14
 
@@ -197,41 +195,3 @@ def project(
         for o, n in zip(offsets, numels):
             out[:, o : o + n] = target[:, o : o + n]
     return out
-
-
-@triton.jit
-def _matvec_kernel(
-    M_ptr, X_ptr, W_ptr, table_ptr, T, stride_t,
-    TP: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    seg = tl.load(table_ptr + pid * 3)
-    start = tl.load(table_ptr + pid * 3 + 1)
-    end = tl.load(table_ptr + pid * 3 + 2)
-    rows = tl.arange(0, TP)
-    mr = rows < T
-    acc = tl.zeros((TP,), dtype=tl.float32)
-    for c0 in range(start, end, BLOCK_N):
-        c = c0 + tl.arange(0, BLOCK_N)
-        mc = c < end
-        x = tl.load(M_ptr + rows[:, None].to(tl.int64) * stride_t + c[None, :], mask=mr[:, None] & mc[None, :], other=0.0)
-        v = tl.load(X_ptr + c, mask=mc, other=0.0).to(tl.float32)
-        acc += tl.sum(x.to(tl.float32) * v[None, :], axis=1)
-    tl.atomic_add(W_ptr + seg.to(tl.int64) * T + rows, acc, mask=mr)
-
-
-@torch.no_grad()
-def matvec(M: torch.Tensor, offsets: Sequence[int], numels: Sequence[int], x: torch.Tensor, span: int | None = None) -> torch.Tensor:
-    """``W[i] = M_i x[seg_i]`` for every segment: ``[S, T]`` float32. ``x`` is ``[D]`` (a row in the arena layout),
-    like :func:`~relex_callback.kernels.reference.matvec_grouped_reference`."""
-    if M.stride(1) != 1:
-        M = M.contiguous()
-    T = M.shape[0]
-    S = len(offsets)
-    W = torch.zeros(S, T, dtype=torch.float32, device=M.device)
-    TP = _pow2(T, 1)
-    BLOCK_N = max(16, min(1024, 8192 // TP))
-    table = _table(offsets, numels, span or _auto_span(numels, M.device, BLOCK_N), M.device)
-    if table.shape[0]:
-        _matvec_kernel[(table.shape[0],)](M, x.contiguous(), W, table, T, M.stride(0), TP=TP, BLOCK_N=BLOCK_N)
-    return W
