@@ -389,7 +389,7 @@ class TrajectoryStore:
         if slot == self.num_ring_rows:
             self.steps.append(int(step))
         if self.storage == "disk":
-            self._write_meta(self.directory)
+            self._write_meta(self.directory, durable=False)  # on the training step: atomic, no disk flush
 
     def synchronize(self):
         if self._event is not None:
@@ -517,14 +517,19 @@ class TrajectoryStore:
         save_file({"L": self.L.contiguous(), "folded_sq": self.folded_sq.contiguous()}, tmp)
         os.replace(tmp, os.path.join(directory, FOLD_FILE))
 
-    def _write_meta(self, directory: str):
+    def _write_meta(self, directory: str, durable: bool = True):
+        """Write the metadata atomically (temporary + rename: a killed process leaves the old or the new file).
+        ``durable=False`` skips the fsync: the disk tier's per-snapshot update, whose rows live in a memory-mapped
+        file that is not msync'd either, so an fsync there would flush the disk on every training step without
+        making the trajectory survive a power loss."""
         tmp = os.path.join(directory, META_FILE + ".tmp")
         with open(tmp, "w") as f:
             # one C-encoded string: json.dump's incremental Python encoder cost ~8 ms per write for 300 tensors,
             # and the disk tier writes this at every snapshot
             f.write(json.dumps(self.meta()))
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, os.path.join(directory, META_FILE))
 
     def _save_theta0(self, directory: str):
