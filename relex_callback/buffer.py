@@ -101,6 +101,15 @@ def prefault(t: torch.Tensor) -> bool:
     return hi > lo and populate(lo, hi - lo)
 
 
+def save_theta0(directory: str, theta0: torch.Tensor):
+    """Write a flat theta_0 arena as ``directory/theta0.safetensors`` atomically (temporary + rename)."""
+    from safetensors.torch import save_file
+
+    tmp = os.path.join(directory, THETA0_FILE + ".tmp")
+    save_file({"theta0": theta0.detach().cpu().contiguous()}, tmp)
+    os.replace(tmp, os.path.join(directory, THETA0_FILE))
+
+
 def available_disk_bytes(directory: str) -> int:
     d = directory
     while d and not os.path.exists(d):
@@ -533,11 +542,7 @@ class TrajectoryStore:
         os.replace(tmp, os.path.join(directory, META_FILE))
 
     def _save_theta0(self, directory: str):
-        from safetensors.torch import save_file
-
-        tmp = os.path.join(directory, THETA0_FILE + ".tmp")
-        save_file({"theta0": self.theta0.detach().cpu().contiguous()}, tmp)
-        os.replace(tmp, os.path.join(directory, THETA0_FILE))
+        save_theta0(directory, self.theta0)
 
     def save(self, directory: str):
         """Write theta_0, the recorded rows and the metadata to ``directory`` (used at trainer checkpoints)."""

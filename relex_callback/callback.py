@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 import torch
 from transformers import TrainerCallback
 
-from .buffer import META_FILE, THETA0_FILE, TrajectoryStore
+from .buffer import META_FILE, THETA0_FILE, TrajectoryStore, save_theta0
 from .config import RelexConfig, RelexSettings
 from .engine import finalize, horizon_dir
 from .errors import RelexInputError
@@ -566,8 +566,6 @@ class RelexCallback(TrainerCallback):
         """At a checkpoint after tcut in validation mode, this rank's pieces: theta_0, and its result as a state file
         (directions and lines, ``relex_state.safetensors`` holding only its pieces), so a resume can still compare at
         the horizons. Written by every rank into its own directory (``rank-<r>/`` in distributed runs)."""
-        from safetensors.torch import save_file
-
         from .state import save_state
 
         os.makedirs(directory, exist_ok=True)
@@ -581,9 +579,7 @@ class RelexCallback(TrainerCallback):
         else:
             save_state(state_path, v["result"],
                        lambda i: theta0[specs[i].offset : specs[i].offset + specs[i].local_numel], tcut=self.tcut)
-        tmp = os.path.join(directory, THETA0_FILE + ".tmp")
-        save_file({"theta0": theta0.detach().cpu().contiguous()}, tmp)
-        os.replace(tmp, os.path.join(directory, THETA0_FILE))
+        save_theta0(directory, theta0)
         tmp = os.path.join(directory, VALIDATION_FILE + ".tmp")
         with open(tmp, "w") as f:  # written last: its presence means the rest is complete
             json.dump({"pending": sorted(v["pending"]), "specs": [s.to_json() for s in specs]}, f)
