@@ -173,12 +173,28 @@ def finalize(
 
 
 # ------------------------------------------------------------------------- after the fact (state file, trajectory)
+def base_theta0(src, base: str, specs, expected_of: Callable, whose: str, hint: str) -> dict[str, torch.Tensor]:
+    """Each spec's piece of theta_0 read from the base checkpoint ``src`` (path ``base``), refused with ``hint``
+    when its fingerprint differs from ``expected_of(spec)`` (``whose`` names where that came from). Returns
+    ``name -> flat piece``."""
+    from .state import fingerprint, fingerprint_mismatch
+
+    thetas = {}
+    for spec in specs:
+        t = src.get(spec.name).reshape(-1)[spec.flat_start: spec.flat_start + spec.local_numel]
+        why = fingerprint_mismatch(fingerprint(t), expected_of(spec))
+        if why:
+            raise RelexInputError(f"the base {base} does not match {whose} theta_0 for {spec.name} ({why}); {hint}")
+        thetas[spec.name] = t
+    return thetas
+
+
 def materialize(state_path: str, base: str, horizons: Sequence[int], out_dir: Optional[str] = None, *,
                 overwrite: bool = False, max_shard_size="50GB") -> list[str]:
     """Write ``step-H`` for each horizon from a state file and the base checkpoint (theta_0 and every untracked
     tensor): what ``relex materialize`` runs. Refuses a base whose tracked tensors do not match the fingerprints
     of theta_0 in the state. Returns the written directories."""
-    from .state import fingerprint, fingerprint_mismatch, load_state
+    from .state import load_state
     from .writer import DirectorySource
 
     parse_size(max_shard_size)
@@ -202,16 +218,8 @@ def materialize(state_path: str, base: str, horizons: Sequence[int], out_dir: Op
                 f"{spec.name}: {list(shape)} {dtype} in {base} but {list(spec.shape)} {spec.dtype} in the state; "
                 "pass the base the state was computed from"
             )
-    thetas = {}
-    for spec in st.specs:
-        t = src.get(spec.name).reshape(-1)[spec.flat_start: spec.flat_start + spec.local_numel]
-        why = fingerprint_mismatch(fingerprint(t), st.info[spec.name]["theta0"])
-        if why:
-            raise RelexInputError(
-                f"the base {base} does not match the state's theta_0 for {spec.name} ({why}); pass the same base "
-                "checkpoint given to `relex extrapolate` (or the model the callback trained)"
-            )
-        thetas[spec.name] = t
+    thetas = base_theta0(src, base, st.specs, lambda spec: st.info[spec.name]["theta0"], "the state's",
+                         "pass the same base checkpoint given to `relex extrapolate` (or the model the callback trained)")
     return [write_horizon(out_dir, int(h), st, lambda i: thetas[st.specs[i].name], src, overwrite=overwrite,
                           max_shard_size=max_shard_size) for h in hs]
 
@@ -225,7 +233,7 @@ def extrapolate_trajectory(trajectory_dir: str, base: str, horizons: Sequence[in
     tensors); it must match the trajectory's theta_0. Returns ``(solution, report)``."""
     from .buffer import TrajectoryStore
     from .config import RelexSettings
-    from .state import fingerprint, fingerprint_mismatch
+    from .state import fingerprint
     from .writer import DirectorySource
 
     store = TrajectoryStore.open(trajectory_dir)
@@ -240,13 +248,8 @@ def extrapolate_trajectory(trajectory_dir: str, base: str, horizons: Sequence[in
     for spec in store.specs:
         if spec.name not in src.meta:
             raise RelexInputError(f"the base {base} has no tensor {spec.name}: it is not the model of this trajectory")
-        t = src.get(spec.name).reshape(-1)[spec.flat_start: spec.flat_start + spec.local_numel]
-        why = fingerprint_mismatch(fingerprint(t), fingerprint(store.theta0_of(spec)))
-        if why:
-            raise RelexInputError(
-                f"the base {base} does not match the trajectory's theta_0 for {spec.name} ({why}); pass the checkpoint "
-                "training started from"
-            )
+    base_theta0(src, base, store.specs, lambda spec: fingerprint(store.theta0_of(spec)), "the trajectory's",
+                "pass the checkpoint training started from")
     logger.warning("relex: extrapolating a trajectory of %d steps (%s..%d) from %s", store.num_rows, store.steps[0],
                    tcut, trajectory_dir)
     return finalize(store, tcut=tcut, horizons=sorted(int(h) for h in horizons), out_dir=out_dir, source=src,
