@@ -272,21 +272,16 @@ class DistContext:
     ):
         """Distributed counterpart of :func:`relex_callback.engine.finalize` (all ranks call it). Returns
         ``(solution, report)``: the solution covers this rank's pieces; the report covers every tensor."""
-        from .engine import check_outputs_free, check_window, horizon_dir
+        from .engine import check_before_window, horizon_dir, solve_store, window_extra
         from .report import REPORT_NAME, build_report, write_report
-        from .solver import solve
 
-        check_outputs_free(out_dir, horizons, overwrite)
-        check_window(store)  # every rank records the same steps, so every rank raises alike
+        # every rank records the same steps and gets the same arguments, so every rank raises alike
+        check_before_window(store, out_dir, horizons, overwrite, max_shard_size)
         if self.rank == 0:
             os.makedirs(out_dir, exist_ok=True)
         self.barrier()
-        t0 = time.perf_counter()
-        sol = solve(
-            store.rows(), store.steps, store.specs, rank=rank, fit_start=fit_start, method=method,
-            reduce=self.reduce_grams if self.sharded else None,
-        )
-        t_solve = time.perf_counter() - t0
+        sol, t_solve = solve_store(store, rank=rank, fit_start=fit_start, method=method,
+                                   reduce=self.reduce_grams if self.sharded else None)
         t1 = time.perf_counter()
         plan = self._plan(model)
         owned, extra_tensors = self._collect(store, sol, plan, model)
@@ -299,23 +294,12 @@ class DistContext:
                                                overwrite=overwrite, max_shard_size=max_shard_size))
         t_write = time.perf_counter() - t2
         per_rank = self._gather_objects({"buffer_bytes": store.buffer_bytes, "elements": store.D})
-        full = self._report_solution(sol)
-        extra = {
-            "buffer_bytes": store.buffer_bytes,
-            "buffer_bytes_per_rank": [d["buffer_bytes"] for d in per_rank],
-            "buffer_dtype": str(store.dtype).replace("torch.", ""),
-            "storage": store.storage,
-            "distributed": {"mode": self.mode, "world_size": self.world},
-            "solve_seconds": round(t_solve, 6),
-            "gather_seconds": round(t_collect, 6),
-            "write_seconds": round(t_write, 6),
-            "checkpoints": written,
-        }
-        if report_extra:
-            extra.update(report_extra)
-        report = build_report(full, tcut=tcut, horizons=horizons, extra=extra) if full is not None else {"summary": {}}
-        if full is not None:
-            report.update(extra)
+        extra = window_extra(
+            store, store.buffer_bytes, store.storage, t_solve, t_write, written, report_extra,
+            buffer_bytes_per_rank=[d["buffer_bytes"] for d in per_rank],
+            distributed={"mode": self.mode, "world_size": self.world}, gather_seconds=round(t_collect, 6),
+        )
+        report = build_report(self._report_solution(sol), tcut=tcut, horizons=horizons, extra=extra)
         if self.rank == 0:
             write_report(os.path.join(out_dir, REPORT_NAME), report)
         self.barrier()

@@ -51,6 +51,43 @@ def check_window(store):
         )
 
 
+def check_before_window(store, out_dir: str, horizons: Sequence[int], overwrite: bool, max_shard_size):
+    """Every check of an end of window that needs no work: free outputs, a valid shard size (a bad size must fail
+    before the state file is written) and a window of at least two steps. Single-process and distributed."""
+    check_outputs_free(out_dir, horizons, overwrite)
+    parse_size(max_shard_size)
+    check_window(store)
+
+
+def solve_store(store, *, rank: int, fit_start: Optional[int], method: str, reduce=None):
+    """Solve ``store`` (folded or not); returns ``(solution, seconds)``. ``reduce`` sums the Grams over ranks."""
+    t0 = time.perf_counter()
+    inputs = store.solve_inputs() if hasattr(store, "solve_inputs") else {"M": store.rows(), "steps": store.steps}
+    # the inputs (a view of the buffer) die with this frame: they must not keep the buffer alive through the writes
+    sol = solve(specs=store.specs, rank=rank, fit_start=fit_start, method=method, reduce=reduce, **inputs)
+    return sol, time.perf_counter() - t0
+
+
+def window_extra(store, buffer_bytes: int, storage: str, t_solve: float, t_write: float, written: list,
+                 report_extra: Optional[dict] = None, **more) -> dict:
+    """The report's entries about the buffer, the timings and the checkpoints (``buffer_bytes`` and ``storage``
+    as they were before a release), then ``more`` (the distributed ones), then the caller's ``report_extra``."""
+    extra = {
+        "buffer_bytes": buffer_bytes,
+        "buffer_rows": getattr(store, "rows_allocated", None),
+        "fold_rank": getattr(store, "fold_rank", None),
+        "folds": getattr(store, "folds", 0),
+        "buffer_dtype": str(store.dtype).replace("torch.", ""),
+        "storage": storage,
+        "solve_seconds": round(t_solve, 6),
+        "write_seconds": round(t_write, 6),
+        "checkpoints": written,
+        **more,
+    }
+    extra.update(report_extra or {})
+    return extra
+
+
 def write_horizon(
     out_dir: str,
     horizon: int,
@@ -129,15 +166,9 @@ def finalize(
     With ``release_buffer`` the store's buffer is freed right after the solve (the writer needs only theta_0 and
     the directions), which lowers the peak memory of the CLI. ``theta0_of(i)`` (default: the store's copy) returns
     tensor i's flat theta_0; the CLI reads it from the base checkpoint."""
-    check_outputs_free(out_dir, horizons, overwrite)
-    parse_size(max_shard_size)  # a bad size must fail before the state file is written
-    check_window(store)
+    check_before_window(store, out_dir, horizons, overwrite, max_shard_size)
     os.makedirs(out_dir, exist_ok=True)
-    t0 = time.perf_counter()
-    inputs = store.solve_inputs() if hasattr(store, "solve_inputs") else {"M": store.rows(), "steps": store.steps}
-    sol = solve(specs=store.specs, rank=rank, fit_start=fit_start, method=method, **inputs)
-    del inputs  # its view of the buffer would keep the whole buffer alive through the writes (peak memory)
-    t_solve = time.perf_counter() - t0
+    sol, t_solve = solve_store(store, rank=rank, fit_start=fit_start, method=method)
     buffer_bytes, storage = store.buffer_bytes, store.storage
     if release_buffer:
         store.release()
@@ -152,19 +183,7 @@ def finalize(
         else:
             written.append(write_horizon(out_dir, h, sol, theta0_of, source, overwrite=overwrite, max_shard_size=max_shard_size))
     t_write = time.perf_counter() - t1
-    extra = {
-        "buffer_bytes": buffer_bytes,
-        "buffer_rows": getattr(store, "rows_allocated", None),
-        "fold_rank": getattr(store, "fold_rank", None),
-        "folds": getattr(store, "folds", 0),
-        "buffer_dtype": str(store.dtype).replace("torch.", ""),
-        "storage": storage,
-        "solve_seconds": round(t_solve, 6),
-        "write_seconds": round(t_write, 6),
-        "checkpoints": written,
-    }
-    if report_extra:
-        extra.update(report_extra)
+    extra = window_extra(store, buffer_bytes, storage, t_solve, t_write, written, report_extra)
     report = build_report(sol, tcut=tcut, horizons=horizons, extra=extra)
     write_report(os.path.join(out_dir, REPORT_NAME), report)
     logger.info("relex: solved %d tensors in %.2fs (%s), wrote %d checkpoint(s) in %.2fs to %s",
