@@ -44,6 +44,7 @@ import torch
 from .errors import RelexInputError
 from .params import TensorSpec, TrackedTensor, plain_tracked
 from .state import STATE_INDEX_NAME
+from .writer import tensor_bytes
 
 logger = logging.getLogger("relex_callback")
 
@@ -90,10 +91,6 @@ def balance(sizes: Sequence[int], world: int, loads: Optional[list] = None) -> l
         owner[i] = r
         loads[r] += sizes[i]
     return owner
-
-
-def _nbytes(shape, dtype) -> int:
-    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
 
 
 class DistContext:
@@ -358,9 +355,9 @@ class DistContext:
             for k in keys:
                 if k in tracked:
                     owner[k] = self.owner[k]
-                    loads[owner[k]] += _nbytes(*meta[k])
+                    loads[owner[k]] += tensor_bytes(*meta[k])
         rest = [k for k in keys if k not in owner]
-        for k, r in zip(rest, balance([_nbytes(*meta[k]) for k in rest], self.world, loads)):
+        for k, r in zip(rest, balance([tensor_bytes(*meta[k]) for k in rest], self.world, loads)):
             owner[k] = r
         return {"keys": keys, "meta": meta, "owner": owner, "sd": sd}
 
@@ -490,16 +487,16 @@ class DistContext:
 
     # -- one horizon checkpoint
     def _write_horizon(self, final, horizon, owned, extra, plan, model, tokenizer, *, overwrite, max_shard_size):
-        from .writer import INDEX_NAME, ModelSource, clean_stale_temporaries, commit_directory, \
-            plan_shards, shard_names, write_safetensors
+        from .writer import ModelSource, clean_stale_temporaries, commit_directory, plan_shards, shard_names, \
+            write_index, write_shard
 
         final = os.path.abspath(final)
         parent = os.path.dirname(final)
         keys, meta, owner, sd = plan["keys"], plan["meta"], plan["owner"], plan["sd"]
-        per_rank = [[k for k in keys if owner[k] == r] for r in range(self.world)]
+        nbytes = {k: tensor_bytes(*meta[k]) for k in keys}
         shards = []  # (rank, keys) in rank order: the same list on every rank
         for r in range(self.world):
-            for s in plan_shards([(k, _nbytes(*meta[k])) for k in per_rank[r]], max_shard_size):
+            for s in plan_shards([(k, nbytes[k]) for k in keys if owner[k] == r], max_shard_size):
                 shards.append((r, s))
         names = shard_names(len(shards))
         token = self.broadcast_object(uuid.uuid4().hex[:8])
@@ -509,25 +506,18 @@ class DistContext:
             os.makedirs(tmp)
         self.barrier()
         index = {s.name: i for i, s in enumerate(owned.specs)}
+
+        def produce(k):
+            if k in index:
+                i = index[k]
+                return owned.extrapolate(i, horizon, owned.theta0[i]).reshape(meta[k][0])
+            return extra[k] if k in extra else sd[k].detach()
+
         ok, err = True, None
         try:
             for name, (r, skeys) in zip(names, shards):
-                if r != self.rank:
-                    continue
-                tensors = {}
-                for k in skeys:
-                    if k in index:
-                        i = index[k]
-                        t = owned.extrapolate(i, horizon, owned.theta0[i]).reshape(meta[k][0])
-                    elif k in extra:
-                        t = extra[k]
-                    else:
-                        t = sd[k].detach().to("cpu")
-                    if tuple(t.shape) != tuple(meta[k][0]) or t.dtype != meta[k][1]:
-                        raise RuntimeError(f"{k}: produced {tuple(t.shape)} {t.dtype}, expected {meta[k]}")
-                    tensors[k] = t.contiguous()
-                write_safetensors(os.path.join(tmp, name), tensors)
-                del tensors
+                if r == self.rank:
+                    write_shard(os.path.join(tmp, name), skeys, meta, produce)
         except Exception as e:
             ok, err = False, e
         all_ok = self.all_ok(ok)
@@ -535,11 +525,8 @@ class DistContext:
             try:
                 if all_ok:
                     if len(names) > 1:
-                        weight_map = {k: n for n, (_, skeys) in zip(names, shards) for k in skeys}
-                        total = sum(_nbytes(*meta[k]) for k in keys)
-                        with open(os.path.join(tmp, INDEX_NAME), "w") as f:
-                            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2,
-                                      sort_keys=True)
+                        write_index(tmp, {k: n for n, (_, skeys) in zip(names, shards) for k in skeys},
+                                    sum(nbytes.values()))
                     ModelSource(model, tokenizer).write_extras(tmp)
                     if os.path.exists(final) and not overwrite:
                         raise RelexInputError(f"{final} already exists; pass overwrite")
