@@ -30,7 +30,6 @@ point); :func:`relex_callback.state.load_state` reads either form.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -43,15 +42,9 @@ import torch
 
 from .errors import RelexInputError
 from .params import TensorSpec, TrackedTensor, plain_tracked
-from .state import STATE_INDEX_NAME
 from .writer import tensor_bytes
 
 logger = logging.getLogger("relex_callback")
-
-
-
-def state_shard_name(i: int, n: int) -> str:
-    return f"relex_state-{i + 1:05d}-of-{n:05d}.safetensors"
 
 
 def _dist():
@@ -440,7 +433,7 @@ class DistContext:
 
     # -- state file, sharded by tensor
     def _write_state(self, out_dir: str, owned, tcut: int):
-        from .state import STATE_NAME, save_state
+        from .state import save_state, save_state_index, state_shard_name
 
         counts = self._gather_objects(len(owned.specs))
         files = [r for r in range(self.world) if counts[r] > 0]
@@ -467,17 +460,8 @@ class DistContext:
                     weight_map.update(m)
                 for r in files:
                     os.replace(os.path.join(tmp, names[r]), os.path.join(out_dir, names[r]))
-                single = os.path.join(out_dir, STATE_NAME)
-                if os.path.exists(single):
-                    os.remove(single)  # an older single-process state (overwrite was checked before)
-                index = {"metadata": {"order": [n for n in self.names if n in weight_map], "world_size": self.world,
-                                      "mode": self.mode}, "weight_map": weight_map}
-                itmp = os.path.join(out_dir, STATE_INDEX_NAME + ".tmp")
-                with open(itmp, "w") as f:
-                    json.dump(index, f, indent=2)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(itmp, os.path.join(out_dir, STATE_INDEX_NAME))
+                save_state_index(out_dir, weight_map, [n for n in self.names if n in weight_map],
+                                 world_size=self.world, mode=self.mode)
             shutil.rmtree(tmp, ignore_errors=True)
         self.barrier()
         if err is not None:
