@@ -274,7 +274,7 @@ class DistContext:
                                    reduce=self.reduce_grams if self.sharded else None)
         t1 = time.perf_counter()
         plan = self._plan(model)
-        owned, extra_tensors = self._collect(store, sol, plan, model)
+        owned, extra_tensors = self._collect(store, sol, plan)
         t_collect = time.perf_counter() - t1
         t2 = time.perf_counter()
         self._write_state(out_dir, owned, tcut)
@@ -356,7 +356,7 @@ class DistContext:
 
     # -- bring every key this rank writes onto it, one tensor at a time
     @torch.no_grad()
-    def _collect(self, store, sol, plan, model):
+    def _collect(self, store, sol, plan):
         from .solver import Solution
 
         dist = _dist()

@@ -17,7 +17,7 @@ import math
 import os
 import shutil
 import uuid
-from typing import Callable, Iterable, Optional
+from typing import Callable, Optional
 
 import torch
 
