@@ -30,7 +30,6 @@ point); :func:`relex_callback.state.load_state` reads either form.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -43,14 +42,9 @@ import torch
 
 from .errors import RelexInputError
 from .params import TensorSpec, TrackedTensor, plain_tracked
-from .state import STATE_INDEX_NAME
+from .writer import tensor_bytes
 
 logger = logging.getLogger("relex_callback")
-
-
-
-def state_shard_name(i: int, n: int) -> str:
-    return f"relex_state-{i + 1:05d}-of-{n:05d}.safetensors"
 
 
 def _dist():
@@ -90,10 +84,6 @@ def balance(sizes: Sequence[int], world: int, loads: Optional[list] = None) -> l
         owner[i] = r
         loads[r] += sizes[i]
     return owner
-
-
-def _nbytes(shape, dtype) -> int:
-    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
 
 
 class DistContext:
@@ -272,24 +262,19 @@ class DistContext:
     ):
         """Distributed counterpart of :func:`relex_callback.engine.finalize` (all ranks call it). Returns
         ``(solution, report)``: the solution covers this rank's pieces; the report covers every tensor."""
-        from .engine import check_outputs_free, check_window, horizon_dir
+        from .engine import check_before_window, horizon_dir, solve_store, window_extra
         from .report import REPORT_NAME, build_report, write_report
-        from .solver import solve
 
-        check_outputs_free(out_dir, horizons, overwrite)
-        check_window(store)  # every rank records the same steps, so every rank raises alike
+        # every rank records the same steps and gets the same arguments, so every rank raises alike
+        check_before_window(store, out_dir, horizons, overwrite, max_shard_size)
         if self.rank == 0:
             os.makedirs(out_dir, exist_ok=True)
         self.barrier()
-        t0 = time.perf_counter()
-        sol = solve(
-            store.rows(), store.steps, store.specs, rank=rank, fit_start=fit_start, method=method,
-            reduce=self.reduce_grams if self.sharded else None,
-        )
-        t_solve = time.perf_counter() - t0
+        sol, t_solve = solve_store(store, rank=rank, fit_start=fit_start, method=method,
+                                   reduce=self.reduce_grams if self.sharded else None)
         t1 = time.perf_counter()
         plan = self._plan(model)
-        owned, extra_tensors = self._collect(store, sol, plan, model)
+        owned, extra_tensors = self._collect(store, sol, plan)
         t_collect = time.perf_counter() - t1
         t2 = time.perf_counter()
         self._write_state(out_dir, owned, tcut)
@@ -299,23 +284,12 @@ class DistContext:
                                                overwrite=overwrite, max_shard_size=max_shard_size))
         t_write = time.perf_counter() - t2
         per_rank = self._gather_objects({"buffer_bytes": store.buffer_bytes, "elements": store.D})
-        full = self._report_solution(sol)
-        extra = {
-            "buffer_bytes": store.buffer_bytes,
-            "buffer_bytes_per_rank": [d["buffer_bytes"] for d in per_rank],
-            "buffer_dtype": str(store.dtype).replace("torch.", ""),
-            "storage": store.storage,
-            "distributed": {"mode": self.mode, "world_size": self.world},
-            "solve_seconds": round(t_solve, 6),
-            "gather_seconds": round(t_collect, 6),
-            "write_seconds": round(t_write, 6),
-            "checkpoints": written,
-        }
-        if report_extra:
-            extra.update(report_extra)
-        report = build_report(full, tcut=tcut, horizons=horizons, extra=extra) if full is not None else {"summary": {}}
-        if full is not None:
-            report.update(extra)
+        extra = window_extra(
+            store, store.buffer_bytes, store.storage, t_solve, t_write, written, report_extra,
+            buffer_bytes_per_rank=[d["buffer_bytes"] for d in per_rank],
+            distributed={"mode": self.mode, "world_size": self.world}, gather_seconds=round(t_collect, 6),
+        )
+        report = build_report(self._report_solution(sol), tcut=tcut, horizons=horizons, extra=extra)
         if self.rank == 0:
             write_report(os.path.join(out_dir, REPORT_NAME), report)
         self.barrier()
@@ -374,15 +348,15 @@ class DistContext:
             for k in keys:
                 if k in tracked:
                     owner[k] = self.owner[k]
-                    loads[owner[k]] += _nbytes(*meta[k])
+                    loads[owner[k]] += tensor_bytes(*meta[k])
         rest = [k for k in keys if k not in owner]
-        for k, r in zip(rest, balance([_nbytes(*meta[k]) for k in rest], self.world, loads)):
+        for k, r in zip(rest, balance([tensor_bytes(*meta[k]) for k in rest], self.world, loads)):
             owner[k] = r
         return {"keys": keys, "meta": meta, "owner": owner, "sd": sd}
 
     # -- bring every key this rank writes onto it, one tensor at a time
     @torch.no_grad()
-    def _collect(self, store, sol, plan, model):
+    def _collect(self, store, sol, plan):
         from .solver import Solution
 
         dist = _dist()
@@ -459,7 +433,7 @@ class DistContext:
 
     # -- state file, sharded by tensor
     def _write_state(self, out_dir: str, owned, tcut: int):
-        from .state import STATE_NAME, save_state
+        from .state import save_state, save_state_index, state_shard_name
 
         counts = self._gather_objects(len(owned.specs))
         files = [r for r in range(self.world) if counts[r] > 0]
@@ -486,17 +460,8 @@ class DistContext:
                     weight_map.update(m)
                 for r in files:
                     os.replace(os.path.join(tmp, names[r]), os.path.join(out_dir, names[r]))
-                single = os.path.join(out_dir, STATE_NAME)
-                if os.path.exists(single):
-                    os.remove(single)  # an older single-process state (overwrite was checked before)
-                index = {"metadata": {"order": [n for n in self.names if n in weight_map], "world_size": self.world,
-                                      "mode": self.mode}, "weight_map": weight_map}
-                itmp = os.path.join(out_dir, STATE_INDEX_NAME + ".tmp")
-                with open(itmp, "w") as f:
-                    json.dump(index, f, indent=2)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(itmp, os.path.join(out_dir, STATE_INDEX_NAME))
+                save_state_index(out_dir, weight_map, [n for n in self.names if n in weight_map],
+                                 world_size=self.world, mode=self.mode)
             shutil.rmtree(tmp, ignore_errors=True)
         self.barrier()
         if err is not None:
@@ -506,16 +471,16 @@ class DistContext:
 
     # -- one horizon checkpoint
     def _write_horizon(self, final, horizon, owned, extra, plan, model, tokenizer, *, overwrite, max_shard_size):
-        from .writer import INDEX_NAME, ModelSource, clean_stale_temporaries, commit_directory, \
-            plan_shards, shard_names, write_safetensors
+        from .writer import ModelSource, clean_stale_temporaries, commit_directory, plan_shards, shard_names, \
+            write_index, write_shard
 
         final = os.path.abspath(final)
         parent = os.path.dirname(final)
         keys, meta, owner, sd = plan["keys"], plan["meta"], plan["owner"], plan["sd"]
-        per_rank = [[k for k in keys if owner[k] == r] for r in range(self.world)]
+        nbytes = {k: tensor_bytes(*meta[k]) for k in keys}
         shards = []  # (rank, keys) in rank order: the same list on every rank
         for r in range(self.world):
-            for s in plan_shards([(k, _nbytes(*meta[k])) for k in per_rank[r]], max_shard_size):
+            for s in plan_shards([(k, nbytes[k]) for k in keys if owner[k] == r], max_shard_size):
                 shards.append((r, s))
         names = shard_names(len(shards))
         token = self.broadcast_object(uuid.uuid4().hex[:8])
@@ -525,25 +490,18 @@ class DistContext:
             os.makedirs(tmp)
         self.barrier()
         index = {s.name: i for i, s in enumerate(owned.specs)}
+
+        def produce(k):
+            if k in index:
+                i = index[k]
+                return owned.extrapolate(i, horizon, owned.theta0[i]).reshape(meta[k][0])
+            return extra[k] if k in extra else sd[k].detach()
+
         ok, err = True, None
         try:
             for name, (r, skeys) in zip(names, shards):
-                if r != self.rank:
-                    continue
-                tensors = {}
-                for k in skeys:
-                    if k in index:
-                        i = index[k]
-                        t = owned.extrapolate(i, horizon, owned.theta0[i]).reshape(meta[k][0])
-                    elif k in extra:
-                        t = extra[k]
-                    else:
-                        t = sd[k].detach().to("cpu")
-                    if tuple(t.shape) != tuple(meta[k][0]) or t.dtype != meta[k][1]:
-                        raise RuntimeError(f"{k}: produced {tuple(t.shape)} {t.dtype}, expected {meta[k]}")
-                    tensors[k] = t.contiguous()
-                write_safetensors(os.path.join(tmp, name), tensors)
-                del tensors
+                if r == self.rank:
+                    write_shard(os.path.join(tmp, name), skeys, meta, produce)
         except Exception as e:
             ok, err = False, e
         all_ok = self.all_ok(ok)
@@ -551,11 +509,8 @@ class DistContext:
             try:
                 if all_ok:
                     if len(names) > 1:
-                        weight_map = {k: n for n, (_, skeys) in zip(names, shards) for k in skeys}
-                        total = sum(_nbytes(*meta[k]) for k in keys)
-                        with open(os.path.join(tmp, INDEX_NAME), "w") as f:
-                            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2,
-                                      sort_keys=True)
+                        write_index(tmp, {k: n for n, (_, skeys) in zip(names, shards) for k in skeys},
+                                    sum(nbytes.values()))
                     ModelSource(model, tokenizer).write_extras(tmp)
                     if os.path.exists(final) and not overwrite:
                         raise RelexInputError(f"{final} already exists; pass overwrite")

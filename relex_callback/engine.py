@@ -51,6 +51,43 @@ def check_window(store):
         )
 
 
+def check_before_window(store, out_dir: str, horizons: Sequence[int], overwrite: bool, max_shard_size):
+    """Every check of an end of window that needs no work: free outputs, a valid shard size (a bad size must fail
+    before the state file is written) and a window of at least two steps. Single-process and distributed."""
+    check_outputs_free(out_dir, horizons, overwrite)
+    parse_size(max_shard_size)
+    check_window(store)
+
+
+def solve_store(store, *, rank: int, fit_start: Optional[int], method: str, reduce=None):
+    """Solve ``store`` (folded or not); returns ``(solution, seconds)``. ``reduce`` sums the Grams over ranks."""
+    t0 = time.perf_counter()
+    inputs = store.solve_inputs() if hasattr(store, "solve_inputs") else {"M": store.rows(), "steps": store.steps}
+    # the inputs (a view of the buffer) die with this frame: they must not keep the buffer alive through the writes
+    sol = solve(specs=store.specs, rank=rank, fit_start=fit_start, method=method, reduce=reduce, **inputs)
+    return sol, time.perf_counter() - t0
+
+
+def window_extra(store, buffer_bytes: int, storage: str, t_solve: float, t_write: float, written: list,
+                 report_extra: Optional[dict] = None, **more) -> dict:
+    """The report's entries about the buffer, the timings and the checkpoints (``buffer_bytes`` and ``storage``
+    as they were before a release), then ``more`` (the distributed ones), then the caller's ``report_extra``."""
+    extra = {
+        "buffer_bytes": buffer_bytes,
+        "buffer_rows": getattr(store, "rows_allocated", None),
+        "fold_rank": getattr(store, "fold_rank", None),
+        "folds": getattr(store, "folds", 0),
+        "buffer_dtype": str(store.dtype).replace("torch.", ""),
+        "storage": storage,
+        "solve_seconds": round(t_solve, 6),
+        "write_seconds": round(t_write, 6),
+        "checkpoints": written,
+        **more,
+    }
+    extra.update(report_extra or {})
+    return extra
+
+
 def write_horizon(
     out_dir: str,
     horizon: int,
@@ -129,15 +166,9 @@ def finalize(
     With ``release_buffer`` the store's buffer is freed right after the solve (the writer needs only theta_0 and
     the directions), which lowers the peak memory of the CLI. ``theta0_of(i)`` (default: the store's copy) returns
     tensor i's flat theta_0; the CLI reads it from the base checkpoint."""
-    check_outputs_free(out_dir, horizons, overwrite)
-    parse_size(max_shard_size)  # a bad size must fail before the state file is written
-    check_window(store)
+    check_before_window(store, out_dir, horizons, overwrite, max_shard_size)
     os.makedirs(out_dir, exist_ok=True)
-    t0 = time.perf_counter()
-    inputs = store.solve_inputs() if hasattr(store, "solve_inputs") else {"M": store.rows(), "steps": store.steps}
-    sol = solve(specs=store.specs, rank=rank, fit_start=fit_start, method=method, **inputs)
-    del inputs  # its view of the buffer would keep the whole buffer alive through the writes (peak memory)
-    t_solve = time.perf_counter() - t0
+    sol, t_solve = solve_store(store, rank=rank, fit_start=fit_start, method=method)
     buffer_bytes, storage = store.buffer_bytes, store.storage
     if release_buffer:
         store.release()
@@ -152,19 +183,7 @@ def finalize(
         else:
             written.append(write_horizon(out_dir, h, sol, theta0_of, source, overwrite=overwrite, max_shard_size=max_shard_size))
     t_write = time.perf_counter() - t1
-    extra = {
-        "buffer_bytes": buffer_bytes,
-        "buffer_rows": getattr(store, "rows_allocated", None),
-        "fold_rank": getattr(store, "fold_rank", None),
-        "folds": getattr(store, "folds", 0),
-        "buffer_dtype": str(store.dtype).replace("torch.", ""),
-        "storage": storage,
-        "solve_seconds": round(t_solve, 6),
-        "write_seconds": round(t_write, 6),
-        "checkpoints": written,
-    }
-    if report_extra:
-        extra.update(report_extra)
+    extra = window_extra(store, buffer_bytes, storage, t_solve, t_write, written, report_extra)
     report = build_report(sol, tcut=tcut, horizons=horizons, extra=extra)
     write_report(os.path.join(out_dir, REPORT_NAME), report)
     logger.info("relex: solved %d tensors in %.2fs (%s), wrote %d checkpoint(s) in %.2fs to %s",
@@ -173,12 +192,28 @@ def finalize(
 
 
 # ------------------------------------------------------------------------- after the fact (state file, trajectory)
+def base_theta0(src, base: str, specs, expected_of: Callable, whose: str, hint: str) -> dict[str, torch.Tensor]:
+    """Each spec's piece of theta_0 read from the base checkpoint ``src`` (path ``base``), refused with ``hint``
+    when its fingerprint differs from ``expected_of(spec)`` (``whose`` names where that came from). Returns
+    ``name -> flat piece``."""
+    from .state import fingerprint, fingerprint_mismatch
+
+    thetas = {}
+    for spec in specs:
+        t = src.get(spec.name).reshape(-1)[spec.flat_start: spec.flat_start + spec.local_numel]
+        why = fingerprint_mismatch(fingerprint(t), expected_of(spec))
+        if why:
+            raise RelexInputError(f"the base {base} does not match {whose} theta_0 for {spec.name} ({why}); {hint}")
+        thetas[spec.name] = t
+    return thetas
+
+
 def materialize(state_path: str, base: str, horizons: Sequence[int], out_dir: Optional[str] = None, *,
                 overwrite: bool = False, max_shard_size="50GB") -> list[str]:
     """Write ``step-H`` for each horizon from a state file and the base checkpoint (theta_0 and every untracked
     tensor): what ``relex materialize`` runs. Refuses a base whose tracked tensors do not match the fingerprints
     of theta_0 in the state. Returns the written directories."""
-    from .state import fingerprint, fingerprint_mismatch, load_state
+    from .state import load_state
     from .writer import DirectorySource
 
     parse_size(max_shard_size)
@@ -202,16 +237,8 @@ def materialize(state_path: str, base: str, horizons: Sequence[int], out_dir: Op
                 f"{spec.name}: {list(shape)} {dtype} in {base} but {list(spec.shape)} {spec.dtype} in the state; "
                 "pass the base the state was computed from"
             )
-    thetas = {}
-    for spec in st.specs:
-        t = src.get(spec.name).reshape(-1)[spec.flat_start: spec.flat_start + spec.local_numel]
-        why = fingerprint_mismatch(fingerprint(t), st.info[spec.name]["theta0"])
-        if why:
-            raise RelexInputError(
-                f"the base {base} does not match the state's theta_0 for {spec.name} ({why}); pass the same base "
-                "checkpoint given to `relex extrapolate` (or the model the callback trained)"
-            )
-        thetas[spec.name] = t
+    thetas = base_theta0(src, base, st.specs, lambda spec: st.info[spec.name]["theta0"], "the state's",
+                         "pass the same base checkpoint given to `relex extrapolate` (or the model the callback trained)")
     return [write_horizon(out_dir, int(h), st, lambda i: thetas[st.specs[i].name], src, overwrite=overwrite,
                           max_shard_size=max_shard_size) for h in hs]
 
@@ -225,7 +252,7 @@ def extrapolate_trajectory(trajectory_dir: str, base: str, horizons: Sequence[in
     tensors); it must match the trajectory's theta_0. Returns ``(solution, report)``."""
     from .buffer import TrajectoryStore
     from .config import RelexSettings
-    from .state import fingerprint, fingerprint_mismatch
+    from .state import fingerprint
     from .writer import DirectorySource
 
     store = TrajectoryStore.open(trajectory_dir)
@@ -240,13 +267,8 @@ def extrapolate_trajectory(trajectory_dir: str, base: str, horizons: Sequence[in
     for spec in store.specs:
         if spec.name not in src.meta:
             raise RelexInputError(f"the base {base} has no tensor {spec.name}: it is not the model of this trajectory")
-        t = src.get(spec.name).reshape(-1)[spec.flat_start: spec.flat_start + spec.local_numel]
-        why = fingerprint_mismatch(fingerprint(t), fingerprint(store.theta0_of(spec)))
-        if why:
-            raise RelexInputError(
-                f"the base {base} does not match the trajectory's theta_0 for {spec.name} ({why}); pass the checkpoint "
-                "training started from"
-            )
+    base_theta0(src, base, store.specs, lambda spec: fingerprint(store.theta0_of(spec)), "the trajectory's",
+                "pass the checkpoint training started from")
     logger.warning("relex: extrapolating a trajectory of %d steps (%s..%d) from %s", store.num_rows, store.steps[0],
                    tcut, trajectory_dir)
     return finalize(store, tcut=tcut, horizons=sorted(int(h) for h in horizons), out_dir=out_dir, source=src,

@@ -123,6 +123,27 @@ def save_state(path: str, solution, theta0_of, *, tcut: int, extra: Optional[dic
         raise
 
 
+def state_shard_name(i: int, n: int) -> str:
+    """File name of shard ``i`` (0-based) of ``n`` of a sharded state."""
+    return f"relex_state-{i + 1:05d}-of-{n:05d}.safetensors"
+
+
+def save_state_index(out_dir: str, weight_map: dict[str, str], order: list[str], **metadata):
+    """Commit a sharded state whose shard files (each written by :func:`save_state`) are already in ``out_dir``:
+    write ``relex_state.index.json`` atomically (the commit point) and remove an older single-file state there.
+    ``weight_map``: tensor name -> shard file; ``order``: the tensors in model order; ``metadata`` is kept."""
+    single = os.path.join(out_dir, STATE_NAME)
+    if os.path.exists(single):
+        os.remove(single)  # an older single-process state (the caller checked overwrite)
+    index = {"metadata": {"order": order, **metadata}, "weight_map": weight_map}
+    tmp = os.path.join(out_dir, STATE_INDEX_NAME + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(index, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(out_dir, STATE_INDEX_NAME))
+
+
 def load_state(path: str) -> RelexState:
     """Read a state file, or a distributed run's sharded state (``relex_state.index.json`` + one
     ``relex_state-0000i-of-0000N.safetensors`` per writing rank, each holding whole tensors), merged."""

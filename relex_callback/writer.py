@@ -17,7 +17,7 @@ import math
 import os
 import shutil
 import uuid
-from typing import Callable, Iterable, Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -59,8 +59,9 @@ def parse_size(size) -> int:
         raise RelexInputError(f"max_shard_size={size!r} is not a size like '5GB' or '500MB'") from None
 
 
-def _dtype_bytes(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+def tensor_bytes(shape, dtype: torch.dtype) -> int:
+    """Bytes of a tensor of ``shape`` and ``dtype`` (what a shard of safetensors holds of it)."""
+    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
 
 
 def plan_shards(entries: list[tuple[str, int]], max_shard_size) -> list[list[str]]:
@@ -265,23 +266,30 @@ def write_weights(
     max_shard_size="50GB",
 ):
     """Write ``keys`` (in order) as safetensors shards + index into ``out_dir`` (not atomic by itself)."""
-    entries = [(k, math.prod(meta[k][0]) * _dtype_bytes(meta[k][1])) for k in keys]
+    entries = [(k, tensor_bytes(*meta[k])) for k in keys]
     shards = plan_shards(entries, max_shard_size)
     names = shard_names(len(shards))
-    weight_map = {}
     for name, shard in zip(names, shards):
-        tensors = {}
-        for k in shard:
-            t = produce(k)
-            shape, dtype = meta[k]
-            if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
-                raise RuntimeError(f"{k}: produced {tuple(t.shape)} {t.dtype}, expected {shape} {dtype}")
-            tensors[k] = t.to("cpu")
-            weight_map[k] = name
-        write_safetensors(os.path.join(out_dir, name), tensors)
-        del tensors
+        write_shard(os.path.join(out_dir, name), shard, meta, produce)
     if len(shards) > 1:
-        total = sum(nb for _, nb in entries)
-        with open(os.path.join(out_dir, INDEX_NAME), "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2, sort_keys=True)
+        write_index(out_dir, {k: n for n, shard in zip(names, shards) for k in shard}, sum(nb for _, nb in entries))
     return names
+
+
+def write_shard(path: str, keys: list[str], meta: dict, produce: Callable[[str], torch.Tensor]):
+    """Write one shard file of ``keys``, each ``produce(key)`` checked against ``meta[key]`` (shape, dtype); the
+    shard's tensors are the only ones held in memory."""
+    tensors = {}
+    for k in keys:
+        t = produce(k)
+        shape, dtype = meta[k]
+        if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+            raise RuntimeError(f"{k}: produced {tuple(t.shape)} {t.dtype}, expected {shape} {dtype}")
+        tensors[k] = t.to("cpu")
+    write_safetensors(path, tensors)
+
+
+def write_index(out_dir: str, weight_map: dict[str, str], total_size: int):
+    """``model.safetensors.index.json`` of a checkpoint written in more than one shard."""
+    with open(os.path.join(out_dir, INDEX_NAME), "w") as f:
+        json.dump({"metadata": {"total_size": total_size}, "weight_map": weight_map}, f, indent=2, sort_keys=True)
