@@ -277,14 +277,22 @@ def write_weights(
 
 
 def write_shard(path: str, keys: list[str], meta: dict, produce: Callable[[str], torch.Tensor]):
-    """Write one shard file of ``keys``, each ``produce(key)`` checked against ``meta[key]`` (shape, dtype); the
-    shard's tensors are the only ones held in memory."""
+    """Write one shard file of ``keys``, each ``produce(key)`` checked against ``meta[key]`` (shape, dtype) and for
+    NaN/Inf (no checkpoint is ever written with them, single-process or distributed); the shard's tensors are the
+    only ones held in memory."""
     tensors = {}
     for k in keys:
         t = produce(k)
         shape, dtype = meta[k]
         if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
             raise RuntimeError(f"{k}: produced {tuple(t.shape)} {t.dtype}, expected {shape} {dtype}")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            from .errors import RelexNonFiniteError
+
+            raise RelexNonFiniteError(
+                f"{k} would be written with NaN/Inf values into {os.path.dirname(path)}; nothing was written (a diverged "
+                "model, or an extrapolation from non-finite deltas)"
+            )
         tensors[k] = t.to("cpu")
     write_safetensors(path, tensors)
 

@@ -289,3 +289,19 @@ def test_window_with_fewer_than_two_recorded_steps_is_a_clear_error(tmp_path, ti
     with pytest.raises(RelexInputError, match="only 1 step"):
         finalize(store, tcut=4, horizons=[8], out_dir=str(tmp_path / "out"), source=ModelSource(tiny_model, tokenizer))
     assert not (tmp_path / "out").exists()
+
+
+def test_no_checkpoint_is_written_with_nan(tmp_path, tiny_model, tokenizer):
+    # the check sits in writer.write_shard, which the single-process and the distributed writers both use
+    from relex_callback.engine import write_horizon
+    from relex_callback.solver import solve
+    from relex_callback.writer import ModelSource
+
+    store = _small_store(tmp_path, tiny_model)
+    sol = solve(store.rows(), store.steps, store.specs)
+    store.theta0[0] = float("nan")  # one extrapolated tensor inherits it
+    with pytest.raises(RelexNonFiniteError, match="NaN/Inf"):
+        write_horizon(str(tmp_path / "out"), 9, sol, lambda i: store.theta0_of(store.specs[i]),
+                      ModelSource(tiny_model, tokenizer))
+    assert not (tmp_path / "out" / "step-9").exists()
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".step-9")]
