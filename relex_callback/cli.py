@@ -89,34 +89,6 @@ def _check_out(out: str):
         raise _InputError(f"--out {out} cannot be written ({probe}: {e.strerror}); choose another --out") from None
 
 
-def _check_trajectory(path: str):
-    """The files of a saved trajectory are whole (headers and sizes), so a damaged one is refused with a message."""
-    import json
-
-    meta_path = os.path.join(path, "trajectory.json")
-    if not os.path.isfile(meta_path):
-        return  # the engine says what a trajectory directory is
-    bad = f"--trajectory {path} is damaged"
-    try:
-        with open(meta_path) as f:
-            meta = json.load(f)
-        steps, folded, D = list(meta["steps"]), list(meta.get("folded_steps") or []), int(meta["D"])
-        _ = meta["specs"], meta["dtype"]  # present (KeyError otherwise)
-        nbytes = (int(meta.get("basis_rows") or 0) + len(steps) - len(folded)) * D * _ST_ITEMSIZE[meta["dtype"]]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise _InputError(f"{bad}: trajectory.json cannot be read ({type(e).__name__}: {e}); pass a partial_trajectory/ "
-                          "or relex_trajectory/ directory the callback wrote whole") from None
-    for name in ("theta0.safetensors",) + (("fold.safetensors",) if folded else ()):
-        MappedSafetensors(os.path.join(path, name))  # refuses a missing or truncated file
-    size = os.path.getsize(os.path.join(path, "trajectory.bin")) if os.path.isfile(os.path.join(path, "trajectory.bin")) else -1
-    if nbytes and size < nbytes:
-        raise _InputError(f"{bad}: trajectory.bin has {max(size, 0)} bytes, its {len(steps)} recorded step(s) need "
-                          f"{nbytes}; the file is missing or truncated")
-
-
-_ST_ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4}
-
-
 def _shard_size(value: str) -> int:
     """``--max-shard-size`` in bytes, checked before any work (the writer would only refuse it at the end)."""
     from .errors import RelexInputError
@@ -421,7 +393,6 @@ def _extrapolate_trajectory(args, horizons) -> int:
     if args.steps is not None or args.stride != 1:
         raise _InputError("--steps and --stride apply to --checkpoints; a saved trajectory keeps its own steps")
     _check_dir("--trajectory", args.trajectory, "the partial_trajectory/ or relex_trajectory/ directory the callback wrote")
-    _check_trajectory(args.trajectory)
     _check_out(args.out)
     if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
         raise _InputError(f"--out {args.out} exists and is not empty; choose a new directory, or pass --overwrite")
