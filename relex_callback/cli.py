@@ -248,15 +248,14 @@ def _check_same_tensors(base, names, ck, src):
         raise _InputError(f"{ck.weights} has tensors the base lacks ({', '.join(extra[:3])}); all checkpoints must be of the same model")
 
 
-def check_out_free(out: str, horizons: Sequence[int], overwrite: bool, also: Sequence[str] = ()):
+def check_out_free(out: str, horizons: Sequence[int], overwrite: bool):
+    """No ``step-H`` of ``horizons`` in ``out`` unless ``overwrite``. Unlike engine.check_outputs_free a state file
+    there is fine: ``relex materialize`` usually writes beside the state it reads."""
     if overwrite:
         return
-    names = [f"step-{h}" for h in horizons] + list(also)
-    taken = [os.path.join(out, n) for n in names if os.path.exists(os.path.join(out, n))]
+    taken = [os.path.join(out, f"step-{h}") for h in horizons if os.path.exists(os.path.join(out, f"step-{h}"))]
     if taken:
         raise _InputError(f"{', '.join(taken)} already exist(s); choose another --out, remove them, or pass --overwrite")
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise _InputError(f"--out {out} exists and is not a directory")
 
 
 # ---------------------------------------------------------------------------------------------- commands
@@ -286,7 +285,6 @@ def cmd_extrapolate(args) -> int:
     _check_out(args.out)
     if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
         raise _InputError(f"--out {args.out} exists and is not empty; choose a new directory, or pass --overwrite")
-    check_out_free(args.out, horizons, args.overwrite)
 
     t_start = time.perf_counter()
     import torch
