@@ -352,23 +352,16 @@ def cmd_extrapolate(args) -> int:
         # theta_0 is the base checkpoint itself: free the in-memory copy before the solve (peak memory) and let the
         # writer read it back tensor by tensor from the page cache
         store.theta0 = None
-        base_mapped = {}
-
-        def theta0_of(i):
-            spec = specs[i]
-            fp = base.key_file[spec.name]
-            if fp not in base_mapped:
-                base_mapped[fp] = MappedSafetensors(fp)
-            return base_mapped[fp].get(spec.name).reshape(-1)
-
-        _, report = finalize(
-            store, tcut=tcut, horizons=settings.horizons, out_dir=out, source=base, rank=args.rank, fit_start=args.fit_start,
-            method=method, overwrite=args.overwrite, max_shard_size=args.max_shard_size,
-            report_extra={"base": os.path.abspath(args.base), "checkpoints_read": [c.path for c in cks]},
-            release_buffer=True, theta0_of=theta0_of,
-        )
-        for mf in base_mapped.values():
-            mf.close()
+        base_mapped = MappedSource(base)
+        try:
+            _, report = finalize(
+                store, tcut=tcut, horizons=settings.horizons, out_dir=out, source=base, rank=args.rank,
+                fit_start=args.fit_start, method=method, overwrite=args.overwrite, max_shard_size=args.max_shard_size,
+                report_extra={"base": os.path.abspath(args.base), "checkpoints_read": [c.path for c in cks]},
+                release_buffer=True, theta0_of=lambda i: base_mapped.get(specs[i].name).reshape(-1),
+            )
+        finally:
+            base_mapped.close()
     finally:
         store.release()
         if os.path.isdir(scratch):
@@ -522,21 +515,35 @@ class MappedSafetensors:
             self._fd = None
 
 
+class MappedSource:
+    """The tensors of a :class:`~relex_callback.writer.DirectorySource`, memory-mapped one at a time
+    (:class:`MappedSafetensors`, each file opened on first use)."""
+
+    def __init__(self, source):
+        self.key_file = source.key_file
+        self.files: dict[str, MappedSafetensors] = {}
+
+    def get(self, name: str):
+        fp = self.key_file[name]
+        if fp not in self.files:
+            self.files[fp] = MappedSafetensors(fp)
+        return self.files[fp].get(name)
+
+    def close(self):
+        for mf in self.files.values():
+            mf.close()  # the mappings stay valid after the descriptor is closed
+
+
 def read_tensors(source, names: Sequence[str], device: str = "cpu"):
     """Yield the tensors ``names`` of a :class:`~relex_callback.writer.DirectorySource` one at a time, memory-mapped
     from its safetensors files (no copy on CPU: the store subtracts theta_0 straight from the page cache)."""
-    files = {}
+    mapped = MappedSource(source)
     try:
         for n in names:
-            fp = source.key_file[n]
-            mf = files.get(fp)
-            if mf is None:
-                mf = files[fp] = MappedSafetensors(fp)
-            t = mf.get(n)
+            t = mapped.get(n)
             yield t if device == "cpu" else t.to(device)
     finally:
-        for mf in files.values():
-            mf.close()  # the mappings stay valid after the descriptor is closed
+        mapped.close()
 
 
 class _NoBar:
