@@ -232,8 +232,6 @@ def discover_checkpoints(paths: Sequence[str], steps: Optional[Sequence[int]] = 
 
 def _check_same_tensors(base, names, ck, src):
     """Every tracked tensor present in ``src`` with the base's shape and dtype; no extra floating tensors."""
-    import torch
-
     for n in names:
         if n not in src.meta:
             raise _InputError(f"{ck.weights} has no tensor {n!r} (present in the base); all checkpoints must be of the same model")
@@ -243,7 +241,7 @@ def _check_same_tensors(base, names, ck, src):
                 f"{n}: shape {list(s2)} {str(d2).replace('torch.', '')} in {ck.weights} but {list(s1)} "
                 f"{str(d1).replace('torch.', '')} in the base; all checkpoints must be of the same model and dtype"
             )
-    extra = [k for k, (_, dt) in src.meta.items() if k not in base.meta and torch.empty((), dtype=dt).is_floating_point()]
+    extra = [k for k, (_, dt) in src.meta.items() if k not in base.meta and dt.is_floating_point]
     if extra:
         raise _InputError(f"{ck.weights} has tensors the base lacks ({', '.join(extra[:3])}); all checkpoints must be of the same model")
 
@@ -446,10 +444,6 @@ def _f(x) -> str:
     return "n/a" if x is None else f"{x:.4f}"
 
 
-_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
-              "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
-
-
 class MappedSafetensors:
     """One safetensors file whose tensors are memory-mapped one at a time: ``get(name)`` is a view of the page cache
     (a private mapping of just that tensor's pages, no copy), unmapped when the tensor is freed, so the resident
@@ -486,9 +480,11 @@ class MappedSafetensors:
 
         import torch
 
+        from .writer import _st_dtype
+
         h = self.header[name]
         b, e = h["data_offsets"]
-        dtype = getattr(torch, _ST_DTYPES.get(h["dtype"], "uint8"))
+        dtype = _st_dtype(h["dtype"])  # the dtype DirectorySource.meta reports for it (the shape/dtype checks use that)
         if e == b:
             return torch.empty(h["shape"], dtype=dtype)
         if self._fd is None:
