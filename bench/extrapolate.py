@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -73,7 +74,7 @@ def build(root: str, n_ckpt: int, every: int):
     os.makedirs(root)
     g = torch.Generator().manual_seed(0)
     shp = shapes(CONFIG)
-    print(f"building {n_ckpt} checkpoints of {sum(_numel(s) for s in shp.values()) / 1e6:.1f}M parameters in {root} ...", flush=True)
+    print(f"building {n_ckpt} checkpoints of {sum(math.prod(s) for s in shp.values()) / 1e6:.1f}M parameters in {root} ...", flush=True)
     theta0 = {k: (0.02 * torch.randn(s, generator=g)) for k, s in shp.items()}
     direction = {}
     noise = {}
@@ -96,13 +97,6 @@ def build(root: str, n_ckpt: int, every: int):
         save(os.path.join(root, "ckpts", f"checkpoint-{t}"),
              {k: theta0[k] + c * direction[k] + ((j % 3) - 1) * noise[k] for k in shp})
     json.dump(want, open(marker, "w"))
-
-
-def _numel(s):
-    n = 1
-    for x in s:
-        n *= x
-    return n
 
 
 def main():

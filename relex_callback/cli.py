@@ -13,6 +13,7 @@ multiple of k. Set ``RELEX_TIMING=1`` for a line of phase timings and peak RSS o
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import sys
@@ -325,7 +326,7 @@ def cmd_extrapolate(args) -> int:
         src = DirectorySource(ck.weights)
         _check_same_tensors(base, names, ck, src)
         sources.append(src)
-    specs = [TensorSpec(name=n, shape=base.meta[n][0], dtype=base.meta[n][1], local_numel=_numel(base.meta[n][0])) for n in names]
+    specs = [TensorSpec(name=n, shape=base.meta[n][0], dtype=base.meta[n][1], local_numel=math.prod(base.meta[n][0])) for n in names]
 
     out = os.path.abspath(args.out)
     scratch = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.trajectory-{os.getpid()}")
@@ -427,13 +428,6 @@ def cmd_report(args) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
-
-
 def _peak_rss() -> int:
     import resource
 
