@@ -18,6 +18,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -129,15 +130,18 @@ def main():
         cmd = [sys.executable, "-m", "relex_callback.cli", "extrapolate", "--base", os.path.join(args.dir, "base"),
                "--checkpoints", os.path.join(args.dir, "ckpts"), "--horizons", f"{5 * tcut},{10 * tcut}", "--out", out,
                "--dtype", args.dtype, "--solver", args.solver]
-        t0 = time.perf_counter()
-        p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        _, status, ru = os.wait4(p.pid, 0)
-        wall = time.perf_counter() - t0
-        so, se = p.stdout.read().decode(), p.stderr.read().decode()
-        p.returncode = os.waitstatus_to_exitcode(status)
-        if p.returncode != 0:
+        # the output goes to files, not pipes: nothing reads a pipe while wait4 waits, so a full one would hang the child
+        with tempfile.TemporaryFile() as err:
+            t0 = time.perf_counter()
+            p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err)
+            _, status, ru = os.wait4(p.pid, 0)
+            wall = time.perf_counter() - t0
+            err.seek(0)
+            se = err.read().decode()
+        code = os.waitstatus_to_exitcode(status)
+        if code != 0:
             print(se[-3000:])
-            raise SystemExit(f"relex extrapolate failed with exit code {p.returncode}")
+            raise SystemExit(f"relex extrapolate failed with exit code {code}")
         rep = json.load(open(os.path.join(out, "report.json")))
         secs = rep.get("seconds", {})
         print(f"run {r + 1}: relex extrapolate wall {wall:.2f} s, peak RSS {ru.ru_maxrss * 1024 / 1e9:.2f} GB, "
