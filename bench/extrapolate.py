@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,7 +75,7 @@ def build(root: str, n_ckpt: int, every: int):
     os.makedirs(root)
     g = torch.Generator().manual_seed(0)
     shp = shapes(CONFIG)
-    print(f"building {n_ckpt} checkpoints of {sum(_numel(s) for s in shp.values()) / 1e6:.1f}M parameters in {root} ...", flush=True)
+    print(f"building {n_ckpt} checkpoints of {sum(math.prod(s) for s in shp.values()) / 1e6:.1f}M parameters in {root} ...", flush=True)
     theta0 = {k: (0.02 * torch.randn(s, generator=g)) for k, s in shp.items()}
     direction = {}
     noise = {}
@@ -96,13 +98,6 @@ def build(root: str, n_ckpt: int, every: int):
         save(os.path.join(root, "ckpts", f"checkpoint-{t}"),
              {k: theta0[k] + c * direction[k] + ((j % 3) - 1) * noise[k] for k in shp})
     json.dump(want, open(marker, "w"))
-
-
-def _numel(s):
-    n = 1
-    for x in s:
-        n *= x
-    return n
 
 
 def main():
@@ -135,15 +130,18 @@ def main():
         cmd = [sys.executable, "-m", "relex_callback.cli", "extrapolate", "--base", os.path.join(args.dir, "base"),
                "--checkpoints", os.path.join(args.dir, "ckpts"), "--horizons", f"{5 * tcut},{10 * tcut}", "--out", out,
                "--dtype", args.dtype, "--solver", args.solver]
-        t0 = time.perf_counter()
-        p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        _, status, ru = os.wait4(p.pid, 0)
-        wall = time.perf_counter() - t0
-        so, se = p.stdout.read().decode(), p.stderr.read().decode()
-        p.returncode = os.waitstatus_to_exitcode(status)
-        if p.returncode != 0:
+        # the output goes to files, not pipes: nothing reads a pipe while wait4 waits, so a full one would hang the child
+        with tempfile.TemporaryFile() as err:
+            t0 = time.perf_counter()
+            p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err)
+            _, status, ru = os.wait4(p.pid, 0)
+            wall = time.perf_counter() - t0
+            err.seek(0)
+            se = err.read().decode()
+        code = os.waitstatus_to_exitcode(status)
+        if code != 0:
             print(se[-3000:])
-            raise SystemExit(f"relex extrapolate failed with exit code {p.returncode}")
+            raise SystemExit(f"relex extrapolate failed with exit code {code}")
         rep = json.load(open(os.path.join(out, "report.json")))
         secs = rep.get("seconds", {})
         print(f"run {r + 1}: relex extrapolate wall {wall:.2f} s, peak RSS {ru.ru_maxrss * 1024 / 1e9:.2f} GB, "

@@ -13,6 +13,7 @@ multiple of k. Set ``RELEX_TIMING=1`` for a line of phase timings and peak RSS o
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import sys
@@ -87,34 +88,6 @@ def _check_out(out: str):
         os.rmdir(tempfile.mkdtemp(prefix=".relex-probe-", dir=probe))
     except OSError as e:
         raise _InputError(f"--out {out} cannot be written ({probe}: {e.strerror}); choose another --out") from None
-
-
-def _check_trajectory(path: str):
-    """The files of a saved trajectory are whole (headers and sizes), so a damaged one is refused with a message."""
-    import json
-
-    meta_path = os.path.join(path, "trajectory.json")
-    if not os.path.isfile(meta_path):
-        return  # the engine says what a trajectory directory is
-    bad = f"--trajectory {path} is damaged"
-    try:
-        with open(meta_path) as f:
-            meta = json.load(f)
-        steps, folded, D = list(meta["steps"]), list(meta.get("folded_steps") or []), int(meta["D"])
-        _ = meta["specs"], meta["dtype"]  # present (KeyError otherwise)
-        nbytes = (int(meta.get("basis_rows") or 0) + len(steps) - len(folded)) * D * _ST_ITEMSIZE[meta["dtype"]]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise _InputError(f"{bad}: trajectory.json cannot be read ({type(e).__name__}: {e}); pass a partial_trajectory/ "
-                          "or relex_trajectory/ directory the callback wrote whole") from None
-    for name in ("theta0.safetensors",) + (("fold.safetensors",) if folded else ()):
-        MappedSafetensors(os.path.join(path, name))  # refuses a missing or truncated file
-    size = os.path.getsize(os.path.join(path, "trajectory.bin")) if os.path.isfile(os.path.join(path, "trajectory.bin")) else -1
-    if nbytes and size < nbytes:
-        raise _InputError(f"{bad}: trajectory.bin has {max(size, 0)} bytes, its {len(steps)} recorded step(s) need "
-                          f"{nbytes}; the file is missing or truncated")
-
-
-_ST_ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 
 def _shard_size(value: str) -> int:
@@ -260,8 +233,6 @@ def discover_checkpoints(paths: Sequence[str], steps: Optional[Sequence[int]] = 
 
 def _check_same_tensors(base, names, ck, src):
     """Every tracked tensor present in ``src`` with the base's shape and dtype; no extra floating tensors."""
-    import torch
-
     for n in names:
         if n not in src.meta:
             raise _InputError(f"{ck.weights} has no tensor {n!r} (present in the base); all checkpoints must be of the same model")
@@ -271,20 +242,19 @@ def _check_same_tensors(base, names, ck, src):
                 f"{n}: shape {list(s2)} {str(d2).replace('torch.', '')} in {ck.weights} but {list(s1)} "
                 f"{str(d1).replace('torch.', '')} in the base; all checkpoints must be of the same model and dtype"
             )
-    extra = [k for k, (_, dt) in src.meta.items() if k not in base.meta and torch.empty((), dtype=dt).is_floating_point()]
+    extra = [k for k, (_, dt) in src.meta.items() if k not in base.meta and dt.is_floating_point]
     if extra:
         raise _InputError(f"{ck.weights} has tensors the base lacks ({', '.join(extra[:3])}); all checkpoints must be of the same model")
 
 
-def check_out_free(out: str, horizons: Sequence[int], overwrite: bool, also: Sequence[str] = ()):
+def check_out_free(out: str, horizons: Sequence[int], overwrite: bool):
+    """No ``step-H`` of ``horizons`` in ``out`` unless ``overwrite``. Unlike engine.check_outputs_free a state file
+    there is fine: ``relex materialize`` usually writes beside the state it reads."""
     if overwrite:
         return
-    names = [f"step-{h}" for h in horizons] + list(also)
-    taken = [os.path.join(out, n) for n in names if os.path.exists(os.path.join(out, n))]
+    taken = [os.path.join(out, f"step-{h}") for h in horizons if os.path.exists(os.path.join(out, f"step-{h}"))]
     if taken:
         raise _InputError(f"{', '.join(taken)} already exist(s); choose another --out, remove them, or pass --overwrite")
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise _InputError(f"--out {out} exists and is not a directory")
 
 
 # ---------------------------------------------------------------------------------------------- commands
@@ -314,7 +284,6 @@ def cmd_extrapolate(args) -> int:
     _check_out(args.out)
     if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
         raise _InputError(f"--out {args.out} exists and is not empty; choose a new directory, or pass --overwrite")
-    check_out_free(args.out, horizons, args.overwrite)
 
     t_start = time.perf_counter()
     import torch
@@ -351,14 +320,13 @@ def cmd_extrapolate(args) -> int:
     names = [k for k in base.keys if base.meta[k][1].is_floating_point]
     if not names:
         raise _InputError(f"{args.base} has no floating-point tensors to track")
-    check_files(base)
+    # DirectorySource has opened every safetensors file (safetensors refuses one its header does not cover whole)
     sources = []
     for ck in cks:
         src = DirectorySource(ck.weights)
         _check_same_tensors(base, names, ck, src)
-        check_files(src)
         sources.append(src)
-    specs = [TensorSpec(name=n, shape=base.meta[n][0], dtype=base.meta[n][1], local_numel=_numel(base.meta[n][0])) for n in names]
+    specs = [TensorSpec(name=n, shape=base.meta[n][0], dtype=base.meta[n][1], local_numel=math.prod(base.meta[n][0])) for n in names]
 
     out = os.path.abspath(args.out)
     scratch = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.trajectory-{os.getpid()}")
@@ -383,23 +351,16 @@ def cmd_extrapolate(args) -> int:
         # theta_0 is the base checkpoint itself: free the in-memory copy before the solve (peak memory) and let the
         # writer read it back tensor by tensor from the page cache
         store.theta0 = None
-        base_mapped = {}
-
-        def theta0_of(i):
-            spec = specs[i]
-            fp = base.key_file[spec.name]
-            if fp not in base_mapped:
-                base_mapped[fp] = MappedSafetensors(fp)
-            return base_mapped[fp].get(spec.name).reshape(-1)
-
-        _, report = finalize(
-            store, tcut=tcut, horizons=settings.horizons, out_dir=out, source=base, rank=args.rank, fit_start=args.fit_start,
-            method=method, overwrite=args.overwrite, max_shard_size=args.max_shard_size,
-            report_extra={"base": os.path.abspath(args.base), "checkpoints_read": [c.path for c in cks]},
-            release_buffer=True, theta0_of=theta0_of,
-        )
-        for mf in base_mapped.values():
-            mf.close()
+        base_mapped = MappedSource(base)
+        try:
+            _, report = finalize(
+                store, tcut=tcut, horizons=settings.horizons, out_dir=out, source=base, rank=args.rank,
+                fit_start=args.fit_start, method=method, overwrite=args.overwrite, max_shard_size=args.max_shard_size,
+                report_extra={"base": os.path.abspath(args.base), "checkpoints_read": [c.path for c in cks]},
+                release_buffer=True, theta0_of=lambda i: base_mapped.get(specs[i].name).reshape(-1),
+            )
+        finally:
+            base_mapped.close()
     finally:
         store.release()
         if os.path.isdir(scratch):
@@ -422,7 +383,6 @@ def _extrapolate_trajectory(args, horizons) -> int:
     if args.steps is not None or args.stride != 1:
         raise _InputError("--steps and --stride apply to --checkpoints; a saved trajectory keeps its own steps")
     _check_dir("--trajectory", args.trajectory, "the partial_trajectory/ or relex_trajectory/ directory the callback wrote")
-    _check_trajectory(args.trajectory)
     _check_out(args.out)
     if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
         raise _InputError(f"--out {args.out} exists and is not empty; choose a new directory, or pass --overwrite")
@@ -468,13 +428,6 @@ def cmd_report(args) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
-
-
 def _peak_rss() -> int:
     import resource
 
@@ -483,10 +436,6 @@ def _peak_rss() -> int:
 
 def _f(x) -> str:
     return "n/a" if x is None else f"{x:.4f}"
-
-
-_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
-              "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 
 
 class MappedSafetensors:
@@ -525,9 +474,11 @@ class MappedSafetensors:
 
         import torch
 
+        from .writer import _st_dtype
+
         h = self.header[name]
         b, e = h["data_offsets"]
-        dtype = getattr(torch, _ST_DTYPES.get(h["dtype"], "uint8"))
+        dtype = _st_dtype(h["dtype"])  # the dtype DirectorySource.meta reports for it (the shape/dtype checks use that)
         if e == b:
             return torch.empty(h["shape"], dtype=dtype)
         if self._fd is None:
@@ -554,27 +505,35 @@ class MappedSafetensors:
             self._fd = None
 
 
-def read_tensors(source, names: Sequence[str], device: str = "cpu"):
-    """Yield the tensors ``names`` of a :class:`~relex_callback.writer.DirectorySource` one at a time, memory-mapped
-    from its safetensors files (no copy on CPU: the store subtracts theta_0 straight from the page cache)."""
-    files = {}
-    try:
-        for n in names:
-            fp = source.key_file[n]
-            mf = files.get(fp)
-            if mf is None:
-                mf = files[fp] = MappedSafetensors(fp)
-            t = mf.get(n)
-            yield t if device == "cpu" else t.to(device)
-    finally:
-        for mf in files.values():
+class MappedSource:
+    """The tensors of a :class:`~relex_callback.writer.DirectorySource`, memory-mapped one at a time
+    (:class:`MappedSafetensors`, each file opened on first use)."""
+
+    def __init__(self, source):
+        self.key_file = source.key_file
+        self.files: dict[str, MappedSafetensors] = {}
+
+    def get(self, name: str):
+        fp = self.key_file[name]
+        if fp not in self.files:
+            self.files[fp] = MappedSafetensors(fp)
+        return self.files[fp].get(name)
+
+    def close(self):
+        for mf in self.files.values():
             mf.close()  # the mappings stay valid after the descriptor is closed
 
 
-def check_files(source):
-    """Parse every safetensors header of ``source`` against its file size (no mapping): refuse truncated files early."""
-    for fp in dict.fromkeys(source.key_file.values()):
-        MappedSafetensors(fp)
+def read_tensors(source, names: Sequence[str], device: str = "cpu"):
+    """Yield the tensors ``names`` of a :class:`~relex_callback.writer.DirectorySource` one at a time, memory-mapped
+    from its safetensors files (no copy on CPU: the store subtracts theta_0 straight from the page cache)."""
+    mapped = MappedSource(source)
+    try:
+        for n in names:
+            t = mapped.get(n)
+            yield t if device == "cpu" else t.to(device)
+    finally:
+        mapped.close()
 
 
 class _NoBar:

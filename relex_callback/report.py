@@ -93,8 +93,7 @@ def load_report(path: str) -> dict:
     """Read ``report.json`` (``path`` is the file or the directory holding it)."""
     from .errors import RelexInputError
 
-    if os.path.isdir(path):
-        path = os.path.join(path, REPORT_NAME)
+    path = report_path(path)
     try:
         with open(path) as f:
             return json.load(f)
