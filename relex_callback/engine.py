@@ -27,13 +27,14 @@ def horizon_dir(out_dir: str, horizon: int) -> str:
     return os.path.join(out_dir, f"step-{int(horizon)}")
 
 
-def check_outputs_free(out_dir: str, horizons: Sequence[int], overwrite: bool):
-    """Refuse, before any work, to overwrite existing results unless asked."""
+def check_outputs_free(out_dir: str, horizons: Sequence[int], overwrite: bool, state: bool = True):
+    """Refuse, before any work, to overwrite existing results unless asked (``state=False``: only the horizons, for
+    ``materialize``, which writes beside the state file it reads)."""
     if overwrite:
         return
     from .state import STATE_INDEX_NAME
 
-    states = [os.path.join(out_dir, STATE_NAME), os.path.join(out_dir, STATE_INDEX_NAME)]
+    states = [os.path.join(out_dir, STATE_NAME), os.path.join(out_dir, STATE_INDEX_NAME)] if state else []
     taken = [p for p in [horizon_dir(out_dir, h) for h in horizons] + states if os.path.exists(p)]
     if taken:
         raise RelexInputError(
@@ -221,6 +222,7 @@ def materialize(state_path: str, base: str, horizons: Sequence[int], out_dir: Op
     out_dir = out_dir or os.path.dirname(os.path.abspath(state_path if not os.path.isdir(state_path)
                                                          else os.path.join(state_path, STATE_NAME)))
     # every check before anything is written
+    check_outputs_free(out_dir, hs, overwrite, state=False)
     for spec in st.specs:
         if spec.name not in src.meta:
             raise RelexInputError(f"the base {base} has no tensor {spec.name}: pass the base the state was computed from")

@@ -194,8 +194,10 @@ class DirectorySource:
 
         fp = self.key_file[key]
         try:
-            with safe_open(fp, "pt") as f:
-                return f.get_tensor(key)
+            handle = self._handles.get(fp)
+            if handle is None:  # one open (header parse + mmap) per file, not per tensor
+                handle = self._handles[fp] = safe_open(fp, "pt")
+            return handle.get_tensor(key)
         except Exception as e:
             raise RelexInputError(f"cannot read tensor {key} from {fp}: {e}") from None
 

@@ -305,3 +305,20 @@ def test_no_checkpoint_is_written_with_nan(tmp_path, tiny_model, tokenizer):
                       ModelSource(tiny_model, tokenizer))
     assert not (tmp_path / "out" / "step-9").exists()
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".step-9")]
+
+
+def test_materialize_checks_every_output_before_writing_one(tmp_path, tiny_model, tokenizer):
+    from relex_callback.engine import finalize, materialize
+    from relex_callback.writer import ModelSource
+
+    base = tmp_path / "base"
+    tiny_model.save_pretrained(str(base))  # theta_0, before _small_store moves the weights
+    tokenizer.save_pretrained(str(base))
+    store = _small_store(tmp_path, tiny_model)
+    out = tmp_path / "out"
+    finalize(store, tcut=3, horizons=[9], out_dir=str(out), source=ModelSource(tiny_model, tokenizer))
+    # step-9 exists: asking for 6 and 9 must fail before step-6 is written
+    with pytest.raises(RelexInputError, match="step-9"):
+        materialize(str(out / "relex_state.safetensors"), str(base), [6, 9], str(out))
+    assert not (out / "step-6").exists()
+    assert materialize(str(out / "relex_state.safetensors"), str(base), [6], str(out)) == [str(out / "step-6")]
