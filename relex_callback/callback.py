@@ -18,7 +18,7 @@ from .buffer import META_FILE, THETA0_FILE, TrajectoryStore, save_theta0
 from .config import RelexConfig, RelexSettings
 from .engine import finalize, horizon_dir
 from .errors import RelexInputError
-from .params import plain_tracked, select_names, trainable_named_parameters
+from .params import select_names, trainable_named_parameters
 from .report import REPORT_NAME, load_report, write_report
 from .state import STATE_NAME, load_state
 from .writer import ModelSource, atomic_directory, clean_stale_temporaries

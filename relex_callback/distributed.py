@@ -42,7 +42,7 @@ import torch
 
 from .errors import RelexInputError
 from .params import TensorSpec, TrackedTensor, plain_tracked
-from .writer import tensor_bytes
+from .writer import checkpoint_keys, tensor_bytes, write_model_extras
 
 logger = logging.getLogger("relex_callback")
 
@@ -330,8 +330,7 @@ class DistContext:
     # -- which rank writes which key
     def _plan(self, model) -> dict:
         sd = model.state_dict(keep_vars=True)
-        tied = set(getattr(model, "all_tied_weights_keys", None) or {})
-        keys = [k for k in sd if k not in tied]
+        keys = checkpoint_keys(model, sd)
         meta = {}
         for k in keys:
             t = sd[k]
@@ -471,7 +470,7 @@ class DistContext:
 
     # -- one horizon checkpoint
     def _write_horizon(self, final, horizon, owned, extra, plan, model, tokenizer, *, overwrite, max_shard_size):
-        from .writer import ModelSource, clean_stale_temporaries, commit_directory, plan_shards, shard_names, \
+        from .writer import clean_stale_temporaries, commit_directory, plan_shards, shard_names, \
             write_index, write_shard
 
         final = os.path.abspath(final)
@@ -511,7 +510,7 @@ class DistContext:
                     if len(names) > 1:
                         write_index(tmp, {k: n for n, (_, skeys) in zip(names, shards) for k in skeys},
                                     sum(nbytes.values()))
-                    ModelSource(model, tokenizer).write_extras(tmp)
+                    write_model_extras(model, tokenizer, tmp)
                     if os.path.exists(final) and not overwrite:
                         raise RelexInputError(f"{final} already exists; pass overwrite")
                     commit_directory(tmp, final)

@@ -217,40 +217,46 @@ def _st_dtype(name: str) -> torch.dtype:
     return table.get(name, torch.float32)
 
 
-class ModelSource:
-    """The live model (and its tokenizer): untracked tensors from ``state_dict()``, config saved from the model.
+def checkpoint_keys(model: torch.nn.Module, sd: dict) -> list[str]:
+    """The keys ``save_pretrained`` writes: ``state_dict()`` minus the tied copies (``all_tied_weights_keys``), so
+    tied weights stay tied when the checkpoint is loaded."""
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    return [k for k in sd if k not in tied]
 
-    The key set is what ``save_pretrained`` writes: ``state_dict()`` minus the tied copies
-    (``all_tied_weights_keys``), so tied weights stay tied when the checkpoint is loaded."""
+
+def write_model_extras(model: torch.nn.Module, tokenizer, out_dir: str):
+    """Config, generation config and tokenizer of a live model, beside its weights."""
+    cfg = getattr(model, "config", None)
+    if cfg is not None:
+        cfg.save_pretrained(out_dir)
+    gen = getattr(model, "generation_config", None)
+    if gen is not None:
+        try:
+            gen.save_pretrained(out_dir)
+        except Exception:  # a generation config that fails validation is not worth losing a checkpoint for
+            pass
+    if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+        tokenizer.save_pretrained(out_dir)
+
+
+class ModelSource:
+    """The live model (and its tokenizer): untracked tensors from ``state_dict()`` (keys: :func:`checkpoint_keys`),
+    config and tokenizer saved from the model."""
 
     def __init__(self, model: torch.nn.Module, tokenizer=None):
         self.model = model
         self.tokenizer = tokenizer
-        sd = model.state_dict()
-        tied = set(getattr(model, "all_tied_weights_keys", None) or {})
-        self.keys = [k for k in sd if k not in tied]
-        self.meta = {k: (tuple(sd[k].shape), sd[k].dtype) for k in self.keys}
-        self._sd = None
+        # one state_dict() per source (it walks every module); its tensors share storage with the parameters, so
+        # later updates are still seen
+        self._sd = model.state_dict()
+        self.keys = checkpoint_keys(model, self._sd)
+        self.meta = {k: (tuple(self._sd[k].shape), self._sd[k].dtype) for k in self.keys}
 
     def get(self, key: str) -> torch.Tensor:
-        # one state_dict() per source, not per key (it walks every module: quadratic in the number of tensors);
-        # its tensors share storage with the parameters, so later updates are still seen
-        if self._sd is None:
-            self._sd = self.model.state_dict()
         return self._sd[key].detach().to("cpu").contiguous()
 
     def write_extras(self, out_dir: str):
-        cfg = getattr(self.model, "config", None)
-        if cfg is not None:
-            cfg.save_pretrained(out_dir)
-        gen = getattr(self.model, "generation_config", None)
-        if gen is not None:
-            try:
-                gen.save_pretrained(out_dir)
-            except Exception:  # a generation config that fails validation is not worth losing a checkpoint for
-                pass
-        if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
-            self.tokenizer.save_pretrained(out_dir)
+        write_model_extras(self.model, self.tokenizer, out_dir)
 
 
 # ---------------------------------------------------------------------------------------------- writing
