@@ -20,7 +20,7 @@ from .engine import finalize, horizon_dir
 from .errors import RelexInputError
 from .params import select_names, trainable_named_parameters
 from .report import REPORT_NAME, load_report, write_report
-from .state import STATE_NAME, load_state
+from .state import STATE_NAME, RelexState, load_state
 from .writer import ModelSource, atomic_directory, clean_stale_temporaries
 
 logger = logging.getLogger("relex_callback")
@@ -572,10 +572,8 @@ class RelexCallback(TrainerCallback):
         v = self.validation
         theta0, specs = v["theta0"], v["specs"]
         state_path = os.path.join(directory, STATE_NAME)
-        if v.get("state_bytes") is not None:  # resumed: the result is the state file it was loaded from
-            with open(state_path + ".tmp", "wb") as f:
-                f.write(v["state_bytes"])
-            os.replace(state_path + ".tmp", state_path)
+        if isinstance(v["result"], RelexState):  # resumed: the state loaded from the earlier checkpoint
+            v["result"].save(state_path)
         else:
             save_state(state_path, v["result"],
                        lambda i: theta0[specs[i].offset : specs[i].offset + specs[i].local_numel], tcut=self.tcut)
@@ -611,9 +609,7 @@ class RelexCallback(TrainerCallback):
                 state_file = os.path.join(ckpt_dir, STATE_NAME)
                 result = load_state(state_file)
                 theta0 = load_file(os.path.join(ckpt_dir, THETA0_FILE))["theta0"].to(self.tracked[0].read().device)
-                with open(state_file, "rb") as f:  # kept to save again (the source checkpoint may be rotated away)
-                    state_bytes = f.read()
-                validation = {"result": result, "theta0": theta0, "specs": specs, "state_bytes": state_bytes,
+                validation = {"result": result, "theta0": theta0, "specs": specs,
                               "pending": {h for h in saved["pending"] if h > state.global_step}}
         everyone = self._dist.all_ok(validation is not None) if self._dist.is_distributed else validation is not None
         if not everyone:

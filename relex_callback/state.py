@@ -74,6 +74,13 @@ class RelexState:
     def coef_at(self, horizon: float) -> torch.Tensor:
         return self.slope * float(horizon) + self.intercept
 
+    def save(self, path: str):
+        """Write this (loaded) state again as one state file, atomically: what :func:`save_state` wrote for it."""
+        meta = {"version": FORMAT_VERSION, "tcut": self.tcut, "steps": self.steps, "rank": self.rank,
+                "fit_start": self.fit_start, "dtype": self.dtype, "order": [sp.name for sp in self.specs],
+                "tensors": self.info}
+        _write_state_file(path, {sp.name: self.tensors[sp.name].contiguous() for sp in self.specs}, meta)
+
     @torch.no_grad()
     def extrapolate(self, i: int, horizon: float, theta0: torch.Tensor) -> torch.Tensor:
         from .solver import extrapolate_piece
@@ -84,8 +91,6 @@ class RelexState:
 
 def save_state(path: str, solution, theta0_of, *, tcut: int, extra: Optional[dict] = None):
     """Write the state file atomically. ``theta0_of(i)`` returns tensor i's local theta_0 (for the fingerprint)."""
-    from safetensors.torch import save_file
-
     tensors = {}
     info = {}
     ev = solution.explained
@@ -113,6 +118,13 @@ def save_state(path: str, solution, theta0_of, *, tcut: int, extra: Optional[dic
     }
     if extra:
         meta.update(extra)
+    _write_state_file(path, tensors, meta)
+
+
+def _write_state_file(path: str, tensors: dict, meta: dict):
+    """Directions + the ``relex`` metadata, written to a temporary and renamed into place."""
+    from safetensors.torch import save_file
+
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         save_file(tensors, tmp, metadata={"format": "pt", "relex": json.dumps(meta)})

@@ -313,25 +313,35 @@ def test_validation_resumes_after_tcut(tmp_path):
     kw = dict(tcut=4, horizons=[6, 9], dtype="float32", stop_training=False)
     full = grpo_trainer(tmp_path / "full", [RelexCallback(**kw)], max_steps=9)
     full.train()
+    # (a resumed trainer keeps the checkpoint's save_steps, so the first run sets the one the resumed run needs)
     first = grpo_trainer(tmp_path / "cut", [RelexCallback(**kw), StopAt(7)], max_steps=9, save_strategy="steps",
-                         save_steps=7)
+                         save_steps=1)
     first.train()
     assert first.state.global_step == 7
     rep = json.load(open(tmp_path / "cut" / "relex" / "report.json"))
     assert sorted(rep["validation"]) == ["6"]  # 9 not reached yet
-    cb = RelexCallback(**kw)
-    again = grpo_trainer(tmp_path / "cut", [cb], max_steps=9, save_strategy="steps", save_steps=7)
-    again.train(resume_from_checkpoint=str(tmp_path / "cut" / "checkpoint-7"))
-    assert again.state.global_step == 9
-    got = json.load(open(tmp_path / "cut" / "relex" / "report.json"))["validation"]
     want = json.load(open(tmp_path / "full" / "relex" / "report.json"))["validation"]
-    assert "9" in got
-    a = {t["name"]: t for t in got["9"]["tensors"]}
-    b = {t["name"]: t for t in want["9"]["tensors"]}
-    assert sorted(a) == sorted(b)
-    for name in b:
-        assert a[name]["cosine"] == pytest.approx(b[name]["cosine"], abs=1e-6), name
-        assert a[name]["norm_ratio"] == pytest.approx(b[name]["norm_ratio"], rel=1e-6), name
+
+    def check_9():
+        got = json.load(open(tmp_path / "cut" / "relex" / "report.json"))["validation"]
+        assert "9" in got
+        a = {t["name"]: t for t in got["9"]["tensors"]}
+        b = {t["name"]: t for t in want["9"]["tensors"]}
+        assert sorted(a) == sorted(b)
+        for name in b:
+            assert a[name]["cosine"] == pytest.approx(b[name]["cosine"], abs=1e-6), name
+            assert a[name]["norm_ratio"] == pytest.approx(b[name]["norm_ratio"], rel=1e-6), name
+
+    # resumed run: also saves checkpoint-8, which carries the state it loaded (RelexState.save) on
+    again = grpo_trainer(tmp_path / "cut", [RelexCallback(**kw), StopAt(8)], max_steps=9, save_strategy="steps",
+                         save_steps=1)
+    again.train(resume_from_checkpoint=str(tmp_path / "cut" / "checkpoint-7"))
+    assert again.state.global_step == 8
+    # and a second resume, from that checkpoint, still validates step 9 like the uninterrupted run
+    last = grpo_trainer(tmp_path / "cut", [RelexCallback(**kw)], max_steps=9, save_strategy="no")
+    last.train(resume_from_checkpoint=str(tmp_path / "cut" / "checkpoint-8"))
+    assert last.state.global_step == 9
+    check_9()
 
 
 # ------------------------------------------------------------------------------------------------- PEFT
