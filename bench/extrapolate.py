@@ -152,7 +152,7 @@ def main():
         timing = [ln for ln in se.splitlines() if ln.startswith("relex: timing")]
         for ln in timing:
             print("   ", ln)
-    print(f"targets: wall <= 6 s, peak RSS <= 3.8 GB (2-core machine, warm page cache)")
+    print("targets: wall <= 6 s, peak RSS <= 3.8 GB (2-core machine, warm page cache)")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 
 
 def test_demo_quick(tmp_path, subprocess_env):

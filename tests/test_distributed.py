@@ -15,7 +15,6 @@ and resumed to 11, so it also covers validation resume; DDP runs straight to 11.
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 

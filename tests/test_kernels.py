@@ -6,7 +6,6 @@ silently skipped for want of it.
 """
 
 import os
-import sys
 
 import pytest
 import torch
