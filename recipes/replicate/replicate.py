@@ -174,7 +174,6 @@ def run(cfg):
     full = solve_window(named, theta, N)
     ev = full.explained.tolist()
     names = [s.name for s in full.specs]
-    numel = torch.tensor([s.local_numel for s in full.specs], dtype=torch.float64)
     recon_steps = [t for t in curve_steps if t > 0]
     R["finding1"] = {
         "explained_per_tensor": dict(zip(names, ev)),
@@ -191,7 +190,6 @@ def run(cfg):
         cand = [i for i in big if key in names[i]]
         if cand:
             pick.append(cand[0])
-    steps_all = torch.arange(1, N + 1, dtype=torch.float64)
     R["finding2"] = {}
     for i in pick:
         c = full.coeffs[i, 0]
