@@ -3,7 +3,7 @@
 Public names only; see README.md.
 """
 
-from .errors import RelexError, RelexInputError, RelexMemoryError, RelexNonFiniteError
+from .errors import RelexError, RelexInputError, RelexMemoryError, RelexNonFiniteError, RelexWriteError
 
 __all__ = [
     "RelexCallback",
@@ -13,7 +13,11 @@ __all__ = [
     "RelexInputError",
     "RelexMemoryError",
     "RelexNonFiniteError",
+    "RelexWriteError",
     "load_state",
+    "extrapolate_checkpoints",
+    "extrapolate_trajectory",
+    "materialize",
 ]
 __version__ = "0.1.0"
 
@@ -29,6 +33,10 @@ def __getattr__(name):
         from . import config
 
         return getattr(config, name)
+    if name in ("extrapolate_checkpoints", "extrapolate_trajectory", "materialize"):
+        from . import offline
+
+        return getattr(offline, name)
     if name == "load_state":
         from .state import load_state
 

@@ -21,8 +21,9 @@ from typing import Iterable, Optional, Sequence
 
 import torch
 
-from .config import dtype_name, parse_dtype
+from .config import dtype_name, torch_dtype
 from .errors import RelexInputError, RelexMemoryError, RelexNonFiniteError
+from .fs import atomic_file, write_json
 from .params import TensorSpec
 
 logger = logging.getLogger("relex_callback")
@@ -35,6 +36,7 @@ BUFFER_FILE = "trajectory.bin"
 META_FILE = "trajectory.json"
 THETA0_FILE = "theta0.safetensors"
 FOLD_FILE = "fold.safetensors"
+TRAJECTORY_DIR = "relex_trajectory"  # inside each trainer checkpoint: the window so far, for resume
 
 
 def _fmt(n: float) -> str:
@@ -102,12 +104,11 @@ def prefault(t: torch.Tensor) -> bool:
 
 
 def save_theta0(directory: str, theta0: torch.Tensor):
-    """Write a flat theta_0 arena as ``directory/theta0.safetensors`` atomically (temporary + rename)."""
+    """Write a flat theta_0 arena as ``directory/theta0.safetensors`` atomically."""
     from safetensors.torch import save_file
 
-    tmp = os.path.join(directory, THETA0_FILE + ".tmp")
-    save_file({"theta0": theta0.detach().cpu().contiguous()}, tmp)
-    os.replace(tmp, os.path.join(directory, THETA0_FILE))
+    with atomic_file(os.path.join(directory, THETA0_FILE)) as tmp:
+        save_file({"theta0": theta0.detach().cpu().contiguous()}, tmp)
 
 
 def available_disk_bytes(directory: str) -> int:
@@ -159,7 +160,7 @@ class TrajectoryStore:
         self.D = off
         self._specs_json = [s.to_json() for s in self.specs]  # fixed from here on; written with every metadata update
         self.K = int(capacity)
-        self.dtype = parse_dtype(dtype)
+        self.dtype = torch_dtype(dtype)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.directory = directory
         self.max_bytes = max_bytes
@@ -198,7 +199,7 @@ class TrajectoryStore:
     def estimate(specs: Sequence[TensorSpec], capacity: int, dtype="bfloat16") -> dict:
         """Bytes needed before allocating anything: ``buffer`` (K x D in the buffer dtype) and ``theta0``."""
         D = sum(s.local_numel for s in specs)
-        dt = parse_dtype(dtype)
+        dt = torch_dtype(dtype)
         return {
             "elements": D,
             "slots": int(capacity),
@@ -522,24 +523,15 @@ class TrajectoryStore:
     def _save_fold(self, directory: str):
         from safetensors.torch import save_file
 
-        tmp = os.path.join(directory, FOLD_FILE + ".tmp")
-        save_file({"L": self.L.contiguous(), "folded_sq": self.folded_sq.contiguous()}, tmp)
-        os.replace(tmp, os.path.join(directory, FOLD_FILE))
+        with atomic_file(os.path.join(directory, FOLD_FILE)) as tmp:
+            save_file({"L": self.L.contiguous(), "folded_sq": self.folded_sq.contiguous()}, tmp)
 
     def _write_meta(self, directory: str, durable: bool = True):
         """Write the metadata atomically (temporary + rename: a killed process leaves the old or the new file).
         ``durable=False`` skips the fsync: the disk tier's per-snapshot update, whose rows live in a memory-mapped
         file that is not msync'd either, so an fsync there would flush the disk on every training step without
         making the trajectory survive a power loss."""
-        tmp = os.path.join(directory, META_FILE + ".tmp")
-        with open(tmp, "w") as f:
-            # one C-encoded string: json.dump's incremental Python encoder cost ~8 ms per write for 300 tensors,
-            # and the disk tier writes this at every snapshot
-            f.write(json.dumps(self.meta()))
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, os.path.join(directory, META_FILE))
+        write_json(os.path.join(directory, META_FILE), self.meta(), durable=durable)
 
     def _save_theta0(self, directory: str):
         save_theta0(directory, self.theta0)
@@ -550,12 +542,11 @@ class TrajectoryStore:
         self.synchronize()
         self._save_theta0(directory)
         if not (self.storage == "disk" and os.path.abspath(directory) == os.path.abspath(self.directory)):
-            tmp = os.path.join(directory, BUFFER_FILE + ".tmp")
             rows = self._rows_in_use() if self.fold_rank else self.M[: len(self.steps)]
-            with open(tmp, "wb") as f:
-                if rows.numel():
-                    rows.detach().cpu().contiguous().view(torch.uint8).numpy().tofile(f)
-            os.replace(tmp, os.path.join(directory, BUFFER_FILE))
+            with atomic_file(os.path.join(directory, BUFFER_FILE)) as tmp:
+                with open(tmp, "wb") as f:
+                    if rows.numel():
+                        rows.detach().cpu().contiguous().view(torch.uint8).numpy().tofile(f)
         if self.folded_steps:
             self._save_fold(directory)
         self._write_meta(directory)
@@ -590,7 +581,7 @@ class TrajectoryStore:
                 f"the trajectory saved in {directory} tracks other tensors than this run "
                 "(different model, include/exclude or world size); start from a checkpoint of this run"
             )
-        if meta["dtype"] != dtype_name(parse_dtype(dtype)):
+        if meta["dtype"] != dtype_name(torch_dtype(dtype)):
             raise RelexInputError(f"the trajectory in {directory} is {meta['dtype']}, this run asks for {dtype}; use the same dtype")
         saved_fold = meta.get("fold_rank")
         if meta.get("folded_steps") and (fold_rank != saved_fold or capacity != meta["K"]):
@@ -647,3 +638,59 @@ class TrajectoryStore:
                 f"{directory} holds a damaged RELEX trajectory ({type(e).__name__}: {e}); use another checkpoint's "
                 f"relex_trajectory/ or the run's checkpoints with `relex extrapolate --checkpoints`"
             ) from None
+
+
+# ------------------------------------------------------------------------------------------ opening a window
+def saved_trajectory(candidates: Sequence[Optional[str]], topology, marker: str = META_FILE) -> Optional[str]:
+    """This process's ``relex_trajectory/`` in the first checkpoint of ``candidates`` that holds ``marker``."""
+    for c in candidates:
+        if isinstance(c, str):
+            d = topology.trajectory_dir(os.path.join(c, TRAJECTORY_DIR))
+            if os.path.isfile(os.path.join(d, marker)):
+                return d
+    return None
+
+
+def open_window(settings, tracked, topology, *, out_dir: str, global_step: int, checkpoints: Sequence[Optional[str]]):
+    """The store of a window at ``on_train_begin``: a fresh one holding theta_0 at step 0, or, when training resumed
+    inside the window, the one saved in the checkpoint it resumed from (``checkpoints``: the paths it may be),
+    truncated to ``global_step``. Sizes the ring (``relex_callback.fold.plan_slots``) and refuses what cannot work
+    (a fold in a distributed run, a resume without a saved trajectory) before the first step."""
+    from .fold import plan_slots
+
+    specs = [t.spec for t in tracked]
+    device = tracked[0].read().device
+    window = len(settings.steps)
+    capacity, fold_rank = plan_slots(
+        window, sum(s.local_numel for s in specs), torch.empty((), dtype=settings.torch_dtype).element_size(),
+        max_buffer_bytes=settings.max_buffer_bytes, buffer_slots=settings.buffer_slots, fold_rank=settings.fold_rank,
+    )
+    if fold_rank is not None and topology.is_distributed:
+        raise RelexInputError(
+            f"the window of {window} snapshots does not fit max_buffer_bytes/buffer_slots on this process, and "
+            "folding is not supported in distributed runs (each process's fold would differ); raise or drop "
+            "max_buffer_bytes or buffer_slots, or raise stride"
+        )
+    run_dir = topology.trajectory_dir(os.path.join(out_dir, "trajectory"))
+    common = dict(dtype=settings.dtype, storage=settings.storage, device=device, max_bytes=settings.max_buffer_bytes,
+                  fold_rank=fold_rank)
+    if global_step > 0:
+        saved = saved_trajectory(checkpoints, topology)
+        if saved is None:
+            raise RelexInputError(
+                f"training resumed at step {global_step} inside the RELEX window (tcut={settings.tcut}) but the "
+                f"checkpoint has no {TRAJECTORY_DIR}/ (it was saved without RelexCallback); theta_0 is unknown. "
+                "Resume from a checkpoint written with the callback, or start from step 0"
+            )
+        store = TrajectoryStore.load(saved, specs, capacity, run_directory=run_dir, **common)
+        store.truncate(global_step)
+        logger.info("relex: resumed the window from %s (%d steps recorded)", saved, store.num_rows)
+    else:
+        store = TrajectoryStore(specs, capacity, directory=run_dir, **common)
+        store.set_theta0([t.read() for t in tracked])
+    logger.info(
+        "relex: tracking %d tensors (%d elements), %d snapshot slots%s, %.1f MiB buffer on %s",
+        len(specs), store.D, capacity, f" + {fold_rank} fold rows (window of {window} folded)" if fold_rank else "",
+        store.buffer_bytes / 2**20, store.storage,
+    )
+    return store

@@ -1,59 +1,104 @@
-"""Validated RELEX settings.
+"""Every RELEX setting, validated once, without torch.
 
-:class:`RelexSettings` is the single source of truth for what a valid setting is: the callback, the CLI and
-:class:`RelexConfig` (the ``HfArgumentParser`` / ``TrlParser`` form, fields prefixed ``relex_``) all go through
-:func:`RelexSettings.validate`, so a bad value gives the same message everywhere, before any work is done.
+:class:`RelexSettings` is the single source of truth for what a valid setting is. The callback
+(``RelexCallback(**kw)`` builds one), :class:`RelexConfig` (the ``HfArgumentParser`` / ``TrlParser`` form, every
+callback argument prefixed ``relex_``) and the CLI all go through :meth:`RelexSettings.validate`, so a bad value
+gives the same message everywhere, before any work is done. This module imports no torch: ``relex --help`` and
+argument mistakes answer at once.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-import torch
-
 from .errors import RelexInputError
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DTYPES = ("bfloat16", "float16", "float32")
+_DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
 STORAGES = ("auto", "device", "host", "disk")
 SOLVERS = ("auto", "gram", "power")
+ON_NONFINITE = ("error", "skip")
+DEFAULT_FOLD_RANK = 8
+# Step numbers (tcut, horizons, fit_start, stride) beyond this are refused: a float32 coefficient a*H + b and a
+# directory name step-H stay exact and sane far below it, and no RL run has 10^9 optimizer steps.
+MAX_STEP = 10**9
+# Sizes (shards, buffer bounds) beyond this are refused (2^60 bytes = 1 EiB): safetensors offsets are 64-bit.
+MAX_BYTES = 1 << 60
 
 
-def parse_dtype(name) -> torch.dtype:
-    if isinstance(name, torch.dtype):
-        if name in DTYPES.values():
-            return name
-        raise RelexInputError(f"dtype {name} is not supported for the trajectory buffer; use one of {sorted(DTYPES)}")
+def parse_dtype(name) -> str:
+    """The buffer dtype's name (``"bfloat16"``, ``"float16"`` or ``"float32"``) from a name, alias or torch dtype."""
     key = str(name).replace("torch.", "").lower()
-    key = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}.get(key, key)
+    key = _DTYPE_ALIASES.get(key, key)
     if key not in DTYPES:
         raise RelexInputError(f"dtype {name!r} is not supported for the trajectory buffer; use one of {sorted(DTYPES)}")
-    return DTYPES[key]
+    return key
 
 
-def dtype_name(dtype: torch.dtype) -> str:
+def torch_dtype(name):
+    """The torch dtype of a buffer dtype name (imports torch)."""
+    import torch
+
+    return getattr(torch, parse_dtype(name))
+
+
+def dtype_name(dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
+def parse_size(size, what: str = "max_shard_size") -> int:
+    """``"50GB"`` / ``"500MB"`` / ``"10KiB"`` / int -> bytes (decimal units like transformers), > 0 and finite."""
+    n = None
+    if isinstance(size, bool):
+        n = None
+    elif isinstance(size, int):
+        n = size
+    elif isinstance(size, float):
+        n = int(size) if math.isfinite(size) and size.is_integer() else None
+    elif isinstance(size, str):
+        s = size.strip().upper()
+        units = {"TIB": 1024**4, "GIB": 1024**3, "MIB": 1024**2, "KIB": 1024, "TB": 10**12, "GB": 10**9, "MB": 10**6,
+                 "KB": 10**3, "B": 1}
+        mult, num = 1, s
+        for u, m in units.items():
+            if s.endswith(u):
+                mult, num = m, s[: -len(u)].strip()
+                break
+        try:
+            x = float(num)
+            if math.isfinite(x):
+                n = int(x * mult)
+        except ValueError:
+            n = None
+    if n is None or n <= 0:
+        raise RelexInputError(f"{what}={size!r} is not a size like '5GB', '500MB' or a number of bytes")
+    if n > MAX_BYTES:
+        raise RelexInputError(f"{what}={size!r} is beyond {MAX_BYTES:,} bytes; give a real size like '5GB'")
+    return n
+
+
 def parse_horizons(value) -> list[int]:
-    """Accept ``[500, 1000]``, ``"500,1000"`` or ``500``; return the list as given (validated later)."""
+    """Accept ``[500, 1000]``, ``"500,1000"``, ``["500,1000"]`` (a YAML or command-line string) or ``500``; return
+    the list as given (validated later)."""
     if value is None:
         raise RelexInputError("horizons is required: the steps to extrapolate to, e.g. horizons=[500, 1000]")
-    if isinstance(value, (int,)) and not isinstance(value, bool):
+    if isinstance(value, int) and not isinstance(value, bool):
         return [int(value)]
-    if isinstance(value, str):
-        parts = [p for p in re.split(r"[,\s]+", value.strip()) if p]
-    else:
-        parts = list(value)
+    items = [value] if isinstance(value, str) else list(value)
+    parts = []
+    for p in items:
+        parts += [q for q in re.split(r"[,\s]+", p.strip()) if q] if isinstance(p, str) else [p]
     out = []
     for p in parts:
         try:
-            if isinstance(p, float) and not p.is_integer():
+            if isinstance(p, bool) or (isinstance(p, float) and not p.is_integer()):
                 raise ValueError
             out.append(int(p))
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise RelexInputError(f"horizons must be whole step numbers, got {p!r} in {value!r}") from None
     if not out:
         raise RelexInputError(f"horizons is empty ({value!r}); give at least one step, e.g. horizons=[500]")
@@ -65,19 +110,73 @@ def snapshot_steps(tcut: int, stride: int) -> list[int]:
     return list(range(stride, tcut + 1, stride))
 
 
+def compile_patterns(patterns: Optional[Sequence[str]], what: str) -> list[re.Pattern]:
+    if patterns is None:
+        return []
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    out = []
+    for p in patterns:
+        if not isinstance(p, str):
+            raise RelexInputError(f"{what} patterns must be strings (regular expressions), got {p!r}")
+        try:
+            out.append(re.compile(p))
+        except re.error as e:
+            raise RelexInputError(f"{what} pattern {p!r} is not a valid regular expression: {e}") from None
+    return out
+
+
+def _whole(name, v, minimum, maximum=None):
+    if isinstance(v, bool) or not isinstance(v, int):
+        try:
+            if isinstance(v, float) and not v.is_integer():
+                raise ValueError
+            v = int(v)
+        except (TypeError, ValueError, OverflowError):
+            raise RelexInputError(f"{name} must be a whole number, got {v!r}") from None
+    if v < minimum:
+        raise RelexInputError(f"{name} must be >= {minimum}, got {v}")
+    if maximum is not None and v > maximum:
+        raise RelexInputError(f"{name}={v} is beyond {maximum:,}; use a smaller {name}")
+    return v
+
+
+def _flag(name, v):
+    if not isinstance(v, bool):
+        raise RelexInputError(f"{name} must be True or False, got {v!r}")
+    return v
+
+
+def _choice(name, v, allowed):
+    if v not in allowed:
+        raise RelexInputError(f"{name}={v!r} is not one of {list(allowed)}")
+    return v
+
+
 @dataclass(frozen=True)
 class RelexSettings:
-    """Settings after validation. Build with :meth:`validate`."""
+    """Every setting of a RELEX window, after validation. Build with :meth:`validate` (the arguments of
+    :class:`~relex_callback.RelexCallback`)."""
 
     tcut: int
     horizons: tuple[int, ...]
     stride: int = 1
     fit_start: Optional[int] = None
-    rank: int = 1
+    rank: int = 1  # SVD rank: directions per tensor (never a process rank)
     storage: str = "auto"
-    dtype: torch.dtype = torch.bfloat16
+    dtype: str = "bfloat16"
     max_buffer_bytes: Optional[int] = None
     solver: str = "auto"
+    stop_training: bool = True
+    output_dir: Optional[str] = None
+    include: Optional[tuple[str, ...]] = None
+    exclude: Optional[tuple[str, ...]] = None
+    overwrite: bool = False
+    max_shard_size: int = 50 * 10**9
+    fold_rank: int = DEFAULT_FOLD_RANK
+    buffer_slots: Optional[int] = None
+    on_nonfinite: str = "error"
+    merge_lora: bool = False
 
     @property
     def steps(self) -> list[int]:
@@ -87,6 +186,10 @@ class RelexSettings:
     def fit_steps(self) -> list[int]:
         start = self.fit_start if self.fit_start is not None else 0
         return [t for t in self.steps if t >= start]
+
+    @property
+    def torch_dtype(self):
+        return torch_dtype(self.dtype)
 
     @classmethod
     def validate(
@@ -101,24 +204,22 @@ class RelexSettings:
         dtype="bfloat16",
         max_buffer_bytes=None,
         solver="auto",
+        stop_training=True,
+        output_dir=None,
+        include=None,
+        exclude=None,
+        overwrite=False,
+        max_shard_size="50GB",
+        fold_rank=None,
+        buffer_slots=None,
+        on_nonfinite="error",
+        merge_lora=False,
         allow_partial_stride: bool = False,
     ) -> "RelexSettings":
-        def whole(name, v, minimum):
-            if isinstance(v, bool) or not isinstance(v, int):
-                try:
-                    if isinstance(v, float) and not v.is_integer():
-                        raise ValueError
-                    v = int(v)
-                except (TypeError, ValueError):
-                    raise RelexInputError(f"{name} must be a whole number, got {v!r}") from None
-            if v < minimum:
-                raise RelexInputError(f"{name} must be >= {minimum}, got {v}")
-            return v
-
         if tcut is None:
             raise RelexInputError("tcut is required: the number of optimizer steps to observe, e.g. tcut=75")
-        tcut = whole("tcut", tcut, 2)
-        stride = whole("stride", stride, 1)
+        tcut = _whole("tcut", tcut, 2, MAX_STEP)
+        stride = _whole("stride", stride, 1, MAX_STEP)
         if stride > tcut:
             raise RelexInputError(f"stride={stride} is larger than tcut={tcut}: no step would be recorded; use a stride <= tcut/2")
         if tcut % stride and not allow_partial_stride:
@@ -142,75 +243,105 @@ class RelexSettings:
                 f"horizons {bad} are not beyond tcut={tcut}: extrapolation writes steps after the observed window; "
                 f"use horizons > {tcut} (the paper uses 5-10x tcut)"
             )
+        big = [h for h in hs if h > MAX_STEP]
+        if big:
+            raise RelexInputError(f"horizons {big} are beyond {MAX_STEP:,} steps; use horizons of at most {MAX_STEP:,} "
+                                  "(the paper uses 5-10x tcut)")
         hs = sorted(hs)
         if fit_start is not None:
-            fit_start = whole("fit_start", fit_start, 0)
+            fit_start = _whole("fit_start", fit_start, 0, MAX_STEP)
             n_fit = len([t for t in steps if t >= fit_start])
             if n_fit < 2:
                 raise RelexInputError(
                     f"fit_start={fit_start} leaves {n_fit} snapshot step(s) in [fit_start, tcut={tcut}] with stride={stride}; "
                     f"the line needs at least 2: use fit_start <= {steps[-2]}"
                 )
-        rank = whole("rank", rank, 1)
+        rank = _whole("rank", rank, 1)
         if rank > len(steps):
             raise RelexInputError(
                 f"rank={rank} exceeds the number of snapshots ({len(steps)} = tcut/stride); use rank <= {len(steps)}"
             )
-        if storage not in STORAGES:
-            raise RelexInputError(f"storage={storage!r} is not one of {list(STORAGES)}")
-        if solver not in SOLVERS:
-            raise RelexInputError(f"solver={solver!r} is not one of {list(SOLVERS)}")
+        _choice("storage", storage, STORAGES)
+        _choice("solver", solver, SOLVERS)
         if solver == "power" and rank > 1:
             raise RelexInputError(f"solver='power' computes rank 1 only; use solver='gram' or 'auto' for rank={rank}")
         dt = parse_dtype(dtype)
         if max_buffer_bytes is not None:
-            max_buffer_bytes = whole("max_buffer_bytes", max_buffer_bytes, 1)
+            if isinstance(max_buffer_bytes, str):
+                max_buffer_bytes = parse_size(max_buffer_bytes, "max_buffer_bytes")
+            max_buffer_bytes = _whole("max_buffer_bytes", max_buffer_bytes, 1, MAX_BYTES)
+        _flag("stop_training", stop_training)
+        _flag("overwrite", overwrite)
+        _flag("merge_lora", merge_lora)
+        if output_dir is not None and not isinstance(output_dir, (str, bytes)) and not hasattr(output_dir, "__fspath__"):
+            raise RelexInputError(f"output_dir must be a path (str), got {type(output_dir).__name__}")
+        include = tuple(p.pattern for p in compile_patterns(include, "include")) if include is not None else None
+        exclude = tuple(p.pattern for p in compile_patterns(exclude, "exclude")) if exclude is not None else None
+        shard = parse_size(max_shard_size)
+        fold_rank = _strict_whole("fold_rank", DEFAULT_FOLD_RANK if fold_rank is None else fold_rank)
+        if buffer_slots is not None:
+            buffer_slots = _strict_whole("buffer_slots", buffer_slots)
+        if fold_rank < rank:
+            raise RelexInputError(
+                f"fold_rank={fold_rank} is below rank={rank}: the folded trajectory keeps only fold_rank directions per "
+                f"tensor; use fold_rank >= {rank}"
+            )
+        _choice("on_nonfinite", on_nonfinite, ON_NONFINITE)
         return cls(
-            tcut=tcut,
-            horizons=tuple(hs),
-            stride=stride,
-            fit_start=fit_start,
-            rank=rank,
-            storage=storage,
-            dtype=dt,
-            max_buffer_bytes=max_buffer_bytes,
-            solver=solver,
+            tcut=tcut, horizons=tuple(hs), stride=stride, fit_start=fit_start, rank=rank, storage=storage, dtype=dt,
+            max_buffer_bytes=max_buffer_bytes, solver=solver, stop_training=stop_training,
+            output_dir=None if output_dir is None else str(output_dir if not isinstance(output_dir, bytes) else output_dir.decode()),
+            include=include, exclude=exclude, overwrite=overwrite, max_shard_size=shard, fold_rank=fold_rank,
+            buffer_slots=buffer_slots, on_nonfinite=on_nonfinite, merge_lora=merge_lora,
         )
 
 
-def compile_patterns(patterns: Optional[Sequence[str]], what: str) -> list[re.Pattern]:
-    if patterns is None:
-        return []
-    if isinstance(patterns, str):
-        patterns = [patterns]
-    out = []
-    for p in patterns:
-        try:
-            out.append(re.compile(p))
-        except re.error as e:
-            raise RelexInputError(f"{what} pattern {p!r} is not a valid regular expression: {e}") from None
-    return out
+def _strict_whole(name, v):
+    """A count given as a Python int (a string or float here is a mistake in code, said as such)."""
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise RelexInputError(f"{name} must be a whole number, got {v!r}")
+    if v < 1:
+        raise RelexInputError(f"{name} must be >= 1, got {v}")
+    return v
+
+
+def _help(text: str, **extra) -> dict:
+    return {"help": text, **extra}
 
 
 @dataclass
 class RelexConfig:
-    """RELEX settings for ``HfArgumentParser`` / ``TrlParser`` (fields prefixed ``relex_`` so they sit beside
-    ``GRPOConfig`` in one YAML). Turn into a callback with ``RelexCallback.from_config(cfg)``."""
+    """RELEX settings for ``HfArgumentParser`` / ``TrlParser``: every :class:`~relex_callback.RelexCallback` argument,
+    prefixed ``relex_`` so it sits beside ``GRPOConfig`` in one YAML or command line. Turn into a callback with
+    ``RelexCallback.from_config(cfg)``; validated there, by the same :meth:`RelexSettings.validate`."""
 
-    relex_tcut: Optional[int] = field(default=None, metadata={"help": "Optimizer steps to observe before extrapolating (the paper: 75-100)."})
-    relex_horizons: Optional[list[int]] = field(default=None, metadata={"help": "Steps to write extrapolated checkpoints for, e.g. 500 1000.", "nargs": "+"})
-    relex_stride: int = field(default=1, metadata={"help": "Record every stride-th optimizer step."})
-    relex_fit_start: Optional[int] = field(default=None, metadata={"help": "First step used in the linear fit (default: all recorded steps)."})
-    relex_rank: int = field(default=1, metadata={"help": "Number of singular directions per tensor (the paper's default and best: 1)."})
-    relex_storage: str = field(default="auto", metadata={"help": "Trajectory buffer tier: auto, device, host or disk."})
-    relex_dtype: str = field(default="bfloat16", metadata={"help": "Buffer dtype: bfloat16, float16 or float32."})
-    relex_max_buffer_bytes: Optional[int] = field(default=None, metadata={"help": "Upper bound on the buffer's bytes per rank."})
-    relex_stop_training: bool = field(default=True, metadata={"help": "Stop training at tcut (False: keep training and validate at the horizons)."})
-    relex_output_dir: Optional[str] = field(default=None, metadata={"help": "Where to write (default <output_dir>/relex)."})
-    relex_include: Optional[list[str]] = field(default=None, metadata={"help": "Regexes over parameter names to track (default: all trainable).", "nargs": "+"})
-    relex_exclude: Optional[list[str]] = field(default=None, metadata={"help": "Regexes over parameter names to leave untracked.", "nargs": "+"})
-    relex_solver: str = field(default="auto", metadata={"help": "auto, gram or power (see the README's solver section)."})
-    relex_merge_lora: bool = field(default=False, metadata={"help": "PEFT models: also write each horizon merged into a full model (step-H-merged)."})
+    relex_tcut: Optional[int] = field(default=None, metadata=_help("Optimizer steps to observe before extrapolating (the paper: 75-100)."))
+    relex_horizons: Optional[list[str]] = field(default=None, metadata=_help(
+        "Steps to write extrapolated checkpoints for: 500 1000, or 500,1000 (a YAML list or string works too).", nargs="+"))
+    relex_stride: int = field(default=1, metadata=_help("Record every stride-th optimizer step."))
+    relex_fit_start: Optional[int] = field(default=None, metadata=_help("First step used in the linear fit (default: all recorded steps)."))
+    relex_rank: int = field(default=1, metadata=_help("SVD rank: directions per tensor (the paper's default and best: 1)."))
+    relex_storage: str = field(default="auto", metadata=_help("Trajectory buffer tier: auto, device, host or disk."))
+    relex_dtype: str = field(default="bfloat16", metadata=_help("Buffer dtype: bfloat16, float16 or float32."))
+    relex_max_buffer_bytes: Optional[str] = field(default=None, metadata=_help(
+        "Upper bound on the buffer's bytes per rank (a number or a size like 8GB); a larger window folds."))
+    relex_stop_training: bool = field(default=True, metadata=_help("Stop training at tcut (False: keep training and validate at the horizons)."))
+    relex_output_dir: Optional[str] = field(default=None, metadata=_help("Where to write (default <output_dir>/relex)."))
+    relex_include: Optional[list[str]] = field(default=None, metadata=_help("Regexes over parameter names to track (default: all trainable).", nargs="+"))
+    relex_exclude: Optional[list[str]] = field(default=None, metadata=_help("Regexes over parameter names to leave untracked.", nargs="+"))
+    relex_solver: str = field(default="auto", metadata=_help("auto, gram or power (see the README's solver section)."))
+    relex_overwrite: bool = field(default=False, metadata=_help("Replace existing step-H/ and state files instead of refusing before training starts."))
+    relex_max_shard_size: str = field(default="50GB", metadata=_help("Shard size of the written safetensors, as in save_pretrained."))
+    relex_fold_rank: Optional[int] = field(default=None, metadata=_help(f"Rank of the running factorisation a too-small buffer folds into (default {DEFAULT_FOLD_RANK})."))
+    relex_buffer_slots: Optional[int] = field(default=None, metadata=_help("Ring slots; below tcut/stride the ring folds (default: from max_buffer_bytes, else the whole window)."))
+    relex_on_nonfinite: str = field(default="error", metadata=_help("NaN/Inf in a delta: error (stop) or skip (drop the step)."))
+    relex_merge_lora: bool = field(default=False, metadata=_help("PEFT models: also write each horizon merged into a full model (step-H-merged)."))
 
     def to_kwargs(self) -> dict:
+        """The ``RelexCallback`` keyword arguments (prefix dropped)."""
         return {f.name[len("relex_"):]: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def to_settings(self, **overrides) -> RelexSettings:
+        kw = self.to_kwargs()
+        kw.update(overrides)
+        return RelexSettings.validate(**kw)

@@ -23,31 +23,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from .errors import RelexInputError, RelexMemoryError
-
-DEFAULT_FOLD_RANK = 8
-
-
-def validate_fold(fold_rank, buffer_slots, rank: int = 1):
-    """Check the fold settings; returns ``(fold_rank, buffer_slots)`` as ints (``buffer_slots`` may be ``None``)."""
-
-    def whole(name, v, minimum):
-        if v is None:
-            return None
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise RelexInputError(f"{name} must be a whole number, got {v!r}")
-        if v < minimum:
-            raise RelexInputError(f"{name} must be >= {minimum}, got {v}")
-        return v
-
-    fold_rank = whole("fold_rank", DEFAULT_FOLD_RANK if fold_rank is None else fold_rank, 1)
-    buffer_slots = whole("buffer_slots", buffer_slots, 1)
-    if fold_rank < rank:
-        raise RelexInputError(
-            f"fold_rank={fold_rank} is below rank={rank}: the folded trajectory keeps only fold_rank directions per "
-            f"tensor; use fold_rank >= {rank}"
-        )
-    return fold_rank, buffer_slots
+from .errors import RelexMemoryError
 
 
 def plan_slots(window: int, D: int, itemsize: int, *, max_buffer_bytes: Optional[int], buffer_slots: Optional[int],

@@ -102,3 +102,11 @@ def plain_tracked(named_params: Sequence[tuple[str, torch.Tensor]]) -> list[Trac
 def trainable_named_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
     """``named_parameters`` (tied weights once) that require grad and are floating point."""
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad and p.is_floating_point()]
+
+
+def is_peft_model(model) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # peft is an optional extra
+        return False
+    return isinstance(model, PeftModel)

@@ -77,10 +77,9 @@ def build_report(solution, *, tcut: int, horizons, extra: Optional[dict] = None)
 
 
 def write_report(path: str, report: dict):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(report, f, indent=1, allow_nan=False, default=_json_default)
-    os.replace(tmp, path)
+    from .fs import write_json
+
+    write_json(path, report, indent=1, allow_nan=False, default=_json_default)
 
 
 def _json_default(o):

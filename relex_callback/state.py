@@ -17,8 +17,7 @@ import torch
 from .errors import RelexInputError
 from .params import TensorSpec
 
-STATE_NAME = "relex_state.safetensors"
-STATE_INDEX_NAME = "relex_state.index.json"  # distributed runs: state sharded by tensor (see distributed.py)
+from .fs import STATE_INDEX_NAME, STATE_NAME, atomic_file, write_json  # noqa: F401  (the names live in fs)
 FORMAT_VERSION = 1
 N_SAMPLES = 8
 
@@ -125,14 +124,8 @@ def _write_state_file(path: str, tensors: dict, meta: dict):
     """Directions + the ``relex`` metadata, written to a temporary and renamed into place."""
     from safetensors.torch import save_file
 
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
+    with atomic_file(path) as tmp:
         save_file(tensors, tmp, metadata={"format": "pt", "relex": json.dumps(meta)})
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def state_shard_name(i: int, n: int) -> str:
@@ -148,12 +141,7 @@ def save_state_index(out_dir: str, weight_map: dict[str, str], order: list[str],
     if os.path.exists(single):
         os.remove(single)  # an older single-process state (the caller checked overwrite)
     index = {"metadata": {"order": order, **metadata}, "weight_map": weight_map}
-    tmp = os.path.join(out_dir, STATE_INDEX_NAME + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(index, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(out_dir, STATE_INDEX_NAME))
+    write_json(os.path.join(out_dir, STATE_INDEX_NAME), index, indent=2)
 
 
 def load_state(path: str) -> RelexState:

@@ -77,17 +77,6 @@ def arithmetic_reward(completions, answer, **kwargs) -> list[float]:
     return out
 
 
-def digit_reward(completions, **kwargs) -> list[float]:
-    """A dense shaping reward for tests: the fraction of the completion's characters that are digits. Unlike
-    :func:`arithmetic_reward` it separates the completions of an untrained model, so GRPO moves the weights from
-    step 1."""
-    out = []
-    for c in completions:
-        text = _text(c).strip()
-        out.append(sum(ch.isdigit() for ch in text) / len(text) if text else 0.0)
-    return out
-
-
 def arithmetic_split(n_test: int, seed: int = 0, max_operand: int = 9) -> tuple[list[dict], list[dict]]:
     """All sums ``a+b`` with ``0 <= a, b <= max_operand``, split into disjoint train and held-out test problems
     (``n_test`` held out), so evaluation uses prompts never seen in training."""

@@ -65,9 +65,10 @@ def _state(d):
     from transformers import AutoModelForCausalLM
 
     from relex_callback.buffer import TrajectoryStore
-    from relex_callback.engine import finalize
+    from relex_callback.pipeline import finalize
+    from relex_callback.writers import FullModelWriter
     from relex_callback.params import plain_tracked, trainable_named_parameters
-    from relex_callback.writer import DirectorySource
+    from relex_callback.checkpoints import DirectorySource
 
     out = os.path.join(d, "out")
     if os.path.isfile(os.path.join(out, "relex_state.safetensors")):
@@ -81,12 +82,12 @@ def _state(d):
     dirs = [torch.randn(t.spec.local_numel, generator=g) for t in tracked]
     for s in range(1, 5):
         st.snapshot(s, [t.read().float() + 1e-3 * s * v for t, v in zip(tracked, dirs)])
-    finalize(st, tcut=4, horizons=[20], out_dir=out, source=DirectorySource(base))
+    finalize(st, FullModelWriter(DirectorySource(base)), tcut=4, horizons=[20], out_dir=out)
     return out
 
 
 def materialize(base="base0", horizons=(40,), state=None):
-    from relex_callback.engine import materialize as m
+    from relex_callback.offline import materialize as m
 
     def run(d):
         out = _state(d)
@@ -122,7 +123,7 @@ def _no_weights(d):
 
 
 def extrapolate(traj):
-    from relex_callback.engine import extrapolate_trajectory
+    from relex_callback.offline import extrapolate_trajectory
 
     return lambda d: extrapolate_trajectory(traj(d), _base(d), [40], os.path.join(d, "x"))
 
@@ -305,6 +306,7 @@ class _quiet:
 
 X = "extrapolate --base <base> --checkpoints <ckpts> --horizons 40 --out <out> --no-progress"  # a valid run
 M = "materialize --state <done> --base <base> --horizons 100 --out <out>"
+XN = X.replace("<ckpts>", "<nostep>/first <nostep>/second")  # two checkpoints whose names give no step
 # (subcommand, what is wrong, command line after `relex` with placeholders; whitespace-split)
 CLI_CASES = [
     ("(none)", "no subcommand", ""),
@@ -321,10 +323,11 @@ CLI_CASES = [
     ("extrapolate", "--horizons <= last step (8)", X.replace("40", "40,8")),
     ("extrapolate", "--horizons repeated", X.replace("40", "40,100,40")),
     ("extrapolate", "--horizons negative", X.replace("40", "-40")),
-    ("extrapolate", "--steps count mismatch (4 checkpoints)", X + " --steps 1,2"),
-    ("extrapolate", "--steps repeated", X + " --steps 2,4,4,8"),
-    ("extrapolate", "--steps not integers", X + " --steps 2,4,six,8"),
-    ("extrapolate", "--steps includes 0", X + " --steps 0,4,6,8"),
+    ("extrapolate", "--steps with a parent directory (listing order is no step order)", X + " --steps 2,4,6,8"),
+    ("extrapolate", "--steps count mismatch (2 checkpoints)", XN + " --steps 1,2,3"),
+    ("extrapolate", "--steps repeated", XN + " --steps 4,4"),
+    ("extrapolate", "--steps not integers", XN + " --steps 2,six"),
+    ("extrapolate", "--steps includes 0", XN + " --steps 0,4"),
     ("extrapolate", "--stride 0", X + " --stride 0"),
     ("extrapolate", "--stride not an integer", X + " --stride two"),
     ("extrapolate", "--stride matching fewer than 2 checkpoints", X + " --stride 5"),

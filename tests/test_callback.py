@@ -16,7 +16,9 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from relex_callback import RelexCallback, RelexConfig, RelexInputError
-from relex_callback.toy import arithmetic_problems, build_model, build_tokenizer, digit_reward
+from helpers import digit_reward
+
+from relex_callback.toy import arithmetic_problems, build_model, build_tokenizer
 
 TCUT = 6
 HORIZONS = [12, 20]
@@ -188,9 +190,10 @@ def test_equals_offline_finalize_over_checkpoints(grpo_run, tmp_path):
     run (engine.finalize over a store filled from the checkpoint directories). Once `relex_callback.cli` is merged,
     ``test_equals_cli_extrapolate`` below checks the same through `relex extrapolate`."""
     from relex_callback.buffer import TrajectoryStore
-    from relex_callback.engine import finalize
+    from relex_callback.pipeline import finalize
+    from relex_callback.writers import FullModelWriter
     from relex_callback.params import TensorSpec
-    from relex_callback.writer import DirectorySource
+    from relex_callback.checkpoints import DirectorySource
 
     out = grpo_run["out"]
     base = DirectorySource(str(out / "base"))
@@ -201,7 +204,7 @@ def test_equals_offline_finalize_over_checkpoints(grpo_run, tmp_path):
     for t in range(1, TCUT + 1):
         src = DirectorySource(str(out / f"checkpoint-{t}"))
         store.snapshot(t, [src.get(n) for n in tracked])
-    finalize(store, tcut=TCUT, horizons=HORIZONS, out_dir=str(tmp_path / "offline"), source=base)
+    finalize(store, FullModelWriter(base), tcut=TCUT, horizons=HORIZONS, out_dir=str(tmp_path / "offline"))
     for h in HORIZONS:
         _compare_dirs(tmp_path / "offline" / f"step-{h}", grpo_run["relex"] / f"step-{h}", 1e-6)
 
@@ -492,7 +495,7 @@ def test_config_from_yaml_and_cli_with_grpo_config(tmp_path):
     assert isinstance(grpo, GRPOConfig) and grpo.learning_rate == 1e-6
     cb = RelexCallback.from_config(relex)
     assert cb.tcut == 75 and cb.horizons == (500, 1000) and cb.settings.stride == 5 and cb.stop_training is False
-    assert cb.settings.dtype == torch.float32 and cb.include == ["mlp"]
+    assert cb.settings.dtype == "float32" and cb.settings.torch_dtype == torch.float32 and cb.include == ["mlp"]
 
     argv = ["--output_dir", str(tmp_path / "o2"), "--use_cpu", "true", "--bf16", "false", "--relex_tcut", "50", "--relex_horizons", "400", "800",
             "--relex_fit_start", "10", "--relex_merge_lora", "true"]

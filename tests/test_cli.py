@@ -48,7 +48,7 @@ def _save_trajectory(root, model, tok, steps, seed, layout="checkpoint-{}", base
 
 def _reference(base_dir, ck_dirs, steps, horizon, fit_start=None):
     """The math of DESIGN.md in float64 with torch.linalg.svd: {name: theta_hat(H) - theta_0} (float64)."""
-    from relex_callback.writer import DirectorySource
+    from relex_callback.checkpoints import DirectorySource
 
     base = DirectorySource(base_dir)
     srcs = [DirectorySource(d) for d in ck_dirs]

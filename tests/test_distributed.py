@@ -67,10 +67,11 @@ def replay(run_dir: str, out_dir: str, exclude=None, horizons=HORIZONS):
     import re
 
     from relex_callback.buffer import TrajectoryStore
-    from relex_callback.engine import finalize
+    from relex_callback.pipeline import finalize
+    from relex_callback.writers import FullModelWriter
     from relex_callback.params import plain_tracked
     from relex_callback.toy import build_model, build_tokenizer
-    from relex_callback.writer import ModelSource
+    from relex_callback.checkpoints import ModelSource
 
     rec = torch.load(os.path.join(run_dir, "trajectory.pt"))
     names, snaps = rec["names"], rec["snaps"]
@@ -90,7 +91,7 @@ def replay(run_dir: str, out_dir: str, exclude=None, horizons=HORIZONS):
     store.set_theta0([snaps[0][n].reshape(-1) for n in names])
     for t in range(1, TCUT + 1):
         store.snapshot(t, [snaps[t][n].reshape(-1) for n in names])
-    finalize(store, tcut=TCUT, horizons=horizons, out_dir=out_dir, source=ModelSource(model, tok))
+    finalize(store, FullModelWriter(ModelSource(model, tok)), tcut=TCUT, horizons=horizons, out_dir=out_dir)
     return snaps
 
 
@@ -300,3 +301,32 @@ def test_peft_refused_in_distributed_runs(tmp_path):
     for r in range(2):
         msg = open(tmp_path / f"rank-{r}.txt").read()
         assert msg.startswith("RelexInputError:") and "PEFT" in msg and "distributed" in msg, msg
+
+
+@pytest.mark.parametrize("mode,failing", [("ddp", 1), ("zero3", 0)])
+def test_write_failure_is_a_relex_write_error_on_every_rank(tmp_path, mode, failing):
+    """One process's checkpoint shard write fails (ENOSPC, injected at the lowest file write): every process raises
+    RelexWriteError (no process waits in a collective the other never reaches), nothing exists under step-H, no
+    temporary is left, and the state written before the horizons is whole (relex materialize can finish)."""
+    out = str(tmp_path / mode)
+    cmd_extra = ("--fail-write-rank", str(failing))
+    if mode in ("ddp", "fsdp2"):
+        cmd = [os.path.join(BIN, "torchrun"), "--nproc_per_node", "2", "--master_port", _port(), SCRIPT, out]
+    else:
+        cmd = [os.path.join(BIN, "accelerate"), "launch", "--config_file", os.path.join(CONFIGS, f"{mode}_cpu.yaml"),
+               "--main_process_port", _port(), SCRIPT, out]
+    p = subprocess.run(cmd + list(cmd_extra), env=_env(), capture_output=True, text=True, timeout=600)
+    assert p.returncode != 0, "the run should fail"
+    infos = [json.load(open(os.path.join(out, f"rank-{r}.json"))) for r in range(2)]
+    for info in infos:
+        assert info["error"] == "RelexWriteError", info
+        assert "step-12" in info["message"] and "relex materialize" in info["message"]
+        assert f"process {failing}" in info["message"] and "No space left on device" in info["message"]
+    relex = os.path.join(out, "relex")
+    left = sorted(os.listdir(relex))
+    assert "step-12" not in left and "step-20" not in left
+    assert not [n for n in left if n.startswith(".")], left  # no temporaries
+    assert "relex_state.index.json" in left
+    from relex_callback.state import load_state
+
+    assert load_state(relex).tcut == TCUT

@@ -18,7 +18,7 @@ from transformers import TrainerCallback
 
 from relex_callback import RelexCallback, RelexNonFiniteError
 from relex_callback.buffer import TrajectoryStore
-from relex_callback.engine import extrapolate_trajectory, materialize
+from relex_callback.offline import extrapolate_trajectory, materialize
 from relex_callback.errors import RelexInputError, RelexWriteError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -128,9 +128,9 @@ def _all_tensors(d):
 
 
 def test_disk_full_during_write_is_clear_and_recoverable(tmp_path, monkeypatch):
-    """Fault injection: ``writer.write_safetensors`` (the lowest-level file write) raises ENOSPC on its second call,
+    """Fault injection: ``checkpoints.write_safetensors`` (the lowest-level file write) raises ENOSPC on its second call,
     as a full disk would; everything above it is real."""
-    from relex_callback import writer
+    from relex_callback import checkpoints as writer
 
     real = writer.write_safetensors
     calls = {"n": 0}
@@ -266,57 +266,61 @@ def test_damaged_saved_trajectory_is_an_input_error_from_python(tmp_path, tiny_m
 
 
 def test_bad_shard_size_fails_before_the_state_file(tmp_path, tiny_model, tokenizer):
-    from relex_callback.engine import finalize
-    from relex_callback.writer import ModelSource
+    from relex_callback.pipeline import finalize
+    from relex_callback.writers import FullModelWriter
+    from relex_callback.checkpoints import ModelSource
 
     store = _small_store(tmp_path, tiny_model)
     out = tmp_path / "out"
     with pytest.raises(RelexInputError, match="max_shard_size"):
-        finalize(store, tcut=3, horizons=[9], out_dir=str(out), source=ModelSource(tiny_model, tokenizer),
-                 max_shard_size="lots")
+        finalize(store, FullModelWriter(ModelSource(tiny_model, tokenizer), max_shard_size="lots"), tcut=3,
+                 horizons=[9], out_dir=str(out))
     assert not out.exists() or not any(out.iterdir())
 
 
 def test_window_with_fewer_than_two_recorded_steps_is_a_clear_error(tmp_path, tiny_model, tokenizer):
-    from relex_callback.engine import finalize
+    from relex_callback.pipeline import finalize
+    from relex_callback.writers import FullModelWriter
     from relex_callback.params import plain_tracked, trainable_named_parameters
-    from relex_callback.writer import ModelSource
+    from relex_callback.checkpoints import ModelSource
 
     tracked = plain_tracked(trainable_named_parameters(tiny_model))
     store = TrajectoryStore([t.spec for t in tracked], 4, dtype="float32", storage="host")
     store.set_theta0([t.read() for t in tracked])
     store.snapshot(4, [t.read() for t in tracked])  # steps 1-3 were skipped as non-finite
     with pytest.raises(RelexInputError, match="only 1 step"):
-        finalize(store, tcut=4, horizons=[8], out_dir=str(tmp_path / "out"), source=ModelSource(tiny_model, tokenizer))
+        finalize(store, FullModelWriter(ModelSource(tiny_model, tokenizer)), tcut=4, horizons=[8], out_dir=str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
 
 
 def test_no_checkpoint_is_written_with_nan(tmp_path, tiny_model, tokenizer):
     # the check sits in writer.write_shard, which the single-process and the distributed writers both use
-    from relex_callback.engine import write_horizon
+    from relex_callback.writers import write_full_checkpoint as write_horizon
     from relex_callback.solver import solve
-    from relex_callback.writer import ModelSource
+    from relex_callback.checkpoints import ModelSource
 
     store = _small_store(tmp_path, tiny_model)
     sol = solve(store.rows(), store.steps, store.specs)
     store.theta0[0] = float("nan")  # one extrapolated tensor inherits it
     with pytest.raises(RelexNonFiniteError, match="NaN/Inf"):
-        write_horizon(str(tmp_path / "out"), 9, sol, lambda i: store.theta0_of(store.specs[i]),
+        write_horizon(str(tmp_path / "out"), 9, 3, sol, lambda i: store.theta0_of(store.specs[i]),
                       ModelSource(tiny_model, tokenizer))
     assert not (tmp_path / "out" / "step-9").exists()
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".step-9")]
 
 
 def test_materialize_checks_every_output_before_writing_one(tmp_path, tiny_model, tokenizer):
-    from relex_callback.engine import finalize, materialize
-    from relex_callback.writer import ModelSource
+    from relex_callback.offline import materialize
+    from relex_callback.pipeline import finalize
+    from relex_callback.writers import FullModelWriter
+    from relex_callback.checkpoints import ModelSource
 
     base = tmp_path / "base"
     tiny_model.save_pretrained(str(base))  # theta_0, before _small_store moves the weights
     tokenizer.save_pretrained(str(base))
     store = _small_store(tmp_path, tiny_model)
     out = tmp_path / "out"
-    finalize(store, tcut=3, horizons=[9], out_dir=str(out), source=ModelSource(tiny_model, tokenizer))
+    finalize(store, FullModelWriter(ModelSource(tiny_model, tokenizer)), tcut=3, horizons=[9], out_dir=str(out))
     # step-9 exists: asking for 6 and 9 must fail before step-6 is written
     with pytest.raises(RelexInputError, match="step-9"):
         materialize(str(out / "relex_state.safetensors"), str(base), [6, 9], str(out))

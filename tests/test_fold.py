@@ -9,7 +9,8 @@ import torch
 
 from relex_callback.buffer import TrajectoryStore
 from relex_callback.errors import RelexInputError, RelexMemoryError
-from relex_callback.fold import plan_slots, validate_fold
+from relex_callback.config import RelexSettings
+from relex_callback.fold import plan_slots
 from relex_callback.params import TensorSpec
 from relex_callback.solver import solve
 
@@ -156,9 +157,9 @@ def test_disk_tier_folds_in_the_mapped_file(tmp_path):
 
 def test_fold_settings_errors():
     with pytest.raises(RelexInputError, match="fold_rank=1 is below rank=2"):
-        validate_fold(1, None, rank=2)
+        RelexSettings.validate(tcut=10, horizons=[20], fold_rank=1, rank=2)
     with pytest.raises(RelexInputError, match="buffer_slots must be >= 1"):
-        validate_fold(4, 0)
+        RelexSettings.validate(tcut=10, horizons=[20], fold_rank=4, buffer_slots=0)
     with pytest.raises(RelexMemoryError, match="folding the window needs fold_rank=8"):
         plan_slots(100, 1000, 2, max_buffer_bytes=5 * 2000, buffer_slots=None, fold_rank=8)
     assert plan_slots(100, 1000, 2, max_buffer_bytes=20 * 2000, buffer_slots=None, fold_rank=8) == (12, 8)

@@ -12,7 +12,8 @@ from relex_callback.errors import RelexInputError, RelexMemoryError
 from relex_callback.params import TensorSpec, plain_tracked
 from relex_callback.solver import solve
 from relex_callback.state import fingerprint, fingerprint_mismatch, load_state, save_state
-from relex_callback.writer import ModelSource, atomic_directory, plan_shards
+from relex_callback.checkpoints import ModelSource, plan_shards
+from relex_callback.fs import atomic_directory
 
 
 def _specs(shapes, dtype=torch.float32):
@@ -117,13 +118,13 @@ def _solved(model):
 def test_sharded_write_loads_with_from_pretrained_and_ties(tmp_path, tiny_model, tokenizer):
     from transformers import AutoModelForCausalLM
 
-    from relex_callback.engine import write_horizon
+    from relex_callback.writers import write_full_checkpoint as write_horizon
 
     tiny_model.config.tie_word_embeddings = True
     tiny_model.tie_weights()
     store, sol, dirs = _solved(tiny_model)
     src = ModelSource(tiny_model, tokenizer)
-    out = write_horizon(str(tmp_path), 30, sol, lambda i: store.theta0_of(store.specs[i]), src, max_shard_size="20KB")
+    out = write_horizon(str(tmp_path), 30, 10, sol, lambda i: store.theta0_of(store.specs[i]), src, max_shard_size="20KB")
     files = sorted(os.listdir(out))
     assert "model.safetensors.index.json" in files and sum(f.endswith(".safetensors") for f in files) > 1
     idx = json.load(open(os.path.join(out, "model.safetensors.index.json")))
@@ -137,8 +138,8 @@ def test_sharded_write_loads_with_from_pretrained_and_ties(tmp_path, tiny_model,
     head = loaded.get_output_embeddings().weight
     assert emb.data_ptr() == head.data_ptr()  # tied weights stay tied
     with pytest.raises(RelexInputError, match="already exists"):
-        write_horizon(str(tmp_path), 30, sol, lambda i: store.theta0_of(store.specs[i]), src)
-    write_horizon(str(tmp_path), 30, sol, lambda i: store.theta0_of(store.specs[i]), src, overwrite=True)
+        write_horizon(str(tmp_path), 30, 10, sol, lambda i: store.theta0_of(store.specs[i]), src)
+    write_horizon(str(tmp_path), 30, 10, sol, lambda i: store.theta0_of(store.specs[i]), src, overwrite=True)
 
 
 def test_atomic_directory_leaves_nothing_on_exception(tmp_path):

@@ -84,7 +84,23 @@ def main():
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--exclude", default=None, help="regex of parameters not to track (written as trained)")
     ap.add_argument("--validate", action="store_true", help="validation mode: train on past tcut to --max-steps")
+    ap.add_argument("--fail-write-rank", type=int, default=None,
+                    help="this process's writes of checkpoint shards fail with ENOSPC (fault injection)")
     a = ap.parse_args()
+    rank_env = int(os.environ.get("RANK", "0"))
+    if a.fail_write_rank is not None and rank_env == a.fail_write_rank:
+        import errno
+
+        from relex_callback import checkpoints
+
+        real = checkpoints.write_safetensors
+
+        def full_disk(path, tensors, metadata=None):
+            if os.path.basename(path).startswith("model"):  # the horizon's shards; the state file still fits
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+            return real(path, tensors, metadata)
+
+        checkpoints.write_safetensors = full_disk
 
     tok = build_tokenizer()
     model = build_model(tok, hidden_size=a.hidden, layers=1, heads=2, kv_heads=1, seed=0)
@@ -128,14 +144,22 @@ def main():
         # fully_shard-ed model in DDP; the model shards and reduces gradients itself, so hand it over unchanged
         trainer.accelerator.prepare_model = lambda model, *args, **kwargs: model
     t0 = time.perf_counter()
-    trainer.train(resume_from_checkpoint=True if a.resume else None)
+    try:
+        trainer.train(resume_from_checkpoint=True if a.resume else None)
+    except Exception as e:
+        if a.fail_write_rank is None:
+            raise
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        with open(os.path.join(a.out, f"rank-{rank}.json"), "w") as f:
+            json.dump({"rank": rank, "error": type(e).__name__, "message": str(e)}, f)
+        return 3
     wall = time.perf_counter() - t0
     rank = dist.get_rank() if dist.is_initialized() else 0
     report = relex.report or {}
     info = {
         "rank": rank,
         "world_size": dist.get_world_size() if dist.is_initialized() else 1,
-        "mode": relex._dist.mode if relex._dist is not None else None,
+        "mode": relex.topology.mode if relex.topology is not None else None,
         "buffer_bytes": report.get("buffer_bytes"),
         "buffer_bytes_per_rank": report.get("buffer_bytes_per_rank"),
         "solve_seconds": report.get("solve_seconds"),
@@ -143,7 +167,7 @@ def main():
         "write_seconds": report.get("write_seconds"),
         "end_of_window_seconds": getattr(relex, "end_of_window_seconds", None),
         "tracked_elements_this_rank": sum(t.spec.local_numel for t in relex.tracked),
-        "tracked_elements_total": sum(t.spec.numel for t in relex.tracked) if relex._dist.mode != "replicated"
+        "tracked_elements_total": sum(t.spec.numel for t in relex.tracked) if relex.topology.mode != "replicated"
         else None,
         "global_step": trainer.state.global_step,
         "validation": report.get("validation"),

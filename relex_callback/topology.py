@@ -1,31 +1,27 @@
-"""Distributed runs: which bytes each rank keeps, one collective for the solve, every rank writes its share.
+"""Topology of a run: which process holds which bytes, and the few collectives. No file is written here.
 
 Modes (detected from the model handed to the callback and from ``torch.distributed``):
 
-- ``single``: one process (or a world of one): the plain path of :mod:`engine`.
-- ``replicated``: DDP, DeepSpeed ZeRO-1/2: every rank holds every parameter. The tracked tensors are divided among
-  ranks by size (greedy: largest first onto the least loaded rank); each rank records, solves and writes only its
-  share, whole. No collective is needed to solve.
-- ``zero3``: DeepSpeed ZeRO-3: each rank records its own flat partition ``param.ds_tensor`` (without DeepSpeed's
-  padding): elements ``[rank * p, rank * p + local_numel)`` of the flattened tensor, ``p`` the partition size.
-- ``fsdp2``: ``torch.distributed.fsdp.fully_shard``: each rank records ``DTensor.to_local()`` of a ``Shard(0)``
+- ``single``: one process (or a world of one).
+- ``replicated``: DDP, DeepSpeed ZeRO-1/2: every process holds every parameter. The tracked tensors are divided
+  among processes by size (greedy: largest first onto the least loaded one); each records, solves and writes only
+  its share, whole. No collective is needed to solve.
+- ``zero3``: DeepSpeed ZeRO-3: each process records its own flat partition ``param.ds_tensor`` (without DeepSpeed's
+  padding): elements ``[r * p, r * p + local_numel)`` of the flattened tensor, ``r`` its process rank, ``p`` the
+  partition size.
+- ``fsdp2``: ``torch.distributed.fsdp.fully_shard``: each process records ``DTensor.to_local()`` of a ``Shard(0)``
   parameter, flattened (a contiguous flat range too).
 
-In the sharded modes, the ``[S, T, T]`` Gram matrices of all tensors are summed over ranks with ONE all-reduce; the
-eigenpairs are then identical everywhere and each rank computes its own slice of every direction ``v``.
+In the sharded modes the ``[S, T, T]`` Gram matrices of all tensors are summed over processes with ONE all-reduce
+(:meth:`Topology.reduce_grams`); the eigenpairs are then identical everywhere and each process computes its own
+slice of every direction ``v``. For writing, every checkpoint key gets a writing process (:meth:`Topology.write_plan`:
+tracked tensors of the replicated mode stay where they are tracked, everything else is balanced by bytes), and
+:meth:`Topology.gather_owned` brings the pieces of each sharded tensor to its writer one tensor at a time
+(``dist.gather``; never the whole model on one process). The files are written by
+:class:`relex_callback.writers.ShardedWriter`.
 
-Writing (end of window): every checkpoint key gets a writing rank (tracked tensors of the replicated mode: the rank
-that tracks them; everything else: greedy balanced by bytes). For a sharded tracked tensor, theta_0 and ``v`` pieces
-are gathered to its writer one tensor at a time (``dist.gather``, never the whole model on one rank); the writer
-then computes every horizon from them. Untracked ZeRO-3 parameters are gathered one at a time with
-``GatheredParameters`` (end of window only; never during training).
-
-Each horizon ``step-H`` is written by all ranks into one temporary directory (each rank its own
-``model-0000i-of-0000N.safetensors`` files); after every rank reported success (an all-reduce of a flag, which is
-also the barrier), rank 0 writes ``model.safetensors.index.json``, config and tokenizer and renames the directory
-into place. The state is sharded the same way, by tensor: ``relex_state-0000i-of-0000N.safetensors`` (each a valid
-state file for the whole tensors its rank wrote) plus ``relex_state.index.json``, written last by rank 0 (the commit
-point); :func:`relex_callback.state.load_state` reads either form.
+Names: ``process_rank`` / ``world`` are the process's place in the job; the SVD rank (directions per tensor) is
+``Solution.rank`` and never appears here under that name alone.
 """
 
 from __future__ import annotations
@@ -33,16 +29,13 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shutil
-import time
-import uuid
 from typing import Optional, Sequence
 
 import torch
 
 from .errors import RelexInputError
 from .params import TensorSpec, TrackedTensor, plain_tracked
-from .writer import checkpoint_keys, tensor_bytes, write_model_extras
+from .checkpoints import checkpoint_keys, tensor_bytes
 
 logger = logging.getLogger("relex_callback")
 
@@ -86,8 +79,8 @@ def balance(sizes: Sequence[int], world: int, loads: Optional[list] = None) -> l
     return owner
 
 
-class DistContext:
-    """This rank's view of a run: mode, rank, world size, what it tracks, and the distributed end of window.
+class Topology:
+    """This process's view of a run: mode, process rank, world size, what it tracks, and the collectives.
 
     Args:
         mode (`str`): ``single``, ``replicated``, ``zero3`` or ``fsdp2``.
@@ -97,15 +90,15 @@ class DistContext:
         self.mode = mode
         dist = _dist()
         if mode == "single":
-            self.rank, self.world = 0, 1
+            self.process_rank, self.world = 0, 1
         else:
-            self.rank, self.world = dist.get_rank(), dist.get_world_size()
+            self.process_rank, self.world = dist.get_rank(), dist.get_world_size()
         self.names: list[str] = []  # every tracked name, in model order (all ranks)
         self.owner: dict[str, int] = {}  # replicated: the rank that tracks each name
         self.ranges: dict[str, list[tuple[int, int]]] = {}  # sharded: (flat_start, numel) of every rank
 
     @classmethod
-    def from_model(cls, model) -> "DistContext":
+    def from_model(cls, model) -> "Topology":
         return cls(detect_mode(model))
 
     @property
@@ -117,7 +110,7 @@ class DistContext:
         return self.mode in ("zero3", "fsdp2")
 
     def describe(self) -> str:
-        return f"{self.mode} (rank {self.rank} of {self.world})"
+        return f"{self.mode} (process {self.process_rank} of {self.world})"
 
     # ------------------------------------------------------------------------------------- tracking
     def track(self, named: Sequence[tuple[str, torch.nn.Parameter]]) -> list[TrackedTensor]:
@@ -133,7 +126,7 @@ class DistContext:
                 )
             owners = balance([p.numel() for _, p in named], self.world)
             self.owner = {n: r for (n, _), r in zip(named, owners)}
-            return plain_tracked([(n, p) for (n, p), r in zip(named, owners) if r == self.rank])
+            return plain_tracked([(n, p) for (n, p), r in zip(named, owners) if r == self.process_rank])
         if self.mode == "zero3":
             return [self._track_zero3(n, p) for n, p in named]
         return [self._track_fsdp2(n, p) for n, p in named]
@@ -143,7 +136,7 @@ class DistContext:
         numel = int(p.ds_numel)
         part = int(p.ds_tensor.ds_numel)  # partition size, the same on every rank (the last one is padded)
         self.ranges[name] = [(min(r * part, numel), max(0, min(part, numel - r * part))) for r in range(self.world)]
-        start, n = self.ranges[name][self.rank]
+        start, n = self.ranges[name][self.process_rank]
 
         def read():
             return p.ds_tensor.data.reshape(-1)[:n]
@@ -170,7 +163,7 @@ class DistContext:
             r1 = min((r + 1) * chunk, shape[0])
             ranges.append((r0 * row, (r1 - r0) * row))
         self.ranges[name] = ranges
-        start, n = ranges[self.rank]
+        start, n = ranges[self.process_rank]
         if dt.to_local().numel() != n:
             raise RelexInputError(
                 f"{name}: local shard has {dt.to_local().numel()} elements, expected {n} from torch.chunk over "
@@ -241,69 +234,16 @@ class DistContext:
 
     def trajectory_dir(self, directory: str) -> str:
         """Per-rank subdirectory for saved trajectories (resume) and the disk tier."""
-        return os.path.join(directory, f"rank-{self.rank}") if self.is_distributed else directory
+        return os.path.join(directory, f"rank-{self.process_rank}") if self.is_distributed else directory
 
-    # ------------------------------------------------------------------------------------- end of window
-    def finalize(
-        self,
-        store,
-        *,
-        tcut: int,
-        horizons: Sequence[int],
-        out_dir: str,
-        model,
-        tokenizer=None,
-        rank: int = 1,
-        fit_start: Optional[int] = None,
-        method: str = "auto",
-        overwrite: bool = False,
-        max_shard_size="50GB",
-        report_extra: Optional[dict] = None,
-    ):
-        """Distributed counterpart of :func:`relex_callback.engine.finalize` (all ranks call it). Returns
-        ``(solution, report)``: the solution covers this rank's pieces; the report covers every tensor."""
-        from .engine import check_before_window, horizon_dir, solve_store, window_extra
-        from .report import REPORT_NAME, build_report, write_report
-
-        # every rank records the same steps and gets the same arguments, so every rank raises alike
-        check_before_window(store, out_dir, horizons, overwrite, max_shard_size)
-        if self.rank == 0:
-            os.makedirs(out_dir, exist_ok=True)
-        self.barrier()
-        sol, t_solve = solve_store(store, rank=rank, fit_start=fit_start, method=method,
-                                   reduce=self.reduce_grams if self.sharded else None)
-        t1 = time.perf_counter()
-        plan = self._plan(model)
-        owned, extra_tensors = self._collect(store, sol, plan)
-        t_collect = time.perf_counter() - t1
-        t2 = time.perf_counter()
-        self._write_state(out_dir, owned, tcut)
-        written = []
-        for h in horizons:
-            written.append(self._write_horizon(horizon_dir(out_dir, h), h, owned, extra_tensors, plan, model, tokenizer,
-                                               overwrite=overwrite, max_shard_size=max_shard_size))
-        t_write = time.perf_counter() - t2
-        per_rank = self._gather_objects({"buffer_bytes": store.buffer_bytes, "elements": store.D})
-        extra = window_extra(
-            store, store.buffer_bytes, store.storage, t_solve, t_write, written, report_extra,
-            buffer_bytes_per_rank=[d["buffer_bytes"] for d in per_rank],
-            distributed={"mode": self.mode, "world_size": self.world}, gather_seconds=round(t_collect, 6),
-        )
-        report = build_report(self._report_solution(sol), tcut=tcut, horizons=horizons, extra=extra)
-        if self.rank == 0:
-            write_report(os.path.join(out_dir, REPORT_NAME), report)
-        self.barrier()
-        logger.info("relex[%s]: solved in %.2fs, gathered in %.2fs, wrote %d checkpoint(s) in %.2fs",
-                    self.describe(), t_solve, t_collect, len(written), t_write)
-        return sol, report
-
-    def _gather_objects(self, obj) -> list:
+    def gather_objects(self, obj) -> list:
         dist = _dist()
         out = [None] * self.world
         dist.all_gather_object(out, obj)
         return out
 
-    def _report_solution(self, sol):
+    # ---------------------------------------------------------------------------- who writes what, and gathers
+    def report_solution(self, sol):
         """A :class:`Solution` over every tracked tensor (whole specs, no directions) for the report: the local one
         in the sharded modes (its statistics are global after the all-reduce), gathered rows otherwise."""
         from .solver import Solution
@@ -315,20 +255,21 @@ class DistContext:
                             **{f: getattr(sol, f) for f in fields}, V=None, method=sol.method, seconds=sol.seconds,
                             fallbacks=sol.fallbacks)
         mine = {s.name: (s, {f: getattr(sol, f)[i].cpu() for f in fields}) for i, s in enumerate(sol.specs)}
-        allr = self._gather_objects(mine)
+        allr = self.gather_objects(mine)
         merged = {}
         for d in allr:
             merged.update(d)
         order = [n for n in self.names if n in merged]
         specs = [TensorSpec(merged[n][0].name, merged[n][0].shape, merged[n][0].dtype, merged[n][0].numel) for n in order]
         stacked = {f: torch.stack([merged[n][1][f] for n in order]) for f in fields}
-        secs = self._gather_objects(sol.seconds)
+        secs = self.gather_objects(sol.seconds)
         return Solution(specs=specs, steps=sol.steps, fit_start=sol.fit_start, rank=sol.rank, **stacked, V=None,
                         method=sol.method, seconds={k: max(s.get(k, 0.0) for s in secs) for k in sol.seconds},
-                        fallbacks=sum(self._gather_objects(sol.fallbacks)))
+                        fallbacks=sum(self.gather_objects(sol.fallbacks)))
 
-    # -- which rank writes which key
-    def _plan(self, model) -> dict:
+    def write_plan(self, model) -> dict:
+        """Which process writes each checkpoint key: ``{"keys", "meta": key -> (shape, dtype), "owner": key ->
+        process rank, "sd": the model's state_dict}``. Deterministic, so every process computes the same plan."""
         sd = model.state_dict(keep_vars=True)
         keys = checkpoint_keys(model, sd)
         meta = {}
@@ -353,22 +294,25 @@ class DistContext:
             owner[k] = r
         return {"keys": keys, "meta": meta, "owner": owner, "sd": sd}
 
-    # -- bring every key this rank writes onto it, one tensor at a time
     @torch.no_grad()
-    def _collect(self, store, sol, plan):
+    def gather_owned(self, store, sol, plan):
+        """Every tracked tensor this process writes (``plan["owner"]``), whole: returns ``(owned, theta0, extra)`` with
+        ``owned`` a :class:`Solution` over a small local arena of those tensors, ``theta0`` their flat theta_0 (in
+        ``owned.specs`` order) and ``extra`` the untracked sharded keys this process writes, gathered. A collective:
+        every process calls it."""
         from .solver import Solution
 
         dist = _dist()
         owner, meta, sd = plan["owner"], plan["meta"], plan["sd"]
         local = {s.name: i for i, s in enumerate(sol.specs)}
-        r_ = sol.rank
-        mine_names = [n for n in self.names if owner[n] == self.rank]
+        svd_rank = sol.rank
+        mine_names = [n for n in self.names if owner[n] == self.process_rank]
         theta0_full: dict[str, torch.Tensor] = {}
         v_full: dict[str, torch.Tensor] = {}
         dev = self.comm_device()
         for n in self.names:  # the same order on every rank: the gathers pair up
             if not self.sharded:
-                if owner[n] == self.rank:
+                if owner[n] == self.process_rank:
                     i = local[n]
                     theta0_full[n] = store.theta0_of(sol.specs[i]).reshape(-1).cpu()
                     v_full[n] = sol.direction(i).cpu()
@@ -377,12 +321,12 @@ class DistContext:
             spec = sol.specs[i]
             pad = max(k for _, k in self.ranges[n])
             pack_dtype = torch.promote_types(torch.promote_types(spec.dtype, sol.V.dtype), torch.float32)
-            buf = torch.zeros(1 + r_, pad, dtype=pack_dtype, device=dev)
+            buf = torch.zeros(1 + svd_rank, pad, dtype=pack_dtype, device=dev)
             if spec.local_numel:
                 buf[0, : spec.local_numel] = store.theta0_of(spec).reshape(-1).to(device=dev, dtype=pack_dtype)
                 buf[1:, : spec.local_numel] = sol.direction(i).to(device=dev, dtype=pack_dtype)
             dst = owner[n]
-            if self.rank == dst:
+            if self.process_rank == dst:
                 parts = [torch.empty_like(buf) for _ in range(self.world)]
                 dist.gather(buf, parts, dst=dst)
                 pieces = [p[:, :k].cpu() for p, (_, k) in zip(parts, self.ranges[n])]
@@ -403,11 +347,11 @@ class DistContext:
                 import deepspeed
 
                 with deepspeed.zero.GatheredParameters([t], modifier_rank=None):
-                    if owner[k] == self.rank:
+                    if owner[k] == self.process_rank:
                         extra[k] = t.detach().to("cpu").clone()
             elif _is_dtensor(t):
                 full = (t.data if not hasattr(t, "full_tensor") else t).full_tensor()
-                if owner[k] == self.rank:
+                if owner[k] == self.process_rank:
                     extra[k] = full.detach().to("cpu").clone()
                 del full
         # this rank's tracked tensors, whole, as a Solution over a small local arena (state file + extrapolation)
@@ -417,110 +361,16 @@ class DistContext:
             s = TensorSpec(n, shape, dtype, math.prod(shape), 0, off)
             off += s.local_numel
             specs.append(s)
-        V = torch.zeros(r_, off, dtype=sol.V.dtype)
+        V = torch.zeros(svd_rank, off, dtype=sol.V.dtype)
         for s in specs:
             V[:, s.offset : s.offset + s.local_numel] = v_full.pop(s.name)
         rows = torch.tensor([local[n] for n in mine_names], dtype=torch.long)
         pick = lambda x: x.index_select(0, rows) if len(mine_names) else x[:0]  # noqa: E731
         owned = Solution(
-            specs=specs, steps=sol.steps, fit_start=sol.fit_start, rank=r_, sigma=pick(sol.sigma),
+            specs=specs, steps=sol.steps, fit_start=sol.fit_start, rank=svd_rank, sigma=pick(sol.sigma),
             coeffs=pick(sol.coeffs), slope=pick(sol.slope), intercept=pick(sol.intercept), r2=pick(sol.r2),
             total=pick(sol.total), last_sq=pick(sol.last_sq), V=V, method=sol.method,
         )
-        owned.theta0 = [theta0_full.pop(s.name) for s in specs]
-        return owned, extra
+        theta0 = [theta0_full.pop(s.name) for s in specs]
+        return owned, theta0, extra
 
-    # -- state file, sharded by tensor
-    def _write_state(self, out_dir: str, owned, tcut: int):
-        from .state import save_state, save_state_index, state_shard_name
-
-        counts = self._gather_objects(len(owned.specs))
-        files = [r for r in range(self.world) if counts[r] > 0]
-        names = {r: state_shard_name(j, len(files)) for j, r in enumerate(files)}
-        token = self.broadcast_object(uuid.uuid4().hex[:8])
-        tmp = os.path.join(out_dir, f".relex_state.tmp-{token}")
-        if self.rank == 0:
-            os.makedirs(tmp, exist_ok=True)
-        self.barrier()
-        ok = True
-        err = None
-        try:
-            if owned.specs:
-                save_state(os.path.join(tmp, names[self.rank]), owned, lambda i: owned.theta0[i], tcut=tcut,
-                           extra={"distributed": {"mode": self.mode, "world_size": self.world}})
-        except Exception as e:  # reported to every rank below, raised here
-            ok, err = False, e
-        maps = self._gather_objects({s.name: names.get(self.rank) for s in owned.specs})
-        all_ok = self.all_ok(ok)
-        if self.rank == 0:
-            if all_ok:
-                weight_map = {}
-                for m in maps:
-                    weight_map.update(m)
-                for r in files:
-                    os.replace(os.path.join(tmp, names[r]), os.path.join(out_dir, names[r]))
-                save_state_index(out_dir, weight_map, [n for n in self.names if n in weight_map],
-                                 world_size=self.world, mode=self.mode)
-            shutil.rmtree(tmp, ignore_errors=True)
-        self.barrier()
-        if err is not None:
-            raise err
-        if not all_ok:
-            raise RuntimeError("relex: another rank failed to write its state shard; see its log")
-
-    # -- one horizon checkpoint
-    def _write_horizon(self, final, horizon, owned, extra, plan, model, tokenizer, *, overwrite, max_shard_size):
-        from .writer import clean_stale_temporaries, commit_directory, plan_shards, shard_names, \
-            write_index, write_shard
-
-        final = os.path.abspath(final)
-        parent = os.path.dirname(final)
-        keys, meta, owner, sd = plan["keys"], plan["meta"], plan["owner"], plan["sd"]
-        nbytes = {k: tensor_bytes(*meta[k]) for k in keys}
-        shards = []  # (rank, keys) in rank order: the same list on every rank
-        for r in range(self.world):
-            for s in plan_shards([(k, nbytes[k]) for k in keys if owner[k] == r], max_shard_size):
-                shards.append((r, s))
-        names = shard_names(len(shards))
-        token = self.broadcast_object(uuid.uuid4().hex[:8])
-        tmp = os.path.join(parent, f".{os.path.basename(final)}.tmp-dist-{token}")
-        if self.rank == 0:
-            clean_stale_temporaries(parent, os.path.basename(final))
-            os.makedirs(tmp)
-        self.barrier()
-        index = {s.name: i for i, s in enumerate(owned.specs)}
-
-        def produce(k):
-            if k in index:
-                i = index[k]
-                return owned.extrapolate(i, horizon, owned.theta0[i]).reshape(meta[k][0])
-            return extra[k] if k in extra else sd[k].detach()
-
-        ok, err = True, None
-        try:
-            for name, (r, skeys) in zip(names, shards):
-                if r == self.rank:
-                    write_shard(os.path.join(tmp, name), skeys, meta, produce)
-        except Exception as e:
-            ok, err = False, e
-        all_ok = self.all_ok(ok)
-        if self.rank == 0:
-            try:
-                if all_ok:
-                    if len(names) > 1:
-                        write_index(tmp, {k: n for n, (_, skeys) in zip(names, shards) for k in skeys},
-                                    sum(nbytes.values()))
-                    write_model_extras(model, tokenizer, tmp)
-                    if os.path.exists(final) and not overwrite:
-                        raise RelexInputError(f"{final} already exists; pass overwrite")
-                    commit_directory(tmp, final)
-            except Exception as e:
-                ok, err = False, e
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-        done = self.all_ok(ok)
-        if err is not None:
-            raise err
-        if not (all_ok and done):
-            raise RuntimeError(f"relex: another rank failed while writing {final}; see its log")
-        return final
