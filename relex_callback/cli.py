@@ -174,10 +174,13 @@ def cmd_report(args) -> int:
 
     if args.worst < 0:
         raise RelexInputError(f"--worst must be >= 0 (how many tensors to list), got {args.worst}")
+    from .schema import check_report
+
     rep = load_report(args.dir)
     if not isinstance(rep, dict) or not isinstance(rep.get("tensors"), list) or "tcut" not in rep:
         raise RelexInputError(f"{report_path(args.dir)} is JSON but not a RELEX report (no 'tcut' and 'tensors'); pass "
                               "the directory that `relex extrapolate` or the callback wrote")
+    check_report(rep, report_path(args.dir))
     print(format_summary(rep, worst=args.worst))
     if args.plot:
         png = os.path.join(os.path.dirname(report_path(args.dir)), "report.png")

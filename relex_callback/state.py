@@ -161,8 +161,16 @@ def _load_state_index(path: str) -> RelexState:
             index = json.load(f)
         weight_map = index["weight_map"]
         order = index["metadata"]["order"]
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise RelexInputError(f"{path} is not a valid RELEX state index: {e}") from None
+    from .schema import STR, Checker
+
+    c = Checker(path, "use the relex_state.index.json the run wrote")
+    c.items({"order": order}, "order", STR, "metadata.")
+    if not isinstance(weight_map, dict) or any(not isinstance(weight_map.get(n), str) for n in order):
+        c.fail("weight_map", "does not name a shard file (a string) for every tensor of metadata.order")
+    if any(os.sep in weight_map[n] or weight_map[n].startswith("..") for n in order):
+        c.fail("weight_map", "names a file outside the state's directory")
     base = os.path.dirname(path)
     parts = [_load_state_file(os.path.join(base, fn)) for fn in dict.fromkeys(weight_map[n] for n in order)]
     first = parts[0]
@@ -207,8 +215,19 @@ def _load_state_file(path: str) -> RelexState:
         raise
     except Exception as e:
         raise RelexInputError(f"cannot read {path}: {e}; the file is missing or corrupt") from None
-    if meta.get("version") != FORMAT_VERSION:
-        raise RelexInputError(f"{path} has state format version {meta.get('version')}; this relex_callback reads {FORMAT_VERSION}")
+    if not isinstance(meta, dict) or meta.get("version") != FORMAT_VERSION:
+        version = meta.get("version") if isinstance(meta, dict) else None
+        raise RelexInputError(f"{path} has state format version {version}; this relex_callback reads {FORMAT_VERSION}")
+    from .schema import check_state_meta
+
+    check_state_meta(meta, path, ("bfloat16", "float16", "float32"))
+    for n in meta["order"]:
+        want = (meta["rank"], meta["tensors"][n]["spec"]["local_numel"])
+        t = tensors.get(n)
+        if t is None or tuple(t.shape) != want or not t.is_floating_point():
+            got = "missing" if t is None else f"{tuple(t.shape)} {t.dtype}"
+            raise RelexInputError(f"{path}: the direction of {n} is {got}, expected a float tensor of shape {want}; the "
+                                  "file was edited or is damaged: use the relex_state.safetensors the run wrote")
     order = meta["order"]
     info = meta["tensors"]
     specs = [TensorSpec.from_json(info[n]["spec"]) for n in order]
