@@ -36,6 +36,34 @@ def check_window(store):
         )
 
 
+def check_horizons_fit(sol, horizons: Sequence[int]):
+    """Refuse, before anything is written, horizons at which ``|a H + b| max|v|`` would overflow a tensor's dtype
+    (half its largest value, leaving room for theta_0): found after the state file and a first horizon otherwise."""
+    import math
+
+    import torch
+
+    bad: dict[int, list[str]] = {}
+    coefs = {h: sol.coef_at(h).abs() for h in horizons}
+    for i, spec in enumerate(sol.specs):
+        v = sol.direction(i)
+        if v.numel() == 0:
+            continue
+        vmax = v.abs().amax(dim=1).double().cpu()
+        limit = torch.finfo(spec.dtype).max / 2
+        for h in horizons:
+            bound = float((coefs[h][i].cpu() * vmax).sum())
+            if not math.isfinite(bound) or bound > limit:
+                bad.setdefault(h, []).append(spec.name)
+    if bad:
+        first = min(bad)
+        raise RelexInputError(
+            f"horizons {sorted(bad)} would overflow the parameters' dtype (e.g. {bad[first][:3]} at step {first}: "
+            f"|a H + b| * max|v| beyond half the dtype's largest value); nothing was written. Use horizons below "
+            f"{first}, or check the run: coefficients this large mean the trajectory diverged"
+        )
+
+
 def finalize(
     store,
     writer: CheckpointWriter,
@@ -79,6 +107,12 @@ def finalize(
     del inputs  # a view of the buffer: it must not keep the buffer alive through the writes
     t_solve = time.perf_counter() - t0
     buffer_bytes, storage = store.buffer_bytes, store.storage
+    error = None
+    try:
+        check_horizons_fit(sol, horizons)
+    except RelexInputError as e:
+        error = e
+    writer.agree(error)  # every process refuses alike (each checked its own pieces)
     t1 = time.perf_counter()
     writer.bind(sol, store)
     t_bind = time.perf_counter() - t1

@@ -223,14 +223,24 @@ class ShardedWriter(CheckpointWriter):
 
     def agree(self, error: Optional[BaseException]):
         """Every process learns whether every process succeeded; a failure anywhere raises on every process: the
-        local non-write error as itself, otherwise :class:`WriteFailed` naming the processes that failed and why."""
-        why = None if error is None else (describe_failure(error) if write_failure(error) else repr(error))
-        failures = [(r, w) for r, w in enumerate(self.topo.gather_objects(why)) if w is not None]
+        local error as itself; another process's failed write as :class:`WriteFailed`, its input error as
+        :class:`RelexInputError`, anything else as ``RuntimeError``, each naming the process and why."""
+        def kind(e):
+            return "write" if write_failure(e) else "input" if isinstance(e, RelexInputError) else "other"
+
+        mine = None if error is None else (kind(error), describe_failure(error) if write_failure(error) else str(error))
+        failures = [(r, f) for r, f in enumerate(self.topo.gather_objects(mine)) if f is not None]
         if not failures:
             return
         if error is not None and not write_failure(error):
             raise error
-        raise WriteFailed("; ".join(f"process {r}: {w}" for r, w in failures)) from error
+        text = "; ".join(f"process {r}: {why}" for r, (_, why) in failures)
+        kinds = {k for _, (k, _) in failures}
+        if kinds == {"write"}:
+            raise WriteFailed(text) from error
+        if "input" in kinds:
+            raise RelexInputError(text) from error
+        raise RuntimeError(f"relex: another process failed ({text}); see its log") from error
 
     def write_state(self, out_dir, tcut):
         from .state import save_state_index, state_shard_name

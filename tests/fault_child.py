@@ -68,7 +68,7 @@ def main():
     if a.stall_write_horizon is not None:
         # fault timing (not a replacement): the real writer runs; after the first shard of the chosen horizon it
         # tells the parent and waits to be SIGKILLed mid-checkpoint
-        from relex_callback import writer
+        from relex_callback import checkpoints as writer
 
         real = writer.write_safetensors
 
