@@ -13,6 +13,7 @@ import gc
 import logging
 import os
 import time
+import weakref
 from typing import Optional, Sequence
 
 from transformers import TrainerCallback
@@ -25,22 +26,23 @@ from .fs import check_outputs_free, check_writable_dir
 logger = logging.getLogger("relex_callback")
 
 
-def _move_to_front(callback) -> bool:
+def _attach(callback):
     """Put ``callback`` first in the ``CallbackHandler`` that holds it, so that its ``on_log`` adds the ``relex/*``
     metrics to ``logs`` before TensorBoard, W&B and the console see them, whether it was passed in
-    ``callbacks=[...]`` or attached with ``trainer.add_callback``. The handler is the object whose ``callbacks``
-    list holds this instance (found through the list's referrers; the Trainer hands callbacks no reference to it)."""
+    ``callbacks=[...]`` or attached with ``trainer.add_callback``; return the ``Trainer`` that owns that handler (for
+    scoring horizons with its own evaluation), or ``None``. The Trainer hands callbacks no reference to itself or to
+    its handler, so both are found through the referrers of the handler's ``callbacks`` list."""
     from transformers.trainer_callback import CallbackHandler
 
     for lst in gc.get_referrers(callback):
         if not isinstance(lst, list):
             continue
-        for owner in gc.get_referrers(lst):
-            if isinstance(owner, CallbackHandler) and owner.callbacks is lst:
+        for handler in gc.get_referrers(lst):
+            if isinstance(handler, CallbackHandler) and handler.callbacks is lst:
                 lst.remove(callback)
                 lst.insert(0, callback)
-                return True
-    return False
+                return next((t for t in gc.get_referrers(handler) if getattr(t, "callback_handler", None) is handler), None)
+    return None
 
 
 class RelexCallback(TrainerCallback):
@@ -62,7 +64,9 @@ class RelexCallback(TrainerCallback):
             Number of optimizer steps to observe (``state.global_step``; gradient accumulation does not change it).
             The paper uses 75 (1.5B-4B models) and 100 (8B).
         horizons (`list[int]` or `str`):
-            Steps to extrapolate to, each greater than ``tcut`` (e.g. ``[500, 1000]`` or ``"500,1000"``).
+            Steps to extrapolate to, each greater than ``tcut`` (e.g. ``[500, 1000]`` or ``"500,1000"``), or
+            ``"auto"``: the ladder 2x, 4x, 8x and 16x ``tcut``, scored (``evaluate_horizons``) when the trainer has an
+            ``eval_dataset``.
         stride (`int`, *optional*, defaults to `1`):
             Record every ``stride``-th step; must divide ``tcut``. Memory is ``tcut/stride`` rows.
         fit_start (`int`, *optional*):
@@ -108,6 +112,26 @@ class RelexCallback(TrainerCallback):
             PEFT models only. Each horizon is always written as an adapter directory ``step-H/`` (loaded with
             ``PeftModel.from_pretrained(base, "step-H")``); with ``True`` also as a full model ``step-H-merged/``
             (``merge_and_unload`` on a copy of the model: needs memory for a second copy of the base weights).
+        fit (`str`, *optional*, defaults to `"linear"`):
+            Curve fitted to each direction's coefficient ``c_t``: ``"linear"`` (the paper), ``"power"``
+            (``a t^p + b``), ``"log"``, ``"polynomial"`` (``degree``), or ``"auto"`` (each family fitted on the first
+            part of the window and scored by how well it predicts the rest; the winner is refitted on the whole window).
+        fit_window (`int`, *optional*):
+            Fit only the last ``fit_window`` recorded steps (the published scripts' sliding window).
+        degree (`int`, *optional*, defaults to `2`):
+            Degree of the ``"polynomial"`` fit.
+        on_flat_reward (`str`, *optional*, defaults to `"warn"`):
+            When the reward (``reward_metric``) did not rise over the window (least-squares slope <= 2 standard errors):
+            ``"warn"``, ``"error"`` (the state file is written, no horizon) or ``"ignore"``.
+        reward_metric (`str`, *optional*):
+            The logged metric whose trend is checked (default: ``reward``, else the first metric named like a reward).
+        evaluate_horizons (`bool`, *optional*, defaults to `False`):
+            At ``tcut``, score the ``tcut`` model and every horizon with the trainer's own evaluation (GRPO: its
+            reward functions on the ``eval_dataset`` prompts; other trainers: ``eval_loss``), the live weights restored
+            bit for bit afterwards; results in ``report.json["horizon_eval"]`` and ``horizons.png``.
+        keep_best (`int`, *optional*):
+            With scored horizons, keep only the best ``keep_best`` checkpoints on disk (the state file keeps every
+            horizon reachable through ``relex materialize``).
 
     Validation mode (``stop_training=False``): training continues after ``tcut``; when ``state.global_step``
     reaches each horizon ``H``, the real deltas ``theta_H - theta_0`` are compared per tensor with the
@@ -156,12 +180,21 @@ class RelexCallback(TrainerCallback):
         buffer_slots: Optional[int] = None,
         on_nonfinite: str = "error",
         merge_lora: bool = False,
+        fit: str = "linear",
+        fit_window: Optional[int] = None,
+        degree: int = 2,
+        on_flat_reward: str = "warn",
+        reward_metric: Optional[str] = None,
+        evaluate_horizons: bool = False,
+        keep_best: Optional[int] = None,
     ):
         self.settings = RelexSettings.validate(
             tcut=tcut, horizons=horizons, stride=stride, fit_start=fit_start, rank=rank, storage=storage, dtype=dtype,
             max_buffer_bytes=max_buffer_bytes, stop_training=stop_training, output_dir=output_dir, include=include,
             exclude=exclude, solver=solver, overwrite=overwrite, max_shard_size=max_shard_size, fold_rank=fold_rank,
-            buffer_slots=buffer_slots, on_nonfinite=on_nonfinite, merge_lora=merge_lora,
+            buffer_slots=buffer_slots, on_nonfinite=on_nonfinite, merge_lora=merge_lora, fit=fit, fit_window=fit_window,
+            degree=degree, on_flat_reward=on_flat_reward, reward_metric=reward_metric,
+            evaluate_horizons=evaluate_horizons, keep_best=keep_best,
         )
         self.store = None  # TrajectoryStore of the open window
         self.tracked = []  # TrackedTensor: this process's pieces
@@ -171,6 +204,7 @@ class RelexCallback(TrainerCallback):
         self.report: Optional[dict] = None
         self.skipped_steps: list[int] = []
         self._pending_logs: dict = {}
+        self._trainer = None  # weakref to the Trainer that runs this callback (found at on_train_begin)
 
     @classmethod
     def from_config(cls, cfg: RelexConfig, **overrides) -> "RelexCallback":
@@ -211,7 +245,8 @@ class RelexCallback(TrainerCallback):
 
     # ---------------------------------------------------------------------------------------- events
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        _move_to_front(self)
+        trainer = _attach(self)
+        self._trainer = weakref.ref(trainer) if trainer is not None else None
         if self.done:
             return
         if model is None:

@@ -22,6 +22,9 @@ _DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp3
 STORAGES = ("auto", "device", "host", "disk")
 SOLVERS = ("auto", "gram", "power")
 ON_NONFINITE = ("error", "skip")
+ON_FLAT_REWARD = ("warn", "error", "ignore")
+FITS = ("linear", "power", "log", "polynomial", "auto")
+LADDER = (2, 4, 8, 16)  # horizons="auto": these multiples of tcut
 DEFAULT_FOLD_RANK = 8
 # Step numbers (tcut, horizons, fit_start, stride) beyond this are refused: a float32 coefficient a*H + b and a
 # directory name step-H stay exact and sane far below it, and no RL run has 10^9 optimizer steps.
@@ -177,6 +180,14 @@ class RelexSettings:
     buffer_slots: Optional[int] = None
     on_nonfinite: str = "error"
     merge_lora: bool = False
+    fit: str = "linear"
+    fit_window: Optional[int] = None
+    degree: int = 2
+    on_flat_reward: str = "warn"
+    reward_metric: Optional[str] = None
+    evaluate_horizons: bool = False
+    keep_best: Optional[int] = None
+    auto_horizons: bool = False  # horizons="auto": the ladder LADDER x tcut, scored (evaluate_horizons) when possible
 
     @property
     def steps(self) -> list[int]:
@@ -214,6 +225,13 @@ class RelexSettings:
         buffer_slots=None,
         on_nonfinite="error",
         merge_lora=False,
+        fit="linear",
+        fit_window=None,
+        degree=2,
+        on_flat_reward="warn",
+        reward_metric=None,
+        evaluate_horizons=False,
+        keep_best=None,
         allow_partial_stride: bool = False,
     ) -> "RelexSettings":
         if tcut is None:
@@ -233,7 +251,9 @@ class RelexSettings:
             raise RelexInputError(
                 f"tcut={tcut} with stride={stride} records {len(steps)} snapshot; a line needs at least 2: lower stride or raise tcut"
             )
-        hs = parse_horizons(horizons)
+        auto_horizons = isinstance(horizons, str) and horizons.strip().lower() == "auto" or (
+            isinstance(horizons, (list, tuple)) and len(horizons) == 1 and str(horizons[0]).strip().lower() == "auto")
+        hs = [k * tcut for k in LADDER] if auto_horizons else parse_horizons(horizons)
         if len(set(hs)) != len(hs):
             dup = sorted({h for h in hs if hs.count(h) > 1})
             raise RelexInputError(f"horizons repeat {dup}: give each step once, e.g. horizons={sorted(set(hs))}")
@@ -287,12 +307,33 @@ class RelexSettings:
                 f"tensor; use fold_rank >= {rank}"
             )
         _choice("on_nonfinite", on_nonfinite, ON_NONFINITE)
+        _choice("fit", fit, FITS)
+        n_steps = len(steps) if fit_start is None else len([t for t in steps if t >= fit_start])
+        if fit_window is not None:
+            fit_window = _strict_whole("fit_window", fit_window)
+            if not 2 <= fit_window <= n_steps:
+                raise RelexInputError(f"fit_window={fit_window} must be between 2 and the {n_steps} recorded steps the "
+                                      f"fit can use (tcut/stride, from fit_start); use fit_window <= {n_steps}")
+        degree = _strict_whole("degree", degree)
+        if fit == "polynomial" and degree >= min(n_steps, fit_window or n_steps):
+            raise RelexInputError(f"degree={degree} needs more than {degree} fitted steps; the fit has "
+                                  f"{min(n_steps, fit_window or n_steps)}: lower degree or raise tcut")
+        _choice("on_flat_reward", on_flat_reward, ON_FLAT_REWARD)
+        if reward_metric is not None and (not isinstance(reward_metric, str) or not reward_metric.strip()):
+            raise RelexInputError(f"reward_metric must be the name of a logged metric (e.g. 'reward'), got {reward_metric!r}")
+        _flag("evaluate_horizons", evaluate_horizons)
+        if keep_best is not None:
+            keep_best = _strict_whole("keep_best", keep_best)
+            if not (evaluate_horizons or auto_horizons):
+                raise RelexInputError("keep_best needs scored horizons: pass evaluate_horizons=True (or horizons='auto')")
         return cls(
             tcut=tcut, horizons=tuple(hs), stride=stride, fit_start=fit_start, rank=rank, storage=storage, dtype=dt,
             max_buffer_bytes=max_buffer_bytes, solver=solver, stop_training=stop_training,
             output_dir=None if output_dir is None else str(output_dir if not isinstance(output_dir, bytes) else output_dir.decode()),
             include=include, exclude=exclude, overwrite=overwrite, max_shard_size=shard, fold_rank=fold_rank,
-            buffer_slots=buffer_slots, on_nonfinite=on_nonfinite, merge_lora=merge_lora,
+            buffer_slots=buffer_slots, on_nonfinite=on_nonfinite, merge_lora=merge_lora, fit=fit,
+            fit_window=fit_window, degree=degree, on_flat_reward=on_flat_reward, reward_metric=reward_metric,
+            evaluate_horizons=evaluate_horizons or auto_horizons, keep_best=keep_best, auto_horizons=auto_horizons,
         )
 
 
@@ -336,6 +377,13 @@ class RelexConfig:
     relex_buffer_slots: Optional[int] = field(default=None, metadata=_help("Ring slots; below tcut/stride the ring folds (default: from max_buffer_bytes, else the whole window)."))
     relex_on_nonfinite: str = field(default="error", metadata=_help("NaN/Inf in a delta: error (stop) or skip (drop the step)."))
     relex_merge_lora: bool = field(default=False, metadata=_help("PEFT models: also write each horizon merged into a full model (step-H-merged)."))
+    relex_fit: str = field(default="linear", metadata=_help("Curve fitted to each direction's coefficient: linear (the paper), power, log, polynomial, or auto (chosen by the in-window backtest)."))
+    relex_fit_window: Optional[int] = field(default=None, metadata=_help("Fit only the last N recorded steps (default: all from fit_start)."))
+    relex_degree: int = field(default=2, metadata=_help("Degree of the polynomial fit."))
+    relex_on_flat_reward: str = field(default="warn", metadata=_help("Reward not rising over the window: warn, error (state file but no horizon) or ignore."))
+    relex_reward_metric: Optional[str] = field(default=None, metadata=_help("Logged metric whose trend is checked (default: reward, else the first *reward* metric)."))
+    relex_evaluate_horizons: bool = field(default=False, metadata=_help("At tcut, score the tcut model and every horizon with the trainer's own evaluation (needs an eval_dataset)."))
+    relex_keep_best: Optional[int] = field(default=None, metadata=_help("With scored horizons: keep only the best N step-H/ on disk (the state file keeps every horizon)."))
 
     def to_kwargs(self) -> dict:
         """The ``RelexCallback`` keyword arguments (prefix dropped)."""

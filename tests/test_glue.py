@@ -70,6 +70,13 @@ YAML_VALUES = {
     "buffer_slots": (10, 10),
     "on_nonfinite": ("skip", "skip"),
     "merge_lora": (True, True),
+    "fit": ("power", "power"),
+    "fit_window": (6, 6),
+    "degree": (3, 3),
+    "on_flat_reward": ("error", "error"),
+    "reward_metric": ("rewards/accuracy", "rewards/accuracy"),
+    "evaluate_horizons": (True, True),
+    "keep_best": (2, 2),
 }
 
 
@@ -78,7 +85,8 @@ def test_every_callback_argument_is_a_relex_config_field():
     fields = [f.name[len("relex_"):] for f in dataclasses.fields(RelexConfig)]
     assert sorted(args) == sorted(fields)
     assert sorted(args) == sorted(YAML_VALUES)
-    settings = [f.name for f in dataclasses.fields(RelexSettings)]
+    derived = {"auto_horizons"}  # set by horizons="auto"
+    settings = [f.name for f in dataclasses.fields(RelexSettings) if f.name not in derived]
     assert sorted(settings) == sorted(args)
 
 
@@ -102,6 +110,11 @@ def test_every_argument_round_trips_through_trl_parser_yaml(tmp_path, horizons_y
         ["--config", str(path), "--relex_horizons", "300,400", "--relex_overwrite", "false", "--relex_fold_rank", "6"])
     cb = RelexCallback.from_config(relex)
     assert cb.settings.horizons == (300, 400) and cb.settings.overwrite is False and cb.settings.fold_rank == 6
+
+
+def test_auto_horizons_are_a_scored_ladder():
+    s = RelexSettings.validate(tcut=75, horizons="auto", keep_best=2)
+    assert s.horizons == (150, 300, 600, 1200) and s.auto_horizons and s.evaluate_horizons and s.keep_best == 2
 
 
 def test_config_module_imports_no_torch():
