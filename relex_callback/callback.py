@@ -321,13 +321,23 @@ class RelexCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         if not self.done and self.store is not None and self.store.num_rows:
+            from .params import is_peft_model
+
             keep = self.topology.trajectory_dir(os.path.join(self._out_dir(args), "partial_trajectory"))
             self.store.save(keep)
+            base = "<the checkpoint training started from>"
+            model = kwargs.get("model")
+            if is_peft_model(model):  # the adapter at theta_0 is the base the trajectory extrapolates from
+                from .writers import save_adapter_at
+
+                base = os.path.join(keep, "adapter")
+                save_adapter_at(model, {t.spec.name: t.param for t in self.tracked},
+                                {t.spec.name: self.store.theta0_of(t.spec) for t in self.tracked}, base,
+                                kwargs.get("processing_class"))
             logger.warning(
                 "relex: training ended at step %d before tcut=%d; nothing was extrapolated. The %d recorded steps are "
-                "in %s: extrapolate from them with `relex extrapolate --trajectory %s --base <the checkpoint training "
-                "started from> --horizons H --out DIR`", state.global_step, self.settings.tcut, self.store.num_rows,
-                keep, keep,
+                "in %s: extrapolate from them with `relex extrapolate --trajectory %s --base %s --horizons H --out DIR`",
+                state.global_step, self.settings.tcut, self.store.num_rows, keep, keep, base,
             )
 
     # ---------------------------------------------------------------------------------------- finish

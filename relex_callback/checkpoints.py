@@ -26,6 +26,8 @@ from .errors import RelexInputError
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"  # a PEFT adapter directory (adapter_config.json beside it)
+ADAPTER_KEYS = "relex_keys.json"  # in an adapter relex saved: trainable parameter name -> key in the adapter file
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -39,7 +41,7 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
-CONFIG_FILES = ("config.json", "generation_config.json")
+CONFIG_FILES = ("config.json", "generation_config.json", "adapter_config.json")
 
 # Directory names that carry a step number: checkpoint-N (Trainer), global_step_N (verl, DeepSpeed), step_N, step-N.
 STEP_DIR = re.compile(r"^(?:checkpoint|global_step|step)[-_](\d+)$")
@@ -67,9 +69,9 @@ def plan_shards(entries: list[tuple[str, int]], max_shard_size) -> list[list[str
     return [s for s in shards if s]
 
 
-def shard_names(n: int) -> list[str]:
+def shard_names(n: int, weights_name: str = WEIGHTS_NAME) -> list[str]:
     if n == 1:
-        return [WEIGHTS_NAME]
+        return [weights_name]
     return [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
 
 
@@ -84,6 +86,10 @@ class DirectorySource:
             raise RelexInputError(f"{path} is not a directory")
         index = os.path.join(path, INDEX_NAME)
         single = os.path.join(path, WEIGHTS_NAME)
+        adapter = os.path.join(path, ADAPTER_WEIGHTS_NAME)
+        self.weights_name = WEIGHTS_NAME
+        if not os.path.isfile(single) and not os.path.isfile(index) and os.path.isfile(adapter):
+            single, self.weights_name = adapter, ADAPTER_WEIGHTS_NAME
         if os.path.isfile(index):
             try:
                 with open(index) as f:
@@ -92,7 +98,7 @@ class DirectorySource:
                 raise RelexInputError(f"{index} is not a valid safetensors index: {e}") from None
             files = list(dict.fromkeys(wm.values()))
         elif os.path.isfile(single):
-            files = [WEIGHTS_NAME]
+            files = [self.weights_name]
         else:
             raise RelexInputError(
                 f"{path} has no {WEIGHTS_NAME} or {INDEX_NAME}; save checkpoints with safetensors (the default of save_pretrained)"
@@ -419,11 +425,14 @@ def write_weights(
     meta: dict[str, tuple[tuple[int, ...], torch.dtype]],
     produce: Callable[[str], torch.Tensor],
     max_shard_size="50GB",
+    weights_name: str = WEIGHTS_NAME,
 ):
     """Write ``keys`` (in order) as safetensors shards + index into ``out_dir`` (not atomic by itself)."""
     entries = [(k, tensor_bytes(*meta[k])) for k in keys]
     shards = plan_shards(entries, max_shard_size)
-    names = shard_names(len(shards))
+    if weights_name != WEIGHTS_NAME and len(shards) > 1:
+        shards = [[k for shard in shards for k in shard]]  # an adapter file is never sharded (PEFT reads one file)
+    names = shard_names(len(shards), weights_name)
     for name, shard in zip(names, shards):
         write_shard(os.path.join(out_dir, name), shard, meta, produce)
     if len(shards) > 1:

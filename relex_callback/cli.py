@@ -52,7 +52,7 @@ def _check_dir(option: str, path: str, what: str, weights: bool = False):
         raise RelexInputError(f"{option} {path} does not exist; pass {what}")
     if not os.path.isdir(path):
         raise RelexInputError(f"{option} {path} is not a directory; pass {what}")
-    files = ("model.safetensors", "model.safetensors.index.json")
+    files = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
     if weights and not any(os.path.isfile(os.path.join(path, f)) for f in files):
         raise RelexInputError(f"{option} {path} has no {' or '.join(files)}; pass {what}, saved with safetensors "
                               "(the default of save_pretrained)")

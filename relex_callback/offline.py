@@ -21,7 +21,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .checkpoints import DirectorySource, MappedSource, check_same_tensors, discover_checkpoints, read_tensors
+from .checkpoints import (ADAPTER_KEYS, DirectorySource, MappedSource, check_same_tensors, discover_checkpoints,
+                          read_tensors)
 from .config import RelexSettings
 from .errors import RelexInputError, RelexNonFiniteError, RelexWriteError
 from .fs import STATE_NAME, check_outputs_free, check_writable_dir
@@ -123,13 +124,24 @@ def extrapolate_trajectory(trajectory_dir: str, base: str, horizons: Sequence[in
     if rank > store.num_rows:
         raise RelexInputError(f"rank={rank} exceeds the {store.num_rows} recorded steps in {trajectory_dir}")
     src = DirectorySource(base)
+    keys_file = os.path.join(base, ADAPTER_KEYS)
+    if os.path.isfile(keys_file):  # a PEFT adapter relex saved: its file keys drop the adapter name
+        import dataclasses
+        import json
+
+        with open(keys_file) as f:
+            rename = json.load(f)
+        if not isinstance(rename, dict) or any(not isinstance(v, str) for v in rename.values()):
+            raise RelexInputError(f"{keys_file} is not a mapping of parameter names to adapter keys; it was edited or "
+                                  "is damaged: use the adapter/ directory the callback saved beside the trajectory")
+        store.specs = [dataclasses.replace(sp, name=rename.get(sp.name, sp.name)) for sp in store.specs]
     missing = [s.name for s in store.specs if s.name not in src.meta]
     if missing:
         peft = any("lora_" in n for n in missing)
         raise RelexInputError(
             f"the base {base} has no tensor {missing[0]}: it is not the model of this trajectory"
-            + ("; a LoRA trajectory needs the adapter checkpoint the run started from (its adapter_model.safetensors "
-               "with the same keys), not the base model" if peft else "")
+            + ("; for a LoRA trajectory pass the adapter/ directory the callback saved beside it (--base "
+               f"{os.path.join(trajectory_dir, 'adapter')})" if peft else "")
         )
     base_theta0(src, base, store.specs, lambda spec: fingerprint(store.theta0_of(spec)), "the trajectory's",
                 "pass the checkpoint training started from")

@@ -26,7 +26,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .checkpoints import (plan_shards, shard_names, tensor_bytes, write_index, write_model_extras,
+from .checkpoints import (ADAPTER_KEYS, WEIGHTS_NAME, plan_shards, shard_names, tensor_bytes, write_index, write_model_extras,
                           write_relex_marker, write_shard, write_weights)
 from .config import parse_size
 from .errors import RelexInputError
@@ -135,7 +135,8 @@ def write_full_checkpoint(out_dir: str, horizon: int, tcut: int, result, theta0_
 
     def write():
         with atomic_directory(final, overwrite=overwrite) as tmp:
-            write_weights(tmp, list(source.keys), meta, produce, max_shard_size=max_shard_size)
+            write_weights(tmp, list(source.keys), meta, produce, max_shard_size=max_shard_size,
+                          weights_name=getattr(source, "weights_name", WEIGHTS_NAME))
             source.write_extras(tmp)
             write_relex_marker(tmp, horizon, tcut)
 
@@ -185,6 +186,39 @@ class PeftAdapterWriter(CheckpointWriter):
             if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
                 self.tokenizer.save_pretrained(tmp)
             write_relex_marker(tmp, horizon, tcut)
+
+
+def adapter_file_keys(model, names) -> dict:
+    """Trainable parameter name -> key in the adapter file PEFT's ``save_pretrained`` writes (PEFT drops the adapter
+    name, e.g. ``...lora_A.default.weight`` -> ``...lora_A.weight``): asked of PEFT itself, with marker values."""
+    from peft.utils import get_peft_model_state_dict
+
+    marked = {n: torch.tensor([float(i)]) for i, n in enumerate(names)}
+    out = get_peft_model_state_dict(model, state_dict=marked)
+    back = {int(v.item()): k for k, v in out.items()}
+    return {n: back[i] for i, n in enumerate(names) if i in back}
+
+
+def save_adapter_at(model, params: dict, values: dict, directory: str, tokenizer=None):
+    """``directory``: the PEFT adapter with the tracked ``params`` set to ``values`` (name -> tensor; the live values
+    are restored bit for bit afterwards), plus ``relex_keys.json`` (parameter name -> adapter file key), so
+    ``relex extrapolate --trajectory ... --base directory`` can write adapter directories. Atomic."""
+    from .fs import write_json
+
+    saved = {n: p.detach().clone() for n, p in params.items()}
+    try:
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(values[n].reshape(p.shape).to(device=p.device, dtype=p.dtype))
+        with atomic_directory(directory, overwrite=True) as tmp:
+            model.save_pretrained(tmp)
+            if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+                tokenizer.save_pretrained(tmp)
+            write_json(os.path.join(tmp, ADAPTER_KEYS), adapter_file_keys(model, list(params)), indent=1)
+    finally:
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(saved[n])
 
 
 class ShardedWriter(CheckpointWriter):

@@ -58,7 +58,18 @@ def main():
     ap.add_argument("--resume", default=None)
     ap.add_argument("--stall-write-horizon", type=int, default=None)
     ap.add_argument("--max-shard-size", default="50GB")
+    ap.add_argument("--timeline", default=None, help="append 'event seconds-since-start' lines (train begin/end)")
     a = ap.parse_args()
+    t_start = time.time()
+
+    def mark(event):
+        if a.timeline:
+            with open(a.timeline, "a") as fh:
+                fh.write(f"{event} {time.time() - t_start:.3f}\n")
+
+    class Timeline(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            mark("begin")
 
     class KillAt(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
@@ -82,11 +93,12 @@ def main():
 
     cb = RelexCallback(tcut=a.tcut, horizons=a.horizons, storage=a.storage, dtype="float32",
                        max_shard_size=a.max_shard_size)
-    trainer, model, tok = build_trainer(a.out, [cb, KillAt()], max_steps=4 * a.tcut, save_steps=a.save_steps)
+    trainer, model, tok = build_trainer(a.out, [cb, KillAt(), Timeline()], max_steps=4 * a.tcut, save_steps=a.save_steps)
     if a.resume is None:
         model.save_pretrained(os.path.join(a.out, "base"))
         tok.save_pretrained(os.path.join(a.out, "base"))
     trainer.train(resume_from_checkpoint=a.resume)
+    mark("end")
     json.dump({"global_step": trainer.state.global_step}, open(os.path.join(a.out, "DONE.json"), "w"))
 
 

@@ -509,3 +509,37 @@ def test_config_from_yaml_and_cli_with_grpo_config(tmp_path):
     bad = RelexConfig(relex_tcut=75, relex_horizons=[50])
     with pytest.raises(RelexInputError, match="not beyond tcut"):
         RelexCallback.from_config(bad)
+
+
+def test_lora_run_ending_before_tcut_prints_a_command_that_works(tmp_path, caplog):
+    """A LoRA run that stops before tcut saves its trajectory and the adapter at theta_0; the command it prints
+    writes adapter directories that PeftModel.from_pretrained loads, holding the extrapolation of that trajectory."""
+    peft = pytest.importorskip("peft")
+    import logging
+    import re
+    import shlex
+
+    from relex_callback.buffer import TrajectoryStore
+    from relex_callback.cli import main
+    from relex_callback.solver import solve
+
+    tok = build_tokenizer()
+    model = peft.get_peft_model(build_model(tok), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                                  init_lora_weights="gaussian"))
+    rec = Recorder()
+    cb = RelexCallback(tcut=8, horizons=[20], dtype="float32")
+    trainer = grpo_trainer(tmp_path, [rec, cb], model=model, tok=tok, max_steps=4)
+    with caplog.at_level(logging.WARNING, logger="relex_callback"):
+        trainer.train()
+    line = next(r.getMessage() for r in caplog.records if "relex extrapolate --trajectory" in r.getMessage())
+    cmd = re.search(r"`relex (extrapolate [^`]*)`", line).group(1).replace("--horizons H", "--horizons 12")
+    cmd = cmd.replace("--out DIR", f"--out {tmp_path / 'x'}")
+    assert main(shlex.split(cmd)) == 0
+    loaded = peft.PeftModel.from_pretrained(build_model(tok), str(tmp_path / "x" / "step-12"))
+    ref = reference(rec.snaps, [1, 2, 3, 4], 12)
+    lp = dict(loaded.named_parameters())
+    tracked = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert tracked
+    for n in tracked:
+        assert rel_err(lp[n].detach(), ref[n]) < 1e-4, n
+        assert not torch.equal(lp[n].detach().double(), rec.snaps[0][n]), n  # it moved
