@@ -56,18 +56,20 @@ def _recover(run, env) -> str:
         materialize(str(relex / "relex_state.safetensors"), str(run / "base"), missing, max_shard_size="20KB")
         return "materialize"
     ckpts = sorted(glob.glob(str(run / "checkpoint-*")), key=lambda p: int(p.rsplit("-", 1)[1]), reverse=True)
+    refused = []
     for ck in ckpts:
         p = _child(run, "--resume", ck, env=env)
         _, err = p.communicate(timeout=600)
         if p.returncode == 0:
-            return f"resume {os.path.basename(ck)}"
+            return f"resume {os.path.basename(ck)}" + (f" (refused: {refused})" if refused else "")
+        refused.append(os.path.basename(ck))
         shutil.rmtree(ck)  # unusable (cut mid-save): the next older one
     for d in [relex] + glob.glob(str(run / "checkpoint-*")):
         shutil.rmtree(d, ignore_errors=True)
     p = _child(run, env=env)
     _, err = p.communicate(timeout=600)
     assert p.returncode == 0, err[-3000:]
-    return "rerun"
+    return "rerun" + (f" (refused: {refused})" if refused else "")
 
 
 def test_sigkill_at_random_moments_then_recover(tmp_path, subprocess_env):
@@ -77,13 +79,16 @@ def test_sigkill_at_random_moments_then_recover(tmp_path, subprocess_env):
     _, err = p.communicate(timeout=600)
     assert p.returncode == 0, err[-3000:]
     marks = dict(line.split() for line in timeline.read_text().splitlines())
-    begin, end = float(marks["begin"]), float(marks["end"])
+    duration = float(marks["end"]) - float(marks["begin"])  # the window and the end-of-window write
     rng = random.Random(0)
     ways = []
     for seed in range(int(os.environ.get("RELEX_KILL_SEEDS", "6"))):
         run = tmp_path / f"run{seed}"
-        delay = rng.uniform(begin, end + 0.5)  # inside the window, at tcut or during the end-of-window write
-        proc = _child(run, env=subprocess_env)
+        delay = rng.uniform(0.0, duration + 0.3)  # after this run's training began
+        mine = tmp_path / f"timeline{seed}"
+        proc = _child(run, env=subprocess_env, timeline=mine)
+        while proc.poll() is None and not (mine.exists() and "begin" in mine.read_text()):
+            time.sleep(0.02)
         t0 = time.time()
         while proc.poll() is None and time.time() - t0 < delay:
             time.sleep(0.02)
