@@ -300,9 +300,10 @@ def plan_memory(
         raise RelexInputError(f"mode='single' with world_size={world_size}; use replicated, zero3 or fsdp2")
     if mode != "single" and world_size == 1:
         mode = "single"
-    for name, v in (("gpu_headroom", gpu_headroom), ("host_fraction", host_fraction)):
-        if not 0 <= v < 1 if name == "gpu_headroom" else not 0 < v <= 1:
-            raise RelexInputError(f"{name}={v!r} must be a fraction ({'[0, 1)' if name == 'gpu_headroom' else '(0, 1]'})")
+    if not 0 <= gpu_headroom < 1:
+        raise RelexInputError(f"gpu_headroom={gpu_headroom!r} must be a fraction in [0, 1)")
+    if not 0 < host_fraction <= 1:
+        raise RelexInputError(f"host_fraction={host_fraction!r} must be a fraction in (0, 1]")
     if use_vllm and vllm_mode == "colocate" and not 0 < vllm_gpu_memory_utilization <= 1:
         raise RelexInputError(f"vllm_gpu_memory_utilization={vllm_gpu_memory_utilization!r} must be in (0, 1]")
     dt = parse_dtype(dtype)
@@ -500,8 +501,8 @@ def plan_for_run(settings, specs, topology, trainer_args=None, *, elements: Opti
         elements (`int`, *optional*): the largest process's tracked elements. In a distributed run pass the maximum
             over processes (one all-reduce of a scalar) so every process plans the same tier and slots; defaults to
             this process's.
-        device (`torch.device`, *optional*): the parameters' device (default: the first spec's is unknown, so CUDA's
-            current device when available, else CPU).
+        device (`torch.device`, *optional*): the parameters' device (default: CUDA's current device when CUDA is
+            available, else the CPU).
         local_world_size (`int`, *optional*): processes per node (default ``LOCAL_WORLD_SIZE``).
 
     Returns:
