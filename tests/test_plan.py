@@ -261,6 +261,6 @@ def test_cli_mistakes_answer_before_torch_is_imported(tmp_path):
     code = ("import sys; from relex_callback.cli import main; "
             f"rc = main(['plan', '--model', {M8!r}, '--tcut', '100', '--gpu-memory', 'lots']); "
             "print(rc, 'torch' in sys.modules)")
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(FIX.rstrip("/")).rsplit(os.sep, 1)[0])
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(FIX)))
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert r.stdout.split() == ["2", "False"], r.stderr
