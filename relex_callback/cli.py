@@ -4,6 +4,7 @@
     relex extrapolate --base DIR --checkpoints DIR [DIR ...] --horizons 500,1000 --out DIR
     relex materialize --state OUT/relex_state.safetensors --base DIR --horizons 2000 --out DIR
     relex report OUT [--plot]
+    relex plan --model DIR --tcut 100 --world-size 8 [--gpu-memory 80GB] [--host-memory 1TB] ...
 
 Every input mistake ends with one line ``relex: error: ...`` on stderr and exit code 2, before anything is written;
 a failed write (disk full) likewise, saying what is intact. transformers is never imported; torch only once the
@@ -67,7 +68,7 @@ def _shard_size(value: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="relex", description="RELEX: rank-1 linear extrapolation of RL weight trajectories.")
-    sub = p.add_subparsers(dest="command", metavar="{extrapolate,materialize,report}", parser_class=_Parser)
+    sub = p.add_subparsers(dest="command", metavar="{extrapolate,materialize,report,plan}", parser_class=_Parser)
     sub.required = True
 
     e = sub.add_parser("extrapolate", help="fit the trajectory of saved checkpoints and write extrapolated ones")
@@ -104,6 +105,28 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("dir", help="the directory `relex extrapolate` (or the callback) wrote, or its report.json")
     r.add_argument("--plot", action="store_true", help="also write report.png beside report.json (needs matplotlib)")
     r.add_argument("--worst", type=int, default=10, help="how many of the worst-fitting tensors to list (default 10)")
+
+    q = sub.add_parser("plan", help="print the memory plan of a RELEX window (per process and node, each tier) without "
+                                    "training")
+    q.add_argument("--model", required=True, help="a model directory or its config.json (only the config is read)")
+    q.add_argument("--tcut", required=True, help="optimizer steps observed (the window is tcut/stride rows)")
+    q.add_argument("--world-size", default="1", help="training processes in all (default 1)")
+    q.add_argument("--local-world-size", default=None, help="processes per node (default: --world-size, one node)")
+    q.add_argument("--mode", default=None, help="zero3 (default with several processes), fsdp2, replicated (DDP, "
+                                                "ZeRO-1/2) or single")
+    q.add_argument("--stride", default="1", help="record every k-th step (default 1)")
+    q.add_argument("--dtype", default="bfloat16", help="buffer dtype: bfloat16 (default), float16 or float32")
+    q.add_argument("--fold-rank", default=None, help="basis rows of a folded buffer (default 8)")
+    q.add_argument("--storage", default="auto", help="auto (default), device, host or disk")
+    q.add_argument("--max-buffer-bytes", default=None, help="the callback's max_buffer_bytes, a cap on every tier")
+    q.add_argument("--gpu-memory", default=None, help="memory of one GPU, e.g. 80GB (default: the device tier is not planned)")
+    q.add_argument("--trainer-memory", default=None, help="what the trainer holds on each GPU (default: model states, "
+                                                         "16 bytes per parameter, divided by the world size when sharded; add a reference model when beta > 0)")
+    q.add_argument("--vllm-colocate", default=None, help="a colocated vLLM engine's vllm_gpu_memory_utilization, e.g. 0.3")
+    q.add_argument("--gpu-headroom", default="0.25", help="fraction of each GPU kept for activations (default 0.25)")
+    q.add_argument("--host-memory", default=None, help="host memory of one node, e.g. 1TB (default: not planned)")
+    q.add_argument("--disk-free", default=None, help="free disk of the output directory per node, e.g. 4TB (default: not planned)")
+    q.add_argument("--json", action="store_true", help="print the plan as JSON instead of text")
     return p
 
 
@@ -189,6 +212,96 @@ def cmd_report(args) -> int:
     return 0
 
 
+def _whole_arg(option: str, value, minimum: int = 1) -> int:
+    try:
+        n = int(str(value).strip())
+    except ValueError:
+        n = None
+    if n is None or n < minimum:
+        raise RelexInputError(f"{option} must be a whole number >= {minimum}, got {value!r}")
+    return n
+
+
+def _size_arg(option: str, value):
+    if value is None:
+        return None
+    try:
+        return parse_size(value, option)
+    except RelexInputError:
+        raise RelexInputError(f"{option} {value!r} is not a size; use e.g. 80GB, 1TB or a number of bytes") from None
+
+
+def _fraction_arg(option: str, value, low_open: bool):
+    if value is None:
+        return None
+    try:
+        x = float(value)
+    except ValueError:
+        x = float("nan")
+    ok = (0 < x <= 1) if low_open else (0 <= x < 1)
+    if not ok:
+        raise RelexInputError(f"{option} must be a fraction in {'(0, 1]' if low_open else '[0, 1)'}, got {value!r}")
+    return x
+
+
+def cmd_plan(args) -> int:
+    from .config import DEFAULT_FOLD_RANK
+    from .plan import MODES, plan_memory, read_model_config
+
+    tcut = _whole_arg("--tcut", args.tcut, 2)
+    stride = _whole_arg("--stride", args.stride)
+    if stride > tcut // 2:
+        raise RelexInputError(f"--stride {stride} leaves fewer than 2 snapshots in --tcut {tcut}; use --stride <= {tcut // 2}")
+    world = _whole_arg("--world-size", args.world_size)
+    local = world if args.local_world_size is None else _whole_arg("--local-world-size", args.local_world_size)
+    if local > world or world % local:
+        raise RelexInputError(f"--local-world-size {local} must divide --world-size {world} (processes per node)")
+    mode = args.mode or ("zero3" if world > 1 else "single")
+    if mode not in MODES:
+        raise RelexInputError(f"--mode {mode!r} is not one of {', '.join(MODES)}")
+    if mode == "single" and world > 1:
+        raise RelexInputError(f"--mode single with --world-size {world}; use zero3, fsdp2 or replicated")
+    if mode != "single" and world == 1:
+        raise RelexInputError(f"--mode {mode} needs --world-size > 1 (one process is --mode single)")
+    try:
+        dtype = parse_dtype(args.dtype)
+    except RelexInputError:
+        raise RelexInputError(f"--dtype {args.dtype!r} is not one of bfloat16, float16, float32 (the trajectory "
+                              "buffer's dtype)") from None
+    fold_rank = DEFAULT_FOLD_RANK if args.fold_rank is None else _whole_arg("--fold-rank", args.fold_rank)
+    if args.storage not in STORAGES:
+        raise RelexInputError(f"--storage {args.storage!r} is not one of {', '.join(STORAGES)}")
+    sizes = {o: _size_arg(o, v) for o, v in (("--gpu-memory", args.gpu_memory), ("--host-memory", args.host_memory),
+                                              ("--disk-free", args.disk_free), ("--trainer-memory", args.trainer_memory),
+                                              ("--max-buffer-bytes", args.max_buffer_bytes))}
+    if sizes["--trainer-memory"] is not None and sizes["--gpu-memory"] is None:
+        raise RelexInputError("--trainer-memory needs --gpu-memory (the device tier is planned only with it)")
+    vllm = _fraction_arg("--vllm-colocate", args.vllm_colocate, low_open=True)
+    headroom = _fraction_arg("--gpu-headroom", args.gpu_headroom, low_open=False)
+    if vllm is not None and sizes["--gpu-memory"] is None:
+        raise RelexInputError("--vllm-colocate needs --gpu-memory (the share is a fraction of each GPU)")
+    read_model_config(args.model)  # input mistakes before torch is imported
+    from .plan import count_parameters
+
+    named, param_dtype = count_parameters(args.model)
+    label = os.path.basename(os.path.normpath(args.model if os.path.isdir(args.model) else os.path.dirname(args.model) or "."))
+    plan = plan_memory(
+        window=tcut // stride, shapes=[s for _, s in named], mode=mode, world_size=world, local_world_size=local,
+        dtype=dtype, param_dtype=param_dtype, fold_rank=fold_rank, storage=args.storage,
+        max_buffer_bytes=sizes["--max-buffer-bytes"], gpu_memory=sizes["--gpu-memory"],
+        trainer_gpu_bytes=sizes["--trainer-memory"], use_vllm=vllm is not None,
+        vllm_gpu_memory_utilization=vllm or 0.3, gpu_headroom=headroom, host_memory=sizes["--host-memory"],
+        disk_free=sizes["--disk-free"], label=f"{label}, tcut {tcut}" + (f", stride {stride}" if stride > 1 else ""),
+    )
+    if args.json:
+        import json
+
+        print(json.dumps(plan.to_dict(), indent=1))
+    else:
+        print(plan.format())
+    return 0
+
+
 def _f(x) -> str:
     return "n/a" if x is None else f"{x:.4f}"
 
@@ -202,7 +315,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-        fn = {"extrapolate": cmd_extrapolate, "materialize": cmd_materialize, "report": cmd_report}[args.command]
+        fn = {"extrapolate": cmd_extrapolate, "materialize": cmd_materialize, "report": cmd_report,
+              "plan": cmd_plan}[args.command]
         return fn(args)
     except RelexError as e:  # input mistakes, non-finite values in a checkpoint, failed writes
         print(f"relex: error: {e}", file=sys.stderr)
