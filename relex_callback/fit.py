@@ -14,6 +14,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from .errors import RelexInputError
+
 
 def fit_lines(coeffs: torch.Tensor, steps: torch.Tensor, mask: torch.Tensor):
     """Fit ``c_t = a*t + b`` for each row of ``coeffs``.
@@ -64,9 +66,7 @@ _GOLDEN_ITERS = 64  # bracket shrinks 0.618^64 ~ 4e-14 of two grid cells
 _TIE = 1e-6  # backtest scores within this (relative-error units) of the best are ties, broken by family order
 
 
-def _err(msg: str):
-    from .errors import RelexInputError
-
+def _err(msg: str) -> RelexInputError:
     return RelexInputError(msg)
 
 
@@ -296,9 +296,9 @@ class Fit:
 
     def __getitem__(self, index) -> "Fit":
         """The fit of a subset of the entries (e.g. ``fit[i]``: tensor ``i``, for a per-tensor state entry)."""
+        if self.params.dim() == 1:
+            raise IndexError("this Fit has no leading dimensions (one curve) to index")
         params = self.params[index]
-        if params.dim() == self.params.dim() - 1 and self.params.dim() == 1:
-            raise IndexError("index the entries, not the parameters: this Fit has no leading dimensions")
         choice = None if self.choice is None else self.choice[index]
         return _normalised(replace(self, params=params, r2=self.r2[index], choice=choice))
 
@@ -484,12 +484,14 @@ def fit_each(coeffs: torch.Tensor, steps, mask: Optional[torch.Tensor], families
     choice = torch.as_tensor(choice, dtype=torch.int64)
     if tuple(lead[: choice.dim()]) != tuple(choice.shape):
         raise _err(f"choice of shape {tuple(choice.shape)} does not match coefficients {tuple(coeffs.shape)}")
+    if not families:
+        raise _err("families is empty: pass the candidate families that choice indexes")
     for f in families:
         _check_family(f, degree)
     if choice.numel() and (int(choice.min()) < 0 or int(choice.max()) >= len(families)):
         raise _err(f"choice indexes {len(families)} families; got values outside 0..{len(families) - 1}")
     ch = choice.reshape(*choice.shape, *([1] * (len(lead) - choice.dim()))).expand(lead)
-    glob = torch.tensor([FAMILIES.index(f) for f in families], dtype=torch.int64)[ch] if len(families) else ch
+    glob = torch.tensor([FAMILIES.index(f) for f in families], dtype=torch.int64)[ch]
     used = [f for f in FAMILIES if bool((glob == FAMILIES.index(f)).any())] or [families[0]]
     fits = {f: fit(coeffs, steps, mask, f, degree, fit_window, p_range) for f in used}
     if len(used) == 1:
@@ -620,7 +622,11 @@ def select_family(coeffs_on_vP: torch.Tensor, real_sq: torch.Tensor, steps, part
     w = None if fit_window is None else min(int(fit_window), n_part)
     errs, q = [], None
     for f in families:
-        fp = fit(c, steps, part, f, degree, w)
+        try:
+            fp = fit(c, steps, part, f, degree, w)
+        except RelexInputError as exc:
+            raise _err(f"in-window backtest, fitting {f!r} on the first part of the window ({n_part} steps): {exc}; "
+                       f"or leave {f!r} out of the candidate families") from exc
         e, q = backtest_errors(fp, c, real_sq, steps, later)
         errs.append(e)
     E = torch.stack(errs, -1)  # [..., L, F]
