@@ -2,7 +2,7 @@
 globally, and what does the choice do to the extrapolation error at a far horizon? Also: the published scripts'
 ``sin_fft`` (a line plus the strongest Fourier modes of its residual, extrapolated periodically) on the same data.
 
-    python bench/fit_families.py [--seeds 5] [--tensors 32] [--dim 256] [--tcut 40] [--horizon 400]
+    python bench/fit_families.py [--seeds 5] [--tensors 32] [--dim 256] [--tcut 40] [--horizon 400] [--margin 0.05]
 
 Synthetic trajectories, one direction per tensor: ``Delta_t = c(t) v + noise`` for the real steps ``t = 1..tcut``,
 ``c`` drawn from a family (``linear``, ``power`` with p = 0.5 (sqrt-like, as measured on a real GRPO run), ``power``
@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from relex_callback.fit import AUTO_FAMILIES, FAMILIES, fit, select_family  # noqa: E402
+from relex_callback.fit import AUTO_FAMILIES, FAMILIES, MARGIN, fit, select_family  # noqa: E402
 
 GENERATORS = ("linear", "power0.5", "power1.2", "log")
 FAMILY_OF = {"linear": "linear", "power0.5": "power", "power1.2": "power", "log": "log"}
@@ -98,7 +98,7 @@ def run_case(gen, s, noise, args, steps, part, later, g):
     vP = top_dir(M[:, part])
     coeffs_P = torch.einsum("stn,sn->st", M, vP)
     sq = (M * M).sum(2)
-    sel = select_family(coeffs_P, sq, steps, part, later, families=AUTO_FAMILIES)
+    sel = select_family(coeffs_P, sq, steps, part, later, families=AUTO_FAMILIES, margin=args.margin)
     want = torch.tensor([AUTO_FAMILIES.index(FAMILY_OF[k]) for k in gen])
     rec_g = float((torch.tensor(AUTO_FAMILIES.index(sel.choice)) == want).double().mean())
     rec_t = float((sel.tensor_choice == want).double().mean())
@@ -134,6 +134,9 @@ def main():
     ap.add_argument("--tcut", type=int, default=40)
     ap.add_argument("--horizon", type=int, default=400)
     ap.add_argument("--levels", default="0,0.01,0.03,0.1,0.3,1")
+    ap.add_argument("--margin", type=float, default=MARGIN, help="select_family's margin (0: plain argmin)")
+    ap.add_argument("--scenarios", default=",".join(GENERATORS + ("mixed",)))
+    ap.add_argument("--noise", default="iid,walk")
     args = ap.parse_args()
     torch.set_num_threads(1)
     steps = torch.arange(1, args.tcut + 1, dtype=torch.float64)
@@ -142,14 +145,14 @@ def main():
     levels = [float(x) for x in args.levels.split(",")]
     cols = ("linear", "auto-global", "auto-tensor", "oracle", "sin_fft")
     print(f"tcut {args.tcut}, backtest part t <= {args.tcut // 2}, horizon {args.horizon}, {args.tensors} tensors "
-          f"x {args.dim} dims, {args.seeds} seeds; candidates {AUTO_FAMILIES} (of {FAMILIES})")
+          f"x {args.dim} dims, {args.seeds} seeds; candidates {AUTO_FAMILIES} (of {FAMILIES}), margin {args.margin}")
     print("recovery = fraction of tensors given their generating family; error = relative error at the horizon")
     hdr = f"{'scenario':<14}{'noise':>6}{'level':>6} | {'rec glob':>8}{'rec tens':>9} | " + "".join(
         f"{c:>12}" for c in cols)
-    for noise in ("iid", "walk"):
+    for noise in args.noise.split(","):
         print()
         print(hdr)
-        for scen in list(GENERATORS) + ["mixed"]:
+        for scen in args.scenarios.split(","):
             for s in levels:
                 g = torch.Generator().manual_seed(1000 + int(s * 1e4))
                 rg = rt = 0.0

@@ -232,3 +232,14 @@ def test_empty_batch():
     for fam in FAMILIES:
         f = fit(torch.zeros(0, 2, 40), STEPS, family=fam)
         assert f.params.shape[:2] == (0, 2) and f.coef_at(100.0).shape == (0, 2)
+
+
+def test_margin_keeps_the_line_on_noisy_lines():
+    # A noisy line: power (p near 1) and log can win the backtest by a hair on some tensors; the margin keeps the
+    # line unless a later family predicts clearly better. margin=0 is the plain argmin.
+    coeffs, sq, part, later, _, _ = _trajectory(["linear"] * 16, noise=0.1, seed=5)
+    plain = select_family(coeffs, sq, STEPS, part, later, margin=0.0)
+    kept = select_family(coeffs, sq, STEPS, part, later)
+    assert torch.equal(plain.tensor_scores, kept.tensor_scores)
+    assert bool((plain.tensor_choice != 0).any())  # the argmin strays on some tensors...
+    assert bool((kept.tensor_choice == 0).all()) and kept.choice == "linear"  # ...the margin does not
