@@ -63,11 +63,11 @@ POWER_RANGE = (0.2, 1.5)
 _N_PARAMS = {"linear": 2, "log": 2, "power": 3}
 _GRID = 27  # grid points in p before the golden-section refinement
 _GOLDEN_ITERS = 64  # bracket shrinks 0.618^64 ~ 4e-14 of two grid cells
-MARGIN = 0.05
-"""Default ``margin`` of :func:`select_family`: a later family replaces an earlier one (the line) only when its
-backtest error is more than 5% lower. Measured (bench/fit_families.py): without it the per-tensor choice gives a
-fitted power (p near 1) to 30% of tensors whose trajectory is a noisy line; with it none, while sqrt-like and
-log trajectories are still recognised at the same noise levels."""
+MARGIN = 0.0
+"""Default ``margin`` of :func:`select_family` (how much better than the first family, the line, another must
+predict to replace it). 0 by measurement (bench/fit_families.py): a margin keeps noisy lines linear per tensor,
+but a power fitted to a line has p near 1 and costs little at the horizon, while a curved trajectory kept linear
+costs a lot; see the issue notes for the figures."""
 _TIE = 1e-6  # backtest scores within this (relative-error units) of the best are ties, broken by family order
 
 
@@ -554,11 +554,13 @@ class Selection:
 
 
 def _pick(scores: torch.Tensor, tie: float, margin: float = 0.0) -> torch.Tensor:
-    """Index of the first score within ``best * (1 + margin) + tie`` of the row minimum ``best``: an earlier family
-    (the line first) is kept unless a later one predicts clearly better."""
+    """Per row: the first family (the baseline, the line) if its score is within ``best * (1 + margin) + tie`` of
+    the row minimum ``best``; otherwise the first family within ``tie`` of the minimum (round-off ties go to the
+    earlier family)."""
     best = scores.min(-1, keepdim=True).values
-    ok = scores <= best * (1.0 + margin) + tie
-    return ok.to(torch.int64).argmax(-1)  # first True
+    first = (scores <= best + tie).to(torch.int64).argmax(-1)
+    keep = scores[..., 0] <= best.squeeze(-1) * (1.0 + margin) + tie
+    return torch.where(keep, torch.zeros_like(first), first)
 
 
 def backtest_errors(fit_p: Fit, coeffs_on_vP: torch.Tensor, real_sq: torch.Tensor, steps, later_mask):
@@ -602,9 +604,9 @@ def select_family(coeffs_on_vP: torch.Tensor, real_sq: torch.Tensor, steps, part
         tie (`float`, *optional*, defaults to `1e-6`): scores (relative errors) this close to the best count as
             equal; the earlier family wins. Keeps round-off from choosing ``power`` (p = 1.000000001) over an
             exact line.
-        margin (`float`, *optional*, defaults to :data:`MARGIN`): relative margin: the first family whose score is
-            at most ``best * (1 + margin) + tie`` wins, so a later family must predict clearly better. ``0``:
-            plain argmin.
+        margin (`float`, *optional*, defaults to :data:`MARGIN`): the first family (the baseline, normally
+            ``linear``) is kept while its score is at most ``best * (1 + margin) + tie``, so another family must
+            predict more than ``margin`` better to replace it; ``0``: plain argmin (up to ``tie``).
 
     Returns:
         :class:`Selection`.

@@ -235,11 +235,19 @@ def test_empty_batch():
 
 
 def test_margin_keeps_the_line_on_noisy_lines():
-    # A noisy line: power (p near 1) and log can win the backtest by a hair on some tensors; the margin keeps the
-    # line unless a later family predicts clearly better. margin=0 is the plain argmin.
+    # A noisy line: power (p near 1) and log can win the backtest by a hair on some tensors; a margin keeps the
+    # line unless another family predicts clearly better. The default (0) is the plain argmin.
     coeffs, sq, part, later, _, _ = _trajectory(["linear"] * 16, noise=0.1, seed=5)
-    plain = select_family(coeffs, sq, STEPS, part, later, margin=0.0)
-    kept = select_family(coeffs, sq, STEPS, part, later)
+    plain = select_family(coeffs, sq, STEPS, part, later)
+    kept = select_family(coeffs, sq, STEPS, part, later, margin=0.05)
     assert torch.equal(plain.tensor_scores, kept.tensor_scores)
     assert bool((plain.tensor_choice != 0).any())  # the argmin strays on some tensors...
     assert bool((kept.tensor_choice == 0).all()) and kept.choice == "linear"  # ...the margin does not
+    # the margin only protects the first family: between the others the best still wins
+    s = torch.tensor([[1.0, 0.5, 0.49], [1.0, 0.97, 0.99], [1.0, 0.5, 0.5]], dtype=torch.float64)
+    coeffs2, sq2, part2, later2, _, _ = _trajectory(["log"] * 2, noise=1e-3, seed=6)
+    sel = select_family(coeffs2, sq2, STEPS, part2, later2, margin=0.5)
+    assert sel.choice == "log"  # log beats the line by far more than 50%; power, earlier, is not preferred to it
+    from relex_callback.fit import _pick
+
+    assert _pick(s, 1e-6, 0.05).tolist() == [2, 0, 1]
