@@ -171,8 +171,7 @@ def _fit_power(c: torch.Tensor, t: torch.Tensor, p_range=POWER_RANGE) -> torch.T
         nx1 = torch.where(left, a_hi - r * (a_hi - a_lo), x2)
         nx2 = torch.where(left, x1, a_lo + r * (a_hi - a_lo))
         nf = sse_at(torch.where(left, nx1, nx2))
-        f2 = torch.where(left, f1, nf)
-        f1 = torch.where(left, nf, f2)
+        f1, f2 = torch.where(left, nf, f2), torch.where(left, f1, nf)  # the kept interior point keeps its value
         x1, x2 = nx1, nx2
     p = torch.where(f1 <= f2, x1, x2)
     a, b, sse = _line(c, t.unsqueeze(0) ** p.unsqueeze(1))

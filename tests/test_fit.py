@@ -251,3 +251,20 @@ def test_margin_keeps_the_line_on_noisy_lines():
     from relex_callback.fit import _pick
 
     assert _pick(s, 1e-6, 0.05).tolist() == [2, 0, 1]
+
+
+def test_power_fit_is_the_least_squares_optimum_over_p():
+    # Noisy curves (optimum inside the range or on its bounds): the fitted p beats every p of a dense grid.
+    g = torch.Generator().manual_seed(7)
+    p_true = torch.tensor([0.05, 0.3, 0.7, 1.0, 1.3, 2.0], dtype=torch.float64)
+    c = STEPS ** p_true.unsqueeze(1) * (1 + 0.05 * torch.randn(6, 40, generator=g, dtype=torch.float64))
+    f = fit(c, STEPS, family="power")
+    sse = ((c - f.coef_at_steps(STEPS)) ** 2).sum(-1)
+    grid = torch.linspace(0.2, 1.5, 2601, dtype=torch.float64)
+    X = STEPS ** grid.unsqueeze(1)  # [G, T]
+    dX = X - X.mean(-1, keepdim=True)
+    dc = c - c.mean(-1, keepdim=True)
+    best = ((dc * dc).sum(-1, keepdim=True) - (dc @ dX.T) ** 2 / (dX * dX).sum(-1)).min(-1).values
+    assert bool((sse <= best * (1 + 1e-9) + 1e-12).all()), (sse, best)
+    assert bool(((f.params[:, 1] >= 0.2) & (f.params[:, 1] <= 1.5)).all())
+    assert abs(float(f.params[0, 1]) - 0.2) < 1e-9 and abs(float(f.params[-1, 1]) - 1.5) < 1e-9  # on the bounds
