@@ -2,7 +2,8 @@
 globally, and what does the choice do to the extrapolation error at a far horizon? Also: the published scripts'
 ``sin_fft`` (a line plus the strongest Fourier modes of its residual, extrapolated periodically) on the same data.
 
-    python bench/fit_families.py [--seeds 5] [--tensors 32] [--dim 256] [--tcut 40] [--horizon 400] [--margin 0.05]
+    python bench/fit_families.py [--seeds 5] [--tensors 32] [--dim 256] [--tcut 40] [--horizon 400] [--margin 0]
+    python bench/fit_families.py --sin-fft-demo
 
 Synthetic trajectories, one direction per tensor: ``Delta_t = c(t) v + noise`` for the real steps ``t = 1..tcut``,
 ``c`` drawn from a family (``linear``, ``power`` with p = 0.5 (sqrt-like, as measured on a real GRPO run), ``power``
@@ -126,6 +127,20 @@ def run_case(gen, s, noise, args, steps, part, later, g):
     return rec_g, rec_t, errs
 
 
+def sin_fft_demo():
+    """Prediction / truth on a noise-free sqrt curve (windows 1..10 and 1..40) for linear, power and sin_fft."""
+    for tcut in (10, 40):
+        t = torch.arange(1, tcut + 1, dtype=torch.float64)
+        c = (t**0.5).unsqueeze(0)
+        lin, pw = fit(c, t), fit(c, t, family="power")
+        print(f"sqrt curve, window 1..{tcut}: prediction / truth")
+        print(f"{'H':>6}{'linear':>9}{'power':>9}{'sin_fft':>9}")
+        for H in [tcut + k * tcut // 4 for k in range(1, 13)] + [10 * tcut]:
+            tr = H**0.5
+            print(f"{H:>6}{float(lin.coef_at(H)) / tr:>9.3f}{float(pw.coef_at(H)) / tr:>9.3f}"
+                  f"{float(sin_fft_predict(c, t, H)[0]) / tr:>9.3f}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", type=int, default=5)
@@ -137,8 +152,11 @@ def main():
     ap.add_argument("--margin", type=float, default=MARGIN, help="select_family's margin (0: plain argmin)")
     ap.add_argument("--scenarios", default=",".join(GENERATORS + ("mixed",)))
     ap.add_argument("--noise", default="iid,walk")
+    ap.add_argument("--sin-fft-demo", action="store_true", help="only print the sqrt-curve sin_fft table")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.sin_fft_demo:
+        return sin_fft_demo()
     steps = torch.arange(1, args.tcut + 1, dtype=torch.float64)
     part = steps <= args.tcut / 2
     later = ~part
