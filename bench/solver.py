@@ -6,6 +6,12 @@ For each method (gram, power): the end-of-window time (solve + materialise every
 bytes read from the buffer, the effective GB/s, the bandwidth of a plain copy of the buffer measured in the same
 run, their ratio (1.0 = the solve reads the buffer as fast as a copy would; the design's floor is two reads), and
 the time of a per-tensor ``torch.linalg.svd`` loop on the same data.
+
+With ``--backtest`` each method also runs with ``solve(..., backtest=True)`` (the in-window backtest on the steps
+``<= T/2``) in the same process, interleaved with the plain runs, and prints both times side by side, their ratio,
+the bytes read and the backtest's global figures (which must agree between the methods).
+
+    python bench/solver.py --T 75 --numel 8e6 --tensors 20 --noise 0.05 1.0 --backtest --no-svd
 """
 
 import argparse
@@ -70,6 +76,7 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeat", type=int, default=3, help="report the best of this many runs")
     p.add_argument("--svd", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--backtest", action="store_true", help="also time solve(backtest=True) beside each plain solve")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     dtype = getattr(torch, a.dtype)
@@ -87,6 +94,10 @@ def main():
               f"buffer={buf / 1e9:.3f} GB  plain copy {copy_s:.3f} s = {copy_bw:.2f} GB/s read")
         results = {}
         for method in a.methods.split(","):
+            if a.backtest:
+                bench_backtest(M, steps, specs, method, a)
+                continue
+
             def end_of_window():
                 sol = solve(M, steps, specs, method=method)
                 outs = {}
@@ -103,7 +114,7 @@ def main():
                   + f"), read {sol.bytes_read / 1e9:.3f} GB = {sol.bytes_read / buf:.2f} buffer reads, "
                   f"{gbs:.2f} GB/s = {gbs / copy_bw:.2f} x copy bandwidth; two-reads floor {2 * copy_s:.3f} s "
                   f"({secs / (2 * copy_s):.1f} x floor); fallbacks {sol.fallbacks}/{len(specs)}")
-        if a.svd:
+        if a.svd and results:
             def svd_loop():
                 out = []
                 for sp in specs:
@@ -119,6 +130,22 @@ def main():
                   + ", ".join(f"{m} {svd_s / s:.1f}x faster" for m, (s, _) in results.items())
                   + f"; min |cos(v_svd, v_{next(iter(results))})| = {cos:.6f} (float32 SVD: its own error dominates)")
         del M
+
+
+def bench_backtest(M, steps, specs, method, a):
+    """The solve with and without the backtest, alternated (the machine may be shared), best of ``a.repeat`` each."""
+    plain, withbt = [], []
+    for _ in range(a.repeat):
+        plain.append(timed(lambda: solve(M, steps, specs, method=method), a.device))
+        withbt.append(timed(lambda: solve(M, steps, specs, method=method, backtest=True), a.device))
+    (s0, t0), (s1, t1) = min(plain, key=lambda r: r[1]), min(withbt, key=lambda r: r[1])
+    bt = s1.backtest
+    print(f"  {method:5s}: solve {t0:.3f} s -> with backtest {t1:.3f} s (x{t1 / t0:.2f}, +{t1 - t0:.3f} s; backtest "
+          f"arithmetic {s1.seconds.get('backtest', 0.0) * 1e3:.1f} ms); buffer reads {s0.bytes_read / (M.numel() * M.element_size()):.2f}"
+          f" -> {s1.bytes_read / (M.numel() * M.element_size()):.2f}; fallbacks {s0.fallbacks} -> {s1.fallbacks}; "
+          f"backtest fit steps <= {bt.fit_steps[-1]}, predicted step {bt.predicted_step}: cosine {bt.cosine_global:.6f}, "
+          f"norm ratio {bt.norm_ratio_global:.6f}, rel. error {bt.relative_error_global:.6f}, "
+          f"direction cosine {bt.direction_cosine:.6f}")
 
 
 if __name__ == "__main__":
