@@ -103,7 +103,8 @@ def _line_mask(steps_P: torch.Tensor, fit_start: Optional[int]) -> torch.Tensor:
 def _ratio(num: torch.Tensor, den: torch.Tensor, both_zero: float, den_zero: float) -> torch.Tensor:
     """``num / den`` elementwise; ``both_zero`` where both vanish, ``den_zero`` where only ``den`` does (never NaN)."""
     out = num / den.where(den > 0, torch.ones_like(den))
-    out = torch.where(den > 0, out, torch.where(num.abs() > 0, torch.full_like(num, den_zero), torch.full_like(num, both_zero)))
+    at_zero = torch.where(num.abs() > 0, torch.full_like(num, den_zero), torch.full_like(num, both_zero))
+    out = torch.where(den > 0, out, at_zero)
     return out
 
 
@@ -184,6 +185,18 @@ class Backtest:
             direction_cosine=float(drift),
             by_step={"steps": list(self.predicted_steps), "cosine": cos, "norm_ratio": ratio, "relative_error": rel},
         )
+
+    def log_metrics(self, prefix: str = "relex/backtest/") -> dict:
+        """Scalars for the trainer's log: ``cosine_global``, ``norm_ratio_global``, ``relative_error_global`` and
+        ``direction_drift`` ``= 1 - direction_cosine`` (0: the first part's directions are the window's; larger:
+        they turned). Undefined (skipped backtest) or infinite figures are left out."""
+        vals = {
+            "cosine_global": self.cosine_global,
+            "norm_ratio_global": self.norm_ratio_global,
+            "relative_error_global": self.relative_error_global,
+            "direction_drift": None if self.direction_cosine is None else 1.0 - self.direction_cosine,
+        }
+        return {prefix + k: float(v) for k, v in vals.items() if v is not None and math.isfinite(v)}
 
     def to_report(self, per_tensor: bool = True) -> dict:
         """The ``report.json["backtest"]`` dict (plain JSON: infinities become ``None``)."""
@@ -339,8 +352,8 @@ def backtest_from_gram(
 
     Args:
         G (`torch.Tensor`): ``[S, T, T]`` per-tensor Grams ``M_i M_i^T`` of the trajectory (rows in step order; for a
-            folded store, the Gram of the folded trajectory ``C (B B^T) C^T`` as :func:`relex_callback.solver.factor_left`
-            returns it).
+            folded store, the Gram of the folded trajectory ``C (B B^T) C^T`` as
+            :func:`relex_callback.solver.factor_left` returns it).
         steps (`Sequence[int]`): the ``T`` recorded step numbers, increasing.
         fit (`bool`, `int` or `float`, *optional*): the fit part ``P`` (see :func:`resolve_fit_rows`); default the
             steps ``<= last step / 2``.

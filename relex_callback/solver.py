@@ -29,7 +29,14 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from . import kernels
-from .backtest import Backtest, _check_fit_rows, _skipped, backtest_from_gram, backtest_from_projections, resolve_fit_rows
+from .backtest import (
+    Backtest,
+    _check_fit_rows,
+    _skipped,
+    backtest_from_gram,
+    backtest_from_projections,
+    resolve_fit_rows,
+)
 from .fit import fit_lines
 from .params import TensorSpec
 
@@ -418,7 +425,9 @@ def _power_eigs(M: torch.Tensor, offsets, numels, *, max_iter: int, tol: float, 
         rowsq = torch.zeros(T, dtype=torch.float64, device=M.device)
         j = 0
         while main_on or back_on:
-            tasks = ([(main.q().to(**dev), T, T)] if main_on else []) + ([(back.q().to(**dev), p, T)] if back_on else [])
+            tasks = [(main.q().to(**dev), T, T)] if main_on else []
+            if back_on:
+                tasks.append((back.q().to(**dev), p, T))
             ws = _fused_gram_matvecs(M, o, n, tasks, rowsq if j == 0 else None, tmp, y)
             read += n
             if j == 0:

@@ -181,7 +181,8 @@ def test_zero_and_late_tensors_give_no_nan(method):
     # everything frozen: a prediction of nothing is exact, and still no NaN
     Z = torch.zeros(12, 120)
     bz = solve(Z, steps, specs, method=method, backtest=True).backtest
-    assert (bz.cosine_global, bz.norm_ratio_global, bz.relative_error_global, bz.direction_cosine) == (1.0, 1.0, 0.0, 1.0)
+    figs = (bz.cosine_global, bz.norm_ratio_global, bz.relative_error_global, bz.direction_cosine)
+    assert figs == (1.0, 1.0, 0.0, 1.0)
 
 
 def test_restored_tensor_has_infinite_ratio_reported_as_none():
@@ -281,6 +282,7 @@ def test_fit_part_spec_and_short_windows():
         assert sol.backtest.reason and sol.backtest.cosine_global is None
         rep = to_report(sol.backtest)
         assert rep["reason"] == sol.backtest.reason and rep["tensors"] == [] and rep["predicted_step"] is None
+        assert sol.backtest.log_metrics() == {}
         json.dumps(rep, allow_nan=False)
     assert solve(M64.float(), steps, specs).backtest is None
 
@@ -297,9 +299,14 @@ def test_report_dict_and_pure_function():
     assert [t["name"] for t in rep["tensors"]] == ["t0", "t1"]
     assert rep["by_step"]["steps"] == list(range(9, 17)) and rep["by_step"]["cosine"][-1] == rep["cosine_global"]
     json.loads(json.dumps(rep, allow_nan=False))
+    logs = sol.backtest.log_metrics()
+    assert logs["relex/backtest/cosine_global"] == rep["cosine_global"]
+    assert abs(logs["relex/backtest/direction_drift"] - (1 - rep["direction_cosine"])) < 1e-15
+    assert set(logs) == {"relex/backtest/cosine_global", "relex/backtest/norm_ratio_global",
+                         "relex/backtest/relative_error_global", "relex/backtest/direction_drift"}
     # the pure function on stacked Grams gives the solve's figures
-    G = torch.stack([M.double()[:, s.offset : s.offset + s.local_numel] @ M.double()[:, s.offset : s.offset + s.local_numel].T
-                     for s in specs])
+    segs = [M.double()[:, s.offset : s.offset + s.local_numel] for s in specs]
+    G = torch.stack([m @ m.T for m in segs])
     bt = backtest_from_gram(G, steps, True, names=["t0", "t1"])
     assert abs(bt.cosine_global - sol.backtest.cosine_global) < 1e-6
     assert abs(bt.direction_cosine - sol.backtest.direction_cosine) < 1e-6

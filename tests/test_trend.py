@@ -89,7 +89,8 @@ def test_metric_absent_and_too_few_points():
 
 def test_default_metric():
     assert default_metric([{"loss": 1, "step": 1}, {"reward": 0.1, "reward_std": 0.2, "step": 1}]) == "reward"
-    assert default_metric([{"rewards/digit_reward/std": 0.1, "rewards/digit_reward/mean": 0.2}]) == "rewards/digit_reward/mean"
+    per_fn = [{"rewards/digit_reward/std": 0.1, "rewards/digit_reward/mean": 0.2}]
+    assert default_metric(per_fn) == "rewards/digit_reward/mean"
     assert default_metric([{"loss": 1}, {"train/accuracy_reward": 0.1}]) == "train/accuracy_reward"
     assert default_metric([{"loss": 1.0}]) is None
     assert default_metric([]) is None
