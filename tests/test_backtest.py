@@ -159,6 +159,19 @@ def test_gram_and_power_agree_including_fallbacks():
     assert pb.fallbacks >= 1
     for k in ga.sums:
         assert torch.allclose(ga.sums[k], pb.backtest.sums[k], rtol=1e-6, atol=1e-15), k
+    # only the fit part's iteration gives up (random first half, a strong line after it): the main solve converged,
+    # the backtest's inputs of that segment come from its Gram
+    g = torch.Generator().manual_seed(11)
+    Q = torch.randn(30, 500, generator=g) * 1e-3
+    v = torch.randn(500, generator=g)
+    Q[15:] += torch.arange(1, 16, dtype=torch.float32)[:, None] * v / v.norm()
+    qs, _ = _specs([500])
+    ga = solve(Q, steps, qs, method="gram", backtest=True).backtest
+    pq = solve(Q, steps, qs, method="power", backtest=True, max_iter=4)
+    plain = solve(Q, steps, qs, method="power", max_iter=4)
+    assert pq.fallbacks == 0 and pq.bytes_read > plain.bytes_read  # one Gram of the segment beyond the passes
+    for k in ga.sums:
+        assert torch.allclose(ga.sums[k], pq.backtest.sums[k], rtol=1e-6, atol=1e-15), k
 
 
 @pytest.mark.parametrize("method", METHODS)
