@@ -116,6 +116,13 @@ def extrapolate_piece(theta0: torch.Tensor, coefs: torch.Tensor, V: torch.Tensor
 CPU_GRAM_MAX_STEPS = 32
 
 
+# The power path's fit-part iteration (the backtest) stops at this multiple of ``tol``: at the solve's own ``tol`` it
+# needed ~0.8 more buffer passes than the main iteration on noisy trajectories (bench/solver.py, noise 0.3: 4.00 vs
+# 3.19 passes), at 10x it needs none more, and its figures move by < 1e-6 while they differ from the Gram path's by
+# 1e-6 - 5e-5 anyway (the Gram's float32 accumulation of bf16 rows).
+BACKTEST_TOL_FACTOR = 10.0
+
+
 def default_method(device: torch.device, rank: int, distributed: bool, steps: int = 75) -> str:
     """The dispatch table, from ``bench/solver.py`` measurements (README, "Solver figures").
 
@@ -258,7 +265,8 @@ def solve(
         passes = float(S > 0)
     else:
         p = bt_rows if bt_rows is not None else 0
-        lam, U, diag, todo, passes, bt_in = _power_eigs(M, offsets, numels, max_iter=max_iter, tol=tol, fit_rows=p)
+        lam, U, diag, todo, passes, bt_in = _power_eigs(M, offsets, numels, max_iter=max_iter, tol=tol, fit_rows=p,
+                                                        fit_tol=BACKTEST_TOL_FACTOR * tol)
         total, last_sq = diag.sum(-1), diag[:, -1]
         fallbacks = len(todo)
         need = sorted(set(todo) | set(bt_in[3] if bt_in else ()))
@@ -389,7 +397,8 @@ class _Lanczos:
         return None if self.j < self.max_iter else False
 
 
-def _power_eigs(M: torch.Tensor, offsets, numels, *, max_iter: int, tol: float, fit_rows: int = 0):
+def _power_eigs(M: torch.Tensor, offsets, numels, *, max_iter: int, tol: float, fit_rows: int = 0,
+                fit_tol: Optional[float] = None):
     """Top eigenpair of every ``G_i = M_i M_i^T`` by Lanczos without forming ``G_i``.
 
     Returns ``(lam [S,1], U [S,T,1], diag [S,T], todo, passes, bt)``: ``diag`` is the Gram diagonal (squared row
@@ -397,7 +406,8 @@ def _power_eigs(M: torch.Tensor, offsets, numels, *, max_iter: int, tol: float, 
     Gram fallback) and ``passes`` counts reads of the whole buffer.
 
     With ``fit_rows = p > 0`` (the backtest), a second Lanczos runs on ``G_i[P, P]`` (``P`` = the first ``p`` rows)
-    in the same passes over the buffer, each of its products taken over all ``T`` rows,
+    in the same passes over the buffer (tolerance ``fit_tol``, default ``tol``), each of its products taken over all
+    ``T`` rows,
     ``M_i (M_{i,P}^T q)``, so that the converged Ritz vector ``u_P = Q y`` also gives ``G_i[:, P] u_P = W y`` with no
     further pass. ``bt`` is then ``(lam_P [S], u_P [S, p], g_P [S, T], bt_todo)`` (``bt_todo``: segments whose
     ``P`` iteration did not converge; the caller takes them from the Gram), else ``None``."""
@@ -419,7 +429,7 @@ def _power_eigs(M: torch.Tensor, offsets, numels, *, max_iter: int, tol: float, 
     dev = dict(device=M.device, dtype=torch.float32)
     for i, (o, n) in enumerate(zip(offsets, numels)):
         main = _Lanczos(T, max_iter, tol)
-        back = _Lanczos(p, max_iter, tol) if p > 0 else None
+        back = _Lanczos(p, max_iter, fit_tol or tol) if p > 0 else None
         W = torch.zeros(T, max_iter + 1, dtype=torch.float64) if back else None
         main_on, back_on = True, back is not None
         rowsq = torch.zeros(T, dtype=torch.float64, device=M.device)
