@@ -81,10 +81,15 @@ def main():
     p.add_argument("--repeat", type=int, default=3, help="report the best of this many runs")
     p.add_argument("--svd", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--backtest", action="store_true", help="also time solve(backtest=True) beside each plain solve")
+    p.add_argument("--pass-cost", action="store_true",
+                   help="only time one fused Krylov pass over a [T, numel] segment: plain, with the backtest's Krylov "
+                        "task, and with a T x T/2 Gram-column GEMM instead (the alternative the power path rejected)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     dtype = getattr(torch, a.dtype)
     numel = int(a.numel)
+    if a.pass_cost:
+        return pass_cost(a.T, numel, dtype, a.device, a.repeat)
     for noise in a.noise:
         M, steps, specs = build(a.T, numel, a.tensors, dtype, a.device, noise)
         buf = M.numel() * M.element_size()
@@ -134,6 +139,40 @@ def main():
                   + ", ".join(f"{m} {svd_s / s:.1f}x faster" for m, (s, _) in results.items())
                   + f"; min |cos(v_svd, v_{next(iter(results))})| = {cos:.6f} (float32 SVD: its own error dominates)")
         del M
+
+
+def pass_cost(T, n, dtype, device, repeat, chunk=1 << 15):
+    """One pass of the power path's fused ``M (M^T q)`` over a ``[T, n]`` segment (float32 chunks), alone, with the
+    backtest's second Krylov task (``M (M_P^T q_P)``, ``P`` = the first ``T // 2`` rows) and, instead, with the
+    Gram columns ``M M_P^T`` accumulated in the same pass (what a Gram-column backtest would cost once)."""
+    p = T // 2
+    M = torch.randn(T, n, device=device).to(dtype)
+    tmp, y = torch.empty(T, chunk, device=device), torch.empty(chunk, device=device)
+    q, qp = torch.randn(T, device=device), torch.randn(p, device=device)
+
+    def run(kind):
+        w, wp, acc = torch.zeros(T, device=device), torch.zeros(T, device=device), torch.zeros(T, p, device=device)
+        for s in range(0, n, chunk):
+            e = min(n, s + chunk)
+            c, yy = tmp[:, : e - s], y[: e - s]
+            c.copy_(M[:, s:e])
+            torch.mv(c.T, q, out=yy)
+            w.addmv_(c, yy)
+            if kind == "krylov":
+                torch.mv(c[:p].T, qp, out=yy)
+                wp.addmv_(c, yy)
+            elif kind == "columns":
+                acc.addmm_(c, c[:p].T)
+
+    res = {k: [] for k in ("plain", "+krylov", "+columns")}
+    for _ in range(repeat):  # interleaved: the machine may be shared
+        for k in res:
+            res[k].append(timed(lambda: run(k.lstrip("+")), device, cpu=True))
+    base = min(r[2] for r in res["plain"])
+    print(f"one fused pass, T={T}, p={p}, n={n:,} {dtype}, best of {repeat}:")
+    for k, v in res.items():
+        wall, cpu = min(r[1] for r in v), min(r[2] for r in v)
+        print(f"  {k:9s}: {wall:.3f} s wall / {cpu:.3f} s CPU (CPU x{cpu / base:.2f})")
 
 
 def bench_backtest(M, steps, specs, method, a):
