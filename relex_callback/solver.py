@@ -29,6 +29,14 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from . import kernels
+from .backtest import (
+    Backtest,
+    _check_fit_rows,
+    _skipped,
+    backtest_from_gram,
+    backtest_from_projections,
+    resolve_fit_rows,
+)
 from .fit import fit_lines
 from .params import TensorSpec
 
@@ -58,6 +66,7 @@ class Solution:
     seconds: dict = field(default_factory=dict)
     fallbacks: int = 0
     bytes_read: int = 0  # bytes of the buffer read by the solve (passes x segment bytes)
+    backtest: Optional[Backtest] = None  # the in-window backtest (``solve(backtest=...)``), else None
 
     @property
     def explained(self) -> torch.Tensor:
@@ -105,6 +114,13 @@ def extrapolate_piece(theta0: torch.Tensor, coefs: torch.Tensor, V: torch.Tensor
 # (4 T n multiply-adds each, GEMV-bound): bench/extrapolate.py, 20 checkpoints of 76.6M parameters on the 2-core
 # machine: gram 2.4 s vs power 4.2 s; bench/solver.py at T=75: power 0.48 s vs gram 0.84 s.
 CPU_GRAM_MAX_STEPS = 32
+
+
+# The power path's fit-part iteration (the backtest) stops at this multiple of ``tol``: at the solve's own ``tol`` it
+# needed ~0.8 more buffer passes than the main iteration on noisy trajectories (bench/solver.py, noise 0.3: 4.00 vs
+# 3.19 passes), at 10x it needs none more, and its figures move by < 1e-6 while they differ from the Gram path's by
+# 1e-6 - 5e-5 anyway (the Gram's float32 accumulation of bf16 rows).
+BACKTEST_TOL_FACTOR = 10.0
 
 
 def default_method(device: torch.device, rank: int, distributed: bool, steps: int = 75) -> str:
@@ -168,6 +184,7 @@ def solve(
     left: Optional[torch.Tensor] = None,
     folded_sq: Optional[torch.Tensor] = None,
     folded_steps: int = 0,
+    backtest=None,
 ) -> Solution:
     """Solve every segment of ``M`` (``[T, D]``, rows in step order).
 
@@ -192,6 +209,13 @@ def solve(
             first ``folded_steps`` steps (the factorisation alone would understate it); the report's total adds the
             later steps' squared norms from the Gram diagonal, so the remaining deltas are not read again.
         folded_steps (`int`, *optional*, defaults to `0`): how many leading steps ``folded_sq`` covers.
+        backtest (`bool`, `int` or `float`, *optional*): run the in-window backtest (:mod:`relex_callback.backtest`)
+            with this fit part: ``True`` for the steps ``<= last step / 2``, a float in ``(0, 1)`` for a fraction of
+            the last step, an int for a step number. ``None`` (default): no backtest. The result is
+            ``Solution.backtest`` (with a ``reason`` instead of figures when the window is too short). The Gram paths
+            take it from the Gram they already have; ``power`` runs a second Krylov iteration on the fit part in the
+            same passes over the buffer (more arithmetic per pass, no extra read while both iterations converge
+            together). Always on the rank-1 component.
     """
     T, D = M.shape
     offsets = [s.offset for s in specs]
@@ -211,6 +235,14 @@ def solve(
         if method == "power" and (rank > 1 or reduce is not None):
             method = "gram"
     steps_t, mask = _fit_steps(steps, fit_start)
+    names = [sp.name for sp in specs]
+    bt = None
+    bt_rows = None
+    if backtest is not None and backtest is not False:
+        bt_rows = resolve_fit_rows(steps, backtest)
+        reason = _check_fit_rows(steps, bt_rows)
+        if reason:
+            bt, bt_rows = _skipped(names, list(steps), bt_rows, reason), None
     V = torch.zeros(rank, D, dtype=out_dtype or M.dtype, device=M.device)
     seg_bytes = T * sum(numels) * M.element_size()
     secs = {}
@@ -225,21 +257,42 @@ def solve(
             total = folded_sq.double() + row_sq[:, folded_steps:].sum(-1).clamp_min(0)
         last_sq = G[:, -1, -1].clamp_min(0)
         secs["gram"] = time.perf_counter() - t0
+        if bt_rows is not None:
+            t1 = time.perf_counter()
+            bt = backtest_from_gram(G, steps, backtest, fit_start=fit_start, names=names, lam=sigma[:, 0] ** 2,
+                                    u=U[:, :, 0])
+            secs["backtest"] = time.perf_counter() - t1
         passes = float(S > 0)
     else:
-        lam, U, total, last_sq, todo, passes = _power_eigs(M, offsets, numels, max_iter=max_iter, tol=tol)
+        p = bt_rows if bt_rows is not None else 0
+        lam, U, diag, todo, passes, bt_in = _power_eigs(M, offsets, numels, max_iter=max_iter, tol=tol, fit_rows=p,
+                                                        fit_tol=BACKTEST_TOL_FACTOR * tol)
+        total, last_sq = diag.sum(-1), diag[:, -1]
         fallbacks = len(todo)
-        if todo:
-            sub_o = [offsets[i] for i in todo]
-            sub_n = [numels[i] for i in todo]
-            G = kernels.gram(M, sub_o, sub_n).double().cpu()
-            lam_f, U_f = _top_eigenpairs(G, 1)
-            idx = torch.tensor(todo)
-            lam[idx] = lam_f
-            U[idx] = U_f  # total and last_sq came with the first Krylov pass
+        need = sorted(set(todo) | set(bt_in[3] if bt_in else ()))
+        if need:
+            sub_o = [offsets[i] for i in need]
+            sub_n = [numels[i] for i in need]
+            G_f = kernels.gram(M, sub_o, sub_n).double().cpu()
+            idx = torch.tensor(need)
+            if todo:
+                sel = [need.index(i) for i in todo]
+                lam_f, U_f = _top_eigenpairs(G_f[sel], 1)
+                lam[torch.tensor(todo)] = lam_f
+                U[torch.tensor(todo)] = U_f  # total and last_sq came with the first Krylov pass
+            if bt_in:  # the backtest's inputs of these segments from their Gram (the same figures)
+                lam_P, u_P, g_P, _ = bt_in
+                lp, up = _top_eigenpairs(G_f[:, :p, :p], 1)
+                lam_P[idx], u_P[idx] = lp[:, 0], up[:, :, 0]
+                g_P[idx] = (G_f[:, :, :p] @ up)[:, :, 0]
             passes += T * sum(sub_n) * M.element_size() / max(seg_bytes, 1)
         sigma, U, X = _directions(lam, U, rank)
         secs["power"] = time.perf_counter() - t0
+        if bt_in:
+            t1 = time.perf_counter()
+            bt = backtest_from_projections(bt_in[0], bt_in[1], bt_in[2], diag, sigma[:, 0] ** 2, U[:, :, 0], steps,
+                                           fit_start=fit_start, names=names)
+            secs["backtest"] = time.perf_counter() - t1
     t2 = time.perf_counter()
     kernels.project(M, offsets, numels, X, V)
     secs["direction"] = time.perf_counter() - t2
@@ -250,7 +303,7 @@ def solve(
     return Solution(
         specs=list(specs), steps=[int(s) for s in steps], fit_start=fit_start, rank=rank, sigma=sigma, coeffs=coeffs,
         slope=slope, intercept=intercept, r2=r2, total=total, last_sq=last_sq, V=V, method=method, seconds=secs,
-        fallbacks=fallbacks, bytes_read=int(round(passes * seg_bytes)),
+        fallbacks=fallbacks, bytes_read=int(round(passes * seg_bytes)), backtest=bt,
     )
 
 
@@ -272,85 +325,150 @@ def _directions(lam: torch.Tensor, U: torch.Tensor, rank: int, C: Optional[torch
     return sigma * keep, U, X
 
 
-def _fused_gram_matvec(M: torch.Tensor, o: int, n: int, q: torch.Tensor, rowsq: Optional[torch.Tensor], tmp, y):
-    """``M_i (M_i^T q)`` for one segment in one pass (float32 chunks, each used twice while in cache); with
-    ``rowsq`` also the squared row norms (float64). Returns float64 ``[T]``."""
-    w = torch.zeros(M.shape[0], dtype=torch.float32, device=M.device)
+def _fused_gram_matvecs(M: torch.Tensor, o: int, n: int, tasks, rowsq: Optional[torch.Tensor], tmp, y):
+    """Several ``M_i[:k_out] (M_i[:k_in]^T q)`` for one segment in one pass over it (float32 chunks, each used by every
+    task while in cache); with ``rowsq`` also the squared row norms (float64). ``tasks`` is a list of
+    ``(q [k_in] float32, k_in, k_out)`` on ``M``'s device (the rows are leading rows). Returns a float64 ``[k_out]``
+    per task (on the CPU)."""
+    ws = [torch.zeros(k_out, dtype=torch.float32, device=M.device) for _, _, k_out in tasks]
     for s, e, c in kernels.reference._float32_chunks(M, o, n, y.shape[0], tmp):
         yy = y[: e - s]
-        torch.mv(c.T, q, out=yy)
-        w.addmv_(c, yy)
+        for (q, k_in, k_out), w in zip(tasks, ws):
+            torch.mv(c[:k_in].T, q, out=yy)
+            w.addmv_(c[:k_out], yy)
         if rowsq is not None:
             rowsq += torch.linalg.vector_norm(c, dim=1).double().square()
-    return w.double()
+    return [w.double().cpu() for w in ws]
 
 
-def _power_eigs(M: torch.Tensor, offsets, numels, *, max_iter: int, tol: float):
-    """Top eigenpair of every ``G_i = M_i M_i^T`` by Lanczos (full re-orthogonalisation, float64 in the small
-    ``T``-space) without forming ``G_i``. Returns ``(lam [S,1], U [S,T,1], total [S], last_sq [S], todo, passes)``
-    where ``todo`` lists the segments that did not converge (their entries are left for the Gram fallback) and
-    ``passes`` counts reads of the whole buffer."""
+class _Lanczos:
+    """Lanczos on a ``k x k`` symmetric PSD operator given by its products (full re-orthogonalisation, float64),
+    started from ``e_k`` (the last row: the warm start). :meth:`step` takes ``w = G q`` for :meth:`q` and says whether
+    the top Ritz pair converged (``True``), the iteration gave up (``False``: a flat spectrum or ``max_iter`` reached;
+    the caller falls back to the Gram) or needs another product (``None``). On convergence ``lam``, ``u`` and the Ritz
+    coefficients ``y`` (``u = Q y``) are set."""
+
+    def __init__(self, k: int, max_iter: int, tol: float):
+        self.Q = torch.zeros(k, max_iter + 1, dtype=torch.float64)
+        self.H = torch.zeros(max_iter + 1, max_iter, dtype=torch.float64)
+        self.Q[-1, 0] = 1.0
+        self.j = 0
+        self.max_iter = max_iter
+        self.tol = tol
+        self.prev_err = math.inf
+        self.lam = 0.0
+        self.u = None
+        self.y = None
+
+    def q(self) -> torch.Tensor:
+        return self.Q[:, self.j]
+
+    def step(self, w: torch.Tensor) -> Optional[bool]:
+        j, tol = self.j, self.tol
+        Qj = self.Q[:, : j + 1]
+        h = Qj.T @ w
+        w = w - Qj @ h
+        h2 = Qj.T @ w  # second Gram-Schmidt sweep: orthogonality to round-off
+        w = w - Qj @ h2
+        self.H[: j + 1, j] = h + h2
+        beta = float(w.norm())
+        self.H[j + 1, j] = beta
+        Hj = self.H[: j + 1, : j + 1]
+        theta, Y = torch.linalg.eigh(0.5 * (Hj + Hj.T))
+        th1 = float(theta[-1])
+        gap = th1 - (float(theta[-2]) if j > 0 else 0.0)
+        res = beta * abs(float(Y[-1, -1]))
+        if th1 > 0 and (beta <= 1e-12 * th1 or (j > 0 and res <= tol * th1 and res <= tol * gap)):
+            self.lam, self.y = th1, Y[:, -1]
+            self.u = Qj @ self.y
+            return True
+        if beta <= 1e-300:
+            return False  # invariant subspace without a positive Ritz value: let the Gram path decide
+        # Give up early when the observed convergence rate cannot reach tol within max_iter passes (a flat
+        # spectrum): every further pass would be wasted before the Gram fallback.
+        err = res / max(min(th1, gap), 1e-300) if th1 > 0 else math.inf
+        if j >= 2 and math.isfinite(err) and self.prev_err > 0:
+            rate = err / self.prev_err
+            if rate >= 1.0 or (j + 1) + math.log(err / tol) / -math.log(rate) > self.max_iter:
+                return False
+        self.prev_err = err
+        self.Q[:, j + 1] = w / beta
+        self.j += 1
+        return None if self.j < self.max_iter else False
+
+
+def _power_eigs(M: torch.Tensor, offsets, numels, *, max_iter: int, tol: float, fit_rows: int = 0,
+                fit_tol: Optional[float] = None):
+    """Top eigenpair of every ``G_i = M_i M_i^T`` by Lanczos without forming ``G_i``.
+
+    Returns ``(lam [S,1], U [S,T,1], diag [S,T], todo, passes, bt)``: ``diag`` is the Gram diagonal (squared row
+    norms, from the first pass), ``todo`` lists the segments that did not converge (their entries are left for the
+    Gram fallback) and ``passes`` counts reads of the whole buffer.
+
+    With ``fit_rows = p > 0`` (the backtest), a second Lanczos runs on ``G_i[P, P]`` (``P`` = the first ``p`` rows)
+    in the same passes over the buffer (tolerance ``fit_tol``, default ``tol``), each of its products taken over all
+    ``T`` rows,
+    ``M_i (M_{i,P}^T q)``, so that the converged Ritz vector ``u_P = Q y`` also gives ``G_i[:, P] u_P = W y`` with no
+    further pass. ``bt`` is then ``(lam_P [S], u_P [S, p], g_P [S, T], bt_todo)`` (``bt_todo``: segments whose
+    ``P`` iteration did not converge; the caller takes them from the Gram), else ``None``."""
     T = M.shape[0]
     S = len(offsets)
+    p = int(fit_rows)
     chunk = kernels.reference.CHUNK
     lam = torch.zeros(S, 1, dtype=torch.float64)
     U = torch.zeros(S, T, 1, dtype=torch.float64)
     U[:, -1, 0] = 1.0
-    total = torch.zeros(S, dtype=torch.float64)
-    last_sq = torch.zeros(S, dtype=torch.float64)
-    todo = []
+    diag = torch.zeros(S, T, dtype=torch.float64)
+    lam_P = torch.zeros(S, dtype=torch.float64)
+    u_P = torch.zeros(S, max(p, 0), dtype=torch.float64)
+    g_P = torch.zeros(S, T, dtype=torch.float64)
+    todo, bt_todo = [], []
     tmp = kernels.reference.float32_scratch(M, chunk)
     y = torch.empty(chunk, dtype=torch.float32, device=M.device)
     read = 0
+    dev = dict(device=M.device, dtype=torch.float32)
     for i, (o, n) in enumerate(zip(offsets, numels)):
-        Q = torch.zeros(T, max_iter + 1, dtype=torch.float64)
-        H = torch.zeros(max_iter + 1, max_iter, dtype=torch.float64)
-        Q[-1, 0] = 1.0
+        main = _Lanczos(T, max_iter, tol)
+        back = _Lanczos(p, max_iter, fit_tol or tol) if p > 0 else None
+        W = torch.zeros(T, max_iter + 1, dtype=torch.float64) if back else None
+        main_on, back_on = True, back is not None
         rowsq = torch.zeros(T, dtype=torch.float64, device=M.device)
-        done = False
-        prev_err = math.inf
-        for j in range(max_iter):
-            w = _fused_gram_matvec(M, o, n, Q[:, j].to(device=M.device, dtype=torch.float32), rowsq if j == 0 else None, tmp, y).cpu()
+        j = 0
+        while main_on or back_on:
+            tasks = [(main.q().to(**dev), T, T)] if main_on else []
+            if back_on:
+                tasks.append((back.q().to(**dev), p, T))
+            ws = _fused_gram_matvecs(M, o, n, tasks, rowsq if j == 0 else None, tmp, y)
             read += n
             if j == 0:
-                rowsq = rowsq.cpu()
-                total[i] = rowsq.sum()
-                last_sq[i] = rowsq[-1]
-                if total[i] == 0:
-                    done = True  # the segment never moved: lam = 0, any u (the direction pass gives v = 0)
-                    break
-            Qj = Q[:, : j + 1]
-            h = Qj.T @ w
-            w = w - Qj @ h
-            h2 = Qj.T @ w  # second Gram-Schmidt sweep: orthogonality to round-off
-            w = w - Qj @ h2
-            H[: j + 1, j] = h + h2
-            beta = float(w.norm())
-            H[j + 1, j] = beta
-            Hj = H[: j + 1, : j + 1]
-            theta, Y = torch.linalg.eigh(0.5 * (Hj + Hj.T))
-            th1 = float(theta[-1])
-            gap = th1 - (float(theta[-2]) if j > 0 else 0.0)
-            res = beta * abs(float(Y[-1, -1]))
-            if th1 > 0 and (beta <= 1e-12 * th1 or (j > 0 and res <= tol * th1 and res <= tol * gap)):
-                lam[i, 0] = th1
-                U[i, :, 0] = Qj @ Y[:, -1]
-                done = True
-                break
-            if beta <= 1e-300:
-                break  # invariant subspace without a positive Ritz value: let the Gram path decide
-            # Give up early when the observed convergence rate cannot reach tol within max_iter passes (a flat
-            # spectrum): every further pass would be wasted before the Gram fallback.
-            err = res / max(min(th1, gap), 1e-300) if th1 > 0 else math.inf
-            if j >= 2 and math.isfinite(err) and prev_err > 0:
-                rate = err / prev_err
-                if rate >= 1.0 or (j + 1) + math.log(err / tol) / -math.log(rate) > max_iter:
-                    break
-            prev_err = err
-            Q[:, j + 1] = w / beta
-        if not done:
-            todo.append(i)
-    return lam, U, total, last_sq, todo, read * T / max(1, T * sum(numels)) if S else 0.0
+                diag[i] = rowsq.cpu()
+                if diag[i].sum() == 0:
+                    break  # the segment never moved: lam = 0, any u (the direction pass gives v = 0)
+                if back_on and diag[i, :p].sum() == 0:
+                    back_on = False  # nothing moved in P: lam_P = 0, g_P = 0 (nothing is predicted)
+            if main_on:
+                w = ws.pop(0)
+                r = main.step(w)
+                if r is not None:
+                    main_on = False
+                    if r:
+                        lam[i, 0], U[i, :, 0] = main.lam, main.u
+                    else:
+                        todo.append(i)
+            if back_on:
+                w = ws.pop(0)
+                W[:, back.j] = w
+                r = back.step(w[:p])
+                if r is not None:
+                    back_on = False
+                    if r:
+                        lam_P[i], u_P[i] = back.lam, back.u
+                        g_P[i] = W[:, : back.y.shape[0]] @ back.y
+                    else:
+                        bt_todo.append(i)
+            j += 1
+    passes = read * T / max(1, T * sum(numels)) if S else 0.0
+    return lam, U, diag, todo, passes, ((lam_P, u_P, g_P, bt_todo) if p > 0 else None)
 
 
 @torch.no_grad()
