@@ -151,6 +151,8 @@ class Backtest:
     norm_ratio: Optional[torch.Tensor] = None
     relative_error: Optional[torch.Tensor] = None
     tensor_direction_cosine: Optional[torch.Tensor] = None
+    projection: Optional[torch.Tensor] = field(default=None, repr=False)  # [S, T] <Delta_t, v_P> (family selection)
+    row_sq: Optional[torch.Tensor] = field(default=None, repr=False)  # [S, T] ||Delta_t||^2
 
     @property
     def predicted_step(self) -> Optional[int]:
@@ -326,7 +328,7 @@ def backtest_from_projections(
     bt = Backtest(
         names=names, fit_steps=[int(s) for s in steps[:p]], line_steps=[int(s) for s in steps_t[:p][line].tolist()],
         predicted_steps=[int(s) for s in steps[p:]], sums=sums, cosine=cos, norm_ratio=ratio, relative_error=rel,
-        tensor_direction_cosine=drift,
+        tensor_direction_cosine=drift, projection=proj, row_sq=diag,
     )
     return bt.with_totals(bt.totals())
 
@@ -401,6 +403,7 @@ def combine(parts: Sequence[Backtest]) -> Backtest:
 
     merged = replace(
         first,
+        projection=None, row_sq=None,
         names=[n for q in parts for n in q.names],
         sums={k: torch.cat([q.sums[k] for q in parts]) for k in first.sums},
         cosine=cat("cosine"), norm_ratio=cat("norm_ratio"), relative_error=cat("relative_error"),

@@ -348,17 +348,20 @@ class RelexCallback(TrainerCallback):
 
         s, out_dir, model = self.settings, self._out_dir(args), kwargs.get("model")
         t0 = time.perf_counter()
+        trend, flat = self._reward_trend(state)
         writer = model_writer(model, kwargs.get("processing_class"), self.topology, self.tracked,
                               max_shard_size=s.max_shard_size, merge_lora=s.merge_lora)
         sol, self.report = finalize(
             self.store, writer, tcut=s.tcut, horizons=s.horizons, out_dir=out_dir, rank=s.rank, fit_start=s.fit_start,
             method=s.solver, overwrite=s.overwrite, kept=self.store.directory if self.store.storage == "disk" else None,
-            reduce=self.topology.reduce_grams if self.topology.sharded else None,
-            report_extra={"skipped_nonfinite_steps": list(self.skipped_steps),
+            reduce=self.topology.reduce_grams if self.topology.sharded else None, fit=s.fit, fit_window=s.fit_window,
+            degree=s.degree, skip_horizons=flat if s.on_flat_reward == "error" else None,
+            report_extra={"skipped_nonfinite_steps": list(self.skipped_steps), "reward_trend": trend,
                           "format": "peft_adapter" if is_peft_model(model) else "full"},
         )
         self.end_of_window_seconds = seconds = time.perf_counter() - t0
-        summ = self.report["summary"]
+        summ, bt = self.report["summary"], self.report.get("backtest") or {}
+        drift = bt.get("direction_cosine")
         self._emit({
             "relex/explained_variance_mean": summ["explained_variance_mean"],
             "relex/explained_variance_min": summ["explained_variance_min"],
@@ -366,7 +369,18 @@ class RelexCallback(TrainerCallback):
             "relex/solve_seconds": self.report["solve_seconds"],
             "relex/end_of_window_seconds": seconds,
             "relex/buffer_bytes": self.store.buffer_bytes,
+            "relex/backtest/cosine_global": bt.get("cosine_global"),
+            "relex/backtest/norm_ratio_global": bt.get("norm_ratio_global"),
+            "relex/backtest/relative_error_global": bt.get("relative_error_global"),
+            "relex/backtest/direction_drift": None if drift is None else 1.0 - drift,
+            "relex/reward_trend/slope": trend.get("slope"),
+            "relex/reward_trend/stderr": trend.get("stderr"),
         }, control)
+        if flat and s.on_flat_reward == "error":
+            self.done = True
+            raise RelexInputError(f"relex: {flat}; on_flat_reward='error': the state file and report.json are in "
+                                  f"{out_dir} but no horizon was written (write them anyway with `relex materialize`, "
+                                  "or pass on_flat_reward='warn')")
         self.done = True
         store, self.store = self.store, None
         store.release()
@@ -385,6 +399,23 @@ class RelexCallback(TrainerCallback):
                 logger.warning("relex: validation horizons %s are beyond max_steps=%d and will not be reached", late,
                                state.max_steps)
             self.validation = Validation(sol, store.theta0, store.specs, pending, self.tracked, self.topology, s.tcut)
+
+    def _reward_trend(self, state):
+        """The reward's least-squares trend over the window (``relex_callback.trend``) and, when it is measurably not
+        rising, the sentence that says so (warned here unless ``on_flat_reward="ignore"``)."""
+        from .trend import reward_trend
+
+        s = self.settings
+        trend = reward_trend(state.log_history, s.reward_metric, last=s.tcut)
+        if trend.get("rising") is not False or s.on_flat_reward == "ignore":
+            if trend.get("rising") is None:
+                logger.info("relex: no reward trend over the window (%s)", trend.get("reason"))
+            return trend, None
+        flat = (f"the reward ({trend['metric']}) did not rise over the window: slope {trend['slope']:.3g} per step "
+                f"+- {trend['stderr']:.3g} over {trend['points']} logged steps; extrapolating it is likely harmful")
+        if s.on_flat_reward == "warn":
+            logger.warning("relex: %s (on_flat_reward='warn': the horizons are written)", flat)
+        return trend, flat
 
     def _emit(self, logs: dict, control):
         """Queue ``relex/*`` metrics for the trainer's next ``on_log`` (this step: ``should_log`` is set)."""

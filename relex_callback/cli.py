@@ -90,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--storage", default="auto", help="buffer tier: auto (default), device, host or disk")
     e.add_argument("--solver", default="auto", help="auto (default), gram or power")
     e.add_argument("--max-shard-size", default="50GB", help="shard the written checkpoints above this size (default 50GB, like save_pretrained)")
+    e.add_argument("--fit", default="linear", help="coefficient curve: linear (default, the paper), power, log, polynomial, "
+                   "or auto (chosen by the in-window backtest)")
+    e.add_argument("--fit-window", type=int, default=None, help="fit only the last N checkpoints' steps")
+    e.add_argument("--degree", type=int, default=2, help="degree of --fit polynomial (default 2)")
     e.add_argument("--overwrite", action="store_true", help="replace existing outputs in --out")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -150,6 +154,13 @@ def cmd_extrapolate(args) -> int:
         raise RelexInputError(f"--dtype {args.dtype!r} is not one of bfloat16, float16, float32 (the trajectory "
                               "buffer's dtype)") from None
     _shard_size(args.max_shard_size)
+    from .config import FITS
+
+    if args.fit not in FITS:
+        raise RelexInputError(f"--fit {args.fit!r} is not one of {', '.join(FITS)}")
+    if args.degree != 2 and args.fit not in ("polynomial", "auto"):
+        raise RelexInputError(f"--degree applies to --fit polynomial; this run fits {args.fit}")
+    fit_kw = dict(fit=args.fit, fit_window=args.fit_window, degree=args.degree)
     if args.trajectory is not None:
         if args.steps is not None or args.stride != 1:
             raise RelexInputError("--steps and --stride apply to --checkpoints; a saved trajectory keeps its own steps")
@@ -163,7 +174,8 @@ def cmd_extrapolate(args) -> int:
 
         _, report = extrapolate_trajectory(args.trajectory, args.base, horizons, args.out, rank=args.rank,
                                            fit_start=args.fit_start, method=args.solver, overwrite=args.overwrite,
-                                           max_shard_size=args.max_shard_size)
+                                           max_shard_size=args.max_shard_size, **fit_kw)
+        print(trust_lines(report))
         print(f"relex: wrote {', '.join(report['checkpoints'])}")
         return 0
     from .offline import extrapolate_checkpoints
@@ -172,8 +184,9 @@ def cmd_extrapolate(args) -> int:
         args.base, args.checkpoints, horizons, args.out, steps=steps, stride=args.stride, fit_start=args.fit_start,
         rank=args.rank, dtype=args.dtype, device=args.device, storage=args.storage, solver=args.solver,
         max_shard_size=args.max_shard_size, overwrite=args.overwrite, progress=not args.no_progress,
-        timing=bool(os.environ.get("RELEX_TIMING")),
+        timing=bool(os.environ.get("RELEX_TIMING")), **fit_kw,
     )
+    print(trust_lines(report))
     s = report["summary"]
     print(f"relex: {s['tensors']} tensors, explained variance mean {_f(s['explained_variance_mean'])}, "
           f"R^2 mean {_f(s['r2_mean'])}; wrote {', '.join(report['checkpoints'])}")
@@ -300,6 +313,12 @@ def cmd_plan(args) -> int:
     else:
         print(plan.format())
     return 0
+
+
+def trust_lines(report: dict) -> str:
+    from .report import format_trust
+
+    return format_trust(report)
 
 
 def _f(x) -> str:

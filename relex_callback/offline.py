@@ -106,7 +106,8 @@ def materialize(state_path: str, base: str, horizons: Sequence[int], out_dir: Op
 
 def extrapolate_trajectory(trajectory_dir: str, base: str, horizons: Sequence[int], out_dir: str, *,
                            rank: int = 1, fit_start: Optional[int] = None, method: str = "auto",
-                           overwrite: bool = False, max_shard_size="50GB"):
+                           overwrite: bool = False, max_shard_size="50GB", fit: str = "linear",
+                           fit_window: Optional[int] = None, degree: int = 2):
     """Solve a saved trajectory (``<out>/partial_trajectory/`` of a run that ended before tcut, or a checkpoint's
     ``relex_trajectory/``) and write the state, the horizons and the report, as the callback would have. ``tcut``
     is the last recorded step. ``base`` is the checkpoint training started from (config, tokenizer, untracked
@@ -120,7 +121,8 @@ def extrapolate_trajectory(trajectory_dir: str, base: str, horizons: Sequence[in
     tcut = store.steps[-1]
     settings = RelexSettings.validate(tcut=tcut, horizons=horizons, stride=1, fit_start=fit_start,
                                       rank=min(rank, store.num_rows), solver=method, max_shard_size=max_shard_size,
-                                      allow_partial_stride=True)
+                                      fit=fit, degree=degree, allow_partial_stride=True)
+    _check_fit_window(fit_window, store.steps, fit_start)
     if rank > store.num_rows:
         raise RelexInputError(f"rank={rank} exceeds the {store.num_rows} recorded steps in {trajectory_dir}")
     src = DirectorySource(base)
@@ -149,14 +151,26 @@ def extrapolate_trajectory(trajectory_dir: str, base: str, horizons: Sequence[in
                    tcut, trajectory_dir)
     return finalize(store, FullModelWriter(src, max_shard_size=settings.max_shard_size), tcut=tcut,
                     horizons=settings.horizons, out_dir=out_dir, rank=rank, fit_start=fit_start, method=method,
-                    overwrite=overwrite, report_extra={"trajectory": os.path.abspath(trajectory_dir), "partial": True})
+                    overwrite=overwrite, fit=fit, fit_window=fit_window, degree=degree,
+                    report_extra={"trajectory": os.path.abspath(trajectory_dir), "partial": True})
+
+
+def _check_fit_window(fit_window, steps, fit_start):
+    """``fit_window`` against the steps a saved trajectory or a set of checkpoints actually has."""
+    if fit_window is None:
+        return
+    n = len([t for t in steps if fit_start is None or t >= fit_start])
+    if isinstance(fit_window, bool) or not isinstance(fit_window, int) or not 2 <= fit_window <= n:
+        raise RelexInputError(f"--fit-window {fit_window} must be between 2 and the {n} steps the fit can use "
+                              f"({list(steps)}{f' from {fit_start}' if fit_start is not None else ''})")
 
 
 def extrapolate_checkpoints(base: str, checkpoints: Sequence[str], horizons, out_dir: str, *,
                             steps: Optional[Sequence[int]] = None, stride: int = 1, fit_start: Optional[int] = None,
                             rank: int = 1, dtype: str = "bfloat16", device: str = "cpu", storage: str = "auto",
                             solver: str = "auto", max_shard_size="50GB", overwrite: bool = False,
-                            progress: bool = False, timing: bool = False):
+                            progress: bool = False, timing: bool = False, fit: str = "linear",
+                            fit_window: Optional[int] = None, degree: int = 2):
     """RELEX over checkpoints saved on disk (a run without the callback, or verl's): what ``relex extrapolate`` runs.
 
     Args:
@@ -189,7 +203,12 @@ def extrapolate_checkpoints(base: str, checkpoints: Sequence[str], horizons, out
     # The steps need not be every stride-th step, so settings are validated with stride 1 and the checks that depend
     # on the actual steps are done here.
     settings = RelexSettings.validate(tcut=max(tcut, 2), horizons=horizons, stride=1, rank=1, storage=storage,
-                                      dtype=dtype, solver=solver, max_shard_size=max_shard_size)
+                                      dtype=dtype, solver=solver, max_shard_size=max_shard_size, fit=fit,
+                                      degree=degree)
+    _check_fit_window(fit_window, obs, fit_start)
+    if fit == "polynomial" and degree >= min(len(obs), fit_window or len(obs)):
+        raise RelexInputError(f"--degree {degree} needs more than {degree} fitted checkpoints; there are "
+                              f"{min(len(obs), fit_window or len(obs))}")
     if fit_start is not None:
         n_fit = len([s for s in obs if s >= fit_start])
         if fit_start < 0 or n_fit < 2:
@@ -246,7 +265,8 @@ def extrapolate_checkpoints(base: str, checkpoints: Sequence[str], horizons, out
                                      max_shard_size=settings.max_shard_size)
             sol, report = finalize(
                 store, writer, tcut=tcut, horizons=settings.horizons, out_dir=out, rank=rank, fit_start=fit_start,
-                method=settings.solver, overwrite=overwrite, release_buffer=True,
+                method=settings.solver, overwrite=overwrite, release_buffer=True, fit=fit, fit_window=fit_window,
+                degree=degree,
                 report_extra={"base": os.path.abspath(base), "checkpoints_read": [c.path for c in cks]},
             )
         finally:

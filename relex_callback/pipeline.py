@@ -79,6 +79,11 @@ def finalize(
     release_buffer: bool = False,
     kept: Optional[str] = None,
     report_extra: Optional[dict] = None,
+    fit: str = "linear",
+    fit_window: Optional[int] = None,
+    degree: int = 2,
+    backtest=True,
+    skip_horizons: Optional[str] = None,
 ):
     """Solve ``store`` and write the state file, every horizon and ``report.json`` into ``out_dir`` with ``writer``.
     Returns ``(solution, report)``; in a distributed run every process calls it (the solution covers this
@@ -94,6 +99,12 @@ def finalize(
             need only theta_0 and the directions): lowers the CLI's peak memory.
         kept (`str`, *optional*): where the recorded window survives if even the state file cannot be written
             (named in the error).
+        fit (`str`), fit_window (`int`), degree (`int`): the coefficient curve (:func:`relex_callback.fit.fit`);
+            ``"auto"`` chooses it by the backtest (per tensor when each process solves its own tensors).
+        backtest (`bool`, `int` or `float`, *optional*, defaults to `True`): the in-window backtest's first part
+            (:func:`relex_callback.backtest.resolve_fit_rows`); ``None`` switches it off.
+        skip_horizons (`str`, *optional*): write the state file and the report but no horizon, for this reason
+            (recorded in the report).
     """
     horizons = [int(h) for h in horizons]
     check_outputs_free(out_dir, horizons, overwrite)
@@ -103,13 +114,16 @@ def finalize(
     writer.barrier()
     t0 = time.perf_counter()
     inputs = store.solve_inputs()
-    sol = solve(specs=store.specs, rank=rank, fit_start=fit_start, method=method, reduce=reduce, **inputs)
+    topo = getattr(writer, "topo", None)
+    sol = solve(specs=store.specs, rank=rank, fit_start=fit_start, method=method, reduce=reduce, **inputs,
+                backtest=backtest, fit=fit, fit_window=fit_window, degree=degree,
+                per_tensor_fit=topo is not None and not topo.sharded)
     del inputs  # a view of the buffer: it must not keep the buffer alive through the writes
     t_solve = time.perf_counter() - t0
     buffer_bytes, storage = store.buffer_bytes, store.storage
     error = None
     try:
-        check_horizons_fit(sol, horizons)
+        check_horizons_fit(sol, [] if skip_horizons else horizons)
     except RelexInputError as e:
         error = e
     writer.agree(error)  # every process refuses alike (each checked its own pieces)
@@ -128,7 +142,7 @@ def finalize(
             f"final names; {where}. Free space (or fix permissions) and run again"
         ) from e.__cause__
     written = []
-    for h in horizons:
+    for h in ([] if skip_horizons else horizons):
         try:
             written.append(writer.write_horizon(out_dir, h, tcut, overwrite))
         except WriteFailed as e:
@@ -151,7 +165,8 @@ def finalize(
         "write_seconds": round(t_write, 6),
         "checkpoints": written,
     }
-    topo = getattr(writer, "topo", None)
+    if skip_horizons:
+        extra["horizons_skipped"] = skip_horizons
     if topo is not None:
         per_process = topo.gather_objects(store.buffer_bytes if not release_buffer else buffer_bytes)
         extra.update(buffer_bytes_per_rank=per_process, distributed={"mode": topo.mode, "world_size": topo.world},

@@ -42,6 +42,7 @@ def summary_stats(tensors: list[dict]) -> dict:
 def build_report(solution, *, tcut: int, horizons, extra: Optional[dict] = None) -> dict:
     ev = solution.explained
     evr = solution.explained_rank
+    curve = getattr(solution, "curve", None)
     tensors = []
     for i, spec in enumerate(solution.specs):
         tensors.append(
@@ -59,6 +60,9 @@ def build_report(solution, *, tcut: int, horizons, extra: Optional[dict] = None)
                 "coeffs": [[float(x) for x in row] for row in solution.coeffs[i]],
             }
         )
+        if curve is not None:
+            c = curve[i].to_json()
+            tensors[-1]["fit"] = {"family": c.get("families", c["family"]), "params": c["params"], "r2": c["r2"]}
     rep = {
         "tcut": int(tcut),
         "steps": list(solution.steps),
@@ -69,11 +73,35 @@ def build_report(solution, *, tcut: int, horizons, extra: Optional[dict] = None)
         "solver_fallbacks": solution.fallbacks,
         "seconds": {k: round(v, 6) for k, v in solution.seconds.items()},
         "summary": summary_stats(tensors),
+        "fit": _fit_summary(solution, horizons),
         "tensors": tensors,
     }
+    bt = getattr(solution, "backtest", None)
+    if bt is not None:
+        rep["backtest"] = bt.to_report()
     if extra:
         rep.update(extra)
     return rep
+
+
+def _fit_summary(solution, horizons) -> dict:
+    """The coefficient curve used for the horizons and, for fit="auto", every family's backtest score; with the
+    ratio of the curve's total coefficient to the line's at each horizon (how far it departs from the paper's fit)."""
+    curve = getattr(solution, "curve", None)
+    out = {"family": curve.family if curve is not None else "linear"}
+    if curve is not None and curve.fit_window:
+        out["fit_window"] = curve.fit_window
+    sel = getattr(solution, "selection", None)
+    if sel is not None:
+        out["selection"] = sel.to_json()
+    if curve is not None:
+        ratios = {}
+        for h in horizons:
+            line = (solution.slope * float(h) + solution.intercept)[:, 0].abs().sum()
+            chosen = solution.coef_at(h)[:, 0].abs().sum()
+            ratios[str(int(h))] = float(chosen / line) if float(line) > 0 else None
+        out["coefficient_vs_line"] = ratios
+    return out
 
 
 def write_report(path: str, report: dict):
@@ -146,6 +174,9 @@ def format_summary(report: dict, worst: int = 10) -> str:
         f"horizons={report.get('horizons')}, solver={report.get('solver')}",
         f"tensors: {len(ts)} tracked, {len(moving)} moved, {len(ts) - len(moving)} unchanged (kept at theta_0)",
     ]
+    trust = format_trust(report)
+    if trust:
+        lines += trust.split("\n")
     if not moving:
         return "\n".join(lines + ["no tensor moved: every written checkpoint equals the base"])
     ev = [float(t["explained_variance"]) for t in moving]
@@ -171,6 +202,43 @@ def format_summary(report: dict, worst: int = 10) -> str:
         lines += [f"worst {min(k, len(moving))} tensors by R^2:"]
         for t in sorted(moving, key=lambda t: _key(t["r2"][0]))[:k]:
             lines.append(f"  {_fmt(t['r2'][0])}  explained {t['explained_variance']:.4f}  ||delta|| {t['delta_norm']:.3g}  {t['name']}")
+    return "\n".join(lines)
+
+
+def format_trust(report: dict) -> str:
+    """The signals that say whether to trust a horizon, in a few lines: the in-window backtest (a line fitted on
+    the first part of the window, scored on the rest), the reward trend, and the fit family chosen."""
+    lines = []
+    bt = report.get("backtest")
+    if bt:
+        if bt.get("reason"):
+            lines.append(f"backtest: not computed ({bt['reason']})")
+        else:
+            fs = bt.get("fit_steps") or []
+            lines.append(
+                f"backtest (line fitted on steps {_steps_text(fs)}, predicting step {bt.get('predicted_step')}): "
+                f"cosine {_fmt(bt.get('cosine_global')).strip()}, norm ratio {_fmt(bt.get('norm_ratio_global')).strip()}, "
+                f"relative error {_fmt(bt.get('relative_error_global')).strip()}, direction cosine "
+                f"{_fmt(bt.get('direction_cosine')).strip()}")
+    tr = report.get("reward_trend")
+    if tr:
+        if tr.get("slope") is None or tr.get("stderr") is None:
+            lines.append(f"reward trend: not computed ({tr.get('reason')})")
+        else:
+            verdict = "rising" if tr.get("rising") else "NOT rising: extrapolating it is likely harmful"
+            lines.append(f"reward trend ({tr.get('metric')}): slope {tr['slope']:.3g} +- {tr['stderr']:.3g} per step over "
+                         f"{tr.get('points')} logged steps: {verdict}")
+    fit = report.get("fit") or {}
+    sel = fit.get("selection")
+    if sel and sel.get("scores"):
+        scores = ", ".join(f"{k} {v:.3g}" for k, v in sel["scores"].items())
+        lines.append(f"fit: {fit.get('family')} (backtest relative error by family: {scores})")
+    elif sel and sel.get("reason"):
+        lines.append(f"fit: {fit.get('family')} ({sel['reason']})")
+    elif fit.get("family", "linear") != "linear":
+        lines.append(f"fit: {fit.get('family')}")
+    if report.get("horizons_skipped"):
+        lines.append(f"horizons NOT written: {report['horizons_skipped']}")
     return "\n".join(lines)
 
 

@@ -37,7 +37,7 @@ from .backtest import (
     backtest_from_projections,
     resolve_fit_rows,
 )
-from .fit import fit_lines
+from .fit import Fit, Selection, fit_lines
 from .params import TensorSpec
 
 # A component whose singular value is below this fraction of the largest one in its tensor carries no signal
@@ -67,6 +67,8 @@ class Solution:
     fallbacks: int = 0
     bytes_read: int = 0  # bytes of the buffer read by the solve (passes x segment bytes)
     backtest: Optional[Backtest] = None  # the in-window backtest (``solve(backtest=...)``), else None
+    curve: Optional[Fit] = None  # the fitted coefficient curves when not the plain line (``solve(fit=...)``)
+    selection: Optional[Selection] = None  # fit="auto": every family's backtest score and the choice
 
     @property
     def explained(self) -> torch.Tensor:
@@ -84,8 +86,15 @@ class Solution:
         return self.last_sq.clamp_min(0).sqrt()
 
     def coef_at(self, horizon: float) -> torch.Tensor:
-        """``a*H + b`` per tensor and component: ``[S, r]`` float64."""
+        """The fitted coefficient at step ``horizon`` per tensor and component: ``[S, r]`` float64 (``a*H + b`` for
+        the line)."""
+        if self.curve is not None:
+            return self.curve.coef_at(horizon)
         return self.slope * float(horizon) + self.intercept
+
+    @property
+    def fit_family(self) -> str:
+        return self.curve.family if self.curve is not None else "linear"
 
     def direction(self, i: int) -> torch.Tensor:
         s = self.specs[i]
@@ -185,6 +194,10 @@ def solve(
     folded_sq: Optional[torch.Tensor] = None,
     folded_steps: int = 0,
     backtest=None,
+    fit: str = "linear",
+    fit_window: Optional[int] = None,
+    degree: int = 2,
+    per_tensor_fit: bool = False,
 ) -> Solution:
     """Solve every segment of ``M`` (``[T, D]``, rows in step order).
 
@@ -236,6 +249,8 @@ def solve(
             method = "gram"
     steps_t, mask = _fit_steps(steps, fit_start)
     names = [sp.name for sp in specs]
+    if fit == "auto" and (backtest is None or backtest is False):
+        backtest = True  # the family is chosen by the backtest
     bt = None
     bt_rows = None
     if backtest is not None and backtest is not False:
@@ -299,12 +314,53 @@ def solve(
     passes += float(S > 0)
     coeffs = (U * sigma.unsqueeze(1)).transpose(1, 2)  # [S, r, T]
     slope, intercept, r2 = fit_lines(coeffs, steps_t, mask)
+    curve, selection = fit_curves(coeffs, steps_t, mask, bt, fit=fit, fit_window=fit_window, degree=degree,
+                                  per_tensor=per_tensor_fit)
     secs["total"] = time.perf_counter() - t0
     return Solution(
         specs=list(specs), steps=[int(s) for s in steps], fit_start=fit_start, rank=rank, sigma=sigma, coeffs=coeffs,
         slope=slope, intercept=intercept, r2=r2, total=total, last_sq=last_sq, V=V, method=method, seconds=secs,
-        fallbacks=fallbacks, bytes_read=int(round(passes * seg_bytes)), backtest=bt,
+        fallbacks=fallbacks, bytes_read=int(round(passes * seg_bytes)), backtest=bt, curve=curve, selection=selection,
     )
+
+
+def fit_curves(coeffs, steps_t, mask, bt, *, fit: str = "linear", fit_window: Optional[int] = None, degree: int = 2,
+               per_tensor: bool = False):
+    """The coefficient curves other than the plain line over every fitted step: ``(curve, selection)``, both
+    ``None`` for it. ``fit="auto"``: each family of :data:`relex_callback.fit.AUTO_FAMILIES` is fitted on the
+    backtest's first part and scored by how well it predicts the later recorded deltas (from the Gram:
+    ``bt.projection``, ``bt.row_sq``); the winner (global, or per tensor) is refitted on the whole window. A window too
+    short for the backtest keeps the line (the selection says why in the report)."""
+    from .fit import fit as fit_family, select_family
+
+    if fit == "linear" and fit_window is None:
+        return None, None
+    if fit != "auto":
+        return fit_family(coeffs, steps_t, mask, fit, degree, fit_window), None
+    if bt is None or bt.reason is not None or bt.projection is None:
+        why = bt.reason if bt is not None and bt.reason else "no backtest"
+        lines = fit_family(coeffs, steps_t, mask, "linear", degree, fit_window) if fit_window is not None else None
+        return lines, _NoSelection(why)
+    T = len(steps_t)
+    p = len(bt.fit_steps)
+    part = torch.zeros(T, dtype=torch.bool)
+    part[:p] = True
+    if int((part & mask).sum()) >= 3:
+        part = part & mask
+    sel = select_family(bt.projection, bt.row_sq, steps_t, part, ~torch.cat([torch.ones(p, dtype=torch.bool),
+                        torch.zeros(T - p, dtype=torch.bool)]), per_tensor=per_tensor, degree=degree,
+                        fit_window=fit_window)
+    return sel.refit(coeffs, steps_t, mask, degree, fit_window), sel
+
+
+@dataclass
+class _NoSelection:
+    """fit="auto" on a window the backtest could not use: the line is kept, the report says why."""
+
+    reason: str
+
+    def to_json(self) -> dict:
+        return {"choice": "linear", "reason": f"fit='auto' kept the line: {self.reason}"}
 
 
 def _directions(lam: torch.Tensor, U: torch.Tensor, rank: int, C: Optional[torch.Tensor] = None):

@@ -18,7 +18,8 @@ from .errors import RelexInputError
 from .params import TensorSpec
 
 from .fs import STATE_INDEX_NAME, STATE_NAME, atomic_file, write_json  # noqa: F401  (the names live in fs)
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-tensor "fit" (the coefficient curve, relex_callback.fit.Fit) beside slope/intercept
+READABLE_VERSIONS = (1, 2)  # 1: the line only
 N_SAMPLES = 8
 
 
@@ -70,7 +71,11 @@ class RelexState:
     tensors: dict  # name -> [r, n]
     info: dict  # name -> per-tensor metadata dict
 
+    curve: Optional[object] = None  # relex_callback.fit.Fit when the state records a curve other than the line
+
     def coef_at(self, horizon: float) -> torch.Tensor:
+        if self.curve is not None:
+            return self.curve.coef_at(horizon)
         return self.slope * float(horizon) + self.intercept
 
     def save(self, path: str):
@@ -105,6 +110,8 @@ def save_state(path: str, solution, theta0_of, *, tcut: int, extra: Optional[dic
             "delta_norm": float(solution.delta_norm[i]),
             "theta0": fingerprint(theta0_of(i)),
         }
+        if getattr(solution, "curve", None) is not None:
+            info[spec.name]["fit"] = solution.curve[i].to_json()
     meta = {
         "version": FORMAT_VERSION,
         "tcut": int(tcut),
@@ -193,7 +200,7 @@ def _load_state_index(path: str) -> RelexState:
     intercept = torch.stack([where[n][0].intercept[where[n][1]] for n in order])
     return RelexState(
         specs=specs, steps=first.steps, tcut=first.tcut, rank=first.rank, fit_start=first.fit_start, dtype=first.dtype,
-        slope=slope, intercept=intercept, tensors=tensors, info=info,
+        slope=slope, intercept=intercept, tensors=tensors, info=info, curve=_load_curve(info, order, path),
     )
 
 
@@ -215,9 +222,10 @@ def _load_state_file(path: str) -> RelexState:
         raise
     except Exception as e:
         raise RelexInputError(f"cannot read {path}: {e}; the file is missing or corrupt") from None
-    if not isinstance(meta, dict) or meta.get("version") != FORMAT_VERSION:
+    if not isinstance(meta, dict) or meta.get("version") not in READABLE_VERSIONS:
         version = meta.get("version") if isinstance(meta, dict) else None
-        raise RelexInputError(f"{path} has state format version {version}; this relex_callback reads {FORMAT_VERSION}")
+        raise RelexInputError(f"{path} has state format version {version}; this relex_callback reads "
+                              f"{', '.join(map(str, READABLE_VERSIONS))}: upgrade relex_callback to read it")
     from .schema import check_state_meta
 
     check_state_meta(meta, path, ("bfloat16", "float16", "float32"))
@@ -236,4 +244,20 @@ def _load_state_file(path: str) -> RelexState:
     return RelexState(
         specs=specs, steps=meta["steps"], tcut=meta["tcut"], rank=meta["rank"], fit_start=meta.get("fit_start"),
         dtype=meta["dtype"], slope=slope, intercept=intercept, tensors=tensors, info=info,
+        curve=_load_curve(info, order, path),
     )
+
+
+def _load_curve(info: dict, order: list, path: str):
+    """The recorded coefficient curves (``None`` when every tensor records only the line)."""
+    if not any(isinstance(info[n], dict) and "fit" in info[n] for n in order):
+        return None
+    from .fit import Fit
+
+    try:
+        return Fit.stack([Fit.from_json(info[n].get("fit") or info[n]) for n in order])
+    except RelexInputError as e:
+        raise RelexInputError(f"{path}: {e}") from None
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        raise RelexInputError(f"{path}: a tensor's 'fit' record is damaged ({type(e).__name__}: {e}); use the "
+                              "relex_state.safetensors the run wrote") from None

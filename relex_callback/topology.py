@@ -253,8 +253,13 @@ class Topology:
             whole = [TensorSpec(s.name, s.shape, s.dtype, s.numel) for s in sol.specs]
             return Solution(specs=whole, steps=sol.steps, fit_start=sol.fit_start, rank=sol.rank,
                             **{f: getattr(sol, f) for f in fields}, V=None, method=sol.method, seconds=sol.seconds,
-                            fallbacks=sol.fallbacks)
-        mine = {s.name: (s, {f: getattr(sol, f)[i].cpu() for f in fields}) for i, s in enumerate(sol.specs)}
+                            fallbacks=sol.fallbacks, backtest=sol.backtest, curve=sol.curve, selection=sol.selection)
+        from .backtest import combine
+        from .fit import Fit
+
+        curve = sol.curve
+        mine = {s.name: (s, {f: getattr(sol, f)[i].cpu() for f in fields},
+                         curve[i].to_json() if curve is not None else None) for i, s in enumerate(sol.specs)}
         allr = self.gather_objects(mine)
         merged = {}
         for d in allr:
@@ -263,9 +268,14 @@ class Topology:
         specs = [TensorSpec(merged[n][0].name, merged[n][0].shape, merged[n][0].dtype, merged[n][0].numel) for n in order]
         stacked = {f: torch.stack([merged[n][1][f] for n in order]) for f in fields}
         secs = self.gather_objects(sol.seconds)
+        curves = [merged[n][2] for n in order]
+        bts = self.gather_objects(sol.backtest)  # each process's tensors: additive sums, combined (the same everywhere)
         return Solution(specs=specs, steps=sol.steps, fit_start=sol.fit_start, rank=sol.rank, **stacked, V=None,
                         method=sol.method, seconds={k: max(s.get(k, 0.0) for s in secs) for k in sol.seconds},
-                        fallbacks=sum(self.gather_objects(sol.fallbacks)))
+                        fallbacks=sum(self.gather_objects(sol.fallbacks)),
+                        backtest=combine(bts) if all(b is not None for b in bts) else None,
+                        curve=Fit.stack([Fit.from_json(c) for c in curves]) if all(curves) else None,
+                        selection=sol.selection)
 
     def write_plan(self, model) -> dict:
         """Which process writes each checkpoint key: ``{"keys", "meta": key -> (shape, dtype), "owner": key ->
@@ -370,6 +380,7 @@ class Topology:
             specs=specs, steps=sol.steps, fit_start=sol.fit_start, rank=svd_rank, sigma=pick(sol.sigma),
             coeffs=pick(sol.coeffs), slope=pick(sol.slope), intercept=pick(sol.intercept), r2=pick(sol.r2),
             total=pick(sol.total), last_sq=pick(sol.last_sq), V=V, method=sol.method,
+            curve=sol.curve[rows] if sol.curve is not None and len(mine_names) else None,
         )
         theta0 = [theta0_full.pop(s.name) for s in specs]
         return owned, theta0, extra
