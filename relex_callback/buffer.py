@@ -277,6 +277,7 @@ class TrajectoryStore:
         self.window: dict = {}  # the settings a resume must share (tcut, stride, world); set by open_window
         self.skipped_unchanged_steps: list[int] = []  # steps whose weights did not move (e.g. a skipped AMP step)
         self._last_sums: Optional[torch.Tensor] = None  # [S] float32 sums of the last recorded delta, per tensor
+        self._meta_warned = False
         self.saved: dict = {}  # from load(): saved_step and the live-weight fingerprints at that step
         # rows persisted in the run directory for checkpoints to link (host/device tiers; see save())
         self._theta0_file: Optional[str] = None
@@ -557,7 +558,13 @@ class TrajectoryStore:
             self.steps.append(int(step))
             self._last_sums = sums
         if self.storage == "disk":
-            self._write_meta(self.directory, durable=False)  # on the training step: atomic, no disk flush
+            try:  # on the training step: atomic, no disk flush
+                self._write_meta(self.directory, durable=False)
+            except OSError as e:  # crash-recovery metadata only (the rows are in the allocated file): go on
+                if not self._meta_warned:
+                    self._meta_warned = True
+                    logger.warning("relex: cannot update %s (%s); training goes on, but a crash now would leave "
+                                   "stale metadata there", os.path.join(self.directory, META_FILE), describe_failure(e))
 
     def _unchanged(self, step: int, slot: int, row: torch.Tensor, sums: torch.Tensor) -> bool:
         """Whether the delta just computed for a new ``step`` equals the previous recorded one exactly (the weights did
