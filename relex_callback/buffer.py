@@ -1241,6 +1241,10 @@ def open_window(settings, tracked, topology, *, out_dir: str, global_step: int, 
             store = TrajectoryStore(specs, capacity, directory=run_dir, **common)
             store.window = info
             store.set_theta0([t.read() for t in tracked])
+            if topology.is_distributed:  # one id for the run: trainer_state.json (process 0's) names it for all
+                store.run_id = topology.broadcast_object(store.run_id)
+                if store.storage == "disk":
+                    store._write_meta(store.directory)
     except Exception as e:
         if not write_failure(e):
             raise
