@@ -695,7 +695,7 @@ class TrajectoryStore:
                 with contextlib.suppress(OSError):
                     os.remove(os.path.join(self.directory, name))
 
-    def discard_files(self) -> int:
+    def discard_files(self, keep: Sequence[str] = ()) -> int:
         """Delete the run directory's files (the disk tier's buffer, theta_0, metadata, the rows persisted for
         checkpoints) once the window's result is written; returns the bytes freed (a file a checkpoint still links
         frees nothing: its bytes stay with the checkpoint)."""
@@ -705,7 +705,7 @@ class TrajectoryStore:
         freed = 0
         names = [BUFFER_FILE, META_FILE, THETA0_FILE, FOLD_FILE]
         names += [n for n in os.listdir(self.directory) if n.startswith(("rows-", "basis-"))]
-        for name in names:
+        for name in (n for n in names if n not in keep):
             path = os.path.join(self.directory, name)
             if os.path.exists(path):
                 st = os.stat(path)

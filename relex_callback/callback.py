@@ -17,11 +17,11 @@ import time
 import weakref
 from typing import Optional, Sequence
 
-import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
-from .buffer import TRAJECTORY_DIR, OutputLock, open_window, resume_record, running_trainer
+from .buffer import (RUN_TRAJECTORY_DIR, THETA0_FILE, TRAJECTORY_DIR, OutputLock, open_window, resume_record,
+                     running_trainer)
 from .config import RelexConfig, RelexSettings
 from .errors import RelexInputError, RelexNonFiniteError
 from .fs import check_outputs_free, check_writable_dir
@@ -44,17 +44,13 @@ def _handler_list(callback) -> Optional[list]:
 
 
 def _horizon_bytes(model, tracked, merge_lora: bool) -> int:
-    """Bytes of one written horizon: the model's state dict (tied tensors once), or the adapter for PEFT models
-    (plus the merged model with ``merge_lora``)."""
+    """Bytes of one written horizon: every parameter (tied ones once; the full size of a ZeRO-3 or FSDP2 shard) and
+    buffer of the model, or the adapter for PEFT models (plus the merged model with ``merge_lora``)."""
     from .params import is_peft_model
 
-    seen, full = set(), 0
-    for t in model.state_dict().values():
-        if isinstance(t, torch.Tensor) and t.device.type != "meta":
-            key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel())
-            if key not in seen:
-                seen.add(key)
-                full += t.numel() * t.element_size()
+    full = 0
+    for _, p in itertools.chain(model.named_parameters(), model.named_buffers()):
+        full += int(getattr(p, "ds_numel", 0) or p.numel()) * p.element_size()
     if is_peft_model(model):
         adapter = sum(x.spec.numel * x.spec.dtype.itemsize for x in tracked)
         return adapter + (full if merge_lora else 0)
@@ -148,8 +144,14 @@ class RelexCallback(TrainerCallback, ExportableState):
     added to ``report.json`` under ``"validation"``.
 
     Resume: ``trainer.train(resume_from_checkpoint=...)`` inside the window continues the same trajectory
-    (theta_0 and the rows recorded so far are saved in ``checkpoint-N/relex_trajectory/``); resuming after
-    ``tcut`` writes nothing again.
+    (theta_0 and the rows recorded so far are in ``checkpoint-N/relex_trajectory/``, hard links to files written
+    once under ``output_dir/trajectory/``: a checkpoint adds only the rows recorded since the previous one). The
+    trajectory is found where the Trainer loaded the checkpoint (any path, any ``output_dir``; the callback's
+    record in ``trainer_state.json`` names the run and the step) and checked before one more step is recorded:
+    the same run, the same ``tcut``/``stride``/``dtype``/tracked tensors/world size, and theta_0 plus the last
+    recorded delta equal to the weights the trainer resumed with; anything else is refused with what differs.
+    Resuming after ``tcut`` writes nothing again. One callback owns an output directory at a time
+    (``.relex-lock.json`` while its window is open).
 
     Example:
 
@@ -312,6 +314,7 @@ class RelexCallback(TrainerCallback, ExportableState):
 
                 self._select(model)
                 self.validation = Validation.resume(checkpoints, self.tracked, self.topology, state.global_step, s.tcut)
+                self._link_theta0(out_dir)
             return
         if state.max_steps and 0 < state.max_steps < s.tcut:
             logger.warning("relex: the trainer will stop at max_steps=%d, before tcut=%d: no checkpoint will be "
@@ -390,6 +393,12 @@ class RelexCallback(TrainerCallback, ExportableState):
 
     def on_train_end(self, args, state, control, **kwargs):
         self._release()
+        if self.validation is not None and self.validation.theta0_file:  # the checkpoints keep their links
+            for p in (self.validation.theta0_file, os.path.dirname(self.validation.theta0_file)):
+                try:
+                    os.remove(p) if os.path.isfile(p) else os.rmdir(p)
+                except OSError:
+                    pass
         if not self.done and self.store is not None and self.store.num_rows:
             keep = self.topology.trajectory_dir(os.path.join(self._out_dir(args), "partial_trajectory"))
             self.store.save(keep)
@@ -431,7 +440,8 @@ class RelexCallback(TrainerCallback, ExportableState):
         self.done = True
         store, self.store = self.store, None
         store.release()
-        freed = store.discard_files()  # disk tier: the state file and the horizons hold the result now
+        # the state file and the horizons hold the result now; validation mode keeps theta_0 for its checkpoints
+        freed = store.discard_files(keep=() if s.stop_training else (THETA0_FILE,))
         if freed:
             logger.info("relex: removed the run's trajectory files %s (%.2f GiB); the trainer checkpoints inside the "
                         "window keep theirs in relex_trajectory/", store.directory, freed / 2**30)
@@ -447,6 +457,13 @@ class RelexCallback(TrainerCallback, ExportableState):
                 logger.warning("relex: validation horizons %s are beyond max_steps=%d and will not be reached", late,
                                state.max_steps)
             self.validation = Validation(sol, store.theta0, store.specs, pending, self.tracked, self.topology, s.tcut)
+            self._link_theta0(out_dir)
+
+    def _link_theta0(self, out_dir: str):
+        """Validation checkpoints link theta_0 from ``<out_dir>/trajectory/`` instead of writing it each time."""
+        if self.validation is not None:
+            self.validation.theta0_file = os.path.join(
+                self.topology.trajectory_dir(os.path.join(out_dir, RUN_TRAJECTORY_DIR)), THETA0_FILE)
 
     def _emit(self, logs: dict, control):
         """Queue ``relex/*`` metrics for the trainer's next ``on_log`` (this step: ``should_log`` is set)."""

@@ -235,3 +235,13 @@ def test_disk_filling_during_training_is_not_a_sigbus(small_fs, subprocess_env):
     assert r.returncode == 3, (r.returncode, r.stdout[-2000:], r.stderr[-3000:])
     assert "RECORDED [1, 2, 3, 4, 5, 6]" in r.stdout, r.stdout
     assert "RelexWriteError" in r.stdout and "No space left" in r.stdout, r.stdout
+
+
+def test_validation_checkpoints_link_theta0(tmp_path):
+    """Validation mode saves theta_0 with every checkpoint after tcut: written once, hard-linked into each."""
+    cb = RelexCallback(tcut=4, horizons=[7], dtype="float32", stop_training=False)
+    grpo_trainer(tmp_path, [cb], save_strategy="steps", save_steps=1, max_steps=7).train()
+    stats = [os.stat(tmp_path / f"checkpoint-{k}" / "relex_trajectory" / "theta0.safetensors") for k in (5, 6, 7)]
+    assert len({(s.st_dev, s.st_ino) for s in stats}) == 1
+    assert "7" in cb.report["validation"]
+    assert not (tmp_path / "relex" / "trajectory").exists()  # the run directory's name is gone at the end
