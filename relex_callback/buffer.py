@@ -7,23 +7,40 @@ dtype; row ``i`` holds ``Delta_t = theta_t - theta_0`` (computed in float32) for
 always kept in step order.
 
 Tiers: ``device`` (accelerator memory), ``host`` (CPU memory, pinned when CUDA is present, copies on a side
-stream), ``disk`` (a memory-mapped file in ``directory``; survives a crash), ``auto`` (the fastest that fits).
+stream), ``disk`` (a memory-mapped file in ``directory``, allocated in full up front; survives a crash), ``auto``
+(the fastest that fits).
+
+Trainer checkpoints (:meth:`TrajectoryStore.save`): the bytes of the trajectory are written once, in the run
+directory (``<relex output_dir>/trajectory/``): ``theta0.safetensors`` once, and at each checkpoint one
+``rows-*.bin`` file holding only the rows recorded since the previous checkpoint (``basis-*.bin`` once per fold).
+Each checkpoint's ``relex_trajectory/`` hard-links those files (a plain copy only across file systems) and adds its
+own ``trajectory.json``, so a checkpoint costs the new rows plus metadata, older checkpoints stay valid when the
+trainer deletes newer or older ones, and a checkpoint still resumes after the run directory is deleted. Files are
+never modified once linked: a new version is always a new file renamed into place. The disk tier's memory-mapped
+``trajectory.bin`` is itself the linked file (its rows up to a checkpoint never change afterwards; a fold or a
+replay after a resume first moves the ring to a fresh file when a checkpoint still links the old one).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
 import shutil
+import socket
 import sys
+import time
+import uuid
+import weakref
 from typing import Iterable, Optional, Sequence
 
 import torch
 
 from .config import dtype_name, torch_dtype
 from .errors import RelexInputError, RelexMemoryError, RelexNonFiniteError
-from .fs import atomic_file, write_json
+from .fs import atomic_file, describe_failure, write_failure, write_json
 from .params import TensorSpec
 
 logger = logging.getLogger("relex_callback")
@@ -37,6 +54,9 @@ META_FILE = "trajectory.json"
 THETA0_FILE = "theta0.safetensors"
 FOLD_FILE = "fold.safetensors"
 TRAJECTORY_DIR = "relex_trajectory"  # inside each trainer checkpoint: the window so far, for resume
+RUN_TRAJECTORY_DIR = "trajectory"  # inside the relex output_dir: the files each checkpoint links
+LOCK_FILE = ".relex-lock.json"  # inside the relex output_dir while a callback owns it
+META_VERSION = 2
 
 
 def _fmt(n: float) -> str:
@@ -118,6 +138,86 @@ def available_disk_bytes(directory: str) -> int:
     return shutil.disk_usage(d or ".").free
 
 
+def link_or_copy(src: str, dst: str) -> str:
+    """Make ``dst`` name the bytes of ``src``: a hard link (no bytes written), or a copy when the two paths are on
+    different file systems (``EXDEV``) or the file system has no hard links. Atomic: a temporary name renamed over
+    ``dst``, so an existing ``dst`` (another inode, possibly linked from elsewhere) is replaced, never written into.
+    Returns ``"same"``, ``"link"`` or ``"copy"``."""
+    try:
+        a, b = os.stat(src), os.stat(dst)
+        if (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino):
+            return "same"
+    except FileNotFoundError:
+        pass
+    tmp = f"{dst}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    try:
+        os.link(src, tmp)
+        how = "link"
+    except OSError as e:
+        if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EACCES):
+            raise
+        with atomic_file(dst) as t:
+            shutil.copyfile(src, t)
+        return "copy"
+    try:
+        os.replace(tmp, dst)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    return how
+
+
+def allocate_file(path: str, nbytes: int, what: str = "the disk-tier trajectory buffer"):
+    """Create ``path`` (a new inode, renamed into place) with ``nbytes`` allocated on disk now
+    (``posix_fallocate``), so that a full disk is an error here and never a ``SIGBUS`` when a memory-mapped page is
+    first written during training. Raises :class:`RelexMemoryError` when the file system is full."""
+    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        try:
+            if nbytes:
+                os.posix_fallocate(fd, 0, nbytes)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise RelexMemoryError(
+                    f"{what} needs {_fmt(nbytes)} in {os.path.dirname(path)} but the file system refused to allocate "
+                    f"it ({e.strerror}; {_fmt(available_disk_bytes(os.path.dirname(path)))} free): free disk space, "
+                    "put output_dir on a larger disk, or use storage='host' / a larger stride"
+                ) from None
+            if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+                raise
+            _write_zeros(fd, nbytes)  # a file system without fallocate: allocate by writing
+        os.close(fd)
+        fd = None
+        os.replace(tmp, path)
+    except BaseException:
+        if fd is not None:
+            os.close(fd)
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def _write_zeros(fd: int, nbytes: int):
+    block = bytes(1 << 20)
+    done = 0
+    try:
+        while done < nbytes:
+            done += os.write(fd, block[: min(len(block), nbytes - done)])
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise RelexMemoryError(f"the disk-tier trajectory buffer needs {_fmt(nbytes)} but the disk is full after "
+                                   f"{_fmt(done)}: free disk space or use storage='host'") from None
+        raise
+
+
+def _fingerprints(tensors: Sequence[torch.Tensor]) -> list:
+    from .state import fingerprint
+
+    return [fingerprint(t) for t in tensors]
+
+
 class TrajectoryStore:
     """Per-rank store of theta_0 and the recorded deltas.
 
@@ -173,7 +273,17 @@ class TrajectoryStore:
         self.fold_rank = int(fold_rank) if fold_rank else None
         self.arena: Optional[torch.Tensor] = None  # [fold_rank + K, D]; M is a view of its last K rows
         self._reset_fold()
-        self.storage = self.choose_storage(storage) if _allocate else storage
+        self.run_id: Optional[str] = None  # names this window; kept across resumes, checked against trainer_state
+        self.window: dict = {}  # the settings a resume must share (tcut, stride, world); set by open_window
+        self.skipped_unchanged_steps: list[int] = []  # steps whose weights did not move (e.g. a skipped AMP step)
+        self._last_sums: Optional[torch.Tensor] = None  # [S] float32 sums of the last recorded delta, per tensor
+        self._meta_warned = False
+        self.saved: dict = {}  # from load(): saved_step and the live-weight fingerprints at that step
+        # rows persisted in the run directory for checkpoints to link (host/device tiers; see save())
+        self._theta0_file: Optional[str] = None
+        self._basis_entry: Optional[dict] = None  # {"file", "row", "rows"}: the fold basis rows
+        self._ring_entries: list[dict] = []  # ring rows 0.. in files, in order
+        self.storage = self.choose_storage(storage)
         self._stream = None
         self._staging = None
         self._event = None
@@ -255,7 +365,7 @@ class TrajectoryStore:
         return storage
 
     # ------------------------------------------------------------- allocation
-    def _allocate(self):
+    def _allocate(self, reuse_file: bool = False):
         shape = (self.rows_allocated, self.D)
         if self.storage == "device":
             self.M = torch.empty(shape, dtype=self.dtype, device=self.device)
@@ -268,18 +378,47 @@ class TrajectoryStore:
                 self._stream = torch.cuda.Stream(device=self.device)
                 self._staging = torch.empty(self.D, dtype=self.dtype, device=self.device)
         elif self.storage == "disk":
-            os.makedirs(self.directory, exist_ok=True)
-            path = os.path.join(self.directory, BUFFER_FILE)
-            n = self.rows_allocated * self.D
-            with open(path, "ab") as f:
-                if f.tell() < n * self.dtype.itemsize:
-                    f.truncate(n * self.dtype.itemsize)
-            self.M = torch.from_file(path, shared=True, size=n, dtype=self.dtype).view(shape)
+            self.M = self._map_disk(fresh=not reuse_file)
         else:  # pragma: no cover
             raise AssertionError(self.storage)
         if self.fold_rank:
             self.arena = self.M
             self.M = self.arena[self.fold_rank :]
+
+    def _map_disk(self, fresh: bool = True) -> torch.Tensor:
+        """Map ``directory/trajectory.bin`` as the ``[rows, D]`` arena. ``fresh``: a new, fully allocated file (a new
+        inode: a file a checkpoint links is never written into), else the existing file (read it in place)."""
+        os.makedirs(self.directory, exist_ok=True)
+        path = os.path.join(self.directory, BUFFER_FILE)
+        n = self.rows_allocated * self.D
+        if fresh or not os.path.exists(path):
+            allocate_file(path, n * self.dtype.itemsize)
+        elif os.path.getsize(path) < n * self.dtype.itemsize:
+            raise RelexInputError(f"{path} holds {os.path.getsize(path)} bytes, fewer than the {n * self.dtype.itemsize} "
+                                  "its metadata describes: the trajectory is damaged")
+        return torch.from_file(path, shared=True, size=n, dtype=self.dtype).view(self.rows_allocated, self.D)
+
+    def _disk_file_linked(self) -> bool:
+        try:
+            return os.stat(os.path.join(self.directory, BUFFER_FILE)).st_nlink > 1
+        except OSError:
+            return False
+
+    def _move_arena_to_fresh_file(self, copy_rows: bool = True) -> torch.Tensor:
+        """Disk tier: continue in a new file (the old one stays, unchanged, for the checkpoints that link it).
+        ``copy_rows``: copy the rows in use; the caller fills the new file otherwise. Returns the new arena."""
+        self.synchronize()
+        old = self.arena if self.fold_rank else self.M
+        new = self._map_disk(fresh=True)
+        if copy_rows:
+            lo = (self.fold_rank - self.basis_rows) if self.fold_rank else 0
+            hi = (self.fold_rank or 0) + self.num_ring_rows
+            new[lo:hi].copy_(old[lo:hi])
+        if self.fold_rank:
+            self.arena, self.M = new, new[self.fold_rank :]
+        else:
+            self.M = new
+        return new
 
     # --------------------------------------------------------------- theta_0
     def set_theta0(self, tensors: Iterable[torch.Tensor]):
@@ -293,8 +432,12 @@ class TrajectoryStore:
         self.theta0 = theta0
         self.steps = []
         self._reset_fold()
+        self.run_id = uuid.uuid4().hex
+        self._last_sums = None
+        self._theta0_file, self._basis_entry, self._ring_entries = None, None, []
         if self.storage == "disk":
             self._save_theta0(self.directory)
+            self._theta0_file = os.path.join(self.directory, THETA0_FILE)
             self._write_meta(self.directory)
 
     def theta0_of(self, spec: TensorSpec) -> torch.Tensor:
@@ -334,8 +477,22 @@ class TrajectoryStore:
                 f"cannot go back to step {last_step}: steps up to {self.folded_steps[-1]} were already folded into the "
                 f"factorisation; resume from the checkpoint whose trajectory was saved at step {last_step}"
             )
-        self.steps = [s for s in self.steps if s <= last_step]
+        kept = [s for s in self.steps if s <= last_step]
+        if len(kept) == len(self.steps):
+            return
+        self.steps = kept
+        self._last_sums = None
+        ring = self.num_ring_rows
+        entries, n = [], 0
+        for e in self._ring_entries:  # persisted ring rows beyond the new end are dropped (files stay for checkpoints)
+            if n >= ring:
+                break
+            entries.append(dict(e, rows=min(e["rows"], ring - n)))
+            n += entries[-1]["rows"]
+        self._ring_entries = entries
         if self.storage == "disk":
+            if self._disk_file_linked():  # a checkpoint links rows that a replay would overwrite
+                self._move_arena_to_fresh_file()
             self._write_meta(self.directory)
 
     @torch.no_grad()
@@ -375,14 +532,13 @@ class TrajectoryStore:
                 else:
                     buf.copy_(a)
                     buf.sub_(th0[s:e])
-                if self.check_finite:
-                    cs = buf.sum()
-                    acc = cs if acc is None else acc + cs
+                cs = buf.sum()  # finiteness and the unchanged-step check ride on it
+                acc = cs if acc is None else acc + cs
                 target[o + s : o + e].copy_(buf)
-            if self.check_finite:
-                sums.append(acc if acc is not None else torch.zeros((), device=self.theta0.device))
-        if self.check_finite and sums:
-            flags = ~torch.isfinite(torch.stack(sums))  # one host sync for all tensors
+            sums.append(acc if acc is not None else torch.zeros((), device=self.theta0.device))
+        sums = torch.stack(sums).cpu()  # one host sync for all tensors
+        if self.check_finite:
+            flags = ~torch.isfinite(sums)
             if bool(flags.any()):
                 names = [self.specs[i].name for i in torch.nonzero(flags).flatten().tolist()]
                 raise RelexNonFiniteError(
@@ -390,6 +546,8 @@ class TrajectoryStore:
                     + (" ..." if len(names) > 5 else "")
                     + "; the step was not recorded (the training run diverged or overflowed)"
                 )
+        if slot == self.num_ring_rows and self._unchanged(step, slot, target, sums):
+            return
         if self._staging is not None:
             self._stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self._stream):
@@ -398,8 +556,41 @@ class TrajectoryStore:
                 self._event.record(self._stream)
         if slot == self.num_ring_rows:
             self.steps.append(int(step))
+            self._last_sums = sums
         if self.storage == "disk":
-            self._write_meta(self.directory, durable=False)  # on the training step: atomic, no disk flush
+            try:  # on the training step: atomic, no disk flush
+                self._write_meta(self.directory, durable=False)
+            except OSError as e:  # crash-recovery metadata only (the rows are in the allocated file): go on
+                if not self._meta_warned:
+                    self._meta_warned = True
+                    logger.warning("relex: cannot update %s (%s); training goes on, but a crash now would leave "
+                                   "stale metadata there", os.path.join(self.directory, META_FILE), describe_failure(e))
+
+    def _unchanged(self, step: int, slot: int, row: torch.Tensor, sums: torch.Tensor) -> bool:
+        """Whether the delta just computed for a new ``step`` equals the previous recorded one exactly (the weights did
+        not move: an optimizer step skipped by a mixed-precision loss scaler still advances ``global_step``). The
+        per-tensor sums decide cheaply; equal sums are confirmed on the whole row when the previous row is in the
+        ring (after a fold or a resume it may not be: then equal sums over every tensor decide). Such a step is not
+        recorded; it is counted in ``skipped_unchanged_steps``."""
+        prev = self._last_sums if self.steps else torch.zeros_like(sums)
+        if prev is not None and not torch.equal(prev, sums):
+            return False
+        if not self.steps:
+            same = not bool(row.any())  # weights still theta_0
+        elif slot > 0:
+            self.synchronize()
+            prev_row = self.M[slot - 1]
+            same = torch.equal(row, prev_row if prev_row.device == row.device else prev_row.to(row.device))
+        else:
+            same = prev is not None
+        if same:
+            self.skipped_unchanged_steps.append(int(step))
+            logger.warning(
+                "relex: the weights did not change at step %d (an optimizer step skipped by the loss scaler, or a "
+                "zero learning rate); the step is not recorded (%d such step(s) so far)", step,
+                len(self.skipped_unchanged_steps),
+            )
+        return same
 
     def synchronize(self):
         if self._event is not None:
@@ -459,9 +650,16 @@ class TrajectoryStore:
         sigma, U, X, G_B, _ = factor_left(B, C, self.specs, self.fold_rank)
         self.folded_sq = self.folded_sq + self._ring_sq(G_B)
         r = self.fold_rank
-        # the new basis overwrites rows of B: safe in the chunked reference, which computes each chunk's product in
-        # full before writing it (the Triton kernel makes no such promise)
-        project_reference(B, [s.offset for s in self.specs], [s.local_numel for s in self.specs], X, self.arena[:r])
+        out = self.arena
+        if self.storage == "disk" and self._disk_file_linked():
+            # a checkpoint links the mapped file: the new basis goes to a fresh file, the old one stays as linked
+            old_arena = self.arena
+            out = self._move_arena_to_fresh_file(copy_rows=False)
+            B = old_arena[r - self.basis_rows : r + self.num_ring_rows]
+        # the new basis overwrites rows of B when written in place: safe in the chunked reference, which computes
+        # each chunk's product in full before writing it (the Triton kernel makes no such promise)
+        project_reference(B, [s.offset for s in self.specs], [s.local_numel for s in self.specs], X, out[:r])
+        self._drop_entries()
         self.L = U * sigma.unsqueeze(1)  # [S, T, r]
         self.folded_steps = list(self.steps)
         self.basis_rows = r
@@ -487,17 +685,31 @@ class TrajectoryStore:
         self._scratch = None
         self.arena = None
 
-    def discard_files(self) -> int:
-        """Delete the disk tier's files (buffer, theta_0, metadata) once the window's result is written; returns the
-        bytes freed. Other tiers have none."""
-        if self.storage != "disk" or not self.directory:
+    def _drop_entries(self):
+        """Forget the persisted rows (a fold replaced them): unlink their files from the run directory; the
+        checkpoints that link them keep theirs."""
+        names = {e["file"] for e in self._ring_entries + ([self._basis_entry] if self._basis_entry else [])}
+        self._ring_entries, self._basis_entry = [], None
+        for name in names:
+            if name != BUFFER_FILE and self.directory:
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(self.directory, name))
+
+    def discard_files(self, keep: Sequence[str] = ()) -> int:
+        """Delete the run directory's files (the disk tier's buffer, theta_0, metadata, the rows persisted for
+        checkpoints) once the window's result is written; returns the bytes freed (a file a checkpoint still links
+        frees nothing: its bytes stay with the checkpoint)."""
+        if not self.directory or not os.path.isdir(self.directory):
             return 0
         self.release()
         freed = 0
-        for name in (BUFFER_FILE, META_FILE, THETA0_FILE, FOLD_FILE):
+        names = [BUFFER_FILE, META_FILE, THETA0_FILE, FOLD_FILE]
+        names += [n for n in os.listdir(self.directory) if n.startswith(("rows-", "basis-"))]
+        for name in (n for n in names if n not in keep):
             path = os.path.join(self.directory, name)
             if os.path.exists(path):
-                freed += os.path.getsize(path)
+                st = os.stat(path)
+                freed += st.st_size if st.st_nlink == 1 else 0
                 os.remove(path)
         try:
             os.rmdir(self.directory)
@@ -508,7 +720,7 @@ class TrajectoryStore:
     # ------------------------------------------------------------ persistence
     def meta(self) -> dict:
         return {
-            "version": 1,
+            "version": META_VERSION,
             "K": self.K,
             "D": self.D,
             "dtype": dtype_name(self.dtype),
@@ -518,7 +730,18 @@ class TrajectoryStore:
             "fold_rank": self.fold_rank,
             "folded_steps": list(self.folded_steps),
             "basis_rows": self.basis_rows,
+            "run_id": self.run_id,
+            "window": dict(self.window),
+            "skipped_unchanged_steps": list(self.skipped_unchanged_steps),
+            "last_sums": self._last_sums.tolist() if self._last_sums is not None else None,
+            "files": self._disk_entries() if self.storage == "disk" else None,
         }
+
+    def _disk_entries(self) -> list:
+        """The disk tier's rows in use, in its mapped file (the file is the whole arena)."""
+        row0 = (self.fold_rank - self.basis_rows) if self.fold_rank else 0
+        n = self.basis_rows + self.num_ring_rows
+        return [{"file": BUFFER_FILE, "row": row0, "rows": n}] if n else []
 
     def _save_fold(self, directory: str):
         from safetensors.torch import save_file
@@ -526,30 +749,148 @@ class TrajectoryStore:
         with atomic_file(os.path.join(directory, FOLD_FILE)) as tmp:
             save_file({"L": self.L.contiguous(), "folded_sq": self.folded_sq.contiguous()}, tmp)
 
-    def _write_meta(self, directory: str, durable: bool = True):
+    def _write_meta(self, directory: str, durable: bool = True, meta: Optional[dict] = None):
         """Write the metadata atomically (temporary + rename: a killed process leaves the old or the new file).
         ``durable=False`` skips the fsync: the disk tier's per-snapshot update, whose rows live in a memory-mapped
         file that is not msync'd either, so an fsync there would flush the disk on every training step without
         making the trajectory survive a power loss."""
-        write_json(os.path.join(directory, META_FILE), self.meta(), durable=durable)
+        write_json(os.path.join(directory, META_FILE), meta or self.meta(), durable=durable)
 
     def _save_theta0(self, directory: str):
         save_theta0(directory, self.theta0)
 
-    def save(self, directory: str):
-        """Write theta_0, the recorded rows and the metadata to ``directory`` (used at trainer checkpoints)."""
+    @staticmethod
+    def _write_rows(path: str, rows: torch.Tensor):
+        with atomic_file(path) as tmp:
+            with open(tmp, "wb") as f:
+                if rows.numel():
+                    rows.detach().cpu().contiguous().view(torch.uint8).numpy().tofile(f)
+
+    def _persist(self) -> list:
+        """Make the run directory hold every row in use in files that never change: theta_0 once, the fold basis
+        once per fold, and the ring rows not persisted yet as one new file. Returns the entries (``file``, first
+        ``row`` in it, number of ``rows``) in arena order, basis first. A file missing from the run directory (it
+        was deleted) is written again from memory."""
+        run = self.directory
+        os.makedirs(run, exist_ok=True)
+        if self._theta0_file is None or not os.path.exists(self._theta0_file):
+            self._save_theta0(run)
+            self._theta0_file = os.path.join(run, THETA0_FILE)
+        if self.storage == "disk":
+            fd = os.open(os.path.join(run, BUFFER_FILE), os.O_RDONLY)
+            try:  # the rows a checkpoint links reach the disk with it (the mapped pages are not msync'd per step)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            return self._disk_entries()
+        token = uuid.uuid4().hex[:8]
+        r = self.fold_rank or 0
+        if self.basis_rows and not (self._basis_entry and os.path.exists(os.path.join(run, self._basis_entry["file"]))):
+            name = f"basis-{self.folds:04d}-{token}.bin"
+            self._write_rows(os.path.join(run, name), self.arena[r - self.basis_rows : r])
+            self._basis_entry = {"file": name, "row": 0, "rows": self.basis_rows}
+        entries, pos = [], 0
+        for e in self._ring_entries:
+            if not os.path.exists(os.path.join(run, e["file"])):
+                name = f"rows-again-{len(entries):04d}-{token}.bin"
+                self._write_rows(os.path.join(run, name), self.M[pos : pos + e["rows"]])
+                e = {"file": name, "row": 0, "rows": e["rows"]}
+            entries.append(e)
+            pos += e["rows"]
+        if self.num_ring_rows > pos:
+            new = self.steps[len(self.folded_steps) + pos :]
+            name = f"rows-{new[0]:06d}-{new[-1]:06d}-{token}.bin"
+            self._write_rows(os.path.join(run, name), self.M[pos : self.num_ring_rows])
+            entries.append({"file": name, "row": 0, "rows": self.num_ring_rows - pos})
+        self._ring_entries = entries
+        return ([self._basis_entry] if self.basis_rows else []) + list(entries)
+
+    def save(self, directory: str, *, live: Optional[Sequence[torch.Tensor]] = None, step: Optional[int] = None):
+        """Write the window so far to ``directory`` (a trainer checkpoint's ``relex_trajectory/``).
+
+        With a run directory (``directory`` given at construction, another path than ``directory``) the rows are
+        persisted there once (see :meth:`_persist`) and hard-linked here: this checkpoint adds the rows recorded
+        since the previous one plus ``trajectory.json``. Without one, every byte is written here.
+
+        Args:
+            directory (`str`): where to write.
+            live (`list[torch.Tensor]`, *optional*): the tracked tensors' current values: their fingerprints are
+                recorded, so a resume can check that the weights it resumed with are the ones saved here.
+            step (`int`, *optional*): the trainer's ``global_step`` at this save.
+        """
         os.makedirs(directory, exist_ok=True)
         self.synchronize()
-        self._save_theta0(directory)
-        if not (self.storage == "disk" and os.path.abspath(directory) == os.path.abspath(self.directory)):
-            rows = self._rows_in_use() if self.fold_rank else self.M[: len(self.steps)]
-            with atomic_file(os.path.join(directory, BUFFER_FILE)) as tmp:
-                with open(tmp, "wb") as f:
-                    if rows.numel():
-                        rows.detach().cpu().contiguous().view(torch.uint8).numpy().tofile(f)
+        here = os.path.abspath(directory)
+        if self.directory is None or here == os.path.abspath(self.directory):
+            if self.storage == "disk" and self.directory is not None:
+                entries = self._disk_entries()
+                if not os.path.exists(os.path.join(directory, THETA0_FILE)):
+                    self._save_theta0(directory)
+            else:
+                self._save_theta0(directory)
+                rows = self._rows_in_use() if self.fold_rank else self.M[: len(self.steps)]
+                self._write_rows(os.path.join(directory, BUFFER_FILE), rows)
+                entries = [{"file": BUFFER_FILE, "row": 0, "rows": int(rows.shape[0])}] if rows.shape[0] else []
+        else:
+            entries = self._persist()
+            link_or_copy(self._theta0_file, os.path.join(directory, THETA0_FILE))
+            names = list(dict.fromkeys(e["file"] for e in entries))
+            for name in names:
+                link_or_copy(os.path.join(self.directory, name), os.path.join(directory, name))
+            for stale in os.listdir(directory):  # a checkpoint directory saved again (after a resume)
+                if stale not in names and (stale.startswith(("rows-", "basis-")) or stale == BUFFER_FILE):
+                    with contextlib.suppress(OSError):
+                        os.remove(os.path.join(directory, stale))
         if self.folded_steps:
             self._save_fold(directory)
-        self._write_meta(directory)
+        meta = self.meta()
+        meta["files"] = entries
+        if step is not None:
+            meta["saved_step"] = int(step)
+        if live is not None:
+            meta["live"] = _fingerprints(live)
+        self._write_meta(directory, meta=meta)
+
+    @staticmethod
+    def read_meta(directory: str) -> dict:
+        try:
+            with open(os.path.join(directory, META_FILE)) as f:
+                return json.load(f)
+        except (OSError, ValueError) as e:
+            raise RelexInputError(f"cannot read the saved trajectory in {directory}: {e}") from None
+
+    @staticmethod
+    def check_compatible(meta: dict, directory: str, specs: Sequence[TensorSpec], dtype, window: Optional[dict] = None):
+        """Refuse, naming what differs, a saved trajectory this run cannot continue: other tensors (model,
+        include/exclude, world size), another buffer dtype, or another window (tcut, stride, world size)."""
+        saved = [TensorSpec.from_json(d) for d in meta["specs"]]
+        key = lambda s: (s.name, tuple(s.shape), s.local_numel, s.flat_start)  # noqa: E731
+        if [key(s) for s in saved] != [key(s) for s in specs]:
+            a, b = {s.name: key(s) for s in saved}, {s.name: key(s) for s in specs}
+            only_saved, only_here = sorted(set(a) - set(b)), sorted(set(b) - set(a))
+            diff = [n for n in a if n in b and a[n] != b[n]]
+            what = "; ".join(x for x in (
+                f"only in the checkpoint: {only_saved[:3]}" if only_saved else "",
+                f"only in this run: {only_here[:3]}" if only_here else "",
+                f"{diff[0]}: shape/piece {a[diff[0]][1:]} saved vs {b[diff[0]][1:]} now" if diff else "",
+            ) if x) or "the same tensors in another order"
+            raise RelexInputError(
+                f"the trajectory saved in {directory} tracks other tensors than this run ({len(saved)} saved, "
+                f"{len(specs)} now; {what}): different model, include/exclude or world size; resume with the settings "
+                "and world size of the run that saved it, or start from a checkpoint of this run"
+            )
+        if meta["dtype"] != dtype_name(torch_dtype(dtype)):
+            raise RelexInputError(f"the trajectory in {directory} is {meta['dtype']}, this run asks for {dtype}; use the same dtype")
+        saved_w = meta.get("window") or {}
+        if window:
+            diff = [f"{k}={saved_w[k]} saved vs {k}={window[k]} now" for k in ("tcut", "stride", "world")
+                    if k in saved_w and k in window and saved_w[k] != window[k]]
+            if diff:
+                raise RelexInputError(
+                    f"the trajectory in {directory} was recorded with other settings ({', '.join(diff)}): its rows do "
+                    "not fit this window. Resume with the settings it was saved with, or start a new window from step 0 "
+                    "(another output_dir, without resume_from_checkpoint)"
+                )
 
     @classmethod
     def load(
@@ -565,24 +906,15 @@ class TrajectoryStore:
         max_bytes=None,
         check_finite=True,
         fold_rank=None,
+        window: Optional[dict] = None,
     ) -> "TrajectoryStore":
-        """Rebuild a store from ``save(directory)``; the specs must match the saved ones."""
+        """Rebuild a store from ``save(directory)``; the specs (and ``window``, when given) must match the saved ones.
+        With a ``run_directory`` other than ``directory``, the saved files are hard-linked into it, so that later
+        checkpoints link them again without rewriting a byte, even after ``directory`` is deleted."""
         from safetensors.torch import load_file
 
-        meta_path = os.path.join(directory, META_FILE)
-        try:
-            with open(meta_path) as f:
-                meta = json.load(f)
-        except (OSError, ValueError) as e:
-            raise RelexInputError(f"cannot read the saved trajectory in {directory}: {e}") from None
-        saved = [TensorSpec.from_json(d) for d in meta["specs"]]
-        if [(s.name, s.shape, s.local_numel) for s in saved] != [(s.name, tuple(s.shape), s.local_numel) for s in specs]:
-            raise RelexInputError(
-                f"the trajectory saved in {directory} tracks other tensors than this run "
-                "(different model, include/exclude or world size); start from a checkpoint of this run"
-            )
-        if meta["dtype"] != dtype_name(torch_dtype(dtype)):
-            raise RelexInputError(f"the trajectory in {directory} is {meta['dtype']}, this run asks for {dtype}; use the same dtype")
+        meta = cls.read_meta(directory)
+        cls.check_compatible(meta, directory, specs, dtype, window)
         saved_fold = meta.get("fold_rank")
         if meta.get("folded_steps") and (fold_rank != saved_fold or capacity != meta["K"]):
             raise RelexInputError(
@@ -590,27 +922,122 @@ class TrajectoryStore:
                 f"with the same fold_rank and buffer size (this run: fold_rank={fold_rank}, {capacity} slots)"
             )
         store = cls(specs, capacity, dtype=dtype, storage=storage, device=device, directory=run_directory or directory,
-                    max_bytes=max_bytes, check_finite=check_finite, fold_rank=fold_rank)
+                    max_bytes=max_bytes, check_finite=check_finite, fold_rank=fold_rank, _allocate=False)
+        same_dir = os.path.abspath(store.directory) == os.path.abspath(directory)
+        same_file = store.storage == "disk" and same_dir
+        store._allocate(reuse_file=same_file)
         store.theta0 = load_file(os.path.join(directory, THETA0_FILE))["theta0"].to(store.device)
-        steps = list(meta["steps"])
-        same_file = store.storage == "disk" and os.path.abspath(store.directory) == os.path.abspath(directory)
-        store.steps = steps
+        store.steps = list(meta["steps"])
+        store.run_id = meta.get("run_id") or uuid.uuid4().hex
+        store.window = dict(meta.get("window") or window or {})
+        store.skipped_unchanged_steps = list(meta.get("skipped_unchanged_steps") or [])
+        if meta.get("last_sums") is not None:
+            store._last_sums = torch.tensor(meta["last_sums"], dtype=torch.float32)
+        store.saved = {"directory": directory, "step": meta.get("saved_step"), "live": meta.get("live")}
         if meta.get("folded_steps"):
             f = load_file(os.path.join(directory, FOLD_FILE))
             store.L, store.folded_sq = f["L"], f["folded_sq"]
             store.folded_steps = list(meta["folded_steps"])
             store.basis_rows = int(meta["basis_rows"])
         nrows = store.basis_rows + store.num_ring_rows
+        entries = meta.get("files")
+        if entries is None:  # version 1: one file with the rows in use
+            entries = [{"file": BUFFER_FILE, "row": 0, "rows": nrows}] if nrows else []
+        if sum(e["rows"] for e in entries) != nrows:
+            raise RelexInputError(f"{directory}/{META_FILE} lists {sum(e['rows'] for e in entries)} rows in its files "
+                                  f"but records {nrows}: the trajectory is damaged")
         if not same_file and nrows:
-            raw = torch.from_file(os.path.join(directory, BUFFER_FILE), shared=False, size=nrows * store.D, dtype=store.dtype)
             target = store._rows_in_use() if store.fold_rank else store.M[:nrows]
-            target.copy_(raw.view(nrows, store.D))
+            pos = 0
+            for e in entries:
+                raw = torch.from_file(os.path.join(directory, e["file"]), shared=False, size=(e["row"] + e["rows"]) * store.D,
+                                      dtype=store.dtype)
+                target[pos : pos + e["rows"]].copy_(raw.view(-1, store.D)[e["row"] :])
+                pos += e["rows"]
+        if not same_dir:
+            os.makedirs(store.directory, exist_ok=True)
+            store._theta0_file = os.path.join(store.directory, THETA0_FILE)
+            link_or_copy(os.path.join(directory, THETA0_FILE), store._theta0_file)
+            if store.storage != "disk":
+                store._adopt_entries(directory, entries)
+        else:
+            store._theta0_file = os.path.join(directory, THETA0_FILE)
         if store.storage == "disk":
             store._write_meta(store.directory)
-            store._save_theta0(store.directory)
             if store.folded_steps:
                 store._save_fold(store.directory)
         return store
+
+    def _adopt_entries(self, directory: str, entries: list):
+        """Link a loaded checkpoint's row files into the run directory and take them as persisted: basis rows first
+        (split at ``basis_rows``), then the ring rows."""
+        names = {}
+        for e in entries:
+            if e["file"] not in names:
+                name = e["file"] if e["file"] != BUFFER_FILE else f"rows-resumed-{uuid.uuid4().hex[:8]}.bin"
+                link_or_copy(os.path.join(directory, e["file"]), os.path.join(self.directory, name))
+                names[e["file"]] = name
+        basis, ring, left = [], [], self.basis_rows
+        for e in entries:
+            e = dict(e, file=names[e["file"]])
+            take = min(left, e["rows"])
+            if take:
+                basis.append(dict(e, rows=take))
+            if e["rows"] > take:
+                ring.append(dict(e, row=e["row"] + take, rows=e["rows"] - take))
+            left -= take
+        self._basis_entry = basis[0] if len(basis) == 1 else None  # split over files: written again at next save
+        self._ring_entries = ring
+
+    @torch.no_grad()
+    def verify_live(self, live: Sequence[torch.Tensor], global_step: int) -> list[str]:
+        """Whether this (loaded) trajectory belongs to the weights training resumed with at ``global_step``: the
+        fingerprints of the live tensors recorded at the save equal today's, and theta_0 plus the last recorded delta
+        equals the live tensors to the buffer dtype's rounding (when the last recorded step is ``global_step`` and its
+        row is in the ring; after a fold the fingerprints decide). Returns what differs (empty: verified).
+
+        The bound per element: the delta was computed in float32 from the parameters (relative error <= u32 = 2^-24)
+        and rounded once into the buffer dtype (<= u = eps/2, plus half its smallest subnormal), so
+        ``|theta_0 + delta - theta| <= 2 (u + u32) |delta| + tiny``, exact float64 arithmetic for the sum."""
+        from .state import fingerprint, fingerprint_mismatch
+
+        problems = []
+        fps = self.saved.get("live")
+        if fps is not None and self.saved.get("step") == global_step:
+            for spec, t, fp in zip(self.specs, live, fps):
+                why = fingerprint_mismatch(fingerprint(t), fp)
+                if why:
+                    problems.append(f"{spec.name}: the weights differ from those saved with the trajectory ({why})")
+        if self.steps and self.steps[-1] == global_step and self.num_ring_rows:
+            self.synchronize()
+            row = self.M[self.num_ring_rows - 1]
+            fi = torch.finfo(self.dtype)
+            rel = 2 * (fi.eps / 2 + 2.0**-24)
+            tiny = fi.tiny * fi.eps
+            chunk = SNAPSHOT_CHUNK_DEVICE if self.theta0.device.type != "cpu" else SNAPSHOT_CHUNK
+            for spec, t in zip(self.specs, live):
+                o, n = spec.offset, spec.local_numel
+                src = t.reshape(-1)
+                bad, worst, worst_tol = 0, 0.0, 0.0
+                for a in range(0, n, chunk):
+                    b = min(n, a + chunk)
+                    d = row[o + a : o + b].to(device=self.theta0.device, dtype=torch.float64)
+                    err = (src[a:b].to(device=d.device, dtype=torch.float64)
+                           - self.theta0[o + a : o + b].to(torch.float64) - d).abs()
+                    tol = rel * d.abs() + tiny
+                    over = err > tol
+                    if bool(over.any()):
+                        bad += int(over.sum())
+                        i = int(torch.argmax(torch.where(over, err, torch.zeros_like(err))))
+                        if float(err[i]) > worst:
+                            worst, worst_tol = float(err[i]), float(tol[i])
+                if bad:
+                    problems.append(f"{spec.name}: {bad} of {n} elements differ from theta_0 + the delta recorded at "
+                                    f"step {global_step}, by up to {worst:.3g} (tolerance there {worst_tol:.3g})")
+        elif fps is None or self.saved.get("step") != global_step:
+            logger.warning("relex: the resumed trajectory (%s) cannot be checked against the live weights (no row and no "
+                           "fingerprint at step %d)", self.saved.get("directory"), global_step)
+        return problems
 
     @classmethod
     def open(cls, directory: str, *, storage: str = "host", device=None) -> "TrajectoryStore":
@@ -651,11 +1078,98 @@ def saved_trajectory(candidates: Sequence[Optional[str]], topology, marker: str 
     return None
 
 
-def open_window(settings, tracked, topology, *, out_dir: str, global_step: int, checkpoints: Sequence[Optional[str]]):
+def resume_record(state, out_dir: Optional[str] = None) -> Optional[dict]:
+    """What the callback recorded in the resumed checkpoint's ``trainer_state.json`` (``stateful_callbacks``): run id,
+    step, where its trajectory was saved. Several RelexCallbacks: the last record for ``out_dir``, else none."""
+    entry = (getattr(state, "stateful_callbacks", None) or {}).get("RelexCallback")
+    entries = entry if isinstance(entry, list) else [entry] if entry else []
+    recs = [e.get("attributes", {}).get("relex_checkpoint") for e in entries if isinstance(e, dict)]
+    recs = [r for r in recs if isinstance(r, dict)]
+    if len(recs) > 1 and out_dir is not None:
+        mine = [r for r in recs if r.get("out_dir") == os.path.abspath(out_dir)]
+        recs = mine if mine else []
+    return recs[-1] if recs else None
+
+
+def _load_verified(checkpoints, expected, topology, tracked, global_step: int, load_kw: dict):
+    """The first saved trajectory among ``checkpoints`` that fits: same run as ``expected`` (the record the resumed
+    trainer state holds), same settings, and theta_0 + its last delta (or its fingerprints) equal to the live
+    weights. Returns ``(store, directory, notes, found_any)``; ``store`` is None when none fits."""
+    notes, seen, found = [], set(), False
+    for c in checkpoints:
+        if not isinstance(c, str):
+            continue
+        d = topology.trajectory_dir(os.path.join(c, TRAJECTORY_DIR))
+        real = os.path.realpath(d)
+        if real in seen or not os.path.isfile(os.path.join(d, META_FILE)):
+            continue
+        seen.add(real)
+        found = True
+        try:
+            meta = TrajectoryStore.read_meta(d)
+            want = (expected or {}).get("run_id")
+            if want and meta.get("run_id") != want:
+                notes.append(f"{d} was saved by RELEX run {meta.get('run_id')}, while the checkpoint training resumed "
+                             f"from was written by run {want}")
+                continue
+            store = TrajectoryStore.load(d, **load_kw)
+        except RelexInputError as e:
+            notes.append(str(e))
+            continue
+        except Exception as e:  # a damaged trajectory (truncated files)
+            notes.append(f"{d} holds a damaged RELEX trajectory ({type(e).__name__}: {e})")
+            continue
+        store.truncate(global_step)
+        problems = store.verify_live([t.read() for t in tracked], global_step)
+        if problems:
+            more = f" (and {len(problems) - 3} more tensors)" if len(problems) > 3 else ""
+            notes.append(f"{d} does not belong to the weights training resumed with at step {global_step}: "
+                         + "; ".join(problems[:3]) + more)
+            store.discard_files()
+            continue
+        return store, d, notes, found
+    return None, None, notes, found
+
+
+def disk_needs(store, settings, *, model_bytes: int = 0, saves_in_window: bool = True, writes_outputs: bool = True) -> dict:
+    """Bytes this window still writes under the relex output_dir, by item (the disk tier's buffer is already
+    allocated by then, so it is not counted again): theta_0 and the rows the trainer checkpoints link (host/device
+    tiers, when checkpoints are saved inside the window), the state file (``rank`` float32 directions per element)
+    and each horizon (``model_bytes``: the checkpoint written per horizon)."""
+    need = {}
+    if saves_in_window and store.storage != "disk":
+        if store._theta0_file is None:
+            need["theta_0 (once, linked by the checkpoints)"] = store.theta0_bytes
+        left = max(0, len(settings.steps) - store.num_rows)
+        rows = min(left, store.K) + (store.fold_rank or 0) if store.fold_rank else left
+        if rows:
+            need[f"{rows} trajectory rows (linked by the checkpoints)"] = rows * store.D * store.dtype.itemsize
+    if writes_outputs:
+        need["state file"] = settings.rank * store.D * 4
+        if model_bytes:
+            need[f"{len(settings.horizons)} horizon checkpoint(s) of {_fmt(model_bytes)}"] = len(settings.horizons) * model_bytes
+    return need
+
+
+def check_disk_space(directory: str, need: dict, *, what_to_change: str = ""):
+    """Refuse before step 1 when the file system of ``directory`` has less free space than ``need`` (bytes by item)."""
+    total = sum(need.values())
+    free = available_disk_bytes(directory)
+    if total > free:
+        items = ", ".join(f"{k}: {_fmt(v)}" for k, v in need.items())
+        raise RelexMemoryError(
+            f"the RELEX outputs need {_fmt(total)} in {directory} ({items}) but its file system has {_fmt(free)} free; "
+            f"free {_fmt(total - free)} there, or choose an output_dir on a larger disk{what_to_change}"
+        )
+
+
+def open_window(settings, tracked, topology, *, out_dir: str, global_step: int, checkpoints: Sequence[Optional[str]],
+                expected: Optional[dict] = None, model_bytes: int = 0, saves_in_window: bool = True):
     """The store of a window at ``on_train_begin``: a fresh one holding theta_0 at step 0, or, when training resumed
-    inside the window, the one saved in the checkpoint it resumed from (``checkpoints``: the paths it may be),
-    truncated to ``global_step``. Sizes the ring (``relex_callback.fold.plan_slots``) and refuses what cannot work
-    (a fold in a distributed run, a resume without a saved trajectory) before the first step."""
+    inside the window, the saved one that fits (see :func:`_load_verified`; ``checkpoints``: the paths the checkpoint
+    may be, ``expected``: the record of the resumed trainer state), truncated to ``global_step``. Sizes the ring
+    (``relex_callback.fold.plan_slots``), checks the free disk space for what the window will write, and refuses what
+    cannot work (a fold in a distributed run, a resume without a fitting trajectory) before the first step."""
     from .fold import plan_slots
 
     specs = [t.spec for t in tracked]
@@ -671,26 +1185,153 @@ def open_window(settings, tracked, topology, *, out_dir: str, global_step: int, 
             "folding is not supported in distributed runs (each process's fold would differ); raise or drop "
             "max_buffer_bytes or buffer_slots, or raise stride"
         )
-    run_dir = topology.trajectory_dir(os.path.join(out_dir, "trajectory"))
+    run_dir = topology.trajectory_dir(os.path.join(out_dir, RUN_TRAJECTORY_DIR))
+    info = {"tcut": settings.tcut, "stride": settings.stride, "world": topology.world}
     common = dict(dtype=settings.dtype, storage=settings.storage, device=device, max_bytes=settings.max_buffer_bytes,
                   fold_rank=fold_rank)
-    if global_step > 0:
-        saved = saved_trajectory(checkpoints, topology)
-        if saved is None:
-            raise RelexInputError(
-                f"training resumed at step {global_step} inside the RELEX window (tcut={settings.tcut}) but the "
-                f"checkpoint has no {TRAJECTORY_DIR}/ (it was saved without RelexCallback); theta_0 is unknown. "
-                "Resume from a checkpoint written with the callback, or start from step 0"
-            )
-        store = TrajectoryStore.load(saved, specs, capacity, run_directory=run_dir, **common)
-        store.truncate(global_step)
-        logger.info("relex: resumed the window from %s (%d steps recorded)", saved, store.num_rows)
-    else:
-        store = TrajectoryStore(specs, capacity, directory=run_dir, **common)
-        store.set_theta0([t.read() for t in tracked])
+    try:
+        if global_step > 0:
+            store, saved, notes, found = _load_verified(
+                checkpoints, expected, topology, tracked, global_step,
+                dict(specs=specs, capacity=capacity, run_directory=run_dir, window=info, **common))
+            ok = topology.all_ok(store is not None) if topology.is_distributed else store is not None
+            if not ok:
+                if store is not None:
+                    store.discard_files()
+                where = [c for c in checkpoints if isinstance(c, str)]
+                if not found and not notes:
+                    raise RelexInputError(
+                        f"training resumed at step {global_step} inside the RELEX window (tcut={settings.tcut}) but the "
+                        f"checkpoint has no {TRAJECTORY_DIR}/ (it was saved without RelexCallback); theta_0 is unknown. "
+                        f"Looked in: {', '.join(dict.fromkeys(where)) or 'no checkpoint path'}. Resume from a checkpoint "
+                        "written with the callback, or start from step 0"
+                    )
+                raise RelexInputError(
+                    f"training resumed at step {global_step} inside the RELEX window (tcut={settings.tcut}) but no saved "
+                    f"trajectory fits it: {' | '.join(notes) or 'another process found none'}. Resume from the checkpoint "
+                    "whose relex_trajectory/ was saved with these weights, or start a new window from step 0 (another "
+                    "output_dir, without resume_from_checkpoint)"
+                )
+            store.window = info
+            logger.info("relex: resumed the window from %s (%d steps recorded, run %s)", saved, store.num_rows,
+                        store.run_id)
+        else:
+            store = TrajectoryStore(specs, capacity, directory=run_dir, **common)
+            store.window = info
+            store.set_theta0([t.read() for t in tracked])
+            if topology.is_distributed:  # one id for the run: trainer_state.json (process 0's) names it for all
+                store.run_id = topology.broadcast_object(store.run_id)
+                if store.storage == "disk":
+                    store._write_meta(store.directory)
+    except Exception as e:
+        if not write_failure(e):
+            raise
+        raise RelexMemoryError(f"cannot write the trajectory to {run_dir}: {describe_failure(e)}; free disk space there "
+                               "or choose another output_dir") from None
+    try:
+        check_disk_space(out_dir, disk_needs(store, settings, model_bytes=model_bytes, saves_in_window=saves_in_window,
+                                             writes_outputs=topology.process_rank == 0 or topology.sharded),
+                         what_to_change=", fewer horizons, or storage='host'" if store.storage == "disk" else ", or fewer horizons")
+    except RelexMemoryError:
+        store.discard_files()
+        raise
     logger.info(
         "relex: tracking %d tensors (%d elements), %d snapshot slots%s, %.1f MiB buffer on %s",
         len(specs), store.D, capacity, f" + {fold_rank} fold rows (window of {window} folded)" if fold_rank else "",
         store.buffer_bytes / 2**20, store.storage,
     )
     return store
+
+
+# ------------------------------------------------------------------------------------------ owning an output dir
+_HELD: "weakref.WeakValueDictionary[str, OutputLock]" = weakref.WeakValueDictionary()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class OutputLock:
+    """``<output_dir>/.relex-lock.json`` names the callback that owns a relex output_dir (process id, host, a token,
+    the trainer) from ``on_train_begin`` to the end of its window. A second callback on the same directory is refused
+    before step 1: two callbacks of one trainer, or a live process on this host. A holder that is gone is taken over:
+    its process ended (same host), its trainer object is gone or is another trainer (same process: a notebook that
+    trains again after an error), or, on another host, its heartbeat (the file's mtime, touched at each step) is
+    older than ``STALE_SECONDS``."""
+
+    STALE_SECONDS = 1800
+
+    def __init__(self, out_dir: str, trainer=None):
+        self.path = os.path.join(out_dir, LOCK_FILE)
+        self.token = uuid.uuid4().hex
+        self.trainer = weakref.ref(trainer) if trainer is not None else None
+        self.held = False
+        self._touched = 0.0
+
+    def acquire(self):
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "token": self.token, "since": time.time()}
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            why = self._holder_alive()
+            if why:
+                raise RelexInputError(
+                    f"output_dir {os.path.dirname(self.path)} is in use by another RelexCallback ({why}); two windows "
+                    "writing one directory would overwrite each other's trajectory and checkpoints. Give each callback "
+                    f"its own output_dir; if no other run uses it, delete {self.path}"
+                ) from None
+            write_json(self.path, me)
+        else:
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+        self.held = True
+        _HELD[self.token] = self
+
+    def _holder_alive(self) -> Optional[str]:
+        try:
+            with open(self.path) as f:
+                h = json.load(f)
+            age = time.time() - os.stat(self.path).st_mtime
+        except (OSError, ValueError):
+            return None  # unreadable or half written: take it over
+        who = f"process {h.get('pid')} on {h.get('host')}"
+        if h.get("host") != socket.gethostname():
+            return f"{who}, active {age:.0f} s ago" if age < self.STALE_SECONDS else None
+        if h.get("pid") != os.getpid():
+            return who if isinstance(h.get("pid"), int) and _pid_alive(h["pid"]) else None
+        other = _HELD.get(h.get("token"))
+        if other is None or not other.held:
+            return None
+        mine = self.trainer() if self.trainer else None
+        theirs = other.trainer() if other.trainer else None
+        if mine is not None and mine is theirs:
+            return "another RelexCallback of this trainer"
+        return None
+
+    def touch(self, every: float = 60.0):
+        """Heartbeat (at most once per ``every`` seconds)."""
+        now = time.monotonic()
+        if self.held and now - self._touched > every:
+            self._touched = now
+            with contextlib.suppress(OSError):
+                os.utime(self.path)
+
+    def release(self):
+        if not self.held:
+            return
+        self.held = False
+        _HELD.pop(self.token, None)
+        try:
+            with open(self.path) as f:
+                mine = json.load(f).get("token") == self.token
+            if mine:
+                os.remove(self.path)
+        except (OSError, ValueError):
+            pass

@@ -10,6 +10,7 @@ metrics to the reporting integrations. Validation mode lives in :mod:`relex_call
 from __future__ import annotations
 
 import gc
+import itertools
 import logging
 import os
 import time
@@ -17,8 +18,9 @@ import weakref
 from typing import Optional, Sequence
 
 from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
 
-from .buffer import TRAJECTORY_DIR, open_window
+from .buffer import RUN_TRAJECTORY_DIR, THETA0_FILE, TRAJECTORY_DIR, OutputLock, open_window, resume_record
 from .config import RelexConfig, RelexSettings
 from .errors import RelexInputError, RelexNonFiniteError
 from .fs import check_outputs_free, check_writable_dir
@@ -26,26 +28,56 @@ from .fs import check_outputs_free, check_writable_dir
 logger = logging.getLogger("relex_callback")
 
 
-def _attach(callback):
-    """Put ``callback`` first in the ``CallbackHandler`` that holds it, so that its ``on_log`` adds the ``relex/*``
-    metrics to ``logs`` before TensorBoard, W&B and the console see them, whether it was passed in
-    ``callbacks=[...]`` or attached with ``trainer.add_callback``; return the ``Trainer`` that owns that handler (for
-    scoring horizons with its own evaluation), or ``None``. The Trainer hands callbacks no reference to itself or to
-    its handler, so both are found through the referrers of the handler's ``callbacks`` list."""
+def _handler(callback):
+    """The ``CallbackHandler`` that holds ``callback`` (found through the referrers of its ``callbacks`` list: the
+    Trainer hands callbacks no reference to it or to itself), or None."""
     from transformers.trainer_callback import CallbackHandler
 
     for lst in gc.get_referrers(callback):
         if not isinstance(lst, list):
             continue
-        for handler in gc.get_referrers(lst):
-            if isinstance(handler, CallbackHandler) and handler.callbacks is lst:
-                lst.remove(callback)
-                lst.insert(0, callback)
-                return next((t for t in gc.get_referrers(handler) if getattr(t, "callback_handler", None) is handler), None)
+        for owner in gc.get_referrers(lst):
+            if isinstance(owner, CallbackHandler) and owner.callbacks is lst:
+                return owner
     return None
 
 
-class RelexCallback(TrainerCallback):
+def _handler_list(callback) -> Optional[list]:
+    handler = _handler(callback)
+    return handler.callbacks if handler is not None else None
+
+
+def _attach(callback):
+    """Put ``callback`` first in the ``CallbackHandler`` that holds it, so that its ``on_log`` adds the ``relex/*``
+    metrics to ``logs`` before TensorBoard, W&B and the console see them, whether it was passed in
+    ``callbacks=[...]`` or attached with ``trainer.add_callback``; return the ``Trainer`` that owns that handler (for
+    scoring horizons with its own evaluation), or ``None``."""
+    handler = _handler(callback)
+    if handler is None:
+        return None
+    handler.callbacks.remove(callback)
+    handler.callbacks.insert(0, callback)
+    return next((t for t in gc.get_referrers(handler) if getattr(t, "callback_handler", None) is handler), None)
+
+
+def _horizon_bytes(model, tracked, merge_lora: bool) -> int:
+    """Bytes of one written horizon: every parameter (tied ones once; the full size of a ZeRO-3 or FSDP2 shard) and
+    buffer of the model, or the adapter for PEFT models (plus the merged model with ``merge_lora``)."""
+    from .params import is_peft_model
+
+    full = 0
+    for _, p in itertools.chain(model.named_parameters(), model.named_buffers()):
+        full += int(getattr(p, "ds_numel", 0) or p.numel()) * p.element_size()
+    if is_peft_model(model):
+        adapter = sum(x.spec.numel * x.spec.dtype.itemsize for x in tracked)
+        return adapter + (full if merge_lora else 0)
+    return full
+
+
+_CREATED = itertools.count()
+
+
+class RelexCallback(TrainerCallback, ExportableState):
     r"""
     Early stopping with rank-1 linear extrapolation of the weights (RELEX, arXiv 2605.21468).
 
@@ -139,8 +171,14 @@ class RelexCallback(TrainerCallback):
     added to ``report.json`` under ``"validation"``.
 
     Resume: ``trainer.train(resume_from_checkpoint=...)`` inside the window continues the same trajectory
-    (theta_0 and the rows recorded so far are saved in ``checkpoint-N/relex_trajectory/``); resuming after
-    ``tcut`` writes nothing again.
+    (theta_0 and the rows recorded so far are in ``checkpoint-N/relex_trajectory/``, hard links to files written
+    once under ``output_dir/trajectory/``: a checkpoint adds only the rows recorded since the previous one). The
+    trajectory is found where the Trainer loaded the checkpoint (any path, any ``output_dir``; the callback's
+    record in ``trainer_state.json`` names the run and the step) and checked before one more step is recorded:
+    the same run, the same ``tcut``/``stride``/``dtype``/tracked tensors/world size, and theta_0 plus the last
+    recorded delta equal to the weights the trainer resumed with; anything else is refused with what differs.
+    Resuming after ``tcut`` writes nothing again. One callback owns an output directory at a time
+    (``.relex-lock.json`` while its window is open).
 
     Example:
 
@@ -205,6 +243,47 @@ class RelexCallback(TrainerCallback):
         self.skipped_steps: list[int] = []
         self._pending_logs: dict = {}
         self._trainer = None  # weakref to the Trainer that runs this callback (found at on_train_begin)
+        self._lock: Optional[OutputLock] = None  # owns the relex output_dir during the window
+        self._step = 0  # last global_step seen (for the record in trainer_state.json)
+        self._ckpt_root: Optional[str] = None  # args.output_dir (where checkpoint-N is saved)
+        self._run_id: Optional[str] = None
+        self._created = next(_CREATED)
+        RelexCallback._instances.add(self)
+
+    _instances: "weakref.WeakSet[RelexCallback]" = weakref.WeakSet()
+
+    # ----------------------------------------------------------------------------- trainer_state.json
+    def state(self) -> dict:
+        """What ``trainer_state.json`` keeps of this callback (``transformers.trainer_callback.ExportableState``): the
+        arguments, and under ``relex_checkpoint`` the run id and step of the window and where this checkpoint's
+        trajectory is saved. A resume reads it from the trainer state it resumed with, so the trajectory is found
+        (and checked to be this run's) wherever the checkpoint is."""
+        s = self.settings
+        args = {k: (list(v) if isinstance(v, tuple) else v) for k, v in
+                ((f, getattr(s, f)) for f in RelexSettings.__dataclass_fields__)}
+        store_id = self.store.run_id if self.store is not None else self._run_id
+        ckpt = os.path.join(self._ckpt_root, f"checkpoint-{self._step}") if self._ckpt_root else None
+        record = {"run_id": store_id, "step": self._step, "window_done": self.done,
+                  "checkpoint": os.path.abspath(ckpt) if ckpt else None,
+                  "out_dir": os.path.abspath(self.settings.output_dir or os.path.join(self._ckpt_root, "relex"))
+                  if (self.settings.output_dir or self._ckpt_root) else None}
+        return {"args": args, "attributes": {"relex_checkpoint": record}}
+
+    def _take_back_original(self) -> Optional["RelexCallback"]:
+        """With ``restore_callback_states_from_checkpoint=True`` the Trainer replaces the callback the user passed by
+        a new one built from :meth:`state`. Put the user's instance back in its place (the one the user holds, with
+        the same settings, attached to no trainer), so that ``callback.report`` and friends stay on the object the
+        user has. Returns it, or None when this instance is the user's."""
+        if "relex_checkpoint" not in self.__dict__:
+            return None
+        lst = _handler_list(self)
+        cands = [c for c in list(RelexCallback._instances) if c is not self and "relex_checkpoint" not in c.__dict__
+                 and c.settings == self.settings and _handler_list(c) is None]
+        if lst is None or not cands:
+            return None
+        orig = max(cands, key=lambda c: c._created)
+        lst[lst.index(self)] = orig
+        return orig
 
     @classmethod
     def from_config(cls, cfg: RelexConfig, **overrides) -> "RelexCallback":
@@ -222,9 +301,13 @@ class RelexCallback(TrainerCallback):
     def _out_dir(self, args) -> str:
         return self.settings.output_dir or os.path.join(args.output_dir, "relex")
 
-    def _checkpoints(self, args, state) -> list:
-        """Where the checkpoint training resumed from may be."""
-        return [getattr(args, "resume_from_checkpoint", None), os.path.join(args.output_dir, f"checkpoint-{state.global_step}")]
+    def _checkpoints(self, args, state, record: Optional[dict] = None) -> list:
+        """Where the checkpoint training resumed from may be: where this callback saved it (its record in the
+        ``trainer_state.json`` the Trainer resumed with), the ``resume_from_checkpoint`` of the arguments,
+        ``<output_dir>/checkpoint-<global_step>``. Each is verified (run id, settings, live weights) before it is
+        used."""
+        return [(record or {}).get("checkpoint"), getattr(args, "resume_from_checkpoint", None),
+                os.path.join(args.output_dir, f"checkpoint-{state.global_step}")]
 
     def _select(self, model):
         from .params import is_peft_model, select_names, trainable_named_parameters
@@ -245,22 +328,31 @@ class RelexCallback(TrainerCallback):
 
     # ---------------------------------------------------------------------------------------- events
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        orig = self._take_back_original()
+        if orig is not None:
+            return orig.on_train_begin(args, state, control, model=model, **kwargs)
         trainer = _attach(self)
         self._trainer = weakref.ref(trainer) if trainer is not None else None
+        self._ckpt_root, self._step = args.output_dir, state.global_step
+        if isinstance(state.stateful_callbacks, dict):  # resumed from a checkpoint saved without this callback: the
+            state.stateful_callbacks.setdefault("RelexCallback", self.state())  # Trainer's next save needs the key
         if self.done:
             return
         if model is None:
             raise RelexInputError("RelexCallback needs the model in on_train_begin (use it with a transformers Trainer)")
         out_dir, s = self._out_dir(args), self.settings
+        record = resume_record(state, out_dir) if state.global_step > 0 else None
+        checkpoints = self._checkpoints(args, state, record)
         if state.global_step >= s.tcut:
             logger.info("relex: resumed at step %d >= tcut=%d; the window is already done", state.global_step, s.tcut)
             self.done = True
+            self._run_id = (record or {}).get("run_id")
             if not s.stop_training:
                 from .validation import Validation
 
                 self._select(model)
-                self.validation = Validation.resume(self._checkpoints(args, state), self.tracked, self.topology,
-                                                    state.global_step, s.tcut)
+                self.validation = Validation.resume(checkpoints, self.tracked, self.topology, state.global_step, s.tcut)
+                self._link_theta0(out_dir)
             return
         if state.max_steps and 0 < state.max_steps < s.tcut:
             logger.warning("relex: the trainer will stop at max_steps=%d, before tcut=%d: no checkpoint will be "
@@ -269,11 +361,29 @@ class RelexCallback(TrainerCallback):
         check_writable_dir(out_dir, "output_dir")
         check_outputs_free(out_dir, s.horizons, s.overwrite)
         self._select(model)
-        self.store = open_window(s, self.tracked, self.topology, out_dir=out_dir, global_step=state.global_step,
-                                 checkpoints=self._checkpoints(args, state))
+        if self.topology.process_rank == 0:
+            self._lock = OutputLock(out_dir, self._trainer() if self._trainer is not None else None)
+            self._lock.acquire()
+        try:
+            self.store = open_window(
+                s, self.tracked, self.topology, out_dir=out_dir, global_step=state.global_step, checkpoints=checkpoints,
+                expected=record, model_bytes=_horizon_bytes(model, self.tracked, s.merge_lora),
+                saves_in_window=str(getattr(args, "save_strategy", "steps")) not in ("no", "SaveStrategy.NO"),
+            )
+        except BaseException:
+            self._release()
+            raise
+        self._run_id = self.store.run_id
+
+    def _release(self):
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def on_step_end(self, args, state, control, **kwargs):
-        step = state.global_step
+        step = self._step = state.global_step
+        if self._lock is not None:
+            self._lock.touch()
         if self.validation is not None:
             if step in self.validation.pending:
                 res = self.validation.compare(step)
@@ -309,7 +419,7 @@ class RelexCallback(TrainerCallback):
         if self.validation is not None:
             self.validation.save(target)
         elif not self.done and self.store is not None:
-            self.store.save(target)
+            self.store.save(target, live=[t.read() for t in self.tracked], step=state.global_step)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self._pending_logs and logs is not None:
@@ -320,6 +430,13 @@ class RelexCallback(TrainerCallback):
             self._pending_logs = {}
 
     def on_train_end(self, args, state, control, **kwargs):
+        self._release()
+        if self.validation is not None and self.validation.theta0_file:  # the checkpoints keep their links
+            for p in (self.validation.theta0_file, os.path.dirname(self.validation.theta0_file)):
+                try:
+                    os.remove(p) if os.path.isfile(p) else os.rmdir(p)
+                except OSError:
+                    pass
         if not self.done and self.store is not None and self.store.num_rows:
             from .params import is_peft_model
 
@@ -357,6 +474,7 @@ class RelexCallback(TrainerCallback):
             reduce=self.topology.reduce_grams if self.topology.sharded else None, fit=s.fit, fit_window=s.fit_window,
             degree=s.degree, skip_horizons=flat if s.on_flat_reward == "error" else None,
             report_extra={"skipped_nonfinite_steps": list(self.skipped_steps), "reward_trend": trend,
+                          "skipped_unchanged_steps": list(self.store.skipped_unchanged_steps),
                           "format": "peft_adapter" if is_peft_model(model) else "full"},
         )
         self.end_of_window_seconds = seconds = time.perf_counter() - t0
@@ -384,11 +502,13 @@ class RelexCallback(TrainerCallback):
         self.done = True
         store, self.store = self.store, None
         store.release()
-        freed = store.discard_files()  # disk tier: the state file and the horizons hold the result now
+        # the state file and the horizons hold the result now; validation mode keeps theta_0 for its checkpoints
+        freed = store.discard_files(keep=() if s.stop_training else (THETA0_FILE,))
         if freed:
-            logger.info("relex: removed the disk-tier trajectory %s (%.2f GiB); the trainer checkpoints inside the "
-                        "window keep their own copy in relex_trajectory/", store.directory, freed / 2**30)
+            logger.info("relex: removed the run's trajectory files %s (%.2f GiB); the trainer checkpoints inside the "
+                        "window keep theirs in relex_trajectory/", store.directory, freed / 2**30)
         if s.stop_training:
+            self._release()
             control.should_training_stop = True
         else:
             from .validation import Validation
@@ -399,6 +519,13 @@ class RelexCallback(TrainerCallback):
                 logger.warning("relex: validation horizons %s are beyond max_steps=%d and will not be reached", late,
                                state.max_steps)
             self.validation = Validation(sol, store.theta0, store.specs, pending, self.tracked, self.topology, s.tcut)
+            self._link_theta0(out_dir)
+
+    def _link_theta0(self, out_dir: str):
+        """Validation checkpoints link theta_0 from ``<out_dir>/trajectory/`` instead of writing it each time."""
+        if self.validation is not None:
+            self.validation.theta0_file = os.path.join(
+                self.topology.trajectory_dir(os.path.join(out_dir, RUN_TRAJECTORY_DIR)), THETA0_FILE)
 
     def _reward_trend(self, state):
         """The reward's least-squares trend over the window (``relex_callback.trend``) and, when it is measurably not

@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from .buffer import THETA0_FILE, saved_trajectory, save_theta0
+from .buffer import THETA0_FILE, link_or_copy, saved_trajectory, save_theta0
 from .fs import STATE_NAME, write_json
 from .report import REPORT_NAME, load_report, write_report
 from .state import RelexState, load_state, save_state
@@ -42,6 +42,7 @@ class Validation:
     def __init__(self, result, theta0: torch.Tensor, specs, pending, tracked, topology, tcut: int):
         self.result, self.theta0, self.specs, self.pending = result, theta0, list(specs), set(pending)
         self.tracked, self.topo, self.tcut = tracked, topology, tcut
+        self.theta0_file: Optional[str] = None  # written once there, hard-linked into each checkpoint (see save)
 
     @torch.no_grad()
     def partial_sums(self, horizon: int) -> dict:
@@ -105,7 +106,13 @@ class Validation:
             specs, theta0 = self.specs, self.theta0
             save_state(state_path, self.result,
                        lambda i: theta0[specs[i].offset: specs[i].offset + specs[i].local_numel], tcut=self.tcut)
-        save_theta0(directory, self.theta0)
+        if self.theta0_file:  # theta_0 written once (the run directory), linked into every checkpoint
+            if not os.path.exists(self.theta0_file):
+                os.makedirs(os.path.dirname(self.theta0_file), exist_ok=True)
+                save_theta0(os.path.dirname(self.theta0_file), self.theta0)
+            link_or_copy(self.theta0_file, os.path.join(directory, THETA0_FILE))
+        else:
+            save_theta0(directory, self.theta0)
         write_json(os.path.join(directory, VALIDATION_FILE),
                    {"pending": sorted(self.pending), "specs": [s.to_json() for s in self.specs]})
 

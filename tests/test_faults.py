@@ -287,7 +287,7 @@ def test_window_with_fewer_than_two_recorded_steps_is_a_clear_error(tmp_path, ti
     tracked = plain_tracked(trainable_named_parameters(tiny_model))
     store = TrajectoryStore([t.spec for t in tracked], 4, dtype="float32", storage="host")
     store.set_theta0([t.read() for t in tracked])
-    store.snapshot(4, [t.read() for t in tracked])  # steps 1-3 were skipped as non-finite
+    store.snapshot(4, [t.read() + 1e-3 for t in tracked])  # steps 1-3 were skipped as non-finite
     with pytest.raises(RelexInputError, match="only 1 step"):
         finalize(store, FullModelWriter(ModelSource(tiny_model, tokenizer)), tcut=4, horizons=[8], out_dir=str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()

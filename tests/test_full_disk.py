@@ -5,7 +5,6 @@ the test would not pass if only OSError were turned into RelexWriteError."""
 import glob
 import os
 import subprocess
-import tempfile
 
 import pytest
 import torch

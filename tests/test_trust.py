@@ -2,7 +2,6 @@
 state file; the reward trend and on_flat_reward; the CLI's --fit and its printed signals."""
 
 import json
-import os
 
 import pytest
 import torch
