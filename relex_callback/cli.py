@@ -91,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-shard-size", default="50GB", help="shard the written checkpoints above this size (default 50GB, like save_pretrained)")
     e.add_argument("--overwrite", action="store_true", help="replace existing outputs in --out")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
+    e.add_argument("--streaming", action=argparse.BooleanOptionalAction, default=None,
+                   help="read the checkpoints tensor by tensor, without a [T, D] buffer (exact float32 deltas, memory "
+                        "bounded by a 256 MiB budget; --dtype is then the state file's direction dtype). Default: on "
+                        "with --device cpu, --storage auto and --solver auto/gram; --no-streaming fills the buffer")
 
     m = sub.add_parser("materialize", help="write more horizons from a state file and the base model")
     m.add_argument("--state", required=True, help="relex_state.safetensors (or the directory holding it)")
@@ -149,7 +153,7 @@ def cmd_extrapolate(args) -> int:
         args.base, args.checkpoints, horizons, args.out, steps=steps, stride=args.stride, fit_start=args.fit_start,
         rank=args.rank, dtype=args.dtype, device=args.device, storage=args.storage, solver=args.solver,
         max_shard_size=args.max_shard_size, overwrite=args.overwrite, progress=not args.no_progress,
-        timing=bool(os.environ.get("RELEX_TIMING")),
+        timing=bool(os.environ.get("RELEX_TIMING")), streaming=args.streaming,
     )
     s = report["summary"]
     print(f"relex: {s['tensors']} tensors, explained variance mean {_f(s['explained_variance_mean'])}, "
