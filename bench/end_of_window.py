@@ -113,13 +113,21 @@ def main():
     solve_s, write_s = rep["solve_seconds"], rep["write_seconds"]
 
     # the same horizons from the same solution, written tensor by tensor (relex_callback.streaming)
-    out2 = os.path.join(root, "streamed")
-    os.makedirs(out2)
     src = writer.source
+    t_stream = float("inf")
+    for rep_i in range(2):  # best of 2 (the machine is shared)
+        out2 = os.path.join(root, f"streamed-{rep_i}")
+        os.makedirs(out2)
+        t0 = time.perf_counter()
+        for h in horizons:
+            write_horizon_streaming(out2, h, T, sol, writer.theta0_of, src, max_shard_size="5GB")
+        t_stream = min(t_stream, time.perf_counter() - t0)
+    # the state file alone (part of finalize's write time)
+    out3 = os.path.join(root, "state-only")
+    os.makedirs(out3)
     t0 = time.perf_counter()
-    for h in horizons:
-        write_horizon_streaming(out2, h, T, sol, writer.theta0_of, src, max_shard_size="5GB")
-    t_stream = time.perf_counter() - t0
+    writer.write_state(out3, T)
+    t_state_file = time.perf_counter() - t0
     from safetensors.torch import load_file
 
     for h in horizons:
@@ -128,21 +136,24 @@ def main():
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "the two writers disagree"
 
     # save_pretrained of the same two checkpoints
-    sp = []
-    for durable in (False, True):
-        t0 = time.perf_counter()
-        for h in horizons:
-            d = os.path.join(root, f"sp-{h}-{int(durable)}")
-            model.save_pretrained(d, max_shard_size="5GB")
-            if durable:
-                fsync_tree(d)
-        sp.append(time.perf_counter() - t0)
+    sp = [float("inf"), float("inf")]
+    for rep_i in range(2):  # best of 2, plain and durable interleaved
+        for durable in (False, True):
+            t0 = time.perf_counter()
+            for h in horizons:
+                d = os.path.join(root, f"sp-{h}-{int(durable)}-{rep_i}")
+                model.save_pretrained(d, max_shard_size="5GB")
+                if durable:
+                    fsync_tree(d)
+            sp[durable] = min(sp[durable], time.perf_counter() - t0)
     t_state = rep.get("seconds", {})
     print(f"buffer {bb / 1e9:.2f} GB filled in {t_fill:.1f} s; copy bandwidth {bw / 1e9:.2f} GB/s (1 GB copy_)")
     print("| what | seconds | floor | seconds | ratio |\n|---|---|---|---|---|")
     print(f"| solve ({rep['solver']}: {', '.join(f'{k} {v:.2f}' for k, v in t_state.items())}) | {solve_s:.2f} | "
           f"two reads of the {bb / 1e9:.2f} GB buffer at {bw / 1e9:.2f} GB/s | {two_reads:.2f} | "
           f"{solve_s / two_reads:.2f} |")
+    print(f"| write: the state file alone (state.save_state, {sum(s.local_numel for s in specs) * 2 / 1e9:.2f} GB of "
+          f"bf16 directions) | {t_state_file:.2f} | | | |")
     print(f"| write: state + {len(horizons)} horizons (writers.FullModelWriter) | {write_s:.2f} | save_pretrained x"
           f"{len(horizons)} (+ fsync) | {sp[0]:.2f} ({sp[1]:.2f}) | {write_s / sp[1]:.2f} vs durable |")
     print(f"| write: {len(horizons)} horizons tensor by tensor (streaming.write_horizon_streaming) | {t_stream:.2f} | "
