@@ -251,3 +251,59 @@ def test_cli_flag_and_from_pretrained(tmp_path):
             assert float((p.detach() - want).norm() / (want - th0[n]).norm()) < 1e-4, n
         assert m.lm_head.weight.data_ptr() == m.model.embed_tokens.weight.data_ptr()
     assert reps["--streaming"]["storage"] == "streaming" and reps["--no-streaming"]["storage"] != "streaming"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_full_disk_keeps_the_state_and_says_how_to_finish(raw, tmp_path):
+    """A real full disk (a small tmpfs): room for the state file and the first horizon, not the second. One
+    RelexWriteError naming what is intact and the `relex materialize` command; nothing partial left."""
+    import glob
+    import subprocess
+
+    from relex_callback.errors import RelexWriteError
+
+    root, base, ckpts = raw
+    ref_out, _, _ = _run(raw, "sizes", streaming=True, dtype="float32")
+    state = os.path.getsize(os.path.join(ref_out, "relex_state.safetensors"))
+    horizon = sum(os.path.getsize(f) for f in glob.glob(os.path.join(ref_out, f"step-{H}", "*")))
+    mnt = tmp_path / "mnt"
+    os.makedirs(mnt)
+    # room for the state's parts and the joined state at once (the parts are removed once it is whole), then for the
+    # state and one and a half horizons
+    kib = max(2 * state, state + horizon + horizon // 2) // 1024 + 16
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    try:
+        out = str(mnt / "out")
+        with pytest.raises(RelexWriteError) as e:
+            extrapolate_checkpoints(base, [ckpts], [H, 2 * H], out, streaming=True, dtype="float32")
+        msg = str(e.value)
+        assert f"step-{2 * H}" in msg and "relex materialize" in msg and "state file" in msg and "intact" in msg, msg
+        assert sorted(os.listdir(out)) == ["relex_state.safetensors", f"step-{H}"]
+        assert os.listdir(mnt) == ["out"]  # no scratch parts, no temporaries
+        from relex_callback.state import load_state
+
+        assert load_state(out).steps == STEPS
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_full_disk_before_the_state_leaves_nothing(raw, tmp_path):
+    import subprocess
+
+    from relex_callback.errors import RelexWriteError
+
+    root, base, ckpts = raw
+    mnt = tmp_path / "mnt"
+    os.makedirs(mnt)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24k", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    try:
+        with pytest.raises(RelexWriteError, match="writing the state file .* failed: .*No space left on device.*nothing exists under the final names"):
+            extrapolate_checkpoints(base, [ckpts], [H], str(mnt / "out"), streaming=True, dtype="float32")
+        assert os.listdir(mnt) == []
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
