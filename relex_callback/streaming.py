@@ -106,6 +106,8 @@ class FileReader:
         return fd
 
     def _pread(self, fd: int, dst: torch.Tensor, offset: int):
+        if not dst.is_contiguous():  # reshape would copy, and the read would land in the copy
+            raise ValueError("FileReader reads into contiguous memory only")
         view = memoryview(dst.reshape(-1).view(torch.uint8).numpy())
         done, total = 0, len(view)
         while done < total:

@@ -100,7 +100,7 @@ def test_streamed_vs_buffered_vs_float64_reference(raw, rank):
     for name, kw in {
         "stream32": dict(streaming=True, dtype="float32"),
         # a budget of 300 columns: many groups, and tensors read twice in column chunks
-        "stream32_small": dict(streaming=True, dtype="float32", memory_budget=4 * (len(STEPS) + 1) * 300),
+        "stream32_small": dict(streaming=True, dtype="float32", memory_budget=4 * (len(STEPS) + 1) * 300, progress=True),
         "buffer32": dict(streaming=False, dtype="float32"),
         "stream16": dict(streaming=True),
         "buffer16": dict(streaming=False),
