@@ -29,7 +29,7 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHECKS = ("kernels", "solver", "device", "host")
-TIMEOUTS = {"kernels": 150, "solver": 90, "device": 100, "host": 100}  # 440 s in all, under the 8-minute budget
+TIMEOUTS = {"kernels": 140, "solver": 110, "device": 100, "host": 100}  # 450 s in all: under 8 minutes
 TCUT, HORIZONS = 6, (20, 40)
 
 
@@ -72,7 +72,7 @@ def check_kernels():
 
 
 def check_solver():
-    rc, out, dt = _run([sys.executable, "bench/solver.py", "--device", "cuda", "--T", "75", "--numel", "5e7",
+    rc, out, dt = _run([sys.executable, "bench/solver.py", "--device", "cuda", "--T", "75", "--numel", "2e7",
                         "--tensors", "40", "--repeat", "2", "--noise", "0.05", "--no-svd"], TIMEOUTS["solver"])
     lines = [ln for ln in out.splitlines() if "gram" in ln or "power" in ln]
     return ("PASS" if rc == 0 else "FAIL"), dt, (" / ".join(lines[-2:]) or _tail(out))[-300:]
@@ -94,7 +94,6 @@ def check_grpo(tier: str):
 def grpo_child(tier: str) -> int:
     """One tiny GRPO run on the GPU with the given buffer tier; compares the callback's horizons with the CPU
     engine's over the checkpoints of the same run. Prints one ``GPU-CHECK-RESULT {json}`` line."""
-    import torch
     from datasets import Dataset
     from safetensors.torch import load_file
     from trl import GRPOConfig, GRPOTrainer

@@ -592,7 +592,7 @@ def extrapolate_streaming(*, src_base, base_path: str, sources, cks, names: Sequ
         if bar is not None:
             bar.close()
             bar = None
-        del arena
+        arena = None  # noqa: F841  (the float32 blocks are not needed for the writes)
         for r in readers + [base_reader]:
             r.close()
         t_solved = time.perf_counter()
