@@ -8,7 +8,7 @@ TORCH_VERSION ?= 2.13.0
 # Versions tested together (README, "Compatibility"); override with `make test PINS=`.
 PINS ?= "transformers==5.24.0" "trl==1.16.0" "accelerate==1.15.0" "deepspeed==0.19.8" "triton==3.9.0" "peft==0.21.2"
 
-.PHONY: test test-fast demo bench clean venv
+.PHONY: test test-fast demo bench gpu-check clean venv
 
 $(VENV)/.torch:
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,11 @@ demo: $(VENV)/.demo
 
 bench: $(VENV)/.installed
 	$(PY) bench/overhead.py
+
+# The checks that need a GPU, in one command (< 8 minutes on one GPU; installs nothing beyond the test extras). On a
+# machine without CUDA it says so and exits 0.
+gpu-check: $(VENV)/.installed
+	$(PY) bench/gpu_check.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

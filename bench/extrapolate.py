@@ -1,12 +1,21 @@
 """Benchmark: `relex extrapolate` end to end (a subprocess: imports included) over synthetic fp32 checkpoints of a
-76.6M-parameter Qwen2-shaped model (hidden 1024, 8 layers), 20 checkpoints, 2 horizons.
+76.6M-parameter Qwen2-shaped model (hidden 1024, 8 layers), 20 checkpoints, 2 horizons, beside its floors measured
+in the same run.
 
-    python bench/extrapolate.py [--dir /tmp/relex_bench] [--repeat 2] [--solver auto] [--dtype bfloat16]
+    python bench/extrapolate.py [--dir /tmp/relex_bench] [--repeat 2] [--modes streaming,buffered] [--dtype bfloat16]
 
-Prints the wall time and peak RSS of the CLI process, and, for scale on a shared machine, the time of a plain
-`cat` of the same checkpoint files (page cache warm) measured in the same run. The checkpoints are built once
-and kept in --dir (never in the repository); the weights move along a nearly rank-1 path plus a small noise.
-Targets (issue 2): <= 6 s wall and <= 3.8 GB peak RSS on the 2-core CI machine.
+Each repeat measures, in this order and on the same (shared) machine:
+
+* read floor: `cat` of the 21 checkpoint files to /dev/null (page cache warm: the files were just read);
+* import floor: `python -c "import torch, safetensors"`;
+* write floor: a plain safetensors `save_file` of tensors of the size relex writes (each horizon: the model in its
+  dtype; the state file: the directions in --dtype), in a fresh process, imports excluded, then `fsync` of the files
+  (relex's outputs are durable: every file is flushed before its rename); both are printed, the sum uses the second;
+* `relex extrapolate` with `--streaming` and with `--no-streaming`: wall, peak RSS, user/sys time, and the ratio of
+  the wall to the sum of the three floors.
+
+The checkpoints are built once and kept in --dir (never in the repository); the weights move along a nearly rank-1
+path plus a small noise. Goals (issue 14): peak RSS <= 1 GB, wall <= 2x the floors' sum.
 """
 
 from __future__ import annotations
@@ -109,6 +118,7 @@ def main():
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--solver", default="auto")
     ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the CLI (default: unset)")
+    ap.add_argument("--modes", default="streaming,buffered", help="comma separated: streaming, buffered")
     args = ap.parse_args()
     build(args.dir, args.checkpoints, args.every)
     files = [os.path.join(args.dir, "base", "model.safetensors")] + [
@@ -120,39 +130,104 @@ def main():
     env["RELEX_TIMING"] = "1"
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
-    print(f"{len(files)} files, {total / 1e9:.2f} GB; horizons {5 * tcut},{10 * tcut}; buffer dtype {args.dtype}; solver {args.solver}")
+    n_params = sum(math.prod(x) for x in shapes(CONFIG).values())
+    dir_bytes = {"bfloat16": 2, "float16": 2, "float32": 4}[args.dtype]
+    write_bytes = 2 * 4 * n_params + dir_bytes * n_params
+    modes = [m for m in args.modes.split(",") if m]
+    print(f"{len(files)} files, {total / 1e9:.2f} GB; horizons {5 * tcut},{10 * tcut}; --dtype {args.dtype}; solver "
+          f"{args.solver}; relex writes {write_bytes / 1e9:.2f} GB; {os.cpu_count()} CPUs")
+    subprocess.run(["cat", *files], stdout=subprocess.DEVNULL, check=True)  # warm the page cache
+    rows = []
     for r in range(args.repeat):
+        cpu = {}
+        floors = {}
+        floors["read"], cpu["read"] = _timed(["cat", *files])
+        floors["import"], cpu["import"] = _timed([sys.executable, "-c", "import torch, safetensors"])
+        plain, floors["write"], cpu["write"] = _write_floor(args.dir, n_params, args.dtype, env)
+        fsum = sum(floors.values())
+        csum = sum(cpu.values())
+        print(f"run {r + 1}: floors: read (cat) {floors['read']:.2f} s ({total / 1e9 / floors['read']:.1f} GB/s), import "
+              f"{floors['import']:.2f} s, write (save_file of {write_bytes / 1e9:.2f} GB) {plain:.2f} s, + fsync (relex's "
+              f"outputs are durable) {floors['write']:.2f} s; sum "
+              f"{fsum:.2f} s (CPU time of the floors: {csum:.2f} s) | load average {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
+        for mode in modes:
+            out = os.path.join(args.dir, "out")
+            shutil.rmtree(out, ignore_errors=True)
+            cmd = [sys.executable, "-m", "relex_callback.cli", "extrapolate", "--base", os.path.join(args.dir, "base"),
+                   "--checkpoints", os.path.join(args.dir, "ckpts"), "--horizons", f"{5 * tcut},{10 * tcut}", "--out",
+                   out, "--dtype", args.dtype, "--solver", args.solver, "--no-progress",
+                   "--streaming" if mode == "streaming" else "--no-streaming"]
+            wall, rss, ru, se = _run(cmd, env)
+            rep = json.load(open(os.path.join(out, "report.json")))
+            secs = rep.get("seconds", {})
+            rows.append((r + 1, mode, wall, rss, fsum, ru.ru_utime + ru.ru_stime, csum))
+            print(f"    {mode:9s}: wall {wall:.2f} s = {wall / fsum:.2f}x the floors (CPU {ru.ru_utime + ru.ru_stime:.2f} s = {(ru.ru_utime + ru.ru_stime) / csum:.2f}x theirs), peak RSS {rss / 1e9:.2f} GB, user "
+                  f"{ru.ru_utime:.2f} s, sys {ru.ru_stime:.2f} s | solve {rep.get('solve_seconds', 0):.2f} s "
+                  f"({', '.join(f'{k} {v:.2f}' for k, v in secs.items())}), write {rep.get('write_seconds', 0):.2f} s")
+            for ln in se.splitlines():
+                if ln.startswith("relex: timing"):
+                    print("       ", ln)
+        shutil.rmtree(os.path.join(args.dir, "out"), ignore_errors=True)
+    print("\n| run | mode | wall s | peak RSS GB | floors' sum s | wall / floors | CPU s | CPU / floors' CPU |\n"
+          "|---|---|---|---|---|---|---|---|")
+    for r, mode, wall, rss, fsum, c, cs in rows:
+        print(f"| {r} | {mode} | {wall:.2f} | {rss / 1e9:.2f} | {fsum:.2f} | {wall / fsum:.2f} | {c:.2f} | {c / cs:.2f} |")
+    print("goals: peak RSS <= 1 GB, wall <= 2x the floors' sum (2-core machine, warm page cache)")
+
+
+def _timed(cmd):
+    """Wall and CPU (user + sys) seconds of a command."""
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+    _, status, ru = os.wait4(p.pid, 0)
+    if os.waitstatus_to_exitcode(status):
+        raise SystemExit(f"{cmd[0]} failed")
+    return time.perf_counter() - t0, ru.ru_utime + ru.ru_stime
+
+
+def _write_floor(root: str, n_params: int, dtype: str, env) -> float:
+    """save_file of what relex writes (two fp32 models and one state of directions), in a fresh process; the time of
+    the save_file calls only (imports and tensor creation excluded)."""
+    code = (
+        "import sys, time, torch\n"
+        "from safetensors.torch import save_file\n"
+        f"n = {n_params}; d = sys.argv[1]\n"
+        "parts = [(torch.float32, 'h1'), (torch.float32, 'h2'), (getattr(torch, sys.argv[2]), 'state')]\n"
+        "ts = {name: {f't{i}': torch.ones(n // 8 + (n % 8 if i == 0 else 0), dtype=dt) for i in range(8)} for dt, name in parts}\n"
+        "t0 = time.perf_counter(); c0 = time.process_time()\n"
+        "for name, tensors in ts.items():\n"
+        "    save_file(tensors, f'{d}/{name}.safetensors', metadata={'format': 'pt'})\n"
+        "t1 = time.perf_counter()\n"
+        "import os\n"
+        "for name in ts:\n"
+        "    fd = os.open(f'{d}/{name}.safetensors', os.O_RDONLY); os.fsync(fd); os.close(fd)\n"
+        "print(t1 - t0, time.perf_counter() - t0, time.process_time() - c0)\n"
+    )
+    d = os.path.join(root, "write_floor")
+    shutil.rmtree(d, ignore_errors=True)
+    os.makedirs(d)
+    try:
+        out = subprocess.run([sys.executable, "-c", code, d, dtype], env=env, check=True, capture_output=True, text=True)
+        plain, durable, cpu = map(float, out.stdout.strip().splitlines()[-1].split())
+        return plain, durable, cpu
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _run(cmd, env):
+    # the output goes to files, not pipes: nothing reads a pipe while wait4 waits, so a full one would hang the child
+    with tempfile.TemporaryFile() as err:
         t0 = time.perf_counter()
-        subprocess.run(["cat", *files], stdout=subprocess.DEVNULL, check=True)
-        t_cat = time.perf_counter() - t0
-        out = os.path.join(args.dir, "out")
-        shutil.rmtree(out, ignore_errors=True)
-        cmd = [sys.executable, "-m", "relex_callback.cli", "extrapolate", "--base", os.path.join(args.dir, "base"),
-               "--checkpoints", os.path.join(args.dir, "ckpts"), "--horizons", f"{5 * tcut},{10 * tcut}", "--out", out,
-               "--dtype", args.dtype, "--solver", args.solver]
-        # the output goes to files, not pipes: nothing reads a pipe while wait4 waits, so a full one would hang the child
-        with tempfile.TemporaryFile() as err:
-            t0 = time.perf_counter()
-            p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err)
-            _, status, ru = os.wait4(p.pid, 0)
-            wall = time.perf_counter() - t0
-            err.seek(0)
-            se = err.read().decode()
-        code = os.waitstatus_to_exitcode(status)
-        if code != 0:
-            print(se[-3000:])
-            raise SystemExit(f"relex extrapolate failed with exit code {code}")
-        rep = json.load(open(os.path.join(out, "report.json")))
-        secs = rep.get("seconds", {})
-        print(f"run {r + 1}: relex extrapolate wall {wall:.2f} s, peak RSS {ru.ru_maxrss * 1024 / 1e9:.2f} GB, "
-              f"user {ru.ru_utime:.2f} s, sys {ru.ru_stime:.2f} s | solve {rep.get('solve_seconds', 0):.2f} s "
-              f"({rep.get('solver')}: {', '.join(f'{k} {v:.2f}' for k, v in secs.items())}), write {rep.get('write_seconds', 0):.2f} s "
-              f"| cat of the {len(files)} files {t_cat:.2f} s ({total / 1e9 / t_cat:.1f} GB/s) | load average "
-              f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}")
-        timing = [ln for ln in se.splitlines() if ln.startswith("relex: timing")]
-        for ln in timing:
-            print("   ", ln)
-    print("targets: wall <= 6 s, peak RSS <= 3.8 GB (2-core machine, warm page cache)")
+        p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        _, status, ru = os.wait4(p.pid, 0)
+        wall = time.perf_counter() - t0
+        err.seek(0)
+        se = err.read().decode()
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        print(se[-3000:])
+        raise SystemExit(f"relex extrapolate failed with exit code {code}")
+    return wall, ru.ru_maxrss * 1024, ru, se
 
 
 if __name__ == "__main__":

@@ -260,7 +260,9 @@ class RelexCallback(TrainerCallback, ExportableState):
         (and checked to be this run's) wherever the checkpoint is."""
         s = self.settings
         args = {k: (list(v) if isinstance(v, tuple) else v) for k, v in
-                ((f, getattr(s, f)) for f in RelexSettings.__dataclass_fields__)}
+                ((f, getattr(s, f)) for f in RelexSettings.__dataclass_fields__ if f != "auto_horizons")}
+        if s.auto_horizons:
+            args["horizons"], args["evaluate_horizons"] = "auto", False  # validate() derives both again
         store_id = self.store.run_id if self.store is not None else self._run_id
         ckpt = os.path.join(self._ckpt_root, f"checkpoint-{self._step}") if self._ckpt_root else None
         record = {"run_id": store_id, "step": self._step, "window_done": self.done,

@@ -96,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--degree", type=int, default=2, help="degree of --fit polynomial (default 2)")
     e.add_argument("--overwrite", action="store_true", help="replace existing outputs in --out")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
+    e.add_argument("--streaming", action=argparse.BooleanOptionalAction, default=None,
+                   help="read the checkpoints tensor by tensor, without a [T, D] buffer (exact float32 deltas, memory "
+                        "bounded by a 256 MiB budget; --dtype is then the state file's direction dtype). Default: on "
+                        "with --device cpu, --storage auto and --solver auto/gram; --no-streaming fills the buffer")
 
     m = sub.add_parser("materialize", help="write more horizons from a state file and the base model")
     m.add_argument("--state", required=True, help="relex_state.safetensors (or the directory holding it)")
@@ -164,6 +168,8 @@ def cmd_extrapolate(args) -> int:
     if args.trajectory is not None:
         if args.steps is not None or args.stride != 1:
             raise RelexInputError("--steps and --stride apply to --checkpoints; a saved trajectory keeps its own steps")
+        if args.streaming:
+            raise RelexInputError("--streaming applies to --checkpoints; a saved trajectory is already one buffer")
         _check_dir("--trajectory", args.trajectory, "the partial_trajectory/ or relex_trajectory/ directory the callback wrote")
         from .fs import check_writable_dir
 
@@ -184,7 +190,7 @@ def cmd_extrapolate(args) -> int:
         args.base, args.checkpoints, horizons, args.out, steps=steps, stride=args.stride, fit_start=args.fit_start,
         rank=args.rank, dtype=args.dtype, device=args.device, storage=args.storage, solver=args.solver,
         max_shard_size=args.max_shard_size, overwrite=args.overwrite, progress=not args.no_progress,
-        timing=bool(os.environ.get("RELEX_TIMING")), **fit_kw,
+        timing=bool(os.environ.get("RELEX_TIMING")), streaming=args.streaming, **fit_kw,
     )
     print(trust_lines(report))
     s = report["summary"]

@@ -169,7 +169,8 @@ def extrapolate_checkpoints(base: str, checkpoints: Sequence[str], horizons, out
                             steps: Optional[Sequence[int]] = None, stride: int = 1, fit_start: Optional[int] = None,
                             rank: int = 1, dtype: str = "bfloat16", device: str = "cpu", storage: str = "auto",
                             solver: str = "auto", max_shard_size="50GB", overwrite: bool = False,
-                            progress: bool = False, timing: bool = False, fit: str = "linear",
+                            progress: bool = False, timing: bool = False, streaming: Optional[bool] = None,
+                            memory_budget: Optional[int] = None, fit: str = "linear",
                             fit_window: Optional[int] = None, degree: int = 2):
     """RELEX over checkpoints saved on disk (a run without the callback, or verl's): what ``relex extrapolate`` runs.
 
@@ -182,6 +183,14 @@ def extrapolate_checkpoints(base: str, checkpoints: Sequence[str], horizons, out
         steps (`list[int]`, *optional*): step numbers of ``checkpoints`` in the order given (default: their names).
         stride, fit_start, rank, dtype, solver, max_shard_size, overwrite: as in :class:`~relex_callback.RelexCallback`.
         device (`str`, *optional*, defaults to `"cpu"`): ``cpu`` or ``cuda``. storage: the buffer tier.
+        streaming (`bool`, *optional*): read the checkpoints tensor by tensor (:mod:`relex_callback.streaming`: no
+            ``[T, D]`` buffer, float32/float64 arithmetic on the exact deltas, memory bounded by ``memory_budget``)
+            instead of filling the trajectory buffer. Default (``None``): streaming on the CPU with the default
+            ``storage`` and a Gram solver (``auto`` or ``gram``); the buffer otherwise (``--device cuda``, an explicit
+            ``storage``, ``solver="power"``). With streaming, ``dtype`` is the dtype of the directions kept in the
+            state file (the horizons are written from them).
+        memory_budget (`int`, *optional*, defaults to 256 MiB): with streaming, the bytes of float32 blocks read at a
+            time (tensors whose ``T + 1`` rows fit are read once, larger ones twice in column chunks).
 
     Returns:
         ``(solution, report)``. Every input mistake raises :class:`~relex_callback.errors.RelexInputError` before
@@ -221,6 +230,15 @@ def extrapolate_checkpoints(base: str, checkpoints: Sequence[str], horizons, out
     _check_out(out_dir, overwrite)
     if device == "cuda" and not torch.cuda.is_available():
         raise RelexInputError("--device cuda but no CUDA device is visible; use --device cpu")
+    plain_line = fit == "linear" and fit_window is None
+    if streaming is None:
+        streaming = device == "cpu" and storage == "auto" and solver in ("auto", "gram") and plain_line
+    elif streaming and (device != "cpu" or solver == "power"):
+        raise RelexInputError("--streaming reads and solves on the CPU with the Gram solver; drop --device cuda / "
+                              "--solver power, or pass --no-streaming")
+    elif streaming and not plain_line:
+        raise RelexInputError("--streaming fits the line (the state is written group by group, before a fit family "
+                              "could be chosen over every tensor); drop --fit/--fit-window, or pass --no-streaming")
 
     from .buffer import TrajectoryStore
     from .params import TensorSpec
@@ -238,6 +256,22 @@ def extrapolate_checkpoints(base: str, checkpoints: Sequence[str], horizons, out
     specs = [TensorSpec(name=n, shape=src_base.meta[n][0], dtype=src_base.meta[n][1],
                         local_numel=math.prod(src_base.meta[n][0])) for n in names]
     out = os.path.abspath(out_dir)
+    if streaming:
+        from .streaming import DEFAULT_MEMORY_BUDGET, extrapolate_streaming
+
+        t_checked = time.perf_counter()
+        phases = {}
+        sol, report = extrapolate_streaming(
+            src_base=src_base, base_path=base, sources=sources, cks=cks, names=names, horizons=settings.horizons,
+            out_dir=out, rank=rank, fit_start=fit_start, dtype=settings.torch_dtype, max_shard_size=settings.max_shard_size,
+            overwrite=overwrite, memory_budget=memory_budget or DEFAULT_MEMORY_BUDGET, progress=progress,
+            report_extra={"base": os.path.abspath(base), "checkpoints_read": [c.path for c in cks]}, timings=phases,
+        )
+        if timing:
+            print(f"relex: timing: header checks {t_checked - t_main:.2f} s, streaming "
+                  f"{time.perf_counter() - t_checked:.2f} s ({', '.join(f'{k} {v}' for k, v in phases.items())}); "
+                  f"peak RSS {_peak_rss() / 1e9:.2f} GB", file=sys.stderr)
+        return sol, report
     scratch = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.trajectory-{os.getpid()}")
     t_checked = time.perf_counter()
     store = TrajectoryStore(specs, len(cks), dtype=settings.dtype, storage=settings.storage,

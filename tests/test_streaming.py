@@ -1,0 +1,309 @@
+"""Tensor-major `relex extrapolate` (relex_callback/streaming.py) against the buffered path and a float64 SVD
+reference computed here; its outputs in the usual formats (from_pretrained, load_state, materialize bit for bit);
+refusals (NaN checkpoint, overflowing horizons) with nothing written; the tensor-by-tensor safetensors writer."""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from relex_callback.errors import RelexInputError, RelexNonFiniteError
+from relex_callback.offline import extrapolate_checkpoints, materialize
+
+STEPS = [3, 6, 9, 12, 15]
+H = 60
+
+
+def _save(d, tensors):
+    os.makedirs(d)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(d, "model.safetensors"),
+              metadata={"format": "pt"})
+
+
+def _trajectory(root, dtype=torch.float32, seed=0):
+    """Raw checkpoints (no model): tensors of varied sizes moving along a nearly rank-1 path, plus noise and an int
+    buffer that must be copied unchanged."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"a.weight": (40, 50), "b.weight": (700,), "c.bias": (3,), "d.weight": (64, 64), "e.weight": (1,)}
+    th0 = {k: 0.1 * torch.randn(s, generator=g) for k, s in shapes.items()}
+    paths = {k: (torch.randn(s, generator=g), 0.01 + 0.02 * torch.rand((), generator=g).item()) for k, s in shapes.items()}
+    base = os.path.join(root, "base")
+    _save(base, {**{k: v.to(dtype) for k, v in th0.items()}, "pos_ids": torch.arange(7)})
+    for t in STEPS:
+        cur = {}
+        for k, (v, a) in paths.items():
+            c = a * t + 0.01 + 1e-3 * torch.randn((), generator=g).item()
+            cur[k] = (th0[k] + c * v / v.norm() + 1e-4 * torch.randn(v.shape, generator=g)).to(dtype)
+        _save(os.path.join(root, "ckpts", f"checkpoint-{t}"), {**cur, "pos_ids": torch.arange(7)})
+    return base, os.path.join(root, "ckpts")
+
+
+def _reference(base, ckpts, horizon, rank=1):
+    """float64 SVD of the exact deltas: {name: theta_hat(H) - theta_0}, and {name: (sigma, slope)}."""
+    b = load_file(os.path.join(base, "model.safetensors"))
+    cks = [load_file(os.path.join(ckpts, f"checkpoint-{t}", "model.safetensors")) for t in STEPS]
+    t = torch.tensor(STEPS, dtype=torch.float64)
+    X = torch.stack([t, torch.ones_like(t)], 1)
+    out, coef = {}, {}
+    for k in b:
+        if not b[k].is_floating_point():
+            continue
+        th0 = b[k].double().reshape(-1)
+        M = torch.stack([c[k].double().reshape(-1) - th0 for c in cks])
+        U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+        delta = torch.zeros_like(th0)
+        for j in range(min(rank, len(S))):
+            v = Vh[j]
+            c = M @ v
+            if c[-1] < 0:
+                c, v = -c, -v
+            a, bb = torch.linalg.lstsq(X, c.unsqueeze(1)).solution.flatten().tolist()
+            delta += (a * horizon + bb) * v
+            if j == 0:
+                coef[k] = (float(S[0]), a)
+        out[k] = delta
+    return out, coef
+
+
+def _deltas(out, base):
+    got = load_file(os.path.join(out, f"step-{H}", "model.safetensors"))
+    b = load_file(os.path.join(base, "model.safetensors"))
+    return got, {k: (got[k].double() - b[k].double()).reshape(-1) for k in b if b[k].is_floating_point()}
+
+
+def _worst(deltas, ref):
+    return max(float((deltas[k] - ref[k]).norm() / ref[k].norm()) for k in ref)
+
+
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("stream"))
+    base, ckpts = _trajectory(root)
+    return root, base, ckpts
+
+
+def _run(raw, name, **kw):
+    root, base, ckpts = raw
+    out = os.path.join(root, name)
+    sol, rep = extrapolate_checkpoints(base, [ckpts], [H], out, **kw)
+    return out, sol, rep
+
+
+@pytest.mark.parametrize("rank", [1, 2])
+def test_streamed_vs_buffered_vs_float64_reference(raw, rank):
+    root, base, ckpts = raw
+    ref, coef = _reference(base, ckpts, H, rank)
+    results = {}
+    for name, kw in {
+        "stream32": dict(streaming=True, dtype="float32"),
+        # a budget of 300 columns: many groups, and tensors read twice in column chunks
+        "stream32_small": dict(streaming=True, dtype="float32", memory_budget=4 * (len(STEPS) + 1) * 300, progress=True),
+        "buffer32": dict(streaming=False, dtype="float32"),
+        "stream16": dict(streaming=True),
+        "buffer16": dict(streaming=False),
+    }.items():
+        out, sol, rep = _run(raw, f"{name}-r{rank}", rank=rank, **kw)
+        got, d = _deltas(out, base)
+        assert torch.equal(got["pos_ids"], torch.arange(7))  # untracked tensors copied
+        results[name] = (_worst(d, ref), rep)
+    small_rep = results["stream32_small"][1]
+    assert small_rep["storage"] == "streaming" and small_rep["streaming"]["tensors_read_twice"] >= 2
+    assert results["buffer32"][1]["storage"] != "streaming"
+    errs = {k: v[0] for k, v in results.items()}
+    print(f"rank {rank}: relative error of the extrapolated delta vs float64 SVD: {errs}")
+    # float32 deltas and float32 directions: as exact as the float32 Gram allows, whatever the budget (rank 2's second
+    # component is noise, with sigma_2^2 / sigma_1^2 near float32's resolution)
+    tol = 1e-5 if rank == 1 else 1e-4
+    assert errs["stream32"] < tol and errs["stream32_small"] < tol, errs
+    assert errs["buffer32"] < 1e-4
+    # bf16 directions (the default dtype): the streamed path rounds only v, the buffered path every delta too
+    assert results["stream16"][0] < 1e-2 and results["buffer16"][0] < 2e-2
+    assert results["stream16"][0] <= results["buffer16"][0] * 1.5
+    # sigma and slope come from the exact deltas even with bf16 directions
+    for name in ("stream32", "stream16"):
+        for t in results[name][1]["tensors"]:
+            s_ref, a_ref = coef[t["name"]]
+            assert abs(t["sigma"][0] - s_ref) <= 1e-5 * s_ref
+            assert abs(t["slope"][0] - a_ref) <= 1e-4 * abs(a_ref)
+
+
+def test_state_and_materialize_match_bit_for_bit(raw):
+    from relex_callback.state import load_state
+
+    root, base, ckpts = raw
+    out, sol, rep = _run(raw, "stream-mat", streaming=True, memory_budget=4 * (len(STEPS) + 1) * 500)
+    st = load_state(out)
+    assert st.rank == 1 and st.dtype == "bfloat16" and st.steps == STEPS
+    assert [s.name for s in st.specs] == [s.name for s in sol.specs]
+    # spec offsets are the columns of the whole model, as the buffered path records them
+    assert [s.offset for s in st.specs] == [s.offset for s in sol.specs] and st.specs[-1].offset > 0
+    buffered = load_state(_run(raw, "buffer-mat", streaming=False)[0])
+    assert [s.offset for s in buffered.specs] == [s.offset for s in st.specs]
+    assert set(json.loads(safe_open(os.path.join(out, "relex_state.safetensors"), "pt").metadata()["relex"])) == \
+        set(json.loads(safe_open(os.path.join(root, "buffer-mat", "relex_state.safetensors"), "pt").metadata()["relex"]))
+    mat = os.path.join(root, "mat")
+    materialize(os.path.join(out, "relex_state.safetensors"), base, [H], mat)
+    a = load_file(os.path.join(out, f"step-{H}", "model.safetensors"))
+    b = load_file(os.path.join(mat, f"step-{H}", "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.load(open(os.path.join(out, f"step-{H}", "relex_horizon.json")))["horizon"] == H
+    assert not [f for f in os.listdir(out) if f.startswith(".")]
+    assert not [f for f in os.listdir(root) if ".relex-parts-" in f]
+
+
+def test_bf16_checkpoints(tmp_path):
+    """Checkpoints in bf16 (staged then widened): the streamed result equals the float64 SVD of the bf16 values."""
+    base, ckpts = _trajectory(str(tmp_path), dtype=torch.bfloat16, seed=3)
+    ref, _ = _reference(base, ckpts, H)
+    out = str(tmp_path / "o")
+    extrapolate_checkpoints(base, [ckpts], [H], out, streaming=True, dtype="float32")
+    got, d = _deltas(out, base)
+    assert got["a.weight"].dtype == torch.bfloat16
+    # the written checkpoint is bf16: compare within its rounding
+    assert _worst(d, ref) < 2e-2
+
+
+def test_nan_checkpoint_refused_like_the_buffered_path(tmp_path):
+    base, ckpts = _trajectory(str(tmp_path), seed=4)
+    last = os.path.join(ckpts, f"checkpoint-{STEPS[-1]}", "model.safetensors")
+    sd = load_file(last)
+    sd["d.weight"][3, 3] = float("nan")
+    save_file(sd, last, metadata={"format": "pt"})
+    msgs = []
+    for streaming in (True, False):
+        out = str(tmp_path / f"o{streaming}")
+        with pytest.raises(RelexInputError) as e:
+            extrapolate_checkpoints(base, [ckpts], [H], out, streaming=streaming)
+        msgs.append(str(e.value))
+        assert not os.path.exists(out)
+    assert msgs[0] == msgs[1] and "non-finite weight delta at step 15 in 1 tensor(s): d.weight" in msgs[0]
+    assert sorted(os.listdir(tmp_path)) == ["base", "ckpts"]  # no scratch left
+
+
+def test_overflowing_horizon_refused_before_anything_is_written(tmp_path):
+    base, ckpts = _trajectory(str(tmp_path), dtype=torch.float16, seed=5)
+    out = str(tmp_path / "o")
+    with pytest.raises(RelexInputError, match="would overflow"):
+        extrapolate_checkpoints(base, [ckpts], [10**9], out, streaming=True)
+    assert not os.path.exists(out) and sorted(os.listdir(tmp_path)) == ["base", "ckpts"]
+
+
+def test_streaming_refuses_cuda_and_power(raw):
+    root, base, ckpts = raw
+    with pytest.raises(RelexInputError, match="--no-streaming"):
+        extrapolate_checkpoints(base, [ckpts], [H], os.path.join(root, "p"), streaming=True, solver="power")
+    with pytest.raises(RelexInputError, match="memory_budget"):
+        extrapolate_checkpoints(base, [ckpts], [H], os.path.join(root, "p"), streaming=True, memory_budget=8)
+
+
+def test_write_shard_streaming_is_a_plain_safetensors_file(tmp_path):
+    from relex_callback.streaming import write_shard_streaming
+
+    g = torch.Generator().manual_seed(0)
+    ts = {"x": torch.randn(3, 5, generator=g), "y": torch.randn(7, generator=g).to(torch.bfloat16),
+          "z": torch.arange(4, dtype=torch.int64), "e": torch.empty(0, 3), "h": torch.randn(2, generator=g).half()}
+    meta = {k: (tuple(v.shape), v.dtype) for k, v in ts.items()}
+    p = str(tmp_path / "s.safetensors")
+    write_shard_streaming(p, list(ts), meta, lambda k: ts[k])
+    back = load_file(p)
+    assert back.keys() == ts.keys() and all(torch.equal(back[k], ts[k]) for k in ts)
+    with safe_open(p, "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+    bad = dict(ts, x=ts["x"].clone())
+    bad["x"][0, 0] = float("inf")
+    with pytest.raises(RelexNonFiniteError, match="x would be written with NaN/Inf"):
+        write_shard_streaming(str(tmp_path / "b.safetensors"), list(ts), meta, lambda k: bad[k])
+
+
+def test_cli_flag_and_from_pretrained(tmp_path):
+    """`--no-streaming` reaches the buffered path; the streamed horizons of a real model load with from_pretrained."""
+    from transformers import AutoModelForCausalLM
+
+    from relex_callback.cli import main
+    from relex_callback.toy import build_model, build_tokenizer
+
+    tok = build_tokenizer()
+    model = build_model(tok, hidden_size=32, layers=1, tie=True, seed=0)
+    base = str(tmp_path / "base")
+    model.save_pretrained(base, max_shard_size="20KB")
+    tok.save_pretrained(base)
+    g = torch.Generator().manual_seed(0)
+    dirs = {n: torch.randn(p.shape, generator=g) for n, p in model.named_parameters()}
+    th0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for t in (2, 4, 6):
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(th0[n] + 1e-3 * t * dirs[n])
+        model.save_pretrained(str(tmp_path / "ckpts" / f"checkpoint-{t}"))
+    reps = {}
+    for flag in ("--streaming", "--no-streaming"):
+        out = str(tmp_path / flag.strip("-"))
+        assert main(["extrapolate", "--base", base, "--checkpoints", str(tmp_path / "ckpts"), "--horizons", "20",
+                     "--out", out, "--no-progress", "--max-shard-size", "30KB", "--dtype", "float32", flag]) == 0
+        reps[flag] = json.load(open(os.path.join(out, "report.json")))
+        assert os.path.isfile(os.path.join(out, "step-20", "model.safetensors.index.json"))
+        m = AutoModelForCausalLM.from_pretrained(os.path.join(out, "step-20"), dtype=torch.float32)
+        for n, p in m.named_parameters():
+            want = th0[n] + 1e-3 * 20 * dirs[n]
+            assert float((p.detach() - want).norm() / (want - th0[n]).norm()) < 1e-4, n
+        assert m.lm_head.weight.data_ptr() == m.model.embed_tokens.weight.data_ptr()
+    assert reps["--streaming"]["storage"] == "streaming" and reps["--no-streaming"]["storage"] != "streaming"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_full_disk_keeps_the_state_and_says_how_to_finish(raw, tmp_path):
+    """A real full disk (a small tmpfs): room for the state file and the first horizon, not the second. One
+    RelexWriteError naming what is intact and the `relex materialize` command; nothing partial left."""
+    import glob
+    import subprocess
+
+    from relex_callback.errors import RelexWriteError
+
+    root, base, ckpts = raw
+    ref_out, _, _ = _run(raw, "sizes", streaming=True, dtype="float32")
+    state = os.path.getsize(os.path.join(ref_out, "relex_state.safetensors"))
+    horizon = sum(os.path.getsize(f) for f in glob.glob(os.path.join(ref_out, f"step-{H}", "*")))
+    mnt = tmp_path / "mnt"
+    os.makedirs(mnt)
+    # room for the state's parts and the joined state at once (the parts are removed once it is whole), then for the
+    # state and one and a half horizons
+    kib = max(2 * state, state + horizon + horizon // 2) // 1024 + 16
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    try:
+        out = str(mnt / "out")
+        with pytest.raises(RelexWriteError) as e:
+            extrapolate_checkpoints(base, [ckpts], [H, 2 * H], out, streaming=True, dtype="float32")
+        msg = str(e.value)
+        assert f"step-{2 * H}" in msg and "relex materialize" in msg and "state file" in msg and "intact" in msg, msg
+        assert sorted(os.listdir(out)) == ["relex_state.safetensors", f"step-{H}"]
+        assert os.listdir(mnt) == ["out"]  # no scratch parts, no temporaries
+        from relex_callback.state import load_state
+
+        assert load_state(out).steps == STEPS
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_full_disk_before_the_state_leaves_nothing(raw, tmp_path):
+    import subprocess
+
+    from relex_callback.errors import RelexWriteError
+
+    root, base, ckpts = raw
+    mnt = tmp_path / "mnt"
+    os.makedirs(mnt)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24k", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    try:
+        with pytest.raises(RelexWriteError, match="writing the state file .* failed: .*No space left on device.*nothing exists under the final names"):
+            extrapolate_checkpoints(base, [ckpts], [H], str(mnt / "out"), streaming=True, dtype="float32")
+        assert os.listdir(mnt) == []
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
