@@ -41,7 +41,20 @@ def _attach(callback):
             if isinstance(handler, CallbackHandler) and handler.callbacks is lst:
                 lst.remove(callback)
                 lst.insert(0, callback)
-                return next((t for t in gc.get_referrers(handler) if getattr(t, "callback_handler", None) is handler), None)
+                return _owner_of(handler)
+    return None
+
+
+def _owner_of(handler):
+    """The object whose ``callback_handler`` is ``handler``. Its referrer is usually the Trainer's ``__dict__``,
+    not the Trainer itself (instance attributes live in a dict), so the dict's own referrers are searched too."""
+    for r in gc.get_referrers(handler):
+        if getattr(r, "callback_handler", None) is handler:
+            return r
+        if isinstance(r, dict) and r.get("callback_handler") is handler:
+            for t in gc.get_referrers(r):
+                if getattr(t, "__dict__", None) is r:
+                    return t
     return None
 
 
@@ -205,6 +218,7 @@ class RelexCallback(TrainerCallback):
         self.skipped_steps: list[int] = []
         self._pending_logs: dict = {}
         self._trainer = None  # weakref to the Trainer that runs this callback (found at on_train_begin)
+        self._scoring = False  # True while horizons are scored with trainer.evaluate() (scoring.score_at_tcut)
 
     @classmethod
     def from_config(cls, cfg: RelexConfig, **overrides) -> "RelexCallback":
@@ -273,6 +287,8 @@ class RelexCallback(TrainerCallback):
                                  checkpoints=self._checkpoints(args, state))
 
     def on_step_end(self, args, state, control, **kwargs):
+        if self._scoring:
+            return
         step = state.global_step
         if self.validation is not None:
             if step in self.validation.pending:
@@ -312,6 +328,8 @@ class RelexCallback(TrainerCallback):
             self.store.save(target)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        if self._scoring:  # an evaluation of an extrapolated model: its log entry is not this step's
+            return
         if self._pending_logs and logs is not None:
             logs.update(self._pending_logs)  # seen by the reporting callbacks after this one (TensorBoard, W&B)
             last = state.log_history[-1] if state.log_history else None
@@ -357,6 +375,11 @@ class RelexCallback(TrainerCallback):
             "relex/end_of_window_seconds": seconds,
             "relex/buffer_bytes": self.store.buffer_bytes,
         }, control)
+        if s.evaluate_horizons:  # before the store is released: scoring needs theta_0 (scoring.py)
+            from .scoring import score_at_tcut
+
+            score_at_tcut(self, self._trainer() if self._trainer is not None else None, sol, self.store, model,
+                          out_dir, control)
         self.done = True
         store, self.store = self.store, None
         store.release()
