@@ -1,0 +1,203 @@
+"""Horizons scored by the trainer's own evaluation (``evaluate_horizons``, ``keep_best``, ``horizons="auto"``,
+``relex_callback.evaluate_horizons``) on a real tiny GRPOTrainer with an eval set, on CPU.
+
+GRPO's evaluation samples completions; every evaluation here is seeded the way the scoring seeds it
+(``set_seed(args.seed, device_specific=True)``), so the scores of a model are reproducible exactly and the
+comparisons below are exact equalities, not tolerances.
+"""
+
+import json
+import logging
+import os
+
+import pytest
+import torch
+from datasets import Dataset
+
+from relex_callback import RelexCallback, RelexInputError, evaluate_horizons
+from relex_callback.scoring import choose_metric, clean_metrics, rank_steps
+from relex_callback.toy import arithmetic_problems, build_model, build_tokenizer
+from test_callback import grpo_trainer
+
+TCUT = 4
+HORIZONS = [8, 16, 32]
+EVAL_KW = dict(per_device_eval_batch_size=4)
+
+
+def eval_set():
+    return Dataset.from_list(arithmetic_problems(8, seed=2))
+
+
+def scored_trainer(out, callbacks, model=None, tok=None, eval_dataset=True, **kw):
+    trainer = grpo_trainer(out, callbacks, model=model, tok=tok, **EVAL_KW, **kw)
+    if eval_dataset:
+        trainer.eval_dataset = eval_set()
+    return trainer
+
+
+def params(model) -> dict:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def assert_bitwise(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for n in a:
+        assert torch.equal(a[n], b[n]), n
+
+
+def seeded_eval(trainer) -> dict:
+    from accelerate.utils import set_seed
+
+    set_seed(trainer.args.seed, device_specific=True)
+    return clean_metrics(trainer.evaluate())
+
+
+def without_seconds(m: dict) -> dict:
+    return {k: v for k, v in m.items() if k != "seconds"}
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory):
+    """GRPO to tcut=4 with three horizons scored and the best two kept; theta_0 saved as ``base/``."""
+    out = tmp_path_factory.mktemp("scored")
+    tok = build_tokenizer()
+    model = build_model(tok)
+    model.save_pretrained(out / "base")
+    tok.save_pretrained(out / "base")
+    cb = RelexCallback(tcut=TCUT, horizons=HORIZONS, dtype="float32", evaluate_horizons=True, keep_best=2)
+    trainer = scored_trainer(out, [cb], model=model, tok=tok)
+    trainer.train()
+    return out, trainer, cb, tok
+
+
+def test_report_scores_every_step_and_keeps_the_best(scored):
+    out, trainer, cb, _ = scored
+    relex = out / "relex"
+    with open(relex / "report.json") as f:
+        rep = json.load(f)
+    assert set(rep["horizon_eval"]) == {str(s) for s in [TCUT] + HORIZONS}
+    for m in rep["horizon_eval"].values():
+        assert {"reward", "loss", "rewards/digit_reward/mean", "seconds"} <= set(m)
+        assert not any(k.startswith("eval_") or k in ("runtime", "epoch", "num_tokens") for k in m)
+    reward = {h: rep["horizon_eval"][str(h)]["reward"] for h in HORIZONS}
+    best = max(HORIZONS, key=lambda h: (reward[h], -h))
+    assert rep["best_horizon"] == best
+    assert rep["horizon_eval_summary"]["metric"] == "reward"
+    assert rep["horizon_eval_summary"]["best_beats_tcut"] == (reward[best] > rep["horizon_eval"][str(TCUT)]["reward"])
+    # keep_best=2: exactly the two best step-H/ stay; the state file keeps every horizon
+    ranking = sorted(HORIZONS, key=lambda h: (-reward[h], h))
+    left = sorted(d for d in os.listdir(relex) if d.startswith("step-"))
+    assert left == sorted(f"step-{h}" for h in ranking[:2])
+    assert rep["keep_best"]["removed"] == [f"step-{ranking[2]}"] and rep["keep_best"]["kept"] == ranking[:2]
+    assert (relex / "relex_state.safetensors").is_file() and (relex / "horizons.png").is_file()
+    assert cb.report["horizon_eval"] == rep["horizon_eval"]
+    # the evaluations of extrapolated models are not in log_history as evaluations; their scores are relex/eval/*
+    assert not any(any(k.startswith("eval_") for k in e) for e in trainer.state.log_history)
+    at_tcut = [e for e in trainer.state.log_history if e.get("step") == TCUT and "loss" in e]
+    assert len(at_tcut) == 1
+    for h in [TCUT] + HORIZONS:
+        assert at_tcut[0][f"relex/eval/{h}/reward"] == rep["horizon_eval"][str(h)]["reward"]
+    assert at_tcut[0]["relex/best_horizon"] == best
+
+
+def test_scores_equal_evaluate_on_the_written_checkpoints(scored):
+    """Each kept step-H loaded with from_pretrained into a fresh trainer scores exactly what the run recorded; the
+    tcut entry is the live model's own (the run stopped at tcut)."""
+    from transformers import AutoModelForCausalLM
+
+    out, trainer, _, tok = scored
+    with open(out / "relex" / "report.json") as f:
+        rep = json.load(f)
+    assert seeded_eval(trainer) == without_seconds(rep["horizon_eval"][str(TCUT)])
+    for h in rep["keep_best"]["kept"]:
+        model = AutoModelForCausalLM.from_pretrained(out / "relex" / f"step-{h}")
+        fresh = scored_trainer(out / f"fresh-{h}", [], model=model, tok=tok)
+        assert seeded_eval(fresh) == without_seconds(rep["horizon_eval"][str(h)]), h
+
+
+def test_evaluate_horizons_after_training(scored, tmp_path):
+    """The same scores from the state file after training: kept horizons from their directories, the removed one
+    from the state + base; the live model is bitwise unchanged; a horizon without directory needs the base."""
+    out, trainer, _, _ = scored
+    relex = str(out / "relex")
+    with open(os.path.join(relex, "report.json")) as f:
+        rep = json.load(f)
+    removed = int(rep["keep_best"]["removed"][0][len("step-"):])
+    tcut_dir = tmp_path / "tcut"
+    trainer.save_model(str(tcut_dir))
+    before = params(trainer.model)
+    history = list(trainer.state.log_history)
+    res = evaluate_horizons(trainer, relex, base=str(out / "base"), horizons=HORIZONS, tcut_model=str(tcut_dir),
+                            write=False)
+    assert_bitwise(before, params(trainer.model))
+    assert trainer.state.log_history == history
+    for s in [TCUT] + HORIZONS:
+        assert without_seconds(res["horizon_eval"][str(s)]) == without_seconds(rep["horizon_eval"][str(s)]), s
+    assert res["best_horizon"] == rep["best_horizon"]
+    with pytest.raises(RelexInputError, match=rf"\[{removed}\] have no step-H/ directory.*base="):
+        evaluate_horizons(trainer, relex, horizons=[removed], write=False)
+    with pytest.raises(RelexInputError, match="not beyond"):
+        evaluate_horizons(trainer, relex, horizons=[TCUT], write=False)
+
+
+def test_weights_restored_when_evaluation_raises(scored):
+    out, trainer, _, _ = scored
+    before, history, callbacks = params(trainer.model), list(trainer.state.log_history), list(trainer.callback_handler.callbacks)
+    rng = torch.get_rng_state()
+    real, calls = trainer.evaluate, []
+
+    def failing(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("evaluation failed (injected)")
+        return real(*a, **kw)
+
+    trainer.evaluate = failing
+    try:
+        with pytest.raises(RuntimeError, match="injected"):
+            evaluate_horizons(trainer, str(out / "relex"), base=str(out / "base"), horizons=HORIZONS, write=False)
+    finally:
+        del trainer.evaluate
+    assert len(calls) == 2
+    assert_bitwise(before, params(trainer.model))
+    assert trainer.state.log_history == history and trainer.callback_handler.callbacks == callbacks
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_validation_mode_continues_exactly_as_without_scoring(tmp_path):
+    """Scoring at tcut changes nothing for the rest of the run: with stop_training=False, the weights and the
+    logged training rewards after tcut are identical to those of the same run without scoring."""
+    runs = {}
+    for scoring in (False, True):
+        cb = RelexCallback(tcut=TCUT, horizons=[8, 16], dtype="float32", stop_training=False,
+                           evaluate_horizons=scoring, output_dir=str(tmp_path / f"relex-{scoring}"))
+        trainer = scored_trainer(tmp_path / f"run-{scoring}", [cb], max_steps=7)
+        trainer.train()
+        rewards = [(e["step"], e["reward"]) for e in trainer.state.log_history if "reward" in e]
+        runs[scoring] = (params(trainer.model), rewards, cb.report)
+    assert_bitwise(runs[False][0], runs[True][0])
+    assert runs[False][1] == runs[True][1] and len(runs[True][1]) == 7
+    assert "horizon_eval" in runs[True][2] and "horizon_eval" not in runs[False][2]
+
+
+def test_auto_ladder_without_eval_set_is_written_unscored(tmp_path, caplog):
+    cb = RelexCallback(tcut=2, horizons="auto", dtype="float32", keep_best=1)
+    trainer = scored_trainer(tmp_path, [cb], eval_dataset=False)
+    with caplog.at_level(logging.WARNING, logger="relex_callback"):
+        trainer.train()
+    assert list(cb.horizons) == [4, 8, 16, 32]
+    assert sorted(d for d in os.listdir(tmp_path / "relex") if d.startswith("step-")) == ["step-16", "step-32", "step-4", "step-8"]
+    assert "horizon_eval" not in cb.report and "keep_best" not in cb.report
+    msg = " ".join(r.getMessage() for r in caplog.records)
+    assert "eval_dataset" in msg and "unscored" in msg and "keep_best removes nothing" in msg
+
+
+def test_metric_choice_and_ranking():
+    grpo = {"4": {"loss": 0.1, "reward": 0.5, "reward_std": 0.9}, "8": {"loss": 0.3, "reward": 0.7, "reward_std": 0.1}}
+    assert choose_metric(grpo) == ("reward", "max")
+    assert choose_metric(grpo, "eval_loss") == ("loss", "min")
+    assert choose_metric({"8": {"rewards/acc/std": 1.0, "rewards/acc/mean": 0.2}}) == ("rewards/acc/mean", "max")
+    sft = {"8": {"loss": 2.0}, "16": {"loss": 1.5}, "32": {"loss": None}}
+    assert choose_metric(sft) == ("loss", "min")
+    assert rank_steps(sft, "loss", "min", [8, 16, 32]) == [16, 8, 32]
+    assert rank_steps({"8": {"r": 1.0}, "16": {"r": 1.0}}, "r", "max", [16, 8]) == [8, 16]  # ties: earlier first
