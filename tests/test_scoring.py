@@ -201,3 +201,39 @@ def test_metric_choice_and_ranking():
     assert choose_metric(sft) == ("loss", "min")
     assert rank_steps(sft, "loss", "min", [8, 16, 32]) == [16, 8, 32]
     assert rank_steps({"8": {"r": 1.0}, "16": {"r": 1.0}}, "r", "max", [16, 8]) == [8, 16]  # ties: earlier first
+
+
+# ------------------------------------------------------------------------------------------------ distributed
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("mode", ["ddp", "zero3"])
+def test_scoring_in_distributed_runs(tmp_path, mode):
+    """2 processes (DDP: each tensor computed by its owner and broadcast to the other replica; ZeRO-3: each process
+    its partition): what every process's model holds at each trainer.evaluate() call is exactly the written step-H
+    (and the tcut weights for the tcut entry), the live weights after scoring are the tcut weights, and every process
+    reports the same scores."""
+    from safetensors.torch import load_file
+    from test_distributed import HORIZONS as DIST_HORIZONS, TCUT as DIST_TCUT, launch
+
+    out = str(tmp_path / mode)
+    launch(mode, out, "--eval")
+    infos = [json.load(open(os.path.join(out, f"rank-{r}.json"))) for r in (0, 1)]
+    with open(os.path.join(out, "relex", "report.json")) as f:
+        rep = json.load(f)
+    scores = [{s: without_seconds(m) for s, m in e.items()} for e in (infos[0]["horizon_eval"],
+                                                                      infos[1]["horizon_eval"], rep["horizon_eval"])]
+    assert scores[0] == scores[1] == scores[2]  # the seconds are each process's own
+    assert set(rep["horizon_eval"]) == {str(s) for s in (DIST_TCUT, *DIST_HORIZONS)}
+    assert infos[0]["best_horizon"] == rep["best_horizon"] in DIST_HORIZONS
+    snaps = torch.load(os.path.join(out, "trajectory.pt"))["snaps"]  # at tcut: recorded after the scoring
+    for r in (0, 1):
+        evaluated = torch.load(os.path.join(out, f"evaluated-rank-{r}.pt"))
+        assert len(evaluated) == 1 + len(DIST_HORIZONS)
+        assert_bitwise(evaluated[0], {n: snaps[DIST_TCUT][n] for n in evaluated[0]})
+        for held, h in zip(evaluated[1:], DIST_HORIZONS):
+            d = os.path.join(out, "relex", f"step-{h}")
+            written = {}
+            for fn in os.listdir(d):
+                if fn.endswith(".safetensors"):
+                    written.update(load_file(os.path.join(d, fn)))
+            assert_bitwise(held, {n: written[n] for n in held})
