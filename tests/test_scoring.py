@@ -192,6 +192,58 @@ def test_auto_ladder_without_eval_set_is_written_unscored(tmp_path, caplog):
     assert "eval_dataset" in msg and "unscored" in msg and "keep_best removes nothing" in msg
 
 
+def test_evaluate_horizons_writes_the_report_and_keeps_the_best(scored, tmp_path):
+    """write=True merges the scores into report.json, redraws horizons.png and, with keep_best, removes directories."""
+    import shutil
+
+    out, trainer, _, _ = scored
+    relex = str(tmp_path / "relex")
+    shutil.copytree(out / "relex", relex)
+    with open(os.path.join(relex, "report.json")) as f:
+        before = json.load(f)
+    kept = before["keep_best"]["kept"]
+    os.remove(os.path.join(relex, "horizons.png"))
+    res = evaluate_horizons(trainer, relex, keep_best=1)  # the step-H/ present
+    with open(os.path.join(relex, "report.json")) as f:
+        rep = json.load(f)
+    assert res["best_horizon"] == rep["best_horizon"] == kept[0]
+    assert rep["keep_best"]["removed"] == [f"step-{kept[1]}"]
+    assert sorted(d for d in os.listdir(relex) if d.startswith("step-")) == [f"step-{kept[0]}"]
+    assert os.path.isfile(os.path.join(relex, "horizons.png"))
+    assert rep["tensors"] == before["tensors"]  # the rest of the report is kept
+    for h in kept:
+        assert without_seconds(rep["horizon_eval"][str(h)]) == without_seconds(before["horizon_eval"][str(h)])
+
+
+def test_plain_trainer_scored_by_eval_loss(tmp_path):
+    """A transformers Trainer (causal-LM loss): horizons ranked by eval_loss, lowest best; the live model unchanged."""
+    from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling, Trainer, TrainingArguments
+
+    tok = build_tokenizer()
+    tok.padding_side = "right"
+
+    def lm_set(n, seed):
+        texts = [p["prompt"] + p["answer"] + tok.eos_token for p in arithmetic_problems(n, seed=seed)]
+        return Dataset.from_dict({"text": texts}).map(lambda b: tok(b["text"]), batched=True, remove_columns=["text"])
+
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, per_device_eval_batch_size=8,
+                             learning_rate=3e-3, lr_scheduler_type="constant", max_steps=40, logging_steps=1,
+                             save_strategy="no", report_to=[], use_cpu=True, bf16=False, seed=0, disable_tqdm=True)
+    cb = RelexCallback(tcut=4, horizons=[8, 16], dtype="float32", evaluate_horizons=True)
+    collator = DataCollatorForLanguageModeling(tok, mlm=False)
+    trainer = Trainer(model=build_model(tok), args=args, train_dataset=lm_set(64, 2), eval_dataset=lm_set(16, 3),
+                      processing_class=tok, data_collator=collator, callbacks=[cb])
+    trainer.train()
+    rep = cb.report
+    assert rep["horizon_eval_summary"]["metric"] == "loss" and rep["horizon_eval_summary"]["goal"] == "min"
+    losses = {h: rep["horizon_eval"][str(h)]["loss"] for h in (8, 16)}
+    assert rep["best_horizon"] == min(losses, key=lambda h: (losses[h], h))
+    assert trainer.evaluate()["eval_loss"] == rep["horizon_eval"]["4"]["loss"]  # the live model is the tcut model
+    fresh = Trainer(model=AutoModelForCausalLM.from_pretrained(tmp_path / "relex" / "step-16"), args=args,
+                    eval_dataset=lm_set(16, 3), processing_class=tok, data_collator=collator)
+    assert fresh.evaluate()["eval_loss"] == losses[16]
+
+
 def test_metric_choice_and_ranking():
     grpo = {"4": {"loss": 0.1, "reward": 0.5, "reward_std": 0.9}, "8": {"loss": 0.3, "reward": 0.7, "reward_std": 0.1}}
     assert choose_metric(grpo) == ("reward", "max")
