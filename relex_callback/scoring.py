@@ -452,7 +452,9 @@ def evaluate_horizons(trainer, relex_dir: str, base: Optional[str] = None, horiz
     that directory exists (what the run wrote), else what ``relex materialize`` would write: the state file's
     extrapolation from theta_0 read from ``base`` (checked against the state's fingerprints of theta_0), every
     untracked tensor from ``base``. After training the live model is not theta_0, so horizons without a directory
-    need ``base``. Evaluations are seeded and isolated as in the callback (see :mod:`relex_callback.scoring`).
+    need ``base``. With a PEFT model, each ``step-H/`` adapter directory is loaded with PEFT's
+    ``set_peft_model_state_dict`` (only the directories written can be scored). Evaluations are seeded and isolated as
+    in the callback (see :mod:`relex_callback.scoring`).
 
     Args:
         trainer (`transformers.Trainer`): a trainer with an ``eval_dataset``, whose model has the run's architecture
@@ -483,7 +485,6 @@ def evaluate_horizons(trainer, relex_dir: str, base: Optional[str] = None, horiz
     from .config import parse_horizons
     from .fs import STATE_INDEX_NAME, STATE_NAME, horizon_dir
     from .params import is_peft_model
-    from .report import REPORT_NAME, load_report, write_report
     from .state import load_state
 
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -491,9 +492,7 @@ def evaluate_horizons(trainer, relex_dir: str, base: Optional[str] = None, horiz
     if getattr(trainer, "eval_dataset", None) is None:
         raise RelexInputError("evaluate_horizons needs a trainer with an eval_dataset (pass eval_dataset=...)")
     model = trainer.model
-    if is_peft_model(model):
-        raise RelexInputError("evaluate_horizons does not support PEFT models yet; merge the adapters "
-                              "(step-H-merged/, merge_lora=True) and evaluate those with a plain model")
+    peft = is_peft_model(model)
     if not os.path.isdir(relex_dir):
         raise RelexInputError(f"{relex_dir} is not a directory; pass the relex output directory of the run")
     if not (os.path.isfile(os.path.join(relex_dir, STATE_NAME)) or os.path.isfile(os.path.join(relex_dir, STATE_INDEX_NAME))):
@@ -508,11 +507,16 @@ def evaluate_horizons(trainer, relex_dir: str, base: Optional[str] = None, horiz
     if bad:
         raise RelexInputError(f"horizons {bad} are not beyond the state's tcut {st.tcut}; use horizons > {st.tcut}")
     missing = [h for h in hs if not os.path.isdir(horizon_dir(relex_dir, h))]
+    if missing and peft:
+        raise RelexInputError(f"horizons {missing} have no step-H/ adapter directory in {relex_dir}; with a PEFT model "
+                              "only the adapter directories the run wrote can be scored")
     if missing and base is None:
         raise RelexInputError(
             f"horizons {missing} have no step-H/ directory in {relex_dir}: pass base=<the checkpoint training started "
             "from> (theta_0): after training the live model is no longer theta_0")
 
+    if peft:
+        return _evaluate_adapters(trainer, relex_dir, st, hs, tcut_model, seed, keep_best, reward_metric, write)
     sd = model.state_dict(keep_vars=True)
     keys = checkpoint_keys(model, sd)
 
@@ -560,15 +564,57 @@ def evaluate_horizons(trainer, relex_dir: str, base: Optional[str] = None, horiz
             with torch.no_grad():
                 for k in keys:
                     sd[k].data.copy_(saved[k])
-    run = {"horizon_eval": scores, "seconds": seconds}
+    return _record(relex_dir, {"horizon_eval": scores, "seconds": seconds}, st.tcut, hs, keep_best, reward_metric, write)
+
+
+def _evaluate_adapters(trainer, relex_dir, st, hs, tcut_model, seed, keep_best, reward_metric, write):
+    """:func:`evaluate_horizons` for a PEFT model: each ``step-H/`` adapter loaded with PEFT's own
+    ``set_peft_model_state_dict``; the adapter parameters restored bit for bit afterwards."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from .fs import horizon_dir
+
+    model = trainer.model
+    plan = ([(st.tcut, tcut_model)] if tcut_model is not None else []) + [(h, horizon_dir(relex_dir, h)) for h in hs]
+    for _, d in plan:
+        if not os.path.isfile(os.path.join(d, "adapter_model.safetensors")):
+            raise RelexInputError(f"{d} has no adapter_model.safetensors: pass adapter directories written with "
+                                  "save_pretrained (what the run wrote for a PEFT model)")
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad or "lora_" in n}
+    saved = {n: p.detach().clone() for n, p in params.items()}
+    scores, seconds = {}, {}
+    with isolated(trainer):
+        try:
+            for step, d in plan:
+                t0 = time.perf_counter()
+                result = set_peft_model_state_dict(model, load_file(os.path.join(d, "adapter_model.safetensors")))
+                unexpected = list(getattr(result, "unexpected_keys", []) or [])
+                if unexpected:
+                    raise RelexInputError(f"{d} holds adapter tensors the trainer's model does not have "
+                                          f"({unexpected[:3]}): it is not this model's adapter")
+                scores[str(step)] = seeded_evaluate(trainer, seed)
+                seconds[str(step)] = time.perf_counter() - t0
+        finally:
+            with torch.no_grad():
+                for n, p in params.items():
+                    p.copy_(saved[n])
+    return _record(relex_dir, {"horizon_eval": scores, "seconds": seconds}, st.tcut, hs, keep_best, reward_metric, write)
+
+
+def _record(relex_dir, run, tcut, hs, keep_best, reward_metric, write) -> dict:
+    """The result of :func:`evaluate_horizons`; with ``write`` merged into ``report.json`` (and keep_best applied)."""
+    from .report import REPORT_NAME, load_report, write_report
+
+    scores = run["horizon_eval"]
     report_file = os.path.join(relex_dir, REPORT_NAME)
     report = load_report(report_file) if os.path.isfile(report_file) else {}
     if write:
-        report = apply_scores(report, run, tcut=st.tcut, horizons=hs, out_dir=relex_dir, keep_best=keep_best,
+        report = apply_scores(report, run, tcut=tcut, horizons=hs, out_dir=relex_dir, keep_best=keep_best,
                               reward_metric=reward_metric, coordinator=True)
         write_report(report_file, report)
     else:
-        report = apply_scores({}, run, tcut=st.tcut, horizons=hs, out_dir=relex_dir, keep_best=None,
+        report = apply_scores({}, run, tcut=tcut, horizons=hs, out_dir=relex_dir, keep_best=None,
                               reward_metric=reward_metric, coordinator=False)
         report.pop("keep_best", None)
     out = {"horizon_eval": {s: report["horizon_eval"][s] for s in scores}, "best_horizon": report.get("best_horizon"),

@@ -244,6 +244,31 @@ def test_plain_trainer_scored_by_eval_loss(tmp_path):
     assert fresh.evaluate()["eval_loss"] == losses[16]
 
 
+def test_lora_adapter_scored(tmp_path):
+    """A PEFT model: the adapter parameters hold each horizon while it is evaluated; the scores equal those of the
+    adapter directory loaded with PeftModel.from_pretrained into a fresh trainer."""
+    peft = pytest.importorskip("peft")
+
+    tok = build_tokenizer()
+    lora = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights="gaussian")
+    model = peft.get_peft_model(build_model(tok), peft.LoraConfig(**lora))
+    cb = RelexCallback(tcut=TCUT, horizons=[8, 16], dtype="float32", evaluate_horizons=True)
+    trainer = scored_trainer(tmp_path / "run", [cb], model=model, tok=tok)
+    trainer.train()
+    rep = cb.report
+    assert set(rep["horizon_eval"]) == {"4", "8", "16"} and rep["format"] == "peft_adapter"
+    assert seeded_eval(trainer) == without_seconds(rep["horizon_eval"]["4"])
+    loaded = peft.PeftModel.from_pretrained(build_model(tok), str(tmp_path / "run" / "relex" / "step-16"))
+    fresh = scored_trainer(tmp_path / "fresh", [], model=loaded, tok=tok)
+    assert seeded_eval(fresh) == without_seconds(rep["horizon_eval"]["16"])
+    # after training: the adapter directories scored into the live PeftModel, which is left bitwise unchanged
+    before = params(trainer.model)
+    res = evaluate_horizons(trainer, str(tmp_path / "run" / "relex"), write=False)
+    assert_bitwise(before, params(trainer.model))
+    for h in ("8", "16"):
+        assert without_seconds(res["horizon_eval"][h]) == without_seconds(rep["horizon_eval"][h])
+
+
 def test_metric_choice_and_ranking():
     grpo = {"4": {"loss": 0.1, "reward": 0.5, "reward_std": 0.9}, "8": {"loss": 0.3, "reward": 0.7, "reward_std": 0.1}}
     assert choose_metric(grpo) == ("reward", "max")
