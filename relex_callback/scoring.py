@@ -22,7 +22,7 @@ What a scoring run leaves alone (the training run continues as if nothing happen
   the tcut model and every horizon are scored on the same sampling noise (common random numbers: their differences
   are less noisy than independent runs), and a score can be reproduced by ``set_seed(args.seed,
   device_specific=True); trainer.evaluate()`` on the ``step-H`` checkpoint.
-* ``model.training``, ``trainer.control``, GRPO's completion log buffer; with vLLM, the weights are synced to the
+* ``model.training``, ``trainer.control``, GRPO's metric accumulators and completion log buffer; with vLLM, the weights are synced to the
   engine before each evaluation and again for the next training step.
 """
 
@@ -170,6 +170,7 @@ def isolated(trainer):
     was_training = model.training
     rng = _rng_state()
     grpo_logs = copy.deepcopy(trainer._logs) if hasattr(trainer, "_logs") else None
+    grpo_metrics = copy.deepcopy(trainer._metrics) if hasattr(trainer, "_metrics") else None
     handler.callbacks[:] = []
     try:
         yield
@@ -182,6 +183,8 @@ def isolated(trainer):
         _set_rng_state(rng)
         if grpo_logs is not None:
             trainer._logs = grpo_logs
+        if grpo_metrics is not None:
+            trainer._metrics = grpo_metrics
         if hasattr(trainer, "_last_loaded_step"):
             trainer._last_loaded_step = -1  # vLLM: sync the restored weights before the next generation
 

@@ -144,12 +144,16 @@ def test_weights_restored_when_evaluation_raises(scored):
     out, trainer, _, _ = scored
     before, history, callbacks = params(trainer.model), list(trainer.state.log_history), list(trainer.callback_handler.callbacks)
     rng = torch.get_rng_state()
+    metrics = {k: dict(v) for k, v in trainer._metrics.items()}
     real, calls = trainer.evaluate, []
+
+    def boom(*a, **kw):  # the second evaluation fails inside the loop, after completions were generated and logged
+        raise RuntimeError("evaluation failed (injected)")
 
     def failing(*a, **kw):
         calls.append(1)
         if len(calls) == 2:
-            raise RuntimeError("evaluation failed (injected)")
+            trainer.compute_loss = boom
         return real(*a, **kw)
 
     trainer.evaluate = failing
@@ -158,7 +162,9 @@ def test_weights_restored_when_evaluation_raises(scored):
             evaluate_horizons(trainer, str(out / "relex"), base=str(out / "base"), horizons=HORIZONS, write=False)
     finally:
         del trainer.evaluate
+        trainer.__dict__.pop("compute_loss", None)
     assert len(calls) == 2
+    assert {k: dict(v) for k, v in trainer._metrics.items()} == metrics  # no half evaluation left to average in
     assert_bitwise(before, params(trainer.model))
     assert trainer.state.log_history == history and trainer.callback_handler.callbacks == callbacks
     assert torch.equal(torch.get_rng_state(), rng)
