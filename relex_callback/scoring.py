@@ -345,6 +345,8 @@ def plot_horizons(scores: dict, summary: dict, tcut: int, path: str) -> Optional
     if best is not None:
         ax.plot([best], [scores[str(best)][metric]], "*", color="red", ms=12, label=f"best horizon {best}")
     ax.set_xscale("log", base=2)
+    ax.set_xticks([s for s, _ in pts], [str(s) for s, _ in pts])
+    ax.minorticks_off()
     ax.set_xlabel("step (extrapolated beyond tcut)")
     ax.set_ylabel(f"eval {metric}")
     ax.set_title("RELEX horizons scored by the trainer's evaluation")

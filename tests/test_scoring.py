@@ -320,3 +320,18 @@ def test_scoring_in_distributed_runs(tmp_path, mode):
                 if fn.endswith(".safetensors"):
                     written.update(load_file(os.path.join(d, fn)))
             assert_bitwise(held, {n: written[n] for n in held})
+
+
+def test_plot_skipped_without_matplotlib(tmp_path, monkeypatch, caplog):
+    import sys
+
+    from relex_callback.scoring import plot_horizons, summarize
+
+    scores = {"4": {"reward": 0.2}, "8": {"reward": 0.3}, "16": {"reward": 0.25}}
+    summary = summarize(scores, 4, [8, 16])
+    assert summary["best_horizon"] == 8 and summary["horizon_eval_summary"]["best_beats_tcut"] is True
+    assert plot_horizons(scores, summary, 4, str(tmp_path / "a.png")) == str(tmp_path / "a.png")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    with caplog.at_level(logging.INFO, logger="relex_callback"):
+        assert plot_horizons(scores, summary, 4, str(tmp_path / "b.png")) is None
+    assert not (tmp_path / "b.png").exists() and any("matplotlib" in r.getMessage() for r in caplog.records)
