@@ -18,6 +18,7 @@ __all__ = [
     "extrapolate_checkpoints",
     "extrapolate_trajectory",
     "materialize",
+    "evaluate_horizons",
 ]
 __version__ = "0.1.0"
 
@@ -37,6 +38,10 @@ def __getattr__(name):
         from . import offline
 
         return getattr(offline, name)
+    if name == "evaluate_horizons":
+        from .scoring import evaluate_horizons
+
+        return evaluate_horizons
     if name == "load_state":
         from .state import load_state
 

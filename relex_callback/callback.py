@@ -42,6 +42,19 @@ def _handler(callback):
     return None
 
 
+def _owner_of(handler):
+    """The object whose ``callback_handler`` is ``handler``. Its referrer is usually the Trainer's ``__dict__``,
+    not the Trainer itself (instance attributes live in a dict), so the dict's own referrers are searched too."""
+    for r in gc.get_referrers(handler):
+        if getattr(r, "callback_handler", None) is handler:
+            return r
+        if isinstance(r, dict) and r.get("callback_handler") is handler:
+            for t in gc.get_referrers(r):
+                if getattr(t, "__dict__", None) is r:
+                    return t
+    return None
+
+
 def _handler_list(callback) -> Optional[list]:
     handler = _handler(callback)
     return handler.callbacks if handler is not None else None
@@ -57,7 +70,7 @@ def _attach(callback):
         return None
     handler.callbacks.remove(callback)
     handler.callbacks.insert(0, callback)
-    return next((t for t in gc.get_referrers(handler) if getattr(t, "callback_handler", None) is handler), None)
+    return _owner_of(handler)
 
 
 def _horizon_bytes(model, tracked, merge_lora: bool) -> int:
@@ -243,6 +256,7 @@ class RelexCallback(TrainerCallback, ExportableState):
         self.skipped_steps: list[int] = []
         self._pending_logs: dict = {}
         self._trainer = None  # weakref to the Trainer that runs this callback (found at on_train_begin)
+        self._scoring = False  # True while horizons are scored with trainer.evaluate() (scoring.score_at_tcut)
         self._lock: Optional[OutputLock] = None  # owns the relex output_dir during the window
         self._step = 0  # last global_step seen (for the record in trainer_state.json)
         self._ckpt_root: Optional[str] = None  # args.output_dir (where checkpoint-N is saved)
@@ -383,6 +397,8 @@ class RelexCallback(TrainerCallback, ExportableState):
             self._lock = None
 
     def on_step_end(self, args, state, control, **kwargs):
+        if self._scoring:
+            return
         step = self._step = state.global_step
         if self._lock is not None:
             self._lock.touch()
@@ -424,6 +440,8 @@ class RelexCallback(TrainerCallback, ExportableState):
             self.store.save(target, live=[t.read() for t in self.tracked], step=state.global_step)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        if self._scoring:  # an evaluation of an extrapolated model: its log entry is not this step's
+            return
         if self._pending_logs and logs is not None:
             logs.update(self._pending_logs)  # seen by the reporting callbacks after this one (TensorBoard, W&B)
             last = state.log_history[-1] if state.log_history else None
@@ -498,9 +516,17 @@ class RelexCallback(TrainerCallback, ExportableState):
         }, control)
         if flat and s.on_flat_reward == "error":
             self.done = True
+            store, self.store = self.store, None
+            store.release()
+            self._release()
             raise RelexInputError(f"relex: {flat}; on_flat_reward='error': the state file and report.json are in "
                                   f"{out_dir} but no horizon was written (write them anyway with `relex materialize`, "
                                   "or pass on_flat_reward='warn')")
+        if s.evaluate_horizons:  # before the store is released: scoring needs theta_0 (scoring.py)
+            from .scoring import score_at_tcut
+
+            score_at_tcut(self, self._trainer() if self._trainer is not None else None, sol, self.store, model,
+                          out_dir, control)
         self.done = True
         store, self.store = self.store, None
         store.release()

@@ -9,7 +9,12 @@ With ``--validate`` the callback runs in validation mode (``stop_training=False`
 parameters at every step up to ``--max-steps`` (the real weights at the horizons); ``rank-<r>.json`` then holds the
 ``validation`` section each rank computed.
 
-Usage: python train_grpo.py OUT [--fsdp2] [--tcut 6] [--horizons 12,20] [--validate --max-steps 9]
+With ``--eval`` the trainer gets an eval set and the callback scores the horizons (``evaluate_horizons=True``); for
+the test only, every process records the full parameters its model holds each time ``trainer.evaluate()`` is called
+(``<out>/evaluated-rank-<r>.pt``: what each replica or partition really evaluated), and ``rank-<r>.json`` holds the
+``horizon_eval`` section each process has.
+
+Usage: python train_grpo.py OUT [--fsdp2] [--tcut 6] [--horizons 12,20] [--validate --max-steps 9] [--eval]
 """
 
 import argparse
@@ -86,6 +91,7 @@ def main():
     ap.add_argument("--validate", action="store_true", help="validation mode: train on past tcut to --max-steps")
     ap.add_argument("--fail-write-rank", type=int, default=None,
                     help="this process's writes of checkpoint shards fail with ENOSPC (fault injection)")
+    ap.add_argument("--eval", action="store_true", help="an eval set; the callback scores the horizons")
     a = ap.parse_args()
     rank_env = int(os.environ.get("RANK", "0"))
     if a.fail_write_rank is not None and rank_env == a.fail_write_rank:
@@ -132,13 +138,23 @@ def main():
         bf16=False,
         disable_tqdm=True,
         temperature=1.0,
+        per_device_eval_batch_size=4 if world == 1 else 2,
     )
     relex = RelexCallback(tcut=a.tcut, horizons=a.horizons, dtype="float32", storage="host",
                           output_dir=os.path.join(a.out, "relex"), exclude=[a.exclude] if a.exclude else None,
-                          stop_training=not a.validate)
+                          stop_training=not a.validate, evaluate_horizons=a.eval)
     rec = Recorder(a.max_steps if a.validate else a.tcut)
     trainer = GRPOTrainer(model=model, reward_funcs=ones_reward, args=args, train_dataset=ds, processing_class=tok,
-                          callbacks=[relex, rec])
+                          callbacks=[relex, rec], eval_dataset=Dataset.from_list(arithmetic_problems(8, seed=2)) if a.eval else None)
+    evaluated = []
+    if a.eval:
+        real_evaluate = trainer.evaluate
+
+        def recording_evaluate(*args, **kwargs):  # test instrumentation: what the model holds when it is evaluated
+            evaluated.append(full_params(trainer.model, [n for n, p in trainer.model.named_parameters() if p.requires_grad]))
+            return real_evaluate(*args, **kwargs)
+
+        trainer.evaluate = recording_evaluate
     if a.fsdp2:
         # accelerate has no FSDP2 on CPU (an accelerate config with use_cpu drops FSDP) and would wrap the already
         # fully_shard-ed model in DDP; the model shards and reduces gradients itself, so hand it over unchanged
@@ -171,10 +187,14 @@ def main():
         else None,
         "global_step": trainer.state.global_step,
         "validation": report.get("validation"),
+        "horizon_eval": report.get("horizon_eval"),
+        "best_horizon": report.get("best_horizon"),
         "train_seconds": wall,
     }
     with open(os.path.join(a.out, f"rank-{rank}.json"), "w") as f:
         json.dump(info, f, indent=1)
+    if evaluated:
+        torch.save(evaluated, os.path.join(a.out, f"evaluated-rank-{rank}.pt"))
     if rank == 0 and rec.snaps:
         torch.save({"names": rec.names, "snaps": rec.snaps}, os.path.join(a.out, "trajectory.pt"))
     if dist.is_initialized():
