@@ -208,6 +208,10 @@ def run_real(args) -> dict:
     callbacks = [cb, saver] + ([] if args.verbose else [rm.StepBar("  training")])
     trainer = GRPOTrainer(model=model, reward_funcs=rm.sum_reward, args=grpo_args,
                           train_dataset=Dataset.from_list(train), processing_class=tok, callbacks=callbacks)
+    if not args.verbose:  # with disable_tqdm the Trainer prints every step's log dict; the bar shows the reward
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
     t = time.perf_counter()
     trainer.train()
     t_grpo = time.perf_counter() - t
