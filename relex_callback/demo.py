@@ -302,10 +302,11 @@ def print_table_real(result: dict):
         print(f"window (steps 1..{result['settings']['tcut']}): explained variance {result['explained_variance_mean']:.3f}, "
               f"R^2 of the line {result['r2_mean']:.3f} (means over tensors)")
     for h, v in sorted(result["validation"].items(), key=lambda kv: int(kv[0])):
-        if v:
+        if v and v.get("cosine_global") is not None and v.get("norm_ratio_global") is not None:
             print(f"validation at step {h} (callback): cosine {v['cosine_global']:.3f}, norm ratio "
-                  f"{v['norm_ratio_global']:.3f} (extrapolated vs real delta, all tensors together; per-tensor mean "
-                  f"{v['cosine_mean']:.3f} / {v['norm_ratio_mean']:.3f})")
+                  f"{v['norm_ratio_global']:.3f} (extrapolated vs real delta, all tensors together)")
+        elif v:
+            print(f"validation at step {h} (callback): undefined (the real weights did not move: no reward variance)")
     s = result["seconds"]
     for h, c in sorted(result["compute_saved"].items(), key=lambda kv: int(kv[0])):
         print(f"stopping at tcut instead of step {h} saves {c['steps']} GRPO steps ({c['fraction']:.0%}, ~{c['seconds']:.0f}s here)")
