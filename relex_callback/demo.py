@@ -176,7 +176,8 @@ def run_real(args) -> dict:
     why = rm.missing_requirements()
     if why:
         raise SystemExit(f"demo: {why}; or run the tiny model: python -m relex_callback.demo --quick")
-    cb = RelexCallback(tcut=args.tcut, horizons=args.horizons, stop_training=False, overwrite=True)
+    relex_dir = os.path.join(args.out, "relex")
+    cb = RelexCallback(tcut=args.tcut, horizons=args.horizons, stop_training=False, overwrite=True, output_dir=relex_dir)
     horizons = sorted(cb.horizons)
     torch.set_num_threads(args.threads)
     if not args.verbose:
@@ -218,7 +219,6 @@ def run_real(args) -> dict:
     rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
     del trainer
 
-    relex_dir = os.path.join(args.out, "relex")
     jobs = [("base", 0, base_dir), (f"real step {args.tcut} (tcut)", args.tcut, os.path.join(real_dir, f"step-{args.tcut}"))]
     for h in horizons:
         jobs += [(f"RELEX step-{h}", h, os.path.join(relex_dir, f"step-{h}")),

@@ -127,7 +127,7 @@ def _converted(cache_dir: str) -> bool:
 
 def load_model(path: str, dtype=torch.float32):
     """Model (eval mode) and left-padding tokenizer from a checkpoint directory."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     tok = load_tokenizer(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
