@@ -249,6 +249,10 @@ def run_real(args) -> dict:
         "explained_variance_mean": rep.get("summary", {}).get("explained_variance_mean"),
         "r2_mean": rep.get("summary", {}).get("r2_mean"),
         "validation": {h: v.get("summary") for h, v in (rep.get("validation") or {}).items()},
+        "backtest": {k: (rep.get("backtest") or {}).get(k) for k in
+                     ("fit_steps", "predicted_step", "cosine_global", "norm_ratio_global", "relative_error_global",
+                      "direction_cosine", "reason")},
+        "reward_trend": rep.get("reward_trend"),
         "rewards": rewards,
         "compute_saved": {str(h): {"steps": h - args.tcut, "fraction": (h - args.tcut) / h,
                                     "seconds": round(per_step * (h - args.tcut), 1)} for h in horizons},
@@ -301,6 +305,12 @@ def print_table_real(result: dict):
     if result["explained_variance_mean"] is not None:
         print(f"window (steps 1..{result['settings']['tcut']}): explained variance {result['explained_variance_mean']:.3f}, "
               f"R^2 of the line {result['r2_mean']:.3f} (means over tensors)")
+    from relex_callback.report import format_trust
+
+    trust = format_trust({"backtest": result.get("backtest"), "reward_trend": result.get("reward_trend")})
+    if trust:
+        print("signals at tcut (before any further training):")
+        print("\n".join("  " + line for line in trust.split("\n")))
     for h, v in sorted(result["validation"].items(), key=lambda kv: int(kv[0])):
         if v and v.get("cosine_global") is not None and v.get("norm_ratio_global") is not None:
             print(f"validation at step {h} (callback): cosine {v['cosine_global']:.3f}, norm ratio "
