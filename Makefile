@@ -32,7 +32,7 @@ $(VENV)/.demo: $(VENV)/.torch setup.cfg pyproject.toml
 venv: $(VENV)/.installed
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra --durations=15
 
 test-fast: $(VENV)/.installed
 	$(PY) -m pytest -q -ra -m "not slow"

@@ -248,6 +248,7 @@ class TrajectoryStore:
         check_finite: bool = True,
         fold_rank: Optional[int] = None,
         prefault: bool = True,
+        skip_unchanged: bool = True,
         _allocate: bool = True,
     ):
         if not specs:
@@ -276,6 +277,9 @@ class TrajectoryStore:
         self.run_id: Optional[str] = None  # names this window; kept across resumes, checked against trainer_state
         self.window: dict = {}  # the settings a resume must share (tcut, stride, world); set by open_window
         self.skipped_unchanged_steps: list[int] = []  # steps whose weights did not move (e.g. a skipped AMP step)
+        # training: a step that did not move the weights is no progress (skipped); offline replays of saved
+        # checkpoints record what they are given (two equal checkpoints are two observations)
+        self.skip_unchanged = skip_unchanged
         self._last_sums: Optional[torch.Tensor] = None  # [S] float32 sums of the last recorded delta, per tensor
         self._meta_warned = False
         self.saved: dict = {}  # from load(): saved_step and the live-weight fingerprints at that step
@@ -546,7 +550,7 @@ class TrajectoryStore:
                     + (" ..." if len(names) > 5 else "")
                     + "; the step was not recorded (the training run diverged or overflowed)"
                 )
-        if slot == self.num_ring_rows and self._unchanged(step, slot, target, sums):
+        if self.skip_unchanged and slot == self.num_ring_rows and self._unchanged(step, slot, target, sums):
             return
         if self._staging is not None:
             self._stream.wait_stream(torch.cuda.current_stream(self.device))

@@ -420,8 +420,6 @@ class RelexCallback(TrainerCallback, ExportableState):
 
     # ---------------------------------------------------------------------------------------- finish
     def _finish(self, args, state, control, kwargs):
-        from .params import is_peft_model
-        from .pipeline import finalize
         from .writers import model_writer
 
         s, out_dir, model = self.settings, self._out_dir(args), kwargs.get("model")
@@ -429,15 +427,11 @@ class RelexCallback(TrainerCallback, ExportableState):
         trend, flat = self._reward_trend(state)
         writer = model_writer(model, kwargs.get("processing_class"), self.topology, self.tracked,
                               max_shard_size=s.max_shard_size, merge_lora=s.merge_lora)
-        sol, self.report = finalize(
-            self.store, writer, tcut=s.tcut, horizons=s.horizons, out_dir=out_dir, rank=s.rank, fit_start=s.fit_start,
-            method=s.solver, overwrite=s.overwrite, kept=self.store.directory if self.store.storage == "disk" else None,
-            reduce=self.topology.reduce_grams if self.topology.sharded else None, fit=s.fit, fit_window=s.fit_window,
-            degree=s.degree, skip_horizons=flat if s.on_flat_reward == "error" else None,
-            report_extra={"skipped_nonfinite_steps": list(self.skipped_steps), "reward_trend": trend,
-                          "skipped_unchanged_steps": list(self.store.skipped_unchanged_steps),
-                          "format": "peft_adapter" if is_peft_model(model) else "full"},
-        )
+        try:
+            sol, self.report = self._finalize(writer, s, out_dir, model, trend, flat)
+        except BaseException:
+            self._release()  # the output directory is no longer in use (relex materialize may finish it)
+            raise
         self.end_of_window_seconds = seconds = time.perf_counter() - t0
         summ, bt = self.report["summary"], self.report.get("backtest") or {}
         drift = bt.get("direction_cosine")
@@ -489,6 +483,21 @@ class RelexCallback(TrainerCallback, ExportableState):
                                state.max_steps)
             self.validation = Validation(sol, store.theta0, store.specs, pending, self.tracked, self.topology, s.tcut)
             self._link_theta0(out_dir)
+
+    def _finalize(self, writer, s, out_dir, model, trend, flat):
+        """The end-of-window pipeline with this run's settings and report entries."""
+        from .params import is_peft_model
+        from .pipeline import finalize
+
+        return finalize(
+            self.store, writer, tcut=s.tcut, horizons=s.horizons, out_dir=out_dir, rank=s.rank, fit_start=s.fit_start,
+            method=s.solver, overwrite=s.overwrite, kept=self.store.directory if self.store.storage == "disk" else None,
+            reduce=self.topology.reduce_grams if self.topology.sharded else None, fit=s.fit, fit_window=s.fit_window,
+            degree=s.degree, skip_horizons=flat if s.on_flat_reward == "error" else None,
+            report_extra={"skipped_nonfinite_steps": list(self.skipped_steps), "reward_trend": trend,
+                          "skipped_unchanged_steps": list(self.store.skipped_unchanged_steps),
+                          "format": "peft_adapter" if is_peft_model(model) else "full"},
+        )
 
     def _link_theta0(self, out_dir: str):
         """Validation checkpoints link theta_0 from ``<out_dir>/trajectory/`` instead of writing it each time."""

@@ -42,6 +42,8 @@ def parse_args(argv=None):
     p.add_argument("--held-out", type=int, default=None, help="held-out sums evaluated (default 64; --quick 30 of 100)")
     p.add_argument("--cache", default=None, help="real model: where the converted checkpoint lives (default "
                    "$RELEX_REAL_MODEL_CACHE or ~/.cache/relex_callback/smollm2-135m-instruct)")
+    p.add_argument("--select", type=int, default=16, help="real model: sums the callback scores the horizons on at tcut "
+                   "(its own evaluation, before any further training; disjoint from the held-out set; 0: no scoring)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     p.add_argument("--quick", action="store_true", help="the tiny from-scratch model: a smoke test in seconds")
@@ -177,7 +179,8 @@ def run_real(args) -> dict:
     if why:
         raise SystemExit(f"demo: {why}; or run the tiny model: python -m relex_callback.demo --quick")
     relex_dir = os.path.join(args.out, "relex")
-    cb = RelexCallback(tcut=args.tcut, horizons=args.horizons, stop_training=False, overwrite=True, output_dir=relex_dir)
+    cb = RelexCallback(tcut=args.tcut, horizons=args.horizons, stop_training=False, overwrite=True, output_dir=relex_dir,
+                       evaluate_horizons=args.select > 0)
     horizons = sorted(cb.horizons)
     torch.set_num_threads(args.threads)
     if not args.verbose:
@@ -192,7 +195,9 @@ def run_real(args) -> dict:
     t_convert = time.perf_counter() - t_start
     model, tok = rm.load_model(base_dir)
     n_train = max(horizons) * args.prompts + 16
-    train, test = rm.split_problems(n_train, args.held_out, max_operand=args.max_operand, seed=args.seed, tokenizer=tok)
+    train, test = rm.split_problems(n_train + args.select, args.held_out, max_operand=args.max_operand, seed=args.seed,
+                                    tokenizer=tok)
+    train, select = train[:n_train], train[n_train:]  # the scoring set: never trained on, not the held-out set
     real_dir = os.path.join(args.out, "real")
     steps_saved = {args.tcut, *horizons}
     saver = rm.SaveAtSteps(save_steps=steps_saved, save_dir=real_dir, tokenizer=tok)
@@ -205,10 +210,12 @@ def run_real(args) -> dict:
         lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_steps=max(horizons),
         temperature=args.temperature, beta=0.0, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
         bf16=False, seed=args.seed, data_seed=args.seed, disable_tqdm=not args.verbose, dataloader_num_workers=0,
+        per_device_eval_batch_size=args.prompts * args.generations,
     )
     callbacks = [cb, saver] + ([] if args.verbose else [rm.StepBar("  training")])
     trainer = GRPOTrainer(model=model, reward_funcs=rm.sum_reward, args=grpo_args,
-                          train_dataset=Dataset.from_list(train), processing_class=tok, callbacks=callbacks)
+                          train_dataset=Dataset.from_list(train), processing_class=tok, callbacks=callbacks,
+                          eval_dataset=Dataset.from_list(select) if select else None)
     if not args.verbose:  # with disable_tqdm the Trainer prints every step's log dict; the bar shows the reward
         from transformers.trainer_callback import PrinterCallback
 
@@ -253,6 +260,8 @@ def run_real(args) -> dict:
                      ("fit_steps", "predicted_step", "cosine_global", "norm_ratio_global", "relative_error_global",
                       "direction_cosine", "reason")},
         "reward_trend": rep.get("reward_trend"),
+        "horizon_eval": rep.get("horizon_eval"),
+        "best_horizon": rep.get("best_horizon"),
         "rewards": rewards,
         "compute_saved": {str(h): {"steps": h - args.tcut, "fraction": (h - args.tcut) / h,
                                     "seconds": round(per_step * (h - args.tcut), 1)} for h in horizons},
@@ -308,9 +317,15 @@ def print_table_real(result: dict):
     from relex_callback.report import format_trust
 
     trust = format_trust({"backtest": result.get("backtest"), "reward_trend": result.get("reward_trend")})
+    he = result.get("horizon_eval") or {}
+    if he:
+        scores = ", ".join(f"step {k}: {v.get('reward', float('nan')):.3f}" for k, v in
+                           sorted(he.items(), key=lambda kv: int(kv[0])))
+        trust += (f"\nscored at tcut by the trainer's own evaluation ({result['settings']['select']} sums never trained "
+                  f"on, sampled; eval reward): {scores}; best horizon {result.get('best_horizon')}")
     if trust:
         print("signals at tcut (before any further training):")
-        print("\n".join("  " + line for line in trust.split("\n")))
+        print("\n".join("  " + line for line in trust.strip().split("\n")))
     for h, v in sorted(result["validation"].items(), key=lambda kv: int(kv[0])):
         if v and v.get("cosine_global") is not None and v.get("norm_ratio_global") is not None:
             print(f"validation at step {h} (callback): cosine {v['cosine_global']:.3f}, norm ratio "

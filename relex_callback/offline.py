@@ -275,7 +275,7 @@ def extrapolate_checkpoints(base: str, checkpoints: Sequence[str], horizons, out
     scratch = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.trajectory-{os.getpid()}")
     t_checked = time.perf_counter()
     store = TrajectoryStore(specs, len(cks), dtype=settings.dtype, storage=settings.storage,
-                            device=torch.device(device), directory=scratch, prefault=False)
+                            device=torch.device(device), directory=scratch, prefault=False, skip_unchanged=False)
     try:
         store.set_theta0(read_tensors(src_base, names, device))
         bar = _progress(len(cks), not progress)

@@ -6,8 +6,11 @@ import glob
 import os
 import subprocess
 
+from typing import Optional
+
 import pytest
 import torch
+from transformers import TrainerCallback
 
 from relex_callback import RelexCallback
 from relex_callback.errors import RelexInputError, RelexWriteError
@@ -45,20 +48,47 @@ def sizes(tmp_path_factory):
     return {"state": _size(d / "relex" / "relex_state.safetensors"), "horizon": _size(d / "relex" / "step-20")}
 
 
-def _run(tmp_path, relex_dir, **kw):
+class FillDisk(TrainerCallback):
+    """Another writer fills the disk during the window (after RELEX's own check at step 0 passed): at step 1 it
+    writes a file that leaves ``leave`` bytes free."""
+
+    def __init__(self, path, leave: int):
+        self.path, self.leave = path, leave
+
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step == 1:
+            st = os.statvfs(self.path)
+            free = st.f_bavail * st.f_frsize
+            with open(os.path.join(self.path, "filler"), "wb") as f:
+                f.write(b"\0" * max(0, free - self.leave))
+
+
+def _run(tmp_path, relex_dir, fill: Optional[int] = None, **kw):
     cb = RelexCallback(tcut=4, horizons=[20, 30], dtype="float32", output_dir=str(relex_dir), **kw)
-    trainer, model, tok = build_trainer(str(tmp_path / "run"), [cb], max_steps=8)
+    extra = [FillDisk(str(relex_dir), fill)] if fill is not None else []
+    trainer, model, tok = build_trainer(str(tmp_path / "run"), [cb] + extra, max_steps=8)
     model.save_pretrained(tmp_path / "base")
     tok.save_pretrained(tmp_path / "base")
     return trainer
 
 
-def test_horizon_does_not_fit(tmp_path, sizes):
+def test_outputs_that_do_not_fit_are_refused_before_step_1(tmp_path, sizes):
     relex = tmp_path / "small"
-    kib = (sizes["state"] + sizes["horizon"] // 2) // 1024 + 8
-    _mount(relex, kib)
+    _mount(relex, (sizes["state"] + sizes["horizon"] // 2) // 1024 + 8)
     try:
         trainer = _run(tmp_path, relex)
+        with pytest.raises(RelexInputError, match="free"):
+            trainer.train()
+        assert trainer.state.global_step == 0
+    finally:
+        _umount(relex)
+
+
+def test_horizon_does_not_fit(tmp_path, sizes):
+    relex = tmp_path / "small"
+    _mount(relex, 4096)
+    try:
+        trainer = _run(tmp_path, relex, fill=sizes["state"] + sizes["horizon"] // 2)
         with pytest.raises(RelexWriteError) as e:
             trainer.train()
         msg = str(e.value)
@@ -67,7 +97,7 @@ def test_horizon_does_not_fit(tmp_path, sizes):
         assert not (relex / "step-20").exists() and not (relex / "step-30").exists()
         assert not [n for n in os.listdir(relex) if n.startswith(".")], os.listdir(relex)  # no temporaries
         # the state file is whole: with space freed, materialize finishes the job
-        subprocess.run(["mount", "-o", "remount,size=4m", str(relex)], check=True)
+        os.remove(relex / "filler")
         written = materialize(str(relex / "relex_state.safetensors"), str(tmp_path / "base"), [20, 30])
         for w in written:
             from transformers import AutoModelForCausalLM
@@ -80,10 +110,9 @@ def test_horizon_does_not_fit(tmp_path, sizes):
 
 def test_state_file_does_not_fit(tmp_path, sizes):
     relex = tmp_path / "tiny"
-    kib = max(8, sizes["state"] // 2 // 1024)
-    _mount(relex, kib)
+    _mount(relex, 4096)
     try:
-        trainer = _run(tmp_path, relex)
+        trainer = _run(tmp_path, relex, fill=sizes["state"] // 2)
         with pytest.raises(RelexWriteError) as e:
             trainer.train()
         msg = str(e.value)

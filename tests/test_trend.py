@@ -105,7 +105,8 @@ def grpo_history(tmp_path_factory):
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
-    from relex_callback.toy import arithmetic_problems, build_model, build_tokenizer, digit_reward
+    from helpers import digit_reward
+    from relex_callback.toy import arithmetic_problems, build_model, build_tokenizer
 
     out = tmp_path_factory.mktemp("grpo_trend")
     tok = build_tokenizer()

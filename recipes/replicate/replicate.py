@@ -94,7 +94,7 @@ def make_store(named, theta, steps, dtype):
 
     tracked = plain_tracked(named)
     specs = [t.spec for t in tracked]
-    store = TrajectoryStore(specs, len(steps), dtype=dtype, storage="host")
+    store = TrajectoryStore(specs, len(steps), dtype=dtype, storage="host", skip_unchanged=False)  # every step is a row
     store.set_theta0(split(theta[0], specs))
     for t in steps:
         store.snapshot(t, split(theta[t], specs))
