@@ -321,8 +321,11 @@ def print_table_real(result: dict):
     if he:
         scores = ", ".join(f"step {k}: {v.get('reward', float('nan')):.3f}" for k, v in
                            sorted(he.items(), key=lambda kv: int(kv[0])))
+        tcut_key, best = str(result["settings"]["tcut"]), result.get("best_horizon")
+        beats = best is not None and he.get(str(best), {}).get("reward", -1) > he.get(tcut_key, {}).get("reward", 1)
         trust += (f"\nscored at tcut by the trainer's own evaluation ({result['settings']['select']} sums never trained "
-                  f"on, sampled; eval reward): {scores}; best horizon {result.get('best_horizon')}")
+                  f"on, sampled; eval reward): {scores}; "
+                  + (f"best horizon {best}, above the tcut model" if beats else "no horizon scores above the tcut model"))
     if trust:
         print("signals at tcut (before any further training):")
         print("\n".join("  " + line for line in trust.strip().split("\n")))
