@@ -247,7 +247,6 @@ class ShardedWriter(CheckpointWriter):
         self.topo.barrier()
 
     def bind(self, solution, store):
-        self.full_solution = solution
         self.plan = self.topo.write_plan(self.model)
         self.solution, theta0, self.extra = self.topo.gather_owned(store, solution, self.plan)
         self.theta0_of = lambda i: theta0[i]  # noqa: E731
@@ -276,7 +275,19 @@ class ShardedWriter(CheckpointWriter):
             raise RelexInputError(text) from error
         raise RuntimeError(f"relex: another process failed ({text}); see its log") from error
 
+    def _step(self, fn, coordinator_only: bool = False):
+        """Run one write (``fn``) on every process, or on the coordinator only, then :meth:`agree`: a failure on any
+        process raises on every process (each process calls this the same number of times: the collectives pair)."""
+        error = None
+        if self.is_coordinator or not coordinator_only:
+            try:
+                fn()
+            except Exception as e:
+                error = e
+        self.agree(error)
+
     def write_state(self, out_dir, tcut):
+        from .fs import STATE_INDEX_NAME
         from .state import save_state_index, state_shard_name
 
         topo, owned = self.topo, self.solution
@@ -285,39 +296,29 @@ class ShardedWriter(CheckpointWriter):
         names = {r: state_shard_name(j, len(files)) for j, r in enumerate(files)}
         token = topo.broadcast_object(f"{os.getpid()}-{os.urandom(4).hex()}")
         tmp = os.path.join(out_dir, f".relex_state.tmp-{token}")
-        error = None
-        try:
-            if self.is_coordinator:
-                os.makedirs(tmp, exist_ok=True)
-        except Exception as e:
-            error = e
-        self.agree(error)
-        try:
+        self._step(lambda: os.makedirs(tmp, exist_ok=True), coordinator_only=True)
+
+        def save_mine():
             if owned.specs:
                 save_state(os.path.join(tmp, names[topo.process_rank]), owned, self.theta0_of, tcut=tcut,
                            extra={"distributed": {"mode": topo.mode, "world_size": topo.world}})
-        except Exception as e:
-            error = e
-        maps = topo.gather_objects({s.name: names.get(topo.process_rank) for s in owned.specs})
+
+        def commit():  # the index, written last, is the commit point
+            weight_map = {}
+            for m in maps:
+                weight_map.update(m)
+            for r in files:
+                os.replace(os.path.join(tmp, names[r]), os.path.join(out_dir, names[r]))
+            save_state_index(out_dir, weight_map, [n for n in topo.names if n in weight_map],
+                             world_size=topo.world, mode=topo.mode)
+
         try:
-            self.agree(error)
-            if self.is_coordinator:
-                try:
-                    weight_map = {}
-                    for m in maps:
-                        weight_map.update(m)
-                    for r in files:
-                        os.replace(os.path.join(tmp, names[r]), os.path.join(out_dir, names[r]))
-                    save_state_index(out_dir, weight_map, [n for n in topo.names if n in weight_map],
-                                     world_size=topo.world, mode=topo.mode)
-                except Exception as e:
-                    error = e
-            self.agree(error if self.is_coordinator else None)
+            self._step(save_mine)
+            maps = topo.gather_objects({s.name: names.get(topo.process_rank) for s in owned.specs})
+            self._step(commit, coordinator_only=True)
         finally:
             if self.is_coordinator:
                 shutil.rmtree(tmp, ignore_errors=True)
-        from .fs import STATE_INDEX_NAME
-
         return os.path.join(out_dir, STATE_INDEX_NAME)
 
     def write_horizon(self, out_dir, horizon, tcut, overwrite):
@@ -331,6 +332,7 @@ class ShardedWriter(CheckpointWriter):
                 shards.append((r, s))
         names = shard_names(len(shards))
         token = topo.broadcast_object(f"dist-{os.getpid()}-{os.urandom(4).hex()}")
+        tmp = os.path.join(os.path.dirname(final), f".{os.path.basename(final)}.tmp-{token}")
         index = {s.name: i for i, s in enumerate(self.solution.specs)}
 
         def produce(k):
@@ -339,36 +341,28 @@ class ShardedWriter(CheckpointWriter):
                 return self.solution.extrapolate(i, horizon, self.theta0_of(i)).reshape(meta[k][0])
             return self.extra[k] if k in self.extra else sd[k].detach()
 
-        tmp, error = None, None
+        def start():
+            clean_stale_temporaries(out_dir, os.path.basename(final))
+            if os.path.exists(final) and not overwrite:
+                raise RelexInputError(f"{final} already exists; pass overwrite")
+            new_temporary_dir(final, token)
+
+        def write_mine():
+            for name, (r, skeys) in zip(names, shards):
+                if r == topo.process_rank:
+                    write_shard(os.path.join(tmp, name), skeys, meta, produce)
+
+        def commit():
+            if len(names) > 1:
+                write_index(tmp, {k: n for n, (_, skeys) in zip(names, shards) for k in skeys}, sum(nbytes.values()))
+            write_model_extras(self.model, self.tokenizer, tmp)
+            write_relex_marker(tmp, horizon, tcut)
+            commit_directory(tmp, final)
+
+        self._step(start, coordinator_only=True)
         try:
-            if self.is_coordinator:
-                clean_stale_temporaries(out_dir, os.path.basename(final))
-                if os.path.exists(final) and not overwrite:
-                    raise RelexInputError(f"{final} already exists; pass overwrite")
-                tmp = new_temporary_dir(final, token)
-        except Exception as e:
-            error = e
-        self.agree(error)
-        tmp = os.path.join(os.path.dirname(final), f".{os.path.basename(final)}.tmp-{token}")
-        try:
-            try:
-                for name, (r, skeys) in zip(names, shards):
-                    if r == topo.process_rank:
-                        write_shard(os.path.join(tmp, name), skeys, meta, produce)
-            except Exception as e:
-                error = e
-            self.agree(error)
-            if self.is_coordinator:
-                try:
-                    if len(names) > 1:
-                        write_index(tmp, {k: n for n, (_, skeys) in zip(names, shards) for k in skeys},
-                                    sum(nbytes.values()))
-                    write_model_extras(self.model, self.tokenizer, tmp)
-                    write_relex_marker(tmp, horizon, tcut)
-                    commit_directory(tmp, final)
-                except Exception as e:
-                    error = e
-            self.agree(error if self.is_coordinator else None)
+            self._step(write_mine)
+            self._step(commit, coordinator_only=True)
         finally:
             if self.is_coordinator:
                 shutil.rmtree(tmp, ignore_errors=True)
