@@ -1,6 +1,18 @@
 """Helpers shared by the tests (not part of the package)."""
 
+import torch
+
+from relex_callback.params import TensorSpec
 from relex_callback.toy import _text
+
+
+def arena_specs(sizes):
+    """Float32 specs ``t0, t1, ...`` laid out one after the other in an arena; returns ``(specs, D)``."""
+    specs, o = [], 0
+    for i, n in enumerate(sizes):
+        specs.append(TensorSpec(name=f"t{i}", shape=(n,), dtype=torch.float32, local_numel=n, offset=o))
+        o += n
+    return specs, o
 
 
 def digit_reward(completions, **kwargs) -> list[float]:

@@ -5,18 +5,14 @@ import math
 import pytest
 import torch
 
-from relex_callback.params import TensorSpec
 from relex_callback.solver import solve
+
+from helpers import arena_specs
 
 METHODS = ["gram", "power"]
 
 
-def _specs(sizes):
-    specs, o = [], 0
-    for i, n in enumerate(sizes):
-        specs.append(TensorSpec(name=f"t{i}", shape=(n,), dtype=torch.float32, local_numel=n, offset=o))
-        o += n
-    return specs, o
+_specs = arena_specs
 
 
 def _trajectory(T, sizes, kind, seed=0, steps=None):
