@@ -26,14 +26,25 @@ from .writers import CheckpointWriter, WriteFailed
 logger = logging.getLogger("relex_callback")
 
 
-def check_window(store):
-    """At least two recorded steps (a line); said before anything is written."""
-    if store.num_rows < 2:
-        raise RelexInputError(
-            f"only {store.num_rows} step(s) of the window were recorded ({store.steps}); a line needs at least 2. "
-            "Non-finite steps skipped with on_nonfinite='skip' are not recorded: the run diverged; lower the learning "
-            "rate or start from an earlier checkpoint"
-        )
+def check_window(store, skipped_nonfinite: Sequence[int] = ()):
+    """At least two recorded steps (a line); said before anything is written, with why steps are missing."""
+    if store.num_rows >= 2:
+        return
+    why = []
+    unchanged = list(getattr(store, "skipped_unchanged_steps", []) or [])
+    if unchanged:
+        why.append(
+            f"the weights did not move at step(s) {unchanged} (not recorded: a zero gradient - in GRPO, every group of "
+            "the batch had the same reward, so no advantage - or a step skipped by the loss scaler); give the window "
+            "steps that learn: a larger tcut, more generations per prompt or a higher temperature (groups with reward "
+            "variance), or a task the model partly solves")
+    if skipped_nonfinite:
+        why.append(f"step(s) {list(skipped_nonfinite)} had non-finite weights and were skipped (on_nonfinite='skip'): "
+                   "the run diverged; lower the learning rate or start from an earlier checkpoint")
+    raise RelexInputError(
+        f"only {store.num_rows} step(s) of the window were recorded ({store.steps}); a line needs at least 2"
+        + (": " + "; ".join(why) if why else "")
+    )
 
 
 def check_horizons_fit(sol, horizons: Sequence[int]):
@@ -108,7 +119,7 @@ def finalize(
     """
     horizons = [int(h) for h in horizons]
     check_outputs_free(out_dir, horizons, overwrite)
-    check_window(store)
+    check_window(store, (report_extra or {}).get("skipped_nonfinite_steps") or ())
     if writer.is_coordinator:
         os.makedirs(out_dir, exist_ok=True)
     writer.barrier()

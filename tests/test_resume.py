@@ -189,6 +189,20 @@ def test_unchanged_steps_are_skipped_and_counted(tmp_path, caplog):
     assert any("did not change at step 5" in r.getMessage() for r in caplog.records)
 
 
+def test_a_window_that_never_moved_says_why_instead_of_blaming_divergence(tmp_path):
+    """GRPO batches whose groups all have one reward give a zero gradient: a window of only such steps has nothing
+    to fit; the error names the unchanged steps and what to change (it used to say the run diverged)."""
+    cb = _cb(tcut=2)
+    t = grpo_trainer(tmp_path, [cb, FreezeStep([1, 2])])
+    with pytest.raises(RelexInputError) as e:
+        t.train()
+    msg = str(e.value)
+    assert "only 0 step(s) of the window were recorded" in msg
+    assert "did not move at step(s) [1, 2]" in msg and "reward variance" in msg
+    assert "diverged" not in msg
+    assert not any(p.name.startswith("step-") for p in (tmp_path / "relex").glob("*"))
+
+
 # ------------------------------------------------------------------------------------------- output dir owner
 def test_two_callbacks_on_one_output_dir_are_refused_before_step_1(tmp_path):
     rec = Recorder()

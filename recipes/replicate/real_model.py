@@ -77,10 +77,16 @@ SETTINGS = {
     "wide": Setting("wide", prompts=8, fit_starts=(None, 3)),
     "easy-t0.7": Setting("easy-t0.7", max_operand=20, temperature=0.7),
     "lr3e-5": Setting("lr3e-5", lr=3e-5),
+    # the paper's regime in miniature: a small step and a larger batch, so accuracy still rises well after tcut
+    "slow": Setting("slow", prompts=8, lr=5e-6, steps=32, tcuts=(8,)),
     "base-seed1": Setting("base-seed1", seed=1),
     # a few seconds of each stage, to check the pipeline (not a result)
-    "smoke": Setting("smoke", prompts=2, generations=2, steps=4, tcuts=(2,), fit_starts=(None,), n_eval=4),
+    "smoke": Setting("smoke", prompts=4, generations=4, steps=6, tcuts=(3,), fit_starts=(None,), n_eval=4,
+                     max_operand=10, temperature=0.7),
 }
+
+
+FAMILIES = ("power", "log")  # besides the line (the tcut{N} windows), solved on every full window
 
 
 def log(msg):
@@ -134,13 +140,15 @@ def train(s: Setting, base_dir: str, run_dir: str):
     return test, tl, sec
 
 
-def extrapolate(base_dir, ckpt, steps, horizons, out, fit_start=None):
+def extrapolate(base_dir, ckpt, steps, horizons, out, fit_start=None, fit="linear"):
     """``relex extrapolate`` on the saved checkpoints ``steps`` (the public CLI, in a child process)."""
     cmd = [sys.executable, "-m", "relex_callback.cli", "extrapolate", "--base", base_dir, "--checkpoints",
            *[os.path.join(ckpt, f"step-{t}") for t in steps], "--horizons", ",".join(map(str, horizons)), "--out", out,
            "--dtype", "float32", "--overwrite", "--no-progress"]
     if fit_start is not None:
         cmd += ["--fit-start", str(fit_start)]
+    if fit != "linear":
+        cmd += ["--fit", fit]
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if r.returncode != 0:
@@ -196,6 +204,18 @@ def run_setting(s: Setting, base_dir: str, out_root: str, keep: bool = False, re
             key = f"tcut{tcut}" + (f"-fit{fs}" if fs else "")
             windows[key] = (tcut, fs, extrapolate(base_dir, ckpt, range(1, tcut + 1), s.horizons(tcut),
                                                  os.path.join(run_dir, key), fs))
+    # fit families (issue: fit families) on every full window: each family's horizons, and what fit="auto" picks
+    # from the window's own backtest (its horizons equal the chosen family's, so they are not scored again)
+    families = {}
+    for tcut in s.tcuts:
+        for fam in FAMILIES:
+            key = f"tcut{tcut}-{fam}"
+            rep = extrapolate(base_dir, ckpt, range(1, tcut + 1), s.horizons(tcut), os.path.join(run_dir, key), fit=fam)
+            families[key] = {"tcut": tcut, "family": fam, "fit": rep.get("fit"), "backtest": rep.get("backtest")}
+        rep = extrapolate(base_dir, ckpt, range(1, tcut + 1), s.horizons(tcut), os.path.join(run_dir, f"tcut{tcut}-auto"),
+                          fit="auto")
+        families[f"tcut{tcut}-auto"] = {"tcut": tcut, "family": "auto", "fit": rep.get("fit")}
+        shutil.rmtree(os.path.join(run_dir, f"tcut{tcut}-auto"), ignore_errors=True)
     whole = extrapolate(base_dir, ckpt, range(1, s.steps + 1), [s.steps + 1], os.path.join(run_dir, "whole"))
     sec_solve = time.perf_counter() - t
 
@@ -213,6 +233,12 @@ def run_setting(s: Setting, base_dir: str, out_root: str, keep: bool = False, re
             if fs is None:
                 jobs.append((f"naive:tcut{tcut}@{h}", h, lambda tcut=tcut, h=h: naive_weights(
                     theta0, read_checkpoint_weights(os.path.join(ckpt, f"step-{tcut}"), names), h, tcut)))
+    for key, f in families.items():
+        if f["family"] == "auto":
+            continue
+        for h in s.horizons(f["tcut"]):
+            jobs.append((f"relex:{key}@{h}", h, lambda key=key, h=h: read_checkpoint_weights(
+                os.path.join(run_dir, key, f"step-{h}"), names)))
     for st in (s.tcuts[-1], s.steps):
         jobs.append((f"rank1@{st}", st, lambda st=st: rank1_reconstruction(os.path.join(run_dir, "whole"), theta0, st)))
 
@@ -233,7 +259,9 @@ def run_setting(s: Setting, base_dir: str, out_root: str, keep: bool = False, re
     res = {
         "setting": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(s).items()},
         "accuracy": acc, "delta_stats": stats, "train": tl,
-        "windows": {k: {"tcut": tc, "fit_start": fs, "summary": rep["summary"]} for k, (tc, fs, rep) in windows.items()},
+        "windows": {k: {"tcut": tc, "fit_start": fs, "summary": rep["summary"], "backtest": rep.get("backtest")}
+                    for k, (tc, fs, rep) in windows.items()},
+        "families": families,
         "whole_run": {"summary": whole["summary"], "steps": whole["steps"],
                       "coeffs_mean_abs": None},
         "seconds": {"train": round(sec_train, 1), "per_step": round(sec_train / s.steps, 2),
@@ -249,7 +277,7 @@ def run_setting(s: Setting, base_dir: str, out_root: str, keep: bool = False, re
     res["whole_run"]["coeffs_mean_abs"] = [float(x) for x in cs.mean(0)]
     if not keep:
         shutil.rmtree(ckpt, ignore_errors=True)
-        for key in list(windows) + ["whole"]:
+        for key in list(windows) + [k for k, f in families.items() if f["family"] != "auto"] + ["whole"]:
             for f in os.listdir(os.path.join(run_dir, key)):
                 if f.startswith("step-"):
                     shutil.rmtree(os.path.join(run_dir, key, f), ignore_errors=True)
@@ -314,6 +342,38 @@ def fit_start_table(results: dict) -> str:
                                f"| {r['accuracy'][f'real@{h}']:.3f} | {v:.3f} | {st['cos']:.2f} | {st['norm_ratio']:.2f} |")
                     any_ = True
     return "\n".join(out) if any_ else "(no fit_start variant in the settings run)"
+
+
+def families_table(results: dict) -> str:
+    """Every fit family's horizons against real training and the tcut checkpoint, and what fit="auto" chose from the
+    window's backtest (before seeing the horizons)."""
+    out = ["| setting | tcut | H | real tcut | real H | linear | power | log | best at H | auto chose (backtest rel. err "
+           "linear / power / log) | cos lin / pow / log | norm lin / pow / log |", "|" + "---|" * 12]
+    any_ = False
+    for name, r in results.items():
+        fams = r.get("families") or {}
+        a, st = r["accuracy"], r["delta_stats"]
+        for tcut in r["setting"]["tcuts"]:
+            auto = (fams.get(f"tcut{tcut}-auto") or {}).get("fit") or {}
+            sel = auto.get("selection") or {}
+            sc = sel.get("scores") or {}
+            for h in [h for h in (2 * tcut, 3 * tcut, 4 * tcut, 6 * tcut, 8 * tcut) if h <= r["setting"]["steps"]]:
+                keys = {"linear": f"relex:tcut{tcut}@{h}", "power": f"relex:tcut{tcut}-power@{h}",
+                        "log": f"relex:tcut{tcut}-log@{h}"}
+                if any(k not in a or k not in st for k in keys.values()):
+                    continue
+                accs = {f: a[k] for f, k in keys.items()}
+                best = max(accs.values())
+                winners = "/".join(f for f, v in accs.items() if v == best)
+                out.append(
+                    f"| {name} | {tcut} | {h} | {a[f'real@{tcut}']:.3f} | {a[f'real@{h}']:.3f} "
+                    + "".join(f"| {accs[f]:.3f} " for f in keys)
+                    + f"| {winners} | {sel.get('choice', auto.get('family', '?'))} ("
+                    + " / ".join(f"{sc[f]:.3f}" if f in sc else "-" for f in keys) + ") "
+                    + "| " + " / ".join(f"{st[k]['cos']:.2f}" for k in keys.values())
+                    + " | " + " / ".join(f"{st[k]['norm_ratio']:.2f}" for k in keys.values()) + " |")
+                any_ = True
+    return "\n".join(out) if any_ else "(no fit-family variants in the settings run)"
 
 
 def plots(results: dict, dirname: str) -> list[str]:
@@ -392,6 +452,14 @@ def write_doc(results: dict, doc: str, figdir: str, results_path: str):
         "#### Fit window (`fit_start`)",
         "",
         fit_start_table(results),
+        "",
+        "#### Fit families, and what `fit=\"auto\"` picks at tcut",
+        "",
+        "Each family fitted to the same window by `relex extrapolate --fit FAMILY`; `auto` is `--fit auto`, which "
+        "scores the families by predicting the window's later part from its earlier part (the score shown) and "
+        "keeps the best. Held-out greedy accuracy at H.",
+        "",
+        families_table(results),
         "",
         "![real extrapolation](replication/real_extrapolation.png)",
         *(["![real finding 2](replication/real_finding2.png)"] if any((r.get("whole_run") or {}).get("coeffs_mean_abs")
