@@ -34,7 +34,7 @@ import sys
 import time
 import uuid
 import weakref
-from typing import Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
@@ -281,6 +281,11 @@ class TrajectoryStore:
         # checkpoints record what they are given (two equal checkpoints are two observations)
         self.skip_unchanged = skip_unchanged
         self._last_sums: Optional[torch.Tensor] = None  # [S] float32 sums of the last recorded delta, per tensor
+        # distributed runs (set by open_window): ``reduce`` sums the fold's [S, R, R] Grams over processes (sharded
+        # modes: the fold then sees whole tensors, like the final solve); ``consensus`` sums a small int64 tensor
+        # over processes, so every process records (or skips) the same steps and folds at the same steps
+        self.reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+        self.consensus: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
         self._meta_warned = False
         self.saved: dict = {}  # from load(): saved_step and the live-weight fingerprints at that step
         # rows persisted in the run directory for checkpoints to link (host/device tiers; see save())
@@ -541,16 +546,28 @@ class TrajectoryStore:
                 target[o + s : o + e].copy_(buf)
             sums.append(acc if acc is not None else torch.zeros((), device=self.theta0.device))
         sums = torch.stack(sums).cpu()  # one host sync for all tensors
-        if self.check_finite:
-            flags = ~torch.isfinite(sums)
-            if bool(flags.any()):
-                names = [self.specs[i].name for i in torch.nonzero(flags).flatten().tolist()]
-                raise RelexNonFiniteError(
-                    f"non-finite weight delta at step {step} in {len(names)} tensor(s): {', '.join(names[:5])}"
-                    + (" ..." if len(names) > 5 else "")
-                    + "; the step was not recorded (the training run diverged or overflowed)"
-                )
-        if self.skip_unchanged and slot == self.num_ring_rows and self._unchanged(step, slot, target, sums):
+        bad = ~torch.isfinite(sums) if self.check_finite else torch.zeros(len(sums), dtype=torch.bool)
+        new_row = slot == self.num_ring_rows
+        same = self.skip_unchanged and new_row and not bool(bad.any()) and self._same_as_previous(slot, target, sums)
+        any_bad, all_same = bool(bad.any()), same
+        if self.consensus is not None:  # one verdict for every process: the same steps everywhere
+            votes = self.consensus(torch.tensor([int(any_bad), int(not same)], dtype=torch.int64))
+            any_bad, all_same = bool(votes[0] > 0), bool(votes[1] == 0)
+        if any_bad:
+            names = [self.specs[i].name for i in torch.nonzero(bad).flatten().tolist()]
+            where = (f"in {len(names)} tensor(s): {', '.join(names[:5])}" + (" ..." if len(names) > 5 else "")
+                     if names else "on another process")
+            raise RelexNonFiniteError(
+                f"non-finite weight delta at step {step} {where}; the step was not recorded (the training run diverged "
+                "or overflowed)"
+            )
+        if self.skip_unchanged and new_row and all_same:
+            self.skipped_unchanged_steps.append(int(step))
+            logger.warning(
+                "relex: the weights did not change at step %d (an optimizer step skipped by the loss scaler, a zero "
+                "learning rate, or a zero gradient: in GRPO, a batch whose groups all had one reward); the step is not "
+                "recorded (%d such step(s) so far)", step, len(self.skipped_unchanged_steps),
+            )
             return
         if self._staging is not None:
             self._stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -570,31 +587,23 @@ class TrajectoryStore:
                     logger.warning("relex: cannot update %s (%s); training goes on, but a crash now would leave "
                                    "stale metadata there", os.path.join(self.directory, META_FILE), describe_failure(e))
 
-    def _unchanged(self, step: int, slot: int, row: torch.Tensor, sums: torch.Tensor) -> bool:
-        """Whether the delta just computed for a new ``step`` equals the previous recorded one exactly (the weights did
-        not move: an optimizer step skipped by a mixed-precision loss scaler still advances ``global_step``). The
-        per-tensor sums decide cheaply; equal sums are confirmed on the whole row when the previous row is in the
-        ring (after a fold or a resume it may not be: then equal sums over every tensor decide). Such a step is not
-        recorded; it is counted in ``skipped_unchanged_steps``."""
+    def _same_as_previous(self, slot: int, row: torch.Tensor, sums: torch.Tensor) -> bool:
+        """Whether the delta just computed for a new step equals the previous recorded one exactly on this process (the
+        weights did not move: an optimizer step skipped by a mixed-precision loss scaler still advances
+        ``global_step``; a zero gradient under Adam's first steps). The per-tensor sums decide cheaply; equal sums are
+        confirmed on the whole row when the previous row is in the ring (after a fold or a resume it may not be: then
+        equal sums over every tensor decide). Such a step is not recorded (when every process agrees) and is counted
+        in ``skipped_unchanged_steps``."""
         prev = self._last_sums if self.steps else torch.zeros_like(sums)
         if prev is not None and not torch.equal(prev, sums):
             return False
         if not self.steps:
-            same = not bool(row.any())  # weights still theta_0
-        elif slot > 0:
+            return not bool(row.any())  # weights still theta_0
+        if slot > 0:
             self.synchronize()
             prev_row = self.M[slot - 1]
-            same = torch.equal(row, prev_row if prev_row.device == row.device else prev_row.to(row.device))
-        else:
-            same = prev is not None
-        if same:
-            self.skipped_unchanged_steps.append(int(step))
-            logger.warning(
-                "relex: the weights did not change at step %d (an optimizer step skipped by the loss scaler, or a "
-                "zero learning rate); the step is not recorded (%d such step(s) so far)", step,
-                len(self.skipped_unchanged_steps),
-            )
-        return same
+            return torch.equal(row, prev_row if prev_row.device == row.device else prev_row.to(row.device))
+        return prev is not None
 
     def synchronize(self):
         if self._event is not None:
@@ -651,7 +660,7 @@ class TrajectoryStore:
         self.synchronize()
         B = self._rows_in_use()
         C = self._left()
-        sigma, U, X, G_B, _ = factor_left(B, C, self.specs, self.fold_rank)
+        sigma, U, X, G_B, _ = factor_left(B, C, self.specs, self.fold_rank, reduce=self.reduce)
         self.folded_sq = self.folded_sq + self._ring_sq(G_B)
         r = self.fold_rank
         out = self.arena
@@ -733,6 +742,7 @@ class TrajectoryStore:
             "specs": self._specs_json,
             "fold_rank": self.fold_rank,
             "folded_steps": list(self.folded_steps),
+            "folds": self.folds,
             "basis_rows": self.basis_rows,
             "run_id": self.run_id,
             "window": dict(self.window),
@@ -943,6 +953,7 @@ class TrajectoryStore:
             store.L, store.folded_sq = f["L"], f["folded_sq"]
             store.folded_steps = list(meta["folded_steps"])
             store.basis_rows = int(meta["basis_rows"])
+            store.folds = int(meta.get("folds") or 1)  # saved since the distributed fold; older metadata: at least 1
         nrows = store.basis_rows + store.num_ring_rows
         entries = meta.get("files")
         if entries is None:  # version 1: one file with the rows in use
@@ -1167,28 +1178,35 @@ def check_disk_space(directory: str, need: dict, *, what_to_change: str = ""):
         )
 
 
+def _join(store, topology):
+    """Tie a store to the other processes of a distributed run: agreed per-step verdicts (the same steps recorded
+    everywhere) and, in the sharded modes, folds through the all-reduced Grams (every process then applies the same
+    rotation to its own slice of the basis: nothing of a tensor's size is ever gathered)."""
+    if topology.is_distributed:
+        store.consensus = topology.sum_ints
+        store.reduce = topology.reduce_grams if topology.sharded else None
+
+
 def open_window(settings, tracked, topology, *, out_dir: str, global_step: int, checkpoints: Sequence[Optional[str]],
                 expected: Optional[dict] = None, model_bytes: int = 0, saves_in_window: bool = True):
     """The store of a window at ``on_train_begin``: a fresh one holding theta_0 at step 0, or, when training resumed
     inside the window, the saved one that fits (see :func:`_load_verified`; ``checkpoints``: the paths the checkpoint
     may be, ``expected``: the record of the resumed trainer state), truncated to ``global_step``. Sizes the ring
     (``relex_callback.fold.plan_slots``), checks the free disk space for what the window will write, and refuses what
-    cannot work (a fold in a distributed run, a resume without a fitting trajectory) before the first step."""
+    cannot work (a resume without a fitting trajectory, a buffer that fits nowhere) before the first step."""
     from .fold import plan_slots
 
     specs = [t.spec for t in tracked]
     device = tracked[0].read().device
     window = len(settings.steps)
+    # every process plans for the largest share (same slots and the same fold steps everywhere: a sharded fold is a
+    # collective, and the recorded steps must agree for the final solve)
+    D = sum(s.local_numel for s in specs)
+    D_plan = topology.max_int(D) if topology.is_distributed else D
     capacity, fold_rank = plan_slots(
-        window, sum(s.local_numel for s in specs), torch.empty((), dtype=settings.torch_dtype).element_size(),
+        window, D_plan, torch.empty((), dtype=settings.torch_dtype).element_size(),
         max_buffer_bytes=settings.max_buffer_bytes, buffer_slots=settings.buffer_slots, fold_rank=settings.fold_rank,
     )
-    if fold_rank is not None and topology.is_distributed:
-        raise RelexInputError(
-            f"the window of {window} snapshots does not fit max_buffer_bytes/buffer_slots on this process, and "
-            "folding is not supported in distributed runs (each process's fold would differ); raise or drop "
-            "max_buffer_bytes or buffer_slots, or raise stride"
-        )
     run_dir = topology.trajectory_dir(os.path.join(out_dir, RUN_TRAJECTORY_DIR))
     info = {"tcut": settings.tcut, "stride": settings.stride, "world": topology.world}
     common = dict(dtype=settings.dtype, storage=settings.storage, device=device, max_bytes=settings.max_buffer_bytes,
@@ -1217,11 +1235,13 @@ def open_window(settings, tracked, topology, *, out_dir: str, global_step: int, 
                     "output_dir, without resume_from_checkpoint)"
                 )
             store.window = info
+            _join(store, topology)
             logger.info("relex: resumed the window from %s (%d steps recorded, run %s)", saved, store.num_rows,
                         store.run_id)
         else:
             store = TrajectoryStore(specs, capacity, directory=run_dir, **common)
             store.window = info
+            _join(store, topology)
             store.set_theta0([t.read() for t in tracked])
             if topology.is_distributed:  # one id for the run: trainer_state.json (process 0's) names it for all
                 store.run_id = topology.broadcast_object(store.run_id)

@@ -215,6 +215,24 @@ class Topology:
             out[rows[n]] += v.to(device="cpu", dtype=torch.float64).reshape(-1)
         return self.reduce_sum(out).cpu()
 
+    def sum_ints(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum a small int64 tensor over processes (one all-reduce; the store's per-step verdicts). CPU result."""
+        if not self.is_distributed:
+            return x
+        dist = _dist()
+        buf = x.to(device=self.comm_device(), dtype=torch.int64).contiguous()
+        dist.all_reduce(buf)
+        return buf.cpu()
+
+    def max_int(self, x: int) -> int:
+        """The largest ``x`` over processes (sizes that every process must plan alike)."""
+        if not self.is_distributed:
+            return int(x)
+        dist = _dist()
+        buf = torch.tensor([int(x)], dtype=torch.int64, device=self.comm_device())
+        dist.all_reduce(buf, op=dist.ReduceOp.MAX)
+        return int(buf.item())
+
     def all_ok(self, ok: bool) -> bool:
         """Barrier that also tells every rank whether every rank succeeded."""
         dist = _dist()

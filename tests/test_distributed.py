@@ -46,7 +46,7 @@ def _env():
     return env
 
 
-def launch(mode: str, out: str, *extra: str, timeout: int = 600):
+def launch(mode: str, out: str, *extra: str, timeout: int = 600, expect_fail: bool = False):
     if mode in ("ddp", "fsdp2"):
         cmd = [os.path.join(BIN, "torchrun"), "--nproc_per_node", "2", "--master_port", _port(), SCRIPT, out]
         if mode == "fsdp2":
@@ -56,14 +56,17 @@ def launch(mode: str, out: str, *extra: str, timeout: int = 600):
         cmd = [os.path.join(BIN, "accelerate"), "launch", "--config_file", cfg, "--main_process_port", _port(), SCRIPT, out]
     cmd += list(extra)
     p = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
+    if expect_fail:
+        assert p.returncode != 0, f"{' '.join(cmd)} succeeded but was expected to fail:\n{p.stdout[-3000:]}"
+        return p
     if p.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}")
     return p
 
 
-def replay(run_dir: str, out_dir: str, exclude=None, horizons=HORIZONS):
-    """The single-process engine over the exact trajectory the distributed run followed. Excluded (untracked)
-    tensors are written as they were at ``tcut``."""
+def replay(run_dir: str, out_dir: str, exclude=None, horizons=HORIZONS, tcut=TCUT, slots=None, fold_rank=None):
+    """The single-process engine over the exact trajectory the distributed run followed (``slots`` ring slots and
+    ``fold_rank``: the same folded buffer). Excluded (untracked) tensors are written as they were at ``tcut``."""
     import re
 
     from relex_callback.buffer import TrajectoryStore
@@ -75,7 +78,7 @@ def replay(run_dir: str, out_dir: str, exclude=None, horizons=HORIZONS):
 
     rec = torch.load(os.path.join(run_dir, "trajectory.pt"))
     names, snaps = rec["names"], rec["snaps"]
-    assert set(range(TCUT + 1)) <= set(snaps)
+    assert set(range(tcut + 1)) <= set(snaps)
     tok = build_tokenizer()
     model = build_model(tok, hidden_size=32, layers=1, heads=2, kv_heads=1, seed=0)
     params = dict(model.named_parameters())
@@ -85,13 +88,13 @@ def replay(run_dir: str, out_dir: str, exclude=None, horizons=HORIZONS):
         for n in names:
             params[n].copy_(snaps[0][n])
         for n in untracked:
-            params[n].copy_(snaps[TCUT][n])
+            params[n].copy_(snaps[tcut][n])
     tracked = plain_tracked([(n, params[n]) for n in names])
-    store = TrajectoryStore([t.spec for t in tracked], TCUT, dtype="float32", storage="host")
+    store = TrajectoryStore([t.spec for t in tracked], slots or tcut, dtype="float32", storage="host", fold_rank=fold_rank)
     store.set_theta0([snaps[0][n].reshape(-1) for n in names])
-    for t in range(1, TCUT + 1):
+    for t in range(1, tcut + 1):
         store.snapshot(t, [snaps[t][n].reshape(-1) for n in names])
-    finalize(store, FullModelWriter(ModelSource(model, tok)), tcut=TCUT, horizons=horizons, out_dir=out_dir)
+    finalize(store, FullModelWriter(ModelSource(model, tok)), tcut=tcut, horizons=horizons, out_dir=out_dir)
     return snaps
 
 

@@ -44,9 +44,14 @@ def ones_reward(completions, **kwargs):
     return [float(str(c).count("1")) + 0.1 * len(str(c)) for c in completions]
 
 
+RECORD_PARTITIONS = "--record-partitions" in sys.argv
+
+
 def full_params(model, names):
     """Full copies of the named parameters (gathers under ZeRO-3 / FSDP2: test code only)."""
     params = dict(model.named_parameters())
+    if RECORD_PARTITIONS:
+        return gather_partitions(model, names)
     sel = [params[n] for n in names]
     if any(hasattr(p, "ds_tensor") for p in sel):
         import deepspeed
@@ -77,6 +82,43 @@ class Recorder(TrainerCallback):
             self.snaps[state.global_step] = full_params(model, self.names)
 
 
+class Corrupt(TrainerCallback):
+    """Fault injection on ONE process (``rank``, ZeRO-3), right after the optimizer step ``step``: ``freeze`` puts
+    back that process's partition ``ds_tensor`` of every parameter as it was before the step (a slice that did not
+    move); ``nan`` writes a NaN into its partition of the first parameter whose name contains ``target``. The
+    partitions are what ZeRO-3 gathers the parameters from; the test records them (``--record-partitions``)."""
+
+    def __init__(self, rank, step, kind, target):
+        self.rank, self.step, self.kind, self.target, self.saved = rank, step, kind, target, None
+
+    def on_step_begin(self, args, state, control, model=None, **kw):
+        if self.kind == "freeze" and state.global_step + 1 == self.step and dist.get_rank() == self.rank:
+            self.saved = {n: p.ds_tensor.detach().clone() for n, p in model.named_parameters()}
+
+    def on_optimizer_step(self, args, state, control, model=None, **kw):
+        if state.global_step + 1 != self.step or dist.get_rank() != self.rank:
+            return
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if self.kind == "freeze":
+                    p.ds_tensor.copy_(self.saved[n])
+                elif self.target in n:
+                    p.ds_tensor.view(-1)[0] = float("nan")
+                    break
+
+
+def gather_partitions(model, names):
+    """Full parameters assembled from every process's ZeRO-3 partition ``ds_tensor`` (all_gather, test code only)."""
+    params = dict(model.named_parameters())
+    out = {}
+    for n in names:
+        p = params[n]
+        parts = [torch.empty_like(p.ds_tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, p.ds_tensor.detach().contiguous())
+        out[n] = torch.cat([x.reshape(-1) for x in parts])[: int(p.ds_numel)].reshape(tuple(p.ds_shape)).cpu().clone()
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
@@ -92,6 +134,13 @@ def main():
     ap.add_argument("--fail-write-rank", type=int, default=None,
                     help="this process's writes of checkpoint shards fail with ENOSPC (fault injection)")
     ap.add_argument("--eval", action="store_true", help="an eval set; the callback scores the horizons")
+    ap.add_argument("--buffer-slots", type=int, default=None, help="ring slots (below the window: the buffer folds)")
+    ap.add_argument("--fold-rank", type=int, default=None)
+    ap.add_argument("--storage", default="host")
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--corrupt", default=None, help="RANK:STEP:freeze|nan[:NAME] fault injection (see Corrupt)")
+    ap.add_argument("--on-nonfinite", default="error")
+    ap.add_argument("--record-partitions", action="store_true", help="record ZeRO-3 partitions (see Corrupt)")
     a = ap.parse_args()
     rank_env = int(os.environ.get("RANK", "0"))
     if a.fail_write_rank is not None and rank_env == a.fail_write_rank:
@@ -125,7 +174,7 @@ def main():
         per_device_train_batch_size=4,
         num_generations=4 if world == 1 else 2 * world,
         max_completion_length=4,
-        learning_rate=3e-3,
+        learning_rate=a.lr,
         lr_scheduler_type="constant",
         max_steps=a.max_steps or 100,
         logging_steps=1,
@@ -140,12 +189,17 @@ def main():
         temperature=1.0,
         per_device_eval_batch_size=4 if world == 1 else 2,
     )
-    relex = RelexCallback(tcut=a.tcut, horizons=a.horizons, dtype="float32", storage="host",
+    relex = RelexCallback(tcut=a.tcut, horizons=a.horizons, dtype="float32", storage=a.storage,
+                          buffer_slots=a.buffer_slots, fold_rank=a.fold_rank, on_nonfinite=a.on_nonfinite,
                           output_dir=os.path.join(a.out, "relex"), exclude=[a.exclude] if a.exclude else None,
                           stop_training=not a.validate, evaluate_horizons=a.eval)
     rec = Recorder(a.max_steps if a.validate else a.tcut)
+    extra_callbacks = []
+    if a.corrupt:
+        r, st, kind, *name = a.corrupt.split(":")
+        extra_callbacks.append(Corrupt(int(r), int(st), kind, name[0] if name else "q_proj"))
     trainer = GRPOTrainer(model=model, reward_funcs=ones_reward, args=args, train_dataset=ds, processing_class=tok,
-                          callbacks=[relex, rec], eval_dataset=Dataset.from_list(arithmetic_problems(8, seed=2)) if a.eval else None)
+                          callbacks=[relex, rec, *extra_callbacks], eval_dataset=Dataset.from_list(arithmetic_problems(8, seed=2)) if a.eval else None)
     evaluated = []
     if a.eval:
         real_evaluate = trainer.evaluate
@@ -163,7 +217,7 @@ def main():
     try:
         trainer.train(resume_from_checkpoint=True if a.resume else None)
     except Exception as e:
-        if a.fail_write_rank is None:
+        if a.fail_write_rank is None and not a.corrupt:
             raise
         rank = dist.get_rank() if dist.is_initialized() else 0
         with open(os.path.join(a.out, f"rank-{rank}.json"), "w") as f:
@@ -190,6 +244,10 @@ def main():
         "horizon_eval": report.get("horizon_eval"),
         "best_horizon": report.get("best_horizon"),
         "train_seconds": wall,
+        "steps": report.get("steps"),
+        "folds": report.get("folds"),
+        "fold_rank": report.get("fold_rank"),
+        "skipped_unchanged_steps": report.get("skipped_unchanged_steps"),
     }
     with open(os.path.join(a.out, f"rank-{rank}.json"), "w") as f:
         json.dump(info, f, indent=1)

@@ -1,0 +1,118 @@
+"""The streaming fold in distributed runs (2 real processes over gloo): DDP folds each process's whole tensors, ZeRO-3
+folds each process's slices through the all-reduced Grams. A run whose ring holds 3 of the window's 8 snapshots
+(fold_rank 2: two folds) must write the horizons a single-process folded replay of the same trajectory writes (1e-5);
+the buffer bytes per process do not grow with tcut; a folded window resumes (ZeRO-3, stopped after its first fold).
+"""
+
+import os
+
+import pytest
+import torch
+
+from test_distributed import EXCLUDE, check_matches_single, launch, rank_info, replay
+
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
+SLOTS, FOLD_RANK = 3, 2
+
+
+def fold_args(tcut, horizons, exclude):
+    return ["--tcut", str(tcut), "--horizons", ",".join(map(str, horizons)), "--buffer-slots", str(SLOTS),
+            "--fold-rank", str(FOLD_RANK), *(["--exclude", exclude] if exclude else [])]
+
+
+def check_folded_ranks(run_dir, tcut):
+    info = rank_info(run_dir)
+    folds = (tcut - 1) // SLOTS  # a fold whenever a new step finds the ring full
+    for i in info:
+        assert i["fold_rank"] == FOLD_RANK and i["folds"] == folds, i
+        assert i["steps"] == list(range(1, tcut + 1)), i  # the same steps on every process
+        assert i["buffer_bytes"] == (SLOTS + FOLD_RANK) * i["tracked_elements_this_rank"] * 4, i
+    return info
+
+
+@pytest.fixture(scope="module")
+def folded_runs(tmp_path_factory):
+    cache = {}
+
+    def get(mode, tcut=8, horizons=(16, 24)):
+        key = (mode, tcut)
+        if key not in cache:
+            d = str(tmp_path_factory.mktemp(f"fold-{mode}-{tcut}"))
+            ex = EXCLUDE.get(mode)
+            launch(mode, d, *fold_args(tcut, horizons, ex))
+            ref = os.path.join(d, "single")
+            snaps = replay(d, ref, exclude=ex, horizons=horizons, tcut=tcut, slots=SLOTS, fold_rank=FOLD_RANK)
+            cache[key] = (d, ref, snaps)
+        return cache[key]
+
+    return get
+
+
+@pytest.mark.parametrize("mode", ["ddp", "zero3"])
+def test_folded_run_equals_single_process_folded_replay(folded_runs, mode, tmp_path):
+    run_dir, ref_dir, snaps = folded_runs(mode)
+    check_folded_ranks(run_dir, 8)
+    check_matches_single(run_dir, ref_dir, snaps, horizons=(16, 24))
+    # the fold is not the exact path in disguise: the exact replay of the same trajectory differs
+    exact = str(tmp_path / "exact")
+    replay(run_dir, exact, exclude=EXCLUDE.get(mode), horizons=(16,), tcut=8)
+    from test_distributed import load_sd
+
+    got, _ = load_sd(os.path.join(run_dir, "relex", "step-16"))
+    want, _ = load_sd(os.path.join(exact, "step-16"))
+    assert max(float((got[k] - want[k]).abs().max()) for k in want) > 1e-5
+
+
+def test_zero3_folded_resume_and_flat_buffer(folded_runs, tmp_path):
+    """ZeRO-3, tcut 12 with the same 3 slots: stopped at step 5 (one fold done, two steps in the ring, checkpoint-5
+    holds each process's basis and ring), resumed to tcut. Equals the folded replay of the whole trajectory, and each
+    process's buffer is the same size as at tcut 8."""
+    d = str(tmp_path)
+    ex = EXCLUDE["zero3"]
+    args = fold_args(12, (24,), ex)
+    launch("zero3", d, *args, "--max-steps", "5", "--save-steps", "5")
+    for r in range(2):
+        assert os.path.isfile(os.path.join(d, "checkpoint-5", "relex_trajectory", f"rank-{r}", "fold.safetensors"))
+    first = torch.load(os.path.join(d, "trajectory.pt"))
+    os.remove(os.path.join(d, "trajectory.pt"))
+    launch("zero3", d, *args, "--resume")
+    rec = torch.load(os.path.join(d, "trajectory.pt"))
+    snaps = dict(rec["snaps"])
+    for t in range(0, 6):
+        snaps[t] = first["snaps"][t]
+    torch.save({"names": rec["names"], "snaps": snaps}, os.path.join(d, "trajectory.pt"))
+    ref = os.path.join(d, "single")
+    replay(d, ref, exclude=ex, horizons=(24,), tcut=12, slots=SLOTS, fold_rank=FOLD_RANK)
+    check_matches_single(d, ref, snaps, horizons=(24,))
+    info12 = check_folded_ranks(d, 12)
+    info8 = rank_info(folded_runs("zero3")[0])
+    assert [i["buffer_bytes"] for i in info12] == [i["buffer_bytes"] for i in info8]
+
+
+# ------------------------------------------------------------------------ one verdict per step for every process
+def test_zero3_a_slice_that_did_not_move_is_still_recorded_on_every_process(tmp_path):
+    """Process 1's slice of every parameter is put back after step 2's update (it did not move) while process 0's
+    moved: alone, process 1 would skip step 2 as unchanged and the processes' Grams would no longer line up. Every
+    process records the same steps, and the horizons equal the replay of the trajectory the weights really took."""
+    d = str(tmp_path)
+    ex = EXCLUDE["zero3"]
+    launch("zero3", d, "--exclude", ex, "--corrupt", "1:2:freeze", "--record-partitions")
+    info = rank_info(d)
+    assert [i["steps"] for i in info] == [list(range(1, 7))] * 2
+    assert [i["skipped_unchanged_steps"] for i in info] == [[], []]
+    ref = os.path.join(d, "single")
+    snaps = replay(d, ref, exclude=ex)
+    check_matches_single(d, ref, snaps)
+
+
+def test_zero3_a_nan_on_one_process_stops_every_process(tmp_path):
+    """A NaN in process 1's slice at step 3: both processes raise RelexNonFiniteError at step 3 (process 0 says it
+    was found on another process) instead of process 0 going on into a collective process 1 never joins."""
+    d = str(tmp_path)
+    p = launch("zero3", d, "--exclude", EXCLUDE["zero3"], "--corrupt", "1:3:nan:q_proj", expect_fail=True)
+    errs = rank_info(d)
+    assert [e["error"] for e in errs] == ["RelexNonFiniteError"] * 2, (errs, p.stderr[-3000:])
+    assert "at step 3 on another process" in errs[0]["message"]
+    assert "at step 3 in 1 tensor(s)" in errs[1]["message"] and "q_proj" in errs[1]["message"]
+    assert not os.path.exists(os.path.join(d, "relex", "step-12"))
