@@ -39,7 +39,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import torch
 
 from .config import dtype_name, torch_dtype
-from .errors import RelexInputError, RelexMemoryError, RelexNonFiniteError
+from .errors import RelexError, RelexInputError, RelexMemoryError, RelexNonFiniteError
 from .fs import atomic_file, describe_failure, write_failure, write_json
 from .params import TensorSpec
 
@@ -921,6 +921,7 @@ class TrajectoryStore:
         check_finite=True,
         fold_rank=None,
         window: Optional[dict] = None,
+        adopt_shape: bool = False,
     ) -> "TrajectoryStore":
         """Rebuild a store from ``save(directory)``; the specs (and ``window``, when given) must match the saved ones.
         With a ``run_directory`` other than ``directory``, the saved files are hard-linked into it, so that later
@@ -930,6 +931,8 @@ class TrajectoryStore:
         meta = cls.read_meta(directory)
         cls.check_compatible(meta, directory, specs, dtype, window)
         saved_fold = meta.get("fold_rank")
+        if adopt_shape:  # a planned buffer (storage="auto") resumes with the shape it was saved with
+            capacity, fold_rank = int(meta["K"]), saved_fold
         if meta.get("folded_steps") and (fold_rank != saved_fold or capacity != meta["K"]):
             raise RelexInputError(
                 f"the trajectory in {directory} was folded with fold_rank={saved_fold} and {meta['K']} slots; resume "
@@ -1178,6 +1181,30 @@ def check_disk_space(directory: str, need: dict, *, what_to_change: str = ""):
         )
 
 
+def _together(topology, what: str, fn, write_failures: Optional[str] = None):
+    """``fn()`` on every process of the run; when it fails on any process, every process raises (its own error, or
+    one naming the step another process failed at), so none goes on into a collective that the failed one never
+    joins (it would wait there for the collective timeout: 30 minutes). ``write_failures``: a directory; an OS error
+    writing there becomes a RelexMemoryError that says to free space."""
+    err, out = None, None
+    try:
+        out = fn()
+    except Exception as e:
+        err = e
+        if write_failures is not None and write_failure(e):
+            err = RelexMemoryError(f"cannot write the trajectory to {write_failures}: {describe_failure(e)}; free disk "
+                                   "space there or choose another output_dir")
+    ok = topology.all_ok(err is None) if topology.is_distributed else err is None
+    if ok:
+        return out
+    if out is not None and hasattr(out, "discard_files"):
+        out.discard_files()
+    if err is not None:
+        raise err
+    raise RelexMemoryError(f"relex: another process failed while {what} (its error says why); this process stops "
+                           "too, before the first step")
+
+
 def _join(store, topology):
     """Tie a store to the other processes of a distributed run: agreed per-step verdicts (the same steps recorded
     everywhere) and, in the sharded modes, folds through the all-reduced Grams (every process then applies the same
@@ -1188,11 +1215,15 @@ def _join(store, topology):
 
 
 def open_window(settings, tracked, topology, *, out_dir: str, global_step: int, checkpoints: Sequence[Optional[str]],
-                expected: Optional[dict] = None, model_bytes: int = 0, saves_in_window: bool = True):
+                expected: Optional[dict] = None, model_bytes: int = 0, saves_in_window: bool = True,
+                trainer_args=None):
     """The store of a window at ``on_train_begin``: a fresh one holding theta_0 at step 0, or, when training resumed
     inside the window, the saved one that fits (see :func:`_load_verified`; ``checkpoints``: the paths the checkpoint
-    may be, ``expected``: the record of the resumed trainer state), truncated to ``global_step``. Sizes the ring
-    (``relex_callback.fold.plan_slots``), checks the free disk space for what the window will write, and refuses what
+    may be, ``expected``: the record of the resumed trainer state), truncated to ``global_step``. Sizes the ring:
+    with ``storage="auto"`` (and no ``buffer_slots``) by the memory plan (:func:`relex_callback.plan.plan_for_run`,
+    logged on process 0; ``trainer_args`` tells it about a colocated vLLM engine), which folds when the exact window
+    fits no tier, else by ``relex_callback.fold.plan_slots``; a resumed planned window keeps the buffer shape it was
+    saved with. Checks the free disk space for what the window will write, and refuses what
     cannot work (a resume without a fitting trajectory, a buffer that fits nowhere) before the first step."""
     from .fold import plan_slots
 
@@ -1203,19 +1234,36 @@ def open_window(settings, tracked, topology, *, out_dir: str, global_step: int, 
     # collective, and the recorded steps must agree for the final solve)
     D = sum(s.local_numel for s in specs)
     D_plan = topology.max_int(D) if topology.is_distributed else D
-    capacity, fold_rank = plan_slots(
-        window, D_plan, torch.empty((), dtype=settings.torch_dtype).element_size(),
-        max_buffer_bytes=settings.max_buffer_bytes, buffer_slots=settings.buffer_slots, fold_rank=settings.fold_rank,
-    )
+    storage, planned = settings.storage, settings.storage == "auto" and settings.buffer_slots is None
+    if planned:  # the memory plan decides tier and slots: folds (and says so) when the exact window fits nowhere
+        from .plan import plan_for_run
+
+        plan = plan_for_run(settings, specs, topology, trainer_args, elements=D_plan, device=device, out_dir=out_dir)
+        if topology.process_rank == 0:
+            logger.info("%s", plan.format())
+
+        def check_plan():
+            if plan.tier is None:
+                raise RelexMemoryError(f"relex: no memory tier can hold the window: {plan.reason}\n{plan.format()}")
+
+        _together(topology, "planning its trajectory buffer", check_plan)
+        storage, capacity, fold_rank = plan.tier, plan.slots, (settings.fold_rank if plan.folded else None)
+        if plan.folded:
+            logger.warning("relex: the exact window (%d rows) fits no memory tier; folding it: %s", window, plan.reason)
+    else:
+        capacity, fold_rank = plan_slots(
+            window, D_plan, torch.empty((), dtype=settings.torch_dtype).element_size(),
+            max_buffer_bytes=settings.max_buffer_bytes, buffer_slots=settings.buffer_slots, fold_rank=settings.fold_rank,
+        )
     run_dir = topology.trajectory_dir(os.path.join(out_dir, RUN_TRAJECTORY_DIR))
     info = {"tcut": settings.tcut, "stride": settings.stride, "world": topology.world}
-    common = dict(dtype=settings.dtype, storage=settings.storage, device=device, max_bytes=settings.max_buffer_bytes,
+    common = dict(dtype=settings.dtype, storage=storage, device=device, max_bytes=settings.max_buffer_bytes,
                   fold_rank=fold_rank)
     try:
         if global_step > 0:
             store, saved, notes, found = _load_verified(
                 checkpoints, expected, topology, tracked, global_step,
-                dict(specs=specs, capacity=capacity, run_directory=run_dir, window=info, **common))
+                dict(specs=specs, capacity=capacity, run_directory=run_dir, window=info, adopt_shape=planned, **common))
             ok = topology.all_ok(store is not None) if topology.is_distributed else store is not None
             if not ok:
                 if store is not None:
@@ -1239,29 +1287,39 @@ def open_window(settings, tracked, topology, *, out_dir: str, global_step: int, 
             logger.info("relex: resumed the window from %s (%d steps recorded, run %s)", saved, store.num_rows,
                         store.run_id)
         else:
-            store = TrajectoryStore(specs, capacity, directory=run_dir, **common)
-            store.window = info
+            def fresh():
+                st = TrajectoryStore(specs, capacity, directory=run_dir, **common)
+                try:
+                    st.window = info
+                    st.set_theta0([t.read() for t in tracked])
+                except Exception:
+                    st.discard_files()
+                    raise
+                return st
+
+            store = _together(topology, f"allocating its trajectory buffer in {run_dir}", fresh, write_failures=run_dir)
             _join(store, topology)
-            store.set_theta0([t.read() for t in tracked])
             if topology.is_distributed:  # one id for the run: trainer_state.json (process 0's) names it for all
                 store.run_id = topology.broadcast_object(store.run_id)
                 if store.storage == "disk":
-                    store._write_meta(store.directory)
+                    _together(topology, f"writing its trajectory metadata in {run_dir}",
+                              lambda: store._write_meta(store.directory), write_failures=run_dir)
     except Exception as e:
         if not write_failure(e):
             raise
         raise RelexMemoryError(f"cannot write the trajectory to {run_dir}: {describe_failure(e)}; free disk space there "
                                "or choose another output_dir") from None
     try:
-        check_disk_space(out_dir, disk_needs(store, settings, model_bytes=model_bytes, saves_in_window=saves_in_window,
-                                             writes_outputs=topology.process_rank == 0 or topology.sharded),
-                         what_to_change=", fewer horizons, or storage='host'" if store.storage == "disk" else ", or fewer horizons")
-    except RelexMemoryError:
+        _together(topology, "checking the free disk space for the RELEX outputs", lambda: check_disk_space(
+            out_dir, disk_needs(store, settings, model_bytes=model_bytes, saves_in_window=saves_in_window,
+                                writes_outputs=topology.process_rank == 0 or topology.sharded),
+            what_to_change=", fewer horizons, or storage='host'" if store.storage == "disk" else ", or fewer horizons"))
+    except RelexError:
         store.discard_files()
         raise
     logger.info(
         "relex: tracking %d tensors (%d elements), %d snapshot slots%s, %.1f MiB buffer on %s",
-        len(specs), store.D, capacity, f" + {fold_rank} fold rows (window of {window} folded)" if fold_rank else "",
+        len(specs), store.D, store.K, f" + {store.fold_rank} fold rows (window of {window} folded)" if store.fold_rank else "",
         store.buffer_bytes / 2**20, store.storage,
     )
     return store

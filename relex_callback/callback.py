@@ -326,6 +326,7 @@ class RelexCallback(TrainerCallback, ExportableState):
                 s, self.tracked, self.topology, out_dir=out_dir, global_step=state.global_step, checkpoints=checkpoints,
                 expected=record, model_bytes=_horizon_bytes(model, self.tracked, s.merge_lora),
                 saves_in_window=str(getattr(args, "save_strategy", "steps")) not in ("no", "SaveStrategy.NO"),
+                trainer_args=args,
             )
         except BaseException:
             self._release()

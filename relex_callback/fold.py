@@ -17,6 +17,14 @@ A fold is that same computation with ``rank = r``: ``L_new = U S`` and ``W_new^T
 into the basis rows in place by the reference projection, chunk by chunk (each chunk's product is computed in full
 before its basis columns are overwritten). Nothing ``n x n`` is formed; two passes over ``r + K`` rows per fold.
 With no fold (``K`` at least the window) the store never allocates basis rows and the solve is the plain, exact path.
+
+Distributed runs: every process plans its slots for the largest process's share (``buffer.open_window``), so all fold
+at the same steps, and the per-step verdicts (non-finite, unchanged) are agreed (``TrajectoryStore.consensus``), so
+all record the same steps. DDP / ZeRO-1/2 processes hold whole tensors: each folds its own, no collective. ZeRO-3 /
+FSDP2 processes hold a slice of every tensor: the fold's ``[S, R, R]`` Grams of ``B`` are summed over processes with
+one all-reduce (``TrajectoryStore.reduce``, the same one the final solve uses), so ``U``, ``S`` and ``X`` are the
+whole tensors' and identical everywhere, and each process writes ``W^T = X^T B`` for its own columns: the basis is
+sliced exactly like the parameters, and nothing of a tensor's size is ever gathered.
 """
 
 from __future__ import annotations

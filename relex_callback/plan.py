@@ -415,9 +415,6 @@ def plan_memory(
             tier, slots = None, 0
             reason = (f"{storage} ({f(t.budget)} per process) holds neither {exact_txt} nor {fold_rank}+1 folded rows "
                       f"({f((fold_rank + 1) * row)}); choose another storage")
-    if folded and world_size > 1:
-        notes.append("folding in a distributed run needs the distributed fold (issue 13, part 1); until then "
-                     "open_window refuses it")
     return MemoryPlan(
         label=label, mode=mode, world_size=world_size, local_world_size=local, window=window, dtype=dt,
         param_dtype=pdt, fold_rank=fold_rank, elements_total=total, elements=D, row_bytes=row, exact_bytes=exact,
@@ -482,7 +479,7 @@ def _local_world_size(world: int) -> int:
 
 
 def plan_for_run(settings, specs, topology, trainer_args=None, *, elements: Optional[int] = None, device=None,
-                 local_world_size: Optional[int] = None, label: str = "") -> MemoryPlan:
+                 local_world_size: Optional[int] = None, label: str = "", out_dir: Optional[str] = None) -> MemoryPlan:
     """The plan of a live run at ``on_train_begin``, before the store is allocated: what ``storage="auto"`` should
     pick, and how many ring slots.
 
@@ -504,6 +501,7 @@ def plan_for_run(settings, specs, topology, trainer_args=None, *, elements: Opti
         device (`torch.device`, *optional*): the parameters' device (default: CUDA's current device when CUDA is
             available, else the CPU).
         local_world_size (`int`, *optional*): processes per node (default ``LOCAL_WORLD_SIZE``).
+        out_dir (`str`, *optional*): where the disk tier would live (default ``settings.output_dir``).
 
     Returns:
         :class:`MemoryPlan` (``.tier``, ``.slots``, ``.folded``, ``.format()`` for the log).
@@ -531,7 +529,7 @@ def plan_for_run(settings, specs, topology, trainer_args=None, *, elements: Opti
     asleep = bool(getattr(a, "vllm_enable_sleep_mode", False))
     dtypes = {s.dtype for s in specs}
     pdt = str(dtypes.pop() if len(dtypes) == 1 else torch.float32).replace("torch.", "")
-    out = getattr(settings, "output_dir", None)
+    out = out_dir or getattr(settings, "output_dir", None)
     disk = available_disk_bytes(out) if out else None
     # host: what is available now on the node, as if the node's processes had not allocated yet (each process plans
     # before allocating); pinned memory is not swappable, so only a fraction of it is offered

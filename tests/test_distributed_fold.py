@@ -116,3 +116,39 @@ def test_zero3_a_nan_on_one_process_stops_every_process(tmp_path):
     assert "at step 3 on another process" in errs[0]["message"]
     assert "at step 3 in 1 tensor(s)" in errs[1]["message"] and "q_proj" in errs[1]["message"]
     assert not os.path.exists(os.path.join(d, "relex", "step-12"))
+
+
+# ------------------------------------------------------------------------ the disk tier on a full disk
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_ddp_disk_tier_that_fits_only_one_process_stops_both_before_step_1(tmp_path):
+    """storage="disk" with the relex output_dir on a real tmpfs that holds one process's trajectory file but not
+    both: the process whose allocation fails raises RelexMemoryError naming the disk, the other raises too (instead
+    of waiting in the next collective for 30 minutes), neither trains a step, and no trajectory file is left."""
+    import subprocess
+
+    from relex_callback.topology import balance
+    from relex_callback.toy import build_model, build_tokenizer
+
+    model = build_model(build_tokenizer(), hidden_size=32, layers=1, heads=2, kv_heads=1, seed=0)
+    sizes = [p.numel() for p in model.parameters() if p.requires_grad]
+    owner = balance(sizes, 2)
+    need = sorted((6 + 1) * 4 * sum(n for n, o in zip(sizes, owner) if o == r) for r in range(2))  # rows + theta_0
+    relex = tmp_path / "relex"
+    relex.mkdir()
+    kib = (need[1] + need[0] // 2) // 1024
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(relex)], capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    try:
+        p = launch("ddp", str(tmp_path), "--storage", "disk", "--catch", expect_fail=True, timeout=300)
+        errs = rank_info(str(tmp_path))
+        assert [e["error"] for e in errs] == ["RelexMemoryError"] * 2, (errs, p.stderr[-3000:])
+        msgs = [e["message"] for e in errs]
+        print(msgs)
+        assert sum("another process failed" in m for m in msgs) == 1  # the other one's allocation succeeded
+        assert any("free disk space" in m or "file system has" in m or "the disk has" in m for m in msgs), msgs
+        left = [os.path.join(d, f) for d, _, fs in os.walk(relex) for f in fs if f.endswith(".bin")]
+        assert not left, left
+        assert [e["global_step"] for e in errs] == [0, 0]  # refused before the first step
+    finally:
+        subprocess.run(["umount", "-l", str(relex)], capture_output=True)

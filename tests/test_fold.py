@@ -174,9 +174,12 @@ def test_truncate_before_a_fold_is_refused():
 
 # ------------------------------------------------------------------------------------------ real GRPO run
 @pytest.mark.slow
-def test_grpo_callback_folded_matches_exact(tmp_path, tokenizer):
+def test_grpo_callback_folded_matches_exact(tmp_path, tokenizer, caplog):
     """One tiny GRPOTrainer run with two callbacks on the same trajectory: the exact one (whole window in memory)
-    and a folded one (3 slots + 4 fold rows, bf16). Their step-H checkpoints agree."""
+    and a folded one (3 slots + 4 fold rows, bf16: storage="auto" under a max_buffer_bytes the exact window exceeds,
+    so the memory plan folds and says so). Their step-H checkpoints agree."""
+    import logging
+
     from datasets import Dataset
     from safetensors.torch import load_file
     from trl import GRPOConfig, GRPOTrainer
@@ -201,7 +204,13 @@ def test_grpo_callback_folded_matches_exact(tmp_path, tokenizer):
     )
     trainer = GRPOTrainer(model=model, reward_funcs=digit_reward, args=args, train_dataset=ds,
                           processing_class=tokenizer, callbacks=[exact_cb, folded_cb])
-    trainer.train()
+    with caplog.at_level(logging.INFO, logger="relex_callback"):
+        trainer.train()
+    plans = [r.getMessage() for r in caplog.records if r.getMessage().startswith("relex memory plan")]
+    assert len(plans) == 2  # one block per callback, at on_train_begin
+    assert any("auto     -> host: the exact window (12 rows" in p and "fits no tier; folded on host: 4 basis + 3 ring rows"
+               in p for p in plans), plans
+    assert any("fits no memory tier; folding it" in r.getMessage() for r in caplog.records)
     assert trainer.state.global_step == tcut
     assert folded_cb.report["buffer_bytes"] == 7 * D * 2 and folded_cb.report["folds"] >= 2
     assert exact_cb.report["folds"] == 0

@@ -111,7 +111,7 @@ def test_plan_arithmetic_of_the_8b_run(counted):
     assert (p.tier, p.folded, p.slots, p.rows) == ("host", True, K, 8 + K)
     assert p.buffer_bytes == (8 + K) * 2 * D and p.node(p.buffer_bytes) == 8 * (8 + K) * 2 * D
     assert "fits no tier" in p.reason and "folded on host" in p.reason
-    assert any("issue 13, part 1" in n for n in p.notes)
+    assert not any("distributed" in n for n in p.notes)  # the distributed fold is in: no caveat
     text = p.format()
     assert "1.64 TB per node" in text and f"K={K}" in text
     json.dumps(p.to_dict())

@@ -141,6 +141,10 @@ def main():
     ap.add_argument("--corrupt", default=None, help="RANK:STEP:freeze|nan[:NAME] fault injection (see Corrupt)")
     ap.add_argument("--on-nonfinite", default="error")
     ap.add_argument("--record-partitions", action="store_true", help="record ZeRO-3 partitions (see Corrupt)")
+    ap.add_argument("--record-until", type=int, default=None, help="record full parameters up to this step (default: "
+                    "tcut, or --max-steps with --validate; 0: only the start)")
+    ap.add_argument("--hidden-layers", type=int, default=1)
+    ap.add_argument("--catch", action="store_true", help="an exception is written to rank-<r>.json (exit code 3)")
     a = ap.parse_args()
     rank_env = int(os.environ.get("RANK", "0"))
     if a.fail_write_rank is not None and rank_env == a.fail_write_rank:
@@ -158,7 +162,7 @@ def main():
         checkpoints.write_safetensors = full_disk
 
     tok = build_tokenizer()
-    model = build_model(tok, hidden_size=a.hidden, layers=1, heads=2, kv_heads=1, seed=0)
+    model = build_model(tok, hidden_size=a.hidden, layers=a.hidden_layers, heads=2, kv_heads=1, seed=0)
     if a.fsdp2:
         from torch.distributed.fsdp import fully_shard
 
@@ -193,7 +197,7 @@ def main():
                           buffer_slots=a.buffer_slots, fold_rank=a.fold_rank, on_nonfinite=a.on_nonfinite,
                           output_dir=os.path.join(a.out, "relex"), exclude=[a.exclude] if a.exclude else None,
                           stop_training=not a.validate, evaluate_horizons=a.eval)
-    rec = Recorder(a.max_steps if a.validate else a.tcut)
+    rec = Recorder(a.record_until if a.record_until is not None else (a.max_steps if a.validate else a.tcut))
     extra_callbacks = []
     if a.corrupt:
         r, st, kind, *name = a.corrupt.split(":")
@@ -217,11 +221,12 @@ def main():
     try:
         trainer.train(resume_from_checkpoint=True if a.resume else None)
     except Exception as e:
-        if a.fail_write_rank is None and not a.corrupt:
+        if a.fail_write_rank is None and not a.corrupt and not a.catch:
             raise
         rank = dist.get_rank() if dist.is_initialized() else 0
         with open(os.path.join(a.out, f"rank-{rank}.json"), "w") as f:
-            json.dump({"rank": rank, "error": type(e).__name__, "message": str(e)}, f)
+            json.dump({"rank": rank, "error": type(e).__name__, "message": str(e),
+                       "global_step": trainer.state.global_step}, f)
         return 3
     wall = time.perf_counter() - t0
     rank = dist.get_rank() if dist.is_initialized() else 0
