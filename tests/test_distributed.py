@@ -188,16 +188,20 @@ def test_each_rank_keeps_its_share(runs, mode):
         assert abs(b - total_bytes / 2) <= 0.1 * total_bytes, (per_rank, total_bytes)
 
 
-def test_resume_distributed(tmp_path):
+@pytest.mark.parametrize("storage", ["host", "disk"])
+def test_resume_distributed(tmp_path, storage):
     """DDP run stopped at step 4 (checkpoint at 4 with every rank's trajectory share), resumed to tcut: the result
-    equals the replay of the whole trajectory."""
+    equals the replay of the whole trajectory. With the disk tier each process's memory-mapped file lives in its own
+    run directory (relex/trajectory/rank-r) and the checkpoint links it."""
     d = str(tmp_path)
-    launch("ddp", d, "--max-steps", "4", "--save-steps", "4")
+    launch("ddp", d, "--max-steps", "4", "--save-steps", "4", "--storage", storage)
     for r in range(2):
         assert os.path.isfile(os.path.join(d, "checkpoint-4", "relex_trajectory", f"rank-{r}", "trajectory.json"))
+        if storage == "disk":
+            assert os.path.isfile(os.path.join(d, "relex", "trajectory", f"rank-{r}", "trajectory.bin"))
     first = torch.load(os.path.join(d, "trajectory.pt"))
     os.remove(os.path.join(d, "trajectory.pt"))
-    launch("ddp", d, "--resume")
+    launch("ddp", d, "--resume", "--storage", storage)
     rec = torch.load(os.path.join(d, "trajectory.pt"))
     # the resumed process recorded steps 4..6 (and its step-4 start); splice the first run's steps 0..4 in
     snaps = dict(rec["snaps"])
