@@ -318,6 +318,10 @@ class RelexSettings:
         if fit == "polynomial" and degree >= min(n_steps, fit_window or n_steps):
             raise RelexInputError(f"degree={degree} needs more than {degree} fitted steps; the fit has "
                                   f"{min(n_steps, fit_window or n_steps)}: lower degree or raise tcut")
+        if fit == "power" and min(n_steps, fit_window or n_steps) < 3:
+            raise RelexInputError(f"fit='power' (c = a*t^p + b) needs at least 3 fitted steps; the fit has "
+                                  f"{min(n_steps, fit_window or n_steps)}: raise tcut (or lower stride / fit_start, or "
+                                  "widen fit_window), or use fit='log' or 'linear'")
         _choice("on_flat_reward", on_flat_reward, ON_FLAT_REWARD)
         if reward_metric is not None and (not isinstance(reward_metric, str) or not reward_metric.strip()):
             raise RelexInputError(f"reward_metric must be the name of a logged metric (e.g. 'reward'), got {reward_metric!r}")

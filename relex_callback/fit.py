@@ -9,7 +9,7 @@ predicts the recorded deltas of the later part (the in-window backtest).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Optional, Sequence
 
 import torch
@@ -524,6 +524,8 @@ class Selection:
         choice (`str`): the global winner.
         tensor_choice (`torch.Tensor`): ``[...]`` int64, each tensor's winner (index into ``families``).
         per_tensor (`bool`): which of the two the caller asked for.
+        skipped (`dict`): candidates that could not be fitted on the first part (family -> why); their scores are
+            ``inf`` and they are never chosen.
     """
 
     families: tuple
@@ -532,6 +534,7 @@ class Selection:
     choice: str
     tensor_choice: torch.Tensor
     per_tensor: bool
+    skipped: dict = field(default_factory=dict)
 
     def refit(self, coeffs: torch.Tensor, steps, mask: Optional[torch.Tensor] = None, degree: int = 2,
               fit_window: Optional[int] = None) -> Fit:
@@ -545,10 +548,11 @@ class Selection:
         counts = torch.bincount(self.tensor_choice.flatten(), minlength=len(self.families)).tolist()
         return {
             "families": list(self.families),
-            "scores": {f: float(s) for f, s in zip(self.families, self.scores)},
+            "scores": {f: (float(s) if math.isfinite(float(s)) else None) for f, s in zip(self.families, self.scores)},
             "choice": self.choice,
             "per_tensor": self.per_tensor,
             "tensor_choice_counts": dict(zip(self.families, counts)),
+            **({"skipped": dict(self.skipped)} if self.skipped else {}),
         }
 
 
@@ -630,15 +634,19 @@ def select_family(coeffs_on_vP: torch.Tensor, real_sq: torch.Tensor, steps, part
         raise _err("later_mask selects no step: the backtest needs at least one step after the first part")
     n_part = int(part.sum())
     w = None if fit_window is None else min(int(fit_window), n_part)
-    errs, q = [], None
+    errs, skipped = [], {}
+    q = real_sq.to(torch.float64)[..., later].clamp_min(0)
     for f in families:
         try:
             fp = fit(c, steps, part, f, degree, w)
-        except RelexInputError as exc:
-            raise _err(f"in-window backtest, fitting {f!r} on the first part of the window ({n_part} steps): {exc}; "
-                       f"or leave {f!r} out of the candidate families") from exc
-        e, q = backtest_errors(fp, c, real_sq, steps, later)
-        errs.append(e)
+        except RelexInputError as exc:  # e.g. power on a 2-step first part: not a candidate in this window
+            skipped[f] = f"cannot be fitted on the first part of the window ({n_part} steps): {exc}"
+            errs.append(torch.full_like(q, math.inf))
+            continue
+        errs.append(backtest_errors(fp, c, real_sq, steps, later)[0])
+    if len(skipped) == len(families):
+        raise _err("in-window backtest: no candidate family can be fitted on the first part of the window: "
+                   + "; ".join(f"{f} {r}" for f, r in skipped.items()))
     E = torch.stack(errs, -1)  # [..., L, F]
     num_t = E.sum(-2)  # [..., F]
     den_t = q.sum(-1, keepdim=True)  # [..., 1]
@@ -649,4 +657,4 @@ def select_family(coeffs_on_vP: torch.Tensor, real_sq: torch.Tensor, steps, part
     scores = (num / den).sqrt() if float(den) > 0 else torch.zeros_like(num)
     g = int(_pick(scores, tie, margin))
     return Selection(families, scores, tensor_scores, families[g], _pick(tensor_scores, tie, margin),
-                     bool(per_tensor))
+                     bool(per_tensor), skipped)

@@ -231,8 +231,10 @@ def format_trust(report: dict) -> str:
     fit = report.get("fit") or {}
     sel = fit.get("selection")
     if sel and sel.get("scores"):
-        scores = ", ".join(f"{k} {v:.3g}" for k, v in sel["scores"].items())
+        scores = ", ".join(f"{k} {v:.3g}" if v is not None else f"{k} -" for k, v in sel["scores"].items())
         lines.append(f"fit: {fit.get('family')} (backtest relative error by family: {scores})")
+        for fam, why in (sel.get("skipped") or {}).items():
+            lines.append(f"  {fam} was not a candidate: it {why}")
     elif sel and sel.get("reason"):
         lines.append(f"fit: {fit.get('family')} ({sel['reason']})")
     elif fit.get("family", "linear") != "linear":

@@ -1,5 +1,6 @@
 """Fit families (linear, power, log, polynomial, sliding window) and the in-window backtest that chooses one."""
 
+import json
 import math
 
 import pytest
@@ -224,8 +225,14 @@ def test_argument_errors():
         select_family(c, c, STEPS, STEPS <= 20, torch.zeros(40, dtype=torch.bool))
     with pytest.raises(RelexInputError, match="unknown fit family"):
         select_family(c, c, STEPS, STEPS <= 20, STEPS > 20, families=("linear", "auto"))
-    with pytest.raises(RelexInputError, match="in-window backtest.*'power'.*2 steps"):
-        select_family(c, c, STEPS, STEPS <= 2, STEPS > 2)
+    # a candidate that cannot be fitted on a short first part is dropped (never chosen, the reason kept) ...
+    sel = select_family(c, c, STEPS, STEPS <= 2, STEPS > 2)
+    assert sel.choice != "power" and not math.isfinite(float(sel.scores[sel.families.index("power")]))
+    assert "2 steps" in sel.skipped["power"] and sel.to_json()["scores"]["power"] is None
+    json.dumps(sel.to_json(), allow_nan=False)
+    # ... and only when no candidate can be fitted is it an error
+    with pytest.raises(RelexInputError, match="no candidate family can be fitted.*power.*2 steps"):
+        select_family(c, c, STEPS, STEPS <= 2, STEPS > 2, families=("power",))
 
 
 def test_empty_batch():
