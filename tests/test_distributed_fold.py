@@ -1,5 +1,5 @@
 """The streaming fold in distributed runs (2 real processes over gloo): DDP folds each process's whole tensors, ZeRO-3
-folds each process's slices through the all-reduced Grams. A run whose ring holds 3 of the window's 8 snapshots
+and FSDP2 fold each process's slices through the all-reduced Grams. A run whose ring holds 3 of the window's 8 snapshots
 (fold_rank 2: two folds) must write the horizons a single-process folded replay of the same trajectory writes (1e-5);
 the buffer bytes per process do not grow with tcut; a folded window resumes (ZeRO-3, stopped after its first fold).
 """
@@ -49,7 +49,7 @@ def folded_runs(tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("mode", ["ddp", "zero3"])
+@pytest.mark.parametrize("mode", ["ddp", "zero3", "fsdp2"])
 def test_folded_run_equals_single_process_folded_replay(folded_runs, mode, tmp_path):
     run_dir, ref_dir, snaps = folded_runs(mode)
     check_folded_ranks(run_dir, 8)
