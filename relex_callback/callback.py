@@ -400,36 +400,56 @@ class RelexCallback(TrainerCallback, ExportableState):
                 except OSError:
                     pass
         if not self.done and self.store is not None and self.store.num_rows:
-            from .params import is_peft_model
-
-            keep = self.topology.trajectory_dir(os.path.join(self._out_dir(args), "partial_trajectory"))
-            self.store.save(keep)
-            base = "<the checkpoint training started from>"
-            model = kwargs.get("model")
-            if is_peft_model(model):  # the adapter at theta_0 is the base the trajectory extrapolates from
-                from .writers import save_adapter_at
-
-                base = os.path.join(keep, "adapter")
-                save_adapter_at(model, {t.spec.name: t.param for t in self.tracked},
-                                {t.spec.name: self.store.theta0_of(t.spec) for t in self.tracked}, base,
-                                kwargs.get("processing_class"))
+            keep, base = self._keep_window(args, kwargs)
             logger.warning(
                 "relex: training ended at step %d before tcut=%d; nothing was extrapolated. The %d recorded steps are "
                 "in %s: extrapolate from them with `relex extrapolate --trajectory %s --base %s --horizons H --out DIR`",
                 state.global_step, self.settings.tcut, self.store.num_rows, keep, keep, base,
             )
 
+    def _keep_window(self, args, kwargs) -> tuple[str, str]:
+        """Save the recorded steps to ``<output_dir>/partial_trajectory`` (this process's share) for
+        ``relex extrapolate --trajectory``; returns ``(directory, the --base to pass)``."""
+        from .params import is_peft_model
+
+        keep = self.topology.trajectory_dir(os.path.join(self._out_dir(args), "partial_trajectory"))
+        self.store.save(keep)
+        base = "<the checkpoint training started from>"
+        model = kwargs.get("model")
+        if is_peft_model(model):  # the adapter at theta_0 is the base the trajectory extrapolates from
+            from .writers import save_adapter_at
+
+            base = os.path.join(keep, "adapter")
+            save_adapter_at(model, {t.spec.name: t.param for t in self.tracked},
+                            {t.spec.name: self.store.theta0_of(t.spec) for t in self.tracked}, base,
+                            kwargs.get("processing_class"))
+        return keep, base
+
     # ---------------------------------------------------------------------------------------- finish
     def _finish(self, args, state, control, kwargs):
         from .writers import model_writer
 
         s, out_dir, model = self.settings, self._out_dir(args), kwargs.get("model")
-        t0 = time.perf_counter()
+        t0, start_wall = time.perf_counter(), time.time() - 1.0  # (file times may be rounded to the second)
         trend, flat = self._reward_trend(state)
         writer = model_writer(model, kwargs.get("processing_class"), self.topology, self.tracked,
                               max_shard_size=s.max_shard_size, merge_lora=s.merge_lora)
         try:
             sol, self.report = self._finalize(writer, s, out_dir, model, trend, flat)
+        except RelexInputError as e:  # refused at tcut: keep the window unless the state file holds it already
+            self._release()
+            from .fs import STATE_INDEX_NAME, STATE_NAME
+
+            written = any(os.path.isfile(p) and os.path.getmtime(p) >= start_wall for p in
+                          (os.path.join(out_dir, STATE_NAME), os.path.join(out_dir, STATE_INDEX_NAME)))
+            if written or self.store is None or not self.store.num_rows:  # the state file holds the window
+                raise
+            keep, base = self._keep_window(args, kwargs)
+            raise type(e)(
+                f"{e}. Nothing was extrapolated; the {self.store.num_rows} recorded steps are kept in {keep}: once "
+                f"fixed, extrapolate from them with `relex extrapolate --trajectory {keep} --base {base} --horizons "
+                f"{','.join(map(str, s.horizons))} --out DIR` (its --fit/--fit-window/--degree as needed)"
+            ) from None
         except BaseException:
             self._release()  # the output directory is no longer in use (relex materialize may finish it)
             raise

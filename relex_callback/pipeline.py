@@ -26,9 +26,15 @@ from .writers import CheckpointWriter, WriteFailed
 logger = logging.getLogger("relex_callback")
 
 
-def check_window(store, skipped_nonfinite: Sequence[int] = ()):
-    """At least two recorded steps (a line); said before anything is written, with why steps are missing."""
-    if store.num_rows >= 2:
+def check_window(store, skipped_nonfinite: Sequence[int] = (), *, fit: str = "linear", degree: int = 2,
+                 fit_start: Optional[int] = None, fit_window: Optional[int] = None):
+    """Enough recorded steps for the fit (2 for a line, 3 for ``power``, ``degree + 1`` for ``polynomial``, after
+    ``fit_start`` and ``fit_window``); said before anything is written, with why steps are missing (steps whose weights
+    did not move, non-finite steps skipped)."""
+    steps = [t for t in store.steps if fit_start is None or t >= fit_start]
+    n = min(len(steps), fit_window) if fit_window else len(steps)
+    need = {"power": 3, "polynomial": int(degree) + 1}.get(fit, 2)
+    if store.num_rows >= 2 and n >= need:
         return
     why = []
     unchanged = list(getattr(store, "skipped_unchanged_steps", []) or [])
@@ -41,10 +47,13 @@ def check_window(store, skipped_nonfinite: Sequence[int] = ()):
     if skipped_nonfinite:
         why.append(f"step(s) {list(skipped_nonfinite)} had non-finite weights and were skipped (on_nonfinite='skip'): "
                    "the run diverged; lower the learning rate or start from an earlier checkpoint")
-    raise RelexInputError(
-        f"only {store.num_rows} step(s) of the window were recorded ({store.steps}); a line needs at least 2"
-        + (": " + "; ".join(why) if why else "")
-    )
+    if store.num_rows < 2:
+        head = f"only {store.num_rows} step(s) of the window were recorded ({store.steps}); a line needs at least 2"
+    else:
+        head = (f"fit={fit!r} needs at least {need} fitted steps, but the window recorded {store.num_rows} "
+                f"({store.steps}) of which {n} can be fitted (fit_start={fit_start}, fit_window={fit_window}); fit "
+                "'linear' or 'log' (2 steps) instead")
+    raise RelexInputError(head + (": " + "; ".join(why) if why else ""))
 
 
 def check_horizons_fit(sol, horizons: Sequence[int]):
@@ -119,7 +128,8 @@ def finalize(
     """
     horizons = [int(h) for h in horizons]
     check_outputs_free(out_dir, horizons, overwrite)
-    check_window(store, (report_extra or {}).get("skipped_nonfinite_steps") or ())
+    check_window(store, (report_extra or {}).get("skipped_nonfinite_steps") or (), fit=fit, degree=degree,
+                 fit_start=fit_start, fit_window=fit_window)
     if writer.is_coordinator:
         os.makedirs(out_dir, exist_ok=True)
     writer.barrier()
