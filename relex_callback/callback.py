@@ -61,8 +61,10 @@ class RelexCallback(TrainerCallback, ExportableState):
             SVD rank: directions per tensor, each extrapolated linearly (the paper's ablation found 1 best).
         storage (`str`, *optional*, defaults to `"auto"`):
             Where the buffer lives: ``"device"`` (accelerator memory), ``"host"`` (pinned CPU memory),
-            ``"disk"`` (memory-mapped file under ``output_dir``; survives a crash) or ``"auto"`` (the fastest
-            that fits, said in the log).
+            ``"disk"`` (memory-mapped file under ``output_dir``; survives a crash) or ``"auto"``: the memory plan
+            logged at ``on_train_begin`` (``relex plan`` prints the same) puts the exact window on the fastest tier
+            that holds it, counting every process of the node and a colocated vLLM engine's share of the GPU; when
+            none does, it folds (see ``fold_rank``) and says so.
         dtype (`str`, *optional*, defaults to `"bfloat16"`):
             Buffer dtype: ``"bfloat16"``, ``"float16"`` (underflows for lr ~1e-6 runs) or ``"float32"``.
         max_buffer_bytes (`int` or `str`, *optional*):
