@@ -98,6 +98,20 @@ def replay(run_dir: str, out_dir: str, exclude=None, horizons=HORIZONS, tcut=TCU
     return snaps
 
 
+def resume_and_splice(mode: str, d: str, stopped: int, *args: str) -> dict:
+    """Relaunch a run stopped at step ``stopped`` with ``args`` (``--resume`` ...) and splice the first launch's
+    recorded parameters of steps 0..stopped into the resumed launch's record (``trajectory.pt``), which starts at
+    ``stopped``; returns the whole run's snapshots."""
+    first = torch.load(os.path.join(d, "trajectory.pt"))
+    os.remove(os.path.join(d, "trajectory.pt"))
+    launch(mode, d, *args)
+    rec = torch.load(os.path.join(d, "trajectory.pt"))
+    snaps = dict(rec["snaps"])
+    snaps.update({t: first["snaps"][t] for t in range(stopped + 1)})
+    torch.save({"names": rec["names"], "snaps": snaps}, os.path.join(d, "trajectory.pt"))
+    return snaps
+
+
 def load_sd(path):
     from transformers import AutoModelForCausalLM
 
@@ -199,15 +213,7 @@ def test_resume_distributed(tmp_path, storage):
         assert os.path.isfile(os.path.join(d, "checkpoint-4", "relex_trajectory", f"rank-{r}", "trajectory.json"))
         if storage == "disk":
             assert os.path.isfile(os.path.join(d, "relex", "trajectory", f"rank-{r}", "trajectory.bin"))
-    first = torch.load(os.path.join(d, "trajectory.pt"))
-    os.remove(os.path.join(d, "trajectory.pt"))
-    launch("ddp", d, "--resume", "--storage", storage)
-    rec = torch.load(os.path.join(d, "trajectory.pt"))
-    # the resumed process recorded steps 4..6 (and its step-4 start); splice the first run's steps 0..4 in
-    snaps = dict(rec["snaps"])
-    for t in range(0, 5):
-        snaps[t] = first["snaps"][t]
-    torch.save({"names": rec["names"], "snaps": snaps}, os.path.join(d, "trajectory.pt"))
+    snaps = resume_and_splice("ddp", d, 4, "--resume", "--storage", storage)
     ref = os.path.join(d, "single")
     replay(d, ref)
     check_matches_single(d, ref, snaps)

@@ -7,9 +7,8 @@ the buffer bytes per process do not grow with tcut; a folded window resumes (ZeR
 import os
 
 import pytest
-import torch
 
-from test_distributed import EXCLUDE, check_matches_single, launch, rank_info, replay
+from test_distributed import EXCLUDE, check_matches_single, launch, rank_info, replay, resume_and_splice
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -74,14 +73,7 @@ def test_zero3_folded_resume_and_flat_buffer(folded_runs, tmp_path):
     launch("zero3", d, *args, "--max-steps", "5", "--save-steps", "5")
     for r in range(2):
         assert os.path.isfile(os.path.join(d, "checkpoint-5", "relex_trajectory", f"rank-{r}", "fold.safetensors"))
-    first = torch.load(os.path.join(d, "trajectory.pt"))
-    os.remove(os.path.join(d, "trajectory.pt"))
-    launch("zero3", d, *args, "--resume")
-    rec = torch.load(os.path.join(d, "trajectory.pt"))
-    snaps = dict(rec["snaps"])
-    for t in range(0, 6):
-        snaps[t] = first["snaps"][t]
-    torch.save({"names": rec["names"], "snaps": snaps}, os.path.join(d, "trajectory.pt"))
+    snaps = resume_and_splice("zero3", d, 5, *args, "--resume")
     ref = os.path.join(d, "single")
     replay(d, ref, exclude=ex, horizons=(24,), tcut=12, slots=SLOTS, fold_rank=FOLD_RANK)
     check_matches_single(d, ref, snaps, horizons=(24,))
