@@ -90,8 +90,9 @@ class RelexCallback(TrainerCallback, ExportableState):
             folded into a rank-``fold_rank`` factorisation per tensor (incremental SVD) and the slots reused:
             memory is ``fold_rank + slots`` rows whatever ``tcut`` is. Must be >= ``rank``.
         buffer_slots (`int`, *optional*):
-            Ring slots K; below ``tcut/stride`` the ring folds (see ``fold_rank``). Default: from
-            ``max_buffer_bytes``, else the whole window (exact, no fold).
+            Ring slots K; below ``tcut/stride`` the ring folds (see ``fold_rank``). Default: with
+            ``storage="auto"`` the memory plan's (the whole window when it fits a tier, within ``max_buffer_bytes``);
+            with an explicit tier, from ``max_buffer_bytes``, else the whole window (exact, no fold).
         on_nonfinite (`str`, *optional*, defaults to `"error"`):
             A NaN/Inf in a weight delta at a snapshot: ``"error"`` stops training with an error naming the tensors
             and the step (nothing is written from it); ``"skip"`` drops that step with a warning (counted in
