@@ -385,7 +385,7 @@ def families_table(results: dict) -> str:
                     f"| {name} | {tcut} | {h} | {a[f'real@{tcut}']:.3f} | {a[f'real@{h}']:.3f} "
                     + "".join(f"| {accs[f]:.3f} " for f in keys)
                     + f"| {winners} | {sel.get('choice', auto.get('family', '?'))} ("
-                    + " / ".join(f"{sc[f]:.3f}" if f in sc else "-" for f in keys) + ") "
+                    + " / ".join(f"{sc[f]:.3f}" if sc.get(f) is not None else "-" for f in keys) + ") "
                     + "| " + " / ".join(f"{st[k]['cos']:.2f}" for k in keys.values())
                     + " | " + " / ".join(f"{st[k]['norm_ratio']:.2f}" for k in keys.values()) + " |")
                 any_ = True
