@@ -31,9 +31,8 @@ def check_window(store, skipped_nonfinite: Sequence[int] = (), *, fit: str = "li
     """Enough recorded steps for the fit (2 for a line, 3 for ``power``, ``degree + 1`` for ``polynomial``, after
     ``fit_start`` and ``fit_window``); said before anything is written, with why steps are missing (steps whose weights
     did not move, non-finite steps skipped)."""
-    steps = [t for t in store.steps if fit_start is None or t >= fit_start]
-    n = min(len(steps), fit_window) if fit_window else len(steps)
-    need = {"power": 3, "polynomial": int(degree) + 1}.get(fit, 2)
+    n = len([t for t in store.steps if fit_start is None or t >= fit_start])
+    need = max({"power": 3, "polynomial": int(degree) + 1}.get(fit, 2), int(fit_window or 0))
     if store.num_rows >= 2 and n >= need:
         return
     why = []
@@ -50,9 +49,9 @@ def check_window(store, skipped_nonfinite: Sequence[int] = (), *, fit: str = "li
     if store.num_rows < 2:
         head = f"only {store.num_rows} step(s) of the window were recorded ({store.steps}); a line needs at least 2"
     else:
-        head = (f"fit={fit!r} needs at least {need} fitted steps, but the window recorded {store.num_rows} "
-                f"({store.steps}) of which {n} can be fitted (fit_start={fit_start}, fit_window={fit_window}); fit "
-                "'linear' or 'log' (2 steps) instead")
+        head = (f"fit={fit!r}{f' with fit_window={fit_window}' if fit_window else ''} needs at least {need} fitted "
+                f"steps, but the window recorded {store.num_rows} ({store.steps}) of which {n} can be fitted "
+                f"(fit_start={fit_start}); fit 'linear' or 'log' over 2 or more steps instead")
     raise RelexInputError(head + (": " + "; ".join(why) if why else ""))
 
 

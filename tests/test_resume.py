@@ -203,7 +203,8 @@ def test_a_window_that_never_moved_says_why_instead_of_blaming_divergence(tmp_pa
     assert not any(p.name.startswith("step-") for p in (tmp_path / "relex").glob("*"))
 
 
-@pytest.mark.parametrize("fit,kw", [("power", {}), ("polynomial", {"degree": 2}), ("linear", {})])
+@pytest.mark.parametrize("fit,kw", [("power", {}), ("polynomial", {"degree": 2}), ("linear", {"fit_window": 3}),
+                                    ("linear", {})])
 def test_a_window_too_short_for_its_fit_at_tcut_is_kept_with_a_command_that_works(tmp_path, fit, kw):
     """Accepted at step 0 (tcut=3 gives 3 steps), but step 1 did not move (a GRPO batch without reward variance), so
     at tcut only 2 steps can be fitted: too few for power (3 parameters) or a quadratic. The error says so and why,
@@ -218,22 +219,24 @@ def test_a_window_too_short_for_its_fit_at_tcut_is_kept_with_a_command_that_work
     model = build_model(tok)
     model.save_pretrained(tmp_path / "base")
     tok.save_pretrained(tmp_path / "base")
-    freeze = [1] if fit != "linear" else [1, 2]  # the line: two steps that did not move leave one
+    one_left = fit == "linear" and not kw  # the plain line: two steps that did not move leave one
+    freeze = [1, 2] if one_left else [1]
     cb = RelexCallback(tcut=3, horizons=[12], fit=fit, dtype="float32", **kw)
     t = grpo_trainer(tmp_path, [cb, FreezeStep(freeze)], model=model, tok=tok)
     with pytest.raises(RelexInputError) as e:
         t.train()
     msg = str(e.value)
     assert f"did not move at step(s) {freeze}" in msg
-    if fit != "linear":
-        assert f"fit={fit!r} needs at least 3 fitted steps" in msg and "of which 2 can be fitted" in msg
-    else:
+    if one_left:
         assert "only 1 step(s) of the window were recorded" in msg
+    else:
+        window = f" with fit_window={kw['fit_window']}" if "fit_window" in kw else ""
+        assert f"fit={fit!r}{window} needs at least 3 fitted steps" in msg and "of which 2 can be fitted" in msg
     assert not (tmp_path / "relex" / "step-12").exists() and not (tmp_path / "relex" / "report.json").exists()
     cmd = re.search(r"`relex extrapolate (--trajectory .*?)`", msg).group(1)
     keep = re.search(r"--trajectory (\S+)", cmd).group(1)
     assert os.path.isfile(os.path.join(keep, "trajectory.json"))
-    if fit == "linear":
+    if one_left:
         return  # one recorded step: nothing can be fitted from it, but it was not thrown away
     args = cmd.replace("<the checkpoint training started from>", str(tmp_path / "base")).replace("DIR", str(tmp_path / "out"))
     assert main(["extrapolate", *args.split(), "--no-progress"]) == 0
