@@ -2,6 +2,10 @@
 and FSDP2 fold each process's slices through the all-reduced Grams. A run whose ring holds 3 of the window's 8 snapshots
 (fold_rank 2: two folds) must write the horizons a single-process folded replay of the same trajectory writes (1e-5);
 the buffer bytes per process do not grow with tcut; a folded window resumes (ZeRO-3, stopped after its first fold).
+
+Every process must record the same steps (a fold and the final solve are collectives over them): a slice that did not
+move on one ZeRO-3 process, or a NaN there, gets one verdict on every process; and a failure while opening the
+window on one process (a full disk) stops every process before step 1.
 """
 
 import os
