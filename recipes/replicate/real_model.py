@@ -392,6 +392,14 @@ def families_table(results: dict) -> str:
     return "\n".join(out) if any_ else "(no fit-family variants in the settings run)"
 
 
+def _save(fig, plt, dirname: str, name: str) -> str:
+    fig.tight_layout()
+    p = os.path.join(dirname, name)
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    return p
+
+
 def plots(results: dict, dirname: str) -> list[str]:
     try:
         import matplotlib
@@ -420,11 +428,7 @@ def plots(results: dict, dirname: str) -> list[str]:
         ax.set_xlabel("step")
         ax.set_ylabel("held-out greedy accuracy")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    p = os.path.join(dirname, "real_extrapolation.png")
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    paths.append(p)
+    paths.append(_save(fig, plt, dirname, "real_extrapolation.png"))
     if not any((r.get("whole_run") or {}).get("coeffs_mean_abs") for r in results.values()):
         return paths
     fig, ax = plt.subplots(figsize=(4.5, 3.2))
@@ -437,11 +441,7 @@ def plots(results: dict, dirname: str) -> list[str]:
     ax.set_ylabel("c_t / c_last (mean over tensors)")
     ax.set_title("Finding 2 on the real model: coefficient trajectories", fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    p = os.path.join(dirname, "real_finding2.png")
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    paths.append(p)
+    paths.append(_save(fig, plt, dirname, "real_finding2.png"))
     return paths
 
 
