@@ -120,7 +120,7 @@ def test_ddp_disk_tier_that_fits_only_one_process_stops_both_before_step_1(tmp_p
     """storage="disk" with the relex output_dir on a real tmpfs that holds one process's trajectory file but not
     both: the process whose allocation fails raises RelexMemoryError naming the disk, the other raises too (instead
     of waiting in the next collective for 30 minutes), neither trains a step, and no trajectory file is left."""
-    import subprocess
+    from test_full_disk import _mount, _umount
 
     from relex_callback.topology import balance
     from relex_callback.toy import build_model, build_tokenizer
@@ -130,11 +130,7 @@ def test_ddp_disk_tier_that_fits_only_one_process_stops_both_before_step_1(tmp_p
     owner = balance(sizes, 2)
     need = sorted((6 + 1) * 4 * sum(n for n, o in zip(sizes, owner) if o == r) for r in range(2))  # rows + theta_0
     relex = tmp_path / "relex"
-    relex.mkdir()
-    kib = (need[1] + need[0] // 2) // 1024
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(relex)], capture_output=True, text=True)
-    if r.returncode:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    _mount(relex, (need[1] + need[0] // 2) // 1024)
     try:
         p = launch("ddp", str(tmp_path), "--storage", "disk", "--catch", expect_fail=True, timeout=300)
         errs = rank_info(str(tmp_path))
@@ -147,4 +143,4 @@ def test_ddp_disk_tier_that_fits_only_one_process_stops_both_before_step_1(tmp_p
         assert not left, left
         assert [e["global_step"] for e in errs] == [0, 0]  # refused before the first step
     finally:
-        subprocess.run(["umount", "-l", str(relex)], capture_output=True)
+        _umount(relex)
