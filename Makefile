@@ -39,7 +39,7 @@ test-fast: $(VENV)/.installed
 
 # the real model (~15 min on 2 cores, install included); `make demo DEMO_ARGS=--quick`: the tiny model in seconds
 demo: $(VENV)/.demo
-	OMP_NUM_THREADS=2 TOKENIZERS_PARALLELISM=false $(PY) -m relex_callback.demo $(DEMO_ARGS)
+	OMP_NUM_THREADS=2 TOKENIZERS_PARALLELISM=false $(PY) -m relex_callback.examples.demo $(DEMO_ARGS)
 
 bench: $(VENV)/.installed
 	$(PY) bench/overhead.py

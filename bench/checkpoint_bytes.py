@@ -22,7 +22,7 @@ def main():
     from trl import GRPOConfig, GRPOTrainer
 
     from relex_callback import RelexCallback
-    from relex_callback.toy import arithmetic_problems, build_model, build_tokenizer
+    from relex_callback.examples.toy import arithmetic_problems, build_model, build_tokenizer
 
     shutil.rmtree(a.out, ignore_errors=True)
     tok = build_tokenizer()

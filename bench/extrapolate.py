@@ -153,7 +153,7 @@ def main():
         for mode in modes:
             out = os.path.join(args.dir, "out")
             shutil.rmtree(out, ignore_errors=True)
-            cmd = [sys.executable, "-m", "relex_callback.cli", "extrapolate", "--base", os.path.join(args.dir, "base"),
+            cmd = [sys.executable, "-m", "relex_callback.offline.cli", "extrapolate", "--base", os.path.join(args.dir, "base"),
                    "--checkpoints", os.path.join(args.dir, "ckpts"), "--horizons", f"{5 * tcut},{10 * tcut}", "--out",
                    out, "--dtype", args.dtype, "--solver", args.solver, "--no-progress",
                    "--streaming" if mode == "streaming" else "--no-streaming"]

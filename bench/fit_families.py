@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from relex_callback.fit import AUTO_FAMILIES, FAMILIES, MARGIN, fit, select_family  # noqa: E402
+from relex_callback.core.fit import AUTO_FAMILIES, FAMILIES, MARGIN, fit, select_family  # noqa: E402
 
 GENERATORS = ("linear", "power0.5", "power1.2", "log")
 FAMILY_OF = {"linear": "linear", "power0.5": "power", "power1.2": "power", "log": "log"}

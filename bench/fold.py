@@ -15,9 +15,9 @@ import time
 
 import torch
 
-from relex_callback.buffer import TrajectoryStore
+from relex_callback.trajectory.buffer import TrajectoryStore
 from relex_callback.params import TensorSpec
-from relex_callback.solver import solve
+from relex_callback.core.solver import solve
 
 
 def main():

@@ -100,8 +100,8 @@ def grpo_child(tier: str) -> int:
 
     from helpers import digit_reward
     from relex_callback import RelexCallback
-    from relex_callback.offline import extrapolate_checkpoints
-    from relex_callback.toy import arithmetic_problems, build_model, build_tokenizer
+    from relex_callback.offline.api import extrapolate_checkpoints
+    from relex_callback.examples.toy import arithmetic_problems, build_model, build_tokenizer
 
     out = tempfile.mkdtemp(prefix=f"relex_gpu_{tier}_")
     tok = build_tokenizer()

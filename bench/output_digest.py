@@ -113,7 +113,7 @@ def run_job(root, name, kw):
     from trl import GRPOConfig, GRPOTrainer
 
     from relex_callback import RelexCallback
-    from relex_callback.toy import arithmetic_problems, build_model, build_tokenizer
+    from relex_callback.examples.toy import arithmetic_problems, build_model, build_tokenizer
 
     d = os.path.join(root, f"job-{name}")
     torch.manual_seed(0)
@@ -185,6 +185,8 @@ def main(argv=None):
             continue
         if re.search(r"(trajectory|\.lock|\.bin$|rows-|tmp)", rel):
             continue  # the run's working files (trajectory rows, lock): not outputs
+        if rel.split(os.sep)[1] == "run" and rel.split(os.sep)[2] != "relex":
+            continue  # the trainer's own files (TRL's model card lists its tags in set order)
         lines.append(f"{_digest(path, run_ids)} {rel}")
     print("\n".join(lines))
 

@@ -61,7 +61,7 @@ def main(argv=None):
     from transformers.utils import logging as hf_logging
 
     from relex_callback import RelexCallback
-    from relex_callback.toy import build_model, build_tokenizer
+    from relex_callback.examples.toy import build_model, build_tokenizer
 
     hf_logging.set_verbosity_error()
     tok = build_tokenizer()

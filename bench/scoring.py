@@ -47,7 +47,7 @@ def main(argv=None):
     from trl import GRPOConfig, GRPOTrainer
 
     from relex_callback import RelexCallback
-    from relex_callback.toy import (arithmetic_reward, arithmetic_split, build_model, build_tokenizer, greedy_accuracy,
+    from relex_callback.examples.toy import (arithmetic_reward, arithmetic_split, build_model, build_tokenizer, greedy_accuracy,
                                     supervised_warmup)
 
     torch.set_num_threads(a.threads)

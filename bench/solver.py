@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from relex_callback.params import TensorSpec  # noqa: E402
-from relex_callback.solver import solve  # noqa: E402
+from relex_callback.core.solver import solve  # noqa: E402
 
 
 def build(T, numel, tensors, dtype, device, noise, seed=0):

@@ -27,7 +27,7 @@ def __getattr__(name):
     # Imported on first use only: RelexCallback needs transformers' Trainer machinery (seconds to import), the others
     # need torch (~1.3 s here), and `relex --help` or an argument mistake should answer without either.
     if name == "RelexCallback":
-        from .callback import RelexCallback
+        from .trainer.callback import RelexCallback
 
         return RelexCallback
     if name in ("RelexConfig", "RelexSettings"):
@@ -35,15 +35,15 @@ def __getattr__(name):
 
         return getattr(config, name)
     if name in ("extrapolate_checkpoints", "extrapolate_trajectory", "materialize"):
-        from . import offline
+        from .offline import api
 
-        return getattr(offline, name)
+        return getattr(api, name)
     if name == "evaluate_horizons":
-        from .scoring import evaluate_horizons
+        from .trainer.scoring import evaluate_horizons
 
         return evaluate_horizons
     if name == "load_state":
-        from .state import load_state
+        from .files.state import load_state
 
         return load_state
     raise AttributeError(f"module 'relex_callback' has no attribute {name!r}")

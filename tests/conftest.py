@@ -28,14 +28,14 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 @pytest.fixture
 def tokenizer():
-    from relex_callback.toy import build_tokenizer
+    from relex_callback.examples.toy import build_tokenizer
 
     return build_tokenizer()
 
 
 @pytest.fixture
 def tiny_model(tokenizer):
-    from relex_callback.toy import build_model
+    from relex_callback.examples.toy import build_model
 
     return build_model(tokenizer)
 

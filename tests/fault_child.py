@@ -17,7 +17,7 @@ torch.set_num_threads(1)
 
 
 def lm_dataset(tok, n=64, seed=0):
-    from relex_callback.toy import arithmetic_problems
+    from relex_callback.examples.toy import arithmetic_problems
 
     rows = []
     for p in arithmetic_problems(n, seed=seed):
@@ -30,7 +30,7 @@ def lm_dataset(tok, n=64, seed=0):
 def build_trainer(out, callbacks, *, max_steps, save_steps=None, seed=0, lr=5e-3):
     from transformers import Trainer, TrainingArguments
 
-    from relex_callback.toy import build_model, build_tokenizer
+    from relex_callback.examples.toy import build_model, build_tokenizer
 
     tok = build_tokenizer()
     model = build_model(tok, hidden_size=32, layers=1)
@@ -79,7 +79,7 @@ def main():
     if a.stall_write_horizon is not None:
         # fault timing (not a replacement): the real writer runs; after the first shard of the chosen horizon it
         # tells the parent and waits to be SIGKILLed mid-checkpoint
-        from relex_callback import checkpoints as writer
+        from relex_callback.files import checkpoints as writer
 
         real = writer.write_safetensors
 

@@ -3,7 +3,7 @@
 import torch
 
 from relex_callback.params import TensorSpec
-from relex_callback.toy import _text
+from relex_callback.examples.toy import _text
 
 
 def arena_specs(sizes):

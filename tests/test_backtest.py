@@ -1,4 +1,4 @@
-"""In-window backtest (relex_callback.backtest): the Gram-derived figures against a brute-force float64 computation from
+"""In-window backtest (relex_callback.core.backtest): the Gram-derived figures against a brute-force float64 computation from
 M itself, the power path against the Gram path, folded against unfolded stores, and the behaviour on exact, drifting,
 zero and too-short trajectories."""
 
@@ -8,15 +8,15 @@ import math
 import pytest
 import torch
 
-from relex_callback.backtest import (
+from relex_callback.core.backtest import (
     backtest_from_gram,
     combine,
     resolve_fit_rows,
     to_report,
 )
-from relex_callback.buffer import TrajectoryStore
+from relex_callback.trajectory.buffer import TrajectoryStore
 from relex_callback.params import TensorSpec
-from relex_callback.solver import solve
+from relex_callback.core.solver import solve
 
 from helpers import arena_specs
 

@@ -30,7 +30,7 @@ def cb(**kw):
 
 
 def _model():
-    from relex_callback.toy import build_model, build_tokenizer
+    from relex_callback.examples.toy import build_model, build_tokenizer
 
     return build_model(build_tokenizer(), hidden_size=16, layers=1)
 
@@ -44,13 +44,13 @@ def select(**kw):
 
 
 def plan(**kw):
-    from relex_callback.fold import plan_slots
+    from relex_callback.core.fold import plan_slots
 
     return lambda d: plan_slots(100, 1000, 2, **kw)
 
 
 def _base(d, seed=0):
-    from relex_callback.toy import build_model, build_tokenizer
+    from relex_callback.examples.toy import build_model, build_tokenizer
 
     p = os.path.join(d, f"base{seed}")
     if not os.path.isdir(p):
@@ -64,11 +64,11 @@ def _state(d):
     """A real state file from a 4-step window on base0."""
     from transformers import AutoModelForCausalLM
 
-    from relex_callback.buffer import TrajectoryStore
-    from relex_callback.pipeline import finalize
-    from relex_callback.writers import FullModelWriter
+    from relex_callback.trajectory.buffer import TrajectoryStore
+    from relex_callback.pipeline.finalize import finalize
+    from relex_callback.files.writers import FullModelWriter
     from relex_callback.params import plain_tracked, trainable_named_parameters
-    from relex_callback.checkpoints import DirectorySource
+    from relex_callback.files.checkpoints import DirectorySource
 
     out = os.path.join(d, "out")
     if os.path.isfile(os.path.join(out, "relex_state.safetensors")):
@@ -87,7 +87,7 @@ def _state(d):
 
 
 def materialize(base="base0", horizons=(40,), state=None):
-    from relex_callback.offline import materialize as m
+    from relex_callback.offline.api import materialize as m
 
     def run(d):
         out = _state(d)
@@ -123,7 +123,7 @@ def _no_weights(d):
 
 
 def extrapolate(traj):
-    from relex_callback.offline import extrapolate_trajectory
+    from relex_callback.offline.api import extrapolate_trajectory
 
     return lambda d: extrapolate_trajectory(traj(d), _base(d), [40], os.path.join(d, "x"))
 
@@ -192,7 +192,7 @@ CASES = [
 
 # ------------------------------------------------------------------------------------------------ the CLI
 # Every option of `relex extrapolate / materialize / report` with its invalid values, run in process through
-# relex_callback.cli.main(argv). Command lines use placeholders for the fixture's paths: <base> (a tiny saved model),
+# relex_callback.offline.cli.main(argv). Command lines use placeholders for the fixture's paths: <base> (a tiny saved model),
 # <base1> (another model of the same shape), <ckpts> (its checkpoint-2,4,6,8), <done> (a finished `relex extrapolate`
 # output: state, step-40/, report.json), <traj> (a trajectory saved by the store), <out> (a fresh output directory
 # that must still not exist afterwards) and <dir> (the scratch directory).
@@ -260,7 +260,7 @@ def cli_fixture(d):
     with open(p["file"], "w") as fh:
         fh.write("a file, not a directory\n")
     # a real trajectory saved by the store (what the callback leaves in partial_trajectory/)
-    from relex_callback.buffer import TrajectoryStore
+    from relex_callback.trajectory.buffer import TrajectoryStore
     from relex_callback.params import TensorSpec
 
     specs = [TensorSpec(name=k, shape=tuple(v.shape), dtype=v.dtype, local_numel=v.numel()) for k, v in theta0.items()]
@@ -281,7 +281,7 @@ def cli_fixture(d):
     with open(os.path.join(p["notreport"], "report.json"), "w") as fh:
         json.dump([1, 2, 3], fh)
     # a finished run: state, step-40/ and report.json
-    from relex_callback.cli import main
+    from relex_callback.offline.cli import main
 
     with _quiet():
         rc = main(["extrapolate", "--base", p["base"], "--checkpoints", p["ckpts"], "--horizons", "40", "--out",
@@ -439,7 +439,7 @@ def _tree(path):
 
 def run_cli_case(i: int, d: str, p: dict, capture) -> dict:
     """Run CLI case ``i`` in process; ``capture()`` returns the stderr written since the last call."""
-    from relex_callback.cli import main
+    from relex_callback.offline.cli import main
 
     _, _, cmd = CLI_CASES[i]
     out = os.path.join(d, f"out{i}")
@@ -527,10 +527,10 @@ def render(rows, cli_rows=()) -> str:
             "",
             "## The `relex` CLI",
             "",
-            "Each command line is run in process (`relex_callback.cli.main(argv)`); every one prints exactly the one "
+            "Each command line is run in process (`relex_callback.offline.cli.main(argv)`); every one prints exactly the one "
             "line shown on stderr, exits with code 2, writes nothing to `--out` and leaves the other directories as "
             "they were (tests/test_bad_input.py checks all of it; a few also run as a real `python -m "
-            "relex_callback.cli` subprocess to show no traceback reaches stderr). Placeholders: `<base>` a saved "
+            "relex_callback.offline.cli` subprocess to show no traceback reaches stderr). Placeholders: `<base>` a saved "
             "model (step 0), `<base1>` another model of the same shape, `<ckpts>` its checkpoint-2, -4, -6, -8, "
             "`<done>` a finished `relex extrapolate --horizons 40` output (state, step-40/, report.json), `<traj>` a "
             "saved trajectory, `<nan>` / `<trunc>` / `<small>` checkpoint-2..8 whose checkpoint-8 has a NaN / a "
@@ -610,7 +610,7 @@ def test_cli_bad_input_in_a_real_process(what, cli_env, subprocess_env):
     i = [c[1] for c in CLI_CASES].index(what)
     out = os.path.join(d, "sub-out")
     argv = cli_argv(CLI_CASES[i][2], p, d, out)
-    r = subprocess.run([sys.executable, "-m", "relex_callback.cli", *argv], env=subprocess_env, capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "relex_callback.offline.cli", *argv], env=subprocess_env, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 2, r.stderr
     assert r.stderr.startswith("relex: error: ") and r.stderr.count("\n") == 1, r.stderr

@@ -18,7 +18,7 @@ from transformers import TrainerCallback
 from relex_callback import RelexCallback, RelexConfig, RelexInputError
 from helpers import digit_reward
 
-from relex_callback.toy import arithmetic_problems, build_model, build_tokenizer
+from relex_callback.examples.toy import arithmetic_problems, build_model, build_tokenizer
 
 TCUT = 6
 HORIZONS = [12, 20]
@@ -187,13 +187,13 @@ def _compare_dirs(a, b, tol):
 
 def test_equals_offline_finalize_over_checkpoints(grpo_run, tmp_path):
     """The callback's result equals the offline computation over the checkpoints saved at every step of the same
-    run (engine.finalize over a store filled from the checkpoint directories). Once `relex_callback.cli` is merged,
+    run (engine.finalize over a store filled from the checkpoint directories). Once `relex_callback.offline.cli` is merged,
     ``test_equals_cli_extrapolate`` below checks the same through `relex extrapolate`."""
-    from relex_callback.buffer import TrajectoryStore
-    from relex_callback.pipeline import finalize
-    from relex_callback.writers import FullModelWriter
+    from relex_callback.trajectory.buffer import TrajectoryStore
+    from relex_callback.pipeline.finalize import finalize
+    from relex_callback.files.writers import FullModelWriter
     from relex_callback.params import TensorSpec
-    from relex_callback.checkpoints import DirectorySource
+    from relex_callback.files.checkpoints import DirectorySource
 
     out = grpo_run["out"]
     base = DirectorySource(str(out / "base"))
@@ -211,10 +211,10 @@ def test_equals_offline_finalize_over_checkpoints(grpo_run, tmp_path):
 
 def test_equals_cli_extrapolate(grpo_run, tmp_path, subprocess_env):
     """`relex extrapolate` over the per-step checkpoints writes the same weights as the callback."""
-    pytest.importorskip("relex_callback.cli", reason="the CLI is not in this checkout yet")
+    pytest.importorskip("relex_callback.offline.cli", reason="the CLI is not in this checkout yet")
     out = grpo_run["out"]
     ckpts = [str(out / f"checkpoint-{t}") for t in range(1, TCUT + 1)]
-    cmd = [sys.executable, "-m", "relex_callback.cli", "extrapolate", "--base", str(out / "base"), "--checkpoints", *ckpts,
+    cmd = [sys.executable, "-m", "relex_callback.offline.cli", "extrapolate", "--base", str(out / "base"), "--checkpoints", *ckpts,
            "--horizons", ",".join(map(str, HORIZONS)), "--out", str(tmp_path / "cli"), "--dtype", "float32"]
     r = subprocess.run(cmd, env=subprocess_env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -224,7 +224,7 @@ def test_equals_cli_extrapolate(grpo_run, tmp_path, subprocess_env):
 
 def test_checkpoints_carry_the_window(grpo_run):
     """Every checkpoint inside the window holds theta_0 and the rows recorded so far, for resume."""
-    from relex_callback.buffer import META_FILE
+    from relex_callback.trajectory.buffer import META_FILE
 
     d = grpo_run["out"] / "checkpoint-3" / "relex_trajectory"
     meta = json.load(open(d / META_FILE))
@@ -521,7 +521,7 @@ def test_lora_run_ending_before_tcut_prints_a_command_that_works(tmp_path, caplo
     import re
     import shlex
 
-    from relex_callback.cli import main
+    from relex_callback.offline.cli import main
 
     tok = build_tokenizer()
     model = peft.get_peft_model(build_model(tok), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],

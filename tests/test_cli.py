@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from relex_callback.cli import main
+from relex_callback.offline.cli import main
 
 STEPS = [2, 4, 6, 8, 10, 12]
 HORIZONS = [40, 100]
@@ -48,7 +48,7 @@ def _save_trajectory(root, model, tok, steps, seed, layout="checkpoint-{}", base
 
 def _reference(base_dir, ck_dirs, steps, horizon, fit_start=None):
     """The math of DESIGN.md in float64 with torch.linalg.svd: {name: theta_hat(H) - theta_0} (float64)."""
-    from relex_callback.checkpoints import DirectorySource
+    from relex_callback.files.checkpoints import DirectorySource
 
     base = DirectorySource(base_dir)
     srcs = [DirectorySource(d) for d in ck_dirs]
@@ -71,7 +71,7 @@ def _reference(base_dir, ck_dirs, steps, horizon, fit_start=None):
 
 @pytest.fixture(scope="module")
 def traj(tmp_path_factory):
-    from relex_callback.toy import build_model, build_tokenizer
+    from relex_callback.examples.toy import build_model, build_tokenizer
 
     torch.set_num_threads(1)
     root = str(tmp_path_factory.mktemp("traj"))
@@ -145,14 +145,14 @@ def test_fit_start_stride_and_disk_storage(traj, tmp_path):
 
 
 def test_subprocess_and_verl_layout(traj, tmp_path, subprocess_env):
-    """A real `python -m relex_callback.cli` over verl's global_step_N/actor/huggingface layout, explicit dirs."""
+    """A real `python -m relex_callback.offline.cli` over verl's global_step_N/actor/huggingface layout, explicit dirs."""
     for t in STEPS:
         d = tmp_path / "verl" / f"global_step_{t}" / "actor"
         d.mkdir(parents=True)
         os.symlink(os.path.join(traj["ckpts"], f"checkpoint-{t}"), d / "huggingface")
     dirs = [str(tmp_path / "verl" / f"global_step_{t}") for t in reversed(STEPS)]  # any order: sorted by step
     out = str(tmp_path / "o")
-    p = subprocess.run([sys.executable, "-m", "relex_callback.cli", "extrapolate", "--base", traj["base"], "--checkpoints", *dirs,
+    p = subprocess.run([sys.executable, "-m", "relex_callback.offline.cli", "extrapolate", "--base", traj["base"], "--checkpoints", *dirs,
                         "--horizons", "40", "--out", out, "--dtype", "float32"],
                        env=subprocess_env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
@@ -161,7 +161,7 @@ def test_subprocess_and_verl_layout(traj, tmp_path, subprocess_env):
     err, _ = _rel_delta_error(os.path.join(out, "step-40"), traj["base"], ref)
     assert err <= 1e-4
     # and an input mistake in a real process: one line, exit 2, no traceback
-    p = subprocess.run([sys.executable, "-m", "relex_callback.cli", "extrapolate", "--base", traj["base"], "--checkpoints", *dirs,
+    p = subprocess.run([sys.executable, "-m", "relex_callback.offline.cli", "extrapolate", "--base", traj["base"], "--checkpoints", *dirs,
                         "--horizons", "12", "--out", str(tmp_path / "o2")], env=subprocess_env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 2
     assert p.stderr.startswith("relex: error: ") and p.stderr.count("\n") == 1 and "Traceback" not in p.stderr
@@ -182,7 +182,7 @@ def test_materialize_equals_extrapolate(traj, extrapolated, tmp_path):
 
 
 def test_materialize_refuses_other_base(traj, extrapolated, tmp_path, capsys):
-    from relex_callback.toy import build_model
+    from relex_callback.examples.toy import build_model
 
     other = str(tmp_path / "other")
     build_model(traj["tok"], hidden_size=32, layers=1, seed=7).save_pretrained(other)
@@ -223,7 +223,7 @@ def _links(tmp, traj, names):
 
 
 def _bad_cases(traj, tmp):
-    from relex_callback.toy import build_model
+    from relex_callback.examples.toy import build_model
 
     ok = lambda *extra: ["extrapolate", "--base", traj["base"], "--checkpoints", traj["ckpts"], "--no-progress", *extra]  # noqa: E731
     cases = {}

@@ -69,12 +69,12 @@ def replay(run_dir: str, out_dir: str, exclude=None, horizons=HORIZONS, tcut=TCU
     ``fold_rank``: the same folded buffer). Excluded (untracked) tensors are written as they were at ``tcut``."""
     import re
 
-    from relex_callback.buffer import TrajectoryStore
-    from relex_callback.pipeline import finalize
-    from relex_callback.writers import FullModelWriter
+    from relex_callback.trajectory.buffer import TrajectoryStore
+    from relex_callback.pipeline.finalize import finalize
+    from relex_callback.files.writers import FullModelWriter
     from relex_callback.params import plain_tracked
-    from relex_callback.toy import build_model, build_tokenizer
-    from relex_callback.checkpoints import ModelSource
+    from relex_callback.examples.toy import build_model, build_tokenizer
+    from relex_callback.files.checkpoints import ModelSource
 
     rec = torch.load(os.path.join(run_dir, "trajectory.pt"))
     names, snaps = rec["names"], rec["snaps"]
@@ -160,7 +160,7 @@ def check_matches_single(run_dir, ref_dir, snaps, horizons=HORIZONS):
 
 def check_state(run_dir, ref_dir):
     """The sharded state file reads back (load_state) as the single-process one does, and extrapolates the same."""
-    from relex_callback.state import load_state
+    from relex_callback.files.state import load_state
 
     run = os.path.join(run_dir, "relex")
     assert os.path.isfile(os.path.join(run, "relex_state.index.json"))
@@ -340,6 +340,6 @@ def test_write_failure_is_a_relex_write_error_on_every_rank(tmp_path, mode, fail
     assert "step-12" not in left and "step-20" not in left
     assert not [n for n in left if n.startswith(".")], left  # no temporaries
     assert "relex_state.index.json" in left
-    from relex_callback.state import load_state
+    from relex_callback.files.state import load_state
 
     assert load_state(relex).tcut == TCUT

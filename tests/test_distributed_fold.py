@@ -122,8 +122,8 @@ def test_ddp_disk_tier_that_fits_only_one_process_stops_both_before_step_1(tmp_p
     of waiting in the next collective for 30 minutes), neither trains a step, and no trajectory file is left."""
     from test_full_disk import _mount, _umount
 
-    from relex_callback.topology import balance
-    from relex_callback.toy import build_model, build_tokenizer
+    from relex_callback.trainer.topology import balance
+    from relex_callback.examples.toy import build_model, build_tokenizer
 
     model = build_model(build_tokenizer(), hidden_size=32, layers=1, heads=2, kv_heads=1, seed=0)
     sizes = [p.numel() for p in model.parameters() if p.requires_grad]

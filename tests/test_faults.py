@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from relex_callback import RelexCallback, RelexNonFiniteError
-from relex_callback.buffer import TrajectoryStore
-from relex_callback.offline import extrapolate_trajectory, materialize
+from relex_callback.trajectory.buffer import TrajectoryStore
+from relex_callback.offline.api import extrapolate_trajectory, materialize
 from relex_callback.errors import RelexInputError, RelexWriteError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -130,7 +130,7 @@ def _all_tensors(d):
 def test_disk_full_during_write_is_clear_and_recoverable(tmp_path, monkeypatch):
     """Fault injection: ``checkpoints.write_safetensors`` (the lowest-level file write) raises ENOSPC on its second call,
     as a full disk would; everything above it is real."""
-    from relex_callback import checkpoints as writer
+    from relex_callback.files import checkpoints as writer
 
     real = writer.write_safetensors
     calls = {"n": 0}
@@ -221,14 +221,14 @@ def test_trainer_ending_before_tcut_keeps_the_trajectory(tmp_path, caplog, how):
     assert all(bool(torch.isfinite(p).all()) for p in m.parameters())
     # a different base is refused
     other = tmp_path / "other"
-    from relex_callback.toy import build_model
+    from relex_callback.examples.toy import build_model
 
     build_model(tok, hidden_size=32, layers=1, seed=5).save_pretrained(str(other))
     with pytest.raises(RelexInputError, match="does not match the trajectory's theta_0"):
         extrapolate_trajectory(str(part), str(other), [60], str(tmp_path / "y"))
     if how == "max_steps":
         # the command the warning names: same result as the Python call
-        from relex_callback.cli import main
+        from relex_callback.offline.cli import main
 
         assert main(["extrapolate", "--trajectory", str(part), "--base", str(base), "--horizons", "60",
                      "--out", str(tmp_path / "cli"), "--no-progress"]) == 0
@@ -266,9 +266,9 @@ def test_damaged_saved_trajectory_is_an_input_error_from_python(tmp_path, tiny_m
 
 
 def test_bad_shard_size_fails_before_the_state_file(tmp_path, tiny_model, tokenizer):
-    from relex_callback.pipeline import finalize
-    from relex_callback.writers import FullModelWriter
-    from relex_callback.checkpoints import ModelSource
+    from relex_callback.pipeline.finalize import finalize
+    from relex_callback.files.writers import FullModelWriter
+    from relex_callback.files.checkpoints import ModelSource
 
     store = _small_store(tmp_path, tiny_model)
     out = tmp_path / "out"
@@ -279,10 +279,10 @@ def test_bad_shard_size_fails_before_the_state_file(tmp_path, tiny_model, tokeni
 
 
 def test_window_with_fewer_than_two_recorded_steps_is_a_clear_error(tmp_path, tiny_model, tokenizer):
-    from relex_callback.pipeline import finalize
-    from relex_callback.writers import FullModelWriter
+    from relex_callback.pipeline.finalize import finalize
+    from relex_callback.files.writers import FullModelWriter
     from relex_callback.params import plain_tracked, trainable_named_parameters
-    from relex_callback.checkpoints import ModelSource
+    from relex_callback.files.checkpoints import ModelSource
 
     tracked = plain_tracked(trainable_named_parameters(tiny_model))
     store = TrajectoryStore([t.spec for t in tracked], 4, dtype="float32", storage="host")
@@ -295,9 +295,9 @@ def test_window_with_fewer_than_two_recorded_steps_is_a_clear_error(tmp_path, ti
 
 def test_no_checkpoint_is_written_with_nan(tmp_path, tiny_model, tokenizer):
     # the check sits in writer.write_shard, which the single-process and the distributed writers both use
-    from relex_callback.writers import write_full_checkpoint as write_horizon
-    from relex_callback.solver import solve
-    from relex_callback.checkpoints import ModelSource
+    from relex_callback.files.writers import write_full_checkpoint as write_horizon
+    from relex_callback.core.solver import solve
+    from relex_callback.files.checkpoints import ModelSource
 
     store = _small_store(tmp_path, tiny_model)
     sol = solve(store.rows(), store.steps, store.specs)
@@ -310,10 +310,10 @@ def test_no_checkpoint_is_written_with_nan(tmp_path, tiny_model, tokenizer):
 
 
 def test_materialize_checks_every_output_before_writing_one(tmp_path, tiny_model, tokenizer):
-    from relex_callback.offline import materialize
-    from relex_callback.pipeline import finalize
-    from relex_callback.writers import FullModelWriter
-    from relex_callback.checkpoints import ModelSource
+    from relex_callback.offline.api import materialize
+    from relex_callback.pipeline.finalize import finalize
+    from relex_callback.files.writers import FullModelWriter
+    from relex_callback.files.checkpoints import ModelSource
 
     base = tmp_path / "base"
     tiny_model.save_pretrained(str(base))  # theta_0, before _small_store moves the weights

@@ -1,4 +1,4 @@
-"""Streaming fold (relex_callback.fold): a ring smaller than the window gives the same extrapolation as the exact
+"""Streaming fold (relex_callback.core.fold): a ring smaller than the window gives the same extrapolation as the exact
 path, within the bf16/rank-r truncation, and its memory does not grow with tcut."""
 
 import logging
@@ -7,12 +7,12 @@ import os
 import pytest
 import torch
 
-from relex_callback.buffer import TrajectoryStore
+from relex_callback.trajectory.buffer import TrajectoryStore
 from relex_callback.errors import RelexInputError, RelexMemoryError
 from relex_callback.config import RelexSettings
-from relex_callback.fold import plan_slots
+from relex_callback.core.fold import plan_slots
 from relex_callback.params import TensorSpec
-from relex_callback.solver import solve
+from relex_callback.core.solver import solve
 
 logger = logging.getLogger(__name__)
 
@@ -185,7 +185,7 @@ def test_grpo_callback_folded_matches_exact(tmp_path, tokenizer, caplog):
     from trl import GRPOConfig, GRPOTrainer
 
     from relex_callback import RelexCallback
-    from relex_callback.toy import arithmetic_problems, build_model
+    from relex_callback.examples.toy import arithmetic_problems, build_model
 
     def digit_reward(completions, **kw):  # dense, so an untrained toy model gets a learning signal at once
         return [sum(ch == "7" for ch in c) / max(1, len(c)) for c in completions]

@@ -121,7 +121,7 @@ def test_config_module_imports_no_torch():
     import subprocess
     import sys
 
-    code = ("import sys; import relex_callback.config, relex_callback.cli; "
+    code = ("import sys; import relex_callback.config, relex_callback.offline.cli; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))})

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from relex_callback.offline import materialize
+from relex_callback.offline.api import materialize
 
 pytestmark = pytest.mark.slow
 

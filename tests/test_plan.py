@@ -1,4 +1,4 @@
-"""The memory plan (relex_callback/plan.py) and `relex plan`: parameter counts of the paper's three models from their
+"""The memory plan (relex_callback/trajectory/plan.py) and `relex plan`: parameter counts of the paper's three models from their
 published configs, the plan's arithmetic recomputed here from first principles, the `auto` choice under a node shared
 by 8 processes vs 1, a colocated vLLM's share, folding when the exact window fits nowhere, and every CLI mistake ->
 one `relex: error:` line, exit 2."""
@@ -12,9 +12,9 @@ import sys
 import pytest
 import torch
 
-from relex_callback.cli import main
+from relex_callback.offline.cli import main
 from relex_callback.errors import RelexInputError
-from relex_callback.plan import (balance_loads, count_parameters, elements_per_process, plan_for_run, plan_memory,
+from relex_callback.trajectory.plan import (balance_loads, count_parameters, elements_per_process, plan_for_run, plan_memory,
                                  _local_world_size)
 
 FIX = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
@@ -60,7 +60,7 @@ def test_parameter_counts_match_the_published_totals(counted, model):
 def test_division_among_processes_matches_the_topology():
     """zero3: DeepSpeed's flat partitions (Topology._track_zero3's ranges); fsdp2: torch.chunk along dim 0 (what
     fully_shard's Shard(0) keeps); replicated: topology.balance's greedy assignment."""
-    from relex_callback.topology import balance
+    from relex_callback.trainer.topology import balance
 
     shapes = [(151936, 64), (64, 64), (7, 5), (3,), (1000, 3), (13, 11)]
     sizes = [math.prod(s) for s in shapes]
@@ -166,7 +166,7 @@ def test_fits_nowhere_folds_or_says_what_is_missing():
 
 
 def test_max_buffer_bytes_folds_like_the_store():
-    from relex_callback.fold import plan_slots
+    from relex_callback.core.fold import plan_slots
 
     D, cap = 3_000_000, 20 * 3_000_000 * 2 + 12345
     p = plan_memory(window=40, elements=D, host_memory=10**12, max_buffer_bytes=cap, cuda=False)
@@ -175,10 +175,10 @@ def test_max_buffer_bytes_folds_like_the_store():
 
 
 def test_plan_for_run_on_this_machine(tmp_path, monkeypatch):
-    from relex_callback.buffer import available_host_bytes
+    from relex_callback.trajectory.buffer import available_host_bytes
     from relex_callback.config import RelexSettings
     from relex_callback.params import TensorSpec
-    from relex_callback.topology import Topology
+    from relex_callback.trainer.topology import Topology
 
     s = RelexSettings.validate(tcut=12, horizons=[60], stride=2, output_dir=str(tmp_path))
     specs = [TensorSpec("a", (100, 10), torch.float32, 1000), TensorSpec("b", (10,), torch.float32, 10)]
@@ -258,7 +258,7 @@ def test_cli_mistakes_are_one_line(tmp_path, capsys, argv, msg):
 
 
 def test_cli_mistakes_answer_before_torch_is_imported(tmp_path):
-    code = ("import sys; from relex_callback.cli import main; "
+    code = ("import sys; from relex_callback.offline.cli import main; "
             f"rc = main(['plan', '--model', {M8!r}, '--tcut', '100', '--gpu-memory', 'lots']); "
             "print(rc, 'torch' in sys.modules)")
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(FIX)))

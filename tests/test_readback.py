@@ -10,13 +10,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from relex_callback.cli import main
+from relex_callback.offline.cli import main
 
 
 @pytest.fixture(scope="module")
 def done(tmp_path_factory):
     """A base checkpoint, three training checkpoints and a finished `relex extrapolate`."""
-    from relex_callback.toy import build_model, build_tokenizer
+    from relex_callback.examples.toy import build_model, build_tokenizer
 
     d = tmp_path_factory.mktemp("readback")
     tok = build_tokenizer()

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from relex_callback import real_model as rm
+from relex_callback.examples import real_model as rm
 
 pytestmark = [
     pytest.mark.slow,

@@ -58,7 +58,7 @@ def test_configs_parse_to_the_papers_settings(name, tcut, horizons):
 
 @pytest.fixture(scope="module")
 def local_assets(tmp_path_factory):
-    from relex_callback.toy import build_model, build_tokenizer
+    from relex_callback.examples.toy import build_model, build_tokenizer
 
     root = tmp_path_factory.mktemp("recipe")
     tok = build_tokenizer()

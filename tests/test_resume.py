@@ -212,8 +212,8 @@ def test_a_window_too_short_for_its_fit_at_tcut_is_kept_with_a_command_that_work
     run with a 2-step fit, writes the horizon."""
     import re
 
-    from relex_callback.cli import main
-    from relex_callback.toy import build_model, build_tokenizer
+    from relex_callback.offline.cli import main
+    from relex_callback.examples.toy import build_model, build_tokenizer
 
     tok = build_tokenizer()
     model = build_model(tok)
@@ -253,7 +253,7 @@ def test_two_callbacks_on_one_output_dir_are_refused_before_step_1(tmp_path):
 
 
 def test_output_dir_held_by_a_live_process_is_refused_and_a_dead_one_taken_over(tmp_path):
-    from relex_callback.buffer import LOCK_FILE
+    from relex_callback.trajectory.buffer import LOCK_FILE
 
     relex = tmp_path / "relex"
     relex.mkdir()

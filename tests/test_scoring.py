@@ -15,8 +15,8 @@ import torch
 from datasets import Dataset
 
 from relex_callback import RelexCallback, RelexInputError, evaluate_horizons
-from relex_callback.scoring import choose_metric, clean_metrics, rank_steps
-from relex_callback.toy import arithmetic_problems, build_model, build_tokenizer
+from relex_callback.trainer.scoring import choose_metric, clean_metrics, rank_steps
+from relex_callback.examples.toy import arithmetic_problems, build_model, build_tokenizer
 from test_callback import grpo_trainer
 
 TCUT = 4
@@ -325,7 +325,7 @@ def test_scoring_in_distributed_runs(tmp_path, mode):
 def test_plot_skipped_without_matplotlib(tmp_path, monkeypatch, caplog):
     import sys
 
-    from relex_callback.scoring import plot_horizons, summarize
+    from relex_callback.trainer.scoring import plot_horizons, summarize
 
     scores = {"4": {"reward": 0.2}, "8": {"reward": 0.3}, "16": {"reward": 0.25}}
     summary = summarize(scores, 4, [8, 16])

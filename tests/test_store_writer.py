@@ -7,13 +7,13 @@ import os
 import pytest
 import torch
 
-from relex_callback.buffer import TrajectoryStore
+from relex_callback.trajectory.buffer import TrajectoryStore
 from relex_callback.errors import RelexInputError, RelexMemoryError
 from relex_callback.params import TensorSpec, plain_tracked
-from relex_callback.solver import solve
-from relex_callback.state import fingerprint, fingerprint_mismatch, load_state, save_state
-from relex_callback.checkpoints import ModelSource, plan_shards
-from relex_callback.fs import atomic_directory
+from relex_callback.core.solver import solve
+from relex_callback.files.state import fingerprint, fingerprint_mismatch, load_state, save_state
+from relex_callback.files.checkpoints import ModelSource, plan_shards
+from relex_callback.files.fs import atomic_directory
 
 
 def _specs(shapes, dtype=torch.float32):
@@ -118,7 +118,7 @@ def _solved(model):
 def test_sharded_write_loads_with_from_pretrained_and_ties(tmp_path, tiny_model, tokenizer):
     from transformers import AutoModelForCausalLM
 
-    from relex_callback.writers import write_full_checkpoint as write_horizon
+    from relex_callback.files.writers import write_full_checkpoint as write_horizon
 
     tiny_model.config.tie_word_embeddings = True
     tiny_model.tie_weights()

@@ -1,4 +1,4 @@
-"""Tensor-major `relex extrapolate` (relex_callback/streaming.py) against the buffered path and a float64 SVD
+"""Tensor-major `relex extrapolate` (relex_callback/pipeline/streamed.py) against the buffered path and a float64 SVD
 reference computed here; its outputs in the usual formats (from_pretrained, load_state, materialize bit for bit);
 refusals (NaN checkpoint, overflowing horizons) with nothing written; the tensor-by-tensor safetensors writer."""
 
@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from relex_callback.errors import RelexInputError, RelexNonFiniteError
-from relex_callback.offline import extrapolate_checkpoints, materialize
+from relex_callback.offline.api import extrapolate_checkpoints, materialize
 
 STEPS = [3, 6, 9, 12, 15]
 H = 60
@@ -131,7 +131,7 @@ def test_streamed_vs_buffered_vs_float64_reference(raw, rank):
 
 
 def test_state_and_materialize_match_bit_for_bit(raw):
-    from relex_callback.state import load_state
+    from relex_callback.files.state import load_state
 
     root, base, ckpts = raw
     out, sol, rep = _run(raw, "stream-mat", streaming=True, memory_budget=4 * (len(STEPS) + 1) * 500)
@@ -200,7 +200,7 @@ def test_streaming_refuses_cuda_and_power(raw):
 
 
 def test_write_shard_streaming_is_a_plain_safetensors_file(tmp_path):
-    from relex_callback.streaming import write_shard_streaming
+    from relex_callback.pipeline.streamed import write_shard_streaming
 
     g = torch.Generator().manual_seed(0)
     ts = {"x": torch.randn(3, 5, generator=g), "y": torch.randn(7, generator=g).to(torch.bfloat16),
@@ -222,8 +222,8 @@ def test_cli_flag_and_from_pretrained(tmp_path):
     """`--no-streaming` reaches the buffered path; the streamed horizons of a real model load with from_pretrained."""
     from transformers import AutoModelForCausalLM
 
-    from relex_callback.cli import main
-    from relex_callback.toy import build_model, build_tokenizer
+    from relex_callback.offline.cli import main
+    from relex_callback.examples.toy import build_model, build_tokenizer
 
     tok = build_tokenizer()
     model = build_model(tok, hidden_size=32, layers=1, tie=True, seed=0)
@@ -282,7 +282,7 @@ def test_full_disk_keeps_the_state_and_says_how_to_finish(raw, tmp_path):
         assert f"step-{2 * H}" in msg and "relex materialize" in msg and "state file" in msg and "intact" in msg, msg
         assert sorted(os.listdir(out)) == ["relex_state.safetensors", f"step-{H}"]
         assert os.listdir(mnt) == ["out"]  # no scratch parts, no temporaries
-        from relex_callback.state import load_state
+        from relex_callback.files.state import load_state
 
         assert load_state(out).steps == STEPS
     finally:

@@ -1,4 +1,4 @@
-"""Reward trend (relex_callback.trend) against a direct least-squares computation, on synthetic histories and on the
+"""Reward trend (relex_callback.core.trend) against a direct least-squares computation, on synthetic histories and on the
 log history of a real tiny TRL GRPOTrainer run."""
 
 import math
@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from relex_callback.trend import default_metric, reward_trend
+from relex_callback.core.trend import default_metric, reward_trend
 
 
 def _ols(points):
@@ -106,7 +106,7 @@ def grpo_history(tmp_path_factory):
     from trl import GRPOConfig, GRPOTrainer
 
     from helpers import digit_reward
-    from relex_callback.toy import arithmetic_problems, build_model, build_tokenizer
+    from relex_callback.examples.toy import arithmetic_problems, build_model, build_tokenizer
 
     out = tmp_path_factory.mktemp("grpo_trend")
     tok = build_tokenizer()

@@ -8,11 +8,11 @@ import torch
 from safetensors.torch import load_file
 
 from relex_callback import RelexCallback, RelexInputError
-from relex_callback.offline import materialize
-from relex_callback.state import load_state
+from relex_callback.offline.api import materialize
+from relex_callback.files.state import load_state
 
 from test_callback import grpo_trainer, read_weights
-from relex_callback.toy import build_model, build_tokenizer
+from relex_callback.examples.toy import build_model, build_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,7 @@ def test_flat_reward_error_writes_the_state_but_no_horizon(tmp_path):
     from datasets import Dataset
     from trl import GRPOTrainer
 
-    from relex_callback.toy import arithmetic_problems
+    from relex_callback.examples.toy import arithmetic_problems
     from test_callback import grpo_args
 
     tok = build_tokenizer()
@@ -89,7 +89,7 @@ def test_flat_reward_error_writes_the_state_but_no_horizon(tmp_path):
 def test_cli_fit_auto_prints_the_signals(power_run, tmp_path, capsys):
     """relex extrapolate over the callback's own trainer checkpoints is not possible here (save_strategy=no), so
     build checkpoints along a square-root path: --fit auto picks power and the printed lines say so."""
-    from relex_callback.cli import main
+    from relex_callback.offline.cli import main
 
     tok = build_tokenizer()
     model = build_model(tok, hidden_size=32, layers=1)

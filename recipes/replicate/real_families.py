@@ -1,11 +1,11 @@
 """Fit families on the real model: the demo's window refitted with every coefficient curve, each horizon scored like
 the real checkpoints at the same steps.
 
-    python -m relex_callback.demo                      # (make demo) writes relex_demo/
+    python -m relex_callback.examples.demo                      # (make demo) writes relex_demo/
     PYTHONPATH=. python recipes/replicate/real_families.py --demo relex_demo
 
 The demo's state file holds each tensor's direction v and report.json the coefficients c_t of the window; every
-family of relex_callback.fit is fitted to those c_t (as the callback would with fit=...), the horizon weights are
+family of relex_callback.core.fit is fitted to those c_t (as the callback would with fit=...), the horizon weights are
 theta_0 + c(H) v, and the same held-out greedy evaluation as the demo scores them beside the real checkpoints the demo
 saved at each horizon (cosine / norm ratio of the extrapolated vs the real move too). Writes <demo>/families.json.
 """
@@ -24,8 +24,8 @@ def main():
     a = ap.parse_args()
 
     from relex_callback import load_state
-    from relex_callback import real_model as rm
-    from relex_callback.fit import fit
+    from relex_callback.examples import real_model as rm
+    from relex_callback.core.fit import fit
 
     demo = json.load(open(os.path.join(a.demo, "demo.json")))
     st = demo["settings"]

@@ -107,7 +107,7 @@ def train(s: Setting, base_dir: str, run_dir: str):
     from trl import GRPOConfig, GRPOTrainer
 
     from relex_callback import RelexCallback
-    from relex_callback.real_model import SaveAtSteps, StepBar, load_model, split_problems
+    from relex_callback.examples.real_model import SaveAtSteps, StepBar, load_model, split_problems
 
     hf_logging.set_verbosity_error()
     logging.getLogger("relex_callback").setLevel(logging.WARNING)
@@ -127,7 +127,7 @@ def train(s: Setting, base_dir: str, run_dir: str):
         max_completion_length=s.max_new_tokens, temperature=s.temperature, beta=0.0, logging_steps=1,
         save_strategy="no", report_to=[], seed=s.seed, data_seed=s.seed, disable_tqdm=True, dataloader_num_workers=0,
     )
-    from relex_callback.real_model import sum_reward
+    from relex_callback.examples.real_model import sum_reward
 
     trainer = GRPOTrainer(model=model, processing_class=tok, reward_funcs=sum_reward, args=args,
                           train_dataset=Dataset.from_list(train_set), callbacks=[relex, saver, StepBar(f"GRPO {s.name}")])
@@ -148,7 +148,7 @@ def train(s: Setting, base_dir: str, run_dir: str):
 
 def extrapolate(base_dir, ckpt, steps, horizons, out, fit_start=None, fit="linear"):
     """``relex extrapolate`` on the saved checkpoints ``steps`` (the public CLI, in a child process)."""
-    cmd = [sys.executable, "-m", "relex_callback.cli", "extrapolate", "--base", base_dir, "--checkpoints",
+    cmd = [sys.executable, "-m", "relex_callback.offline.cli", "extrapolate", "--base", base_dir, "--checkpoints",
            *[os.path.join(ckpt, f"step-{t}") for t in steps], "--horizons", ",".join(map(str, horizons)), "--out", out,
            "--dtype", "float32", "--overwrite", "--no-progress"]
     if fit_start is not None:
@@ -181,7 +181,7 @@ def rank1_reconstruction(out, theta0, step):
 def run_setting(s: Setting, base_dir: str, out_root: str, keep: bool = False, reuse: bool = False) -> dict:
     from tqdm.auto import tqdm
 
-    from relex_callback.real_model import (delta_stats, flat_params, greedy_accuracy, load_model, load_weights,
+    from relex_callback.examples.real_model import (delta_stats, flat_params, greedy_accuracy, load_model, load_weights,
                                            naive_weights, read_checkpoint_weights)
 
     run_dir = os.path.join(out_root, s.name)
@@ -511,7 +511,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     results = json.load(open(a.results)) if os.path.isfile(a.results) else {}
     if not a.doc_only:
-        from relex_callback.real_model import prepare_checkpoint
+        from relex_callback.examples.real_model import prepare_checkpoint
 
         torch.set_num_threads(a.threads)
         base_dir = prepare_checkpoint()

@@ -43,7 +43,7 @@ def train(cfg, out_dir):
 
     from relex_callback import RelexCallback
     from relex_callback.params import trainable_named_parameters
-    from relex_callback.toy import arithmetic_reward, build_model, build_tokenizer
+    from relex_callback.examples.toy import arithmetic_reward, build_model, build_tokenizer
 
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -89,7 +89,7 @@ def train(cfg, out_dir):
 
 # ---------------------------------------------------------------------------------------------- engine helpers
 def make_store(named, theta, steps, dtype):
-    from relex_callback.buffer import TrajectoryStore
+    from relex_callback.trajectory.buffer import TrajectoryStore
     from relex_callback.params import plain_tracked
 
     tracked = plain_tracked(named)
@@ -111,7 +111,7 @@ def split(flat, specs):
 
 
 def solve_window(named, theta, tcut, *, stride=1, rank=1, fit_start=None, dtype="float32"):
-    from relex_callback.solver import solve
+    from relex_callback.core.solver import solve
 
     steps = list(range(stride, tcut + 1, stride))
     store = make_store(named, theta, steps, dtype)

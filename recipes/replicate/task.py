@@ -1,12 +1,12 @@
 """The replication's synthetic task: two-operand sums ``a+b=`` with a verifiable answer, a supervised warm-up, and
-fast greedy scoring. Uses the toy character tokenizer and Qwen2-architecture model from ``relex_callback.toy``."""
+fast greedy scoring. Uses the toy character tokenizer and Qwen2-architecture model from ``relex_callback.examples.toy``."""
 
 from __future__ import annotations
 
 
 import torch
 
-from relex_callback.toy import arithmetic_reward
+from relex_callback.examples.toy import arithmetic_reward
 
 
 def all_problems(max_operand: int) -> list[dict]:
@@ -15,7 +15,7 @@ def all_problems(max_operand: int) -> list[dict]:
 
 
 def sample_problems(n: int, max_operand: int, seed: int) -> list[dict]:
-    from relex_callback.toy import arithmetic_problems
+    from relex_callback.examples.toy import arithmetic_problems
 
     return arithmetic_problems(n, seed=seed, max_operand=max_operand)
 

@@ -20,7 +20,7 @@ from transformers import TrainerControl, TrainerState  # noqa: E402
 
 from relex_callback import RelexCallback  # noqa: E402
 from relex_callback.errors import RelexInputError  # noqa: E402
-from relex_callback.toy import build_model, build_tokenizer  # noqa: E402
+from relex_callback.examples.toy import build_model, build_tokenizer  # noqa: E402
 
 
 def main():

@@ -36,7 +36,7 @@ from transformers import TrainerCallback  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 from relex_callback import RelexCallback  # noqa: E402
-from relex_callback.toy import arithmetic_problems, build_model, build_tokenizer  # noqa: E402
+from relex_callback.examples.toy import arithmetic_problems, build_model, build_tokenizer  # noqa: E402
 
 
 def ones_reward(completions, **kwargs):
@@ -150,7 +150,7 @@ def main():
     if a.fail_write_rank is not None and rank_env == a.fail_write_rank:
         import errno
 
-        from relex_callback import checkpoints
+        from relex_callback.files import checkpoints
 
         real = checkpoints.write_safetensors
 

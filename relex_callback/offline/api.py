@@ -1,0 +1,345 @@
+"""RELEX after the fact, from Python: the functions behind ``relex extrapolate`` and ``relex materialize``.
+
+* :func:`extrapolate_checkpoints`: saved checkpoints of a run (no callback needed) -> state, horizons, report.
+* :func:`extrapolate_trajectory`: a trajectory the callback saved (``partial_trajectory/``, a checkpoint's
+  ``relex_trajectory/``) -> the same.
+* :func:`materialize`: more horizons from a state file and the base model.
+
+All three check every input before anything is written and go through :func:`relex_callback.pipeline.finalize.finalize`
+(or, for ``materialize``, the same full-checkpoint writer), so their outputs and failures are the callback's.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from ..files.checkpoints import (ADAPTER_KEYS, DirectorySource, MappedSource, check_same_tensors, discover_checkpoints,
+                          read_tensors)
+from ..config import RelexSettings
+from ..errors import RelexInputError, RelexNonFiniteError, RelexWriteError
+from ..files.fs import STATE_NAME, check_outputs_free, check_writable_dir
+from ..pipeline.finalize import finalize
+from ..files.writers import FullModelWriter, WriteFailed, write_full_checkpoint
+
+logger = logging.getLogger("relex_callback")
+
+
+def base_theta0(src, base: str, specs, expected_of: Callable, whose: str, hint: str) -> dict[str, torch.Tensor]:
+    """Each spec's piece of theta_0 read from the base checkpoint ``src`` (path ``base``), refused with ``hint``
+    when its fingerprint differs from ``expected_of(spec)`` (``whose`` names where that came from). Returns
+    ``name -> flat piece``."""
+    from ..files.state import fingerprint, fingerprint_mismatch
+
+    thetas = {}
+    for spec in specs:
+        t = src.get(spec.name).reshape(-1)[spec.flat_start: spec.flat_start + spec.local_numel]
+        why = fingerprint_mismatch(fingerprint(t), expected_of(spec))
+        if why:
+            raise RelexInputError(f"the base {base} does not match {whose} theta_0 for {spec.name} ({why}); {hint}")
+        thetas[spec.name] = t
+    return thetas
+
+
+def _check_out(out_dir: str, overwrite: bool):
+    check_writable_dir(out_dir, "--out")
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
+        raise RelexInputError(f"--out {out_dir} exists and is not empty; choose a new directory, or pass --overwrite")
+
+
+def materialize(state_path: str, base: str, horizons: Sequence[int], out_dir: Optional[str] = None, *,
+                overwrite: bool = False, max_shard_size="50GB") -> list[str]:
+    """Write ``step-H`` for each horizon from a state file and the base checkpoint (theta_0 and every untracked
+    tensor): what ``relex materialize`` runs. Refuses a base whose tracked tensors do not match the fingerprints
+    of theta_0 in the state. Returns the written directories."""
+    from ..config import parse_horizons, parse_size, MAX_STEP
+    from ..files.state import load_state
+
+    parse_size(max_shard_size)
+    st = load_state(state_path)
+    hs = sorted(parse_horizons(horizons))
+    if len(set(hs)) != len(hs):
+        raise RelexInputError(f"horizons repeat: give each step once, e.g. {','.join(map(str, sorted(set(hs))))}")
+    bad = [h for h in hs if h <= st.tcut]
+    if bad:
+        raise RelexInputError(f"horizons {bad} are not beyond the state's last observed step {st.tcut}; use horizons > {st.tcut}")
+    big = [h for h in hs if h > MAX_STEP]
+    if big:
+        raise RelexInputError(f"horizons {big} are beyond {MAX_STEP:,} steps; use smaller horizons")
+    src = DirectorySource(base)
+    out_dir = out_dir or os.path.dirname(os.path.abspath(state_path if not os.path.isdir(state_path)
+                                                         else os.path.join(state_path, STATE_NAME)))
+    # every check before anything is written
+    check_writable_dir(out_dir, "--out")
+    check_outputs_free(out_dir, hs, overwrite, include_state=False)
+    for spec in st.specs:
+        if spec.name not in src.meta:
+            raise RelexInputError(f"the base {base} has no tensor {spec.name}: pass the base the state was computed from")
+        shape, dtype = src.meta[spec.name]
+        if tuple(shape) != tuple(spec.shape) or dtype != spec.dtype:
+            raise RelexInputError(
+                f"{spec.name}: {list(shape)} {dtype} in {base} but {list(spec.shape)} {spec.dtype} in the state; "
+                "pass the base the state was computed from"
+            )
+    thetas = base_theta0(src, base, st.specs, lambda spec: st.info[spec.name]["theta0"], "the state's",
+                         "pass the same base checkpoint given to `relex extrapolate` (or the model the callback trained)")
+    written = []
+    for h in hs:
+        try:
+            written.append(write_full_checkpoint(out_dir, h, st.tcut, st, lambda i: thetas[st.specs[i].name], src,
+                                                 overwrite=overwrite, max_shard_size=max_shard_size))
+        except WriteFailed as e:
+            raise RelexWriteError(
+                f"writing step-{h} into {out_dir} failed: {e}; nothing exists under the final name"
+                + (f" ({', '.join(written)} were written whole)" if written else "")
+                + "; the state file is unchanged: free space (or fix permissions) and run again"
+            ) from e.__cause__
+    return written
+
+
+def extrapolate_trajectory(trajectory_dir: str, base: str, horizons: Sequence[int], out_dir: str, *,
+                           rank: int = 1, fit_start: Optional[int] = None, method: str = "auto",
+                           overwrite: bool = False, max_shard_size="50GB", fit: str = "linear",
+                           fit_window: Optional[int] = None, degree: int = 2):
+    """Solve a saved trajectory (``<out>/partial_trajectory/`` of a run that ended before tcut, or a checkpoint's
+    ``relex_trajectory/``) and write the state, the horizons and the report, as the callback would have. ``tcut``
+    is the last recorded step. ``base`` is the checkpoint training started from (config, tokenizer, untracked
+    tensors); it must match the trajectory's theta_0. Returns ``(solution, report)``."""
+    from ..trajectory.buffer import TrajectoryStore
+    from ..files.state import fingerprint
+
+    store = TrajectoryStore.open(trajectory_dir)
+    if store.num_rows < 2:
+        raise RelexInputError(f"{trajectory_dir} holds {store.num_rows} recorded step(s); a line needs at least 2")
+    tcut = store.steps[-1]
+    settings = RelexSettings.validate(tcut=tcut, horizons=horizons, stride=1, fit_start=fit_start,
+                                      rank=min(rank, store.num_rows), solver=method, max_shard_size=max_shard_size,
+                                      fit=fit, degree=degree, allow_partial_stride=True)
+    _check_fit_window(fit_window, store.steps, fit_start)
+    if rank > store.num_rows:
+        raise RelexInputError(f"rank={rank} exceeds the {store.num_rows} recorded steps in {trajectory_dir}")
+    src = DirectorySource(base)
+    keys_file = os.path.join(base, ADAPTER_KEYS)
+    if os.path.isfile(keys_file):  # a PEFT adapter relex saved: its file keys drop the adapter name
+        import dataclasses
+        import json
+
+        with open(keys_file) as f:
+            rename = json.load(f)
+        if not isinstance(rename, dict) or any(not isinstance(v, str) for v in rename.values()):
+            raise RelexInputError(f"{keys_file} is not a mapping of parameter names to adapter keys; it was edited or "
+                                  "is damaged: use the adapter/ directory the callback saved beside the trajectory")
+        store.specs = [dataclasses.replace(sp, name=rename.get(sp.name, sp.name)) for sp in store.specs]
+    missing = [s.name for s in store.specs if s.name not in src.meta]
+    if missing:
+        peft = any("lora_" in n for n in missing)
+        raise RelexInputError(
+            f"the base {base} has no tensor {missing[0]}: it is not the model of this trajectory"
+            + ("; for a LoRA trajectory pass the adapter/ directory the callback saved beside it (--base "
+               f"{os.path.join(trajectory_dir, 'adapter')})" if peft else "")
+        )
+    base_theta0(src, base, store.specs, lambda spec: fingerprint(store.theta0_of(spec)), "the trajectory's",
+                "pass the checkpoint training started from")
+    logger.warning("relex: extrapolating a trajectory of %d steps (%s..%d) from %s", store.num_rows, store.steps[0],
+                   tcut, trajectory_dir)
+    return finalize(store, FullModelWriter(src, max_shard_size=settings.max_shard_size), tcut=tcut,
+                    horizons=settings.horizons, out_dir=out_dir, rank=rank, fit_start=fit_start, method=method,
+                    overwrite=overwrite, fit=fit, fit_window=fit_window, degree=degree,
+                    report_extra={"trajectory": os.path.abspath(trajectory_dir), "partial": True})
+
+
+def _check_fit_window(fit_window, steps, fit_start):
+    """``fit_window`` against the steps a saved trajectory or a set of checkpoints actually has."""
+    if fit_window is None:
+        return
+    n = len([t for t in steps if fit_start is None or t >= fit_start])
+    if isinstance(fit_window, bool) or not isinstance(fit_window, int) or not 2 <= fit_window <= n:
+        raise RelexInputError(f"--fit-window {fit_window} must be between 2 and the {n} steps the fit can use "
+                              f"({list(steps)}{f' from {fit_start}' if fit_start is not None else ''})")
+
+
+def extrapolate_checkpoints(base: str, checkpoints: Sequence[str], horizons, out_dir: str, *,
+                            steps: Optional[Sequence[int]] = None, stride: int = 1, fit_start: Optional[int] = None,
+                            rank: int = 1, dtype: str = "bfloat16", device: str = "cpu", storage: str = "auto",
+                            solver: str = "auto", max_shard_size="50GB", overwrite: bool = False,
+                            progress: bool = False, timing: bool = False, streaming: Optional[bool] = None,
+                            memory_budget: Optional[int] = None, fit: str = "linear",
+                            fit_window: Optional[int] = None, degree: int = 2):
+    """RELEX over checkpoints saved on disk (a run without the callback, or verl's): what ``relex extrapolate`` runs.
+
+    Args:
+        base (`str`): theta_0, the checkpoint training started from (step 0).
+        checkpoints (`list[str]`): checkpoint directories (``checkpoint-N``, ``global_step_N``, ``step_N``,
+            ``step-N``), or one parent directory holding them. The last one (by step) is tcut.
+        horizons (`list[int]` or `str`): steps to write, each beyond the last checkpoint's step.
+        out_dir (`str`): where ``step-H/``, ``relex_state.safetensors`` and ``report.json`` go.
+        steps (`list[int]`, *optional*): step numbers of ``checkpoints`` in the order given (default: their names).
+        stride, fit_start, rank, dtype, solver, max_shard_size, overwrite: as in :class:`~relex_callback.RelexCallback`.
+        device (`str`, *optional*, defaults to `"cpu"`): ``cpu`` or ``cuda``. storage: the buffer tier.
+        streaming (`bool`, *optional*): read the checkpoints tensor by tensor (:mod:`relex_callback.pipeline.streamed`: no
+            ``[T, D]`` buffer, float32/float64 arithmetic on the exact deltas, memory bounded by ``memory_budget``)
+            instead of filling the trajectory buffer. Default (``None``): streaming on the CPU with the default
+            ``storage`` and a Gram solver (``auto`` or ``gram``); the buffer otherwise (``--device cuda``, an explicit
+            ``storage``, ``solver="power"``). With streaming, ``dtype`` is the dtype of the directions kept in the
+            state file (the horizons are written from them).
+        memory_budget (`int`, *optional*, defaults to 256 MiB): with streaming, the bytes of float32 blocks read at a
+            time (tensors whose ``T + 1`` rows fit are read once, larger ones twice in column chunks).
+
+    Returns:
+        ``(solution, report)``. Every input mistake raises :class:`~relex_callback.errors.RelexInputError` before
+        anything is written.
+    """
+    t_main = time.perf_counter()
+    if device not in ("cpu", "cuda"):
+        raise RelexInputError(f"--device {device!r} is not one of ['cpu', 'cuda']")
+    cks = discover_checkpoints(checkpoints, steps, stride)
+    tcut = cks[-1].step
+    obs = [c.step for c in cks]
+    from ..config import parse_horizons
+
+    early = [h for h in parse_horizons(horizons) if h <= tcut]
+    if early:
+        raise RelexInputError(f"--horizons {','.join(map(str, early))} not beyond the last checkpoint's step {tcut}: "
+                              f"extrapolation writes steps after it; use horizons > {tcut} (the paper uses 5-10x the "
+                              "last step)")
+    # The steps need not be every stride-th step, so settings are validated with stride 1 and the checks that depend
+    # on the actual steps are done here.
+    settings = RelexSettings.validate(tcut=max(tcut, 2), horizons=horizons, stride=1, rank=1, storage=storage,
+                                      dtype=dtype, solver=solver, max_shard_size=max_shard_size, fit=fit,
+                                      degree=degree)
+    _check_fit_window(fit_window, obs, fit_start)
+    if fit == "polynomial" and degree >= min(len(obs), fit_window or len(obs)):
+        raise RelexInputError(f"--degree {degree} needs more than {degree} fitted checkpoints; there are "
+                              f"{min(len(obs), fit_window or len(obs))}")
+    if fit_start is not None:
+        n_fit = len([s for s in obs if s >= fit_start])
+        if fit_start < 0 or n_fit < 2:
+            raise RelexInputError(f"--fit-start {fit_start} leaves {n_fit} of the steps {obs} to fit; the line needs 2: "
+                                  f"use --fit-start <= {obs[-2]}")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1 or rank > len(obs):
+        raise RelexInputError(f"--rank {rank} must be between 1 and the number of checkpoints ({len(obs)})")
+    if solver == "power" and rank > 1:
+        raise RelexInputError(f"--solver power computes rank 1 only; use --solver gram or auto for --rank {rank}")
+    _check_out(out_dir, overwrite)
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RelexInputError("--device cuda but no CUDA device is visible; use --device cpu")
+    plain_line = fit == "linear" and fit_window is None
+    if streaming is None:
+        streaming = device == "cpu" and storage == "auto" and solver in ("auto", "gram") and plain_line
+    elif streaming and (device != "cpu" or solver == "power"):
+        raise RelexInputError("--streaming reads and solves on the CPU with the Gram solver; drop --device cuda / "
+                              "--solver power, or pass --no-streaming")
+    elif streaming and not plain_line:
+        raise RelexInputError("--streaming fits the line (the state is written group by group, before a fit family "
+                              "could be chosen over every tensor); drop --fit/--fit-window, or pass --no-streaming")
+
+    from ..trajectory.buffer import TrajectoryStore
+    from ..params import TensorSpec
+
+    src_base = DirectorySource(base)
+    names = [k for k in src_base.keys if src_base.meta[k][1].is_floating_point]
+    if not names:
+        raise RelexInputError(f"{base} has no floating-point tensors to track")
+    # DirectorySource has opened every safetensors file (safetensors refuses one its header does not cover whole)
+    sources = []
+    for ck in cks:
+        src = DirectorySource(ck.weights)
+        check_same_tensors(src_base, names, ck, src)
+        sources.append(src)
+    specs = [TensorSpec(name=n, shape=src_base.meta[n][0], dtype=src_base.meta[n][1],
+                        local_numel=math.prod(src_base.meta[n][0])) for n in names]
+    out = os.path.abspath(out_dir)
+    if streaming:
+        from ..pipeline.streamed import DEFAULT_MEMORY_BUDGET, extrapolate_streaming
+
+        t_checked = time.perf_counter()
+        phases = {}
+        sol, report = extrapolate_streaming(
+            src_base=src_base, base_path=base, sources=sources, cks=cks, names=names, horizons=settings.horizons,
+            out_dir=out, rank=rank, fit_start=fit_start, dtype=settings.torch_dtype, max_shard_size=settings.max_shard_size,
+            overwrite=overwrite, memory_budget=memory_budget or DEFAULT_MEMORY_BUDGET, progress=progress,
+            report_extra={"base": os.path.abspath(base), "checkpoints_read": [c.path for c in cks]}, timings=phases,
+        )
+        if timing:
+            print(f"relex: timing: header checks {t_checked - t_main:.2f} s, streaming "
+                  f"{time.perf_counter() - t_checked:.2f} s ({', '.join(f'{k} {v}' for k, v in phases.items())}); "
+                  f"peak RSS {_peak_rss() / 1e9:.2f} GB", file=sys.stderr)
+        return sol, report
+    scratch = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.trajectory-{os.getpid()}")
+    t_checked = time.perf_counter()
+    store = TrajectoryStore(specs, len(cks), dtype=settings.dtype, storage=settings.storage,
+                            device=torch.device(device), directory=scratch, prefault=False, skip_unchanged=False)
+    try:
+        store.set_theta0(read_tensors(src_base, names, device))
+        bar = _progress(len(cks), not progress)
+        for ck, src in zip(cks, sources):
+            bar.set_postfix_str(os.path.basename(os.path.normpath(ck.path)))
+            try:
+                store.snapshot(ck.step, read_tensors(src, names, device))
+            except RelexNonFiniteError as e:
+                bar.close()
+                raise RelexInputError(f"{ck.path}: {e}; leave this checkpoint (and later ones) out of --checkpoints") from None
+            bar.update(1)
+        bar.close()
+        t_read = time.perf_counter()
+        rss_read = _peak_rss()
+        # theta_0 is the base checkpoint itself: free the in-memory copy before the solve (peak memory) and let the
+        # writer read it back tensor by tensor from the page cache
+        store.theta0 = None
+        base_mapped = MappedSource(src_base)
+        try:
+            writer = FullModelWriter(src_base, theta0_of=lambda i: base_mapped.get(specs[i].name).reshape(-1),
+                                     max_shard_size=settings.max_shard_size)
+            sol, report = finalize(
+                store, writer, tcut=tcut, horizons=settings.horizons, out_dir=out, rank=rank, fit_start=fit_start,
+                method=settings.solver, overwrite=overwrite, release_buffer=True, fit=fit, fit_window=fit_window,
+                degree=degree,
+                report_extra={"base": os.path.abspath(base), "checkpoints_read": [c.path for c in cks]},
+            )
+        finally:
+            base_mapped.close()
+    finally:
+        store.release()
+        if os.path.isdir(scratch):
+            shutil.rmtree(scratch, ignore_errors=True)
+    if timing:
+        t_end = time.perf_counter()
+        print(f"relex: timing: header checks {t_checked - t_main:.2f} s, read+snapshot {t_read - t_checked:.2f} s, "
+              f"solve+write {t_end - t_read:.2f} s; peak RSS after reading {rss_read / 1e9:.2f} GB, at the end "
+              f"{_peak_rss() / 1e9:.2f} GB", file=sys.stderr)
+    return sol, report
+
+
+def _peak_rss() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class _NoBar:
+    def set_postfix_str(self, s):
+        pass
+
+    def update(self, n):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress(total: int, disabled: bool):
+    if disabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="relex: reading checkpoints", unit="ckpt", file=sys.stderr, dynamic_ncols=True)
+
+
+__all__ = ["extrapolate_checkpoints", "extrapolate_trajectory", "materialize", "base_theta0"]

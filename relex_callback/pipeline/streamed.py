@@ -1,0 +1,680 @@
+"""Tensor-major RELEX over checkpoints on disk: what ``relex extrapolate`` runs on the CPU by default.
+
+The buffered path (:func:`relex_callback.offline.api.extrapolate_checkpoints` with ``streaming=False``) copies every
+checkpoint into one ``[T, D]`` trajectory buffer (bf16 by default) and solves it. Offline, nothing needs that buffer:
+each tensor's trajectory is independent. This module reads, tensor by tensor, the ``T`` slices of a tensor straight
+from the checkpoint files into a float32 block (``os.preadv`` from the page cache into memory reused for every
+tensor: one copy, no page faults, no bf16 rounding), subtracts theta_0, builds the ``T x T`` Gram (float32 products
+per column chunk, summed in float64), takes the top eigenpairs and fits the lines with the solver's own math
+(:func:`relex_callback.core.solver._top_eigenpairs`, ``_directions``, :func:`relex_callback.core.fit.fit_lines`), and gets the
+directions ``v = M^T u / sigma`` from the same block. Tensors are grouped so that a group's block fits
+``memory_budget``: such a group is read once. A tensor larger than the budget is read in column chunks twice (Gram,
+then direction).
+
+Outputs are the pipeline's, in the same order and formats (:func:`relex_callback.pipeline.finalize.finalize`):
+
+1. every check before anything is written (outputs free, horizons that would overflow the dtype, non-finite
+   checkpoints with the buffered path's message);
+2. the state file: each group's :class:`~relex_callback.core.solver.Solution` is written by
+   :func:`relex_callback.files.state.save_state` into a scratch part, and the parts are joined into one
+   ``relex_state.safetensors`` (headers merged, data copied inside the kernel) and renamed into place;
+3. each horizon, written from the committed state file (directions memory-mapped, theta_0 memory-mapped from the
+   base) exactly as ``relex materialize`` would: ``theta_0 + (a H + b) v`` by
+   :func:`relex_callback.core.solver.extrapolate_piece`, assembled in a temporary directory, NaN/Inf refused, renamed
+   whole, with the relex marker; shards are written tensor by tensor (:func:`write_shard_streaming`), so a shard is
+   never held in memory;
+4. ``report.json`` from :func:`relex_callback.files.report.build_report`.
+
+Peak memory is about ``memory_budget`` plus the largest tensor's direction and one float32 copy of it, whatever the
+number of checkpoints and the model size.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import struct
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from ..errors import RelexInputError, RelexNonFiniteError
+from ..params import TensorSpec
+
+DEFAULT_MEMORY_BUDGET = 256 << 20
+# Columns per Gram product (float32 GEMM; the products are summed in float64). Per-call overhead dominates small
+# products: on the 2-core machine, T=21 x 3M columns took 0.84 s CPU in 16K-column products, 0.36 s in 64K, 0.21 s in
+# 256K and 0.13 s in one product (/tmp micro-benchmark, issue 14); 1M columns keeps float64 sums every 1M terms.
+GRAM_CHUNK = 1 << 20
+# Elements per read of a checkpoint slice: the piece is still in cache when theta_0 is subtracted from it (a separate
+# subtraction over the whole block cost 1.4 s CPU of 11 for the 76.6M x 20 benchmark).
+SUB_PIECE = 1 << 20
+# Elements converted per read when a checkpoint is not float32 (bf16/fp16 checkpoints are staged then widened).
+STAGE_ELEMS = 1 << 22
+
+ST_CODES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
+    torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}
+for _name, _code in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2")):
+    if hasattr(torch, _name):
+        ST_CODES[getattr(torch, _name)] = _code
+
+
+# ------------------------------------------------------------------------------------------------ reading
+@dataclass
+class _Loc:
+    path: str
+    offset: int  # absolute byte offset of the tensor's data in the file
+    dtype: torch.dtype
+    numel: int
+
+
+class FileReader:
+    """The tensors of one checkpoint (a :class:`~relex_callback.files.checkpoints.DirectorySource`) read with ``preadv``
+    into caller-owned float32 memory: ``read(name, out, start)`` fills ``out`` with elements ``[start, start +
+    out.numel())`` of the flattened tensor. Headers are parsed (and checked against the file sizes) once, by
+    :class:`~relex_callback.files.checkpoints.MappedSafetensors`."""
+
+    def __init__(self, source, names: Sequence[str]):
+        from ..files.checkpoints import MappedSafetensors, st_dtype
+
+        self.path = source.path
+        self.locs: dict[str, _Loc] = {}
+        headers = {}
+        for n in names:
+            fp = source.key_file[n]
+            if fp not in headers:
+                headers[fp] = MappedSafetensors(fp)
+            mf = headers[fp]
+            h = mf.header[n]
+            b, e = h["data_offsets"]
+            dtype = st_dtype(h["dtype"])
+            self.locs[n] = _Loc(fp, mf.start + b, dtype, (e - b) // dtype.itemsize)
+        self._fds: dict[str, int] = {}
+        self._stage: Optional[torch.Tensor] = None
+
+    def _fd(self, path: str) -> int:
+        fd = self._fds.get(path)
+        if fd is None:
+            fd = self._fds[path] = os.open(path, os.O_RDONLY)
+        return fd
+
+    def _pread(self, fd: int, dst: torch.Tensor, offset: int):
+        if not dst.is_contiguous():  # reshape would copy, and the read would land in the copy
+            raise ValueError("FileReader reads into contiguous memory only")
+        view = memoryview(dst.reshape(-1).view(torch.uint8).numpy())
+        done, total = 0, len(view)
+        while done < total:
+            n = os.preadv(fd, [view[done:]], offset + done)
+            if n <= 0:
+                raise RelexInputError(f"cannot read {total} bytes at offset {offset} of a checkpoint file: the file "
+                                      "is truncated (it changed after it was opened)")
+            done += n
+
+    def read(self, name: str, out: torch.Tensor, start: int = 0):
+        loc = self.locs[name]
+        count = out.numel()
+        fd = self._fd(loc.path)
+        if loc.dtype == torch.float32:
+            self._pread(fd, out, loc.offset + 4 * start)
+            return
+        isz = loc.dtype.itemsize
+        if self._stage is None:
+            self._stage = torch.empty(STAGE_ELEMS * 8, dtype=torch.uint8)
+        for a in range(0, count, STAGE_ELEMS):
+            k = min(STAGE_ELEMS, count - a)
+            raw = self._stage[: k * isz]
+            self._pread(fd, raw, loc.offset + (start + a) * isz)
+            out[a: a + k].copy_(raw.view(loc.dtype))
+
+    def close(self):
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+# ------------------------------------------------------------------------------------------------ grouping
+def plan_groups(numels: Sequence[int], rows: int, budget: int) -> list[tuple[list[int], bool]]:
+    """Consecutive tensors in groups whose ``[rows + 1, columns]`` float32 block fits ``budget`` bytes: ``(indices,
+    resident)``; a tensor too large for the budget is a group of its own with ``resident=False`` (read in column
+    chunks, twice)."""
+    cap = max(1, budget // (4 * (rows + 1)))
+    groups: list[tuple[list[int], bool]] = []
+    cur: list[int] = []
+    cols = 0
+    for i, n in enumerate(numels):
+        if n > cap:
+            if cur:
+                groups.append((cur, True))
+                cur, cols = [], 0
+            groups.append(([i], False))
+            continue
+        if cur and cols + n > cap:
+            groups.append((cur, True))
+            cur, cols = [], 0
+        cur.append(i)
+        cols += n
+    if cur:
+        groups.append((cur, True))
+    return groups
+
+
+# ------------------------------------------------------------------------------------------------ the math
+def _gram_into(G: torch.Tensor, block: torch.Tensor):
+    """``G += block block^T`` (float64 ``[T, T]``) from float32 products over column chunks."""
+    n = block.shape[1]
+    for s in range(0, n, GRAM_CHUNK):
+        c = block[:, s: s + GRAM_CHUNK]
+        G += (c @ c.T).double()
+
+
+def solve_grams(G: torch.Tensor, steps: Sequence[int], rank: int, fit_start: Optional[int]):
+    """The solver's math from the Grams ``G`` (``[S, T, T]`` float64): ``(sigma, U, X, coeffs, slope, intercept, r2,
+    total, last_sq)`` exactly as :func:`relex_callback.core.solver.solve` computes them on the Gram path."""
+    from ..core.fit import fit_lines
+    from ..core.solver import _directions, _fit_steps, _top_eigenpairs
+
+    steps_t, mask = _fit_steps(steps, fit_start)
+    lam, U = _top_eigenpairs(G, rank)
+    sigma, U, X = _directions(lam, U, rank)
+    row_sq = torch.diagonal(G, dim1=1, dim2=2)
+    total = row_sq.sum(-1).clamp_min(0)
+    last_sq = G[:, -1, -1].clamp_min(0)
+    coeffs = (U * sigma.unsqueeze(1)).transpose(1, 2)
+    slope, intercept, r2 = fit_lines(coeffs, steps_t, mask)
+    return sigma, U, X, coeffs, slope, intercept, r2, total, last_sq
+
+
+# ------------------------------------------------------------------------------------------------ writing
+def safetensors_header(entries: Sequence[tuple[str, torch.dtype, tuple]], metadata: Optional[dict] = None):
+    """The header bytes (length prefix included, padded to 8 bytes) of a safetensors file holding ``entries``
+    ``(name, dtype, shape)`` in that order, and the byte size of its data."""
+    hdr: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
+    off = 0
+    for name, dtype, shape in entries:
+        if dtype not in ST_CODES:
+            raise RelexInputError(f"{name}: dtype {dtype} cannot be written to safetensors")
+        nb = math.prod(shape) * dtype.itemsize
+        hdr[name] = {"dtype": ST_CODES[dtype], "shape": [int(s) for s in shape], "data_offsets": [off, off + nb]}
+        off += nb
+    raw = json.dumps(hdr, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw, off
+
+
+def _write_tensor(f, t: torch.Tensor):
+    if t.numel():
+        f.write(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """``isfinite(t).all()`` without the boolean tensor: a float64 sum is finite exactly when every element is (it
+    cannot overflow from finite float32/16 values); the exact check only when it is not."""
+    if t.numel() == 0:
+        return True
+    if t.dtype in (torch.float32, torch.float16, torch.bfloat16) and math.isfinite(float(t.sum(dtype=torch.float64))):
+        return True
+    return bool(torch.isfinite(t).all())
+
+
+def write_shard_streaming(path: str, keys: list[str], meta: dict, produce: Callable[[str], torch.Tensor]):
+    """Like :func:`relex_callback.files.checkpoints.write_shard` (each ``produce(key)`` checked against ``meta[key]`` and
+    for NaN/Inf, the same errors), but the shard is written tensor by tensor: the header first (sizes are known from
+    ``meta``), then each tensor as it is produced. Only one tensor is in memory at a time and nothing is serialised
+    twice; the file is a plain safetensors file (``{"format": "pt"}`` metadata, 8-byte aligned data)."""
+    head, _ = safetensors_header([(k, meta[k][1], tuple(meta[k][0])) for k in keys])
+    with open(path, "wb") as f:
+        f.write(head)
+        for k in keys:
+            t = produce(k)
+            shape, dtype = meta[k]
+            if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+                raise RuntimeError(f"{k}: produced {tuple(t.shape)} {t.dtype}, expected {shape} {dtype}")
+            if t.is_floating_point() and not _all_finite(t):
+                raise RelexNonFiniteError(
+                    f"{k} would be written with NaN/Inf values into {os.path.dirname(path)}; nothing was written (a "
+                    "diverged model, or an extrapolation from non-finite deltas)"
+                )
+            _write_tensor(f, t.to("cpu"))
+
+
+def write_weights_streaming(out_dir: str, keys: list[str], meta: dict, produce, max_shard_size) -> list[str]:
+    """:func:`relex_callback.files.checkpoints.write_weights` (same shard plan, names and index) with
+    :func:`write_shard_streaming`."""
+    from ..files.checkpoints import plan_shards, shard_names, tensor_bytes, write_index
+
+    entries = [(k, tensor_bytes(*meta[k])) for k in keys]
+    shards = plan_shards(entries, max_shard_size)
+    names = shard_names(len(shards))
+    for name, shard in zip(names, shards):
+        write_shard_streaming(os.path.join(out_dir, name), shard, meta, produce)
+    if len(shards) > 1:
+        write_index(out_dir, {k: n for n, shard in zip(names, shards) for k in shard}, sum(nb for _, nb in entries))
+    return names
+
+
+def _read_header(path: str):
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        hdr = json.loads(f.read(n))
+    return hdr, 8 + n, os.path.getsize(path) - 8 - n
+
+
+def merge_state_parts(parts: Sequence[str], path: str, offsets: dict[str, int]):
+    """Join state files written by :func:`relex_callback.files.state.save_state` for consecutive groups of tensors into one
+    state file at ``path`` (a temporary the caller renames): their ``relex`` metadata merged (``order``
+    concatenated, ``tensors`` united, every other field equal), each tensor's ``spec.offset`` set to ``offsets``
+    (its column in the whole model, as the buffered path records it), data copied without passing through Python."""
+    metas, heads = [], []
+    for p in parts:
+        hdr, start, size = _read_header(p)
+        md = hdr.pop("__metadata__")
+        metas.append(json.loads(md["relex"]))
+        heads.append((hdr, start, size, md))
+    merged = dict(metas[0])
+    merged["order"], merged["tensors"] = [], {}
+    for m in metas:
+        same = {k: v for k, v in m.items() if k not in ("order", "tensors")}
+        if same != {k: v for k, v in metas[0].items() if k not in ("order", "tensors")}:
+            raise RuntimeError("state parts disagree on their settings")
+        merged["order"] += m["order"]
+        merged["tensors"].update(m["tensors"])
+    for name, info in merged["tensors"].items():
+        info["spec"]["offset"] = int(offsets[name])
+    out_hdr: dict = {"__metadata__": {**heads[0][3], "relex": json.dumps(merged)}}
+    base = 0
+    for hdr, _, size, _ in heads:
+        for k, v in hdr.items():
+            b, e = v["data_offsets"]
+            out_hdr[k] = {**v, "data_offsets": [base + b, base + e]}
+        base += size
+    raw = json.dumps(out_hdr, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as out:
+        out.write(struct.pack("<Q", len(raw)) + raw)
+        out.flush()
+        for (hdr, start, size, _), p in zip(heads, parts):
+            with open(p, "rb") as src:
+                done = 0
+                while done < size:
+                    try:
+                        n = os.copy_file_range(src.fileno(), out.fileno(), size - done, start + done)
+                    except (AttributeError, OSError) as e:
+                        if isinstance(e, OSError) and e.errno not in (18, 22, 38, 95):  # EXDEV, EINVAL, ENOSYS, EOPNOTSUPP
+                            raise
+                        src.seek(start + done)
+                        out.seek(0, os.SEEK_END)
+                        shutil.copyfileobj(_Limited(src, size - done), out, 1 << 24)
+                        n = size - done
+                    if n == 0:
+                        raise OSError(f"{p} is shorter than its header says")
+                    done += n
+
+
+class _Limited:
+    def __init__(self, f, n):
+        self.f, self.n = f, n
+
+    def read(self, k=-1):
+        k = self.n if k < 0 else min(k, self.n)
+        b = self.f.read(k)
+        self.n -= len(b)
+        return b
+
+
+class MappedState:
+    """A committed state file read back lazily: directions memory-mapped one tensor at a time, everything else from
+    its metadata; ``extrapolate`` is :meth:`relex_callback.files.state.RelexState.extrapolate` (bit for bit what ``relex
+    materialize`` writes from the same file)."""
+
+    def __init__(self, path: str, specs: list[TensorSpec], slope: torch.Tensor, intercept: torch.Tensor, rank: int):
+        from ..files.checkpoints import MappedSafetensors
+
+        self.file = MappedSafetensors(path)
+        self.specs, self.slope, self.intercept, self.rank = specs, slope, intercept, rank
+
+    def coef_at(self, horizon: float) -> torch.Tensor:
+        return self.slope * float(horizon) + self.intercept
+
+    @torch.no_grad()
+    def extrapolate(self, i: int, horizon: float, theta0: torch.Tensor) -> torch.Tensor:
+        from ..core.solver import extrapolate_piece
+
+        spec = self.specs[i]
+        return extrapolate_piece(theta0, self.coef_at(horizon)[i], self.file.get(spec.name)[: self.rank], spec.dtype)
+
+    def close(self):
+        self.file.close()
+
+
+def write_horizon_streaming(out_dir: str, horizon: int, tcut: int, result, theta0_of, source, *, overwrite=False,
+                            max_shard_size="50GB") -> str:
+    """:func:`relex_callback.files.writers.write_full_checkpoint` with shards written tensor by tensor: ``out_dir/step-H``
+    assembled in a temporary directory (weights, config, tokenizer, the relex marker) and renamed whole; a failed
+    write raises :class:`~relex_callback.files.writers.WriteFailed` with nothing under the final name."""
+    from ..files.checkpoints import write_relex_marker
+    from ..files.fs import atomic_directory, clean_stale_temporaries, horizon_dir
+    from ..files.writers import guarded
+
+    final = horizon_dir(out_dir, horizon)
+    clean_stale_temporaries(out_dir, os.path.basename(final))
+    index = {s.name: i for i, s in enumerate(result.specs)}
+
+    def produce(key):
+        i = index.get(key)
+        if i is None:
+            return source.get(key)
+        spec = result.specs[i]
+        return result.extrapolate(i, horizon, theta0_of(i)).reshape(spec.shape)
+
+    meta = dict(source.meta)
+    for n, i in index.items():
+        meta[n] = (tuple(result.specs[i].shape), result.specs[i].dtype)
+
+    def write():
+        with atomic_directory(final, overwrite=overwrite) as tmp:
+            write_weights_streaming(tmp, list(source.keys), meta, produce, max_shard_size)
+            source.write_extras(tmp)
+            write_relex_marker(tmp, horizon, tcut)
+
+    guarded(write)
+    return final
+
+
+# ------------------------------------------------------------------------------------------------ the driver
+def _cat_solutions(parts, specs, steps, fit_start, rank, seconds, bytes_read):
+    from ..core.solver import Solution
+
+    def cat(k):
+        return torch.cat([getattr(p, k) for p in parts], 0)
+
+    return Solution(specs=list(specs), steps=list(steps), fit_start=fit_start, rank=rank, sigma=cat("sigma"),
+                    coeffs=cat("coeffs"), slope=cat("slope"), intercept=cat("intercept"), r2=cat("r2"),
+                    total=cat("total"), last_sq=cat("last_sq"), V=None, method="gram", seconds=seconds,
+                    bytes_read=bytes_read)
+
+
+def _first_nonfinite(readers, ckpts, names, numels, base_reader):
+    """The first checkpoint (in step order) with a non-finite delta, and its tensors: the buffered path's message."""
+    th = {}
+    for ck, rd in zip(ckpts, readers):
+        bad = []
+        for n, k in zip(names, numels):
+            if n not in th:
+                th[n] = torch.empty(k, dtype=torch.float32)
+                base_reader.read(n, th[n])
+            x = torch.empty(k, dtype=torch.float32)
+            rd.read(n, x)
+            if not bool(torch.isfinite(x.sub_(th[n])).all()):
+                bad.append(n)
+        if bad:
+            return ck, bad
+    return None, []
+
+
+@torch.no_grad()
+def extrapolate_streaming(*, src_base, base_path: str, sources, cks, names: Sequence[str], horizons: Sequence[int],
+                          out_dir: str, rank: int, fit_start: Optional[int], dtype: torch.dtype, max_shard_size,
+                          overwrite: bool, memory_budget: int = DEFAULT_MEMORY_BUDGET, progress: bool = False,
+                          report_extra: Optional[dict] = None, timings: Optional[dict] = None):
+    """Solve and write everything from the checkpoints, tensor by tensor (the module docstring has the plan).
+
+    Args:
+        src_base (`DirectorySource`): the base checkpoint (theta_0; untracked tensors, config, tokenizer).
+        base_path (`str`): its path, for messages.
+        sources (`list[DirectorySource]`), cks (`list[Checkpoint]`): the checkpoints, in step order, already checked
+            against the base (same tensors, shapes and dtypes).
+        names (`list[str]`): the tracked tensors (the base's floating-point keys).
+        horizons, out_dir, rank, fit_start, max_shard_size, overwrite: as in
+            :func:`relex_callback.offline.api.extrapolate_checkpoints`.
+        dtype (`torch.dtype`): the dtype of the directions kept in the state file (and used for the horizons).
+        memory_budget (`int`, *optional*, defaults to 256 MiB): bytes of float32 blocks read at a time.
+        timings (`dict`, *optional*): filled with phase times (seconds) and bytes read.
+
+    Returns:
+        ``(solution, report)``: the solution over every tensor (per-tensor arrays; ``V`` is ``None``, the
+        directions are in the state file) and the report written to ``report.json``.
+    """
+    from ..files.checkpoints import MappedSource
+    from ..files.fs import STATE_NAME, atomic_file, check_outputs_free, horizon_dir
+    from .finalize import check_horizons_fit
+    from ..files.report import REPORT_NAME, build_report, write_report
+    from ..errors import RelexWriteError
+    from ..core.solver import Solution
+    from ..files.state import save_state
+    from ..files.writers import WriteFailed, guarded
+
+    horizons = [int(h) for h in horizons]
+    steps = [c.step for c in cks]
+    T = len(cks)
+    if memory_budget < 4 * (T + 1):
+        raise RelexInputError(f"memory_budget={memory_budget} bytes holds no column of {T + 1} float32 rows; give at "
+                              f"least {4 * (T + 1)} bytes (default 256 MiB)")
+    check_outputs_free(out_dir, horizons, overwrite)
+    numels = [math.prod(src_base.meta[n][0]) for n in names]
+    specs, off = [], 0
+    for n, k in zip(names, numels):
+        specs.append(TensorSpec(name=n, shape=tuple(src_base.meta[n][0]), dtype=src_base.meta[n][1], local_numel=k,
+                                offset=off))
+        off += k
+    offsets = {s.name: s.offset for s in specs}
+    groups = plan_groups(numels, T, memory_budget)
+    arena_cols = max([sum(numels[i] for i in g) if res else max(1, memory_budget // (4 * (T + 1)))
+                      for g, res in groups] + [1])
+    arena = torch.empty((T + 1) * arena_cols, dtype=torch.float32)
+    base_reader = FileReader(src_base, names)
+    readers = [FileReader(s, names) for s in sources]
+    # the parts of the state file are written beside --out (nothing is created in it before the state is whole:
+    # a refused input leaves --out as it was)
+    out_abs = os.path.abspath(out_dir)
+    scratch = os.path.join(os.path.dirname(out_abs), f".{os.path.basename(out_abs)}.relex-parts-{os.getpid()}-"
+                           f"{uuid.uuid4().hex[:6]}")
+    os.makedirs(scratch)
+    fp_mapped = MappedSource(src_base)
+    t0 = time.perf_counter()
+    secs = {"read": 0.0, "gram": 0.0, "direction": 0.0, "state_parts": 0.0}
+    bytes_read = 0
+    parts, part_files, backtests = [], [], []
+    from ..core.backtest import backtest_from_gram, combine
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        import sys
+
+        bar = tqdm(total=sum(numels), desc="relex: reading checkpoints", unit="param", unit_scale=True,
+                   file=sys.stderr, dynamic_ncols=True)
+
+    def read_block(cols_of, width, s=0):
+        """Rows 0..T-1: the deltas; row T: theta_0, for columns laid out by ``cols_of`` [(name, col, count)]. Each
+        checkpoint's slice is read in cache-sized pieces and theta_0 subtracted while the piece is in cache."""
+        nonlocal bytes_read
+        ta = time.perf_counter()
+        block = arena[: (T + 1) * width].view(T + 1, width)
+        th = block[T]
+        for n, c, k in cols_of:
+            base_reader.read(n, th[c: c + k], s)
+            for t, rd in enumerate(readers):
+                row = block[t]
+                for a in range(0, k, SUB_PIECE):
+                    p = min(SUB_PIECE, k - a)
+                    piece = row[c + a: c + a + p]
+                    rd.read(n, piece, s + a)
+                    piece.sub_(th[c + a: c + a + p])
+        bytes_read += (T + 1) * width * 4
+        secs["read"] += time.perf_counter() - ta
+        return block
+
+    def check_finite(G, gnames):
+        d = torch.diagonal(G, dim1=-2, dim2=-1)
+        if bool(torch.isfinite(d).all()):
+            return
+        ck, bad = _first_nonfinite(readers, cks, names, numels, base_reader)
+        if ck is None:  # Inf products of finite values: deltas beyond float32's square root
+            raise RelexInputError(f"weight deltas of {gnames[0]} are too large to square in float32 (beyond 1e19); "
+                                  "the checkpoints are not a training run of the base")
+        raise RelexInputError(
+            f"{ck.path}: non-finite weight delta at step {ck.step} in {len(bad)} tensor(s): {', '.join(bad[:5])}"
+            + (" ..." if len(bad) > 5 else "")
+            + "; the step was not recorded (the training run diverged or overflowed); leave this checkpoint (and "
+            "later ones) out of --checkpoints")
+
+    try:
+        for gi, (idx, resident) in enumerate(groups):
+            gspecs, col = [], 0
+            for i in idx:
+                s = specs[i]
+                gspecs.append(TensorSpec(name=s.name, shape=s.shape, dtype=s.dtype, local_numel=s.local_numel, offset=col))
+                col += s.local_numel
+            S = len(idx)
+            G = torch.zeros(S, T, T, dtype=torch.float64)
+            V = torch.zeros(rank, col, dtype=dtype)
+            if resident:
+                block = read_block([(s.name, s.offset, s.local_numel) for s in gspecs], col)
+                tg = time.perf_counter()
+                for j, s in enumerate(gspecs):
+                    _gram_into(G[j], block[:T, s.offset: s.offset + s.local_numel])
+                secs["gram"] += time.perf_counter() - tg
+                check_finite(G, [s.name for s in gspecs])
+                sigma, U, X, coeffs, slope, intercept, r2, total, last_sq = solve_grams(G, steps, rank, fit_start)
+                td = time.perf_counter()
+                for j, s in enumerate(gspecs):
+                    V[:, s.offset: s.offset + s.local_numel] = X[j].T @ block[:T, s.offset: s.offset + s.local_numel]
+                secs["direction"] += time.perf_counter() - td
+                theta0 = block[T].clone() if S else None  # the fingerprints (the arena is reused by the next group)
+            else:
+                s = gspecs[0]
+                n = s.local_numel
+                width = max(1, memory_budget // (4 * (T + 1)))
+                for a in range(0, n, width):
+                    k = min(width, n - a)
+                    block = read_block([(s.name, 0, k)], k, a)
+                    tg = time.perf_counter()
+                    _gram_into(G[0], block[:T])
+                    secs["gram"] += time.perf_counter() - tg
+                check_finite(G, [s.name])
+                sigma, U, X, coeffs, slope, intercept, r2, total, last_sq = solve_grams(G, steps, rank, fit_start)
+                for a in range(0, n, width):
+                    k = min(width, n - a)
+                    block = read_block([(s.name, 0, k)], k, a)
+                    td = time.perf_counter()
+                    V[:, a: a + k] = X[0].T @ block[:T]
+                    secs["direction"] += time.perf_counter() - td
+                theta0 = None  # read back from the base by the fingerprint (memory-mapped)
+            sol = Solution(specs=gspecs, steps=steps, fit_start=fit_start, rank=rank, sigma=sigma, coeffs=coeffs,
+                           slope=slope, intercept=intercept, r2=r2, total=total, last_sq=last_sq, V=V, method="gram")
+            # refused before anything is written (the state is committed only after every group passed)
+            check_horizons_fit(sol, horizons)
+            ts = time.perf_counter()
+            part = os.path.join(scratch, f"part-{gi:05d}.safetensors")
+            if theta0 is not None:
+                th_of = lambda j, th=theta0, sp=gspecs: th[sp[j].offset: sp[j].offset + sp[j].local_numel]  # noqa: E731
+            else:
+                th_of = lambda j, sp=gspecs: fp_mapped.get(sp[j].name).reshape(-1)  # noqa: E731
+            try:
+                guarded(lambda: save_state(part, sol, th_of, tcut=steps[-1]))
+            except WriteFailed as e:
+                raise RelexWriteError(
+                    f"writing the state file in {out_dir} failed: {e}; no horizon was written and nothing exists under "
+                    "the final names; the recorded window was not saved. Free space (or fix permissions) and run again"
+                ) from e.__cause__
+            secs["state_parts"] += time.perf_counter() - ts
+            part_files.append(part)
+            sol.V = None
+            parts.append(sol)
+            backtests.append(backtest_from_gram(G, steps, True, fit_start=fit_start, names=[x.name for x in gspecs]))
+            del V, G
+            if bar is not None:
+                bar.update(col)
+        if bar is not None:
+            bar.close()
+            bar = None
+        arena = None  # noqa: F841  (the float32 blocks are not needed for the writes)
+        for r in readers + [base_reader]:
+            r.close()
+        t_solved = time.perf_counter()
+        secs["total"] = t_solved - t0
+        solution = _cat_solutions(parts, specs, steps, fit_start, rank, secs, bytes_read)
+        solution.backtest = combine(backtests)  # each group's tensors: additive sums, one global backtest
+        # 2. the state file, whole, before any horizon
+        state_path = os.path.join(out_dir, STATE_NAME)
+
+        def commit_state():
+            os.makedirs(out_dir, exist_ok=True)
+            with atomic_file(state_path) as tmp:
+                merge_state_parts(part_files, tmp, offsets)
+            shutil.rmtree(scratch, ignore_errors=True)
+
+        try:
+            guarded(commit_state)
+        except WriteFailed as e:
+            raise RelexWriteError(
+                f"writing the state file in {out_dir} failed: {e}; no horizon was written and nothing exists under the "
+                "final names; the recorded window was not saved. Free space (or fix permissions) and run again"
+            ) from e.__cause__
+        t_state = time.perf_counter()
+    finally:
+        if bar is not None:
+            bar.close()
+        for r in readers + [base_reader]:
+            r.close()
+        fp_mapped.close()
+        shutil.rmtree(scratch, ignore_errors=True)
+    # 3. the horizons, from the committed state (as `relex materialize` would write them)
+    mapped = MappedState(state_path, specs, solution.slope, solution.intercept, rank)
+    base_mapped = MappedSource(src_base)
+    written = []
+    try:
+        for h in horizons:
+            try:
+                written.append(write_horizon_streaming(out_dir, h, steps[-1], mapped,
+                                                       lambda i: base_mapped.get(specs[i].name).reshape(-1), src_base,
+                                                       overwrite=overwrite, max_shard_size=max_shard_size))
+            except WriteFailed as e:
+                done = f" ({', '.join(written)} were written whole)" if written else ""
+                raise RelexWriteError(
+                    f"writing {horizon_dir(out_dir, h)} failed: {e}; the partial temporary was removed and nothing "
+                    f"exists under the final name{done}; the state file {state_path} is intact: free space (or fix "
+                    f"permissions) and write the remaining horizons with `relex materialize --state {state_path} "
+                    f"--base {os.path.abspath(base_path)} --horizons "
+                    f"{','.join(str(x) for x in horizons[len(written):])} --out {out_dir}`"
+                ) from e.__cause__
+    finally:
+        mapped.close()
+        base_mapped.close()
+    t_written = time.perf_counter()
+    extra = {
+        "buffer_bytes": 0,
+        "buffer_rows": None,
+        "fold_rank": None,
+        "folds": 0,
+        "buffer_dtype": str(dtype).replace("torch.", ""),
+        "storage": "streaming",
+        "streaming": {"memory_budget": int(memory_budget), "groups": len(groups),
+                      "tensors_read_twice": sum(1 for _, res in groups if not res), "bytes_read": int(bytes_read)},
+        "solve_seconds": round(t_solved - t0, 6),
+        "write_seconds": round(t_written - t_solved, 6),
+        "checkpoints": written,
+    }
+    extra.update(report_extra or {})
+    report = build_report(solution, tcut=steps[-1], horizons=horizons, extra=extra)
+    try:
+        guarded(lambda: write_report(os.path.join(out_dir, REPORT_NAME), report))
+    except WriteFailed as e:
+        raise RelexWriteError(
+            f"writing {os.path.join(out_dir, REPORT_NAME)} failed: {e}; the state file and the checkpoints "
+            f"{', '.join(written)} are whole (only the report is missing): free space and rerun into another directory"
+        ) from e.__cause__
+    if timings is not None:
+        timings.update({k: round(v, 4) for k, v in secs.items()}, state=round(t_state - t_solved, 4),
+                       horizons=round(t_written - t_state, 4), bytes_read=bytes_read)
+    return solution, report
+
+
+__all__ = ["extrapolate_streaming", "write_shard_streaming", "write_weights_streaming", "write_horizon_streaming",
+           "merge_state_parts", "plan_groups", "solve_grams", "FileReader", "MappedState", "DEFAULT_MEMORY_BUDGET"]
