@@ -66,7 +66,7 @@ def main():
 
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from relex_callback.trajectory.buffer import TrajectoryStore
+    from relex_callback.trajectory.store import TrajectoryStore
     from relex_callback.files.checkpoints import ModelSource
     from relex_callback.params import TensorSpec
     from relex_callback.pipeline.finalize import finalize

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from relex_callback.trajectory.buffer import TrajectoryStore
+from relex_callback.trajectory.store import TrajectoryStore
 from relex_callback.params import TensorSpec
 from relex_callback.core.solver import solve
 

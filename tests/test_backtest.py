@@ -14,7 +14,7 @@ from relex_callback.core.backtest import (
     resolve_fit_rows,
     to_report,
 )
-from relex_callback.trajectory.buffer import TrajectoryStore
+from relex_callback.trajectory.store import TrajectoryStore
 from relex_callback.params import TensorSpec
 from relex_callback.core.solver import solve
 

@@ -64,7 +64,7 @@ def _state(d):
     """A real state file from a 4-step window on base0."""
     from transformers import AutoModelForCausalLM
 
-    from relex_callback.trajectory.buffer import TrajectoryStore
+    from relex_callback.trajectory.store import TrajectoryStore
     from relex_callback.pipeline.finalize import finalize
     from relex_callback.files.writers import FullModelWriter
     from relex_callback.params import plain_tracked, trainable_named_parameters
@@ -260,7 +260,7 @@ def cli_fixture(d):
     with open(p["file"], "w") as fh:
         fh.write("a file, not a directory\n")
     # a real trajectory saved by the store (what the callback leaves in partial_trajectory/)
-    from relex_callback.trajectory.buffer import TrajectoryStore
+    from relex_callback.trajectory.store import TrajectoryStore
     from relex_callback.params import TensorSpec
 
     specs = [TensorSpec(name=k, shape=tuple(v.shape), dtype=v.dtype, local_numel=v.numel()) for k, v in theta0.items()]

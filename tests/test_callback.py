@@ -189,7 +189,7 @@ def test_equals_offline_finalize_over_checkpoints(grpo_run, tmp_path):
     """The callback's result equals the offline computation over the checkpoints saved at every step of the same
     run (engine.finalize over a store filled from the checkpoint directories). Once `relex_callback.offline.cli` is merged,
     ``test_equals_cli_extrapolate`` below checks the same through `relex extrapolate`."""
-    from relex_callback.trajectory.buffer import TrajectoryStore
+    from relex_callback.trajectory.store import TrajectoryStore
     from relex_callback.pipeline.finalize import finalize
     from relex_callback.files.writers import FullModelWriter
     from relex_callback.params import TensorSpec
@@ -224,7 +224,7 @@ def test_equals_cli_extrapolate(grpo_run, tmp_path, subprocess_env):
 
 def test_checkpoints_carry_the_window(grpo_run):
     """Every checkpoint inside the window holds theta_0 and the rows recorded so far, for resume."""
-    from relex_callback.trajectory.buffer import META_FILE
+    from relex_callback.trajectory.persist import META_FILE
 
     d = grpo_run["out"] / "checkpoint-3" / "relex_trajectory"
     meta = json.load(open(d / META_FILE))

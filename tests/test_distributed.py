@@ -69,7 +69,7 @@ def replay(run_dir: str, out_dir: str, exclude=None, horizons=HORIZONS, tcut=TCU
     ``fold_rank``: the same folded buffer). Excluded (untracked) tensors are written as they were at ``tcut``."""
     import re
 
-    from relex_callback.trajectory.buffer import TrajectoryStore
+    from relex_callback.trajectory.store import TrajectoryStore
     from relex_callback.pipeline.finalize import finalize
     from relex_callback.files.writers import FullModelWriter
     from relex_callback.params import plain_tracked

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from relex_callback import RelexCallback, RelexNonFiniteError
-from relex_callback.trajectory.buffer import TrajectoryStore
+from relex_callback.trajectory.store import TrajectoryStore
 from relex_callback.offline.api import extrapolate_trajectory, materialize
 from relex_callback.errors import RelexInputError, RelexWriteError
 

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from relex_callback.trajectory.buffer import TrajectoryStore
+from relex_callback.trajectory.store import TrajectoryStore
 from relex_callback.errors import RelexInputError, RelexMemoryError
 from relex_callback.config import RelexSettings
 from relex_callback.core.fold import plan_slots

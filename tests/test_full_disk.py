@@ -147,7 +147,7 @@ def test_output_dir_on_a_full_disk_for_the_cli(tmp_path, sizes, capsys):
 def test_horizons_that_overflow_the_dtype_are_refused_before_any_write(tmp_path):
     """Not a disk fault, but the same promise: a horizon whose values would overflow the parameters' dtype (here
     float16) is refused at the end of the window before the state file, not found while writing a horizon."""
-    from relex_callback.trajectory.buffer import TrajectoryStore
+    from relex_callback.trajectory.store import TrajectoryStore
     from relex_callback.files.checkpoints import ModelSource
     from relex_callback.params import plain_tracked
     from relex_callback.pipeline.finalize import finalize

@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from relex_callback import RelexCallback
-from relex_callback.trajectory.buffer import TrajectoryStore, allocate_file
+from relex_callback.trajectory.store import TrajectoryStore
+from relex_callback.trajectory.tiers import allocate_file
 from relex_callback.errors import RelexMemoryError
 from relex_callback.params import TensorSpec
 from test_callback import grpo_trainer

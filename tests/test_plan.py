@@ -175,7 +175,7 @@ def test_max_buffer_bytes_folds_like_the_store():
 
 
 def test_plan_for_run_on_this_machine(tmp_path, monkeypatch):
-    from relex_callback.trajectory.buffer import available_host_bytes
+    from relex_callback.trajectory.tiers import available_host_bytes
     from relex_callback.config import RelexSettings
     from relex_callback.params import TensorSpec
     from relex_callback.trainer.topology import Topology

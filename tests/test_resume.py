@@ -253,7 +253,7 @@ def test_two_callbacks_on_one_output_dir_are_refused_before_step_1(tmp_path):
 
 
 def test_output_dir_held_by_a_live_process_is_refused_and_a_dead_one_taken_over(tmp_path):
-    from relex_callback.trajectory.buffer import LOCK_FILE
+    from relex_callback.trajectory.window import LOCK_FILE
 
     relex = tmp_path / "relex"
     relex.mkdir()

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from relex_callback.trajectory.buffer import TrajectoryStore
+from relex_callback.trajectory.store import TrajectoryStore
 from relex_callback.errors import RelexInputError, RelexMemoryError
 from relex_callback.params import TensorSpec, plain_tracked
 from relex_callback.core.solver import solve

@@ -89,7 +89,7 @@ def train(cfg, out_dir):
 
 # ---------------------------------------------------------------------------------------------- engine helpers
 def make_store(named, theta, steps, dtype):
-    from relex_callback.trajectory.buffer import TrajectoryStore
+    from relex_callback.trajectory.store import TrajectoryStore
     from relex_callback.params import plain_tracked
 
     tracked = plain_tracked(named)

@@ -112,7 +112,7 @@ def extrapolate_trajectory(trajectory_dir: str, base: str, horizons: Sequence[in
     ``relex_trajectory/``) and write the state, the horizons and the report, as the callback would have. ``tcut``
     is the last recorded step. ``base`` is the checkpoint training started from (config, tokenizer, untracked
     tensors); it must match the trajectory's theta_0. Returns ``(solution, report)``."""
-    from ..trajectory.buffer import TrajectoryStore
+    from ..trajectory.store import TrajectoryStore
     from ..files.state import fingerprint
 
     store = TrajectoryStore.open(trajectory_dir)
@@ -240,7 +240,7 @@ def extrapolate_checkpoints(base: str, checkpoints: Sequence[str], horizons, out
         raise RelexInputError("--streaming fits the line (the state is written group by group, before a fit family "
                               "could be chosen over every tensor); drop --fit/--fit-window, or pass --no-streaming")
 
-    from ..trajectory.buffer import TrajectoryStore
+    from ..trajectory.store import TrajectoryStore
     from ..params import TensorSpec
 
     src_base = DirectorySource(base)

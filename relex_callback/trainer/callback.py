@@ -1,6 +1,6 @@
 """RelexCallback: the adapter between Trainer events and the RELEX pieces.
 
-``on_train_begin`` checks the outputs and opens the window (:func:`relex_callback.trajectory.buffer.open_window`, fresh or
+``on_train_begin`` checks the outputs and opens the window (:func:`relex_callback.trajectory.window.open_window`, fresh or
 resumed); ``on_step_end`` records a snapshot and, at tcut, runs the end-of-window pipeline
 (:func:`relex_callback.pipeline.finalize.finalize`) with the writer for this model (:func:`relex_callback.files.writers.model_writer`);
 ``on_save`` keeps the window (or the validation state) in each trainer checkpoint; ``on_log`` hands the ``relex/*``
@@ -19,7 +19,8 @@ from typing import Optional, Sequence
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
-from ..trajectory.buffer import RUN_TRAJECTORY_DIR, THETA0_FILE, TRAJECTORY_DIR, OutputLock, open_window, resume_record
+from ..trajectory.persist import RUN_TRAJECTORY_DIR, THETA0_FILE, TRAJECTORY_DIR
+from ..trajectory.window import OutputLock, open_window, resume_record
 from ..config import RelexConfig, RelexSettings
 from ..errors import RelexInputError, RelexNonFiniteError
 from ..files.fs import check_outputs_free, check_writable_dir

@@ -17,7 +17,8 @@ from typing import Optional
 
 import torch
 
-from ..trajectory.buffer import THETA0_FILE, link_or_copy, saved_trajectory, save_theta0
+from ..trajectory.persist import THETA0_FILE, link_or_copy, save_theta0
+from ..trajectory.window import saved_trajectory
 from ..files.fs import STATE_NAME, write_json
 from ..files.report import REPORT_NAME, load_report, write_report
 from ..files.state import RelexState, load_state, save_state

@@ -44,7 +44,7 @@ ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8}
 # Replicated runs (DDP) hold all of it on every device (ZeRO-1/2 shard the last 12 or 14 bytes: 16 is their bound);
 # ZeRO-3 / FSDP2 divide it by the world size.
 MODEL_STATE_BYTES = 16
-SNAPSHOT_CHUNK_DEVICE = 1 << 24  # float32 elements of the store's device scratch (buffer.SNAPSHOT_CHUNK_DEVICE)
+SNAPSHOT_CHUNK_DEVICE = 1 << 24  # float32 elements of the store's device scratch (tiers.SNAPSHOT_CHUNK_DEVICE)
 DEFAULT_GPU_HEADROOM = 0.25
 DEFAULT_HOST_FRACTION = 0.5
 
@@ -508,7 +508,7 @@ def plan_for_run(settings, specs, topology, trainer_args=None, *, elements: Opti
     """
     import torch
 
-    from .buffer import available_disk_bytes, available_host_bytes
+    from .tiers import available_disk_bytes, available_host_bytes
 
     D = int(elements) if elements is not None else sum(s.local_numel for s in specs)
     world = int(getattr(topology, "world", 1))
