@@ -66,6 +66,7 @@ def main():
 
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
+    from relex_callback.config import RelexSettings
     from relex_callback.trajectory.store import TrajectoryStore
     from relex_callback.files.checkpoints import ModelSource
     from relex_callback.params import TensorSpec
@@ -108,7 +109,7 @@ def main():
     writer = FullModelWriter(ModelSource(model), max_shard_size="5GB")
     prof = cProfile.Profile(time.process_time)
     prof.enable()
-    sol, rep = finalize(store, writer, tcut=T, horizons=horizons, out_dir=out, rank=1, method="auto")
+    sol, rep = finalize(store, writer, RelexSettings(tcut=T, horizons=tuple(horizons)), out_dir=out)
     prof.disable()
     solve_s, write_s = rep["solve_seconds"], rep["write_seconds"]
 

@@ -10,6 +10,8 @@ import sys
 import tempfile
 
 import pytest
+
+from relex_callback.config import RelexSettings
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -82,7 +84,7 @@ def _state(d):
     dirs = [torch.randn(t.spec.local_numel, generator=g) for t in tracked]
     for s in range(1, 5):
         st.snapshot(s, [t.read().float() + 1e-3 * s * v for t, v in zip(tracked, dirs)])
-    finalize(st, FullModelWriter(DirectorySource(base)), tcut=4, horizons=[20], out_dir=out)
+    finalize(st, FullModelWriter(DirectorySource(base)), RelexSettings(tcut=4, horizons=(20,)), out_dir=out)
     return out
 
 

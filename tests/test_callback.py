@@ -11,6 +11,8 @@ import subprocess
 import sys
 
 import pytest
+
+from relex_callback.config import RelexSettings
 import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
@@ -204,7 +206,7 @@ def test_equals_offline_finalize_over_checkpoints(grpo_run, tmp_path):
     for t in range(1, TCUT + 1):
         src = DirectorySource(str(out / f"checkpoint-{t}"))
         store.snapshot(t, [src.get(n) for n in tracked])
-    finalize(store, FullModelWriter(base), tcut=TCUT, horizons=HORIZONS, out_dir=str(tmp_path / "offline"))
+    finalize(store, FullModelWriter(base), RelexSettings(tcut=TCUT, horizons=tuple(HORIZONS)), out_dir=str(tmp_path / "offline"))
     for h in HORIZONS:
         _compare_dirs(tmp_path / "offline" / f"step-{h}", grpo_run["relex"] / f"step-{h}", 1e-6)
 

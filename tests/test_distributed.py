@@ -19,6 +19,8 @@ import subprocess
 import sys
 
 import pytest
+
+from relex_callback.config import RelexSettings
 import torch
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
@@ -94,7 +96,7 @@ def replay(run_dir: str, out_dir: str, exclude=None, horizons=HORIZONS, tcut=TCU
     store.set_theta0([snaps[0][n].reshape(-1) for n in names])
     for t in range(1, tcut + 1):
         store.snapshot(t, [snaps[t][n].reshape(-1) for n in names])
-    finalize(store, FullModelWriter(ModelSource(model, tok)), tcut=tcut, horizons=horizons, out_dir=out_dir)
+    finalize(store, FullModelWriter(ModelSource(model, tok)), RelexSettings(tcut=tcut, horizons=tuple(horizons)), out_dir=out_dir)
     return snaps
 
 

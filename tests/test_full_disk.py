@@ -9,6 +9,8 @@ import subprocess
 from typing import Optional
 
 import pytest
+
+from relex_callback.config import RelexSettings
 import torch
 from transformers import TrainerCallback
 
@@ -161,5 +163,5 @@ def test_horizons_that_overflow_the_dtype_are_refused_before_any_write(tmp_path)
     for t in (1, 2, 3, 4):
         store.snapshot(t, [lin.weight.detach().reshape(-1) + t * d])
     with pytest.raises(RelexInputError, match="overflow"):
-        finalize(store, FullModelWriter(ModelSource(lin)), tcut=4, horizons=[40, 10**6], out_dir=str(tmp_path / "o"))
+        finalize(store, FullModelWriter(ModelSource(lin)), RelexSettings(tcut=4, horizons=(40, 10**6)), out_dir=str(tmp_path / "o"))
     assert not (tmp_path / "o").exists() or not os.listdir(tmp_path / "o")

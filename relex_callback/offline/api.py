@@ -11,6 +11,7 @@ All three check every input before anything is written and go through :func:`rel
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -26,7 +27,7 @@ from ..files.checkpoints import (ADAPTER_KEYS, DirectorySource, MappedSource, ch
 from ..config import RelexSettings
 from ..errors import RelexInputError, RelexNonFiniteError, RelexWriteError
 from ..files.fs import STATE_NAME, check_outputs_free, check_writable_dir
-from ..pipeline.finalize import finalize
+from ..pipeline.finalize import BufferedSolve, finalize
 from ..files.writers import FullModelWriter, WriteFailed, write_full_checkpoint
 
 logger = logging.getLogger("relex_callback")
@@ -128,7 +129,6 @@ def extrapolate_trajectory(trajectory_dir: str, base: str, horizons: Sequence[in
     src = DirectorySource(base)
     keys_file = os.path.join(base, ADAPTER_KEYS)
     if os.path.isfile(keys_file):  # a PEFT adapter relex saved: its file keys drop the adapter name
-        import dataclasses
         import json
 
         with open(keys_file) as f:
@@ -149,9 +149,9 @@ def extrapolate_trajectory(trajectory_dir: str, base: str, horizons: Sequence[in
                 "pass the checkpoint training started from")
     logger.warning("relex: extrapolating a trajectory of %d steps (%s..%d) from %s", store.num_rows, store.steps[0],
                    tcut, trajectory_dir)
-    return finalize(store, FullModelWriter(src, max_shard_size=settings.max_shard_size), tcut=tcut,
-                    horizons=settings.horizons, out_dir=out_dir, rank=rank, fit_start=fit_start, method=method,
-                    overwrite=overwrite, fit=fit, fit_window=fit_window, degree=degree,
+    window = dataclasses.replace(settings, rank=rank, fit_start=fit_start, solver=method, overwrite=overwrite, fit=fit,
+                                 fit_window=fit_window, degree=degree)
+    return finalize(store, FullModelWriter(src, max_shard_size=settings.max_shard_size), window, out_dir=out_dir,
                     report_extra={"trajectory": os.path.abspath(trajectory_dir), "partial": True})
 
 
@@ -256,17 +256,19 @@ def extrapolate_checkpoints(base: str, checkpoints: Sequence[str], horizons, out
     specs = [TensorSpec(name=n, shape=src_base.meta[n][0], dtype=src_base.meta[n][1],
                         local_numel=math.prod(src_base.meta[n][0])) for n in names]
     out = os.path.abspath(out_dir)
+    # the window as the pipeline sees it: tcut is the last checkpoint's step, the fit as asked (checked above)
+    window = dataclasses.replace(settings, tcut=tcut, rank=rank, fit_start=fit_start, overwrite=overwrite, fit=fit,
+                                 fit_window=fit_window, degree=degree)
     if streaming:
-        from ..pipeline.streamed import DEFAULT_MEMORY_BUDGET, extrapolate_streaming
+        from ..pipeline.streamed import DEFAULT_MEMORY_BUDGET, StreamedSolve
 
         t_checked = time.perf_counter()
-        phases = {}
-        sol, report = extrapolate_streaming(
-            src_base=src_base, base_path=base, sources=sources, cks=cks, names=names, horizons=settings.horizons,
-            out_dir=out, rank=rank, fit_start=fit_start, dtype=settings.torch_dtype, max_shard_size=settings.max_shard_size,
-            overwrite=overwrite, memory_budget=memory_budget or DEFAULT_MEMORY_BUDGET, progress=progress,
-            report_extra={"base": os.path.abspath(base), "checkpoints_read": [c.path for c in cks]}, timings=phases,
-        )
+        streamed = StreamedSolve(src_base=src_base, sources=sources, cks=cks, names=names, dtype=settings.torch_dtype,
+                                 max_shard_size=settings.max_shard_size, rank=rank,
+                                 memory_budget=memory_budget or DEFAULT_MEMORY_BUDGET, progress=progress)
+        sol, report = finalize(streamed, streamed.writer, window, out_dir=out, base_hint=os.path.abspath(base),
+                               report_extra={"base": os.path.abspath(base), "checkpoints_read": [c.path for c in cks]})
+        phases = streamed.timings()
         if timing:
             print(f"relex: timing: header checks {t_checked - t_main:.2f} s, streaming "
                   f"{time.perf_counter() - t_checked:.2f} s ({', '.join(f'{k} {v}' for k, v in phases.items())}); "
@@ -298,9 +300,7 @@ def extrapolate_checkpoints(base: str, checkpoints: Sequence[str], horizons, out
             writer = FullModelWriter(src_base, theta0_of=lambda i: base_mapped.get(specs[i].name).reshape(-1),
                                      max_shard_size=settings.max_shard_size)
             sol, report = finalize(
-                store, writer, tcut=tcut, horizons=settings.horizons, out_dir=out, rank=rank, fit_start=fit_start,
-                method=settings.solver, overwrite=overwrite, release_buffer=True, fit=fit, fit_window=fit_window,
-                degree=degree,
+                BufferedSolve(store, release_buffer=True), writer, window, out_dir=out,
                 report_extra={"base": os.path.abspath(base), "checkpoints_read": [c.path for c in cks]},
             )
         finally:

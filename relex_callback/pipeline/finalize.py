@@ -3,7 +3,9 @@
     checks -> solve -> state file -> each horizon -> report.json
 
 The callback (single process, DDP / ZeRO / FSDP2, PEFT) and the CLI (``relex extrapolate``) both call
-:func:`finalize`; what differs is the :class:`~relex_callback.files.writers.CheckpointWriter` they pass. Order matters for
+:func:`finalize`; what differs is the solve strategy (:class:`BufferedSolve` over a store's arena, or
+:class:`~relex_callback.pipeline.streamed.StreamedSolve` tensor-major from memory-mapped checkpoints) and the
+:class:`~relex_callback.files.writers.CheckpointWriter` they pass. Order matters for
 failures: every check that needs no work runs first (outputs free, a window of at least two steps); the state file
 is written before any horizon, so a failure while writing a horizon (disk full) leaves the state from which
 ``relex materialize`` finishes the job. Any failed write is one :class:`~relex_callback.errors.RelexWriteError`
@@ -83,86 +85,153 @@ def check_horizons_fit(sol, horizons: Sequence[int]):
         )
 
 
-def finalize(
-    store,
-    writer: CheckpointWriter,
-    *,
-    tcut: int,
-    horizons: Sequence[int],
-    out_dir: str,
-    rank: int = 1,
-    fit_start: Optional[int] = None,
-    method: str = "auto",
-    overwrite: bool = False,
-    reduce=None,
-    release_buffer: bool = False,
-    kept: Optional[str] = None,
-    report_extra: Optional[dict] = None,
-    fit: str = "linear",
-    fit_window: Optional[int] = None,
-    degree: int = 2,
-    backtest=True,
-    skip_horizons: Optional[str] = None,
-):
-    """Solve ``store`` and write the state file, every horizon and ``report.json`` into ``out_dir`` with ``writer``.
-    Returns ``(solution, report)``; in a distributed run every process calls it (the solution covers this
-    process's pieces, the report every tensor).
+class BufferedSolve:
+    """The solve strategy over a store's arena in memory (the callback; ``relex extrapolate --no-streaming`` and
+    ``--trajectory``): one :func:`~relex_callback.core.solver.solve` over every tensor, then the writer writes the
+    state and each horizon from the solution and the store's theta_0.
 
     Args:
         store (`TrajectoryStore`): the recorded window (folded or not).
-        writer (`CheckpointWriter`): the output form.
-        tcut (`int`), horizons (`list[int]`), out_dir (`str`), rank (`int`: the SVD rank), fit_start, method: as
-            in :class:`~relex_callback.RelexCallback`.
         reduce (`Callable`, *optional*): sums the stacked Grams over processes (sharded runs).
         release_buffer (`bool`, *optional*, defaults to `False`): free the buffer right after the solve (the writers
             need only theta_0 and the directions): lowers the CLI's peak memory.
-        kept (`str`, *optional*): where the recorded window survives if even the state file cannot be written
-            (named in the error).
-        fit (`str`), fit_window (`int`), degree (`int`): the coefficient curve (:func:`relex_callback.core.fit.fit`);
-            ``"auto"`` chooses it by the backtest (per tensor when each process solves its own tensors).
         backtest (`bool`, `int` or `float`, *optional*, defaults to `True`): the in-window backtest's first part
             (:func:`relex_callback.core.backtest.resolve_fit_rows`); ``None`` switches it off.
+        skipped_nonfinite (`list[int]`, *optional*): steps dropped as non-finite (named when too few remain).
+    """
+
+    def __init__(self, store, *, reduce=None, release_buffer: bool = False, backtest=True,
+                 skipped_nonfinite: Sequence[int] = ()):
+        self.store, self.reduce, self.release_buffer, self.backtest = store, reduce, release_buffer, backtest
+        self.skipped_nonfinite = list(skipped_nonfinite)
+        self.buffer_bytes = self.storage = None
+
+    def check(self, settings):
+        check_window(self.store, self.skipped_nonfinite, fit=settings.fit, degree=settings.degree,
+                     fit_start=settings.fit_start, fit_window=settings.fit_window)
+
+    def prepare(self, out_dir: str, writer: CheckpointWriter):
+        if writer.is_coordinator:
+            os.makedirs(out_dir, exist_ok=True)
+        writer.barrier()
+
+    def solve(self, settings, writer: CheckpointWriter, horizons: Sequence[int]):
+        """The solution, and every process's verdict on the horizons (no dtype overflow) agreed."""
+        inputs = self.store.solve_inputs()
+        topo = getattr(writer, "topo", None)
+        sol = solve(specs=self.store.specs, rank=settings.rank, fit_start=settings.fit_start, method=settings.solver,
+                    reduce=self.reduce, **inputs, backtest=self.backtest, fit=settings.fit,
+                    fit_window=settings.fit_window, degree=settings.degree,
+                    per_tensor_fit=topo is not None and not topo.sharded)
+        del inputs  # a view of the buffer: it must not keep the buffer alive through the writes
+        self.buffer_bytes, self.storage = self.store.buffer_bytes, self.store.storage
+        error = None
+        try:
+            check_horizons_fit(sol, horizons)
+        except RelexInputError as e:
+            error = e
+        writer.agree(error)  # every process refuses alike (each checked its own pieces)
+        return sol
+
+    def bind(self, writer: CheckpointWriter, sol):
+        writer.bind(sol, self.store)
+        if self.release_buffer:
+            self.store.release()
+
+    def report_extra(self, writer: CheckpointWriter) -> dict:
+        store = self.store
+        return {
+            "buffer_bytes": self.buffer_bytes,
+            "buffer_rows": getattr(store, "rows_allocated", None),
+            "fold_rank": getattr(store, "fold_rank", None),
+            "folds": getattr(store, "folds", 0),
+            "buffer_dtype": str(store.dtype).replace("torch.", ""),
+            "storage": self.storage,
+        }
+
+    def distributed_extra(self, writer: CheckpointWriter, t_bind: float) -> dict:
+        topo = getattr(writer, "topo", None)
+        if topo is None:
+            return {}
+        per_process = topo.gather_objects(self.store.buffer_bytes if not self.release_buffer else self.buffer_bytes)
+        return dict(buffer_bytes_per_rank=per_process, distributed={"mode": topo.mode, "world_size": topo.world},
+                    gather_seconds=round(t_bind, 6))
+
+    def close(self):
+        pass
+
+
+def finalize(solver, writer: CheckpointWriter, settings, *, out_dir: str, kept: Optional[str] = None,
+             report_extra: Optional[dict] = None, skip_horizons: Optional[str] = None,
+             base_hint: str = "<the model training started from>"):
+    """Solve a window and write the state file, every horizon and ``report.json`` into ``out_dir``. Returns
+    ``(solution, report)``; in a distributed run every process calls it (the solution covers this process's pieces,
+    the report every tensor).
+
+    Args:
+        solver (`BufferedSolve`, `StreamedSolve` or a `TrajectoryStore`): the solve strategy (a store is solved
+            buffered): it checks the window, solves, and binds the solution to the writer.
+        writer (`CheckpointWriter`): the output form (the streamed strategy brings its own).
+        settings (`RelexSettings`): the window's ``tcut``, ``horizons``, ``rank``, ``fit_start``, ``solver``,
+            ``overwrite``, ``fit``, ``fit_window`` and ``degree``.
+        out_dir (`str`): where everything goes.
+        kept (`str`, *optional*): where the recorded window survives if even the state file cannot be written
+            (named in the error).
+        report_extra (`dict`, *optional*): more entries for ``report.json``.
         skip_horizons (`str`, *optional*): write the state file and the report but no horizon, for this reason
             (recorded in the report).
+        base_hint (`str`, *optional*): the base model as the ``relex materialize`` command in an error names it.
     """
-    horizons = [int(h) for h in horizons]
-    check_outputs_free(out_dir, horizons, overwrite)
-    check_window(store, (report_extra or {}).get("skipped_nonfinite_steps") or (), fit=fit, degree=degree,
-                 fit_start=fit_start, fit_window=fit_window)
-    if writer.is_coordinator:
-        os.makedirs(out_dir, exist_ok=True)
-    writer.barrier()
-    t0 = time.perf_counter()
-    inputs = store.solve_inputs()
-    topo = getattr(writer, "topo", None)
-    sol = solve(specs=store.specs, rank=rank, fit_start=fit_start, method=method, reduce=reduce, **inputs,
-                backtest=backtest, fit=fit, fit_window=fit_window, degree=degree,
-                per_tensor_fit=topo is not None and not topo.sharded)
-    del inputs  # a view of the buffer: it must not keep the buffer alive through the writes
-    t_solve = time.perf_counter() - t0
-    buffer_bytes, storage = store.buffer_bytes, store.storage
-    error = None
+    if not isinstance(solver, (BufferedSolve,)) and not hasattr(solver, "solve"):
+        solver = BufferedSolve(solver, skipped_nonfinite=(report_extra or {}).get("skipped_nonfinite_steps") or ())
+    tcut, horizons = settings.tcut, [int(h) for h in settings.horizons]
     try:
-        check_horizons_fit(sol, [] if skip_horizons else horizons)
-    except RelexInputError as e:
-        error = e
-    writer.agree(error)  # every process refuses alike (each checked its own pieces)
-    t1 = time.perf_counter()
-    writer.bind(sol, store)
-    t_bind = time.perf_counter() - t1
-    if release_buffer:
-        store.release()
-    t2 = time.perf_counter()
+        check_outputs_free(out_dir, horizons, settings.overwrite)
+        solver.check(settings)
+        solver.prepare(out_dir, writer)
+        t0 = time.perf_counter()
+        sol = solver.solve(settings, writer, [] if skip_horizons else horizons)
+        t_solve = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        solver.bind(writer, sol)
+        t_bind = time.perf_counter() - t1
+        t2 = time.perf_counter()
+        state_path = _write_state(writer, out_dir, tcut, kept)
+        written = _write_horizons(writer, out_dir, [] if skip_horizons else horizons, tcut, settings.overwrite,
+                                  state_path, base_hint)
+        t_write = time.perf_counter() - t2
+    finally:
+        solver.close()
+    extra = solver.report_extra(writer)
+    extra.update(solve_seconds=round(t_solve, 6), write_seconds=round(t_write, 6), checkpoints=written)
+    if skip_horizons:
+        extra["horizons_skipped"] = skip_horizons
+    extra.update(solver.distributed_extra(writer, t_bind))
+    extra.update(report_extra or {})
+    report = build_report(writer.report_solution(sol), tcut=tcut, horizons=horizons, extra=extra)
+    _write_report(writer, out_dir, report, written)
+    logger.info("relex: solved %d tensors in %.2fs (%s), wrote %d checkpoint(s) in %.2fs to %s",
+                len(sol.specs), t_solve, sol.method, len(written), t_write, out_dir)
+    return sol, report
+
+
+def _write_state(writer: CheckpointWriter, out_dir: str, tcut: int, kept: Optional[str]) -> str:
+    """The state file, whole, before any horizon: what ``relex materialize`` finishes from."""
     try:
-        state_path = writer.write_state(out_dir, tcut)
+        return writer.write_state(out_dir, tcut)
     except WriteFailed as e:
         where = f"the recorded window is kept in {kept}" if kept else "the recorded window was not saved"
         raise RelexWriteError(
             f"writing the state file in {out_dir} failed: {e}; no horizon was written and nothing exists under the "
             f"final names; {where}. Free space (or fix permissions) and run again"
         ) from e.__cause__
+
+
+def _write_horizons(writer: CheckpointWriter, out_dir: str, horizons: Sequence[int], tcut: int, overwrite: bool,
+                    state_path: str, base_hint: str) -> list[str]:
+    """Each horizon, whole or not at all; a failure says which were written and how to write the rest."""
     written = []
-    for h in ([] if skip_horizons else horizons):
+    for h in horizons:
         try:
             written.append(writer.write_horizon(out_dir, h, tcut, overwrite))
         except WriteFailed as e:
@@ -170,29 +239,13 @@ def finalize(
             raise RelexWriteError(
                 f"writing {horizon_dir(out_dir, h)} failed: {e}; the partial temporary was removed and nothing exists "
                 f"under the final name{done}; the state file {state_path} is intact: free space (or fix permissions) "
-                f"and write the remaining horizons with `relex materialize --state {state_path} --base <the model "
-                f"training started from> --horizons {','.join(str(x) for x in horizons[len(written):])} --out {out_dir}`"
+                f"and write the remaining horizons with `relex materialize --state {state_path} --base {base_hint} "
+                f"--horizons {','.join(str(x) for x in horizons[len(written):])} --out {out_dir}`"
             ) from e.__cause__
-    t_write = time.perf_counter() - t2
-    extra = {
-        "buffer_bytes": buffer_bytes,
-        "buffer_rows": getattr(store, "rows_allocated", None),
-        "fold_rank": getattr(store, "fold_rank", None),
-        "folds": getattr(store, "folds", 0),
-        "buffer_dtype": str(store.dtype).replace("torch.", ""),
-        "storage": storage,
-        "solve_seconds": round(t_solve, 6),
-        "write_seconds": round(t_write, 6),
-        "checkpoints": written,
-    }
-    if skip_horizons:
-        extra["horizons_skipped"] = skip_horizons
-    if topo is not None:
-        per_process = topo.gather_objects(store.buffer_bytes if not release_buffer else buffer_bytes)
-        extra.update(buffer_bytes_per_rank=per_process, distributed={"mode": topo.mode, "world_size": topo.world},
-                     gather_seconds=round(t_bind, 6))
-    extra.update(report_extra or {})
-    report = build_report(writer.report_solution(sol), tcut=tcut, horizons=horizons, extra=extra)
+    return written
+
+
+def _write_report(writer: CheckpointWriter, out_dir: str, report: dict, written: Sequence[str]):
     error = None
     if writer.is_coordinator:
         try:
@@ -207,6 +260,3 @@ def finalize(
             f"{', '.join(written)} are whole (only the report is missing): free space and rerun into another directory"
         ) from e.__cause__
     writer.barrier()
-    logger.info("relex: solved %d tensors in %.2fs (%s), wrote %d checkpoint(s) in %.2fs to %s",
-                len(sol.specs), t_solve, sol.method, len(written), t_write, out_dir)
-    return sol, report

@@ -11,7 +11,8 @@ directions ``v = M^T u / sigma`` from the same block. Tensors are grouped so tha
 ``memory_budget``: such a group is read once. A tensor larger than the budget is read in column chunks twice (Gram,
 then direction).
 
-Outputs are the pipeline's, in the same order and formats (:func:`relex_callback.pipeline.finalize.finalize`):
+It is a solve strategy of the one pipeline (:func:`relex_callback.pipeline.finalize.finalize` runs
+:class:`StreamedSolve` with its :class:`StreamedWriter`), so the order, the checks and the messages are the pipeline's:
 
 1. every check before anything is written (outputs free, horizons that would overflow the dtype, non-finite
    checkpoints with the buffered path's message);
@@ -43,8 +44,11 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from ..errors import RelexInputError, RelexNonFiniteError
+from ..errors import RelexInputError, RelexNonFiniteError, RelexWriteError
+from ..files.checkpoints import MappedSource
+from ..files.writers import CheckpointWriter, WriteFailed, guarded
 from ..params import TensorSpec
+from .finalize import check_horizons_fit
 
 DEFAULT_MEMORY_BUDGET = 256 << 20
 # Columns per Gram product (float32 GEMM; the products are summed in float64). Per-call overhead dominates small
@@ -418,263 +422,299 @@ def _first_nonfinite(readers, ckpts, names, numels, base_reader):
     return None, []
 
 
-@torch.no_grad()
-def extrapolate_streaming(*, src_base, base_path: str, sources, cks, names: Sequence[str], horizons: Sequence[int],
-                          out_dir: str, rank: int, fit_start: Optional[int], dtype: torch.dtype, max_shard_size,
-                          overwrite: bool, memory_budget: int = DEFAULT_MEMORY_BUDGET, progress: bool = False,
-                          report_extra: Optional[dict] = None, timings: Optional[dict] = None):
-    """Solve and write everything from the checkpoints, tensor by tensor (the module docstring has the plan).
+class StreamedWriter(CheckpointWriter):
+    """The writer of the streamed solve: the state file joined from the parts the solve wrote group by group, and each
+    horizon from the committed state file and the memory-mapped base (as ``relex materialize`` writes them)."""
 
-    Args:
-        src_base (`DirectorySource`): the base checkpoint (theta_0; untracked tensors, config, tokenizer).
-        base_path (`str`): its path, for messages.
-        sources (`list[DirectorySource]`), cks (`list[Checkpoint]`): the checkpoints, in step order, already checked
-            against the base (same tensors, shapes and dtypes).
-        names (`list[str]`): the tracked tensors (the base's floating-point keys).
-        horizons, out_dir, rank, fit_start, max_shard_size, overwrite: as in
-            :func:`relex_callback.offline.api.extrapolate_checkpoints`.
-        dtype (`torch.dtype`): the dtype of the directions kept in the state file (and used for the horizons).
-        memory_budget (`int`, *optional*, defaults to 256 MiB): bytes of float32 blocks read at a time.
-        timings (`dict`, *optional*): filled with phase times (seconds) and bytes read.
+    def __init__(self, src_base, specs, offsets, rank: int, max_shard_size):
+        self.src_base, self.specs, self.offsets, self.rank = src_base, specs, offsets, rank
+        self.max_shard_size = max_shard_size
+        self.part_files: list[str] = []
+        self.scratch: Optional[str] = None
+        self.mapped = self.base_mapped = None
+        self.stamps: dict = {}
 
-    Returns:
-        ``(solution, report)``: the solution over every tensor (per-tensor arrays; ``V`` is ``None``, the
-        directions are in the state file) and the report written to ``report.json``.
-    """
-    from ..files.checkpoints import MappedSource
-    from ..files.fs import STATE_NAME, atomic_file, check_outputs_free, horizon_dir
-    from .finalize import check_horizons_fit
-    from ..files.report import REPORT_NAME, build_report, write_report
-    from ..errors import RelexWriteError
-    from ..core.solver import Solution
-    from ..files.state import save_state
-    from ..files.writers import WriteFailed, guarded
+    def bind(self, solution, store=None):
+        self.solution = solution
 
-    horizons = [int(h) for h in horizons]
-    steps = [c.step for c in cks]
-    T = len(cks)
-    if memory_budget < 4 * (T + 1):
-        raise RelexInputError(f"memory_budget={memory_budget} bytes holds no column of {T + 1} float32 rows; give at "
-                              f"least {4 * (T + 1)} bytes (default 256 MiB)")
-    check_outputs_free(out_dir, horizons, overwrite)
-    numels = [math.prod(src_base.meta[n][0]) for n in names]
-    specs, off = [], 0
-    for n, k in zip(names, numels):
-        specs.append(TensorSpec(name=n, shape=tuple(src_base.meta[n][0]), dtype=src_base.meta[n][1], local_numel=k,
-                                offset=off))
-        off += k
-    offsets = {s.name: s.offset for s in specs}
-    groups = plan_groups(numels, T, memory_budget)
-    arena_cols = max([sum(numels[i] for i in g) if res else max(1, memory_budget // (4 * (T + 1)))
-                      for g, res in groups] + [1])
-    arena = torch.empty((T + 1) * arena_cols, dtype=torch.float32)
-    base_reader = FileReader(src_base, names)
-    readers = [FileReader(s, names) for s in sources]
-    # the parts of the state file are written beside --out (nothing is created in it before the state is whole:
-    # a refused input leaves --out as it was)
-    out_abs = os.path.abspath(out_dir)
-    scratch = os.path.join(os.path.dirname(out_abs), f".{os.path.basename(out_abs)}.relex-parts-{os.getpid()}-"
-                           f"{uuid.uuid4().hex[:6]}")
-    os.makedirs(scratch)
-    fp_mapped = MappedSource(src_base)
-    t0 = time.perf_counter()
-    secs = {"read": 0.0, "gram": 0.0, "direction": 0.0, "state_parts": 0.0}
-    bytes_read = 0
-    parts, part_files, backtests = [], [], []
-    from ..core.backtest import backtest_from_gram, combine
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        import sys
+    def write_state(self, out_dir: str, tcut: int) -> str:
+        from ..files.fs import STATE_NAME, atomic_file
 
-        bar = tqdm(total=sum(numels), desc="relex: reading checkpoints", unit="param", unit_scale=True,
-                   file=sys.stderr, dynamic_ncols=True)
-
-    def read_block(cols_of, width, s=0):
-        """Rows 0..T-1: the deltas; row T: theta_0, for columns laid out by ``cols_of`` [(name, col, count)]. Each
-        checkpoint's slice is read in cache-sized pieces and theta_0 subtracted while the piece is in cache."""
-        nonlocal bytes_read
-        ta = time.perf_counter()
-        block = arena[: (T + 1) * width].view(T + 1, width)
-        th = block[T]
-        for n, c, k in cols_of:
-            base_reader.read(n, th[c: c + k], s)
-            for t, rd in enumerate(readers):
-                row = block[t]
-                for a in range(0, k, SUB_PIECE):
-                    p = min(SUB_PIECE, k - a)
-                    piece = row[c + a: c + a + p]
-                    rd.read(n, piece, s + a)
-                    piece.sub_(th[c + a: c + a + p])
-        bytes_read += (T + 1) * width * 4
-        secs["read"] += time.perf_counter() - ta
-        return block
-
-    def check_finite(G, gnames):
-        d = torch.diagonal(G, dim1=-2, dim2=-1)
-        if bool(torch.isfinite(d).all()):
-            return
-        ck, bad = _first_nonfinite(readers, cks, names, numels, base_reader)
-        if ck is None:  # Inf products of finite values: deltas beyond float32's square root
-            raise RelexInputError(f"weight deltas of {gnames[0]} are too large to square in float32 (beyond 1e19); "
-                                  "the checkpoints are not a training run of the base")
-        raise RelexInputError(
-            f"{ck.path}: non-finite weight delta at step {ck.step} in {len(bad)} tensor(s): {', '.join(bad[:5])}"
-            + (" ..." if len(bad) > 5 else "")
-            + "; the step was not recorded (the training run diverged or overflowed); leave this checkpoint (and "
-            "later ones) out of --checkpoints")
-
-    try:
-        for gi, (idx, resident) in enumerate(groups):
-            gspecs, col = [], 0
-            for i in idx:
-                s = specs[i]
-                gspecs.append(TensorSpec(name=s.name, shape=s.shape, dtype=s.dtype, local_numel=s.local_numel, offset=col))
-                col += s.local_numel
-            S = len(idx)
-            G = torch.zeros(S, T, T, dtype=torch.float64)
-            V = torch.zeros(rank, col, dtype=dtype)
-            if resident:
-                block = read_block([(s.name, s.offset, s.local_numel) for s in gspecs], col)
-                tg = time.perf_counter()
-                for j, s in enumerate(gspecs):
-                    _gram_into(G[j], block[:T, s.offset: s.offset + s.local_numel])
-                secs["gram"] += time.perf_counter() - tg
-                check_finite(G, [s.name for s in gspecs])
-                sigma, U, X, coeffs, slope, intercept, r2, total, last_sq = solve_grams(G, steps, rank, fit_start)
-                td = time.perf_counter()
-                for j, s in enumerate(gspecs):
-                    V[:, s.offset: s.offset + s.local_numel] = X[j].T @ block[:T, s.offset: s.offset + s.local_numel]
-                secs["direction"] += time.perf_counter() - td
-                theta0 = block[T].clone() if S else None  # the fingerprints (the arena is reused by the next group)
-            else:
-                s = gspecs[0]
-                n = s.local_numel
-                width = max(1, memory_budget // (4 * (T + 1)))
-                for a in range(0, n, width):
-                    k = min(width, n - a)
-                    block = read_block([(s.name, 0, k)], k, a)
-                    tg = time.perf_counter()
-                    _gram_into(G[0], block[:T])
-                    secs["gram"] += time.perf_counter() - tg
-                check_finite(G, [s.name])
-                sigma, U, X, coeffs, slope, intercept, r2, total, last_sq = solve_grams(G, steps, rank, fit_start)
-                for a in range(0, n, width):
-                    k = min(width, n - a)
-                    block = read_block([(s.name, 0, k)], k, a)
-                    td = time.perf_counter()
-                    V[:, a: a + k] = X[0].T @ block[:T]
-                    secs["direction"] += time.perf_counter() - td
-                theta0 = None  # read back from the base by the fingerprint (memory-mapped)
-            sol = Solution(specs=gspecs, steps=steps, fit_start=fit_start, rank=rank, sigma=sigma, coeffs=coeffs,
-                           slope=slope, intercept=intercept, r2=r2, total=total, last_sq=last_sq, V=V, method="gram")
-            # refused before anything is written (the state is committed only after every group passed)
-            check_horizons_fit(sol, horizons)
-            ts = time.perf_counter()
-            part = os.path.join(scratch, f"part-{gi:05d}.safetensors")
-            if theta0 is not None:
-                th_of = lambda j, th=theta0, sp=gspecs: th[sp[j].offset: sp[j].offset + sp[j].local_numel]  # noqa: E731
-            else:
-                th_of = lambda j, sp=gspecs: fp_mapped.get(sp[j].name).reshape(-1)  # noqa: E731
-            try:
-                guarded(lambda: save_state(part, sol, th_of, tcut=steps[-1]))
-            except WriteFailed as e:
-                raise RelexWriteError(
-                    f"writing the state file in {out_dir} failed: {e}; no horizon was written and nothing exists under "
-                    "the final names; the recorded window was not saved. Free space (or fix permissions) and run again"
-                ) from e.__cause__
-            secs["state_parts"] += time.perf_counter() - ts
-            part_files.append(part)
-            sol.V = None
-            parts.append(sol)
-            backtests.append(backtest_from_gram(G, steps, True, fit_start=fit_start, names=[x.name for x in gspecs]))
-            del V, G
-            if bar is not None:
-                bar.update(col)
-        if bar is not None:
-            bar.close()
-            bar = None
-        arena = None  # noqa: F841  (the float32 blocks are not needed for the writes)
-        for r in readers + [base_reader]:
-            r.close()
-        t_solved = time.perf_counter()
-        secs["total"] = t_solved - t0
-        solution = _cat_solutions(parts, specs, steps, fit_start, rank, secs, bytes_read)
-        solution.backtest = combine(backtests)  # each group's tensors: additive sums, one global backtest
-        # 2. the state file, whole, before any horizon
         state_path = os.path.join(out_dir, STATE_NAME)
 
         def commit_state():
             os.makedirs(out_dir, exist_ok=True)
             with atomic_file(state_path) as tmp:
-                merge_state_parts(part_files, tmp, offsets)
-            shutil.rmtree(scratch, ignore_errors=True)
+                merge_state_parts(self.part_files, tmp, self.offsets)
+            shutil.rmtree(self.scratch, ignore_errors=True)
 
+        t = time.perf_counter()
+        guarded(commit_state)
+        self.stamps["state"] = time.perf_counter() - t
+        sol = self.solution
+        self.mapped = MappedState(state_path, self.specs, sol.slope, sol.intercept, self.rank)
+        self.base_mapped = MappedSource(self.src_base)
+        return state_path
+
+    @torch.no_grad()
+    def write_horizon(self, out_dir: str, horizon: int, tcut: int, overwrite: bool = False) -> str:
+        t = time.perf_counter()
         try:
-            guarded(commit_state)
+            return write_horizon_streaming(out_dir, horizon, tcut, self.mapped,
+                                           lambda i: self.base_mapped.get(self.specs[i].name).reshape(-1),
+                                           self.src_base, overwrite=overwrite, max_shard_size=self.max_shard_size)
+        finally:
+            self.stamps["horizons"] = self.stamps.get("horizons", 0.0) + time.perf_counter() - t
+
+    def close(self):
+        for m in (self.mapped, self.base_mapped):
+            if m is not None:
+                m.close()
+        self.mapped = self.base_mapped = None
+        if self.scratch:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+
+
+class StreamedSolve:
+    """The tensor-major solve strategy of ``relex extrapolate`` (the module docstring has the plan): groups of tensors
+    read from the memory-mapped checkpoints in float32, their Grams, eigenpairs and directions, each group's part of
+    the state file written beside ``--out`` (nothing is created in ``--out`` before the state is whole: a refused input
+    leaves it as it was). :attr:`writer` joins the parts and writes the horizons.
+
+    Args:
+        src_base (`DirectorySource`): the base checkpoint (theta_0; untracked tensors, config, tokenizer).
+        sources (`list[DirectorySource]`), cks (`list[Checkpoint]`): the checkpoints, in step order, already checked
+            against the base (same tensors, shapes and dtypes).
+        names (`list[str]`): the tracked tensors (the base's floating-point keys).
+        dtype (`torch.dtype`): the dtype of the directions kept in the state file (and used for the horizons).
+        max_shard_size: of the written checkpoints.
+        memory_budget (`int`, *optional*, defaults to 256 MiB): bytes of float32 blocks read at a time.
+        progress (`bool`, *optional*): a progress bar on stderr.
+    """
+
+    def __init__(self, *, src_base, sources, cks, names: Sequence[str], dtype: torch.dtype, max_shard_size,
+                 rank: int = 1, memory_budget: int = DEFAULT_MEMORY_BUDGET, progress: bool = False):
+        self.src_base, self.sources, self.cks, self.names = src_base, sources, cks, list(names)
+        self.dtype, self.memory_budget, self.progress = dtype, memory_budget, progress
+        self.steps = [c.step for c in cks]
+        self.numels = [math.prod(src_base.meta[n][0]) for n in self.names]
+        self.specs, off = [], 0
+        for n, k in zip(self.names, self.numels):
+            self.specs.append(TensorSpec(name=n, shape=tuple(src_base.meta[n][0]), dtype=src_base.meta[n][1],
+                                         local_numel=k, offset=off))
+            off += k
+        self.writer = StreamedWriter(src_base, self.specs, {s.name: s.offset for s in self.specs}, rank,
+                                     max_shard_size)
+        self.secs = {"read": 0.0, "gram": 0.0, "direction": 0.0, "state_parts": 0.0}
+        self.bytes_read = 0
+        self.groups: list = []
+        self._open: list = []
+
+    def check(self, settings):
+        T = len(self.cks)
+        if self.memory_budget < 4 * (T + 1):
+            raise RelexInputError(f"memory_budget={self.memory_budget} bytes holds no column of {T + 1} float32 rows; "
+                                  f"give at least {4 * (T + 1)} bytes (default 256 MiB)")
+
+    def prepare(self, out_dir: str, writer: CheckpointWriter):
+        self.out_dir = out_dir
+        # the parts of the state file are written beside --out
+        out_abs = os.path.abspath(out_dir)
+        self.writer.scratch = os.path.join(os.path.dirname(out_abs), f".{os.path.basename(out_abs)}.relex-parts-"
+                                           f"{os.getpid()}-{uuid.uuid4().hex[:6]}")
+        os.makedirs(self.writer.scratch)
+
+    @torch.no_grad()
+    def solve(self, settings, writer: CheckpointWriter, horizons: Sequence[int]):
+        """Every group's Gram, eigenpairs, directions and state part; returns the solution over every tensor (``V`` is
+        ``None``: the directions are in the parts)."""
+        from ..core.backtest import combine
+
+        T, rank, fit_start = len(self.cks), settings.rank, settings.fit_start
+        self.groups = plan_groups(self.numels, T, self.memory_budget)
+        t0 = time.perf_counter()
+        base_reader = FileReader(self.src_base, self.names)
+        readers = [FileReader(s, self.names) for s in self.sources]
+        fp_mapped = MappedSource(self.src_base)
+        self._open = readers + [base_reader, fp_mapped]
+        parts, backtests = [], []
+        bar = None
+        if self.progress:
+            import sys
+
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=sum(self.numels), desc="relex: reading checkpoints", unit="param", unit_scale=True,
+                       file=sys.stderr, dynamic_ncols=True)
+            self._open.append(bar)
+        try:
+            for gi, (idx, resident) in enumerate(self.groups):
+                sol, bt, col = self._solve_group(gi, idx, resident, readers, base_reader, fp_mapped, settings,
+                                                 horizons)
+                parts.append(sol)
+                backtests.append(bt)
+                if bar is not None:
+                    bar.update(col)
+        finally:
+            self._close_readers()
+        self.secs["total"] = time.perf_counter() - t0
+        solution = _cat_solutions(parts, self.specs, self.steps, fit_start, rank, self.secs, self.bytes_read)
+        solution.backtest = combine(backtests)  # each group's tensors: additive sums, one global backtest
+        return solution
+
+    def _solve_group(self, gi, idx, resident, readers, base_reader, fp_mapped, settings, horizons):
+        """One group: its Grams (one read of its slices, two for a tensor too large for the budget), eigenpairs,
+        directions, the horizon overflow check, and its part of the state file. Returns ``(solution, backtest,
+        columns)``."""
+        from ..core.backtest import backtest_from_gram
+        from ..core.solver import Solution
+        from ..files.state import save_state
+
+        T, steps, rank, fit_start = len(self.cks), self.steps, settings.rank, settings.fit_start
+        secs, arena = self.secs, self._arena()
+
+        def read_block(cols_of, width, s=0):
+            """Rows 0..T-1: the deltas; row T: theta_0, for columns laid out by ``cols_of`` [(name, col, count)].
+            Each checkpoint's slice is read in cache-sized pieces and theta_0 subtracted while the piece is in
+            cache."""
+            ta = time.perf_counter()
+            block = arena[: (T + 1) * width].view(T + 1, width)
+            th = block[T]
+            for n, c, k in cols_of:
+                base_reader.read(n, th[c: c + k], s)
+                for t, rd in enumerate(readers):
+                    row = block[t]
+                    for a in range(0, k, SUB_PIECE):
+                        p = min(SUB_PIECE, k - a)
+                        piece = row[c + a: c + a + p]
+                        rd.read(n, piece, s + a)
+                        piece.sub_(th[c + a: c + a + p])
+            self.bytes_read += (T + 1) * width * 4
+            secs["read"] += time.perf_counter() - ta
+            return block
+
+        def check_finite(G, gnames):
+            d = torch.diagonal(G, dim1=-2, dim2=-1)
+            if bool(torch.isfinite(d).all()):
+                return
+            ck, bad = _first_nonfinite(readers, self.cks, self.names, self.numels, base_reader)
+            if ck is None:  # Inf products of finite values: deltas beyond float32's square root
+                raise RelexInputError(f"weight deltas of {gnames[0]} are too large to square in float32 (beyond "
+                                      "1e19); the checkpoints are not a training run of the base")
+            raise RelexInputError(
+                f"{ck.path}: non-finite weight delta at step {ck.step} in {len(bad)} tensor(s): {', '.join(bad[:5])}"
+                + (" ..." if len(bad) > 5 else "")
+                + "; the step was not recorded (the training run diverged or overflowed); leave this checkpoint (and "
+                "later ones) out of --checkpoints")
+
+        gspecs, col = [], 0
+        for i in idx:
+            s = self.specs[i]
+            gspecs.append(TensorSpec(name=s.name, shape=s.shape, dtype=s.dtype, local_numel=s.local_numel, offset=col))
+            col += s.local_numel
+        S = len(idx)
+        G = torch.zeros(S, T, T, dtype=torch.float64)
+        V = torch.zeros(rank, col, dtype=self.dtype)
+        if resident:
+            block = read_block([(s.name, s.offset, s.local_numel) for s in gspecs], col)
+            tg = time.perf_counter()
+            for j, s in enumerate(gspecs):
+                _gram_into(G[j], block[:T, s.offset: s.offset + s.local_numel])
+            secs["gram"] += time.perf_counter() - tg
+            check_finite(G, [s.name for s in gspecs])
+            sigma, U, X, coeffs, slope, intercept, r2, total, last_sq = solve_grams(G, steps, rank, fit_start)
+            td = time.perf_counter()
+            for j, s in enumerate(gspecs):
+                V[:, s.offset: s.offset + s.local_numel] = X[j].T @ block[:T, s.offset: s.offset + s.local_numel]
+            secs["direction"] += time.perf_counter() - td
+            theta0 = block[T].clone() if S else None  # the fingerprints (the arena is reused by the next group)
+        else:
+            s = gspecs[0]
+            n = s.local_numel
+            width = max(1, self.memory_budget // (4 * (T + 1)))
+            for a in range(0, n, width):
+                k = min(width, n - a)
+                block = read_block([(s.name, 0, k)], k, a)
+                tg = time.perf_counter()
+                _gram_into(G[0], block[:T])
+                secs["gram"] += time.perf_counter() - tg
+            check_finite(G, [s.name])
+            sigma, U, X, coeffs, slope, intercept, r2, total, last_sq = solve_grams(G, steps, rank, fit_start)
+            for a in range(0, n, width):
+                k = min(width, n - a)
+                block = read_block([(s.name, 0, k)], k, a)
+                td = time.perf_counter()
+                V[:, a: a + k] = X[0].T @ block[:T]
+                secs["direction"] += time.perf_counter() - td
+            theta0 = None  # read back from the base by the fingerprint (memory-mapped)
+        sol = Solution(specs=gspecs, steps=steps, fit_start=fit_start, rank=rank, sigma=sigma, coeffs=coeffs,
+                       slope=slope, intercept=intercept, r2=r2, total=total, last_sq=last_sq, V=V, method="gram")
+        # refused before anything is written (the state is committed only after every group passed)
+        check_horizons_fit(sol, horizons)
+        ts = time.perf_counter()
+        part = os.path.join(self.writer.scratch, f"part-{gi:05d}.safetensors")
+        if theta0 is not None:
+            th_of = lambda j, th=theta0, sp=gspecs: th[sp[j].offset: sp[j].offset + sp[j].local_numel]  # noqa: E731
+        else:
+            th_of = lambda j, sp=gspecs: fp_mapped.get(sp[j].name).reshape(-1)  # noqa: E731
+        try:
+            guarded(lambda: save_state(part, sol, th_of, tcut=steps[-1]))
         except WriteFailed as e:
             raise RelexWriteError(
-                f"writing the state file in {out_dir} failed: {e}; no horizon was written and nothing exists under the "
-                "final names; the recorded window was not saved. Free space (or fix permissions) and run again"
+                f"writing the state file in {self.out_dir} failed: {e}; no horizon was written and nothing exists "
+                "under the final names; the recorded window was not saved. Free space (or fix permissions) and run "
+                "again"
             ) from e.__cause__
-        t_state = time.perf_counter()
-    finally:
-        if bar is not None:
-            bar.close()
-        for r in readers + [base_reader]:
+        secs["state_parts"] += time.perf_counter() - ts
+        self.writer.part_files.append(part)
+        sol.V = None
+        bt = backtest_from_gram(G, steps, True, fit_start=fit_start, names=[x.name for x in gspecs])
+        return sol, bt, col
+
+    def _arena(self) -> torch.Tensor:
+        if getattr(self, "_arena_t", None) is None:
+            T, budget = len(self.cks), self.memory_budget
+            cols = max([sum(self.numels[i] for i in g) if res else max(1, budget // (4 * (T + 1)))
+                        for g, res in self.groups] + [1])
+            self._arena_t = torch.empty((T + 1) * cols, dtype=torch.float32)
+        return self._arena_t
+
+    def _close_readers(self):
+        self._arena_t = None  # the float32 blocks are not needed for the writes
+        for r in self._open:
             r.close()
-        fp_mapped.close()
-        shutil.rmtree(scratch, ignore_errors=True)
-    # 3. the horizons, from the committed state (as `relex materialize` would write them)
-    mapped = MappedState(state_path, specs, solution.slope, solution.intercept, rank)
-    base_mapped = MappedSource(src_base)
-    written = []
-    try:
-        for h in horizons:
-            try:
-                written.append(write_horizon_streaming(out_dir, h, steps[-1], mapped,
-                                                       lambda i: base_mapped.get(specs[i].name).reshape(-1), src_base,
-                                                       overwrite=overwrite, max_shard_size=max_shard_size))
-            except WriteFailed as e:
-                done = f" ({', '.join(written)} were written whole)" if written else ""
-                raise RelexWriteError(
-                    f"writing {horizon_dir(out_dir, h)} failed: {e}; the partial temporary was removed and nothing "
-                    f"exists under the final name{done}; the state file {state_path} is intact: free space (or fix "
-                    f"permissions) and write the remaining horizons with `relex materialize --state {state_path} "
-                    f"--base {os.path.abspath(base_path)} --horizons "
-                    f"{','.join(str(x) for x in horizons[len(written):])} --out {out_dir}`"
-                ) from e.__cause__
-    finally:
-        mapped.close()
-        base_mapped.close()
-    t_written = time.perf_counter()
-    extra = {
-        "buffer_bytes": 0,
-        "buffer_rows": None,
-        "fold_rank": None,
-        "folds": 0,
-        "buffer_dtype": str(dtype).replace("torch.", ""),
-        "storage": "streaming",
-        "streaming": {"memory_budget": int(memory_budget), "groups": len(groups),
-                      "tensors_read_twice": sum(1 for _, res in groups if not res), "bytes_read": int(bytes_read)},
-        "solve_seconds": round(t_solved - t0, 6),
-        "write_seconds": round(t_written - t_solved, 6),
-        "checkpoints": written,
-    }
-    extra.update(report_extra or {})
-    report = build_report(solution, tcut=steps[-1], horizons=horizons, extra=extra)
-    try:
-        guarded(lambda: write_report(os.path.join(out_dir, REPORT_NAME), report))
-    except WriteFailed as e:
-        raise RelexWriteError(
-            f"writing {os.path.join(out_dir, REPORT_NAME)} failed: {e}; the state file and the checkpoints "
-            f"{', '.join(written)} are whole (only the report is missing): free space and rerun into another directory"
-        ) from e.__cause__
-    if timings is not None:
-        timings.update({k: round(v, 4) for k, v in secs.items()}, state=round(t_state - t_solved, 4),
-                       horizons=round(t_written - t_state, 4), bytes_read=bytes_read)
-    return solution, report
+        self._open = []
+
+    def bind(self, writer: CheckpointWriter, sol):
+        writer.bind(sol)
+
+    def report_extra(self, writer: CheckpointWriter) -> dict:
+        return {
+            "buffer_bytes": 0,
+            "buffer_rows": None,
+            "fold_rank": None,
+            "folds": 0,
+            "buffer_dtype": str(self.dtype).replace("torch.", ""),
+            "storage": "streaming",
+            "streaming": {"memory_budget": int(self.memory_budget), "groups": len(self.groups),
+                          "tensors_read_twice": sum(1 for _, res in self.groups if not res),
+                          "bytes_read": int(self.bytes_read)},
+        }
+
+    def distributed_extra(self, writer, t_bind) -> dict:
+        return {}
+
+    def timings(self) -> dict:
+        """Seconds by phase (read, gram, direction, state parts, total solve, state, horizons) and bytes read."""
+        out = {k: round(v, 4) for k, v in self.secs.items()}
+        out.update(state=round(self.writer.stamps.get("state", 0.0), 4),
+                   horizons=round(self.writer.stamps.get("horizons", 0.0), 4), bytes_read=self.bytes_read)
+        return out
+
+    def close(self):
+        self._close_readers()
+        self.writer.close()
 
 
-__all__ = ["extrapolate_streaming", "write_shard_streaming", "write_weights_streaming", "write_horizon_streaming",
+__all__ = ["StreamedSolve", "StreamedWriter", "write_shard_streaming", "write_weights_streaming", "write_horizon_streaming",
            "merge_state_parts", "plan_groups", "solve_grams", "FileReader", "MappedState", "DEFAULT_MEMORY_BUDGET"]

@@ -512,13 +512,13 @@ class RelexCallback(TrainerCallback, ExportableState):
     def _finalize(self, writer, s, out_dir, model, trend, flat):
         """The end-of-window pipeline with this run's settings and report entries."""
         from ..params import is_peft_model
-        from ..pipeline.finalize import finalize
+        from ..pipeline.finalize import BufferedSolve, finalize
 
+        solver = BufferedSolve(self.store, reduce=self.topology.reduce_grams if self.topology.sharded else None,
+                               skipped_nonfinite=self.skipped_steps)
         return finalize(
-            self.store, writer, tcut=s.tcut, horizons=s.horizons, out_dir=out_dir, rank=s.rank, fit_start=s.fit_start,
-            method=s.solver, overwrite=s.overwrite, kept=self.store.directory if self.store.storage == "disk" else None,
-            reduce=self.topology.reduce_grams if self.topology.sharded else None, fit=s.fit, fit_window=s.fit_window,
-            degree=s.degree, skip_horizons=flat if s.on_flat_reward == "error" else None,
+            solver, writer, s, out_dir=out_dir, kept=self.store.directory if self.store.storage == "disk" else None,
+            skip_horizons=flat if s.on_flat_reward == "error" else None,
             report_extra={"skipped_nonfinite_steps": list(self.skipped_steps), "reward_trend": trend,
                           "skipped_unchanged_steps": list(self.store.skipped_unchanged_steps),
                           "format": "peft_adapter" if is_peft_model(model) else "full"},
