@@ -397,3 +397,100 @@ class RelexConfig:
         kw = self.to_kwargs()
         kw.update(overrides)
         return RelexSettings.validate(**kw)
+
+
+# The arguments of RelexCallback, documented once beside the settings they become (RelexSettings.validate checks
+# them); the callback's docstring includes this text, so ``help(RelexCallback)`` shows every argument.
+SETTINGS_DOC = """
+Args:
+    tcut (`int`):
+        Number of optimizer steps to observe (``state.global_step``; gradient accumulation does not change it).
+        The paper uses 75 (1.5B-4B models) and 100 (8B).
+    horizons (`list[int]` or `str`):
+        Steps to extrapolate to, each greater than ``tcut`` (e.g. ``[500, 1000]`` or ``"500,1000"``), or
+        ``"auto"``: the ladder 2x, 4x, 8x and 16x ``tcut``, scored (``evaluate_horizons``) when the trainer has an
+        ``eval_dataset``.
+    stride (`int`, *optional*, defaults to `1`):
+        Record every ``stride``-th step; must divide ``tcut``. Memory is ``tcut/stride`` rows.
+    fit_start (`int`, *optional*):
+        First step used in the linear fit (earlier steps still define the direction). Default: all steps.
+    rank (`int`, *optional*, defaults to `1`):
+        SVD rank: directions per tensor, each extrapolated linearly (the paper's ablation found 1 best).
+    storage (`str`, *optional*, defaults to `"auto"`):
+        Where the buffer lives: ``"device"`` (accelerator memory), ``"host"`` (pinned CPU memory),
+        ``"disk"`` (memory-mapped file under ``output_dir``; survives a crash) or ``"auto"``: the memory plan
+        logged at ``on_train_begin`` (``relex plan`` prints the same) puts the exact window on the fastest tier
+        that holds it, counting every process of the node and a colocated vLLM engine's share of the GPU; when
+        none does, it folds (see ``fold_rank``) and says so.
+    dtype (`str`, *optional*, defaults to `"bfloat16"`):
+        Buffer dtype: ``"bfloat16"``, ``"float16"`` (underflows for lr ~1e-6 runs) or ``"float32"``.
+    max_buffer_bytes (`int` or `str`, *optional*):
+        Upper bound on the buffer's bytes per process (a number or a size like ``"8GB"``); a window that does not
+        fit folds (see ``fold_rank``).
+    stop_training (`bool`, *optional*, defaults to `True`):
+        Stop training at ``tcut``. With ``False`` training continues, and the extrapolated weights are
+        compared with the real ones when the run reaches each horizon (validation mode).
+    output_dir (`str`, *optional*):
+        Where to write. Defaults to ``<args.output_dir>/relex``.
+    include (`list[str]`, *optional*):
+        Regexes (``re.search``) over parameter names to track. Default: every trainable parameter.
+    exclude (`list[str]`, *optional*):
+        Regexes over parameter names not to track (they are written unchanged).
+    solver (`str`, *optional*, defaults to `"auto"`):
+        ``"gram"``, ``"power"`` or ``"auto"`` (per-device choice measured in ``bench/solver.py``).
+    overwrite (`bool`, *optional*, defaults to `False`):
+        Replace existing ``step-H`` directories in ``output_dir`` instead of refusing to start.
+    max_shard_size (`str`, *optional*, defaults to `"50GB"`):
+        Shard size of the written safetensors, as in ``save_pretrained``.
+    fold_rank (`int`, *optional*, defaults to `8`):
+        When the window does not fit ``max_buffer_bytes`` (or ``buffer_slots``), the full ring of deltas is
+        folded into a rank-``fold_rank`` factorisation per tensor (incremental SVD) and the slots reused:
+        memory is ``fold_rank + slots`` rows whatever ``tcut`` is. Must be >= ``rank``.
+    buffer_slots (`int`, *optional*):
+        Ring slots K; below ``tcut/stride`` the ring folds (see ``fold_rank``). Default: with
+        ``storage="auto"`` the memory plan's (the whole window when it fits a tier, within ``max_buffer_bytes``);
+        with an explicit tier, from ``max_buffer_bytes``, else the whole window (exact, no fold).
+    on_nonfinite (`str`, *optional*, defaults to `"error"`):
+        A NaN/Inf in a weight delta at a snapshot: ``"error"`` stops training with an error naming the tensors
+        and the step (nothing is written from it); ``"skip"`` drops that step with a warning (counted in
+        ``report.json`` as ``skipped_nonfinite_steps``).
+    merge_lora (`bool`, *optional*, defaults to `False`):
+        PEFT models only. Each horizon is always written as an adapter directory ``step-H/`` (loaded with
+        ``PeftModel.from_pretrained(base, "step-H")``); with ``True`` also as a full model ``step-H-merged/``
+        (``merge_and_unload`` on a copy of the model: needs memory for a second copy of the base weights).
+    fit (`str`, *optional*, defaults to `"linear"`):
+        Curve fitted to each direction's coefficient ``c_t``: ``"linear"`` (the paper), ``"power"``
+        (``a t^p + b``), ``"log"``, ``"polynomial"`` (``degree``), or ``"auto"`` (each family fitted on the first
+        part of the window and scored by how well it predicts the rest; the winner is refitted on the whole window).
+    fit_window (`int`, *optional*):
+        Fit only the last ``fit_window`` recorded steps (the published scripts' sliding window).
+    degree (`int`, *optional*, defaults to `2`):
+        Degree of the ``"polynomial"`` fit.
+    on_flat_reward (`str`, *optional*, defaults to `"warn"`):
+        When the reward (``reward_metric``) did not rise over the window (least-squares slope <= 2 standard errors):
+        ``"warn"``, ``"error"`` (the state file is written, no horizon) or ``"ignore"``.
+    reward_metric (`str`, *optional*):
+        The logged metric whose trend is checked (default: ``reward``, else the first metric named like a reward).
+    evaluate_horizons (`bool`, *optional*, defaults to `False`):
+        At ``tcut``, score the ``tcut`` model and every horizon with the trainer's own evaluation (GRPO: its
+        reward functions on the ``eval_dataset`` prompts; other trainers: ``eval_loss``), the live weights restored
+        bit for bit afterwards; results in ``report.json["horizon_eval"]`` and ``horizons.png``.
+    keep_best (`int`, *optional*):
+        With scored horizons, keep only the best ``keep_best`` checkpoints on disk (the state file keeps every
+        horizon reachable through ``relex materialize``).
+
+Validation mode (``stop_training=False``): training continues after ``tcut``; when ``state.global_step``
+reaches each horizon ``H``, the real deltas ``theta_H - theta_0`` are compared per tensor with the
+extrapolated ones (cosine and norm ratio, the paper's Figure 6), logged as ``relex/validation/H/...`` and
+added to ``report.json`` under ``"validation"``.
+
+Resume: ``trainer.train(resume_from_checkpoint=...)`` inside the window continues the same trajectory
+(theta_0 and the rows recorded so far are in ``checkpoint-N/relex_trajectory/``, hard links to files written
+once under ``output_dir/trajectory/``: a checkpoint adds only the rows recorded since the previous one). The
+trajectory is found where the Trainer loaded the checkpoint (any path, any ``output_dir``; the callback's
+record in ``trainer_state.json`` names the run and the step) and checked before one more step is recorded:
+the same run, the same ``tcut``/``stride``/``dtype``/tracked tensors/world size, and theta_0 plus the last
+recorded delta equal to the weights the trainer resumed with; anything else is refused with what differs.
+Resuming after ``tcut`` writes nothing again. One callback owns an output directory at a time
+(``.relex-lock.json`` while its window is open).
+"""

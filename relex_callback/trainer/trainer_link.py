@@ -66,3 +66,20 @@ def _horizon_bytes(model, tracked, merge_lora: bool) -> int:
         adapter = sum(x.spec.numel * x.spec.dtype.itemsize for x in tracked)
         return adapter + (full if merge_lora else 0)
     return full
+
+
+def take_back_original(callback, instances):
+    """With ``restore_callback_states_from_checkpoint=True`` the Trainer replaces the callback the user passed by a new
+    one built from its ``state()``. Put the user's instance back in its place (the one the user holds, with the same
+    settings, attached to no trainer: the newest of ``instances``), so that ``callback.report`` and friends stay on
+    the object the user has. Returns it, or None when ``callback`` is the user's."""
+    if "relex_checkpoint" not in callback.__dict__:
+        return None
+    lst = _handler_list(callback)
+    cands = [c for c in list(instances) if c is not callback and "relex_checkpoint" not in c.__dict__
+             and c.settings == callback.settings and _handler_list(c) is None]
+    if lst is None or not cands:
+        return None
+    orig = max(cands, key=lambda c: c._created)
+    lst[lst.index(callback)] = orig
+    return orig

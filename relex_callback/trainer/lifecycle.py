@@ -1,0 +1,203 @@
+"""The life of a window inside a Trainer, for :class:`~.callback.RelexCallback` (functions of the callback).
+
+At ``on_train_begin``, :func:`select` picks the tensors this process records and :func:`resume_candidates` lists where
+a resumed checkpoint may be. At ``tcut``, :func:`finish` checks the reward trend, picks the writer for the model, runs the one pipeline
+(:func:`run_pipeline` -> :func:`relex_callback.pipeline.finalize.finalize`), emits the ``relex/*`` metrics, scores the
+horizons when asked (:mod:`.scoring`), releases the buffer and its files, and either stops training or opens
+validation mode (:mod:`.validation`). A window refused at ``tcut`` keeps its recorded steps in
+``partial_trajectory/`` (:func:`keep_window`) with the ``relex extrapolate --trajectory`` command that finishes it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Optional
+
+from ..errors import RelexInputError
+from ..trajectory.persist import RUN_TRAJECTORY_DIR, THETA0_FILE
+
+logger = logging.getLogger("relex_callback")
+
+
+def resume_candidates(args, state, record: Optional[dict] = None) -> list:
+    """Where the checkpoint training resumed from may be: where this callback saved it (its record in the
+    ``trainer_state.json`` the Trainer resumed with), the ``resume_from_checkpoint`` of the arguments,
+    ``<output_dir>/checkpoint-<global_step>``. Each is verified (run id, settings, live weights) before it is
+    used."""
+    return [(record or {}).get("checkpoint"), getattr(args, "resume_from_checkpoint", None),
+            os.path.join(args.output_dir, f"checkpoint-{state.global_step}")]
+
+def select(cb, model):
+    """The tensors this process records (``cb.tracked``) and the process layout (``cb.topology``)."""
+    from ..params import is_peft_model, select_names, trainable_named_parameters
+    from .topology import Topology
+
+    named = trainable_named_parameters(model)
+    if not named:
+        raise RelexInputError("the model has no trainable floating-point parameters to track")
+    keep = set(select_names([n for n, _ in named], cb.settings.include, cb.settings.exclude))
+    cb.topology = Topology.from_model(model)
+    if cb.topology.is_distributed and is_peft_model(model):
+        raise RelexInputError(
+            f"RelexCallback does not support PEFT (LoRA) models in distributed runs ({cb.topology.describe()}): "
+            "the adapter directories are written by PEFT's save_pretrained on one process. Train the adapter on one "
+            "process, or merge the adapter / train the full model under DDP, ZeRO or FSDP2"
+        )
+    cb.tracked = cb.topology.track([(n, p) for n, p in named if n in keep])
+
+
+def keep_window(cb, args, kwargs) -> tuple[str, str]:
+    """Save the recorded steps to ``<output_dir>/partial_trajectory`` (this process's share) for
+    ``relex extrapolate --trajectory``; returns ``(directory, the --base to pass)``."""
+    from ..params import is_peft_model
+
+    keep = cb.topology.trajectory_dir(os.path.join(cb._out_dir(args), "partial_trajectory"))
+    cb.store.save(keep)
+    base = "<the checkpoint training started from>"
+    model = kwargs.get("model")
+    if is_peft_model(model):  # the adapter at theta_0 is the base the trajectory extrapolates from
+        from ..files.writers import save_adapter_at
+
+        base = os.path.join(keep, "adapter")
+        save_adapter_at(model, {t.spec.name: t.param for t in cb.tracked},
+                        {t.spec.name: cb.store.theta0_of(t.spec) for t in cb.tracked}, base,
+                        kwargs.get("processing_class"))
+    return keep, base
+
+def finish(cb, args, state, control, kwargs):
+    """The end of the window at ``tcut``: the pipeline, the metrics, scoring, then stop or validate."""
+    from ..files.writers import model_writer
+
+    s, out_dir, model = cb.settings, cb._out_dir(args), kwargs.get("model")
+    t0 = time.perf_counter()
+    trend, flat = reward_trend_of(cb, state)
+    writer = model_writer(model, kwargs.get("processing_class"), cb.topology, cb.tracked,
+                          max_shard_size=s.max_shard_size, merge_lora=s.merge_lora)
+    sol = _pipeline_or_keep(cb, args, kwargs, writer, out_dir, model, trend, flat)
+    cb.end_of_window_seconds = time.perf_counter() - t0
+    _emit_metrics(cb, trend, cb.end_of_window_seconds, control)
+    if flat and s.on_flat_reward == "error":
+        cb.done = True
+        store, cb.store = cb.store, None
+        store.release()
+        cb._release()
+        raise RelexInputError(f"relex: {flat}; on_flat_reward='error': the state file and report.json are in "
+                              f"{out_dir} but no horizon was written (write them anyway with `relex materialize`, "
+                              "or pass on_flat_reward='warn')")
+    if s.evaluate_horizons:  # before the store is released: scoring needs theta_0 (scoring.py)
+        from .scoring import score_at_tcut
+
+        score_at_tcut(cb, cb._trainer() if cb._trainer is not None else None, sol, cb.store, model, out_dir, control)
+    _close_window(cb, state, control, sol, out_dir)
+
+
+def _pipeline_or_keep(cb, args, kwargs, writer, out_dir, model, trend, flat):
+    """:func:`run_pipeline`; a window refused at ``tcut`` keeps its recorded steps (unless the state file holds them
+    already) and the error says how to finish from them."""
+    s, start_wall = cb.settings, time.time() - 1.0  # (file times may be rounded to the second)
+    try:
+        sol, cb.report = run_pipeline(cb, writer, s, out_dir, model, trend, flat)
+        return sol
+    except RelexInputError as e:  # refused at tcut: keep the window unless the state file holds it already
+        cb._release()
+        from ..files.fs import STATE_INDEX_NAME, STATE_NAME
+
+        written = any(os.path.isfile(p) and os.path.getmtime(p) >= start_wall for p in
+                      (os.path.join(out_dir, STATE_NAME), os.path.join(out_dir, STATE_INDEX_NAME)))
+        if written or cb.store is None or not cb.store.num_rows:  # the state file holds the window
+            raise
+        keep, base = keep_window(cb, args, kwargs)
+        raise type(e)(
+            f"{e}. Nothing was extrapolated; the {cb.store.num_rows} recorded steps are kept in {keep}: once "
+            f"fixed, extrapolate from them with `relex extrapolate --trajectory {keep} --base {base} --horizons "
+            f"{','.join(map(str, s.horizons))} --out DIR` (its --fit/--fit-window/--degree as needed)"
+        ) from None
+    except BaseException:
+        cb._release()  # the output directory is no longer in use (relex materialize may finish it)
+        raise
+
+
+def _emit_metrics(cb, trend, seconds, control):
+    summ, bt = cb.report["summary"], cb.report.get("backtest") or {}
+    drift = bt.get("direction_cosine")
+    cb._emit({
+        "relex/explained_variance_mean": summ["explained_variance_mean"],
+        "relex/explained_variance_min": summ["explained_variance_min"],
+        "relex/r2_mean": summ["r2_mean"],
+        "relex/solve_seconds": cb.report["solve_seconds"],
+        "relex/end_of_window_seconds": seconds,
+        "relex/buffer_bytes": cb.store.buffer_bytes,
+        "relex/backtest/cosine_global": bt.get("cosine_global"),
+        "relex/backtest/norm_ratio_global": bt.get("norm_ratio_global"),
+        "relex/backtest/relative_error_global": bt.get("relative_error_global"),
+        "relex/backtest/direction_drift": None if drift is None else 1.0 - drift,
+        "relex/reward_trend/slope": trend.get("slope"),
+        "relex/reward_trend/stderr": trend.get("stderr"),
+    }, control)
+
+
+def _close_window(cb, state, control, sol, out_dir):
+    """Release the buffer and the run's trajectory files (the state file and the horizons hold the result now), then
+    stop training, or open validation mode (which keeps theta_0 for its checkpoints)."""
+    s = cb.settings
+    cb.done = True
+    store, cb.store = cb.store, None
+    store.release()
+    freed = store.discard_files(keep=() if s.stop_training else (THETA0_FILE,))
+    if freed:
+        logger.info("relex: removed the run's trajectory files %s (%.2f GiB); the trainer checkpoints inside the "
+                    "window keep theirs in relex_trajectory/", store.directory, freed / 2**30)
+    if s.stop_training:
+        cb._release()
+        control.should_training_stop = True
+        return
+    from .validation import Validation
+
+    pending = sorted(h for h in s.horizons if h > state.global_step)
+    late = [h for h in pending if state.max_steps and h > state.max_steps]
+    if late:
+        logger.warning("relex: validation horizons %s are beyond max_steps=%d and will not be reached", late,
+                       state.max_steps)
+    cb.validation = Validation(sol, store.theta0, store.specs, pending, cb.tracked, cb.topology, s.tcut)
+    link_theta0(cb, out_dir)
+
+
+def run_pipeline(cb, writer, s, out_dir, model, trend, flat):
+    """The end-of-window pipeline with this run's settings and report entries."""
+    from ..params import is_peft_model
+    from ..pipeline.finalize import BufferedSolve, finalize
+
+    solver = BufferedSolve(cb.store, reduce=cb.topology.reduce_grams if cb.topology.sharded else None,
+                           skipped_nonfinite=cb.skipped_steps)
+    return finalize(
+        solver, writer, s, out_dir=out_dir, kept=cb.store.directory if cb.store.storage == "disk" else None,
+        skip_horizons=flat if s.on_flat_reward == "error" else None,
+        report_extra={"skipped_nonfinite_steps": list(cb.skipped_steps), "reward_trend": trend,
+                      "skipped_unchanged_steps": list(cb.store.skipped_unchanged_steps),
+                      "format": "peft_adapter" if is_peft_model(model) else "full"},
+    )
+
+def link_theta0(cb, out_dir: str):
+    """Validation checkpoints link theta_0 from ``<out_dir>/trajectory/`` instead of writing it each time."""
+    if cb.validation is not None:
+        cb.validation.theta0_file = os.path.join(
+            cb.topology.trajectory_dir(os.path.join(out_dir, RUN_TRAJECTORY_DIR)), THETA0_FILE)
+
+def reward_trend_of(cb, state):
+    """The reward's least-squares trend over the window (``relex_callback.core.trend``) and, when it is measurably not
+    rising, the sentence that says so (warned here unless ``on_flat_reward="ignore"``)."""
+    from ..core.trend import reward_trend
+
+    s = cb.settings
+    trend = reward_trend(state.log_history, s.reward_metric, last=s.tcut)
+    if trend.get("rising") is not False or s.on_flat_reward == "ignore":
+        if trend.get("rising") is None:
+            logger.info("relex: no reward trend over the window (%s)", trend.get("reason"))
+        return trend, None
+    flat = (f"the reward ({trend['metric']}) did not rise over the window: slope {trend['slope']:.3g} per step "
+            f"+- {trend['stderr']:.3g} over {trend['points']} logged steps; extrapolating it is likely harmful")
+    if s.on_flat_reward == "warn":
+        logger.warning("relex: %s (on_flat_reward='warn': the horizons are written)", flat)
+    return trend, flat
