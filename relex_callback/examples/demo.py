@@ -72,7 +72,7 @@ def run_tiny(args) -> dict:
     from transformers.utils import logging as hf_logging
     from trl import GRPOConfig, GRPOTrainer
 
-    from relex_callback import RelexCallback
+    from ..trainer.callback import RelexCallback
     from relex_callback.examples.toy import (arithmetic_reward, arithmetic_split, build_model, build_tokenizer, greedy_accuracy,
                                     supervised_warmup)
 
@@ -172,7 +172,7 @@ def run_real(args) -> dict:
     from transformers.utils import logging as hf_logging
     from trl import GRPOConfig, GRPOTrainer
 
-    from relex_callback import RelexCallback
+    from ..trainer.callback import RelexCallback
     from relex_callback.examples import real_model as rm
 
     why = rm.missing_requirements()

@@ -25,7 +25,7 @@ import logging
 import os
 import shutil
 import uuid
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -34,9 +34,6 @@ from ..errors import RelexInputError
 from ..files.fs import atomic_file, write_json
 from ..params import TensorSpec
 from .tiers import BUFFER_FILE, SNAPSHOT_CHUNK, SNAPSHOT_CHUNK_DEVICE
-
-if TYPE_CHECKING:  # the store calls these functions; they never import it
-    from .store import TrajectoryStore
 
 logger = logging.getLogger("relex_callback")
 
@@ -320,7 +317,7 @@ def load(
     fold_rank=None,
     window: Optional[dict] = None,
     adopt_shape: bool = False,
-) -> "TrajectoryStore":
+):
     """Rebuild a store from ``save(directory)``; the specs (and ``window``, when given) must match the saved ones.
     With a ``run_directory`` other than ``directory``, the saved files are hard-linked into it, so that later
     checkpoints link them again without rewriting a byte, even after ``directory`` is deleted."""
@@ -458,7 +455,7 @@ def verify_live(store, live: Sequence[torch.Tensor], global_step: int) -> list[s
     return problems
 
 
-def open_saved(cls, directory: str, *, storage: str = "host", device=None) -> "TrajectoryStore":
+def open_saved(cls, directory: str, *, storage: str = "host", device=None):
     """Load a saved trajectory (``save(directory)``, e.g. ``partial_trajectory/``) using only what it recorded:
     its tensors, dtype, slots and fold settings."""
     meta_path = os.path.join(directory, META_FILE)
