@@ -31,6 +31,25 @@ DEFAULT_FOLD_RANK = 8
 MAX_STEP = 10**9
 # Sizes (shards, buffer bounds) beyond this are refused (2^60 bytes = 1 EiB): safetensors offsets are 64-bit.
 MAX_BYTES = 1 << 60
+# Processes of a run (world sizes) beyond this are refused: no training run has a million processes.
+MAX_PROCESSES = 1 << 20
+
+# The one table of whole-number bounds: (minimum, maximum) of every count the callback, RelexSettings and the CLI
+# take, so `--tcut 10**30` and `tcut=10**30` are refused alike (tests/test_ownership.py enumerates it).
+BOUNDS = {
+    "tcut": (2, MAX_STEP), "horizons": (1, MAX_STEP), "steps": (0, MAX_STEP), "stride": (1, MAX_STEP),
+    "fit_start": (0, MAX_STEP), "rank": (1, MAX_STEP), "fold_rank": (1, MAX_STEP), "buffer_slots": (1, MAX_STEP),
+    "fit_window": (1, MAX_STEP), "degree": (1, MAX_STEP), "keep_best": (1, MAX_STEP), "worst": (0, MAX_STEP),
+    "max_buffer_bytes": (1, MAX_BYTES), "max_shard_size": (1, MAX_BYTES),
+    "world_size": (1, MAX_PROCESSES), "local_world_size": (1, MAX_PROCESSES),
+}
+
+
+def bounded(name: str, value, option: Optional[str] = None) -> int:
+    """``value`` as a whole number within ``BOUNDS[name]``; the error names ``option`` (a CLI flag) or ``name``.
+    Strings of digits are accepted (the CLI's arguments, a YAML value)."""
+    lo, hi = BOUNDS[name]
+    return _whole(option or name, value.strip() if isinstance(value, str) else value, lo, hi)
 
 
 def parse_dtype(name) -> str:
@@ -236,8 +255,8 @@ class RelexSettings:
     ) -> "RelexSettings":
         if tcut is None:
             raise RelexInputError("tcut is required: the number of optimizer steps to observe, e.g. tcut=75")
-        tcut = _whole("tcut", tcut, 2, MAX_STEP)
-        stride = _whole("stride", stride, 1, MAX_STEP)
+        tcut = bounded("tcut", tcut)
+        stride = bounded("stride", stride)
         if stride > tcut:
             raise RelexInputError(f"stride={stride} is larger than tcut={tcut}: no step would be recorded; use a stride <= tcut/2")
         if tcut % stride and not allow_partial_stride:
@@ -269,14 +288,14 @@ class RelexSettings:
                                   "(the paper uses 5-10x tcut)")
         hs = sorted(hs)
         if fit_start is not None:
-            fit_start = _whole("fit_start", fit_start, 0, MAX_STEP)
+            fit_start = bounded("fit_start", fit_start)
             n_fit = len([t for t in steps if t >= fit_start])
             if n_fit < 2:
                 raise RelexInputError(
                     f"fit_start={fit_start} leaves {n_fit} snapshot step(s) in [fit_start, tcut={tcut}] with stride={stride}; "
                     f"the line needs at least 2: use fit_start <= {steps[-2]}"
                 )
-        rank = _whole("rank", rank, 1)
+        rank = bounded("rank", rank)
         if rank > len(steps):
             raise RelexInputError(
                 f"rank={rank} exceeds the number of snapshots ({len(steps)} = tcut/stride); use rank <= {len(steps)}"
@@ -289,7 +308,7 @@ class RelexSettings:
         if max_buffer_bytes is not None:
             if isinstance(max_buffer_bytes, str):
                 max_buffer_bytes = parse_size(max_buffer_bytes, "max_buffer_bytes")
-            max_buffer_bytes = _whole("max_buffer_bytes", max_buffer_bytes, 1, MAX_BYTES)
+            max_buffer_bytes = bounded("max_buffer_bytes", max_buffer_bytes)
         _flag("stop_training", stop_training)
         _flag("overwrite", overwrite)
         _flag("merge_lora", merge_lora)
@@ -342,12 +361,11 @@ class RelexSettings:
 
 
 def _strict_whole(name, v):
-    """A count given as a Python int (a string or float here is a mistake in code, said as such)."""
+    """A count given as a Python int (a string or float here is a mistake in code, said as such), within
+    ``BOUNDS[name]``."""
     if isinstance(v, bool) or not isinstance(v, int):
         raise RelexInputError(f"{name} must be a whole number, got {v!r}")
-    if v < 1:
-        raise RelexInputError(f"{name} must be >= 1, got {v}")
-    return v
+    return bounded(name, v)
 
 
 def _help(text: str, **extra) -> dict:

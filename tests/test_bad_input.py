@@ -124,6 +124,21 @@ def _no_weights(d):
     return p
 
 
+def _outputs_free(d, name, overwrite=False, merged=False):
+    """The check RelexCallback.on_train_begin runs, on an output_dir holding a user's ``name``."""
+    from relex_callback.files.fs import check_outputs_free
+
+    out = os.path.join(d, f"userout-{name}")
+    path = os.path.join(out, name)
+    if not os.path.exists(path):
+        if name.startswith("step-"):
+            os.makedirs(path)
+        else:
+            os.makedirs(out, exist_ok=True)
+            open(path, "w").write("notes\n")
+    check_outputs_free(out, [500], overwrite, merged=merged)
+
+
 def extrapolate(traj):
     from relex_callback.offline.api import extrapolate_trajectory
 
@@ -136,6 +151,7 @@ CASES = [
     ("RelexCallback / RelexSettings", "tcut", "1", cb(tcut=1)),
     ("RelexCallback / RelexSettings", "tcut", "'many'", cb(tcut="many")),
     ("RelexCallback / RelexSettings", "tcut", "7.5", cb(tcut=7.5)),
+    ("RelexCallback / RelexSettings", "tcut", "10**30", cb(tcut=10**30)),
     ("RelexCallback / RelexSettings", "horizons", "None", cb(horizons=None)),
     ("RelexCallback / RelexSettings", "horizons", "[]", cb(horizons=[])),
     ("RelexCallback / RelexSettings", "horizons", "'500,x'", cb(horizons="500,x")),
@@ -163,6 +179,7 @@ CASES = [
     ("RelexCallback", "max_shard_size", "'lots'", cb(max_shard_size="lots")),
     ("RelexCallback", "fold_rank", "0", cb(fold_rank=0)),
     ("RelexCallback", "fold_rank", "1 (rank=2)", cb(rank=2, fold_rank=1)),
+    ("RelexCallback", "fold_rank", "10**30", cb(fold_rank=10**30)),
     ("RelexCallback", "buffer_slots", "0", cb(buffer_slots=0)),
     ("RelexCallback", "buffer_slots", "'8'", cb(buffer_slots="8")),
     ("RelexCallback", "on_nonfinite", "'ignore'", cb(on_nonfinite="ignore")),
@@ -171,6 +188,11 @@ CASES = [
     ("RelexCallback / RelexSettings", "fit", "'power' with fit_window=2", cb(fit="power", fit_window=2)),
     ("RelexCallback / RelexSettings", "degree", "3 with tcut=3 (polynomial)", cb(tcut=3, horizons=[8], fit="polynomial", degree=3)),
     ("RelexCallback / RelexSettings", "fit_window", "1", cb(fit_window=1)),
+    ("RelexCallback (on_train_begin)", "overwrite", "True, output_dir holding a user's step-500/ (no relex marker)",
+     lambda d: _outputs_free(d, "step-500", overwrite=True)),
+    ("RelexCallback (on_train_begin)", "output_dir", "holding a user's report.json", lambda d: _outputs_free(d, "report.json")),
+    ("RelexCallback (on_train_begin)", "merge_lora", "True (PEFT), output_dir holding a user's step-500-merged/",
+     lambda d: _outputs_free(d, "step-500-merged", merged=True)),
     ("RelexCallback (on_train_begin)", "include", "['nomatch']", select(include=["nomatch"])),
     ("RelexCallback (on_train_begin)", "exclude", "['nomatch']", select(exclude=["nomatch"])),
     ("RelexCallback (on_train_begin)", "exclude", "['.*'] (everything)", select(exclude=[".*"])),
@@ -200,7 +222,8 @@ CASES = [
 # that must still not exist afterwards) and <dir> (the scratch directory).
 CLI_STEPS = (2, 4, 6, 8)
 _CLI_PATHS = ("base", "base1", "ckpts", "done", "traj", "small", "nan", "trunc", "nostep", "empty", "notes", "badjson",
-              "notreport", "file", "badmeta", "trunc_theta0", "short_rows", "trunc_state")
+              "notreport", "file", "badmeta", "trunc_theta0", "short_rows", "trunc_state", "userdir", "nanbase",
+              "badtrust")
 
 
 def _save_like(src_dir, dst_dir, tensors):
@@ -294,6 +317,20 @@ def cli_fixture(d):
     shutil.copy(os.path.join(p["done"], "relex_state.safetensors"), p["trunc_state"])
     f = os.path.join(p["trunc_state"], "relex_state.safetensors")
     os.truncate(f, os.path.getsize(f) - 50)
+    os.makedirs(os.path.join(p["userdir"], "step-40"))  # a user's directory with a look-alike name
+    with open(os.path.join(p["userdir"], "step-40", "notes.txt"), "w") as fh:
+        fh.write("mine\n")
+    nan = load_file(os.path.join(p["base"], "model.safetensors"))
+    k0 = sorted(nan)[0]
+    nan[k0] = nan[k0].clone()
+    nan[k0].reshape(-1)[3] = float("nan")
+    _save_like(p["base"], p["nanbase"], nan)
+    os.makedirs(p["badtrust"])
+    with open(os.path.join(p["done"], "report.json")) as fh:
+        rep = json.load(fh)
+    rep["backtest"] = {**(rep.get("backtest") or {}), "cosine_global": "0.99"}
+    with open(os.path.join(p["badtrust"], "report.json"), "w") as fh:
+        json.dump(rep, fh)
     return p
 
 
@@ -341,6 +378,7 @@ CLI_CASES = [
     ("extrapolate", "--fit-start beyond the steps", X + " --fit-start 8"),
     ("extrapolate", "--fit-start negative", X + " --fit-start -1"),
     ("extrapolate", "--fit-start not an integer", X + " --fit-start early"),
+    ("extrapolate", "--fit-start beyond 10^9", X + " --fit-start 10000000000"),
     ("extrapolate", "--rank 0", X + " --rank 0"),
     ("extrapolate", "--rank > checkpoints", X + " --rank 5"),
     ("extrapolate", "--rank 2 with --solver power", X + " --rank 2 --solver power"),
@@ -361,6 +399,7 @@ CLI_CASES = [
     ("extrapolate", "--checkpoints of another model (shapes differ)", X.replace("<ckpts>", "<small>")),
     ("extrapolate", "--checkpoints with a truncated safetensors", X.replace("<ckpts>", "<trunc>")),
     ("extrapolate", "--checkpoints with a NaN in a checkpoint", X.replace("<ckpts>", "<nan>")),
+    ("extrapolate", "--base with a NaN (theta_0 itself)", X.replace("<base>", "<nanbase>")),
     ("extrapolate", "--trajectory not a directory", X.replace("--checkpoints <ckpts>", "--trajectory <file>")),
     ("extrapolate", "--trajectory nonexistent", X.replace("--checkpoints <ckpts>", "--trajectory <dir>/notraj")),
     ("extrapolate", "--trajectory not a saved trajectory", X.replace("--checkpoints <ckpts>", "--trajectory <ckpts>")),
@@ -374,6 +413,7 @@ CLI_CASES = [
     ("extrapolate", "--trajectory with --max-shard-size garbage", X.replace("--checkpoints <ckpts>", "--trajectory <traj>") + " --max-shard-size lots"),
     ("extrapolate", "--out an existing non-empty directory", X.replace("<out>", "<done>")),
     ("extrapolate", "--out an existing file", X.replace("<out>", "<file>")),
+    ("extrapolate", "--overwrite over a user's step-40/ (no relex marker)", X.replace("<out>", "<userdir>") + " --overwrite"),
     ("extrapolate", "--out inside a file", X.replace("<out>", "<file>/out")),
     ("materialize", "--state missing", "materialize --base <base> --horizons 100 --out <out>"),
     ("materialize", "--state nonexistent", M.replace("<done>", "<dir>/nostate")),
@@ -382,6 +422,7 @@ CLI_CASES = [
     ("materialize", "--state a truncated state file", M.replace("<done>", "<trunc_state>")),
     ("materialize", "--base of another model (mismatched)", M.replace("<base>", "<base1>")),
     ("materialize", "--base without weights", M.replace("<base>", "<empty>")),
+    ("materialize", "--base with a NaN (theta_0 itself)", M.replace("<base>", "<nanbase>")),
     ("materialize", "--horizons <= the state's tcut (8)", M.replace("100", "8")),
     ("materialize", "--horizons repeated", M.replace("100", "100,100")),
     ("materialize", "--horizons not integers", M.replace("100", "1e3")),
@@ -396,6 +437,8 @@ CLI_CASES = [
     ("report", "report.json valid JSON but not a report", "report <notreport>"),
     ("report", "--worst not an integer", "report <done> --worst many"),
     ("report", "--worst negative", "report <done> --worst -1"),
+    ("report", "--worst beyond 10^9", "report <done> --worst 10000000000"),
+    ("report", "report.json with a trust signal of the wrong type", "report <badtrust>"),
     ("report", "--plot without matplotlib installed", "report <done> --plot"),
 ]
 
@@ -540,7 +583,9 @@ def render(rows, cli_rows=()) -> str:
             "an empty directory, `<notes>` a directory without report.json, `<badjson>` / `<notreport>` one with a "
             "broken report.json / a JSON list, `<badmeta>` / `<trunc_theta0>` / `<short_rows>` copies of `<traj>` with "
             "trajectory.json missing keys / theta0.safetensors or trajectory.bin cut in half, `<trunc_state>` the "
-            "state file without its last 50 bytes, `<file>` a plain file, `<out>` a fresh output directory, `<dir>` the scratch directory. "
+            "state file without its last 50 bytes, `<userdir>` a directory holding a user's step-40/ (no relex marker), "
+            "`<nanbase>` `<base>` with a NaN in one tensor, `<badtrust>` `<done>`'s report.json with "
+            "backtest.cosine_global a string, `<file>` a plain file, `<out>` a fresh output directory, `<dir>` the scratch directory. "
             "`--device cuda without a GPU` and `--plot without matplotlib` are simulated when the machine has them.",
             "",
             "| command | what is wrong | command line | exit | message (stderr) |",

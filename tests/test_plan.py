@@ -226,7 +226,7 @@ BAD = [
     (["--model", "<t>/nomt", "--tcut", "100"], "has no 'model_type'"),
     (["--model", "<t>/broken.json", "--tcut", "100"], "not a readable JSON config"),
     (["--model", "<t>/alien", "--tcut", "100"], "cannot build a causal LM"),
-    (["--model", M8, "--tcut", "1"], "--tcut must be a whole number >= 2"),
+    (["--model", M8, "--tcut", "1"], "--tcut must be >= 2, got 1"),
     (["--model", M8, "--tcut", "75.5"], "--tcut must be a whole number"),
     (["--model", M8, "--tcut", "100", "--stride", "60"], "fewer than 2 snapshots"),
     (["--model", M8, "--tcut", "100", "--world-size", "0"], "--world-size must be"),
@@ -242,7 +242,7 @@ BAD = [
     (["--model", M8, "--tcut", "100", "--trainer-memory", "20GB"], "--trainer-memory needs --gpu-memory"),
     (["--model", M8, "--tcut", "100", "--gpu-headroom", "1"], "--gpu-headroom must be a fraction"),
     (["--model", M8, "--tcut", "100", "--storage", "ram"], "--storage 'ram' is not one of"),
-    (["--model", M8, "--tcut", "100", "--fold-rank", "0"], "--fold-rank must be a whole number >= 1"),
+    (["--model", M8, "--tcut", "100", "--fold-rank", "0"], "--fold-rank must be >= 1, got 0"),
     (["--tcut", "100"], "the following arguments are required: --model"),
 ]
 

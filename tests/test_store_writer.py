@@ -5,6 +5,8 @@ import json
 import os
 
 import pytest
+
+from relex_callback.files.checkpoints import write_relex_marker
 import torch
 
 from relex_callback.trajectory.store import TrajectoryStore
@@ -155,6 +157,11 @@ def test_atomic_directory_leaves_nothing_on_exception(tmp_path):
     with pytest.raises(RelexInputError, match="already exists"):
         with atomic_directory(str(final)):
             pass
+    with pytest.raises(RelexInputError, match="relex did not write it"):  # overwrite replaces only relex's output
+        with atomic_directory(str(final), overwrite=True) as tmp:
+            open(os.path.join(tmp, "b"), "w").write("2")
+    assert os.listdir(final) == ["a"] and sorted(os.listdir(tmp_path)) == ["step-9"]
+    write_relex_marker(str(final), 9, 3)
     with atomic_directory(str(final), overwrite=True) as tmp:
         open(os.path.join(tmp, "b"), "w").write("2")
     assert os.listdir(final) == ["b"]

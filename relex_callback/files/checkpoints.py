@@ -300,18 +300,20 @@ def weights_dir(path: str) -> Optional[str]:
     return None
 
 
-RELEX_MARKER = "relex_horizon.json"  # in every step-H/ relex writes: it is never read back as a training checkpoint
+from .fs import RELEX_MARKER  # noqa: E402  in every step-H/ relex writes: never read back as a training checkpoint
 
 
 def is_relex_output(path: str) -> bool:
     return os.path.isfile(os.path.join(path, RELEX_MARKER))
 
 
-def write_relex_marker(out_dir: str, horizon: int, tcut: int):
-    """Mark ``out_dir`` (a checkpoint being assembled) as relex's extrapolation to ``horizon`` from ``tcut``."""
+def write_relex_marker(out_dir: str, horizon: int, tcut: int, run_id: Optional[str] = None):
+    """Mark ``out_dir`` (a checkpoint being assembled) as relex's extrapolation to ``horizon`` from ``tcut`` by run
+    ``run_id`` (the id the state file records): what :func:`relex_callback.files.fs.not_ours` checks before any removal or
+    read-back."""
     from .fs import write_json
 
-    write_json(os.path.join(out_dir, RELEX_MARKER), {"horizon": int(horizon), "tcut": int(tcut),
+    write_json(os.path.join(out_dir, RELEX_MARKER), {"horizon": int(horizon), "tcut": int(tcut), "run_id": run_id,
                                                      "written_by": "relex_callback"}, durable=False)
 
 
@@ -467,3 +469,14 @@ def write_index(out_dir: str, weight_map: dict[str, str], total_size: int):
 
     write_json(os.path.join(out_dir, INDEX_NAME), {"metadata": {"total_size": total_size}, "weight_map": weight_map},
                durable=False, indent=2, sort_keys=True)
+
+
+def nonfinite_base(src, base: str, names: Sequence[str]):
+    """Refuse a base (theta_0) holding NaN/Inf in any of ``names``, naming it as the base's fault: every delta from
+    it is non-finite, so a checkpoint would be blamed otherwise. Asked only once a non-finite value was met."""
+    bad = [n for n in names if not bool(torch.isfinite(src.get(n).float()).all())]
+    if bad:
+        raise RelexInputError(
+            f"the base {base} (theta_0) holds NaN/Inf in {len(bad)} tensor(s): {', '.join(bad[:5])}"
+            + (" ..." if len(bad) > 5 else "") + "; every delta from it is non-finite, whichever checkpoint: pass the "
+            "finite checkpoint training started from as --base")

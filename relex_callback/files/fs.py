@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import uuid
 from typing import Iterable, Optional
@@ -20,6 +21,11 @@ from ..errors import RelexInputError
 
 STATE_NAME = "relex_state.safetensors"
 STATE_INDEX_NAME = "relex_state.index.json"  # distributed runs: the state sharded by tensor
+STATE_SHARD_PATTERN = re.compile(r"^relex_state-\d{5}-of-\d{5}\.safetensors$")  # its shards (state.state_shard_name)
+REPORT_FILE = "report.json"
+PLOT_FILE = "horizons.png"  # horizons scored (evaluate_horizons / horizons="auto")
+MERGED_SUFFIX = "-merged"  # PEFT with merge_lora: step-H-merged/ beside the adapter step-H/
+RELEX_MARKER = "relex_horizon.json"  # in every step-H/ relex writes: the run id, the horizon and tcut
 
 
 def horizon_dir(out_dir: str, horizon: int) -> str:
@@ -79,16 +85,21 @@ def write_json(path: str, obj, durable: bool = True, **dump_kw):
 
 
 @contextlib.contextmanager
-def atomic_directory(final: str, overwrite: bool = False):
+def atomic_directory(final: str, overwrite: bool = False, marked_only: bool = True):
     """Yield a temporary sibling of ``final``; rename it to ``final`` when the block succeeds, delete it when it
-    raises. ``final`` existing is an error unless ``overwrite``."""
+    raises. ``final`` existing is an error unless ``overwrite``; even then an existing ``final`` without the relex
+    marker (not relex's output) is refused and left, unless ``marked_only=False`` (a directory inside relex's own
+    files, e.g. ``partial_trajectory/adapter``)."""
     final = os.path.abspath(final)
-    if os.path.exists(final) and not overwrite:
+    if os.path.lexists(final) and not overwrite:
         raise RelexInputError(f"{final} already exists; choose another output directory or pass overwrite")
+    if marked_only and os.path.lexists(final) and not_ours(final):
+        raise RelexInputError(f"{final} {not_ours(final)}; overwrite replaces only what relex wrote, so it was left as "
+                              "it is: move it away or choose another output directory")
     tmp = new_temporary_dir(final)
     try:
         yield tmp
-        commit_directory(tmp, final)
+        commit_directory(tmp, final, marked_only=marked_only)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -105,12 +116,16 @@ def new_temporary_dir(final: str, token: Optional[str] = None) -> str:
     return tmp
 
 
-def commit_directory(tmp: str, final: str):
-    """Flush ``tmp`` and rename it to ``final`` (replacing an existing ``final`` only after the new one is whole)."""
+def commit_directory(tmp: str, final: str, marked_only: bool = True):
+    """Flush ``tmp`` and rename it to ``final`` (replacing an existing ``final`` only after the new one is whole, and
+    only when it carries the relex marker unless ``marked_only=False``)."""
     final = os.path.abspath(final)
     parent = os.path.dirname(final)
     _fsync_dir_files(tmp)
-    if os.path.exists(final):
+    if os.path.lexists(final):
+        why = not_ours(final) if marked_only else None
+        if why:  # overwrite replaces only relex's own output (checked before any work; checked again here)
+            raise RelexInputError(f"{final} {why}; it was left as it is: move it away or choose another output directory")
         trash = os.path.join(parent, f".{os.path.basename(final)}.old-{uuid.uuid4().hex[:8]}")
         os.replace(final, trash)
         os.replace(tmp, final)
@@ -120,27 +135,141 @@ def commit_directory(tmp: str, final: str):
     _fsync_path(parent)
 
 
+def _temporary_name(name: str) -> re.Pattern:
+    """The names :func:`new_temporary_dir` / :func:`commit_directory` / ShardedWriter give the temporaries of
+    ``name``: ``.<name>.tmp-<pid>-<hex>``, ``.<name>.tmp-dist-<pid>-<hex>``, ``.<name>.old-<hex>``."""
+    return re.compile(rf"^\.{re.escape(name)}\.(tmp-(dist-)?\d+-[0-9a-f]{{6,8}}|old-[0-9a-f]{{8}})$")
+
+
 def clean_stale_temporaries(parent: str, name: str):
-    """Remove temporaries a killed writer left beside ``parent/name`` (never the final directory)."""
+    """Remove temporaries a killed writer left beside ``parent/name``: only names this package gives them (see
+    :func:`_temporary_name`), never the final directory nor anything else that starts alike."""
     if not os.path.isdir(parent):
         return
+    pattern = _temporary_name(name)
     for entry in os.listdir(parent):
-        if entry.startswith(f".{name}.tmp-") or entry.startswith(f".{name}.old-"):
+        if pattern.match(entry):
             shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
 
 
-def check_outputs_free(out_dir: str, horizons: Iterable[int], overwrite: bool, include_state: bool = True):
-    """Refuse, before any work, to overwrite existing results unless ``overwrite``. ``include_state=False`` checks
-    only the horizons (``materialize`` writes beside the state file it reads)."""
-    if overwrite:
+# ------------------------------------------------------------------------------------ what a run may write and remove
+def output_names(horizons: Iterable[int], *, state: bool = True, report: bool = True, merged: bool = False,
+                 plot: bool = False) -> list[str]:
+    """Every name a run with these settings writes directly in its output directory (the one table: the free-outputs
+    check and the tests enumerate it). ``state``: the state file in both forms (single file, sharded index; the
+    shards are matched by :data:`STATE_SHARD_PATTERN`); ``merged``: PEFT with ``merge_lora`` (``step-H-merged/``);
+    ``plot``: scored horizons (``horizons.png``)."""
+    names = []
+    for h in horizons:
+        names.append(os.path.basename(horizon_dir("", h)))
+        if merged:
+            names.append(os.path.basename(horizon_dir("", h)) + MERGED_SUFFIX)
+    if state:
+        names += [STATE_NAME, STATE_INDEX_NAME]
+    if report:
+        names.append(REPORT_FILE)
+    if plot:
+        names.append(PLOT_FILE)
+    return names
+
+
+def read_marker(path: str) -> Optional[dict]:
+    """The relex marker of a directory (``relex_horizon.json``), or ``None`` when it has none (or it is unreadable)."""
+    try:
+        with open(os.path.join(path, RELEX_MARKER)) as f:
+            m = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return m if isinstance(m, dict) and m.get("written_by") == "relex_callback" else None
+
+
+def not_ours(path: str, run_id: Optional[str] = None, horizon: Optional[int] = None,
+             tcut: Optional[int] = None) -> Optional[str]:
+    """Why the directory ``path`` is not relex's output (of run ``run_id``, for ``horizon`` after ``tcut`` when
+    given), or ``None`` when it is. The one ownership test of every removal and every read-back of a ``step-H/``."""
+    if not os.path.isdir(path):
+        return "is not a directory"
+    m = read_marker(path)
+    if m is None:
+        return f"has no {RELEX_MARKER}: relex did not write it"
+    if run_id is not None and m.get("run_id") != run_id:
+        return (f"was written by another RELEX run (run id {m.get('run_id')}, tcut {m.get('tcut')}), not this one "
+                f"({run_id})")
+    if horizon is not None and m.get("horizon") != int(horizon):
+        return f"holds horizon {m.get('horizon')}, not {horizon}"
+    if tcut is not None and m.get("tcut") != int(tcut):
+        return f"was extrapolated from tcut {m.get('tcut')}, not {tcut}"
+    return None
+
+
+def _is_relex_state(path: str) -> bool:
+    """A safetensors file with the ``relex`` metadata (only the header is read)."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 0 < n < 1 << 30:
+                return False
+            head = json.loads(f.read(n))
+    except (OSError, ValueError):
+        return False
+    return isinstance(head, dict) and "relex" in (head.get("__metadata__") or {})
+
+
+def _is_relex_json(path: str, keys: tuple) -> bool:
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(obj, dict) and all(k in obj for k in keys)
+
+
+def foreign_output(path: str) -> Optional[str]:
+    """Why ``path`` (an existing output name) may not be replaced even with ``overwrite``: it is not something relex
+    wrote (a directory without the marker, a state file without relex metadata, a ``report.json`` that is not a
+    RELEX report), else ``None``."""
+    name = os.path.basename(path)
+    if name == STATE_NAME or STATE_SHARD_PATTERN.match(name):
+        return None if os.path.isfile(path) and _is_relex_state(path) else "is not a RELEX state file"
+    if name == STATE_INDEX_NAME:
+        return None if os.path.isfile(path) and _is_relex_json(path, ("weight_map", "metadata")) else \
+            "is not a RELEX state index"
+    if name == REPORT_FILE:
+        return None if os.path.isfile(path) and _is_relex_json(path, ("tcut", "tensors")) else "is not a RELEX report"
+    if name == PLOT_FILE:  # relex's plot carries a PNG text entry "Source: relex_callback" (scoring.plot_horizons)
+        try:
+            with open(path, "rb") as f:
+                ours = b"Source\x00relex_callback" in f.read(1 << 16)
+        except OSError:
+            ours = False
+        return None if ours else "is not a plot relex drew"
+    return not_ours(path)
+
+
+def check_outputs_free(out_dir: str, horizons: Iterable[int], overwrite: bool, include_state: bool = True, *,
+                       report: Optional[bool] = None, merged: bool = False, plot: bool = False):
+    """Refuse, before any work, to overwrite existing results unless ``overwrite``; with ``overwrite``, refuse to
+    replace anything relex did not write (a user's ``step-6/`` from another tool, a look-alike file). Every name of
+    :func:`output_names` is checked, and the state's shards. ``include_state=False`` checks only the horizons
+    (``materialize`` writes beside the state file it reads); ``report`` defaults to ``include_state``."""
+    report = include_state if report is None else report
+    horizons = list(horizons)
+    paths = [os.path.join(out_dir, n) for n in output_names(horizons, state=include_state, report=report,
+                                                             merged=merged, plot=plot)]
+    if include_state and os.path.isdir(out_dir):
+        paths += [os.path.join(out_dir, n) for n in sorted(os.listdir(out_dir)) if STATE_SHARD_PATTERN.match(n)]
+    taken = [p for p in paths if os.path.lexists(p)]
+    if not taken:
         return
-    paths = [horizon_dir(out_dir, h) for h in horizons]
-    if include_state:
-        paths += [os.path.join(out_dir, STATE_NAME), os.path.join(out_dir, STATE_INDEX_NAME)]
-    taken = [p for p in paths if os.path.exists(p)]
-    if taken:
+    if not overwrite:
         raise RelexInputError(
             f"{', '.join(taken)} already exist(s); choose another output directory, remove them, or pass overwrite"
+        )
+    foreign = [(p, why) for p in taken for why in [foreign_output(p)] if why]
+    if foreign:
+        raise RelexInputError(
+            "overwrite replaces only what relex wrote, and " + "; ".join(f"{p} {why}" for p, why in foreign)
+            + ": nothing was touched; move it away or choose another output directory"
         )
 
 

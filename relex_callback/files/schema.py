@@ -67,26 +67,105 @@ class Checker:
         return xs
 
 
-def check_report(rep, path: str) -> dict:
-    """The fields ``relex report`` and its plot read, with their types."""
+def LIST_OF(kind, nullable: bool = False):
+    """A list whose every item is of ``kind`` (``None`` items allowed with ``nullable``)."""
+    return ("list", kind, nullable)
+
+
+def MAP_OF(kind, nullable: bool = False):
+    """An object whose every value is of ``kind`` (``None`` values allowed with ``nullable``)."""
+    return ("map", kind, nullable)
+
+
+def _describe(kind) -> str:
+    if isinstance(kind, tuple):
+        what = "a list" if kind[0] == "list" else "an object"
+        return f"{what} of {_describe(kind[1])}{' or null' if kind[2] else ''}"
+    return kind
+
+
+def _matches(value, kind) -> bool:
+    if isinstance(kind, tuple):
+        form, item, nullable = kind
+        if form == "list":
+            return isinstance(value, list) and all((x is None and nullable) or _matches(x, item) for x in value)
+        return isinstance(value, dict) and all((x is None and nullable) or _matches(x, item) for x in value.values())
+    return _is(value, kind)
+
+
+# Every field of report.json that a reader reads (`relex report` and its --plot, the trust lines, evaluate_horizons
+# merging scores, validation mode adding comparisons): (path, kind, required). "tensors[]." applies to each entry of
+# "tensors". One table: check_report checks it, tests/test_ownership.py breaks each field in turn.
+REPORT_FIELDS = [
+    ("tcut", INT, True), ("steps", LIST_OF(INT), True), ("rank", INT, False), ("fit_start", INT, False),
+    ("horizons", LIST_OF(INT), False), ("solver", STR, False), ("horizons_skipped", STR, False),
+    ("tensors", LIST, True),
+    ("tensors[].name", STR, True), ("tensors[].numel", INT, True), ("tensors[].explained_variance", NUM, True),
+    ("tensors[].delta_norm", NUM, True), ("tensors[].r2", LIST_OF(NUM, nullable=True), True),
+    ("tensors[].coeffs", LIST_OF(LIST_OF(NUM)), False), ("tensors[].slope", LIST_OF(NUM), False),
+    ("tensors[].intercept", LIST_OF(NUM), False),
+    ("backtest", DICT, False), ("backtest.reason", STR, False), ("backtest.fit_steps", LIST_OF(INT), False),
+    ("backtest.predicted_step", INT, False), ("backtest.cosine_global", NUM, False),
+    ("backtest.norm_ratio_global", NUM, False), ("backtest.relative_error_global", NUM, False),
+    ("backtest.direction_cosine", NUM, False),
+    ("reward_trend", DICT, False), ("reward_trend.slope", NUM, False), ("reward_trend.stderr", NUM, False),
+    ("reward_trend.rising", BOOL, False), ("reward_trend.metric", STR, False), ("reward_trend.points", INT, False),
+    ("reward_trend.reason", STR, False),
+    ("fit", DICT, False), ("fit.family", STR, False), ("fit.selection", DICT, False),
+    ("fit.selection.scores", MAP_OF(NUM, nullable=True), False), ("fit.selection.skipped", MAP_OF(STR), False),
+    ("fit.selection.reason", STR, False),
+    ("horizon_eval", MAP_OF(MAP_OF(NUM, nullable=True)), False), ("validation", DICT, False),
+]
+_MINIMUM = {"tensors[].numel": 0, "tensors[].delta_norm": 0, "tcut": 1}
+
+
+def check_report(rep, path: str, plot: bool = False) -> dict:
+    """Every field of :data:`REPORT_FIELDS` (and, for ``plot``, what the plot reads of each moving tensor: its
+    coefficients over ``steps``, slope and intercept), with its type: one :class:`RelexInputError` naming the file
+    and the field otherwise."""
     c = Checker(path, "rerun `relex extrapolate` (or the training run) to write it again")
-    c.field(rep, "tcut", INT)
-    c.items(rep, "steps", INT)
-    c.field(rep, "rank", INT, optional=True)
-    c.field(rep, "fit_start", INT, optional=True)
-    tensors = c.field(rep, "tensors", LIST)
-    for i, t in enumerate(tensors):
+    if not isinstance(rep, dict):
+        c.fail("the file", f"is {type(rep).__name__}, expected {DICT}")
+
+    def check(obj, key, kind, required, where):
+        name = f"{where}{key}"
+        if not isinstance(obj, dict) or key not in obj or obj[key] is None:
+            if required:
+                c.fail(name, "is missing")
+            return
+        value = obj[key]
+        if not _matches(value, kind):
+            c.fail(name, f"is {value!r:.60}, expected {_describe(kind)}")
+        path_key = name.split("[", 1)[0] + ("[]." + key if "[" in name else "")
+        lo = _MINIMUM.get(path_key)
+        if lo is not None and value < lo:
+            c.fail(name, f"is {value}, expected >= {lo}")
+
+    for field_path, kind, required in REPORT_FIELDS:
+        if field_path.startswith("tensors[]."):
+            key = field_path[len("tensors[]."):]
+            for i, t in enumerate(rep.get("tensors") if isinstance(rep.get("tensors"), list) else []):
+                if not isinstance(t, dict):
+                    c.fail(f"tensors[{i}]", f"is {type(t).__name__}, expected {DICT}")
+                check(t, key, kind, required, f"tensors[{i}].")
+            continue
+        *parents, key = field_path.split(".")
+        obj, where = rep, ""
+        for p in parents:
+            obj, where = (obj.get(p) if isinstance(obj, dict) else None), f"{where}{p}."
+        check(obj, key, kind, required, where)
+    steps = rep["steps"]
+    for i, t in enumerate(rep["tensors"]):
         w = f"tensors[{i}]."
-        c.field(t, "name", STR, w)
-        c.field(t, "numel", INT, w, minimum=0)
-        c.field(t, "explained_variance", NUM, w)
-        c.field(t, "delta_norm", NUM, w, minimum=0)
-        c.items(t, "r2", NUM, w, optional_items=True)
         if not t["r2"]:
             c.fail(f"{w}r2", "is empty")
-        if "coeffs" in t:
-            for j, row in enumerate(c.field(t, "coeffs", LIST, w)):
-                c.items({"row": row}, "row", NUM, f"{w}coeffs[{j}].")
+        for j, row in enumerate(t.get("coeffs") or []):
+            if len(row) != len(steps):
+                c.fail(f"{w}coeffs[{j}]", f"has {len(row)} values for {len(steps)} steps")
+        if plot and t["delta_norm"] > 0:
+            for key in ("coeffs", "slope", "intercept"):
+                if not t.get(key):
+                    c.fail(f"{w}{key}", "is missing or empty (the plot draws it)")
     return rep
 
 
@@ -99,6 +178,7 @@ def check_state_meta(meta, path: str, dtypes) -> dict:
         c.fail("steps", f"are {steps}, expected at least 2 increasing step numbers")
     rank = c.field(meta, "rank", INT, minimum=1)
     c.field(meta, "fit_start", INT, optional=True)
+    c.field(meta, "run_id", STR, optional=True)
     dtype = c.field(meta, "dtype", STR)
     if dtype not in dtypes:
         c.fail("dtype", f"is {dtype!r}, expected one of {sorted(dtypes)}")

@@ -72,6 +72,7 @@ class RelexState:
     info: dict  # name -> per-tensor metadata dict
 
     curve: Optional[object] = None  # relex_callback.core.fit.Fit when the state records a curve other than the line
+    run_id: Optional[str] = None  # the window that wrote it (its step-H/ markers carry the same id); None: older files
 
     def coef_at(self, horizon: float) -> torch.Tensor:
         if self.curve is not None:
@@ -82,7 +83,7 @@ class RelexState:
         """Write this (loaded) state again as one state file, atomically: what :func:`save_state` wrote for it."""
         meta = {"version": FORMAT_VERSION, "tcut": self.tcut, "steps": self.steps, "rank": self.rank,
                 "fit_start": self.fit_start, "dtype": self.dtype, "order": [sp.name for sp in self.specs],
-                "tensors": self.info}
+                "tensors": self.info, "run_id": self.run_id}
         _write_state_file(path, {sp.name: self.tensors[sp.name].contiguous() for sp in self.specs}, meta)
 
     @torch.no_grad()
@@ -183,7 +184,8 @@ def _load_state_index(path: str) -> RelexState:
     first = parts[0]
     where = {}
     for p in parts:
-        if (p.steps, p.tcut, p.rank, p.fit_start) != (first.steps, first.tcut, first.rank, first.fit_start):
+        if (p.steps, p.tcut, p.rank, p.fit_start, p.run_id) != (first.steps, first.tcut, first.rank, first.fit_start,
+                                                                 first.run_id):
             raise RelexInputError(f"the state shards listed in {path} come from different runs")
         for i, s in enumerate(p.specs):
             where[s.name] = (p, i)
@@ -201,6 +203,7 @@ def _load_state_index(path: str) -> RelexState:
     return RelexState(
         specs=specs, steps=first.steps, tcut=first.tcut, rank=first.rank, fit_start=first.fit_start, dtype=first.dtype,
         slope=slope, intercept=intercept, tensors=tensors, info=info, curve=_load_curve(info, order, path),
+        run_id=first.run_id,
     )
 
 
@@ -244,7 +247,7 @@ def _load_state_file(path: str) -> RelexState:
     return RelexState(
         specs=specs, steps=meta["steps"], tcut=meta["tcut"], rank=meta["rank"], fit_start=meta.get("fit_start"),
         dtype=meta["dtype"], slope=slope, intercept=intercept, tensors=tensors, info=info,
-        curve=_load_curve(info, order, path),
+        curve=_load_curve(info, order, path), run_id=meta.get("run_id"),
     )
 
 

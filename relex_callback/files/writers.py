@@ -31,7 +31,7 @@ from .checkpoints import (ADAPTER_KEYS, WEIGHTS_NAME, plan_shards, shard_names, 
 from ..config import parse_size
 from ..errors import RelexInputError
 from .fs import (STATE_NAME, atomic_directory, clean_stale_temporaries, commit_directory, describe_failure,
-                 horizon_dir, new_temporary_dir, write_failure)
+                 horizon_dir, new_temporary_dir, not_ours, write_failure)
 from .state import save_state
 
 
@@ -56,6 +56,7 @@ class CheckpointWriter:
     over every tensor for ``report.json``, which the process with :attr:`is_coordinator` writes."""
 
     is_coordinator = True
+    run_id: Optional[str] = None  # the window's id, recorded in the state file and in every step-H/ marker
 
     def bind(self, solution, store):
         """Keep what the writes need (the solution, theta_0)."""
@@ -64,7 +65,7 @@ class CheckpointWriter:
 
     def write_state(self, out_dir: str, tcut: int) -> str:
         path = os.path.join(out_dir, STATE_NAME)
-        guarded(lambda: save_state(path, self.solution, self.theta0_of, tcut=tcut))
+        guarded(lambda: save_state(path, self.solution, self.theta0_of, tcut=tcut, extra={"run_id": self.run_id}))
         return path
 
     def write_horizon(self, out_dir: str, horizon: int, tcut: int, overwrite: bool) -> str:
@@ -111,11 +112,11 @@ class FullModelWriter(CheckpointWriter):
 
     def write_horizon(self, out_dir, horizon, tcut, overwrite):
         return write_full_checkpoint(out_dir, horizon, tcut, self.solution, self.theta0_of, self.source,
-                                     overwrite=overwrite, max_shard_size=self.max_shard_size)
+                                     overwrite=overwrite, max_shard_size=self.max_shard_size, run_id=self.run_id)
 
 
 def write_full_checkpoint(out_dir: str, horizon: int, tcut: int, result, theta0_of, source, *, overwrite=False,
-                          max_shard_size="50GB") -> str:
+                          max_shard_size="50GB", run_id: Optional[str] = None) -> str:
     """Write ``out_dir/step-<horizon>`` atomically from ``result`` (a ``Solution`` or a loaded ``RelexState``) and
     ``source``: what :class:`FullModelWriter` and ``relex materialize`` do for each horizon."""
     final = horizon_dir(out_dir, horizon)
@@ -138,7 +139,7 @@ def write_full_checkpoint(out_dir: str, horizon: int, tcut: int, result, theta0_
             write_weights(tmp, list(source.keys), meta, produce, max_shard_size=max_shard_size,
                           weights_name=getattr(source, "weights_name", WEIGHTS_NAME))
             source.write_extras(tmp)
-            write_relex_marker(tmp, horizon, tcut)
+            write_relex_marker(tmp, horizon, tcut, run_id)
 
     guarded(write)
     return final
@@ -185,7 +186,7 @@ class PeftAdapterWriter(CheckpointWriter):
             model.save_pretrained(tmp)
             if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
                 self.tokenizer.save_pretrained(tmp)
-            write_relex_marker(tmp, horizon, tcut)
+            write_relex_marker(tmp, horizon, tcut, self.run_id)
 
 
 def adapter_file_keys(model, names) -> dict:
@@ -210,7 +211,7 @@ def save_adapter_at(model, params: dict, values: dict, directory: str, tokenizer
         with torch.no_grad():
             for n, p in params.items():
                 p.copy_(values[n].reshape(p.shape).to(device=p.device, dtype=p.dtype))
-        with atomic_directory(directory, overwrite=True) as tmp:
+        with atomic_directory(directory, overwrite=True, marked_only=False) as tmp:  # inside partial_trajectory/
             model.save_pretrained(tmp)
             if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
                 tokenizer.save_pretrained(tmp)
@@ -301,7 +302,7 @@ class ShardedWriter(CheckpointWriter):
         def save_mine():
             if owned.specs:
                 save_state(os.path.join(tmp, names[topo.process_rank]), owned, self.theta0_of, tcut=tcut,
-                           extra={"distributed": {"mode": topo.mode, "world_size": topo.world}})
+                           extra={"distributed": {"mode": topo.mode, "world_size": topo.world}, "run_id": self.run_id})
 
         def commit():  # the index, written last, is the commit point
             weight_map = {}
@@ -310,7 +311,7 @@ class ShardedWriter(CheckpointWriter):
             for r in files:
                 os.replace(os.path.join(tmp, names[r]), os.path.join(out_dir, names[r]))
             save_state_index(out_dir, weight_map, [n for n in topo.names if n in weight_map],
-                             world_size=topo.world, mode=topo.mode)
+                             world_size=topo.world, mode=topo.mode, run_id=self.run_id)
 
         try:
             self._step(save_mine)
@@ -343,8 +344,11 @@ class ShardedWriter(CheckpointWriter):
 
         def start():
             clean_stale_temporaries(out_dir, os.path.basename(final))
-            if os.path.exists(final) and not overwrite:
+            if os.path.lexists(final) and not overwrite:
                 raise RelexInputError(f"{final} already exists; pass overwrite")
+            if os.path.lexists(final) and not_ours(final):
+                raise RelexInputError(f"{final} {not_ours(final)}; overwrite replaces only what relex wrote, so it was "
+                                      "left as it is: move it away or choose another output directory")
             new_temporary_dir(final, token)
 
         def write_mine():
@@ -356,7 +360,7 @@ class ShardedWriter(CheckpointWriter):
             if len(names) > 1:
                 write_index(tmp, {k: n for n, (_, skeys) in zip(names, shards) for k in skeys}, sum(nbytes.values()))
             write_model_extras(self.model, self.tokenizer, tmp)
-            write_relex_marker(tmp, horizon, tcut)
+            write_relex_marker(tmp, horizon, tcut, self.run_id)
             commit_directory(tmp, final)
 
         self._step(start, coordinator_only=True)

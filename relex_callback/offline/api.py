@@ -22,8 +22,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from ..files.checkpoints import (ADAPTER_KEYS, DirectorySource, MappedSource, check_same_tensors, discover_checkpoints,
-                          read_tensors)
+from ..files.checkpoints import (ADAPTER_KEYS, check_same_tensors, DirectorySource, discover_checkpoints, MappedSource,
+                                  nonfinite_base, read_tensors)
 from ..config import RelexSettings
 from ..errors import RelexInputError, RelexNonFiniteError, RelexWriteError
 from ..files.fs import STATE_NAME, check_outputs_free, check_writable_dir
@@ -39,13 +39,19 @@ def base_theta0(src, base: str, specs, expected_of: Callable, whose: str, hint: 
     ``name -> flat piece``."""
     from ..files.state import fingerprint, fingerprint_mismatch
 
-    thetas = {}
+    thetas, differ = {}, []
     for spec in specs:
         t = src.get(spec.name).reshape(-1)[spec.flat_start: spec.flat_start + spec.local_numel]
+        if not bool(torch.isfinite(t.float()).all()):  # said as the base's NaN, not as a mismatch
+            nonfinite_base(src, base, [s.name for s in specs])
         why = fingerprint_mismatch(fingerprint(t), expected_of(spec))
         if why:
-            raise RelexInputError(f"the base {base} does not match {whose} theta_0 for {spec.name} ({why}); {hint}")
+            differ.append((spec.name, why))
         thetas[spec.name] = t
+    if differ:  # every tensor that differs is named: the same architecture with other weights differs everywhere
+        names = ", ".join(f"{n} ({why})" for n, why in differ[:5]) + (f" and {len(differ) - 5} more" if len(differ) > 5 else "")
+        raise RelexInputError(f"the base {base} does not match {whose} theta_0 for {len(differ)} of {len(specs)} "
+                              f"tensor(s): {names}; {hint}")
     return thetas
 
 
@@ -95,7 +101,8 @@ def materialize(state_path: str, base: str, horizons: Sequence[int], out_dir: Op
     for h in hs:
         try:
             written.append(write_full_checkpoint(out_dir, h, st.tcut, st, lambda i: thetas[st.specs[i].name], src,
-                                                 overwrite=overwrite, max_shard_size=max_shard_size))
+                                                 overwrite=overwrite, max_shard_size=max_shard_size,
+                                                 run_id=st.run_id))
         except WriteFailed as e:
             raise RelexWriteError(
                 f"writing step-{h} into {out_dir} failed: {e}; nothing exists under the final name"
@@ -287,6 +294,7 @@ def extrapolate_checkpoints(base: str, checkpoints: Sequence[str], horizons, out
                 store.snapshot(ck.step, read_tensors(src, names, device))
             except RelexNonFiniteError as e:
                 bar.close()
+                nonfinite_base(src_base, base, names)  # a NaN in theta_0 is the base's, not this checkpoint's
                 raise RelexInputError(f"{ck.path}: {e}; leave this checkpoint (and later ones) out of --checkpoints") from None
             bar.update(1)
         bar.close()

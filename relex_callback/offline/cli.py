@@ -18,7 +18,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from ..config import SOLVERS, STORAGES, parse_dtype, parse_horizons, parse_size
+from ..config import SOLVERS, STORAGES, bounded, parse_dtype, parse_horizons, parse_size
 from ..errors import RelexError, RelexInputError
 
 
@@ -32,6 +32,7 @@ def _horizons(value: str) -> list[int]:
         hs = parse_horizons(value)
     except RelexInputError:
         raise RelexInputError(f"--horizons must be whole step numbers separated by commas, got {value!r}") from None
+    hs = [bounded("horizons", h, "--horizons") for h in hs]
     rep = sorted({h for h in hs if hs.count(h) > 1})
     if rep:
         raise RelexInputError(f"--horizons repeats {', '.join(map(str, rep))}: give each step once, e.g. "
@@ -43,9 +44,10 @@ def _steps(value: Optional[str]) -> Optional[list[int]]:
     if value is None:
         return None
     try:
-        return parse_horizons(value)
+        steps = parse_horizons(value)
     except RelexInputError:
         raise RelexInputError(f"--steps must be whole step numbers separated by commas, got {value!r}") from None
+    return [bounded("steps", t, "--steps") for t in steps]
 
 
 def _check_dir(option: str, path: str, what: str, weights: bool = False):
@@ -82,9 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--horizons", required=True, help="steps to write, comma separated, each beyond the last checkpoint's step")
     e.add_argument("--out", required=True, help="output directory (step-H/, relex_state.safetensors, report.json)")
     e.add_argument("--steps", default=None, help="step numbers of --checkpoints, comma separated, in the order given (default: from the directory names)")
-    e.add_argument("--fit-start", type=int, default=None, help="first step used in the line fit (default: all)")
-    e.add_argument("--stride", type=int, default=1, help="use only checkpoints whose step is a multiple of N (default 1: all)")
-    e.add_argument("--rank", type=int, default=1, help="directions per tensor (default 1, the paper's choice)")
+    e.add_argument("--fit-start", default=None, help="first step used in the line fit (default: all)")
+    e.add_argument("--stride", default="1", help="use only checkpoints whose step is a multiple of N (default 1: all)")
+    e.add_argument("--rank", default="1", help="directions per tensor (default 1, the paper's choice)")
     e.add_argument("--dtype", default="bfloat16", help="trajectory buffer dtype: bfloat16 (default), float16 or float32")
     e.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     e.add_argument("--storage", default="auto", help="buffer tier: auto (default), device, host or disk")
@@ -92,8 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-shard-size", default="50GB", help="shard the written checkpoints above this size (default 50GB, like save_pretrained)")
     e.add_argument("--fit", default="linear", help="coefficient curve: linear (default, the paper), power, log, polynomial, "
                    "or auto (chosen by the in-window backtest)")
-    e.add_argument("--fit-window", type=int, default=None, help="fit only the last N checkpoints' steps")
-    e.add_argument("--degree", type=int, default=2, help="degree of --fit polynomial (default 2)")
+    e.add_argument("--fit-window", default=None, help="fit only the last N checkpoints' steps")
+    e.add_argument("--degree", default="2", help="degree of --fit polynomial (default 2)")
     e.add_argument("--overwrite", action="store_true", help="replace existing outputs in --out")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
     e.add_argument("--streaming", action=argparse.BooleanOptionalAction, default=None,
@@ -112,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="summarise report.json (and plot it with --plot)")
     r.add_argument("dir", help="the directory `relex extrapolate` (or the callback) wrote, or its report.json")
     r.add_argument("--plot", action="store_true", help="also write report.png beside report.json (needs matplotlib)")
-    r.add_argument("--worst", type=int, default=10, help="how many of the worst-fitting tensors to list (default 10)")
+    r.add_argument("--worst", default="10", help="how many of the worst-fitting tensors to list (default 10)")
 
     q = sub.add_parser("plan", help="print the memory plan of a RELEX window (per process and node, each tier) without "
                                     "training")
@@ -139,15 +141,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ---------------------------------------------------------------------------------------------- commands
+def _numbers(args, table):
+    """Parse the whole-number options ``table`` (option -> BOUNDS name) of ``args`` in place, with the bounds the
+    callback uses (:data:`relex_callback.config.BOUNDS`); ``None`` stays ``None``."""
+    for option, name in table.items():
+        attr = option[2:].replace("-", "_")
+        value = getattr(args, attr)
+        if value is not None:
+            setattr(args, attr, bounded(name, value, option))
+
+
+EXTRAPOLATE_NUMBERS = {"--fit-start": "fit_start", "--stride": "stride", "--rank": "rank", "--fit-window": "fit_window",
+                       "--degree": "degree"}
+PLAN_NUMBERS = {"--tcut": "tcut", "--stride": "stride", "--world-size": "world_size",
+                "--local-world-size": "local_world_size", "--fold-rank": "fold_rank"}
+
+
 def cmd_extrapolate(args) -> int:
     horizons = _horizons(args.horizons)
     steps = _steps(args.steps)
     if args.device not in ("cpu", "cuda"):
         raise RelexInputError(f"--device {args.device!r} is not one of ['cpu', 'cuda']")
-    if args.fit_start is not None and args.fit_start < 0:
-        raise RelexInputError(f"--fit-start must be >= 0 (a step number), got {args.fit_start}")
-    if args.stride < 1:
-        raise RelexInputError(f"--stride must be >= 1, got {args.stride}")
+    _numbers(args, EXTRAPOLATE_NUMBERS)
     _check_dir("--base", args.base, "the checkpoint training started from (step 0)", weights=True)
     for opt, value, allowed in (("--storage", args.storage, STORAGES), ("--solver", args.solver, SOLVERS)):
         if value not in allowed:
@@ -214,31 +229,20 @@ def cmd_materialize(args) -> int:
 def cmd_report(args) -> int:
     from ..files.report import format_summary, load_report, plot_report, report_path
 
-    if args.worst < 0:
-        raise RelexInputError(f"--worst must be >= 0 (how many tensors to list), got {args.worst}")
+    args.worst = bounded("worst", args.worst, "--worst")
     from ..files.schema import check_report
 
     rep = load_report(args.dir)
     if not isinstance(rep, dict) or not isinstance(rep.get("tensors"), list) or "tcut" not in rep:
         raise RelexInputError(f"{report_path(args.dir)} is JSON but not a RELEX report (no 'tcut' and 'tensors'); pass "
                               "the directory that `relex extrapolate` or the callback wrote")
-    check_report(rep, report_path(args.dir))
+    check_report(rep, report_path(args.dir), plot=args.plot)
     print(format_summary(rep, worst=args.worst))
     if args.plot:
         png = os.path.join(os.path.dirname(report_path(args.dir)), "report.png")
         plot_report(rep, png)
         print(f"relex: wrote {png}")
     return 0
-
-
-def _whole_arg(option: str, value, minimum: int = 1) -> int:
-    try:
-        n = int(str(value).strip())
-    except ValueError:
-        n = None
-    if n is None or n < minimum:
-        raise RelexInputError(f"{option} must be a whole number >= {minimum}, got {value!r}")
-    return n
 
 
 def _size_arg(option: str, value):
@@ -267,12 +271,12 @@ def cmd_plan(args) -> int:
     from ..config import DEFAULT_FOLD_RANK
     from ..trajectory.plan import MODES, plan_memory, read_model_config
 
-    tcut = _whole_arg("--tcut", args.tcut, 2)
-    stride = _whole_arg("--stride", args.stride)
+    _numbers(args, PLAN_NUMBERS)
+    tcut, stride = args.tcut, args.stride
     if stride > tcut // 2:
         raise RelexInputError(f"--stride {stride} leaves fewer than 2 snapshots in --tcut {tcut}; use --stride <= {tcut // 2}")
-    world = _whole_arg("--world-size", args.world_size)
-    local = world if args.local_world_size is None else _whole_arg("--local-world-size", args.local_world_size)
+    world = args.world_size
+    local = world if args.local_world_size is None else args.local_world_size
     if local > world or world % local:
         raise RelexInputError(f"--local-world-size {local} must divide --world-size {world} (processes per node)")
     mode = args.mode or ("zero3" if world > 1 else "single")
@@ -287,7 +291,7 @@ def cmd_plan(args) -> int:
     except RelexInputError:
         raise RelexInputError(f"--dtype {args.dtype!r} is not one of bfloat16, float16, float32 (the trajectory "
                               "buffer's dtype)") from None
-    fold_rank = DEFAULT_FOLD_RANK if args.fold_rank is None else _whole_arg("--fold-rank", args.fold_rank)
+    fold_rank = DEFAULT_FOLD_RANK if args.fold_rank is None else args.fold_rank
     if args.storage not in STORAGES:
         raise RelexInputError(f"--storage {args.storage!r} is not one of {', '.join(STORAGES)}")
     sizes = {o: _size_arg(o, v) for o, v in (("--gpu-memory", args.gpu_memory), ("--host-memory", args.host_memory),

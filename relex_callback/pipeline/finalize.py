@@ -106,6 +106,11 @@ class BufferedSolve:
         self.skipped_nonfinite = list(skipped_nonfinite)
         self.buffer_bytes = self.storage = None
 
+    @property
+    def run_id(self):
+        """The window's id (the store's): recorded in the state file and every ``step-H/`` marker."""
+        return getattr(self.store, "run_id", None)
+
     def check(self, settings):
         check_window(self.store, self.skipped_nonfinite, fit=settings.fit, degree=settings.degree,
                      fit_start=settings.fit_start, fit_window=settings.fit_window)
@@ -187,6 +192,7 @@ def finalize(solver, writer: CheckpointWriter, settings, *, out_dir: str, kept: 
     tcut, horizons = settings.tcut, [int(h) for h in settings.horizons]
     try:
         check_outputs_free(out_dir, horizons, settings.overwrite)
+        writer.run_id = getattr(solver, "run_id", None)  # the state file and every step-H/ marker name this window
         solver.check(settings)
         solver.prepare(out_dir, writer)
         t0 = time.perf_counter()

@@ -358,7 +358,7 @@ class MappedState:
 
 
 def write_horizon_streaming(out_dir: str, horizon: int, tcut: int, result, theta0_of, source, *, overwrite=False,
-                            max_shard_size="50GB") -> str:
+                            max_shard_size="50GB", run_id: Optional[str] = None) -> str:
     """:func:`relex_callback.files.writers.write_full_checkpoint` with shards written tensor by tensor: ``out_dir/step-H``
     assembled in a temporary directory (weights, config, tokenizer, the relex marker) and renamed whole; a failed
     write raises :class:`~relex_callback.files.writers.WriteFailed` with nothing under the final name."""
@@ -385,7 +385,7 @@ def write_horizon_streaming(out_dir: str, horizon: int, tcut: int, result, theta
         with atomic_directory(final, overwrite=overwrite) as tmp:
             write_weights_streaming(tmp, list(source.keys), meta, produce, max_shard_size)
             source.write_extras(tmp)
-            write_relex_marker(tmp, horizon, tcut)
+            write_relex_marker(tmp, horizon, tcut, run_id)
 
     guarded(write)
     return final
@@ -462,7 +462,8 @@ class StreamedWriter(CheckpointWriter):
         try:
             return write_horizon_streaming(out_dir, horizon, tcut, self.mapped,
                                            lambda i: self.base_mapped.get(self.specs[i].name).reshape(-1),
-                                           self.src_base, overwrite=overwrite, max_shard_size=self.max_shard_size)
+                                           self.src_base, overwrite=overwrite, max_shard_size=self.max_shard_size,
+                                           run_id=self.run_id)
         finally:
             self.stamps["horizons"] = self.stamps.get("horizons", 0.0) + time.perf_counter() - t
 
@@ -507,6 +508,7 @@ class StreamedSolve:
                                      max_shard_size)
         self.secs = {"read": 0.0, "gram": 0.0, "direction": 0.0, "state_parts": 0.0}
         self.bytes_read = 0
+        self.run_id = uuid.uuid4().hex  # this extrapolation's id: in the state file and every step-H/ marker
         self.groups: list = []
         self._open: list = []
 
@@ -597,6 +599,9 @@ class StreamedSolve:
             d = torch.diagonal(G, dim1=-2, dim2=-1)
             if bool(torch.isfinite(d).all()):
                 return
+            from ..files.checkpoints import nonfinite_base
+
+            nonfinite_base(self.src_base, self.src_base.path, self.names)  # a NaN in theta_0 is the base's
             ck, bad = _first_nonfinite(readers, self.cks, self.names, self.numels, base_reader)
             if ck is None:  # Inf products of finite values: deltas beyond float32's square root
                 raise RelexInputError(f"weight deltas of {gnames[0]} are too large to square in float32 (beyond "
@@ -658,7 +663,7 @@ class StreamedSolve:
         else:
             th_of = lambda j, sp=gspecs: fp_mapped.get(sp[j].name).reshape(-1)  # noqa: E731
         try:
-            guarded(lambda: save_state(part, sol, th_of, tcut=steps[-1]))
+            guarded(lambda: save_state(part, sol, th_of, tcut=steps[-1], extra={"run_id": self.run_id}))
         except WriteFailed as e:
             raise RelexWriteError(
                 f"writing the state file in {self.out_dir} failed: {e}; no horizon was written and nothing exists "

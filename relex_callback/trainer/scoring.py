@@ -45,6 +45,7 @@ from ..errors import RelexInputError
 logger = logging.getLogger("relex_callback")
 
 PLOT_NAME = "horizons.png"
+PLOT_SOURCE = "relex_callback"  # a tEXt entry of horizons.png: fs.foreign_output tells it from a user's picture
 # Bookkeeping of an evaluation, not a property of the model scored: left out of horizon_eval.
 _BOOKKEEPING = ("runtime", "samples_per_second", "steps_per_second", "model_preparation_time", "num_tokens", "epoch")
 
@@ -298,15 +299,23 @@ def score_in_run(trainer, result, theta0_of, tracked, topology, *, tcut: int, ho
     return {"horizon_eval": scores, "seconds": seconds}
 
 
-def remove_all_but_best(out_dir: str, ranking: Sequence[int], k: int) -> dict:
+def remove_all_but_best(out_dir: str, ranking: Sequence[int], k: int, run_id: Optional[str] = None,
+                        tcut: Optional[int] = None) -> dict:
     """Delete the ``step-H/`` (and ``step-H-merged/``) directories of every horizon after the best ``k`` of
-    ``ranking``. Returns ``{"k", "kept", "removed", "failed"}``."""
-    from ..files.fs import horizon_dir
+    ``ranking``: only those whose relex marker names this run (``run_id``), this horizon and ``tcut``; any other
+    directory of that name (a user's, another run's) is left and said why. Returns ``{"k", "kept", "removed",
+    "failed", "left"}``."""
+    from ..files.fs import MERGED_SUFFIX, horizon_dir, not_ours
 
-    kept, removed, failed = list(ranking[:k]), [], {}
+    kept, removed, failed, left = list(ranking[:k]), [], {}, {}
     for h in ranking[k:]:
-        for d in (horizon_dir(out_dir, h), horizon_dir(out_dir, h) + "-merged"):
-            if not os.path.isdir(d):
+        for d in (horizon_dir(out_dir, h), horizon_dir(out_dir, h) + MERGED_SUFFIX):
+            if not os.path.lexists(d):
+                continue
+            why = not_ours(d, run_id, h, tcut)
+            if why:
+                left[os.path.basename(d)] = why
+                logger.warning("relex: keep_best left %s: it %s", d, why)
                 continue
             try:
                 shutil.rmtree(d)
@@ -314,7 +323,7 @@ def remove_all_but_best(out_dir: str, ranking: Sequence[int], k: int) -> dict:
             except OSError as e:
                 failed[os.path.basename(d)] = str(e)
                 logger.warning("relex: keep_best could not remove %s: %s", d, e)
-    return {"k": int(k), "kept": [int(h) for h in kept], "removed": removed, "failed": failed}
+    return {"k": int(k), "kept": [int(h) for h in kept], "removed": removed, "failed": failed, "left": left}
 
 
 def plot_horizons(scores: dict, summary: dict, tcut: int, path: str) -> Optional[str]:
@@ -353,13 +362,14 @@ def plot_horizons(scores: dict, summary: dict, tcut: int, path: str) -> Optional
     ax.legend(fontsize=7)
     fig.tight_layout()
     with atomic_file(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
+        fig.savefig(tmp, dpi=100, format="png", metadata={"Source": PLOT_SOURCE})  # what overwrite may replace
     plt.close(fig)
     return path
 
 
 def apply_scores(report: dict, run: dict, *, tcut: int, horizons: Sequence[int], out_dir: str,
-                 keep_best: Optional[int], reward_metric: Optional[str], coordinator: bool) -> dict:
+                 keep_best: Optional[int], reward_metric: Optional[str], coordinator: bool,
+                 run_id: Optional[str] = None) -> dict:
     """Add the scores, the best horizon and (with ``keep_best``) the removals to ``report``; on the coordinator
     also remove the directories and draw the plot. Returns the report."""
     scores = run["horizon_eval"]
@@ -372,7 +382,7 @@ def apply_scores(report: dict, run: dict, *, tcut: int, horizons: Sequence[int],
     if keep_best is not None and summary["best_horizon"] is not None:
         ranking = summary["horizon_eval_summary"]["ranking"]
         if coordinator:
-            report["keep_best"] = remove_all_but_best(out_dir, ranking, keep_best)
+            report["keep_best"] = remove_all_but_best(out_dir, ranking, keep_best, run_id, tcut)
         else:
             report["keep_best"] = {"k": int(keep_best), "kept": ranking[:keep_best]}
     if coordinator:
@@ -424,7 +434,8 @@ def score_at_tcut(callback, trainer, sol, store, model, out_dir: str, control) -
     total = time.perf_counter() - t0
     coordinator = topo is None or topo.process_rank == 0
     report = apply_scores(callback.report, run, tcut=s.tcut, horizons=s.horizons, out_dir=out_dir,
-                          keep_best=s.keep_best, reward_metric=s.reward_metric, coordinator=coordinator)
+                          keep_best=s.keep_best, reward_metric=s.reward_metric, coordinator=coordinator,
+                          run_id=store.run_id)
     report["horizon_eval_seconds"] = round(total, 3)
     if coordinator:
         write_report(os.path.join(out_dir, REPORT_NAME), report)
@@ -488,7 +499,7 @@ def evaluate_horizons(trainer, relex_dir: str, base: Optional[str] = None, horiz
 
     from ..files.checkpoints import DirectorySource, checkpoint_keys
     from ..config import parse_horizons
-    from ..files.fs import STATE_INDEX_NAME, STATE_NAME, horizon_dir
+    from ..files.fs import STATE_INDEX_NAME, STATE_NAME, horizon_dir, not_ours
     from ..params import is_peft_model
     from ..files.state import load_state
 
@@ -503,22 +514,38 @@ def evaluate_horizons(trainer, relex_dir: str, base: Optional[str] = None, horiz
     if not (os.path.isfile(os.path.join(relex_dir, STATE_NAME)) or os.path.isfile(os.path.join(relex_dir, STATE_INDEX_NAME))):
         raise RelexInputError(f"{relex_dir} holds no {STATE_NAME}; pass the relex output directory of the run")
     st = load_state(relex_dir)
-    present = sorted(int(d[len("step-"):]) for d in os.listdir(relex_dir)
-                     if d.startswith("step-") and d[len("step-"):].isdigit() and os.path.isdir(os.path.join(relex_dir, d)))
+    from ..files.report import REPORT_NAME, load_report
+    from ..files.schema import check_report
+
+    if write and os.path.isfile(os.path.join(relex_dir, REPORT_NAME)):  # read back after scoring: checked before it
+        check_report(load_report(os.path.join(relex_dir, REPORT_NAME)), os.path.join(relex_dir, REPORT_NAME))
+    named = sorted(int(d[len("step-"):]) for d in os.listdir(relex_dir)
+                   if d.startswith("step-") and d[len("step-"):].isdigit() and os.path.isdir(os.path.join(relex_dir, d)))
+    # a step-H/ counts as this state's only when its marker names the state's run and tcut: an earlier run's (or
+    # another tool's) directory of that name is never scored, kept or removed as this run's
+    foreign = {h: why for h in named for why in [not_ours(horizon_dir(relex_dir, h), st.run_id, h, st.tcut)] if why}
+    for h, why in foreign.items():
+        logger.warning("relex: evaluate_horizons leaves %s alone: it %s", horizon_dir(relex_dir, h), why)
+    present = [h for h in named if h not in foreign]
     hs = sorted(parse_horizons(horizons)) if horizons is not None else present
     if not hs:
-        raise RelexInputError(f"{relex_dir} has no step-H/ directory; pass horizons=[...] and base=...")
+        raise RelexInputError(f"{relex_dir} has no step-H/ directory of this state's run"
+                              + (f" ({', '.join(f'step-{h}/ {w}' for h, w in foreign.items())})" if foreign else "")
+                              + "; pass horizons=[...] and base=...")
     bad = [h for h in hs if h <= st.tcut]
     if bad:
         raise RelexInputError(f"horizons {bad} are not beyond the state's tcut {st.tcut}; use horizons > {st.tcut}")
-    missing = [h for h in hs if not os.path.isdir(horizon_dir(relex_dir, h))]
+    missing = [h for h in hs if h not in present]
     if missing and peft:
-        raise RelexInputError(f"horizons {missing} have no step-H/ adapter directory in {relex_dir}; with a PEFT model "
-                              "only the adapter directories the run wrote can be scored")
+        raise RelexInputError(f"horizons {missing} have no step-H/ adapter directory of this state's run in {relex_dir}"
+                              f"{' (' + '; '.join(f'step-{h}/ {foreign[h]}' for h in missing if h in foreign) + ')' if any(h in foreign for h in missing) else ''}"
+                              "; with a PEFT model only the adapter directories the run wrote can be scored")
     if missing and base is None:
         raise RelexInputError(
-            f"horizons {missing} have no step-H/ directory in {relex_dir}: pass base=<the checkpoint training started "
-            "from> (theta_0): after training the live model is no longer theta_0")
+            f"horizons {missing} have no step-H/ directory of this state's run in {relex_dir}"
+            f"{' (' + '; '.join(f'step-{h}/ {foreign[h]}' for h in missing if h in foreign) + ')' if any(h in foreign for h in missing) else ''}"
+            ": pass base=<the checkpoint training started from> (theta_0): after training the live model is no longer "
+            "theta_0")
 
     if peft:
         return _evaluate_adapters(trainer, relex_dir, st, hs, tcut_model, seed, keep_best, reward_metric, write)
@@ -569,7 +596,8 @@ def evaluate_horizons(trainer, relex_dir: str, base: Optional[str] = None, horiz
             with torch.no_grad():
                 for k in keys:
                     sd[k].data.copy_(saved[k])
-    return _record(relex_dir, {"horizon_eval": scores, "seconds": seconds}, st.tcut, hs, keep_best, reward_metric, write)
+    return _record(relex_dir, {"horizon_eval": scores, "seconds": seconds}, st.tcut, hs, keep_best, reward_metric, write,
+                   st.run_id)
 
 
 def _evaluate_adapters(trainer, relex_dir, st, hs, tcut_model, seed, keep_best, reward_metric, write):
@@ -604,10 +632,11 @@ def _evaluate_adapters(trainer, relex_dir, st, hs, tcut_model, seed, keep_best, 
             with torch.no_grad():
                 for n, p in params.items():
                     p.copy_(saved[n])
-    return _record(relex_dir, {"horizon_eval": scores, "seconds": seconds}, st.tcut, hs, keep_best, reward_metric, write)
+    return _record(relex_dir, {"horizon_eval": scores, "seconds": seconds}, st.tcut, hs, keep_best, reward_metric, write,
+                   st.run_id)
 
 
-def _record(relex_dir, run, tcut, hs, keep_best, reward_metric, write) -> dict:
+def _record(relex_dir, run, tcut, hs, keep_best, reward_metric, write, run_id=None) -> dict:
     """The result of :func:`evaluate_horizons`; with ``write`` merged into ``report.json`` (and keep_best applied)."""
     from ..files.report import REPORT_NAME, load_report, write_report
 
@@ -616,7 +645,7 @@ def _record(relex_dir, run, tcut, hs, keep_best, reward_metric, write) -> dict:
     report = load_report(report_file) if os.path.isfile(report_file) else {}
     if write:
         report = apply_scores(report, run, tcut=tcut, horizons=hs, out_dir=relex_dir, keep_best=keep_best,
-                              reward_metric=reward_metric, coordinator=True)
+                              reward_metric=reward_metric, coordinator=True, run_id=run_id)
         write_report(report_file, report)
     else:
         report = apply_scores({}, run, tcut=tcut, horizons=hs, out_dir=relex_dir, keep_best=None,

@@ -91,6 +91,10 @@ class Validation:
         coordinator = self.topo.process_rank == 0
         if report is None:
             report = load_report(path) if coordinator and os.path.isfile(path) else {}
+            if report:
+                from ..files.schema import check_report
+
+                check_report(report, path)
         report.setdefault("validation", {})[str(horizon)] = res
         if coordinator:
             write_report(path, report)

@@ -108,9 +108,23 @@ def discard_files(store, keep: Sequence[str] = ()) -> int:
     if not store.directory or not os.path.isdir(store.directory):
         return 0
     store.release()
+    try:  # the whole set only when the directory's metadata names this window
+        with open(os.path.join(store.directory, META_FILE)) as f:
+            owner = json.load(f).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        owner = None
     freed = 0
     names = [BUFFER_FILE, META_FILE, THETA0_FILE, FOLD_FILE]
     names += [n for n in os.listdir(store.directory) if n.startswith(("rows-", "basis-"))]
+    if owner is None or owner != store.run_id:  # else only the files this window wrote there (host tier)
+        mine = {e["file"] for e in store._ring_entries + ([store._basis_entry] if store._basis_entry else [])}
+        if store._theta0_file and os.path.dirname(os.path.abspath(store._theta0_file)) == os.path.abspath(store.directory):
+            mine.add(THETA0_FILE)
+        left = [n for n in names if n not in mine and os.path.exists(os.path.join(store.directory, n))]
+        if left:
+            logger.info("relex: left %s in %s: this window (run %s) did not write them", left, store.directory,
+                        store.run_id)
+        names = [n for n in names if n in mine]
     for name in (n for n in names if n not in keep):
         path = os.path.join(store.directory, name)
         if os.path.exists(path):

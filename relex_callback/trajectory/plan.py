@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Optional, Sequence
 
@@ -442,7 +443,33 @@ def read_model_config(path: str) -> dict:
     if not isinstance(cfg, dict) or not isinstance(cfg.get("model_type"), str):
         raise RelexInputError(f"--model {file} has no 'model_type'; pass a transformers model config (config.json of "
                               "a model saved with save_pretrained)")
+    check_config_sizes(cfg, file)
     return cfg
+
+
+# The sizes a model's shapes are built from: a field named like these must be a whole number (>= 1 for the first
+# group, >= 0 for other counts), or the plan would be computed from a negative, zero or non-numeric size.
+POSITIVE_SIZE = re.compile(r"(_size|_dim|^num_hidden_layers|^num_attention_heads|^num_key_value_heads|^n_layer|^n_head"
+                           r"|^n_embd|^n_positions|^max_position_embeddings)$")
+COUNT = re.compile(r"^(num_|n_)|_layers$|_heads$|_experts$")
+MAX_CONFIG_SIZE = 1 << 40
+
+
+def check_config_sizes(cfg: dict, file: str, where: str = ""):
+    """Every size-like field of a model config (and of its nested configs, e.g. ``text_config``) is a whole number
+    in range: one :class:`RelexInputError` naming the file and the field otherwise."""
+    for key, value in cfg.items():
+        name = f"{where}{key}"
+        if isinstance(value, dict):
+            check_config_sizes(value, file, name + ".")
+            continue
+        positive = bool(POSITIVE_SIZE.search(key))
+        if value is None or not (positive or COUNT.search(key)):
+            continue
+        lo = 1 if positive else 0
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= MAX_CONFIG_SIZE:
+            raise RelexInputError(f"--model {file}: {name} is {value!r:.40}, expected a whole number between {lo} and "
+                                  f"{MAX_CONFIG_SIZE:,}; fix the config (a model's sizes are positive whole numbers)")
 
 
 def count_parameters(path: str) -> tuple[list[tuple[str, tuple[int, ...]]], str]:
@@ -458,7 +485,7 @@ def count_parameters(path: str) -> tuple[list[tuple[str, tuple[int, ...]]], str]
         config = AutoConfig.for_model(model_type, **cfg)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
-    except (ValueError, KeyError, TypeError, ImportError) as e:
+    except (ValueError, KeyError, TypeError, ImportError, RuntimeError, AttributeError, ZeroDivisionError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RelexInputError(f"--model {path}: transformers cannot build a causal LM from this config ({msg})") from None
     named = [(n, tuple(p.shape)) for n, p in model.named_parameters() if p.requires_grad and p.is_floating_point()]

@@ -287,6 +287,25 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _pid_started(pid: int) -> Optional[str]:
+    """When process ``pid`` started (Linux: field 22 of ``/proc/<pid>/stat``, in clock ticks since boot), or ``None``
+    where that cannot be read: with the pid it names one process, so a pid reused by an unrelated process is told
+    from the lock's holder."""
+    try:
+        with open(f"/proc/{int(pid)}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _pid_command(pid: int) -> str:
+    try:
+        with open(f"/proc/{int(pid)}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()[:80]
+    except (OSError, ValueError):
+        return ""
+
+
 class OutputLock:
     """``<output_dir>/.relex-lock.json`` names the callback that owns a relex output_dir (process id, host, a token,
     the trainer) from ``on_train_begin`` to the end of its window. A second callback on the same directory is refused
@@ -305,7 +324,8 @@ class OutputLock:
         self._touched = 0.0
 
     def acquire(self):
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "token": self.token, "since": time.time()}
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "token": self.token, "since": time.time(),
+              "started": _pid_started(os.getpid())}
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         try:
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -313,7 +333,7 @@ class OutputLock:
             why = self._holder_alive()
             if why:
                 raise RelexInputError(
-                    f"output_dir {os.path.dirname(self.path)} is in use by another RelexCallback ({why}); two windows "
+                    f"output_dir {os.path.dirname(self.path)} is in use by {why}; two windows "
                     "writing one directory would overwrite each other's trajectory and checkpoints. Give each callback "
                     f"its own output_dir; if no other run uses it, delete {self.path}"
                 ) from None
@@ -331,11 +351,23 @@ class OutputLock:
             age = time.time() - os.stat(self.path).st_mtime
         except (OSError, ValueError):
             return None  # unreadable or half written: take it over
+        if not isinstance(h, dict):
+            return None
         who = f"process {h.get('pid')} on {h.get('host')}"
         if h.get("host") != socket.gethostname():
-            return f"{who}, active {age:.0f} s ago" if age < self.STALE_SECONDS else None
-        if h.get("pid") != os.getpid():
-            return who if isinstance(h.get("pid"), int) and _pid_alive(h["pid"]) else None
+            return f"a RelexCallback in {who}, active {age:.0f} s ago" if age < self.STALE_SECONDS else None
+        pid = h.get("pid")
+        if pid != os.getpid():
+            if not isinstance(pid, int) or isinstance(pid, bool) or not _pid_alive(pid):
+                return None
+            started, now = h.get("started"), _pid_started(pid)
+            if started is not None and now is not None and started != now:
+                return None  # the pid was reused: the holder ended, an unrelated process has its number now
+            if started is None:  # a lock without the holder's start time: only the pid is known
+                cmd = _pid_command(pid)
+                return (f"{who} (still running{': ' + cmd if cmd else ''}; the lock does not say whether that is the "
+                        "RelexCallback that wrote it)")
+            return f"a RelexCallback in {who}"
         other = _HELD.get(h.get("token"))
         if other is None or not other.held:
             return None
