@@ -465,3 +465,18 @@ def test_a_lock_whose_pid_now_names_an_unrelated_process_is_taken_over(tmp_path,
     with pytest.raises(RelexInputError) as e:
         grpo_trainer(other, [RelexCallback(tcut=2, horizons=[4])], max_steps=4).train()
     assert "another RelexCallback" not in str(e.value) and "sleep 60" in str(e.value), str(e.value)
+
+
+def test_report_plot_replaces_only_its_own_picture(tmp_path, real_report, capsys):
+    """`relex report --plot` writes report.png; a second --plot replaces relex's picture, a user's report.png is left
+    (exit 2, one line, nothing printed)."""
+    pytest.importorskip("matplotlib")
+    (tmp_path / "report.json").write_text(json.dumps(real_report))
+    assert main(["report", str(tmp_path), "--plot"]) == 0
+    assert main(["report", str(tmp_path), "--plot"]) == 0  # its own picture: replaced
+    capsys.readouterr()
+    (tmp_path / "report.png").write_bytes(b"\x89PNG a user's picture")
+    rc = main(["report", str(tmp_path), "--plot"])
+    cap = capsys.readouterr()
+    assert rc == 2 and cap.err.count("\n") == 1 and "report.png" in cap.err and cap.out == "", cap.err
+    assert (tmp_path / "report.png").read_bytes() == b"\x89PNG a user's picture"

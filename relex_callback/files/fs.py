@@ -24,6 +24,7 @@ STATE_INDEX_NAME = "relex_state.index.json"  # distributed runs: the state shard
 STATE_SHARD_PATTERN = re.compile(r"^relex_state-\d{5}-of-\d{5}\.safetensors$")  # its shards (state.state_shard_name)
 REPORT_FILE = "report.json"
 PLOT_FILE = "horizons.png"  # horizons scored (evaluate_horizons / horizons="auto")
+REPORT_PLOT_FILE = "report.png"  # `relex report --plot`, beside report.json
 MERGED_SUFFIX = "-merged"  # PEFT with merge_lora: step-H-merged/ beside the adapter step-H/
 RELEX_MARKER = "relex_horizon.json"  # in every step-H/ relex writes: the run id, the horizon and tcut
 
@@ -236,7 +237,7 @@ def foreign_output(path: str) -> Optional[str]:
             "is not a RELEX state index"
     if name == REPORT_FILE:
         return None if os.path.isfile(path) and _is_relex_json(path, ("tcut", "tensors")) else "is not a RELEX report"
-    if name == PLOT_FILE:  # relex's plot carries a PNG text entry "Source: relex_callback" (scoring.plot_horizons)
+    if name in (PLOT_FILE, REPORT_PLOT_FILE):  # relex's plot carries a PNG text entry "Source: relex_callback" (scoring.plot_horizons)
         try:
             with open(path, "rb") as f:
                 ours = b"Source\x00relex_callback" in f.read(1 << 16)

@@ -302,6 +302,9 @@ def plot_report(report: dict, path: str, k: int = 4) -> str:
     ax.set_ylabel("tensors")
     ax.set_title(f"{len(ev)} moving tensors")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    from .fs import atomic_file
+
+    with atomic_file(path) as tmp:  # "Source: relex_callback": what a later --plot may replace (fs.foreign_output)
+        fig.savefig(tmp, dpi=100, format="png", metadata={"Source": "relex_callback"})
     plt.close(fig)
     return path

@@ -237,9 +237,14 @@ def cmd_report(args) -> int:
         raise RelexInputError(f"{report_path(args.dir)} is JSON but not a RELEX report (no 'tcut' and 'tensors'); pass "
                               "the directory that `relex extrapolate` or the callback wrote")
     check_report(rep, report_path(args.dir), plot=args.plot)
+    from ..files.fs import REPORT_PLOT_FILE, foreign_output
+
+    png = os.path.join(os.path.dirname(report_path(args.dir)), REPORT_PLOT_FILE)
+    why = foreign_output(png) if args.plot and os.path.lexists(png) else None
+    if why:  # a picture relex did not draw is not replaced
+        raise RelexInputError(f"{png} exists and {why}; it was left as it is: move it away to draw the plot")
     print(format_summary(rep, worst=args.worst))
     if args.plot:
-        png = os.path.join(os.path.dirname(report_path(args.dir)), "report.png")
         plot_report(rep, png)
         print(f"relex: wrote {png}")
     return 0
