@@ -527,6 +527,11 @@ def evaluate_horizons(trainer, relex_dir: str, base: Optional[str] = None, horiz
     for h, why in foreign.items():
         logger.warning("relex: evaluate_horizons leaves %s alone: it %s", horizon_dir(relex_dir, h), why)
     present = [h for h in named if h not in foreign]
+
+    def why_not(hs_):  # " (step-H/ <why it is not this run's>; ...)" for the directories that exist
+        said = [f"step-{h}/ {foreign[h]}" for h in hs_ if h in foreign]
+        return f" ({'; '.join(said)})" if said else ""
+
     hs = sorted(parse_horizons(horizons)) if horizons is not None else present
     if not hs:
         raise RelexInputError(f"{relex_dir} has no step-H/ directory of this state's run"
@@ -538,12 +543,11 @@ def evaluate_horizons(trainer, relex_dir: str, base: Optional[str] = None, horiz
     missing = [h for h in hs if h not in present]
     if missing and peft:
         raise RelexInputError(f"horizons {missing} have no step-H/ adapter directory of this state's run in {relex_dir}"
-                              f"{' (' + '; '.join(f'step-{h}/ {foreign[h]}' for h in missing if h in foreign) + ')' if any(h in foreign for h in missing) else ''}"
-                              "; with a PEFT model only the adapter directories the run wrote can be scored")
+                              f"{why_not(missing)}; with a PEFT model only the adapter directories the run wrote can "
+                              "be scored")
     if missing and base is None:
         raise RelexInputError(
-            f"horizons {missing} have no step-H/ directory of this state's run in {relex_dir}"
-            f"{' (' + '; '.join(f'step-{h}/ {foreign[h]}' for h in missing if h in foreign) + ')' if any(h in foreign for h in missing) else ''}"
+            f"horizons {missing} have no step-H/ directory of this state's run in {relex_dir}{why_not(missing)}"
             ": pass base=<the checkpoint training started from> (theta_0): after training the live model is no longer "
             "theta_0")
 
