@@ -283,8 +283,8 @@ print("PROBE " + json.dumps(out))
 def probe(pairs, drop: str = "", env=None) -> dict:
     """Import each ``(module, distribution)`` in one child process of this interpreter (without ``drop`` on its
     path): ``{module: [True, version, file] | [False, error]}``."""
-    r = subprocess.run([sys.executable, "-c", _PROBE % (NO_IMPORT,), drop], input=json.dumps(list(pairs)), capture_output=True,
-                       text=True, env=env)
+    r = subprocess.run([sys.executable, "-c", _PROBE % (NO_IMPORT,), drop], input=json.dumps(list(pairs)),
+                       capture_output=True, text=True, env=env)
     for ln in reversed(r.stdout.splitlines()):
         if ln.startswith("PROBE "):
             return json.loads(ln[6:])
@@ -305,7 +305,8 @@ def install(root: str, target: str) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     found = probe([(e["module"], dist_of(e["name"])) for e in m["files"]], drop=target, env=env)
     for e in m["files"]:
-        if os.path.isdir(os.path.join(target, e["module"])) or os.path.isfile(os.path.join(target, e["module"] + ".py")):
+        mod_path = os.path.join(target, e["module"])
+        if os.path.isdir(mod_path) or os.path.isfile(mod_path + ".py"):
             report[e["module"]] = "bundle (installed earlier)"
             continue
         got = found.get(e["module"]) or [False]
@@ -380,8 +381,8 @@ def main(argv=None) -> int:
                      if a.wheels_from else download(os.path.join(a.root, "download")))
             m = pack(files, a.root, int(a.limit_mib * 1024 * 1024))
             total = sum(e["size"] for e in m["files"])
-            print(f"gpu-bundle: {len(m['files'])} files, {total / 2**20:.1f} MiB, in {len(m['parts'])} parts of at most "
-                  f"{m['limit'] / 2**20:.0f} MiB under {a.root}:")
+            print(f"gpu-bundle: {len(m['files'])} files, {total / 2**20:.1f} MiB, in {len(m['parts'])} parts of at "
+                  f"most {m['limit'] / 2**20:.0f} MiB under {a.root}:")
             for p in m["parts"]:
                 d = os.path.join(a.root, p)
                 size = sum(os.path.getsize(os.path.join(d, x)) for x in os.listdir(d))

