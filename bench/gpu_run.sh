@@ -14,8 +14,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 CMD=${1:-run}
 BUDGET=${2:-${BUDGET:-360}}
-RESULTS=${RESULTS_DIR:-${OUT:+$OUT/paper_regime}}
-RESULTS=${RESULTS:-runs/paper_regime}
+RESULTS=${RESULTS_DIR:-runs/paper_regime}  # its checkpoints live here (GBs on a GPU); results.* are copied to $OUT
 SITE=gpu_bundle/site
 
 checks() {
@@ -28,7 +27,10 @@ checks() {
     # the preset stops itself inside its budget; the timeout (SIGTERM: it writes what it has) is for a hang
     timeout -s TERM -k 20 $((${BUDGET%.*} + 60)) "$PY" recipes/replicate/paper_regime.py --preset auto \
         --budget-seconds "$BUDGET" --out "$RESULTS" || rc=1
-    echo "gpu_run: the preset took $((SECONDS - t0)) s; results in $RESULTS (exit so far: $rc)"
+    if [ -n "${OUT:-}" ]; then
+        mkdir -p "$OUT/paper_regime" && cp "$RESULTS"/results.json "$RESULTS"/results.md "$OUT/paper_regime/" || rc=1
+    fi
+    echo "gpu_run: the preset took $((SECONDS - t0)) s; results in $RESULTS${OUT:+ and $OUT/paper_regime} (exit so far: $rc)"
     return $rc
 }
 

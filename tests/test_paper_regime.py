@@ -72,9 +72,9 @@ def test_make_gpu_check_on_cpu_runs_the_checks_then_the_cpu_smoke_preset(subproc
     pytest.importorskip("trl")
     if torch.cuda.is_available():
         pytest.skip("a GPU is visible: `make gpu-check` would run the gpu preset")
-    out = tmp_path / "pr"
-    env = dict(subprocess_env, PYTHON=sys.executable, RESULTS_DIR=str(out))
-    env.pop("OUT", None)
+    out, back = tmp_path / "pr", tmp_path / "out"  # back: $OUT, what the remote-run tool brings back
+    back.mkdir()
+    env = dict(subprocess_env, PYTHON=sys.executable, RESULTS_DIR=str(out), OUT=str(back))
     r = subprocess.run(["bash", os.path.join(REPO, "bench", "gpu_run.sh"), "checks", "90"], env=env,
                        capture_output=True, text=True, timeout=600, cwd=REPO)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -99,6 +99,9 @@ def test_make_gpu_check_on_cpu_runs_the_checks_then_the_cpu_smoke_preset(subproc
     md = (out / "results.md").read_text()
     assert "Status: **complete**" in md and "| 24 | " in md and "## Budget" in md
     assert not any(n.startswith("step-") for n in os.listdir(out / "relex-linear"))  # checkpoints cleaned up
+    assert json.loads((back / "paper_regime" / "results.json").read_text()) == res  # only the results come back
+    assert sorted(os.listdir(back / "paper_regime")) == ["results.json", "results.md"]
+    assert "no CUDA GPU visible" in (back / "gpu_check.txt").read_text()
 
 
 @pytest.mark.slow
