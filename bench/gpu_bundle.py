@@ -102,7 +102,7 @@ def wants_of(module: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------- pack (here)
-def pack(files: list[str], root: str, limit: int) -> dict:
+def pack(files: list[str], root: str, limit: int, python: str = PYTHON) -> dict:
     """Split ``files`` into parts ``root/part1..N`` of at most ``limit`` bytes each (the manifest included), filling
     each part before the next; a file larger than the room left continues in the next part. Returns the manifest
     (also written into every part). Old ``part*`` directories under ``root`` are removed first."""
@@ -138,7 +138,7 @@ def pack(files: list[str], root: str, limit: int) -> dict:
         entries.append({"name": name, "size": size, "sha256": sha256(path), "module": module_of(name),
                          "wants": wants_of(module_of(name)), "chunks": chunks})
     parts = sorted({c["part"] for e in entries for c in e["chunks"]}, key=lambda p: int(p[4:]))
-    manifest = {"format": 1, "python": PYTHON, "limit": limit, "parts": parts, "files": entries, "assumed": ASSUMED}
+    manifest = {"format": 1, "python": python, "limit": limit, "parts": parts, "files": entries, "assumed": ASSUMED}
     text = json.dumps(manifest, indent=1)
     if len(text) > 32 * 1024:
         raise BundleError(f"the manifest ({len(text)} bytes) outgrew the room kept for it")
@@ -152,11 +152,12 @@ def pack(files: list[str], root: str, limit: int) -> dict:
     return manifest
 
 
-def download(dest: str) -> list[str]:
-    """cp312 / pure wheels of ``WHEELS`` from PyPI into ``dest`` (no dependencies resolved: the list is complete)."""
+def download(dest: str, python: str = PYTHON) -> list[str]:
+    """cp312 (``python``) / pure wheels of ``WHEELS`` from PyPI into ``dest`` (no dependencies resolved: the list is
+    complete)."""
     os.makedirs(dest, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--python-version", PYTHON,
-           "--implementation", "cp", "--abi", "cp" + PYTHON.replace(".", ""), "-d", dest]
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--python-version", python,
+           "--implementation", "cp", "--abi", "cp" + python.replace(".", ""), "-d", dest]
     for p in PLATFORMS:
         cmd += ["--platform", p]
     cmd += [req for req, _, _ in WHEELS]
@@ -330,12 +331,12 @@ def install(root: str, target: str) -> dict:
     return report
 
 
-def check(extra_modules=()) -> list[str]:
+def check(extra_modules=(), python: str = PYTHON) -> list[str]:
     """Import every assumed module and ``extra_modules`` (this process's PYTHONPATH applies); returns one line per
     module, raises listing every failure."""
     lines, bad = [f"python {sys.version.split()[0]} ({sys.executable})"], []
-    if f"{sys.version_info[0]}.{sys.version_info[1]}" != PYTHON:
-        bad.append(f"python {sys.version_info[0]}.{sys.version_info[1]}: the bundle's wheels are for CPython {PYTHON}")
+    if f"{sys.version_info[0]}.{sys.version_info[1]}" != python:
+        bad.append(f"python {sys.version_info[0]}.{sys.version_info[1]}: the bundle's wheels are for CPython {python}")
     mods = list(dict.fromkeys([*ASSUMED, *extra_modules]))
     for mod, got in probe([(m_, "") for m_ in mods]).items():
         if got[0]:
@@ -367,6 +368,8 @@ def main(argv=None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="download the wheels (PyPI) and write the parts")
     b.add_argument("--wheels-from", default=None, help="use the wheels in this directory instead of downloading")
+    b.add_argument("--python", default=PYTHON, help=f"the target interpreter's version (default {PYTHON}, the GPU "
+                   "machine's; another one to rehearse the device steps here)")
     b.add_argument("--limit-mib", type=float, default=LIMIT_MIB, help=f"bytes per part, in MiB (default {LIMIT_MIB})")
     s = sub.add_parser("stage", help="(GPU machine) verify one part and keep its chunks")
     s.add_argument("part")
@@ -378,8 +381,8 @@ def main(argv=None) -> int:
     try:
         if a.cmd == "build":
             files = ([os.path.join(a.wheels_from, f) for f in sorted(os.listdir(a.wheels_from)) if f.endswith(".whl")]
-                     if a.wheels_from else download(os.path.join(a.root, "download")))
-            m = pack(files, a.root, int(a.limit_mib * 1024 * 1024))
+                     if a.wheels_from else download(os.path.join(a.root, "download"), a.python))
+            m = pack(files, a.root, int(a.limit_mib * 1024 * 1024), a.python)
             total = sum(e["size"] for e in m["files"])
             print(f"gpu-bundle: {len(m['files'])} files, {total / 2**20:.1f} MiB, in {len(m['parts'])} parts of at "
                   f"most {m['limit'] / 2**20:.0f} MiB under {a.root}:")
@@ -401,7 +404,7 @@ def main(argv=None) -> int:
                 print(f"gpu-bundle: {mod}: {how}")
         elif a.cmd == "check":
             m = _manifest(os.path.join(a.root, "stage")) if os.path.isdir(os.path.join(a.root, "stage")) else None
-            for ln in check([e["module"] for e in m["files"]] if m else []):
+            for ln in check([e["module"] for e in m["files"]] if m else [], m["python"] if m else PYTHON):
                 print(f"gpu-bundle: {ln}")
     except BundleError as e:
         print(f"gpu-bundle: {e}", file=sys.stderr)
