@@ -141,3 +141,23 @@ def test_a_budget_smaller_than_the_start_up_runs_nothing_and_says_so(subprocess_
     assert r.returncode == 3 and "nothing fits" in r.stderr and "raise --budget-seconds" in r.stderr, r.stderr
     res = _results(out)
     assert res["status"].startswith("budget too small") and res["comparisons"] == {}
+
+
+@pytest.mark.slow
+def test_a_window_that_does_not_move_fails_with_the_reason_in_the_results(subprocess_env, tmp_path):
+    pytest.importorskip("trl")
+    out = tmp_path / "pr"
+    # lr 1e-30: Adam's updates vanish below float32's resolution of the weights, so no step of the window moves
+    r = subprocess.run([sys.executable, SCRIPT, "--preset", "cpu-smoke", "--lr", "1e-30", "--budget-seconds", "120",
+                        "--out", str(out)], env=subprocess_env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
+    res = _results(out)
+    assert res["status"].startswith("failed: RelexInputError") and "did not move" in res["status"], res["status"]
+    assert "base" in res["accuracy"] and res["plan"]["fits"]  # what was measured before the failure is kept
+    assert "paper_regime: failed: RelexInputError" in r.stderr
+
+
+def test_bad_lr_is_refused_before_any_work(subprocess_env, tmp_path):
+    r = subprocess.run([sys.executable, SCRIPT, "--preset", "cpu-smoke", "--lr", "0", "--out", str(tmp_path / "x")],
+                       env=subprocess_env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--lr 0 must be positive" in r.stderr and not (tmp_path / "x").exists()

