@@ -20,21 +20,23 @@ sys.path.insert(0, os.path.join(REPO, "recipes", "replicate"))
 import paper_regime as pr  # noqa: E402
 
 M = {"startup": 40.0, "per_eval": 2.0, "per_step": 3.0, "first_step": 9.0, "probe_steps": 3, "probe_seconds": 20.0,
-     "ckpt_write": 1.0, "trainer_init": 4.0}
+     "ckpt_read": 0.5, "ckpt_write": 1.0, "trainer_init": 4.0}
 
 
 def test_plan_takes_the_largest_tcut_that_fits_and_shows_its_arithmetic():
     p = pr.plan(pr.PRESETS["gpu"], budget=600.0, elapsed=70.0, m=M)
     c = p["chosen"]
     assert p["fits"] and p["regime"] == "paper"
-    # 4 x tcut steps; 1 + 3 x (real + 3 families + naive) = 16 evals; 3 families x (3 horizons + 1) writes
-    assert c["total"] == pytest.approx(4 * c["tcut"] * 3.0 + 16 * 2.0 + 12 * 1.0 + 4.0)
-    assert c["total"] <= p["available"] < pr.run_cost(c["tcut"] + 1, 3.0, 2.0, 1.0, 4.0, 3)["total"]
+    # 4 x tcut steps (with the callbacks' factor); 1 + 3 x (real + 3 families + naive) = 16 evals, each with a load;
+    # 3 families x (3 horizons + 1) writes
+    assert c["total"] == pytest.approx(4 * c["tcut"] * 3.0 * pr.STEP_FACTOR + 16 * 2.5 + 12 * 1.0 + 4.0)
+    assert c["total"] <= p["available"] < pr.run_cost(c["tcut"] + 1, M, 3)["total"]
     assert p["available"] == pytest.approx(600 - 70 - (0.05 * 600 + 2 * 3.0))
     assert c["horizons"] == [2 * c["tcut"], 3 * c["tcut"], 4 * c["tcut"]] and c["steps"] == 4 * c["tcut"]
     lines = "\n".join(pr.plan_lines(p, pr.PRESETS["gpu"]))
-    assert f"chosen: tcut {c['tcut']}: {c['steps']} steps x 3.00 = {c['steps'] * 3.0:.1f}" in lines
-    assert "16 evals x 2.00 = 32.0" in lines and "regime: paper" in lines
+    assert (f"chosen: tcut {c['tcut']}: {c['steps']} steps x 3.00 x {pr.STEP_FACTOR} (callbacks) = "
+            f"{c['steps'] * 3.0 * pr.STEP_FACTOR:.1f}") in lines
+    assert "16 evals x (2.00 + 0.50 load) = 40.0" in lines and "regime: paper" in lines
 
 
 def test_plan_reduces_below_the_preset_range_and_says_so_or_refuses():

@@ -127,27 +127,35 @@ def n_evals(n_families: int) -> int:
     return 1 + len(HORIZON_FACTORS) * (1 + n_families + 1)
 
 
-def run_cost(tcut: int, per_step: float, per_eval: float, ckpt_write: float, trainer_init: float,
-             n_families: int) -> dict:
-    """Seconds the main run is expected to take with this tcut (every term from a measurement)."""
+STEP_FACTOR = 1.25
+"""Steps of the main run cost this much more than the probe's: the probe runs without the callbacks, whose snapshots
+(one per family each step) it does not time. Measured on CPU here (the real model, 3 callbacks): 31.6 s per step in
+the run against 25.5 s in the probe (x 1.24; a shared 2-core machine, so partly noise); not measured on a GPU."""
+
+
+def run_cost(tcut: int, m: dict, n_families: int) -> dict:
+    """Seconds the main run is expected to take with this tcut, from what was measured (``m``: per_step, per_eval,
+    ckpt_read, ckpt_write, trainer_init)."""
     steps = HORIZON_FACTORS[-1] * tcut
     writes = n_families * len(HORIZON_FACTORS)
-    parts = {"trainer_init": trainer_init, "steps": steps * per_step, "evals": n_evals(n_families) * per_eval,
+    parts = {"trainer_init": m["trainer_init"], "steps": steps * m["per_step"] * STEP_FACTOR,
+             # every evaluation first loads its weights (a checkpoint read, or the live or naive weights)
+             "evals": n_evals(n_families) * (m["per_eval"] + m["ckpt_read"]),
              # each callback writes its horizons at tcut (plus its state file and solve: counted as one more write)
-             "writes": (writes + n_families) * ckpt_write}
+             "writes": (writes + n_families) * m["ckpt_write"]}
     return {"tcut": tcut, "steps": steps, "horizons": horizons_of(tcut), "seconds": parts,
             "total": sum(parts.values())}
 
 
 def plan(preset: Preset, budget: float, elapsed: float, m: dict) -> dict:
-    """Choose tcut from what was measured (``m``: per_step, per_eval, ckpt_write, trainer_init) and the seconds
-    left; the largest tcut in the preset's range that fits, else the largest one >= MIN_TCUT (``reduced``), else
+    """Choose tcut from what was measured (``m``: per_step, per_eval, ckpt_read, ckpt_write, trainer_init) and the
+    seconds left; the largest tcut in the preset's range that fits, else the largest one >= MIN_TCUT (``reduced``), else
     none (``fits`` False)."""
     left = budget - elapsed
     reserve = 0.05 * budget + 2 * m["per_step"]  # slack for the step times varying and the last writes
     avail = left - reserve
     fam = len(preset.families)
-    cost = lambda t: run_cost(t, m["per_step"], m["per_eval"], m["ckpt_write"], m["trainer_init"], fam)  # noqa: E731
+    cost = lambda t: run_cost(t, m, fam)  # noqa: E731
     tried = []
     chosen, regime = None, None
     for t in range(preset.tcut_max, preset.tcut_min - 1, -1):
@@ -176,13 +184,14 @@ def plan_lines(p: dict, preset: Preset) -> list[str]:
            f"{m['probe_steps']} steps {m['probe_seconds']:.1f} s); left {p['left']:.1f} s - reserve "
            f"{p['reserve']:.1f} s (5% of the budget + 2 steps) = {p['available']:.1f} s for the run",
            f"measured: {m['per_step']:.2f} s/step ({preset.rollouts} rollouts; step 1 {m['first_step']:.2f} s, not "
-           f"counted), {m['per_eval']:.2f} s/eval, {m['ckpt_write']:.2f} s/checkpoint write, trainer init "
-           f"{m['trainer_init']:.2f} s"]
+           f"counted), {m['per_eval']:.2f} s/eval, {m['ckpt_read']:.2f} s/checkpoint read and load, "
+           f"{m['ckpt_write']:.2f} s/checkpoint write, trainer init {m['trainer_init']:.2f} s"]
 
     def cost_line(c, tag):
         s = c["seconds"]
-        return (f"{tag} tcut {c['tcut']}: {c['steps']} steps x {m['per_step']:.2f} = {s['steps']:.1f} + "
-                f"{n_evals(len(preset.families))} evals x {m['per_eval']:.2f} = {s['evals']:.1f} + "
+        return (f"{tag} tcut {c['tcut']}: {c['steps']} steps x {m['per_step']:.2f} x {STEP_FACTOR} (callbacks) = "
+                f"{s['steps']:.1f} + {n_evals(len(preset.families))} evals x ({m['per_eval']:.2f} + "
+                f"{m['ckpt_read']:.2f} load) = {s['evals']:.1f} + "
                 f"{len(preset.families) * (len(HORIZON_FACTORS) + 1)} writes x {m['ckpt_write']:.2f} = "
                 f"{s['writes']:.1f} + trainer init {s['trainer_init']:.1f} = {c['total']:.1f} s")
 
@@ -514,6 +523,9 @@ def _run(res: Results, preset: Preset, out: str, budget: float, keep: bool) -> i
     t = time.monotonic()
     probe_model.save_pretrained(os.path.join(probe_dir, "write-probe"))
     ckpt_write = time.monotonic() - t
+    t = time.monotonic()
+    load_into(scratch, read_weights(os.path.join(probe_dir, "write-probe"), theta0))
+    ckpt_read = time.monotonic() - t
     del trainer, probe_model
     shutil.rmtree(probe_dir, ignore_errors=True)
     if preset.device == "cuda":
@@ -525,7 +537,8 @@ def _run(res: Results, preset: Preset, out: str, budget: float, keep: bool) -> i
     measured = {"startup": round(startup, 2), "per_eval": round(per_eval, 3), "per_step": round(per_step, 3),
                 "first_step": round(d[0], 3), "probe_steps": len(d), "probe_seconds": round(probe_seconds, 2),
                 "probe_step_seconds": [round(x, 3) for x in d], "probe_rewards": timer.rewards,
-                "ckpt_write": round(ckpt_write, 3), "trainer_init": round(trainer_init, 3)}
+                "ckpt_read": round(ckpt_read, 3), "ckpt_write": round(ckpt_write, 3),
+                "trainer_init": round(trainer_init, 3)}
 
     # 4. plan
     p = plan(preset, budget, time.monotonic() - T_START, measured)
@@ -544,8 +557,8 @@ def _run(res: Results, preset: Preset, out: str, budget: float, keep: bool) -> i
 
     # 5. the main run: one validation-mode callback per family, an evaluator after them
     deadline = T_START + budget
-    evaluator = _evaluator(task, res, scratch, tok, theta0, tcut, horizons, out, preset, deadline, per_step,
-                           per_eval, score)
+    evaluator = _evaluator(task, res, scratch, tok, theta0, tcut, horizons, out, preset, deadline,
+                           per_step * STEP_FACTOR, per_eval + ckpt_read, score)
     callbacks = [RelexCallback(tcut=tcut, horizons=horizons, stop_training=False, fit=f,
                                output_dir=os.path.join(out, f"relex-{f}"), overwrite=True)
                  for f in preset.families]
@@ -600,7 +613,8 @@ def _note(d: dict, tcut: int, horizons: list[int]) -> str:
 
 def _evaluator(task, res, scratch, tok, theta0, tcut, horizons, out, preset, deadline, per_step, per_eval, score):
     """The ``TrainerCallback`` that scores the live model at tcut and at each horizon, and every family's
-    extrapolated checkpoint and the naive line at each horizon; stops training when the budget runs out."""
+    extrapolated checkpoint and the naive line at each horizon; stops training when the budget runs out
+    (``per_step``, ``per_eval``: the plan's, a step with the callbacks and an evaluation with its weight load)."""
     from transformers import TrainerCallback
 
     evals_per_horizon = 1 + len(preset.families) + 1
