@@ -116,12 +116,14 @@ def test_install_brings_only_the_missing_module(tmp_path):
 
 
 def test_check_fails_loudly_on_a_missing_assumed_module(monkeypatch):
+    here = f"{sys.version_info[0]}.{sys.version_info[1]}"
     monkeypatch.setattr(gpu_bundle, "ASSUMED", ["json", "relex_no_such_module"])
-    monkeypatch.setattr(gpu_bundle, "PYTHON", f"{sys.version_info[0]}.{sys.version_info[1]}")
     with pytest.raises(gpu_bundle.BundleError, match="relex_no_such_module: ModuleNotFoundError"):
-        gpu_bundle.check()
+        gpu_bundle.check(python=here)
     monkeypatch.setattr(gpu_bundle, "ASSUMED", ["json"])
-    assert any(ln.startswith("json ") for ln in gpu_bundle.check())
+    assert any(ln.startswith("json ") for ln in gpu_bundle.check(python=here))
+    with pytest.raises(gpu_bundle.BundleError, match="the bundle's wheels are for CPython 2.7"):
+        gpu_bundle.check(python="2.7")
 
 
 def test_every_bundled_requirement_maps_to_its_module():
