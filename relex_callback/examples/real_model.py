@@ -214,6 +214,7 @@ def greedy_accuracy(model, tokenizer, problems: list[dict], *, max_new_tokens: i
         for i in range(0, len(problems), batch_size):
             batch = problems[i : i + batch_size]
             enc = tokenizer([p["prompt"] for p in batch], return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = enc.to(model.device)  # a model on a GPU (recipes/replicate/paper_regime.py)
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
                                  eos_token_id=tokenizer.eos_token_id)
             texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)

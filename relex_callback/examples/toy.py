@@ -98,7 +98,7 @@ def greedy_accuracy(model, tokenizer, problems: list[dict], max_new_tokens: int 
     try:
         for i in range(0, len(problems), batch_size):
             chunk = problems[i : i + batch_size]
-            enc = tokenizer([p["prompt"] for p in chunk], return_tensors="pt", padding=True)
+            enc = tokenizer([p["prompt"] for p in chunk], return_tensors="pt", padding=True).to(model.device)
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
             texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
