@@ -90,6 +90,18 @@ def _fingerprints(tensors: Sequence[torch.Tensor]) -> list:
 
 
 
+def truncate_entries(store, ring: int):
+    """Forget the persisted ring rows beyond the first ``ring`` (a resume went back; their files stay for the
+    checkpoints that link them)."""
+    entries, n = [], 0
+    for e in store._ring_entries:
+        if n >= ring:
+            break
+        entries.append(dict(e, rows=min(e["rows"], ring - n)))
+        n += entries[-1]["rows"]
+    store._ring_entries = entries
+
+
 def drop_entries(store):
     """Forget the persisted rows (a fold replaced them): unlink their files from the run directory; the
     checkpoints that link them keep theirs."""

@@ -40,6 +40,18 @@ def theta0_dtype(specs: Sequence[TensorSpec]) -> torch.dtype:
 
 
 
+def estimate(specs: Sequence[TensorSpec], capacity: int, dtype="bfloat16") -> dict:
+    """Bytes needed before allocating anything: ``buffer`` (K x D in the buffer dtype) and ``theta0``."""
+    D = sum(s.local_numel for s in specs)
+    dt = torch_dtype(dtype)
+    return {
+        "elements": D,
+        "slots": int(capacity),
+        "buffer": int(capacity) * D * dt.itemsize,
+        "theta0": D * theta0_dtype(specs).itemsize,
+    }
+
+
 class TrajectoryStore:
     """Per-rank store of theta_0 and the recorded deltas.
 
@@ -135,17 +147,7 @@ class TrajectoryStore:
     def theta0_bytes(self) -> int:
         return self.D * self.theta0_dtype.itemsize
 
-    @staticmethod
-    def estimate(specs: Sequence[TensorSpec], capacity: int, dtype="bfloat16") -> dict:
-        """Bytes needed before allocating anything: ``buffer`` (K x D in the buffer dtype) and ``theta0``."""
-        D = sum(s.local_numel for s in specs)
-        dt = torch_dtype(dtype)
-        return {
-            "elements": D,
-            "slots": int(capacity),
-            "buffer": int(capacity) * D * dt.itemsize,
-            "theta0": D * theta0_dtype(specs).itemsize,
-        }
+    estimate = staticmethod(estimate)
 
     # ------------------------------------------------------------- allocation
     def _allocate(self, reuse_file: bool = False):
@@ -232,14 +234,7 @@ class TrajectoryStore:
             return
         self.steps = kept
         self._last_sums = None
-        ring = self.num_ring_rows
-        entries, n = [], 0
-        for e in self._ring_entries:  # persisted ring rows beyond the new end are dropped (files stay for checkpoints)
-            if n >= ring:
-                break
-            entries.append(dict(e, rows=min(e["rows"], ring - n)))
-            n += entries[-1]["rows"]
-        self._ring_entries = entries
+        persist.truncate_entries(self, self.num_ring_rows)
         if self.storage == "disk":
             if self.tier.file_linked():  # a checkpoint links rows that a replay would overwrite
                 self._move_arena_to_fresh_file()
@@ -449,31 +444,12 @@ class TrajectoryStore:
         """The tier the arena lives on: ``device``, ``host`` or ``disk``."""
         return self.tier.kind
 
-    def meta(self) -> dict:
-        return persist.metadata(self)
-
-    def save(self, directory: str, *, live: Optional[Sequence[torch.Tensor]] = None, step: Optional[int] = None):
-        """Write the window so far to ``directory`` (a trainer checkpoint's ``relex_trajectory/``): see
-        :func:`.persist.save`."""
-        persist.save(self, directory, live=live, step=step)
-
-    @classmethod
-    def load(cls, directory: str, specs: Sequence[TensorSpec], capacity: int, **kw) -> "TrajectoryStore":
-        """Rebuild a store from ``save(directory)``: see :func:`.persist.load`."""
-        return persist.load(cls, directory, specs, capacity, **kw)
-
-    @classmethod
-    def open(cls, directory: str, *, storage: str = "host", device=None) -> "TrajectoryStore":
-        """A saved trajectory on its own (e.g. ``partial_trajectory/``): see :func:`.persist.open_saved`."""
-        return persist.open_saved(cls, directory, storage=storage, device=device)
-
+    # the functions of .persist, as methods (their first argument is the store, or the class for load/open)
+    meta = persist.metadata
+    save = persist.save
+    load = classmethod(persist.load)
+    open = classmethod(persist.open_saved)
     read_meta = staticmethod(persist.read_meta)
     check_compatible = staticmethod(persist.check_compatible)
-
-    def verify_live(self, live: Sequence[torch.Tensor], global_step: int) -> list[str]:
-        """What differs between this loaded trajectory and the live weights: see :func:`.persist.verify_live`."""
-        return persist.verify_live(self, live, global_step)
-
-    def discard_files(self, keep: Sequence[str] = ()) -> int:
-        """Delete the run directory's files once the window's result is written: see :func:`.persist.discard_files`."""
-        return persist.discard_files(self, keep)
+    verify_live = persist.verify_live
+    discard_files = persist.discard_files
