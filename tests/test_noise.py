@@ -61,6 +61,7 @@ def test_gram_and_power_paths_agree():
     assert b.drift_share == pytest.approx(a.drift_share, abs=1e-5)
     assert b.coef_share == pytest.approx(a.coef_share, abs=1e-5)
     assert torch.allclose(a.share, b.share, atol=1e-5)
+    assert b.late_share == pytest.approx(a.late_share, abs=1e-5) and b.speed_ratio == pytest.approx(a.speed_ratio, rel=1e-5)
 
 
 def test_strides_and_skipped_steps_use_the_real_step_numbers():
@@ -79,6 +80,23 @@ def test_strides_and_skipped_steps_use_the_real_step_numbers():
     assert naive.drift_share > true + 0.1
 
 
+def test_halves_see_a_decelerating_line():
+    """A drift whose speed decays like t^-1/2 (|Delta_t| ~ sqrt(t), no noise): the speed ratio of the halves reads
+    below 1 (about sqrt(2) - 1 over 1), a steady line reads 1; the second half alone still moves like a line."""
+    T = 40
+    specs, D = arena_specs([500])
+    d = torch.randn(D, dtype=torch.float64)
+    d /= d.norm()
+    t = torch.arange(1, T + 1, dtype=torch.float64)
+    steps = list(range(1, T + 1))
+    slow = _share((t.sqrt()[:, None] * d).float(), steps, specs)
+    steady = _share((t[:, None] * d).float(), steps, specs)
+    assert slow.speed_ratio == pytest.approx(2 ** 0.5 - 1, rel=0.02) and steady.speed_ratio == pytest.approx(1, rel=1e-3)
+    assert slow.mid_step == 20 and slow.late_share > 0.95 and steady.late_share > 0.99
+    j = slow.to_json()
+    assert j["speed_ratio"] == pytest.approx(slow.speed_ratio, rel=1e-5) and j["mid_step"] == 20
+
+
 def test_combine_equals_the_whole_window():
     steps = list(range(1, 16))
     M, specs = _walk(15, drift=0.5, sigma=0.7, seed=5)
@@ -90,6 +108,8 @@ def test_combine_equals_the_whole_window():
     assert parts.drift_share == pytest.approx(whole.drift_share, abs=1e-12)
     assert parts.global_share_se == pytest.approx(whole.global_share_se, abs=1e-12)
     assert parts.coef_share == pytest.approx(whole.coef_share, abs=1e-12)
+    assert parts.late_share == pytest.approx(whole.late_share, abs=1e-12)
+    assert parts.speed_ratio == pytest.approx(whole.speed_ratio, abs=1e-12)
     assert D == sum(SIZES)
 
 

@@ -50,6 +50,9 @@ class DriftShare:
     coef_share: Optional[float] = None  # the same split inside the rank-1 coefficients c_t (summed over tensors)
     coef_share_se: Optional[float] = None
     coef_share_per_tensor: Optional[torch.Tensor] = None
+    mid_step: Optional[int] = None  # the last recorded step <= half the window: the halves' boundary
+    late_share: Optional[float] = None  # the drift share of the window's second half alone (re-based at mid_step)
+    speed_ratio: Optional[float] = None  # net speed of the second half / of the first half (1 = a line)
     _mom: Optional[tuple] = field(default=None, repr=False)  # per-tensor moments, for combine()
     _c_mom: Optional[tuple] = field(default=None, repr=False)
 
@@ -64,6 +67,7 @@ class DriftShare:
             "coef_drift_share": _r(self.coef_share), "coef_drift_share_se": _r(self.coef_share_se),
             "steps": [int(self.steps[0]), int(self.steps[-1])], "recorded_steps": len(self.steps),
             "median_tensor_drift_share": _r(float(self.share.median())) if self.share.numel() else None,
+            "mid_step": self.mid_step, "late_drift_share": _r(self.late_share), "speed_ratio": _r(self.speed_ratio),
         }
         if per_tensor:
             out["per_tensor"] = {n: _r(float(v)) for n, v in zip(self.names, self.share)}
@@ -172,14 +176,42 @@ def from_gram_parts(diag: torch.Tensor, sub: torch.Tensor, last: torch.Tensor, s
         ds = torch.diff(c, dim=1, prepend=c.new_zeros(c.shape[0], 1))
         c_mom = (ds * ds, ds * c[:, -1:], c[:, -1] ** 2)
     names = list(names) if names is not None else [f"t{i}" for i in range(diag.shape[0])]
-    return _from_moments((s_sq, p, diag[:, -1]), c_mom, steps, names)
+    m = _mid(steps)
+    return _from_moments((s_sq, p, diag[:, -1], diag[:, m], last[:, m]), c_mom, steps, names)
+
+
+def _mid(steps) -> int:
+    """Index of the last recorded step at or before half the window's last step (0 if none is)."""
+    half = int(steps[-1]) / 2
+    return max([j for j, t in enumerate(steps) if int(t) <= half] or [0])
+
+
+def _halves(s_sq, B, diag_m, last_m, t, dt, m):
+    """The second half's drift share (no standard error) and the halves' speed ratio, both global.
+    The second half's deltas are Delta_j - Delta_m, so its increments are the same s_j (j > m) and its end point's
+    squared norm is |Delta_T - Delta_m|^2 = G[T,T] - 2 G[T,m] + G[m,m]."""
+    late_sq = float((B - 2 * last_m + diag_m).sum())
+    t_m, t_T = float(t[m]), float(t[-1])
+    speed = None
+    if t_T > t_m and float(diag_m.sum()) > 0:
+        speed = (max(late_sq, 0.0) ** 0.5 / (t_T - t_m)) / (float(diag_m.sum()) ** 0.5 / t_m)
+    dt2 = dt[m + 1:]
+    if dt2.numel() < 2:
+        return None, speed
+    sum_dt2, tT = float((dt2 * dt2).sum()), float(dt2.sum())
+    g2, s2 = _solve(torch.tensor(float(s_sq[:, m + 1:].sum()), dtype=torch.float64),
+                    torch.tensor(late_sq, dtype=torch.float64), sum_dt2, tT)
+    return float(_share(g2, s2)), speed
 
 
 def _from_moments(mom, c_mom, steps, names) -> DriftShare:
-    _, dt = _increments(steps)
-    g2, s2, share, glob, se, G2, S2 = _split(*mom, dt)
+    t, dt = _increments(steps)
+    g2, s2, share, glob, se, G2, S2 = _split(*mom[:3], dt)
     out = DriftShare(steps=[int(s) for s in steps], names=list(names), drift_sq=g2, noise_sq=s2, share=share,
                      global_drift_sq=G2, global_noise_sq=S2, global_share=glob, global_share_se=se)
+    m = _mid(steps)
+    out.mid_step = int(steps[m])
+    out.late_share, out.speed_ratio = _halves(mom[0], mom[2], mom[3], mom[4], t, dt, m)
     if c_mom is not None:
         _, _, cshare, cglob, cse, _, _ = _split(*c_mom, dt)
         out.coef_share, out.coef_share_se, out.coef_share_per_tensor = cglob, cse, cshare
@@ -195,7 +227,7 @@ def combine(parts: Sequence[DriftShare]) -> Optional[DriftShare]:
         return None
     if len(parts) == 1:
         return parts[0]
-    mom = tuple(torch.cat([x._mom[k] for x in parts]) for k in range(3))
+    mom = tuple(torch.cat([x._mom[k] for x in parts]) for k in range(5))
     c_mom = None
     if all(x._c_mom is not None for x in parts):
         c_mom = tuple(torch.cat([x._c_mom[k] for x in parts]) for k in range(3))
