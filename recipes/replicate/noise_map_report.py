@@ -150,6 +150,13 @@ def analyze(cfg):
         R["map"][f"{ro}|{lr:g}"] = e
     R["seconds_total"] = round(sum(c["seconds"] for c in cells), 1)
     R["continue"] = continue_summary(out)
+    rr = real_runs()
+    R["real_runs"] = {"rows": rr, "ranking": {}}
+    if len(rr) >= 3:
+        for key in ("drift_share", "late_drift_share", "speed_ratio"):
+            have = [x for x in rr if x[key] is not None]
+            rho, p = spearman([x[key] for x in have], [x["gain"] for x in have])
+            R["real_runs"]["ranking"][key] = {"spearman": rho, "p": p, "n": len(have)}
     with open(os.path.join(out, "noise_map.json"), "w") as f:
         json.dump(R, f, indent=1)
     md = tables(R, cells, cfg)
@@ -188,6 +195,43 @@ def continue_summary(out):
                             for arm in rs[0]["arms"]},
             "seconds": round(sum(a["seconds"] for r in rs for a in r["arms"].values()), 1)}
     return res
+
+
+def real_runs(path=os.path.join(REPO, "docs", "replication", "real_results.json")):
+    """Part 2's real-model runs: their saved artefacts hold no window Grams (report.json was not kept), only the
+    whole run's rank-1 coefficients as mean |c_t| over tensors (normalised to 1 at the end). The same estimators
+    on that scalar series over steps 1..tcut are a proxy (the whole run's direction, not the window's), reported as
+    such. Rows: (run, tcut, H, gain of RELEX over the tcut checkpoint, proxy signals)."""
+    import torch
+
+    from relex_callback import noise
+
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        runs = json.load(f)
+    rows = []
+    for name, r in runs.items():
+        acc = r["accuracy"]
+        c = r["whole_run"]["coeffs_mean_abs"]
+        steps = r["whole_run"]["steps"]
+        for tc in r["setting"]["tcuts"]:
+            cc = torch.tensor(c[:tc], dtype=torch.float64)
+            sig = noise.safe(noise.drift_share, (cc[:, None] * cc[None, :])[None], steps[:tc])
+            if isinstance(sig, str):
+                continue
+            for key, v in acc.items():
+                if key.startswith(f"relex:tcut{tc}@"):
+                    H = int(key.split("@")[1])
+                    rows.append({"run": name, "tcut": tc, "H": H, "x_tcut": H / tc, "gain": v - acc[f"real@{tc}"],
+                                 "real_gain": acc.get(f"real@{H}", float("nan")) - acc[f"real@{tc}"],
+                                 "drift_share": sig.drift_share, "late_drift_share": sig.late_share,
+                                 "speed_ratio": sig.speed_ratio})
+    return rows
+
+
+def _f3(x):
+    return "-" if x is None else f"{x:.3f}"
 
 
 def _gain_count(cells, m, key):
@@ -287,6 +331,23 @@ def tables(R, cells, cfg) -> str:
             for arm, vals in e["arms"].items():
                 L.append(f"| {arm} | " + " | ".join(f"{v:.3f}" for v in vals) + f" | {e['wins_at_end'][arm]} |")
             L.append("")
+    rr = R.get("real_runs") or {}
+    if rr.get("rows"):
+        L.append("#### The real-model runs of part 2 (a proxy only)\n")
+        L.append("Their saved artefacts (`docs/replication/real_results.json`) hold no window Grams, so the drift share "
+                 "itself cannot be computed for them without re-running them (out of this CPU budget). What they do "
+                 "hold is the whole run's rank-1 coefficient, as mean |c_t| over tensors; the same estimators on its "
+                 "steps 1..`tcut` are a proxy (the whole run's direction, scalar, normalised). Gain: held-out greedy "
+                 "accuracy of RELEX minus the `tcut` checkpoint's (40 sums; 32 for `easy`).\n")
+        L.append("| run | tcut | H | RELEX - tcut | real - tcut | proxy drift share | 2nd half | speed ratio |")
+        L.append("|---|---:|---:|---:|---:|---:|---:|---:|")
+        for x in rr["rows"]:
+            L.append(f"| {x['run']} | {x['tcut']} | {x['H']} | {x['gain']:+.3f} | {x['real_gain']:+.3f} | "
+                     f"{x['drift_share']:.3f} | {_f3(x['late_drift_share'])} | {_f3(x['speed_ratio'])} |")
+        L.append("\nSpearman's rho of the proxy with RELEX's gain over the " + str(len(rr["rows"])) + " (run, tcut, H) "
+                 "rows (not independent: horizons of one run share the signal): " + ", ".join(
+                     f"{k.replace('_', ' ')} {v['spearman']:+.2f} (p {v['p']:.3f}, {v['n']} rows)" for k, v in rr["ranking"].items())
+                 + ".\n")
     L.append("\n<details><summary>Every run</summary>\n")
     L.append("| rollouts | lr | seed | drift share +- se | c_t share +- se | 2nd half | speed ratio | " +
              " | ".join(f"{m}x: RELEX - tcut" for m in mults) + " | seconds |")
