@@ -139,14 +139,13 @@ def _checkpoints(root, drift, sigma, seed):
     return os.path.join(root, "base"), os.path.join(root, "ckpts")
 
 
-def _cli(*args):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "relex_callback.cli", *args], capture_output=True, text=True, env=env,
-                          timeout=300)
+def _cli(env, *args):
+    return subprocess.run([sys.executable, "-m", "relex_callback.offline.cli", *args], capture_output=True, text=True,
+                          env=env, timeout=300)
 
 
 @pytest.mark.slow
-def test_relex_extrapolate_writes_it_and_relex_report_prints_it(tmp_path):
+def test_relex_extrapolate_writes_it_and_relex_report_prints_it(tmp_path, subprocess_env):
     """Two sets of checkpoints, a near-line and a random walk: report.json's ``noise`` separates them, streamed and
     buffered paths agree, and `relex report` prints the line."""
     got = {}
@@ -154,11 +153,11 @@ def test_relex_extrapolate_writes_it_and_relex_report_prints_it(tmp_path):
         base, ckpts = _checkpoints(str(tmp_path / name), drift, sigma, seed=7)
         for flag in ("--streaming", "--no-streaming"):
             out = str(tmp_path / name / flag.strip("-"))
-            r = _cli("extrapolate", "--base", base, "--checkpoints", ckpts, "--horizons", "48", "--out", out,
+            r = _cli(subprocess_env, "extrapolate", "--base", base, "--checkpoints", ckpts, "--horizons", "48", "--out", out,
                      "--no-progress", "--dtype", "float32", flag)
             assert r.returncode == 0, r.stderr[-2000:]
             got[name, flag] = json.load(open(os.path.join(out, "report.json")))["noise"]
-        r = _cli("report", out)
+        r = _cli(subprocess_env, "report", out)
         assert r.returncode == 0, r.stderr[-2000:]
         line = next(x for x in r.stdout.splitlines() if x.startswith("drift share"))
         assert f"{got[name, '--no-streaming']['drift_share']:.3f}" in line and "steps 2..24" in line

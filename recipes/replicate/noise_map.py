@@ -57,7 +57,7 @@ def train_cell(cfg, rollouts, lr, seed, jump=None):
     from trl import GRPOConfig, GRPOTrainer
 
     from relex_callback.params import trainable_named_parameters
-    from relex_callback.toy import arithmetic_reward, build_model, build_tokenizer
+    from relex_callback.examples.toy import arithmetic_reward, build_model, build_tokenizer
 
     random.seed(seed)
     torch.manual_seed(seed)
@@ -125,7 +125,7 @@ def window_grams(named, theta, tcut):
 
 def backtest(G, steps):
     """The callback's in-window backtest (a line on the first half predicting the last step), the existing signal."""
-    from relex_callback.backtest import backtest_from_gram
+    from relex_callback.core.backtest import backtest_from_gram
 
     r = backtest_from_gram(G, steps, True).to_report()
     return {k: r.get(k) for k in ("cosine_global", "norm_ratio_global", "relative_error_global", "direction_cosine")}
@@ -134,7 +134,7 @@ def backtest(G, steps):
 def run_cell(cfg, rollouts, lr, seed):
     from replicate import cos_ratio, extrapolated, solve_window
 
-    from relex_callback import noise
+    from relex_callback.core import noise
 
     t_all = time.perf_counter()
     model, tok, named, theta, t_train = train_cell(cfg, rollouts, lr, seed)

@@ -204,7 +204,7 @@ def real_runs(path=os.path.join(REPO, "docs", "replication", "real_results.json"
     such. Rows: (run, tcut, H, gain of RELEX over the tcut checkpoint, proxy signals)."""
     import torch
 
-    from relex_callback import noise
+    from relex_callback.core import noise
 
     if not os.path.isfile(path):
         return []
