@@ -273,6 +273,7 @@ def parse(argv=None):
     p.add_argument("--out", default=os.path.join(REPO, "docs", "replication", "noise_map"))
     p.add_argument("--cache", default="/tmp/relex_noise_map_grams", help="where each cell's window Grams go (.pt)")
     p.add_argument("--doc", default=os.path.join(REPO, "docs", "replication.md"))
+    p.add_argument("--marker", default="noise-map", help="the doc block <!-- MARKER:begin/end --> that is replaced")
     p.add_argument("--analyze", action="store_true", help="only tables/plot/doc from the cached cells")
     p.add_argument("--continue_cells", nargs="+", metavar="ROLLOUTS,LR",
                    help="item 6 instead of the grid: extrapolate-and-continue on these cells (first two seeds)")

@@ -11,7 +11,6 @@ import random
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
-BEGIN, END = "<!-- noise-map:begin -->", "<!-- noise-map:end -->"
 COLLAPSED = 0.5  # a run whose real reward at tcut fell below this fraction of its start collapsed (lr too large)
 # The signals at tcut that are ranked against RELEX's gain: (label, getter)
 SIGNALS = [
@@ -196,7 +195,7 @@ def analyze(cfg):
         f.write(md)
     plot(R, cells, live, os.path.join(out, "noise_map.png"))
     if getattr(cfg, "doc", None):
-        splice(cfg.doc, md)
+        splice(cfg.doc, md, cfg.marker)
     print(md)
     return R
 
@@ -371,7 +370,7 @@ def tables(R, cells, cfg) -> str:
                 L.append(f"| {arm} | " + " | ".join(f"{v:.3f}" for v in vals) + f" | {e['wins_at_end'][arm]} |")
             L.append("")
     rr = R.get("real_runs") or {}
-    if rr.get("rows"):
+    if rr.get("rows") and getattr(cfg, "marker", "noise-map") == "noise-map":  # once, in the main map
         L.append("#### The real-model runs of part 2 (a proxy only)\n")
         L.append("Their saved artefacts (`docs/replication/real_results.json`) hold no window Grams, so the drift share "
                  "itself cannot be computed for them without re-running them (out of this CPU budget). What they do "
@@ -440,7 +439,8 @@ def plot(R, cells, live, path):
     plt.close(fig)
 
 
-def splice(doc, md):
+def splice(doc, md, marker="noise-map"):
+    BEGIN, END = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
     if not os.path.isfile(doc):
         return
     text = open(doc).read()
