@@ -407,17 +407,22 @@ def plot(R, cells, live, path):
     import matplotlib.pyplot as plt
 
     mults = R["mults"]
-    lrs = sorted({c["lr"] for c in cells})
-    fig, ax = plt.subplots(1, 3, figsize=(16, 4.4))
+    lrs = sorted({c["lr"] for c in live})
+    colors = {lr: f"C{i}" for i, lr in enumerate(lrs)}
+    fig, ax = plt.subplots(1, 4, figsize=(21, 4.6))
+
+    def gain(c, m):
+        r = next(r for r in c["rows"] if r["x_tcut"] == m)
+        return r["relex"] - r["tcut"]
+
     for lr in lrs:
-        ks = [(int(key.split("|")[0]), e) for key, e in R["map"].items() if float(key.split("|")[1]) == lr]
-        ks.sort()
-        xs = [x for x, _ in ks]
-        ax[0].plot(xs, [e[f"{mults[0]}x"]["relex"] - e[f"{mults[0]}x"]["tcut"] for _, e in ks], "o-",
-                   label=f"lr {lr:g}, {mults[0]}x")
-        ax[0].plot(xs, [e[f"{mults[-1]}x"]["relex"] - e[f"{mults[-1]}x"]["tcut"] for _, e in ks], "x:",
-                   label=f"lr {lr:g}, {mults[-1]}x")
-        ax[1].plot(xs, [e["drift_share"] for _, e in ks], "o-", label=f"lr {lr:g}")
+        ros = sorted({c["rollouts"] for c in live if c["lr"] == lr})
+        by = {ro: [c for c in live if c["lr"] == lr and c["rollouts"] == ro] for ro in ros}
+        for m, style in ((mults[0], "o-"), (mults[-1], "x:")):
+            ax[0].plot(ros, [mean([gain(c, m) for c in by[ro]]) for ro in ros], style, color=colors[lr],
+                       label=f"lr {lr:g}, {m}x")
+        ax[1].plot(ros, [mean([c["signal"]["drift_share"] for c in by[ro]]) for ro in ros], "o-", color=colors[lr],
+                   label=f"lr {lr:g}")
     for a in ax[:2]:
         a.set_xscale("log", base=2)
         a.set_xlabel("rollouts per step")
@@ -427,13 +432,25 @@ def plot(R, cells, live, path):
     ax[1].set_ylabel("drift share at tcut (mean over seeds)")
     ax[1].legend(fontsize=7)
     for m, mk in zip(mults, "os^"):
-        xs = [c["signal"]["drift_share"] for c in live]
-        ys = [next(r for r in c["rows"] if r["x_tcut"] == m) for c in live]
-        ax[2].scatter(xs, [r["relex"] - r["tcut"] for r in ys], marker=mk, s=18, label=f"{m}x")
+        ax[2].scatter([c["signal"]["drift_share"] for c in live], [gain(c, m) for c in live], marker=mk, s=18,
+                      label=f"{m}x")
     ax[2].axhline(0, color="gray", lw=0.5)
     ax[2].set_xlabel("drift share at tcut")
     ax[2].set_ylabel("reward: RELEX - tcut checkpoint")
     ax[2].legend(fontsize=7)
+    # the step lengths inside the window (Adam's early steps are the long ones)
+    for i, ro in enumerate(sorted({c["rollouts"] for c in live})):
+        cs = [c for c in live if c["rollouts"] == ro and c.get("step_sq")]
+        if not cs:
+            continue
+        T = len(cs[0]["step_sq"])
+        curve = [mean([c["step_sq"][t] / (sum(c["step_sq"][-5:]) / 5) for c in cs]) for t in range(T)]
+        ax[3].plot(range(1, T + 1), curve, "o-", ms=3, label=f"{ro} rollouts ({len(cs)} runs)")
+    ax[3].set_yscale("log")
+    ax[3].axhline(1, color="gray", lw=0.5)
+    ax[3].set_xlabel("optimizer step in the window")
+    ax[3].set_ylabel("|theta_t - theta_(t-1)|^2 / mean of the last 5")
+    ax[3].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
