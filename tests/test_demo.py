@@ -17,6 +17,8 @@ def test_demo_quick(tmp_path, subprocess_env):
     names = [row["model"] for row in result["rows"]]
     assert names[-2:] == ["RELEX step-8", "RELEX step-12"] and any("tcut" in n for n in names)
     assert all(0.0 <= row["held_out"] <= 1.0 and 0.0 <= row["train"] <= 1.0 for row in result["rows"])
+    # the window's drift share (relex_callback.core.noise) is printed and kept
+    assert "drift share (line vs random walk" in r.stdout and 0.0 <= result["noise"]["drift_share"] <= 1.0
     for h in (8, 12):
         assert os.path.isfile(out / "relex" / f"step-{h}" / "model.safetensors")
     # the two horizons are distinct points on the extrapolated line, not copies of one checkpoint

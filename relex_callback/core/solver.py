@@ -24,11 +24,12 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
 from . import kernels
+from . import noise as _noise
 from .backtest import (
     Backtest,
     _check_fit_rows,
@@ -69,6 +70,7 @@ class Solution:
     backtest: Optional[Backtest] = None  # the in-window backtest (``solve(backtest=...)``), else None
     curve: Optional[Fit] = None  # the fitted coefficient curves when not the plain line (``solve(fit=...)``)
     selection: Optional[Selection] = None  # fit="auto": every family's backtest score and the choice
+    noise: Any = None  # relex_callback.core.noise.DriftShare, or the reason it was not computed (str)
 
     @property
     def explained(self) -> torch.Tensor:
@@ -272,6 +274,10 @@ def solve(
             total = folded_sq.double() + row_sq[:, folded_steps:].sum(-1).clamp_min(0)
         last_sq = G[:, -1, -1].clamp_min(0)
         secs["gram"] = time.perf_counter() - t0
+        if left is None:
+            noise_in = (torch.diagonal(G, dim1=1, dim2=2), torch.diagonal(G, offset=-1, dim1=1, dim2=2), G[:, :, -1])
+        else:
+            noise_in = "not computed on a folded window (its folded steps keep only rank r, which hides the noise)"
         if bt_rows is not None:
             t1 = time.perf_counter()
             bt = backtest_from_gram(G, steps, backtest, fit_start=fit_start, names=names, lam=sigma[:, 0] ** 2,
@@ -280,8 +286,8 @@ def solve(
         passes = float(S > 0)
     else:
         p = bt_rows if bt_rows is not None else 0
-        lam, U, diag, todo, passes, bt_in = _power_eigs(M, offsets, numels, max_iter=max_iter, tol=tol, fit_rows=p,
-                                                        fit_tol=BACKTEST_TOL_FACTOR * tol)
+        lam, U, diag, todo, passes, bt_in, noise_in = _power_eigs(M, offsets, numels, max_iter=max_iter, tol=tol,
+                                                                  fit_rows=p, fit_tol=BACKTEST_TOL_FACTOR * tol)
         total, last_sq = diag.sum(-1), diag[:, -1]
         fallbacks = len(todo)
         need = sorted(set(todo) | set(bt_in[3] if bt_in else ()))
@@ -314,6 +320,8 @@ def solve(
     passes += float(S > 0)
     coeffs = (U * sigma.unsqueeze(1)).transpose(1, 2)  # [S, r, T]
     slope, intercept, r2 = fit_lines(coeffs, steps_t, mask)
+    if not isinstance(noise_in, str):
+        noise_in = _noise.safe(_noise.from_gram_parts, *noise_in, steps, coeffs=coeffs[:, 0, :], names=names)
     curve, selection = fit_curves(coeffs, steps_t, mask, bt, fit=fit, fit_window=fit_window, degree=degree,
                                   per_tensor=per_tensor_fit)
     secs["total"] = time.perf_counter() - t0
@@ -321,6 +329,7 @@ def solve(
         specs=list(specs), steps=[int(s) for s in steps], fit_start=fit_start, rank=rank, sigma=sigma, coeffs=coeffs,
         slope=slope, intercept=intercept, r2=r2, total=total, last_sq=last_sq, V=V, method=method, seconds=secs,
         fallbacks=fallbacks, bytes_read=int(round(passes * seg_bytes)), backtest=bt, curve=curve, selection=selection,
+        noise=noise_in,
     )
 
 
@@ -381,11 +390,13 @@ def _directions(lam: torch.Tensor, U: torch.Tensor, rank: int, C: Optional[torch
     return sigma * keep, U, X
 
 
-def _fused_gram_matvecs(M: torch.Tensor, o: int, n: int, tasks, rowsq: Optional[torch.Tensor], tmp, y):
+def _fused_gram_matvecs(M: torch.Tensor, o: int, n: int, tasks, rowsq: Optional[torch.Tensor], tmp, y,
+                        rowsub: Optional[torch.Tensor] = None):
     """Several ``M_i[:k_out] (M_i[:k_in]^T q)`` for one segment in one pass over it (float32 chunks, each used by every
     task while in cache); with ``rowsq`` also the squared row norms (float64). ``tasks`` is a list of
     ``(q [k_in] float32, k_in, k_out)`` on ``M``'s device (the rows are leading rows). Returns a float64 ``[k_out]``
-    per task (on the CPU)."""
+    per task (on the CPU). With ``rowsub`` also the products of consecutive rows ``M[j] . M[j-1]`` (the Gram's first
+    sub-diagonal, for :mod:`relex_callback.core.noise`)."""
     ws = [torch.zeros(k_out, dtype=torch.float32, device=M.device) for _, _, k_out in tasks]
     for s, e, c in kernels.reference._float32_chunks(M, o, n, y.shape[0], tmp):
         yy = y[: e - s]
@@ -394,6 +405,8 @@ def _fused_gram_matvecs(M: torch.Tensor, o: int, n: int, tasks, rowsq: Optional[
             w.addmv_(c[:k_out], yy)
         if rowsq is not None:
             rowsq += torch.linalg.vector_norm(c, dim=1).double().square()
+        if rowsub is not None:
+            rowsub += (c[1:] * c[:-1]).sum(1, dtype=torch.float64)
     return [w.double().cpu() for w in ws]
 
 
@@ -457,7 +470,7 @@ def _power_eigs(M: torch.Tensor, offsets, numels, *, max_iter: int, tol: float, 
                 fit_tol: Optional[float] = None):
     """Top eigenpair of every ``G_i = M_i M_i^T`` by Lanczos without forming ``G_i``.
 
-    Returns ``(lam [S,1], U [S,T,1], diag [S,T], todo, passes, bt)``: ``diag`` is the Gram diagonal (squared row
+    Returns ``(lam [S,1], U [S,T,1], diag [S,T], todo, passes, bt, noise_in)``: ``diag`` is the Gram diagonal (squared row
     norms, from the first pass), ``todo`` lists the segments that did not converge (their entries are left for the
     Gram fallback) and ``passes`` counts reads of the whole buffer.
 
@@ -466,7 +479,9 @@ def _power_eigs(M: torch.Tensor, offsets, numels, *, max_iter: int, tol: float, 
     ``T`` rows,
     ``M_i (M_{i,P}^T q)``, so that the converged Ritz vector ``u_P = Q y`` also gives ``G_i[:, P] u_P = W y`` with no
     further pass. ``bt`` is then ``(lam_P [S], u_P [S, p], g_P [S, T], bt_todo)`` (``bt_todo``: segments whose
-    ``P`` iteration did not converge; the caller takes them from the Gram), else ``None``."""
+    ``P`` iteration did not converge; the caller takes them from the Gram), else ``None``. ``noise_in`` is
+    ``(diag, sub [S,T-1], last [S,T])``: the Gram entries :func:`relex_callback.core.noise.from_gram_parts` reads, from
+    the first pass (the sub-diagonal is one more product of each chunk while it is in cache)."""
     T = M.shape[0]
     S = len(offsets)
     p = int(fit_rows)
@@ -475,6 +490,8 @@ def _power_eigs(M: torch.Tensor, offsets, numels, *, max_iter: int, tol: float, 
     U = torch.zeros(S, T, 1, dtype=torch.float64)
     U[:, -1, 0] = 1.0
     diag = torch.zeros(S, T, dtype=torch.float64)
+    sub = torch.zeros(S, max(T - 1, 0), dtype=torch.float64)  # G[j, j-1] and G[:, -1]: the drift share's inputs
+    last = torch.zeros(S, T, dtype=torch.float64)
     lam_P = torch.zeros(S, dtype=torch.float64)
     u_P = torch.zeros(S, max(p, 0), dtype=torch.float64)
     g_P = torch.zeros(S, T, dtype=torch.float64)
@@ -489,15 +506,18 @@ def _power_eigs(M: torch.Tensor, offsets, numels, *, max_iter: int, tol: float, 
         W = torch.zeros(T, max_iter + 1, dtype=torch.float64) if back else None
         main_on, back_on = True, back is not None
         rowsq = torch.zeros(T, dtype=torch.float64, device=M.device)
+        rowsub = torch.zeros(max(T - 1, 0), dtype=torch.float64, device=M.device)
         j = 0
         while main_on or back_on:
             tasks = [(main.q().to(**dev), T, T)] if main_on else []
             if back_on:
                 tasks.append((back.q().to(**dev), p, T))
-            ws = _fused_gram_matvecs(M, o, n, tasks, rowsq if j == 0 else None, tmp, y)
+            ws = _fused_gram_matvecs(M, o, n, tasks, rowsq if j == 0 else None, tmp, y, rowsub if j == 0 else None)
             read += n
             if j == 0:
                 diag[i] = rowsq.cpu()
+                sub[i] = rowsub.cpu()
+                last[i] = ws[0]  # the first product is G e_T (Lanczos starts from the last row)
                 if diag[i].sum() == 0:
                     break  # the segment never moved: lam = 0, any u (the direction pass gives v = 0)
                 if back_on and diag[i, :p].sum() == 0:
@@ -524,7 +544,7 @@ def _power_eigs(M: torch.Tensor, offsets, numels, *, max_iter: int, tol: float, 
                         bt_todo.append(i)
             j += 1
     passes = read * T / max(1, T * sum(numels)) if S else 0.0
-    return lam, U, diag, todo, passes, ((lam_P, u_P, g_P, bt_todo) if p > 0 else None)
+    return lam, U, diag, todo, passes, ((lam_P, u_P, g_P, bt_todo) if p > 0 else None), (diag, sub, last)
 
 
 @torch.no_grad()

@@ -117,6 +117,7 @@ def run_tiny(args) -> dict:
         "rows": [{"model": n, "step": s, **acc} for n, s, acc in rows],
         "explained_variance_mean": rep["explained_variance_mean"],
         "r2_mean": rep["r2_mean"],
+        "noise": cb.report.get("noise"),
         "seconds": {"warmup": t_warm, "grpo": t_grpo, "total": time.perf_counter() - t_start},
         "settings": {k: v for k, v in vars(args).items()},
         "held_out_prompts": len(test),
@@ -134,6 +135,10 @@ def print_table_tiny(result: dict):
         print(f"{r['model']:<28} {r['held_out']:>12.3f} {r['train']:>10.3f}")
     print(f"\nexplained variance (mean over tensors) {result['explained_variance_mean']:.3f}, R^2 of the line "
           f"{result['r2_mean']:.3f}; held-out {result['held_out_prompts']} sums, train {result['train_prompts']} sums")
+    if result.get("noise"):
+        from relex_callback.files.report import format_noise
+
+        print(format_noise(result["noise"]))
     s = result["seconds"]
     print(f"time: warm-up {s['warmup']:.1f}s, GRPO to tcut {s['grpo']:.1f}s, total {s['total']:.1f}s")
 
@@ -260,6 +265,7 @@ def run_real(args) -> dict:
                      ("fit_steps", "predicted_step", "cosine_global", "norm_ratio_global", "relative_error_global",
                       "direction_cosine", "reason")},
         "reward_trend": rep.get("reward_trend"),
+        "noise": rep.get("noise"),
         "horizon_eval": rep.get("horizon_eval"),
         "best_horizon": rep.get("best_horizon"),
         "rewards": rewards,
@@ -316,7 +322,8 @@ def print_table_real(result: dict):
               f"R^2 of the line {result['r2_mean']:.3f} (means over tensors)")
     from relex_callback.files.report import format_trust
 
-    trust = format_trust({"backtest": result.get("backtest"), "reward_trend": result.get("reward_trend")})
+    trust = format_trust({"backtest": result.get("backtest"), "reward_trend": result.get("reward_trend"),
+                          "noise": result.get("noise")})
     he = result.get("horizon_eval") or {}
     if he:
         scores = ", ".join(f"step {k}: {v.get('reward', float('nan')):.3f}" for k, v in

@@ -79,6 +79,10 @@ def build_report(solution, *, tcut: int, horizons, extra: Optional[dict] = None)
     bt = getattr(solution, "backtest", None)
     if bt is not None:
         rep["backtest"] = bt.to_report()
+    if hasattr(solution, "noise"):
+        from ..core.noise import report_entry
+
+        rep["noise"] = report_entry(solution.noise)
     if extra:
         rep.update(extra)
     return rep
@@ -220,6 +224,9 @@ def format_trust(report: dict) -> str:
                 f"cosine {_fmt(bt.get('cosine_global')).strip()}, norm ratio {_fmt(bt.get('norm_ratio_global')).strip()}, "
                 f"relative error {_fmt(bt.get('relative_error_global')).strip()}, direction cosine "
                 f"{_fmt(bt.get('direction_cosine')).strip()}")
+    nz = report.get("noise")
+    if nz:
+        lines.append(format_noise(nz))
     tr = report.get("reward_trend")
     if tr:
         if tr.get("slope") is None or tr.get("stderr") is None:
@@ -242,6 +249,17 @@ def format_trust(report: dict) -> str:
     if report.get("horizons_skipped"):
         lines.append(f"horizons NOT written: {report['horizons_skipped']}")
     return "\n".join(lines)
+
+
+def format_noise(nz: dict) -> str:
+    """One line for report.json's ``noise`` field (:mod:`relex_callback.noise`)."""
+    if nz.get("drift_share") is None:
+        return f"drift share: not computed ({nz.get('reason', 'no figures')})"
+    c = nz.get("coef_drift_share")
+    cs = "" if c is None else f"; inside the rank-1 coefficients {c:.3f} +- {nz.get('coef_drift_share_se') or 0:.3f}"
+    return (f"drift share (line vs random walk, steps {nz['steps'][0]}..{nz['steps'][1]}): "
+            f"{nz['drift_share']:.3f} +- {nz.get('drift_share_se') or 0:.3f} (1 = moves like a line, 0 = like a "
+            f"random walk){cs}")
 
 
 def _key(x):

@@ -530,6 +530,7 @@ class StreamedSolve:
     def solve(self, settings, writer: CheckpointWriter, horizons: Sequence[int]):
         """Every group's Gram, eigenpairs, directions and state part; returns the solution over every tensor (``V`` is
         ``None``: the directions are in the parts)."""
+        from ..core import noise as _noise
         from ..core.backtest import combine
 
         T, rank, fit_start = len(self.cks), settings.rank, settings.fit_start
@@ -562,12 +563,15 @@ class StreamedSolve:
         self.secs["total"] = time.perf_counter() - t0
         solution = _cat_solutions(parts, self.specs, self.steps, fit_start, rank, self.secs, self.bytes_read)
         solution.backtest = combine(backtests)  # each group's tensors: additive sums, one global backtest
+        reasons = [p.noise for p in parts if isinstance(p.noise, str)]
+        solution.noise = reasons[0] if reasons else _noise.combine([p.noise for p in parts])  # the same sums
         return solution
 
     def _solve_group(self, gi, idx, resident, readers, base_reader, fp_mapped, settings, horizons):
         """One group: its Grams (one read of its slices, two for a tensor too large for the budget), eigenpairs,
         directions, the horizon overflow check, and its part of the state file. Returns ``(solution, backtest,
         columns)``."""
+        from ..core import noise as _noise
         from ..core.backtest import backtest_from_gram
         from ..core.solver import Solution
         from ..files.state import save_state
@@ -674,6 +678,7 @@ class StreamedSolve:
         self.writer.part_files.append(part)
         sol.V = None
         bt = backtest_from_gram(G, steps, True, fit_start=fit_start, names=[x.name for x in gspecs])
+        sol.noise = _noise.safe(_noise.drift_share, G, steps, coeffs=sol.coeffs[:, 0, :], names=[x.name for x in gspecs])
         return sol, bt, col
 
     def _arena(self) -> torch.Tensor:

@@ -133,6 +133,7 @@ def _emit_metrics(cb, trend, seconds, control):
         "relex/backtest/norm_ratio_global": bt.get("norm_ratio_global"),
         "relex/backtest/relative_error_global": bt.get("relative_error_global"),
         "relex/backtest/direction_drift": None if drift is None else 1.0 - drift,
+        "relex/noise/drift_share": (cb.report.get("noise") or {}).get("drift_share"),
         "relex/reward_trend/slope": trend.get("slope"),
         "relex/reward_trend/stderr": trend.get("stderr"),
     }, control)

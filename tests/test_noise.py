@@ -1,0 +1,183 @@
+"""The drift share (relex_callback/noise.py): a low-noise line and a random walk are told apart with their standard
+errors; strides and skipped steps use the real step numbers; the Gram and power solvers, the streamed and buffered
+`relex extrapolate` and the callback all write the same figure into report.json; `relex report` prints it."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from relex_callback.core import noise
+from relex_callback.core.solver import solve
+
+from helpers import arena_specs
+
+SIZES = [4000, 700, 64]
+
+
+def _walk(T, drift, sigma, seed=0, sizes=SIZES):
+    """Deltas [T, D] of a trajectory that moves by ``g + n_t`` per step: |g| = drift and E|n_t|^2 = sigma^2 for each
+    tensor."""
+    g = torch.Generator().manual_seed(seed)
+    specs, D = arena_specs(sizes)
+    steps = []
+    for s in specs:
+        d = torch.randn(s.local_numel, generator=g, dtype=torch.float64)
+        n = torch.randn(T, s.local_numel, generator=g, dtype=torch.float64) * sigma / s.local_numel ** 0.5
+        steps.append(drift * d / d.norm() + n)
+    return torch.cat(steps, 1).cumsum(0), specs
+
+
+def _share(M, steps, specs, method="gram"):
+    sol = solve(M.float(), steps, specs, method=method)
+    return sol.noise
+
+
+@pytest.mark.parametrize("method", ["gram", "power"])
+def test_separates_a_low_noise_line_from_a_random_walk(method):
+    steps = list(range(1, 21))
+    line, specs = _walk(20, drift=1.0, sigma=0.2)
+    walk, _ = _walk(20, drift=0.0, sigma=1.0, seed=1)
+    a, b = _share(line, steps, specs, method), _share(walk, steps, specs, method)
+    assert a.drift_share > 0.9 and b.drift_share < 0.1
+    assert a.drift_share - b.drift_share > 10 * (a.global_share_se + b.global_share_se)
+    # the figures themselves: |g|^2 = 3 tensors x 1, sigma^2 = 3 x 0.04 (line); 0 and 3 (walk)
+    assert a.global_drift_sq == pytest.approx(3.0, rel=0.1) and a.global_noise_sq == pytest.approx(0.12, rel=0.2)
+    assert abs(b.global_drift_sq) < 0.1 and b.global_noise_sq == pytest.approx(3.0, rel=0.1)
+    # a half-and-half window lands in between
+    mid, _ = _walk(20, drift=1.0, sigma=1.0, seed=2)
+    c = _share(mid, steps, specs, method)
+    assert 0.35 < c.drift_share < 0.65
+
+
+def test_gram_and_power_paths_agree():
+    steps = list(range(2, 82, 2))
+    M, specs = _walk(40, drift=0.5, sigma=1.0, seed=3)
+    a, b = _share(M, steps, specs, "gram"), _share(M, steps, specs, "power")
+    assert b.drift_share == pytest.approx(a.drift_share, abs=1e-5)
+    assert b.coef_share == pytest.approx(a.coef_share, abs=1e-5)
+    assert torch.allclose(a.share, b.share, atol=1e-5)
+    assert b.late_share == pytest.approx(a.late_share, abs=1e-5) and b.speed_ratio == pytest.approx(a.speed_ratio, rel=1e-5)
+
+
+def test_strides_and_skipped_steps_use_the_real_step_numbers():
+    """Every 3rd step recorded, and one step skipped (it did not move): the same share as every step, within the
+    standard errors. Numbering the rows 1, 2, 3, ... instead would read each 3-step increment as one step (biased
+    towards a line)."""
+    M, specs = _walk(90, drift=0.3, sigma=1.0, seed=4)
+    every = _share(M, list(range(1, 91)), specs)
+    keep = [t for t in range(3, 91, 3) if t != 45]
+    sub = M[[t - 1 for t in keep]]
+    strided = _share(sub, keep, specs)
+    naive = _share(sub, list(range(1, len(keep) + 1)), specs)
+    true = 0.09 / 1.09
+    assert every.drift_share == pytest.approx(true, abs=3 * every.global_share_se + 0.02)
+    assert strided.drift_share == pytest.approx(true, abs=3 * strided.global_share_se + 0.02)
+    assert naive.drift_share > true + 0.1
+
+
+def test_halves_see_a_decelerating_line():
+    """A drift whose speed decays like t^-1/2 (|Delta_t| ~ sqrt(t), no noise): the speed ratio of the halves reads
+    below 1 (about sqrt(2) - 1 over 1), a steady line reads 1; the second half alone still moves like a line."""
+    T = 40
+    specs, D = arena_specs([500])
+    d = torch.randn(D, dtype=torch.float64)
+    d /= d.norm()
+    t = torch.arange(1, T + 1, dtype=torch.float64)
+    steps = list(range(1, T + 1))
+    slow = _share((t.sqrt()[:, None] * d).float(), steps, specs)
+    steady = _share((t[:, None] * d).float(), steps, specs)
+    assert slow.speed_ratio == pytest.approx(2 ** 0.5 - 1, rel=0.02) and steady.speed_ratio == pytest.approx(1, rel=1e-3)
+    assert slow.mid_step == 20 and slow.late_share > 0.95 and steady.late_share > 0.99
+    j = slow.to_json()
+    assert j["speed_ratio"] == pytest.approx(slow.speed_ratio, rel=1e-5) and j["mid_step"] == 20
+
+
+def test_combine_equals_the_whole_window():
+    steps = list(range(1, 16))
+    M, specs = _walk(15, drift=0.5, sigma=0.7, seed=5)
+    D = M.shape[1]
+    G = torch.stack([M[:, s.offset:s.offset + s.local_numel] @ M[:, s.offset:s.offset + s.local_numel].T for s in specs])
+    c = torch.randn(3, 15, dtype=torch.float64).cumsum(1)
+    whole = noise.drift_share(G, steps, coeffs=c)
+    parts = noise.combine([noise.drift_share(G[:1], steps, coeffs=c[:1]), noise.drift_share(G[1:], steps, coeffs=c[1:])])
+    assert parts.drift_share == pytest.approx(whole.drift_share, abs=1e-12)
+    assert parts.global_share_se == pytest.approx(whole.global_share_se, abs=1e-12)
+    assert parts.coef_share == pytest.approx(whole.coef_share, abs=1e-12)
+    assert parts.late_share == pytest.approx(whole.late_share, abs=1e-12)
+    assert parts.speed_ratio == pytest.approx(whole.speed_ratio, abs=1e-12)
+    assert D == sum(SIZES)
+
+
+def test_a_window_too_short_gives_a_reason_not_a_figure():
+    M, specs = _walk(2, drift=1.0, sigma=0.1)
+    sol = solve(M.float(), [1, 2], specs, method="gram")
+    assert isinstance(sol.noise, str) and "at least 3" in sol.noise
+    assert noise.report_entry(sol.noise) == {"reason": sol.noise}
+    with pytest.raises(ValueError, match="increasing"):
+        noise.drift_share(torch.zeros(1, 3, 3), [1, 3, 2])
+
+
+def _checkpoints(root, drift, sigma, seed):
+    """Raw checkpoints of one random walk with drift (steps 2, 4, ..., 24) and its base."""
+    M, specs = _walk(24, drift=drift, sigma=sigma, seed=seed, sizes=[3000, 500])
+    g = torch.Generator().manual_seed(seed)
+    th0 = 0.1 * torch.randn(M.shape[1], generator=g, dtype=torch.float64)
+
+    def save(d, flat):
+        os.makedirs(d)
+        save_file({s.name: flat[s.offset:s.offset + s.local_numel].float().contiguous() for s in specs},
+                  os.path.join(d, "model.safetensors"), metadata={"format": "pt"})
+
+    save(os.path.join(root, "base"), th0)
+    for t in range(2, 25, 2):
+        save(os.path.join(root, "ckpts", f"checkpoint-{t}"), th0 + M[t - 1])
+    return os.path.join(root, "base"), os.path.join(root, "ckpts")
+
+
+def _cli(env, *args):
+    return subprocess.run([sys.executable, "-m", "relex_callback.offline.cli", *args], capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+@pytest.mark.slow
+def test_relex_extrapolate_writes_it_and_relex_report_prints_it(tmp_path, subprocess_env):
+    """Two sets of checkpoints, a near-line and a random walk: report.json's ``noise`` separates them, streamed and
+    buffered paths agree, and `relex report` prints the line."""
+    got = {}
+    for name, drift, sigma in (("line", 1.0, 0.2), ("walk", 0.05, 1.0)):
+        base, ckpts = _checkpoints(str(tmp_path / name), drift, sigma, seed=7)
+        for flag in ("--streaming", "--no-streaming"):
+            out = str(tmp_path / name / flag.strip("-"))
+            r = _cli(subprocess_env, "extrapolate", "--base", base, "--checkpoints", ckpts, "--horizons", "48", "--out", out,
+                     "--no-progress", "--dtype", "float32", flag)
+            assert r.returncode == 0, r.stderr[-2000:]
+            got[name, flag] = json.load(open(os.path.join(out, "report.json")))["noise"]
+        r = _cli(subprocess_env, "report", out)
+        assert r.returncode == 0, r.stderr[-2000:]
+        line = next(x for x in r.stdout.splitlines() if x.startswith("drift share"))
+        assert f"{got[name, '--no-streaming']['drift_share']:.3f}" in line and "steps 2..24" in line
+    for name in ("line", "walk"):
+        a, b = got[name, "--streaming"], got[name, "--no-streaming"]
+        assert a["drift_share"] == pytest.approx(b["drift_share"], abs=1e-5) and a["recorded_steps"] == 12
+    assert got["line", "--streaming"]["drift_share"] > 0.9 > 0.1 > got["walk", "--streaming"]["drift_share"]
+
+
+@pytest.mark.slow
+def test_the_callback_logs_it_and_writes_it(tmp_path):
+    """A real GRPOTrainer run: report.json's drift share is logged as ``relex/noise/drift_share``."""
+    from relex_callback import RelexCallback
+
+    from test_callback import grpo_trainer
+
+    cb = RelexCallback(tcut=6, horizons=[12], dtype="float32")
+    trainer = grpo_trainer(tmp_path, [cb])
+    trainer.train()
+    nz = json.load(open(tmp_path / "relex" / "report.json"))["noise"]
+    assert 0.0 <= nz["drift_share"] <= 1.0 and nz["drift_share_se"] > 0 and nz["recorded_steps"] >= 3
+    logged = {k: v for e in trainer.state.log_history for k, v in e.items() if k.startswith("relex/noise")}
+    assert logged["relex/noise/drift_share"] == pytest.approx(nz["drift_share"], abs=1e-9)
