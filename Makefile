@@ -8,7 +8,17 @@ TORCH_VERSION ?= 2.13.0
 # Versions tested together (README, "Compatibility"); override with `make test PINS=`.
 PINS ?= "transformers==5.24.0" "trl==1.16.0" "accelerate==1.15.0" "deepspeed==0.19.8" "triton==3.9.0" "peft==0.21.2"
 
-.PHONY: test test-fast demo bench gpu-check gpu-bundle clean venv
+# The oldest and the newest releases supported (README, "Compatibility"; relex_callback/compat.py SUPPORTED;
+# setup.cfg's lower bounds): `make test-compat` runs the integration tests on each in a venv of its own.
+LOW_PINS ?= "transformers==4.57.6" "trl==0.29.1" "accelerate==1.10.0" "deepspeed==0.16.9" "triton==3.9.0" "peft==0.15.2"
+NEW_PINS ?= "transformers==5.25.0" "trl==1.16.0" "accelerate==1.16.0" "deepspeed==0.19.8" "triton==3.9.0" "peft==0.21.2"
+PINS_low = $(LOW_PINS)
+PINS_new = $(NEW_PINS)
+# the fast tests that run a real Trainer / GRPOTrainer (what differs between releases), plus the compat module's own
+COMPAT_TESTS ?= tests/test_compat.py tests/test_callback.py tests/test_glue.py tests/test_trust.py tests/test_scoring.py \
+	tests/test_resume.py
+
+.PHONY: test test-fast demo bench gpu-check gpu-bundle clean venv test-compat test-compat-low test-compat-new
 
 $(VENV)/.torch:
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +40,23 @@ $(VENV)/.demo: $(VENV)/.torch setup.cfg pyproject.toml
 	touch $@
 
 venv: $(VENV)/.installed
+
+# .venv-low, .venv-new: torch first (pinned, CPU wheel where one is local), then the package with those pins.
+.venv-%/.installed: setup.cfg pyproject.toml
+	test -x .venv-$*/bin/python || $(PYTHON) -m venv .venv-$*
+	.venv-$*/bin/python -m pip install -q --upgrade pip
+	.venv-$*/bin/python -c "import torch" 2>/dev/null || .venv-$*/bin/python -m pip install -q "torch==$(TORCH_VERSION)"
+	.venv-$*/bin/python -m pip install -q -e ".[test,plot]" $(PINS_$*)
+	touch $@
+
+test-compat-%: .venv-%/.installed
+	OMP_NUM_THREADS=1 .venv-$*/bin/python -m pytest -q -ra -p no:cacheprovider -m "not slow" $(COMPAT_TESTS)
+
+.PRECIOUS: .venv-%/.installed
+
+# both sets side by side (one core each; installs first, one after the other)
+test-compat: .venv-low/.installed .venv-new/.installed
+	$(MAKE) -j2 --output-sync=target test-compat-low test-compat-new
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -ra --durations=15
@@ -57,4 +84,4 @@ gpu-bundle:
 	$(PYTHON) bench/gpu_bundle.py build
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) .venv-low .venv-new .pytest_cache build *.egg-info

@@ -1,5 +1,7 @@
 """Helpers shared by the tests (not part of the package)."""
 
+import math
+
 import torch
 
 from relex_callback.params import TensorSpec
@@ -24,3 +26,54 @@ def digit_reward(completions, **kwargs) -> list[float]:
         text = _text(c).strip()
         out.append(sum(ch.isdigit() for ch in text) / len(text) if text else 0.0)
     return out
+
+
+# ------------------------------------------------------------------------------ tolerances derived from the math
+# A float32 solve works on the T x T Gram G = M M^T of float32 deltas. Each entry of the computed Gram is a float32
+# dot product of length n; its rounding error is at most gamma_n |m_i|.|m_j| in the worst case and, for the rounding
+# errors of a real summation (independent signs; Higham & Mary, SIAM J. Sci. Comput. 41, 2019), about
+# sqrt(n) u |m_i|.|m_j| with u = 2^-24 (a BLAS's blocked summation only lowers it). So
+#     ||dG||_2 <= sqrt(n) u ||M||_F^2.
+# Perturbation of an eigenvector (Davis-Kahan): u_k moves by at most ||dG|| / gap_k, gap_k = min_j |s_k^2 - s_j^2|,
+# and its move towards u_1 by at most ||dG|| / (s_1^2 - s_k^2). Component k of the extrapolated delta is
+# L(u_k) M^T u_k, with L the linear functional "least-squares line through (t, u[t]) evaluated at H"; the whole delta
+# is about |L(u_1)| s_1. So, relative to it, with kappa_L = ||L|| / |L(u_1)| (how much extrapolating to H amplifies a
+# change of the coefficients):
+#     err_k <= kappa_L ||dG|| [ (s_k + s_k') / (s_1 gap_k) + [k > 1] / (s_1^2 - s_k^2) ],
+# s_k' the largest other singular value u_k can turn towards (s_2 for k = 1). Summed over the components kept, plus
+# u (||theta_0|| / ||delta|| + 1) for rounding theta_0 + delta to float32. A noise component (s_2 ~ s_3) has
+# gap_2 ~ 0: float32 data does not determine its direction, and no fixed tolerance holds for it on every BLAS (one
+# measured 1.6e-4 where another gave 2.6e-5); the bound grows without limit and says so.
+U32 = 2.0**-24
+
+
+def extrapolation_tolerance(M64: torch.Tensor, steps, horizon: float, rank: int = 1, theta0_norm: float = 0.0,
+                            fit_start=None) -> float:
+    """Bound on ``||delta_float32 - delta_float64|| / ||delta_float64||`` for one tensor whose exact deltas are the
+    rows of ``M64`` (``T x n``), extrapolated with ``rank`` components to ``horizon`` by a float32 Gram solve (the
+    derivation above)."""
+    M64 = M64.double()
+    T, n = M64.shape
+    U, S, _ = torch.linalg.svd(M64, full_matrices=False)
+    s = [float(x) for x in S] + [0.0] * max(0, T - len(S))
+    if s[0] == 0.0:
+        return 0.0
+    t = torch.tensor([float(x) for x in steps], dtype=torch.float64)
+    keep = t >= (fit_start if fit_start is not None else float(t.min()))
+    X = torch.stack([t[keep], torch.ones_like(t[keep])], 1)
+    L = torch.zeros(T, dtype=torch.float64)
+    L[keep] = torch.tensor([float(horizon), 1.0], dtype=torch.float64) @ torch.linalg.pinv(X)
+    L1 = abs(float(L @ U[:, 0]))
+    kappa = float(L.norm()) / max(L1, 1e-300)
+    dG = math.sqrt(n) * U32 * sum(x * x for x in s)
+    total = 0.0
+    for k in range(min(rank, len(S))):
+        others = [s[j] for j in range(len(s)) if j != k]
+        gap = min((abs(s[k] ** 2 - x ** 2) for x in others), default=s[0] ** 2)
+        rest = max([s[j] for j in range(1, len(s)) if j != k], default=0.0)
+        turn = min(1.0, dG / gap) if gap > 0 else 1.0
+        err = turn * (s[k] + rest) / s[0]
+        if k:
+            err += min(1.0, dG / (s[0] ** 2 - s[k] ** 2)) if s[0] > s[k] else 1.0
+        total += kappa * err
+    return total + U32 * (theta0_norm / max(L1 * s[0], 1e-300) + 1.0)

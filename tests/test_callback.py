@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from relex_callback import RelexCallback, RelexConfig, RelexInputError
-from helpers import digit_reward
+from helpers import digit_reward, extrapolation_tolerance
 
 from relex_callback.examples.toy import arithmetic_problems, build_model, build_tokenizer
 
@@ -146,10 +146,13 @@ def test_weights_match_float64_reference(grpo_run):
         got = read_weights(grpo_run["relex"] / f"step-{h}")
         for name in tracked:
             assert got[name].dtype == torch.float32
-            assert rel_err(got[name], ref[name]) < 1e-4, name
-            # the extrapolated move itself, not only the weights, is right (to fp32 round-off of the weights)
-            moved = ref[name] - rec.snaps[0][name]
-            assert float((got[name].double() - ref[name]).norm()) < 1e-3 * float(moved.norm()) + 1e-6, name
+            # the extrapolated move itself, to the float32 solve's bound derived from this tensor's singular values
+            # (tests/helpers.py extrapolation_tolerance), not to a figure one machine printed
+            t0 = rec.snaps[0][name]
+            M = torch.stack([(rec.snaps[t][name] - t0).reshape(-1) for t in steps])
+            moved = ref[name] - t0
+            tol = extrapolation_tolerance(M, steps, h, theta0_norm=float(t0.norm()))
+            assert float((got[name].double() - ref[name]).norm()) <= tol * float(moved.norm()), (name, tol)
 
 
 def test_horizons_load_and_generate(grpo_run):
@@ -440,7 +443,7 @@ def test_bf16_model_bf16_buffer(tmp_path):
             # bf16 buffer and bf16 output: a few bf16 ulps of the weights
             assert float((got[n].double() - ref[n]).norm()) < 0.02 * float(ref[n].norm()), n
     assert moved > 0
-    m = AutoModelForCausalLM.from_pretrained(d)
+    m = AutoModelForCausalLM.from_pretrained(d, dtype="auto")  # the checkpoint's dtype (transformers 4.x: float32)
     assert m.dtype == torch.bfloat16
     enc = tok(["5+3="], return_tensors="pt")
     assert m.generate(**enc, max_new_tokens=2, do_sample=False).shape[1] > enc["input_ids"].shape[1]

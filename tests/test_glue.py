@@ -33,7 +33,12 @@ def test_tensorboard_receives_relex_scalars(tmp_path, attach, monkeypatch):
     cb = RelexCallback(tcut=TCUT, horizons=[12], dtype="float32")
     logdir = tmp_path / "tb"
     monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(logdir))  # transformers 5: TensorBoardCallback's log dir
-    trainer = grpo_trainer(tmp_path, [cb] if attach == "callbacks" else [], report_to=["tensorboard"])
+    import dataclasses as dc
+    from transformers import TrainingArguments
+
+    # transformers 4.x: TrainingArguments.logging_dir (the field is gone in 5.x)
+    kw = {"logging_dir": str(logdir)} if "logging_dir" in {f.name for f in dc.fields(TrainingArguments)} else {}
+    trainer = grpo_trainer(tmp_path, [cb] if attach == "callbacks" else [], report_to=["tensorboard"], **kw)
     if attach == "add_callback":
         trainer.add_callback(cb)  # after the TensorBoard callback: on its own it would see the logs first
     trainer.train()

@@ -10,7 +10,7 @@ PKG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 
 
 # lowest first; a module may import its own layer and the layers before it
 LAYERS = [
-    ("ground", {"errors", "config", "params"}),
+    ("ground", {"errors", "config", "params", "compat"}),
     ("core", {"core"}),
     ("files", {"files"}),
     ("trajectory", {"trajectory"}),

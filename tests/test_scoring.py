@@ -15,6 +15,7 @@ import torch
 from datasets import Dataset
 
 from relex_callback import RelexCallback, RelexInputError, evaluate_horizons
+from relex_callback.compat import evaluate_with_logged_metrics
 from relex_callback.trainer.scoring import choose_metric, clean_metrics, rank_steps
 from relex_callback.examples.toy import arithmetic_problems, build_model, build_tokenizer
 from test_callback import grpo_trainer
@@ -49,7 +50,8 @@ def seeded_eval(trainer) -> dict:
     from accelerate.utils import set_seed
 
     set_seed(trainer.args.seed, device_specific=True)
-    return clean_metrics(trainer.evaluate())
+    # what evaluate() returns and logs (TRL < 1.5 logs GRPO's reward metrics without returning them)
+    return clean_metrics(evaluate_with_logged_metrics(trainer))
 
 
 def without_seconds(m: dict) -> dict:

@@ -25,6 +25,9 @@ def build_tokenizer():
     tok.decoder = decoders.Fuse()
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>",
+        # as a causal LM's tokenizer: no token_type_ids (transformers 4.x's default adds them; TRL <= 0.29 would pass
+        # them to generate(), which Qwen2 refuses)
+        model_input_names=["input_ids", "attention_mask"],
     )
     fast.padding_side = "left"
     return fast

@@ -148,9 +148,12 @@ def st_dtype(name: str) -> torch.dtype:
 
 
 def checkpoint_keys(model: torch.nn.Module, sd: dict) -> list[str]:
-    """The keys ``save_pretrained`` writes: ``state_dict()`` minus the tied copies (``all_tied_weights_keys``), so
-    tied weights stay tied when the checkpoint is loaded."""
-    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    """The keys ``save_pretrained`` writes: ``state_dict()`` minus the tied copies (``lm_head.weight`` of tied
+    embeddings; found by sharing, the same on every transformers release: :func:`relex_callback.compat.tied_copies`),
+    so tied weights stay tied when the checkpoint is loaded and the keys equal the tracked names."""
+    from ..compat import tied_copies
+
+    tied = tied_copies(model, sd)
     return [k for k in sd if k not in tied]
 
 

@@ -94,6 +94,9 @@ class RelexCallback(TrainerCallback, ExportableState):
         evaluate_horizons: bool = False,
         keep_best: Optional[int] = None,
     ):
+        from ..compat import check_versions, trl_in_use
+
+        check_versions(("transformers", "accelerate", "trl") if trl_in_use() else ("transformers", "accelerate"))
         self.settings = RelexSettings.validate(
             tcut=tcut, horizons=horizons, stride=stride, fit_start=fit_start, rank=rank, storage=storage, dtype=dtype,
             max_buffer_bytes=max_buffer_bytes, stop_training=stop_training, output_dir=output_dir, include=include,
@@ -166,6 +169,11 @@ class RelexCallback(TrainerCallback, ExportableState):
             return orig.on_train_begin(args, state, control, model=model, **kwargs)
         trainer = _attach(self)
         self._trainer = weakref.ref(trainer) if trainer is not None else None
+        if trainer is not None:
+            from ..compat import check_versions, trl_in_use
+
+            if trl_in_use(trainer):
+                check_versions(("trl",))
         self._ckpt_root, self._step = args.output_dir, state.global_step
         if isinstance(state.stateful_callbacks, dict):  # resumed from a checkpoint saved without this callback: the
             state.stateful_callbacks.setdefault("RelexCallback", self.state())  # Trainer's next save needs the key

@@ -218,7 +218,9 @@ def seeded_evaluate(trainer, seed: Optional[int] = None) -> dict:
     set_seed(trainer.args.seed if seed is None else seed, device_specific=True)
     if hasattr(trainer, "_last_loaded_step"):
         trainer._last_loaded_step = -1  # vLLM: sync the weights just put in before generating
-    return clean_metrics(trainer.evaluate())
+    from ..compat import evaluate_with_logged_metrics
+
+    return clean_metrics(evaluate_with_logged_metrics(trainer))  # TRL < 1.5 logs GRPO's eval metrics, not returns
 
 
 # --------------------------------------------------------------------------------------------- the best horizon

@@ -1,0 +1,181 @@
+"""What differs between the transformers / TRL releases this package supports, found by feature, in one place.
+
+The supported (tested) range is :data:`SUPPORTED`; README "Compatibility" lists the matrix that CI runs
+(``make test`` on the pinned set, ``make test-compat`` on the lowest declared set and the newest releases).
+
+Behaviour that depends on the library version is detected here from what the objects do, never from a version
+number, so a release in between (or a backport) gets the behaviour it actually has:
+
+* Tied weights (:func:`tied_copies`). transformers 4.x declares them in ``_tied_weights_keys`` as a list of the
+  names that *may* be tied (listed even when ``tie_word_embeddings=False``); 5.x has ``all_tied_weights_keys``, a
+  ``{copy: source}`` dict. Both tie by making the two modules hold the same ``Parameter``, and ``state_dict()``
+  returns both names. The copies to leave out of a checkpoint are found from that sharing itself
+  (``named_parameters(remove_duplicate=False)``: the same object under several names; else the same storage), so
+  the checkpoint's tensor names equal the tracked names (``named_parameters()``, first name of each parameter) on
+  every release.
+* Evaluation metrics (:func:`evaluate_with_logged_metrics`). TRL < 1.5's ``GRPOTrainer.log`` builds a new dict with
+  its own metrics (``eval_reward``, ``eval_rewards/<f>/mean``) and logs that, so ``trainer.evaluate()`` returns the
+  metrics without them; the logged entry in ``state.log_history`` has them on every release. The entries an
+  evaluation appends are merged into what it returns (a metric present in both keeps the returned value).
+* Version guard (:func:`check_versions`): a release older than the lowest supported one is refused with the
+  supported range (its known failures include a wrong set of tensors in the written checkpoints); a newer one than
+  the newest tested is used with one warning.
+
+Imports only the standard library, torch, transformers (lazily) and :mod:`relex_callback.errors`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+import warnings
+from typing import Iterable, Optional
+
+from .errors import RelexInputError
+
+logger = logging.getLogger("relex_callback")
+
+# (lowest supported = the lowest tested, newest tested). Keep in step with setup.cfg, the Makefile and README.
+SUPPORTED = {
+    "transformers": ("4.57.6", "5.25.0"),
+    "trl": ("0.29.1", "1.16.0"),
+    "accelerate": ("1.10.0", "1.16.0"),
+}
+# Set to 1 to turn the refusal of an older release into a warning (at your own risk: results are untested there).
+ALLOW_ENV = "RELEX_ALLOW_UNSUPPORTED"
+
+
+# ------------------------------------------------------------------------------------------------------- versions
+def parse_version(v: str) -> tuple:
+    """``"4.57.6"`` -> ``(4, 57, 6)``; ``"5.0.0rc1"`` / ``"1.16.0.dev0"`` -> their numeric release part (a
+    pre-release compares equal to its release, which is what a range check of tested releases needs)."""
+    out = []
+    for part in str(v).split("+")[0].split("."):
+        m = re.match(r"\d+", part)
+        if not m:
+            break
+        out.append(int(m.group()))
+        if m.end() != len(part):
+            break
+    return tuple(out) + (0,) * (3 - len(out))
+
+
+def installed_version(package: str) -> Optional[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+def version_problems(versions: Optional[dict] = None) -> tuple[list[str], list[str]]:
+    """``(too_old, untested_newer)`` sentences for the installed (or given ``{package: version}``) releases."""
+    old, new = [], []
+    for pkg, (low, high) in SUPPORTED.items():
+        v = (versions or {}).get(pkg) if versions is not None else installed_version(pkg)
+        if v is None:
+            continue
+        if parse_version(v) < parse_version(low):
+            old.append(f"{pkg} {v} (supported: {low} to {high})")
+        elif parse_version(v) > parse_version(high):
+            new.append(f"{pkg} {v} (newest tested: {high})")
+    return old, new
+
+
+_WARNED_NEWER: set = set()
+
+
+def check_versions(packages: Iterable[str] = ("transformers", "accelerate"), versions: Optional[dict] = None):
+    """Refuse releases older than :data:`SUPPORTED` (``RelexInputError`` naming the range; ``RELEX_ALLOW_UNSUPPORTED=1``
+    makes it a warning), warn once about releases newer than the newest tested. ``packages``: those in use (``trl``
+    only when a TRL trainer runs)."""
+    old, new = version_problems(versions)
+    pkgs = tuple(packages)
+    old = [s for s in old if s.split()[0] in pkgs]
+    new = [s for s in new if s.split()[0] in pkgs and s not in _WARNED_NEWER]
+    if old:
+        msg = ("relex_callback supports " + ", ".join(f"{p} {SUPPORTED[p][0]} to {SUPPORTED[p][1]}" for p in pkgs)
+               + f"; installed: {', '.join(old)}. Upgrade, e.g. pip install -U "
+               + " ".join(f"'{s.split()[0]}>={SUPPORTED[s.split()[0]][0]}'" for s in old)
+               + " (older releases give a different set of tensors or metrics; see README, Compatibility)")
+        if os.environ.get(ALLOW_ENV) == "1":
+            warnings.warn(msg + f" [{ALLOW_ENV}=1: continuing untested]", stacklevel=3)
+            logger.warning("relex: %s [%s=1: continuing untested]", msg, ALLOW_ENV)
+        else:
+            raise RelexInputError(msg + f"; or set {ALLOW_ENV}=1 to run untested")
+    if new:
+        _WARNED_NEWER.update(new)
+        logger.warning("relex: untested newer release(s) %s; relex_callback was tested up to these (README, "
+                       "Compatibility). Report a failure with the versions.", ", ".join(new))
+
+
+def trl_in_use(trainer=None) -> bool:
+    """Whether TRL takes part: the trainer is a TRL class, or (no trainer known) trl has been imported."""
+    if trainer is not None:
+        return any(c.__module__.split(".")[0] == "trl" for c in type(trainer).__mro__)
+    return "trl" in sys.modules
+
+
+# --------------------------------------------------------------------------------------------------- tied weights
+def tied_copies(model, sd: Optional[dict] = None) -> set:
+    """Names of ``state_dict`` entries that are a tied copy of an earlier entry (``lm_head.weight`` of a model with
+    tied embeddings): the same ``Parameter`` / buffer object under a second name, or (a tensor in ``sd`` with
+    elements) the same storage, offset, shape and strides as an earlier entry. The first name of each shared tensor
+    is kept: the name ``named_parameters()`` gives it, i.e. the tracked name. The same on every transformers release
+    (4.x lists possibly-tied names in ``_tied_weights_keys`` even when untied; 5.x has ``all_tied_weights_keys``)."""
+    copies = set()
+    seen: dict = {}
+    if hasattr(model, "named_parameters"):
+        named = list(model.named_parameters(remove_duplicate=False))
+        named += list(model.named_buffers(remove_duplicate=False))
+        for n, t in named:
+            if id(t) in seen:
+                copies.add(n)
+            else:
+                seen[id(t)] = n
+    if sd is not None:
+        first: dict = {}
+        for k, t in sd.items():
+            if k in copies or not hasattr(t, "data_ptr") or t.numel() == 0 or t.device.type == "meta":
+                continue
+            try:
+                key = (str(t.device), t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype)
+            except Exception:  # a tensor subclass without plain storage (DTensor): its object identity counted above
+                continue
+            if key in first:
+                copies.add(k)
+            else:
+                first[key] = k
+        copies &= set(sd)
+    return copies
+
+
+def declared_tied_keys(model) -> set:
+    """What the model itself declares as tied copies, for comparison only (the tests pin :func:`tied_copies` against
+    it): 5.x ``all_tied_weights_keys``; 4.x ``_tied_weights_keys`` when ``config.tie_word_embeddings`` is on."""
+    keys = getattr(model, "all_tied_weights_keys", None)
+    if keys is not None:
+        return set(keys)
+    cfg = getattr(model, "config", None)
+    if cfg is not None and getattr(cfg, "tie_word_embeddings", False):
+        return set(getattr(model, "_tied_weights_keys", None) or ())
+    return set()
+
+
+# ---------------------------------------------------------------------------------------------- evaluation metrics
+def evaluate_with_logged_metrics(trainer) -> dict:
+    """``trainer.evaluate()``, plus the ``eval_*`` metrics the trainer logged during the call but did not return
+    (TRL < 1.5's ``GRPOTrainer.log`` logs a new dict holding ``eval_reward`` and ``eval_rewards/<f>/mean``).
+    A returned metric is never replaced."""
+    history = trainer.state.log_history
+    start = len(history)
+    metrics = dict(trainer.evaluate())
+    for entry in history[start:]:
+        if isinstance(entry, dict):
+            for k, v in entry.items():
+                if k.startswith("eval_") and k not in metrics:
+                    metrics[k] = v
+    return metrics
