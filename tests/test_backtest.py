@@ -18,7 +18,7 @@ from relex_callback.trajectory.store import TrajectoryStore
 from relex_callback.params import TensorSpec
 from relex_callback.core.solver import solve
 
-from helpers import arena_specs
+from helpers import U32, arena_specs
 
 METHODS = ["gram", "power"]
 
@@ -90,10 +90,14 @@ def test_exact_linear_rank1_is_predicted_exactly(method):
     assert bt.reason is None
     assert bt.fit_steps == [s for s in steps if s <= 20] and bt.predicted_step == 40
     assert bt.predicted_steps == [s for s in steps if s > 20]
-    assert abs(bt.cosine_global - 1) < 1e-6 and abs(bt.norm_ratio_global - 1) < 1e-6
+    # cosines are second order in the float32 solve's error (1 - cos ~ theta^2 / 2: 1e-6 is ample); norm ratios are
+    # first order: |ratio - 1| <= ||dG|| / sigma_1^2 <= sqrt(n) u for an exactly rank-1 path (tests/helpers.py), with
+    # n = 1000 the largest tensor here: 2x that
+    ratio_tol = 2 * math.sqrt(1000) * U32
+    assert abs(bt.cosine_global - 1) < 1e-6 and abs(bt.norm_ratio_global - 1) < ratio_tol
     assert abs(bt.direction_cosine - 1) < 1e-6
     assert bt.relative_error_global < 2e-3  # sqrt of a float32-accumulated cancellation: ~sqrt(1e-7)
-    assert (bt.cosine - 1).abs().max() < 1e-6 and (bt.norm_ratio - 1).abs().max() < 1e-6
+    assert (bt.cosine - 1).abs().max() < 1e-6 and (bt.norm_ratio - 1).abs().max() < ratio_tol
     assert (bt.by_step["cosine"] - 1).abs().max() < 1e-6
 
 
