@@ -49,7 +49,7 @@ venv: $(VENV)/.installed
 	.venv-$*/bin/python -m pip install -q -e ".[test,plot]" $(PINS_$*)
 	touch $@
 
-test-compat-%: .venv-%/.installed
+test-compat-low test-compat-new: test-compat-%: .venv-%/.installed
 	OMP_NUM_THREADS=1 .venv-$*/bin/python -m pytest -q -ra -p no:cacheprovider -m "not slow" $(COMPAT_TESTS)
 
 .PRECIOUS: .venv-%/.installed
