@@ -23,12 +23,13 @@ def build_tokenizer():
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
     tok.decoder = decoders.Fuse()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>",
-        # as a causal LM's tokenizer: no token_type_ids (transformers 4.x's default adds them; TRL <= 0.29 would pass
-        # them to generate(), which Qwen2 refuses)
-        model_input_names=["input_ids", "attention_mask"],
-    )
+    special = dict(pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, **special)
+    if "token_type_ids" in fast.model_input_names:  # transformers 4.x's default; a causal LM's tokenizer has none
+        # (TRL <= 0.29 passes them to generate(), which Qwen2 refuses). Given to the constructor, so that it is saved
+        # with the tokenizer and a reloaded one has none either; on 5.x nothing changes (saved as before).
+        names = [n for n in fast.model_input_names if n != "token_type_ids"]
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, model_input_names=names, **special)
     fast.padding_side = "left"
     return fast
 
