@@ -21,7 +21,8 @@ number, so a release in between (or a backport) gets the behaviour it actually h
   supported range (its known failures include a wrong set of tensors in the written checkpoints); a newer one than
   the newest tested is used with one warning.
 
-Imports only the standard library, torch, transformers (lazily) and :mod:`relex_callback.errors`.
+Ground floor: imports only the standard library and :mod:`relex_callback.errors` (it reads torch and transformers
+objects it is handed, and package versions from their metadata, without importing either).
 """
 
 from __future__ import annotations
