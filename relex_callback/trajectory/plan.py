@@ -286,7 +286,40 @@ def plan_memory(
     Returns:
         :class:`MemoryPlan`.
     """
-    # ----------------------------------------------------------------------------------------- inputs
+    mode, local, dt, pdt, D, total, piece = _plan_inputs(
+        window=window, elements=elements, shapes=shapes, mode=mode, world_size=world_size,
+        local_world_size=local_world_size, dtype=dtype, param_dtype=param_dtype, fold_rank=fold_rank, storage=storage,
+        use_vllm=use_vllm, vllm_mode=vllm_mode, vllm_gpu_memory_utilization=vllm_gpu_memory_utilization,
+        gpu_headroom=gpu_headroom, host_fraction=host_fraction)
+    item = ITEMSIZE[dt]
+    row = D * item
+    exact = window * row
+    theta0 = D * ITEMSIZE[pdt]
+    scratch = min(SNAPSHOT_CHUNK_DEVICE, piece) * 4 if cuda else 0
+    device_fixed = theta0 + scratch
+    staging = row if cuda else 0
+    notes = []
+    claims, tiers = _plan_budgets(
+        notes, window=window, mode=mode, world_size=world_size, local=local, total=total, row=row, exact=exact,
+        device_fixed=device_fixed, staging=staging, fold_rank=fold_rank, max_buffer_bytes=max_buffer_bytes,
+        gpu_memory=gpu_memory, trainer_gpu_bytes=trainer_gpu_bytes, use_vllm=use_vllm, vllm_mode=vllm_mode,
+        vllm_gpu_memory_utilization=vllm_gpu_memory_utilization, vllm_claimed=vllm_claimed,
+        gpu_headroom=gpu_headroom, host_memory=host_memory, host_fraction=host_fraction, disk_free=disk_free,
+        cuda=cuda)
+    tier, slots, folded, reason = _choose_storage(
+        tiers, storage=storage, window=window, local=local, row=row, exact=exact, fold_rank=fold_rank)
+    return MemoryPlan(
+        label=label, mode=mode, world_size=world_size, local_world_size=local, window=window, dtype=dt,
+        param_dtype=pdt, fold_rank=fold_rank, elements_total=total, elements=D, row_bytes=row, exact_bytes=exact,
+        theta0_bytes=theta0, device_fixed_bytes=device_fixed, staging_bytes=staging, gpu_memory=gpu_memory,
+        gpu_claims=claims, host_memory=host_memory, disk_free=disk_free, max_buffer_bytes=max_buffer_bytes,
+        tiers=tiers, storage=storage, tier=tier, slots=slots, folded=folded, reason=reason, notes=tuple(notes),
+    )
+
+
+def _plan_inputs(*, window, elements, shapes, mode, world_size, local_world_size, dtype, param_dtype, fold_rank,
+                 storage, use_vllm, vllm_mode, vllm_gpu_memory_utilization, gpu_headroom, host_fraction):
+    """Check plan_memory's inputs; return (mode, local, dtype, param dtype, elements D, total, largest piece)."""
     if mode not in MODES:
         raise RelexInputError(f"mode={mode!r} is not one of {list(MODES)}")
     if storage not in STORAGES:
@@ -323,16 +356,13 @@ def plan_memory(
         if isinstance(elements, bool) or not isinstance(elements, int) or elements < 1:
             raise RelexInputError(f"elements must be a whole number >= 1, got {elements!r}")
         D, total, piece = elements, elements * world_size, elements  # total: an upper bound from the largest share
-    item = ITEMSIZE[dt]
-    row = D * item
-    exact = window * row
-    theta0 = D * ITEMSIZE[pdt]
-    scratch = min(SNAPSHOT_CHUNK_DEVICE, piece) * 4 if cuda else 0
-    device_fixed = theta0 + scratch
-    staging = row if cuda else 0
-    notes = []
+    return mode, local, dt, pdt, D, total, piece
 
-    # ------------------------------------------------------------------------------------- budgets
+
+def _plan_budgets(notes, *, window, mode, world_size, local, total, row, exact, device_fixed, staging, fold_rank,
+                  max_buffer_bytes, gpu_memory, trainer_gpu_bytes, use_vllm, vllm_mode, vllm_gpu_memory_utilization,
+                  vllm_claimed, gpu_headroom, host_memory, host_fraction, disk_free, cuda):
+    """Budget each tier (device claims, host share, disk share) and what fits in it; return (claims, tiers)."""
     claims = {}
     tiers = {}
     if gpu_memory is not None and cuda:
@@ -370,8 +400,11 @@ def plan_memory(
         tiers[k] = TierPlan(t.tier, t.budget, t.note, fits, _fold_slots(t.budget, row, fold_rank, window, max_buffer_bytes))
     if capped:
         notes.append(f"max_buffer_bytes={format_bytes(max_buffer_bytes)} is below the exact window: the run folds")
+    return claims, tiers
 
-    # -------------------------------------------------------------------------------------- choice
+
+def _choose_storage(tiers, *, storage, window, local, row, exact, fold_rank):
+    """Choose the tier and ring (exact or folded) the window uses; return (tier, slots, folded, reason)."""
     f = format_bytes
     exact_txt = f"the exact window ({window} rows, {f(exact)} per process, {f(local * exact)} per node)"
 
@@ -416,13 +449,7 @@ def plan_memory(
             tier, slots = None, 0
             reason = (f"{storage} ({f(t.budget)} per process) holds neither {exact_txt} nor {fold_rank}+1 folded rows "
                       f"({f((fold_rank + 1) * row)}); choose another storage")
-    return MemoryPlan(
-        label=label, mode=mode, world_size=world_size, local_world_size=local, window=window, dtype=dt,
-        param_dtype=pdt, fold_rank=fold_rank, elements_total=total, elements=D, row_bytes=row, exact_bytes=exact,
-        theta0_bytes=theta0, device_fixed_bytes=device_fixed, staging_bytes=staging, gpu_memory=gpu_memory,
-        gpu_claims=claims, host_memory=host_memory, disk_free=disk_free, max_buffer_bytes=max_buffer_bytes,
-        tiers=tiers, storage=storage, tier=tier, slots=slots, folded=folded, reason=reason, notes=tuple(notes),
-    )
+    return tier, slots, folded, reason
 
 
 # ------------------------------------------------------------------------------------------ model configs
