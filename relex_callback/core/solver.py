@@ -236,84 +236,22 @@ def solve(
     offsets = [s.offset for s in specs]
     numels = [s.local_numel for s in specs]
     S = len(specs)
-    if left is not None:
-        if left.shape[1] != len(steps) or left.shape[2] != T:
-            raise ValueError(f"left factors {tuple(left.shape)} do not match {len(steps)} steps and {T} rows")
-        method = "gram-folded"  # the Gram path through the left factors
-    else:
-        if T != len(steps):
-            raise ValueError(f"{T} rows but {len(steps)} steps")
-        if method == "auto":
-            method = default_method(M.device, rank, reduce is not None, T)
-        if method not in ("gram", "power"):
-            raise ValueError(f"unknown method {method!r}")
-        if method == "power" and (rank > 1 or reduce is not None):
-            method = "gram"
+    method = _solve_method(M, steps, left, method, rank, reduce)
     steps_t, mask = _fit_steps(steps, fit_start)
     names = [sp.name for sp in specs]
-    if fit == "auto" and (backtest is None or backtest is False):
-        backtest = True  # the family is chosen by the backtest
-    bt = None
-    bt_rows = None
-    if backtest is not None and backtest is not False:
-        bt_rows = resolve_fit_rows(steps, backtest)
-        reason = _check_fit_rows(steps, bt_rows)
-        if reason:
-            bt, bt_rows = _skipped(names, list(steps), bt_rows, reason), None
+    backtest, bt, bt_rows = _backtest_rows(steps, names, fit, backtest)
     V = torch.zeros(rank, D, dtype=out_dtype or M.dtype, device=M.device)
     seg_bytes = T * sum(numels) * M.element_size()
     secs = {}
     t0 = time.perf_counter()
     fallbacks = 0
     if method != "power":
-        sigma, U, X, _, G = factor_left(M, left, specs, rank, reduce=reduce)
-        row_sq = torch.diagonal(G, dim1=1, dim2=2)
-        if folded_sq is None:
-            total = row_sq.sum(-1).clamp_min(0)
-        else:
-            total = folded_sq.double() + row_sq[:, folded_steps:].sum(-1).clamp_min(0)
-        last_sq = G[:, -1, -1].clamp_min(0)
-        secs["gram"] = time.perf_counter() - t0
-        if left is None:
-            noise_in = (torch.diagonal(G, dim1=1, dim2=2), torch.diagonal(G, offset=-1, dim1=1, dim2=2), G[:, :, -1])
-        else:
-            noise_in = "not computed on a folded window (its folded steps keep only rank r, which hides the noise)"
-        if bt_rows is not None:
-            t1 = time.perf_counter()
-            bt = backtest_from_gram(G, steps, backtest, fit_start=fit_start, names=names, lam=sigma[:, 0] ** 2,
-                                    u=U[:, :, 0])
-            secs["backtest"] = time.perf_counter() - t1
-        passes = float(S > 0)
+        sigma, U, X, total, last_sq, bt, passes, noise_in = _solve_gram(
+            M, steps, specs, left, rank, reduce, folded_sq, folded_steps, backtest, bt, bt_rows, fit_start, names,
+            secs, t0)
     else:
-        p = bt_rows if bt_rows is not None else 0
-        lam, U, diag, todo, passes, bt_in, noise_in = _power_eigs(M, offsets, numels, max_iter=max_iter, tol=tol,
-                                                                  fit_rows=p, fit_tol=BACKTEST_TOL_FACTOR * tol)
-        total, last_sq = diag.sum(-1), diag[:, -1]
-        fallbacks = len(todo)
-        need = sorted(set(todo) | set(bt_in[3] if bt_in else ()))
-        if need:
-            sub_o = [offsets[i] for i in need]
-            sub_n = [numels[i] for i in need]
-            G_f = kernels.gram(M, sub_o, sub_n).double().cpu()
-            idx = torch.tensor(need)
-            if todo:
-                sel = [need.index(i) for i in todo]
-                lam_f, U_f = _top_eigenpairs(G_f[sel], 1)
-                lam[torch.tensor(todo)] = lam_f
-                U[torch.tensor(todo)] = U_f  # total and last_sq came with the first Krylov pass
-            if bt_in:  # the backtest's inputs of these segments from their Gram (the same figures)
-                lam_P, u_P, g_P, _ = bt_in
-                lp, up = _top_eigenpairs(G_f[:, :p, :p], 1)
-                lam_P[idx], u_P[idx] = lp[:, 0], up[:, :, 0]
-                g_P[idx] = (G_f[:, :, :p] @ up)[:, :, 0]
-            passes += T * sum(sub_n) * M.element_size() / max(seg_bytes, 1)
-        sigma, U, X = _directions(lam, U, rank)
-        secs["power"] = time.perf_counter() - t0
-        if bt_in:
-            t1 = time.perf_counter()
-            bt = backtest_from_projections(bt_in[0], bt_in[1], bt_in[2], diag, sigma[:, 0] ** 2, U[:, :, 0], steps,
-                                           fit_start=fit_start, names=names)
-            secs["backtest"] = time.perf_counter() - t1
+        sigma, U, X, total, last_sq, bt, passes, fallbacks, noise_in = _solve_power(
+            M, steps, offsets, numels, rank, max_iter, tol, bt, bt_rows, fit_start, names, seg_bytes, secs, t0)
     t2 = time.perf_counter()
     kernels.project(M, offsets, numels, X, V)
     secs["direction"] = time.perf_counter() - t2
@@ -331,6 +269,100 @@ def solve(
         fallbacks=fallbacks, bytes_read=int(round(passes * seg_bytes)), backtest=bt, curve=curve, selection=selection,
         noise=noise_in,
     )
+
+
+def _solve_method(M, steps, left, method, rank, reduce):
+    """Check the arena against the steps (or the left factors) and resolve the method solve uses."""
+    T = M.shape[0]
+    if left is not None:
+        if left.shape[1] != len(steps) or left.shape[2] != T:
+            raise ValueError(f"left factors {tuple(left.shape)} do not match {len(steps)} steps and {T} rows")
+        method = "gram-folded"  # the Gram path through the left factors
+    else:
+        if T != len(steps):
+            raise ValueError(f"{T} rows but {len(steps)} steps")
+        if method == "auto":
+            method = default_method(M.device, rank, reduce is not None, T)
+        if method not in ("gram", "power"):
+            raise ValueError(f"unknown method {method!r}")
+        if method == "power" and (rank > 1 or reduce is not None):
+            method = "gram"
+    return method
+
+
+def _backtest_rows(steps, names, fit, backtest):
+    """Resolve the backtest's fit rows; return (backtest, skipped result or None, fit rows or None)."""
+    if fit == "auto" and (backtest is None or backtest is False):
+        backtest = True  # the family is chosen by the backtest
+    bt = None
+    bt_rows = None
+    if backtest is not None and backtest is not False:
+        bt_rows = resolve_fit_rows(steps, backtest)
+        reason = _check_fit_rows(steps, bt_rows)
+        if reason:
+            bt, bt_rows = _skipped(names, list(steps), bt_rows, reason), None
+    return backtest, bt, bt_rows
+
+
+def _solve_gram(M, steps, specs, left, rank, reduce, folded_sq, folded_steps, backtest, bt, bt_rows, fit_start, names,
+                secs, t0):
+    """The Gram paths (plain or folded): directions, norms, the drift share's inputs and backtest from the Gram
+    matrices."""
+    S = len(specs)
+    sigma, U, X, _, G = factor_left(M, left, specs, rank, reduce=reduce)
+    row_sq = torch.diagonal(G, dim1=1, dim2=2)
+    if folded_sq is None:
+        total = row_sq.sum(-1).clamp_min(0)
+    else:
+        total = folded_sq.double() + row_sq[:, folded_steps:].sum(-1).clamp_min(0)
+    last_sq = G[:, -1, -1].clamp_min(0)
+    secs["gram"] = time.perf_counter() - t0
+    if left is None:
+        noise_in = (torch.diagonal(G, dim1=1, dim2=2), torch.diagonal(G, offset=-1, dim1=1, dim2=2), G[:, :, -1])
+    else:
+        noise_in = "not computed on a folded window (its folded steps keep only rank r, which hides the noise)"
+    if bt_rows is not None:
+        t1 = time.perf_counter()
+        bt = backtest_from_gram(G, steps, backtest, fit_start=fit_start, names=names, lam=sigma[:, 0] ** 2,
+                                u=U[:, :, 0])
+        secs["backtest"] = time.perf_counter() - t1
+    passes = float(S > 0)
+    return sigma, U, X, total, last_sq, bt, passes, noise_in
+
+
+def _solve_power(M, steps, offsets, numels, rank, max_iter, tol, bt, bt_rows, fit_start, names, seg_bytes, secs, t0):
+    """The power path: Krylov eigenpairs per segment, the Gram fallback for the unconverged, the backtest."""
+    T = M.shape[0]
+    p = bt_rows if bt_rows is not None else 0
+    lam, U, diag, todo, passes, bt_in, noise_in = _power_eigs(M, offsets, numels, max_iter=max_iter, tol=tol,
+                                                              fit_rows=p, fit_tol=BACKTEST_TOL_FACTOR * tol)
+    total, last_sq = diag.sum(-1), diag[:, -1]
+    fallbacks = len(todo)
+    need = sorted(set(todo) | set(bt_in[3] if bt_in else ()))
+    if need:
+        sub_o = [offsets[i] for i in need]
+        sub_n = [numels[i] for i in need]
+        G_f = kernels.gram(M, sub_o, sub_n).double().cpu()
+        idx = torch.tensor(need)
+        if todo:
+            sel = [need.index(i) for i in todo]
+            lam_f, U_f = _top_eigenpairs(G_f[sel], 1)
+            lam[torch.tensor(todo)] = lam_f
+            U[torch.tensor(todo)] = U_f  # total and last_sq came with the first Krylov pass
+        if bt_in:  # the backtest's inputs of these segments from their Gram (the same figures)
+            lam_P, u_P, g_P, _ = bt_in
+            lp, up = _top_eigenpairs(G_f[:, :p, :p], 1)
+            lam_P[idx], u_P[idx] = lp[:, 0], up[:, :, 0]
+            g_P[idx] = (G_f[:, :, :p] @ up)[:, :, 0]
+        passes += T * sum(sub_n) * M.element_size() / max(seg_bytes, 1)
+    sigma, U, X = _directions(lam, U, rank)
+    secs["power"] = time.perf_counter() - t0
+    if bt_in:
+        t1 = time.perf_counter()
+        bt = backtest_from_projections(bt_in[0], bt_in[1], bt_in[2], diag, sigma[:, 0] ** 2, U[:, :, 0], steps,
+                                       fit_start=fit_start, names=names)
+        secs["backtest"] = time.perf_counter() - t1
+    return sigma, U, X, total, last_sq, bt, passes, fallbacks, noise_in
 
 
 def fit_curves(coeffs, steps_t, mask, bt, *, fit: str = "linear", fit_window: Optional[int] = None, degree: int = 2,
