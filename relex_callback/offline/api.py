@@ -204,6 +204,26 @@ def extrapolate_checkpoints(base: str, checkpoints: Sequence[str], horizons, out
         anything is written.
     """
     t_main = time.perf_counter()
+    cks, tcut, settings, streaming = _check_checkpoint_args(
+        base, checkpoints, horizons, out_dir, steps=steps, stride=stride, fit_start=fit_start, rank=rank, dtype=dtype,
+        device=device, storage=storage, solver=solver, max_shard_size=max_shard_size, overwrite=overwrite,
+        streaming=streaming, fit=fit, fit_window=fit_window, degree=degree)
+    src_base, names, sources, specs = _open_checkpoints(base, cks)
+    out = os.path.abspath(out_dir)
+    # the window as the pipeline sees it: tcut is the last checkpoint's step, the fit as asked (checked above)
+    window = dataclasses.replace(settings, tcut=tcut, rank=rank, fit_start=fit_start, overwrite=overwrite, fit=fit,
+                                 fit_window=fit_window, degree=degree)
+    if streaming:
+        return _extrapolate_streamed(base, cks, src_base, sources, names, settings, window, out, rank=rank,
+                                     memory_budget=memory_budget, progress=progress, timing=timing, t_main=t_main)
+    return _extrapolate_buffered(base, cks, src_base, sources, names, specs, settings, window, out, device=device,
+                                 progress=progress, timing=timing, t_main=t_main)
+
+
+def _check_checkpoint_args(base, checkpoints, horizons, out_dir, *, steps, stride, fit_start, rank, dtype, device,
+                           storage, solver, max_shard_size, overwrite, streaming, fit, fit_window, degree):
+    """Check extrapolate_checkpoints' arguments against the checkpoints found; return (cks, tcut, settings,
+    streaming)."""
     if device not in ("cpu", "cuda"):
         raise RelexInputError(f"--device {device!r} is not one of ['cpu', 'cuda']")
     cks = discover_checkpoints(checkpoints, steps, stride)
@@ -246,8 +266,12 @@ def extrapolate_checkpoints(base: str, checkpoints: Sequence[str], horizons, out
     elif streaming and not plain_line:
         raise RelexInputError("--streaming fits the line (the state is written group by group, before a fit family "
                               "could be chosen over every tensor); drop --fit/--fit-window, or pass --no-streaming")
+    return cks, tcut, settings, streaming
 
-    from ..trajectory.store import TrajectoryStore
+
+def _open_checkpoints(base, cks):
+    """Open the base and every checkpoint, check they hold the same tensors; return (src_base, names, sources,
+    specs)."""
     from ..params import TensorSpec
 
     src_base = DirectorySource(base)
@@ -262,25 +286,33 @@ def extrapolate_checkpoints(base: str, checkpoints: Sequence[str], horizons, out
         sources.append(src)
     specs = [TensorSpec(name=n, shape=src_base.meta[n][0], dtype=src_base.meta[n][1],
                         local_numel=math.prod(src_base.meta[n][0])) for n in names]
-    out = os.path.abspath(out_dir)
-    # the window as the pipeline sees it: tcut is the last checkpoint's step, the fit as asked (checked above)
-    window = dataclasses.replace(settings, tcut=tcut, rank=rank, fit_start=fit_start, overwrite=overwrite, fit=fit,
-                                 fit_window=fit_window, degree=degree)
-    if streaming:
-        from ..pipeline.streamed import DEFAULT_MEMORY_BUDGET, StreamedSolve
+    return src_base, names, sources, specs
 
-        t_checked = time.perf_counter()
-        streamed = StreamedSolve(src_base=src_base, sources=sources, cks=cks, names=names, dtype=settings.torch_dtype,
-                                 max_shard_size=settings.max_shard_size, rank=rank,
-                                 memory_budget=memory_budget or DEFAULT_MEMORY_BUDGET, progress=progress)
-        sol, report = finalize(streamed, streamed.writer, window, out_dir=out, base_hint=os.path.abspath(base),
-                               report_extra={"base": os.path.abspath(base), "checkpoints_read": [c.path for c in cks]})
-        phases = streamed.timings()
-        if timing:
-            print(f"relex: timing: header checks {t_checked - t_main:.2f} s, streaming "
-                  f"{time.perf_counter() - t_checked:.2f} s ({', '.join(f'{k} {v}' for k, v in phases.items())}); "
-                  f"peak RSS {_peak_rss() / 1e9:.2f} GB", file=sys.stderr)
-        return sol, report
+
+def _extrapolate_streamed(base, cks, src_base, sources, names, settings, window, out, *, rank, memory_budget, progress,
+                          timing, t_main):
+    """Solve and write tensor group by tensor group straight from the checkpoints (no trajectory buffer)."""
+    from ..pipeline.streamed import DEFAULT_MEMORY_BUDGET, StreamedSolve
+
+    t_checked = time.perf_counter()
+    streamed = StreamedSolve(src_base=src_base, sources=sources, cks=cks, names=names, dtype=settings.torch_dtype,
+                             max_shard_size=settings.max_shard_size, rank=rank,
+                             memory_budget=memory_budget or DEFAULT_MEMORY_BUDGET, progress=progress)
+    sol, report = finalize(streamed, streamed.writer, window, out_dir=out, base_hint=os.path.abspath(base),
+                           report_extra={"base": os.path.abspath(base), "checkpoints_read": [c.path for c in cks]})
+    phases = streamed.timings()
+    if timing:
+        print(f"relex: timing: header checks {t_checked - t_main:.2f} s, streaming "
+              f"{time.perf_counter() - t_checked:.2f} s ({', '.join(f'{k} {v}' for k, v in phases.items())}); "
+              f"peak RSS {_peak_rss() / 1e9:.2f} GB", file=sys.stderr)
+    return sol, report
+
+
+def _extrapolate_buffered(base, cks, src_base, sources, names, specs, settings, window, out, *, device, progress,
+                          timing, t_main):
+    """Read every checkpoint into a scratch trajectory buffer, solve and write it, remove the scratch."""
+    from ..trajectory.store import TrajectoryStore
+
     scratch = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.trajectory-{os.getpid()}")
     t_checked = time.perf_counter()
     store = TrajectoryStore(specs, len(cks), dtype=settings.dtype, storage=settings.storage,
