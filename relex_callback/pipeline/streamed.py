@@ -574,92 +574,127 @@ class StreamedSolve:
         from ..core import noise as _noise
         from ..core.backtest import backtest_from_gram
         from ..core.solver import Solution
-        from ..files.state import save_state
 
         T, steps, rank, fit_start = len(self.cks), self.steps, settings.rank, settings.fit_start
-        secs, arena = self.secs, self._arena()
+        arena = self._arena()
+        gspecs, col = self._group_specs(idx)
+        S = len(idx)
+        G = torch.zeros(S, T, T, dtype=torch.float64)
+        V = torch.zeros(rank, col, dtype=self.dtype)
+        io = (arena, readers, base_reader)
+        if resident:
+            fitted, theta0 = self._solve_resident(io, gspecs, col, G, V, rank, fit_start)
+        else:
+            fitted, theta0 = self._solve_chunked(io, gspecs[0], G, V, rank, fit_start)
+        sigma, U, X, coeffs, slope, intercept, r2, total, last_sq = fitted
+        sol = Solution(specs=gspecs, steps=steps, fit_start=fit_start, rank=rank, sigma=sigma, coeffs=coeffs,
+                       slope=slope, intercept=intercept, r2=r2, total=total, last_sq=last_sq, V=V, method="gram")
+        # refused before anything is written (the state is committed only after every group passed)
+        check_horizons_fit(sol, horizons)
+        self._save_group_state(gi, sol, gspecs, theta0, fp_mapped)
+        sol.V = None
+        bt = backtest_from_gram(G, steps, True, fit_start=fit_start, names=[x.name for x in gspecs])
+        sol.noise = _noise.safe(_noise.drift_share, G, steps, coeffs=sol.coeffs[:, 0, :], names=[x.name for x in gspecs])
+        return sol, bt, col
 
-        def read_block(cols_of, width, s=0):
-            """Rows 0..T-1: the deltas; row T: theta_0, for columns laid out by ``cols_of`` [(name, col, count)].
-            Each checkpoint's slice is read in cache-sized pieces and theta_0 subtracted while the piece is in
-            cache."""
-            ta = time.perf_counter()
-            block = arena[: (T + 1) * width].view(T + 1, width)
-            th = block[T]
-            for n, c, k in cols_of:
-                base_reader.read(n, th[c: c + k], s)
-                for t, rd in enumerate(readers):
-                    row = block[t]
-                    for a in range(0, k, SUB_PIECE):
-                        p = min(SUB_PIECE, k - a)
-                        piece = row[c + a: c + a + p]
-                        rd.read(n, piece, s + a)
-                        piece.sub_(th[c + a: c + a + p])
-            self.bytes_read += (T + 1) * width * 4
-            secs["read"] += time.perf_counter() - ta
-            return block
+    def _read_block(self, io, cols_of, width, s=0):
+        """Rows 0..T-1: the deltas; row T: theta_0, for columns laid out by ``cols_of`` [(name, col, count)].
+        Each checkpoint's slice is read in cache-sized pieces and theta_0 subtracted while the piece is in
+        cache."""
+        arena, readers, base_reader = io
+        T = len(self.cks)
+        ta = time.perf_counter()
+        block = arena[: (T + 1) * width].view(T + 1, width)
+        th = block[T]
+        for n, c, k in cols_of:
+            base_reader.read(n, th[c: c + k], s)
+            for t, rd in enumerate(readers):
+                row = block[t]
+                for a in range(0, k, SUB_PIECE):
+                    p = min(SUB_PIECE, k - a)
+                    piece = row[c + a: c + a + p]
+                    rd.read(n, piece, s + a)
+                    piece.sub_(th[c + a: c + a + p])
+        self.bytes_read += (T + 1) * width * 4
+        self.secs["read"] += time.perf_counter() - ta
+        return block
 
-        def check_finite(G, gnames):
-            d = torch.diagonal(G, dim1=-2, dim2=-1)
-            if bool(torch.isfinite(d).all()):
-                return
-            from ..files.checkpoints import nonfinite_base
+    def _check_finite(self, io, G, gnames):
+        """Refuse a group whose Gram diagonal is not finite, naming the base or the first checkpoint at fault."""
+        _, readers, base_reader = io
+        d = torch.diagonal(G, dim1=-2, dim2=-1)
+        if bool(torch.isfinite(d).all()):
+            return
+        from ..files.checkpoints import nonfinite_base
 
-            nonfinite_base(self.src_base, self.src_base.path, self.names)  # a NaN in theta_0 is the base's
-            ck, bad = _first_nonfinite(readers, self.cks, self.names, self.numels, base_reader)
-            if ck is None:  # Inf products of finite values: deltas beyond float32's square root
-                raise RelexInputError(f"weight deltas of {gnames[0]} are too large to square in float32 (beyond "
-                                      "1e19); the checkpoints are not a training run of the base")
-            raise RelexInputError(
-                f"{ck.path}: non-finite weight delta at step {ck.step} in {len(bad)} tensor(s): {', '.join(bad[:5])}"
-                + (" ..." if len(bad) > 5 else "")
-                + "; the step was not recorded (the training run diverged or overflowed); leave this checkpoint (and "
-                "later ones) out of --checkpoints")
+        nonfinite_base(self.src_base, self.src_base.path, self.names)  # a NaN in theta_0 is the base's
+        ck, bad = _first_nonfinite(readers, self.cks, self.names, self.numels, base_reader)
+        if ck is None:  # Inf products of finite values: deltas beyond float32's square root
+            raise RelexInputError(f"weight deltas of {gnames[0]} are too large to square in float32 (beyond "
+                                  "1e19); the checkpoints are not a training run of the base")
+        raise RelexInputError(
+            f"{ck.path}: non-finite weight delta at step {ck.step} in {len(bad)} tensor(s): {', '.join(bad[:5])}"
+            + (" ..." if len(bad) > 5 else "")
+            + "; the step was not recorded (the training run diverged or overflowed); leave this checkpoint (and "
+            "later ones) out of --checkpoints")
 
+    def _group_specs(self, idx):
+        """The group's tensors laid out side by side in one block; return (specs with block offsets, columns)."""
         gspecs, col = [], 0
         for i in idx:
             s = self.specs[i]
             gspecs.append(TensorSpec(name=s.name, shape=s.shape, dtype=s.dtype, local_numel=s.local_numel, offset=col))
             col += s.local_numel
-        S = len(idx)
-        G = torch.zeros(S, T, T, dtype=torch.float64)
-        V = torch.zeros(rank, col, dtype=self.dtype)
-        if resident:
-            block = read_block([(s.name, s.offset, s.local_numel) for s in gspecs], col)
+        return gspecs, col
+
+    def _solve_resident(self, io, gspecs, col, G, V, rank, fit_start):
+        """A group whose block fits the budget: one read, its Grams, eigenpairs and directions into ``V``; return
+        (the fit, theta_0 of the group)."""
+        T, secs = len(self.cks), self.secs
+        S = len(gspecs)
+        block = self._read_block(io, [(s.name, s.offset, s.local_numel) for s in gspecs], col)
+        tg = time.perf_counter()
+        for j, s in enumerate(gspecs):
+            _gram_into(G[j], block[:T, s.offset: s.offset + s.local_numel])
+        secs["gram"] += time.perf_counter() - tg
+        self._check_finite(io, G, [s.name for s in gspecs])
+        fitted = solve_grams(G, self.steps, rank, fit_start)
+        X = fitted[2]
+        td = time.perf_counter()
+        for j, s in enumerate(gspecs):
+            V[:, s.offset: s.offset + s.local_numel] = X[j].T @ block[:T, s.offset: s.offset + s.local_numel]
+        secs["direction"] += time.perf_counter() - td
+        theta0 = block[T].clone() if S else None  # the fingerprints (the arena is reused by the next group)
+        return fitted, theta0
+
+    def _solve_chunked(self, io, s, G, V, rank, fit_start):
+        """One tensor too large for the budget: its Gram over column chunks, eigenpairs, then a second read for its
+        directions into ``V``; return (the fit, None: theta_0 is read back from the base)."""
+        T, secs = len(self.cks), self.secs
+        n = s.local_numel
+        width = max(1, self.memory_budget // (4 * (T + 1)))
+        for a in range(0, n, width):
+            k = min(width, n - a)
+            block = self._read_block(io, [(s.name, 0, k)], k, a)
             tg = time.perf_counter()
-            for j, s in enumerate(gspecs):
-                _gram_into(G[j], block[:T, s.offset: s.offset + s.local_numel])
+            _gram_into(G[0], block[:T])
             secs["gram"] += time.perf_counter() - tg
-            check_finite(G, [s.name for s in gspecs])
-            sigma, U, X, coeffs, slope, intercept, r2, total, last_sq = solve_grams(G, steps, rank, fit_start)
+        self._check_finite(io, G, [s.name])
+        fitted = solve_grams(G, self.steps, rank, fit_start)
+        X = fitted[2]
+        for a in range(0, n, width):
+            k = min(width, n - a)
+            block = self._read_block(io, [(s.name, 0, k)], k, a)
             td = time.perf_counter()
-            for j, s in enumerate(gspecs):
-                V[:, s.offset: s.offset + s.local_numel] = X[j].T @ block[:T, s.offset: s.offset + s.local_numel]
+            V[:, a: a + k] = X[0].T @ block[:T]
             secs["direction"] += time.perf_counter() - td
-            theta0 = block[T].clone() if S else None  # the fingerprints (the arena is reused by the next group)
-        else:
-            s = gspecs[0]
-            n = s.local_numel
-            width = max(1, self.memory_budget // (4 * (T + 1)))
-            for a in range(0, n, width):
-                k = min(width, n - a)
-                block = read_block([(s.name, 0, k)], k, a)
-                tg = time.perf_counter()
-                _gram_into(G[0], block[:T])
-                secs["gram"] += time.perf_counter() - tg
-            check_finite(G, [s.name])
-            sigma, U, X, coeffs, slope, intercept, r2, total, last_sq = solve_grams(G, steps, rank, fit_start)
-            for a in range(0, n, width):
-                k = min(width, n - a)
-                block = read_block([(s.name, 0, k)], k, a)
-                td = time.perf_counter()
-                V[:, a: a + k] = X[0].T @ block[:T]
-                secs["direction"] += time.perf_counter() - td
-            theta0 = None  # read back from the base by the fingerprint (memory-mapped)
-        sol = Solution(specs=gspecs, steps=steps, fit_start=fit_start, rank=rank, sigma=sigma, coeffs=coeffs,
-                       slope=slope, intercept=intercept, r2=r2, total=total, last_sq=last_sq, V=V, method="gram")
-        # refused before anything is written (the state is committed only after every group passed)
-        check_horizons_fit(sol, horizons)
+        return fitted, None  # theta_0 read back from the base by the fingerprint (memory-mapped)
+
+    def _save_group_state(self, gi, sol, gspecs, theta0, fp_mapped):
+        """Write the group's part of the state file in the scratch directory (a failed write: RelexWriteError)."""
+        from ..files.state import save_state
+
+        steps, secs = self.steps, self.secs
         ts = time.perf_counter()
         part = os.path.join(self.writer.scratch, f"part-{gi:05d}.safetensors")
         if theta0 is not None:
@@ -676,10 +711,6 @@ class StreamedSolve:
             ) from e.__cause__
         secs["state_parts"] += time.perf_counter() - ts
         self.writer.part_files.append(part)
-        sol.V = None
-        bt = backtest_from_gram(G, steps, True, fit_start=fit_start, names=[x.name for x in gspecs])
-        sol.noise = _noise.safe(_noise.drift_share, G, steps, coeffs=sol.coeffs[:, 0, :], names=[x.name for x in gspecs])
-        return sol, bt, col
 
     def _arena(self) -> torch.Tensor:
         if getattr(self, "_arena_t", None) is None:
