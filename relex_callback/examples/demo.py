@@ -170,28 +170,12 @@ def plot_tiny(result: dict, path: str) -> bool:
 # ------------------------------------------------------------------------------------------------- real model
 def run_real(args) -> dict:
     """SmolLM2-135M-Instruct: GRPO in validation mode to the largest horizon, then every checkpoint evaluated."""
-    import logging
-
-    from datasets import Dataset
-    from tqdm.auto import tqdm
-    from transformers.utils import logging as hf_logging
-    from trl import GRPOConfig, GRPOTrainer
-
-    from ..trainer.callback import RelexCallback
     from relex_callback.examples import real_model as rm
 
     why = rm.missing_requirements()
     if why:
         raise SystemExit(f"demo: {why}; or run the tiny model: python -m relex_callback.examples.demo --quick")
-    relex_dir = os.path.join(args.out, "relex")
-    cb = RelexCallback(tcut=args.tcut, horizons=args.horizons, stop_training=False, overwrite=True, output_dir=relex_dir,
-                       evaluate_horizons=args.select > 0)
-    horizons = sorted(cb.horizons)
-    torch.set_num_threads(args.threads)
-    if not args.verbose:
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-        logging.getLogger("relex_callback").setLevel(logging.WARNING)
+    cb, relex_dir, horizons = _real_callback(args)
     os.makedirs(args.out, exist_ok=True)
     t_start = time.perf_counter()
 
@@ -204,55 +188,8 @@ def run_real(args) -> dict:
                                     tokenizer=tok)
     train, select = train[:n_train], train[n_train:]  # the scoring set: never trained on, not the held-out set
     real_dir = os.path.join(args.out, "real")
-    steps_saved = {args.tcut, *horizons}
-    saver = rm.SaveAtSteps(save_steps=steps_saved, save_dir=real_dir, tokenizer=tok)
-
-    print(f"[2/3] GRPO: {args.prompts} prompts x {args.generations} completions per step, lr {args.lr:g}, "
-          f"temperature {args.temperature}, to step {max(horizons)}; RELEX window: steps 1..{args.tcut}", flush=True)
-    grpo_args = GRPOConfig(
-        output_dir=os.path.join(args.out, "trainer"), per_device_train_batch_size=args.prompts * args.generations,
-        num_generations=args.generations, max_completion_length=args.max_new_tokens, learning_rate=args.lr,
-        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_steps=max(horizons),
-        temperature=args.temperature, beta=0.0, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
-        bf16=False, seed=args.seed, data_seed=args.seed, disable_tqdm=not args.verbose, dataloader_num_workers=0,
-        per_device_eval_batch_size=args.prompts * args.generations,
-    )
-    callbacks = [cb, saver] + ([] if args.verbose else [rm.StepBar("  training")])
-    trainer = GRPOTrainer(model=model, reward_funcs=rm.sum_reward, args=grpo_args,
-                          train_dataset=Dataset.from_list(train), processing_class=tok, callbacks=callbacks,
-                          eval_dataset=Dataset.from_list(select) if select else None)
-    if not args.verbose:  # with disable_tqdm the Trainer prints every step's log dict; the bar shows the reward
-        from transformers.trainer_callback import PrinterCallback
-
-        trainer.remove_callback(PrinterCallback)
-    t = time.perf_counter()
-    trainer.train()
-    t_grpo = time.perf_counter() - t
-    rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
-    del trainer
-
-    jobs = [("base", 0, base_dir), (f"real step {args.tcut} (tcut)", args.tcut, os.path.join(real_dir, f"step-{args.tcut}"))]
-    for h in horizons:
-        jobs += [(f"RELEX step-{h}", h, os.path.join(relex_dir, f"step-{h}")),
-                 (f"real step {h}", h, os.path.join(real_dir, f"step-{h}")),
-                 (f"naive step-{h}", h, None)]
-    print(f"[3/3] evaluating {len(jobs)} checkpoints on {len(test)} held-out sums (greedy)", flush=True)
-    theta0 = rm.flat_params(model)
-    names = set(theta0)
-    theta_tcut = None
-    rows = []
-    t = time.perf_counter()
-    for name, step, path in tqdm(jobs, desc="  evaluating", unit="ckpt", dynamic_ncols=True):
-        if path is None:
-            w = rm.naive_weights(theta0, theta_tcut, step, args.tcut)
-        else:
-            w = rm.read_checkpoint_weights(path, names)
-        if step == args.tcut and name.startswith("real"):
-            theta_tcut = w
-        rm.load_weights(model, w)
-        rows.append({"model": name, "step": step, "held_out": rm.greedy_accuracy(model, tok, test,
-                                                                                max_new_tokens=args.max_new_tokens)})
-    t_eval = time.perf_counter() - t
+    t_grpo, rewards = _real_grpo(args, rm, cb, horizons, model, tok, train, select, real_dir)
+    rows, t_eval = _real_evaluate(args, rm, horizons, model, tok, test, base_dir, real_dir, relex_dir)
     rep = cb.report or {}
     per_step = t_grpo / max(horizons)
     result = {
@@ -280,6 +217,89 @@ def run_real(args) -> dict:
     with open(os.path.join(args.out, "demo.json"), "w") as f:
         json.dump(result, f, indent=1)
     return result
+
+
+def _real_callback(args):
+    """The validation-mode RelexCallback of the real demo, threads and log levels; return (cb, its dir, horizons)."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    from ..trainer.callback import RelexCallback
+
+    relex_dir = os.path.join(args.out, "relex")
+    cb = RelexCallback(tcut=args.tcut, horizons=args.horizons, stop_training=False, overwrite=True, output_dir=relex_dir,
+                       evaluate_horizons=args.select > 0)
+    horizons = sorted(cb.horizons)
+    torch.set_num_threads(args.threads)
+    if not args.verbose:
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        logging.getLogger("relex_callback").setLevel(logging.WARNING)
+    return cb, relex_dir, horizons
+
+
+def _real_grpo(args, rm, cb, horizons, model, tok, train, select, real_dir):
+    """Step 2/3: GRPO to the largest horizon, saving the real checkpoints; return (seconds, the logged rewards)."""
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    steps_saved = {args.tcut, *horizons}
+    saver = rm.SaveAtSteps(save_steps=steps_saved, save_dir=real_dir, tokenizer=tok)
+
+    print(f"[2/3] GRPO: {args.prompts} prompts x {args.generations} completions per step, lr {args.lr:g}, "
+          f"temperature {args.temperature}, to step {max(horizons)}; RELEX window: steps 1..{args.tcut}", flush=True)
+    grpo_args = GRPOConfig(
+        output_dir=os.path.join(args.out, "trainer"), per_device_train_batch_size=args.prompts * args.generations,
+        num_generations=args.generations, max_completion_length=args.max_new_tokens, learning_rate=args.lr,
+        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_steps=max(horizons),
+        temperature=args.temperature, beta=0.0, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
+        bf16=False, seed=args.seed, data_seed=args.seed, disable_tqdm=not args.verbose, dataloader_num_workers=0,
+        per_device_eval_batch_size=args.prompts * args.generations,
+    )
+    callbacks = [cb, saver] + ([] if args.verbose else [rm.StepBar("  training")])
+    trainer = GRPOTrainer(model=model, reward_funcs=rm.sum_reward, args=grpo_args,
+                          train_dataset=Dataset.from_list(train), processing_class=tok, callbacks=callbacks,
+                          eval_dataset=Dataset.from_list(select) if select else None)
+    if not args.verbose:  # with disable_tqdm the Trainer prints every step's log dict; the bar shows the reward
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
+    t = time.perf_counter()
+    trainer.train()
+    t_grpo = time.perf_counter() - t
+    rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
+    del trainer
+    return t_grpo, rewards
+
+
+def _real_evaluate(args, rm, horizons, model, tok, test, base_dir, real_dir, relex_dir):
+    """Step 3/3: greedy held-out accuracy of the base, real, RELEX and naive checkpoints; return (rows, seconds)."""
+    from tqdm.auto import tqdm
+
+    jobs = [("base", 0, base_dir), (f"real step {args.tcut} (tcut)", args.tcut, os.path.join(real_dir, f"step-{args.tcut}"))]
+    for h in horizons:
+        jobs += [(f"RELEX step-{h}", h, os.path.join(relex_dir, f"step-{h}")),
+                 (f"real step {h}", h, os.path.join(real_dir, f"step-{h}")),
+                 (f"naive step-{h}", h, None)]
+    print(f"[3/3] evaluating {len(jobs)} checkpoints on {len(test)} held-out sums (greedy)", flush=True)
+    theta0 = rm.flat_params(model)
+    names = set(theta0)
+    theta_tcut = None
+    rows = []
+    t = time.perf_counter()
+    for name, step, path in tqdm(jobs, desc="  evaluating", unit="ckpt", dynamic_ncols=True):
+        if path is None:
+            w = rm.naive_weights(theta0, theta_tcut, step, args.tcut)
+        else:
+            w = rm.read_checkpoint_weights(path, names)
+        if step == args.tcut and name.startswith("real"):
+            theta_tcut = w
+        rm.load_weights(model, w)
+        rows.append({"model": name, "step": step, "held_out": rm.greedy_accuracy(model, tok, test,
+                                                                                max_new_tokens=args.max_new_tokens)})
+    t_eval = time.perf_counter() - t
+    return rows, t_eval
 
 
 def _acc(result, name):
