@@ -175,11 +175,48 @@ def open_window(settings, tracked, topology, *, out_dir: str, global_step: int, 
     fits no tier, else by ``relex_callback.core.fold.plan_slots``; a resumed planned window keeps the buffer shape it was
     saved with. Checks the free disk space for what the window will write, and refuses what
     cannot work (a resume without a fitting trajectory, a buffer that fits nowhere) before the first step."""
-    from ..core.fold import plan_slots
-
     specs = [t.spec for t in tracked]
     device = tracked[0].read().device
     window = len(settings.steps)
+    storage, capacity, fold_rank, planned = _size_ring(settings, specs, topology, trainer_args, device=device,
+                                                       out_dir=out_dir, window=window)
+    run_dir = topology.trajectory_dir(os.path.join(out_dir, RUN_TRAJECTORY_DIR))
+    info = {"tcut": settings.tcut, "stride": settings.stride, "world": topology.world}
+    common = dict(dtype=settings.dtype, storage=storage, device=device, max_bytes=settings.max_buffer_bytes,
+                  fold_rank=fold_rank)
+    try:
+        if global_step > 0:
+            store = _resume_store(
+                settings, topology, tracked, global_step, checkpoints, expected,
+                dict(specs=specs, capacity=capacity, run_directory=run_dir, window=info, adopt_shape=planned, **common))
+        else:
+            store = _fresh_store(topology, tracked, specs, capacity, run_dir, info, common)
+    except Exception as e:
+        if not write_failure(e):
+            raise
+        raise RelexMemoryError(f"cannot write the trajectory to {run_dir}: {describe_failure(e)}; free disk space there "
+                               "or choose another output_dir") from None
+    try:
+        _together(topology, "checking the free disk space for the RELEX outputs", lambda: check_disk_space(
+            out_dir, disk_needs(store, settings, model_bytes=model_bytes, saves_in_window=saves_in_window,
+                                writes_outputs=topology.process_rank == 0 or topology.sharded),
+            what_to_change=", fewer horizons, or storage='host'" if store.storage == "disk" else ", or fewer horizons"))
+    except RelexError:
+        store.discard_files()
+        raise
+    logger.info(
+        "relex: tracking %d tensors (%d elements), %d snapshot slots%s, %.1f MiB buffer on %s",
+        len(specs), store.D, store.K, f" + {store.fold_rank} fold rows (window of {window} folded)" if store.fold_rank else "",
+        store.buffer_bytes / 2**20, store.storage,
+    )
+    return store
+
+
+def _size_ring(settings, specs, topology, trainer_args, *, device, out_dir, window):
+    """The window's tier and ring: by the memory plan (``storage="auto"``, no ``buffer_slots``) or by ``plan_slots``;
+    return (storage, capacity, fold_rank, planned)."""
+    from ..core.fold import plan_slots
+
     # every process plans for the largest share (same slots and the same fold steps everywhere: a sharded fold is a
     # collective, and the recorded steps must agree for the final solve)
     D = sum(s.local_numel for s in specs)
@@ -203,73 +240,56 @@ def open_window(settings, tracked, topology, *, out_dir: str, global_step: int, 
             window, D_plan, torch.empty((), dtype=settings.torch_dtype).element_size(),
             max_buffer_bytes=settings.max_buffer_bytes, buffer_slots=settings.buffer_slots, fold_rank=settings.fold_rank,
         )
-    run_dir = topology.trajectory_dir(os.path.join(out_dir, RUN_TRAJECTORY_DIR))
-    info = {"tcut": settings.tcut, "stride": settings.stride, "world": topology.world}
-    common = dict(dtype=settings.dtype, storage=storage, device=device, max_bytes=settings.max_buffer_bytes,
-                  fold_rank=fold_rank)
-    try:
-        if global_step > 0:
-            store, saved, notes, found = _load_verified(
-                checkpoints, expected, topology, tracked, global_step,
-                dict(specs=specs, capacity=capacity, run_directory=run_dir, window=info, adopt_shape=planned, **common))
-            ok = topology.all_ok(store is not None) if topology.is_distributed else store is not None
-            if not ok:
-                if store is not None:
-                    store.discard_files()
-                where = [c for c in checkpoints if isinstance(c, str)]
-                if not found and not notes:
-                    raise RelexInputError(
-                        f"training resumed at step {global_step} inside the RELEX window (tcut={settings.tcut}) but the "
-                        f"checkpoint has no {TRAJECTORY_DIR}/ (it was saved without RelexCallback); theta_0 is unknown. "
-                        f"Looked in: {', '.join(dict.fromkeys(where)) or 'no checkpoint path'}. Resume from a checkpoint "
-                        "written with the callback, or start from step 0"
-                    )
-                raise RelexInputError(
-                    f"training resumed at step {global_step} inside the RELEX window (tcut={settings.tcut}) but no saved "
-                    f"trajectory fits it: {' | '.join(notes) or 'another process found none'}. Resume from the checkpoint "
-                    "whose relex_trajectory/ was saved with these weights, or start a new window from step 0 (another "
-                    "output_dir, without resume_from_checkpoint)"
-                )
-            store.window = info
-            _join(store, topology)
-            logger.info("relex: resumed the window from %s (%d steps recorded, run %s)", saved, store.num_rows,
-                        store.run_id)
-        else:
-            def fresh():
-                st = TrajectoryStore(specs, capacity, directory=run_dir, **common)
-                try:
-                    st.window = info
-                    st.set_theta0([t.read() for t in tracked])
-                except Exception:
-                    st.discard_files()
-                    raise
-                return st
+    return storage, capacity, fold_rank, planned
 
-            store = _together(topology, f"allocating its trajectory buffer in {run_dir}", fresh, write_failures=run_dir)
-            _join(store, topology)
-            if topology.is_distributed:  # one id for the run: trainer_state.json (process 0's) names it for all
-                store.run_id = topology.broadcast_object(store.run_id)
-                if store.storage == "disk":
-                    _together(topology, f"writing its trajectory metadata in {run_dir}",
-                              lambda: persist.write_meta(store, store.directory), write_failures=run_dir)
-    except Exception as e:
-        if not write_failure(e):
+
+def _resume_store(settings, topology, tracked, global_step, checkpoints, expected, load_kwargs):
+    """A resume inside the window: the saved store that fits on every process, or a RelexInputError saying why not."""
+    store, saved, notes, found = _load_verified(checkpoints, expected, topology, tracked, global_step, load_kwargs)
+    ok = topology.all_ok(store is not None) if topology.is_distributed else store is not None
+    if not ok:
+        if store is not None:
+            store.discard_files()
+        where = [c for c in checkpoints if isinstance(c, str)]
+        if not found and not notes:
+            raise RelexInputError(
+                f"training resumed at step {global_step} inside the RELEX window (tcut={settings.tcut}) but the "
+                f"checkpoint has no {TRAJECTORY_DIR}/ (it was saved without RelexCallback); theta_0 is unknown. "
+                f"Looked in: {', '.join(dict.fromkeys(where)) or 'no checkpoint path'}. Resume from a checkpoint "
+                "written with the callback, or start from step 0"
+            )
+        raise RelexInputError(
+            f"training resumed at step {global_step} inside the RELEX window (tcut={settings.tcut}) but no saved "
+            f"trajectory fits it: {' | '.join(notes) or 'another process found none'}. Resume from the checkpoint "
+            "whose relex_trajectory/ was saved with these weights, or start a new window from step 0 (another "
+            "output_dir, without resume_from_checkpoint)"
+        )
+    store.window = load_kwargs["window"]
+    _join(store, topology)
+    logger.info("relex: resumed the window from %s (%d steps recorded, run %s)", saved, store.num_rows,
+                store.run_id)
+    return store
+
+
+def _fresh_store(topology, tracked, specs, capacity, run_dir, info, common):
+    """A new window: the store allocated on every process holding theta_0, one run id for the run."""
+    def fresh():
+        st = TrajectoryStore(specs, capacity, directory=run_dir, **common)
+        try:
+            st.window = info
+            st.set_theta0([t.read() for t in tracked])
+        except Exception:
+            st.discard_files()
             raise
-        raise RelexMemoryError(f"cannot write the trajectory to {run_dir}: {describe_failure(e)}; free disk space there "
-                               "or choose another output_dir") from None
-    try:
-        _together(topology, "checking the free disk space for the RELEX outputs", lambda: check_disk_space(
-            out_dir, disk_needs(store, settings, model_bytes=model_bytes, saves_in_window=saves_in_window,
-                                writes_outputs=topology.process_rank == 0 or topology.sharded),
-            what_to_change=", fewer horizons, or storage='host'" if store.storage == "disk" else ", or fewer horizons"))
-    except RelexError:
-        store.discard_files()
-        raise
-    logger.info(
-        "relex: tracking %d tensors (%d elements), %d snapshot slots%s, %.1f MiB buffer on %s",
-        len(specs), store.D, store.K, f" + {store.fold_rank} fold rows (window of {window} folded)" if store.fold_rank else "",
-        store.buffer_bytes / 2**20, store.storage,
-    )
+        return st
+
+    store = _together(topology, f"allocating its trajectory buffer in {run_dir}", fresh, write_failures=run_dir)
+    _join(store, topology)
+    if topology.is_distributed:  # one id for the run: trainer_state.json (process 0's) names it for all
+        store.run_id = topology.broadcast_object(store.run_id)
+        if store.storage == "disk":
+            _together(topology, f"writing its trajectory metadata in {run_dir}",
+                      lambda: persist.write_meta(store, store.directory), write_failures=run_dir)
     return store
 
 
