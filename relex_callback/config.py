@@ -253,53 +253,9 @@ class RelexSettings:
         keep_best=None,
         allow_partial_stride: bool = False,
     ) -> "RelexSettings":
-        if tcut is None:
-            raise RelexInputError("tcut is required: the number of optimizer steps to observe, e.g. tcut=75")
-        tcut = bounded("tcut", tcut)
-        stride = bounded("stride", stride)
-        if stride > tcut:
-            raise RelexInputError(f"stride={stride} is larger than tcut={tcut}: no step would be recorded; use a stride <= tcut/2")
-        if tcut % stride and not allow_partial_stride:
-            lo, hi = tcut - tcut % stride, tcut - tcut % stride + stride
-            raise RelexInputError(
-                f"tcut={tcut} is not a multiple of stride={stride}: the last {tcut % stride} steps before tcut would be "
-                f"trained but never recorded; use tcut={lo} or tcut={hi}, or a stride that divides {tcut}"
-            )
-        steps = snapshot_steps(tcut, stride)
-        if len(steps) < 2:
-            raise RelexInputError(
-                f"tcut={tcut} with stride={stride} records {len(steps)} snapshot; a line needs at least 2: lower stride or raise tcut"
-            )
-        auto_horizons = isinstance(horizons, str) and horizons.strip().lower() == "auto" or (
-            isinstance(horizons, (list, tuple)) and len(horizons) == 1 and str(horizons[0]).strip().lower() == "auto")
-        hs = [k * tcut for k in LADDER] if auto_horizons else parse_horizons(horizons)
-        if len(set(hs)) != len(hs):
-            dup = sorted({h for h in hs if hs.count(h) > 1})
-            raise RelexInputError(f"horizons repeat {dup}: give each step once, e.g. horizons={sorted(set(hs))}")
-        bad = [h for h in hs if h <= tcut]
-        if bad:
-            raise RelexInputError(
-                f"horizons {bad} are not beyond tcut={tcut}: extrapolation writes steps after the observed window; "
-                f"use horizons > {tcut} (the paper uses 5-10x tcut)"
-            )
-        big = [h for h in hs if h > MAX_STEP]
-        if big:
-            raise RelexInputError(f"horizons {big} are beyond {MAX_STEP:,} steps; use horizons of at most {MAX_STEP:,} "
-                                  "(the paper uses 5-10x tcut)")
-        hs = sorted(hs)
-        if fit_start is not None:
-            fit_start = bounded("fit_start", fit_start)
-            n_fit = len([t for t in steps if t >= fit_start])
-            if n_fit < 2:
-                raise RelexInputError(
-                    f"fit_start={fit_start} leaves {n_fit} snapshot step(s) in [fit_start, tcut={tcut}] with stride={stride}; "
-                    f"the line needs at least 2: use fit_start <= {steps[-2]}"
-                )
-        rank = bounded("rank", rank)
-        if rank > len(steps):
-            raise RelexInputError(
-                f"rank={rank} exceeds the number of snapshots ({len(steps)} = tcut/stride); use rank <= {len(steps)}"
-            )
+        tcut, stride, steps = _check_window(tcut, stride, allow_partial_stride)
+        hs, auto_horizons = _check_horizons(horizons, tcut)
+        fit_start, rank = _check_fit_start_and_rank(fit_start, rank, steps, tcut, stride)
         _choice("storage", storage, STORAGES)
         _choice("solver", solver, SOLVERS)
         if solver == "power" and rank > 1:
@@ -317,38 +273,10 @@ class RelexSettings:
         include = tuple(p.pattern for p in compile_patterns(include, "include")) if include is not None else None
         exclude = tuple(p.pattern for p in compile_patterns(exclude, "exclude")) if exclude is not None else None
         shard = parse_size(max_shard_size)
-        fold_rank = _strict_whole("fold_rank", DEFAULT_FOLD_RANK if fold_rank is None else fold_rank)
-        if buffer_slots is not None:
-            buffer_slots = _strict_whole("buffer_slots", buffer_slots)
-        if fold_rank < rank:
-            raise RelexInputError(
-                f"fold_rank={fold_rank} is below rank={rank}: the folded trajectory keeps only fold_rank directions per "
-                f"tensor; use fold_rank >= {rank}"
-            )
+        fold_rank, buffer_slots = _check_fold(fold_rank, buffer_slots, rank)
         _choice("on_nonfinite", on_nonfinite, ON_NONFINITE)
-        _choice("fit", fit, FITS)
-        n_steps = len(steps) if fit_start is None else len([t for t in steps if t >= fit_start])
-        if fit_window is not None:
-            fit_window = _strict_whole("fit_window", fit_window)
-            if not 2 <= fit_window <= n_steps:
-                raise RelexInputError(f"fit_window={fit_window} must be between 2 and the {n_steps} recorded steps the "
-                                      f"fit can use (tcut/stride, from fit_start); use fit_window <= {n_steps}")
-        degree = _strict_whole("degree", degree)
-        if fit == "polynomial" and degree >= min(n_steps, fit_window or n_steps):
-            raise RelexInputError(f"degree={degree} needs more than {degree} fitted steps; the fit has "
-                                  f"{min(n_steps, fit_window or n_steps)}: lower degree or raise tcut")
-        if fit == "power" and min(n_steps, fit_window or n_steps) < 3:
-            raise RelexInputError(f"fit='power' (c = a*t^p + b) needs at least 3 fitted steps; the fit has "
-                                  f"{min(n_steps, fit_window or n_steps)}: raise tcut (or lower stride / fit_start, or "
-                                  "widen fit_window), or use fit='log' or 'linear'")
-        _choice("on_flat_reward", on_flat_reward, ON_FLAT_REWARD)
-        if reward_metric is not None and (not isinstance(reward_metric, str) or not reward_metric.strip()):
-            raise RelexInputError(f"reward_metric must be the name of a logged metric (e.g. 'reward'), got {reward_metric!r}")
-        _flag("evaluate_horizons", evaluate_horizons)
-        if keep_best is not None:
-            keep_best = _strict_whole("keep_best", keep_best)
-            if not (evaluate_horizons or auto_horizons):
-                raise RelexInputError("keep_best needs scored horizons: pass evaluate_horizons=True (or horizons='auto')")
+        fit_window, degree = _check_fit_family(fit, fit_window, degree, steps, fit_start)
+        keep_best = _check_reward_options(on_flat_reward, reward_metric, evaluate_horizons, keep_best, auto_horizons)
         return cls(
             tcut=tcut, horizons=tuple(hs), stride=stride, fit_start=fit_start, rank=rank, storage=storage, dtype=dt,
             max_buffer_bytes=max_buffer_bytes, solver=solver, stop_training=stop_training,
@@ -358,6 +286,115 @@ class RelexSettings:
             fit_window=fit_window, degree=degree, on_flat_reward=on_flat_reward, reward_metric=reward_metric,
             evaluate_horizons=evaluate_horizons or auto_horizons, keep_best=keep_best, auto_horizons=auto_horizons,
         )
+
+
+def _check_window(tcut, stride, allow_partial_stride):
+    """tcut and stride, and the snapshot steps they record (at least 2); return (tcut, stride, steps)."""
+    if tcut is None:
+        raise RelexInputError("tcut is required: the number of optimizer steps to observe, e.g. tcut=75")
+    tcut = bounded("tcut", tcut)
+    stride = bounded("stride", stride)
+    if stride > tcut:
+        raise RelexInputError(f"stride={stride} is larger than tcut={tcut}: no step would be recorded; use a stride <= tcut/2")
+    if tcut % stride and not allow_partial_stride:
+        lo, hi = tcut - tcut % stride, tcut - tcut % stride + stride
+        raise RelexInputError(
+            f"tcut={tcut} is not a multiple of stride={stride}: the last {tcut % stride} steps before tcut would be "
+            f"trained but never recorded; use tcut={lo} or tcut={hi}, or a stride that divides {tcut}"
+        )
+    steps = snapshot_steps(tcut, stride)
+    if len(steps) < 2:
+        raise RelexInputError(
+            f"tcut={tcut} with stride={stride} records {len(steps)} snapshot; a line needs at least 2: lower stride or raise tcut"
+        )
+    return tcut, stride, steps
+
+
+def _check_horizons(horizons, tcut):
+    """The horizons (or ``"auto"``: the ladder of multiples of tcut), distinct, beyond tcut, within MAX_STEP; return
+    (sorted horizons, auto)."""
+    auto_horizons = isinstance(horizons, str) and horizons.strip().lower() == "auto" or (
+        isinstance(horizons, (list, tuple)) and len(horizons) == 1 and str(horizons[0]).strip().lower() == "auto")
+    hs = [k * tcut for k in LADDER] if auto_horizons else parse_horizons(horizons)
+    if len(set(hs)) != len(hs):
+        dup = sorted({h for h in hs if hs.count(h) > 1})
+        raise RelexInputError(f"horizons repeat {dup}: give each step once, e.g. horizons={sorted(set(hs))}")
+    bad = [h for h in hs if h <= tcut]
+    if bad:
+        raise RelexInputError(
+            f"horizons {bad} are not beyond tcut={tcut}: extrapolation writes steps after the observed window; "
+            f"use horizons > {tcut} (the paper uses 5-10x tcut)"
+        )
+    big = [h for h in hs if h > MAX_STEP]
+    if big:
+        raise RelexInputError(f"horizons {big} are beyond {MAX_STEP:,} steps; use horizons of at most {MAX_STEP:,} "
+                              "(the paper uses 5-10x tcut)")
+    return sorted(hs), auto_horizons
+
+
+def _check_fit_start_and_rank(fit_start, rank, steps, tcut, stride):
+    """fit_start leaves at least 2 snapshots to fit; rank is at most the number of snapshots."""
+    if fit_start is not None:
+        fit_start = bounded("fit_start", fit_start)
+        n_fit = len([t for t in steps if t >= fit_start])
+        if n_fit < 2:
+            raise RelexInputError(
+                f"fit_start={fit_start} leaves {n_fit} snapshot step(s) in [fit_start, tcut={tcut}] with stride={stride}; "
+                f"the line needs at least 2: use fit_start <= {steps[-2]}"
+            )
+    rank = bounded("rank", rank)
+    if rank > len(steps):
+        raise RelexInputError(
+            f"rank={rank} exceeds the number of snapshots ({len(steps)} = tcut/stride); use rank <= {len(steps)}"
+        )
+    return fit_start, rank
+
+
+def _check_fold(fold_rank, buffer_slots, rank):
+    """fold_rank (default DEFAULT_FOLD_RANK, at least rank) and buffer_slots; return both."""
+    fold_rank = _strict_whole("fold_rank", DEFAULT_FOLD_RANK if fold_rank is None else fold_rank)
+    if buffer_slots is not None:
+        buffer_slots = _strict_whole("buffer_slots", buffer_slots)
+    if fold_rank < rank:
+        raise RelexInputError(
+            f"fold_rank={fold_rank} is below rank={rank}: the folded trajectory keeps only fold_rank directions per "
+            f"tensor; use fold_rank >= {rank}"
+        )
+    return fold_rank, buffer_slots
+
+
+def _check_fit_family(fit, fit_window, degree, steps, fit_start):
+    """The fit family against the steps it can use (fit_window, a polynomial's degree, power's 3 points); return
+    (fit_window, degree)."""
+    _choice("fit", fit, FITS)
+    n_steps = len(steps) if fit_start is None else len([t for t in steps if t >= fit_start])
+    if fit_window is not None:
+        fit_window = _strict_whole("fit_window", fit_window)
+        if not 2 <= fit_window <= n_steps:
+            raise RelexInputError(f"fit_window={fit_window} must be between 2 and the {n_steps} recorded steps the "
+                                  f"fit can use (tcut/stride, from fit_start); use fit_window <= {n_steps}")
+    degree = _strict_whole("degree", degree)
+    if fit == "polynomial" and degree >= min(n_steps, fit_window or n_steps):
+        raise RelexInputError(f"degree={degree} needs more than {degree} fitted steps; the fit has "
+                              f"{min(n_steps, fit_window or n_steps)}: lower degree or raise tcut")
+    if fit == "power" and min(n_steps, fit_window or n_steps) < 3:
+        raise RelexInputError(f"fit='power' (c = a*t^p + b) needs at least 3 fitted steps; the fit has "
+                              f"{min(n_steps, fit_window or n_steps)}: raise tcut (or lower stride / fit_start, or "
+                              "widen fit_window), or use fit='log' or 'linear'")
+    return fit_window, degree
+
+
+def _check_reward_options(on_flat_reward, reward_metric, evaluate_horizons, keep_best, auto_horizons):
+    """The reward-trend and horizon-scoring options; return keep_best."""
+    _choice("on_flat_reward", on_flat_reward, ON_FLAT_REWARD)
+    if reward_metric is not None and (not isinstance(reward_metric, str) or not reward_metric.strip()):
+        raise RelexInputError(f"reward_metric must be the name of a logged metric (e.g. 'reward'), got {reward_metric!r}")
+    _flag("evaluate_horizons", evaluate_horizons)
+    if keep_best is not None:
+        keep_best = _strict_whole("keep_best", keep_best)
+        if not (evaluate_horizons or auto_horizons):
+            raise RelexInputError("keep_best needs scored horizons: pass evaluate_horizons=True (or horizons='auto')")
+    return keep_best
 
 
 def _strict_whole(name, v):
