@@ -497,11 +497,26 @@ def evaluate_horizons(trainer, relex_dir: str, base: Optional[str] = None, horiz
         `dict`: ``{"horizon_eval": {"<step>": {metric: value, "seconds": s}}, "best_horizon": H,
         "horizon_eval_summary": {...}}`` (and ``keep_best`` when given).
     """
+    st, peft = _open_state_for_scoring(trainer, relex_dir, write)
+    hs, missing = _horizons_to_score(relex_dir, st, horizons, peft, base)
+    if peft:
+        return _evaluate_adapters(trainer, relex_dir, st, hs, tcut_model, seed, keep_best, reward_metric, write)
+    from ..files.checkpoints import checkpoint_keys
+
+    model = trainer.model
+    sd = model.state_dict(keep_vars=True)
+    keys = checkpoint_keys(model, sd)
+    plan = _weights_plan(keys, st, relex_dir, hs, missing, base, tcut_model)
+    scores, seconds = _score_plan(trainer, sd, keys, plan, seed)
+    return _record(relex_dir, {"horizon_eval": scores, "seconds": seconds}, st.tcut, hs, keep_best, reward_metric, write,
+                   st.run_id)
+
+
+def _open_state_for_scoring(trainer, relex_dir, write):
+    """One process, an eval_dataset, a relex directory with a state file (and a valid report); return (state, peft)."""
     import torch.distributed as dist
 
-    from ..files.checkpoints import DirectorySource, checkpoint_keys
-    from ..config import parse_horizons
-    from ..files.fs import STATE_INDEX_NAME, STATE_NAME, horizon_dir, not_ours
+    from ..files.fs import STATE_INDEX_NAME, STATE_NAME
     from ..params import is_peft_model
     from ..files.state import load_state
 
@@ -521,6 +536,15 @@ def evaluate_horizons(trainer, relex_dir: str, base: Optional[str] = None, horiz
 
     if write and os.path.isfile(os.path.join(relex_dir, REPORT_NAME)):  # read back after scoring: checked before it
         check_report(load_report(os.path.join(relex_dir, REPORT_NAME)), os.path.join(relex_dir, REPORT_NAME))
+    return st, peft
+
+
+def _horizons_to_score(relex_dir, st, horizons, peft, base):
+    """The horizons to score (default: this run's step-H/ directories) and those without a directory of this run,
+    refused when they cannot be rebuilt; return (horizons, missing)."""
+    from ..config import parse_horizons
+    from ..files.fs import horizon_dir, not_ours
+
     named = sorted(int(d[len("step-"):]) for d in os.listdir(relex_dir)
                    if d.startswith("step-") and d[len("step-"):].isdigit() and os.path.isdir(os.path.join(relex_dir, d)))
     # a step-H/ counts as this state's only when its marker names the state's run and tcut: an earlier run's (or
@@ -552,11 +576,14 @@ def evaluate_horizons(trainer, relex_dir: str, base: Optional[str] = None, horiz
             f"horizons {missing} have no step-H/ directory of this state's run in {relex_dir}{why_not(missing)}"
             ": pass base=<the checkpoint training started from> (theta_0): after training the live model is no longer "
             "theta_0")
+    return hs, missing
 
-    if peft:
-        return _evaluate_adapters(trainer, relex_dir, st, hs, tcut_model, seed, keep_best, reward_metric, write)
-    sd = model.state_dict(keep_vars=True)
-    keys = checkpoint_keys(model, sd)
+
+def _weights_plan(keys, st, relex_dir, hs, missing, base, tcut_model):
+    """Where each scored step's weights come from (a directory, or the state's extrapolation from the checked base);
+    return [(step, key -> tensor)]."""
+    from ..files.checkpoints import DirectorySource
+    from ..files.fs import horizon_dir
 
     def weights_from_dir(path):
         src = DirectorySource(path)
@@ -584,7 +611,12 @@ def evaluate_horizons(trainer, relex_dir: str, base: Optional[str] = None, horiz
         plan.append((st.tcut, weights_from_dir(tcut_model)))
     for h in hs:
         plan.append((h, weights_from_dir(horizon_dir(relex_dir, h)) if h not in missing else weights_from_state(h)))
+    return plan
 
+
+def _score_plan(trainer, sd, keys, plan, seed):
+    """Load each step's weights into the model and evaluate it, restoring the model's own weights bit for bit after
+    (also on an error); return (scores, seconds) by step."""
     saved = {k: sd[k].detach().clone() for k in keys}
     scores, seconds = {}, {}
     with isolated(trainer):
@@ -602,8 +634,7 @@ def evaluate_horizons(trainer, relex_dir: str, base: Optional[str] = None, horiz
             with torch.no_grad():
                 for k in keys:
                     sd[k].data.copy_(saved[k])
-    return _record(relex_dir, {"horizon_eval": scores, "seconds": seconds}, st.tcut, hs, keep_best, reward_metric, write,
-                   st.run_id)
+    return scores, seconds
 
 
 def _evaluate_adapters(trainer, relex_dir, st, hs, tcut_model, seed, keep_best, reward_metric, write):
