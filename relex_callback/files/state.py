@@ -73,6 +73,7 @@ class RelexState:
 
     curve: Optional[object] = None  # relex_callback.core.fit.Fit when the state records a curve other than the line
     run_id: Optional[str] = None  # the window that wrote it (its step-H/ markers carry the same id); None: older files
+    untracked: Optional[dict] = None  # key -> {"source", "fingerprint"}: relex_callback.files.untracked
 
     def coef_at(self, horizon: float) -> torch.Tensor:
         if self.curve is not None:
@@ -84,7 +85,13 @@ class RelexState:
         meta = {"version": FORMAT_VERSION, "tcut": self.tcut, "steps": self.steps, "rank": self.rank,
                 "fit_start": self.fit_start, "dtype": self.dtype, "order": [sp.name for sp in self.specs],
                 "tensors": self.info, "run_id": self.run_id}
-        _write_state_file(path, {sp.name: self.tensors[sp.name].contiguous() for sp in self.specs}, meta)
+        tensors = {sp.name: self.tensors[sp.name].contiguous() for sp in self.specs}
+        if self.untracked:
+            from .untracked import PREFIX
+
+            meta["untracked"] = self.untracked
+            tensors.update({k: v.contiguous() for k, v in self.tensors.items() if k.startswith(PREFIX)})
+        _write_state_file(path, tensors, meta)
 
     @torch.no_grad()
     def extrapolate(self, i: int, horizon: float, theta0: torch.Tensor) -> torch.Tensor:
@@ -94,8 +101,10 @@ class RelexState:
         return extrapolate_piece(theta0, self.coef_at(horizon)[i], self.tensors[spec.name][: self.rank], spec.dtype)
 
 
-def save_state(path: str, solution, theta0_of, *, tcut: int, extra: Optional[dict] = None):
-    """Write the state file atomically. ``theta0_of(i)`` returns tensor i's local theta_0 (for the fingerprint)."""
+def save_state(path: str, solution, theta0_of, *, tcut: int, extra: Optional[dict] = None,
+               untracked: Optional[tuple[dict, dict]] = None):
+    """Write the state file atomically. ``theta0_of(i)`` returns tensor i's local theta_0 (for the fingerprint).
+    ``untracked``: ``(tensors, meta)`` of :func:`relex_callback.files.untracked.record_untracked`."""
     tensors = {}
     info = {}
     ev = solution.explained
@@ -125,6 +134,9 @@ def save_state(path: str, solution, theta0_of, *, tcut: int, extra: Optional[dic
     }
     if extra:
         meta.update(extra)
+    if untracked is not None:
+        tensors.update(untracked[0])
+        meta["untracked"] = untracked[1]
     _write_state_file(path, tensors, meta)
 
 
@@ -198,12 +210,17 @@ def _load_state_index(path: str) -> RelexState:
         specs.append(p.specs[i])
         tensors[n] = p.tensors[n]
         info[n] = p.info[n]
+    untracked = {}
+    for p in parts:  # the untracked values each shard recorded
+        untracked.update(p.untracked or {})
+        tensors.update({k: v for k, v in p.tensors.items() if k not in where})
     slope = torch.stack([where[n][0].slope[where[n][1]] for n in order])
     intercept = torch.stack([where[n][0].intercept[where[n][1]] for n in order])
     return RelexState(
         specs=specs, steps=first.steps, tcut=first.tcut, rank=first.rank, fit_start=first.fit_start, dtype=first.dtype,
         slope=slope, intercept=intercept, tensors=tensors, info=info, curve=_load_curve(info, order, path),
         run_id=first.run_id,
+        untracked=untracked,
     )
 
 
@@ -239,6 +256,9 @@ def _load_state_file(path: str) -> RelexState:
             got = "missing" if t is None else f"{tuple(t.shape)} {t.dtype}"
             raise RelexInputError(f"{path}: the direction of {n} is {got}, expected a float tensor of shape {want}; the "
                                   "file was edited or is damaged: use the relex_state.safetensors the run wrote")
+    from .untracked import check_untracked_meta
+
+    untracked = check_untracked_meta(meta, tensors, path)
     order = meta["order"]
     info = meta["tensors"]
     specs = [TensorSpec.from_json(info[n]["spec"]) for n in order]
@@ -247,7 +267,7 @@ def _load_state_file(path: str) -> RelexState:
     return RelexState(
         specs=specs, steps=meta["steps"], tcut=meta["tcut"], rank=meta["rank"], fit_start=meta.get("fit_start"),
         dtype=meta["dtype"], slope=slope, intercept=intercept, tensors=tensors, info=info,
-        curve=_load_curve(info, order, path), run_id=meta.get("run_id"),
+        curve=_load_curve(info, order, path), run_id=meta.get("run_id"), untracked=untracked,
     )
 
 

@@ -110,6 +110,18 @@ class FullModelWriter(CheckpointWriter):
         if missing:
             raise RelexInputError(f"tracked tensors {missing[:3]} are not in the base model's checkpoint keys")
 
+    def write_state(self, out_dir, tcut):
+        """The state file; from a live model it also records the untracked tensors the horizons copy from it
+        (:mod:`relex_callback.files.untracked`), so that ``relex materialize`` writes the same bytes."""
+        from .checkpoints import ModelSource
+        from .untracked import record_untracked
+
+        untracked = (record_untracked(self.source, [s.name for s in self.solution.specs])
+                     if isinstance(self.source, ModelSource) else None)
+        path = os.path.join(out_dir, STATE_NAME)
+        guarded(lambda: save_state(path, self.solution, self.theta0_of, tcut=tcut, untracked=untracked))
+        return path
+
     def write_horizon(self, out_dir, horizon, tcut, overwrite):
         return write_full_checkpoint(out_dir, horizon, tcut, self.solution, self.theta0_of, self.source,
                                      overwrite=overwrite, max_shard_size=self.max_shard_size, run_id=self.run_id)

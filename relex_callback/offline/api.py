@@ -97,6 +97,10 @@ def materialize(state_path: str, base: str, horizons: Sequence[int], out_dir: Op
             )
     thetas = base_theta0(src, base, st.specs, lambda spec: st.info[spec.name]["theta0"], "the state's",
                          "pass the same base checkpoint given to `relex extrapolate` (or the model the callback trained)")
+    from ..files.untracked import UntrackedSource
+
+    src = UntrackedSource(src, st)  # the untracked tensors the run wrote: from the state, or checked in the base
+    src.check(base)
     written = []
     for h in hs:
         try:

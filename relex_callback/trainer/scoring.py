@@ -606,6 +606,10 @@ def _weights_plan(keys, st, relex_dir, hs, missing, base, tcut_model):
 
         thetas = base_theta0(src_base, base, st.specs, lambda spec: st.info[spec.name]["theta0"], "the state's",
                              "pass the checkpoint training started from")
+        from ..files.untracked import UntrackedSource
+
+        src_base = UntrackedSource(src_base, st)  # untracked tensors as the run wrote them (relex materialize's)
+        src_base.check(base)
     plan = []  # (step, key -> tensor)
     if tcut_model is not None:
         plan.append((st.tcut, weights_from_dir(tcut_model)))

@@ -1,0 +1,104 @@
+"""What a horizon holds for the tensors RELEX does not extrapolate, recorded in the state file so that every path to a
+horizon (the callback, ``relex materialize``, ``evaluate_horizons``) writes the same bytes.
+
+The callback writes every checkpoint key it does not track from the live model at ``tcut``:
+
+* a trainable parameter left out by ``include`` / ``exclude`` was trained up to ``tcut``: its value at ``tcut`` is
+  not in the base checkpoint, so the state file keeps it (tensor ``untracked/<key>``, source ``"state"``);
+* a frozen parameter or a buffer equals the base checkpoint's (the model training started from): the state file
+  keeps its fingerprint (source ``"base"``), and a later path refuses a base whose value differs.
+
+Metadata ``relex["untracked"]``: ``{key: {"source": "state" | "base", "fingerprint": {...}}}``. A state without it
+(older files, ``relex extrapolate``, which tracks every floating-point tensor) takes every untracked key from the base.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..errors import RelexInputError
+
+PREFIX = "untracked/"  # parameter names hold no "/": no clash with the directions' keys
+SOURCES = ("state", "base")
+
+
+def record_untracked(source, tracked_names) -> tuple[dict, dict]:
+    """For a live model (``checkpoints.ModelSource``): ``(tensors, meta)`` to add to the state file for every key the
+    horizons copy from the model instead of extrapolating. Reads each untracked tensor once (end of window only)."""
+    from .state import fingerprint
+
+    tracked = set(tracked_names)
+    model = getattr(source, "model", None)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad} if model is not None else set()
+    tensors, meta = {}, {}
+    for key in source.keys:
+        if key in tracked:
+            continue
+        value = source.get(key)
+        if key in frozen or not value.is_floating_point():
+            meta[key] = {"source": "base", "fingerprint": fingerprint(value) if value.is_floating_point() else None}
+        else:  # trained (a parameter the trainer updates) or a floating buffer the forward pass may update
+            tensors[PREFIX + key] = value.contiguous().clone()
+            meta[key] = {"source": "state", "fingerprint": fingerprint(value)}
+    return tensors, meta
+
+
+def check_untracked_meta(meta, tensors: dict, path: str) -> dict:
+    """The ``untracked`` entry of a state file's metadata (``{}`` when absent), checked against its tensors."""
+    rec = meta.get("untracked")
+    if rec is None:
+        return {}
+    hint = "the file was edited or is damaged: use the relex_state.safetensors the run wrote"
+    if not isinstance(rec, dict):
+        raise RelexInputError(f"{path}: 'untracked' is {type(rec).__name__}, expected a mapping of keys; {hint}")
+    for key, e in rec.items():
+        if not isinstance(e, dict) or e.get("source") not in SOURCES:
+            raise RelexInputError(f"{path}: untracked[{key!r}] has no source in {list(SOURCES)}; {hint}")
+        if e["source"] == "state" and PREFIX + key not in tensors:
+            raise RelexInputError(f"{path}: the value of the untracked tensor {key} is missing; {hint}")
+    return rec
+
+
+class UntrackedSource:
+    """A checkpoint source (``get``, ``keys``, ``meta``, ``write_extras``) for writing a horizon from a state file:
+    the base checkpoint ``src``, with the untracked keys the state recorded taken from the state. :meth:`check`
+    refuses, before anything is written, a base whose untracked tensors are not the ones the run wrote."""
+
+    def __init__(self, src, state):
+        self.src, self.state = src, state
+        self.record = getattr(state, "untracked", None) or {}
+        self.keys = list(src.keys)
+        self.meta = dict(src.meta)
+        if hasattr(src, "weights_name"):
+            self.weights_name = src.weights_name
+
+    def check(self, base: str):
+        from .state import fingerprint, fingerprint_mismatch
+
+        for key, e in self.record.items():
+            if key not in self.src.meta:
+                raise RelexInputError(f"the base {base} has no tensor {key} (the run wrote it into every horizon): "
+                                      "pass the checkpoint training started from")
+            if e["source"] == "state":
+                t = self.state.tensors[PREFIX + key]
+                shape, dtype = self.src.meta[key]
+                if tuple(shape) != tuple(t.shape) or dtype != t.dtype:
+                    raise RelexInputError(f"{key}: {list(shape)} {dtype} in {base} but {list(t.shape)} {t.dtype} in the "
+                                          "state; pass the base the state was computed from")
+            elif e.get("fingerprint") is not None:
+                why = fingerprint_mismatch(fingerprint(self.src.get(key)), e["fingerprint"])
+                if why:
+                    raise RelexInputError(
+                        f"the base {base} does not match the run for the untracked tensor {key} ({why}): the run wrote "
+                        "it unchanged from the model training started from; pass that checkpoint as the base")
+
+    def get(self, key: str) -> torch.Tensor:
+        e: Optional[dict] = self.record.get(key)
+        if e is not None and e["source"] == "state":
+            return self.state.tensors[PREFIX + key]
+        return self.src.get(key)
+
+    def write_extras(self, out_dir: str):
+        self.src.write_extras(out_dir)
