@@ -168,6 +168,7 @@ class RelexCallback(TrainerCallback, ExportableState):
         if orig is not None:
             return orig.on_train_begin(args, state, control, model=model, **kwargs)
         trainer = _attach(self)
+        resumed_from = lifecycle.begin(self, trainer, state)  # a second train() starts afresh; where it resumes from
         self._trainer = weakref.ref(trainer) if trainer is not None else None
         if trainer is not None:
             from ..compat import check_versions, trl_in_use
@@ -183,7 +184,7 @@ class RelexCallback(TrainerCallback, ExportableState):
             raise RelexInputError("RelexCallback needs the model in on_train_begin (use it with a transformers Trainer)")
         out_dir, s = self._out_dir(args), self.settings
         record = resume_record(state, out_dir) if state.global_step > 0 else None
-        checkpoints = lifecycle.resume_candidates(args, state, record)
+        checkpoints = lifecycle.resume_candidates(args, state, record, resumed_from)
         if state.global_step >= s.tcut:
             logger.info("relex: resumed at step %d >= tcut=%d; the window is already done", state.global_step, s.tcut)
             self.done = True

@@ -21,12 +21,35 @@ from ..trajectory.persist import RUN_TRAJECTORY_DIR, THETA0_FILE
 logger = logging.getLogger("relex_callback")
 
 
-def resume_candidates(args, state, record: Optional[dict] = None) -> list:
-    """Where the checkpoint training resumed from may be: where this callback saved it (its record in the
-    ``trainer_state.json`` the Trainer resumed with), the ``resume_from_checkpoint`` of the arguments,
+def begin(cb, trainer, state) -> Optional[str]:
+    """Start of a ``train()``: a callback instance that already ran one (a sweep loop, a notebook cell run again)
+    drops what that run left (:func:`begin_again`), so it records its own window, resumes the one in its checkpoint,
+    or is refused at step 0 like a new callback. Returns the checkpoint ``train(resume_from_checkpoint=PATH)`` is
+    resuming from (None at step 0)."""
+    from .trainer_link import _resumed_from
+
+    if cb.__dict__.get("_began"):
+        begin_again(cb)
+    cb._began = True
+    return _resumed_from(trainer) if state.global_step > 0 else None
+
+
+def begin_again(cb):
+    """Drop the window, validation and report a previous ``train()`` left on ``cb`` (its settings stay)."""
+    if cb.store is not None:
+        cb.store.release()
+    cb._release()
+    cb.store, cb.tracked, cb.topology, cb.validation, cb.report = None, [], None, None, None
+    cb.done, cb.skipped_steps, cb._pending_logs, cb._scoring, cb._run_id = False, [], {}, False, None
+
+
+def resume_candidates(args, state, record: Optional[dict] = None, resumed_from: Optional[str] = None) -> list:
+    """Where the checkpoint training resumed from may be: the path given to ``train(resume_from_checkpoint=PATH)``
+    (wherever it is: also a ``cp -r`` copy whose run directory is gone), where this callback saved it (its record in
+    the ``trainer_state.json`` the Trainer resumed with), the ``resume_from_checkpoint`` of the arguments,
     ``<output_dir>/checkpoint-<global_step>``. Each is verified (run id, settings, live weights) before it is
     used."""
-    return [(record or {}).get("checkpoint"), getattr(args, "resume_from_checkpoint", None),
+    return [resumed_from, (record or {}).get("checkpoint"), getattr(args, "resume_from_checkpoint", None),
             os.path.join(args.output_dir, f"checkpoint-{state.global_step}")]
 
 def select(cb, model):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import itertools
+import os
 from typing import Optional
 
 
@@ -52,6 +53,26 @@ def _attach(callback):
     handler.callbacks.remove(callback)
     handler.callbacks.insert(0, callback)
     return _owner_of(handler)
+
+
+def _resumed_from(trainer) -> Optional[str]:
+    """The checkpoint directory ``trainer.train(resume_from_checkpoint=...)`` is resuming from, as the Trainer resolved
+    it (``True`` -> the last checkpoint), or None. The Trainer keeps it only as an argument of its training loop, which
+    is on the call stack while ``on_train_begin`` runs: read from the frame of a method of ``trainer`` that has it."""
+    import sys
+
+    if trainer is None:
+        return None
+    frame = sys._getframe(1)
+    for _ in range(64):  # on_train_begin is a few frames below Trainer._inner_training_loop
+        if frame is None:
+            break
+        if "resume_from_checkpoint" in frame.f_code.co_varnames and frame.f_locals.get("self") is trainer:
+            value = frame.f_locals.get("resume_from_checkpoint")
+            if isinstance(value, (str, os.PathLike)):
+                return os.fspath(value)
+        frame = frame.f_back
+    return None
 
 
 def _horizon_bytes(model, tracked, merge_lora: bool) -> int:

@@ -1,0 +1,117 @@
+"""The callback's life cycle as users meet it (issue 20, class 5), with a real TRL GRPOTrainer on the tiny local model.
+
+One ``RelexCallback`` instance used for a second ``trainer.train()`` or a second trainer (a sweep loop, a notebook cell
+run again, a run interrupted and started again) either records a new window, bitwise what a new instance records,
+or is refused at step 0 saying what to do; it never trains on past ``tcut`` writing nothing. A resume finds the window
+in the checkpoint given to ``trainer.train(resume_from_checkpoint=PATH)``, wherever PATH is: a ``cp -r`` copy whose
+run directory is gone, with the same or another ``output_dir``.
+"""
+
+import os
+import shutil
+
+import pytest
+import torch
+
+from relex_callback import RelexCallback, RelexInputError
+from test_callback import Recorder, StopAt, grpo_trainer, read_weights
+
+TCUT = 4
+H = 9
+
+
+def _cb(**kw):
+    return RelexCallback(**{"tcut": TCUT, "horizons": [H], "dtype": "float32", **kw})
+
+
+def _same(a, b):
+    wa, wb = read_weights(a), read_weights(b)
+    assert sorted(wa) == sorted(wb)
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), (k, float((wa[k] - wb[k]).abs().max()))
+
+
+@pytest.fixture(scope="module")
+def fresh(tmp_path_factory):
+    """The reference: a new instance, one run, checkpoints every 2 steps."""
+    out = tmp_path_factory.mktemp("fresh")
+    t = grpo_trainer(out, [_cb()], save_strategy="steps", save_steps=2)
+    t.train()
+    assert t.state.global_step == TCUT
+    return out
+
+
+@pytest.mark.parametrize("first_stops_at", [TCUT, 2], ids=["after-a-window", "interrupted-inside-the-window"])
+def test_one_instance_in_a_sweep_loop_records_each_window(tmp_path, fresh, first_stops_at):
+    """The sweep loop: the same instance on a second trainer (another output_dir). It used to do nothing at all on the
+    second trainer (the first window had set it done) and let it train to max_steps; now each trainer stops at tcut
+    with its own window, bitwise what a new instance writes."""
+    cb = _cb()
+    first = grpo_trainer(tmp_path / "a", [cb, StopAt(first_stops_at)], save_strategy="steps", save_steps=2)
+    first.train()
+    assert first.state.global_step == first_stops_at
+    rec = Recorder()
+    second = grpo_trainer(tmp_path / "b", [cb, rec], save_strategy="steps", save_steps=2)
+    second.train()
+    assert second.state.global_step == TCUT, "trained past tcut without recording a window"
+    assert cb.report is not None and cb.report["steps"] == list(range(1, TCUT + 1))
+    _same(tmp_path / "b" / "relex" / f"step-{H}", fresh / "relex" / f"step-{H}")
+    if first_stops_at == TCUT:
+        _same(tmp_path / "a" / "relex" / f"step-{H}", fresh / "relex" / f"step-{H}")
+
+
+def test_notebook_cell_run_again_is_refused_at_step_0_or_overwrites(tmp_path):
+    """``trainer.train()`` run again on the same trainer and callback: the outputs of the first window are there, so
+    the second is refused before one step, saying what to do; with overwrite=True it records a new window from the
+    weights the trainer now has (theta_0 = the first window's tcut weights)."""
+    cb = _cb()
+    t = grpo_trainer(tmp_path / "nb", [cb], save_strategy="no")
+    t.train()
+    first = read_weights(tmp_path / "nb" / "relex" / f"step-{H}")
+    rec = Recorder()
+    t.add_callback(rec)
+    with pytest.raises(RelexInputError, match="already exist.*(another output directory|overwrite)"):
+        t.train()
+    assert [s for s in rec.snaps if s > 0] == [], "a step was trained before the refusal"
+    assert read_weights(tmp_path / "nb" / "relex" / f"step-{H}").keys() == first.keys()
+
+    cb2 = _cb(overwrite=True)
+    t2 = grpo_trainer(tmp_path / "nb2", [cb2], save_strategy="no")
+    t2.train()
+    t2.train()  # the same cell again, overwrite=True
+    assert t2.state.global_step == TCUT and cb2.report["steps"] == list(range(1, TCUT + 1))
+    assert cb2.report["tensors"], "no window recorded by the second train()"
+
+
+@pytest.mark.parametrize("output_dir", ["same", "other"])
+def test_resume_from_a_copied_checkpoint_whose_run_is_gone(tmp_path, fresh, output_dir):
+    """``cp -r run/checkpoint-2 elsewhere/`` then ``rm -r run``: ``train(resume_from_checkpoint="elsewhere/...")``
+    finds the window in the copy (it used to look only where the checkpoint was first written, and refused the resume
+    as a checkpoint saved without the callback). The result is bitwise the uninterrupted run's."""
+    run = tmp_path / "run"
+    t = grpo_trainer(run, [_cb(), StopAt(3)], save_strategy="steps", save_steps=2)
+    t.train()
+    copy = tmp_path / "kept" / "ckpt"
+    shutil.copytree(run / "checkpoint-2", copy)  # cp -r: the hard links become plain copies
+    shutil.rmtree(run)
+    out = run if output_dir == "same" else tmp_path / "other"
+    rec = Recorder()
+    again = grpo_trainer(out, [_cb(), rec], save_strategy="steps", save_steps=2)
+    again.train(resume_from_checkpoint=str(copy))
+    assert sorted(rec.snaps) == [2, 3, 4] and again.state.global_step == TCUT  # resumed at 2, trained 3 and 4
+    _same(out / "relex" / f"step-{H}", fresh / "relex" / f"step-{H}")
+    assert os.path.isdir(copy / "relex_trajectory"), "the user's copy was modified"
+
+
+def test_a_copy_of_another_runs_checkpoint_is_still_refused(tmp_path):
+    """The path the user gives is checked like any other: a copy of a checkpoint from a run with other settings is
+    refused at resume with what differs, not loaded."""
+    run = tmp_path / "run"
+    grpo_trainer(run, [_cb(), StopAt(2)], save_strategy="steps", save_steps=2).train()
+    copy = tmp_path / "kept"
+    shutil.copytree(run / "checkpoint-2", copy)
+    shutil.rmtree(run)
+    again = grpo_trainer(tmp_path / "b", [RelexCallback(tcut=TCUT + 2, horizons=[H], dtype="float32")],
+                         save_strategy="no")
+    with pytest.raises(RelexInputError, match="tcut"):
+        again.train(resume_from_checkpoint=str(copy))
