@@ -490,7 +490,7 @@ Args:
     include (`list[str]`, *optional*):
         Regexes (``re.search``) over parameter names to track. Default: every trainable parameter.
     exclude (`list[str]`, *optional*):
-        Regexes over parameter names not to track (they are written unchanged).
+        Regexes over parameter names not to track (written with their values at ``tcut``, kept in the state file).
     solver (`str`, *optional*, defaults to `"auto"`):
         ``"gram"``, ``"power"`` or ``"auto"`` (per-device choice measured in ``bench/solver.py``).
     overwrite (`bool`, *optional*, defaults to `False`):
