@@ -17,9 +17,10 @@ every step) carries one ``RelexCallback`` per option cell, each with its own out
 * (slow) a resumed run: the same training interrupted inside the window, its checkpoint copied with ``cp -r`` and
   the run directory deleted, resumed from the copy: bitwise.
 
-What is not in the matrix: the distributed writers and sharded state files (tests/test_distributed*.py compare them
-with a single-process replay to 1e-5), PEFT with ``relex materialize`` (the state of an adapter run needs an adapter
-base; the resumed PEFT run is compared bitwise below).
+Beside the matrix: (slow) PEFT with and without ``merge_lora`` resumed from a copy, bitwise; (slow, distributed) DDP
+and ZeRO-3 with ``exclude`` (2 processes over gloo): the distributed writers' horizon vs ``relex materialize`` of the
+sharded state, bitwise. Not covered: ``relex materialize`` for a PEFT state (it needs an adapter base), FSDP2, and
+``relex extrapolate --trajectory`` with include/exclude (it takes untracked tensors from ``--base``).
 """
 
 import os

@@ -192,7 +192,11 @@ def _load_state_index(path: str) -> RelexState:
     if any(os.sep in weight_map[n] or weight_map[n].startswith("..") for n in order):
         c.fail("weight_map", "names a file outside the state's directory")
     base = os.path.dirname(path)
-    parts = [_load_state_file(os.path.join(base, fn)) for fn in dict.fromkeys(weight_map[n] for n in order)]
+    shards = index["metadata"].get("shards") or []  # also the shards that hold only untracked tensors
+    if not isinstance(shards, list) or any(not isinstance(x, str) or os.sep in x or x.startswith("..") for x in shards):
+        c.fail("metadata.shards", "is not a list of file names in the state's directory")
+    parts = [_load_state_file(os.path.join(base, fn))
+             for fn in dict.fromkeys([weight_map[n] for n in order] + list(shards))]
     first = parts[0]
     where = {}
     for p in parts:

@@ -27,20 +27,24 @@ SOURCES = ("state", "base")
 def record_untracked(source, tracked_names) -> tuple[dict, dict]:
     """For a live model (``checkpoints.ModelSource``): ``(tensors, meta)`` to add to the state file for every key the
     horizons copy from the model instead of extrapolating. Reads each untracked tensor once (end of window only)."""
-    from .state import fingerprint
-
     tracked = set(tracked_names)
     model = getattr(source, "model", None)
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad} if model is not None else set()
+    return record_values([k for k in source.keys if k not in tracked], source.get, frozen)
+
+
+def record_values(keys, get, frozen) -> tuple[dict, dict]:
+    """``(tensors, meta)`` for the untracked ``keys`` (values from ``get(key)``, as written into every horizon):
+    trained ones (not in ``frozen``, floating point) by value, the others by fingerprint."""
+    from .state import fingerprint
+
     tensors, meta = {}, {}
-    for key in source.keys:
-        if key in tracked:
-            continue
-        value = source.get(key)
+    for key in keys:
+        value = get(key)
         if key in frozen or not value.is_floating_point():
             meta[key] = {"source": "base", "fingerprint": fingerprint(value) if value.is_floating_point() else None}
         else:  # trained (a parameter the trainer updates) or a floating buffer the forward pass may update
-            tensors[PREFIX + key] = value.contiguous().clone()
+            tensors[PREFIX + key] = value.detach().to("cpu").contiguous().clone()
             meta[key] = {"source": "state", "fingerprint": fingerprint(value)}
     return tensors, meta
 

@@ -65,8 +65,15 @@ class CheckpointWriter:
 
     def write_state(self, out_dir: str, tcut: int) -> str:
         path = os.path.join(out_dir, STATE_NAME)
-        guarded(lambda: save_state(path, self.solution, self.theta0_of, tcut=tcut, extra={"run_id": self.run_id}))
+        untracked = self.untracked_record()
+        guarded(lambda: save_state(path, self.solution, self.theta0_of, tcut=tcut, extra={"run_id": self.run_id},
+                                   untracked=untracked))
         return path
+
+    def untracked_record(self):
+        """``(tensors, meta)`` of the untracked tensors this writer copies into every horizon, for the state file
+        (:mod:`relex_callback.files.untracked`), or None when they come from the base the state is used with."""
+        return None
 
     def write_horizon(self, out_dir: str, horizon: int, tcut: int, overwrite: bool) -> str:
         raise NotImplementedError
@@ -110,17 +117,15 @@ class FullModelWriter(CheckpointWriter):
         if missing:
             raise RelexInputError(f"tracked tensors {missing[:3]} are not in the base model's checkpoint keys")
 
-    def write_state(self, out_dir, tcut):
-        """The state file; from a live model it also records the untracked tensors the horizons copy from it
-        (:mod:`relex_callback.files.untracked`), so that ``relex materialize`` writes the same bytes."""
+    def untracked_record(self):
+        """From a live model: the untracked tensors the horizons copy from it, so that ``relex materialize`` writes
+        the same bytes (a checkpoint on disk is the base itself: nothing to record)."""
         from .checkpoints import ModelSource
         from .untracked import record_untracked
 
-        untracked = (record_untracked(self.source, [s.name for s in self.solution.specs])
-                     if isinstance(self.source, ModelSource) else None)
-        path = os.path.join(out_dir, STATE_NAME)
-        guarded(lambda: save_state(path, self.solution, self.theta0_of, tcut=tcut, untracked=untracked))
-        return path
+        if not isinstance(self.source, ModelSource):
+            return None
+        return record_untracked(self.source, [s.name for s in self.solution.specs])
 
     def write_horizon(self, out_dir, horizon, tcut, overwrite):
         return write_full_checkpoint(out_dir, horizon, tcut, self.solution, self.theta0_of, self.source,
@@ -304,17 +309,19 @@ class ShardedWriter(CheckpointWriter):
         from .state import save_state_index, state_shard_name
 
         topo, owned = self.topo, self.solution
-        counts = topo.gather_objects(len(owned.specs))
+        untracked = self._untracked_mine()
+        counts = topo.gather_objects(len(owned.specs) + len(untracked[1]))
         files = [r for r in range(topo.world) if counts[r] > 0]
         names = {r: state_shard_name(j, len(files)) for j, r in enumerate(files)}
         token = topo.broadcast_object(f"{os.getpid()}-{os.urandom(4).hex()}")
         tmp = os.path.join(out_dir, f".relex_state.tmp-{token}")
         self._step(lambda: os.makedirs(tmp, exist_ok=True), coordinator_only=True)
 
-        def save_mine():
-            if owned.specs:
+        def save_mine():  # this process's tracked tensors and the untracked ones it writes into every horizon
+            if owned.specs or untracked[1]:
                 save_state(os.path.join(tmp, names[topo.process_rank]), owned, self.theta0_of, tcut=tcut,
-                           extra={"distributed": {"mode": topo.mode, "world_size": topo.world}, "run_id": self.run_id})
+                           extra={"distributed": {"mode": topo.mode, "world_size": topo.world}, "run_id": self.run_id},
+                           untracked=untracked)
 
         def commit():  # the index, written last, is the commit point
             weight_map = {}
@@ -323,7 +330,7 @@ class ShardedWriter(CheckpointWriter):
             for r in files:
                 os.replace(os.path.join(tmp, names[r]), os.path.join(out_dir, names[r]))
             save_state_index(out_dir, weight_map, [n for n in topo.names if n in weight_map],
-                             world_size=topo.world, mode=topo.mode, run_id=self.run_id)
+                             world_size=topo.world, mode=topo.mode, run_id=self.run_id, shards=[names[r] for r in files])
 
         try:
             self._step(save_mine)
@@ -333,6 +340,17 @@ class ShardedWriter(CheckpointWriter):
             if self.is_coordinator:
                 shutil.rmtree(tmp, ignore_errors=True)
         return os.path.join(out_dir, STATE_INDEX_NAME)
+
+    def _untracked_mine(self) -> tuple[dict, dict]:
+        """The untracked keys this process writes into every horizon, recorded for the state file
+        (:mod:`relex_callback.files.untracked`): the values :meth:`write_horizon` writes."""
+        from .untracked import record_values
+
+        plan, tracked = self.plan, set(self.topo.names)
+        mine = [k for k in plan["keys"] if plan["owner"][k] == self.topo.process_rank and k not in tracked]
+        sd = plan["sd"]
+        frozen = {k for k in mine if isinstance(sd[k], torch.nn.Parameter) and not sd[k].requires_grad}
+        return record_values(mine, lambda k: self.extra[k] if k in self.extra else sd[k].detach(), frozen)
 
     def write_horizon(self, out_dir, horizon, tcut, overwrite):
         topo, plan = self.topo, self.plan
