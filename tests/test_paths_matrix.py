@@ -256,3 +256,23 @@ def test_distributed_run_and_materialize_of_its_sharded_state_give_the_same_byte
     assert (run_dir / "relex" / "relex_state.index.json").is_file()
     _cli(env, "materialize", "--state", run_dir / "relex", "--base", base, "--horizons", "12", "--out", tmp_path / "mat")
     _assert_same(run_dir / "relex" / "step-12", tmp_path / "mat" / "step-12", f"{mode}: run vs relex materialize")
+
+
+def test_materialize_refuses_a_base_whose_frozen_tensor_is_not_the_runs(run, env, tmp_path):
+    """The state file keeps fingerprints of the untracked tensors that come from the base (frozen, buffers): a base
+    whose frozen tensor differs from the one the run wrote is refused (exit 2, one line naming it) before anything
+    is written, instead of writing a horizon that is not the run's."""
+    from safetensors.torch import load_file, save_file
+
+    base = tmp_path / "base"
+    shutil.copytree(run / "base", base)
+    w = load_file(base / "model.safetensors")
+    w[FROZEN] = w[FROZEN] + 0.5
+    save_file(w, base / "model.safetensors", metadata={"format": "pt"})
+    r = subprocess.run([sys.executable, "-m", "relex_callback.cli", "materialize", "--state",
+                        str(run / "relex" / "default"), "--base", str(base), "--horizons", str(H), "--out",
+                        str(tmp_path / "mat")], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("relex: error:") and FROZEN in last and "untracked" in last, last
+    assert not (tmp_path / "mat").exists() or not os.listdir(tmp_path / "mat")

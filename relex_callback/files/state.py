@@ -19,7 +19,9 @@ from ..params import TensorSpec
 
 from .fs import STATE_INDEX_NAME, STATE_NAME, atomic_file, write_json  # noqa: F401  (the names live in fs)
 FORMAT_VERSION = 2  # 2: per-tensor "fit" (the coefficient curve, relex_callback.core.fit.Fit) beside slope/intercept
-READABLE_VERSIONS = (1, 2)  # 1: the line only
+UNTRACKED_VERSION = 3  # 3: "untracked" (relex_callback.files.untracked), written only by states that record trained
+#   untracked tensors, so that an older reader refuses the file instead of writing theta_0 where the run wrote them
+READABLE_VERSIONS = (1, 2, 3)  # 1: the line only
 N_SAMPLES = 8
 
 
@@ -90,6 +92,8 @@ class RelexState:
             from .untracked import PREFIX
 
             meta["untracked"] = self.untracked
+            if any(e["source"] == "state" for e in self.untracked.values()):
+                meta["version"] = UNTRACKED_VERSION
             tensors.update({k: v.contiguous() for k, v in self.tensors.items() if k.startswith(PREFIX)})
         _write_state_file(path, tensors, meta)
 
@@ -137,6 +141,8 @@ def save_state(path: str, solution, theta0_of, *, tcut: int, extra: Optional[dic
     if untracked is not None:
         tensors.update(untracked[0])
         meta["untracked"] = untracked[1]
+        if any(e["source"] == "state" for e in untracked[1].values()):
+            meta["version"] = UNTRACKED_VERSION
     _write_state_file(path, tensors, meta)
 
 
