@@ -22,6 +22,8 @@ FORMAT_VERSION = 2  # 2: per-tensor "fit" (the coefficient curve, relex_callback
 UNTRACKED_VERSION = 3  # 3: "untracked" (relex_callback.files.untracked), written only by states that record trained
 #   untracked tensors, so that an older reader refuses the file instead of writing theta_0 where the run wrote them
 READABLE_VERSIONS = (1, 2, 3)  # 1: the line only
+PREFIX = "untracked/"  # key of an untracked tensor's value (relex_callback.files.untracked); names hold no "/"
+SOURCES = ("state", "base")  # where an untracked tensor of a horizon comes from
 N_SAMPLES = 8
 
 
@@ -89,8 +91,6 @@ class RelexState:
                 "tensors": self.info, "run_id": self.run_id}
         tensors = {sp.name: self.tensors[sp.name].contiguous() for sp in self.specs}
         if self.untracked:
-            from .untracked import PREFIX
-
             meta["untracked"] = self.untracked
             if any(e["source"] == "state" for e in self.untracked.values()):
                 meta["version"] = UNTRACKED_VERSION
@@ -266,8 +266,6 @@ def _load_state_file(path: str) -> RelexState:
             got = "missing" if t is None else f"{tuple(t.shape)} {t.dtype}"
             raise RelexInputError(f"{path}: the direction of {n} is {got}, expected a float tensor of shape {want}; the "
                                   "file was edited or is damaged: use the relex_state.safetensors the run wrote")
-    from .untracked import check_untracked_meta
-
     untracked = check_untracked_meta(meta, tensors, path)
     order = meta["order"]
     info = meta["tensors"]
@@ -294,3 +292,19 @@ def _load_curve(info: dict, order: list, path: str):
     except (KeyError, TypeError, ValueError, IndexError) as e:
         raise RelexInputError(f"{path}: a tensor's 'fit' record is damaged ({type(e).__name__}: {e}); use the "
                               "relex_state.safetensors the run wrote") from None
+
+
+def check_untracked_meta(meta, tensors: dict, path: str) -> dict:
+    """The ``untracked`` entry of a state file's metadata (``{}`` when absent), checked against its tensors."""
+    rec = meta.get("untracked")
+    if rec is None:
+        return {}
+    hint = "the file was edited or is damaged: use the relex_state.safetensors the run wrote"
+    if not isinstance(rec, dict):
+        raise RelexInputError(f"{path}: 'untracked' is {type(rec).__name__}, expected a mapping of keys; {hint}")
+    for key, e in rec.items():
+        if not isinstance(e, dict) or e.get("source") not in SOURCES:
+            raise RelexInputError(f"{path}: untracked[{key!r}] has no source in {list(SOURCES)}; {hint}")
+        if e["source"] == "state" and PREFIX + key not in tensors:
+            raise RelexInputError(f"{path}: the value of the untracked tensor {key} is missing; {hint}")
+    return rec

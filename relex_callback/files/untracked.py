@@ -20,8 +20,7 @@ import torch
 
 from ..errors import RelexInputError
 
-PREFIX = "untracked/"  # parameter names hold no "/": no clash with the directions' keys
-SOURCES = ("state", "base")
+from .state import PREFIX  # noqa: F401  (the state file's key prefix of an untracked tensor's value)
 
 
 def record_untracked(source, tracked_names) -> tuple[dict, dict]:
@@ -47,22 +46,6 @@ def record_values(keys, get, frozen) -> tuple[dict, dict]:
             tensors[PREFIX + key] = value.detach().to("cpu").contiguous().clone()
             meta[key] = {"source": "state", "fingerprint": fingerprint(value)}
     return tensors, meta
-
-
-def check_untracked_meta(meta, tensors: dict, path: str) -> dict:
-    """The ``untracked`` entry of a state file's metadata (``{}`` when absent), checked against its tensors."""
-    rec = meta.get("untracked")
-    if rec is None:
-        return {}
-    hint = "the file was edited or is damaged: use the relex_state.safetensors the run wrote"
-    if not isinstance(rec, dict):
-        raise RelexInputError(f"{path}: 'untracked' is {type(rec).__name__}, expected a mapping of keys; {hint}")
-    for key, e in rec.items():
-        if not isinstance(e, dict) or e.get("source") not in SOURCES:
-            raise RelexInputError(f"{path}: untracked[{key!r}] has no source in {list(SOURCES)}; {hint}")
-        if e["source"] == "state" and PREFIX + key not in tensors:
-            raise RelexInputError(f"{path}: the value of the untracked tensor {key} is missing; {hint}")
-    return rec
 
 
 class UntrackedSource:
