@@ -79,7 +79,7 @@ def _assert_same(a, b, what):
 
 
 def _cli(env, *args):
-    r = subprocess.run([sys.executable, "-m", "relex_callback.cli", *map(str, args)], env=env, capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "relex_callback.offline.cli", *map(str, args)], env=env, capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
 
@@ -269,7 +269,7 @@ def test_materialize_refuses_a_base_whose_frozen_tensor_is_not_the_runs(run, env
     w = load_file(base / "model.safetensors")
     w[FROZEN] = w[FROZEN] + 0.5
     save_file(w, base / "model.safetensors", metadata={"format": "pt"})
-    r = subprocess.run([sys.executable, "-m", "relex_callback.cli", "materialize", "--state",
+    r = subprocess.run([sys.executable, "-m", "relex_callback.offline.cli", "materialize", "--state",
                         str(run / "relex" / "default"), "--base", str(base), "--horizons", str(H), "--out",
                         str(tmp_path / "mat")], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 2, r.stderr[-2000:]
