@@ -138,7 +138,7 @@ def save_state(path: str, solution, theta0_of, *, tcut: int, extra: Optional[dic
     }
     if extra:
         meta.update(extra)
-    if untracked is not None:
+    if untracked is not None and untracked[1]:  # nothing untracked: the file is what it was before the record
         tensors.update(untracked[0])
         meta["untracked"] = untracked[1]
         if any(e["source"] == "state" for e in untracked[1].values()):
