@@ -25,7 +25,7 @@ from ..config import SETTINGS_DOC, RelexConfig, RelexSettings
 from ..errors import RelexInputError, RelexNonFiniteError
 from ..files.fs import check_outputs_free, check_writable_dir
 from . import lifecycle
-from .trainer_link import _attach, _horizon_bytes, take_back_original
+from .trainer_link import _horizon_bytes, take_back_original
 
 logger = logging.getLogger("relex_callback")
 
@@ -167,8 +167,7 @@ class RelexCallback(TrainerCallback, ExportableState):
         orig = take_back_original(self, RelexCallback._instances)
         if orig is not None:
             return orig.on_train_begin(args, state, control, model=model, **kwargs)
-        trainer = _attach(self)
-        resumed_from = lifecycle.begin(self, trainer, state)  # a second train() starts afresh; where it resumes from
+        trainer, resumed_from = lifecycle.begin(self, state)  # attached first; a second train() starts afresh
         self._trainer = weakref.ref(trainer) if trainer is not None else None
         if trainer is not None:
             from ..compat import check_versions, trl_in_use

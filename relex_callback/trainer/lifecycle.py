@@ -21,17 +21,19 @@ from ..trajectory.persist import RUN_TRAJECTORY_DIR, THETA0_FILE
 logger = logging.getLogger("relex_callback")
 
 
-def begin(cb, trainer, state) -> Optional[str]:
-    """Start of a ``train()``: a callback instance that already ran one (a sweep loop, a notebook cell run again)
-    drops what that run left (:func:`begin_again`), so it records its own window, resumes the one in its checkpoint,
-    or is refused at step 0 like a new callback. Returns the checkpoint ``train(resume_from_checkpoint=PATH)`` is
-    resuming from (None at step 0)."""
-    from .trainer_link import _resumed_from
+def begin(cb, state):
+    """Start of a ``train()``: ``cb`` goes first in its trainer's callbacks (:func:`~.trainer_link._attach`); an
+    instance that already ran a ``train()`` (a sweep loop, a notebook cell run again) drops what that run left
+    (:func:`begin_again`), so it records its own window, resumes the one in its checkpoint, or is refused at step 0
+    like a new callback. Returns ``(the Trainer or None, the checkpoint train(resume_from_checkpoint=PATH) is resuming
+    from, None at step 0)``."""
+    from .trainer_link import _attach, _resumed_from
 
+    trainer = _attach(cb)
     if cb.__dict__.get("_began"):
         begin_again(cb)
     cb._began = True
-    return _resumed_from(trainer) if state.global_step > 0 else None
+    return trainer, (_resumed_from(trainer) if state.global_step > 0 else None)
 
 
 def begin_again(cb):
