@@ -1,0 +1,72 @@
+"""Would a fixed-width copy make the float32 CPU Gram layout-independent, and at what cost? (README, "Every path gives
+the same bytes": the float32-buffer exception.)
+
+The float32 CPU Gram (``core.kernels.reference.gram_reference``) multiplies views of the arena; with several threads
+its last bit depends on the arena's width, so the callback and ``relex extrapolate`` (which tracks the frozen tensors
+too) can differ by one ulp. Copying each chunk into a scratch of fixed width removes that. This times both on the
+same float32 arena, interleaved (the machine's speed varies), and checks the two layouts with each.
+
+    OMP_NUM_THREADS=2 PYTHONPATH=. python bench/gram_copy_ab.py            # 1.2 GB: T=75 x 4M elements
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from relex_callback.core.kernels.reference import CHUNK, _chunks, gram_reference  # noqa: E402
+
+
+@torch.no_grad()
+def gram_copied(M, offsets, numels, chunk=CHUNK):
+    """The variant: every chunk copied into a [T, chunk] float32 scratch before its Gram (summed in float64)."""
+    T = M.shape[0]
+    G = torch.zeros(len(offsets), T, T, dtype=torch.float64)
+    tmp = torch.empty(T, chunk, dtype=torch.float32)
+    for i, (o, n) in enumerate(zip(offsets, numels)):
+        for s, e in _chunks(o, n, chunk):
+            c = tmp[:, : e - s]
+            c.copy_(M[:, s:e])
+            G[i] += (c @ c.T).double()
+    return G
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--T", type=int, default=75)
+    ap.add_argument("--numel", type=float, default=4e6)
+    ap.add_argument("--tensors", type=int, default=20)
+    ap.add_argument("--repeat", type=int, default=7)
+    a = ap.parse_args()
+    n = int(a.numel) // a.tensors
+    sizes, offs = [n] * a.tensors, [i * n for i in range(a.tensors)]
+    M = torch.randn(a.T, n * a.tensors)
+    ta, tb = [], []
+    for _ in range(a.repeat):
+        t = time.perf_counter(); gram_reference(M, offs, sizes); ta.append(time.perf_counter() - t)
+        t = time.perf_counter(); gram_copied(M, offs, sizes); tb.append(time.perf_counter() - t)
+    print(f"T={a.T} elements={n * a.tensors:,} float32 ({M.numel() * 4 / 1e9:.2f} GB), threads {torch.get_num_threads()}, "
+          f"{a.repeat} interleaved runs: view (as shipped) median {statistics.median(ta):.3f} s (min {min(ta):.3f}), "
+          f"copied median {statistics.median(tb):.3f} s (min {min(tb):.3f})")
+    # layout dependence: one 6 x 8192 tensor placed in arenas of several widths and offsets (the first is the
+    # tensor alone, contiguous)
+    x = torch.randn(6, 8192)
+    layouts = [(0, 0), (0, 64), (0, 333), (100, 64), (4096, 4160)]
+    arenas = []
+    for off, extra in layouts:
+        w = torch.zeros(6, off + 8192 + extra)
+        w[:, off:off + 8192] = x
+        arenas.append((w, off))
+    for name, fn in (("view", gram_reference), ("copied", gram_copied)):
+        g = [fn(w, [off], [8192]) for w, off in arenas]
+        same = [torch.equal(g[0], gi) for gi in g[1:]]
+        print(f"{name}: Gram of one 6 x 8192 tensor in {len(layouts)} arena layouts (offset, extra width) {layouts}: "
+              f"equal to the first: {same}")
+
+if __name__ == "__main__":
+    main()
