@@ -142,6 +142,10 @@ def tied_copies(model, sd: Optional[dict] = None) -> set:
         for k, t in sd.items():
             if k in copies or not hasattr(t, "data_ptr") or t.numel() == 0 or t.device.type == "meta":
                 continue
+            if getattr(t, "placements", None) is not None or hasattr(t, "_local_tensor"):
+                # a DTensor (FSDP2): its data_ptr is its local shard's, empty or not, so storage says nothing about
+                # tying; its object identity was counted above
+                continue
             try:
                 key = (str(t.device), t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype)
             except Exception:  # a tensor subclass without plain storage (DTensor): its object identity counted above

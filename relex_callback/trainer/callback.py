@@ -23,7 +23,7 @@ from ..trajectory.persist import TRAJECTORY_DIR
 from ..trajectory.window import OutputLock, open_window, resume_record
 from ..config import SETTINGS_DOC, RelexConfig, RelexSettings
 from ..errors import RelexInputError, RelexNonFiniteError
-from ..files.fs import check_outputs_free, check_writable_dir
+from ..files.fs import check_writable_dir
 from . import lifecycle
 from .trainer_link import _horizon_bytes, take_back_original
 
@@ -169,11 +169,6 @@ class RelexCallback(TrainerCallback, ExportableState):
             return orig.on_train_begin(args, state, control, model=model, **kwargs)
         trainer, resumed_from = lifecycle.begin(self, state)  # attached first; a second train() starts afresh
         self._trainer = weakref.ref(trainer) if trainer is not None else None
-        if trainer is not None:
-            from ..compat import check_versions, trl_in_use
-
-            if trl_in_use(trainer):
-                check_versions(("trl",))
         self._ckpt_root, self._step = args.output_dir, state.global_step
         if isinstance(state.stateful_callbacks, dict):  # resumed from a checkpoint saved without this callback: the
             state.stateful_callbacks.setdefault("RelexCallback", self.state())  # Trainer's next save needs the key
@@ -200,12 +195,7 @@ class RelexCallback(TrainerCallback, ExportableState):
                            "extrapolated; the recorded window is kept in %s for `relex extrapolate`",
                            state.max_steps, s.tcut, out_dir)
         check_writable_dir(out_dir, "output_dir")
-        from ..params import is_peft_model
-
-        # every name the window will write, derived ones too (step-H-merged/, state shards, report, plot): a refusal
-        # now costs nothing, at tcut it costs the window
-        check_outputs_free(out_dir, s.horizons, s.overwrite, merged=s.merge_lora and is_peft_model(model),
-                           plot=s.evaluate_horizons)
+        lifecycle.check_outputs(self, out_dir, model)
         self._select(model)
         if self.topology.process_rank == 0:
             self._lock = OutputLock(out_dir, self._trainer() if self._trainer is not None else None)
@@ -250,23 +240,7 @@ class RelexCallback(TrainerCallback, ExportableState):
         try:
             self.store.snapshot(step, [t.read() for t in self.tracked])
         except RelexNonFiniteError as e:
-            base = self._nonfinite_theta0()
-            if base:  # not a divergence of this run: the weights it started from were already NaN/Inf
-                raise RelexNonFiniteError(
-                    f"relex: the weights training started from (theta_0, the base model) already hold NaN/Inf in "
-                    f"{len(base)} tensor(s): {', '.join(base[:5])}{' ...' if len(base) > 5 else ''}; every delta from "
-                    "them is non-finite, whatever the step. Training stopped; load a finite base model") from None
-            if self.settings.on_nonfinite != "skip":
-                raise RelexNonFiniteError(f"relex: {e}. Training stopped (on_nonfinite='error'); no checkpoint was "
-                                          "written from it. Pass on_nonfinite='skip' to drop such steps") from None
-            self.skipped_steps.append(int(step))
-            logger.warning("relex: %s; step skipped (on_nonfinite='skip', %d skipped so far)", e, len(self.skipped_steps))
-
-    def _nonfinite_theta0(self) -> list:
-        """Tracked tensors whose theta_0 is not finite (asked only after a non-finite delta: no cost per step)."""
-        import torch
-
-        return [t.spec.name for t in self.tracked if not bool(torch.isfinite(self.store.theta0_of(t.spec)).all())]
+            lifecycle.nonfinite_step(self, step, e)
 
     def on_save(self, args, state, control, **kwargs):
         if self.topology is None or (self.store is None and self.validation is None):

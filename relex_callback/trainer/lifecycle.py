@@ -30,6 +30,11 @@ def begin(cb, state):
     from .trainer_link import _attach, _resumed_from
 
     trainer = _attach(cb)
+    if trainer is not None:
+        from ..compat import check_versions, trl_in_use
+
+        if trl_in_use(trainer):  # an older TRL than supported gives a different result: refused before step 1
+            check_versions(("trl",))
     if cb.__dict__.get("_began"):
         begin_again(cb)
     cb._began = True
@@ -45,6 +50,37 @@ def begin_again(cb):
     cb.done, cb.skipped_steps, cb._pending_logs, cb._scoring, cb._run_id = False, [], {}, False, None
 
 
+def check_outputs(cb, out_dir: str, model):
+    """Every name the window will write is free (or relex's own, with ``overwrite``), derived ones too
+    (``step-H-merged/``, state shards, report, plot): a refusal now costs nothing, at ``tcut`` it costs the window."""
+    from ..files.fs import check_outputs_free
+    from ..params import is_peft_model
+
+    s = cb.settings
+    check_outputs_free(out_dir, s.horizons, s.overwrite, merged=s.merge_lora and is_peft_model(model),
+                       plot=s.evaluate_horizons)
+
+
+def nonfinite_step(cb, step: int, e):
+    """A non-finite delta at ``step``: the base's fault when theta_0 itself holds NaN/Inf (said so), else an error
+    (``on_nonfinite="error"``) or the step skipped with a warning."""
+    import torch
+
+    from ..errors import RelexNonFiniteError
+
+    base = [t.spec.name for t in cb.tracked if not bool(torch.isfinite(cb.store.theta0_of(t.spec)).all())]
+    if base:  # not a divergence of this run: the weights it started from were already NaN/Inf (no cost per step)
+        raise RelexNonFiniteError(
+            f"relex: the weights training started from (theta_0, the base model) already hold NaN/Inf in "
+            f"{len(base)} tensor(s): {', '.join(base[:5])}{' ...' if len(base) > 5 else ''}; every delta from "
+            "them is non-finite, whatever the step. Training stopped; load a finite base model") from None
+    if cb.settings.on_nonfinite != "skip":
+        raise RelexNonFiniteError(f"relex: {e}. Training stopped (on_nonfinite='error'); no checkpoint was "
+                                  "written from it. Pass on_nonfinite='skip' to drop such steps") from None
+    cb.skipped_steps.append(int(step))
+    logger.warning("relex: %s; step skipped (on_nonfinite='skip', %d skipped so far)", e, len(cb.skipped_steps))
+
+
 def resume_candidates(args, state, record: Optional[dict] = None, resumed_from: Optional[str] = None) -> list:
     """Where the checkpoint training resumed from may be: the path given to ``train(resume_from_checkpoint=PATH)``
     (wherever it is: also a ``cp -r`` copy whose run directory is gone), where this callback saved it (its record in
@@ -53,6 +89,7 @@ def resume_candidates(args, state, record: Optional[dict] = None, resumed_from: 
     used."""
     return [resumed_from, (record or {}).get("checkpoint"), getattr(args, "resume_from_checkpoint", None),
             os.path.join(args.output_dir, f"checkpoint-{state.global_step}")]
+
 
 def select(cb, model):
     """The tensors this process records (``cb.tracked``) and the process layout (``cb.topology``)."""
