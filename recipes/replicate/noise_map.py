@@ -131,13 +131,8 @@ def backtest(G, steps):
     return {k: r.get(k) for k in ("cosine_global", "norm_ratio_global", "relative_error_global", "direction_cosine")}
 
 
-def run_cell(cfg, rollouts, lr, seed):
-    from replicate import cos_ratio, extrapolated, solve_window
-
-    from relex_callback.core import noise
-
-    t_all = time.perf_counter()
-    model, tok, named, theta, t_train = train_cell(cfg, rollouts, lr, seed)
+def reward_of(model, tok, named):
+    """``reward(flat)``: the expected reward over every problem of the model with its weights set to ``flat``."""
     params = [p for _, p in named]
     expected = ExpectedReward(tok, all_problems(9))
 
@@ -146,6 +141,17 @@ def run_cell(cfg, rollouts, lr, seed):
             torch.nn.utils.vector_to_parameters(flat.to(params[0].dtype), params)
         return expected(model)
 
+    return reward
+
+
+def run_cell(cfg, rollouts, lr, seed):
+    from replicate import cos_ratio, extrapolated, solve_window
+
+    from relex_callback.core import noise
+
+    t_all = time.perf_counter()
+    model, tok, named, theta, t_train = train_cell(cfg, rollouts, lr, seed)
+    reward = reward_of(model, tok, named)
     tc, N = cfg.tcut, cfg.steps
     theta0 = theta[0]
     curve = {t: reward(theta[t]) for t in sorted(set(range(0, N + 1, cfg.eval_every)) | {tc, N})}
@@ -199,14 +205,7 @@ def run_continue(cfg, rollouts, lr, seed):
         t0 = time.perf_counter()
         jump = None if spec is None else (cfg.tcut, spec[0], spec[1])
         model, tok, named, theta, _ = train_cell(cfg, rollouts, lr, seed, jump=jump)
-        params = [p for _, p in named]
-        expected = ExpectedReward(tok, all_problems(9))
-
-        def reward(flat):
-            with torch.no_grad():
-                torch.nn.utils.vector_to_parameters(flat.to(params[0].dtype), params)
-            return expected(model)
-
+        reward = reward_of(model, tok, named)
         at = set(range(0, cfg.steps + 1, cfg.eval_every)) | {cfg.tcut, 2 * cfg.tcut, cfg.steps // 2, cfg.steps}
         out["arms"][arm] = {"curve": {t: reward(theta[t]) for t in sorted(at)},
                             "seconds": round(time.perf_counter() - t0, 1)}

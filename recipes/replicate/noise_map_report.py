@@ -457,13 +457,7 @@ def plot(R, cells, live, path):
 
 
 def splice(doc, md, marker="noise-map"):
-    BEGIN, END = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
-    if not os.path.isfile(doc):
-        return
-    text = open(doc).read()
-    if BEGIN not in text or END not in text:
-        return
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    with open(doc, "w") as f:
-        f.write(head + BEGIN + "\n" + md + END + tail)
+    """The noise map's block of ``docs/replication.md`` (between ``<!-- marker:begin/end -->``)."""
+    from replicate import splice as splice_block
+
+    splice_block(doc, md, marker)

@@ -369,8 +369,9 @@ def plots(R, cfg, out, full, pick, names, sols):
     plt.close(fig)
 
 
-def splice(doc, md):
-    begin, end = "<!-- results:begin -->", "<!-- results:end -->"
+def splice(doc, md, marker="results"):
+    """Replace the block between ``<!-- marker:begin -->`` and ``<!-- marker:end -->`` in ``doc`` with ``md``."""
+    begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
     if not os.path.isfile(doc):
         return
     text = open(doc).read()
