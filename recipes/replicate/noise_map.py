@@ -18,8 +18,6 @@ Writes ``<out>/cells/*.json`` (one per run), ``<out>/noise_map.json``, ``<out>/n
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
 import random
 import sys
@@ -37,6 +35,8 @@ os.environ.setdefault("WANDB_DISABLED", "true")
 import torch  # noqa: E402
 
 from task import ExpectedReward, all_problems, sample_problems, warm_up  # noqa: E402
+
+from relex_callback.files.fs import write_json  # noqa: E402
 
 GENERATIONS = 8  # completions per prompt; rollouts per step = prompts x GENERATIONS
 
@@ -223,9 +223,7 @@ def run_continue_grid(cfg):
             if os.path.isfile(path):
                 continue
             res = run_continue(cfg, rollouts, lr, seed)
-            with open(path + ".tmp", "w") as f:
-                json.dump(res, f, indent=1)
-            os.replace(path + ".tmp", path)
+            write_json(path, res, indent=1)
             print(f"continue {cell_key(rollouts, lr, seed)}: " + ", ".join(
                 f"{a} {v['curve'][cfg.steps]:.3f}" for a, v in res["arms"].items()), flush=True)
 
@@ -250,9 +248,7 @@ def run_grid(cfg):
         if os.path.isfile(path):
             continue
         res = run_cell(cfg, rollouts, lr, seed)
-        with open(path + ".tmp", "w") as f:
-            json.dump(res, f, indent=1)
-        os.replace(path + ".tmp", path)
+        write_json(path, res, indent=1)
         best = max(res["rows"], key=lambda r: r["relex"] - r["tcut"])
         print(f"{cell_key(rollouts, lr, seed)}: {res['seconds']} s, drift share {res['signal']['drift_share']:.3f}, "
               f"best gain {best['relex'] - best['tcut']:+.3f} at {best['x_tcut']}x", flush=True)

@@ -132,9 +132,9 @@ def backfill_steps(out, cache):
         diag = torch.diagonal(G, dim1=1, dim2=2)
         s_sq, _ = noise._moments(diag, torch.diagonal(G, offset=-1, dim1=1, dim2=2), G[:, :, -1])
         c["step_sq"] = [float(x) for x in s_sq.sum(0)]
-        with open(p + ".tmp", "w") as f:
-            json.dump(c, f, indent=1)
-        os.replace(p + ".tmp", p)
+        from relex_callback.files.fs import write_json
+
+        write_json(p, c, indent=1)
 
 
 def analyze(cfg):

@@ -238,13 +238,12 @@ class Results:
                      "n_eval": preset.n_eval, "environment": {}}
 
     def write(self):
+        from relex_callback.files.fs import write_text
+
         self.data["elapsed_seconds"] = round(time.monotonic() - T_START, 2)
         os.makedirs(self.out, exist_ok=True)
         for name, text in ((RESULTS_JSON, json.dumps(self.data, indent=1, default=str)), (RESULTS_MD, self.markdown())):
-            tmp = os.path.join(self.out, f".{name}.tmp")
-            with open(tmp, "w") as f:
-                f.write(text)
-            os.replace(tmp, os.path.join(self.out, name))
+            write_text(os.path.join(self.out, name), text)
 
     def markdown(self) -> str:
         d = self.data
@@ -645,7 +644,6 @@ def _evaluator(task, res, scratch, tok, theta0, tcut, horizons, out, preset, dea
                 control.should_training_stop = True
 
         def horizon(self, h: int, model):
-            acc = res.data["accuracy"]
             real = score(f"real@{h}", h, _live(scratch, model))
             rows = {}
             names = [n for n, _ in trainable(scratch)]
