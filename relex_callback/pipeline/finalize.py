@@ -187,7 +187,7 @@ def finalize(solver, writer: CheckpointWriter, settings, *, out_dir: str, kept: 
             (recorded in the report).
         base_hint (`str`, *optional*): the base model as the ``relex materialize`` command in an error names it.
     """
-    if not isinstance(solver, (BufferedSolve,)) and not hasattr(solver, "solve"):
+    if not hasattr(solver, "solve"):  # a store: solved buffered
         solver = BufferedSolve(solver, skipped_nonfinite=(report_extra or {}).get("skipped_nonfinite_steps") or ())
     tcut, horizons = settings.tcut, [int(h) for h in settings.horizons]
     try:
