@@ -86,6 +86,13 @@ SETTINGS = {
     "rise-seed1": Setting("rise-seed1", prompts=8, temperature=0.7, lr=1e-5, max_operand=20, steps=20, tcuts=(5, 10),
                           seed=1),
     "base-seed1": Setting("base-seed1", seed=1),
+    # the noise axis on the real model (issue: where RELEX pays): "rise" at 4x and 8x its rollouts per step, same lr
+    # and temperature, a window of 8 (6) validated to 4x; operands to 30 because 32 steps x 16 prompts of fresh sums
+    # do not fit the 400 sums to 20; fit_start past Adam's first steps as a variant; ~1 and ~2 min per step here
+    "rise-r128": Setting("rise-r128", prompts=16, generations=8, temperature=0.7, lr=1e-5, max_operand=30, steps=32,
+                         tcuts=(8,), fit_starts=(None, 4), n_eval=64),
+    "rise-r256": Setting("rise-r256", prompts=32, generations=8, temperature=0.7, lr=1e-5, max_operand=30, steps=24,
+                         tcuts=(6,), fit_starts=(None, 3), n_eval=64),
     # a few seconds of each stage, to check the pipeline (not a result)
     "smoke": Setting("smoke", prompts=4, generations=4, steps=6, tcuts=(3,), fit_starts=(None,), n_eval=4,
                      max_operand=10, temperature=0.7),
@@ -265,7 +272,8 @@ def run_setting(s: Setting, base_dir: str, out_root: str, keep: bool = False, re
     res = {
         "setting": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(s).items()},
         "accuracy": acc, "delta_stats": stats, "train": tl,
-        "windows": {k: {"tcut": tc, "fit_start": fs, "summary": rep["summary"], "backtest": rep.get("backtest")}
+        "windows": {k: {"tcut": tc, "fit_start": fs, "summary": rep["summary"], "backtest": rep.get("backtest"),
+                         "noise": rep.get("noise")}
                     for k, (tc, fs, rep) in windows.items()},
         "families": families,
         "whole_run": {"summary": whole["summary"], "steps": whole["steps"],
