@@ -247,17 +247,23 @@ def real_runs(path=os.path.join(REPO, "docs", "replication", "real_results.json"
         c = r["whole_run"]["coeffs_mean_abs"]
         steps = r["whole_run"]["steps"]
         for tc in r["setting"]["tcuts"]:
-            cc = torch.tensor(c[:tc], dtype=torch.float64)
-            sig = noise.safe(noise.drift_share, (cc[:, None] * cc[None, :])[None], steps[:tc])
-            if isinstance(sig, str):
-                continue
+            own = ((r.get("windows") or {}).get(f"tcut{tc}") or {}).get("noise") or {}
+            if own.get("drift_share") is not None:  # the window's own signal (runs that kept report.json's noise)
+                sig = {"drift_share": own["drift_share"], "late_drift_share": own.get("late_drift_share"),
+                       "speed_ratio": own.get("speed_ratio"), "source": "window"}
+            else:
+                cc = torch.tensor(c[:tc], dtype=torch.float64)
+                s = noise.safe(noise.drift_share, (cc[:, None] * cc[None, :])[None], steps[:tc])
+                if isinstance(s, str):
+                    continue
+                sig = {"drift_share": s.drift_share, "late_drift_share": s.late_share, "speed_ratio": s.speed_ratio,
+                       "source": "proxy"}
             for key, v in acc.items():
                 if key.startswith(f"relex:tcut{tc}@"):
                     H = int(key.split("@")[1])
                     rows.append({"run": name, "tcut": tc, "H": H, "x_tcut": H / tc, "gain": v - acc[f"real@{tc}"],
                                  "real_gain": acc.get(f"real@{H}", float("nan")) - acc[f"real@{tc}"],
-                                 "drift_share": sig.drift_share, "late_drift_share": sig.late_share,
-                                 "speed_ratio": sig.speed_ratio})
+                                 "rollouts": r["setting"]["prompts"] * r["setting"]["generations"], **sig})
     return rows
 
 
@@ -371,19 +377,24 @@ def tables(R, cells, cfg) -> str:
             L.append("")
     rr = R.get("real_runs") or {}
     if rr.get("rows") and getattr(cfg, "marker", "noise-map") == "noise-map":  # once, in the main map
-        L.append("#### The real-model runs of part 2 (a proxy only)\n")
-        L.append("Their saved artefacts (`docs/replication/real_results.json`) hold no window Grams, so the drift share "
-                 "itself cannot be computed for them without re-running them (out of this CPU budget). What they do "
-                 "hold is the whole run's rank-1 coefficient, as mean |c_t| over tensors; the same estimators on its "
-                 "steps 1..`tcut` are a proxy (the whole run's direction, scalar, normalised). Gain: held-out greedy "
-                 "accuracy of RELEX minus the `tcut` checkpoint's (40 sums; 32 for `easy`).\n")
-        L.append("| run | tcut | H | RELEX - tcut | real - tcut | proxy drift share | 2nd half | speed ratio |")
-        L.append("|---|---:|---:|---:|---:|---:|---:|---:|")
+        L.append("#### The real-model runs (part 2's six: a proxy; the 128/256-rollout runs: the window's own signal)\n")
+        L.append("The six runs of part 2 kept no window Grams (report.json was not saved), so the drift share itself "
+                 "cannot be computed for them without re-running them. What they do hold is the whole run's rank-1 "
+                 "coefficient, as mean |c_t| over tensors; the same estimators on its steps 1..`tcut` are a proxy (the "
+                 "whole run's direction, scalar, normalised; `proxy` below). The runs at 128 and 256 rollouts per step "
+                 "(`rise-r128`, `rise-r256`) kept `report.json[\"noise\"]` of their window (`window` below). Gain: "
+                 "held-out greedy accuracy of RELEX minus the `tcut` checkpoint's (40 sums; 32 for `easy`, 64 for the "
+                 "128/256-rollout runs).\n")
+        L.append("| run | rollouts | tcut | H | RELEX - tcut | real - tcut | drift share | signal | 2nd half | speed ratio |")
+        L.append("|---|---:|---:|---:|---:|---:|---:|---|---:|---:|")
         for x in rr["rows"]:
-            L.append(f"| {x['run']} | {x['tcut']} | {x['H']} | {x['gain']:+.3f} | {x['real_gain']:+.3f} | "
-                     f"{x['drift_share']:.3f} | {_f3(x['late_drift_share'])} | {_f3(x['speed_ratio'])} |")
-        L.append("\nSpearman's rho of the proxy with RELEX's gain over the " + str(len(rr["rows"])) + " (run, tcut, H) "
-                 "rows (not independent: horizons of one run share the signal): " + ", ".join(
+            L.append(f"| {x['run']} | {x.get('rollouts', '-')} | {x['tcut']} | {x['H']} | {x['gain']:+.3f} | "
+                     f"{x['real_gain']:+.3f} | {x['drift_share']:.3f} | {x.get('source', 'proxy')} | "
+                     f"{_f3(x['late_drift_share'])} | {_f3(x['speed_ratio'])} |")
+        L.append("\nSpearman's rho of the signal with RELEX's gain over the " + str(len(rr["rows"])) + " (run, tcut, H) "
+                 "rows (not independent: horizons of one run share the signal" + (
+                     "; proxy and window signals ranked together" if any(x.get("source") == "window" for x in rr["rows"])
+                     else "") + "): " + ", ".join(
                      f"{k.replace('_', ' ')} {v['spearman']:+.2f} (p {v['p']:.3f}, {v['n']} rows)" for k, v in rr["ranking"].items())
                  + ".\n")
     L.append("\n<details><summary>Every run</summary>\n")
