@@ -115,3 +115,65 @@ def test_a_copy_of_another_runs_checkpoint_is_still_refused(tmp_path):
                          save_strategy="no")
     with pytest.raises(RelexInputError, match="tcut"):
         again.train(resume_from_checkpoint=str(copy))
+
+
+# ------------------------------------------------------------------ a resume from before tcut, after tcut was passed
+def _run_id(d):
+    from relex_callback.files.fs import output_run_id
+
+    return output_run_id(str(d))
+
+
+def _stopped_after_tcut(tmp_path):
+    """A run that passed tcut (its outputs written, checkpoints 2 and 4 saved), as if the machine then died: the
+    newest checkpoint a user may still have is one from inside the window."""
+    out = tmp_path / "run"
+    first = grpo_trainer(out, [_cb()], save_strategy="steps", save_steps=2)
+    first.train()
+    assert first.state.global_step == TCUT and (out / "relex" / f"step-{H}").is_dir()
+    return out, _run_id(out / "relex" / f"step-{H}")
+
+
+def test_resume_before_tcut_replaces_its_own_outputs(tmp_path, fresh):
+    """Resumed from checkpoint-2 after the same run had written its outputs at tcut: it used to be refused at step 0
+    (its own step-H/, state and report 'already exist'); every output there carries this run's id, so the resumed
+    window records steps 3..4 again and replaces them at tcut, with the same run id."""
+    out, rid = _stopped_after_tcut(tmp_path)
+    assert rid and _run_id(out / "relex" / "relex_state.safetensors") == rid
+    before = os.stat(out / "relex" / f"step-{H}").st_ino
+    rec = Recorder()
+    again = grpo_trainer(out, [_cb(), rec], save_strategy="steps", save_steps=2)
+    again.train(resume_from_checkpoint=str(out / "checkpoint-2"))
+    assert again.state.global_step == TCUT and sorted(rec.snaps) == [2, 3, 4]  # theta at the resume, then 3..4
+    assert os.stat(out / "relex" / f"step-{H}").st_ino != before, "the outputs were not written again"
+    assert _run_id(out / "relex" / f"step-{H}") == rid == _run_id(out / "relex" / "relex_state.safetensors")
+    from test_callback import rel_err
+
+    a, b = read_weights(out / "relex" / f"step-{H}"), read_weights(fresh / "relex" / f"step-{H}")
+    assert sorted(a) == sorted(b)
+    for k in b:  # a resumed run against an uninterrupted one: the order of float32 reductions only (docs/tolerances.md)
+        assert rel_err(a[k], b[k]) < 1e-5, k
+
+
+@pytest.mark.parametrize("intruder", ["a-user-directory", "another-runs-output"])
+def test_resume_before_tcut_still_refuses_what_is_not_its_own(tmp_path, fresh, intruder):
+    """The same resume, but one output name is held by something this run did not write (a user's directory, another
+    RELEX run's step-H/): refused at step 0, before any step is trained again, and nothing there is touched."""
+    out, rid = _stopped_after_tcut(tmp_path)
+    target = out / "relex" / f"step-{H}"
+    shutil.rmtree(target)
+    if intruder == "a-user-directory":
+        target.mkdir()
+        (target / "notes.txt").write_text("mine")
+    else:
+        shutil.copytree(fresh / "relex" / f"step-{H}", target)
+        assert _run_id(target) not in (None, rid)
+    listing = sorted((p.relative_to(out), p.read_bytes() if p.is_file() else None) for p in out.rglob("*")
+                     if "checkpoint-" not in str(p))
+    rec = Recorder()
+    again = grpo_trainer(out, [_cb(), rec], save_strategy="steps", save_steps=2)
+    with pytest.raises(RelexInputError, match=f"step-{H}.*already exist.*window being resumed is RELEX run {rid}"):
+        again.train(resume_from_checkpoint=str(out / "checkpoint-2"))
+    assert rec.snaps == {}
+    assert listing == sorted((p.relative_to(out), p.read_bytes() if p.is_file() else None) for p in out.rglob("*")
+                             if "checkpoint-" not in str(p))

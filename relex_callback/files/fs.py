@@ -247,12 +247,48 @@ def foreign_output(path: str) -> Optional[str]:
     return not_ours(path)
 
 
+def output_run_id(path: str) -> Optional[str]:
+    """The run id a relex output carries: a ``step-H/`` directory's marker, a state file's or shard's ``relex``
+    metadata, a state index's metadata. ``None`` for names that carry none (the report, plots), for older outputs
+    written before run ids, and for anything unreadable."""
+    name = os.path.basename(path)
+    try:
+        if os.path.isdir(path):
+            rid = (read_marker(path) or {}).get("run_id")
+        elif name == STATE_NAME or STATE_SHARD_PATTERN.match(name):
+            with open(path, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                head = json.loads(f.read(n)) if 0 < n < 1 << 30 else {}
+            rid = json.loads((head.get("__metadata__") or {}).get("relex") or "{}").get("run_id")
+        elif name == STATE_INDEX_NAME:
+            with open(path) as f:
+                rid = (json.load(f).get("metadata") or {}).get("run_id")
+        else:
+            return None
+    except (OSError, ValueError, AttributeError):
+        return None
+    return rid if isinstance(rid, str) else None
+
+
+def _all_of_run(taken: list, run_id: str) -> bool:
+    """Every existing output is run ``run_id``'s: each one that carries a run id carries this one (at least one
+    does), and the report and plots beside them, which carry none, are relex's (written by the same finalize)."""
+    carriers = [p for p in taken if os.path.basename(p) not in (REPORT_FILE, PLOT_FILE, REPORT_PLOT_FILE)]
+    return (bool(carriers) and all(output_run_id(p) == run_id for p in carriers)
+            and not any(foreign_output(p) for p in taken))
+
+
 def check_outputs_free(out_dir: str, horizons: Iterable[int], overwrite: bool, include_state: bool = True, *,
-                       report: Optional[bool] = None, merged: bool = False, plot: bool = False):
+                       report: Optional[bool] = None, merged: bool = False, plot: bool = False,
+                       own_run: Optional[str] = None) -> list:
     """Refuse, before any work, to overwrite existing results unless ``overwrite``; with ``overwrite``, refuse to
     replace anything relex did not write (a user's ``step-6/`` from another tool, a look-alike file). Every name of
     :func:`output_names` is checked, and the state's shards. ``include_state=False`` checks only the horizons
-    (``materialize`` writes beside the state file it reads); ``report`` defaults to ``include_state``."""
+    (``materialize`` writes beside the state file it reads); ``report`` defaults to ``include_state``.
+
+    ``own_run``: the run id of a window being resumed. Outputs that are all that run's (written after the checkpoint
+    training resumed from, by the same run, before it stopped) are not refused: they are returned, and the caller
+    replaces them when the resumed window reaches ``tcut``. Returns the existing outputs that may be replaced."""
     report = include_state if report is None else report
     horizons = list(horizons)
     paths = [os.path.join(out_dir, n) for n in output_names(horizons, state=include_state, report=report,
@@ -261,10 +297,17 @@ def check_outputs_free(out_dir: str, horizons: Iterable[int], overwrite: bool, i
         paths += [os.path.join(out_dir, n) for n in sorted(os.listdir(out_dir)) if STATE_SHARD_PATTERN.match(n)]
     taken = [p for p in paths if os.path.lexists(p)]
     if not taken:
-        return
+        return []
+    if not overwrite and own_run is not None and _all_of_run(taken, own_run):
+        return taken
     if not overwrite:
+        resumed = "" if own_run is None else (
+            f" (the window being resumed is RELEX run {own_run}; not all of these are its own: "
+            + ", ".join(f"{os.path.basename(p)} run {output_run_id(p) or 'unknown'}" for p in taken
+                        if os.path.basename(p) not in (REPORT_FILE, PLOT_FILE, REPORT_PLOT_FILE)) + ")")
         raise RelexInputError(
-            f"{', '.join(taken)} already exist(s); choose another output directory, remove them, or pass overwrite"
+            f"{', '.join(taken)} already exist(s){resumed}; choose another output directory, remove them, or pass "
+            "overwrite"
         )
     foreign = [(p, why) for p in taken for why in [foreign_output(p)] if why]
     if foreign:
@@ -272,6 +315,7 @@ def check_outputs_free(out_dir: str, horizons: Iterable[int], overwrite: bool, i
             "overwrite replaces only what relex wrote, and " + "; ".join(f"{p} {why}" for p, why in foreign)
             + ": nothing was touched; move it away or choose another output directory"
         )
+    return taken
 
 
 def check_writable_dir(path: str, what: str):

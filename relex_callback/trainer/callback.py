@@ -119,6 +119,7 @@ class RelexCallback(TrainerCallback, ExportableState):
         self._step = 0  # last global_step seen (for the record in trainer_state.json)
         self._ckpt_root: Optional[str] = None  # args.output_dir (where checkpoint-N is saved)
         self._run_id: Optional[str] = None
+        self._replace_own: Optional[str] = None  # a resumed window's run id whose own outputs it replaces at tcut
         self._created = next(_CREATED)
         RelexCallback._instances.add(self)
 
@@ -195,7 +196,12 @@ class RelexCallback(TrainerCallback, ExportableState):
                            "extrapolated; the recorded window is kept in %s for `relex extrapolate`",
                            state.max_steps, s.tcut, out_dir)
         check_writable_dir(out_dir, "output_dir")
-        lifecycle.check_outputs(self, out_dir, model)
+        own = lifecycle.check_outputs(self, out_dir, model, own_run=(record or {}).get("run_id"))
+        if own:
+            self._replace_own = record["run_id"]
+            logger.warning("relex: resuming run %s at step %d, before tcut=%d: %s were written by this run after that "
+                           "checkpoint and will be replaced at tcut", self._replace_own, state.global_step, s.tcut,
+                           ", ".join(os.path.basename(p) for p in own))
         self._select(model)
         if self.topology.process_rank == 0:
             self._lock = OutputLock(out_dir, self._trainer() if self._trainer is not None else None)

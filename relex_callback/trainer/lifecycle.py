@@ -10,6 +10,7 @@ validation mode (:mod:`.validation`). A window refused at ``tcut`` keeps its rec
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -48,17 +49,20 @@ def begin_again(cb):
     cb._release()
     cb.store, cb.tracked, cb.topology, cb.validation, cb.report = None, [], None, None, None
     cb.done, cb.skipped_steps, cb._pending_logs, cb._scoring, cb._run_id = False, [], {}, False, None
+    cb._replace_own = None
 
 
-def check_outputs(cb, out_dir: str, model):
+def check_outputs(cb, out_dir: str, model, own_run: Optional[str] = None) -> list:
     """Every name the window will write is free (or relex's own, with ``overwrite``), derived ones too
-    (``step-H-merged/``, state shards, report, plot): a refusal now costs nothing, at ``tcut`` it costs the window."""
+    (``step-H-merged/``, state shards, report, plot): a refusal now costs nothing, at ``tcut`` it costs the window.
+    ``own_run``: the run id of the window a resume continues; outputs that are all that run's (it passed ``tcut``
+    after the checkpoint it resumes from, then stopped) are returned, to be replaced at ``tcut``."""
     from ..files.fs import check_outputs_free
     from ..params import is_peft_model
 
     s = cb.settings
-    check_outputs_free(out_dir, s.horizons, s.overwrite, merged=s.merge_lora and is_peft_model(model),
-                       plot=s.evaluate_horizons)
+    return check_outputs_free(out_dir, s.horizons, s.overwrite, merged=s.merge_lora and is_peft_model(model),
+                              plot=s.evaluate_horizons, own_run=own_run)
 
 
 def nonfinite_step(cb, step: int, e):
@@ -234,6 +238,10 @@ def run_pipeline(cb, writer, s, out_dir, model, trend, flat):
 
     solver = BufferedSolve(cb.store, reduce=cb.topology.reduce_grams if cb.topology.sharded else None,
                            skipped_nonfinite=cb.skipped_steps)
+    if cb._replace_own is not None and cb._replace_own == cb.store.run_id and not s.overwrite:
+        # a resumed window replaces what its own run wrote at tcut before it stopped (checked at on_train_begin:
+        # every output there carries this run id); anything else that appeared since is still refused
+        s = dataclasses.replace(s, overwrite=True)
     return finalize(
         solver, writer, s, out_dir=out_dir, kept=cb.store.directory if cb.store.storage == "disk" else None,
         skip_horizons=flat if s.on_flat_reward == "error" else None,
