@@ -58,6 +58,7 @@ class Setting:
     max_new_tokens: int = 12
     n_eval: int = 40
     seed: int = 0
+    micro_batch: int = 0  # completions per forward/backward (gradient accumulation makes up the rest); 0: all at once
 
     def horizons(self, tcut: int) -> list[int]:
         return [h for h in (2 * tcut, 3 * tcut, 4 * tcut, 6 * tcut, 8 * tcut) if h <= self.steps]
@@ -92,7 +93,7 @@ SETTINGS = {
     "rise-r128": Setting("rise-r128", prompts=16, generations=8, temperature=0.7, lr=1e-5, max_operand=30, steps=32,
                          tcuts=(8,), fit_starts=(None, 4), n_eval=64),
     "rise-r256": Setting("rise-r256", prompts=32, generations=8, temperature=0.7, lr=1e-5, max_operand=30, steps=24,
-                         tcuts=(6,), fit_starts=(None, 3), n_eval=64),
+                         tcuts=(6,), fit_starts=(None, 3), n_eval=64, micro_batch=128),  # 128 at once: 12 GB peak
     # a few seconds of each stage, to check the pipeline (not a result)
     "smoke": Setting("smoke", prompts=4, generations=4, steps=6, tcuts=(3,), fit_starts=(None,), n_eval=4,
                      max_operand=10, temperature=0.7),
@@ -106,9 +107,25 @@ def log(msg):
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def train(s: Setting, base_dir: str, run_dir: str):
+def last_trainer_checkpoint(run_dir: str):
+    """The newest whole ``checkpoint-N/`` the Trainer saved under ``run_dir/trainer`` (None when there is none). The
+    Trainer writes a checkpoint in place, file by file, so a sitting killed while saving leaves a half-written one
+    (seen here: no ``trainer_state.json``, a truncated ``optimizer.pt``); whole means its ``trainer_state.json`` and
+    the callback's ``relex_trajectory/`` (saved after the Trainer's files, in ``on_save``) are there."""
+    d = os.path.join(run_dir, "trainer")
+    steps = [int(x.split("-")[1]) for x in (os.listdir(d) if os.path.isdir(d) else [])
+             if x.startswith("checkpoint-") and x.split("-")[1].isdigit()
+             and os.path.isfile(os.path.join(d, x, "trainer_state.json"))
+             and os.path.isdir(os.path.join(d, x, "relex_trajectory"))]
+    return os.path.join(d, f"checkpoint-{max(steps)}") if steps else None
+
+
+def train(s: Setting, base_dir: str, run_dir: str, checkpoint_every: int = 0, resume: bool = False):
     """GRPO for ``s.steps`` steps, saving every step's checkpoint under ``run_dir/ckpt``; the callback runs in
-    validation mode with the first tcut. Returns (held-out problems, train log, seconds)."""
+    validation mode with the first tcut. With ``checkpoint_every`` the Trainer also saves its own checkpoint (model,
+    optimizer, RNG, the callback's window) every that many steps, keeping the last; ``resume`` continues from the
+    newest one, so a run longer than one sitting goes on where it stopped. Returns (held-out problems, train log,
+    seconds of training over every sitting)."""
     from datasets import Dataset
     from transformers.utils import logging as hf_logging
     from trl import GRPOConfig, GRPOTrainer
@@ -124,15 +141,25 @@ def train(s: Setting, base_dir: str, run_dir: str):
     train_set, test = split_problems(n_train, s.n_eval, max_operand=s.max_operand, seed=s.seed, tokenizer=tok)
     ckpt = os.path.join(run_dir, "ckpt")
     tcut = s.tcuts[-1]
+    rollouts = s.prompts * s.generations
+    micro = s.micro_batch or rollouts
+    if rollouts % micro or micro % s.generations:
+        raise SystemExit(f"setting {s.name}: micro_batch {micro} must divide the {rollouts} rollouts and be a multiple "
+                         f"of {s.generations} generations")
+    from_ckpt = last_trainer_checkpoint(run_dir) if resume else None
+    if resume and from_ckpt is None:
+        raise SystemExit(f"--resume: no trainer checkpoint under {run_dir}/trainer (start the setting with "
+                         f"--checkpoint-every N to make one)")
     relex = RelexCallback(tcut=tcut, horizons=s.horizons(tcut), stop_training=False,
-                          output_dir=os.path.join(run_dir, "callback"), overwrite=True)
+                          output_dir=os.path.join(run_dir, "callback"), overwrite=not resume)
     saver = SaveAtSteps(save_steps=set(range(1, s.steps + 1)), save_dir=ckpt, tokenizer=tok)
     args = GRPOConfig(
         output_dir=os.path.join(run_dir, "trainer"), use_cpu=True, bf16=False, learning_rate=s.lr,
         lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_steps=s.steps,
-        per_device_train_batch_size=s.prompts * s.generations, num_generations=s.generations,
+        per_device_train_batch_size=micro, gradient_accumulation_steps=rollouts // micro, num_generations=s.generations,
         max_completion_length=s.max_new_tokens, temperature=s.temperature, beta=0.0, logging_steps=1,
-        save_strategy="no", report_to=[], seed=s.seed, data_seed=s.seed, disable_tqdm=True, dataloader_num_workers=0,
+        save_strategy="steps" if checkpoint_every else "no", save_steps=checkpoint_every or 500, save_total_limit=1,
+        report_to=[], seed=s.seed, data_seed=s.seed, disable_tqdm=True, dataloader_num_workers=0,
     )
     from relex_callback.examples.real_model import sum_reward
 
@@ -141,9 +168,20 @@ def train(s: Setting, base_dir: str, run_dir: str):
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # the bar shows the reward; the full logs go to results.json
+    sittings_file = os.path.join(run_dir, "sittings.json")
+    sittings = json.load(open(sittings_file)) if from_ckpt and os.path.isfile(sittings_file) else []
+    if from_ckpt:
+        log(f"setting {s.name}: resuming from {from_ckpt} ({len(sittings)} earlier sitting(s))")
     t = time.perf_counter()
-    trainer.train()
-    sec = time.perf_counter() - t
+    try:
+        trainer.train(resume_from_checkpoint=from_ckpt)
+    finally:  # also when the sitting is cut short: the next one adds its time to this
+        steps_done = trainer.state.global_step
+        sittings.append({"seconds": round(time.perf_counter() - t, 1), "until_step": steps_done,
+                         "from": os.path.basename(from_ckpt) if from_ckpt else None})
+        with open(sittings_file, "w") as f:
+            json.dump(sittings, f)
+    sec = sum(x["seconds"] for x in sittings)
     hist = trainer.state.log_history
     tl = {"reward": [h["reward"] for h in hist if "reward" in h],
           "reward_std": [h.get("reward_std") for h in hist if "reward" in h],
@@ -185,7 +223,8 @@ def rank1_reconstruction(out, theta0, step):
     return w
 
 
-def run_setting(s: Setting, base_dir: str, out_root: str, keep: bool = False, reuse: bool = False) -> dict:
+def run_setting(s: Setting, base_dir: str, out_root: str, keep: bool = False, reuse: bool = False,
+                checkpoint_every: int = 0, resume: bool = False) -> dict:
     from tqdm.auto import tqdm
 
     from relex_callback.examples.real_model import (delta_stats, flat_params, greedy_accuracy, load_model, load_weights,
@@ -198,10 +237,11 @@ def run_setting(s: Setting, base_dir: str, out_root: str, keep: bool = False, re
             test, tl, sec_train = json.load(f)
         log(f"setting {s.name}: reusing the training run in {run_dir}")
     else:
-        shutil.rmtree(run_dir, ignore_errors=True)
-        os.makedirs(run_dir)
+        if not resume:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            os.makedirs(run_dir)
         log(f"setting {s.name}: {asdict(s)}")
-        test, tl, sec_train = train(s, base_dir, run_dir)
+        test, tl, sec_train = train(s, base_dir, run_dir, checkpoint_every=checkpoint_every, resume=resume)
         with open(saved, "w") as f:
             json.dump([test, tl, sec_train], f)
     log(f"trained {s.steps} steps in {sec_train:.0f}s; reward per step {[round(r, 2) for r in tl['reward']]}")
@@ -516,7 +556,17 @@ def main(argv=None):
     p.add_argument("--keep", action="store_true", help="keep the checkpoints")
     p.add_argument("--reuse", action="store_true", help="reuse a finished training run in --out (after a later stage failed)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--checkpoint-every", type=int, default=0,
+                   help="save a Trainer checkpoint (optimizer, RNG, the callback's window) every N steps, keeping the "
+                        "last, so a run longer than one sitting can go on with --resume")
+    p.add_argument("--resume", action="store_true",
+                   help="continue each setting from its newest Trainer checkpoint in --out (needs --checkpoint-every "
+                        "on the first sitting)")
     a = p.parse_args(argv)
+    import signal
+
+    # SIGTERM (a sitting's end) as an exception, so the sitting's time is recorded and the next --resume adds to it
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     results = json.load(open(a.results)) if os.path.isfile(a.results) else {}
     if not a.doc_only:
         from relex_callback.examples.real_model import prepare_checkpoint
@@ -531,7 +581,8 @@ def main(argv=None):
                 s = replace(s, steps=a.steps)
             if a.n_eval:
                 s = replace(s, n_eval=a.n_eval)
-            results[name] = run_setting(s, base_dir, a.out, keep=a.keep, reuse=a.reuse)
+            results[name] = run_setting(s, base_dir, a.out, keep=a.keep, reuse=a.reuse,
+                                        checkpoint_every=a.checkpoint_every, resume=a.resume)
             os.makedirs(os.path.dirname(a.results), exist_ok=True)
             with open(a.results, "w") as f:
                 json.dump(results, f, indent=1)
