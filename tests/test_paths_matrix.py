@@ -237,7 +237,7 @@ def test_peft_resumed_from_a_copied_checkpoint_equals_the_uninterrupted_run(tmp_
 
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.parametrize("mode", ["ddp", "zero3"])
+@pytest.mark.parametrize("mode", ["ddp", "zero3", "fsdp2"])
 def test_distributed_run_and_materialize_of_its_sharded_state_give_the_same_bytes(tmp_path, env, mode):
     """2 processes over gloo with ``exclude=`` (trained tensors not tracked): the horizon the distributed writers
     wrote and ``relex materialize`` from the sharded state (``relex_state.index.json``) are bitwise equal. The
