@@ -313,6 +313,39 @@ def test_peft_materialize_refuses_a_base_that_is_not_the_adapters(peft_run, env,
     assert not (tmp_path / "mat").exists() or not os.listdir(tmp_path / "mat")
 
 
+@pytest.mark.parametrize("edit", ["config", "theta0", "frozen_dtype", "values"])
+def test_peft_materialize_refuses_an_edited_peft_record(peft_run, env, tmp_path, edit):
+    """Every field of a PEFT state's record that materialize reads is checked: an edited or damaged one is refused
+    with exit 2 and one line naming the field, before anything is written."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    src = peft_run / "relex" / "exclude" / "relex_state.safetensors"
+    with safe_open(str(src), "pt") as f:
+        meta, tensors = json.loads(f.metadata()["relex"]), {k: f.get_tensor(k) for k in f.keys()}
+    if edit == "config":
+        meta["peft"]["config"] = "lora"
+    elif edit == "theta0":
+        del tensors[next(k for k in tensors if k.startswith("peft/theta0/"))]
+    elif edit == "frozen_dtype":
+        next(iter(meta["peft"]["frozen"].values()))["dtype"] = "load"
+    else:
+        del tensors[next(k for k in tensors if k.startswith("peft/value/"))]
+    (tmp_path / "st").mkdir()
+    save_file(tensors, tmp_path / "st" / "relex_state.safetensors", metadata={"format": "pt", "relex": json.dumps(meta)})
+    r = subprocess.run([sys.executable, "-m", "relex_callback.offline.cli", "materialize", "--state",
+                        str(tmp_path / "st"), "--base", str(peft_run / "base"), "--horizons", str(H), "--out",
+                        str(tmp_path / "mat")], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("relex: error:") and "edited or is damaged" in last, last
+    assert {"config": "peft.config", "theta0": "theta_0 of the adapter", "frozen_dtype": "peft.frozen",
+            "values": "untracked adapter parameter"}[edit] in last, last
+    assert not (tmp_path / "mat").exists() or not os.listdir(tmp_path / "mat")
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize("mode", ["ddp", "zero3", "fsdp2"])

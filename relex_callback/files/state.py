@@ -315,7 +315,8 @@ def check_peft_meta(meta, tensors: dict, path: str, specs) -> Optional[dict]:
         if not isinstance(name, str) or PEFT_VALUE + name not in tensors:
             raise RelexInputError(f"{path}: the value of the untracked adapter parameter {name!r} is missing; {hint}")
     for name, fp in rec["frozen"].items():
-        if not (isinstance(fp, dict) and isinstance(fp.get("dtype"), str) and isinstance(fp.get("n"), int)
+        if not (isinstance(fp, dict) and fp.get("dtype") in ("float32", "float16", "bfloat16", "float64")
+                and isinstance(fp.get("n"), int)
                 and isinstance(fp.get("samples"), list) and all(isinstance(fp.get(k), (int, float))
                                                                  for k in ("sum", "sumsq"))):
             raise RelexInputError(f"{path}: peft.frozen[{name!r}] is not a fingerprint; {hint}")
