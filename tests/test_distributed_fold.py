@@ -115,10 +115,11 @@ def test_zero3_a_nan_on_one_process_stops_every_process(tmp_path):
     assert not os.path.exists(os.path.join(d, "relex", "step-12"))
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("mode", ["ddp", "zero3", "fsdp2"])
 def test_a_nan_in_the_base_is_the_bases_on_every_process_before_step_1(tmp_path, mode):
     """A NaN already in theta_0 (issue 20, class 7). DDP: both replicas hold it, in a tensor process 1 tracks (its
-    share); FSDP2: only process 1's shard of q_proj holds it. Before, only the process that tracks the NaN said
+    share); ZeRO-3: element 600 of q_proj (32x32), in process 1's partition [512, 1024); FSDP2: only process 1's
+    shard of q_proj holds it. Before, only the process that tracks the NaN said
     "the base"; process 0 said the run diverged at step 1 (DDP) or "on another process" (FSDP2), after a training
     step. Now: the same message on both processes, naming the tensor and process 1, at step 0, nothing written in
     the relex output_dir and the user's file there untouched."""
@@ -131,6 +132,9 @@ def test_a_nan_in_the_base_is_the_bases_on_every_process_before_step_1(tmp_path,
         owner = balance([p.numel() for _, p in named], 2)
         name = next(n for (n, p), r in zip(named, owner) if r == 1 and p.dim() == 2)
         arg = name  # every replica (DDP broadcasts process 0's weights anyway)
+    elif mode == "zero3":
+        name = "model.layers.0.self_attn.q_proj.weight"
+        arg = name + "@600"  # on every process before partitioning; after it, only in process 1's partition
     else:
         name = "model.layers.0.self_attn.q_proj.weight"
         arg = name + ":1"  # rows 16..31: process 1's shard only

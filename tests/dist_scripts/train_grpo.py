@@ -144,8 +144,8 @@ def main():
     ap.add_argument("--record-until", type=int, default=None, help="record full parameters up to this step (default: "
                     "tcut, or --max-steps with --validate; 0: only the start)")
     ap.add_argument("--hidden-layers", type=int, default=1)
-    ap.add_argument("--nan-base", default=None, help="NAME[:RANK]: a NaN in the first element of this process's "
-                    "piece of parameter NAME before training (every process, or only RANK): a non-finite base")
+    ap.add_argument("--nan-base", default=None, help="NAME[:RANK][@I]: a NaN in element I (default 0) of this "
+                    "process's piece of parameter NAME before training (every process, or only RANK): a non-finite base")
     ap.add_argument("--catch", action="store_true", help="an exception is written to rank-<r>.json (exit code 3)")
     a = ap.parse_args()
     rank_env = int(os.environ.get("RANK", "0"))
@@ -174,11 +174,12 @@ def main():
             fully_shard(layer)
         fully_shard(model)
     if a.nan_base:
-        name, *only = a.nan_base.split(":")
+        spec, _, at = a.nan_base.partition("@")
+        name, *only = spec.split(":")
         if not only or int(only[0]) == rank_env:
             with torch.no_grad():  # FSDP2: the local shard (to_local() is a view of it); else the whole tensor
                 p = dict(model.named_parameters())[name]
-                (p.to_local() if hasattr(p, "to_local") else p).view(-1)[0] = float("nan")
+                (p.to_local() if hasattr(p, "to_local") else p).view(-1)[int(at or 0)] = float("nan")
     ds = Dataset.from_list(arithmetic_problems(64, seed=0))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     args = GRPOConfig(
