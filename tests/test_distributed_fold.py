@@ -5,7 +5,8 @@ the buffer bytes per process do not grow with tcut; a folded window resumes (ZeR
 
 Every process must record the same steps (a fold and the final solve are collectives over them): a slice that did not
 move on one ZeRO-3 process, or a NaN there, gets one verdict on every process; and a failure while opening the
-window on one process (a full disk) stops every process before step 1.
+window on one process (a full disk) stops every process before step 1, and so does a base (theta_0) that holds a
+NaN on one process, with the same message everywhere.
 """
 
 import os
@@ -112,6 +113,44 @@ def test_zero3_a_nan_on_one_process_stops_every_process(tmp_path):
     assert "at step 3 on another process" in errs[0]["message"]
     assert "at step 3 in 1 tensor(s)" in errs[1]["message"] and "q_proj" in errs[1]["message"]
     assert not os.path.exists(os.path.join(d, "relex", "step-12"))
+
+
+@pytest.mark.parametrize("mode", ["ddp", "zero3", "fsdp2"])
+def test_a_nan_in_the_base_is_the_bases_on_every_process_before_step_1(tmp_path, mode):
+    """A NaN already in theta_0 (issue 20, class 7). DDP: both replicas hold it, in a tensor process 1 tracks (its
+    share); ZeRO-3: element 600 of q_proj (32x32), in process 1's partition [512, 1024); FSDP2: only process 1's
+    shard of q_proj holds it. Before, only the process that tracks the NaN said
+    "the base"; process 0 said the run diverged at step 1 (DDP) or "on another process" (FSDP2), after a training
+    step. Now: the same message on both processes, naming the tensor and process 1, at step 0, nothing written in
+    the relex output_dir and the user's file there untouched."""
+    from relex_callback.trainer.topology import balance
+    from relex_callback.examples.toy import build_model, build_tokenizer
+
+    if mode == "ddp":
+        model = build_model(build_tokenizer(), hidden_size=32, layers=1, heads=2, kv_heads=1, seed=0)
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        owner = balance([p.numel() for _, p in named], 2)
+        name = next(n for (n, p), r in zip(named, owner) if r == 1 and p.dim() == 2)
+        arg = name  # every replica (DDP broadcasts process 0's weights anyway)
+    elif mode == "zero3":
+        name = "model.layers.0.self_attn.q_proj.weight"
+        arg = name + "@600"  # on every process before partitioning; after it, only in process 1's partition
+    else:
+        name = "model.layers.0.self_attn.q_proj.weight"
+        arg = name + ":1"  # rows 16..31: process 1's shard only
+    relex = tmp_path / "relex"
+    relex.mkdir()
+    (relex / "notes.txt").write_text("the user's\n")
+    p = launch(mode, str(tmp_path), "--nan-base", arg, "--exclude", "norm", expect_fail=True, timeout=300)
+    errs = rank_info(str(tmp_path))
+    assert [e["error"] for e in errs] == ["RelexNonFiniteError"] * 2, (errs, p.stderr[-3000:])
+    msgs = [e["message"] for e in errs]
+    assert msgs[0] == msgs[1], msgs  # one verdict
+    assert f"{name} (on process 1)" in msgs[0] and "base model" in msgs[0] and "before step 1" in msgs[0], msgs[0]
+    assert "1 tensor(s)" in msgs[0] and "diverged" not in msgs[0] and "another process" not in msgs[0], msgs[0]
+    assert [e["global_step"] for e in errs] == [0, 0]  # no training step was spent on it
+    assert sorted(os.listdir(relex)) == ["notes.txt"] and (relex / "notes.txt").read_text() == "the user's\n"
+    assert not [n for n in os.listdir(tmp_path) if n.startswith("checkpoint-")]
 
 
 # ------------------------------------------------------------------------ the disk tier on a full disk

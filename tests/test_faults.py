@@ -70,6 +70,27 @@ def test_nan_at_step_k_stops_training_with_named_error(tmp_path):
     assert not (tmp_path / "checkpoint-3").exists()  # the trainer did not get to save the poisoned step either
 
 
+@pytest.mark.parametrize("storage", ["host", "disk"])
+def test_a_nan_in_the_base_is_named_as_the_bases_before_step_1(tmp_path, storage):
+    """A NaN already in the weights training starts from (theta_0) is the base's fault, said at on_train_begin
+    (issue 20, class 7): no training step is spent, nothing is written (the disk tier allocates nothing), and the
+    message names the tensor, not a diverged step. A NaN appearing at step 3 is still a divergence at step 3 (the
+    test above)."""
+    name = "model.layers.0.mlp.up_proj.weight"
+    cb = RelexCallback(tcut=6, horizons=[30], dtype="float32", storage=storage)
+    trainer, model, _ = build_trainer(str(tmp_path), [cb], max_steps=12)
+    with torch.no_grad():
+        model.get_parameter(name).view(-1)[5] = float("inf")
+    with pytest.raises(RelexNonFiniteError) as e:
+        trainer.train()
+    msg = str(e.value)
+    assert name in msg and "base model" in msg and "before step 1" in msg and "1 tensor(s)" in msg, msg
+    assert "diverged" not in msg and "process" not in msg, msg  # one process: no process named
+    assert trainer.state.global_step == 0
+    relex = tmp_path / "relex"
+    assert not relex.exists() or os.listdir(relex) == [], os.listdir(relex)
+
+
 def test_nan_at_step_k_is_skipped_and_counted(tmp_path, caplog):
     cb = RelexCallback(tcut=6, horizons=[30], dtype="float32", on_nonfinite="skip")
     trainer, _, _ = build_trainer(str(tmp_path), [cb, InjectNaN(3)], max_steps=12)

@@ -19,8 +19,10 @@ every step) carries one ``RelexCallback`` per option cell, each with its own out
 
 Beside the matrix: (slow) PEFT with and without ``merge_lora`` resumed from a copy, bitwise; (slow, distributed) DDP
 and ZeRO-3 with ``exclude`` (2 processes over gloo): the distributed writers' horizon vs ``relex materialize`` of the
-sharded state, bitwise. Not covered: ``relex materialize`` for a PEFT state (it needs an adapter base), FSDP2, and
-``relex extrapolate --trajectory`` with include/exclude (it takes untracked tensors from ``--base``).
+sharded state, bitwise; (slow, distributed) FSDP2 the same; PEFT: ``relex materialize`` of a LoRA run's state with the
+base model vs the callback's ``step-H/`` and ``step-H-merged/``, bitwise (also with an adapter parameter excluded).
+Not covered: ``relex extrapolate --trajectory`` with include/exclude (it takes untracked tensors from ``--base``), and
+``evaluate_horizons`` / ``relex extrapolate`` / a resume for the PEFT cells beyond the resume test below.
 """
 
 import os
@@ -235,9 +237,118 @@ def test_peft_resumed_from_a_copied_checkpoint_equals_the_uninterrupted_run(tmp_
         _assert_same(tmp_path / "full" / "relex" / d, tmp_path / "again" / "relex" / d, f"PEFT {d}: resumed vs full")
 
 
+def _lora(tok):
+    peft = pytest.importorskip("peft")
+    from relex_callback.examples.toy import build_model
+
+    return peft.get_peft_model(build_model(tok), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights="gaussian"))
+
+
+PEFT_CELLS = {"merge_lora": {"merge_lora": True}, "exclude": {"exclude": [r"v_proj\.lora_B"]}}
+
+
+@pytest.fixture(scope="module")
+def peft_run(tmp_path_factory):
+    """One GRPO run of a LoRA adapter on the tiny model, one callback per PEFT cell (the default bf16 buffer); the
+    base model saved as ``base/``."""
+    pytest.importorskip("peft")
+    from relex_callback.examples.toy import build_model, build_tokenizer
+
+    out = tmp_path_factory.mktemp("peft")
+    tok = build_tokenizer()
+    build_model(tok).save_pretrained(out / "base")  # the weights the adapter is applied to (_lora builds the same)
+    tok.save_pretrained(out / "base")
+    cbs = {c: RelexCallback(tcut=TCUT, horizons=[H], output_dir=str(out / "relex" / c), **kw)
+           for c, kw in PEFT_CELLS.items()}
+    trainer = grpo_trainer(out, list(cbs.values()), model=_lora(tok), tok=tok)
+    trainer.train()
+    assert trainer.state.global_step == TCUT
+    return out
+
+
+@pytest.mark.parametrize("cell", list(PEFT_CELLS))
+def test_peft_materialize_equals_the_callbacks_adapter_and_merged_model(peft_run, env, tmp_path, cell):
+    """`relex materialize` of a LoRA run's state, with the base model, writes the callback's ``step-H/`` (the
+    adapter) and, with ``merge_lora``, ``step-H-merged/``, bitwise; an adapter parameter left out by ``exclude`` is
+    written at its tcut value, as the callback wrote it. Before, materialize refused every PEFT state ("the base has
+    no tensor ...lora_A.default.weight"): the state held neither the adapter's theta_0 (a random init) nor its
+    config."""
+    relex = peft_run / "relex" / cell
+    merged = PEFT_CELLS[cell].get("merge_lora", False)
+    assert (relex / f"step-{H}-merged").is_dir() == merged
+    _cli(env, "materialize", "--state", relex, "--base", peft_run / "base", "--horizons", f"{H},{H_EVAL}", "--out",
+         tmp_path / "mat")
+    for d in [f"step-{H}"] + ([f"step-{H}-merged"] if merged else []):
+        _assert_same(relex / d, tmp_path / "mat" / d, f"PEFT {cell} {d}: callback vs relex materialize")
+    assert sorted(os.listdir(tmp_path / "mat")) == sorted(
+        [f"step-{h}" for h in (H, H_EVAL)] + ([f"step-{h}-merged" for h in (H, H_EVAL)] if merged else []))
+    if cell == "exclude":  # the untracked adapter parameter: the run's tcut value, not its init
+        w = read_weights(relex / f"step-{H}")
+        from safetensors.torch import load_file
+
+        st = load_file(relex / "relex_state.safetensors")
+        key = next(k for k in st if k.startswith("peft/value/"))
+        assert "v_proj.lora_B" in key and float(st[key].abs().sum()) > 0
+        assert any(torch.equal(v, st[key]) for k, v in w.items() if "v_proj.lora_B" in k)
+
+
+def test_peft_materialize_refuses_a_base_that_is_not_the_adapters(peft_run, env, tmp_path):
+    """A base model whose frozen weight differs from the one the adapter was trained on is refused (exit 2, one line
+    naming the weight) before anything is written: the merged model would not be the run's."""
+    from safetensors.torch import load_file, save_file
+
+    base = tmp_path / "base"
+    shutil.copytree(peft_run / "base", base)
+    w = load_file(base / "model.safetensors")
+    key = "model.layers.0.mlp.down_proj.weight"
+    w[key] = w[key] + 0.5
+    save_file(w, base / "model.safetensors", metadata={"format": "pt"})
+    r = subprocess.run([sys.executable, "-m", "relex_callback.offline.cli", "materialize", "--state",
+                        str(peft_run / "relex" / "merge_lora"), "--base", str(base), "--horizons", str(H), "--out",
+                        str(tmp_path / "mat")], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("relex: error:") and "down_proj" in last and "base" in last, last
+    assert not (tmp_path / "mat").exists() or not os.listdir(tmp_path / "mat")
+
+
+@pytest.mark.parametrize("edit", ["config", "theta0", "frozen_dtype", "values"])
+def test_peft_materialize_refuses_an_edited_peft_record(peft_run, env, tmp_path, edit):
+    """Every field of a PEFT state's record that materialize reads is checked: an edited or damaged one is refused
+    with exit 2 and one line naming the field, before anything is written."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    src = peft_run / "relex" / "exclude" / "relex_state.safetensors"
+    with safe_open(str(src), "pt") as f:
+        meta, tensors = json.loads(f.metadata()["relex"]), {k: f.get_tensor(k) for k in f.keys()}
+    if edit == "config":
+        meta["peft"]["config"] = "lora"
+    elif edit == "theta0":
+        del tensors[next(k for k in tensors if k.startswith("peft/theta0/"))]
+    elif edit == "frozen_dtype":
+        next(iter(meta["peft"]["frozen"].values()))["dtype"] = "load"
+    else:
+        del tensors[next(k for k in tensors if k.startswith("peft/value/"))]
+    (tmp_path / "st").mkdir()
+    save_file(tensors, tmp_path / "st" / "relex_state.safetensors", metadata={"format": "pt", "relex": json.dumps(meta)})
+    r = subprocess.run([sys.executable, "-m", "relex_callback.offline.cli", "materialize", "--state",
+                        str(tmp_path / "st"), "--base", str(peft_run / "base"), "--horizons", str(H), "--out",
+                        str(tmp_path / "mat")], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("relex: error:") and "edited or is damaged" in last, last
+    assert {"config": "peft.config", "theta0": "theta_0 of the adapter", "frozen_dtype": "peft.frozen",
+            "values": "untracked adapter parameter"}[edit] in last, last
+    assert not (tmp_path / "mat").exists() or not os.listdir(tmp_path / "mat")
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.parametrize("mode", ["ddp", "zero3"])
+@pytest.mark.parametrize("mode", ["ddp", "zero3", "fsdp2"])
 def test_distributed_run_and_materialize_of_its_sharded_state_give_the_same_bytes(tmp_path, env, mode):
     """2 processes over gloo with ``exclude=`` (trained tensors not tracked): the horizon the distributed writers
     wrote and ``relex materialize`` from the sharded state (``relex_state.index.json``) are bitwise equal. The
@@ -252,10 +363,17 @@ def test_distributed_run_and_materialize_of_its_sharded_state_give_the_same_byte
     build_model(tok, hidden_size=32, layers=1, heads=2, kv_heads=1, seed=0).save_pretrained(base)  # the script's
     tok.save_pretrained(base)
     run_dir = tmp_path / "run"
-    launch(mode, str(run_dir), "--exclude", r"mlp\.up_proj|norm", "--horizons", "12", "--record-until", "0")
+    launch(mode, str(run_dir), "--exclude", r"mlp\.up_proj|norm", "--horizons", "12")
     assert (run_dir / "relex" / "relex_state.index.json").is_file()
     _cli(env, "materialize", "--state", run_dir / "relex", "--base", base, "--horizons", "12", "--out", tmp_path / "mat")
     _assert_same(run_dir / "relex" / "step-12", tmp_path / "mat" / "step-12", f"{mode}: run vs relex materialize")
+    # and the untracked trained tensors are the run's real values at tcut (the script records the full parameters;
+    # under ZeRO-3 / FSDP2 they are gathered from every process's shard at write time), not theta_0
+    snaps = torch.load(run_dir / "trajectory.pt")["snaps"]
+    written = read_weights(run_dir / "relex" / "step-12")
+    untracked = [n for n in snaps[6] if "mlp.up_proj" in n or "norm" in n]
+    assert untracked and all(torch.equal(written[n], snaps[6][n]) for n in untracked), mode
+    assert not torch.equal(snaps[6]["model.layers.0.mlp.up_proj.weight"], snaps[0]["model.layers.0.mlp.up_proj.weight"])
 
 
 def test_materialize_refuses_a_base_whose_frozen_tensor_is_not_the_runs(run, env, tmp_path):

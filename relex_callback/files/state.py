@@ -24,6 +24,8 @@ UNTRACKED_VERSION = 3  # 3: "untracked" (relex_callback.files.untracked), writte
 READABLE_VERSIONS = (1, 2, 3)  # 1: the line only
 PREFIX = "untracked/"  # key of an untracked tensor's value (relex_callback.files.untracked); names hold no "/"
 SOURCES = ("state", "base")  # where an untracked tensor of a horizon comes from
+PEFT_THETA0 = "peft/theta0/"  # a PEFT state: the tracked adapter parameter's theta_0 (a LoRA init is random)
+PEFT_VALUE = "peft/value/"  # a PEFT state: a trainable adapter parameter not tracked, at tcut (as the adapters hold it)
 N_SAMPLES = 8
 
 
@@ -78,6 +80,7 @@ class RelexState:
     curve: Optional[object] = None  # relex_callback.core.fit.Fit when the state records a curve other than the line
     run_id: Optional[str] = None  # the window that wrote it (its step-H/ markers carry the same id); None: older files
     untracked: Optional[dict] = None  # key -> {"source", "fingerprint"}: relex_callback.files.untracked
+    peft: Optional[dict] = None  # a PEFT (LoRA) run: {"adapter", "config", "merge_lora", "values", "frozen"}
 
     def coef_at(self, horizon: float) -> torch.Tensor:
         if self.curve is not None:
@@ -95,6 +98,10 @@ class RelexState:
             if any(e["source"] == "state" for e in self.untracked.values()):
                 meta["version"] = UNTRACKED_VERSION
             tensors.update({k: v.contiguous() for k, v in self.tensors.items() if k.startswith(PREFIX)})
+        if self.peft:
+            meta["peft"] = self.peft
+            tensors.update({k: v.contiguous() for k, v in self.tensors.items()
+                            if k.startswith((PEFT_THETA0, PEFT_VALUE))})
         _write_state_file(path, tensors, meta)
 
     @torch.no_grad()
@@ -106,9 +113,10 @@ class RelexState:
 
 
 def save_state(path: str, solution, theta0_of, *, tcut: int, extra: Optional[dict] = None,
-               untracked: Optional[tuple[dict, dict]] = None):
+               untracked: Optional[tuple[dict, dict]] = None, peft: Optional[tuple[dict, dict]] = None):
     """Write the state file atomically. ``theta0_of(i)`` returns tensor i's local theta_0 (for the fingerprint).
-    ``untracked``: ``(tensors, meta)`` of :func:`relex_callback.files.untracked.record_untracked`."""
+    ``untracked``: ``(tensors, meta)`` of :func:`relex_callback.files.untracked.record_untracked`; ``peft``:
+    ``(tensors, meta)`` of a PEFT run (:meth:`relex_callback.files.writers.PeftAdapterWriter.peft_record`)."""
     tensors = {}
     info = {}
     ev = solution.explained
@@ -143,6 +151,9 @@ def save_state(path: str, solution, theta0_of, *, tcut: int, extra: Optional[dic
         meta["untracked"] = untracked[1]
         if any(e["source"] == "state" for e in untracked[1].values()):
             meta["version"] = UNTRACKED_VERSION
+    if peft is not None:
+        tensors.update(peft[0])
+        meta["peft"] = peft[1]
     _write_state_file(path, tensors, meta)
 
 
@@ -270,13 +281,46 @@ def _load_state_file(path: str) -> RelexState:
     order = meta["order"]
     info = meta["tensors"]
     specs = [TensorSpec.from_json(info[n]["spec"]) for n in order]
+    peft = check_peft_meta(meta, tensors, path, specs)
     slope = torch.tensor([info[n]["slope"] for n in order], dtype=torch.float64)
     intercept = torch.tensor([info[n]["intercept"] for n in order], dtype=torch.float64)
     return RelexState(
         specs=specs, steps=meta["steps"], tcut=meta["tcut"], rank=meta["rank"], fit_start=meta.get("fit_start"),
         dtype=meta["dtype"], slope=slope, intercept=intercept, tensors=tensors, info=info,
-        curve=_load_curve(info, order, path), run_id=meta.get("run_id"), untracked=untracked,
+        curve=_load_curve(info, order, path), run_id=meta.get("run_id"), untracked=untracked, peft=peft,
     )
+
+
+def check_peft_meta(meta, tensors: dict, path: str, specs) -> Optional[dict]:
+    """The ``peft`` entry of a state file's metadata (``None`` when absent: a full-model state), checked against its
+    tensors: the adapter name, its PEFT config, ``merge_lora``, the untracked trainable adapter parameters whose
+    values it holds, and the fingerprints of the frozen base parameters the merged model is made of."""
+    rec = meta.get("peft")
+    if rec is None:
+        return None
+    hint = "the file was edited or is damaged: use the relex_state.safetensors the run wrote"
+    if not isinstance(rec, dict):
+        raise RelexInputError(f"{path}: 'peft' is {type(rec).__name__}, expected a mapping; {hint}")
+    for key, kind in (("adapter", str), ("config", dict), ("merge_lora", bool), ("values", list), ("frozen", dict)):
+        if not isinstance(rec.get(key), kind):
+            raise RelexInputError(f"{path}: peft.{key} is {rec.get(key)!r}, expected a {kind.__name__}; {hint}")
+    if not isinstance(rec["config"].get("peft_type"), str):
+        raise RelexInputError(f"{path}: peft.config has no peft_type; {hint}")
+    for sp in specs:
+        t = tensors.get(PEFT_THETA0 + sp.name)
+        if t is None or t.numel() != sp.local_numel or not t.is_floating_point():
+            raise RelexInputError(f"{path}: the theta_0 of the adapter parameter {sp.name} is "
+                                  f"{'missing' if t is None else f'{tuple(t.shape)} {t.dtype}'}; {hint}")
+    for name in rec["values"]:
+        if not isinstance(name, str) or PEFT_VALUE + name not in tensors:
+            raise RelexInputError(f"{path}: the value of the untracked adapter parameter {name!r} is missing; {hint}")
+    for name, fp in rec["frozen"].items():
+        if not (isinstance(fp, dict) and fp.get("dtype") in ("float32", "float16", "bfloat16", "float64")
+                and isinstance(fp.get("n"), int)
+                and isinstance(fp.get("samples"), list) and all(isinstance(fp.get(k), (int, float))
+                                                                 for k in ("sum", "sumsq"))):
+            raise RelexInputError(f"{path}: peft.frozen[{name!r}] is not a fingerprint; {hint}")
+    return rec
 
 
 def _load_curve(info: dict, order: list, path: str):

@@ -176,6 +176,42 @@ class PeftAdapterWriter(CheckpointWriter):
     def __init__(self, model, params: dict, tokenizer=None, *, merge_lora: bool = False):
         self.model, self.params, self.tokenizer, self.merge_lora = model, params, tokenizer, merge_lora
 
+    def write_state(self, out_dir: str, tcut: int) -> str:
+        """The state file, with what ``relex materialize`` needs to write this run's adapters (and merged models)
+        again from the base model alone (:meth:`peft_record`)."""
+        path = os.path.join(out_dir, STATE_NAME)
+        peft = self.peft_record()
+        guarded(lambda: save_state(path, self.solution, self.theta0_of, tcut=tcut, extra={"run_id": self.run_id},
+                                   peft=peft))
+        return path
+
+    def peft_record(self) -> tuple[dict, dict]:
+        """``(tensors, meta)`` for the state file: the tracked adapter parameters' theta_0 (a LoRA init is random:
+        the base model does not hold it), the trainable adapter parameters left untracked at their tcut values (as
+        every adapter directory holds them), the adapter's PEFT config, ``merge_lora``, and a fingerprint (with
+        dtype) of every frozen parameter (the base weights a merged model is made of)."""
+        import json
+
+        from .state import PEFT_THETA0, PEFT_VALUE, fingerprint
+
+        tensors = {PEFT_THETA0 + sp.name: self.theta0_of(i).detach().to("cpu").reshape(-1).contiguous().clone()
+                   for i, sp in enumerate(self.solution.specs)}
+        values, frozen = [], {}
+        for n, p in self.model.named_parameters():
+            if n in self.params:
+                continue
+            if p.requires_grad:
+                tensors[PEFT_VALUE + n] = p.detach().to("cpu").contiguous().clone()
+                values.append(n)
+            elif p.is_floating_point():
+                frozen[n] = {**fingerprint(p.detach()), "dtype": str(p.dtype).replace("torch.", "")}
+        adapter = self.model.active_adapter
+        adapter = adapter if isinstance(adapter, str) else adapter[0]
+        cfg = self.model.peft_config[adapter].to_dict()
+        cfg = json.loads(json.dumps(cfg, default=lambda o: sorted(o) if isinstance(o, (set, frozenset)) else str(o)))
+        return tensors, {"adapter": adapter, "config": cfg, "merge_lora": bool(self.merge_lora), "values": values,
+                         "frozen": frozen}
+
     def write_horizon(self, out_dir, horizon, tcut, overwrite):
         final = horizon_dir(out_dir, horizon)
         clean_stale_temporaries(out_dir, os.path.basename(final))

@@ -80,9 +80,11 @@ def materialize(state_path: str, base: str, horizons: Sequence[int], out_dir: Op
     big = [h for h in hs if h > MAX_STEP]
     if big:
         raise RelexInputError(f"horizons {big} are beyond {MAX_STEP:,} steps; use smaller horizons")
-    src = DirectorySource(base)
     out_dir = out_dir or os.path.dirname(os.path.abspath(state_path if not os.path.isdir(state_path)
                                                          else os.path.join(state_path, STATE_NAME)))
+    if st.peft is not None:  # a LoRA run: its adapters (and merged models), through the callback's own writer
+        return _materialize_peft(st, base, hs, out_dir, overwrite)
+    src = DirectorySource(base)
     # every check before anything is written
     check_writable_dir(out_dir, "--out")
     check_outputs_free(out_dir, hs, overwrite, include_state=False)
@@ -114,6 +116,90 @@ def materialize(state_path: str, base: str, horizons: Sequence[int], out_dir: Op
                 + "; the state file is unchanged: free space (or fix permissions) and run again"
             ) from e.__cause__
     return written
+
+
+def _materialize_peft(st, base: str, hs, out_dir: str, overwrite: bool) -> list[str]:
+    """``step-H/`` (the adapter) and, when the run merged, ``step-H-merged/`` from a PEFT state: the base model
+    ``base`` with the run's adapter config applied, its adapter parameters at the state's theta_0 (extrapolated) and
+    tcut values (untracked), written by :class:`~relex_callback.files.writers.PeftAdapterWriter` as the callback did.
+    Every check before anything is written: the outputs, the base loads, the adapter's parameters are the state's,
+    and every frozen base weight matches the run's fingerprint (the merged model is made of them)."""
+    from ..files.state import PEFT_THETA0, PEFT_VALUE, fingerprint, fingerprint_mismatch
+    from ..files.writers import PeftAdapterWriter
+
+    rec = st.peft
+    check_writable_dir(out_dir, "--out")
+    check_outputs_free(out_dir, hs, overwrite, include_state=False, merged=rec["merge_lora"])
+    model = _load_peft_base(base, rec)
+    params = dict(model.named_parameters())
+    for sp in st.specs:
+        p = params.get(sp.name)
+        if p is None or tuple(p.shape) != tuple(sp.shape) or p.dtype != sp.dtype:
+            got = "no such parameter" if p is None else f"{list(p.shape)} {p.dtype}"
+            raise RelexInputError(f"the adapter built on {base} with the run's PEFT config has {got} for {sp.name} "
+                                  f"({list(sp.shape)} {sp.dtype} in the state): pass the base model the adapter was "
+                                  "trained on")
+    for n, fp in rec["frozen"].items():
+        p = params.get(n)
+        why = ("it has no such parameter" if p is None else
+               f"{str(p.dtype).replace('torch.', '')} instead of {fp['dtype']}"
+               if str(p.dtype).replace("torch.", "") != fp["dtype"] else
+               fingerprint_mismatch(fingerprint(p.detach()), fp))
+        if why:
+            raise RelexInputError(f"the base {base} does not match the run's base weight {n} ({why}); the merged "
+                                  "model would not be the run's: pass the base model the adapter was trained on "
+                                  "(loaded in the dtype it was trained in)")
+    with torch.no_grad():
+        for n in rec["values"]:
+            if n not in params:
+                raise RelexInputError(f"the adapter built on {base} has no parameter {n} (the run trained it)")
+            params[n].copy_(st.tensors[PEFT_VALUE + n].reshape(params[n].shape))
+    tok = None
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(base)
+    except Exception:  # no tokenizer beside the base: the adapters are written without one
+        tok = None
+    writer = PeftAdapterWriter(model, {sp.name: params[sp.name] for sp in st.specs}, tok,
+                               merge_lora=rec["merge_lora"])
+    writer.solution, writer.run_id = st, st.run_id
+    writer.theta0_of = lambda i: st.tensors[PEFT_THETA0 + st.specs[i].name]
+    written = []
+    for h in hs:
+        try:
+            written.append(writer.write_horizon(out_dir, h, st.tcut, overwrite))
+        except WriteFailed as e:
+            raise RelexWriteError(
+                f"writing step-{h} into {out_dir} failed: {e}; nothing exists under the final name"
+                + (f" ({', '.join(written)} were written whole)" if written else "")
+                + "; the state file is unchanged: free space (or fix permissions) and run again"
+            ) from e.__cause__
+    return written
+
+
+def _load_peft_base(base: str, rec: dict):
+    """The base model in ``base`` with the run's adapter (its recorded PEFT config and adapter name) applied."""
+    try:
+        import peft
+        from transformers import AutoModelForCausalLM
+    except ImportError as e:
+        raise RelexInputError(f"the state is a PEFT (LoRA) run's: materializing it needs peft ({e})") from None
+    if not os.path.isfile(os.path.join(base, "config.json")):
+        raise RelexInputError(f"{base} has no config.json: for a PEFT (LoRA) state pass the base model the adapter "
+                              "was trained on (a directory from save_pretrained)")
+    try:
+        dtype = {fp["dtype"] for fp in rec["frozen"].values()}
+        model = AutoModelForCausalLM.from_pretrained(
+            base, dtype=getattr(torch, dtype.pop()) if len(dtype) == 1 else "auto")
+        config = peft.PeftConfig.from_peft_type(**rec["config"])
+        out = peft.get_peft_model(model, config, adapter_name=rec["adapter"])
+    except RelexInputError:
+        raise
+    except Exception as e:
+        raise RelexInputError(f"cannot build the run's adapter on {base} ({type(e).__name__}: {e}); pass the base "
+                              "model the adapter was trained on") from None
+    return out
 
 
 def extrapolate_trajectory(trajectory_dir: str, base: str, horizons: Sequence[int], out_dir: str, *,

@@ -66,18 +66,11 @@ def check_outputs(cb, out_dir: str, model, own_run: Optional[str] = None) -> lis
 
 
 def nonfinite_step(cb, step: int, e):
-    """A non-finite delta at ``step``: the base's fault when theta_0 itself holds NaN/Inf (said so), else an error
-    (``on_nonfinite="error"``) or the step skipped with a warning."""
-    import torch
-
+    """A non-finite delta at ``step``: a divergence of this run (a non-finite base was refused before step 1, on every
+    process: :func:`relex_callback.trajectory.window.check_base_finite`): an error (``on_nonfinite="error"``) or the
+    step skipped with a warning."""
     from ..errors import RelexNonFiniteError
 
-    base = [t.spec.name for t in cb.tracked if not bool(torch.isfinite(cb.store.theta0_of(t.spec)).all())]
-    if base:  # not a divergence of this run: the weights it started from were already NaN/Inf (no cost per step)
-        raise RelexNonFiniteError(
-            f"relex: the weights training started from (theta_0, the base model) already hold NaN/Inf in "
-            f"{len(base)} tensor(s): {', '.join(base[:5])}{' ...' if len(base) > 5 else ''}; every delta from "
-            "them is non-finite, whatever the step. Training stopped; load a finite base model") from None
     if cb.settings.on_nonfinite != "skip":
         raise RelexNonFiniteError(f"relex: {e}. Training stopped (on_nonfinite='error'); no checkpoint was "
                                   "written from it. Pass on_nonfinite='skip' to drop such steps") from None

@@ -570,7 +570,8 @@ def _horizons_to_score(relex_dir, st, horizons, peft, base):
     if missing and peft:
         raise RelexInputError(f"horizons {missing} have no step-H/ adapter directory of this state's run in {relex_dir}"
                               f"{why_not(missing)}; with a PEFT model only the adapter directories the run wrote can "
-                              "be scored")
+                              "be scored: write them first with `relex materialize --state "
+                              f"{relex_dir} --base <the base model> --horizons {','.join(map(str, missing))}`")
     if missing and base is None:
         raise RelexInputError(
             f"horizons {missing} have no step-H/ directory of this state's run in {relex_dir}{why_not(missing)}"

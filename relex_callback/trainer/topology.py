@@ -224,6 +224,22 @@ class Topology:
         dist.all_reduce(buf)
         return buf.cpu()
 
+    def first_holders(self, flags: dict) -> dict:
+        """``flags``: tracked name -> True where this process's piece of it fails a check (e.g. holds NaN/Inf).
+        Returns name -> the lowest process rank that flagged it, for every name any process flagged; identical on
+        every process (ONE all-reduce, MIN, over a vector in :attr:`names` order)."""
+        if not self.is_distributed:
+            return {n: 0 for n, bad in flags.items() if bad}
+        dist = _dist()
+        rows = {n: j for j, n in enumerate(self.names)}
+        buf = torch.full((len(self.names),), self.world, dtype=torch.int64)
+        for n, bad in flags.items():
+            if bad:
+                buf[rows[n]] = self.process_rank
+        buf = buf.to(self.comm_device())
+        dist.all_reduce(buf, op=dist.ReduceOp.MIN)
+        return {self.names[j]: int(r) for j, r in enumerate(buf.cpu().tolist()) if r < self.world}
+
     def max_int(self, x: int) -> int:
         """The largest ``x`` over processes (sizes that every process must plan alike)."""
         if not self.is_distributed:

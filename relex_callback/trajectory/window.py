@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..errors import RelexError, RelexInputError, RelexMemoryError
+from ..errors import RelexError, RelexInputError, RelexMemoryError, RelexNonFiniteError
 from ..files.fs import describe_failure, write_failure, write_json
 from . import persist
 from .persist import META_FILE, RUN_TRAJECTORY_DIR, TRAJECTORY_DIR
@@ -175,6 +175,8 @@ def open_window(settings, tracked, topology, *, out_dir: str, global_step: int, 
     fits no tier, else by ``relex_callback.core.fold.plan_slots``; a resumed planned window keeps the buffer shape it was
     saved with. Checks the free disk space for what the window will write, and refuses what
     cannot work (a resume without a fitting trajectory, a buffer that fits nowhere) before the first step."""
+    if global_step == 0:  # theta_0 is taken here: a non-finite base is the base's fault, said before step 1
+        check_base_finite(tracked, topology)
     specs = [t.spec for t in tracked]
     device = tracked[0].read().device
     window = len(settings.steps)
@@ -210,6 +212,32 @@ def open_window(settings, tracked, topology, *, out_dir: str, global_step: int, 
         store.buffer_bytes / 2**20, store.storage,
     )
     return store
+
+
+def check_base_finite(tracked, topology):
+    """Refuse a base (theta_0) that holds NaN/Inf, on every process with the same message, before anything is
+    allocated or written and before step 1: each process checks its own pieces (its share of the tensors under DDP,
+    its shards under ZeRO-3 / FSDP2), and ONE collective (:meth:`~relex_callback.trainer.topology.Topology.first_holders`)
+    tells every process which tensors hold one and on which process. Without it, only the process holding the NaN
+    could say so; the others would see a non-finite delta at step 1 and call it a divergence of the run."""
+    flags = {}
+    for t in tracked:
+        if t.spec.local_numel:
+            x = t.read().reshape(-1)
+            # a sum is NaN/Inf iff the tensor holds one (or overflows: then the exact check, in chunks, decides);
+            # measured 14x faster than isfinite().all() on CPU (64M float32: 0.046 s vs 0.66 s, one thread)
+            flags[t.spec.name] = x.is_floating_point() and not bool(torch.isfinite(x.sum())) and not all(
+                bool(torch.isfinite(c).all()) for c in x.split(1 << 22))
+    bad = topology.first_holders(flags)
+    if not bad:
+        return
+    names = [n for n in topology.names if n in bad] or sorted(bad)
+    where = (lambda n: f"{n} (on process {bad[n]})") if topology.is_distributed else (lambda n: n)
+    listed = ", ".join(where(n) for n in names[:5]) + (" ..." if len(names) > 5 else "")
+    raise RelexNonFiniteError(
+        f"relex: the weights training starts from (theta_0, the base model) already hold NaN/Inf in {len(names)} "
+        f"tensor(s): {listed}; every delta from them would be non-finite, whatever the step. Stopped before step 1, "
+        "nothing written; load a finite base model (or exclude those tensors)")
 
 
 def _size_ring(settings, specs, topology, trainer_args, *, device, out_dir, window):

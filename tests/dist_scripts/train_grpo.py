@@ -144,6 +144,8 @@ def main():
     ap.add_argument("--record-until", type=int, default=None, help="record full parameters up to this step (default: "
                     "tcut, or --max-steps with --validate; 0: only the start)")
     ap.add_argument("--hidden-layers", type=int, default=1)
+    ap.add_argument("--nan-base", default=None, help="NAME[:RANK][@I]: a NaN in element I (default 0) of this "
+                    "process's piece of parameter NAME before training (every process, or only RANK): a non-finite base")
     ap.add_argument("--catch", action="store_true", help="an exception is written to rank-<r>.json (exit code 3)")
     a = ap.parse_args()
     rank_env = int(os.environ.get("RANK", "0"))
@@ -171,6 +173,13 @@ def main():
         for layer in model.model.layers:
             fully_shard(layer)
         fully_shard(model)
+    if a.nan_base:
+        spec, _, at = a.nan_base.partition("@")
+        name, *only = spec.split(":")
+        if not only or int(only[0]) == rank_env:
+            with torch.no_grad():  # FSDP2: the local shard (to_local() is a view of it); else the whole tensor
+                p = dict(model.named_parameters())[name]
+                (p.to_local() if hasattr(p, "to_local") else p).view(-1)[int(at or 0)] = float("nan")
     ds = Dataset.from_list(arithmetic_problems(64, seed=0))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     args = GRPOConfig(
@@ -221,7 +230,7 @@ def main():
     try:
         trainer.train(resume_from_checkpoint=True if a.resume else None)
     except Exception as e:
-        if a.fail_write_rank is None and not a.corrupt and not a.catch:
+        if a.fail_write_rank is None and not a.corrupt and not a.catch and not a.nan_base:
             raise
         rank = dist.get_rank() if dist.is_initialized() else 0
         with open(os.path.join(a.out, f"rank-{rank}.json"), "w") as f:
