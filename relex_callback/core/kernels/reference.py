@@ -22,8 +22,15 @@ def _chunks(offset: int, numel: int, chunk: int):
 
 
 def float32_scratch(M: torch.Tensor, chunk: int):
-    """A reusable ``[T, chunk]`` float32 scratch for widening chunks of ``M`` (None when ``M`` is float32)."""
-    return torch.empty(M.shape[0], chunk, dtype=torch.float32, device=M.device) if M.dtype != torch.float32 else None
+    """A reusable ``[T, chunk]`` float32 scratch for widening chunks of ``M`` (None for a float32 ``M`` off the CPU).
+
+    A float32 ``M`` on the CPU is copied too: a multi-threaded CPU BLAS product's last bit depends on where its
+    operand sits in memory (the arena's width and the tensor's offset in it), so a view would make the callback (which
+    tracks the trainable tensors) and ``relex extrapolate`` (every floating tensor of the base) differ by an ulp in
+    a few tensors (measured: 5 of 21 with 2 threads). In a fixed-width scratch every path computes the same bits."""
+    if M.dtype == torch.float32 and M.device.type != "cpu":
+        return None
+    return torch.empty(M.shape[0], chunk, dtype=torch.float32, device=M.device)
 
 
 def _float32_chunks(M: torch.Tensor, o: int, n: int, chunk: int, tmp=False):
@@ -45,11 +52,18 @@ def gram_reference(M: torch.Tensor, offsets: Sequence[int], numels: Sequence[int
     """``G[i] = M_i M_i^T`` for every segment, float32 accumulation per chunk, summed in float64. ``[S, T, T]``."""
     T = M.shape[0]
     G = torch.zeros(len(offsets), T, T, dtype=torch.float64, device=M.device)
-    if M.dtype == torch.float32 or M.device.type != "cpu":
-        # float32 buffer: mm directly on the view; on GPU the cast is cheap relative to the matmul
+    if M.device.type != "cpu":  # on GPU the cast is cheap relative to the matmul
         for i, (o, n) in enumerate(zip(offsets, numels)):
             for s, e in _chunks(o, n, chunk * 8):
                 c = M[:, s:e].float()
+                G[i] += (c @ c.T).double()
+        return G
+    if M.dtype == torch.float32:  # each chunk copied into a fixed-width scratch (float32_scratch: the same bits on
+        tmp = float32_scratch(M, chunk)  # every path), its Gram summed in float64 like the float32 buffer always was
+        for i, (o, n) in enumerate(zip(offsets, numels)):
+            for s, e in _chunks(o, n, chunk):
+                c = tmp[:, : e - s]
+                c.copy_(M[:, s:e])
                 G[i] += (c @ c.T).double()
         return G
     tmp = torch.empty(T, chunk, dtype=torch.float32, device=M.device)
