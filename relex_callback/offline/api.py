@@ -282,7 +282,7 @@ def extrapolate_checkpoints(base: str, checkpoints: Sequence[str], horizons, out
                             solver: str = "auto", max_shard_size="50GB", overwrite: bool = False,
                             progress: bool = False, timing: bool = False, streaming: Optional[bool] = None,
                             memory_budget: Optional[int] = None, fit: str = "linear",
-                            fit_window: Optional[int] = None, degree: int = 2):
+                            fit_window: Optional[int] = None, degree: int = 2, run_check: bool = True):
     """RELEX over checkpoints saved on disk (a run without the callback, or verl's): what ``relex extrapolate`` runs.
 
     Args:
@@ -302,6 +302,9 @@ def extrapolate_checkpoints(base: str, checkpoints: Sequence[str], horizons, out
             state file (the horizons are written from them).
         memory_budget (`int`, *optional*, defaults to 256 MiB): with streaming, the bytes of float32 blocks read at a
             time (tensors whose ``T + 1`` rows fit are read once, larger ones twice in column chunks).
+        run_check (`bool`, *optional*, defaults to `True`): refuse checkpoints that are not one run started from
+            ``base`` (:mod:`relex_callback.offline.belongs`: copies, never-trained tensors that differ from the base,
+            a first checkpoint farther from the base than the run's steps can reach), from sampled elements.
 
     Returns:
         ``(solution, report)``. Every input mistake raises :class:`~relex_callback.errors.RelexInputError` before
@@ -313,6 +316,12 @@ def extrapolate_checkpoints(base: str, checkpoints: Sequence[str], horizons, out
         device=device, storage=storage, solver=solver, max_shard_size=max_shard_size, overwrite=overwrite,
         streaming=streaming, fit=fit, fit_window=fit_window, degree=degree)
     src_base, names, sources, specs = _open_checkpoints(base, cks)
+    if run_check:
+        from .belongs import check_belongs
+
+        check_belongs(base, src_base, cks, sources, names)  # before any heavy work
+    else:
+        logger.warning("relex: --no-run-check: the checkpoints are not checked to be one run started from %s", base)
     out = os.path.abspath(out_dir)
     # the window as the pipeline sees it: tcut is the last checkpoint's step, the fit as asked (checked above)
     window = dataclasses.replace(settings, tcut=tcut, rank=rank, fit_start=fit_start, overwrite=overwrite, fit=fit,
@@ -331,6 +340,9 @@ def _check_checkpoint_args(base, checkpoints, horizons, out_dir, *, steps, strid
     if device not in ("cpu", "cuda"):
         raise RelexInputError(f"--device {device!r} is not one of ['cpu', 'cuda']")
     cks = discover_checkpoints(checkpoints, steps, stride)
+    from .belongs import same_directories
+
+    same_directories(cks)
     tcut = cks[-1].step
     obs = [c.step for c in cks]
     from ..config import parse_horizons

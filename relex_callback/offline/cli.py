@@ -103,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "or auto (chosen by the in-window backtest)")
     e.add_argument("--fit-window", default=None, help="fit only the last N checkpoints' steps")
     e.add_argument("--degree", default="2", help="degree of --fit polynomial (default 2)")
+    e.add_argument("--no-run-check", action="store_true",
+                   help="with --checkpoints: skip the check that they are one run started from --base (copies, "
+                        "never-trained tensors that differ from the base, a first checkpoint farther from the base "
+                        "than the run's steps reach)")
     e.add_argument("--overwrite", action="store_true", help="replace existing outputs in --out")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
     e.add_argument("--streaming", action=argparse.BooleanOptionalAction, default=None,
@@ -197,6 +201,9 @@ def cmd_extrapolate(args) -> int:
             raise RelexInputError("--steps and --stride apply to --checkpoints; a saved trajectory keeps its own steps")
         if args.streaming:
             raise RelexInputError("--streaming applies to --checkpoints; a saved trajectory is already one buffer")
+        if args.no_run_check:
+            raise RelexInputError("--no-run-check applies to --checkpoints; a saved trajectory is checked against "
+                                  "--base by its theta_0")
         _check_dir("--trajectory", args.trajectory, "the partial_trajectory/ or relex_trajectory/ directory the callback wrote")
         if args.untracked_from is not None:
             _check_dir("--untracked-from", args.untracked_from, "the checkpoint saved at the trajectory's last step",
@@ -221,7 +228,8 @@ def cmd_extrapolate(args) -> int:
         args.base, args.checkpoints, horizons, args.out, steps=steps, stride=args.stride, fit_start=args.fit_start,
         rank=args.rank, dtype=args.dtype, device=args.device, storage=args.storage, solver=args.solver,
         max_shard_size=args.max_shard_size, overwrite=args.overwrite, progress=not args.no_progress,
-        timing=bool(os.environ.get("RELEX_TIMING")), streaming=args.streaming, **fit_kw,
+        timing=bool(os.environ.get("RELEX_TIMING")), streaming=args.streaming, run_check=not args.no_run_check,
+        **fit_kw,
     )
     print(trust_lines(report))
     s = report["summary"]

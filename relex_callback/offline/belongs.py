@@ -1,0 +1,128 @@
+"""Checkpoints checked against theta_0 before ``relex extrapolate --checkpoints`` solves anything (issue 20, class 3).
+
+The tensor set, shapes and dtypes are checked by :func:`relex_callback.files.checkpoints.check_same_tensors`. This
+module checks, from a few sampled elements per tensor (memory-mapped: only their pages are read), that the
+checkpoints are one run that started from ``--base``:
+
+* **a copy**: two checkpoints with the same sampled values in every tensor are one checkpoint under two steps (a
+  ``cp -r``, the same directory given twice): the line would be fitted to a step that did not happen;
+* **never trained, yet not the base's**: a tensor whose sampled values are identical in every checkpoint (frozen, a
+  buffer) but differ from the base: training did not change it, so the base is not the model training started from;
+* **another base**: training moves the weights a bounded distance per step, so the distance from the base to the
+  first checkpoint (step ``s1``) is at most about ``s1`` times the distance a step moves them. The ratio
+
+      R = |x(s1) - x(0)| / (s1 * max_i |x(s_{i+1}) - x(s_i)| / (s_{i+1} - s_i))
+
+  (norms over the sampled elements of every tensor) is about 1 for a real run (at most 1 when the steps move the
+  weights by equal amounts in one direction; below 1 when they partly cancel, since the per-step rate between two
+  checkpoints is then measured as an underestimate for both terms alike). A checkpoint of a sibling model (another
+  seed, a fine-tune of another model) is as far from the base as the two models are from each other: orders of
+  magnitude more. Refused above :data:`MAX_RATIO` (measured on the tiny models' GRPO/Adam runs, stride 1 to 3: see
+  tests/test_belongs.py); a learning rate much larger before the first checkpoint than after it can exceed it, and
+  ``--no-run-check`` (``run_check=False``) then skips these checks, saying so.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import torch
+
+from ..errors import RelexInputError
+
+SAMPLES = 256  # sampled elements per tensor (all of a smaller one)
+MAX_RATIO = 20.0  # R above this: the first checkpoint is not reachable from the base by this run's steps
+MIN_EXPECTED = 20  # changed samples a verdict of "unchanged" needs to have expected (P(0 | Poisson 20) = 2e-9)
+
+
+def _indices(n: int) -> torch.Tensor:
+    if n <= SAMPLES:
+        return torch.arange(n)
+    return torch.tensor(sorted({(i * 2654435761) % n for i in range(SAMPLES)}), dtype=torch.long)
+
+
+def sampled(mapped, names: Sequence[str], idx: dict) -> dict:
+    """``name -> float64 [k]``: the sampled elements of each tensor (only their pages are read)."""
+    return {n: mapped.get(n).reshape(-1)[idx[n]].to(torch.float64) for n in names}
+
+
+def check_belongs(base: str, src_base, cks, sources, names: Sequence[str]):
+    """Refuse (``RelexInputError``, one line naming the checkpoints or tensors and what to pass) checkpoints that are
+    not one run started from ``base``: see the module docstring. ``cks`` are sorted by step.
+
+    Weights saved in bf16 with a small learning rate change only where an element crosses a rounding boundary, so
+    an unchanged sample is weak evidence: "unchanged" is concluded only where the changes seen elsewhere in the same
+    checkpoints predict at least :data:`MIN_EXPECTED` changed samples (a Poisson count: below that, no verdict)."""
+    from ..files.checkpoints import MappedSource
+
+    idx = {n: _indices(int(torch.Size(src_base.meta[n][0]).numel())) for n in names}
+    opened = [MappedSource(s) for s in [src_base, *sources]]
+    try:
+        x0, *xs = [sampled(m, names, idx) for m in opened]
+    finally:
+        for m in opened:
+            m.close()
+    steps = [c.step for c in cks]
+    total = sum(int(idx[n].numel()) for n in names)
+    changed = [sum(int((xs[i + 1][n] != xs[i][n]).sum()) for n in names) for i in range(len(xs) - 1)]
+    seen = sum(changed)
+    if len(xs) >= 2:
+        # the fraction of samples that change per step: between the checkpoints, else from the base to the first
+        moved0 = sum(int((xs[0][n] != x0[n]).sum()) for n in names)
+        per_step = seen / (total * (steps[-1] - steps[0])) if seen else moved0 / (total * steps[0])
+        for i, c in enumerate(changed):
+            if c == 0 and per_step * total * (steps[i + 1] - steps[i]) >= MIN_EXPECTED:
+                raise RelexInputError(
+                    f"{cks[i].path} (step {steps[i]}) and {cks[i + 1].path} (step {steps[i + 1]}) hold the same "
+                    "weights: one checkpoint under two steps (a copy, or the same directory twice); leave one out of "
+                    "--checkpoints")
+        frozen = []
+        for n in names:
+            k = int(idx[n].numel())
+            moved = int((xs[0][n] != x0[n]).sum())  # before the first checkpoint
+            still = all(torch.equal(x[n], xs[0][n]) for x in xs[1:])
+            # a trained tensor that changed `moved` of k samples in steps[0] steps changes about that many per step
+            if still and 2 * moved > k and moved / steps[0] * (steps[-1] - steps[0]) >= MIN_EXPECTED:
+                frozen.append(n)
+        if frozen:
+            more = f" and {len(frozen) - 3} more" if len(frozen) > 3 else ""
+            raise RelexInputError(
+                f"{', '.join(frozen[:3])}{more}: unchanged in every checkpoint (never trained: frozen, a buffer) but "
+                f"different in the base {base}: the checkpoints did not start from this base; pass the checkpoint "
+                "training started from as --base (or --no-run-check if it was changed on purpose between the base and step "
+                f"{steps[0]})")
+        if seen >= MIN_EXPECTED:
+            r, d0, rate = distance_ratio(x0, xs, steps, names)
+            if r > MAX_RATIO:
+                scale = float(torch.cat([x0[n] for n in names]).norm()) or 1.0
+                raise RelexInputError(
+                    f"{cks[0].path} (step {steps[0]}) is {r:.3g}x farther from the base {base} than {steps[0]} "
+                    f"step(s) of this run move the weights (relative distance {d0 / scale:.2e}, "
+                    f"{rate / scale:.2e} per step between checkpoints; above {MAX_RATIO:g}x is refused): the "
+                    "checkpoints did not start from this base (another base, a fine-tune of another model); pass the "
+                    "checkpoint training started from, or --no-run-check if the learning rate before the first "
+                    "checkpoint was that much larger")
+
+
+def distance_ratio(x0: dict, xs: list, steps: Sequence[int], names: Sequence[str]) -> tuple[float, float, float]:
+    """``(R, |x(s1) - x(0)|, max per-step rate)`` over the sampled elements (module docstring)."""
+    def dist(a, b):
+        return float(torch.cat([(a[n] - b[n]) for n in names]).norm())
+
+    d0 = dist(xs[0], x0)
+    rate = max(dist(xs[i + 1], xs[i]) / (steps[i + 1] - steps[i]) for i in range(len(xs) - 1))
+    if rate == 0:
+        return (float("inf") if d0 > 0 else 0.0), d0, rate
+    return d0 / (steps[0] * rate), d0, rate
+
+
+def same_directories(cks) -> None:
+    """The same checkpoint directory (or weights file) under two steps is refused, naming both."""
+    seen = {}
+    for c in cks:
+        key = os.path.realpath(c.weights)
+        if key in seen:
+            raise RelexInputError(f"{seen[key].path} (step {seen[key].step}) and {c.path} (step {c.step}) are the same "
+                                  "directory: give each checkpoint once")
+        seen[key] = c
