@@ -172,3 +172,13 @@ def test_duplicated_checkpoints_are_refused(ckrun, env, tmp_path):
                    "--out", tmp_path / f"out{i}", "--no-progress")
         _refused(r, words)
         assert not (tmp_path / f"out{i}").exists() or not os.listdir(tmp_path / f"out{i}")
+
+
+def test_checkpoints_still_at_theta0_are_not_copies(ckrun, env, tmp_path):
+    """Steps that did not move the weights (GRPO steps without reward variance: the checkpoints equal theta_0) are
+    observations, not copies: accepted. The base itself copied as steps 1 and 2, then the run's checkpoints."""
+    for t in (1, 2):
+        shutil.copytree(ckrun / "base", tmp_path / f"step-{t}")
+    r = _relex(env, "extrapolate", "--base", ckrun / "base", "--checkpoints", tmp_path / "step-1", tmp_path / "step-2",
+               *_ck(ckrun, 3, 4, 5, 6), "--horizons", 20, "--out", tmp_path / "out", "--no-progress")
+    assert r.returncode == 0, r.stderr[-2000:]

@@ -4,8 +4,11 @@ The tensor set, shapes and dtypes are checked by :func:`relex_callback.files.che
 module checks, from a few sampled elements per tensor (memory-mapped: only their pages are read), that the
 checkpoints are one run that started from ``--base``:
 
-* **a copy**: two checkpoints with the same sampled values in every tensor are one checkpoint under two steps (a
-  ``cp -r``, the same directory given twice): the line would be fitted to a step that did not happen;
+* **a copy**: two consecutive checkpoints with the same sampled values in every tensor, where the run moves the
+  weights, are one checkpoint under two steps (a ``cp -r`` under another step's name): the line would be fitted to a
+  step that did not happen. Checkpoints still at theta_0 are not copies: a GRPO step without reward variance does
+  not move the weights, and the README's ``--fit-start`` advice covers them. (The same directory twice is refused
+  by its path, :func:`same_directories`.);
 * **never trained, yet not the base's**: a tensor whose sampled values are identical in every checkpoint (frozen, a
   buffer) but differ from the base: training did not change it, so the base is not the model training started from;
 * **another base**: training moves the weights a bounded distance per step, so the distance from the base to the
@@ -72,7 +75,9 @@ def check_belongs(base: str, src_base, cks, sources, names: Sequence[str]):
         moved0 = sum(int((xs[0][n] != x0[n]).sum()) for n in names)
         per_step = seen / (total * (steps[-1] - steps[0])) if seen else moved0 / (total * steps[0])
         for i, c in enumerate(changed):
-            if c == 0 and per_step * total * (steps[i + 1] - steps[i]) >= MIN_EXPECTED:
+            # weights still at theta_0 do not move either (GRPO steps without reward variance): not a copy
+            if (c == 0 and per_step * total * (steps[i + 1] - steps[i]) >= MIN_EXPECTED
+                    and any(not torch.equal(xs[i][n], x0[n]) for n in names)):
                 raise RelexInputError(
                     f"{cks[i].path} (step {steps[i]}) and {cks[i + 1].path} (step {steps[i + 1]}) hold the same "
                     "weights: one checkpoint under two steps (a copy, or the same directory twice); leave one out of "
