@@ -386,5 +386,12 @@ def test_cli_extrapolate_trajectory_refuses_what_would_not_be_the_runs(partial, 
         last = _refused(env, "extrapolate", "--trajectory", partial / "cut" / cell / "partial_trajectory", "--base",
                         base, "--horizons", H, "--out", tmp_path / f"o3{cell}")
         assert FROZEN in last, last
-    for o in ("o1", "o2", "o3default", "o3exclude"):
+    # another window's untracked.safetensors beside this trajectory (the include cell's, same step, other run id)
+    mixed = tmp_path / "mixed"
+    shutil.copytree(partial / "cut" / "exclude" / "partial_trajectory", mixed)
+    shutil.copy(partial / "cut" / "include" / "partial_trajectory" / "untracked.safetensors", mixed)
+    last = _refused(env, "extrapolate", "--trajectory", mixed, "--base", partial / "base", "--horizons", H, "--out",
+                    tmp_path / "o4")
+    assert "untracked.safetensors" in last and "run" in last, last
+    for o in ("o1", "o2", "o3default", "o3exclude", "o4"):
         assert not (tmp_path / o).exists() or not os.listdir(tmp_path / o), o

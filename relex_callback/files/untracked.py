@@ -116,6 +116,18 @@ def save_untracked(directory: str, tensors: dict, meta: dict, *, step: int, run_
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=header)
 
 
+def is_relex_untracked(path: str) -> bool:
+    """Whether ``path`` is an ``untracked.safetensors`` relex wrote (its header names the record): the only kind a
+    new window replaces."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(path, "pt") as f:
+            return "relex_untracked" in (f.metadata() or {})
+    except Exception:  # not a safetensors file at all
+        return False
+
+
 def load_untracked(directory: str):
     """``(tensors, meta, step, run_id)`` from ``directory/untracked.safetensors``, or ``None`` without one."""
     from safetensors import safe_open

@@ -123,9 +123,17 @@ def keep_window(cb, args, kwargs, step: int) -> tuple[str, str]:
     base = "<the checkpoint training started from>"
     model = kwargs.get("model")
     stale = os.path.join(keep, UNTRACKED_FILE)
-    if os.path.isfile(stale):  # an earlier window's: never read back as this one's
-        os.remove(stale)
-    if (model is not None and not is_peft_model(model) and not cb.topology.is_distributed and cb.store.steps
+    foreign = False
+    if os.path.lexists(stale):  # an earlier window's is replaced (never read back as this one's); a user's is left
+        from ..files.untracked import is_relex_untracked
+
+        foreign = not is_relex_untracked(stale)
+        if foreign:
+            logger.warning("relex: %s was not written by relex; it was left as it is, and the untracked tensors at "
+                           "the last recorded step were not saved beside the trajectory", stale)
+        else:
+            os.remove(stale)
+    if (not foreign and model is not None and not is_peft_model(model) and not cb.topology.is_distributed and cb.store.steps
             and cb.store.steps[-1] == step):
         from ..files.checkpoints import ModelSource
         from ..files.untracked import record_untracked, save_untracked
