@@ -39,10 +39,15 @@ MAX_RATIO = 20.0  # R above this: the first checkpoint is not reachable from the
 MIN_EXPECTED = 20  # changed samples a verdict of "unchanged" needs to have expected (P(0 | Poisson 20) = 2e-9)
 
 
+BLOCKS = 8  # the samples are BLOCKS runs of contiguous elements spread over the tensor: few pages read per tensor
+
+
 def _indices(n: int) -> torch.Tensor:
     if n <= SAMPLES:
         return torch.arange(n)
-    return torch.tensor(sorted({(i * 2654435761) % n for i in range(SAMPLES)}), dtype=torch.long)
+    run = SAMPLES // BLOCKS
+    starts = sorted({(i * 2654435761) % (n - run + 1) for i in range(BLOCKS)})
+    return torch.unique(torch.cat([torch.arange(a, a + run) for a in starts]))
 
 
 def sampled(mapped, names: Sequence[str], idx: dict) -> dict:
