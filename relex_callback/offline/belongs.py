@@ -23,6 +23,10 @@ checkpoints are one run that started from ``--base``:
   magnitude more. Refused above :data:`MAX_RATIO` (measured on the tiny models' GRPO/Adam runs, stride 1 to 3: see
   tests/test_belongs.py); a learning rate much larger before the first checkpoint than after it can exceed it, and
   ``--no-run-check`` (``run_check=False``) then skips these checks, saying so.
+
+And for ``relex extrapolate --trajectory`` (:func:`untracked_at_tcut`): the tensors a saved trajectory does not track
+are written as the callback writes them, at their values at its last recorded step, from where those exist and are
+checked to be that step's; never theta_0 for a tensor that may have been trained.
 """
 
 from __future__ import annotations
@@ -136,3 +140,93 @@ def same_directories(cks) -> None:
             raise RelexInputError(f"{seen[key].path} (step {seen[key].step}) and {c.path} (step {c.step}) are the same "
                                   "directory: give each checkpoint once")
         seen[key] = c
+
+
+class _Live:
+    """The tracked pieces of a checkpoint, read one tensor at a time each time it is iterated (for verify_live)."""
+
+    def __init__(self, src, specs):
+        self.src, self.specs = src, specs
+
+    def __iter__(self):
+        for spec in self.specs:
+            yield self.src.get(spec.name).reshape(-1)[spec.flat_start: spec.flat_start + spec.local_numel]
+
+
+def untracked_at_tcut(store, trajectory_dir, src, base, untracked_from, untracked_frozen):
+    """The source of a ``--trajectory`` horizon: the base, with every key the trajectory does not track as the
+    callback would have written it (its value at tcut, the last recorded step), recorded for the state file so that
+    ``relex materialize`` writes it again. Refuses, naming the tensors and what to pass, rather than writing theta_0
+    for a tensor that may have been trained; frozen tensors and buffers are checked against the base."""
+    from types import SimpleNamespace
+
+    from ..files.untracked import UNTRACKED_FILE, UntrackedSource, load_untracked, record_values
+    from ..trajectory.persist import TRAJECTORY_DIR
+
+    tracked = {s.name for s in store.specs}
+    keys = [k for k in src.keys if k not in tracked]
+    floating = [k for k in keys if src.meta[k][1].is_floating_point]
+    tcut = store.steps[-1]
+    if not floating:
+        return src
+    if untracked_from is not None and untracked_frozen:
+        raise RelexInputError("--untracked-from and --untracked-frozen exclude each other: pass one")
+    saved = load_untracked(trajectory_dir) if untracked_from is None else None
+    if saved is not None:
+        tensors, meta, step, run_id = saved
+        if step != tcut or (run_id is not None and store.run_id is not None and run_id != store.run_id):
+            raise RelexInputError(
+                f"{os.path.join(trajectory_dir, UNTRACKED_FILE)} was written for step {step} of run {run_id}, not "
+                f"for this trajectory's last step {tcut} (run {store.run_id}); delete it and pass --untracked-from a "
+                f"checkpoint saved at step {tcut}")
+    else:
+        parent = os.path.dirname(os.path.abspath(trajectory_dir))
+        if (untracked_from is None and not untracked_frozen
+                and os.path.basename(os.path.abspath(trajectory_dir)) == TRAJECTORY_DIR
+                and any(os.path.isfile(os.path.join(parent, f)) for f in ("model.safetensors",
+                                                                            "model.safetensors.index.json"))):
+            untracked_from = parent  # a checkpoint's relex_trajectory/: its weights are beside it
+        if untracked_from is not None:
+            tensors, meta = _untracked_from_checkpoint(store, untracked_from, src, keys, tcut)
+        elif untracked_frozen:
+            tensors, meta = record_values(keys, src.get, set(keys))  # from the base, checked as the run's below
+        else:
+            names = ", ".join(floating[:4]) + (f" and {len(floating) - 4} more" if len(floating) > 4 else "")
+            raise RelexInputError(
+                f"{trajectory_dir} does not hold the values at step {tcut} of the {len(floating)} tensor(s) it does "
+                f"not track ({names}); the base has them at step 0. Pass --untracked-from a checkpoint saved at step "
+                f"{tcut} (its weights give them), or --untracked-frozen if none of them was trained (frozen "
+                "parameters, buffers)")
+    out = UntrackedSource(src, SimpleNamespace(untracked=meta, tensors=tensors), keep=True)
+    out.check(base)
+    return out
+
+
+def _untracked_from_checkpoint(store, path, src, keys, tcut):
+    """``(tensors, meta)`` of the untracked ``keys`` from the checkpoint ``path``, refused unless it is the model at
+    ``tcut``: its tracked tensors equal theta_0 plus the last recorded delta (to the buffer dtype's rounding), or the
+    fingerprints saved with the trajectory at that step."""
+    from ..files.untracked import record_values
+    from ..trajectory.persist import verify_live
+
+    if not os.path.isdir(path):
+        raise RelexInputError(f"--untracked-from {path} is not a directory; pass the checkpoint saved at step {tcut}")
+    from ..files.checkpoints import DirectorySource
+
+    ck = DirectorySource(path)
+    lost = [k for k in [s.name for s in store.specs] + list(keys) if k not in ck.meta]
+    if lost:
+        raise RelexInputError(f"--untracked-from {path} has no tensor {lost[0]}: pass the checkpoint of this run "
+                              f"saved at step {tcut}")
+    checkable = bool(store.num_ring_rows) or (store.saved.get("live") is not None and store.saved.get("step") == tcut)
+    if not checkable:
+        raise RelexInputError(f"the trajectory {store.saved.get('directory')} records no row or fingerprint at step "
+                              f"{tcut} to check --untracked-from {path} against; pass --untracked-frozen if none of the "
+                              "untracked tensors was trained, or use `relex extrapolate --checkpoints`")
+    problems = verify_live(store, _Live(ck, store.specs), tcut)
+    if problems:
+        raise RelexInputError(f"--untracked-from {path} is not the model at step {tcut}, the trajectory's last "
+                              f"recorded step ({len(problems)} tensor(s), e.g. {problems[0]}); pass "
+                              f"--untracked-from the checkpoint of this run saved at step {tcut}")
+    same = {k for k in keys if ck.meta[k] == src.meta[k] and torch.equal(ck.get(k), src.get(k))}
+    return record_values(keys, ck.get, same)  # as the callback records them: changed ones by value
