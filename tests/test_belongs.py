@@ -4,7 +4,8 @@ refuses a real run (``relex_callback.offline.belongs``). Real GRPO runs of the t
 step), the CLI as a subprocess.
 
 Measured here (test_real_runs_stay_far_below_the_ratio_bound prints them): the distance ratio R of real
-trajectories, every step and with a stride, against MAX_RATIO.
+trajectories, every step and with a stride, against MAX_RATIO (20): 0 to 2.6 over four runs (learning rates 1e-4,
+1e-3, 5e-3 warmup+cosine, 1e-5 on bf16 weights) and six choices of checkpoints each.
 """
 
 import os
@@ -51,6 +52,12 @@ def ckrun(tmp_path_factory):
                  learning_rate=5e-3, lr_scheduler_type="cosine", warmup_steps=3).train()
     grpo_trainer(out / "small", [], model=_model(tok), tok=tok, save_strategy="steps", save_steps=1, max_steps=STEPS,
                  learning_rate=1e-4).train()
+    from relex_callback.examples.toy import build_model
+
+    bf16 = build_model(tok, dtype=torch.bfloat16)  # weights kept in bf16: a small step changes few elements
+    bf16.save_pretrained(out / "bf16" / "base")
+    grpo_trainer(out / "bf16", [], model=bf16, tok=tok, save_strategy="steps", save_steps=1, max_steps=STEPS,
+                 learning_rate=1e-5).train()
     return out
 
 
@@ -73,20 +80,28 @@ def _ck(run, *steps):
 
 
 def test_real_runs_stay_far_below_the_ratio_bound(ckrun):
-    """R of real GRPO/Adam trajectories (constant and warmup+cosine learning rates), every checkpoint, strides 2 and
-    3, a late first checkpoint, two far-apart checkpoints: at most MAX_RATIO / 4."""
-    from relex_callback.files.checkpoints import DirectorySource, MappedSource
+    """R of real GRPO/Adam trajectories (learning rates 1e-4 and 1e-3 constant, 5e-3 warmup+cosine, 1e-5 on bf16
+    weights), every checkpoint, strides 2 and 3, a late first checkpoint, two far-apart checkpoints: at most
+    MAX_RATIO / 4, and none of the checks refuses any of them."""
+    from relex_callback.files.checkpoints import Checkpoint, DirectorySource, MappedSource
+    from relex_callback.offline.belongs import check_belongs
 
     rs = {}
-    for run, tag in ((ckrun, "constant"), (ckrun / "cos", "cosine"), (ckrun / "small", "small-lr")):
-        base = MappedSource(DirectorySource(str(ckrun / "base")))
-        names = [n for n in DirectorySource(str(ckrun / "base")).keys]
+    for run, tag in ((ckrun, "constant"), (ckrun / "cos", "cosine"), (ckrun / "small", "small-lr"),
+                     (ckrun / "bf16", "bf16")):
+        base_dir = ckrun / "bf16" / "base" if tag == "bf16" else ckrun / "base"
+        src_base = DirectorySource(str(base_dir))
+        base = MappedSource(src_base)
+        names = list(src_base.keys)
         idx = {n: _indices(base.get(n).numel()) for n in names}
         x0 = sampled(base, names, idx)
         for label, steps in (("all", range(1, STEPS + 1)), ("stride2", (2, 4, 6, 8)), ("stride3", (3, 6)),
                              ("late", (5, 6, 7, 8)), ("far", (1, 8)), ("late-stride", (4, 8))):
-            xs = [sampled(MappedSource(DirectorySource(str(p))), names, idx) for p in _ck(run, *steps)]
+            srcs = [DirectorySource(str(p)) for p in _ck(run, *steps)]
+            xs = [sampled(MappedSource(s), names, idx) for s in srcs]
             rs[f"{tag}/{label}"] = distance_ratio(x0, xs, list(steps), names)[0]
+            cks = [Checkpoint(t, str(p), str(p)) for t, p in zip(steps, _ck(run, *steps))]
+            check_belongs(str(base_dir), src_base, cks, srcs, names)  # raises on a false refusal
     print("distance ratio R of real runs:", {k: round(v, 3) for k, v in rs.items()})
     assert max(rs.values()) <= MAX_RATIO / 4, rs
 
