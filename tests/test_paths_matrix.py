@@ -386,6 +386,17 @@ def test_cli_extrapolate_trajectory_refuses_what_would_not_be_the_runs(partial, 
         last = _refused(env, "extrapolate", "--trajectory", partial / "cut" / cell / "partial_trajectory", "--base",
                         base, "--horizons", H, "--out", tmp_path / f"o3{cell}")
         assert FROZEN in last, last
+    # only the frozen parameter untracked, its value not kept (an older partial_trajectory/): refused, and with
+    # --untracked-frozen (the user's word that none was trained) the callback's bytes
+    old = tmp_path / "old"
+    shutil.copytree(partial / "cut" / "default" / "partial_trajectory", old)
+    os.remove(old / "untracked.safetensors")
+    last = _refused(env, "extrapolate", "--trajectory", old, "--base", partial / "base", "--horizons", H, "--out",
+                    tmp_path / "o5")
+    assert FROZEN in last and "--untracked-frozen" in last, last
+    _cli(env, "extrapolate", "--trajectory", old, "--base", partial / "base", "--horizons", H, "--out",
+         tmp_path / "frozen", "--untracked-frozen")
+    _assert_same(partial / "ref" / "default" / f"step-{H}", tmp_path / "frozen" / f"step-{H}", "--untracked-frozen")
     # another window's untracked.safetensors beside this trajectory (the include cell's, same step, other run id)
     mixed = tmp_path / "mixed"
     shutil.copytree(partial / "cut" / "exclude" / "partial_trajectory", mixed)
@@ -393,5 +404,5 @@ def test_cli_extrapolate_trajectory_refuses_what_would_not_be_the_runs(partial, 
     last = _refused(env, "extrapolate", "--trajectory", mixed, "--base", partial / "base", "--horizons", H, "--out",
                     tmp_path / "o4")
     assert "untracked.safetensors" in last and "run" in last, last
-    for o in ("o1", "o2", "o3default", "o3exclude", "o4"):
+    for o in ("o1", "o2", "o3default", "o3exclude", "o4", "o5"):
         assert not (tmp_path / o).exists() or not os.listdir(tmp_path / o), o
