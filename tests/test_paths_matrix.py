@@ -10,7 +10,7 @@ every step) carries one ``RelexCallback`` per option cell, each with its own out
   into the trainer's model equal ``relex materialize``'s for that horizon, bitwise;
 * ``relex extrapolate --no-streaming`` on the run's checkpoints with the CLI's spelling of the cell's options, where
   the CLI has them (the buffered CLI fills the same bf16 trajectory buffer from the checkpoints the trainer saved in
-  float32: bitwise; with a float32 buffer to 1e-6, see the test);
+  float32: bitwise, with a float32 buffer too);
 * the streamed ``relex extrapolate`` (default on the CPU): its arithmetic differs by design (float64 sums over the
   exact deltas; README "Command line"), so it is compared with the float32-buffer callback to 1e-5 and with
   ``relex materialize`` of its own state bitwise;
@@ -21,8 +21,9 @@ Beside the matrix: (slow) PEFT with and without ``merge_lora`` resumed from a co
 and ZeRO-3 with ``exclude`` (2 processes over gloo): the distributed writers' horizon vs ``relex materialize`` of the
 sharded state, bitwise; (slow, distributed) FSDP2 the same; PEFT: ``relex materialize`` of a LoRA run's state with the
 base model vs the callback's ``step-H/`` and ``step-H-merged/``, bitwise (also with an adapter parameter excluded).
-Not covered: ``relex extrapolate --trajectory`` with include/exclude (it takes untracked tensors from ``--base``), and
-``evaluate_horizons`` / ``relex extrapolate`` / a resume for the PEFT cells beyond the resume test below.
+``relex extrapolate --trajectory`` (a ``partial_trajectory/`` and a checkpoint's ``relex_trajectory/``) against a
+callback whose window ends at the last saved step: bitwise, include / exclude / the frozen parameter.
+Not covered: ``evaluate_horizons`` / ``relex extrapolate`` / a resume for the PEFT cells beyond the resume test below.
 """
 
 import os
@@ -386,3 +387,132 @@ def test_materialize_refuses_a_base_whose_frozen_tensor_is_not_the_runs(run, env
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("relex: error:") and FROZEN in last and "untracked" in last, last
     assert not (tmp_path / "mat").exists() or not os.listdir(tmp_path / "mat")
+
+
+# ------------------------------------------------------------------- relex extrapolate --trajectory (issue 20, class 2)
+# A window the callback saved instead of extrapolating: ``partial_trajectory/`` of a run that ended before tcut, and a
+# checkpoint's ``relex_trajectory/``. The same window solved by a callback whose tcut is the last saved step is the
+# reference. Cells: the frozen parameter is the only untracked tensor ("default"), and trained tensors left untracked
+# by include / exclude.
+T_PART = TCUT - 1
+TRAJ_CELLS = ["default", "include", "exclude"]
+
+
+@pytest.fixture(scope="module")
+def partial(tmp_path_factory):
+    """One GRPO run stopped at step T_PART: per cell, a callback with tcut=T_PART (the reference) and one with
+    tcut=TCUT that keeps its recorded steps in ``partial_trajectory/``. ``checkpoint-T_PART/relex_trajectory/`` is
+    the exclude cell's: the first callback to save there (a later one does not write into another window's)."""
+    from relex_callback.examples.toy import build_tokenizer
+
+    out = tmp_path_factory.mktemp("partial")
+    tok = build_tokenizer()
+    model = _model(tok)
+    model.save_pretrained(out / "base")
+    tok.save_pretrained(out / "base")
+    cbs = []
+    for c in sorted(TRAJ_CELLS, key=lambda c: c != "exclude"):
+        kw = CELLS[c][0]
+        cbs.append(RelexCallback(tcut=T_PART, horizons=[H], output_dir=str(out / "ref" / c), **kw))
+        cbs.append(RelexCallback(tcut=TCUT, horizons=[H], output_dir=str(out / "cut" / c), **kw))
+    trainer = grpo_trainer(out, cbs + [StopAt(T_PART)], model=model, tok=tok, save_strategy="steps",
+                           save_steps=T_PART)
+    trainer.train()
+    assert trainer.state.global_step == T_PART
+    for c in TRAJ_CELLS:
+        assert (out / "ref" / c / f"step-{H}").is_dir() and (out / "cut" / c / "partial_trajectory").is_dir(), c
+    return out
+
+
+def _tracked(traj):
+    import json
+
+    with open(os.path.join(traj, "trajectory.json")) as f:
+        return sorted(d["name"] for d in json.load(f)["specs"])
+
+
+@pytest.mark.parametrize("cell", TRAJ_CELLS)
+def test_cli_extrapolate_partial_trajectory_equals_the_callback(partial, env, tmp_path, cell):
+    """`relex extrapolate --trajectory <out>/partial_trajectory` writes the bytes a callback with that window writes,
+    untracked tensors included (trained ones at their values at the last recorded step, not the base's), and
+    `relex materialize` of its state writes them again."""
+    _cli(env, "extrapolate", "--trajectory", partial / "cut" / cell / "partial_trajectory", "--base",
+         partial / "base", "--horizons", H, "--out", tmp_path / "cli")
+    _assert_same(partial / "ref" / cell / f"step-{H}", tmp_path / "cli" / f"step-{H}",
+                 f"{cell}: callback vs relex extrapolate --trajectory partial_trajectory")
+    _cli(env, "materialize", "--state", tmp_path / "cli", "--base", partial / "base", "--horizons", H, "--out",
+         tmp_path / "mat")
+    _assert_same(partial / "ref" / cell / f"step-{H}", tmp_path / "mat" / f"step-{H}",
+                 f"{cell}: callback vs relex materialize of the --trajectory state")
+
+
+def test_cli_extrapolate_checkpoint_trajectory_equals_the_callback(partial, env, tmp_path):
+    """`relex extrapolate --trajectory checkpoint-N/relex_trajectory` takes the untracked tensors from the
+    checkpoint's weights beside it (the model at step N): the callback's bytes."""
+    traj = partial / f"checkpoint-{T_PART}" / "relex_trajectory"
+    assert _tracked(traj) == _tracked(partial / "cut" / "exclude" / "partial_trajectory")  # the exclude cell's
+    _cli(env, "extrapolate", "--trajectory", traj, "--base", partial / "base", "--horizons", H, "--out",
+         tmp_path / "cli")
+    _assert_same(partial / "ref" / "exclude" / f"step-{H}", tmp_path / "cli" / f"step-{H}",
+                 "exclude: callback vs relex extrapolate --trajectory checkpoint's relex_trajectory")
+
+
+def _refused(env, *args) -> str:
+    r = subprocess.run([sys.executable, "-m", "relex_callback.offline.cli", *map(str, args)], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2, (r.returncode, r.stderr[-3000:])
+    lines = r.stderr.strip().splitlines()
+    assert lines and lines[-1].startswith("relex: error:"), r.stderr[-3000:]
+    assert not any(ln.startswith("Traceback") for ln in lines), r.stderr[-3000:]
+    return lines[-1]
+
+
+def test_cli_extrapolate_trajectory_refuses_what_would_not_be_the_runs(partial, env, tmp_path):
+    """Never theta_0 for a trained tensor, never a frozen tensor the run did not have: a trajectory without the
+    untracked values (copied away from its checkpoint), a checkpoint of another step given for them, and a base whose
+    frozen tensor differs are each refused, exit 2, one line naming the tensors and what to pass, nothing written."""
+    from safetensors.torch import load_file, save_file
+
+    lone = tmp_path / "lone"  # a checkpoint's relex_trajectory/ copied away from its weights
+    shutil.copytree(partial / f"checkpoint-{T_PART}" / "relex_trajectory", lone)
+    last = _refused(env, "extrapolate", "--trajectory", lone, "--base", partial / "base", "--horizons", H,
+                    "--out", tmp_path / "o1")
+    assert "embed_tokens" in last and "--untracked-from" in last, last
+    # the checkpoint beside it is the one to pass: then the callback's bytes
+    _cli(env, "extrapolate", "--trajectory", lone, "--base", partial / "base", "--horizons", H, "--out",
+         tmp_path / "ok", "--untracked-from", partial / f"checkpoint-{T_PART}")
+    _assert_same(partial / "ref" / "exclude" / f"step-{H}", tmp_path / "ok" / f"step-{H}", "--untracked-from")
+    # the base (theta_0) is not the model at the last recorded step
+    last = _refused(env, "extrapolate", "--trajectory", lone, "--base", partial / "base", "--horizons", H,
+                    "--out", tmp_path / "o2", "--untracked-from", partial / "base")
+    assert f"step {T_PART}" in last and "--untracked-from" in last, last
+    # a base whose frozen tensor is not the run's
+    base = tmp_path / "base"
+    shutil.copytree(partial / "base", base)
+    w = load_file(base / "model.safetensors")
+    w[FROZEN] = w[FROZEN] + 0.5
+    save_file(w, base / "model.safetensors", metadata={"format": "pt"})
+    for cell in ("default", "exclude"):
+        last = _refused(env, "extrapolate", "--trajectory", partial / "cut" / cell / "partial_trajectory", "--base",
+                        base, "--horizons", H, "--out", tmp_path / f"o3{cell}")
+        assert FROZEN in last, last
+    # only the frozen parameter untracked, its value not kept (an older partial_trajectory/): refused, and with
+    # --untracked-frozen (the user's word that none was trained) the callback's bytes
+    old = tmp_path / "old"
+    shutil.copytree(partial / "cut" / "default" / "partial_trajectory", old)
+    os.remove(old / "untracked.safetensors")
+    last = _refused(env, "extrapolate", "--trajectory", old, "--base", partial / "base", "--horizons", H, "--out",
+                    tmp_path / "o5")
+    assert FROZEN in last and "--untracked-frozen" in last, last
+    _cli(env, "extrapolate", "--trajectory", old, "--base", partial / "base", "--horizons", H, "--out",
+         tmp_path / "frozen", "--untracked-frozen")
+    _assert_same(partial / "ref" / "default" / f"step-{H}", tmp_path / "frozen" / f"step-{H}", "--untracked-frozen")
+    # another window's untracked.safetensors beside this trajectory (the include cell's, same step, other run id)
+    mixed = tmp_path / "mixed"
+    shutil.copytree(partial / "cut" / "exclude" / "partial_trajectory", mixed)
+    shutil.copy(partial / "cut" / "include" / "partial_trajectory" / "untracked.safetensors", mixed)
+    last = _refused(env, "extrapolate", "--trajectory", mixed, "--base", partial / "base", "--horizons", H, "--out",
+                    tmp_path / "o4")
+    assert "untracked.safetensors" in last and "run" in last, last
+    for o in ("o1", "o2", "o3default", "o3exclude", "o4", "o5"):
+        assert not (tmp_path / o).exists() or not os.listdir(tmp_path / o), o

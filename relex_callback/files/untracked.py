@@ -9,11 +9,18 @@ The callback writes every checkpoint key it does not track from the live model a
   keeps its fingerprint (source ``"base"``), and a later path refuses a base whose value differs.
 
 Metadata ``relex["untracked"]``: ``{key: {"source": "state" | "base", "fingerprint": {...}}}``. A state without it
-(older files, ``relex extrapolate``, which tracks every floating-point tensor) takes every untracked key from the base.
+(older files, ``relex extrapolate --checkpoints``, which tracks every floating-point tensor) takes every untracked key
+from the base.
+
+A saved trajectory (``relex extrapolate --trajectory``) holds the tracked tensors only. ``partial_trajectory/`` also
+gets ``untracked.safetensors`` (:func:`save_untracked`: the same record, at the last recorded step) when the run ended
+there; a checkpoint's ``relex_trajectory/`` sits beside the checkpoint's weights, which are the model at that step.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Optional
 
 import torch
@@ -53,9 +60,12 @@ class UntrackedSource:
     the base checkpoint ``src``, with the untracked keys the state recorded taken from the state. :meth:`check`
     refuses, before anything is written, a base whose untracked tensors are not the ones the run wrote."""
 
-    def __init__(self, src, state):
+    def __init__(self, src, state, *, keep: bool = False):
         self.src, self.state = src, state
         self.record = getattr(state, "untracked", None) or {}
+        # keep: a new state file written from this source records the same untracked tensors (FullModelWriter)
+        self.state_record = (({k: v for k, v in state.tensors.items() if k.startswith(PREFIX)}, dict(self.record))
+                             if keep and self.record else None)
         self.keys = list(src.keys)
         self.meta = dict(src.meta)
         if hasattr(src, "weights_name"):
@@ -89,3 +99,54 @@ class UntrackedSource:
 
     def write_extras(self, out_dir: str):
         self.src.write_extras(out_dir)
+
+
+UNTRACKED_FILE = "untracked.safetensors"  # in a partial_trajectory/: the untracked tensors at the last recorded step
+
+
+def save_untracked(directory: str, tensors: dict, meta: dict, *, step: int, run_id: Optional[str]):
+    """Write :func:`record_values`' ``(tensors, meta)`` as ``directory/untracked.safetensors``, for the model at
+    ``step`` (the trajectory's last recorded step) of the window ``run_id``."""
+    from safetensors.torch import save_file
+
+    from .fs import atomic_file
+
+    header = {"relex_untracked": json.dumps({"step": int(step), "run_id": run_id, "untracked": meta})}
+    with atomic_file(os.path.join(directory, UNTRACKED_FILE)) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=header)
+
+
+def is_relex_untracked(path: str) -> bool:
+    """Whether ``path`` is an ``untracked.safetensors`` relex wrote (its header names the record): the only kind a
+    new window replaces."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(path, "pt") as f:
+            return "relex_untracked" in (f.metadata() or {})
+    except Exception:  # not a safetensors file at all
+        return False
+
+
+def load_untracked(directory: str):
+    """``(tensors, meta, step, run_id)`` from ``directory/untracked.safetensors``, or ``None`` without one."""
+    from safetensors import safe_open
+
+    path = os.path.join(directory, UNTRACKED_FILE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with safe_open(path, "pt") as f:
+            head = json.loads((f.metadata() or {})["relex_untracked"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta, step, run_id = head["untracked"], int(head["step"]), head.get("run_id")
+        ok = isinstance(meta, dict) and all(
+            isinstance(e, dict) and e.get("source") in ("state", "base")
+            and (e["source"] != "state" or PREFIX + k in tensors) for k, e in meta.items())
+    except Exception as e:  # safetensors raises its own error types; a missing or edited header
+        raise RelexInputError(f"{path} is damaged ({type(e).__name__}: {e}); delete it and pass --untracked-from a "
+                              "checkpoint saved at the trajectory's last step") from None
+    if not ok:
+        raise RelexInputError(f"{path} does not record the untracked tensors as relex writes them; delete it and pass "
+                              "--untracked-from a checkpoint saved at the trajectory's last step")
+    return tensors, meta, step, run_id

@@ -123,6 +123,9 @@ class FullModelWriter(CheckpointWriter):
         from .checkpoints import ModelSource
         from .untracked import record_untracked
 
+        recorded = getattr(self.source, "state_record", None)  # an UntrackedSource that keeps its record
+        if recorded is not None:
+            return recorded
         if not isinstance(self.source, ModelSource):
             return None
         return record_untracked(self.source, [s.name for s in self.solution.specs])

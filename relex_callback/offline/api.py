@@ -205,11 +205,18 @@ def _load_peft_base(base: str, rec: dict):
 def extrapolate_trajectory(trajectory_dir: str, base: str, horizons: Sequence[int], out_dir: str, *,
                            rank: int = 1, fit_start: Optional[int] = None, method: str = "auto",
                            overwrite: bool = False, max_shard_size="50GB", fit: str = "linear",
-                           fit_window: Optional[int] = None, degree: int = 2):
+                           fit_window: Optional[int] = None, degree: int = 2, untracked_from: Optional[str] = None,
+                           untracked_frozen: bool = False):
     """Solve a saved trajectory (``<out>/partial_trajectory/`` of a run that ended before tcut, or a checkpoint's
     ``relex_trajectory/``) and write the state, the horizons and the report, as the callback would have. ``tcut``
-    is the last recorded step. ``base`` is the checkpoint training started from (config, tokenizer, untracked
-    tensors); it must match the trajectory's theta_0. Returns ``(solution, report)``."""
+    is the last recorded step. ``base`` is the checkpoint training started from (config, tokenizer); it must match
+    the trajectory's theta_0.
+
+    The tensors the trajectory does not track are written as the callback writes them, their values at tcut
+    (:func:`relex_callback.offline.belongs.untracked_at_tcut`): from the trajectory's ``untracked.safetensors``, else from ``untracked_from`` or
+    the checkpoint the ``relex_trajectory/`` sits in (verified to be the model at tcut), else from the base only with
+    ``untracked_frozen`` (the user says none of them was trained); otherwise refused. Returns
+    ``(solution, report)``."""
     from ..trajectory.store import TrajectoryStore
     from ..files.state import fingerprint
 
@@ -244,6 +251,13 @@ def extrapolate_trajectory(trajectory_dir: str, base: str, horizons: Sequence[in
         )
     base_theta0(src, base, store.specs, lambda spec: fingerprint(store.theta0_of(spec)), "the trajectory's",
                 "pass the checkpoint training started from")
+    if not os.path.isfile(keys_file):  # a PEFT adapter base holds the adapter only (its keys are all tracked)
+        from .belongs import untracked_at_tcut
+
+        src = untracked_at_tcut(store, trajectory_dir, src, base, untracked_from, untracked_frozen)
+    elif untracked_from is not None:
+        raise RelexInputError("--untracked-from applies to a full model's trajectory; a LoRA trajectory's base is "
+                              "the adapter/ directory the callback saved beside it")
     logger.warning("relex: extrapolating a trajectory of %d steps (%s..%d) from %s", store.num_rows, store.steps[0],
                    tcut, trajectory_dir)
     window = dataclasses.replace(settings, rank=rank, fit_start=fit_start, solver=method, overwrite=overwrite, fit=fit,
@@ -268,7 +282,7 @@ def extrapolate_checkpoints(base: str, checkpoints: Sequence[str], horizons, out
                             solver: str = "auto", max_shard_size="50GB", overwrite: bool = False,
                             progress: bool = False, timing: bool = False, streaming: Optional[bool] = None,
                             memory_budget: Optional[int] = None, fit: str = "linear",
-                            fit_window: Optional[int] = None, degree: int = 2):
+                            fit_window: Optional[int] = None, degree: int = 2, run_check: bool = True):
     """RELEX over checkpoints saved on disk (a run without the callback, or verl's): what ``relex extrapolate`` runs.
 
     Args:
@@ -288,6 +302,9 @@ def extrapolate_checkpoints(base: str, checkpoints: Sequence[str], horizons, out
             state file (the horizons are written from them).
         memory_budget (`int`, *optional*, defaults to 256 MiB): with streaming, the bytes of float32 blocks read at a
             time (tensors whose ``T + 1`` rows fit are read once, larger ones twice in column chunks).
+        run_check (`bool`, *optional*, defaults to `True`): refuse checkpoints that are not one run started from
+            ``base`` (:mod:`relex_callback.offline.belongs`: copies, never-trained tensors that differ from the base,
+            a first checkpoint farther from the base than the run's steps can reach), from sampled elements.
 
     Returns:
         ``(solution, report)``. Every input mistake raises :class:`~relex_callback.errors.RelexInputError` before
@@ -299,6 +316,12 @@ def extrapolate_checkpoints(base: str, checkpoints: Sequence[str], horizons, out
         device=device, storage=storage, solver=solver, max_shard_size=max_shard_size, overwrite=overwrite,
         streaming=streaming, fit=fit, fit_window=fit_window, degree=degree)
     src_base, names, sources, specs = _open_checkpoints(base, cks)
+    if run_check:
+        from .belongs import check_belongs
+
+        check_belongs(base, src_base, cks, sources, names)  # before any heavy work
+    else:
+        logger.warning("relex: --no-run-check: the checkpoints are not checked to be one run started from %s", base)
     out = os.path.abspath(out_dir)
     # the window as the pipeline sees it: tcut is the last checkpoint's step, the fit as asked (checked above)
     window = dataclasses.replace(settings, tcut=tcut, rank=rank, fit_start=fit_start, overwrite=overwrite, fit=fit,
@@ -317,6 +340,9 @@ def _check_checkpoint_args(base, checkpoints, horizons, out_dir, *, steps, strid
     if device not in ("cpu", "cuda"):
         raise RelexInputError(f"--device {device!r} is not one of ['cpu', 'cuda']")
     cks = discover_checkpoints(checkpoints, steps, stride)
+    from .belongs import same_directories
+
+    same_directories(cks)
     tcut = cks[-1].step
     obs = [c.step for c in cks]
     from ..config import parse_horizons

@@ -81,6 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--trajectory",
                      help="a trajectory the callback saved (<out>/partial_trajectory/ of a run that ended before tcut, or "
                           "a checkpoint's relex_trajectory/) instead of checkpoints; tcut is its last recorded step")
+    e.add_argument("--untracked-from", default=None,
+                   help="with --trajectory: the checkpoint saved at its last recorded step, whose weights give the "
+                        "tensors the trajectory does not track (default: the trajectory's untracked.safetensors, or "
+                        "the checkpoint its relex_trajectory/ sits in); checked to be the model at that step")
+    e.add_argument("--untracked-frozen", action="store_true",
+                   help="with --trajectory: none of the tensors it does not track was trained (frozen parameters, "
+                        "buffers): take them from --base")
     e.add_argument("--horizons", required=True, help="steps to write, comma separated, each beyond the last checkpoint's step")
     e.add_argument("--out", required=True, help="output directory (step-H/, relex_state.safetensors, report.json)")
     e.add_argument("--steps", default=None, help="step numbers of --checkpoints, comma separated, in the order given (default: from the directory names)")
@@ -96,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "or auto (chosen by the in-window backtest)")
     e.add_argument("--fit-window", default=None, help="fit only the last N checkpoints' steps")
     e.add_argument("--degree", default="2", help="degree of --fit polynomial (default 2)")
+    e.add_argument("--no-run-check", action="store_true",
+                   help="with --checkpoints: skip the check that they are one run started from --base (copies, "
+                        "never-trained tensors that differ from the base, a first checkpoint farther from the base "
+                        "than the run's steps reach)")
     e.add_argument("--overwrite", action="store_true", help="replace existing outputs in --out")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
     e.add_argument("--streaming", action=argparse.BooleanOptionalAction, default=None,
@@ -180,12 +191,23 @@ def cmd_extrapolate(args) -> int:
     if args.degree != 2 and args.fit not in ("polynomial", "auto"):
         raise RelexInputError(f"--degree applies to --fit polynomial; this run fits {args.fit}")
     fit_kw = dict(fit=args.fit, fit_window=args.fit_window, degree=args.degree)
+    if args.trajectory is None and (args.untracked_from is not None or args.untracked_frozen):
+        raise RelexInputError("--untracked-from and --untracked-frozen apply to --trajectory; checkpoints hold every "
+                              "tensor")
+    if args.untracked_from is not None and args.untracked_frozen:
+        raise RelexInputError("--untracked-from and --untracked-frozen exclude each other: pass one")
     if args.trajectory is not None:
         if args.steps is not None or args.stride != 1:
             raise RelexInputError("--steps and --stride apply to --checkpoints; a saved trajectory keeps its own steps")
         if args.streaming:
             raise RelexInputError("--streaming applies to --checkpoints; a saved trajectory is already one buffer")
+        if args.no_run_check:
+            raise RelexInputError("--no-run-check applies to --checkpoints; a saved trajectory is checked against "
+                                  "--base by its theta_0")
         _check_dir("--trajectory", args.trajectory, "the partial_trajectory/ or relex_trajectory/ directory the callback wrote")
+        if args.untracked_from is not None:
+            _check_dir("--untracked-from", args.untracked_from, "the checkpoint saved at the trajectory's last step",
+                       weights=True)
         from ..files.fs import check_writable_dir
 
         check_writable_dir(args.out, "--out")
@@ -195,7 +217,8 @@ def cmd_extrapolate(args) -> int:
 
         _, report = extrapolate_trajectory(args.trajectory, args.base, horizons, args.out, rank=args.rank,
                                            fit_start=args.fit_start, method=args.solver, overwrite=args.overwrite,
-                                           max_shard_size=args.max_shard_size, **fit_kw)
+                                           max_shard_size=args.max_shard_size, untracked_from=args.untracked_from,
+                                           untracked_frozen=args.untracked_frozen, **fit_kw)
         print(trust_lines(report))
         print(f"relex: wrote {', '.join(report['checkpoints'])}")
         return 0
@@ -205,7 +228,8 @@ def cmd_extrapolate(args) -> int:
         args.base, args.checkpoints, horizons, args.out, steps=steps, stride=args.stride, fit_start=args.fit_start,
         rank=args.rank, dtype=args.dtype, device=args.device, storage=args.storage, solver=args.solver,
         max_shard_size=args.max_shard_size, overwrite=args.overwrite, progress=not args.no_progress,
-        timing=bool(os.environ.get("RELEX_TIMING")), streaming=args.streaming, **fit_kw,
+        timing=bool(os.environ.get("RELEX_TIMING")), streaming=args.streaming, run_check=not args.no_run_check,
+        **fit_kw,
     )
     print(trust_lines(report))
     s = report["summary"]

@@ -281,7 +281,7 @@ class RelexCallback(TrainerCallback, ExportableState):
                 except OSError:
                     pass
         if not self.done and self.store is not None and self.store.num_rows:
-            keep, base = lifecycle.keep_window(self, args, kwargs)
+            keep, base = lifecycle.keep_window(self, args, kwargs, state.global_step)
             logger.warning(
                 "relex: training ended at step %d before tcut=%d; nothing was extrapolated. The %d recorded steps are "
                 "in %s: extrapolate from them with `relex extrapolate --trajectory %s --base %s --horizons H --out DIR`",

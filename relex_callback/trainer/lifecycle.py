@@ -107,15 +107,37 @@ def select(cb, model):
     cb.tracked = cb.topology.track([(n, p) for n, p in named if n in keep])
 
 
-def keep_window(cb, args, kwargs) -> tuple[str, str]:
+def keep_window(cb, args, kwargs, step: int) -> tuple[str, str]:
     """Save the recorded steps to ``<output_dir>/partial_trajectory`` (this process's share) for
-    ``relex extrapolate --trajectory``; returns ``(directory, the --base to pass)``."""
+    ``relex extrapolate --trajectory``; returns ``(directory, the --base to pass)``. When the model (at ``step``) is
+    at the last recorded step, the untracked tensors are kept beside them (``untracked.safetensors``): what the
+    callback would have written into every horizon."""
+    from ..files.untracked import UNTRACKED_FILE
     from ..params import is_peft_model
 
     keep = cb.topology.trajectory_dir(os.path.join(cb._out_dir(args), "partial_trajectory"))
     cb.store.save(keep)
     base = "<the checkpoint training started from>"
     model = kwargs.get("model")
+    stale = os.path.join(keep, UNTRACKED_FILE)
+    foreign = False
+    if os.path.lexists(stale):  # an earlier window's is replaced (never read back as this one's); a user's is left
+        from ..files.untracked import is_relex_untracked
+
+        foreign = not is_relex_untracked(stale)
+        if foreign:
+            logger.warning("relex: %s was not written by relex; it was left as it is, and the untracked tensors at "
+                           "the last recorded step were not saved beside the trajectory", stale)
+        else:
+            os.remove(stale)
+    if (not foreign and model is not None and not is_peft_model(model) and not cb.topology.is_distributed and cb.store.steps
+            and cb.store.steps[-1] == step):
+        from ..files.checkpoints import ModelSource
+        from ..files.untracked import record_untracked, save_untracked
+
+        tensors, meta = record_untracked(ModelSource(model), [t.spec.name for t in cb.tracked])
+        if meta:
+            save_untracked(keep, tensors, meta, step=step, run_id=cb.store.run_id)
     if is_peft_model(model):  # the adapter at theta_0 is the base the trajectory extrapolates from
         from ..files.writers import save_adapter_at
 
@@ -167,7 +189,7 @@ def _pipeline_or_keep(cb, args, kwargs, writer, out_dir, model, trend, flat):
                       (os.path.join(out_dir, STATE_NAME), os.path.join(out_dir, STATE_INDEX_NAME)))
         if written or cb.store is None or not cb.store.num_rows:  # the state file holds the window
             raise
-        keep, base = keep_window(cb, args, kwargs)
+        keep, base = keep_window(cb, args, kwargs, cb.settings.tcut)  # the model is at tcut
         raise type(e)(
             f"{e}. Nothing was extrapolated; the {cb.store.num_rows} recorded steps are kept in {keep}: once "
             f"fixed, extrapolate from them with `relex extrapolate --trajectory {keep} --base {base} --horizons "
