@@ -77,3 +77,58 @@ def extrapolation_tolerance(M64: torch.Tensor, steps, horizon: float, rank: int 
             err += min(1.0, dG / (s[0] ** 2 - s[k] ** 2)) if s[0] > s[k] else 1.0
         total += kappa * err
     return total + U32 * (theta0_norm / max(L1 * s[0], 1e-300) + 1.0)
+
+
+def gram_rounding(M64: torch.Tensor) -> torch.Tensor:
+    """Entrywise error of the float32 Gram of the rows of ``M64`` (``T x n``, the float32 data in float64), as above:
+    ``sqrt(n) u |m_i| |m_j|`` (the rounding errors of a real summation; the worst case ``gamma_n sum_k |m_ik m_jk|`` of
+    :func:`dot_error_bound` is ~``sqrt(n)`` times larger and, for the figures derived from a Gram, a bound 100x above
+    anything a BLAS produces)."""
+    M64 = M64.double()
+    r = M64.norm(dim=-1)
+    return math.sqrt(M64.shape[-1]) * U32 * (r[..., :, None] * r[..., None, :])
+
+
+def dot_error_bound(A: torch.Tensor, B: torch.Tensor = None, unit: float = 2 * U32) -> torch.Tensor:
+    """Entrywise bound on the error of the float32-accumulated products ``A B^T`` (``A [T, n]``, ``B [R, n]``, exact
+    values in any dtype; ``B = A`` for a Gram): ``|fl(a_i . b_j) - a_i . b_j| <= gamma_n sum_k |a_ik b_jk|`` with
+    ``gamma_n = n unit / (1 - n unit)`` (Higham, *Accuracy and Stability of Numerical Algorithms*, 2nd ed., Lemma 3.1 and
+    eq. 3.5): a worst case, for every summation order, blocking and atomic reduction. ``unit = 2u``, not ``u``: it
+    also holds where an accumulator truncates instead of rounding to nearest (GPU tensor cores); the products of
+    16-bit inputs are exact in float32 and those of float32 inputs add one rounding each, inside ``gamma_n``."""
+    A = A.double().abs()
+    B = A if B is None else B.double().abs()
+    n = A.shape[-1]
+    g = n * unit / (1 - n * unit)
+    return g * (A @ B.transpose(-1, -2))
+
+
+def first_order_bound(f, G: torch.Tensor, E: torch.Tensor, backward_frobenius: float = 0.0) -> torch.Tensor:
+    """How far the float64 outputs of ``f`` can move when the symmetric ``T x T`` matrix ``G`` it reads is perturbed by
+    ``dG`` with ``|dG_ij| <= E_ij`` entrywise (plus, optionally, any symmetric ``F`` with ``||F||_F <=
+    backward_frobenius``): ``f`` maps a batch ``[B, T, T]`` to ``[B, K]``.
+
+    Each independent entry (``i <= j``, moved together with ``G_ji``) is pushed by ``+E_ij`` and ``-E_ij`` and the larger
+    change of each output is summed over the entries: the worst case of the linearised change over the box
+    ``|dG| <= E`` (a sum of ``|df/dG_ij| E_ij``). The ``F`` term adds ``||grad f|| backward_frobenius`` (Cauchy-Schwarz),
+    the gradient taken from the same central differences. The result is doubled to cover the second-order terms,
+    ``(||dG|| / gap)^2`` relative to the first: this bound is only meant for perturbations far below the spectral gaps
+    ``f`` depends on (the float32 Gram of a trajectory with a clear top direction)."""
+    G = G.double()
+    T = G.shape[-1]
+    i, j = torch.triu_indices(T, T)
+    N = i.numel()
+    k = torch.arange(N)
+    eps = E.double()[i, j]
+    out = []
+    for sgn in (1.0, -1.0):
+        P = G.expand(N, T, T).clone()
+        P[k, i, j] += sgn * eps
+        off = i != j
+        P[k[off], j[off], i[off]] += sgn * eps[off]
+        out.append(f(P))
+    f0 = f(G[None])
+    dp, dm = out[0] - f0, out[1] - f0
+    lin = torch.maximum(dp.abs(), dm.abs()).sum(0)
+    grad = torch.where(eps[:, None] > 0, (dp - dm) / (2 * eps[:, None]).clamp_min(1e-300), torch.zeros_like(dp))
+    return 2 * (lin + grad.norm(dim=0) * backward_frobenius)
