@@ -335,9 +335,39 @@ def _store(M64, specs, steps, K, fold_rank):
     return st
 
 
+def _fold_bound(M, st, steps):
+    """Bound on the global figures of the folded store's backtest against the plain float32 solve of ``M``: the folded
+    trajectory ``C B`` (read back from the store, in float64) differs from ``M`` by what the folds discarded, so its
+    Gram moves entry ``ij`` by ``|(M M^T - (C B)(C B)^T)_ij|`` (computed here) plus the float32 rounding of
+    ``B B^T`` carried through ``C`` (``|C| gram_rounding(B) |C|^T``); the plain path adds its own ``gram_rounding(M)``.
+    Returns ``(bound [4] in GLOBAL order, max relative Gram move)``."""
+    inp = st.solve_inputs()
+    B, Cs = inp["M"].double(), inp["left"].double()
+    M = M.double()
+    segs = [M[:, s.offset : s.offset + s.local_numel] for s in st.specs]
+    G = torch.stack([m @ m.T for m in segs])
+    base = backtest_from_gram(G, steps, True)
+    base_sums = _sums(base)
+    total = base_sums.sum(0)
+    L = len(base.predicted_steps)
+    out, worst = torch.zeros(4, dtype=torch.float64), 0.0
+    for i, (sp, m) in enumerate(zip(st.specs, segs)):
+        b, c = B[:, sp.offset : sp.offset + sp.local_numel], Cs[i]
+        mf = c @ b
+        E = (G[i] - mf @ mf.T).abs() + c.abs() @ gram_rounding(b) @ c.abs().T + gram_rounding(m)
+        worst = max(worst, float(E.max() / G[i].abs().max()))
+
+        def f(Gb, i=i):
+            own = _sums(backtest_from_gram(Gb, steps, True))
+            return _global(total - base_sums[i] + own, L)
+
+        out += first_order_bound(f, G[i], E)
+    return out, worst
+
+
 def test_folded_store_agrees_with_unfolded():
     steps = list(range(1, 31))
-    # rank-2 trajectories (line + quadratic drift, no noise): a rank-4 fold keeps them exactly
+    # rank-2 trajectories (line + quadratic drift, no noise): a rank-4 fold keeps them up to rounding
     M64, specs = _trajectory(steps, [200, 150], drift=0.3, seed=7)
     plain = solve(M64.float(), steps, specs, method="gram", backtest=True).backtest
     st = _store(M64, specs, steps, K=7, fold_rank=4)
@@ -345,15 +375,18 @@ def test_folded_store_agrees_with_unfolded():
     sol = solve(specs=st.specs, method="gram", backtest=True, **st.solve_inputs())
     assert sol.method == "gram-folded"
     fold = sol.backtest
-    for k in ("cosine_global", "norm_ratio_global", "relative_error_global", "direction_cosine"):
-        assert abs(getattr(plain, k) - getattr(fold, k)) < 1e-5, (k, getattr(plain, k), getattr(fold, k))
-    # noisy trajectories: the fold truncates to rank 4, the figures move by about the truncated noise
+    bound, move = _fold_bound(M64.float(), st, steps)
+    assert move < 1e-5  # lossless: the folded Gram is the trajectory's up to float32 rounding
+    _within([getattr(fold, k) for k in GLOBAL], [getattr(plain, k) for k in GLOBAL], bound, "folded, lossless")
+    assert bool((bound < 1e-3 * torch.tensor([getattr(plain, k) for k in GLOBAL]).abs()).all()), bound
+    # noisy trajectories: the fold truncates to rank 4, the figures move by what the discarded noise allows
     M64, specs = _trajectory(steps, [200, 150], drift=0.3, noise=0.05, seed=7)
     plain = solve(M64.float(), steps, specs, method="gram", backtest=True).backtest
     st = _store(M64, specs, steps, K=7, fold_rank=4)
     fold = solve(specs=st.specs, method="gram", backtest=True, **st.solve_inputs()).backtest
-    assert abs(plain.cosine_global - fold.cosine_global) < 1e-3
-    assert abs(plain.norm_ratio_global - fold.norm_ratio_global) < 1e-2
+    bound, move = _fold_bound(M64.float(), st, steps)
+    _within([getattr(fold, k) for k in GLOBAL], [getattr(plain, k) for k in GLOBAL], bound,
+            f"folded, noise truncated (Gram moved by {move:.1e} of its largest entry)")
 
 
 def test_combine_disjoint_tensor_sets_equals_the_whole():
@@ -370,18 +403,24 @@ def test_combine_disjoint_tensor_sets_equals_the_whole():
             sub.append(TensorSpec(s.name, s.shape, s.dtype, s.local_numel, offset=o))
             cols.append(M[:, s.offset : s.offset + s.local_numel])
             o += s.local_numel
-        parts.append(solve(torch.cat(cols, 1), steps, sub, method="power", backtest=True).backtest)
+        # the Gram path here: the power path's acceptance bound (tol 1e-6 on lam, 1e-5 on the fit part) is wider
+        # than the difference between a part and the whole, so it could not tell them apart; the power path's
+        # figures are checked against the Gram path's in test_gram_and_power_agree_including_fallbacks
+        parts.append(solve(torch.cat(cols, 1), steps, sub, method="gram", backtest=True).backtest)
     merged = combine(parts)
     assert merged.names == ["t0", "t2", "t1", "t3"]
-    for k in ("cosine_global", "norm_ratio_global", "relative_error_global", "direction_cosine"):
-        assert abs(getattr(whole, k) - getattr(merged, k)) < 1e-6, k
-    # the all-reduce form: summed totals give the same global figures on a part
+    # the same per-tensor data in another arena layout (its float32 Gram may be summed in another order): each
+    # within the derived bound of the exact figures
+    _, bg, _ = _bounds(M, steps, specs)
+    _within([getattr(merged, k) for k in GLOBAL], [getattr(whole, k) for k in GLOBAL], 2 * bg, "combined vs whole")
+    # the all-reduce form: summed totals give the combined figures (the same float64 sums, added in another order)
     total = parts[0].totals() + parts[1].totals()
     g = parts[0].with_totals(total)
-    assert abs(g.cosine_global - whole.cosine_global) < 1e-6 and abs(g.direction_cosine - whole.direction_cosine) < 1e-6
+    _within([getattr(g, k) for k in GLOBAL], [getattr(merged, k) for k in GLOBAL], 1e-12, "with_totals vs combine")
     assert torch.equal(g.cosine, parts[0].cosine)
-    # a single part's own figures differ from the whole (the test above could not pass by accident)
-    assert abs(parts[0].cosine_global - whole.cosine_global) > 1e-6
+    # a single part's own figures differ from the whole by far more than the bound (the test above could not pass
+    # by accident)
+    assert abs(parts[0].cosine_global - whole.cosine_global) > 10 * float(2 * bg[0])
     with pytest.raises(ValueError, match="totals"):
         parts[0].with_totals(total[:-1])
 
@@ -428,5 +467,6 @@ def test_report_dict_and_pure_function():
     segs = [M.double()[:, s.offset : s.offset + s.local_numel] for s in specs]
     G = torch.stack([m @ m.T for m in segs])
     bt = backtest_from_gram(G, steps, True, names=["t0", "t1"])
-    assert abs(bt.cosine_global - sol.backtest.cosine_global) < 1e-6
-    assert abs(bt.direction_cosine - sol.backtest.direction_cosine) < 1e-6
+    # bt: exact (float64 Grams); the solve's: float32 Grams, within the derived bound
+    _, b_glob, _ = _bounds(M, steps, specs)
+    _within([getattr(sol.backtest, k) for k in GLOBAL], [getattr(bt, k) for k in GLOBAL], b_glob, "solve vs pure")
