@@ -48,10 +48,14 @@ U32 = 2.0**-24
 
 
 def extrapolation_tolerance(M64: torch.Tensor, steps, horizon: float, rank: int = 1, theta0_norm: float = 0.0,
-                            fit_start=None) -> float:
+                            fit_start=None, moved_to: torch.Tensor = None) -> float:
     """Bound on ``||delta_float32 - delta_float64|| / ||delta_float64||`` for one tensor whose exact deltas are the
     rows of ``M64`` (``T x n``), extrapolated with ``rank`` components to ``horizon`` by a float32 Gram solve (the
-    derivation above)."""
+    derivation above). ``moved_to``: a solve that reads another trajectory ``M'`` (a folded store's ``C B``, in
+    float64) instead of ``M``; its Gram moves by ``D = M' M'^T - M M^T`` and its direction pass by ``dM = M' - M``,
+    measured here. Davis-Kahan in its residual form (the turn of ``u_k`` is at most ``||D u_k|| / (gap_k - ||D||)``,
+    not ``||D|| / gap_k``: a fold discards directions orthogonal to the kept ones, which hardly couple to ``u_1``) and
+    ``kappa_L ||dM^T u_k|| / s_1`` for the direction pass."""
     M64 = M64.double()
     T, n = M64.shape
     U, S, _ = torch.linalg.svd(M64, full_matrices=False)
@@ -66,16 +70,28 @@ def extrapolation_tolerance(M64: torch.Tensor, steps, horizon: float, rank: int 
     L1 = abs(float(L @ U[:, 0]))
     kappa = float(L.norm()) / max(L1, 1e-300)
     dG = math.sqrt(n) * U32 * sum(x * x for x in s)
+    D = dM = None
+    if moved_to is not None:
+        Mp = moved_to.double()
+        dM = Mp - M64
+        D = Mp @ Mp.T - M64 @ M64.T
+        dG += math.sqrt(n) * U32 * float((Mp * Mp).sum())  # the moved trajectory's own Gram rounding
+        nD = float(torch.linalg.matrix_norm(D, ord=2))
     total = 0.0
     for k in range(min(rank, len(S))):
         others = [s[j] for j in range(len(s)) if j != k]
         gap = min((abs(s[k] ** 2 - x ** 2) for x in others), default=s[0] ** 2)
         rest = max([s[j] for j in range(1, len(s)) if j != k], default=0.0)
         turn = min(1.0, dG / gap) if gap > 0 else 1.0
-        err = turn * (s[k] + rest) / s[0]
-        if k:
-            err += min(1.0, dG / (s[0] ** 2 - s[k] ** 2)) if s[0] > s[k] else 1.0
-        total += kappa * err
+        to_1 = (min(1.0, dG / (s[0] ** 2 - s[k] ** 2)) if s[0] > s[k] else 1.0) if k else 0.0
+        if D is not None:
+            r = float((D @ U[:, k]).norm())
+            turn = min(1.0, turn + (r / (gap - nD - dG) if gap > nD + dG else 1.0))
+            if k:
+                sep = s[0] ** 2 - s[k] ** 2 - nD - dG
+                to_1 = min(1.0, to_1 + (r / sep if sep > 0 else 1.0))
+            total += kappa * float((dM.T @ U[:, k]).norm()) / s[0]
+        total += kappa * (turn * (s[k] + rest) / s[0] + to_1)
     return total + U32 * (theta0_norm / max(L1 * s[0], 1e-300) + 1.0)
 
 
