@@ -148,3 +148,21 @@ def first_order_bound(f, G: torch.Tensor, E: torch.Tensor, backward_frobenius: f
     lin = torch.maximum(dp.abs(), dm.abs()).sum(0)
     grad = torch.where(eps[:, None] > 0, (dp - dm) / (2 * eps[:, None]).clamp_min(1e-300), torch.zeros_like(dp))
     return 2 * (lin + grad.norm(dim=0) * backward_frobenius)
+
+
+def direction_tolerance(M64: torch.Tensor) -> float:
+    """Bound on ``||v_float32 - v_float64||`` (signs aligned) for the top direction ``v = M^T u_1 / s_1`` of the rows of
+    ``M64`` (``T x n``) from a float32 Gram solve: ``u_1`` turns by at most ``||dG|| / gap_1`` (Davis-Kahan, ``||dG||
+    <= sqrt(n) u ||M||_F^2`` as above), which moves ``v`` by at most that times ``(s_1 + s_2) / s_1``; the float32
+    direction pass (``T``-term sums) adds ``gamma_T ||M||_F / s_1`` and the final normalisation a few ``u``."""
+    M64 = M64.double()
+    T, n = M64.shape
+    S = torch.linalg.svdvals(M64)
+    s = [float(x) for x in S] + [0.0] * max(0, T - len(S))
+    if s[0] == 0.0:
+        return 0.0
+    fro2 = sum(x * x for x in s)
+    dG = math.sqrt(n) * U32 * fro2
+    gap = s[0] ** 2 - s[1] ** 2 if len(s) > 1 else s[0] ** 2
+    turn = min(2.0, dG / gap) if gap > 0 else 2.0
+    return turn * (s[0] + s[1]) / s[0] + 2 * T * U32 * math.sqrt(fro2) / s[0] + 4 * U32
