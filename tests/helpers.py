@@ -1,5 +1,6 @@
 """Helpers shared by the tests (not part of the package)."""
 
+import functools
 import math
 
 import torch
@@ -47,6 +48,24 @@ def digit_reward(completions, **kwargs) -> list[float]:
 U32 = 2.0**-24
 
 
+def one_thread(fn):
+    """Run ``fn`` with one torch thread: the bounds are float64 algebra on T x T matrices (and thousands of tiny eigh
+    in :func:`first_order_bound`); threads gain nothing there, and on a loaded 2-core machine their spin-waits made
+    the checks 10-70x slower (measured: test_fold's rank-2 case 0.05 s vs 3.6 s)."""
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        n = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.set_num_threads(n)
+
+    return wrapped
+
+
+@one_thread
 def extrapolation_tolerance(M64: torch.Tensor, steps, horizon: float, rank: int = 1, theta0_norm: float = 0.0,
                             fit_start=None, moved_to: torch.Tensor = None) -> float:
     """Bound on ``||delta_float32 - delta_float64|| / ||delta_float64||`` for one tensor whose exact deltas are the
@@ -119,7 +138,9 @@ def dot_error_bound(A: torch.Tensor, B: torch.Tensor = None, unit: float = 2 * U
     return g * (A @ B.transpose(-1, -2))
 
 
-def first_order_bound(f, G: torch.Tensor, E: torch.Tensor, backward_frobenius: float = 0.0) -> torch.Tensor:
+@one_thread
+def first_order_bound(f, G: torch.Tensor, E: torch.Tensor, backward_frobenius: float = 0.0,
+                      parts: bool = False) -> torch.Tensor:
     """How far the float64 outputs of ``f`` can move when the symmetric ``T x T`` matrix ``G`` it reads is perturbed by
     ``dG`` with ``|dG_ij| <= E_ij`` entrywise (plus, optionally, any symmetric ``F`` with ``||F||_F <=
     backward_frobenius``): ``f`` maps a batch ``[B, T, T]`` to ``[B, K]``.
@@ -129,7 +150,9 @@ def first_order_bound(f, G: torch.Tensor, E: torch.Tensor, backward_frobenius: f
     ``|dG| <= E`` (a sum of ``|df/dG_ij| E_ij``). The ``F`` term adds ``||grad f|| backward_frobenius`` (Cauchy-Schwarz),
     the gradient taken from the same central differences. The result is doubled to cover the second-order terms,
     ``(||dG|| / gap)^2`` relative to the first: this bound is only meant for perturbations far below the spectral gaps
-    ``f`` depends on (the float32 Gram of a trajectory with a clear top direction)."""
+    ``f`` depends on (the float32 Gram of a trajectory with a clear top direction). With ``parts``: the pair
+    ``(bound for E alone, bound per unit of backward_frobenius)``, whose ``a + b F`` is the bound (one evaluation for
+    several ``F``)."""
     G = G.double()
     T = G.shape[-1]
     i, j = torch.triu_indices(T, T)
@@ -147,9 +170,12 @@ def first_order_bound(f, G: torch.Tensor, E: torch.Tensor, backward_frobenius: f
     dp, dm = out[0] - f0, out[1] - f0
     lin = torch.maximum(dp.abs(), dm.abs()).sum(0)
     grad = torch.where(eps[:, None] > 0, (dp - dm) / (2 * eps[:, None]).clamp_min(1e-300), torch.zeros_like(dp))
+    if parts:
+        return 2 * lin, 2 * grad.norm(dim=0)
     return 2 * (lin + grad.norm(dim=0) * backward_frobenius)
 
 
+@one_thread
 def direction_tolerance(M64: torch.Tensor) -> float:
     """Bound on ``||v_float32 - v_float64||`` (signs aligned) for the top direction ``v = M^T u_1 / s_1`` of the rows of
     ``M64`` (``T x n``) from a float32 Gram solve: ``u_1`` turns by at most ``||dG|| / gap_1`` (Davis-Kahan, ``||dG||

@@ -102,7 +102,7 @@ def _global(tot, L):
     return torch.stack([cos, ratio, rel, drift], 1)
 
 
-def _bounds(M, steps, specs, *, fit=True, fit_start=None, power_tol=0.0):
+def _bounds(M, steps, specs, *, fit=True, fit_start=None, power_tol=0.0, rounding_too=False):
     """What the float32 arithmetic guarantees for the backtest of ``M`` (float32 data; float64 here) against the same
     figures computed exactly (``backtest_from_gram`` of the float64 Grams, which the brute force agrees with to
     ~1e-13). Every figure is a function of the per-tensor Grams; the float32 Gram moves entry ``ij`` by at most
@@ -110,7 +110,8 @@ def _bounds(M, steps, specs, *, fit=True, fit_start=None, power_tol=0.0):
     the largest move of each figure. ``power_tol``: the power path's acceptance tolerance; its Ritz pairs are exact
     eigenpairs of ``G + F`` with ``||F||_F <= sqrt(2) ||residual||``, the residual below ``tol lam`` for the main
     iteration and ``BACKTEST_TOL_FACTOR tol lam_P`` for the fit part's. Returns ``(per [S, 4] in FIGS order,
-    glob [4] in GLOBAL order, sums [S, 4 L + 2])``."""
+    glob [4] in GLOBAL order, sums [S, 4 L + 2])``; with ``rounding_too``, that for ``power_tol`` and that for 0 (the
+    rounding part alone), from one evaluation."""
     M = M.double()
     segs = [M[:, s.offset : s.offset + s.local_numel] for s in specs]
     G = torch.stack([m @ m.T for m in segs])
@@ -118,7 +119,7 @@ def _bounds(M, steps, specs, *, fit=True, fit_start=None, power_tol=0.0):
     base_sums = _sums(base)
     total = base_sums.sum(0)
     L = len(base.predicted_steps)
-    per, glob, sums = [], torch.zeros(4, dtype=torch.float64), []
+    out = {tol: ([], torch.zeros(4, dtype=torch.float64), []) for tol in {power_tol, 0.0}}
     for i, m in enumerate(segs):
 
         def f(Gb, i=i):
@@ -128,12 +129,14 @@ def _bounds(M, steps, specs, *, fit=True, fit_start=None, power_tol=0.0):
                               own], 1)
 
         lam = float(torch.linalg.eigvalsh(G[i])[-1])
-        F = math.sqrt(2) * (1 + BACKTEST_TOL_FACTOR) * power_tol * lam
-        b = first_order_bound(f, G[i], gram_rounding(m), backward_frobenius=F)
-        per.append(b[:4])
-        glob += b[4:8]
-        sums.append(b[8:])
-    return torch.stack(per), glob, torch.stack(sums)
+        rounding, per_F = first_order_bound(f, G[i], gram_rounding(m), parts=True)
+        for tol, (per, glob, sums) in out.items():
+            b = rounding + per_F * math.sqrt(2) * (1 + BACKTEST_TOL_FACTOR) * tol * lam
+            per.append(b[:4])
+            glob += b[4:8]
+            sums.append(b[8:])
+    res = {tol: (torch.stack(per), glob, torch.stack(sums)) for tol, (per, glob, sums) in out.items()}
+    return (res[power_tol], res[0.0]) if rounding_too else res[power_tol]
 
 
 def _within(got, want, bound, what):
@@ -196,20 +199,19 @@ def test_matches_brute_force_float64(method, fit_start):
     assert bt.line_steps == ([s for s in steps[:p] if s >= fit_start] if fit_start == 7 else steps[:p])
     per, glob = _brute_force(M.double(), steps, specs, p, fit_start)
     # derived bounds (the Gram's float32 rounding, + the acceptance tolerance on the power path)
-    b_per, b_glob, _ = _bounds(M, steps, specs, fit_start=fit_start, power_tol=1e-6 if method == "power" else 0.0)
+    (b_per, b_glob, _), (r_per, r_glob, _) = _bounds(M, steps, specs, fit_start=fit_start,
+                                                     power_tol=1e-6 if method == "power" else 0.0, rounding_too=True)
     got = torch.stack([getattr(bt, k) for k in FIGS], 1)
     _within(got, torch.tensor(per, dtype=torch.float64), b_per, f"{method} fit_start={fit_start} per tensor")
     _within([getattr(bt, k) for k in GLOBAL], glob, b_glob, f"{method} fit_start={fit_start} global")
     # the rounding part of the bounds is tight enough to mean something: a 1e-3 relative error of any figure exceeds
     # it (the power path's acceptance term is the solver's own promise, tol = 1e-6 and 10x that for the fit part: up
     # to ~1e-2 of a figure by this first-order bound, while the iterations in fact stop far below it)
-    if method == "power":
-        b_per, b_glob, _ = _bounds(M, steps, specs, fit_start=fit_start)
-    assert bool((b_per < 1e-3 * torch.tensor(per, dtype=torch.float64).abs()).all()), b_per
-    assert bool((b_glob < 1e-3 * torch.tensor(glob, dtype=torch.float64).abs()).all()), b_glob
+    assert bool((r_per < 1e-3 * torch.tensor(per, dtype=torch.float64).abs()).all()), r_per
+    assert bool((r_glob < 1e-3 * torch.tensor(glob, dtype=torch.float64).abs()).all()), r_glob
     # and a planted 1e-3 relative error of one figure fails the check
     with pytest.raises(AssertionError):
-        _within(got * torch.tensor([1.0, 1.0, 1.0 + 1e-3, 1.0]), torch.tensor(per, dtype=torch.float64), b_per,
+        _within(got * torch.tensor([1.0, 1.0, 1.0 + 1e-3, 1.0]), torch.tensor(per, dtype=torch.float64), r_per,
                 "planted")
     assert glob[0] < 0.999  # the drift makes this a real test, not 1 == 1
 
@@ -223,8 +225,8 @@ def test_gram_and_power_agree_including_fallbacks():
     b = solve(M, steps, specs, method="power", backtest=0.4).backtest
     assert a.fit_steps == b.fit_steps and a.predicted_steps == b.predicted_steps
     # each path within its derived bound of the exact figures (the power path's includes its acceptance tolerance)
-    bg_per, bg_glob, bg_sums = _bounds(M, steps, specs, fit=0.4)
-    bp_per, bp_glob, bp_sums = _bounds(M, steps, specs, fit=0.4, power_tol=1e-6)
+    (bp_per, bp_glob, bp_sums), (bg_per, bg_glob, bg_sums) = _bounds(M, steps, specs, fit=0.4, power_tol=1e-6,
+                                                                     rounding_too=True)
     _within(_sums(a), _sums(b), bg_sums + bp_sums, "gram vs power sums")
     _within([getattr(a, k) for k in GLOBAL], [getattr(b, k) for k in GLOBAL], bg_glob + bp_glob, "gram vs power global")
     # random data: the Krylov iterations give up after 3 passes and the Gram finishes. Everything then comes from
