@@ -144,7 +144,8 @@ def _within(got, want, bound, what):
     got, want, bound = (torch.as_tensor(x, dtype=torch.float64) for x in (got, want, bound))
     err = (got - want).abs()
     ok = bool((err <= bound).all())
-    ratio = torch.where(bound > 0, err / bound.where(bound > 0, torch.ones_like(bound)), (err > 0).double() * math.inf)
+    inf = torch.where(err > 0, math.inf, 0.0)
+    ratio = torch.where(bound > 0, err / bound.where(bound > 0, torch.ones_like(bound)), inf)
     print(f"{what}: max error {float(err.max()):.1e}, max error / bound {float(ratio.max()):.2e}, "
           f"bound {float(bound.min()):.1e} .. {float(bound.max()):.1e}")
     assert ok, (what, err, bound)
