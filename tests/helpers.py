@@ -1,5 +1,6 @@
 """Helpers shared by the tests (not part of the package)."""
 
+import functools
 import math
 
 import torch
@@ -47,11 +48,33 @@ def digit_reward(completions, **kwargs) -> list[float]:
 U32 = 2.0**-24
 
 
+def one_thread(fn):
+    """Run ``fn`` with one torch thread: the bounds are float64 algebra on T x T matrices (and thousands of tiny eigh
+    in :func:`first_order_bound`); threads gain nothing there, and on a loaded 2-core machine their spin-waits made
+    the checks 10-70x slower (measured: test_fold's rank-2 case 0.05 s vs 3.6 s)."""
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        n = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.set_num_threads(n)
+
+    return wrapped
+
+
+@one_thread
 def extrapolation_tolerance(M64: torch.Tensor, steps, horizon: float, rank: int = 1, theta0_norm: float = 0.0,
-                            fit_start=None) -> float:
+                            fit_start=None, moved_to: torch.Tensor = None) -> float:
     """Bound on ``||delta_float32 - delta_float64|| / ||delta_float64||`` for one tensor whose exact deltas are the
     rows of ``M64`` (``T x n``), extrapolated with ``rank`` components to ``horizon`` by a float32 Gram solve (the
-    derivation above)."""
+    derivation above). ``moved_to``: a solve that reads another trajectory ``M'`` (a folded store's ``C B``, in
+    float64) instead of ``M``; its Gram moves by ``D = M' M'^T - M M^T`` and its direction pass by ``dM = M' - M``,
+    measured here. Davis-Kahan in its residual form (the turn of ``u_k`` is at most ``||D u_k|| / (gap_k - ||D||)``,
+    not ``||D|| / gap_k``: a fold discards directions orthogonal to the kept ones, which hardly couple to ``u_1``) and
+    ``kappa_L ||dM^T u_k|| / s_1`` for the direction pass."""
     M64 = M64.double()
     T, n = M64.shape
     U, S, _ = torch.linalg.svd(M64, full_matrices=False)
@@ -66,14 +89,106 @@ def extrapolation_tolerance(M64: torch.Tensor, steps, horizon: float, rank: int 
     L1 = abs(float(L @ U[:, 0]))
     kappa = float(L.norm()) / max(L1, 1e-300)
     dG = math.sqrt(n) * U32 * sum(x * x for x in s)
+    D = dM = None
+    if moved_to is not None:
+        Mp = moved_to.double()
+        dM = Mp - M64
+        D = Mp @ Mp.T - M64 @ M64.T
+        dG += math.sqrt(n) * U32 * float((Mp * Mp).sum())  # the moved trajectory's own Gram rounding
+        nD = float(torch.linalg.matrix_norm(D, ord=2))
     total = 0.0
     for k in range(min(rank, len(S))):
         others = [s[j] for j in range(len(s)) if j != k]
         gap = min((abs(s[k] ** 2 - x ** 2) for x in others), default=s[0] ** 2)
         rest = max([s[j] for j in range(1, len(s)) if j != k], default=0.0)
         turn = min(1.0, dG / gap) if gap > 0 else 1.0
-        err = turn * (s[k] + rest) / s[0]
-        if k:
-            err += min(1.0, dG / (s[0] ** 2 - s[k] ** 2)) if s[0] > s[k] else 1.0
-        total += kappa * err
+        to_1 = (min(1.0, dG / (s[0] ** 2 - s[k] ** 2)) if s[0] > s[k] else 1.0) if k else 0.0
+        if D is not None:
+            r = float((D @ U[:, k]).norm())
+            turn = min(1.0, turn + (r / (gap - nD - dG) if gap > nD + dG else 1.0))
+            if k:
+                sep = s[0] ** 2 - s[k] ** 2 - nD - dG
+                to_1 = min(1.0, to_1 + (r / sep if sep > 0 else 1.0))
+            total += kappa * float((dM.T @ U[:, k]).norm()) / s[0]
+        total += kappa * (turn * (s[k] + rest) / s[0] + to_1)
     return total + U32 * (theta0_norm / max(L1 * s[0], 1e-300) + 1.0)
+
+
+def gram_rounding(M64: torch.Tensor) -> torch.Tensor:
+    """Entrywise error of the float32 Gram of the rows of ``M64`` (``T x n``, the float32 data in float64), as above:
+    ``sqrt(n) u |m_i| |m_j|`` (the rounding errors of a real summation; the worst case ``gamma_n sum_k |m_ik m_jk|`` of
+    :func:`dot_error_bound` is ~``sqrt(n)`` times larger and, for the figures derived from a Gram, a bound 100x above
+    anything a BLAS produces)."""
+    M64 = M64.double()
+    r = M64.norm(dim=-1)
+    return math.sqrt(M64.shape[-1]) * U32 * (r[..., :, None] * r[..., None, :])
+
+
+def dot_error_bound(A: torch.Tensor, B: torch.Tensor = None, unit: float = 2 * U32) -> torch.Tensor:
+    """Entrywise bound on the error of the float32-accumulated products ``A B^T`` (``A [T, n]``, ``B [R, n]``, exact
+    values in any dtype; ``B = A`` for a Gram): ``|fl(a_i . b_j) - a_i . b_j| <= gamma_n sum_k |a_ik b_jk|`` with
+    ``gamma_n = n unit / (1 - n unit)`` (Higham, *Accuracy and Stability of Numerical Algorithms*, 2nd ed., Lemma 3.1 and
+    eq. 3.5): a worst case, for every summation order, blocking and atomic reduction. ``unit = 2u``, not ``u``: it
+    also holds where an accumulator truncates instead of rounding to nearest (GPU tensor cores); the products of
+    16-bit inputs are exact in float32 and those of float32 inputs add one rounding each, inside ``gamma_n``."""
+    A = A.double().abs()
+    B = A if B is None else B.double().abs()
+    n = A.shape[-1]
+    g = n * unit / (1 - n * unit)
+    return g * (A @ B.transpose(-1, -2))
+
+
+@one_thread
+def first_order_bound(f, G: torch.Tensor, E: torch.Tensor, backward_frobenius: float = 0.0,
+                      parts: bool = False) -> torch.Tensor:
+    """How far the float64 outputs of ``f`` can move when the symmetric ``T x T`` matrix ``G`` it reads is perturbed by
+    ``dG`` with ``|dG_ij| <= E_ij`` entrywise (plus, optionally, any symmetric ``F`` with ``||F||_F <=
+    backward_frobenius``): ``f`` maps a batch ``[B, T, T]`` to ``[B, K]``.
+
+    Each independent entry (``i <= j``, moved together with ``G_ji``) is pushed by ``+E_ij`` and ``-E_ij`` and the larger
+    change of each output is summed over the entries: the worst case of the linearised change over the box
+    ``|dG| <= E`` (a sum of ``|df/dG_ij| E_ij``). The ``F`` term adds ``||grad f|| backward_frobenius`` (Cauchy-Schwarz),
+    the gradient taken from the same central differences. The result is doubled to cover the second-order terms,
+    ``(||dG|| / gap)^2`` relative to the first: this bound is only meant for perturbations far below the spectral gaps
+    ``f`` depends on (the float32 Gram of a trajectory with a clear top direction). With ``parts``: the pair
+    ``(bound for E alone, bound per unit of backward_frobenius)``, whose ``a + b F`` is the bound (one evaluation for
+    several ``F``)."""
+    G = G.double()
+    T = G.shape[-1]
+    i, j = torch.triu_indices(T, T)
+    N = i.numel()
+    k = torch.arange(N)
+    eps = E.double()[i, j]
+    out = []
+    for sgn in (1.0, -1.0):
+        P = G.expand(N, T, T).clone()
+        P[k, i, j] += sgn * eps
+        off = i != j
+        P[k[off], j[off], i[off]] += sgn * eps[off]
+        out.append(f(P))
+    f0 = f(G[None])
+    dp, dm = out[0] - f0, out[1] - f0
+    lin = torch.maximum(dp.abs(), dm.abs()).sum(0)
+    grad = torch.where(eps[:, None] > 0, (dp - dm) / (2 * eps[:, None]).clamp_min(1e-300), torch.zeros_like(dp))
+    if parts:
+        return 2 * lin, 2 * grad.norm(dim=0)
+    return 2 * (lin + grad.norm(dim=0) * backward_frobenius)
+
+
+@one_thread
+def direction_tolerance(M64: torch.Tensor) -> float:
+    """Bound on ``||v_float32 - v_float64||`` (signs aligned) for the top direction ``v = M^T u_1 / s_1`` of the rows of
+    ``M64`` (``T x n``) from a float32 Gram solve: ``u_1`` turns by at most ``||dG|| / gap_1`` (Davis-Kahan, ``||dG||
+    <= sqrt(n) u ||M||_F^2`` as above), which moves ``v`` by at most that times ``(s_1 + s_2) / s_1``; the float32
+    direction pass (``T``-term sums) adds ``gamma_T ||M||_F / s_1`` and the final normalisation a few ``u``."""
+    M64 = M64.double()
+    T, n = M64.shape
+    S = torch.linalg.svdvals(M64)
+    s = [float(x) for x in S] + [0.0] * max(0, T - len(S))
+    if s[0] == 0.0:
+        return 0.0
+    fro2 = sum(x * x for x in s)
+    dG = math.sqrt(n) * U32 * fro2
+    gap = s[0] ** 2 - s[1] ** 2 if len(s) > 1 else s[0] ** 2
+    turn = min(2.0, dG / gap) if gap > 0 else 2.0
+    return turn * (s[0] + s[1]) / s[0] + 2 * T * U32 * math.sqrt(fro2) / s[0] + 4 * U32

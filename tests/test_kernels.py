@@ -19,6 +19,8 @@ except Exception:  # pragma: no cover - triton is an extra
 
 from relex_callback.core.kernels import reference
 
+from helpers import dot_error_bound
+
 
 def _in_process_ok() -> bool:
     """Can the Triton kernels run here? (a GPU, or the interpreter active since triton's import)"""
@@ -32,7 +34,7 @@ def _in_process_ok() -> bool:
         from relex_callback.core.kernels import triton_ops
 
         M = torch.ones(3, 40)
-        return abs(float(triton_ops.gram(M, [0], [40])[0, 0, 0]) - 40.0) < 1e-6
+        return float(triton_ops.gram(M, [0], [40])[0, 0, 0]) == 40.0  # sums of 1.0 up to 40: exact in float32
     except Exception:
         return False
 
@@ -52,8 +54,72 @@ LAYOUTS = {
     "two-spans": [SPAN + 1],
 }
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-# relative tolerance of the kernel vs the reference (both accumulate in float32, in different orders)
-TOL = 2e-5
+# Tolerances: the kernel and the reference both accumulate in float32, in different orders; each is compared with the
+# exact float64 result of the same (already rounded) inputs, entry by entry, within the worst case of a float32 dot
+# product, gamma_n sum_k |a_k b_k| (helpers.dot_error_bound; n the length of the sum: the segment's size for the
+# Gram, T for the projection), plus one ulp of the output dtype where that is 16-bit (2 u16 |x|: any rounding mode;
+# Triton's interpreter rounds float32 -> bfloat16 towards zero, one case here was 1.02 u16 off), and at least the
+# spacing of its subnormals (float16's, 2^-24 = 6e-8, is far above 2 u16 |x| for the |x| ~ 1e-6 that occur here).
+ULP16 = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
+
+
+def _segments(M, offsets, numels):
+    return [M.cpu().double()[:, o : o + n] for o, n in zip(offsets, numels)]
+
+
+def _check_gram(G, M, offsets, numels, what=""):
+    """Every entry of each Gram in ``G [S, T, T]`` within ``dot_error_bound`` of the exact ``M_i M_i^T``; returns the
+    largest error / bound (for the record)."""
+    worst = 0.0
+    for i, m in enumerate(_segments(M, offsets, numels)):
+        exact, bound = m @ m.T, dot_error_bound(m)
+        err = (G[i].cpu().double() - exact).abs()
+        assert bool((err <= bound).all()), (what, i, float((err - bound).max()))
+        # the bound means something: an error of 1e-3 of the largest entry exceeds it
+        assert float(bound.max()) < 1e-3 * float(exact.abs().max()) or float(exact.abs().max()) == 0.0
+        worst = max(worst, float((err / bound.clamp_min(1e-300)).max()))
+    return worst
+
+
+def _check_project(out, M, offsets, numels, U, out_dtype, what=""):
+    """Columns of each segment of ``out [r, D]`` within ``dot_error_bound`` (length ``T``) of the exact ``U_i^T M_i``,
+    plus a 16-bit output's rounding (one ulp, ``2 u16 |x|``, or a subnormal's spacing)."""
+    worst = 0.0
+    for i, (o, n) in enumerate(zip(offsets, numels)):
+        m, ui = M.cpu().double()[:, o : o + n], U[i].double()
+        exact = ui.T @ m
+        bound = dot_error_bound(ui.T, m.T)
+        if out_dtype in ULP16:
+            sub = torch.finfo(out_dtype).smallest_normal * torch.finfo(out_dtype).eps
+            bound = bound + ULP16[out_dtype] * (exact.abs() + bound) + sub
+        err = (out[:, o : o + n].cpu().double() - exact).abs()
+        assert bool((err <= bound).all()), (what, i, float((err - bound).max()))
+        worst = max(worst, float((err / bound.clamp_min(1e-300)).max()))
+    return worst
+
+
+def test_the_bounds_catch_a_planted_error():
+    """A 1e-3 error of the largest entry, or a sign flip, fails the checks above (they are not vacuous)."""
+    M, offsets, numels = _arena(20, [1500, 3], torch.bfloat16)
+    G = reference.gram_reference(M, offsets, numels)
+    _check_gram(G, M, offsets, numels)
+    bad = G.clone()
+    bad[0, 3, 5] += 1e-3 * float(G[0].abs().max())
+    bad[0, 5, 3] = bad[0, 3, 5]
+    with pytest.raises(AssertionError):
+        _check_gram(bad, M, offsets, numels)
+    bad = G.clone()
+    bad[1, 0, 1] = -bad[1, 0, 1]
+    with pytest.raises(AssertionError):
+        _check_gram(bad, M, offsets, numels)
+    U = torch.randn(2, 20, 1, generator=torch.Generator().manual_seed(2))
+    out = torch.zeros(1, M.shape[1])
+    reference.project_reference(M, offsets, numels, U, out)
+    _check_project(out, M, offsets, numels, U, torch.float32)
+    o = offsets[0]
+    out[0, o] += 1e-3 * float(out[0, o : o + numels[0]].abs().max())
+    with pytest.raises(AssertionError):
+        _check_project(out, M, offsets, numels, U, torch.float32)
 
 
 def _arena(T, sizes, dtype, seed=0):
@@ -86,10 +152,14 @@ def test_gram_matches_reference(T, sizes, dtype):
     assert G.shape == (len(sizes), T, T)
     assert G.dtype == R.dtype == torch.float64
     G = G.cpu()
-    scale = R.abs().amax(dim=(1, 2), keepdim=True).clamp_min(1e-30)
     assert torch.isfinite(G).all()
-    assert ((G - R).abs() / scale).max() < TOL
-    assert torch.equal(G, G.transpose(1, 2)) or ((G - G.transpose(1, 2)).abs() / scale).max() < 1e-6
+    print(f"gram T={T} {numels} {dtype}: error / bound kernel {_check_gram(G, M, offsets, numels, 'kernel'):.2e}, "
+          f"reference {_check_gram(R, M, offsets, numels, 'reference'):.2e}")
+    # the single-block path computes G_ij and G_ji as separate sums of the same products: each within the bound of
+    # the exact value, so within twice it of each other (the tiled path mirrors: bitwise)
+    if not torch.equal(G, G.transpose(1, 2)):
+        for i, m in enumerate(_segments(M, offsets, numels)):
+            assert bool(((G[i] - G[i].T).abs() <= 2 * dot_error_bound(m)).all()), i
 
 
 @needs_kernels
@@ -100,9 +170,7 @@ def test_gram_large_T_tiles_blocks(T):
 
     M, offsets, numels = _arena(T, [1, 70, 300], torch.bfloat16, seed=3)
     G = triton_ops.gram(M, offsets, numels, span=SPAN).cpu()
-    R = reference.gram_reference(M.cpu(), offsets, numels)
-    scale = R.abs().amax(dim=(1, 2), keepdim=True).clamp_min(1e-30)
-    assert ((G - R).abs() / scale).max() < TOL
+    _check_gram(G, M, offsets, numels, "tiled")
 
 
 @needs_kernels
@@ -126,9 +194,9 @@ def test_project_matches_reference(T, sizes, dtype, r):
         for o, n in zip(offsets, numels):
             owned[o : o + n] = True
         assert (out_k[:, ~owned] == 7.0).all()
-        scale = out_r.abs().max().clamp_min(1e-30)
-        tol = TOL if out_dtype == torch.float32 else 1e-2  # one rounding to 16 bits, possibly on either side
-        assert ((out_k - out_r).abs() / scale).max() < tol
+        wk = _check_project(out_k, M, offsets, numels, U, out_dtype, "kernel")
+        wr = _check_project(out_r, M, offsets, numels, U, out_dtype, "reference")
+        print(f"project T={T} {numels} {dtype} -> {out_dtype}: error / bound kernel {wk:.2e}, reference {wr:.2e}")
 
 
 @needs_kernels
@@ -139,9 +207,7 @@ def test_dispatch_forced_triton_matches(monkeypatch):
     monkeypatch.setenv("RELEX_FORCE_TRITON", "1")
     M, offsets, numels = _arena(5, [3, 40], torch.bfloat16, seed=6)
     assert kernels._use_triton(M)
-    G = kernels.gram(M, offsets, numels).cpu()
-    R = reference.gram_reference(M.cpu(), offsets, numels)
-    assert ((G - R).abs() / R.abs().max()).max() < TOL
+    _check_gram(kernels.gram(M, offsets, numels).cpu(), M, offsets, numels, "dispatch")
     monkeypatch.setenv("RELEX_DISABLE_TRITON", "1")
     assert not kernels._use_triton(M)
 
@@ -169,12 +235,11 @@ def test_default_span_matches_reference():
     from relex_callback.core.kernels import triton_ops
 
     M, offsets, numels = _arena(5, [3, 700], torch.bfloat16, seed=7)
-    G = triton_ops.gram(M, offsets, numels).cpu()
-    R = reference.gram_reference(M.cpu(), offsets, numels)
-    assert ((G - R).abs() / R.abs().max()).max() < TOL
+    _check_gram(triton_ops.gram(M, offsets, numels).cpu(), M, offsets, numels, "default span")
     U = torch.randn(2, 5, 1)
     out_k = torch.zeros(1, M.shape[1], device=DEVICE)
     out_r = torch.zeros(1, M.shape[1])
     triton_ops.project(M, offsets, numels, U, out_k)
     reference.project_reference(M.cpu(), offsets, numels, U, out_r)
-    assert ((out_k.cpu() - out_r).abs() / out_r.abs().max()).max() < TOL
+    _check_project(out_k, M, offsets, numels, U, torch.float32, "default span, kernel")
+    _check_project(out_r, M, offsets, numels, U, torch.float32, "default span, reference")
