@@ -1,7 +1,11 @@
 """Child process for tests/test_faults.py: a tiny causal-LM Trainer run with RelexCallback, optionally killed.
 
     python tests/fault_child.py OUT --tcut 8 --horizons 40 [--storage disk] [--save-steps 3] [--kill-at-step 5]
-        [--resume CKPT] [--stall-write-horizon 40]
+        [--resume CKPT] [--stall-write-horizon 40] [--record DIR]
+
+--record DIR: the trainable parameters at train begin (if that step is not recorded yet) and at the end of each step
+up to tcut, exact float32 copies, one file per step (DIR/step-<t>.pt, written atomically): a resumed run overwrites
+the steps it trains again, so DIR ends holding the trajectory the finishing run's buffer holds (test code only).
 """
 
 import argparse
@@ -58,6 +62,7 @@ def main():
     ap.add_argument("--resume", default=None)
     ap.add_argument("--stall-write-horizon", type=int, default=None)
     ap.add_argument("--max-shard-size", default="50GB")
+    ap.add_argument("--record", default=None, help="save the trainable parameters of each step <= tcut (see above)")
     ap.add_argument("--timeline", default=None, help="append 'event seconds-since-start' lines (train begin/end)")
     a = ap.parse_args()
     t_start = time.time()
@@ -76,6 +81,24 @@ def main():
             if a.kill_at_step is not None and state.global_step == a.kill_at_step:
                 os.kill(os.getpid(), signal.SIGKILL)
 
+    class Record(TrainerCallback):
+        def _save(self, step, model, only_new=False):
+            path = os.path.join(a.record, f"step-{step}.pt")
+            if step > a.tcut or (only_new and os.path.exists(path)):
+                return
+            os.makedirs(a.record, exist_ok=True)
+            tmp = path + f".tmp-{os.getpid()}"
+            torch.save({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}, tmp)
+            os.replace(tmp, path)
+
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            if a.record:
+                self._save(state.global_step, model, only_new=True)
+
+        def on_step_end(self, args, state, control, model=None, **kw):
+            if a.record:
+                self._save(state.global_step, model)
+
     if a.stall_write_horizon is not None:
         # fault timing (not a replacement): the real writer runs; after the first shard of the chosen horizon it
         # tells the parent and waits to be SIGKILLed mid-checkpoint
@@ -93,7 +116,7 @@ def main():
 
     cb = RelexCallback(tcut=a.tcut, horizons=a.horizons, storage=a.storage, dtype="float32",
                        max_shard_size=a.max_shard_size)
-    trainer, model, tok = build_trainer(a.out, [cb, KillAt(), Timeline()], max_steps=4 * a.tcut, save_steps=a.save_steps)
+    trainer, model, tok = build_trainer(a.out, [cb, Record(), KillAt(), Timeline()], max_steps=4 * a.tcut, save_steps=a.save_steps)
     if a.resume is None:
         model.save_pretrained(os.path.join(a.out, "base"))
         tok.save_pretrained(os.path.join(a.out, "base"))

@@ -192,3 +192,81 @@ def direction_tolerance(M64: torch.Tensor) -> float:
     gap = s[0] ** 2 - s[1] ** 2 if len(s) > 1 else s[0] ** 2
     turn = min(2.0, dG / gap) if gap > 0 else 2.0
     return turn * (s[0] + s[1]) / s[0] + 2 * T * U32 * math.sqrt(fro2) / s[0] + 4 * U32
+
+
+# ------------------------------------------------------------------------- float64 references of recorded runs
+def float64_reference(snaps: dict, steps, horizon: int) -> dict:
+    """theta_0 + (a H + b) v per tensor, in float64, from recorded snapshots ``{step: {name: tensor}}`` (DESIGN.md,
+    "The math"); a tensor that did not move is theta_0."""
+    theta0 = snaps[0]
+    out = {}
+    for name, t0 in theta0.items():
+        t0 = t0.double()
+        M = torch.stack([(snaps[t][name].double() - t0).reshape(-1) for t in steps])
+        if float(M.norm()) == 0:
+            out[name] = t0.clone()
+            continue
+        _, _, Vh = torch.linalg.svd(M, full_matrices=False)
+        v = Vh[0]
+        c = M @ v
+        X = torch.stack([torch.tensor(steps, dtype=torch.float64), torch.ones(len(steps), dtype=torch.float64)], 1)
+        a, b = torch.linalg.lstsq(X, c.unsqueeze(1)).solution.flatten().tolist()
+        out[name] = t0 + ((a * horizon + b) * v).reshape(t0.shape)
+    return out
+
+
+def compare_weights(wa: dict, wb: dict, snaps_a: dict, horizon: int, steps, snaps_b: dict = None, label: str = "",
+                    same_trajectory: bool = False, exact=()):
+    """Two horizon checkpoints ``wa``, ``wb`` (name -> tensor) of one training computed two ways (offline, the CLI, a
+    resumed or distributed run): each within its float32 solve's bound (``extrapolation_tolerance``, relative to the
+    move) of the float64 reference of the snapshots IT recorded, so within the sum of the two of each other, plus the
+    distance between the two references (0 when both read the same snapshots). A distributed run's Gram is the
+    float64 all-reduce of per-process float32 Grams: sum_p sqrt(n_p) u |m_pi| |m_pj| <= sqrt(n) u |m_i| |m_j|
+    (Cauchy-Schwarz), the same bound. Tensors without a move in the reference (untracked: theta_0 or the weights at
+    tcut copied; and the names in ``exact``) must be equal bitwise. ``same_trajectory``: the two recordings must be bitwise equal (a resumed run
+    replays the same float32 training: the trainer restores model, optimizer and RNG states exactly), so the
+    distance term is 0 by assertion, not by measurement. Prints the largest error / bound; returns it and the bound
+    per tensor (absolute, 2-norm; 0 for the bitwise ones)."""
+    snaps_b = snaps_b or snaps_a
+    if same_trajectory and snaps_b is not snaps_a:
+        for t in [0, *steps]:
+            for k in snaps_a[t]:
+                assert torch.equal(snaps_a[t][k], snaps_b[t][k]), (t, k)
+    assert sorted(wa) == sorted(wb)
+    ref_a = float64_reference(snaps_a, steps, horizon)
+    ref_b = ref_a if snaps_b is snaps_a else float64_reference(snaps_b, steps, horizon)
+    worst, rel_bounds, bounds = 0.0, [], {}
+    for k in wa:
+        if k in exact or k not in ref_a or float((ref_a[k] - snaps_a[0][k].double()).norm()) == 0:
+            assert torch.equal(wa[k], wb[k]), (label, k)
+            bounds[k] = 0.0
+            continue
+        bound = float((ref_a[k] - ref_b[k]).norm())
+        for snaps, ref in ((snaps_a, ref_a), (snaps_b, ref_b)):
+            t0 = snaps[0][k].double()
+            M = torch.stack([(snaps[t][k].double() - t0).reshape(-1) for t in steps])
+            tol = extrapolation_tolerance(M, steps, horizon, theta0_norm=float(t0.norm()))
+            bound += tol * float((ref[k] - t0).norm())
+        err = float((wa[k].double().reshape(ref_a[k].shape) - wb[k].double().reshape(ref_a[k].shape)).norm())
+        assert err <= bound, (label, k, err, bound)
+        bounds[k] = bound
+        worst = max(worst, err / bound if bound > 0 else 0.0)
+        moved = float((ref_b[k] - snaps_b[0][k].double()).norm())
+        if moved > 0:
+            rel_bounds.append(bound / moved)
+    nexact = sum(1 for b in bounds.values() if b == 0.0)
+    print(f"{label} ({len(wa)} tensors, {nexact} bitwise): max error / bound {worst:.2e}, bound / move "
+          f"{min(rel_bounds, default=0):.1e} .. {max(rel_bounds, default=0):.1e}")
+    return worst, bounds
+
+
+def load_recorded(d: str) -> dict:
+    """Snapshots written by a child process's recorder (``step-<t>.pt``, ``{name: float32 tensor}``, exact copies of
+    the trainable parameters) as ``{t: {name: float64 tensor}}``."""
+    import os
+
+    out = {}
+    for fn in os.listdir(d):
+        if fn.startswith("step-") and fn.endswith(".pt"):
+            out[int(fn[5:-3])] = {k: v.double() for k, v in torch.load(os.path.join(d, fn)).items()}
+    return out
