@@ -147,12 +147,11 @@ def test_resume_before_tcut_replaces_its_own_outputs(tmp_path, fresh):
     assert again.state.global_step == TCUT and sorted(rec.snaps) == [2, 3, 4]  # theta at the resume, then 3..4
     assert os.stat(out / "relex" / f"step-{H}").st_ino != before, "the outputs were not written again"
     assert _run_id(out / "relex" / f"step-{H}") == rid == _run_id(out / "relex" / "relex_state.safetensors")
-    from test_callback import rel_err
-
-    a, b = read_weights(out / "relex" / f"step-{H}"), read_weights(fresh / "relex" / f"step-{H}")
-    assert sorted(a) == sorted(b)
-    for k in b:  # a resumed run against an uninterrupted one: the order of float32 reductions only (docs/tolerances.md)
-        assert rel_err(a[k], b[k]) < 1e-5, k
+    # a resumed run against an uninterrupted one: bitwise (was relative 1e-5). The resumed trainer replays the same
+    # float32 training (model, optimizer and RNG states restored), the window's rows 1..2 come back from checkpoint-2
+    # as they were recorded and 3..4 are recorded again, and the solve runs the same code on the same bits (every
+    # float32 pass copies each chunk into a fixed-width scratch: the buffer's place in memory changes nothing)
+    _same(out / "relex" / f"step-{H}", fresh / "relex" / f"step-{H}")
 
 
 @pytest.mark.parametrize("intruder", ["a-user-directory", "another-runs-output"])
