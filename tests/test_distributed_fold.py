@@ -57,7 +57,7 @@ def folded_runs(tmp_path_factory):
 def test_folded_run_equals_single_process_folded_replay(folded_runs, mode, tmp_path):
     run_dir, ref_dir, snaps = folded_runs(mode)
     check_folded_ranks(run_dir, 8)
-    check_matches_single(run_dir, ref_dir, snaps, horizons=(16, 24))
+    check_matches_single(run_dir, ref_dir, snaps, horizons=(16, 24), folded=True)
     # the fold is not the exact path in disguise: the exact replay of the same trajectory differs
     exact = str(tmp_path / "exact")
     replay(run_dir, exact, exclude=EXCLUDE.get(mode), horizons=(16,), tcut=8)
@@ -81,7 +81,7 @@ def test_zero3_folded_resume_and_flat_buffer(folded_runs, tmp_path):
     snaps = resume_and_splice("zero3", d, 5, *args, "--resume")
     ref = os.path.join(d, "single")
     replay(d, ref, exclude=ex, horizons=(24,), tcut=12, slots=SLOTS, fold_rank=FOLD_RANK)
-    check_matches_single(d, ref, snaps, horizons=(24,))
+    check_matches_single(d, ref, snaps, horizons=(24,), folded=True)
     info12 = check_folded_ranks(d, 12)
     info8 = rank_info(folded_runs("zero3")[0])
     assert [i["buffer_bytes"] for i in info12] == [i["buffer_bytes"] for i in info8]
@@ -100,7 +100,7 @@ def test_zero3_a_slice_that_did_not_move_is_still_recorded_on_every_process(tmp_
     assert [i["skipped_unchanged_steps"] for i in info] == [[], []]
     ref = os.path.join(d, "single")
     snaps = replay(d, ref, exclude=ex)
-    check_matches_single(d, ref, snaps)
+    check_matches_single(d, ref, snaps, exclude=ex)
 
 
 def test_zero3_a_nan_on_one_process_stops_every_process(tmp_path):
