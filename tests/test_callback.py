@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from relex_callback import RelexCallback, RelexConfig, RelexInputError
-from helpers import U32, digit_reward, direction_tolerance, dot_error_bound, extrapolation_tolerance
+from helpers import (U32, compare_weights, digit_reward, direction_tolerance, dot_error_bound, extrapolation_tolerance,
+                     float64_reference)
 
 from relex_callback.examples.toy import arithmetic_problems, build_model, build_tokenizer
 
@@ -55,21 +56,8 @@ class StopAt(TrainerCallback):
 
 
 def reference(snaps: dict, steps, horizon: int) -> dict:
-    """theta_0 + (a H + b) v per tensor, in float64, from the recorded snapshots (DESIGN.md, "The math")."""
-    theta0 = snaps[0]
-    out = {}
-    for name, t0 in theta0.items():
-        M = torch.stack([(snaps[t][name] - t0).reshape(-1) for t in steps])
-        if float(M.norm()) == 0:
-            out[name] = t0.clone()
-            continue
-        _, _, Vh = torch.linalg.svd(M, full_matrices=False)
-        v = Vh[0]
-        c = M @ v
-        X = torch.stack([torch.tensor(steps, dtype=torch.float64), torch.ones(len(steps), dtype=torch.float64)], 1)
-        a, b = torch.linalg.lstsq(X, c.unsqueeze(1)).solution.flatten().tolist()
-        out[name] = t0 + ((a * horizon + b) * v).reshape(t0.shape)
-    return out
+    """theta_0 + (a H + b) v per tensor, in float64, from the recorded snapshots (helpers.float64_reference)."""
+    return float64_reference(snaps, steps, horizon)
 
 
 def assert_matches_reference(got: dict, snaps: dict, steps, horizon: int, names):
@@ -194,33 +182,10 @@ def test_relex_metrics_in_log_history(grpo_run):
 
 def _compare_dirs(a, b, snaps_a, horizon, snaps_b=None, steps=None):
     """Two horizon checkpoints of the same run computed two ways (offline, the CLI, a resumed run): each within its
-    float32 solve's bound (``extrapolation_tolerance``, relative to the move) of the float64 reference of its own
-    recorded snapshots, so within the sum of the two of each other, plus the distance between the two references
-    (0 when both read the same snapshots). Untracked tensors (theta_0 copied) are equal bitwise. Prints the margin."""
-    steps = steps or list(range(1, TCUT + 1))
-    snaps_b = snaps_b or snaps_a
-    wa, wb = read_weights(a), read_weights(b)
-    assert sorted(wa) == sorted(wb)
-    ref_a, ref_b = reference(snaps_a, steps, horizon), reference(snaps_b, steps, horizon)
-    worst, rel_bounds = 0.0, []
-    for k in wa:
-        if k not in ref_a:
-            assert torch.equal(wa[k], wb[k]), k
-            continue
-        bound = float((ref_a[k] - ref_b[k]).norm())
-        for snaps, ref in ((snaps_a, ref_a), (snaps_b, ref_b)):
-            t0 = snaps[0][k]
-            M = torch.stack([(snaps[t][k] - t0).reshape(-1) for t in steps])
-            tol = extrapolation_tolerance(M, steps, horizon, theta0_norm=float(t0.norm()))
-            bound += tol * float((ref[k] - t0).norm())
-        err = float((wa[k].double() - wb[k].double()).norm())
-        assert err <= bound, (k, err, bound)
-        worst = max(worst, err / bound if bound > 0 else 0.0)
-        moved = float((ref_b[k] - snaps_b[0][k]).norm())
-        if moved > 0:
-            rel_bounds.append(bound / moved)
-    print(f"{os.path.basename(str(a))} ({len(wa)} tensors): max error / bound {worst:.2e}, bound / move "
-          f"{min(rel_bounds, default=0):.1e} .. {max(rel_bounds, default=0):.1e}")
+    float32 solve's bound of the float64 reference of its own recorded snapshots (helpers.compare_weights, which
+    prints the margin); untracked tensors bitwise."""
+    compare_weights(read_weights(a), read_weights(b), snaps_a, horizon, steps or list(range(1, TCUT + 1)),
+                    snaps_b=snaps_b, label=os.path.basename(str(a)))
 
 
 def test_equals_offline_finalize_over_checkpoints(grpo_run, tmp_path):
