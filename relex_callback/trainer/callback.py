@@ -196,9 +196,10 @@ class RelexCallback(TrainerCallback, ExportableState):
                            "extrapolated; the recorded window is kept in %s for `relex extrapolate`",
                            state.max_steps, s.tcut, out_dir)
         check_writable_dir(out_dir, "output_dir")
-        own = lifecycle.check_outputs(self, out_dir, model, own_run=(record or {}).get("run_id"))
-        if own:
-            self._replace_own = record["run_id"]
+        own_run = (record or {}).get("run_id")
+        own = lifecycle.check_outputs(self, out_dir, model, own_run=own_run)
+        if own and own_run and not s.overwrite:
+            self._replace_own = own_run
             logger.warning("relex: resuming run %s at step %d, before tcut=%d: %s were written by this run after that "
                            "checkpoint and will be replaced at tcut", self._replace_own, state.global_step, s.tcut,
                            ", ".join(os.path.basename(p) for p in own))
