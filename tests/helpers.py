@@ -9,6 +9,17 @@ from relex_callback.params import TensorSpec
 from relex_callback.examples.toy import _text
 
 
+def cli_env() -> dict:
+    """The environment for running the `relex` CLI as a subprocess on this checkout (the repo first on PYTHONPATH)."""
+    import os
+
+    e = dict(os.environ)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    e["PYTHONPATH"] = repo + os.pathsep + e.get("PYTHONPATH", "")
+    e.setdefault("OMP_NUM_THREADS", "1")
+    return e
+
+
 def arena_specs(sizes):
     """Float32 specs ``t0, t1, ...`` laid out one after the other in an arena; returns ``(specs, D)``."""
     specs, o = [], 0

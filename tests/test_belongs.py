@@ -63,11 +63,9 @@ def ckrun(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def env():
-    e = dict(os.environ)
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    e["PYTHONPATH"] = repo + os.pathsep + e.get("PYTHONPATH", "")
-    e.setdefault("OMP_NUM_THREADS", "1")
-    return e
+    from helpers import cli_env
+
+    return cli_env()
 
 
 def _relex(env, *args):

@@ -111,11 +111,9 @@ def run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def env():
-    e = dict(os.environ)
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    e["PYTHONPATH"] = repo + os.pathsep + e.get("PYTHONPATH", "")
-    e.setdefault("OMP_NUM_THREADS", "1")
-    return e
+    from helpers import cli_env
+
+    return cli_env()
 
 
 @pytest.mark.parametrize("cell", list(CELLS))

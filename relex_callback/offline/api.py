@@ -103,19 +103,9 @@ def materialize(state_path: str, base: str, horizons: Sequence[int], out_dir: Op
 
     src = UntrackedSource(src, st)  # the untracked tensors the run wrote: from the state, or checked in the base
     src.check(base)
-    written = []
-    for h in hs:
-        try:
-            written.append(write_full_checkpoint(out_dir, h, st.tcut, st, lambda i: thetas[st.specs[i].name], src,
-                                                 overwrite=overwrite, max_shard_size=max_shard_size,
-                                                 run_id=st.run_id))
-        except WriteFailed as e:
-            raise RelexWriteError(
-                f"writing step-{h} into {out_dir} failed: {e}; nothing exists under the final name"
-                + (f" ({', '.join(written)} were written whole)" if written else "")
-                + "; the state file is unchanged: free space (or fix permissions) and run again"
-            ) from e.__cause__
-    return written
+    return _write_each(hs, out_dir, lambda h: write_full_checkpoint(
+        out_dir, h, st.tcut, st, lambda i: thetas[st.specs[i].name], src, overwrite=overwrite,
+        max_shard_size=max_shard_size, run_id=st.run_id))
 
 
 def _materialize_peft(st, base: str, hs, out_dir: str, overwrite: bool) -> list[str]:
@@ -165,10 +155,16 @@ def _materialize_peft(st, base: str, hs, out_dir: str, overwrite: bool) -> list[
                                merge_lora=rec["merge_lora"])
     writer.solution, writer.run_id = st, st.run_id
     writer.theta0_of = lambda i: st.tensors[PEFT_THETA0 + st.specs[i].name]
+    return _write_each(hs, out_dir, lambda h: writer.write_horizon(out_dir, h, st.tcut, overwrite))
+
+
+def _write_each(hs, out_dir: str, write_one) -> list[str]:
+    """``write_one(h)`` for every horizon, in order; a failed write is a :class:`RelexWriteError` naming what was
+    already written whole (nothing exists under the failed one's final name; the state file is untouched)."""
     written = []
     for h in hs:
         try:
-            written.append(writer.write_horizon(out_dir, h, st.tcut, overwrite))
+            written.append(write_one(h))
         except WriteFailed as e:
             raise RelexWriteError(
                 f"writing step-{h} into {out_dir} failed: {e}; nothing exists under the final name"
