@@ -176,8 +176,12 @@ def test_ddp_disk_tier_that_fits_only_one_process_stops_both_before_step_1(tmp_p
         assert [e["error"] for e in errs] == ["RelexMemoryError"] * 2, (errs, p.stderr[-3000:])
         msgs = [e["message"] for e in errs]
         print(msgs)
-        assert sum("another process failed" in m for m in msgs) == 1  # the other one's allocation succeeded
-        assert any("free disk space" in m or "file system has" in m or "the disk has" in m for m in msgs), msgs
+        # which process's allocation fails first is a race: one fails and the other (whose allocation succeeded)
+        # says another process failed, or both fail while the other's file still holds its space; each message
+        # names the disk or the other process, at least one names the disk
+        disk = ["free disk space" in m or "file system has" in m or "the disk has" in m for m in msgs]
+        other = ["another process failed" in m for m in msgs]
+        assert all(d or o for d, o in zip(disk, other)) and any(disk) and sum(other) <= 1, msgs
         left = [os.path.join(d, f) for d, _, fs in os.walk(relex) for f in fs if f.endswith(".bin")]
         assert not left, left
         assert [e["global_step"] for e in errs] == [0, 0]  # refused before the first step
