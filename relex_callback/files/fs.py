@@ -203,17 +203,25 @@ def not_ours(path: str, run_id: Optional[str] = None, horizon: Optional[int] = N
     return None
 
 
-def _is_relex_state(path: str) -> bool:
-    """A safetensors file with the ``relex`` metadata (only the header is read)."""
+def _relex_metadata(path: str) -> Optional[str]:
+    """The ``relex`` metadata string of a safetensors file (only the header is read), or ``None`` when the file is
+    not a safetensors file with one (or is unreadable)."""
     try:
         with open(path, "rb") as f:
             n = int.from_bytes(f.read(8), "little")
             if not 0 < n < 1 << 30:
-                return False
+                return None
             head = json.loads(f.read(n))
     except (OSError, ValueError):
-        return False
-    return isinstance(head, dict) and "relex" in (head.get("__metadata__") or {})
+        return None
+    meta = head.get("__metadata__") if isinstance(head, dict) else None
+    value = meta.get("relex") if isinstance(meta, dict) else None
+    return value if isinstance(value, str) else None
+
+
+def _is_relex_state(path: str) -> bool:
+    """A safetensors file with the ``relex`` metadata."""
+    return _relex_metadata(path) is not None
 
 
 def _is_relex_json(path: str, keys: tuple) -> bool:
@@ -256,10 +264,7 @@ def output_run_id(path: str) -> Optional[str]:
         if os.path.isdir(path):
             rid = (read_marker(path) or {}).get("run_id")
         elif name == STATE_NAME or STATE_SHARD_PATTERN.match(name):
-            with open(path, "rb") as f:
-                n = int.from_bytes(f.read(8), "little")
-                head = json.loads(f.read(n)) if 0 < n < 1 << 30 else {}
-            rid = json.loads((head.get("__metadata__") or {}).get("relex") or "{}").get("run_id")
+            rid = json.loads(_relex_metadata(path) or "{}").get("run_id")
         elif name == STATE_INDEX_NAME:
             with open(path) as f:
                 rid = (json.load(f).get("metadata") or {}).get("run_id")
