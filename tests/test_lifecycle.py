@@ -176,3 +176,38 @@ def test_resume_before_tcut_still_refuses_what_is_not_its_own(tmp_path, fresh, i
     assert rec.snaps == {}
     assert listing == sorted((p.relative_to(out), p.read_bytes() if p.is_file() else None) for p in out.rglob("*")
                              if "checkpoint-" not in str(p))
+
+
+@pytest.mark.parametrize("intruder", ["a-user-directory", "another-runs-output"])
+def test_resume_before_tcut_refuses_at_tcut_what_appeared_since(tmp_path, intruder):
+    """The resumed window's own outputs were checked at step 0; something put under one of their names while the
+    window runs (a user's directory, another RELEX run's output) is not replaced at tcut either: refused there, its
+    bytes left. (Another run's output is relex's, so `overwrite` alone would have replaced it.)"""
+    import json
+
+    from transformers import TrainerCallback
+
+    from relex_callback.files.fs import RELEX_MARKER
+
+    out, rid = _stopped_after_tcut(tmp_path)
+    target = out / "relex" / f"step-{H}"
+
+    class Intrude(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step != 3:
+                return
+            if intruder == "a-user-directory":
+                shutil.rmtree(target)
+                target.mkdir()
+                (target / "notes.txt").write_text("mine")
+            else:
+                m = json.loads((target / RELEX_MARKER).read_text())
+                (target / RELEX_MARKER).write_text(json.dumps({**m, "run_id": "another-run"}))
+
+    again = grpo_trainer(out, [_cb(), Intrude()], save_strategy="steps", save_steps=2)
+    with pytest.raises(RelexInputError, match=f"step-{H}.*not all of these are its own"):
+        again.train(resume_from_checkpoint=str(out / "checkpoint-2"))
+    if intruder == "a-user-directory":
+        assert (target / "notes.txt").read_text() == "mine" and os.listdir(target) == ["notes.txt"]
+    else:
+        assert _run_id(target) == "another-run", "another run's output was replaced"

@@ -254,8 +254,10 @@ def run_pipeline(cb, writer, s, out_dir, model, trend, flat):
     solver = BufferedSolve(cb.store, reduce=cb.topology.reduce_grams if cb.topology.sharded else None,
                            skipped_nonfinite=cb.skipped_steps)
     if cb._replace_own is not None and cb._replace_own == cb.store.run_id and not s.overwrite:
-        # a resumed window replaces what its own run wrote at tcut before it stopped (checked at on_train_begin:
-        # every output there carries this run id); anything else that appeared since is still refused
+        # a resumed window replaces what its own run wrote at tcut before it stopped: checked again now (it was at
+        # on_train_begin) that every output there still carries this run id, so nothing that appeared since (a
+        # user's file, another run's output) is replaced; it is refused like any taken name
+        check_outputs(cb, out_dir, model, own_run=cb._replace_own)
         s = dataclasses.replace(s, overwrite=True)
     return finalize(
         solver, writer, s, out_dir=out_dir, kept=cb.store.directory if cb.store.storage == "disk" else None,
