@@ -1,10 +1,10 @@
-"""Would a fixed-width copy make the float32 CPU Gram layout-independent, and at what cost? (README, "Every path gives
-the same bytes": the float32-buffer exception.)
+"""What the fixed-width copy of the float32 CPU Gram costs, and what it buys (README, "Every path gives the same bytes").
 
-The float32 CPU Gram (``core.kernels.reference.gram_reference``) multiplies views of the arena; with several threads
-its last bit depends on the arena's width, so the callback and ``relex extrapolate`` (which tracks the frozen tensors
-too) can differ by one ulp. Copying each chunk into a scratch of fixed width removes that. This times both on the
-same float32 arena, interleaved (the machine's speed varies), and checks the two layouts with each.
+The float32 CPU Gram used to multiply views of the arena; with several threads its last bit depended on the arena's
+width and the tensor's offset in it, so the callback and ``relex extrapolate`` (which tracks the frozen tensors too)
+differed by one ulp. The package (``core.kernels.reference.gram_reference``) now copies each chunk into a scratch of
+fixed width. This times the old view version (kept here as ``gram_view``) against the shipped one on the same float32
+arena, interleaved (the machine's speed varies), and checks both for layout independence.
 
     OMP_NUM_THREADS=2 PYTHONPATH=. python bench/gram_copy_ab.py            # 1.2 GB: T=75 x 4M elements
 """
