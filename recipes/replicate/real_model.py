@@ -41,6 +41,8 @@ warnings.filterwarnings("ignore", category=UserWarning)
 
 import torch  # noqa: E402
 
+from relex_callback.files.fs import write_json, write_text  # noqa: E402  (atomic: tmp + rename)
+
 
 @dataclass
 class Setting:
@@ -179,8 +181,7 @@ def train(s: Setting, base_dir: str, run_dir: str, checkpoint_every: int = 0, re
         steps_done = trainer.state.global_step
         sittings.append({"seconds": round(time.perf_counter() - t, 1), "until_step": steps_done,
                          "from": os.path.basename(from_ckpt) if from_ckpt else None})
-        with open(sittings_file, "w") as f:
-            json.dump(sittings, f)
+        write_json(sittings_file, sittings)
     sec = sum(x["seconds"] for x in sittings)
     hist = trainer.state.log_history
     tl = {"reward": [h["reward"] for h in hist if "reward" in h],
@@ -242,8 +243,7 @@ def run_setting(s: Setting, base_dir: str, out_root: str, keep: bool = False, re
             os.makedirs(run_dir)
         log(f"setting {s.name}: {asdict(s)}")
         test, tl, sec_train = train(s, base_dir, run_dir, checkpoint_every=checkpoint_every, resume=resume)
-        with open(saved, "w") as f:
-            json.dump([test, tl, sec_train], f)
+        write_json(saved, [test, tl, sec_train])
     log(f"trained {s.steps} steps in {sec_train:.0f}s; reward per step {[round(r, 2) for r in tl['reward']]}")
     ckpt = os.path.join(run_dir, "ckpt")
 
@@ -539,8 +539,7 @@ def write_doc(results: dict, doc: str, figdir: str, results_path: str):
     if a < 0 or b < 0:
         raise SystemExit(f"{doc} has no <!-- real:begin --> / <!-- real:end --> block to replace")
     text = text[:a] + "\n".join(body) + text[b + len("<!-- real:end -->"):]
-    with open(doc, "w") as f:
-        f.write(text)
+    write_text(doc, text)
     plots(results, figdir)
 
 
@@ -584,8 +583,7 @@ def main(argv=None):
             results[name] = run_setting(s, base_dir, a.out, keep=a.keep, reuse=a.reuse,
                                         checkpoint_every=a.checkpoint_every, resume=a.resume)
             os.makedirs(os.path.dirname(a.results), exist_ok=True)
-            with open(a.results, "w") as f:
-                json.dump(results, f, indent=1)
+            write_json(a.results, results, indent=1)  # atomic: a sitting's SIGTERM must not cut the merged results
             log(f"wrote {a.results}")
     if a.doc and results:
         write_doc(results, a.doc, os.path.join(os.path.dirname(a.doc), "replication"), a.results)
