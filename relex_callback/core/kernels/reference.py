@@ -34,8 +34,9 @@ def float32_scratch(M: torch.Tensor, chunk: int):
 
 
 def _float32_chunks(M: torch.Tensor, o: int, n: int, chunk: int, tmp=False):
-    """``(s, e, c)`` over the columns ``[o, o+n)``: ``c`` is ``M[:, s:e]`` as float32, widened into one reused,
-    cache-sized scratch ``tmp`` (allocated here unless the caller passes its own; a view when ``M`` is float32)."""
+    """``(s, e, c)`` over the columns ``[o, o+n)``: ``c`` is ``M[:, s:e]`` as float32, copied into one reused,
+    cache-sized scratch ``tmp`` (allocated here unless the caller passes its own; a view only for a float32 ``M`` off
+    the CPU, see :func:`float32_scratch`)."""
     if tmp is False:
         tmp = float32_scratch(M, chunk)
     for s, e in _chunks(o, n, chunk):
