@@ -3,7 +3,8 @@
 Public names only; see README.md.
 """
 
-from .errors import RelexError, RelexInputError, RelexMemoryError, RelexNonFiniteError, RelexWriteError
+from .errors import (RelexEndOfWindowError, RelexError, RelexInputError, RelexMemoryError, RelexNonFiniteError,
+                     RelexWriteError)
 
 __all__ = [
     "RelexCallback",
@@ -14,6 +15,7 @@ __all__ = [
     "RelexMemoryError",
     "RelexNonFiniteError",
     "RelexWriteError",
+    "RelexEndOfWindowError",
     "load_state",
     "extrapolate_checkpoints",
     "extrapolate_trajectory",

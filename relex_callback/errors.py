@@ -23,3 +23,9 @@ class RelexNonFiniteError(RelexError, FloatingPointError):
 
 class RelexWriteError(RelexError, OSError):
     """Writing a checkpoint failed (disk full, unwritable directory); nothing was left under the final name."""
+
+
+class RelexEndOfWindowError(RelexError, RuntimeError):
+    """The end of a window failed for a reason that is not an input (a kernel, CUDA, out of memory, a bug); the
+    recorded window was kept and the message names the command that finishes the job. The original error is its
+    ``__cause__``."""

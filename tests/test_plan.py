@@ -100,7 +100,10 @@ def test_plan_arithmetic_of_the_8b_run(counted):
     assert abs(p.node(p.exact_bytes) - 1.638 * TB) < 0.001 * TB  # the 8.19e9 x 100 x 2 B = 1.64 TB
     assert p.theta0_bytes == 2 * D
     scratch = 4 * (1 << 24)  # the store's float32 device scratch: 2^24 elements
-    device = 80 * GB - 16 * N // 8 - int(0.3 * 80 * GB) - int(0.25 * 80 * GB) - 2 * D - scratch
+    piece = max(-(-math.prod(s) // 8) for s in shapes)  # the largest shard: embed_tokens / lm_head
+    # the solve at tcut: the bf16 direction arena, a horizon piece in float32 + bf16, the Gram's float32 chunk
+    solve = 2 * D + piece * (4 + 2) + 100 * min(piece, 1 << 18) * 4
+    device = 80 * GB - 16 * N // 8 - int(0.3 * 80 * GB) - int(0.25 * 80 * GB) - 2 * D - scratch - solve
     assert p.tiers["device"].budget == device
     host = TB // 2 // 8
     assert p.tiers["host"].budget == host
@@ -157,6 +160,8 @@ def test_fits_nowhere_folds_or_says_what_is_missing():
     assert unknown.tier is None and "no tier's memory was given" in unknown.reason
     # the device wins over a larger host ring only when it affords at least fold_rank slots
     fixed = row + 4 * 10**6  # theta_0 (bf16, one row) + the float32 scratch of the 10^6-element tensor
+    # + the solve at tcut: the bf16 direction row, the tensor in float32 + bf16, the Gram's float32 chunk
+    fixed += row + 10**6 * (4 + 2) + 50 * (1 << 18) * 4
     few = plan_memory(window=50, elements=10**6, gpu_memory=10**12, trainer_gpu_bytes=10**12 - 30 * row - fixed,
                       gpu_headroom=0, host_memory=2 * 40 * row)
     assert few.tiers["device"].fold_slots == 22 and (few.tier, few.slots) == ("device", 22)

@@ -22,6 +22,7 @@ from typing import Optional, Sequence
 from ..errors import RelexInputError, RelexWriteError
 from ..files.fs import check_outputs_free, horizon_dir
 from ..files.report import REPORT_NAME, build_report, write_report
+from ..core import kernels
 from ..core.solver import solve
 from ..files.writers import CheckpointWriter, WriteFailed
 
@@ -152,6 +153,8 @@ class BufferedSolve:
             "folds": getattr(store, "folds", 0),
             "buffer_dtype": str(store.dtype).replace("torch.", ""),
             "storage": self.storage,
+            # Triton kernels this process replaced by their torch references (at the probe or inside this solve)
+            "kernels_replaced": {f"{d} {op}": why for (d, op), why in kernels.disabled().items()},
         }
 
     def distributed_extra(self, writer: CheckpointWriter, t_bind: float) -> dict:

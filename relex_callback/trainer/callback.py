@@ -212,7 +212,7 @@ class RelexCallback(TrainerCallback, ExportableState):
                 s, self.tracked, self.topology, out_dir=out_dir, global_step=state.global_step, checkpoints=checkpoints,
                 expected=record, model_bytes=_horizon_bytes(model, self.tracked, s.merge_lora),
                 saves_in_window=str(getattr(args, "save_strategy", "steps")) not in ("no", "SaveStrategy.NO"),
-                trainer_args=args,
+                trainer_args=args, optimizer=kwargs.get("optimizer"),
             )
         except BaseException:
             self._release()

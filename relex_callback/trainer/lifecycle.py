@@ -16,7 +16,8 @@ import os
 import time
 from typing import Optional
 
-from ..errors import RelexInputError
+from ..errors import RelexEndOfWindowError, RelexError, RelexInputError
+from ..files.fs import STATE_INDEX_NAME, STATE_NAME
 from ..trajectory.persist import RUN_TRAJECTORY_DIR, THETA0_FILE
 
 logger = logging.getLogger("relex_callback")
@@ -117,8 +118,9 @@ def keep_window(cb, args, kwargs, step: int) -> tuple[str, str]:
 
     keep = cb.topology.trajectory_dir(os.path.join(cb._out_dir(args), "partial_trajectory"))
     cb.store.save(keep)
-    base = "<the checkpoint training started from>"
     model = kwargs.get("model")
+    started = getattr(getattr(model, "config", None), "_name_or_path", None)  # from_pretrained's path, if a directory
+    base = started if isinstance(started, str) and os.path.isdir(started) else "<the checkpoint training started from>"
     stale = os.path.join(keep, UNTRACKED_FILE)
     foreign = False
     if os.path.lexists(stale):  # an earlier window's is replaced (never read back as this one's); a user's is left
@@ -183,8 +185,6 @@ def _pipeline_or_keep(cb, args, kwargs, writer, out_dir, model, trend, flat):
         return sol
     except RelexInputError as e:  # refused at tcut: keep the window unless the state file holds it already
         cb._release()
-        from ..files.fs import STATE_INDEX_NAME, STATE_NAME
-
         written = any(os.path.isfile(p) and os.path.getmtime(p) >= start_wall for p in
                       (os.path.join(out_dir, STATE_NAME), os.path.join(out_dir, STATE_INDEX_NAME)))
         if written or cb.store is None or not cb.store.num_rows:  # the state file holds the window
@@ -195,9 +195,43 @@ def _pipeline_or_keep(cb, args, kwargs, writer, out_dir, model, trend, flat):
             f"fixed, extrapolate from them with `relex extrapolate --trajectory {keep} --base {base} --horizons "
             f"{','.join(map(str, s.horizons))} --out DIR` (its --fit/--fit-window/--degree as needed)"
         ) from None
+    except Exception as e:  # anything else (a kernel, CUDA, out of memory, a bug): the window is never lost
+        written = any(os.path.isfile(p) and os.path.getmtime(p) >= start_wall for p in
+                      (os.path.join(out_dir, STATE_NAME), os.path.join(out_dir, STATE_INDEX_NAME)))
+        if isinstance(e, RelexError) or cb.store is None or not cb.store.num_rows:
+            cb._release()
+            raise
+        raise _kept_after_failure(cb, args, kwargs, e, out_dir, written) from e
     except BaseException:
         cb._release()  # the output directory is no longer in use (relex materialize may finish it)
         raise
+
+
+def _kept_after_failure(cb, args, kwargs, e, out_dir, written) -> "RelexEndOfWindowError":
+    """An unexpected error at the end of the window: the recorded window (the ring, wherever it lives, written out
+    first) is kept in ``partial_trajectory/`` unless the state file already holds it, and one error names the
+    command that finishes the job (it writes the bytes the callback would have)."""
+    s = cb.settings
+    what = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
+    horizons = ",".join(map(str, s.horizons))
+    if written:  # the state file is whole (finalize writes it atomically before any horizon)
+        cb._release()
+        return RelexEndOfWindowError(
+            f"relex: the end of the window failed after the state file was written ({what}). The state file in "
+            f"{out_dir} holds the window: write the horizons with `relex materialize --state {out_dir} --base <the "
+            f"checkpoint training started from> --horizons {horizons} --out DIR`")
+    try:
+        keep, base = keep_window(cb, args, kwargs, cb.settings.tcut)  # the model is at tcut
+    except Exception as e2:  # noqa: BLE001 - said, with the first error
+        cb._release()
+        return RelexEndOfWindowError(
+            f"relex: the end of the window failed ({what}), and keeping the recorded window failed too "
+            f"({type(e2).__name__}: {e2}); nothing could be saved")
+    cb._release()
+    return RelexEndOfWindowError(
+        f"relex: the end of the window failed ({what}). Nothing was extrapolated; the {cb.store.num_rows} recorded "
+        f"steps are kept in {keep}: extrapolate from them with `relex extrapolate --trajectory {keep} --base {base} "
+        f"--horizons {horizons} --out DIR` (the same files the callback would have written)")
 
 
 def _emit_metrics(cb, trend, seconds, control):

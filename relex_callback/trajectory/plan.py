@@ -101,6 +101,68 @@ def elements_per_process(shapes: Sequence[Sequence[int]], mode: str, world: int)
     return loads
 
 
+def solve_scratch_bytes(D: int, piece: int, window: int, item: int, param_item: int, rank: int = 1) -> int:
+    """Device bytes the end of a window allocates beside a device-tier buffer: the ``[rank, D]`` direction arena in
+    the buffer dtype, one horizon piece in float32 plus its cast to the parameters' dtype (the largest tensor), and
+    the reference Gram's float32 chunk of ``window x 2^18`` columns."""
+    return rank * D * item + piece * (4 + param_item) + window * min(piece, 1 << 18) * 4
+
+
+def _local_numel(p) -> int:
+    local = p.to_local() if hasattr(p, "to_local") else p  # an FSDP2 DTensor: this process's shard
+    return int(local.numel())
+
+
+def _state_tensors(opt_name: str, group: dict) -> tuple[int, bool]:
+    """(full-size state tensors per parameter, whether the update makes one full-size temporary) for a torch
+    optimizer by class name; an unknown optimizer is taken as Adam-like (two states), which the plan notes."""
+    n = opt_name.lower()
+    multi = not group.get("fused") and group.get("foreach") is not False  # foreach (CUDA's default): temporaries
+    if "adafactor" in n:
+        return 0, False  # factored second moments: rows + columns, negligible
+    if "adam" in n or "lamb" in n:
+        return (3 if group.get("amsgrad") else 2), multi
+    if n == "sgd":
+        return (1 if group.get("momentum", 0) else 0), False
+    if "lion" in n or "adagrad" in n:
+        return 1, multi
+    if "rmsprop" in n:
+        return 1 + bool(group.get("momentum", 0)) + bool(group.get("centered")), multi
+    return 2, multi
+
+
+def pending_training_bytes(optimizer, device=None) -> tuple[int, str]:
+    """Bytes a run still allocates on ``device`` at its first optimizer step that it has not at ``on_train_begin``:
+    a torch optimizer creates its states lazily (AdamW: two tensors the size of each parameter, in its dtype), and
+    gradients exist only after the first backward. Per parameter this process holds (its shard under FSDP2) with no
+    state yet: its gradient (unless allocated), its optimizer states, and for a foreach update one full-size
+    temporary. For plain AdamW on float32 parameters that is 16 bytes per parameter. DeepSpeed allocates its
+    optimizer states before training starts (measured with the trainer's memory), as do optimizers whose states
+    exist already (a resumed run): 0. Returns ``(bytes, how they were counted)``."""
+    opt = optimizer
+    while hasattr(opt, "optimizer") and opt.optimizer is not opt:  # accelerate's wrapper, a LR wrapper, ...
+        opt = opt.optimizer
+    if opt is None:
+        return 0, "no optimizer"
+    if type(opt).__module__.startswith("deepspeed"):
+        return 0, "DeepSpeed allocates its optimizer states before training starts"
+    groups = getattr(opt, "param_groups", None)
+    if not groups:
+        return 0, f"{type(opt).__name__} has no param groups"
+    state = getattr(opt, "state", {}) or {}
+    total = 0
+    for g in groups:
+        k, temp = _state_tensors(type(opt).__name__, g)
+        for p in g.get("params", ()):
+            if device is not None and str(p.device) != str(device) and p.device.type != "meta":
+                continue
+            if state.get(p):
+                continue
+            n, item = _local_numel(p), p.element_size()
+            total += n * item * (k + int(temp) + int(getattr(p, "grad", None) is None))
+    return total, f"{type(opt).__name__}: gradients + optimizer states created at the first step"
+
+
 @dataclass(frozen=True)
 class TierPlan:
     """One tier of a :class:`MemoryPlan`, per process (multiply by ``local_world_size`` for a node).
@@ -239,6 +301,9 @@ def plan_memory(
     max_buffer_bytes: Optional[int] = None,
     gpu_memory: Optional[int] = None,
     trainer_gpu_bytes: Optional[int] = None,
+    trainer_pending_bytes: int = 0,
+    rank: int = 1,
+    largest_piece: Optional[int] = None,
     use_vllm: bool = False,
     vllm_mode: str = "colocate",
     vllm_gpu_memory_utilization: float = 0.3,
@@ -269,6 +334,12 @@ def plan_memory(
         gpu_memory (`int`, *optional*): bytes of one device (None: the device tier is not planned).
         trainer_gpu_bytes (`int`, *optional*): bytes the trainer holds on each device; defaults to the model
             states (16 bytes per parameter, divided by ``world_size`` in the sharded modes).
+        trainer_pending_bytes (`int`, *optional*, defaults to 0): bytes training will still allocate on each device
+            after ``trainer_gpu_bytes`` was measured: gradients and optimizer states that a torch optimizer creates at
+            its first step (:func:`pending_training_bytes`).
+        rank (`int`, *optional*, defaults to 1): directions per tensor (the solve's direction arena at ``tcut``).
+        largest_piece (`int`, *optional*): elements of the largest tracked piece of a process (from ``shapes`` when
+            given; else ``elements``, an upper bound).
         use_vllm / vllm_mode / vllm_gpu_memory_utilization (*optional*): TRL's ``GRPOConfig`` fields; a colocated
             engine claims ``vllm_gpu_memory_utilization x gpu_memory`` of every training device.
         vllm_claimed (`bool`, *optional*, defaults to `False`): the engine's memory is already part of
@@ -291,18 +362,22 @@ def plan_memory(
         local_world_size=local_world_size, dtype=dtype, param_dtype=param_dtype, fold_rank=fold_rank, storage=storage,
         use_vllm=use_vllm, vllm_mode=vllm_mode, vllm_gpu_memory_utilization=vllm_gpu_memory_utilization,
         gpu_headroom=gpu_headroom, host_fraction=host_fraction)
+    if largest_piece is not None:
+        piece = min(int(largest_piece), D)
     item = ITEMSIZE[dt]
     row = D * item
     exact = window * row
     theta0 = D * ITEMSIZE[pdt]
     scratch = min(SNAPSHOT_CHUNK_DEVICE, piece) * 4 if cuda else 0
     device_fixed = theta0 + scratch
+    solve_bytes = solve_scratch_bytes(D, piece, window, item, ITEMSIZE[pdt], rank) if cuda else 0
     staging = row if cuda else 0
     notes = []
     claims, tiers = _plan_budgets(
         notes, window=window, mode=mode, world_size=world_size, local=local, total=total, row=row, exact=exact,
         device_fixed=device_fixed, staging=staging, fold_rank=fold_rank, max_buffer_bytes=max_buffer_bytes,
-        gpu_memory=gpu_memory, trainer_gpu_bytes=trainer_gpu_bytes, use_vllm=use_vllm, vllm_mode=vllm_mode,
+        gpu_memory=gpu_memory, trainer_gpu_bytes=trainer_gpu_bytes, trainer_pending_bytes=trainer_pending_bytes,
+        solve_bytes=solve_bytes, use_vllm=use_vllm, vllm_mode=vllm_mode,
         vllm_gpu_memory_utilization=vllm_gpu_memory_utilization, vllm_claimed=vllm_claimed,
         gpu_headroom=gpu_headroom, host_memory=host_memory, host_fraction=host_fraction, disk_free=disk_free,
         cuda=cuda)
@@ -360,8 +435,9 @@ def _plan_inputs(*, window, elements, shapes, mode, world_size, local_world_size
 
 
 def _plan_budgets(notes, *, window, mode, world_size, local, total, row, exact, device_fixed, staging, fold_rank,
-                  max_buffer_bytes, gpu_memory, trainer_gpu_bytes, use_vllm, vllm_mode, vllm_gpu_memory_utilization,
-                  vllm_claimed, gpu_headroom, host_memory, host_fraction, disk_free, cuda):
+                  max_buffer_bytes, gpu_memory, trainer_gpu_bytes, trainer_pending_bytes, solve_bytes, use_vllm,
+                  vllm_mode, vllm_gpu_memory_utilization, vllm_claimed, gpu_headroom, host_memory, host_fraction,
+                  disk_free, cuda):
     """Budget each tier (device claims, host share, disk share) and what fits in it; return (claims, tiers)."""
     claims = {}
     tiers = {}
@@ -371,11 +447,15 @@ def _plan_budgets(notes, *, window, mode, world_size, local, total, row, exact, 
             trainer_gpu_bytes = MODEL_STATE_BYTES * total // share
             claims[f"trainer ({MODEL_STATE_BYTES} B/param{' / ' + str(share) if share > 1 else ''})"] = trainer_gpu_bytes
         else:
-            claims["trainer"] = int(trainer_gpu_bytes)
+            claims["trainer, measured at train begin"] = int(trainer_gpu_bytes)
+            if trainer_pending_bytes:
+                claims["trainer, added by its first step (gradients, optimizer states)"] = int(trainer_pending_bytes)
         if use_vllm and vllm_mode == "colocate" and not vllm_claimed:
             claims[f"vLLM colocate ({vllm_gpu_memory_utilization:g})"] = int(vllm_gpu_memory_utilization * gpu_memory)
         claims[f"headroom ({gpu_headroom:.0%})"] = int(gpu_headroom * gpu_memory)
         claims["theta_0 + scratch"] = device_fixed
+        if solve_bytes:
+            claims["solve at tcut (directions, a horizon's float32 copy, Gram chunk)"] = solve_bytes
         free = gpu_memory - sum(claims.values())
         if free < 0:
             notes.append(f"the device is over-committed by {format_bytes(-free)} before any buffer: the trainer, vLLM "
@@ -533,7 +613,9 @@ def _local_world_size(world: int) -> int:
 
 
 def plan_for_run(settings, specs, topology, trainer_args=None, *, elements: Optional[int] = None, device=None,
-                 local_world_size: Optional[int] = None, label: str = "", out_dir: Optional[str] = None) -> MemoryPlan:
+                 local_world_size: Optional[int] = None, label: str = "", out_dir: Optional[str] = None,
+                 optimizer=None, device_memory: Optional[tuple[int, int]] = None, host_memory: Optional[int] = None,
+                 disk_free: Optional[int] = None) -> MemoryPlan:
     """The plan of a live run at ``on_train_begin``, before the store is allocated: what ``storage="auto"`` should
     pick, and how many ring slots.
 
@@ -556,6 +638,13 @@ def plan_for_run(settings, specs, topology, trainer_args=None, *, elements: Opti
             available, else the CPU).
         local_world_size (`int`, *optional*): processes per node (default ``LOCAL_WORLD_SIZE``).
         out_dir (`str`, *optional*): where the disk tier would live (default ``settings.output_dir``).
+        optimizer (*optional*): the trainer's optimizer; what its first step will still allocate on the device
+            (gradients, lazily created states: :func:`pending_training_bytes`) is claimed with the measured memory,
+            so the ring holds at steady state, not only at ``on_train_begin``.
+        device_memory (`tuple[int, int]`, *optional*): ``(free, total)`` bytes of the device instead of
+            ``torch.cuda.mem_get_info`` (the plan fed with a device's figures, e.g. on a machine without one).
+        host_memory / disk_free (`int`, *optional*): the node's available host memory and the output file system's
+            free bytes instead of measuring them.
 
     Returns:
         :class:`MemoryPlan` (``.tier``, ``.slots``, ``.folded``, ``.format()`` for the log).
@@ -571,11 +660,14 @@ def plan_for_run(settings, specs, topology, trainer_args=None, *, elements: Opti
     if device is None:
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     device = torch.device(device)
-    cuda = device.type == "cuda"
+    cuda = device.type == "cuda" or device_memory is not None
     gpu_memory = trainer = None
+    pending = 0
     if cuda:
-        free, total = torch.cuda.mem_get_info(device)
+        free, total = device_memory if device_memory is not None else torch.cuda.mem_get_info(device)
         gpu_memory, trainer = int(total), int(total - free)
+        if optimizer is not None:
+            pending, _ = pending_training_bytes(optimizer, device if device.type == "cuda" else None)
     a = trainer_args
     use_vllm = bool(getattr(a, "use_vllm", False))
     vllm_mode = getattr(a, "vllm_mode", "colocate")
@@ -584,14 +676,16 @@ def plan_for_run(settings, specs, topology, trainer_args=None, *, elements: Opti
     dtypes = {s.dtype for s in specs}
     pdt = str(dtypes.pop() if len(dtypes) == 1 else torch.float32).replace("torch.", "")
     out = out_dir or getattr(settings, "output_dir", None)
-    disk = available_disk_bytes(out) if out else None
+    disk = disk_free if disk_free is not None else (available_disk_bytes(out) if out else None)
     # host: what is available now on the node, as if the node's processes had not allocated yet (each process plans
     # before allocating); pinned memory is not swappable, so only a fraction of it is offered
-    host = available_host_bytes()
+    host = host_memory if host_memory is not None else available_host_bytes()
     return plan_memory(
         window=len(settings.steps), elements=D, mode=mode if world > 1 else "single", world_size=world,
         local_world_size=local, dtype=settings.dtype, param_dtype=pdt, fold_rank=settings.fold_rank,
         storage=settings.storage, max_buffer_bytes=settings.max_buffer_bytes, gpu_memory=gpu_memory,
-        trainer_gpu_bytes=trainer, use_vllm=use_vllm, vllm_mode=vllm_mode, vllm_gpu_memory_utilization=util,
+        trainer_gpu_bytes=trainer, trainer_pending_bytes=pending, rank=int(getattr(settings, "rank", 1) or 1),
+        largest_piece=max((s.local_numel for s in specs), default=None),
+        use_vllm=use_vllm, vllm_mode=vllm_mode, vllm_gpu_memory_utilization=util,
         vllm_claimed=not asleep, host_memory=host, disk_free=disk, cuda=cuda, label=label,
     )

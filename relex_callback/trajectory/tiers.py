@@ -142,6 +142,50 @@ def _write_zeros(fd: int, nbytes: int):
 
 
 
+def _cudart_register(ptr: int, nbytes: int) -> int:
+    return int(torch.cuda.cudart().cudaHostRegister(ptr, nbytes, 0))
+
+
+def _cudart_unregister(ptr: int) -> int:
+    return int(torch.cuda.cudart().cudaHostUnregister(ptr))
+
+
+# How host memory is page-locked for the device's DMA: registered in place (``cudaHostRegister``), exactly the bytes
+# asked for. ``torch.empty(..., pin_memory=True)`` goes through the caching host allocator instead, which rounds a
+# block up to the next power of two (a 33 GB buffer pins 64 GB) and keeps it pinned after the tensor is freed.
+HOST_REGISTER = _cudart_register
+HOST_UNREGISTER = _cudart_unregister
+
+
+class PinnedHost:
+    """A CPU tensor whose pages are locked for DMA in place, exactly its bytes, until :meth:`release`.
+
+    The pages are allocated pageable (and populated, :func:`prefault`), then registered; :meth:`release` unregisters
+    them before the last reference is dropped. Registration that fails (a ``RLIMIT_MEMLOCK`` too low, a driver
+    refusing) leaves the tensor pageable, with one warning: snapshots then copy synchronously."""
+
+    def __init__(self, shape, dtype: torch.dtype, populate: bool = True):
+        self.tensor = torch.empty(shape, dtype=dtype)
+        self.nbytes = self.tensor.numel() * self.tensor.element_size()
+        if populate:
+            prefault(self.tensor)
+        self.ptr = self.tensor.data_ptr()
+        self.pinned = False
+        if self.nbytes:
+            err = HOST_REGISTER(self.ptr, self.nbytes)
+            self.pinned = err == 0
+            if not self.pinned:
+                logger.warning("relex: could not pin %s of host memory for the trajectory buffer (CUDA error %d; "
+                               "check `ulimit -l`): it stays pageable, snapshots copy synchronously", _fmt(self.nbytes),
+                               err)
+
+    def release(self):
+        if self.pinned:
+            HOST_UNREGISTER(self.ptr)
+            self.pinned = False
+        self.tensor = None
+
+
 class StorageTier:
     """The tier an arena lives on, and what it needs there: the side stream and staging row of pinned host memory, the
     disk tier's mapped file.
@@ -161,6 +205,7 @@ class StorageTier:
         self.stream = None  # pinned host tier: the side stream its copies run on
         self.staging = None  # ... and the device row a snapshot is computed into first
         self.event = None  # the last copy's completion
+        self.pinned: Optional[PinnedHost] = None  # host tier with CUDA: the registered arena
 
     @staticmethod
     def choose(storage: str, need: int, what: str, *, device: torch.device, directory: Optional[str],
@@ -218,13 +263,15 @@ class StorageTier:
             return torch.empty(shape, dtype=dtype, device=self.device)
         if self.kind == "host":
             pin = torch.cuda.is_available() and self.device.type == "cuda"
-            M = torch.empty(shape, dtype=dtype, pin_memory=pin)
-            if not pin and self.prefault_pages:
-                prefault(M)
-            if pin:
-                self.stream = torch.cuda.Stream(device=self.device)
-                self.staging = torch.empty(D, dtype=dtype, device=self.device)
-            return M
+            if not pin:
+                M = torch.empty(shape, dtype=dtype)
+                if self.prefault_pages:
+                    prefault(M)
+                return M
+            self.pinned = PinnedHost(shape, dtype, populate=self.prefault_pages)
+            self.stream = torch.cuda.Stream(device=self.device)
+            self.staging = torch.empty(D, dtype=dtype, device=self.device)
+            return self.pinned.tensor
         if self.kind == "disk":
             return self.map_disk(rows, D, dtype, fresh=not reuse_file)
         raise AssertionError(self.kind)  # pragma: no cover
@@ -254,4 +301,10 @@ class StorageTier:
             self.event.synchronize()
 
     def release(self):
+        """Give back what the tier holds: the staging row and the pinned pages (unregistered, then freed once the
+        store drops its views)."""
+        self.synchronize()
         self.staging = None
+        if self.pinned is not None:
+            self.pinned.release()
+            self.pinned = None

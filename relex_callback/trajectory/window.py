@@ -22,6 +22,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..core import kernels
 from ..errors import RelexError, RelexInputError, RelexMemoryError, RelexNonFiniteError
 from ..files.fs import describe_failure, write_failure, write_json
 from . import persist
@@ -166,12 +167,13 @@ def _join(store, topology):
 
 def open_window(settings, tracked, topology, *, out_dir: str, global_step: int, checkpoints: Sequence[Optional[str]],
                 expected: Optional[dict] = None, model_bytes: int = 0, saves_in_window: bool = True,
-                trainer_args=None):
+                trainer_args=None, optimizer=None):
     """The store of a window at ``on_train_begin``: a fresh one holding theta_0 at step 0, or, when training resumed
     inside the window, the saved one that fits (see :func:`_load_verified`; ``checkpoints``: the paths the checkpoint
     may be, ``expected``: the record of the resumed trainer state), truncated to ``global_step``. Sizes the ring:
     with ``storage="auto"`` (and no ``buffer_slots``) by the memory plan (:func:`relex_callback.trajectory.plan.plan_for_run`,
-    logged on process 0; ``trainer_args`` tells it about a colocated vLLM engine), which folds when the exact window
+    logged on process 0; ``trainer_args`` tells it about a colocated vLLM engine, ``optimizer`` what the first step
+    still allocates), which folds when the exact window
     fits no tier, else by ``relex_callback.core.fold.plan_slots``; a resumed planned window keeps the buffer shape it was
     saved with. Checks the free disk space for what the window will write, and refuses what
     cannot work (a resume without a fitting trajectory, a buffer that fits nowhere) before the first step."""
@@ -181,7 +183,7 @@ def open_window(settings, tracked, topology, *, out_dir: str, global_step: int, 
     device = tracked[0].read().device
     window = len(settings.steps)
     storage, capacity, fold_rank, planned = _size_ring(settings, specs, topology, trainer_args, device=device,
-                                                       out_dir=out_dir, window=window)
+                                                       out_dir=out_dir, window=window, optimizer=optimizer)
     run_dir = topology.trajectory_dir(os.path.join(out_dir, RUN_TRAJECTORY_DIR))
     info = {"tcut": settings.tcut, "stride": settings.stride, "world": topology.world}
     common = dict(dtype=settings.dtype, storage=storage, device=device, max_bytes=settings.max_buffer_bytes,
@@ -206,6 +208,9 @@ def open_window(settings, tracked, topology, *, out_dir: str, global_step: int, 
     except RelexError:
         store.discard_files()
         raise
+    # each Triton kernel once on the buffer's device: one that cannot compile or launch there is replaced by its
+    # reference now, with one warning, not found out at tcut
+    kernels.probe(store.M.device, store.dtype)
     logger.info(
         "relex: tracking %d tensors (%d elements), %d snapshot slots%s, %.1f MiB buffer on %s",
         len(specs), store.D, store.K, f" + {store.fold_rank} fold rows (window of {window} folded)" if store.fold_rank else "",
@@ -240,7 +245,7 @@ def check_base_finite(tracked, topology):
         "nothing written; load a finite base model (or exclude those tensors)")
 
 
-def _size_ring(settings, specs, topology, trainer_args, *, device, out_dir, window):
+def _size_ring(settings, specs, topology, trainer_args, *, device, out_dir, window, optimizer=None):
     """The window's tier and ring: by the memory plan (``storage="auto"``, no ``buffer_slots``) or by ``plan_slots``;
     return (storage, capacity, fold_rank, planned)."""
     from ..core.fold import plan_slots
@@ -251,7 +256,8 @@ def _size_ring(settings, specs, topology, trainer_args, *, device, out_dir, wind
     D_plan = topology.max_int(D) if topology.is_distributed else D
     storage, planned = settings.storage, settings.storage == "auto" and settings.buffer_slots is None
     if planned:  # the memory plan decides tier and slots: folds (and says so) when the exact window fits nowhere
-        plan = plan_for_run(settings, specs, topology, trainer_args, elements=D_plan, device=device, out_dir=out_dir)
+        plan = plan_for_run(settings, specs, topology, trainer_args, elements=D_plan, device=device, out_dir=out_dir,
+                            optimizer=optimizer)
         if topology.process_rank == 0:
             logger.info("%s", plan.format())
 
