@@ -54,8 +54,31 @@ def _is_dtensor(t) -> bool:
     return isinstance(t, DTensor) or isinstance(getattr(t, "data", None), DTensor)
 
 
+def is_fsdp1(model: torch.nn.Module) -> bool:
+    """Whether ``model`` is (or holds, or is held by) PyTorch's first FSDP (``FullyShardedDataParallel``, accelerate's
+    ``fsdp_version: 1``): a wrapper in the tree, or parameters FSDP1 has flattened (``use_orig_params=True`` leaves
+    views of its flat shards in the original modules)."""
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # pragma: no cover - a torch without distributed
+        return False
+    if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+        return True
+    # torch marks every tensor FSDP1 flattened (the flat parameter and the original parameters' views) with this
+    return any(getattr(p, "_fsdp_flattened", False) and not _is_dtensor(p) for p in model.parameters())
+
+
+FSDP1_REFUSAL = (
+    "RelexCallback does not support FSDP1 (torch's FullyShardedDataParallel; accelerate's fsdp_version: 1): its "
+    "parameters are flattened shards whose layout changes with the wrapping policy. Use FSDP2 (fsdp_version: 2 in the "
+    "accelerate config, or torch.distributed.fsdp.fully_shard), DeepSpeed ZeRO-3, or DDP"
+)
+
+
 def detect_mode(model: torch.nn.Module) -> str:
-    """``single``, ``replicated``, ``zero3`` or ``fsdp2`` (see the module docstring)."""
+    """``single``, ``replicated``, ``zero3`` or ``fsdp2`` (see the module docstring); FSDP1 is refused."""
+    if is_fsdp1(model):
+        raise RelexInputError(FSDP1_REFUSAL)
     dist = _dist()
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return "single"
