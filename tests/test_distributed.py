@@ -48,6 +48,8 @@ def _env():
     env["TOKENIZERS_PARALLELISM"] = "false"
     env["HF_HUB_OFFLINE"] = "1"
     env["WANDB_DISABLED"] = "true"
+    # the libraries' deprecation warnings (one per rank per call) would fill the stderr tail a failure shows
+    env["PYTHONWARNINGS"] = "ignore::FutureWarning,ignore::DeprecationWarning"
     return env
 
 
