@@ -1,6 +1,6 @@
 """The rank-1 (or rank-r) solve over the whole arena in a constant number of passes.
 
-Math (DESIGN.md, "The math"): for every tracked tensor with recorded deltas ``M`` (``T x n``, rows = steps in
+Math (docs/math.md, "The extrapolation"): for every tracked tensor with recorded deltas ``M`` (``T x n``, rows = steps in
 order), take the top singular triplet ``(sigma, u, v)``; ``c_t = sigma*u[t] = <Delta_t, v>``; fit
 ``c_t = a*t + b`` on the real step numbers ``t >= fit_start``; ``theta(H) = theta_0 + (a*H + b) * v``.
 
