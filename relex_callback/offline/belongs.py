@@ -1,4 +1,4 @@
-"""Checkpoints checked against theta_0 before ``relex extrapolate --checkpoints`` solves anything (issue 20, class 3).
+"""Checkpoints checked against theta_0 before ``relex extrapolate --checkpoints`` solves anything.
 
 The tensor set, shapes and dtypes are checked by :func:`relex_callback.files.checkpoints.check_same_tensors`. This
 module checks, from a few sampled elements per tensor (memory-mapped: only their pages are read), that the
