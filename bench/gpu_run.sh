@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU checks and the paper-regime preset, on a machine with its own Python and no network (see README, "On a
-# GPU"). Uses that machine's interpreter ($PYTHON, default python3): no venv, nothing from an index.
+# The GPU checks and the paper-regime preset, on a machine with its own Python and no network (see docs/gpu.md).
+# Uses that machine's interpreter ($PYTHON, default python3): no venv, nothing from an index.
 #
 #   bash bench/gpu_run.sh stage gpu_bundle/partN   # one command per part (each with that part copied there)
 #   bash bench/gpu_run.sh run [BUDGET]             # assemble + install the bundle, check imports, then `checks`

@@ -12,7 +12,7 @@ every step) carries one ``RelexCallback`` per option cell, each with its own out
   the CLI has them (the buffered CLI fills the same bf16 trajectory buffer from the checkpoints the trainer saved in
   float32: bitwise, with a float32 buffer too);
 * the streamed ``relex extrapolate`` (default on the CPU): its arithmetic differs by design (float64 sums over the
-  exact deltas; README "Command line"), so it is compared with the float32-buffer callback within the derived
+  exact deltas; docs/cli.md), so it is compared with the float32-buffer callback within the derived
   bounds (tests/helpers.py extrapolation_tolerance, from snapshots recorded in float64) and with
   ``relex materialize`` of its own state bitwise;
 * (slow) a resumed run: the same training interrupted inside the window, its checkpoint copied with ``cp -r`` and

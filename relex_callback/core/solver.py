@@ -135,7 +135,7 @@ BACKTEST_TOL_FACTOR = 10.0
 
 
 def default_method(device: torch.device, rank: int, distributed: bool, steps: int = 75) -> str:
-    """The dispatch table, from ``bench/solver.py`` measurements (README, "Solver figures").
+    """The dispatch table, from ``bench/solver.py`` measurements (docs/architecture.md, "Solver figures").
 
     * CPU, rank 1: ``power``. On 2 cores, T=75, 8M bf16 elements, a fused Krylov pass costs ~0.14 s (about two
       plain copies of the buffer) while the Gram pass costs 0.72-1.0 s (compute-bound: T^2 n multiply-adds).
