@@ -5,10 +5,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
-# Versions tested together (README, "Compatibility"); override with `make test PINS=`.
+# Versions tested together (docs/install.md, "Compatibility"); override with `make test PINS=`.
 PINS ?= "transformers==5.24.0" "trl==1.16.0" "accelerate==1.15.0" "deepspeed==0.19.8" "triton==3.9.0" "peft==0.21.2"
 
-# The oldest and the newest releases supported (README, "Compatibility"; relex_callback/compat.py SUPPORTED;
+# The oldest and the newest releases supported (docs/install.md, "Compatibility"; relex_callback/compat.py SUPPORTED;
 # setup.cfg's lower bounds): `make test-compat` runs the integration tests on each in a venv of its own.
 LOW_PINS ?= "transformers==4.57.6" "trl==0.29.1" "accelerate==1.10.0" "deepspeed==0.16.9" "triton==3.9.0" "peft==0.15.2"
 NEW_PINS ?= "transformers==5.25.0" "trl==1.16.0" "accelerate==1.16.0" "deepspeed==0.19.8" "triton==3.9.0" "peft==0.21.2"
@@ -79,7 +79,7 @@ gpu-check: $(VENV)/.installed
 	PYTHON=$(PY) bash bench/gpu_run.sh checks $(GPU_BUDGET)
 
 # The bundle for a GPU machine without network (needs PyPI here): gpu_bundle/part1..3, each under 56 MiB, and the
-# device commands (README, "On a GPU"). Standard library only, any Python 3 with pip.
+# device commands (docs/gpu.md). Standard library only, any Python 3 with pip.
 gpu-bundle:
 	$(PYTHON) bench/gpu_bundle.py build
 

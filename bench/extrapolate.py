@@ -15,7 +15,7 @@ Each repeat measures, in this order and on the same (shared) machine:
   the wall to the sum of the three floors.
 
 The checkpoints are built once and kept in --dir (never in the repository); the weights move along a nearly rank-1
-path plus a small noise. Goals (issue 14): peak RSS <= 1 GB, wall <= 2x the floors' sum.
+path plus a small noise. Goals: peak RSS <= 1 GB, wall <= 2x the floors' sum.
 """
 
 from __future__ import annotations

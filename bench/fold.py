@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python bench/fold.py [--elements 2000000] [--slots 8] [--fold-rank 8] [--dtype bfloat16]
 
-(the README's figures: ``--elements 1000000``, the other options at their defaults)
+(the figures of docs/distributed.md, "Memory": ``--elements 1000000``, the other options at their defaults)
 
 For each tcut it records a rank-1-plus-noise trajectory of ``tcut`` steps into (a) a folded store with K slots and
 (b) the exact store holding the whole window, then prints the buffer bytes of each, the total time spent folding

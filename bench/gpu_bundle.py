@@ -33,7 +33,7 @@ import zipfile
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROOT = os.path.join(REPO, "gpu_bundle")  # gitignored
 MANIFEST = "manifest.json"
-LIMIT_MIB = 56  # per part; a remote command carries at most 64 MiB (the working tree, ~4 MB, travels beside it)
+LIMIT_MIB = 56  # per part: small enough to copy one part at a time to a machine that takes files in pieces
 PYTHON = "3.12"  # the GPU machine's interpreter (its wheels are cp312)
 PLATFORMS = ("manylinux2014_x86_64", "manylinux_2_17_x86_64", "manylinux_2_28_x86_64", "any")
 
@@ -225,7 +225,7 @@ def assemble(root: str) -> list[str]:
     missing = _missing_parts(m, st)
     if missing:
         raise BundleError(f"{', '.join(missing)} not staged yet: run `bash bench/gpu_run.sh stage gpu_bundle/<part>` "
-                          f"for each (carrying that part) before assembling")
+                          f"for each (with that part copied there) before assembling")
     out = os.path.join(root, "wheels")
     os.makedirs(out, exist_ok=True)
     paths = []
@@ -349,17 +349,16 @@ def check(extra_modules=(), python: str = PYTHON) -> list[str]:
 
 
 DEVICE_COMMANDS = """\
-On the GPU machine (remote-run tool: repository root, one command each, back to back so the machine stays warm;
-`carry` names the gitignored part that command brings):
+On the GPU machine, from the repository root, one command per part (each with that part copied into gpu_bundle/):
 {stage_cmds}
-  then, carrying nothing (or the last part, chained with its stage command):
+  then (alone, or chained with the last stage command):
     bash bench/gpu_run.sh run          # assemble, install the missing wheels, check, gpu_check.py, the gpu preset
 Results come back under $OUT: gpu_run.log, gpu_check.txt, paper_regime/results.{{json,md}}."""
 
 
 def device_commands(parts: list[str]) -> str:
     return DEVICE_COMMANDS.format(stage_cmds="\n".join(
-        f"    bash bench/gpu_run.sh stage gpu_bundle/{p}      # carry: [\"gpu_bundle/{p}\"]" for p in parts))
+        f"    bash bench/gpu_run.sh stage gpu_bundle/{p}" for p in parts))
 
 
 def main(argv=None) -> int:

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# The GPU checks and the paper-regime preset, on a machine with its own Python and no network (see README, "On a
-# GPU"). Uses that machine's interpreter ($PYTHON, default python3): no venv, nothing from an index.
+# The GPU checks and the paper-regime preset, on a machine with its own Python and no network (see docs/gpu.md).
+# Uses that machine's interpreter ($PYTHON, default python3): no venv, nothing from an index.
 #
-#   bash bench/gpu_run.sh stage gpu_bundle/partN   # one remote command per part (each carrying that part)
+#   bash bench/gpu_run.sh stage gpu_bundle/partN   # one command per part (each with that part copied there)
 #   bash bench/gpu_run.sh run [BUDGET]             # assemble + install the bundle, check imports, then `checks`
 #   bash bench/gpu_run.sh checks [BUDGET]          # bench/gpu_check.py, then the preset (what `make gpu-check` runs)
 #
-# BUDGET: seconds for the preset, start-up included (default 360). Where $OUT is set (the remote-run tool), the log
+# BUDGET: seconds for the preset, start-up included (default 360). Where $OUT is set (a directory the caller collects), the log
 # and the results go there. Exit 1 when a check or the preset failed, 2 when the bundle is incomplete or an assumed
 # package is missing.
 set -uo pipefail

@@ -1,4 +1,4 @@
-"""What the fixed-width copy of the float32 CPU Gram costs, and what it buys (README, "Every path gives the same bytes").
+"""What the fixed-width copy of the float32 CPU Gram costs, and what it buys (docs/callback.md, "Every path gives the same bytes").
 
 The float32 CPU Gram used to multiply views of the arena; with several threads its last bit depended on the arena's
 width and the tensor's offset in it, so the callback and ``relex extrapolate`` (which tracks the frozen tensors too)

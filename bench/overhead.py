@@ -9,7 +9,7 @@ with the median training step.
     python bench/overhead.py                       # ~45M-parameter model, fp32, bf16 buffer
     python bench/overhead.py --hidden 512 --layers 4 --batch 4
 
-Targets (README): snapshot overhead <= 3% of a step; end of window <= 2 steps. No assertion: figures are printed.
+Targets (docs/callback.md, "Overhead"): snapshot overhead <= 3% of a step; end of window <= 2 steps. No assertion: figures are printed.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """What differs between the transformers / TRL releases this package supports, found by feature, in one place.
 
-The supported (tested) range is :data:`SUPPORTED`; README "Compatibility" lists the matrix that CI runs
+The supported (tested) range is :data:`SUPPORTED`; docs/install.md ("Compatibility") lists the matrix that CI runs
 (``make test`` on the pinned set, ``make test-compat`` on the lowest declared set and the newest releases).
 
 Behaviour that depends on the library version is detected here from what the objects do, never from a version
@@ -38,7 +38,7 @@ from .errors import RelexInputError
 
 logger = logging.getLogger("relex_callback")
 
-# (lowest supported = the lowest tested, newest tested). Keep in step with setup.cfg, the Makefile and README.
+# (lowest supported = the lowest tested, newest tested). Keep in step with setup.cfg, the Makefile and docs/install.md.
 SUPPORTED = {
     "transformers": ("4.57.6", "5.25.0"),
     "trl": ("0.29.1", "1.16.0"),
@@ -101,7 +101,7 @@ def check_versions(packages: Iterable[str] = ("transformers", "accelerate"), ver
         msg = ("relex_callback supports " + ", ".join(f"{p} {SUPPORTED[p][0]} to {SUPPORTED[p][1]}" for p in pkgs)
                + f"; installed: {', '.join(old)}. Upgrade, e.g. pip install -U "
                + " ".join(f"'{s.split()[0]}>={SUPPORTED[s.split()[0]][0]}'" for s in old)
-               + " (older releases give a different set of tensors or metrics; see README, Compatibility)")
+               + " (older releases give a different set of tensors or metrics; see docs/install.md, Compatibility)")
         if os.environ.get(ALLOW_ENV) == "1":
             warnings.warn(msg + f" [{ALLOW_ENV}=1: continuing untested]", stacklevel=3)
             logger.warning("relex: %s [%s=1: continuing untested]", msg, ALLOW_ENV)
@@ -109,7 +109,7 @@ def check_versions(packages: Iterable[str] = ("transformers", "accelerate"), ver
             raise RelexInputError(msg + f"; or set {ALLOW_ENV}=1 to run untested")
     if new:
         _WARNED_NEWER.update(new)
-        logger.warning("relex: untested newer release(s) %s; relex_callback was tested up to these (README, "
+        logger.warning("relex: untested newer release(s) %s; relex_callback was tested up to these (docs/install.md, "
                        "Compatibility). Report a failure with the versions.", ", ".join(new))
 
 

@@ -429,7 +429,7 @@ class RelexConfig:
     relex_output_dir: Optional[str] = field(default=None, metadata=_help("Where to write (default <output_dir>/relex)."))
     relex_include: Optional[list[str]] = field(default=None, metadata=_help("Regexes over parameter names to track (default: all trainable).", nargs="+"))
     relex_exclude: Optional[list[str]] = field(default=None, metadata=_help("Regexes over parameter names to leave untracked.", nargs="+"))
-    relex_solver: str = field(default="auto", metadata=_help("auto, gram or power (see the README's solver section)."))
+    relex_solver: str = field(default="auto", metadata=_help("auto, gram or power (see docs/math.md; figures in docs/architecture.md)."))
     relex_overwrite: bool = field(default=False, metadata=_help("Replace existing step-H/ and state files instead of refusing before training starts."))
     relex_max_shard_size: str = field(default="50GB", metadata=_help("Shard size of the written safetensors, as in save_pretrained."))
     relex_fold_rank: Optional[int] = field(default=None, metadata=_help(f"Rank of the running factorisation a too-small buffer folds into (default {DEFAULT_FOLD_RANK})."))

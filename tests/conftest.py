@@ -18,7 +18,7 @@ import torch  # noqa: E402  (importing torch does not import triton)
 
 # Without a GPU the Triton kernels run on CPU tensors in Triton's interpreter, which must be switched on before
 # triton is first imported (relex_callback imports it through transformers). On CPU nothing else here runs Triton,
-# so the whole session (and its child processes) can have it on; with a GPU the kernels run natively.
+# so the whole test run (and its child processes) can have it on; with a GPU the kernels run natively.
 if not torch.cuda.is_available():
     assert "triton" not in sys.modules, "triton was imported before tests/conftest.py could enable its interpreter"
     os.environ.setdefault("TRITON_INTERPRET", "1")

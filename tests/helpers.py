@@ -207,8 +207,8 @@ def direction_tolerance(M64: torch.Tensor) -> float:
 
 # ------------------------------------------------------------------------- float64 references of recorded runs
 def float64_reference(snaps: dict, steps, horizon: int) -> dict:
-    """theta_0 + (a H + b) v per tensor, in float64, from recorded snapshots ``{step: {name: tensor}}`` (DESIGN.md,
-    "The math"); a tensor that did not move is theta_0."""
+    """theta_0 + (a H + b) v per tensor, in float64, from recorded snapshots ``{step: {name: tensor}}`` (docs/math.md,
+    "The extrapolation"); a tensor that did not move is theta_0."""
     theta0 = snaps[0]
     out = {}
     for name, t0 in theta0.items():

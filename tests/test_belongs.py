@@ -1,4 +1,4 @@
-"""Checkpoints checked against theta_0 (issue 20, class 3): ``relex extrapolate --base B --checkpoints ...`` refuses,
+"""Checkpoints checked against theta_0: ``relex extrapolate --base B --checkpoints ...`` refuses,
 before the solve (one line, exit 2, nothing written), checkpoints that are not one run started from B, and never
 refuses a real run (``relex_callback.offline.belongs``). Real GRPO runs of the tiny model (Adam, checkpoints at every
 step), the CLI as a subprocess.

@@ -49,7 +49,7 @@ def _save_trajectory(root, model, tok, steps, seed, layout="checkpoint-{}", base
 
 
 def _reference(base_dir, ck_dirs, steps, horizon, fit_start=None, tolerances=None):
-    """The math of DESIGN.md in float64 with torch.linalg.svd: {name: theta_hat(H) - theta_0} (float64);
+    """The math of docs/math.md in float64 with torch.linalg.svd: {name: theta_hat(H) - theta_0} (float64);
     ``tolerances`` (a dict) gets each tensor's float32-solve bound (tests/helpers.py extrapolation_tolerance)."""
     from relex_callback.files.checkpoints import DirectorySource
 

@@ -1,6 +1,6 @@
 """What differs between the supported transformers / TRL releases (relex_callback/compat.py), pinned on whatever
 releases are installed: `make test` runs it on the pinned set, `make test-compat` on the oldest and the newest
-supported ones (README, "Compatibility").
+supported ones (docs/install.md, "Compatibility").
 
 * tied embeddings: the checkpoint's tensor names equal what save_pretrained writes and the tracked names, and the
   state file, the callback's output and an offline solve agree on them;

@@ -226,6 +226,10 @@ def test_horizons_match_single_process(runs, mode):
     info = rank_info(run_dir)
     expected = {"ddp": "replicated", "zero2": "replicated", "zero3": "zero3", "fsdp2": "fsdp2"}[mode]
     assert [i["mode"] for i in info] == [expected, expected]
+    # the report carries the whole window's drift share (it used to read "not computed (not computed)" here)
+    with open(os.path.join(run_dir, "relex", "report.json")) as fh:
+        noise = json.load(fh)["noise"]
+    assert isinstance(noise.get("drift_share"), float) and 0.0 <= noise["drift_share"] <= 1.0, noise
 
 
 @pytest.mark.parametrize("mode", ["ddp", "zero3", "fsdp2"])

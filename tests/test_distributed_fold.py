@@ -117,7 +117,7 @@ def test_zero3_a_nan_on_one_process_stops_every_process(tmp_path):
 
 @pytest.mark.parametrize("mode", ["ddp", "zero3", "fsdp2"])
 def test_a_nan_in_the_base_is_the_bases_on_every_process_before_step_1(tmp_path, mode):
-    """A NaN already in theta_0 (issue 20, class 7). DDP: both replicas hold it, in a tensor process 1 tracks (its
+    """A NaN already in theta_0. DDP: both replicas hold it, in a tensor process 1 tracks (its
     share); ZeRO-3: element 600 of q_proj (32x32), in process 1's partition [512, 1024); FSDP2: only process 1's
     shard of q_proj holds it. Before, only the process that tracks the NaN said
     "the base"; process 0 said the run diverged at step 1 (DDP) or "on another process" (FSDP2), after a training

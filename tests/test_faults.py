@@ -73,8 +73,8 @@ def test_nan_at_step_k_stops_training_with_named_error(tmp_path):
 
 @pytest.mark.parametrize("storage", ["host", "disk"])
 def test_a_nan_in_the_base_is_named_as_the_bases_before_step_1(tmp_path, storage):
-    """A NaN already in the weights training starts from (theta_0) is the base's fault, said at on_train_begin
-    (issue 20, class 7): no training step is spent, nothing is written (the disk tier allocates nothing), and the
+    """A NaN already in the weights training starts from (theta_0) is the base's fault, said at on_train_begin:
+    no training step is spent, nothing is written (the disk tier allocates nothing), and the
     message names the tensor, not a diverged step. A NaN appearing at step 3 is still a divergence at step 3 (the
     test above)."""
     name = "model.layers.0.mlp.up_proj.weight"

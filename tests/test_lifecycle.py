@@ -1,4 +1,4 @@
-"""The callback's life cycle as users meet it (issue 20, class 5), with a real TRL GRPOTrainer on the tiny local model.
+"""The callback's life cycle as users meet it, with a real TRL GRPOTrainer on the tiny local model.
 
 One ``RelexCallback`` instance used for a second ``trainer.train()`` or a second trainer (a sweep loop, a notebook cell
 run again, a run interrupted and started again) either records a new window, bitwise what a new instance records,

@@ -1,4 +1,4 @@
-"""Smoke test of the noise-map recipe (issue 21): one tiny grid cell and one extrapolate-and-continue cell run end to
+"""Smoke test of the noise-map recipe: one tiny grid cell and one extrapolate-and-continue cell run end to
 end through the real GRPOTrainer, and the report has the map, the ranking and the item-6 table, with numbers in
 range and the doc block spliced."""
 

@@ -1,4 +1,4 @@
-"""Issue 20: the classes of silent wrongs, each enumerated from the code's own table, at the level a user meets it.
+"""The classes of silent wrongs, each enumerated from the code's own table, at the level a user meets it.
 
 1. Delete only what this run wrote: every name a run writes (``fs.output_names``), planted as a user's look-alike,
    is never replaced, with or without ``overwrite`` (a real GRPOTrainer, the CLI); ``keep_best``, temporaries and

@@ -74,7 +74,7 @@ def test_make_gpu_check_on_cpu_runs_the_checks_then_the_cpu_smoke_preset(subproc
     pytest.importorskip("trl")
     if torch.cuda.is_available():
         pytest.skip("a GPU is visible: `make gpu-check` would run the gpu preset")
-    out, back = tmp_path / "pr", tmp_path / "out"  # back: $OUT, what the remote-run tool brings back
+    out, back = tmp_path / "pr", tmp_path / "out"  # back: $OUT, the directory the caller collects
     back.mkdir()
     env = dict(subprocess_env, PYTHON=sys.executable, RESULTS_DIR=str(out), OUT=str(back))
     r = subprocess.run(["bash", os.path.join(REPO, "bench", "gpu_run.sh"), "checks", "90"], env=env,

@@ -1,4 +1,4 @@
-"""Every path to a horizon gives the same bytes (issue 20, class 2), one matrix over the options that change what is
+"""Every path to a horizon gives the same bytes, one matrix over the options that change what is
 written, each cell comparing the paths tensor by tensor with ``torch.equal``.
 
 One real TRL GRPOTrainer run on the tiny local model (tied embeddings, one frozen parameter, a checkpoint saved at
@@ -12,7 +12,7 @@ every step) carries one ``RelexCallback`` per option cell, each with its own out
   the CLI has them (the buffered CLI fills the same bf16 trajectory buffer from the checkpoints the trainer saved in
   float32: bitwise, with a float32 buffer too);
 * the streamed ``relex extrapolate`` (default on the CPU): its arithmetic differs by design (float64 sums over the
-  exact deltas; README "Command line"), so it is compared with the float32-buffer callback within the derived
+  exact deltas; docs/cli.md), so it is compared with the float32-buffer callback within the derived
   bounds (tests/helpers.py extrapolation_tolerance, from snapshots recorded in float64) and with
   ``relex materialize`` of its own state bitwise;
 * (slow) a resumed run: the same training interrupted inside the window, its checkpoint copied with ``cp -r`` and
@@ -368,7 +368,7 @@ def test_materialize_refuses_a_base_whose_frozen_tensor_is_not_the_runs(run, env
     assert not (tmp_path / "mat").exists() or not os.listdir(tmp_path / "mat")
 
 
-# ------------------------------------------------------------------- relex extrapolate --trajectory (issue 20, class 2)
+# ------------------------------------------------------------------- relex extrapolate --trajectory ---------------
 # A window the callback saved instead of extrapolating: ``partial_trajectory/`` of a run that ended before tcut, and a
 # checkpoint's ``relex_trajectory/``. The same window solved by a callback whose tcut is the last saved step is the
 # reference. Cells: the frozen parameter is the only untracked tensor ("default"), and trained tensors left untracked

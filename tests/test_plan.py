@@ -19,7 +19,7 @@ from relex_callback.trajectory.plan import (balance_loads, count_parameters, ele
 
 FIX = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 GB, TB = 10**9, 10**12
-# Published totals, in billions, 3 significant digits (the brief of issue 13; the model cards print 1.54B, 4.0B and
+# Published totals, in billions, 3 significant digits (the model cards print 1.54B, 4.0B and
 # 8.2B, see tests/fixtures/README.md for where the configs come from).
 PUBLISHED = {"qwen2.5-math-1.5b": 1.54, "qwen3-4b-base": 4.02, "qwen3-8b-base": 8.19}
 

@@ -276,7 +276,7 @@ def test_auto_dispatch():
 
     M64, steps, specs = _trajectory(CPU_GRAM_MAX_STEPS + 2, [30, 20], "near1", seed=10)
     sol = solve(M64.float(), steps, specs)
-    assert sol.method == "power"  # CPU, rank 1, many steps (README, "Solver figures")
+    assert sol.method == "power"  # CPU, rank 1, many steps (docs/architecture.md, "Solver figures")
     few = M64[: CPU_GRAM_MAX_STEPS]
     assert solve(few.float(), steps[: CPU_GRAM_MAX_STEPS], specs).method == "gram"  # small T: T^2 n is cheaper
     assert solve(M64.float(), steps, specs, rank=2).method == "gram"

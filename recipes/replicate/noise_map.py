@@ -1,4 +1,4 @@
-"""The noise axis on the toy model (issue 21, items 1 and 3): where, in rollouts per step x learning rate, does
+"""The noise axis on the toy model: where, in rollouts per step x learning rate, does
 RELEX's checkpoint beat the ``tcut`` checkpoint, and does the window's drift share (``relex_callback.noise``) say so
 at ``tcut``?
 
@@ -51,7 +51,7 @@ def train_cell(cfg, rollouts, lr, seed, jump=None):
 
     ``jump``: ``(M, mult, reset_adam)`` - at the end of step ``M`` the weights are replaced by RELEX's
     extrapolation of this run's own window (steps 1..M) to step ``mult x M`` (``mult`` None: no jump), and, if
-    ``reset_adam``, Adam's moments are cleared (item 6, extrapolate-and-continue)."""
+    ``reset_adam``, Adam's moments are cleared (extrapolate-and-continue)."""
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -193,7 +193,7 @@ def run_cell(cfg, rollouts, lr, seed):
             "explained_mean": float(sol.explained.mean()), "r2_mean": float(sol.r2[:, 0].mean())}
 
 
-# ---------------------------------------------------------------------------------------------- item 6
+# ---------------------------------------------------------------------------------------------- extrapolate-and-continue
 ARMS = {"plain": None, "jump, Adam kept": (2, False), "jump, Adam reset": (2, True), "Adam reset only": (None, True)}
 
 
@@ -271,7 +271,7 @@ def parse(argv=None):
     p.add_argument("--marker", default="noise-map", help="the doc block <!-- MARKER:begin/end --> that is replaced")
     p.add_argument("--analyze", action="store_true", help="only tables/plot/doc from the cached cells")
     p.add_argument("--continue_cells", nargs="+", metavar="ROLLOUTS,LR",
-                   help="item 6 instead of the grid: extrapolate-and-continue on these cells (first two seeds)")
+                   help="instead of the grid: extrapolate-and-continue on these cells (first two seeds)")
     p.add_argument("--time", action="store_true", help="time a few steps per rollout setting and exit")
     cfg = p.parse_args(argv)
     cfg.steps = max(cfg.mults) * cfg.tcut

@@ -1,7 +1,7 @@
 """Fits of each direction's coefficient on the real step numbers, batched over tensors, in float64.
 
-:func:`fit_lines` is the paper's straight line (what the solver computes). :func:`fit` adds the families of
-issue 15 (``power``, ``log``, ``polynomial``, any of them on a sliding window) behind one :class:`Fit` object,
+:func:`fit_lines` is the paper's straight line (what the solver computes). :func:`fit` adds the other families
+(``power``, ``log``, ``polynomial``, any of them on a sliding window) behind one :class:`Fit` object,
 and :func:`select_family` chooses a family by how well each one, fitted on the first part of the window,
 predicts the recorded deltas of the later part (the in-window backtest).
 """
@@ -46,7 +46,7 @@ def fit_lines(coeffs: torch.Tensor, steps: torch.Tensor, mask: torch.Tensor):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Fit families (issue 15)
+# Fit families
 # ---------------------------------------------------------------------------------------------------------------
 
 FAMILIES = ("linear", "power", "log", "polynomial")

@@ -1,6 +1,6 @@
 """Is the window a line or a random walk? The drift share of the recorded trajectory, from the Gram the solver has.
 
-Model (``/work/shared/DESIGN.md``, last section): each optimizer step moves a tensor by ``g + n_t``, a constant drift
+Model (docs/math.md, "The drift share"): each optimizer step moves a tensor by ``g + n_t``, a constant drift
 ``g`` plus noise of mean square ``sigma^2`` (independent across steps). With recorded deltas ``Delta_j`` at steps
 ``t_1 < ... < t_T`` (``Delta_0 = 0`` at step 0) and the increments ``s_j = Delta_j - Delta_{j-1}`` over
 ``dt_j = t_j - t_{j-1}`` optimizer steps (a stride, or steps the buffer skipped because nothing moved):
@@ -234,10 +234,37 @@ def combine(parts: Sequence[DriftShare]) -> Optional[DriftShare]:
     return _from_moments(mom, c_mom, parts[0].steps, [n for x in parts for n in x.names])
 
 
+def gather_form(value):
+    """What one process sends so that the processes' parts combine in :func:`from_gathered` (replicated runs: each
+    process solves its own tensors): the reason it was not computed (str), ``None``, or the per-tensor moments on the
+    CPU (a CUDA tensor unpickled on another process would land on that process's device)."""
+    if value is None or isinstance(value, str):
+        return value
+    cpu = lambda xs: None if xs is None else tuple(x.detach().cpu() for x in xs)  # noqa: E731
+    return {"mom": cpu(value._mom), "c_mom": cpu(value._c_mom), "steps": list(value.steps), "names": list(value.names)}
+
+
+def from_gathered(parts: Sequence) -> "Optional[DriftShare | str]":
+    """The whole window's drift share from every process's :func:`gather_form`: the moments are sums over tensors,
+    so the result equals :func:`drift_share` on every tensor's Gram at once; the first reason when a process could
+    not compute its part."""
+    reasons = [p for p in parts if isinstance(p, str)]
+    if reasons:
+        return reasons[0]
+    parts = [p for p in parts if p is not None]
+    if not parts:
+        return None
+    mom = tuple(torch.cat([p["mom"][k] for p in parts]) for k in range(5))
+    c_mom = None
+    if all(p["c_mom"] is not None for p in parts):
+        c_mom = tuple(torch.cat([p["c_mom"][k] for p in parts]) for k in range(3))
+    return _from_moments(mom, c_mom, parts[0]["steps"], [n for p in parts for n in p["names"]])
+
+
 def report_entry(value) -> dict:
     """The ``noise`` field of report.json: the figures, or ``{"reason": ...}`` when they were not computed."""
     if value is None:
-        return {"reason": "not computed"}
+        return {"reason": "no drift-share figures reached the report"}
     if isinstance(value, str):
         return {"reason": value}
     return value.to_json()

@@ -1,6 +1,6 @@
 """The rank-1 (or rank-r) solve over the whole arena in a constant number of passes.
 
-Math (DESIGN.md, "The math"): for every tracked tensor with recorded deltas ``M`` (``T x n``, rows = steps in
+Math (docs/math.md, "The extrapolation"): for every tracked tensor with recorded deltas ``M`` (``T x n``, rows = steps in
 order), take the top singular triplet ``(sigma, u, v)``; ``c_t = sigma*u[t] = <Delta_t, v>``; fit
 ``c_t = a*t + b`` on the real step numbers ``t >= fit_start``; ``theta(H) = theta_0 + (a*H + b) * v``.
 
@@ -135,7 +135,7 @@ BACKTEST_TOL_FACTOR = 10.0
 
 
 def default_method(device: torch.device, rank: int, distributed: bool, steps: int = 75) -> str:
-    """The dispatch table, from ``bench/solver.py`` measurements (README, "Solver figures").
+    """The dispatch table, from ``bench/solver.py`` measurements (docs/architecture.md, "Solver figures").
 
     * CPU, rank 1: ``power``. On 2 cores, T=75, 8M bf16 elements, a fused Krylov pass costs ~0.14 s (about two
       plain copies of the buffer) while the Gram pass costs 0.72-1.0 s (compute-bound: T^2 n multiply-adds).

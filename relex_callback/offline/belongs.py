@@ -1,4 +1,4 @@
-"""Checkpoints checked against theta_0 before ``relex extrapolate --checkpoints`` solves anything (issue 20, class 3).
+"""Checkpoints checked against theta_0 before ``relex extrapolate --checkpoints`` solves anything.
 
 The tensor set, shapes and dtypes are checked by :func:`relex_callback.files.checkpoints.check_same_tensors`. This
 module checks, from a few sampled elements per tensor (memory-mapped: only their pages are read), that the
@@ -7,7 +7,7 @@ checkpoints are one run that started from ``--base``:
 * **a copy**: two consecutive checkpoints with the same sampled values in every tensor, where the run moves the
   weights, are one checkpoint under two steps (a ``cp -r`` under another step's name): the line would be fitted to a
   step that did not happen. Checkpoints still at theta_0 are not copies: a GRPO step without reward variance does
-  not move the weights, and the README's ``--fit-start`` advice covers them. (The same directory twice is refused
+  not move the weights, and docs/cli.md's ``--fit-start`` advice covers them. (The same directory twice is refused
   by its path, :func:`same_directories`.);
 * **never trained, yet not the base's**: a tensor whose sampled values are identical in every checkpoint (frozen, a
   buffer) but differ from the base: training did not change it, so the base is not the model training started from;

@@ -20,6 +20,7 @@ from typing import Optional, Sequence
 
 from ..config import SOLVERS, STORAGES, bounded, parse_dtype, parse_horizons, parse_size
 from ..errors import RelexError, RelexInputError
+from .hub import label as model_label, resolve_model
 
 
 class _Parser(argparse.ArgumentParser):
@@ -74,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     e = sub.add_parser("extrapolate", help="fit the trajectory of saved checkpoints and write extrapolated ones")
-    e.add_argument("--base", required=True, help="theta_0: the checkpoint training started from (step 0)")
+    e.add_argument("--base", required=True, help="theta_0: the checkpoint training started from (step 0); a "
+                   "directory, or a hub id read from the Hugging Face cache")
     src = e.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoints", nargs="+",
                      help="checkpoint directories (checkpoint-N, global_step_N, step_N, step-N), or one parent directory holding them")
@@ -116,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("materialize", help="write more horizons from a state file and the base model")
     m.add_argument("--state", required=True, help="relex_state.safetensors (or the directory holding it)")
-    m.add_argument("--base", required=True, help="the same base checkpoint the state was computed from")
+    m.add_argument("--base", required=True, help="the same base checkpoint the state was computed from (a directory "
+                   "or a cached hub id)")
     m.add_argument("--horizons", required=True, help="steps to write, comma separated")
     m.add_argument("--out", required=True, help="output directory (step-H/ for each horizon)")
     m.add_argument("--max-shard-size", default="50GB", help="shard the written checkpoints above this size (default 50GB, like save_pretrained)")
@@ -129,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("plan", help="print the memory plan of a RELEX window (per process and node, each tier) without "
                                     "training")
-    q.add_argument("--model", required=True, help="a model directory or its config.json (only the config is read)")
+    q.add_argument("--model", required=True, help="a model directory, its config.json, or a hub id read from the "
+                   "Hugging Face cache (only the config is read)")
     q.add_argument("--tcut", required=True, help="optimizer steps observed (the window is tcut/stride rows)")
     q.add_argument("--world-size", default="1", help="training processes in all (default 1)")
     q.add_argument("--local-world-size", default=None, help="processes per node (default: --world-size, one node)")
@@ -174,6 +178,7 @@ def cmd_extrapolate(args) -> int:
     if args.device not in ("cpu", "cuda"):
         raise RelexInputError(f"--device {args.device!r} is not one of ['cpu', 'cuda']")
     _numbers(args, EXTRAPOLATE_NUMBERS)
+    args.base = resolve_model("--base", args.base)  # a hub id: its snapshot in the Hugging Face cache
     _check_dir("--base", args.base, "the checkpoint training started from (step 0)", weights=True)
     for opt, value, allowed in (("--storage", args.storage, STORAGES), ("--solver", args.solver, SOLVERS)):
         if value not in allowed:
@@ -240,6 +245,7 @@ def cmd_extrapolate(args) -> int:
 
 def cmd_materialize(args) -> int:
     horizons = _horizons(args.horizons)
+    args.base = resolve_model("--base", args.base)
     _check_dir("--base", args.base, "the same base checkpoint the state was computed from", weights=True)
     _shard_size(args.max_shard_size)
     from .api import materialize
@@ -332,11 +338,12 @@ def cmd_plan(args) -> int:
     headroom = _fraction_arg("--gpu-headroom", args.gpu_headroom, low_open=False)
     if vllm is not None and sizes["--gpu-memory"] is None:
         raise RelexInputError("--vllm-colocate needs --gpu-memory (the share is a fraction of each GPU)")
+    given, args.model = args.model, resolve_model("--model", args.model, config_only=True)
     read_model_config(args.model)  # input mistakes before torch is imported
     from ..trajectory.plan import count_parameters
 
     named, param_dtype = count_parameters(args.model)
-    label = os.path.basename(os.path.normpath(args.model if os.path.isdir(args.model) else os.path.dirname(args.model) or "."))
+    label = model_label(given, args.model)
     plan = plan_memory(
         window=tcut // stride, shapes=[s for _, s in named], mode=mode, world_size=world, local_world_size=local,
         dtype=dtype, param_dtype=param_dtype, fold_rank=fold_rank, storage=args.storage,

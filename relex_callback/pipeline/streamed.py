@@ -53,7 +53,7 @@ from .finalize import check_horizons_fit
 DEFAULT_MEMORY_BUDGET = 256 << 20
 # Columns per Gram product (float32 GEMM; the products are summed in float64). Per-call overhead dominates small
 # products: on the 2-core machine, T=21 x 3M columns took 0.84 s CPU in 16K-column products, 0.36 s in 64K, 0.21 s in
-# 256K and 0.13 s in one product (/tmp micro-benchmark, issue 14); 1M columns keeps float64 sums every 1M terms.
+# 256K and 0.13 s in one product (a micro-benchmark); 1M columns keeps float64 sums every 1M terms.
 GRAM_CHUNK = 1 << 20
 # Elements per read of a checkpoint slice: the piece is still in cache when theta_0 is subtracted from it (a separate
 # subtraction over the whole block cost 1.4 s CPU of 11 for the 76.6M x 20 benchmark).

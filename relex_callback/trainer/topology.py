@@ -310,7 +310,9 @@ class Topology:
             whole = [TensorSpec(s.name, s.shape, s.dtype, s.numel) for s in sol.specs]
             return Solution(specs=whole, steps=sol.steps, fit_start=sol.fit_start, rank=sol.rank,
                             **{f: getattr(sol, f) for f in fields}, V=None, method=sol.method, seconds=sol.seconds,
-                            fallbacks=sol.fallbacks, backtest=sol.backtest, curve=sol.curve, selection=sol.selection)
+                            fallbacks=sol.fallbacks, backtest=sol.backtest, curve=sol.curve, selection=sol.selection,
+                            noise=sol.noise)  # from the all-reduced Grams: the whole window's already
+        from ..core import noise as _noise
         from ..core.backtest import combine
         from ..core.fit import Fit
 
@@ -332,7 +334,8 @@ class Topology:
                         fallbacks=sum(self.gather_objects(sol.fallbacks)),
                         backtest=combine(bts) if all(b is not None for b in bts) else None,
                         curve=Fit.stack([Fit.from_json(c) for c in curves]) if all(curves) else None,
-                        selection=sol.selection)
+                        selection=sol.selection,
+                        noise=_noise.from_gathered(self.gather_objects(_noise.gather_form(sol.noise))))
 
     def write_plan(self, model) -> dict:
         """Which process writes each checkpoint key: ``{"keys", "meta": key -> (shape, dtype), "owner": key ->

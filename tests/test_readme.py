@@ -1,0 +1,274 @@
+"""The README and docs/ stay true: every Python name their snippets import exists, every ``relex ...`` command line
+parses, every ``make`` target exists, every repository path and docs link resolves (anchors included), every figure
+the README quotes is in docs/replication.md, nothing speaks of this project's own machinery, and the README's CPU
+quickstart runs as written, followed by its ``relex report`` command."""
+
+import ast
+import glob
+import importlib
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+README = os.path.join(REPO, "README.md")
+DOCS = sorted(glob.glob(os.path.join(REPO, "docs", "*.md")))
+PAGES = [README] + DOCS
+# docs/bad_input.md lists wrong command lines on purpose (each with the error it gets)
+COMMAND_PAGES = [p for p in PAGES if os.path.basename(p) != "bad_input.md"]
+# paths inside the repository start with one of these
+REPO_PREFIXES = ("relex_callback/", "recipes/", "docs/", "tests/", "bench/", ".ci/")
+REPO_FILES = ("Makefile", "setup.cfg", "pyproject.toml", "README.md")
+
+
+def _read(path):
+    with open(path, encoding="utf-8") as fh:
+        return fh.read()
+
+
+def _blocks(path, langs):
+    """The fenced code blocks of ``path`` whose language is one of ``langs``: ``[(lang, text)]``."""
+    return [(m.group(1), m.group(2)) for m in re.finditer(r"^```(\w*)\n(.*?)^```", _read(path), re.S | re.M)
+            if m.group(1) in langs]
+
+
+def _rel(path):
+    return os.path.relpath(path, REPO)
+
+
+# ------------------------------------------------------------------------------------------------ Python snippets
+def _python_snippets():
+    return [(_rel(p), i, text) for p in PAGES for i, (_, text) in enumerate(_blocks(p, {"python"}))]
+
+
+@pytest.mark.parametrize("page,index,text", _python_snippets(), ids=lambda x: str(x)[:40] if isinstance(x, str) else str(x))
+def test_python_snippets_parse_and_their_imports_exist(page, index, text):
+    try:
+        tree = ast.parse(text)
+    except SyntaxError:
+        # an argument listing such as ``RelexCallback(tcut=75, ...  # comment`` is an expression
+        tree = ast.parse(text, mode="eval")
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            mod = importlib.import_module(node.module)
+            for alias in node.names:
+                assert hasattr(mod, alias.name), f"{page}: {node.module} has no {alias.name}"
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                importlib.import_module(alias.name)
+
+
+def test_the_callback_arguments_listed_are_its_arguments():
+    """docs/callback.md's argument block names every argument of RelexCallback with its default."""
+    import inspect
+
+    from relex_callback import RelexCallback
+
+    text = _read(os.path.join(REPO, "docs", "callback.md"))
+    block = next(t for _, t in _blocks(os.path.join(REPO, "docs", "callback.md"), {"python"}) if t.startswith("RelexCallback("))
+    params = inspect.signature(RelexCallback.__init__).parameters
+    listed = dict(re.findall(r"^    (\w+)=([^,#]+?),", block, re.M))
+    for name, p in params.items():
+        if name == "self":
+            continue
+        assert name in block, f"docs/callback.md does not list RelexCallback's {name}"
+        if name in listed and p.default is not inspect.Parameter.empty:
+            assert ast.literal_eval(listed[name]) == p.default, f"{name}: listed {listed[name]}, default {p.default!r}"
+    assert "fold_rank=None" in text
+
+
+# ---------------------------------------------------------------------------------------------- command lines
+def _shell_lines(pages):
+    """Command lines of the bash blocks of ``pages`` (continuations joined, comments dropped)."""
+    out = []
+    for p in pages:
+        for _, text in _blocks(p, {"bash", "sh"}):
+            joined = re.sub(r"\\\n\s*", " ", text)
+            for line in joined.splitlines():
+                line = line.split(" #")[0].strip()
+                if line and not line.startswith("#"):
+                    out.append((_rel(p), line))
+    return out
+
+
+def _relex_commands():
+    cmds = []
+    for page, line in _shell_lines(COMMAND_PAGES):
+        for part in re.split(r"&&|;|\|", line):
+            words = shlex.split(part.strip())
+            if words and words[0] == "relex":
+                cmds.append((page, words[1:]))
+    return cmds
+
+
+def test_relex_command_lines_parse():
+    from relex_callback.offline.cli import build_parser
+
+    cmds = _relex_commands()
+    assert any(p == "README.md" for p, _ in cmds), "the README shows no relex command"
+    for page, argv in cmds:
+        try:
+            build_parser().parse_args(argv)
+        except SystemExit as e:
+            pytest.fail(f"{page}: `relex {' '.join(argv)}` does not parse (exit {e.code})")
+
+
+def test_make_targets_exist():
+    makefile = _read(os.path.join(REPO, "Makefile"))
+    targets = set(re.findall(r"^([\w.-]+(?: [\w.-]+)*)\s*:(?!=)", makefile, re.M))
+    names = {t for group in targets for t in group.split()}
+    seen = 0
+    for page, line in _shell_lines(PAGES) + [("README.md", m) for m in re.findall(r"`(make [\w-]+)", _read(README))]:
+        words = shlex.split(line)
+        if words and words[0] == "make":
+            seen += 1
+            for w in words[1:]:
+                if "=" not in w:
+                    assert w in names, f"{page}: `make {w}`: no such target in the Makefile"
+    assert seen >= 2
+    for target in ("demo", "test"):
+        assert target in names
+
+
+def test_python_commands_name_existing_scripts_and_modules():
+    for page, line in _shell_lines(PAGES):
+        words = shlex.split(line)
+        while words and ("=" in words[0] and not words[0].startswith("-")) or words[:1] in (["env"], ["nice"]):
+            words = words[1:] if words[:1] != ["nice"] else words[3:] if words[1:2] == ["-n"] else words[1:]
+        if not words or not re.match(r"python3?$", os.path.basename(words[0])):
+            continue
+        if words[1] == "-m":
+            assert importlib.util.find_spec(words[2]) is not None, f"{page}: no module {words[2]}"
+        elif words[1].endswith(".py"):
+            assert os.path.isfile(os.path.join(REPO, words[1])), f"{page}: no script {words[1]}"
+
+
+# ------------------------------------------------------------------------------------------------- paths, links
+def _paths(text):
+    """Repository paths named in ``text``: backticked tokens and link targets starting with a top-level folder."""
+    found = set()
+    for tok in re.findall(r"`([^`\s]+)`", text) + re.findall(r"\]\(([^)#\s]+)", text):
+        tok = tok.rstrip(".,:;")
+        if tok.startswith(REPO_PREFIXES) or tok in REPO_FILES:
+            if any(c in tok for c in "<>*{}$") or "..." in tok:
+                continue  # a pattern, not a path
+            found.add(tok)
+    return found
+
+
+@pytest.mark.parametrize("page", [_rel(p) for p in PAGES])
+def test_repository_paths_exist(page):
+    text = _read(os.path.join(REPO, page))
+    missing = []
+    for tok in sorted(_paths(text)):
+        base = os.path.join(os.path.dirname(os.path.join(REPO, page)), tok)
+        if not (os.path.exists(os.path.join(REPO, tok)) or os.path.exists(base)):
+            missing.append(tok)
+    assert not missing, f"{page} names paths that do not exist: {missing}"
+
+
+def _slug(heading):
+    s = heading.strip().lower()
+    s = re.sub(r"[^\w\- ]", "", s)
+    return s.replace(" ", "-")
+
+
+def _anchors(path):
+    text = re.sub(r"^```.*?^```", "", _read(path), flags=re.S | re.M)
+    return {_slug(h) for h in re.findall(r"^#+ (.+)$", text, re.M)}
+
+
+@pytest.mark.parametrize("page", [_rel(p) for p in PAGES])
+def test_links_resolve(page):
+    path = os.path.join(REPO, page)
+    text = re.sub(r"^```.*?^```", "", _read(path), flags=re.S | re.M)
+    bad = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"[a-z]+://", target) or target.startswith("mailto:"):
+            continue
+        file, _, anchor = target.partition("#")
+        dest = os.path.normpath(os.path.join(os.path.dirname(path), file)) if file else path
+        if not os.path.exists(dest):
+            bad.append(target)
+        elif anchor and dest.endswith(".md") and anchor not in _anchors(dest):
+            bad.append(target)
+    assert not bad, f"{page}: links that do not resolve: {bad}"
+
+
+def test_readme_links_every_docs_page():
+    text = _read(README)
+    for p in DOCS:
+        assert f"(docs/{os.path.basename(p)})" in text, f"the README's docs table misses docs/{os.path.basename(p)}"
+
+
+def test_readme_first_screen():
+    lines = _read(README).splitlines()
+    assert len(lines) <= 170, f"README.md has {len(lines)} lines: depth belongs in docs/"
+    first = "\n".join(lines[:25])
+    for needle in ("**Paid**", "**Harmed**", "Validate on your run", "pip install"):
+        assert needle in "\n".join(lines[:45]), needle
+    assert "RelexCallback" in "\n".join(lines[:80]) and "make demo" in _read(README) and "make test" in _read(README)
+    assert "paid" in first.lower() or "Paid" in first
+
+
+def test_readme_figures_are_in_the_replication_record():
+    """Every figure of the form 0.123 the README quotes is in docs/replication.md (one source of truth)."""
+    record = _read(os.path.join(REPO, "docs", "replication.md"))
+    for fig in sorted(set(re.findall(r"(?<![\d.])\d\.\d{3}(?![\d])", _read(README)))):
+        assert fig in record, f"README quotes {fig}, which docs/replication.md does not hold"
+
+
+# ------------------------------------------------------------------------------------ nothing of our machinery
+FORBIDDEN = [r"\bissues? #?\d+", r"carry:", r"remote-run", r"\bthis task\b", r"DESIGN\.md", r"/work/",
+             r"of this project", r"\bsessions?\b"]
+
+
+def test_nothing_speaks_of_this_projects_machinery():
+    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    hits = []
+    for f in files:
+        if not f.endswith((".py", ".md", ".cfg", ".toml", ".sh", ".yaml", ".yml", ".txt")) and f not in ("Makefile", ".ci/run"):
+            continue
+        if f == "tests/test_readme.py":
+            continue
+        try:
+            text = _read(os.path.join(REPO, f))
+        except (OSError, UnicodeDecodeError):
+            continue
+        for pat in FORBIDDEN:
+            for m in re.finditer(pat, text, re.I):
+                line = text.count("\n", 0, m.start()) + 1
+                ctx = text.splitlines()[line - 1].strip()
+                if "pytest" in ctx or "session-scoped" in ctx or "scope=\"session\"" in ctx or "pytest_session" in ctx:
+                    continue  # pytest's own "session"
+                hits.append(f"{f}:{line}: {ctx[:100]}")
+    assert not hits, "\n".join(hits)
+
+
+# ------------------------------------------------------------------------------------------ the quickstart runs
+def _quickstart():
+    for _, text in _blocks(README, {"python"}):
+        if "relex_callback.examples.toy" in text:
+            return text
+    raise AssertionError("the README has no runnable quickstart (the snippet with relex_callback.examples.toy)")
+
+
+def test_readme_quickstart_runs_and_relex_report_reads_it(tmp_path, subprocess_env):
+    script = tmp_path / "quickstart.py"
+    script.write_text(_quickstart())
+    env = dict(subprocess_env, TOKENIZERS_PARALLELISM="false")
+    r = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "quickstart" / "relex"
+    for name in ("step-12", "step-24", "relex_state.safetensors", "report.json"):
+        assert (out / name).exists(), name
+    report = [words for page, words in _relex_commands() if page == "README.md" and words[:1] == ["report"]]
+    assert report, "the README shows no `relex report` for its quickstart"
+    r = subprocess.run([sys.executable, "-m", "relex_callback.offline.cli", *report[0]], cwd=tmp_path,
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "tcut=6" in r.stdout and "backtest" in r.stdout and "drift share" in r.stdout
