@@ -11,7 +11,6 @@ directory), :func:`write_shard` (refuses NaN/Inf), :func:`write_model_extras`.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -23,6 +22,7 @@ import torch
 
 from ..config import parse_size
 from ..errors import RelexInputError
+from .fs import read_json, read_safetensors_header
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -92,8 +92,7 @@ class DirectorySource:
             single, self.weights_name = adapter, ADAPTER_WEIGHTS_NAME
         if os.path.isfile(index):
             try:
-                with open(index) as f:
-                    wm = json.load(f)["weight_map"]
+                wm = read_json(index)["weight_map"]
             except (OSError, ValueError, KeyError) as e:
                 raise RelexInputError(f"{index} is not a valid safetensors index: {e}") from None
             files = list(dict.fromkeys(wm.values()))
@@ -200,18 +199,11 @@ class MappedSafetensors:
     file is refused before any work."""
 
     def __init__(self, path: str):
-        import json
-        import struct
-
         self.path = path
         try:
-            size = os.path.getsize(path)
-            with open(path, "rb") as f:
-                (hlen,) = struct.unpack("<Q", f.read(8))
-                if hlen > size - 8:
-                    raise ValueError(f"header length {hlen} beyond the file's {size} bytes")
-                header = json.loads(f.read(hlen))
-        except (OSError, ValueError, struct.error) as e:
+            header, start, size = read_safetensors_header(path)
+            hlen = start - 8
+        except (OSError, ValueError) as e:
             raise RelexInputError(f"cannot read {path}: {e}; the file is missing, truncated or corrupt") from None
         header.pop("__metadata__", None)
         self.start = 8 + hlen

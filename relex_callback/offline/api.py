@@ -26,7 +26,8 @@ from ..files.checkpoints import (ADAPTER_KEYS, check_same_tensors, DirectorySour
                                   nonfinite_base, read_tensors)
 from ..config import RelexSettings
 from ..errors import RelexInputError, RelexNonFiniteError, RelexWriteError
-from ..files.fs import STATE_NAME, check_outputs_free, check_writable_dir
+from ..files.fs import STATE_NAME, check_outputs_free, check_writable_dir, read_json
+from ..files.lock import visible_entries, writing
 from ..pipeline.finalize import BufferedSolve, finalize
 from ..files.writers import FullModelWriter, WriteFailed, write_full_checkpoint
 
@@ -57,7 +58,7 @@ def base_theta0(src, base: str, specs, expected_of: Callable, whose: str, hint: 
 
 def _check_out(out_dir: str, overwrite: bool):
     check_writable_dir(out_dir, "--out")
-    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
+    if os.path.isdir(out_dir) and visible_entries(out_dir) and not overwrite:
         raise RelexInputError(f"--out {out_dir} exists and is not empty; choose a new directory, or pass --overwrite")
 
 
@@ -82,8 +83,13 @@ def materialize(state_path: str, base: str, horizons: Sequence[int], out_dir: Op
         raise RelexInputError(f"horizons {big} are beyond {MAX_STEP:,} steps; use smaller horizons")
     out_dir = out_dir or os.path.dirname(os.path.abspath(state_path if not os.path.isdir(state_path)
                                                          else os.path.join(state_path, STATE_NAME)))
-    if st.peft is not None:  # a LoRA run: its adapters (and merged models), through the callback's own writer
-        return _materialize_peft(st, base, hs, out_dir, overwrite)
+    with writing(out_dir, "relex materialize"):  # the output directory's lock, from before the first byte
+        if st.peft is not None:  # a LoRA run: its adapters (and merged models), through the callback's own writer
+            return _materialize_peft(st, base, hs, out_dir, overwrite)
+        return _materialize_full(st, base, hs, out_dir, overwrite, max_shard_size)
+
+
+def _materialize_full(st, base: str, hs, out_dir: str, overwrite: bool, max_shard_size) -> list[str]:
     src = DirectorySource(base)
     # every check before anything is written
     check_writable_dir(out_dir, "--out")
@@ -213,6 +219,15 @@ def extrapolate_trajectory(trajectory_dir: str, base: str, horizons: Sequence[in
     the checkpoint the ``relex_trajectory/`` sits in (verified to be the model at tcut), else from the base only with
     ``untracked_frozen`` (the user says none of them was trained); otherwise refused. Returns
     ``(solution, report)``."""
+    with writing(out_dir, "relex extrapolate"):  # the output directory's lock, from before the first byte
+        return _extrapolate_trajectory(trajectory_dir, base, horizons, out_dir, rank=rank, fit_start=fit_start,
+                                       method=method, overwrite=overwrite, max_shard_size=max_shard_size, fit=fit,
+                                       fit_window=fit_window, degree=degree, untracked_from=untracked_from,
+                                       untracked_frozen=untracked_frozen)
+
+
+def _extrapolate_trajectory(trajectory_dir, base, horizons, out_dir, *, rank, fit_start, method, overwrite,
+                            max_shard_size, fit, fit_window, degree, untracked_from, untracked_frozen):
     from ..trajectory.store import TrajectoryStore
     from ..files.state import fingerprint
 
@@ -229,10 +244,7 @@ def extrapolate_trajectory(trajectory_dir: str, base: str, horizons: Sequence[in
     src = DirectorySource(base)
     keys_file = os.path.join(base, ADAPTER_KEYS)
     if os.path.isfile(keys_file):  # a PEFT adapter relex saved: its file keys drop the adapter name
-        import json
-
-        with open(keys_file) as f:
-            rename = json.load(f)
+        rename = read_json(keys_file)
         if not isinstance(rename, dict) or any(not isinstance(v, str) for v in rename.values()):
             raise RelexInputError(f"{keys_file} is not a mapping of parameter names to adapter keys; it was edited or "
                                   "is damaged: use the adapter/ directory the callback saved beside the trajectory")
@@ -306,6 +318,17 @@ def extrapolate_checkpoints(base: str, checkpoints: Sequence[str], horizons, out
         ``(solution, report)``. Every input mistake raises :class:`~relex_callback.errors.RelexInputError` before
         anything is written.
     """
+    with writing(out_dir, "relex extrapolate"):  # the output directory's lock, from before the first byte
+        return _extrapolate_checkpoints(
+            base, checkpoints, horizons, out_dir, steps=steps, stride=stride, fit_start=fit_start, rank=rank,
+            dtype=dtype, device=device, storage=storage, solver=solver, max_shard_size=max_shard_size,
+            overwrite=overwrite, progress=progress, timing=timing, streaming=streaming, memory_budget=memory_budget,
+            fit=fit, fit_window=fit_window, degree=degree, run_check=run_check)
+
+
+def _extrapolate_checkpoints(base, checkpoints, horizons, out_dir, *, steps, stride, fit_start, rank, dtype, device,
+                             storage, solver, max_shard_size, overwrite, progress, timing, streaming, memory_budget,
+                             fit, fit_window, degree, run_check):
     t_main = time.perf_counter()
     cks, tcut, settings, streaming = _check_checkpoint_args(
         base, checkpoints, horizons, out_dir, steps=steps, stride=stride, fit_start=fit_start, rank=rank, dtype=dtype,

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import logging
 import os
 import shutil
@@ -31,7 +30,7 @@ import torch
 
 from ..config import dtype_name, torch_dtype
 from ..errors import RelexInputError
-from ..files.fs import atomic_file, write_json
+from ..files.fs import atomic_file, read_json, write_json
 from ..params import TensorSpec
 from .tiers import BUFFER_FILE, SNAPSHOT_CHUNK, SNAPSHOT_CHUNK_DEVICE
 
@@ -121,8 +120,7 @@ def discard_files(store, keep: Sequence[str] = ()) -> int:
         return 0
     store.release()
     try:  # the whole set only when the directory's metadata names this window
-        with open(os.path.join(store.directory, META_FILE)) as f:
-            owner = json.load(f).get("run_id")
+        owner = read_json(os.path.join(store.directory, META_FILE)).get("run_id")
     except (OSError, ValueError, AttributeError):
         owner = None
     freed = 0
@@ -289,8 +287,7 @@ def save(store, directory: str, *, live: Optional[Sequence[torch.Tensor]] = None
 
 def read_meta(directory: str) -> dict:
     try:
-        with open(os.path.join(directory, META_FILE)) as f:
-            return json.load(f)
+        return read_json(os.path.join(directory, META_FILE))
     except (OSError, ValueError) as e:
         raise RelexInputError(f"cannot read the saved trajectory in {directory}: {e}") from None
 
@@ -486,8 +483,7 @@ def open_saved(cls, directory: str, *, storage: str = "host", device=None):
     its tensors, dtype, slots and fold settings."""
     meta_path = os.path.join(directory, META_FILE)
     try:
-        with open(meta_path) as f:
-            meta = json.load(f)
+        meta = read_json(meta_path)
     except (OSError, ValueError) as e:
         raise RelexInputError(
             f"{directory} is not a saved RELEX trajectory (cannot read {META_FILE}: {e}); pass the "
