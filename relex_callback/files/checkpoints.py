@@ -93,8 +93,12 @@ class DirectorySource:
         if os.path.isfile(index):
             try:
                 wm = read_json(index)["weight_map"]
-            except (OSError, ValueError, KeyError) as e:
+            except (OSError, ValueError, KeyError, TypeError) as e:
                 raise RelexInputError(f"{index} is not a valid safetensors index: {e}") from None
+            if not isinstance(wm, dict) or any(not isinstance(k, str) or not isinstance(v, str) or not v
+                                               or os.path.basename(v) != v for k, v in wm.items()):
+                raise RelexInputError(f"{index} is not a valid safetensors index: its weight_map must map tensor names "
+                                      "to file names in the same directory")
             files = list(dict.fromkeys(wm.values()))
         elif os.path.isfile(single):
             files = [self.weights_name]
@@ -116,7 +120,17 @@ class DirectorySource:
                         self.keys.append(k)
             except Exception as e:  # safetensors raises its own error types for corrupt files
                 raise RelexInputError(f"cannot read {fp}: {e}; the file is missing or corrupt") from None
+        if os.path.isfile(index):  # what the index claims is where it says
+            wrong = [k for k, fn in wm.items() if self.key_file.get(k) != os.path.join(path, fn)]
+            if wrong:
+                raise RelexInputError(f"{index} maps {len(wrong)} tensor(s) to files that do not hold them (e.g. "
+                                      f"{wrong[0]} -> {wm[wrong[0]]}); the index and its shards are not one checkpoint")
         self._handles = {}
+
+    @property
+    def weights_bytes(self) -> int:
+        """Bytes of the weight files (what one full checkpoint written from this one takes on disk)."""
+        return sum(os.path.getsize(f) for f in set(self.key_file.values()))
 
     def get(self, key: str) -> torch.Tensor:
         from safetensors import safe_open
@@ -451,8 +465,8 @@ def write_shard(path: str, keys: list[str], meta: dict, produce: Callable[[str],
             from ..errors import RelexNonFiniteError
 
             raise RelexNonFiniteError(
-                f"{k} would be written with NaN/Inf values into {os.path.dirname(path)}; nothing was written (a diverged "
-                "model, or an extrapolation from non-finite deltas)"
+                f"{k} would be written with NaN/Inf values into {os.path.dirname(path)}; that checkpoint was not written "
+                "(a diverged model, or an extrapolation from non-finite deltas)"
             )
         tensors[k] = t.to("cpu")
     write_safetensors(path, tensors)

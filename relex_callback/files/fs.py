@@ -306,6 +306,8 @@ def not_ours(path: str, run_id: Optional[str] = None, horizon: Optional[int] = N
     if not os.path.isdir(path):
         return "is not a directory"
     m = read_marker(path)
+    if m is None and os.path.lexists(os.path.join(path, RELEX_MARKER)):
+        return f"has a {RELEX_MARKER} that is not relex's (unreadable, damaged or edited)"
     if m is None:
         return f"has no {RELEX_MARKER}: relex did not write it"
     if run_id is not None and m.get("run_id") != run_id:
@@ -459,6 +461,22 @@ def check_writable_dir(path: str, what: str):
         if not isinstance(e, OSError):
             raise
         raise RelexInputError(f"{what} {path} cannot be written ({probe}: {e.strerror}); choose another {what}") from None
+
+
+def check_free_space(out_dir: str, parts: dict, what: str = "--out"):
+    """Refuse, before the first write, a plan whose outputs do not fit the free space of ``out_dir``'s file system.
+    ``parts``: what will be written -> bytes (estimates from the inputs' own sizes)."""
+    need = sum(int(v) for v in parts.values())
+    probe = os.path.abspath(out_dir)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    free = shutil.disk_usage(probe).free
+    if need > free:
+        gb = lambda n: f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n:,} bytes"  # noqa: E731
+        listed = ", ".join(f"{k} {gb(v)}" for k, v in parts.items() if v)
+        raise RelexInputError(f"{what} {out_dir}: this run writes about {gb(need)} ({listed}) but its file system has "
+                              f"{gb(free)} free; nothing was written: free space, write fewer horizons, or choose "
+                              f"another {what}")
 
 
 def write_failure(e: BaseException) -> bool:

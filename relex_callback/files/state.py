@@ -87,6 +87,10 @@ class RelexState:
             return self.curve.coef_at(horizon)
         return self.slope * float(horizon) + self.intercept
 
+    def direction(self, i: int) -> torch.Tensor:
+        """Tensor ``i``'s directions ``[rank, n]`` (the same view a solution gives the horizon checks)."""
+        return self.tensors[self.specs[i].name][: self.rank]
+
     def save(self, path: str):
         """Write this (loaded) state again as one state file, atomically: what :func:`save_state` wrote for it."""
         meta = {"version": FORMAT_VERSION, "tcut": self.tcut, "steps": self.steps, "rank": self.rank,

@@ -26,9 +26,9 @@ from ..files.checkpoints import (ADAPTER_KEYS, check_same_tensors, DirectorySour
                                   nonfinite_base, read_tensors)
 from ..config import RelexSettings
 from ..errors import RelexInputError, RelexNonFiniteError, RelexWriteError
-from ..files.fs import STATE_NAME, check_outputs_free, check_writable_dir, read_json
+from ..files.fs import STATE_NAME, check_free_space, check_outputs_free, check_writable_dir, read_json
 from ..files.lock import visible_entries, writing
-from ..pipeline.finalize import BufferedSolve, finalize
+from ..pipeline.finalize import BufferedSolve, check_horizons_fit, finalize
 from ..files.writers import FullModelWriter, WriteFailed, write_full_checkpoint
 
 logger = logging.getLogger("relex_callback")
@@ -107,8 +107,11 @@ def _materialize_full(st, base: str, hs, out_dir: str, overwrite: bool, max_shar
                          "pass the same base checkpoint given to `relex extrapolate` (or the model the callback trained)")
     from ..files.untracked import UntrackedSource
 
+    base_bytes = src.weights_bytes
     src = UntrackedSource(src, st)  # the untracked tensors the run wrote: from the state, or checked in the base
     src.check(base)
+    check_horizons_fit(st, hs)  # every horizon finite in the parameters' dtype, before the first is written
+    check_free_space(out_dir, {f"{len(hs)} horizon(s) of {base}'s size": len(hs) * base_bytes})
     return _write_each(hs, out_dir, lambda h: write_full_checkpoint(
         out_dir, h, st.tcut, st, lambda i: thetas[st.specs[i].name], src, overwrite=overwrite,
         max_shard_size=max_shard_size, run_id=st.run_id))
@@ -126,6 +129,7 @@ def _materialize_peft(st, base: str, hs, out_dir: str, overwrite: bool) -> list[
     rec = st.peft
     check_writable_dir(out_dir, "--out")
     check_outputs_free(out_dir, hs, overwrite, include_state=False, merged=rec["merge_lora"])
+    check_horizons_fit(st, hs)  # every horizon finite in the adapter's dtype, before the first is written
     model = _load_peft_base(base, rec)
     params = dict(model.named_parameters())
     for sp in st.specs:
@@ -266,6 +270,9 @@ def _extrapolate_trajectory(trajectory_dir, base, horizons, out_dir, *, rank, fi
     elif untracked_from is not None:
         raise RelexInputError("--untracked-from applies to a full model's trajectory; a LoRA trajectory's base is "
                               "the adapter/ directory the callback saved beside it")
+    check_free_space(out_dir, {f"{len(settings.horizons)} horizon(s) of the base's size":
+                               len(settings.horizons) * DirectorySource(base).weights_bytes,
+                               "the state file": rank * store.D * store.dtype.itemsize})
     logger.warning("relex: extrapolating a trajectory of %d steps (%s..%d) from %s", store.num_rows, store.steps[0],
                    tcut, trajectory_dir)
     window = dataclasses.replace(settings, rank=rank, fit_start=fit_start, solver=method, overwrite=overwrite, fit=fit,
@@ -342,6 +349,7 @@ def _extrapolate_checkpoints(base, checkpoints, horizons, out_dir, *, steps, str
     else:
         logger.warning("relex: --no-run-check: the checkpoints are not checked to be one run started from %s", base)
     out = os.path.abspath(out_dir)
+    _check_space(out, src_base, names, settings, streaming=streaming, rank=rank)
     # the window as the pipeline sees it: tcut is the last checkpoint's step, the fit as asked (checked above)
     window = dataclasses.replace(settings, tcut=tcut, rank=rank, fit_start=fit_start, overwrite=overwrite, fit=fit,
                                  fit_window=fit_window, degree=degree)
@@ -402,6 +410,19 @@ def _check_checkpoint_args(base, checkpoints, horizons, out_dir, *, steps, strid
         raise RelexInputError("--streaming fits the line (the state is written group by group, before a fit family "
                               "could be chosen over every tensor); drop --fit/--fit-window, or pass --no-streaming")
     return cks, tcut, settings, streaming
+
+
+def _check_space(out: str, src_base, names, settings, *, streaming: bool, rank: int):
+    """The plan's bytes against ``out``'s free space, before the first write: each horizon a copy of the base's
+    weights, the state file (``rank`` directions per tensor in the state's dtype), and with streaming its parts
+    beside ``out`` until they are joined."""
+    D = sum(math.prod(src_base.meta[n][0]) for n in names)
+    state = rank * D * torch.empty((), dtype=settings.torch_dtype).element_size()
+    parts = {f"{len(settings.horizons)} horizon(s) of the base's size": len(settings.horizons) * src_base.weights_bytes,
+             "the state file": state}
+    if streaming:
+        parts["its parts until joined"] = state
+    check_free_space(out, parts)
 
 
 def _open_checkpoints(base, cks):

@@ -243,8 +243,8 @@ def write_shard_streaming(path: str, keys: list[str], meta: dict, produce: Calla
                 raise RuntimeError(f"{k}: produced {tuple(t.shape)} {t.dtype}, expected {shape} {dtype}")
             if t.is_floating_point() and not _all_finite(t):
                 raise RelexNonFiniteError(
-                    f"{k} would be written with NaN/Inf values into {os.path.dirname(path)}; nothing was written (a "
-                    "diverged model, or an extrapolation from non-finite deltas)"
+                    f"{k} would be written with NaN/Inf values into {os.path.dirname(path)}; that checkpoint was not "
+                    "written (a diverged model, or an extrapolation from non-finite deltas)"
                 )
             _write_tensor(f, t.to("cpu"))
 
