@@ -100,6 +100,7 @@ class OutputLock:
                 "started": _pid_started(os.getpid()), "writer": self.writer, "command": command_line()}
 
     def acquire(self):
+        self._created = not os.path.lexists(self.out_dir)
         os.makedirs(self.out_dir, exist_ok=True)
         for _ in range(8):  # a takeover raced by another writer: look again
             try:
@@ -212,6 +213,9 @@ class OutputLock:
                 os.remove(self.path)
         except (OSError, ValueError, AttributeError):
             pass
+        if getattr(self, "_created", False):  # a directory made only for the lock goes with it (when left empty)
+            with contextlib.suppress(OSError):
+                os.rmdir(self.out_dir)
 
 
 # names a run writes directly in its output directory (rolled back after a signal)

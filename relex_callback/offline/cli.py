@@ -276,6 +276,7 @@ def cmd_report(args) -> int:
         raise RelexInputError(f"{report_path(args.dir)} is JSON but not a RELEX report (no 'tcut' and 'tensors'); pass "
                               "the directory that `relex extrapolate` or the callback wrote")
     check_report(rep, report_path(args.dir), plot=args.plot)
+    _check_one_run(rep, report_path(args.dir))
     from ..files.fs import REPORT_PLOT_FILE, foreign_output
 
     png = os.path.join(os.path.dirname(report_path(args.dir)), REPORT_PLOT_FILE)
@@ -287,6 +288,24 @@ def cmd_report(args) -> int:
         plot_report(rep, png)
         print(f"relex: wrote {png}")
     return 0
+
+
+def _check_one_run(rep: dict, path: str):
+    """The state file and the horizons beside ``report.json`` carry its run id (read back: two writers, or files
+    copied in, must not pass for one run's results)."""
+    from ..files.fs import STATE_INDEX_NAME, STATE_NAME, horizon_dir, output_run_id
+
+    rid = rep.get("run_id")
+    if not isinstance(rid, str):  # a report written before run ids were recorded
+        return
+    d = os.path.dirname(os.path.abspath(path))
+    names = [STATE_NAME, STATE_INDEX_NAME] + [os.path.basename(horizon_dir(d, h)) for h in rep.get("horizons") or []
+                                              if isinstance(h, int)]
+    other = [f"{n} (run {o})" for n in names for o in [output_run_id(os.path.join(d, n))] if o is not None and o != rid]
+    if other:
+        raise RelexInputError(f"{path} is RELEX run {rid}, but {', '.join(other)} beside it is another run's: the "
+                              "directory mixes two runs' outputs (a writer that did not take the lock, or files copied "
+                              "in); rerun `relex extrapolate` (or the training run) into a new directory")
 
 
 def _size_arg(option: str, value):
