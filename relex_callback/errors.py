@@ -29,3 +29,19 @@ class RelexEndOfWindowError(RelexError, RuntimeError):
     """The end of a window failed for a reason that is not an input (a kernel, CUDA, out of memory, a bug); the
     recorded window was kept and the message names the command that finishes the job. The original error is its
     ``__cause__``."""
+
+
+class RelexInterrupted(BaseException):
+    """SIGINT, SIGTERM or SIGHUP reached the ``relex`` command while it worked (a ``BaseException``, like
+    ``KeyboardInterrupt``, so that no ``except Exception`` takes it for a failed write). Raised by the command's
+    signal handler; the writer it interrupts removes what it had written, and the command exits with one line."""
+
+    def __init__(self, signum: int):
+        import signal
+
+        self.signum = int(signum)
+        self.name = signal.Signals(self.signum).name
+        self.removed: list = []  # what the interrupted writer had written and removed again
+        self.out_dir = None
+        self.complete = False  # the signal came after the writer had finished: every output is whole
+        super().__init__(f"interrupted by {self.name}")

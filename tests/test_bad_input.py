@@ -223,7 +223,9 @@ CASES = [
 CLI_STEPS = (2, 4, 6, 8)
 _CLI_PATHS = ("base", "base1", "ckpts", "done", "traj", "small", "nan", "trunc", "nostep", "empty", "notes", "badjson",
               "notreport", "file", "badmeta", "trunc_theta0", "short_rows", "trunc_state", "userdir", "nanbase",
-              "badtrust")
+              "badtrust", "deepreport", "deeptraj", "deepindex", "deepconfig", "deepstate", "deepmarker", "liar",
+              "liehdr", "lieindex", "dangling", "base16", "ckpts16", "done16")
+DEEP = "[" * 100_000 + "]" * 100_000  # JSON nested 100,000 deep: Python's parser recurses once per level
 
 
 def _save_like(src_dir, dst_dir, tensors):
@@ -331,7 +333,69 @@ def cli_fixture(d):
     rep["backtest"] = {**(rep.get("backtest") or {}), "cosine_global": "0.99"}
     with open(os.path.join(p["badtrust"], "report.json"), "w") as fh:
         json.dump(rep, fh)
+    _lying_files(p, theta0, dirs)
     return p
+
+
+def _lying_files(p, theta0, dirs):
+    """Every file relex reads, once nested 100,000 deep and once claiming more bytes than it holds; a dangling
+    symlink as --out; a float16 run whose far horizon overflows."""
+    import json
+    import shutil
+
+    def write(path, text):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as fh:
+            fh.write(text)
+
+    write(os.path.join(p["deepreport"], "report.json"), DEEP)
+    shutil.copytree(p["traj"], p["deeptraj"])
+    write(os.path.join(p["deeptraj"], "trajectory.json"), DEEP)
+    shutil.copytree(p["base"], p["deepindex"])
+    os.remove(os.path.join(p["deepindex"], "model.safetensors"))
+    write(os.path.join(p["deepindex"], "model.safetensors.index.json"), DEEP)
+    shutil.copytree(p["base"], p["deepconfig"])
+    write(os.path.join(p["deepconfig"], "config.json"), DEEP)
+    write(os.path.join(p["deepstate"], "relex_state.index.json"), DEEP)
+    shutil.copytree(p["done"], p["deepmarker"])
+    write(os.path.join(p["deepmarker"], "step-40", "relex_horizon.json"), DEEP)
+    # trajectory.json claiming one 2^27-element tensor (the files hold a few thousand): 1 GB of buffer if believed
+    shutil.copytree(p["traj"], p["liar"])
+    meta = json.load(open(os.path.join(p["liar"], "trajectory.json")))
+    meta["specs"] = [{**meta["specs"][0], "shape": [1 << 27], "local_numel": 1 << 27, "flat_start": 0}]
+    meta["specs"][0]["offset"] = 0
+    with open(os.path.join(p["liar"], "trajectory.json"), "w") as fh:
+        json.dump(meta, fh)
+    # a checkpoint whose safetensors header claims 2^40 bytes; an index that maps a tensor to a shard without it
+    for s in CLI_STEPS:
+        os.makedirs(p["liehdr"], exist_ok=True)
+        if s != CLI_STEPS[-1]:
+            os.symlink(os.path.join(p["ckpts"], f"checkpoint-{s}"), os.path.join(p["liehdr"], f"checkpoint-{s}"))
+    last = os.path.join(p["liehdr"], f"checkpoint-{CLI_STEPS[-1]}")
+    shutil.copytree(os.path.join(p["ckpts"], f"checkpoint-{CLI_STEPS[-1]}"), last)
+    with open(os.path.join(last, "model.safetensors"), "r+b") as fh:
+        fh.write((1 << 40).to_bytes(8, "little"))
+    shutil.copytree(p["base"], p["lieindex"])
+    keys = sorted(theta0)
+    os.rename(os.path.join(p["lieindex"], "model.safetensors"), os.path.join(p["lieindex"], "a.safetensors"))
+    with open(os.path.join(p["lieindex"], "model.safetensors.index.json"), "w") as fh:
+        json.dump({"metadata": {}, "weight_map": {**{k: "a.safetensors" for k in keys[1:]}, keys[0]: "b.safetensors"}},
+                  fh)
+    from safetensors.torch import save_file
+
+    save_file({"other": torch.zeros(2)}, os.path.join(p["lieindex"], "b.safetensors"), metadata={"format": "pt"})
+    os.symlink(os.path.join(os.path.dirname(p["dangling"]), "nowhere"), p["dangling"])
+    # a float16 run: horizon 200 is finite, 10^9 overflows float16
+    _save_like(p["base"], p["base16"], {k: v.half() for k, v in theta0.items()})
+    for s in CLI_STEPS:
+        _save_like(p["base"], os.path.join(p["ckpts16"], f"checkpoint-{s}"),
+                   {k: (v + 1e-2 * s * dirs[k]).half() for k, v in theta0.items()})
+    from relex_callback.offline.cli import main
+
+    with _quiet():
+        rc = main(["extrapolate", "--base", p["base16"], "--checkpoints", p["ckpts16"], "--horizons", "40", "--out",
+                   p["done16"], "--no-progress"])
+    assert rc == 0, "the fixture's float16 `relex extrapolate` failed"
 
 
 class _quiet:
@@ -447,6 +511,21 @@ CLI_CASES = [
     ("report", "--worst beyond 10^9", "report <done> --worst 10000000000"),
     ("report", "report.json with a trust signal of the wrong type", "report <badtrust>"),
     ("report", "--plot without matplotlib installed", "report <done> --plot"),
+    # files that lie: nested 100,000 deep, or claiming more bytes than they hold (refused before any allocation)
+    ("report", "report.json nested 100,000 deep", "report <deepreport>"),
+    ("extrapolate", "--trajectory with trajectory.json nested 100,000 deep", X.replace("--checkpoints <ckpts>", "--trajectory <deeptraj>")),
+    ("extrapolate", "--trajectory whose trajectory.json claims a 2^27-element tensor", X.replace("--checkpoints <ckpts>", "--trajectory <liar>")),
+    ("extrapolate", "--base with model.safetensors.index.json nested 100,000 deep", X.replace("<base>", "<deepindex>")),
+    ("extrapolate", "--base whose index maps a tensor to a shard without it", X.replace("<base>", "<lieindex>")),
+    ("extrapolate", "--checkpoints with a safetensors header claiming 2^40 bytes", X.replace("<ckpts>", "<liehdr>")),
+    ("extrapolate", "--overwrite over a step-40/ whose relex_horizon.json is nested 100,000 deep", X.replace("<out>", "<deepmarker>") + " --overwrite"),
+    ("materialize", "--state relex_state.index.json nested 100,000 deep", M.replace("<done>", "<deepstate>/relex_state.index.json")),
+    ("plan", "--model config.json nested 100,000 deep", "plan --model <deepconfig> --tcut 100"),
+    # everything checkable before the first write is checked before it
+    ("extrapolate", "--out a dangling symlink", X.replace("<out>", "<dangling>")),
+    ("materialize", "--out a dangling symlink", M.replace("<out>", "<dangling>")),
+    ("materialize", "--horizons 200,1000000000 on a float16 run (10^9 overflows)",
+     "materialize --state <done16> --base <base16> --horizons 200,1000000000 --out <out>"),
 ]
 
 

@@ -3,6 +3,7 @@ otherwise) holds the relex output directory. safetensors reports ENOSPC as its o
 the test would not pass if only OSError were turned into RelexWriteError."""
 
 import glob
+import json
 import os
 import subprocess
 
@@ -96,6 +97,10 @@ def test_horizon_does_not_fit(tmp_path, sizes):
         msg = str(e.value)
         assert "step-20" in msg and "No space left on device" in msg and "relex materialize" in msg, msg
         assert "--horizons 20,30" in msg  # both horizons remain to be written
+        # every output named with its state; the report (trust signals) was written before the horizons
+        assert "report.json is intact (written before the horizons)" in msg and "step-20, step-30 not written" in msg
+        rep = json.loads((relex / "report.json").read_text())
+        assert rep["horizons_pending"] == [20, 30] and rep["checkpoints"] == [] and "backtest" in rep
         assert not (relex / "step-20").exists() and not (relex / "step-30").exists()
         assert not [n for n in os.listdir(relex) if n.startswith(".")], os.listdir(relex)  # no temporaries
         # the state file is whole: with space freed, materialize finishes the job
@@ -118,15 +123,40 @@ def test_state_file_does_not_fit(tmp_path, sizes):
         with pytest.raises(RelexWriteError) as e:
             trainer.train()
         msg = str(e.value)
-        assert "state file" in msg and "No space left on device" in msg and "no horizon was written" in msg, msg
+        assert "state file" in msg and "No space left on device" in msg, msg
+        assert "report.json and every horizon were NOT written" in msg, msg
         assert not [n for n in os.listdir(relex) if n.startswith(".") or n.startswith("step-")], os.listdir(relex)
         assert not (relex / "relex_state.safetensors").exists()
     finally:
         _umount(relex)
 
 
+def test_report_does_not_fit(tmp_path, sizes):
+    """The disk fills right after the state file: the message must not call report.json intact (it is not), names
+    every output's state, and the command that writes the horizons from the state."""
+    relex = tmp_path / "rep"
+    _mount(relex, 4096)
+    try:
+        page = 4096
+        trainer = _run(tmp_path, relex, fill=-(-sizes["state"] // page) * page)
+        with pytest.raises(RelexWriteError) as e:
+            trainer.train()
+        msg = str(e.value)
+        assert "report.json" in msg and "No space left on device" in msg, msg
+        if (relex / "report.json").exists():  # the page rounding left room for the report: a horizon failed
+            assert "report.json is intact (written before the horizons)" in msg, msg
+        else:
+            assert "report.json is NOT written" in msg and "report.json is intact" not in msg, msg
+            assert "the state file relex_state.safetensors is intact" in msg and "relex materialize" in msg, msg
+        assert (relex / "relex_state.safetensors").exists()
+        assert not [n for n in os.listdir(relex) if n.startswith(".") and n != ".relex-lock.json"], os.listdir(relex)
+    finally:
+        _umount(relex)
+
+
 def test_output_dir_on_a_full_disk_for_the_cli(tmp_path, sizes, capsys):
-    """`relex materialize` onto a full disk: exit 2, one line, nothing under the final name."""
+    """`relex materialize` onto a full disk: refused before the first write (the plan's bytes against the free
+    space), exit 2, one line, nothing written."""
     from relex_callback.offline.cli import main
 
     done = tmp_path / "done"
@@ -140,8 +170,7 @@ def test_output_dir_on_a_full_disk_for_the_cli(tmp_path, sizes, capsys):
                    "--horizons", "50", "--out", str(out)])
         err = capsys.readouterr().err
         assert rc == 2 and err.startswith("relex: error: ") and err.count("\n") == 1, err
-        assert "No space left on device" in err and not (out / "step-50").exists()
-        assert not [n for n in os.listdir(out) if n.startswith(".")]
+        assert "free" in err and "nothing was written" in err and os.listdir(out) == [], (err, os.listdir(out))
     finally:
         _umount(out)
 

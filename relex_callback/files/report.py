@@ -3,10 +3,11 @@ trajectories; a readable summary of it; and, with the ``plot`` extra, ``report.p
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from typing import Optional
+
+from .fs import read_json
 
 REPORT_NAME = "report.json"
 
@@ -126,8 +127,7 @@ def load_report(path: str) -> dict:
 
     path = report_path(path)
     try:
-        with open(path) as f:
-            return json.load(f)
+        return read_json(path)
     except FileNotFoundError:
         raise RelexInputError(f"{path} does not exist; pass the directory that `relex extrapolate` or the callback wrote") from None
     except ValueError as e:

@@ -17,7 +17,7 @@ import torch
 from ..errors import RelexInputError
 from ..params import TensorSpec
 
-from .fs import STATE_INDEX_NAME, STATE_NAME, atomic_file, write_json  # noqa: F401  (the names live in fs)
+from .fs import STATE_INDEX_NAME, STATE_NAME, atomic_file, loads_json, read_json, write_json  # noqa: F401  (the names live in fs)
 FORMAT_VERSION = 2  # 2: per-tensor "fit" (the coefficient curve, relex_callback.core.fit.Fit) beside slope/intercept
 UNTRACKED_VERSION = 3  # 3: "untracked" (relex_callback.files.untracked), written only by states that record trained
 #   untracked tensors, so that an older reader refuses the file instead of writing theta_0 where the run wrote them
@@ -86,6 +86,10 @@ class RelexState:
         if self.curve is not None:
             return self.curve.coef_at(horizon)
         return self.slope * float(horizon) + self.intercept
+
+    def direction(self, i: int) -> torch.Tensor:
+        """Tensor ``i``'s directions ``[rank, n]`` (the same view a solution gives the horizon checks)."""
+        return self.tensors[self.specs[i].name][: self.rank]
 
     def save(self, path: str):
         """Write this (loaded) state again as one state file, atomically: what :func:`save_state` wrote for it."""
@@ -194,8 +198,7 @@ def load_state(path: str) -> RelexState:
 
 def _load_state_index(path: str) -> RelexState:
     try:
-        with open(path) as f:
-            index = json.load(f)
+        index = read_json(path)
         weight_map = index["weight_map"]
         order = index["metadata"]["order"]
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -257,7 +260,7 @@ def _load_state_file(path: str) -> RelexState:
             md = f.metadata() or {}
             if "relex" not in md:
                 raise RelexInputError(f"{path} is a safetensors file but not a RELEX state file (no 'relex' metadata)")
-            meta = json.loads(md["relex"])
+            meta = loads_json(md["relex"], f"the relex metadata of {path}")
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except RelexInputError:
         raise

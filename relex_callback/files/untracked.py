@@ -26,6 +26,7 @@ from typing import Optional
 import torch
 
 from ..errors import RelexInputError
+from .fs import loads_json
 
 from .state import PREFIX  # noqa: F401  (the state file's key prefix of an untracked tensor's value)
 
@@ -137,7 +138,7 @@ def load_untracked(directory: str):
         return None
     try:
         with safe_open(path, "pt") as f:
-            head = json.loads((f.metadata() or {})["relex_untracked"])
+            head = loads_json((f.metadata() or {})["relex_untracked"], f"the relex metadata of {path}")
             tensors = {k: f.get_tensor(k) for k in f.keys()}
         meta, step, run_id = head["untracked"], int(head["step"]), head.get("run_id")
         ok = isinstance(meta, dict) and all(

@@ -26,8 +26,9 @@ from ..files.checkpoints import (ADAPTER_KEYS, check_same_tensors, DirectorySour
                                   nonfinite_base, read_tensors)
 from ..config import RelexSettings
 from ..errors import RelexInputError, RelexNonFiniteError, RelexWriteError
-from ..files.fs import STATE_NAME, check_outputs_free, check_writable_dir
-from ..pipeline.finalize import BufferedSolve, finalize
+from ..files.fs import STATE_NAME, check_free_space, check_outputs_free, check_writable_dir, read_json
+from ..files.lock import visible_entries, writing
+from ..pipeline.finalize import BufferedSolve, check_horizons_fit, finalize
 from ..files.writers import FullModelWriter, WriteFailed, write_full_checkpoint
 
 logger = logging.getLogger("relex_callback")
@@ -57,7 +58,7 @@ def base_theta0(src, base: str, specs, expected_of: Callable, whose: str, hint: 
 
 def _check_out(out_dir: str, overwrite: bool):
     check_writable_dir(out_dir, "--out")
-    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
+    if os.path.isdir(out_dir) and visible_entries(out_dir) and not overwrite:
         raise RelexInputError(f"--out {out_dir} exists and is not empty; choose a new directory, or pass --overwrite")
 
 
@@ -82,8 +83,13 @@ def materialize(state_path: str, base: str, horizons: Sequence[int], out_dir: Op
         raise RelexInputError(f"horizons {big} are beyond {MAX_STEP:,} steps; use smaller horizons")
     out_dir = out_dir or os.path.dirname(os.path.abspath(state_path if not os.path.isdir(state_path)
                                                          else os.path.join(state_path, STATE_NAME)))
-    if st.peft is not None:  # a LoRA run: its adapters (and merged models), through the callback's own writer
-        return _materialize_peft(st, base, hs, out_dir, overwrite)
+    with writing(out_dir, "relex materialize"):  # the output directory's lock, from before the first byte
+        if st.peft is not None:  # a LoRA run: its adapters (and merged models), through the callback's own writer
+            return _materialize_peft(st, base, hs, out_dir, overwrite)
+        return _materialize_full(st, base, hs, out_dir, overwrite, max_shard_size)
+
+
+def _materialize_full(st, base: str, hs, out_dir: str, overwrite: bool, max_shard_size) -> list[str]:
     src = DirectorySource(base)
     # every check before anything is written
     check_writable_dir(out_dir, "--out")
@@ -101,8 +107,11 @@ def materialize(state_path: str, base: str, horizons: Sequence[int], out_dir: Op
                          "pass the same base checkpoint given to `relex extrapolate` (or the model the callback trained)")
     from ..files.untracked import UntrackedSource
 
+    base_bytes = src.weights_bytes
     src = UntrackedSource(src, st)  # the untracked tensors the run wrote: from the state, or checked in the base
     src.check(base)
+    check_horizons_fit(st, hs)  # every horizon finite in the parameters' dtype, before the first is written
+    check_free_space(out_dir, {f"{len(hs)} horizon(s) of {base}'s size": len(hs) * base_bytes})
     return _write_each(hs, out_dir, lambda h: write_full_checkpoint(
         out_dir, h, st.tcut, st, lambda i: thetas[st.specs[i].name], src, overwrite=overwrite,
         max_shard_size=max_shard_size, run_id=st.run_id))
@@ -120,6 +129,7 @@ def _materialize_peft(st, base: str, hs, out_dir: str, overwrite: bool) -> list[
     rec = st.peft
     check_writable_dir(out_dir, "--out")
     check_outputs_free(out_dir, hs, overwrite, include_state=False, merged=rec["merge_lora"])
+    check_horizons_fit(st, hs)  # every horizon finite in the adapter's dtype, before the first is written
     model = _load_peft_base(base, rec)
     params = dict(model.named_parameters())
     for sp in st.specs:
@@ -213,6 +223,15 @@ def extrapolate_trajectory(trajectory_dir: str, base: str, horizons: Sequence[in
     the checkpoint the ``relex_trajectory/`` sits in (verified to be the model at tcut), else from the base only with
     ``untracked_frozen`` (the user says none of them was trained); otherwise refused. Returns
     ``(solution, report)``."""
+    with writing(out_dir, "relex extrapolate"):  # the output directory's lock, from before the first byte
+        return _extrapolate_trajectory(trajectory_dir, base, horizons, out_dir, rank=rank, fit_start=fit_start,
+                                       method=method, overwrite=overwrite, max_shard_size=max_shard_size, fit=fit,
+                                       fit_window=fit_window, degree=degree, untracked_from=untracked_from,
+                                       untracked_frozen=untracked_frozen)
+
+
+def _extrapolate_trajectory(trajectory_dir, base, horizons, out_dir, *, rank, fit_start, method, overwrite,
+                            max_shard_size, fit, fit_window, degree, untracked_from, untracked_frozen):
     from ..trajectory.store import TrajectoryStore
     from ..files.state import fingerprint
 
@@ -229,10 +248,7 @@ def extrapolate_trajectory(trajectory_dir: str, base: str, horizons: Sequence[in
     src = DirectorySource(base)
     keys_file = os.path.join(base, ADAPTER_KEYS)
     if os.path.isfile(keys_file):  # a PEFT adapter relex saved: its file keys drop the adapter name
-        import json
-
-        with open(keys_file) as f:
-            rename = json.load(f)
+        rename = read_json(keys_file)
         if not isinstance(rename, dict) or any(not isinstance(v, str) for v in rename.values()):
             raise RelexInputError(f"{keys_file} is not a mapping of parameter names to adapter keys; it was edited or "
                                   "is damaged: use the adapter/ directory the callback saved beside the trajectory")
@@ -254,6 +270,9 @@ def extrapolate_trajectory(trajectory_dir: str, base: str, horizons: Sequence[in
     elif untracked_from is not None:
         raise RelexInputError("--untracked-from applies to a full model's trajectory; a LoRA trajectory's base is "
                               "the adapter/ directory the callback saved beside it")
+    check_free_space(out_dir, {f"{len(settings.horizons)} horizon(s) of the base's size":
+                               len(settings.horizons) * DirectorySource(base).weights_bytes,
+                               "the state file": rank * store.D * store.dtype.itemsize})
     logger.warning("relex: extrapolating a trajectory of %d steps (%s..%d) from %s", store.num_rows, store.steps[0],
                    tcut, trajectory_dir)
     window = dataclasses.replace(settings, rank=rank, fit_start=fit_start, solver=method, overwrite=overwrite, fit=fit,
@@ -306,6 +325,17 @@ def extrapolate_checkpoints(base: str, checkpoints: Sequence[str], horizons, out
         ``(solution, report)``. Every input mistake raises :class:`~relex_callback.errors.RelexInputError` before
         anything is written.
     """
+    with writing(out_dir, "relex extrapolate"):  # the output directory's lock, from before the first byte
+        return _extrapolate_checkpoints(
+            base, checkpoints, horizons, out_dir, steps=steps, stride=stride, fit_start=fit_start, rank=rank,
+            dtype=dtype, device=device, storage=storage, solver=solver, max_shard_size=max_shard_size,
+            overwrite=overwrite, progress=progress, timing=timing, streaming=streaming, memory_budget=memory_budget,
+            fit=fit, fit_window=fit_window, degree=degree, run_check=run_check)
+
+
+def _extrapolate_checkpoints(base, checkpoints, horizons, out_dir, *, steps, stride, fit_start, rank, dtype, device,
+                             storage, solver, max_shard_size, overwrite, progress, timing, streaming, memory_budget,
+                             fit, fit_window, degree, run_check):
     t_main = time.perf_counter()
     cks, tcut, settings, streaming = _check_checkpoint_args(
         base, checkpoints, horizons, out_dir, steps=steps, stride=stride, fit_start=fit_start, rank=rank, dtype=dtype,
@@ -319,6 +349,7 @@ def extrapolate_checkpoints(base: str, checkpoints: Sequence[str], horizons, out
     else:
         logger.warning("relex: --no-run-check: the checkpoints are not checked to be one run started from %s", base)
     out = os.path.abspath(out_dir)
+    _check_space(out, src_base, names, settings, streaming=streaming, rank=rank)
     # the window as the pipeline sees it: tcut is the last checkpoint's step, the fit as asked (checked above)
     window = dataclasses.replace(settings, tcut=tcut, rank=rank, fit_start=fit_start, overwrite=overwrite, fit=fit,
                                  fit_window=fit_window, degree=degree)
@@ -379,6 +410,19 @@ def _check_checkpoint_args(base, checkpoints, horizons, out_dir, *, steps, strid
         raise RelexInputError("--streaming fits the line (the state is written group by group, before a fit family "
                               "could be chosen over every tensor); drop --fit/--fit-window, or pass --no-streaming")
     return cks, tcut, settings, streaming
+
+
+def _check_space(out: str, src_base, names, settings, *, streaming: bool, rank: int):
+    """The plan's bytes against ``out``'s free space, before the first write: each horizon a copy of the base's
+    weights, the state file (``rank`` directions per tensor in the state's dtype), and with streaming its parts
+    beside ``out`` until they are joined."""
+    D = sum(math.prod(src_base.meta[n][0]) for n in names)
+    state = rank * D * torch.empty((), dtype=settings.torch_dtype).element_size()
+    parts = {f"{len(settings.horizons)} horizon(s) of the base's size": len(settings.horizons) * src_base.weights_bytes,
+             "the state file": state}
+    if streaming:
+        parts["its parts until joined"] = state
+    check_free_space(out, parts)
 
 
 def _open_checkpoints(base, cks):

@@ -7,19 +7,26 @@
     relex plan --model DIR --tcut 100 --world-size 8 [--gpu-memory 80GB] [--host-memory 1TB] ...
 
 Every input mistake ends with one line ``relex: error: ...`` on stderr and exit code 2, before anything is written;
-a failed write (disk full) likewise, saying what is intact. transformers is never imported; torch only once the
-arguments are valid. ``RELEX_TIMING=1`` prints phase timings and peak RSS on stderr.
+a failed write (disk full) likewise, saying what is intact. SIGINT, SIGTERM and SIGHUP end a command with one line
+``relex: interrupted ...`` and exit code 128 + the signal's number, after the writer removed everything the run had
+written (temporaries and outputs alike: a plain rerun starts afresh). ``extrapolate`` and ``materialize`` hold the
+output directory's lock (:mod:`relex_callback.files.lock`) from before their first byte: a second writer there is
+refused at once. transformers is never imported; torch only once the arguments are valid. ``RELEX_TIMING=1`` prints
+phase timings and peak RSS on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
 from typing import Optional, Sequence
 
 from ..config import SOLVERS, STORAGES, bounded, parse_dtype, parse_horizons, parse_size
-from ..errors import RelexError, RelexInputError
+from ..errors import RelexError, RelexInputError, RelexInterrupted
+from ..files.lock import visible_entries, writing
 from .hub import label as model_label, resolve_model
 
 
@@ -69,8 +76,15 @@ def _shard_size(value: str) -> int:
         raise RelexInputError(f"--max-shard-size {value!r} is not a size; use e.g. 5GB, 500MB or a number of bytes") from None
 
 
+def _version() -> str:
+    # relex_callback/__init__.py holds the version (setup.cfg reads it there); the package is always imported before
+    # any of its modules, so it is read from sys.modules rather than imported from a lower layer
+    return getattr(sys.modules.get((__package__ or "relex_callback").split(".")[0]), "__version__", "unknown")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="relex", description="RELEX: rank-1 linear extrapolation of RL weight trajectories.")
+    p.add_argument("--version", action="version", version=f"relex {_version()}")
     sub = p.add_subparsers(dest="command", metavar="{extrapolate,materialize,report,plan}", parser_class=_Parser)
     sub.required = True
 
@@ -213,29 +227,29 @@ def cmd_extrapolate(args) -> int:
         if args.untracked_from is not None:
             _check_dir("--untracked-from", args.untracked_from, "the checkpoint saved at the trajectory's last step",
                        weights=True)
-        from ..files.fs import check_writable_dir
+        with writing(args.out, "relex extrapolate"):
+            if visible_entries(args.out) and not args.overwrite:
+                raise RelexInputError(f"--out {args.out} exists and is not empty; choose a new directory, or pass "
+                                      "--overwrite")
+            from .api import extrapolate_trajectory
 
-        check_writable_dir(args.out, "--out")
-        if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
-            raise RelexInputError(f"--out {args.out} exists and is not empty; choose a new directory, or pass --overwrite")
-        from .api import extrapolate_trajectory
-
-        _, report = extrapolate_trajectory(args.trajectory, args.base, horizons, args.out, rank=args.rank,
-                                           fit_start=args.fit_start, method=args.solver, overwrite=args.overwrite,
-                                           max_shard_size=args.max_shard_size, untracked_from=args.untracked_from,
-                                           untracked_frozen=args.untracked_frozen, **fit_kw)
+            _, report = extrapolate_trajectory(args.trajectory, args.base, horizons, args.out, rank=args.rank,
+                                               fit_start=args.fit_start, method=args.solver, overwrite=args.overwrite,
+                                               max_shard_size=args.max_shard_size, untracked_from=args.untracked_from,
+                                               untracked_frozen=args.untracked_frozen, **fit_kw)
         print(trust_lines(report))
         print(f"relex: wrote {', '.join(report['checkpoints'])}")
         return 0
     from .api import extrapolate_checkpoints
 
-    _, report = extrapolate_checkpoints(
-        args.base, args.checkpoints, horizons, args.out, steps=steps, stride=args.stride, fit_start=args.fit_start,
-        rank=args.rank, dtype=args.dtype, device=args.device, storage=args.storage, solver=args.solver,
-        max_shard_size=args.max_shard_size, overwrite=args.overwrite, progress=not args.no_progress,
-        timing=bool(os.environ.get("RELEX_TIMING")), streaming=args.streaming, run_check=not args.no_run_check,
-        **fit_kw,
-    )
+    with writing(args.out, "relex extrapolate"):
+        _, report = extrapolate_checkpoints(
+            args.base, args.checkpoints, horizons, args.out, steps=steps, stride=args.stride, fit_start=args.fit_start,
+            rank=args.rank, dtype=args.dtype, device=args.device, storage=args.storage, solver=args.solver,
+            max_shard_size=args.max_shard_size, overwrite=args.overwrite, progress=not args.no_progress,
+            timing=bool(os.environ.get("RELEX_TIMING")), streaming=args.streaming, run_check=not args.no_run_check,
+            **fit_kw,
+        )
     print(trust_lines(report))
     s = report["summary"]
     print(f"relex: {s['tensors']} tensors, explained variance mean {_f(s['explained_variance_mean'])}, "
@@ -250,8 +264,9 @@ def cmd_materialize(args) -> int:
     _shard_size(args.max_shard_size)
     from .api import materialize
 
-    written = materialize(args.state, args.base, horizons, args.out, overwrite=args.overwrite,
-                          max_shard_size=args.max_shard_size)
+    with writing(args.out, "relex materialize"):
+        written = materialize(args.state, args.base, horizons, args.out, overwrite=args.overwrite,
+                              max_shard_size=args.max_shard_size)
     print(f"relex: wrote {', '.join(written)}")
     return 0
 
@@ -267,6 +282,7 @@ def cmd_report(args) -> int:
         raise RelexInputError(f"{report_path(args.dir)} is JSON but not a RELEX report (no 'tcut' and 'tensors'); pass "
                               "the directory that `relex extrapolate` or the callback wrote")
     check_report(rep, report_path(args.dir), plot=args.plot)
+    _check_one_run(rep, report_path(args.dir))
     from ..files.fs import REPORT_PLOT_FILE, foreign_output
 
     png = os.path.join(os.path.dirname(report_path(args.dir)), REPORT_PLOT_FILE)
@@ -278,6 +294,24 @@ def cmd_report(args) -> int:
         plot_report(rep, png)
         print(f"relex: wrote {png}")
     return 0
+
+
+def _check_one_run(rep: dict, path: str):
+    """The state file and the horizons beside ``report.json`` carry its run id (read back: two writers, or files
+    copied in, must not pass for one run's results)."""
+    from ..files.fs import STATE_INDEX_NAME, STATE_NAME, horizon_dir, output_run_id
+
+    rid = rep.get("run_id")
+    if not isinstance(rid, str):  # a report written before run ids were recorded
+        return
+    d = os.path.dirname(os.path.abspath(path))
+    names = [STATE_NAME, STATE_INDEX_NAME] + [os.path.basename(horizon_dir(d, h)) for h in rep.get("horizons") or []
+                                              if isinstance(h, int)]
+    other = [f"{n} (run {o})" for n in names for o in [output_run_id(os.path.join(d, n))] if o is not None and o != rid]
+    if other:
+        raise RelexInputError(f"{path} is RELEX run {rid}, but {', '.join(other)} beside it is another run's: the "
+                              "directory mixes two runs' outputs (a writer that did not take the lock, or files copied "
+                              "in); rerun `relex extrapolate` (or the training run) into a new directory")
 
 
 def _size_arg(option: str, value):
@@ -371,14 +405,55 @@ def _f(x) -> str:
     return "n/a" if x is None else f"{x:.4f}"
 
 
+SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
+
+
+def _interrupt(signum, frame):
+    # the first signal interrupts the work; the writer's cleanup then runs with the signals ignored (a second Ctrl-C
+    # must not leave half of it undone; SIGKILL still ends the process)
+    for name in SIGNALS:
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+    raise RelexInterrupted(signum)
+
+
+def _install_handlers() -> dict:
+    old = {}
+    for name in SIGNALS:
+        if hasattr(signal, name):
+            with_num = getattr(signal, name)
+            try:
+                old[with_num] = signal.signal(with_num, _interrupt)
+            except ValueError:  # not the main thread: Python's defaults stay
+                pass
+    return old
+
+
+def _interrupted_line(e: RelexInterrupted) -> str:
+    from ..files.lock import COMPLETED
+
+    if e.complete or (e.out_dir is None and COMPLETED):
+        return (f"relex: interrupted by {e.name} after every output was written whole in "
+                f"{e.out_dir or COMPLETED[-1]}; nothing is left to do")
+    if e.removed:
+        kept = (f"; removed what it had written in {e.out_dir} ({', '.join(sorted(e.removed))}) and its temporaries: "
+                "nothing of it is left")
+    elif e.out_dir is not None:
+        kept = f"; nothing of it is left in or beside {e.out_dir}"
+    else:
+        kept = ""
+    return f"relex: interrupted by {e.name}{kept}; run the same command again to start afresh"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of the ``relex`` console script. Returns the exit code (0, or 2 for an input mistake or a failed
-    write)."""
+    """Entry point of the ``relex`` console script. Returns the exit code (0; 2 for an input mistake or a failed
+    write; 128 + the signal's number after SIGINT, SIGTERM or SIGHUP)."""
     # OpenMP's default active wait spins idle threads; on cores other jobs hold that made runs 4-5x slower. Passive
     # unless the user chose (set before torch is imported, which reads it once).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    parser = build_parser()
+    old = _install_handlers()
     try:
+        parser = build_parser()
         args = parser.parse_args(argv)
         fn = {"extrapolate": cmd_extrapolate, "materialize": cmd_materialize, "report": cmd_report,
               "plan": cmd_plan}[args.command]
@@ -386,6 +461,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except RelexError as e:  # input mistakes, non-finite values in a checkpoint, failed writes
         print(f"relex: error: {e}", file=sys.stderr)
         return 2
+    except RelexInterrupted as e:
+        print(_interrupted_line(e), file=sys.stderr)
+        return 128 + e.signum
+    finally:
+        for num, handler in old.items():
+            with contextlib.suppress(ValueError, TypeError):
+                signal.signal(num, handler)
 
 
 if __name__ == "__main__":

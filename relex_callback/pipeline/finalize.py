@@ -1,6 +1,6 @@
 """The end of a window, one pipeline for every caller and every output form:
 
-    checks -> solve -> state file -> each horizon -> report.json
+    checks -> solve -> state file -> report.json -> each horizon -> report.json (final)
 
 The callback (single process, DDP / ZeRO / FSDP2, PEFT) and the CLI (``relex extrapolate``) both call
 :func:`finalize`; what differs is the solve strategy (:class:`BufferedSolve` over a store's arena, or
@@ -8,7 +8,8 @@ The callback (single process, DDP / ZeRO / FSDP2, PEFT) and the CLI (``relex ext
 :class:`~relex_callback.files.writers.CheckpointWriter` they pass. Order matters for
 failures: every check that needs no work runs first (outputs free, a window of at least two steps); the state file
 is written before any horizon, so a failure while writing a horizon (disk full) leaves the state from which
-``relex materialize`` finishes the job. Any failed write is one :class:`~relex_callback.errors.RelexWriteError`
+``relex materialize`` finishes the job, and so is ``report.json`` (the trust signals; rewritten whole with the
+horizons' list at the end). Every failure message lists each output with its state. Any failed write is one :class:`~relex_callback.errors.RelexWriteError`
 saying what failed, what is intact and how to finish, on every process.
 """
 
@@ -206,19 +207,31 @@ def finalize(solver, writer: CheckpointWriter, settings, *, out_dir: str, kept: 
         t_bind = time.perf_counter() - t1
         t2 = time.perf_counter()
         state_path = _write_state(writer, out_dir, tcut, kept)
-        written = _write_horizons(writer, out_dir, [] if skip_horizons else horizons, tcut, settings.overwrite,
-                                  state_path, base_hint)
+        todo = [] if skip_horizons else horizons
+
+        def report_of(written, t_write, pending=()):
+            extra = solver.report_extra(writer)
+            extra.update(solve_seconds=round(t_solve, 6), write_seconds=t_write, checkpoints=list(written),
+                         run_id=writer.run_id)
+            if pending:
+                extra["horizons_pending"] = list(pending)
+            if skip_horizons:
+                extra["horizons_skipped"] = skip_horizons
+            extra.update(solver.distributed_extra(writer, t_bind))
+            extra.update(report_extra or {})
+            return build_report(writer.report_solution(sol), tcut=tcut, horizons=horizons, extra=extra)
+
+        # the report (backtest, reward trend, drift share) before any horizon: a horizon that fails (a full disk)
+        # leaves the trust signals beside the state file; rewritten whole once the horizons are there
+        pending = {"state": state_path, "horizons": todo, "base_hint": base_hint}
+        if todo:
+            _write_report(writer, out_dir, report_of([], None, todo), [], pending)
+        written = _write_horizons(writer, out_dir, todo, tcut, settings.overwrite, state_path, base_hint)
         t_write = time.perf_counter() - t2
     finally:
         solver.close()
-    extra = solver.report_extra(writer)
-    extra.update(solve_seconds=round(t_solve, 6), write_seconds=round(t_write, 6), checkpoints=written)
-    if skip_horizons:
-        extra["horizons_skipped"] = skip_horizons
-    extra.update(solver.distributed_extra(writer, t_bind))
-    extra.update(report_extra or {})
-    report = build_report(writer.report_solution(sol), tcut=tcut, horizons=horizons, extra=extra)
-    _write_report(writer, out_dir, report, written)
+    report = report_of(written, round(t_write, 6))
+    _write_report(writer, out_dir, report, written, None if todo else pending)
     logger.info("relex: solved %d tensors in %.2fs (%s), wrote %d checkpoint(s) in %.2fs to %s",
                 len(sol.specs), t_solve, sol.method, len(written), t_write, out_dir)
     return sol, report
@@ -231,8 +244,9 @@ def _write_state(writer: CheckpointWriter, out_dir: str, tcut: int, kept: Option
     except WriteFailed as e:
         where = f"the recorded window is kept in {kept}" if kept else "the recorded window was not saved"
         raise RelexWriteError(
-            f"writing the state file in {out_dir} failed: {e}; no horizon was written and nothing exists under the "
-            f"final names; {where}. Free space (or fix permissions) and run again"
+            f"writing the state file in {out_dir} failed: {e}. In {out_dir}: the state file, {REPORT_NAME} and every "
+            f"horizon were NOT written (nothing exists under their names); {where}. Free space (or fix permissions) and "
+            "run again"
         ) from e.__cause__
 
 
@@ -244,17 +258,30 @@ def _write_horizons(writer: CheckpointWriter, out_dir: str, horizons: Sequence[i
         try:
             written.append(writer.write_horizon(out_dir, h, tcut, overwrite))
         except WriteFailed as e:
-            done = f" ({', '.join(written)} were written whole)" if written else ""
+            rest = horizons[len(written):]
             raise RelexWriteError(
-                f"writing {horizon_dir(out_dir, h)} failed: {e}; the partial temporary was removed and nothing exists "
-                f"under the final name{done}; the state file {state_path} is intact: free space (or fix permissions) "
-                f"and write the remaining horizons with `relex materialize --state {state_path} --base {base_hint} "
-                f"--horizons {','.join(str(x) for x in horizons[len(written):])} --out {out_dir}`"
+                f"writing {horizon_dir(out_dir, h)} failed: {e}. In {out_dir}: {_outputs_line(state_path, True, written, rest)}; "
+                f"free space (or fix permissions) and write the remaining horizons with `relex materialize --state "
+                f"{state_path} --base {base_hint} --horizons {','.join(str(x) for x in rest)} --out {out_dir}`"
             ) from e.__cause__
     return written
 
 
-def _write_report(writer: CheckpointWriter, out_dir: str, report: dict, written: Sequence[str]):
+def _outputs_line(state_path: str, report_ok: bool, written: Sequence[str], rest: Sequence[int]) -> str:
+    """Every output of a window with its state, for a failure message."""
+    parts = [f"the state file {os.path.basename(state_path)} is intact",
+             f"{REPORT_NAME} is {'intact (written before the horizons)' if report_ok else 'NOT written'}"]
+    if written:
+        parts.append(f"{', '.join(os.path.basename(w) for w in written)} written whole")
+    if rest:
+        parts.append(f"{', '.join(f'step-{h}' for h in rest)} not written (nothing under their names)")
+    return "; ".join(parts)
+
+
+def _write_report(writer: CheckpointWriter, out_dir: str, report: dict, written: Sequence[str],
+                  pending: Optional[dict]):
+    """``report.json``; ``pending``: written before the horizons (the state file and the horizons still to write,
+    named when it fails)."""
     error = None
     if writer.is_coordinator:
         try:
@@ -264,8 +291,19 @@ def _write_report(writer: CheckpointWriter, out_dir: str, report: dict, written:
     try:
         writer.agree(error)
     except WriteFailed as e:
+        path = os.path.join(out_dir, REPORT_NAME)
+        if pending is not None:  # before any horizon: the state is whole, the report and every horizon are not
+            raise RelexWriteError(
+                f"writing {path} failed: {e}. In {out_dir}: "
+                f"{_outputs_line(pending['state'], False, [], pending['horizons'])}; the report's trust signals "
+                "(backtest, reward trend, drift share) were not saved and need the window: free space and rerun "
+                f"into another directory, or write the horizons without them with `relex materialize --state "
+                f"{pending['state']} --base {pending['base_hint']} --horizons "
+                f"{','.join(str(h) for h in pending['horizons'])} --out {out_dir}`"
+            ) from e.__cause__
         raise RelexWriteError(
-            f"writing {os.path.join(out_dir, REPORT_NAME)} failed: {e}; the state file and the checkpoints "
-            f"{', '.join(written)} are whole (only the report is missing): free space and rerun into another directory"
+            f"writing {path} failed: {e}. In {out_dir}: the state file and {', '.join(written) or 'no horizon'} are "
+            f"whole; {REPORT_NAME} is the one written before the horizons (its trust signals are complete; its "
+            "'checkpoints' list is empty and 'horizons_pending' names the horizons, which were written since)"
         ) from e.__cause__
     writer.barrier()

@@ -46,6 +46,7 @@ import torch
 
 from ..errors import RelexInputError, RelexNonFiniteError, RelexWriteError
 from ..files.checkpoints import MappedSource
+from ..files.fs import loads_json, read_safetensors_header
 from ..files.writers import CheckpointWriter, WriteFailed, guarded
 from ..params import TensorSpec
 from .finalize import check_horizons_fit
@@ -242,8 +243,8 @@ def write_shard_streaming(path: str, keys: list[str], meta: dict, produce: Calla
                 raise RuntimeError(f"{k}: produced {tuple(t.shape)} {t.dtype}, expected {shape} {dtype}")
             if t.is_floating_point() and not _all_finite(t):
                 raise RelexNonFiniteError(
-                    f"{k} would be written with NaN/Inf values into {os.path.dirname(path)}; nothing was written (a "
-                    "diverged model, or an extrapolation from non-finite deltas)"
+                    f"{k} would be written with NaN/Inf values into {os.path.dirname(path)}; that checkpoint was not "
+                    "written (a diverged model, or an extrapolation from non-finite deltas)"
                 )
             _write_tensor(f, t.to("cpu"))
 
@@ -264,10 +265,8 @@ def write_weights_streaming(out_dir: str, keys: list[str], meta: dict, produce, 
 
 
 def _read_header(path: str):
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        hdr = json.loads(f.read(n))
-    return hdr, 8 + n, os.path.getsize(path) - 8 - n
+    hdr, start, size = read_safetensors_header(path)
+    return hdr, start, size - start
 
 
 def merge_state_parts(parts: Sequence[str], path: str, offsets: dict[str, int]):
@@ -279,7 +278,7 @@ def merge_state_parts(parts: Sequence[str], path: str, offsets: dict[str, int]):
     for p in parts:
         hdr, start, size = _read_header(p)
         md = hdr.pop("__metadata__")
-        metas.append(json.loads(md["relex"]))
+        metas.append(loads_json(md["relex"], f"the relex metadata of {p}"))
         heads.append((hdr, start, size, md))
     merged = dict(metas[0])
     merged["order"], merged["tensors"] = [], {}

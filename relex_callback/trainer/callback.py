@@ -196,18 +196,18 @@ class RelexCallback(TrainerCallback, ExportableState):
                            "extrapolated; the recorded window is kept in %s for `relex extrapolate`",
                            state.max_steps, s.tcut, out_dir)
         check_writable_dir(out_dir, "output_dir")
-        own_run = (record or {}).get("run_id")
-        own = lifecycle.check_outputs(self, out_dir, model, own_run=own_run)
-        if own and own_run and not s.overwrite:
-            self._replace_own = own_run
-            logger.warning("relex: resuming run %s at step %d, before tcut=%d: %s were written by this run after that "
-                           "checkpoint and will be replaced at tcut", self._replace_own, state.global_step, s.tcut,
-                           ", ".join(os.path.basename(p) for p in own))
         self._select(model)
-        if self.topology.process_rank == 0:
+        if self.topology.process_rank == 0:  # before anything is read or written there: a second writer is named
             self._lock = OutputLock(out_dir, self._trainer() if self._trainer is not None else None)
             self._lock.acquire()
         try:
+            own_run = (record or {}).get("run_id")
+            own = lifecycle.check_outputs(self, out_dir, model, own_run=own_run)
+            if own and own_run and not s.overwrite:
+                self._replace_own = own_run
+                logger.warning("relex: resuming run %s at step %d, before tcut=%d: %s were written by this run after "
+                               "that checkpoint and will be replaced at tcut", self._replace_own, state.global_step,
+                               s.tcut, ", ".join(os.path.basename(p) for p in own))
             self.store = open_window(
                 s, self.tracked, self.topology, out_dir=out_dir, global_step=state.global_step, checkpoints=checkpoints,
                 expected=record, model_bytes=_horizon_bytes(model, self.tracked, s.merge_lora),

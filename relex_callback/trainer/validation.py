@@ -19,7 +19,7 @@ import torch
 
 from ..trajectory.persist import THETA0_FILE, link_or_copy, save_theta0
 from ..trajectory.window import saved_trajectory
-from ..files.fs import STATE_NAME, write_json
+from ..files.fs import STATE_NAME, read_json, write_json
 from ..files.report import REPORT_NAME, load_report, write_report
 from ..files.state import RelexState, load_state, save_state
 
@@ -126,8 +126,6 @@ class Validation:
         """Resumed after tcut: reload this process's pieces from the checkpoint. In distributed runs every process must
         have its pieces (same world size, same tracked tensors) or none validates: the decision is collective, so no
         process waits in an all-reduce the others never reach. ``None`` (with a warning) when it cannot."""
-        import json
-
         from safetensors.torch import load_file
 
         from ..params import TensorSpec
@@ -136,8 +134,7 @@ class Validation:
         if ckpt_dir is None:
             why = "the checkpoint has no saved validation state for this process (saved with another world size?)"
         else:
-            with open(os.path.join(ckpt_dir, VALIDATION_FILE)) as f:
-                saved = json.load(f)
+            saved = read_json(os.path.join(ckpt_dir, VALIDATION_FILE))
             specs = [TensorSpec.from_json(d) for d in saved.get("specs", [])]
             mine = [t.spec for t in tracked]
             key = lambda s: (s.name, tuple(s.shape), s.local_numel, s.flat_start)  # noqa: E731

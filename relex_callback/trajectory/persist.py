@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import logging
 import os
 import shutil
@@ -31,7 +30,7 @@ import torch
 
 from ..config import dtype_name, torch_dtype
 from ..errors import RelexInputError
-from ..files.fs import atomic_file, write_json
+from ..files.fs import atomic_file, read_json, write_json
 from ..params import TensorSpec
 from .tiers import BUFFER_FILE, SNAPSHOT_CHUNK, SNAPSHOT_CHUNK_DEVICE
 
@@ -121,8 +120,7 @@ def discard_files(store, keep: Sequence[str] = ()) -> int:
         return 0
     store.release()
     try:  # the whole set only when the directory's metadata names this window
-        with open(os.path.join(store.directory, META_FILE)) as f:
-            owner = json.load(f).get("run_id")
+        owner = read_json(os.path.join(store.directory, META_FILE)).get("run_id")
     except (OSError, ValueError, AttributeError):
         owner = None
     freed = 0
@@ -289,8 +287,7 @@ def save(store, directory: str, *, live: Optional[Sequence[torch.Tensor]] = None
 
 def read_meta(directory: str) -> dict:
     try:
-        with open(os.path.join(directory, META_FILE)) as f:
-            return json.load(f)
+        return read_json(os.path.join(directory, META_FILE))
     except (OSError, ValueError) as e:
         raise RelexInputError(f"cannot read the saved trajectory in {directory}: {e}") from None
 
@@ -328,6 +325,52 @@ def check_compatible(meta: dict, directory: str, specs: Sequence[TensorSpec], dt
             )
 
 
+def check_sizes(meta: dict, directory: str, specs: Sequence[TensorSpec], dtype):
+    """The sizes ``trajectory.json`` claims checked against the bytes present, before a buffer is allocated or a file
+    mapped: theta_0's element count (its safetensors header) and each row file's length for the rows it is said to
+    hold. A claim beyond the bytes (a damaged or edited file) is a :class:`RelexInputError` at no memory cost."""
+    from ..files.fs import read_safetensors_header
+
+    D = sum(int(s.local_numel) for s in specs)
+    item = torch.empty((), dtype=torch_dtype(dtype)).element_size()
+    theta0 = os.path.join(directory, THETA0_FILE)
+    try:
+        header, start, size = read_safetensors_header(theta0)
+        entry = header.get("theta0") or {}
+        numel = 1
+        for d in entry.get("shape") or [0]:
+            numel *= int(d)
+        b, e = entry.get("data_offsets") or (0, 0)
+    except (OSError, ValueError, TypeError, AttributeError) as err:
+        raise RelexInputError(f"cannot read {theta0}: {err}; the trajectory is damaged") from None
+    if numel != D:
+        raise RelexInputError(
+            f"{directory}/{META_FILE} claims {len(specs)} tensor(s) of {D:,} elements in all, but {THETA0_FILE} holds "
+            f"{numel:,}: the trajectory is damaged or its metadata edited; nothing was allocated")
+    if start + int(e) > size:
+        raise RelexInputError(
+            f"{theta0} is truncated: its header claims {start + int(e):,} bytes, the file holds {size:,}; the "
+            "trajectory is damaged: use another checkpoint's relex_trajectory/ or the run's checkpoints with "
+            "`relex extrapolate --checkpoints`; nothing was allocated")
+    entries = meta.get("files")
+    if entries is None:
+        nrows = int(meta.get("basis_rows") or 0) + len(meta.get("steps") or [])
+        entries = [{"file": BUFFER_FILE, "row": 0, "rows": nrows}] if nrows else []
+    for en in entries:
+        if not isinstance(en, dict) or not isinstance(en.get("file"), str) or os.path.basename(en["file"]) != en["file"]:
+            raise RelexInputError(f"{directory}/{META_FILE} lists a row file {en!r} that is not a file name in the "
+                                  "trajectory: it is damaged")
+        path = os.path.join(directory, en["file"])
+        rows = int(en.get("row", 0)) + int(en.get("rows", 0))
+        need = rows * D * item
+        have = os.path.getsize(path) if os.path.isfile(path) else -1
+        if have < need:
+            raise RelexInputError(
+                f"{path} holds {max(have, 0):,} bytes but {META_FILE} claims {rows} row(s) of {D:,} {dtype_name(torch_dtype(dtype))} "
+                f"elements there ({need:,} bytes): the trajectory is damaged or its metadata edited; nothing was "
+                "allocated")
+
+
 def load(
     cls,
     directory: str,
@@ -351,6 +394,7 @@ def load(
 
     meta = read_meta(directory)
     check_compatible(meta, directory, specs, dtype, window)
+    check_sizes(meta, directory, specs, dtype)  # before anything is allocated or mapped
     saved_fold = meta.get("fold_rank")
     if adopt_shape:  # a planned buffer (storage="auto") resumes with the shape it was saved with
         capacity, fold_rank = int(meta["K"]), saved_fold
@@ -486,8 +530,7 @@ def open_saved(cls, directory: str, *, storage: str = "host", device=None):
     its tensors, dtype, slots and fold settings."""
     meta_path = os.path.join(directory, META_FILE)
     try:
-        with open(meta_path) as f:
-            meta = json.load(f)
+        meta = read_json(meta_path)
     except (OSError, ValueError) as e:
         raise RelexInputError(
             f"{directory} is not a saved RELEX trajectory (cannot read {META_FILE}: {e}); pass the "

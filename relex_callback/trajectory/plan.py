@@ -27,7 +27,6 @@ slots; with fewer than one slot anywhere, no tier (the plan says what is missing
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -36,6 +35,7 @@ from typing import Optional, Sequence
 
 from ..config import DEFAULT_FOLD_RANK, STORAGES, parse_dtype
 from ..errors import RelexInputError
+from ..files.fs import read_json
 
 TIERS = ("device", "host", "disk")
 MODES = ("single", "replicated", "zero3", "fsdp2")
@@ -543,8 +543,7 @@ def read_model_config(path: str) -> dict:
         raise RelexInputError(f"--model {path} has no config.json; pass a model directory saved with save_pretrained "
                               "or its config.json")
     try:
-        with open(file) as fh:
-            cfg = json.load(fh)
+        cfg = read_json(file)
     except (OSError, ValueError) as e:
         raise RelexInputError(f"--model {file} is not a readable JSON config ({e}); pass a model's config.json") from None
     if not isinstance(cfg, dict) or not isinstance(cfg.get("model_type"), str):

@@ -5,26 +5,22 @@ inside the window, the saved trajectory that belongs to this run and these weigh
 callback's record in ``trainer_state.json``; :func:`saved_trajectory` finds a checkpoint's ``relex_trajectory/``). It
 sizes the ring (the memory plan, :mod:`.plan`, for ``storage="auto"``), checks the free disk space for everything the
 window will write, and in distributed runs makes every process fail together before step 1 (:func:`_together`).
-:class:`OutputLock` (``.relex-lock.json``) refuses a second callback on the same output directory.
+:class:`~relex_callback.files.lock.OutputLock` (``.relex-lock.json``, re-exported here) refuses a second writer of the
+same output directory: another callback, ``relex extrapolate`` or ``relex materialize``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import os
-import socket
-import time
-import uuid
-import weakref
 from typing import Optional, Sequence
 
 import torch
 
 from ..core import kernels
 from ..errors import RelexError, RelexInputError, RelexMemoryError, RelexNonFiniteError
-from ..files.fs import describe_failure, write_failure, write_json
+from ..files.fs import describe_failure, write_failure
+from ..files.lock import LOCK_FILE, OutputLock  # noqa: F401  (re-exported: the callback owns its output_dir)
 from . import persist
 from .persist import META_FILE, RUN_TRAJECTORY_DIR, TRAJECTORY_DIR
 from .plan import plan_for_run
@@ -33,7 +29,6 @@ from .tiers import _fmt, available_disk_bytes
 
 logger = logging.getLogger("relex_callback")
 
-LOCK_FILE = ".relex-lock.json"  # inside the relex output_dir while a callback owns it
 
 
 # ------------------------------------------------------------------------------------------ opening a window
@@ -325,129 +320,3 @@ def _fresh_store(topology, tracked, specs, capacity, run_dir, info, common):
             _together(topology, f"writing its trajectory metadata in {run_dir}",
                       lambda: persist.write_meta(store, store.directory), write_failures=run_dir)
     return store
-
-
-# ------------------------------------------------------------------------------------------ owning an output dir
-_HELD: "weakref.WeakValueDictionary[str, OutputLock]" = weakref.WeakValueDictionary()
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _pid_started(pid: int) -> Optional[str]:
-    """When process ``pid`` started (Linux: field 22 of ``/proc/<pid>/stat``, in clock ticks since boot), or ``None``
-    where that cannot be read: with the pid it names one process, so a pid reused by an unrelated process is told
-    from the lock's holder."""
-    try:
-        with open(f"/proc/{int(pid)}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def _pid_command(pid: int) -> str:
-    try:
-        with open(f"/proc/{int(pid)}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()[:80]
-    except (OSError, ValueError):
-        return ""
-
-
-class OutputLock:
-    """``<output_dir>/.relex-lock.json`` names the callback that owns a relex output_dir (process id, host, a token,
-    the trainer) from ``on_train_begin`` to the end of its window. A second callback on the same directory is refused
-    before step 1: two callbacks of one trainer, or a live process on this host. A holder that is gone is taken over:
-    its process ended (same host), its trainer object is gone or is another trainer (same process: a notebook that
-    trains again after an error), or, on another host, its heartbeat (the file's mtime, touched at each step) is
-    older than ``STALE_SECONDS``."""
-
-    STALE_SECONDS = 1800
-
-    def __init__(self, out_dir: str, trainer=None):
-        self.path = os.path.join(out_dir, LOCK_FILE)
-        self.token = uuid.uuid4().hex
-        self.trainer = weakref.ref(trainer) if trainer is not None else None
-        self.held = False
-        self._touched = 0.0
-
-    def acquire(self):
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "token": self.token, "since": time.time(),
-              "started": _pid_started(os.getpid())}
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            why = self._holder_alive()
-            if why:
-                raise RelexInputError(
-                    f"output_dir {os.path.dirname(self.path)} is in use by {why}; two windows "
-                    "writing one directory would overwrite each other's trajectory and checkpoints. Give each callback "
-                    f"its own output_dir; if no other run uses it, delete {self.path}"
-                ) from None
-            write_json(self.path, me)
-        else:
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-        self.held = True
-        _HELD[self.token] = self
-
-    def _holder_alive(self) -> Optional[str]:
-        try:
-            with open(self.path) as f:
-                h = json.load(f)
-            age = time.time() - os.stat(self.path).st_mtime
-        except (OSError, ValueError):
-            return None  # unreadable or half written: take it over
-        if not isinstance(h, dict):
-            return None
-        who = f"process {h.get('pid')} on {h.get('host')}"
-        if h.get("host") != socket.gethostname():
-            return f"a RelexCallback in {who}, active {age:.0f} s ago" if age < self.STALE_SECONDS else None
-        pid = h.get("pid")
-        if pid != os.getpid():
-            if not isinstance(pid, int) or isinstance(pid, bool) or not _pid_alive(pid):
-                return None
-            started, now = h.get("started"), _pid_started(pid)
-            if started is not None and now is not None and started != now:
-                return None  # the pid was reused: the holder ended, an unrelated process has its number now
-            if started is None:  # a lock without the holder's start time: only the pid is known
-                cmd = _pid_command(pid)
-                return (f"{who} (still running{': ' + cmd if cmd else ''}; the lock does not say whether that is the "
-                        "RelexCallback that wrote it)")
-            return f"a RelexCallback in {who}"
-        other = _HELD.get(h.get("token"))
-        if other is None or not other.held:
-            return None
-        mine = self.trainer() if self.trainer else None
-        theirs = other.trainer() if other.trainer else None
-        if mine is not None and mine is theirs:
-            return "another RelexCallback of this trainer"
-        return None
-
-    def touch(self, every: float = 60.0):
-        """Heartbeat (at most once per ``every`` seconds)."""
-        now = time.monotonic()
-        if self.held and now - self._touched > every:
-            self._touched = now
-            with contextlib.suppress(OSError):
-                os.utime(self.path)
-
-    def release(self):
-        if not self.held:
-            return
-        self.held = False
-        _HELD.pop(self.token, None)
-        try:
-            with open(self.path) as f:
-                mine = json.load(f).get("token") == self.token
-            if mine:
-                os.remove(self.path)
-        except (OSError, ValueError):
-            pass
