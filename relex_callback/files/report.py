@@ -76,6 +76,9 @@ def build_report(solution, *, tcut: int, horizons, extra: Optional[dict] = None)
         "fit": _fit_summary(solution, horizons),
         "tensors": tensors,
     }
+    clock = getattr(solution, "clock", None)
+    if clock is not None:  # absent: the step clock (also what files written before the lr clock mean)
+        rep["clock"] = clock.summary(horizons)
     bt = getattr(solution, "backtest", None)
     if bt is not None:
         rep["backtest"] = bt.to_report()
@@ -101,7 +104,8 @@ def _fit_summary(solution, horizons) -> dict:
     if curve is not None:
         ratios = {}
         for h in horizons:
-            line = (solution.slope * float(h) + solution.intercept)[:, 0].abs().sum()
+            x = solution.clock.at(h) if getattr(solution, "clock", None) is not None else float(h)
+            line = (solution.slope * x + solution.intercept)[:, 0].abs().sum()
             chosen = solution.coef_at(h)[:, 0].abs().sum()
             ratios[str(int(h))] = float(chosen / line) if float(line) > 0 else None
         out["coefficient_vs_line"] = ratios

@@ -39,7 +39,57 @@ def begin(cb, state):
     if cb.__dict__.get("_began"):
         begin_again(cb)
     cb._began = True
+    read_schedule(cb, trainer, state)
     return trainer, (_resumed_from(trainer) if state.global_step > 0 else None)
+
+
+def read_schedule(cb, trainer, state):
+    """``fit_clock="lr"``: the learning rate of every step up to the last horizon (or ``max_steps``), read ahead from
+    the trainer's scheduler at window open without stepping it (:func:`relex_callback.core.clock.schedule_lrs`);
+    kept as ``cb._schedule = (lrs, source)``. A scheduler that cannot be read ahead: the step clock, said once."""
+    from ..core.clock import MAX_RECORDED, schedule_lrs
+
+    cb._schedule = None
+    s = cb.settings
+    if s.fit_clock != "lr":
+        return
+    sched = getattr(trainer, "lr_scheduler", None) if trainer is not None else None
+    max_steps = int(getattr(state, "max_steps", 0) or 0)
+    lrs, why = schedule_lrs(sched, min(max([s.tcut, *s.horizons]), MAX_RECORDED), max_steps or None)
+    if lrs is None:
+        warn_once(cb, state, f"relex: {why}; the coefficients are fitted on the step (as with fit_clock='steps')")
+        return
+    inner = getattr(sched, "scheduler", sched) if not hasattr(sched, "lr_lambdas") else sched
+    cb._schedule = (lrs, f"the trainer's {type(inner).__name__} (max_steps={max_steps})")
+
+
+def warn_once(cb, state, msg: str):
+    """A warning on the main process only, once per callback instance and message (a DDP / ZeRO / FSDP run has one
+    callback per process: without the test every process would print it)."""
+    seen = cb.__dict__.setdefault("_warned", set())
+    topo = cb.__dict__.get("topology")
+    main = (getattr(state, "is_world_process_zero", True) if state is not None
+            else topo is None or topo.process_rank == 0)
+    if msg in seen or not main:
+        return
+    seen.add(msg)
+    logger.warning(msg)
+
+
+def window_clock(cb, state=None):
+    """The clock of the window at ``tcut`` (:func:`relex_callback.core.clock.resolve`), or ``None``: the step."""
+    from ..core.clock import resolve
+
+    s = cb.settings
+    if s.fit_clock != "lr" or not cb.__dict__.get("_schedule"):
+        return None
+    lrs, source = cb._schedule
+    clock, _why = resolve(lrs, s.tcut, s.horizons, source)
+    if clock is not None and max(s.horizons) > clock.end:
+        warn_once(cb, state, f"relex: horizons {[h for h in s.horizons if h > clock.end]} are beyond the end of the "
+                             f"learning-rate schedule (step {clock.end}): past it the lr clock counts each step at the "
+                             f"window's mean learning rate ({clock.tail_lr:.3g})")
+    return clock
 
 
 def begin_again(cb):
@@ -252,7 +302,7 @@ def run_pipeline(cb, writer, s, out_dir, model, trend, flat):
     from ..pipeline.finalize import BufferedSolve, finalize
 
     solver = BufferedSolve(cb.store, reduce=cb.topology.reduce_grams if cb.topology.sharded else None,
-                           skipped_nonfinite=cb.skipped_steps)
+                           skipped_nonfinite=cb.skipped_steps, clock=window_clock(cb))
     if cb._replace_own is not None and cb._replace_own == cb.store.run_id and not s.overwrite:
         # a resumed window replaces what its own run wrote at tcut before it stopped: checked again now (it was at
         # on_train_begin) that every output there still carries this run id, so nothing that appeared since (a

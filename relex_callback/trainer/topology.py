@@ -287,7 +287,8 @@ class Topology:
             whole = [TensorSpec(s.name, s.shape, s.dtype, s.numel) for s in sol.specs]
             return Solution(specs=whole, steps=sol.steps, fit_start=sol.fit_start, rank=sol.rank,
                             **{f: getattr(sol, f) for f in fields}, V=None, method=sol.method, seconds=sol.seconds,
-                            fallbacks=sol.fallbacks, backtest=sol.backtest, curve=sol.curve, selection=sol.selection)
+                            fallbacks=sol.fallbacks, backtest=sol.backtest, curve=sol.curve, selection=sol.selection,
+                            clock=sol.clock)
         from ..core.backtest import combine
         from ..core.fit import Fit
 
@@ -309,7 +310,7 @@ class Topology:
                         fallbacks=sum(self.gather_objects(sol.fallbacks)),
                         backtest=combine(bts) if all(b is not None for b in bts) else None,
                         curve=Fit.stack([Fit.from_json(c) for c in curves]) if all(curves) else None,
-                        selection=sol.selection)
+                        selection=sol.selection, clock=sol.clock)
 
     def write_plan(self, model) -> dict:
         """Which process writes each checkpoint key: ``{"keys", "meta": key -> (shape, dtype), "owner": key ->
@@ -414,7 +415,7 @@ class Topology:
             specs=specs, steps=sol.steps, fit_start=sol.fit_start, rank=svd_rank, sigma=pick(sol.sigma),
             coeffs=pick(sol.coeffs), slope=pick(sol.slope), intercept=pick(sol.intercept), r2=pick(sol.r2),
             total=pick(sol.total), last_sq=pick(sol.last_sq), V=V, method=sol.method,
-            curve=sol.curve[rows] if sol.curve is not None and len(mine_names) else None,
+            curve=sol.curve[rows] if sol.curve is not None and len(mine_names) else None, clock=sol.clock,
         )
         theta0 = [theta0_full.pop(s.name) for s in specs]
         return owned, theta0, extra
