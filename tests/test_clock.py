@@ -203,6 +203,10 @@ def test_linear_schedule_recorded_and_rewritten_bit_for_bit(tmp_path):
     assert r.returncode == 0, r.stderr
     cbw, mat = _digests(str(out), names=()), _digests(str(tmp_path / "mat"), names=())
     assert cbw and cbw == mat
+    r = subprocess.run([exe, "materialize", "--state", str(out), "--base", str(tmp_path / "base"), "--horizons", "8",
+                        "--out", str(tmp_path / "mat")], capture_output=True, text=True, env=cli_env())
+    assert r.returncode == 2 and "already exist" in r.stderr  # the message names the CLI's own switch
+    assert "pass --overwrite" in r.stderr and "pass overwrite" not in r.stderr, r.stderr
     # offline: the checkpoints' trainer_state.json logs reach only tcut=4 here (training stopped): the step clock,
     # said once; with the schedule as an option, the callback's lr clock and its bytes
     ckpts = [str(tmp_path / "run" / f"checkpoint-{i}") for i in range(1, 5)]

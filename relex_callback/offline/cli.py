@@ -385,7 +385,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               "plan": cmd_plan}[args.command]
         return fn(args)
     except RelexError as e:  # input mistakes, non-finite values in a checkpoint, failed writes
-        print(f"relex: error: {e}", file=sys.stderr)
+        from ..errors import name_switch
+
+        print(f"relex: error: {name_switch(e, 'cli')}", file=sys.stderr)
         return 2
 
 

@@ -149,7 +149,9 @@ class RelexCallback(TrainerCallback, ExportableState):
     def from_config(cls, cfg: RelexConfig, **overrides) -> "RelexCallback":
         kw = cfg.to_kwargs()
         kw.update(overrides)
-        return cls(**kw)
+        cb = cls(**kw)
+        cb._entry = "trl_parser"  # messages name --relex_overwrite, not the argument (errors.name_switch)
+        return cb
 
     def __getattr__(self, name):  # the settings read as attributes: cb.tcut, cb.horizons, cb.stop_training, ...
         settings = self.__dict__.get("settings")

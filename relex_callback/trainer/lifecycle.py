@@ -111,8 +111,19 @@ def check_outputs(cb, out_dir: str, model, own_run: Optional[str] = None) -> lis
     from ..params import is_peft_model
 
     s = cb.settings
-    return check_outputs_free(out_dir, s.horizons, s.overwrite, merged=s.merge_lora and is_peft_model(model),
-                              plot=s.evaluate_horizons, own_run=own_run)
+    try:
+        return check_outputs_free(out_dir, s.horizons, s.overwrite, merged=s.merge_lora and is_peft_model(model),
+                                  plot=s.evaluate_horizons, own_run=own_run)
+    except RelexInputError as e:
+        raise switch_named(cb, e) from None
+
+
+def switch_named(cb, e):
+    """``e`` naming this callback's overwrite switch: ``overwrite=True``, or ``--relex_overwrite`` for a callback
+    built by ``RelexCallback.from_config`` (a ``TrlParser`` / ``HfArgumentParser`` run)."""
+    from ..errors import name_switch
+
+    return name_switch(e, cb.__dict__.get("_entry", "callback"))
 
 
 def nonfinite_step(cb, step: int, e):
@@ -237,8 +248,9 @@ def _pipeline_or_keep(cb, args, kwargs, writer, out_dir, model, trend, flat):
 
         written = any(os.path.isfile(p) and os.path.getmtime(p) >= start_wall for p in
                       (os.path.join(out_dir, STATE_NAME), os.path.join(out_dir, STATE_INDEX_NAME)))
+        e = switch_named(cb, e)
         if written or cb.store is None or not cb.store.num_rows:  # the state file holds the window
-            raise
+            raise e from None
         keep, base = keep_window(cb, args, kwargs, cb.settings.tcut)  # the model is at tcut
         raise type(e)(
             f"{e}. Nothing was extrapolated; the {cb.store.num_rows} recorded steps are kept in {keep}: once "
