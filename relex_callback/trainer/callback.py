@@ -278,6 +278,7 @@ class RelexCallback(TrainerCallback, ExportableState):
 
     def on_train_end(self, args, state, control, **kwargs):
         self._release()
+        lifecycle.end_run()
         if self.validation is not None and self.validation.theta0_file:  # the checkpoints keep their links
             for p in (self.validation.theta0_file, os.path.dirname(self.validation.theta0_file)):
                 try:

@@ -39,6 +39,9 @@ def begin(cb, state):
     if cb.__dict__.get("_began"):
         begin_again(cb)
     cb._began = True
+    from .notices import start_run
+
+    start_run(state)  # warnings: the main process's only, each once per run
     read_schedule(cb, trainer, state)
     return trainer, (_resumed_from(trainer) if state.global_step > 0 else None)
 
@@ -61,6 +64,13 @@ def read_schedule(cb, trainer, state):
         return
     inner = getattr(sched, "scheduler", sched) if not hasattr(sched, "lr_lambdas") else sched
     cb._schedule = (lrs, f"the trainer's {type(inner).__name__} (max_steps={max_steps})")
+
+
+def end_run():
+    """``on_train_end``: repeated warnings pass again (:mod:`.notices`)."""
+    from .notices import end_run as _end
+
+    _end()
 
 
 def warn_once(cb, state, msg: str):
@@ -232,6 +242,9 @@ def finish(cb, args, state, control, kwargs):
         from .scoring import score_at_tcut
 
         score_at_tcut(cb, cb._trainer() if cb._trainer is not None else None, sol, cb.store, model, out_dir, control)
+    from .notices import summary
+
+    summary(cb, out_dir, state, model)  # the one summary of the window, printed by the main process
     _close_window(cb, state, control, sol, out_dir)
 
 
