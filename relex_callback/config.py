@@ -22,6 +22,7 @@ _DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp3
 STORAGES = ("auto", "device", "host", "disk")
 SOLVERS = ("auto", "gram", "power")
 ON_NONFINITE = ("error", "skip")
+FIT_CLOCKS = ("lr", "steps")  # relex_callback.core.clock: the cumulative learning rate, or the step
 ON_FLAT_REWARD = ("warn", "error", "ignore")
 FITS = ("linear", "power", "log", "polynomial", "auto")
 LADDER = (2, 4, 8, 16)  # horizons="auto": these multiples of tcut
@@ -207,6 +208,7 @@ class RelexSettings:
     evaluate_horizons: bool = False
     keep_best: Optional[int] = None
     auto_horizons: bool = False  # horizons="auto": the ladder LADDER x tcut, scored (evaluate_horizons) when possible
+    fit_clock: str = "lr"  # the fit's axis: "lr" (cumulative learning rate, relex_callback.core.clock) or "steps"
 
     @property
     def steps(self) -> list[int]:
@@ -251,6 +253,7 @@ class RelexSettings:
         reward_metric=None,
         evaluate_horizons=False,
         keep_best=None,
+        fit_clock="lr",
         allow_partial_stride: bool = False,
     ) -> "RelexSettings":
         tcut, stride, steps = _check_window(tcut, stride, allow_partial_stride)
@@ -275,6 +278,7 @@ class RelexSettings:
         shard = parse_size(max_shard_size)
         fold_rank, buffer_slots = _check_fold(fold_rank, buffer_slots, rank)
         _choice("on_nonfinite", on_nonfinite, ON_NONFINITE)
+        _choice("fit_clock", fit_clock, FIT_CLOCKS)
         fit_window, degree = _check_fit_family(fit, fit_window, degree, steps, fit_start)
         keep_best = _check_reward_options(on_flat_reward, reward_metric, evaluate_horizons, keep_best, auto_horizons)
         return cls(
@@ -285,6 +289,7 @@ class RelexSettings:
             buffer_slots=buffer_slots, on_nonfinite=on_nonfinite, merge_lora=merge_lora, fit=fit,
             fit_window=fit_window, degree=degree, on_flat_reward=on_flat_reward, reward_metric=reward_metric,
             evaluate_horizons=evaluate_horizons or auto_horizons, keep_best=keep_best, auto_horizons=auto_horizons,
+            fit_clock=fit_clock,
         )
 
 
@@ -443,6 +448,7 @@ class RelexConfig:
     relex_reward_metric: Optional[str] = field(default=None, metadata=_help("Logged metric whose trend is checked (default: reward, else the first *reward* metric)."))
     relex_evaluate_horizons: bool = field(default=False, metadata=_help("At tcut, score the tcut model and every horizon with the trainer's own evaluation (needs an eval_dataset)."))
     relex_keep_best: Optional[int] = field(default=None, metadata=_help("With scored horizons: keep only the best N step-H/ on disk (the state file keeps every horizon)."))
+    relex_fit_clock: str = field(default="lr", metadata=_help("Axis of the fit: lr (cumulative learning rate of the trainer's schedule) or steps (the paper's)."))
 
     def to_kwargs(self) -> dict:
         """The ``RelexCallback`` keyword arguments (prefix dropped)."""
@@ -533,6 +539,12 @@ Args:
     keep_best (`int`, *optional*):
         With scored horizons, keep only the best ``keep_best`` checkpoints on disk (the state file keeps every
         horizon reachable through ``relex materialize``).
+    fit_clock (`str`, *optional*, defaults to `"lr"`):
+        The axis the coefficients are fitted on and the horizons placed on. ``"lr"``: the cumulative learning rate
+        ``tau(t) = sum_{s<=t} lr_s`` of the trainer's scheduler (read ahead at ``on_train_begin``, never stepped), so
+        warmup, linear decay or cosine are followed; with a constant learning rate it is the step, bit for bit. A
+        scheduler that cannot be read ahead (``ReduceLROnPlateau``, a custom class) falls back to the step with one
+        warning. ``"steps"``: the step number (the paper's axis). See docs/schedule.md.
 
 Validation mode (``stop_training=False``): training continues after ``tcut``; when ``state.global_step``
 reaches each horizon ``H``, the real deltas ``theta_H - theta_0`` are compared per tensor with the

@@ -45,3 +45,24 @@ class RelexInterrupted(BaseException):
         self.out_dir = None
         self.complete = False  # the signal came after the writer had finished: every output is whole
         super().__init__(f"interrupted by {self.name}")
+
+
+OVERWRITE_HINT = "pass overwrite"
+"""How a message built below the entry points (files/fs.py, the writers) asks for ``overwrite``; each entry point
+names its own switch in its place (:func:`name_switch`)."""
+SWITCHES = {
+    "callback": "overwrite=True to RelexCallback",
+    "trl_parser": "--relex_overwrite (relex_overwrite: true in the YAML config)",
+    "cli": "--overwrite",
+}
+
+
+def name_switch(e: BaseException, entry: str) -> BaseException:
+    """``e`` with :data:`OVERWRITE_HINT` replaced by the switch of ``entry`` (a key of :data:`SWITCHES`): the same
+    exception type, traceback and cause; ``e`` itself when its message does not ask for overwrite."""
+    msg = str(e)
+    if not isinstance(e, RelexError) or OVERWRITE_HINT not in msg or entry not in SWITCHES:
+        return e
+    new = type(e)(msg.replace(OVERWRITE_HINT, "pass " + SWITCHES[entry]))
+    new.__cause__, new.__suppress_context__ = e.__cause__, e.__suppress_context__
+    return new.with_traceback(e.__traceback__)

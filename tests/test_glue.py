@@ -82,6 +82,7 @@ YAML_VALUES = {
     "reward_metric": ("rewards/accuracy", "rewards/accuracy"),
     "evaluate_horizons": (True, True),
     "keep_best": (2, 2),
+    "fit_clock": ("steps", "steps"),
 }
 
 

@@ -55,7 +55,8 @@ def seeded_eval(trainer) -> dict:
 
 
 def without_seconds(m: dict) -> dict:
-    return {k: v for k, v in m.items() if k != "seconds"}
+    """The scores (what evaluate() gives), without the timing and the standard errors relex adds."""
+    return {k: v for k, v in m.items() if k != "seconds" and not k.endswith("_stderr")}
 
 
 @pytest.fixture(scope="module")
@@ -85,12 +86,25 @@ def test_report_scores_every_step_and_keeps_the_best(scored):
     best = max(HORIZONS, key=lambda h: (reward[h], -h))
     assert rep["best_horizon"] == best
     assert rep["horizon_eval_summary"]["metric"] == "reward"
-    assert rep["horizon_eval_summary"]["best_beats_tcut"] == (reward[best] > rep["horizon_eval"][str(TCUT)]["reward"])
-    # keep_best=2: exactly the two best step-H/ stay; the state file keeps every horizon
+    # every score carries its standard error (per-prompt spread); a win counts beyond two of them only
+    se = {h: rep["horizon_eval"][str(h)]["reward_stderr"] for h in [TCUT] + HORIZONS}
+    assert all(v > 0 for v in se.values())
+    summ = rep["horizon_eval_summary"]
+    diff = reward[best] - rep["horizon_eval"][str(TCUT)]["reward"]
+    assert summ["difference"] == pytest.approx(diff)
+    assert summ["difference_stderr"] == pytest.approx((se[TCUT] ** 2 + se[best] ** 2) ** 0.5)
+    assert summ["best_beats_tcut"] == (diff > 2 * summ["difference_stderr"])
+    assert summ["pick"] == (best if summ["best_beats_tcut"] else "tcut")
+    # keep_best=2: the two best step-H/ stay when a horizon beats the tcut model; within noise nothing is removed
     ranking = sorted(HORIZONS, key=lambda h: (-reward[h], h))
     left = sorted(d for d in os.listdir(relex) if d.startswith("step-"))
-    assert left == sorted(f"step-{h}" for h in ranking[:2])
-    assert rep["keep_best"]["removed"] == [f"step-{ranking[2]}"] and rep["keep_best"]["kept"] == ranking[:2]
+    if summ["best_beats_tcut"]:
+        assert left == sorted(f"step-{h}" for h in ranking[:2])
+        assert rep["keep_best"]["removed"] == [f"step-{ranking[2]}"] and rep["keep_best"]["kept"] == ranking[:2]
+    else:
+        assert "within noise" in summ["verdict"] or "worse" in summ["verdict"]
+        assert left == sorted(f"step-{h}" for h in HORIZONS)
+        assert rep["keep_best"]["removed"] == [] and "nothing removed" in rep["keep_best"]["skipped"]
     assert (relex / "relex_state.safetensors").is_file() and (relex / "horizons.png").is_file()
     assert cb.report["horizon_eval"] == rep["horizon_eval"]
     # the evaluations of extrapolated models are not in log_history as evaluations; their scores are relex/eval/*
@@ -124,7 +138,14 @@ def test_evaluate_horizons_after_training(scored, tmp_path):
     relex = str(out / "relex")
     with open(os.path.join(relex, "report.json")) as f:
         rep = json.load(f)
-    removed = int(rep["keep_best"]["removed"][0][len("step-"):])
+    if rep["keep_best"]["removed"]:
+        removed = int(rep["keep_best"]["removed"][0][len("step-"):])
+    else:  # within noise keep_best removed nothing: a copy with one horizon's directory taken away
+        import shutil
+
+        shutil.copytree(relex, tmp_path / "relex")
+        relex, removed = str(tmp_path / "relex"), HORIZONS[-1]
+        shutil.rmtree(os.path.join(relex, f"step-{removed}"))
     tcut_dir = tmp_path / "tcut"
     trainer.save_model(str(tcut_dir))
     before = params(trainer.model)
@@ -215,8 +236,12 @@ def test_evaluate_horizons_writes_the_report_and_keeps_the_best(scored, tmp_path
     with open(os.path.join(relex, "report.json")) as f:
         rep = json.load(f)
     assert res["best_horizon"] == rep["best_horizon"] == kept[0]
-    assert rep["keep_best"]["removed"] == [f"step-{kept[1]}"]
-    assert sorted(d for d in os.listdir(relex) if d.startswith("step-")) == [f"step-{kept[0]}"]
+    if rep["horizon_eval_summary"]["best_beats_tcut"]:
+        assert rep["keep_best"]["removed"] == [f"step-{kept[1]}"]
+        assert sorted(d for d in os.listdir(relex) if d.startswith("step-")) == [f"step-{kept[0]}"]
+    else:  # within noise: the tcut model stays the pick and nothing is removed
+        assert rep["keep_best"]["removed"] == []
+        assert sorted(d for d in os.listdir(relex) if d.startswith("step-")) == sorted(f"step-{h}" for h in kept)
     assert os.path.isfile(os.path.join(relex, "horizons.png"))
     assert rep["tensors"] == before["tensors"]  # the rest of the report is kept
     for h in kept:
@@ -329,7 +354,8 @@ def test_plot_skipped_without_matplotlib(tmp_path, monkeypatch, caplog):
 
     from relex_callback.trainer.scoring import plot_horizons, summarize
 
-    scores = {"4": {"reward": 0.2}, "8": {"reward": 0.3}, "16": {"reward": 0.25}}
+    scores = {"4": {"reward": 0.2, "reward_stderr": 0.01}, "8": {"reward": 0.3, "reward_stderr": 0.02},
+              "16": {"reward": 0.25, "reward_stderr": 0.02}}
     summary = summarize(scores, 4, [8, 16])
     assert summary["best_horizon"] == 8 and summary["horizon_eval_summary"]["best_beats_tcut"] is True
     assert plot_horizons(scores, summary, 4, str(tmp_path / "a.png")) == str(tmp_path / "a.png")
@@ -337,3 +363,51 @@ def test_plot_skipped_without_matplotlib(tmp_path, monkeypatch, caplog):
     with caplog.at_level(logging.INFO, logger="relex_callback"):
         assert plot_horizons(scores, summary, 4, str(tmp_path / "b.png")) is None
     assert not (tmp_path / "b.png").exists() and any("matplotlib" in r.getMessage() for r in caplog.records)
+
+
+# ------------------------------------------------------------------------------------------ scores with their noise
+def test_standard_errors_by_hand():
+    import math
+
+    from relex_callback.trainer.scoring import standard_errors
+
+    prompts = ["a", "a", "b", "b", "c", "c"]
+    f = [1.0, 0.0, 1.0, 1.0, 0.0, 0.0]  # per-prompt means 0.5, 1, 0: sd 0.5 over 3 prompts
+    g = [0.0, 0.0, 0.5, 0.5, 1.0, 0.0]  # per-prompt means 0, 0.5, 0.5
+    metrics = {"reward": 0.0, "rewards/f/mean": 0.5, "rewards/g/mean": 1 / 3, "loss": 1.0, "accuracy": 0.25}
+    se = standard_errors(metrics, {"prompt": prompts, "rewards": {"f": f, "g": g}, "weights": {"f": 1.0, "g": 2.0}},
+                         n_eval=12)
+    assert se["rewards/f/mean_stderr"] == pytest.approx(0.5 / math.sqrt(3))
+    sd_g = math.sqrt(((0 - 1 / 3) ** 2 + 2 * (0.5 - 1 / 3) ** 2) / 2)
+    assert se["rewards/g/mean_stderr"] == pytest.approx(sd_g / math.sqrt(3))
+    tot = [0.5 + 0, 1 + 1, 0 + 1]  # f + 2 g per prompt
+    m = sum(tot) / 3
+    assert se["reward_stderr"] == pytest.approx(math.sqrt(sum((x - m) ** 2 for x in tot) / 2 / 3))
+    assert se["accuracy_stderr"] == pytest.approx(math.sqrt(0.25 * 0.75 / 12))  # binomial
+    assert "loss_stderr" not in se
+
+
+def test_a_noisy_score_never_beats_tcut(tmp_path):
+    """Synthetic scores: a horizon better by less than two standard errors of the difference is "within noise",
+    the tcut model stays the pick and keep_best removes nothing; one clearly better wins. Then real noise: the same
+    GRPO model evaluated under four seeds (the "horizons" differ from the "tcut model" only by sampling noise)."""
+    from relex_callback.trainer.scoring import apply_scores, seeded_evaluate, summarize
+
+    noisy = {"4": {"reward": 0.1823, "reward_stderr": 0.02}, "8": {"reward": 0.1927, "reward_stderr": 0.02},
+             "16": {"reward": 0.185, "reward_stderr": 0.02}}
+    s = summarize(noisy, 4, [8, 16])["horizon_eval_summary"]
+    assert s["best_beats_tcut"] is False and s["pick"] == "tcut" and s["verdict"].startswith("within noise")
+    rep = apply_scores({}, {"horizon_eval": noisy}, tcut=4, horizons=[8, 16], out_dir=str(tmp_path), keep_best=1,
+                       reward_metric=None, coordinator=True)
+    assert rep["keep_best"]["removed"] == [] and rep["keep_best"]["kept"] == [8, 16]
+    clear = {**noisy, "8": {"reward": 0.30, "reward_stderr": 0.02}}
+    s = summarize(clear, 4, [8, 16])["horizon_eval_summary"]
+    assert s["best_beats_tcut"] is True and s["pick"] == 8
+    unknown = {"4": {"loss": 2.0}, "8": {"loss": 1.0}}
+    s = summarize(unknown, 4, [8])["horizon_eval_summary"]
+    assert s["best_beats_tcut"] is None and s["pick"] == "tcut" and "noise unknown" in s["verdict"]
+    trainer = scored_trainer(tmp_path / "noise", [])
+    scores = {str(step): seeded_evaluate(trainer, seed) for step, seed in ((4, 0), (8, 1), (16, 2), (32, 3))}
+    assert all(m["reward_stderr"] > 0 for m in scores.values())
+    s = summarize(scores, 4, [8, 16, 32])["horizon_eval_summary"]
+    assert s["best_beats_tcut"] is False and s["pick"] == "tcut", s

@@ -274,6 +274,7 @@ def backtest_from_projections(
     *,
     fit_start: Optional[int] = None,
     names: Optional[Sequence[str]] = None,
+    clock=None,
 ) -> Backtest:
     """The backtest from the few Gram quantities it needs (what the power path computes without forming ``G``).
 
@@ -287,6 +288,7 @@ def backtest_from_projections(
         steps (`Sequence[int]`): the ``T`` recorded step numbers (increasing).
         fit_start (`int`, *optional*): the line on ``P`` uses ``P``'s steps ``>= fit_start`` if that leaves two.
         names (`Sequence[str]`, *optional*): tensor names (for the report); default ``t0, t1, ...``.
+        clock (`Clock`, *optional*): fit and predict on ``clock.at(step)`` (the lr clock) instead of the step.
 
     Returns:
         :class:`Backtest`.
@@ -309,8 +311,9 @@ def backtest_from_projections(
     # c_hat v_P and every figure below do not depend on the sign of u_P
     proj = g_P * inv[:, None]  # [S, T] <Delta_t, v_P>
     line = _line_mask(steps_t[:p], fit_start)
-    a, b, _ = fit_lines(proj[:, :p], steps_t[:p], line)
-    t_later = steps_t[p:]
+    x_t = clock.at_steps(steps) if clock is not None else steps_t
+    a, b, _ = fit_lines(proj[:, :p], x_t[:p], line)
+    t_later = x_t[p:]
     c_hat = a[:, None] * t_later + b[:, None]  # [S, L]
     c_hat = torch.where(moved_P[:, None], c_hat, torch.zeros_like(c_hat))
     real_sq = diag[:, p:].clamp_min(0)
@@ -349,6 +352,7 @@ def backtest_from_gram(
     names: Optional[Sequence[str]] = None,
     lam: Optional[torch.Tensor] = None,
     u: Optional[torch.Tensor] = None,
+    clock=None,
 ) -> Backtest:
     """The backtest from the stacked trajectory Grams (pure function; no buffer access).
 
@@ -363,6 +367,7 @@ def backtest_from_gram(
         names (`Sequence[str]`, *optional*): tensor names.
         lam (`torch.Tensor`, *optional*): ``[S]`` the whole window's top eigenvalue (computed from ``G`` if absent).
         u (`torch.Tensor`, *optional*): ``[S, T]`` its eigenvector (with ``lam``).
+        clock (`Clock`, *optional*): the lr clock (see :func:`backtest_from_projections`).
 
     Returns:
         :class:`Backtest`.
@@ -381,7 +386,7 @@ def backtest_from_gram(
     if lam is None or u is None:
         lam, u = top_eigenpair(G)
     return backtest_from_projections(lam_P, u_P, g_P.squeeze(-1), torch.diagonal(G, dim1=1, dim2=2), lam, u, steps,
-                                     fit_start=fit_start, names=names)
+                                     fit_start=fit_start, names=names, clock=clock)
 
 
 def combine(parts: Sequence[Backtest]) -> Backtest:

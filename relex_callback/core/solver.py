@@ -71,6 +71,7 @@ class Solution:
     curve: Optional[Fit] = None  # the fitted coefficient curves when not the plain line (``solve(fit=...)``)
     selection: Optional[Selection] = None  # fit="auto": every family's backtest score and the choice
     noise: Any = None  # relex_callback.core.noise.DriftShare, or the reason it was not computed (str)
+    clock: Any = None  # relex_callback.core.clock.Clock: fitted against the lr clock; None: against the step
 
     @property
     def explained(self) -> torch.Tensor:
@@ -89,7 +90,9 @@ class Solution:
 
     def coef_at(self, horizon: float) -> torch.Tensor:
         """The fitted coefficient at step ``horizon`` per tensor and component: ``[S, r]`` float64 (``a*H + b`` for
-        the line)."""
+        the line). With an lr clock the horizon is placed at ``clock.at(horizon)``."""
+        if self.clock is not None:
+            horizon = self.clock.at(horizon)
         if self.curve is not None:
             return self.curve.coef_at(horizon)
         return self.slope * float(horizon) + self.intercept
@@ -200,6 +203,7 @@ def solve(
     fit_window: Optional[int] = None,
     degree: int = 2,
     per_tensor_fit: bool = False,
+    clock=None,
 ) -> Solution:
     """Solve every segment of ``M`` (``[T, D]``, rows in step order).
 
@@ -231,6 +235,8 @@ def solve(
             take it from the Gram they already have; ``power`` runs a second Krylov iteration on the fit part in the
             same passes over the buffer (more arithmetic per pass, no extra read while both iterations converge
             together). Always on the rank-1 component.
+        clock (`Clock`, *optional*): fit against ``clock.at(step)`` (:mod:`relex_callback.core.clock`, the lr clock)
+            instead of the step; ``None``: the step (the paper's axis).
     """
     T, D = M.shape
     offsets = [s.offset for s in specs]
@@ -238,6 +244,7 @@ def solve(
     S = len(specs)
     method = _solve_method(M, steps, left, method, rank, reduce)
     steps_t, mask = _fit_steps(steps, fit_start)
+    x_t = clock.at_steps(steps) if clock is not None else steps_t
     names = [sp.name for sp in specs]
     backtest, bt, bt_rows = _backtest_rows(steps, names, fit, backtest)
     V = torch.zeros(rank, D, dtype=out_dtype or M.dtype, device=M.device)
@@ -248,26 +255,26 @@ def solve(
     if method != "power":
         sigma, U, X, total, last_sq, bt, passes, noise_in = _solve_gram(
             M, steps, specs, left, rank, reduce, folded_sq, folded_steps, backtest, bt, bt_rows, fit_start, names,
-            secs, t0)
+            secs, t0, clock)
     else:
         sigma, U, X, total, last_sq, bt, passes, fallbacks, noise_in = _solve_power(
-            M, steps, offsets, numels, rank, max_iter, tol, bt, bt_rows, fit_start, names, seg_bytes, secs, t0)
+            M, steps, offsets, numels, rank, max_iter, tol, bt, bt_rows, fit_start, names, seg_bytes, secs, t0, clock)
     t2 = time.perf_counter()
     kernels.project(M, offsets, numels, X, V)
     secs["direction"] = time.perf_counter() - t2
     passes += float(S > 0)
     coeffs = (U * sigma.unsqueeze(1)).transpose(1, 2)  # [S, r, T]
-    slope, intercept, r2 = fit_lines(coeffs, steps_t, mask)
+    slope, intercept, r2 = fit_lines(coeffs, x_t, mask)
     if not isinstance(noise_in, str):
         noise_in = _noise.safe(_noise.from_gram_parts, *noise_in, steps, coeffs=coeffs[:, 0, :], names=names)
-    curve, selection = fit_curves(coeffs, steps_t, mask, bt, fit=fit, fit_window=fit_window, degree=degree,
+    curve, selection = fit_curves(coeffs, x_t, mask, bt, fit=fit, fit_window=fit_window, degree=degree,
                                   per_tensor=per_tensor_fit)
     secs["total"] = time.perf_counter() - t0
     return Solution(
         specs=list(specs), steps=[int(s) for s in steps], fit_start=fit_start, rank=rank, sigma=sigma, coeffs=coeffs,
         slope=slope, intercept=intercept, r2=r2, total=total, last_sq=last_sq, V=V, method=method, seconds=secs,
         fallbacks=fallbacks, bytes_read=int(round(passes * seg_bytes)), backtest=bt, curve=curve, selection=selection,
-        noise=noise_in,
+        noise=noise_in, clock=clock,
     )
 
 
@@ -305,7 +312,7 @@ def _backtest_rows(steps, names, fit, backtest):
 
 
 def _solve_gram(M, steps, specs, left, rank, reduce, folded_sq, folded_steps, backtest, bt, bt_rows, fit_start, names,
-                secs, t0):
+                secs, t0, clock=None):
     """The Gram paths (plain or folded): directions, norms, the drift share's inputs and backtest from the Gram
     matrices."""
     S = len(specs)
@@ -324,13 +331,14 @@ def _solve_gram(M, steps, specs, left, rank, reduce, folded_sq, folded_steps, ba
     if bt_rows is not None:
         t1 = time.perf_counter()
         bt = backtest_from_gram(G, steps, backtest, fit_start=fit_start, names=names, lam=sigma[:, 0] ** 2,
-                                u=U[:, :, 0])
+                                u=U[:, :, 0], clock=clock)
         secs["backtest"] = time.perf_counter() - t1
     passes = float(S > 0)
     return sigma, U, X, total, last_sq, bt, passes, noise_in
 
 
-def _solve_power(M, steps, offsets, numels, rank, max_iter, tol, bt, bt_rows, fit_start, names, seg_bytes, secs, t0):
+def _solve_power(M, steps, offsets, numels, rank, max_iter, tol, bt, bt_rows, fit_start, names, seg_bytes, secs, t0,
+                 clock=None):
     """The power path: Krylov eigenpairs per segment, the Gram fallback for the unconverged, the backtest."""
     T = M.shape[0]
     p = bt_rows if bt_rows is not None else 0
@@ -360,7 +368,7 @@ def _solve_power(M, steps, offsets, numels, rank, max_iter, tol, bt, bt_rows, fi
     if bt_in:
         t1 = time.perf_counter()
         bt = backtest_from_projections(bt_in[0], bt_in[1], bt_in[2], diag, sigma[:, 0] ** 2, U[:, :, 0], steps,
-                                       fit_start=fit_start, names=names)
+                                       fit_start=fit_start, names=names, clock=clock)
         secs["backtest"] = time.perf_counter() - t1
     return sigma, U, X, total, last_sq, bt, passes, fallbacks, noise_in
 

@@ -77,6 +77,9 @@ def build_report(solution, *, tcut: int, horizons, extra: Optional[dict] = None)
         "fit": _fit_summary(solution, horizons),
         "tensors": tensors,
     }
+    clock = getattr(solution, "clock", None)
+    if clock is not None:  # absent: the step clock (also what files written before the lr clock mean)
+        rep["clock"] = clock.summary(horizons)
     bt = getattr(solution, "backtest", None)
     if bt is not None:
         rep["backtest"] = bt.to_report()
@@ -102,7 +105,8 @@ def _fit_summary(solution, horizons) -> dict:
     if curve is not None:
         ratios = {}
         for h in horizons:
-            line = (solution.slope * float(h) + solution.intercept)[:, 0].abs().sum()
+            x = solution.clock.at(h) if getattr(solution, "clock", None) is not None else float(h)
+            line = (solution.slope * x + solution.intercept)[:, 0].abs().sum()
             chosen = solution.coef_at(h)[:, 0].abs().sum()
             ratios[str(int(h))] = float(chosen / line) if float(line) > 0 else None
         out["coefficient_vs_line"] = ratios
@@ -248,7 +252,53 @@ def format_trust(report: dict) -> str:
         lines.append(f"fit: {fit.get('family')}")
     if report.get("horizons_skipped"):
         lines.append(f"horizons NOT written: {report['horizons_skipped']}")
+    clock = report.get("clock")
+    if clock:
+        on = ", ".join(f"{h} -> {x:.4g}" for h, x in (clock.get("horizons_on_clock") or {}).items())
+        lines.append(f"clock: cumulative learning rate ({clock.get('source')}); each horizon on it, in steps at the "
+                     f"window's mean rate {clock.get('window_mean_lr', 0):.3g}: {on}")
+    lines += format_scores(report)
+    lines += format_validation(report)
     return "\n".join(lines)
+
+
+def format_scores(report: dict) -> list[str]:
+    """The horizon scores with their standard errors and the verdict (``horizon_eval``), a few lines; none when the
+    horizons were not scored."""
+    scores, summ = report.get("horizon_eval"), report.get("horizon_eval_summary") or {}
+    metric = summ.get("metric")
+    if not scores or not metric:
+        return []
+    goal = "higher" if summ.get("goal") == "max" else "lower"
+    tcut = str(summ.get("tcut", report.get("tcut")))
+
+    def one(step):
+        m = scores.get(step) or {}
+        v, se = m.get(metric), m.get(metric + "_stderr")
+        return "n/a" if v is None else f"{v:.4g}" + (f" +- {se:.2g}" if se is not None else "")
+
+    steps = sorted(scores, key=lambda s: int(s))
+    parts = [f"{'tcut ' if s == tcut else ''}{s}: {one(s)}" for s in steps]
+    lines = [f"horizon scores (eval {metric}, {goal} is better, +- one standard error): " + "; ".join(parts)]
+    d, sd = summ.get("difference"), summ.get("difference_stderr")
+    band = f" (best {summ.get('ranking', [None])[0]} vs tcut: {d:+.3g} +- {sd:.2g})" if d is not None and sd else ""
+    lines.append(f"pick: {summ.get('pick', report.get('best_horizon'))}: {summ.get('verdict', '')}{band}")
+    kb = report.get("keep_best") or {}
+    if kb.get("skipped"):
+        lines.append(f"keep_best: {kb['skipped']}")
+    return lines
+
+
+def format_validation(report: dict) -> list[str]:
+    """Validation mode's figures (the extrapolated deltas against the real ones at each horizon reached)."""
+    val = report.get("validation") or {}
+    lines = []
+    for h in sorted(val, key=lambda s: int(s)):
+        s = (val[h] or {}).get("summary") or {}
+        lines.append(f"validation at step {h} (extrapolated vs real delta): cosine "
+                     f"{_fmt(s.get('cosine_global')).strip()}, norm ratio {_fmt(s.get('norm_ratio_global')).strip()}, "
+                     f"relative error {_fmt(s.get('relative_error_global')).strip()}")
+    return lines
 
 
 def format_noise(nz: dict) -> str:

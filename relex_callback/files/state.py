@@ -21,7 +21,9 @@ from .fs import STATE_INDEX_NAME, STATE_NAME, atomic_file, loads_json, read_json
 FORMAT_VERSION = 2  # 2: per-tensor "fit" (the coefficient curve, relex_callback.core.fit.Fit) beside slope/intercept
 UNTRACKED_VERSION = 3  # 3: "untracked" (relex_callback.files.untracked), written only by states that record trained
 #   untracked tensors, so that an older reader refuses the file instead of writing theta_0 where the run wrote them
-READABLE_VERSIONS = (1, 2, 3)  # 1: the line only
+CLOCK_VERSION = 4  # 4: "clock" (relex_callback.core.clock, the lr clock), written only by states fitted on it, so
+#   that an older reader refuses the file instead of placing the horizons on the step
+READABLE_VERSIONS = (1, 2, 3, 4)  # 1: the line only
 PREFIX = "untracked/"  # key of an untracked tensor's value (relex_callback.files.untracked); names hold no "/"
 SOURCES = ("state", "base")  # where an untracked tensor of a horizon comes from
 PEFT_THETA0 = "peft/theta0/"  # a PEFT state: the tracked adapter parameter's theta_0 (a LoRA init is random)
@@ -81,8 +83,11 @@ class RelexState:
     run_id: Optional[str] = None  # the window that wrote it (its step-H/ markers carry the same id); None: older files
     untracked: Optional[dict] = None  # key -> {"source", "fingerprint"}: relex_callback.files.untracked
     peft: Optional[dict] = None  # a PEFT (LoRA) run: {"adapter", "config", "merge_lora", "values", "frozen"}
+    clock: Optional[object] = None  # relex_callback.core.clock.Clock: fitted on the lr clock; None: on the step
 
     def coef_at(self, horizon: float) -> torch.Tensor:
+        if self.clock is not None:
+            horizon = self.clock.at(horizon)
         if self.curve is not None:
             return self.curve.coef_at(horizon)
         return self.slope * float(horizon) + self.intercept
@@ -106,6 +111,8 @@ class RelexState:
             meta["peft"] = self.peft
             tensors.update({k: v.contiguous() for k, v in self.tensors.items()
                             if k.startswith((PEFT_THETA0, PEFT_VALUE))})
+        if self.clock is not None:
+            meta["clock"], meta["version"] = self.clock.to_json(), CLOCK_VERSION
         _write_state_file(path, tensors, meta)
 
     @torch.no_grad()
@@ -158,6 +165,8 @@ def save_state(path: str, solution, theta0_of, *, tcut: int, extra: Optional[dic
     if peft is not None:
         tensors.update(peft[0])
         meta["peft"] = peft[1]
+    if getattr(solution, "clock", None) is not None:  # the step clock: the file is what it was before the lr clock
+        meta["clock"], meta["version"] = solution.clock.to_json(), CLOCK_VERSION
     _write_state_file(path, tensors, meta)
 
 
@@ -220,8 +229,8 @@ def _load_state_index(path: str) -> RelexState:
     first = parts[0]
     where = {}
     for p in parts:
-        if (p.steps, p.tcut, p.rank, p.fit_start, p.run_id) != (first.steps, first.tcut, first.rank, first.fit_start,
-                                                                 first.run_id):
+        if (p.steps, p.tcut, p.rank, p.fit_start, p.run_id, p.clock) != (first.steps, first.tcut, first.rank,
+                                                                          first.fit_start, first.run_id, first.clock):
             raise RelexInputError(f"the state shards listed in {path} come from different runs")
         for i, s in enumerate(p.specs):
             where[s.name] = (p, i)
@@ -244,7 +253,7 @@ def _load_state_index(path: str) -> RelexState:
         specs=specs, steps=first.steps, tcut=first.tcut, rank=first.rank, fit_start=first.fit_start, dtype=first.dtype,
         slope=slope, intercept=intercept, tensors=tensors, info=info, curve=_load_curve(info, order, path),
         run_id=first.run_id,
-        untracked=untracked,
+        untracked=untracked, clock=first.clock,
     )
 
 
@@ -291,7 +300,19 @@ def _load_state_file(path: str) -> RelexState:
         specs=specs, steps=meta["steps"], tcut=meta["tcut"], rank=meta["rank"], fit_start=meta.get("fit_start"),
         dtype=meta["dtype"], slope=slope, intercept=intercept, tensors=tensors, info=info,
         curve=_load_curve(info, order, path), run_id=meta.get("run_id"), untracked=untracked, peft=peft,
+        clock=_load_clock(meta, path),
     )
+
+
+def _load_clock(meta: dict, path: str):
+    """The state's lr clock (``None``: fitted on the step)."""
+    from ..core.clock import Clock
+
+    try:
+        return Clock.from_json(meta.get("clock"))
+    except (ValueError, TypeError, AttributeError) as e:
+        raise RelexInputError(f"{path}: its 'clock' entry is invalid ({e}); the file was edited or is damaged: use "
+                              "the relex_state.safetensors the run wrote") from None
 
 
 def check_peft_meta(meta, tensors: dict, path: str, specs) -> Optional[dict]:

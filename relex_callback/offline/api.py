@@ -212,7 +212,7 @@ def extrapolate_trajectory(trajectory_dir: str, base: str, horizons: Sequence[in
                            rank: int = 1, fit_start: Optional[int] = None, method: str = "auto",
                            overwrite: bool = False, max_shard_size="50GB", fit: str = "linear",
                            fit_window: Optional[int] = None, degree: int = 2, untracked_from: Optional[str] = None,
-                           untracked_frozen: bool = False):
+                           untracked_frozen: bool = False, fit_clock: str = "lr", schedule: Optional[str] = None):
     """Solve a saved trajectory (``<out>/partial_trajectory/`` of a run that ended before tcut, or a checkpoint's
     ``relex_trajectory/``) and write the state, the horizons and the report, as the callback would have. ``tcut``
     is the last recorded step. ``base`` is the checkpoint training started from (config, tokenizer); it must match
@@ -221,7 +221,8 @@ def extrapolate_trajectory(trajectory_dir: str, base: str, horizons: Sequence[in
     The tensors the trajectory does not track are written as the callback writes them, their values at tcut
     (:func:`relex_callback.offline.belongs.untracked_at_tcut`): from the trajectory's ``untracked.safetensors``, else from ``untracked_from`` or
     the checkpoint the ``relex_trajectory/`` sits in (verified to be the model at tcut), else from the base only with
-    ``untracked_frozen`` (the user says none of them was trained); otherwise refused. Returns
+    ``untracked_frozen`` (the user says none of them was trained); otherwise refused. ``fit_clock``, ``schedule``: as
+    in :func:`extrapolate_checkpoints` (a trajectory has no log history: the lr clock needs ``schedule``). Returns
     ``(solution, report)``."""
     with writing(out_dir, "relex extrapolate"):  # the output directory's lock, from before the first byte
         return _extrapolate_trajectory(trajectory_dir, base, horizons, out_dir, rank=rank, fit_start=fit_start,
@@ -277,7 +278,11 @@ def _extrapolate_trajectory(trajectory_dir, base, horizons, out_dir, *, rank, fi
                    tcut, trajectory_dir)
     window = dataclasses.replace(settings, rank=rank, fit_start=fit_start, solver=method, overwrite=overwrite, fit=fit,
                                  fit_window=fit_window, degree=degree)
-    return finalize(store, FullModelWriter(src, max_shard_size=settings.max_shard_size), window, out_dir=out_dir,
+    from .schedule import offline_clock
+
+    clock = offline_clock([], tcut, settings.horizons, fit_clock, schedule)
+    return finalize(BufferedSolve(store, clock=clock), FullModelWriter(src, max_shard_size=settings.max_shard_size),
+                    window, out_dir=out_dir,
                     report_extra={"trajectory": os.path.abspath(trajectory_dir), "partial": True})
 
 
@@ -297,7 +302,8 @@ def extrapolate_checkpoints(base: str, checkpoints: Sequence[str], horizons, out
                             solver: str = "auto", max_shard_size="50GB", overwrite: bool = False,
                             progress: bool = False, timing: bool = False, streaming: Optional[bool] = None,
                             memory_budget: Optional[int] = None, fit: str = "linear",
-                            fit_window: Optional[int] = None, degree: int = 2, run_check: bool = True):
+                            fit_window: Optional[int] = None, degree: int = 2, run_check: bool = True,
+                            fit_clock: str = "lr", schedule: Optional[str] = None):
     """RELEX over checkpoints saved on disk (a run without the callback, or verl's): what ``relex extrapolate`` runs.
 
     Args:
@@ -320,6 +326,11 @@ def extrapolate_checkpoints(base: str, checkpoints: Sequence[str], horizons, out
         run_check (`bool`, *optional*, defaults to `True`): refuse checkpoints that are not one run started from
             ``base`` (:mod:`relex_callback.offline.belongs`: copies, never-trained tensors that differ from the base,
             a first checkpoint farther from the base than the run's steps can reach), from sampled elements.
+        fit_clock (`str`, *optional*, defaults to `"lr"`): ``"lr"``: fit on the cumulative learning rate
+            (:mod:`relex_callback.core.clock`) of ``schedule``, else of the ``learning_rate`` log in the run's
+            ``trainer_state.json`` when it reaches the last horizon; otherwise (and with ``"steps"``) on the step.
+        schedule (`str`, *optional*): the run's schedule, ``NAME[,warmup=W][,total=N][,KEY=VALUE...]``
+            (:func:`relex_callback.offline.schedule.parse_schedule`).
 
     Returns:
         ``(solution, report)``. Every input mistake raises :class:`~relex_callback.errors.RelexInputError` before
@@ -350,14 +361,18 @@ def _extrapolate_checkpoints(base, checkpoints, horizons, out_dir, *, steps, str
         logger.warning("relex: --no-run-check: the checkpoints are not checked to be one run started from %s", base)
     out = os.path.abspath(out_dir)
     _check_space(out, src_base, names, settings, streaming=streaming, rank=rank)
+    from .schedule import offline_clock
+
+    clock = offline_clock([c.path for c in cks], tcut, settings.horizons, fit_clock, schedule)
     # the window as the pipeline sees it: tcut is the last checkpoint's step, the fit as asked (checked above)
     window = dataclasses.replace(settings, tcut=tcut, rank=rank, fit_start=fit_start, overwrite=overwrite, fit=fit,
                                  fit_window=fit_window, degree=degree)
     if streaming:
         return _extrapolate_streamed(base, cks, src_base, sources, names, settings, window, out, rank=rank,
-                                     memory_budget=memory_budget, progress=progress, timing=timing, t_main=t_main)
+                                     memory_budget=memory_budget, progress=progress, timing=timing, t_main=t_main,
+                                     clock=clock)
     return _extrapolate_buffered(base, cks, src_base, sources, names, specs, settings, window, out, device=device,
-                                 progress=progress, timing=timing, t_main=t_main)
+                                 progress=progress, timing=timing, t_main=t_main, clock=clock)
 
 
 def _check_checkpoint_args(base, checkpoints, horizons, out_dir, *, steps, stride, fit_start, rank, dtype, device,
@@ -446,14 +461,14 @@ def _open_checkpoints(base, cks):
 
 
 def _extrapolate_streamed(base, cks, src_base, sources, names, settings, window, out, *, rank, memory_budget, progress,
-                          timing, t_main):
+                          timing, t_main, clock=None):
     """Solve and write tensor group by tensor group straight from the checkpoints (no trajectory buffer)."""
     from ..pipeline.streamed import DEFAULT_MEMORY_BUDGET, StreamedSolve
 
     t_checked = time.perf_counter()
     streamed = StreamedSolve(src_base=src_base, sources=sources, cks=cks, names=names, dtype=settings.torch_dtype,
                              max_shard_size=settings.max_shard_size, rank=rank,
-                             memory_budget=memory_budget or DEFAULT_MEMORY_BUDGET, progress=progress)
+                             memory_budget=memory_budget or DEFAULT_MEMORY_BUDGET, progress=progress, clock=clock)
     sol, report = finalize(streamed, streamed.writer, window, out_dir=out, base_hint=os.path.abspath(base),
                            report_extra={"base": os.path.abspath(base), "checkpoints_read": [c.path for c in cks]})
     phases = streamed.timings()
@@ -465,7 +480,7 @@ def _extrapolate_streamed(base, cks, src_base, sources, names, settings, window,
 
 
 def _extrapolate_buffered(base, cks, src_base, sources, names, specs, settings, window, out, *, device, progress,
-                          timing, t_main):
+                          timing, t_main, clock=None):
     """Read every checkpoint into a scratch trajectory buffer, solve and write it, remove the scratch."""
     from ..trajectory.store import TrajectoryStore
 
@@ -496,7 +511,7 @@ def _extrapolate_buffered(base, cks, src_base, sources, names, specs, settings, 
             writer = FullModelWriter(src_base, theta0_of=lambda i: base_mapped.get(specs[i].name).reshape(-1),
                                      max_shard_size=settings.max_shard_size)
             sol, report = finalize(
-                BufferedSolve(store, release_buffer=True), writer, window, out_dir=out,
+                BufferedSolve(store, release_buffer=True, clock=clock), writer, window, out_dir=out,
                 report_extra={"base": os.path.abspath(base), "checkpoints_read": [c.path for c in cks]},
             )
         finally:

@@ -119,6 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "or auto (chosen by the in-window backtest)")
     e.add_argument("--fit-window", default=None, help="fit only the last N checkpoints' steps")
     e.add_argument("--degree", default="2", help="degree of --fit polynomial (default 2)")
+    e.add_argument("--fit-clock", default="lr", choices=("lr", "steps"),
+                   help="axis of the fit: lr (default: the cumulative learning rate, from --schedule or the "
+                        "learning_rate log of the run's trainer_state.json; the step when neither reaches the last "
+                        "horizon, with a warning) or steps (the paper's)")
+    e.add_argument("--schedule", default=None, help="the run's learning-rate schedule, "
+                   "NAME[,warmup=W][,total=N][,KEY=VALUE...] as transformers.get_scheduler builds it (imports "
+                   "transformers); N: the max_steps it was built for (default: the last horizon)")
     e.add_argument("--no-run-check", action="store_true",
                    help="with --checkpoints: skip the check that they are one run started from --base (copies, "
                         "never-trained tensors that differ from the base, a first checkpoint farther from the base "
@@ -209,7 +216,8 @@ def cmd_extrapolate(args) -> int:
         raise RelexInputError(f"--fit {args.fit!r} is not one of {', '.join(FITS)}")
     if args.degree != 2 and args.fit not in ("polynomial", "auto"):
         raise RelexInputError(f"--degree applies to --fit polynomial; this run fits {args.fit}")
-    fit_kw = dict(fit=args.fit, fit_window=args.fit_window, degree=args.degree)
+    fit_kw = dict(fit=args.fit, fit_window=args.fit_window, degree=args.degree, fit_clock=args.fit_clock,
+                  schedule=args.schedule)
     if args.trajectory is None and (args.untracked_from is not None or args.untracked_frozen):
         raise RelexInputError("--untracked-from and --untracked-frozen apply to --trajectory; checkpoints hold every "
                               "tensor")
@@ -459,7 +467,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               "plan": cmd_plan}[args.command]
         return fn(args)
     except RelexError as e:  # input mistakes, non-finite values in a checkpoint, failed writes
-        print(f"relex: error: {e}", file=sys.stderr)
+        from ..errors import name_switch
+
+        print(f"relex: error: {name_switch(e, 'cli')}", file=sys.stderr)
         return 2
     except RelexInterrupted as e:
         print(_interrupted_line(e), file=sys.stderr)

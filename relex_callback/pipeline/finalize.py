@@ -100,11 +100,13 @@ class BufferedSolve:
         backtest (`bool`, `int` or `float`, *optional*, defaults to `True`): the in-window backtest's first part
             (:func:`relex_callback.core.backtest.resolve_fit_rows`); ``None`` switches it off.
         skipped_nonfinite (`list[int]`, *optional*): steps dropped as non-finite (named when too few remain).
+        clock (`Clock`, *optional*): the lr clock (:mod:`relex_callback.core.clock`); ``None``: the step.
     """
 
     def __init__(self, store, *, reduce=None, release_buffer: bool = False, backtest=True,
-                 skipped_nonfinite: Sequence[int] = ()):
+                 skipped_nonfinite: Sequence[int] = (), clock=None):
         self.store, self.reduce, self.release_buffer, self.backtest = store, reduce, release_buffer, backtest
+        self.clock = clock  # relex_callback.core.clock.Clock: fit on the lr clock; None: on the step
         self.skipped_nonfinite = list(skipped_nonfinite)
         self.buffer_bytes = self.storage = None
 
@@ -129,7 +131,7 @@ class BufferedSolve:
         sol = solve(specs=self.store.specs, rank=settings.rank, fit_start=settings.fit_start, method=settings.solver,
                     reduce=self.reduce, **inputs, backtest=self.backtest, fit=settings.fit,
                     fit_window=settings.fit_window, degree=settings.degree,
-                    per_tensor_fit=topo is not None and not topo.sharded)
+                    per_tensor_fit=topo is not None and not topo.sharded, clock=self.clock)
         del inputs  # a view of the buffer: it must not keep the buffer alive through the writes
         self.buffer_bytes, self.storage = self.store.buffer_bytes, self.store.storage
         error = None

@@ -179,9 +179,10 @@ def _gram_into(G: torch.Tensor, block: torch.Tensor):
         G += (c @ c.T).double()
 
 
-def solve_grams(G: torch.Tensor, steps: Sequence[int], rank: int, fit_start: Optional[int]):
+def solve_grams(G: torch.Tensor, steps: Sequence[int], rank: int, fit_start: Optional[int], clock=None):
     """The solver's math from the Grams ``G`` (``[S, T, T]`` float64): ``(sigma, U, X, coeffs, slope, intercept, r2,
-    total, last_sq)`` exactly as :func:`relex_callback.core.solver.solve` computes them on the Gram path."""
+    total, last_sq)`` exactly as :func:`relex_callback.core.solver.solve` computes them on the Gram path (the lines on
+    ``clock.at(step)`` with an lr clock)."""
     from ..core.fit import fit_lines
     from ..core.solver import _directions, _fit_steps, _top_eigenpairs
 
@@ -192,7 +193,7 @@ def solve_grams(G: torch.Tensor, steps: Sequence[int], rank: int, fit_start: Opt
     total = row_sq.sum(-1).clamp_min(0)
     last_sq = G[:, -1, -1].clamp_min(0)
     coeffs = (U * sigma.unsqueeze(1)).transpose(1, 2)
-    slope, intercept, r2 = fit_lines(coeffs, steps_t, mask)
+    slope, intercept, r2 = fit_lines(coeffs, clock.at_steps(steps) if clock is not None else steps_t, mask)
     return sigma, U, X, coeffs, slope, intercept, r2, total, last_sq
 
 
@@ -336,13 +337,16 @@ class MappedState:
     its metadata; ``extrapolate`` is :meth:`relex_callback.files.state.RelexState.extrapolate` (bit for bit what ``relex
     materialize`` writes from the same file)."""
 
-    def __init__(self, path: str, specs: list[TensorSpec], slope: torch.Tensor, intercept: torch.Tensor, rank: int):
+    def __init__(self, path: str, specs: list[TensorSpec], slope: torch.Tensor, intercept: torch.Tensor, rank: int,
+                 clock=None):
         from ..files.checkpoints import MappedSafetensors
 
         self.file = MappedSafetensors(path)
-        self.specs, self.slope, self.intercept, self.rank = specs, slope, intercept, rank
+        self.specs, self.slope, self.intercept, self.rank, self.clock = specs, slope, intercept, rank, clock
 
     def coef_at(self, horizon: float) -> torch.Tensor:
+        if self.clock is not None:
+            horizon = self.clock.at(horizon)
         return self.slope * float(horizon) + self.intercept
 
     @torch.no_grad()
@@ -391,7 +395,7 @@ def write_horizon_streaming(out_dir: str, horizon: int, tcut: int, result, theta
 
 
 # ------------------------------------------------------------------------------------------------ the driver
-def _cat_solutions(parts, specs, steps, fit_start, rank, seconds, bytes_read):
+def _cat_solutions(parts, specs, steps, fit_start, rank, seconds, bytes_read, clock=None):
     from ..core.solver import Solution
 
     def cat(k):
@@ -400,7 +404,7 @@ def _cat_solutions(parts, specs, steps, fit_start, rank, seconds, bytes_read):
     return Solution(specs=list(specs), steps=list(steps), fit_start=fit_start, rank=rank, sigma=cat("sigma"),
                     coeffs=cat("coeffs"), slope=cat("slope"), intercept=cat("intercept"), r2=cat("r2"),
                     total=cat("total"), last_sq=cat("last_sq"), V=None, method="gram", seconds=seconds,
-                    bytes_read=bytes_read)
+                    bytes_read=bytes_read, clock=clock)
 
 
 def _first_nonfinite(readers, ckpts, names, numels, base_reader):
@@ -451,7 +455,7 @@ class StreamedWriter(CheckpointWriter):
         guarded(commit_state)
         self.stamps["state"] = time.perf_counter() - t
         sol = self.solution
-        self.mapped = MappedState(state_path, self.specs, sol.slope, sol.intercept, self.rank)
+        self.mapped = MappedState(state_path, self.specs, sol.slope, sol.intercept, self.rank, sol.clock)
         self.base_mapped = MappedSource(self.src_base)
         return state_path
 
@@ -493,8 +497,9 @@ class StreamedSolve:
     """
 
     def __init__(self, *, src_base, sources, cks, names: Sequence[str], dtype: torch.dtype, max_shard_size,
-                 rank: int = 1, memory_budget: int = DEFAULT_MEMORY_BUDGET, progress: bool = False):
+                 rank: int = 1, memory_budget: int = DEFAULT_MEMORY_BUDGET, progress: bool = False, clock=None):
         self.src_base, self.sources, self.cks, self.names = src_base, sources, cks, list(names)
+        self.clock = clock  # relex_callback.core.clock.Clock (the lr clock), or None: the step
         self.dtype, self.memory_budget, self.progress = dtype, memory_budget, progress
         self.steps = [c.step for c in cks]
         self.numels = [math.prod(src_base.meta[n][0]) for n in self.names]
@@ -560,7 +565,8 @@ class StreamedSolve:
         finally:
             self._close_readers()
         self.secs["total"] = time.perf_counter() - t0
-        solution = _cat_solutions(parts, self.specs, self.steps, fit_start, rank, self.secs, self.bytes_read)
+        solution = _cat_solutions(parts, self.specs, self.steps, fit_start, rank, self.secs, self.bytes_read,
+                                  self.clock)
         solution.backtest = combine(backtests)  # each group's tensors: additive sums, one global backtest
         reasons = [p.noise for p in parts if isinstance(p.noise, str)]
         solution.noise = reasons[0] if reasons else _noise.combine([p.noise for p in parts])  # the same sums
@@ -587,12 +593,13 @@ class StreamedSolve:
             fitted, theta0 = self._solve_chunked(io, gspecs[0], G, V, rank, fit_start)
         sigma, U, X, coeffs, slope, intercept, r2, total, last_sq = fitted
         sol = Solution(specs=gspecs, steps=steps, fit_start=fit_start, rank=rank, sigma=sigma, coeffs=coeffs,
-                       slope=slope, intercept=intercept, r2=r2, total=total, last_sq=last_sq, V=V, method="gram")
+                       slope=slope, intercept=intercept, r2=r2, total=total, last_sq=last_sq, V=V, method="gram",
+                       clock=self.clock)
         # refused before anything is written (the state is committed only after every group passed)
         check_horizons_fit(sol, horizons)
         self._save_group_state(gi, sol, gspecs, theta0, fp_mapped)
         sol.V = None
-        bt = backtest_from_gram(G, steps, True, fit_start=fit_start, names=[x.name for x in gspecs])
+        bt = backtest_from_gram(G, steps, True, fit_start=fit_start, names=[x.name for x in gspecs], clock=self.clock)
         sol.noise = _noise.safe(_noise.drift_share, G, steps, coeffs=sol.coeffs[:, 0, :], names=[x.name for x in gspecs])
         return sol, bt, col
 
@@ -657,7 +664,7 @@ class StreamedSolve:
             _gram_into(G[j], block[:T, s.offset: s.offset + s.local_numel])
         secs["gram"] += time.perf_counter() - tg
         self._check_finite(io, G, [s.name for s in gspecs])
-        fitted = solve_grams(G, self.steps, rank, fit_start)
+        fitted = solve_grams(G, self.steps, rank, fit_start, self.clock)
         X = fitted[2]
         td = time.perf_counter()
         for j, s in enumerate(gspecs):
@@ -679,7 +686,7 @@ class StreamedSolve:
             _gram_into(G[0], block[:T])
             secs["gram"] += time.perf_counter() - tg
         self._check_finite(io, G, [s.name])
-        fitted = solve_grams(G, self.steps, rank, fit_start)
+        fitted = solve_grams(G, self.steps, rank, fit_start, self.clock)
         X = fitted[2]
         for a in range(0, n, width):
             k = min(width, n - a)

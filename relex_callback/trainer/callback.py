@@ -93,6 +93,7 @@ class RelexCallback(TrainerCallback, ExportableState):
         reward_metric: Optional[str] = None,
         evaluate_horizons: bool = False,
         keep_best: Optional[int] = None,
+        fit_clock: str = "lr",
     ):
         from ..compat import check_versions, trl_in_use
 
@@ -103,7 +104,7 @@ class RelexCallback(TrainerCallback, ExportableState):
             exclude=exclude, solver=solver, overwrite=overwrite, max_shard_size=max_shard_size, fold_rank=fold_rank,
             buffer_slots=buffer_slots, on_nonfinite=on_nonfinite, merge_lora=merge_lora, fit=fit, fit_window=fit_window,
             degree=degree, on_flat_reward=on_flat_reward, reward_metric=reward_metric,
-            evaluate_horizons=evaluate_horizons, keep_best=keep_best,
+            evaluate_horizons=evaluate_horizons, keep_best=keep_best, fit_clock=fit_clock,
         )
         self.store = None  # TrajectoryStore of the open window
         self.tracked = []  # TrackedTensor: this process's pieces
@@ -148,7 +149,9 @@ class RelexCallback(TrainerCallback, ExportableState):
     def from_config(cls, cfg: RelexConfig, **overrides) -> "RelexCallback":
         kw = cfg.to_kwargs()
         kw.update(overrides)
-        return cls(**kw)
+        cb = cls(**kw)
+        cb._entry = "trl_parser"  # messages name --relex_overwrite, not the argument (errors.name_switch)
+        return cb
 
     def __getattr__(self, name):  # the settings read as attributes: cb.tcut, cb.horizons, cb.stop_training, ...
         settings = self.__dict__.get("settings")
@@ -275,6 +278,7 @@ class RelexCallback(TrainerCallback, ExportableState):
 
     def on_train_end(self, args, state, control, **kwargs):
         self._release()
+        lifecycle.end_run()
         if self.validation is not None and self.validation.theta0_file:  # the checkpoints keep their links
             for p in (self.validation.theta0_file, os.path.dirname(self.validation.theta0_file)):
                 try:

@@ -40,7 +40,67 @@ def begin(cb, state):
     if cb.__dict__.get("_began"):
         begin_again(cb)
     cb._began = True
+    from .notices import start_run
+
+    start_run(state)  # warnings: the main process's only, each once per run
+    read_schedule(cb, trainer, state)
     return trainer, (_resumed_from(trainer) if state.global_step > 0 else None)
+
+
+def read_schedule(cb, trainer, state):
+    """``fit_clock="lr"``: the learning rate of every step up to the last horizon (or ``max_steps``), read ahead from
+    the trainer's scheduler at window open without stepping it (:func:`relex_callback.core.clock.schedule_lrs`);
+    kept as ``cb._schedule = (lrs, source)``. A scheduler that cannot be read ahead: the step clock, said once."""
+    from ..core.clock import MAX_RECORDED, schedule_lrs
+
+    cb._schedule = None
+    s = cb.settings
+    if s.fit_clock != "lr":
+        return
+    sched = getattr(trainer, "lr_scheduler", None) if trainer is not None else None
+    max_steps = int(getattr(state, "max_steps", 0) or 0)
+    lrs, why = schedule_lrs(sched, min(max([s.tcut, *s.horizons]), MAX_RECORDED), max_steps or None)
+    if lrs is None:
+        warn_once(cb, state, f"relex: {why}; the coefficients are fitted on the step (as with fit_clock='steps')")
+        return
+    inner = getattr(sched, "scheduler", sched) if not hasattr(sched, "lr_lambdas") else sched
+    cb._schedule = (lrs, f"the trainer's {type(inner).__name__} (max_steps={max_steps})")
+
+
+def end_run():
+    """``on_train_end``: repeated warnings pass again (:mod:`.notices`)."""
+    from .notices import end_run as _end
+
+    _end()
+
+
+def warn_once(cb, state, msg: str):
+    """A warning on the main process only, once per callback instance and message (a DDP / ZeRO / FSDP run has one
+    callback per process: without the test every process would print it)."""
+    seen = cb.__dict__.setdefault("_warned", set())
+    topo = cb.__dict__.get("topology")
+    main = (getattr(state, "is_world_process_zero", True) if state is not None
+            else topo is None or topo.process_rank == 0)
+    if msg in seen or not main:
+        return
+    seen.add(msg)
+    logger.warning(msg)
+
+
+def window_clock(cb, state=None):
+    """The clock of the window at ``tcut`` (:func:`relex_callback.core.clock.resolve`), or ``None``: the step."""
+    from ..core.clock import resolve
+
+    s = cb.settings
+    if s.fit_clock != "lr" or not cb.__dict__.get("_schedule"):
+        return None
+    lrs, source = cb._schedule
+    clock, _why = resolve(lrs, s.tcut, s.horizons, source)
+    if clock is not None and max(s.horizons) > clock.end:
+        warn_once(cb, state, f"relex: horizons {[h for h in s.horizons if h > clock.end]} are beyond the end of the "
+                             f"learning-rate schedule (step {clock.end}): past it the lr clock counts each step at the "
+                             f"window's mean learning rate ({clock.tail_lr:.3g})")
+    return clock
 
 
 def begin_again(cb):
@@ -62,8 +122,19 @@ def check_outputs(cb, out_dir: str, model, own_run: Optional[str] = None) -> lis
     from ..params import is_peft_model
 
     s = cb.settings
-    return check_outputs_free(out_dir, s.horizons, s.overwrite, merged=s.merge_lora and is_peft_model(model),
-                              plot=s.evaluate_horizons, own_run=own_run)
+    try:
+        return check_outputs_free(out_dir, s.horizons, s.overwrite, merged=s.merge_lora and is_peft_model(model),
+                                  plot=s.evaluate_horizons, own_run=own_run)
+    except RelexInputError as e:
+        raise switch_named(cb, e) from None
+
+
+def switch_named(cb, e):
+    """``e`` naming this callback's overwrite switch: ``overwrite=True``, or ``--relex_overwrite`` for a callback
+    built by ``RelexCallback.from_config`` (a ``TrlParser`` / ``HfArgumentParser`` run)."""
+    from ..errors import name_switch
+
+    return name_switch(e, cb.__dict__.get("_entry", "callback"))
 
 
 def nonfinite_step(cb, step: int, e):
@@ -173,6 +244,9 @@ def finish(cb, args, state, control, kwargs):
         from .scoring import score_at_tcut
 
         score_at_tcut(cb, cb._trainer() if cb._trainer is not None else None, sol, cb.store, model, out_dir, control)
+    from .notices import summary
+
+    summary(cb, out_dir, state, model)  # the one summary of the window, printed by the main process
     _close_window(cb, state, control, sol, out_dir)
 
 
@@ -187,8 +261,9 @@ def _pipeline_or_keep(cb, args, kwargs, writer, out_dir, model, trend, flat):
         cb._release()
         written = any(os.path.isfile(p) and os.path.getmtime(p) >= start_wall for p in
                       (os.path.join(out_dir, STATE_NAME), os.path.join(out_dir, STATE_INDEX_NAME)))
+        e = switch_named(cb, e)
         if written or cb.store is None or not cb.store.num_rows:  # the state file holds the window
-            raise
+            raise e from None
         keep, base = keep_window(cb, args, kwargs, cb.settings.tcut)  # the model is at tcut
         raise type(e)(
             f"{e}. Nothing was extrapolated; the {cb.store.num_rows} recorded steps are kept in {keep}: once "
@@ -286,7 +361,7 @@ def run_pipeline(cb, writer, s, out_dir, model, trend, flat):
     from ..pipeline.finalize import BufferedSolve, finalize
 
     solver = BufferedSolve(cb.store, reduce=cb.topology.reduce_grams if cb.topology.sharded else None,
-                           skipped_nonfinite=cb.skipped_steps)
+                           skipped_nonfinite=cb.skipped_steps, clock=window_clock(cb))
     if cb._replace_own is not None and cb._replace_own == cb.store.run_id and not s.overwrite:
         # a resumed window replaces what its own run wrote at tcut before it stopped: checked again now (it was at
         # on_train_begin) that every output there still carries this run id, so nothing that appeared since (a

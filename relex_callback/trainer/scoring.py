@@ -212,7 +212,8 @@ def clean_metrics(metrics: dict) -> dict:
 
 def seeded_evaluate(trainer, seed: Optional[int] = None) -> dict:
     """``trainer.evaluate()`` with the RNGs seeded as ``set_seed(seed, device_specific=True)`` (default
-    ``args.seed``), cleaned (:func:`clean_metrics`)."""
+    ``args.seed``), cleaned (:func:`clean_metrics`), with the standard error of each score as ``<metric>_stderr``
+    (:func:`standard_errors`)."""
     from accelerate.utils import set_seed
 
     set_seed(trainer.args.seed if seed is None else seed, device_specific=True)
@@ -220,7 +221,119 @@ def seeded_evaluate(trainer, seed: Optional[int] = None) -> dict:
         trainer._last_loaded_step = -1  # vLLM: sync the weights just put in before generating
     from ..compat import evaluate_with_logged_metrics
 
-    return clean_metrics(evaluate_with_logged_metrics(trainer))  # TRL < 1.5 logs GRPO's eval metrics, not returns
+    with _completion_log(trainer) as samples:
+        metrics = clean_metrics(evaluate_with_logged_metrics(trainer))  # TRL < 1.5 logs GRPO's eval metrics
+    metrics.update(standard_errors(metrics, samples, _eval_size(trainer)))
+    return metrics
+
+
+# ------------------------------------------------------------------------------------------ a score's noise
+STDERR = "_stderr"  # suffix of a score's standard error in horizon_eval ("reward_stderr")
+NOISE_SE = 2.0  # a horizon beats the tcut model only when its score is better by more than this many standard errors
+
+
+def _unbounded(x):
+    """A copy of GRPO's completion log structure whose deques keep everything (the log keeps one generation batch)."""
+    from collections import defaultdict, deque
+
+    if isinstance(x, deque):
+        return deque()
+    if isinstance(x, defaultdict):
+        return defaultdict(deque)
+    if isinstance(x, dict):
+        return {k: _unbounded(v) for k, v in x.items()}
+    return x
+
+
+@contextmanager
+def _completion_log(trainer):
+    """GRPO keeps the prompts and every reward function's reward of the last generated completions (gathered over
+    processes) in ``trainer._logs``; during one evaluation it keeps all of them here: ``samples`` is filled with
+    ``{"prompt": [...], "rewards": {func: [...]}}`` afterwards (empty for other trainers). The log is put back."""
+    samples: dict = {}
+    logs = getattr(trainer, "_logs", None)
+    if not isinstance(logs, dict) or "prompt" not in logs or "rewards" not in logs:
+        yield samples
+        return
+    trainer._logs = _unbounded(logs)
+    try:
+        yield samples
+        samples["prompt"] = list(trainer._logs["prompt"])
+        samples["rewards"] = {k: list(v) for k, v in trainer._logs["rewards"].items()}
+        weights = getattr(trainer, "reward_weights", None)
+        names = getattr(trainer, "reward_func_names", None)
+        if weights is not None and names is not None and len(names) == len(weights):
+            samples["weights"] = {n: float(w) for n, w in zip(names, weights)}
+    finally:
+        trainer._logs = logs
+
+
+def _eval_size(trainer) -> Optional[int]:
+    try:
+        return len(trainer.eval_dataset)
+    except TypeError:
+        return None
+
+
+def _prompt_key(p) -> str:
+    import json
+
+    try:
+        return json.dumps(p, sort_keys=True, default=str)
+    except (TypeError, ValueError):
+        return repr(p)
+
+
+def _clustered_se(keys: list, values: list) -> Optional[float]:
+    """Standard error of the mean of ``values`` with the prompt as the sampling unit: the spread of the per-prompt
+    means over sqrt(number of prompts) (completions of one prompt are not independent draws). ``None`` below two
+    prompts or without finite values."""
+    groups: dict = {}
+    for k, v in zip(keys, values):
+        if v is not None and math.isfinite(v):
+            groups.setdefault(k, []).append(v)
+    means = [sum(g) / len(g) for g in groups.values()]
+    n = len(means)
+    if n < 2:
+        return None
+    m = sum(means) / n
+    return math.sqrt(sum((x - m) ** 2 for x in means) / (n - 1) / n)
+
+
+def standard_errors(metrics: dict, samples: dict, n_eval: Optional[int] = None) -> dict:
+    """``{"<metric>_stderr": se}`` for the scores whose noise can be measured:
+
+    * GRPO's ``reward`` and ``rewards/<func>/mean``: from the per-prompt spread of the eval rewards
+      (:func:`_clustered_se`; ``reward`` is the weighted sum of the functions, as GRPO computes it);
+    * a score named like an accuracy (a fraction in ``[0, 1]``) without per-sample data: binomial,
+      ``sqrt(p (1 - p) / n)`` over the ``n`` eval examples.
+
+    Others (``loss``) get none."""
+    out = {}
+    prompts, rewards = samples.get("prompt") or [], samples.get("rewards") or {}
+    keys = [_prompt_key(p) for p in prompts]
+    usable = {f: r for f, r in rewards.items() if len(r) == len(keys)}
+    if keys and usable:
+        for f, r in usable.items():
+            if f"rewards/{f}/mean" in metrics:
+                se = _clustered_se(keys, [float("nan") if v is None else float(v) for v in r])
+                if se is not None:
+                    out[f"rewards/{f}/mean{STDERR}"] = se
+        weights = samples.get("weights") or {f: 1.0 for f in rewards}
+        if "reward" in metrics and len(usable) == len(rewards) and set(weights) == set(rewards):
+            total = []
+            for j in range(len(keys)):
+                vals = [(weights[f], rewards[f][j]) for f in rewards]
+                ok = [(w, float(v)) for w, v in vals if v is not None and math.isfinite(float(v))]
+                total.append(sum(w * v for w, v in ok) if ok else float("nan"))
+            se = _clustered_se(keys, total)
+            if se is not None:
+                out["reward" + STDERR] = se
+    for k, v in metrics.items():
+        if (k + STDERR not in out and "accuracy" in k and not k.endswith(STDERR) and v is not None and 0 <= v <= 1
+                and n_eval):
+            out[k + STDERR] = math.sqrt(v * (1 - v) / n_eval)
+    return out
 
 
 # --------------------------------------------------------------------------------------------- the best horizon
@@ -258,8 +371,12 @@ def rank_steps(scores: dict, metric: str, goal: str, steps: Sequence[int]) -> li
 
 
 def summarize(scores: dict, tcut: int, horizons: Sequence[int], reward_metric: Optional[str] = None) -> dict:
-    """``best_horizon`` (among the horizons) and ``horizon_eval_summary`` (the metric, its goal, the tcut and best
-    values, whether the best horizon beats the tcut model)."""
+    """``best_horizon`` (the best-scored horizon) and ``horizon_eval_summary``: the metric, its goal, the tcut and
+    best values with their standard errors, the difference and its standard error (``sqrt(se_tcut^2 +
+    se_best^2)``: conservative, the two are scored on the same prompts and seeds), and the verdict.
+    ``best_beats_tcut`` is true only when the best horizon is better by more than :data:`NOISE_SE` standard errors
+    of the difference; otherwise the verdict says "within noise" (or "worse than the tcut model", or that the noise
+    is unknown: no standard error, e.g. ``eval_loss``) and ``pick`` stays ``"tcut"``."""
     metric, goal = choose_metric(scores, reward_metric)
     if metric is None:
         return {"best_horizon": None, "horizon_eval_summary": {"metric": None}}
@@ -267,12 +384,24 @@ def summarize(scores: dict, tcut: int, horizons: Sequence[int], reward_metric: O
     best = order[0] if order and scores.get(str(order[0]), {}).get(metric) is not None else None
     at_tcut = scores.get(str(tcut), {}).get(metric)
     best_value = scores[str(best)][metric] if best is not None else None
-    beats = None
+    se_t = scores.get(str(tcut), {}).get(metric + STDERR)
+    se_b = scores.get(str(best), {}).get(metric + STDERR) if best is not None else None
+    beats = diff = se_d = None
+    verdict = "not scored"
     if best_value is not None and at_tcut is not None:
-        beats = best_value > at_tcut if goal == "max" else best_value < at_tcut
+        diff = best_value - at_tcut if goal == "max" else at_tcut - best_value  # > 0: the horizon is better
+        if se_t is None or se_b is None:
+            verdict = "noise unknown (no standard error for this metric): the tcut model stays the pick"
+        else:
+            se_d = math.sqrt(se_t ** 2 + se_b ** 2)
+            beats = diff > NOISE_SE * se_d
+            verdict = ("beats the tcut model" if beats else "within noise: the tcut model stays the pick"
+                       if diff >= -NOISE_SE * se_d else "worse than the tcut model: the tcut model stays the pick")
     return {"best_horizon": best, "horizon_eval_summary": {
-        "metric": metric, "goal": goal, "tcut": int(tcut), "tcut_value": at_tcut, "best_value": best_value,
-        "best_beats_tcut": beats, "ranking": order}}
+        "metric": metric, "goal": goal, "tcut": int(tcut), "tcut_value": at_tcut, "tcut_stderr": se_t,
+        "best_value": best_value, "best_stderr": se_b, "difference": diff, "difference_stderr": se_d,
+        "best_beats_tcut": bool(beats) if beats is not None else None, "verdict": verdict,
+        "pick": best if beats else "tcut", "ranking": order}}
 
 
 # --------------------------------------------------------------------------------------- scoring inside a run
@@ -348,13 +477,27 @@ def plot_horizons(scores: dict, summary: dict, tcut: int, path: str) -> Optional
     from ..files.fs import atomic_file
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([s for s, _ in pts], [v for _, v in pts], "o-", label=f"eval {metric}")
-    if str(tcut) in scores and scores[str(tcut)].get(metric) is not None:
-        ax.plot([tcut], [scores[str(tcut)][metric]], "s", color="black", ms=8, label=f"tcut model (step {tcut})")
+    se = [scores[str(s)].get(metric + STDERR) for s, _ in pts]
+    if any(e is not None for e in se):  # error bars: +- NOISE_SE standard errors (the band a winner must clear)
+        ax.errorbar([s for s, _ in pts], [v for _, v in pts], yerr=[NOISE_SE * (e or 0.0) for e in se], fmt="o-",
+                    capsize=3, label=f"eval {metric} +- {NOISE_SE:g} s.e.")
+    else:
+        ax.plot([s for s, _ in pts], [v for _, v in pts], "o-", label=f"eval {metric} (no standard error)")
+    at_tcut = scores.get(str(tcut), {}).get(metric)
+    if at_tcut is not None:
+        ax.plot([tcut], [at_tcut], "s", color="black", ms=8, label=f"tcut model (step {tcut})")
+        se_t = scores[str(tcut)].get(metric + STDERR)
+        if se_t:
+            ax.axhspan(at_tcut - NOISE_SE * se_t, at_tcut + NOISE_SE * se_t, color="grey", alpha=0.15,
+                       label=f"tcut +- {NOISE_SE:g} s.e.")
     ax.axvline(tcut, color="grey", ls=":", lw=1)
     best = summary.get("best_horizon")
-    if best is not None:
+    hs = summary.get("horizon_eval_summary", {})
+    if best is not None and hs.get("best_beats_tcut"):
         ax.plot([best], [scores[str(best)][metric]], "*", color="red", ms=12, label=f"best horizon {best}")
+    elif best is not None:
+        ax.plot([best], [scores[str(best)][metric]], "*", mfc="none", mec="grey", ms=12,
+                label=f"best-scored {best}: {hs.get('verdict', '').split(':')[0]}")
     ax.set_xscale("log", base=2)
     ax.set_xticks([s for s, _ in pts], [str(s) for s, _ in pts])
     ax.minorticks_off()
@@ -383,7 +526,14 @@ def apply_scores(report: dict, run: dict, *, tcut: int, horizons: Sequence[int],
     report.update(summary)
     if keep_best is not None and summary["best_horizon"] is not None:
         ranking = summary["horizon_eval_summary"]["ranking"]
-        if coordinator:
+        if not summary["horizon_eval_summary"]["best_beats_tcut"]:  # the tcut model stays the pick: keep them all
+            report["keep_best"] = {"k": int(keep_best), "kept": list(ranking), "removed": [],
+                                   "skipped": f"no horizon beats the tcut model ("
+                                              f"{summary['horizon_eval_summary']['verdict']}); nothing removed"}
+            ranking = None
+        if ranking is None:
+            pass
+        elif coordinator:
             report["keep_best"] = remove_all_but_best(out_dir, ranking, keep_best, run_id, tcut)
         else:
             report["keep_best"] = {"k": int(keep_best), "kept": ranking[:keep_best]}

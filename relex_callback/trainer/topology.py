@@ -311,7 +311,8 @@ class Topology:
             return Solution(specs=whole, steps=sol.steps, fit_start=sol.fit_start, rank=sol.rank,
                             **{f: getattr(sol, f) for f in fields}, V=None, method=sol.method, seconds=sol.seconds,
                             fallbacks=sol.fallbacks, backtest=sol.backtest, curve=sol.curve, selection=sol.selection,
-                            noise=sol.noise)  # from the all-reduced Grams: the whole window's already
+                            noise=sol.noise,  # from the all-reduced Grams: the whole window's already
+                            clock=sol.clock)
         from ..core import noise as _noise
         from ..core.backtest import combine
         from ..core.fit import Fit
@@ -334,7 +335,7 @@ class Topology:
                         fallbacks=sum(self.gather_objects(sol.fallbacks)),
                         backtest=combine(bts) if all(b is not None for b in bts) else None,
                         curve=Fit.stack([Fit.from_json(c) for c in curves]) if all(curves) else None,
-                        selection=sol.selection,
+                        selection=sol.selection, clock=sol.clock,
                         noise=_noise.from_gathered(self.gather_objects(_noise.gather_form(sol.noise))))
 
     def write_plan(self, model) -> dict:
@@ -440,7 +441,7 @@ class Topology:
             specs=specs, steps=sol.steps, fit_start=sol.fit_start, rank=svd_rank, sigma=pick(sol.sigma),
             coeffs=pick(sol.coeffs), slope=pick(sol.slope), intercept=pick(sol.intercept), r2=pick(sol.r2),
             total=pick(sol.total), last_sq=pick(sol.last_sq), V=V, method=sol.method,
-            curve=sol.curve[rows] if sol.curve is not None and len(mine_names) else None,
+            curve=sol.curve[rows] if sol.curve is not None and len(mine_names) else None, clock=sol.clock,
         )
         theta0 = [theta0_full.pop(s.name) for s in specs]
         return owned, theta0, extra
