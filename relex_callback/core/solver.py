@@ -30,6 +30,7 @@ import torch
 
 from . import kernels
 from . import noise as _noise
+from .precision import exact
 from .backtest import (
     Backtest,
     _check_fit_rows,
@@ -183,6 +184,7 @@ def _fix_signs(U: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+@exact
 def solve(
     M: torch.Tensor,
     steps: Sequence[int],
@@ -588,6 +590,7 @@ def _power_eigs(M: torch.Tensor, offsets, numels, *, max_iter: int, tol: float, 
 
 
 @torch.no_grad()
+@exact
 def factor_left(M: torch.Tensor, left: Optional[torch.Tensor], specs: Sequence[TensorSpec], rank: int, reduce=None):
     """Top ``rank`` singular triplets of ``A_i = left[i] @ M_i`` for every segment without forming ``A``: the Gram
     ``A_i A_i^T = left[i] (M_i M_i^T) left[i]^T`` from one pass over ``M``, a float64 ``eigh``, and the weights

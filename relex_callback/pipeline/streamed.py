@@ -44,6 +44,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from ..core.precision import exact
 from ..errors import RelexInputError, RelexNonFiniteError, RelexWriteError
 from ..files.checkpoints import MappedSource
 from ..files.fs import loads_json, read_safetensors_header
@@ -531,6 +532,7 @@ class StreamedSolve:
         os.makedirs(self.writer.scratch)
 
     @torch.no_grad()
+    @exact
     def solve(self, settings, writer: CheckpointWriter, horizons: Sequence[int]):
         """Every group's Gram, eigenpairs, directions and state part; returns the solution over every tensor (``V`` is
         ``None``: the directions are in the parts)."""

@@ -22,6 +22,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import torch
 
 from ..config import dtype_name, torch_dtype
+from ..core.precision import exact
 from ..errors import RelexInputError, RelexMemoryError, RelexNonFiniteError
 from ..files.fs import describe_failure
 from ..params import TensorSpec
@@ -388,6 +389,7 @@ class TrajectoryStore:
         return torch.diagonal(G_B[:, b:, b:], dim1=1, dim2=2).sum(-1)
 
     @torch.no_grad()
+    @exact
     def fold(self):
         """Fold every delta in the ring into the rank-``fold_rank`` factorisation and free the slots."""
         from ..core.kernels.reference import project_reference

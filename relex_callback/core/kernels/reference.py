@@ -11,6 +11,8 @@ from typing import Sequence
 
 import torch
 
+from ..precision import exact
+
 # Columns per float32 chunk: T x CHUNK x 4 bytes stays near the cache size for T ~ 75 (measured: 16K-64K columns
 # are equally fast on the 2-core CI machine; 4K is 10% slower).
 CHUNK = 1 << 15
@@ -49,6 +51,7 @@ def _float32_chunks(M: torch.Tensor, o: int, n: int, chunk: int, tmp=False):
 
 
 @torch.no_grad()
+@exact
 def gram_reference(M: torch.Tensor, offsets: Sequence[int], numels: Sequence[int], chunk: int = CHUNK) -> torch.Tensor:
     """``G[i] = M_i M_i^T`` for every segment, float32 accumulation per chunk, summed in float64. ``[S, T, T]``."""
     T = M.shape[0]
@@ -80,6 +83,7 @@ def gram_reference(M: torch.Tensor, offsets: Sequence[int], numels: Sequence[int
 
 
 @torch.no_grad()
+@exact
 def project_reference(
     M: torch.Tensor, offsets: Sequence[int], numels: Sequence[int], U: torch.Tensor, out: torch.Tensor, chunk: int = CHUNK
 ) -> torch.Tensor:
