@@ -228,11 +228,12 @@ def extrapolate_trajectory(trajectory_dir: str, base: str, horizons: Sequence[in
         return _extrapolate_trajectory(trajectory_dir, base, horizons, out_dir, rank=rank, fit_start=fit_start,
                                        method=method, overwrite=overwrite, max_shard_size=max_shard_size, fit=fit,
                                        fit_window=fit_window, degree=degree, untracked_from=untracked_from,
-                                       untracked_frozen=untracked_frozen)
+                                       untracked_frozen=untracked_frozen, fit_clock=fit_clock, schedule=schedule)
 
 
 def _extrapolate_trajectory(trajectory_dir, base, horizons, out_dir, *, rank, fit_start, method, overwrite,
-                            max_shard_size, fit, fit_window, degree, untracked_from, untracked_frozen):
+                            max_shard_size, fit, fit_window, degree, untracked_from, untracked_frozen, fit_clock,
+                            schedule):
     from ..trajectory.store import TrajectoryStore
     from ..files.state import fingerprint
 
@@ -341,12 +342,12 @@ def extrapolate_checkpoints(base: str, checkpoints: Sequence[str], horizons, out
             base, checkpoints, horizons, out_dir, steps=steps, stride=stride, fit_start=fit_start, rank=rank,
             dtype=dtype, device=device, storage=storage, solver=solver, max_shard_size=max_shard_size,
             overwrite=overwrite, progress=progress, timing=timing, streaming=streaming, memory_budget=memory_budget,
-            fit=fit, fit_window=fit_window, degree=degree, run_check=run_check)
+            fit=fit, fit_window=fit_window, degree=degree, run_check=run_check, fit_clock=fit_clock, schedule=schedule)
 
 
 def _extrapolate_checkpoints(base, checkpoints, horizons, out_dir, *, steps, stride, fit_start, rank, dtype, device,
                              storage, solver, max_shard_size, overwrite, progress, timing, streaming, memory_budget,
-                             fit, fit_window, degree, run_check):
+                             fit, fit_window, degree, run_check, fit_clock, schedule):
     t_main = time.perf_counter()
     cks, tcut, settings, streaming = _check_checkpoint_args(
         base, checkpoints, horizons, out_dir, steps=steps, stride=stride, fit_start=fit_start, rank=rank, dtype=dtype,
