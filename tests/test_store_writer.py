@@ -220,3 +220,22 @@ def test_state_round_trip_and_fingerprint_mismatch(tmp_path, tiny_model):
     save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(RelexInputError, match="not a RELEX state"):
         load_state(str(tmp_path / "other.safetensors"))
+
+
+def test_fingerprint_chunks_are_large_off_the_cpu_and_do_not_change_the_fingerprint(monkeypatch):
+    """On a GPU the fingerprint's cost is its launches: chunks of 2^24 elements there (a 233M-element embedding in
+    14 chunks instead of ~900), cache-sized ones on the CPU; the chunk size must not move the fingerprint beyond
+    what fingerprint_mismatch tolerates (a state written on a GPU is checked against a base read on the CPU)."""
+    from relex_callback.files import state as st
+
+    assert st.fingerprint_chunk("cpu") == st.FINGERPRINT_CHUNK <= 1 << 18
+    for dev in ("cuda", "cuda:1", "meta"):
+        assert st.fingerprint_chunk(dev) >= 1 << 24
+    x = torch.randn(3 * (1 << 18) + 12345, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    small = st.fingerprint(x)
+    monkeypatch.setattr(st, "FINGERPRINT_CHUNK", 1 << 24)  # the device's chunk, on this CPU tensor
+    big = st.fingerprint(x)
+    assert big["samples"] == small["samples"] and big["n"] == small["n"]
+    assert st.fingerprint_mismatch(big, small) is None and st.fingerprint_mismatch(small, big) is None
+    y = (x.float() * 1.01).to(torch.bfloat16)  # another tensor of the same size: still told apart
+    assert st.fingerprint_mismatch(st.fingerprint(y), small) is not None

@@ -32,6 +32,14 @@ N_SAMPLES = 8
 
 
 FINGERPRINT_CHUNK = 1 << 18  # float64 scratch of 2 MiB: stays in cache (20x faster than one float64 copy)
+# On a GPU the cost is per launch, not per cache miss: 2 MiB chunks make a 1.5B model's embedding (233M elements)
+# ~2,700 launches of a few microseconds' work each; 128 MiB chunks make it 45.
+FINGERPRINT_CHUNK_DEVICE = 1 << 24
+
+
+def fingerprint_chunk(device) -> int:
+    """Elements per float64 chunk of :func:`fingerprint` on ``device``."""
+    return FINGERPRINT_CHUNK if torch.device(device).type == "cpu" else FINGERPRINT_CHUNK_DEVICE
 
 
 @torch.no_grad()
@@ -44,10 +52,11 @@ def fingerprint(t: torch.Tensor) -> dict:
     total = torch.zeros((), dtype=torch.float64, device=x.device)
     sq = torch.zeros((), dtype=torch.float64, device=x.device)
     if n:
-        buf = torch.empty(min(n, FINGERPRINT_CHUNK), dtype=torch.float64, device=x.device)
-        for a in range(0, n, FINGERPRINT_CHUNK):
-            b = buf[: min(FINGERPRINT_CHUNK, n - a)]
-            b.copy_(x[a : a + FINGERPRINT_CHUNK])
+        chunk = fingerprint_chunk(x.device)
+        buf = torch.empty(min(n, chunk), dtype=torch.float64, device=x.device)
+        for a in range(0, n, chunk):
+            b = buf[: min(chunk, n - a)]
+            b.copy_(x[a : a + chunk])
             total += b.sum()
             sq += torch.dot(b, b)
     return {"n": n, "sum": float(total), "sumsq": float(sq), "samples": [float(x[i]) for i in idx]}
