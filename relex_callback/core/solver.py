@@ -206,6 +206,7 @@ def solve(
     degree: int = 2,
     per_tensor_fit: bool = False,
     clock=None,
+    compute_device=None,
 ) -> Solution:
     """Solve every segment of ``M`` (``[T, D]``, rows in step order).
 
@@ -239,12 +240,17 @@ def solve(
             together). Always on the rank-1 component.
         clock (`Clock`, *optional*): fit against ``clock.at(step)`` (:mod:`relex_callback.core.clock`, the lr clock)
             instead of the step; ``None``: the step (the paper's axis).
+        compute_device (`torch.device`, *optional*): run the passes over ``M`` there when ``M`` is elsewhere (a host
+            or disk arena while training runs on a GPU: :mod:`relex_callback.core.kernels.staged`); the Gram method
+            then (two passes, each block copied once).
     """
     T, D = M.shape
     offsets = [s.offset for s in specs]
     numels = [s.local_numel for s in specs]
     S = len(specs)
     method = _solve_method(M, steps, left, method, rank, reduce)
+    if kernels.staged.through(M, compute_device) is not None and method == "power":
+        method = "gram"  # the power path reads the arena once per iteration: through the device, two passes are less
     steps_t, mask = _fit_steps(steps, fit_start)
     x_t = clock.at_steps(steps) if clock is not None else steps_t
     names = [sp.name for sp in specs]
@@ -257,12 +263,12 @@ def solve(
     if method != "power":
         sigma, U, X, total, last_sq, bt, passes, noise_in = _solve_gram(
             M, steps, specs, left, rank, reduce, folded_sq, folded_steps, backtest, bt, bt_rows, fit_start, names,
-            secs, t0, clock)
+            secs, t0, clock, compute_device)
     else:
         sigma, U, X, total, last_sq, bt, passes, fallbacks, noise_in = _solve_power(
             M, steps, offsets, numels, rank, max_iter, tol, bt, bt_rows, fit_start, names, seg_bytes, secs, t0, clock)
     t2 = time.perf_counter()
-    kernels.project(M, offsets, numels, X, V)
+    kernels.project(M, offsets, numels, X, V, device=compute_device)
     secs["direction"] = time.perf_counter() - t2
     passes += float(S > 0)
     coeffs = (U * sigma.unsqueeze(1)).transpose(1, 2)  # [S, r, T]
@@ -314,11 +320,11 @@ def _backtest_rows(steps, names, fit, backtest):
 
 
 def _solve_gram(M, steps, specs, left, rank, reduce, folded_sq, folded_steps, backtest, bt, bt_rows, fit_start, names,
-                secs, t0, clock=None):
+                secs, t0, clock=None, compute_device=None):
     """The Gram paths (plain or folded): directions, norms, the drift share's inputs and backtest from the Gram
     matrices."""
     S = len(specs)
-    sigma, U, X, _, G = factor_left(M, left, specs, rank, reduce=reduce)
+    sigma, U, X, _, G = factor_left(M, left, specs, rank, reduce=reduce, compute_device=compute_device)
     row_sq = torch.diagonal(G, dim1=1, dim2=2)
     if folded_sq is None:
         total = row_sq.sum(-1).clamp_min(0)
@@ -591,14 +597,15 @@ def _power_eigs(M: torch.Tensor, offsets, numels, *, max_iter: int, tol: float, 
 
 @torch.no_grad()
 @exact
-def factor_left(M: torch.Tensor, left: Optional[torch.Tensor], specs: Sequence[TensorSpec], rank: int, reduce=None):
+def factor_left(M: torch.Tensor, left: Optional[torch.Tensor], specs: Sequence[TensorSpec], rank: int, reduce=None,
+                compute_device=None):
     """Top ``rank`` singular triplets of ``A_i = left[i] @ M_i`` for every segment without forming ``A``: the Gram
     ``A_i A_i^T = left[i] (M_i M_i^T) left[i]^T`` from one pass over ``M``, a float64 ``eigh``, and the weights
     ``X_i = left[i]^T u / sigma`` [S, R, r] with which one more pass gives ``v = M_i^T X_i``. ``left=None`` is the
-    identity (the plain, unfolded trajectory ``A_i = M_i``).
+    identity (the plain, unfolded trajectory ``A_i = M_i``). ``compute_device``: as in :func:`solve`.
 
     Returns ``(sigma [S, r], U [S, T, r], X [S, R, r] float32, G_M [S, R, R] float64, G [S, T, T] float64)``."""
-    G_M = kernels.gram(M, [s.offset for s in specs], [s.local_numel for s in specs])
+    G_M = kernels.gram(M, [s.offset for s in specs], [s.local_numel for s in specs], device=compute_device)
     if reduce is not None:
         G_M = reduce(G_M)
     G_M = G_M.double().cpu()

@@ -131,7 +131,8 @@ class BufferedSolve:
         sol = solve(specs=self.store.specs, rank=settings.rank, fit_start=settings.fit_start, method=settings.solver,
                     reduce=self.reduce, **inputs, backtest=self.backtest, fit=settings.fit,
                     fit_window=settings.fit_window, degree=settings.degree,
-                    per_tensor_fit=topo is not None and not topo.sharded, clock=self.clock)
+                    per_tensor_fit=topo is not None and not topo.sharded, clock=self.clock,
+                    compute_device=self.store.compute_device)
         del inputs  # a view of the buffer: it must not keep the buffer alive through the writes
         self.buffer_bytes, self.storage = self.store.buffer_bytes, self.store.storage
         error = None

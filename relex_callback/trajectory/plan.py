@@ -104,7 +104,9 @@ def elements_per_process(shapes: Sequence[Sequence[int]], mode: str, world: int)
 def solve_scratch_bytes(D: int, piece: int, window: int, item: int, param_item: int, rank: int = 1) -> int:
     """Device bytes the end of a window allocates beside a device-tier buffer: the ``[rank, D]`` direction arena in
     the buffer dtype, one horizon piece in float32 plus its cast to the parameters' dtype (the largest tensor), and
-    the reference Gram's float32 chunk of ``window x 2^18`` columns."""
+    the reference Gram's float32 chunk of ``window x 2^18`` columns. A host or disk buffer solved through the GPU
+    (:mod:`relex_callback.core.kernels.staged`) keeps its directions on the host and takes one staged block of
+    64 MiB plus its output rows on the device instead of the direction arena: less, for any model this plans."""
     return rank * D * item + piece * (4 + param_item) + window * min(piece, 1 << 18) * 4
 
 

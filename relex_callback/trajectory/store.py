@@ -392,6 +392,7 @@ class TrajectoryStore:
     @exact
     def fold(self):
         """Fold every delta in the ring into the rank-``fold_rank`` factorisation and free the slots."""
+        from ..core import kernels
         from ..core.kernels.reference import project_reference
         from ..core.solver import factor_left
 
@@ -402,7 +403,8 @@ class TrajectoryStore:
         self.synchronize()
         B = self._rows_in_use()
         C = self._left()
-        sigma, U, X, G_B, _ = factor_left(B, C, self.specs, self.fold_rank, reduce=self.reduce)
+        device = self.compute_device
+        sigma, U, X, G_B, _ = factor_left(B, C, self.specs, self.fold_rank, reduce=self.reduce, compute_device=device)
         self.folded_sq = self.folded_sq + self._ring_sq(G_B)
         r = self.fold_rank
         out = self.arena
@@ -411,9 +413,14 @@ class TrajectoryStore:
             old_arena = self.arena
             out = self._move_arena_to_fresh_file(copy_rows=False)
             B = old_arena[r - self.basis_rows : r + self.num_ring_rows]
-        # the new basis overwrites rows of B when written in place: safe in the chunked reference, which computes
-        # each chunk's product in full before writing it (the Triton kernel makes no such promise)
-        project_reference(B, [s.offset for s in self.specs], [s.local_numel for s in self.specs], X, out[:r])
+        # the new basis overwrites rows of B when written in place: safe in the chunked reference and through the
+        # device (kernels.staged), which compute each chunk's product in full before writing it (the Triton kernel on
+        # the arena itself makes no such promise)
+        offsets, numels = [s.offset for s in self.specs], [s.local_numel for s in self.specs]
+        if device is not None:
+            kernels.project(B, offsets, numels, X, out[:r], device=device)
+        else:
+            project_reference(B, offsets, numels, X, out[:r])
         persist.drop_entries(self)
         self.L = U * sigma.unsqueeze(1)  # [S, T, r]
         self.folded_steps = list(self.steps)
@@ -422,6 +429,16 @@ class TrajectoryStore:
         if self.storage == "disk":
             persist.save_fold(self, self.directory)
             persist.write_meta(self, self.directory)
+
+    @property
+    def compute_device(self) -> Optional[torch.device]:
+        """Where the passes over the arena run when that is not where the arena is: the training device, for an
+        arena in host memory or on disk while training runs on a GPU (it goes through the device in blocks,
+        :mod:`relex_callback.core.kernels.staged`); ``None`` otherwise (the arena's own device)."""
+        buf = self.arena if self.arena is not None else self.M
+        if self.device.type == "cpu" or buf is None or buf.device.type != "cpu":
+            return None
+        return self.device
 
     def solve_inputs(self) -> dict:
         """Keyword arguments for :func:`relex_callback.core.solver.solve`: ``M`` and ``steps`` (plus ``left``,

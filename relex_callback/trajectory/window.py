@@ -203,9 +203,10 @@ def open_window(settings, tracked, topology, *, out_dir: str, global_step: int, 
     except RelexError:
         store.discard_files()
         raise
-    # each Triton kernel once on the buffer's device: one that cannot compile or launch there is replaced by its
-    # reference now, with one warning, not found out at tcut
-    kernels.probe(store.M.device, store.dtype)
+    # each Triton kernel once where the passes over the buffer will run (the buffer's device, or the GPU a host or
+    # disk buffer goes through): one that cannot compile or launch there is replaced by its reference now, with one
+    # warning, not found out at tcut
+    kernels.probe(store.compute_device or store.M.device, store.dtype)
     logger.info(
         "relex: tracking %d tensors (%d elements), %d snapshot slots%s, %.1f MiB buffer on %s",
         len(specs), store.D, store.K, f" + {store.fold_rank} fold rows (window of {window} folded)" if store.fold_rank else "",

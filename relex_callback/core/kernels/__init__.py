@@ -21,7 +21,7 @@ from typing import Sequence
 
 import torch
 
-from . import reference
+from . import reference, staged
 
 logger = logging.getLogger("relex_callback")
 
@@ -69,8 +69,12 @@ def _why(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0][:300] if text else ''}"
 
 
-def gram(M: torch.Tensor, offsets: Sequence[int], numels: Sequence[int]) -> torch.Tensor:
-    """``[S, T, T]`` Gram matrices of every segment (float32 accumulation)."""
+def gram(M: torch.Tensor, offsets: Sequence[int], numels: Sequence[int], device=None) -> torch.Tensor:
+    """``[S, T, T]`` Gram matrices of every segment (float32 accumulation). ``device``: compute there when ``M`` is
+    elsewhere (a host or disk arena through the GPU in blocks, :mod:`.staged`); the result is on ``device``."""
+    dev = staged.through(M, device)
+    if dev is not None:
+        return staged.gram_staged(M, offsets, numels, dev, gram)
     if _use_triton(M, "gram"):
         from . import triton_ops
 
@@ -81,8 +85,13 @@ def gram(M: torch.Tensor, offsets: Sequence[int], numels: Sequence[int]) -> torc
     return reference.gram_reference(M, offsets, numels)
 
 
-def project(M: torch.Tensor, offsets: Sequence[int], numels: Sequence[int], U: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """Direction pass ``out[:, seg] = U[i]^T M_i`` for every segment."""
+def project(M: torch.Tensor, offsets: Sequence[int], numels: Sequence[int], U: torch.Tensor, out: torch.Tensor,
+            device=None) -> torch.Tensor:
+    """Direction pass ``out[:, seg] = U[i]^T M_i`` for every segment. ``device``: compute there when ``M`` and
+    ``out`` are elsewhere (:mod:`.staged`; ``out`` may then be rows of ``M``)."""
+    dev = staged.through(M, device)
+    if dev is not None:
+        return staged.project_staged(M, offsets, numels, U, out, dev, project)
     if _use_triton(M, "project"):
         from . import triton_ops
 
