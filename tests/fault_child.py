@@ -31,7 +31,7 @@ def lm_dataset(tok, n=64, seed=0):
     return rows
 
 
-def build_trainer(out, callbacks, *, max_steps, save_steps=None, seed=0, lr=5e-3):
+def build_trainer(out, callbacks, *, max_steps, save_steps=None, seed=0, lr=5e-3, scheduler="constant"):
     from transformers import Trainer, TrainingArguments
 
     from relex_callback.examples.toy import build_model, build_tokenizer
@@ -39,7 +39,7 @@ def build_trainer(out, callbacks, *, max_steps, save_steps=None, seed=0, lr=5e-3
     tok = build_tokenizer()
     model = build_model(tok, hidden_size=32, layers=1)
     args = TrainingArguments(
-        output_dir=out, per_device_train_batch_size=8, learning_rate=lr, lr_scheduler_type="constant",
+        output_dir=out, per_device_train_batch_size=8, learning_rate=lr, lr_scheduler_type=scheduler,
         max_steps=max_steps, save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
         logging_steps=100, report_to=[], use_cpu=True, seed=seed, data_seed=seed, dataloader_num_workers=0,
         disable_tqdm=True, save_only_model=False,

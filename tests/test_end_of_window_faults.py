@@ -39,9 +39,9 @@ def _fresh_kernels():
     kernels.reset()
 
 
-def _run(out, monkeypatch=None, caplog=None):
+def _run(out, monkeypatch=None, caplog=None, scheduler="constant"):
     cb = RelexCallback(tcut=TCUT, horizons=[H], dtype="float32")
-    trainer, model, tok = build_trainer(str(out), [cb], max_steps=30)
+    trainer, model, tok = build_trainer(str(out), [cb], max_steps=30, scheduler=scheduler)
     model.save_pretrained(str(out / "base"))
     tok.save_pretrained(str(out / "base"))
     trainer.train()
@@ -180,3 +180,34 @@ def test_a_later_train_call_can_run_after_a_kept_window(tmp_path, monkeypatch):
     trainer, _, _ = build_trainer(str(tmp_path / "b"), [cb], max_steps=30)
     trainer.train()
     assert (tmp_path / "a" / "relex" / f"step-{H}" / "model.safetensors").exists()
+
+
+def test_a_kept_window_of_a_scheduled_run_finishes_on_its_lr_clock(tmp_path, monkeypatch):
+    """Under the default linear decay the callback fits on the lr clock; the window kept after a failure carries the
+    learning rates it read ahead, so the printed command writes the callback's bytes (on the step clock it would
+    not: the horizon lands 1.3-2.7x farther)."""
+    import json
+
+    monkeypatch.setenv("RELEX_DISABLE_TRITON", "1")
+    kernels.reset()
+    _run(tmp_path / "ok", scheduler="linear")
+    report = json.loads((tmp_path / "ok" / "relex" / "report.json").read_text())
+    assert (report.get("clock") or {}).get("kind") == "lr", report.get("clock")
+    want = _weights(tmp_path / "ok" / "relex" / f"step-{H}")
+    error = RuntimeError("CUDA error: an illegal memory access was encountered")
+    _break_solve(monkeypatch, error)
+    with pytest.raises(RelexEndOfWindowError) as info:
+        _run(tmp_path / "bad", scheduler="linear")
+    monkeypatch.undo()
+    kernels.reset()
+    cmd = re.search(r"`(relex extrapolate [^`]+)`", str(info.value)).group(1)
+    base = re.search(r"--base (.+?) --horizons", cmd).group(1)
+    argv = shlex.split(cmd.replace(base, shlex.quote(str(tmp_path / "bad" / "base"))))[1:]
+    argv[argv.index("--out") + 1] = str(tmp_path / "finished")
+    from relex_callback.offline.cli import main
+
+    monkeypatch.setenv("RELEX_DISABLE_TRITON", "1")
+    assert main(argv + ["--no-progress"]) == 0
+    got = json.loads((tmp_path / "finished" / "report.json").read_text())
+    assert (got.get("clock") or {}).get("kind") == "lr", got.get("clock")
+    _same(_weights(tmp_path / "finished" / f"step-{H}"), want)

@@ -279,12 +279,29 @@ def _extrapolate_trajectory(trajectory_dir, base, horizons, out_dir, *, rank, fi
                    tcut, trajectory_dir)
     window = dataclasses.replace(settings, rank=rank, fit_start=fit_start, solver=method, overwrite=overwrite, fit=fit,
                                  fit_window=fit_window, degree=degree)
-    from .schedule import offline_clock
-
-    clock = offline_clock([], tcut, settings.horizons, fit_clock, schedule)
+    clock = _trajectory_clock(store, trajectory_dir, tcut, settings.horizons, fit_clock, schedule)
     return finalize(BufferedSolve(store, clock=clock), FullModelWriter(src, max_shard_size=settings.max_shard_size),
                     window, out_dir=out_dir,
                     report_extra={"trajectory": os.path.abspath(trajectory_dir), "partial": True})
+
+
+def _trajectory_clock(store, trajectory_dir, tcut, horizons, fit_clock, schedule):
+    """The clock of a saved trajectory: ``--schedule`` when given; else the learning rates the callback recorded
+    with a window it kept (``partial_trajectory/``: the trainer's schedule read ahead, so the fit is the one the
+    callback would have made); else the step, with the warning :func:`offline_clock` gives."""
+    from .schedule import offline_clock
+
+    recorded = store.window.get("learning_rates")
+    if fit_clock != "lr" or schedule or not isinstance(recorded, list) or not recorded:
+        return offline_clock([], tcut, horizons, fit_clock, schedule)
+    from ..core.clock import resolve
+
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in recorded):
+        raise RelexInputError(f"{trajectory_dir}: the learning rates recorded with the trajectory are not numbers; the "
+                              "file was edited or is damaged: pass --schedule (the run's lr schedule) or "
+                              "--fit-clock steps")
+    clock, _why = resolve(recorded, tcut, horizons, str(store.window.get("lr_source") or "recorded with the trajectory"))
+    return clock
 
 
 def _check_fit_window(fit_window, steps, fit_start):

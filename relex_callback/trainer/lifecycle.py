@@ -188,6 +188,9 @@ def keep_window(cb, args, kwargs, step: int) -> tuple[str, str]:
     from ..params import is_peft_model
 
     keep = cb.topology.trajectory_dir(os.path.join(cb._out_dir(args), "partial_trajectory"))
+    sched = cb.__dict__.get("_schedule")
+    if sched and sched[0] and cb.settings.fit_clock == "lr":  # the lr clock's rates go with the window:
+        cb.store.window.update(learning_rates=[float(v) for v in sched[0]], lr_source=str(sched[1]))  # same fit offline
     cb.store.save(keep)
     model = kwargs.get("model")
     started = getattr(getattr(model, "config", None), "_name_or_path", None)  # from_pretrained's path, if a directory
