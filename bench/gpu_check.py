@@ -180,27 +180,39 @@ class Results:
 _children: set = set()
 
 
-def run_cmd(cmd, timeout: float, env: dict, term_grace: float = 5.0) -> tuple[int, str, float]:
+def run_cmd(cmd, timeout: float, env: dict, term_grace: float = 5.0, stream: bool = False) -> tuple[int, str, float]:
     """Run ``cmd`` in its own process group; at ``timeout`` SIGTERM the group, SIGKILL ``term_grace`` s later.
-    Returns ``(exit code, output, seconds)``; 124 when it timed out."""
+    Returns ``(exit code, output, seconds)``; 124 when it timed out. ``stream``: its lines are printed as they come
+    (the preset's progress), and kept."""
     t0 = time.monotonic()
     p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                          start_new_session=True)
     _children.add(p)
+    lines: list = []
+
+    def read():
+        for ln in p.stdout:
+            lines.append(ln)
+            if stream:
+                print(ln, end="", flush=True)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
     timed_out = False
     try:
-        out, _ = p.communicate(timeout=max(1.0, timeout))
+        p.wait(timeout=max(1.0, timeout))
     except subprocess.TimeoutExpired:
         timed_out = True
         _kill(p, signal.SIGTERM)
         try:
-            out, _ = p.communicate(timeout=term_grace)
+            p.wait(timeout=term_grace)
         except subprocess.TimeoutExpired:
             _kill(p, signal.SIGKILL)
-            out, _ = p.communicate()
+            p.wait()
     finally:
         _children.discard(p)
-    return (124 if timed_out else p.returncode), out or "", time.monotonic() - t0
+    reader.join(timeout=5)
+    return (124 if timed_out else p.returncode), "".join(lines), time.monotonic() - t0
 
 
 def _kill(p, sig):
@@ -267,7 +279,7 @@ def run_bundle_step(name: str, budget: float, env: dict, site: str) -> dict:
 def run_preset(budget: float, env: dict, results_dir: str, out_dir: str | None) -> dict:
     cmd = [sys.executable, os.path.join(REPO, "recipes", "replicate", "paper_regime.py"), "--preset", "auto",
            "--budget-seconds", f"{budget:.0f}", "--out", results_dir]
-    rc, out, dt = run_cmd(cmd, budget + 5, env, term_grace=8.0)  # the preset stops itself; SIGTERM writes its results
+    rc, out, dt = run_cmd(cmd, budget + 5, env, term_grace=8.0, stream=True)  # the preset stops itself; SIGTERM writes its results
     res = {}
     try:
         with open(os.path.join(results_dir, "results.json")) as f:
@@ -297,7 +309,7 @@ def run_preset(budget: float, env: dict, results_dir: str, out_dir: str | None) 
                      "status": res.get("status")}}
 
 
-def orchestrate(total: float, bundle: bool, json_path: str, only=None) -> int:
+def orchestrate(total: float, bundle: bool, json_path: str, only=None, preset_cap: float | None = None) -> int:
     plan = make_plan(total, bundle, only=only)
     print(format_plan(plan), flush=True)
     res = Results(json_path, plan)
@@ -363,6 +375,8 @@ def orchestrate(total: float, bundle: bool, json_path: str, only=None) -> int:
             res.put(x, run_check(x, budgets[x], full_env))
     if "preset" in budgets:
         left = deadline - time.monotonic() - RESERVE
+        if preset_cap:
+            left = min(left, preset_cap)
         if bundle and not bundle_ok["ok"]:
             res.put("preset", {"status": "FAIL", "seconds": 0.0, "budget": left,
                                "figure": "not run: the bundle did not install (trl, datasets, the model file)"})
@@ -466,6 +480,8 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default=None, help=f"comma separated subset of {', '.join(CHECKS)} "
                     f"(and the optional {', '.join(OPTIONAL)})")
     ap.add_argument("--no-preset", action="store_true", help="leave out the preset")
+    ap.add_argument("--preset-budget", type=float, default=None, help="at most this many seconds for the preset "
+                    "(default: whatever the parts before it left)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--small", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -487,7 +503,7 @@ def main(argv=None) -> int:
     if not plan["fits"]:
         print(format_plan(plan) + "\ngpu-check: the plan does not fit; lower --total or drop parts", file=sys.stderr)
         return 2
-    return orchestrate(a.total, a.bundle, a.json or default_json(), only=only)
+    return orchestrate(a.total, a.bundle, a.json or default_json(), only=only, preset_cap=a.preset_budget)
 
 
 if __name__ == "__main__":

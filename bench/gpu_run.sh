@@ -10,7 +10,7 @@
 # TOTAL: seconds for everything, the stage commands before `run` included (default 600). Every part runs under its
 # own timeout (bench/gpu_check.py); the preset gets what is left. Results: $OUT/gpu_check.json (else
 # runs/gpu_check.json), $OUT/gpu_run.log, $OUT/paper_regime/results.{json,md}. Exit 1 when a part failed, 2 when the
-# plan does not fit or a stage command failed.
+# plan does not fit or a stage command failed. PRESET_BUDGET=N (`checks`): at most N seconds for the preset.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -33,7 +33,7 @@ case "$CMD" in
         "$PY" bench/gpu_check.py --bundle --total "$TOTAL"
         ;;
     checks)
-        "$PY" bench/gpu_check.py --total "$TOTAL"
+        "$PY" bench/gpu_check.py --total "$TOTAL" ${PRESET_BUDGET:+--preset-budget "$PRESET_BUDGET"}
         ;;
     *)
         echo "usage: bash bench/gpu_run.sh plan [TOTAL] [--bundle] | stage gpu_bundle/partN | run [TOTAL] | checks [TOTAL]" >&2
