@@ -18,6 +18,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -376,6 +377,32 @@ def test_peft_refused_in_distributed_runs(tmp_path):
     for r in range(2):
         msg = open(tmp_path / f"rank-{r}.txt").read()
         assert msg.startswith("RelexInputError:") and "PEFT" in msg and "distributed" in msg, msg
+
+
+@pytest.mark.parametrize("mode,failing", [("ddp", 1), ("zero3", 1)])
+def test_a_solve_failing_on_one_process_stops_every_process_and_keeps_the_window(tmp_path, mode, failing):
+    """One process's Gram pass raises at tcut (a CUDA error, an OOM): every process stops at once with an error
+    (none waits for the failed one in a collective: the ZeRO-3 Gram all-reduce, the DDP agreement after the solve),
+    and each keeps its share of the window in partial_trajectory/."""
+    out = str(tmp_path / mode)
+    if mode in ("ddp", "fsdp2"):
+        cmd = [os.path.join(BIN, "torchrun"), "--nproc_per_node", "2", "--master_port", _port(), SCRIPT, out]
+    else:
+        cmd = [os.path.join(BIN, "accelerate"), "launch", "--config_file", os.path.join(CONFIGS, f"{mode}_cpu.yaml"),
+               "--main_process_port", _port(), SCRIPT, out]
+    t0 = time.time()
+    p = subprocess.run(cmd + ["--fail-solve-rank", str(failing)], env=_env(), capture_output=True, text=True,
+                       timeout=400)
+    assert p.returncode != 0, "the run should fail"
+    infos = [json.load(open(os.path.join(out, f"rank-{r}.json"))) for r in range(2)]
+    mine, other = infos[failing], infos[1 - failing]
+    assert mine["error"] == "RelexEndOfWindowError" and "illegal memory access" in mine["message"], mine
+    assert other["error"] == "RelexEndOfWindowError" and "another process failed" in other["message"], other
+    for info in infos:
+        assert "partial_trajectory" in info["message"] and "relex extrapolate --trajectory" in info["message"]
+    kept = os.path.join(out, "relex", "partial_trajectory")
+    assert os.path.isdir(kept) and os.listdir(kept), "the window was not kept"
+    assert time.time() - t0 < 300  # no collective timeout was waited for
 
 
 @pytest.mark.parametrize("mode,failing", [("ddp", 1), ("zero3", 0)])

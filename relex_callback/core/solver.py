@@ -605,9 +605,17 @@ def factor_left(M: torch.Tensor, left: Optional[torch.Tensor], specs: Sequence[T
     identity (the plain, unfolded trajectory ``A_i = M_i``). ``compute_device``: as in :func:`solve`.
 
     Returns ``(sigma [S, r], U [S, T, r], X [S, R, r] float32, G_M [S, R, R] float64, G [S, T, T] float64)``."""
-    G_M = kernels.gram(M, [s.offset for s in specs], [s.local_numel for s in specs], device=compute_device)
+    failed = None
+    try:
+        G_M = kernels.gram(M, [s.offset for s in specs], [s.local_numel for s in specs], device=compute_device)
+    except Exception as e:  # an OOM, a CUDA error on this process: the others must not wait for it in the reduce
+        if reduce is None:
+            raise
+        failed, G_M = e, None
     if reduce is not None:
-        G_M = reduce(G_M)
+        G_M = reduce(G_M)  # None tells every process that this one failed: each raises instead of waiting
+        if failed is not None:
+            raise failed
     G_M = G_M.double().cpu()
     if left is None:
         C, G = None, G_M

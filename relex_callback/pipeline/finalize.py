@@ -128,11 +128,17 @@ class BufferedSolve:
         """The solution, and every process's verdict on the horizons (no dtype overflow) agreed."""
         inputs = self.store.solve_inputs()
         topo = getattr(writer, "topo", None)
-        sol = solve(specs=self.store.specs, rank=settings.rank, fit_start=settings.fit_start, method=settings.solver,
-                    reduce=self.reduce, **inputs, backtest=self.backtest, fit=settings.fit,
-                    fit_window=settings.fit_window, degree=settings.degree,
-                    per_tensor_fit=topo is not None and not topo.sharded, clock=self.clock,
-                    compute_device=self.store.compute_device)
+        try:
+            sol = solve(specs=self.store.specs, rank=settings.rank, fit_start=settings.fit_start,
+                        method=settings.solver, reduce=self.reduce, **inputs, backtest=self.backtest, fit=settings.fit,
+                        fit_window=settings.fit_window, degree=settings.degree,
+                        per_tensor_fit=topo is not None and not topo.sharded, clock=self.clock,
+                        compute_device=self.store.compute_device)
+        except Exception as e:  # every process learns it (the others would wait for this one in the next collective)
+            del inputs
+            if topo is not None:
+                writer.agree(e)
+            raise
         del inputs  # a view of the buffer: it must not keep the buffer alive through the writes
         self.buffer_bytes, self.storage = self.store.buffer_bytes, self.store.storage
         error = None

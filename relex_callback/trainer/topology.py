@@ -216,8 +216,15 @@ class Topology:
         dist.all_reduce(buf)
         return buf.to(x.device)
 
-    def reduce_grams(self, G: torch.Tensor) -> torch.Tensor:
-        """Sum the stacked ``[S, T, T]`` Grams over ranks: one all-reduce for every tensor (float64)."""
+    def reduce_grams(self, G: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """Sum the stacked ``[S, T, T]`` Grams over ranks: one all-reduce for every tensor (float64). ``G=None``: this
+        process failed to compute its Grams; every process learns it first (one flag), the failed one gets ``None``
+        back and the others raise, so none waits in an all-reduce the failed one never joins."""
+        if not self.all_ok(G is not None):
+            if G is None:
+                return None
+            raise RuntimeError("relex: another process failed computing its Grams at the end of the window (its "
+                               "error says why); this process stops too")
         dist = _dist()
         buf = G.to(device=self.comm_device(), dtype=torch.float64).contiguous()
         dist.all_reduce(buf)

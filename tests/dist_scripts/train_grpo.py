@@ -133,6 +133,8 @@ def main():
     ap.add_argument("--validate", action="store_true", help="validation mode: train on past tcut to --max-steps")
     ap.add_argument("--fail-write-rank", type=int, default=None,
                     help="this process's writes of checkpoint shards fail with ENOSPC (fault injection)")
+    ap.add_argument("--fail-solve-rank", type=int, default=None,
+                    help="this process's Gram pass at tcut raises a CUDA-like RuntimeError (fault injection)")
     ap.add_argument("--eval", action="store_true", help="an eval set; the callback scores the horizons")
     ap.add_argument("--buffer-slots", type=int, default=None, help="ring slots (below the window: the buffer folds)")
     ap.add_argument("--fold-rank", type=int, default=None)
@@ -149,6 +151,14 @@ def main():
     ap.add_argument("--catch", action="store_true", help="an exception is written to rank-<r>.json (exit code 3)")
     a = ap.parse_args()
     rank_env = int(os.environ.get("RANK", "0"))
+    if a.fail_solve_rank is not None and rank_env == a.fail_solve_rank:
+        os.environ["RELEX_DISABLE_TRITON"] = "1"
+        from relex_callback.core.kernels import reference
+
+        def broken_gram(*args, **kwargs):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered (injected)")
+
+        reference.gram_reference = broken_gram
     if a.fail_write_rank is not None and rank_env == a.fail_write_rank:
         import errno
 
@@ -230,7 +240,7 @@ def main():
     try:
         trainer.train(resume_from_checkpoint=True if a.resume else None)
     except Exception as e:
-        if a.fail_write_rank is None and not a.corrupt and not a.catch and not a.nan_base:
+        if a.fail_write_rank is None and a.fail_solve_rank is None and not a.corrupt and not a.catch and not a.nan_base:
             raise
         rank = dist.get_rank() if dist.is_initialized() else 0
         with open(os.path.join(a.out, f"rank-{rank}.json"), "w") as f:
