@@ -12,6 +12,7 @@ regime where the two differ (most bf16 elements unchanged per step, the masters 
 wrote is what the single-process engine makes of the masters' trajectory in float32: the extrapolated deltas of its
 state file, and its bf16 checkpoints (the float32 replay's horizons cast to bf16). The replay of the bf16 parameters
 is far from it (so the comparison would catch a run that recorded them). ``report.json`` says what was recorded.
+ZeRO stage 0 with bf16 (no fp32 masters the callback reads) is refused on every process before step 1.
 
 The fast tests check the pieces on one process with stand-ins for DeepSpeed's parameter attributes: what a
 ZeRO-1/2 parameter's reader returns, the refusal of a DeepSpeed run whose fp32 masters cannot be found, theta_0
@@ -220,3 +221,18 @@ def test_masters_keep_theta0_in_float32_and_horizons_in_the_parameters_dtype(tmp
         moved += int((got != start[n].to(torch.bfloat16)).sum())
         total += got.numel()
     assert moved > 0.5 * total  # recorded from the bf16 parameters, nothing would have moved
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_bf16_deepspeed_without_fp32_masters_is_refused_on_every_process(tmp_path):
+    """ZeRO stage 0 with bf16: DeepSpeed's FP16 optimizer wrapper keeps its fp32 masters where the callback does not
+    read them; the run is refused at on_train_begin on every process (before step 1), saying what to change."""
+    out = str(tmp_path)
+    launch("zero0_bf16", out, "--bf16", "--lr", LR, "--catch", expect_fail=True)
+    for r in range(2):
+        info = json.load(open(os.path.join(out, f"rank-{r}.json")))
+        assert info["error"] == "RelexInputError" and info["global_step"] == 0, info
+        assert "finds no fp32 master weights" in info["message"] and "ZeRO stage 1, 2 or 3" in info["message"]
+    relex = os.path.join(out, "relex")
+    assert not (os.path.isdir(relex) and [n for n in os.listdir(relex) if n.startswith("step-")])
