@@ -3,7 +3,10 @@
 A :class:`TensorSpec` describes one tracked tensor: its checkpoint name, full shape and dtype, and the piece this
 rank keeps (``local_numel`` elements starting at ``flat_start`` of the flattened full tensor). A
 :class:`TrackedTensor` pairs a spec with a function returning the current local values as a flat tensor (a view
-where possible, never a gather of the full tensor).
+where possible, never a gather of the full tensor). Under DeepSpeed mixed precision the values recorded are the
+optimizer's fp32 master weights of a 16-bit parameter: ``TensorSpec.recorded_dtype`` is then float32 while
+``dtype`` stays the parameter's (the dtype the checkpoints are written in), and ``TrackedTensor.live`` reads the
+parameter itself (what a forward pass uses).
 """
 
 from __future__ import annotations
@@ -26,6 +29,14 @@ class TensorSpec:
     local_numel: int
     flat_start: int = 0
     offset: int = 0  # column offset of this tensor's segment in the arena (filled by the store)
+    # the dtype of the values recorded (theta_0's) when it is not ``dtype``: float32 for the fp32 master weights of a
+    # 16-bit parameter (DeepSpeed mixed precision)
+    recorded_dtype: Optional[torch.dtype] = None
+
+    @property
+    def record_dtype(self) -> torch.dtype:
+        """The dtype of the recorded values (theta_0's): ``recorded_dtype`` where set, else ``dtype``."""
+        return self.recorded_dtype or self.dtype
 
     @property
     def numel(self) -> int:
@@ -36,7 +47,7 @@ class TensorSpec:
         return self.flat_start == 0 and self.local_numel == self.numel
 
     def to_json(self) -> dict:
-        return {
+        out = {
             "name": self.name,
             "shape": list(self.shape),
             "dtype": str(self.dtype).replace("torch.", ""),
@@ -44,6 +55,9 @@ class TensorSpec:
             "flat_start": self.flat_start,
             "offset": self.offset,
         }
+        if self.recorded_dtype is not None and self.recorded_dtype != self.dtype:
+            out["recorded_dtype"] = str(self.recorded_dtype).replace("torch.", "")
+        return out
 
     @classmethod
     def from_json(cls, d: dict) -> "TensorSpec":
@@ -54,14 +68,21 @@ class TensorSpec:
             local_numel=d["local_numel"],
             flat_start=d.get("flat_start", 0),
             offset=d.get("offset", 0),
+            recorded_dtype=getattr(torch, d["recorded_dtype"]) if d.get("recorded_dtype") else None,
         )
 
 
 @dataclass
 class TrackedTensor:
     spec: TensorSpec
-    read: Callable[[], torch.Tensor]  # returns the local piece, flat, in the parameter's dtype
+    read: Callable[[], torch.Tensor]  # returns the local piece, flat, in ``spec.record_dtype``
     param: Optional[torch.nn.Parameter] = field(default=None, repr=False)
+    # a view of the live parameter's local piece (what a forward pass uses) where ``read`` returns something else
+    # (an fp32 master weight): scoring puts the extrapolated weights there. None: ``read`` is that view
+    live: Optional[Callable[[], torch.Tensor]] = field(default=None, repr=False)
+
+    def live_view(self) -> torch.Tensor:
+        return (self.live or self.read)()
 
 
 def select_names(names: Sequence[str], include=None, exclude=None) -> list[str]:

@@ -72,9 +72,12 @@ def launch(mode: str, out: str, *extra: str, timeout: int = 600, expect_fail: bo
     return p
 
 
-def replay(run_dir: str, out_dir: str, exclude=None, horizons=HORIZONS, tcut=TCUT, slots=None, fold_rank=None):
+def replay(run_dir: str, out_dir: str, exclude=None, horizons=HORIZONS, tcut=TCUT, slots=None, fold_rank=None,
+           record="snaps"):
     """The single-process engine over the exact trajectory the distributed run followed (``slots`` ring slots and
-    ``fold_rank``: the same folded buffer). Excluded (untracked) tensors are written as they were at ``tcut``."""
+    ``fold_rank``: the same folded buffer). Excluded (untracked) tensors are written as they were at ``tcut``.
+    ``record``: which record of ``trajectory.pt`` to replay (``snaps``: the parameters; ``masters``: DeepSpeed's fp32
+    master weights), into a float32 model."""
     import re
 
     from relex_callback.trajectory.store import TrajectoryStore
@@ -85,7 +88,7 @@ def replay(run_dir: str, out_dir: str, exclude=None, horizons=HORIZONS, tcut=TCU
     from relex_callback.files.checkpoints import ModelSource
 
     rec = torch.load(os.path.join(run_dir, "trajectory.pt"))
-    names, snaps = rec["names"], rec["snaps"]
+    names, snaps = rec["names"], rec[record]
     assert set(range(tcut + 1)) <= set(snaps)
     tok = build_tokenizer()
     model = build_model(tok, hidden_size=32, layers=1, heads=2, kv_heads=1, seed=0)
@@ -99,9 +102,9 @@ def replay(run_dir: str, out_dir: str, exclude=None, horizons=HORIZONS, tcut=TCU
             params[n].copy_(snaps[tcut][n])
     tracked = plain_tracked([(n, params[n]) for n in names])
     store = TrajectoryStore([t.spec for t in tracked], slots or tcut, dtype="float32", storage="host", fold_rank=fold_rank)
-    store.set_theta0([snaps[0][n].reshape(-1) for n in names])
+    store.set_theta0([snaps[0][n].reshape(-1).float() for n in names])
     for t in range(1, tcut + 1):
-        store.snapshot(t, [snaps[t][n].reshape(-1) for n in names])
+        store.snapshot(t, [snaps[t][n].reshape(-1).float() for n in names])
     finalize(store, FullModelWriter(ModelSource(model, tok)), RelexSettings(tcut=tcut, horizons=tuple(horizons)), out_dir=out_dir)
     return snaps
 

@@ -82,6 +82,10 @@ def test_division_among_processes_matches_the_topology():
             owner = balance(sizes, world)
             want = [sum(n for n, o in zip(sizes, owner) if o == r) for r in range(world)]
             assert elements_per_process(shapes, "replicated", world) == want == balance_loads(sizes, world)
+        # zero12: ZeRO-1/2's fp32 master partitions, one flat range of all tensors together per process
+        z12 = elements_per_process(shapes, "zero12", world)
+        part = -(-sum(sizes) // world)
+        assert z12 == [len(range(sum(sizes))[r * part:(r + 1) * part]) for r in range(world)]
     with pytest.raises(RelexInputError, match="every process needs at least one tensor"):
         elements_per_process(shapes, "replicated", 7)
 
@@ -193,6 +197,13 @@ def test_plan_for_run_on_this_machine(tmp_path, monkeypatch):
     assert p.tiers["device"].budget is None and p.tiers["disk"].budget is not None
     assert abs(p.tiers["host"].budget - available_host_bytes() // 2) < 2 * 10**9  # measured a moment apart
     assert (p.tier, p.folded, p.slots) == ("host", False, 6)
+    # bf16 parameters whose fp32 master weights are recorded (DeepSpeed mixed precision): theta_0 is float32
+    masters = [TensorSpec("a", (100, 10), torch.bfloat16, 1000, recorded_dtype=torch.float32),
+               TensorSpec("b", (10,), torch.bfloat16, 10, recorded_dtype=torch.float32)]
+    p = plan_for_run(s, masters, Topology("single"), None, device="cpu")
+    assert (p.param_dtype, p.theta0_bytes) == ("float32", 4040)
+    p = plan_for_run(s, [TensorSpec("a", (100, 10), torch.bfloat16, 1000)], Topology("single"), None, device="cpu")
+    assert (p.param_dtype, p.theta0_bytes) == ("bfloat16", 2000)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     assert _local_world_size(8) == 4 and _local_world_size(2) == 2  # 4 does not divide 2: the whole world
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "x")

@@ -316,17 +316,19 @@ def test_metric_choice_and_ranking():
 # ------------------------------------------------------------------------------------------------ distributed
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.parametrize("mode", ["ddp", "zero3"])
+@pytest.mark.parametrize("mode", ["ddp", "zero3", "zero2_bf16", "zero3_bf16"])
 def test_scoring_in_distributed_runs(tmp_path, mode):
     """2 processes (DDP: each tensor computed by its owner and broadcast to the other replica; ZeRO-3: each process
-    its partition): what every process's model holds at each trainer.evaluate() call is exactly the written step-H
-    (and the tcut weights for the tcut entry), the live weights after scoring are the tcut weights, and every process
-    reports the same scores."""
+    its partition; ZeRO-2 with bf16: each process its fragment of every tensor, broadcast to the other replica):
+    what every process's model holds at each trainer.evaluate() call is exactly the written step-H (and the tcut
+    weights for the tcut entry), the live weights after scoring are the tcut weights, and every process reports the
+    same scores. Under bf16 the fp32 master weights are recorded and the bf16 parameters are what is evaluated and
+    written."""
     from safetensors.torch import load_file
     from test_distributed import HORIZONS as DIST_HORIZONS, TCUT as DIST_TCUT, launch
 
     out = str(tmp_path / mode)
-    launch(mode, out, "--eval")
+    launch(mode, out, "--eval", *(["--bf16"] if mode.endswith("_bf16") else []))
     infos = [json.load(open(os.path.join(out, f"rank-{r}.json"))) for r in (0, 1)]
     with open(os.path.join(out, "relex", "report.json")) as f:
         rep = json.load(f)

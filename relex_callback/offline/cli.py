@@ -159,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--world-size", default="1", help="training processes in all (default 1)")
     q.add_argument("--local-world-size", default=None, help="processes per node (default: --world-size, one node)")
     q.add_argument("--mode", default=None, help="zero3 (default with several processes), fsdp2, replicated (DDP, "
-                                                "ZeRO-1/2) or single")
+                                                "ZeRO-1/2 in fp32), zero12 (ZeRO-1/2 with bf16/fp16 mixed precision) "
+                                                "or single")
     q.add_argument("--stride", default="1", help="record every k-th step (default 1)")
     q.add_argument("--dtype", default="bfloat16", help="buffer dtype: bfloat16 (default), float16 or float32")
     q.add_argument("--fold-rank", default=None, help="basis rows of a folded buffer (default 8)")
@@ -385,6 +386,8 @@ def cmd_plan(args) -> int:
     from ..trajectory.plan import count_parameters
 
     named, param_dtype = count_parameters(args.model)
+    if mode in ("zero12", "zero3"):  # DeepSpeed: theta_0 is the fp32 master weights (or fp32 parameters)
+        param_dtype = "float32"
     label = model_label(given, args.model)
     plan = plan_memory(
         window=tcut // stride, shapes=[s for _, s in named], mode=mode, world_size=world, local_world_size=local,

@@ -163,7 +163,7 @@ def resume_candidates(args, state, record: Optional[dict] = None, resumed_from: 
 def select(cb, model):
     """The tensors this process records (``cb.tracked``) and the process layout (``cb.topology``)."""
     from ..params import is_peft_model, select_names, trainable_named_parameters
-    from .topology import Topology
+    from .topology import Topology, deepspeed_engine
 
     named = trainable_named_parameters(model)
     if not named:
@@ -176,7 +176,9 @@ def select(cb, model):
             "the adapter directories are written by PEFT's save_pretrained on one process. Train the adapter on one "
             "process, or merge the adapter / train the full model under DDP, ZeRO or FSDP2"
         )
-    cb.tracked = cb.topology.track([(n, p) for n, p in named if n in keep])
+    trainer = cb._trainer() if cb.__dict__.get("_trainer") is not None else None
+    # under DeepSpeed mixed precision the fp32 master weights are recorded (topology's module docstring)
+    cb.tracked = cb.topology.track([(n, p) for n, p in named if n in keep], engine=deepspeed_engine(trainer))
 
 
 def keep_window(cb, args, kwargs, step: int) -> tuple[str, str]:
@@ -374,7 +376,8 @@ def run_pipeline(cb, writer, s, out_dir, model, trend, flat):
     return finalize(
         solver, writer, s, out_dir=out_dir, kept=cb.store.directory if cb.store.storage == "disk" else None,
         skip_horizons=flat if s.on_flat_reward == "error" else None,
-        report_extra={"skipped_nonfinite_steps": list(cb.skipped_steps), "reward_trend": trend,
+        report_extra={"recorded": cb.topology.recorded, "skipped_nonfinite_steps": list(cb.skipped_steps),
+                      "reward_trend": trend,
                       "skipped_unchanged_steps": list(cb.store.skipped_unchanged_steps),
                       "format": "peft_adapter" if is_peft_model(model) else "full"},
     )

@@ -82,6 +82,8 @@ def summary(cb, out_dir: str, state, model=None) -> Optional[str]:
              f"relex: files in {out_dir}: " + (", ".join(os.path.basename(w) for w in written) or "no horizon")
              + f", {state_file} (any other horizon), {REPORT_NAME}"
              + (", horizons.png" if rep.get("horizon_plot") else "")]
+    if rep.get("recorded"):
+        lines.append(f"relex: recorded: {rep['recorded']}")
     trust = format_trust(rep)
     lines += ["relex: " + t for t in trust.split("\n") if t]
     summ = rep.get("horizon_eval_summary")

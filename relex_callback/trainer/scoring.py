@@ -6,8 +6,11 @@ trainer's ``eval_dataset`` (GRPO: it generates completions for the eval prompts 
 functions: ``eval_reward``, ``eval_rewards/<func>/mean``; other trainers: ``eval_loss``), and the live weights are
 restored bit for bit afterwards (an exact copy is kept; restored also when evaluation raises). Each process puts its
 own pieces: one process every tensor; DDP / ZeRO-1/2 the owner of each tensor computes it and broadcasts it to the
-other replicas; ZeRO-3 each process its flat partition (parameters DeepSpeed keeps gathered, the "persistent" small
-ones, are gathered again from the partitions). FSDP2 is not supported yet (its unsharded parameter cache).
+other replicas (ZeRO-1/2 with mixed precision: each process its flat fragment, broadcast to the others); ZeRO-3 each
+process its flat partition (parameters DeepSpeed keeps gathered, the "persistent" small ones, are gathered again from
+the partitions). The weights are put into the parameters a forward pass uses (16-bit under mixed precision, cast
+as the written checkpoints are), never into the optimizer's fp32 master weights. FSDP2 is not supported yet (its
+unsharded parameter cache).
 
 What a scoring run leaves alone (the training run continues as if nothing happened; see :func:`isolated`):
 
@@ -68,15 +71,15 @@ class LiveWeights:
         if self.mode == "fsdp2":
             raise RelexInputError("scoring horizons during an FSDP2 run is not supported; score them after training "
                                   "on one process with relex_callback.evaluate_horizons")
-        if self.mode == "replicated":
+        if self.mode in ("replicated", "zero12"):  # every replica holds (and must get) every tensor, whole
             params = dict(model.named_parameters())
             self.replica = {n: params[n] for n in topology.names}
         self.saved = None
 
     def _readers(self):
-        if self.mode == "replicated":
+        if self.mode in ("replicated", "zero12"):
             return {n: (lambda p=p: p.data.reshape(-1)) for n, p in self.replica.items()}
-        return {t.spec.name: t.read for t in self.tracked}
+        return {t.spec.name: t.live_view for t in self.tracked}  # the live parameter's piece, not an fp32 master
 
     def _views(self):
         return {n: read() for n, read in self._readers().items()}
@@ -90,9 +93,14 @@ class LiveWeights:
     def put(self, value_of: Callable[[int], torch.Tensor], specs):
         """Write ``value_of(i)`` (the flat piece of ``specs[i]``, this process's) into the live model."""
         readers = self._readers()
+
+        def piece(name, spec):  # ZeRO-1/2 fragments: this process's flat range of the whole replica
+            v = readers[name]()
+            return v[spec.flat_start : spec.flat_start + spec.local_numel] if self.mode == "zero12" else v
+
         for i, spec in enumerate(specs):
-            v = readers[spec.name]()
-            if v.numel() and readers[spec.name]().data_ptr() != v.data_ptr():  # pragma: no cover (a copying reader)
+            v = piece(spec.name, spec)
+            if v.numel() and piece(spec.name, spec).data_ptr() != v.data_ptr():  # pragma: no cover (a copying reader)
                 raise RuntimeError(f"relex: the reader of {spec.name} does not return a view of the live parameter")
             v.copy_(value_of(i).to(device=v.device, dtype=v.dtype).reshape(-1))
         self._sync()
@@ -114,6 +122,18 @@ class LiveWeights:
                 dist.broadcast(buf, src=self.topo.owner[n])
                 if buf is not p.data:
                     p.data.copy_(buf)
+        elif self.mode == "zero12" and not restoring:  # every replica gets every fragment from the process holding it
+            dev = self.topo.comm_device()
+            for n in self.topo.names:
+                flat = self.replica[n].data.reshape(-1)
+                for r, (start, k) in enumerate(self.topo.ranges[n]):
+                    if not k:
+                        continue
+                    view = flat[start : start + k]
+                    buf = view if view.device == dev else view.to(dev)
+                    dist.broadcast(buf, src=r)
+                    if buf is not view:
+                        view.copy_(buf)
         elif self.mode == "zero3":
             self._regather_zero3()
 

@@ -3,12 +3,24 @@
 Modes (detected from the model handed to the callback and from ``torch.distributed``):
 
 - ``single``: one process (or a world of one).
-- ``replicated``: DDP, DeepSpeed ZeRO-1/2: every process holds every parameter. The tracked tensors are divided
-  among processes by size (greedy: largest first onto the least loaded one); each records, solves and writes only
-  its share, whole. No collective is needed to solve.
-- ``zero3``: DeepSpeed ZeRO-3: each process records its own flat partition ``param.ds_tensor`` (without DeepSpeed's
-  padding): elements ``[r * p, r * p + local_numel)`` of the flattened tensor, ``r`` its process rank, ``p`` the
-  partition size.
+- ``replicated``: DDP, DeepSpeed ZeRO-1/2 in fp32: every process holds every parameter. The tracked tensors are
+  divided among processes by size (greedy: largest first onto the least loaded one); each records, solves and
+  writes only its share, whole. No collective is needed to solve.
+- ``zero12``: DeepSpeed ZeRO-1/2 with bf16 / fp16 mixed precision: the optimizer's fp32 master weights are
+  partitioned, each process holding a contiguous flat range of the parameters (``param._hp_mapping``); each process
+  records its own fragment of every tensor (a contiguous flat range, as in ``zero3``; the ranges are exchanged once,
+  when tracking starts).
+- ``zero3``: DeepSpeed ZeRO-3: each process records its own flat partition (without DeepSpeed's padding): elements
+  ``[r * p, r * p + local_numel)`` of the flattened tensor, ``r`` its process rank, ``p`` the partition size.
+
+What is recorded: the values the optimizer updates. Under DeepSpeed mixed precision those are the fp32 master
+weights (ZeRO-3: ``deepspeed.utils.safe_get_local_fp32_param``, this process's fp32 partition; ZeRO-1/2: the fp32
+fragment ``param._hp_mapping.hp_fragment``), not the 16-bit parameters, which are re-derived from them by rounding
+after each step: at a small learning rate most 16-bit elements do not move from one step to the next, and their
+trajectory would be rounding noise. Where no fp32 master exists (fp32 training; bf16 training without DeepSpeed)
+the parameters themselves are recorded. A DeepSpeed run with 16-bit parameters whose fp32 masters cannot be found is
+refused before step 1. :attr:`Topology.recorded` says which (``report.json["recorded"]``). The checkpoints are
+written in the parameters' dtype (``TensorSpec.dtype``); theta_0 is kept in the recorded dtype.
 - ``fsdp2``: ``torch.distributed.fsdp.fully_shard``: each process records ``DTensor.to_local()`` of a ``Shard(0)``
   parameter, flattened (a contiguous flat range too).
 
@@ -75,8 +87,20 @@ FSDP1_REFUSAL = (
 )
 
 
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def _dtype_name(dt) -> str:
+    return str(dt).replace("torch.", "")
+
+
+def _has_zero12_master(p) -> bool:
+    """A 16-bit parameter DeepSpeed's ZeRO-1/2 (or BF16) optimizer linked to its fp32 master partition."""
+    return p.requires_grad and p.dtype in LOW_PRECISION and hasattr(p, "_hp_mapping")
+
+
 def detect_mode(model: torch.nn.Module) -> str:
-    """``single``, ``replicated``, ``zero3`` or ``fsdp2`` (see the module docstring); FSDP1 is refused."""
+    """``single``, ``replicated``, ``zero12``, ``zero3`` or ``fsdp2`` (see the module docstring); FSDP1 is refused."""
     if is_fsdp1(model):
         raise RelexInputError(FSDP1_REFUSAL)
     dist = _dist()
@@ -87,7 +111,52 @@ def detect_mode(model: torch.nn.Module) -> str:
             return "zero3"
         if _is_dtensor(p):
             return "fsdp2"
+    if any(_has_zero12_master(p) for p in model.parameters()):
+        return "zero12"
     return "replicated"
+
+
+def deepspeed_engine(trainer):
+    """The ``DeepSpeedEngine`` a Trainer trains through, or ``None`` (no trainer, or not a DeepSpeed run)."""
+    import sys
+
+    if trainer is None or "deepspeed" not in sys.modules:
+        return None
+    try:
+        from deepspeed import DeepSpeedEngine
+    except ImportError:  # pragma: no cover - a broken install: not a DeepSpeed run this callback can see
+        return None
+    for m in (getattr(trainer, "model_wrapped", None), getattr(trainer, "deepspeed", None)):
+        if isinstance(m, DeepSpeedEngine):
+            return m
+    return None
+
+
+def _zero12_stage(params, engine=None) -> str:
+    """``ZeRO-1`` / ``ZeRO-2`` from the engine's configuration or the optimizer DeepSpeed linked to the parameters
+    (``ZeRO-1/2`` if unknown)."""
+    try:
+        stage = int(engine.zero_optimization_stage()) if engine is not None else None
+    except (AttributeError, TypeError, ValueError):
+        stage = None
+    if stage in (1, 2):
+        return f"ZeRO-{stage}"
+    for p in params:
+        opt = getattr(p, "_zero_optimizer", None)
+        if opt is not None and hasattr(opt, "partition_gradients"):
+            return "ZeRO-2" if opt.partition_gradients else "ZeRO-1"
+    return "ZeRO-1/2"
+
+
+def no_master_refusal(name: str, p, engine=None) -> RelexInputError:
+    what = f" (its optimizer: {type(engine.optimizer).__name__})" if engine is not None and getattr(engine, "optimizer", None) is not None else ""
+    return RelexInputError(
+        f"{name}: DeepSpeed trains this parameter in {_dtype_name(p.dtype)} but RelexCallback finds no fp32 master "
+        f"weights for it{what}. Recording the {_dtype_name(p.dtype)} parameters would record their rounding, not "
+        "the movement the optimizer makes (at a small learning rate most 16-bit elements do not change within the "
+        "window). Use DeepSpeed ZeRO stage 1, 2 or 3 with fp32 master weights (zero_optimization.stage; no "
+        "bf16.bf16_master_weights_and_grads), or train in fp32 (no bf16/fp16 mixed precision)"
+    )
 
 
 def balance(sizes: Sequence[int], world: int, loads: Optional[list] = None) -> list[int]:
@@ -119,6 +188,7 @@ class Topology:
         self.names: list[str] = []  # every tracked name, in model order (all ranks)
         self.owner: dict[str, int] = {}  # replicated: the rank that tracks each name
         self.ranges: dict[str, list[tuple[int, int]]] = {}  # sharded: (flat_start, numel) of every rank
+        self.recorded: str = ""  # what is recorded, in words (report.json "recorded"); set by track()
 
     @classmethod
     def from_model(cls, model) -> "Topology":
@@ -130,17 +200,33 @@ class Topology:
 
     @property
     def sharded(self) -> bool:
-        return self.mode in ("zero3", "fsdp2")
+        return self.mode in ("zero12", "zero3", "fsdp2")
 
     def describe(self) -> str:
         return f"{self.mode} (process {self.process_rank} of {self.world})"
 
     # ------------------------------------------------------------------------------------- tracking
-    def track(self, named: Sequence[tuple[str, torch.nn.Parameter]]) -> list[TrackedTensor]:
-        """The tensors this rank records, with readers that return the live local piece as a flat view."""
+    def track(self, named: Sequence[tuple[str, torch.nn.Parameter]], engine=None) -> list[TrackedTensor]:
+        """The tensors this rank records, with readers that return the local piece as a flat tensor: a view of the
+        parameter, or of its fp32 master weights where DeepSpeed keeps them (see the module docstring). ``engine``:
+        the ``DeepSpeedEngine`` of the run, if any (:func:`deepspeed_engine`): a DeepSpeed run with 16-bit
+        parameters and no fp32 masters found is refused."""
         self.names = [n for n, _ in named]
-        if self.mode == "single":
-            return plain_tracked(named)
+        if self.mode == "zero3":
+            return self._track_all_zero3(named)
+        if self.mode == "zero12":
+            return self._track_zero12(named, engine)
+        if self.mode == "fsdp2":
+            self.recorded = f"parameters ({', '.join(sorted({_dtype_name(p.dtype) for _, p in named}))})"
+            return [self._track_fsdp2(n, p) for n, p in named]
+        # single, replicated: whole tensors
+        masters = {n: self._whole_master(n, p, engine) for n, p in named}
+        if any(m is not None for m in masters.values()):
+            stage = ("ZeRO-3" if any(hasattr(p, "ds_tensor") for _, p in named)
+                     else _zero12_stage([p for _, p in named], engine))
+            self.recorded = f"fp32 master weights (DeepSpeed {stage} optimizer partitions)"
+        else:
+            self.recorded = f"parameters ({', '.join(sorted({_dtype_name(p.dtype) for _, p in named}))})"
         if self.mode == "replicated":
             if len(named) < self.world:
                 raise RelexInputError(
@@ -149,10 +235,53 @@ class Topology:
                 )
             owners = balance([p.numel() for _, p in named], self.world)
             self.owner = {n: r for (n, _), r in zip(named, owners)}
-            return plain_tracked([(n, p) for (n, p), r in zip(named, owners) if r == self.process_rank])
-        if self.mode == "zero3":
-            return [self._track_zero3(n, p) for n, p in named]
-        return [self._track_fsdp2(n, p) for n, p in named]
+            named = [(n, p) for (n, p), r in zip(named, owners) if r == self.process_rank]
+        out = plain_tracked(named)
+        for t in out:
+            m = masters[t.spec.name]
+            if m is not None:  # one process holding every fp32 master (ZeRO-1/2 in a world of one)
+                t.read, t.live, t.spec.recorded_dtype = m, t.read, torch.float32
+        return out
+
+    @staticmethod
+    def _whole_master(name, p, engine):
+        """A reader of the whole fp32 master of ``p`` when this process holds all of it (DeepSpeed ZeRO-1/2 in one
+        process), else ``None`` for a parameter that is its own master; refuses a DeepSpeed 16-bit parameter whose
+        master is elsewhere or nowhere."""
+        if p.dtype not in LOW_PRECISION:
+            return None
+        if hasattr(p, "ds_tensor") and getattr(p, "_z3_optimizer", None) is not None:  # ZeRO-3 in one process
+            from deepspeed.utils import safe_get_local_fp32_param
+
+            n = int(p.ds_numel)
+            m = safe_get_local_fp32_param(p)
+            if m is None or m.dtype != torch.float32 or m.numel() < n:
+                raise no_master_refusal(name, p, engine)
+            return lambda: safe_get_local_fp32_param(p).reshape(-1)[:n]
+        if hasattr(p, "_hp_mapping"):
+            m = p._hp_mapping
+            if m is None or m.lp_fragment_address.numel != p.numel() or m.hp_fragment.dtype != torch.float32:
+                raise no_master_refusal(name, p, engine)
+            n = p.numel()
+
+            def read():
+                frag = p._hp_mapping.hp_fragment.reshape(-1)
+                if frag.numel() != n:
+                    raise RuntimeError(f"relex: the fp32 master of {name} now has {frag.numel()} elements, not {n}")
+                return frag
+
+            return read
+        if engine is not None:
+            raise no_master_refusal(name, p, engine)
+        return None  # 16-bit training without DeepSpeed: the parameters are what the optimizer updates
+
+    def _track_all_zero3(self, named) -> list[TrackedTensor]:
+        out = [self._track_zero3(n, p) for n, p in named]
+        if any(t.live is not None for t in out):
+            self.recorded = "fp32 master weights (DeepSpeed ZeRO-3 optimizer partitions)"
+        else:
+            self.recorded = f"parameters ({', '.join(sorted({_dtype_name(t.spec.dtype) for t in out}))})"
+        return out
 
     def _track_zero3(self, name, p) -> TrackedTensor:
         shape = tuple(p.ds_shape)
@@ -161,11 +290,92 @@ class Topology:
         self.ranges[name] = [(min(r * part, numel), max(0, min(part, numel - r * part))) for r in range(self.world)]
         start, n = self.ranges[name][self.process_rank]
 
-        def read():
+        def live():  # the 16-bit (or fp32) partition the parameter is gathered from
             return p.ds_tensor.data.reshape(-1)[:n]
 
         spec = TensorSpec(name=name, shape=shape, dtype=p.ds_tensor.dtype, local_numel=n, flat_start=start)
-        return TrackedTensor(spec=spec, read=read, param=p)
+        if p.ds_tensor.dtype not in LOW_PRECISION:
+            return TrackedTensor(spec=spec, read=live, param=p)
+        # mixed precision: this process's fp32 partition of the optimizer's master weights (the same flat range)
+        if getattr(p, "_z3_optimizer", None) is None:
+            raise no_master_refusal(name, p.ds_tensor)
+        from deepspeed.utils import safe_get_local_fp32_param
+
+        m = safe_get_local_fp32_param(p)
+        if m is None or m.dtype != torch.float32 or m.numel() < n:
+            raise no_master_refusal(name, p.ds_tensor)
+
+        def read():
+            return safe_get_local_fp32_param(p).reshape(-1)[:n]
+
+        spec.recorded_dtype = torch.float32
+        return TrackedTensor(spec=spec, read=read, param=p, live=live)
+
+    def _track_zero12(self, named, engine=None) -> list[TrackedTensor]:
+        """ZeRO-1/2 with 16-bit parameters: each process records its fragment of every tensor's fp32 master
+        (``param._hp_mapping``: a contiguous flat range of the parameter, possibly empty). The ranges of every
+        process are exchanged once (one ``all_gather_object``) and must tile each tensor in process order."""
+        mine, err, device = {}, None, None
+        for n, p in named:
+            m = getattr(p, "_hp_mapping", "absent")
+            if isinstance(m, str):  # not linked to the optimizer's partitions
+                err = err or str(no_master_refusal(n, p))
+                mine[n] = (0, 0)
+            elif m is None:
+                mine[n] = (0, 0)  # no fragment of it in this process's partition
+            elif m.hp_fragment.dtype != torch.float32:
+                err = err or str(no_master_refusal(n, p))
+                mine[n] = (0, 0)
+            else:
+                mine[n] = (int(m.lp_fragment_address.start), int(m.lp_fragment_address.numel))
+                device = device or m.hp_fragment.device
+        allr = self.gather_objects({"ranges": mine, "error": err})
+        errors = [(r, a["error"]) for r, a in enumerate(allr) if a["error"]]
+        if errors:  # the same refusal on every process (one of them alone could not say it)
+            raise RelexInputError(err or f"{errors[0][1]} (found on process {errors[0][0]})")
+        out = []
+        for n, p in named:
+            pos, ranges = 0, []
+            for r in range(self.world):
+                st, k = allr[r]["ranges"][n]
+                if k and st != pos:
+                    raise RelexInputError(
+                        f"{n}: DeepSpeed's fp32 master partitions of this parameter do not tile it in process order "
+                        f"({[a['ranges'][n] for a in allr]}); this layout (expert or model parallel groups) is not "
+                        "supported")
+                ranges.append((pos, k))
+                pos += k
+            if pos != p.numel():
+                raise RelexInputError(f"{n}: DeepSpeed's fp32 master partitions of this parameter hold {pos} of its "
+                                      f"{p.numel()} elements; this layout is not supported")
+            self.ranges[n] = ranges
+            start, k = ranges[self.process_rank]
+            out.append(self._zero12_piece(n, p, start, k, device))
+        self.recorded = (f"fp32 master weights (DeepSpeed {_zero12_stage([p for _, p in named], engine)} optimizer "
+                         "partitions)")
+        return out
+
+    @staticmethod
+    def _zero12_piece(name, p, start, k, device) -> TrackedTensor:
+        if k:
+            def read():
+                frag = p._hp_mapping.hp_fragment.reshape(-1)
+                if frag.numel() != k:
+                    raise RuntimeError(f"relex: the fp32 master fragment of {name} now has {frag.numel()} elements, "
+                                       f"not {k}")
+                return frag
+        else:
+            empty = torch.empty(0, dtype=torch.float32, device=device or p.device)
+
+            def read():
+                return empty
+
+        def live():
+            return p.data.reshape(-1)[start : start + k]
+
+        spec = TensorSpec(name=name, shape=tuple(p.shape), dtype=p.dtype, local_numel=k, flat_start=start,
+                          recorded_dtype=torch.float32)
+        return TrackedTensor(spec=spec, read=read, param=p, live=live)
 
     def _track_fsdp2(self, name, p) -> TrackedTensor:
         from torch.distributed.tensor import Shard
@@ -354,6 +564,8 @@ class Topology:
         for k in keys:
             t = sd[k]
             shape = tuple(t.ds_shape) if hasattr(t, "ds_shape") else tuple(t.shape)
+            # the checkpoints' dtype: the parameter's (ZeRO-3: its 16-bit partition's), whatever is recorded (an fp32
+            # master is cast to it when a horizon is written)
             dtype = t.ds_tensor.dtype if hasattr(t, "ds_tensor") else t.dtype
             meta[k] = (shape, dtype)
         tracked = set(self.names)
@@ -398,7 +610,8 @@ class Topology:
             i = local[n]
             spec = sol.specs[i]
             pad = max(k for _, k in self.ranges[n])
-            pack_dtype = torch.promote_types(torch.promote_types(spec.dtype, sol.V.dtype), torch.float32)
+            # theta_0 travels in the recorded dtype (fp32 master weights stay float32 up to the horizon's float32 sum)
+            pack_dtype = torch.promote_types(torch.promote_types(spec.record_dtype, sol.V.dtype), torch.float32)
             buf = torch.zeros(1 + svd_rank, pad, dtype=pack_dtype, device=dev)
             if spec.local_numel:
                 buf[0, : spec.local_numel] = store.theta0_of(spec).reshape(-1).to(device=dev, dtype=pack_dtype)
@@ -409,12 +622,13 @@ class Topology:
                 dist.gather(buf, parts, dst=dst)
                 pieces = [p[:, :k].cpu() for p, (_, k) in zip(parts, self.ranges[n])]
                 full = torch.cat(pieces, dim=1)
-                theta0_full[n] = full[0].to(spec.dtype)
+                theta0_full[n] = full[0].to(spec.record_dtype)
                 v_full[n] = full[1:].to(sol.V.dtype)
                 del parts, pieces, full
             else:
                 dist.gather(buf, None, dst=dst)
-        # untracked keys: ZeRO-3 / FSDP2 parameters are gathered (collectives: every rank, one at a time)
+        # untracked keys: ZeRO-3 / FSDP2 parameters are gathered (collectives: every rank, one at a time), as the
+        # model holds them (16-bit under mixed precision: what a checkpoint of the model at tcut holds)
         extra: dict[str, torch.Tensor] = {}
         tracked = set(self.names)
         for k in plan["keys"]:
@@ -436,7 +650,7 @@ class Topology:
         specs, off = [], 0
         for n in mine_names:
             shape, dtype = meta[n]
-            s = TensorSpec(n, shape, dtype, math.prod(shape), 0, off)
+            s = TensorSpec(n, shape, dtype, math.prod(shape), 0, off, recorded_dtype=sol.specs[local[n]].recorded_dtype)
             off += s.local_numel
             specs.append(s)
         V = torch.zeros(svd_rank, off, dtype=sol.V.dtype)

@@ -313,6 +313,15 @@ def check_compatible(meta: dict, directory: str, specs: Sequence[TensorSpec], dt
         )
     if meta["dtype"] != dtype_name(torch_dtype(dtype)):
         raise RelexInputError(f"the trajectory in {directory} is {meta['dtype']}, this run asks for {dtype}; use the same dtype")
+    from .store import theta0_dtype
+
+    now = dtype_name(theta0_dtype(specs))
+    if meta.get("theta0_dtype") not in (None, now):
+        raise RelexInputError(
+            f"the trajectory in {directory} recorded {meta['theta0_dtype']} values, this run records {now} ones (the "
+            "fp32 master weights of DeepSpeed mixed precision are recorded in float32, the parameters in their own "
+            "dtype): its rows do not continue this run's. Start a new window from step 0 (another output_dir, "
+            "without resume_from_checkpoint)")
     saved_w = meta.get("window") or {}
     if window:
         diff = [f"{k}={saved_w[k]} saved vs {k}={window[k]} now" for k in ("tcut", "stride", "world")

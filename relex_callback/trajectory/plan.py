@@ -1,8 +1,8 @@
 """The memory plan of a RELEX window: what each process and each node holds on each tier, exact and folded.
 
 A window of ``T = tcut / stride`` snapshots of ``D`` tracked elements per process needs ``T x D`` buffer elements
-per process (one row per snapshot), plus theta_0 (``D`` elements in the parameters' dtype, kept on the parameters'
-device). Exactly: Qwen3-8B-Base (8.19e9 elements) with ``tcut=100`` in bf16 is 1.64 TB per node whatever the
+per process (one row per snapshot), plus theta_0 (``D`` elements in the recorded dtype: the parameters', or float32
+for the fp32 master weights DeepSpeed mixed precision keeps; kept on the parameters' device). Exactly: Qwen3-8B-Base (8.19e9 elements) with ``tcut=100`` in bf16 is 1.64 TB per node whatever the
 sharding, 205 GB per process on 8 processes. The streaming fold (:mod:`relex_callback.core.fold`) bounds the buffer at
 ``fold_rank + K`` rows. This module says, before anything is allocated, which tier can hold what:
 
@@ -38,7 +38,7 @@ from ..errors import RelexInputError
 from ..files.fs import read_json
 
 TIERS = ("device", "host", "disk")
-MODES = ("single", "replicated", "zero3", "fsdp2")
+MODES = ("single", "replicated", "zero12", "zero3", "fsdp2")
 ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8}
 # Bytes of model states per trainable parameter under mixed-precision Adam (the ZeRO paper's accounting, Rajbhandari
 # et al. 2020, sec. 3.1): 2 (16-bit weights) + 2 (16-bit gradients) + 4 (fp32 master weights) + 4 + 4 (Adam moments).
@@ -75,10 +75,15 @@ def elements_per_process(shapes: Sequence[Sequence[int]], mode: str, world: int)
     """Tracked elements of every process for the full tensors ``shapes``, as :class:`~relex_callback.trainer.topology.Topology`
     divides them: ``single`` all; ``replicated`` whole tensors balanced by size; ``zero3`` a flat partition of
     ``ceil(n / world)`` elements of every tensor (the last processes get what is left); ``fsdp2`` ``ceil(rows / world)``
-    rows of every tensor (``torch.chunk`` along dim 0)."""
+    rows of every tensor (``torch.chunk`` along dim 0); ``zero12`` a flat partition of ``ceil(total / world)``
+    elements of all tensors together (DeepSpeed ZeRO-1/2's fp32 master partitions, without its alignment padding)."""
     sizes = [math.prod(s) for s in shapes]
     if mode == "single" or world == 1:
         return [sum(sizes)]
+    if mode == "zero12":
+        total = sum(sizes)
+        part = -(-total // world)
+        return [max(0, min(part, total - r * part)) for r in range(world)]
     if mode == "replicated":
         if len(sizes) < world:
             raise RelexInputError(f"{len(sizes)} tracked tensor(s) for {world} processes: with replicated parameters "
@@ -324,12 +329,13 @@ def plan_memory(
         elements (`int`, *optional*): tracked elements of the largest process (give this or ``shapes``).
         shapes (`list[tuple[int, ...]]`, *optional*): full shapes of every tracked tensor; divided among processes
             as ``mode`` does (:func:`elements_per_process`).
-        mode (`str`, *optional*, defaults to `"single"`): ``single``, ``replicated`` (DDP, ZeRO-1/2), ``zero3`` or
-            ``fsdp2``.
+        mode (`str`, *optional*, defaults to `"single"`): ``single``, ``replicated`` (DDP, ZeRO-1/2 in fp32),
+            ``zero12`` (ZeRO-1/2 with bf16/fp16 mixed precision), ``zero3`` or ``fsdp2``.
         world_size (`int`, *optional*, defaults to 1): processes in the job.
         local_world_size (`int`, *optional*): processes per node (defaults to ``world_size``: one node).
         dtype (`str`, *optional*, defaults to `"bfloat16"`): buffer dtype.
-        param_dtype (`str`, *optional*, defaults to `"bfloat16"`): dtype of the parameters (theta_0's dtype).
+        param_dtype (`str`, *optional*, defaults to `"bfloat16"`): theta_0's dtype: the recorded values' (the
+            parameters', or float32 for DeepSpeed's fp32 master weights).
         fold_rank (`int`, *optional*, defaults to 8): basis rows of a folded buffer.
         storage (`str`, *optional*, defaults to `"auto"`): ``auto`` or a tier to plan for.
         max_buffer_bytes (`int`, *optional*): the callback's ``max_buffer_bytes``: a cap on every tier.
@@ -674,7 +680,8 @@ def plan_for_run(settings, specs, topology, trainer_args=None, *, elements: Opti
     vllm_mode = getattr(a, "vllm_mode", "colocate")
     util = float(getattr(a, "vllm_gpu_memory_utilization", 0.3) or 0.3)
     asleep = bool(getattr(a, "vllm_enable_sleep_mode", False))
-    dtypes = {s.dtype for s in specs}
+    # theta_0's dtype: the recorded values' (float32 for the fp32 master weights of 16-bit parameters)
+    dtypes = {s.record_dtype for s in specs}
     pdt = str(dtypes.pop() if len(dtypes) == 1 else torch.float32).replace("torch.", "")
     out = out_dir or getattr(settings, "output_dir", None)
     disk = disk_free if disk_free is not None else (available_disk_bytes(out) if out else None)

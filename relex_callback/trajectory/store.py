@@ -1,8 +1,9 @@
 """The trajectory store: theta_0 and a ring of weight deltas in one arena per process (the hot path).
 
 Layout: every tracked tensor (this process's piece of it, flattened) is a column segment ``[offset, offset+n)`` of an
-arena of ``D`` columns. ``theta0`` is one flat tensor of length ``D`` in the parameters' dtype (or float32 when tracked
-tensors mix dtypes: every 16-bit value is exact in float32). The buffer ``M`` is ``K x D`` in the buffer dtype; row
+arena of ``D`` columns. ``theta0`` is one flat tensor of length ``D`` in the recorded values' dtype (the parameters',
+or float32 for fp32 master weights, or float32 when tracked tensors mix dtypes: every 16-bit value is exact in
+float32). The buffer ``M`` is ``K x D`` in the buffer dtype; row
 ``i`` holds ``Delta_t = theta_t - theta_0`` (computed in float32) for the i-th recorded step. Rows are always kept in
 step order. When the steps outnumber the ``K`` slots, the ring folds into a running rank-``fold_rank`` factorisation
 (:meth:`TrajectoryStore.fold`; the math in :mod:`relex_callback.core.fold`).
@@ -34,7 +35,9 @@ logger = logging.getLogger("relex_callback")
 
 
 def theta0_dtype(specs: Sequence[TensorSpec]) -> torch.dtype:
-    dts = {s.dtype for s in specs}
+    """The dtype theta_0 is kept in: the recorded values' (``TensorSpec.record_dtype``: float32 for the fp32 master
+    weights of 16-bit parameters), or float32 / float64 when they mix dtypes."""
+    dts = {s.record_dtype for s in specs}
     if len(dts) == 1:
         return dts.pop()
     return torch.float64 if torch.float64 in dts else torch.float32
@@ -194,7 +197,9 @@ class TrajectoryStore:
             persist.write_meta(self, self.directory)
 
     def theta0_of(self, spec: TensorSpec) -> torch.Tensor:
-        return self.theta0[spec.offset : spec.offset + spec.local_numel].to(spec.dtype)
+        """This process's piece of theta_0 in the recorded dtype (an fp32 master weight stays float32: the horizons
+        are computed from it in float32 and cast to ``spec.dtype`` when written)."""
+        return self.theta0[spec.offset : spec.offset + spec.local_numel].to(spec.record_dtype)
 
     # -------------------------------------------------------------- snapshot
     @property

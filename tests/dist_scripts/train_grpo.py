@@ -14,6 +14,9 @@ the test only, every process records the full parameters its model holds each ti
 (``<out>/evaluated-rank-<r>.pt``: what each replica or partition really evaluated), and ``rank-<r>.json`` holds the
 ``horizon_eval`` section each process has.
 
+With ``--bf16 --record-masters`` (DeepSpeed with bf16 mixed precision) the script also records, at the same steps,
+the optimizer's fp32 master weights (``masters`` in ``trajectory.pt``), gathered on every process.
+
 Usage: python train_grpo.py OUT [--fsdp2] [--tcut 6] [--horizons 12,20] [--validate --max-steps 9] [--eval]
 """
 
@@ -65,21 +68,43 @@ def full_params(model, names):
     return out
 
 
-class Recorder(TrainerCallback):
-    """Full parameters at the step training starts from (0, or the resumed step) and at steps ``1..until``."""
+def full_masters(model, names):
+    """Full copies of the optimizer's fp32 master weights of the named parameters (DeepSpeed mixed precision:
+    ``safe_get_full_fp32_param``, a collective under ZeRO-1/2/3, called on every process; test code only)."""
+    from deepspeed.utils import safe_get_full_fp32_param
 
-    def __init__(self, until):
+    params = dict(model.named_parameters())
+    out = {}
+    for n in names:
+        m = safe_get_full_fp32_param(params[n])
+        if m is None:
+            raise RuntimeError(f"no fp32 master weights for {n}")
+        out[n] = m.detach().to("cpu", torch.float32).clone()
+    return out
+
+
+class Recorder(TrainerCallback):
+    """Full parameters at the step training starts from (0, or the resumed step) and at steps ``1..until``; with
+    ``masters``, the fp32 master weights too."""
+
+    def __init__(self, until, masters=False):
         self.until = until
         self.snaps = {}
+        self.masters = {} if masters else None
         self.names = None
+
+    def _record(self, model, step):
+        self.snaps[step] = full_params(model, self.names)
+        if self.masters is not None:
+            self.masters[step] = full_masters(model, self.names)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self.names = [n for n, p in model.named_parameters() if p.requires_grad]
-        self.snaps[state.global_step] = full_params(model, self.names)
+        self._record(model, state.global_step)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if 0 < state.global_step <= self.until:
-            self.snaps[state.global_step] = full_params(model, self.names)
+            self._record(model, state.global_step)
 
 
 class Corrupt(TrainerCallback):
@@ -149,6 +174,9 @@ def main():
     ap.add_argument("--nan-base", default=None, help="NAME[:RANK][@I]: a NaN in element I (default 0) of this "
                     "process's piece of parameter NAME before training (every process, or only RANK): a non-finite base")
     ap.add_argument("--catch", action="store_true", help="an exception is written to rank-<r>.json (exit code 3)")
+    ap.add_argument("--bf16", action="store_true", help="bf16 mixed precision (with an accelerate config that sets it)")
+    ap.add_argument("--record-masters", action="store_true", help="also record DeepSpeed's fp32 master weights")
+    ap.add_argument("--buffer-dtype", default="float32", help="the callback's trajectory buffer dtype")
     a = ap.parse_args()
     rank_env = int(os.environ.get("RANK", "0"))
     if a.fail_solve_rank is not None and rank_env == a.fail_solve_rank:
@@ -207,16 +235,17 @@ def main():
         use_cpu=True,
         seed=0,
         data_seed=0,
-        bf16=False,
+        bf16=a.bf16,
         disable_tqdm=True,
         temperature=1.0,
         per_device_eval_batch_size=4 if world == 1 else 2,
     )
-    relex = RelexCallback(tcut=a.tcut, horizons=a.horizons, dtype="float32", storage=a.storage,
+    relex = RelexCallback(tcut=a.tcut, horizons=a.horizons, dtype=a.buffer_dtype, storage=a.storage,
                           buffer_slots=a.buffer_slots, fold_rank=a.fold_rank, on_nonfinite=a.on_nonfinite,
                           output_dir=os.path.join(a.out, "relex"), exclude=[a.exclude] if a.exclude else None,
                           stop_training=not a.validate, evaluate_horizons=a.eval)
-    rec = Recorder(a.record_until if a.record_until is not None else (a.max_steps if a.validate else a.tcut))
+    rec = Recorder(a.record_until if a.record_until is not None else (a.max_steps if a.validate else a.tcut),
+                   masters=a.record_masters)
     extra_callbacks = []
     if a.corrupt:
         r, st, kind, *name = a.corrupt.split(":")
@@ -272,13 +301,15 @@ def main():
         "folds": report.get("folds"),
         "fold_rank": report.get("fold_rank"),
         "skipped_unchanged_steps": report.get("skipped_unchanged_steps"),
+        "recorded": report.get("recorded"),
     }
     with open(os.path.join(a.out, f"rank-{rank}.json"), "w") as f:
         json.dump(info, f, indent=1)
     if evaluated:
         torch.save(evaluated, os.path.join(a.out, f"evaluated-rank-{rank}.pt"))
     if rank == 0 and rec.snaps:
-        torch.save({"names": rec.names, "snaps": rec.snaps}, os.path.join(a.out, "trajectory.pt"))
+        torch.save({"names": rec.names, "snaps": rec.snaps, **({"masters": rec.masters} if rec.masters else {})},
+                   os.path.join(a.out, "trajectory.pt"))
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
