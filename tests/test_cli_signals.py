@@ -62,7 +62,7 @@ def inputs(tmp_path_factory):
     ref = root / "ref"
     r = subprocess.run([sys.executable, "-m", "relex_callback.offline.cli", "extrapolate", "--base", str(root / "base"),
                         "--checkpoints", str(root / "ckpts"), "--horizons", "20,40", "--out", str(ref),
-                        "--no-progress"], env=cli_env(), capture_output=True, text=True)
+                        "--no-progress", "--fit-clock", "steps"], env=cli_env(), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     return root
 
@@ -70,7 +70,9 @@ def inputs(tmp_path_factory):
 def _commands(root, watch):
     out = os.path.join(watch, "out")
     base, ckpts, ref = str(root / "base"), str(root / "ckpts"), str(root / "ref")
-    ex = ["extrapolate", "--base", base, "--checkpoints", ckpts, "--horizons", "20,40", "--out", out, "--no-progress"]
+    # the checkpoints carry no learning-rate log: --fit-clock steps says so (else its warning is a second line)
+    ex = ["extrapolate", "--base", base, "--checkpoints", ckpts, "--horizons", "20,40", "--out", out, "--no-progress",
+          "--fit-clock", "steps"]
     return {
         "extrapolate": (ex, None),
         "extrapolate-buffered": (ex + ["--no-streaming", "--dtype", "float32"], None),
@@ -192,7 +194,8 @@ def test_ctrl_c_of_a_real_extrapolate_is_one_line_and_leaves_nothing(inputs, tmp
 
     out = tmp_path / "out"
     argv = [sys.executable, "-m", "relex_callback.offline.cli", "extrapolate", "--base", str(inputs / "base"),
-            "--checkpoints", str(inputs / "ckpts"), "--horizons", "20,40", "--out", str(out), "--no-progress"]
+            "--checkpoints", str(inputs / "ckpts"), "--horizons", "20,40", "--out", str(out), "--no-progress",
+            "--fit-clock", "steps"]
     p = subprocess.Popen(argv, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     lock = out / ".relex-lock.json"
     t0 = time.time()

@@ -293,7 +293,7 @@ def test_damaged_saved_trajectory_is_an_input_error_from_python(tmp_path, tiny_m
     assert TrajectoryStore.open(str(saved)).steps == [1, 2, 3]
     theta0 = saved / "theta0.safetensors"
     theta0.write_bytes(theta0.read_bytes()[:100])  # truncated
-    with pytest.raises(RelexInputError, match="damaged RELEX trajectory"):
+    with pytest.raises(RelexInputError, match="trajectory is damaged"):
         TrajectoryStore.open(str(saved))
 
 

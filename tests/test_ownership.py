@@ -13,6 +13,7 @@
 """
 
 import json
+import math
 import os
 import shutil
 import socket
@@ -112,10 +113,15 @@ def _scored_trainer(out, cb):
 
 
 @pytest.mark.slow
-def test_keep_best_temporaries_and_trajectory_files_remove_only_this_runs(tmp_path):
+def test_keep_best_temporaries_and_trajectory_files_remove_only_this_runs(tmp_path, monkeypatch):
     """keep_best on a plain (non-PEFT) run whose output_dir holds step-H-merged/ look-alikes (a name the run never
     writes), a user's .step-8.tmp-notes/, a killed writer's real temporary, and an earlier run's files in trajectory/:
-    only this run's losing step-H/ and the stale temporary go; everything else is left, and report.json says why."""
+    only this run's losing step-H/ and the stale temporary go; everything else is left, and report.json says why.
+    The toy's scores are within noise of each other, where keep_best removes nothing (tests/test_scoring.py): the
+    noise rule is switched off here so that the removals this test is about happen."""
+    from relex_callback.trainer import scoring
+
+    monkeypatch.setattr(scoring, "NOISE_SE", -math.inf)  # every best horizon "beats" the tcut model
     relex = tmp_path / "relex"
     horizons = [4, 8, 16]
     user = [relex / f"step-{h}-merged" for h in horizons] + [relex / ".step-8.tmp-notes", relex / "step-6"]

@@ -3,6 +3,7 @@ reference computed here; its outputs in the usual formats (from_pretrained, load
 refusals (NaN checkpoint, overflowing horizons) with nothing written; the tensor-by-tensor safetensors writer."""
 
 import json
+import contextlib
 import os
 
 import pytest
@@ -324,6 +325,27 @@ def test_cli_flag_and_from_pretrained(tmp_path):
     assert reps["--streaming"]["storage"] == "streaming" and reps["--no-streaming"]["storage"] != "streaming"
 
 
+@contextlib.contextmanager
+def _disk_filled_after_the_check(filler, leave: int):
+    """Another writer fills the file system of ``filler`` once the extrapolation has passed its pre-write space check
+    (when the solve starts), leaving ``leave`` bytes free: the disk is really full when the writes come."""
+    from relex_callback.pipeline import streamed
+
+    real = streamed.StreamedSolve.solve
+
+    def solve(self, *args, **kwargs):
+        st = os.statvfs(os.path.dirname(filler))
+        with open(filler, "wb") as f:
+            f.write(b"\0" * max(0, st.f_bavail * st.f_frsize - leave))
+        return real(self, *args, **kwargs)
+
+    streamed.StreamedSolve.solve = solve
+    try:
+        yield
+    finally:
+        streamed.StreamedSolve.solve = real
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
 def test_full_disk_keeps_the_state_and_says_how_to_finish(raw, tmp_path):
     """A real full disk (a small tmpfs): room for the state file and the first horizon, not the second. One
@@ -339,20 +361,22 @@ def test_full_disk_keeps_the_state_and_says_how_to_finish(raw, tmp_path):
     horizon = sum(os.path.getsize(f) for f in glob.glob(os.path.join(ref_out, f"step-{H}", "*")))
     mnt = tmp_path / "mnt"
     os.makedirs(mnt)
-    # room for the state's parts and the joined state at once (the parts are removed once it is whole), then for the
-    # state and one and a half horizons
-    kib = max(2 * state, state + horizon + horizon // 2) // 1024 + 16
+    # room for the whole run at the pre-write check; then another writer fills the disk, leaving room for the state's
+    # parts and the joined state at once (the parts are removed once it is whole), then for the state and one and a
+    # half horizons
+    kib = 2 * (2 * state + 2 * horizon) // 1024 + 64
+    leave = max(2 * state, state + horizon + horizon // 2) + 8192
     r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(mnt)], capture_output=True, text=True)
     if r.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
     try:
         out = str(mnt / "out")
-        with pytest.raises(RelexWriteError) as e:
+        with pytest.raises(RelexWriteError) as e, _disk_filled_after_the_check(mnt / "filler", leave):
             extrapolate_checkpoints(base, [ckpts], [H, 2 * H], out, streaming=True, dtype="float32")
         msg = str(e.value)
         assert f"step-{2 * H}" in msg and "relex materialize" in msg and "state file" in msg and "intact" in msg, msg
-        assert sorted(os.listdir(out)) == ["relex_state.safetensors", f"step-{H}"]
-        assert os.listdir(mnt) == ["out"]  # no scratch parts, no temporaries
+        assert sorted(os.listdir(out)) == ["relex_state.safetensors", "report.json", f"step-{H}"]
+        assert sorted(os.listdir(mnt)) == ["filler", "out"]  # no scratch parts, no temporaries
         from relex_callback.files.state import load_state
 
         assert load_state(out).steps == STEPS
@@ -369,12 +393,13 @@ def test_full_disk_before_the_state_leaves_nothing(raw, tmp_path):
     root, base, ckpts = raw
     mnt = tmp_path / "mnt"
     os.makedirs(mnt)
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24k", "tmpfs", str(mnt)], capture_output=True, text=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mnt)], capture_output=True, text=True)
     if r.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
     try:
-        with pytest.raises(RelexWriteError, match="writing the state file .* failed: .*No space left on device.*nothing exists under the final names"):
+        with pytest.raises(RelexWriteError, match="writing the state file .* failed: .*No space left on device.*nothing exists under the final names"), \
+                _disk_filled_after_the_check(mnt / "filler", 12 * 1024):
             extrapolate_checkpoints(base, [ckpts], [H], str(mnt / "out"), streaming=True, dtype="float32")
-        assert os.listdir(mnt) == []
+        assert os.listdir(mnt) == ["filler"]
     finally:
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)

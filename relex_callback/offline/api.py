@@ -279,13 +279,17 @@ def _extrapolate_trajectory(trajectory_dir, base, horizons, out_dir, *, rank, fi
                    tcut, trajectory_dir)
     window = dataclasses.replace(settings, rank=rank, fit_start=fit_start, solver=method, overwrite=overwrite, fit=fit,
                                  fit_window=fit_window, degree=degree)
-    clock = _trajectory_clock(store, trajectory_dir, tcut, settings.horizons, fit_clock, schedule)
-    return finalize(BufferedSolve(store, clock=clock), FullModelWriter(src, max_shard_size=settings.max_shard_size),
-                    window, out_dir=out_dir,
-                    report_extra={"trajectory": os.path.abspath(trajectory_dir), "partial": True})
+    notices = []
+    clock = _trajectory_clock(store, trajectory_dir, tcut, settings.horizons, fit_clock, schedule, notices)
+    result = finalize(BufferedSolve(store, clock=clock), FullModelWriter(src, max_shard_size=settings.max_shard_size),
+                      window, out_dir=out_dir,
+                      report_extra={"trajectory": os.path.abspath(trajectory_dir), "partial": True})
+    for text in notices:  # after the outputs: a refusal on the way is the command's only line
+        logger.warning("%s", text)
+    return result
 
 
-def _trajectory_clock(store, trajectory_dir, tcut, horizons, fit_clock, schedule):
+def _trajectory_clock(store, trajectory_dir, tcut, horizons, fit_clock, schedule, notices):
     """The clock of a saved trajectory: ``--schedule`` when given; else the learning rates the callback recorded
     with a window it kept (``partial_trajectory/``: the trainer's schedule read ahead, so the fit is the one the
     callback would have made); else the step, with the warning :func:`offline_clock` gives."""
@@ -293,7 +297,7 @@ def _trajectory_clock(store, trajectory_dir, tcut, horizons, fit_clock, schedule
 
     recorded = store.window.get("learning_rates")
     if fit_clock != "lr" or schedule or not isinstance(recorded, list) or not recorded:
-        return offline_clock([], tcut, horizons, fit_clock, schedule)
+        return offline_clock([], tcut, horizons, fit_clock, schedule, notices=notices)
     from ..core.clock import resolve
 
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in recorded):
@@ -381,16 +385,21 @@ def _extrapolate_checkpoints(base, checkpoints, horizons, out_dir, *, steps, str
     _check_space(out, src_base, names, settings, streaming=streaming, rank=rank)
     from .schedule import offline_clock
 
-    clock = offline_clock([c.path for c in cks], tcut, settings.horizons, fit_clock, schedule)
+    notices = []
+    clock = offline_clock([c.path for c in cks], tcut, settings.horizons, fit_clock, schedule, notices=notices)
     # the window as the pipeline sees it: tcut is the last checkpoint's step, the fit as asked (checked above)
     window = dataclasses.replace(settings, tcut=tcut, rank=rank, fit_start=fit_start, overwrite=overwrite, fit=fit,
                                  fit_window=fit_window, degree=degree)
     if streaming:
-        return _extrapolate_streamed(base, cks, src_base, sources, names, settings, window, out, rank=rank,
-                                     memory_budget=memory_budget, progress=progress, timing=timing, t_main=t_main,
-                                     clock=clock)
-    return _extrapolate_buffered(base, cks, src_base, sources, names, specs, settings, window, out, device=device,
-                                 progress=progress, timing=timing, t_main=t_main, clock=clock)
+        result = _extrapolate_streamed(base, cks, src_base, sources, names, settings, window, out, rank=rank,
+                                       memory_budget=memory_budget, progress=progress, timing=timing, t_main=t_main,
+                                       clock=clock)
+    else:
+        result = _extrapolate_buffered(base, cks, src_base, sources, names, specs, settings, window, out,
+                                       device=device, progress=progress, timing=timing, t_main=t_main, clock=clock)
+    for text in notices:  # after the outputs: a refusal on the way is the command's only line
+        logger.warning("%s", text)
+    return result
 
 
 def _check_checkpoint_args(base, checkpoints, horizons, out_dir, *, steps, stride, fit_start, rank, dtype, device,

@@ -111,10 +111,11 @@ def logged_lrs(checkpoint_paths: Sequence[str], upto: int) -> tuple[Optional[lis
 
 
 def offline_clock(checkpoint_paths: Sequence[str], tcut: int, horizons: Sequence[int], fit_clock: str = "lr",
-                  schedule: Optional[str] = None):
+                  schedule: Optional[str] = None, notices: Optional[list] = None):
     """The clock of ``relex extrapolate``: ``None`` (the step) or a :class:`~relex_callback.core.clock.Clock`. With
     ``fit_clock="lr"``: ``schedule`` when given, else the logged learning rates when they reach the last horizon;
-    otherwise the step, with one warning saying why and what to pass."""
+    otherwise the step, with one warning saying why and what to pass (appended to ``notices`` when given, for the
+    caller to say after the work succeeded)."""
     from ..core.clock import MAX_RECORDED, resolve
 
     if fit_clock not in ("lr", "steps"):
@@ -135,9 +136,13 @@ def offline_clock(checkpoint_paths: Sequence[str], tcut: int, horizons: Sequence
             got = (f"the learning rates logged in {source} end at step {len(lrs)}, before the last horizon {hmax}"
                    if lrs else "no learning rates were found (no trainer_state.json with a learning_rate log "
                    "beside the checkpoints)")
-            logger.warning("relex: %s: the coefficients are fitted on the step. Pass --schedule NAME[,warmup=W]"
-                           "[,total=N] (the run's lr schedule) to fit on the cumulative learning rate, or "
-                           "--fit-clock steps to silence this", got)
+            text = (f"relex: {got}: the coefficients are fitted on the step. Pass --schedule NAME[,warmup=W]"
+                    "[,total=N] (the run's lr schedule) to fit on the cumulative learning rate, or --fit-clock steps "
+                    "to silence this")
+            if notices is None:
+                logger.warning("%s", text)
+            else:  # said by the caller once the outputs are written: an input error is then the only line
+                notices.append(text)
             return None
         source = f"learning_rate log of {source}"
     clock, why = resolve(lrs, tcut, horizons, source)
