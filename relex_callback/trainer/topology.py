@@ -104,8 +104,13 @@ def detect_mode(model: torch.nn.Module) -> str:
     if is_fsdp1(model):
         raise RelexInputError(FSDP1_REFUSAL)
     dist = _dist()
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not (dist.is_available() and dist.is_initialized()):
         return "single"
+    if dist.get_world_size() == 1:
+        # ZeRO-3 partitions even in a world of one: the module's parameters are empty placeholders (the values live in
+        # ds_tensor), and recording them as whole tensors recorded nothing (the window failed at tcut as "the weights
+        # did not move")
+        return "zero3" if any(hasattr(p, "ds_tensor") for p in model.parameters()) else "single"
     for p in model.parameters():
         if hasattr(p, "ds_tensor"):
             return "zero3"
