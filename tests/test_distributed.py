@@ -236,18 +236,23 @@ def test_horizons_match_single_process(runs, mode):
     assert isinstance(noise.get("drift_share"), float) and 0.0 <= noise["drift_share"] <= 1.0, noise
 
 
-def test_zero3_in_one_process_records_the_partitions(tmp_path):
-    """DeepSpeed ZeRO-3 launched as one process (a single GPU with offload, say) still partitions: the module's
-    parameters are empty placeholders. Taken for a plain single process, the callback recorded those and the window
-    failed at tcut as 'the weights did not move at steps 1-6'; now it records the partitions and its horizons equal
-    the single-process replay of the trajectory."""
+@pytest.mark.parametrize("mode", ["zero3", "fsdp2"])
+def test_sharding_in_one_process_records_the_shards(tmp_path, mode):
+    """DeepSpeed ZeRO-3 or FSDP2 launched as one process (a single GPU with offload, say) still shards: ZeRO-3's
+    module parameters are empty placeholders, FSDP2's are DTensors. Taken for a plain single process, the callback
+    recorded ZeRO-3's placeholders (the window failed at tcut as 'the weights did not move at steps 1-6') and raised
+    on FSDP2's DTensors at on_train_begin; now each records its shards and the horizons equal the single-process
+    replay of the trajectory."""
     d = str(tmp_path)
-    cmd = [os.path.join(BIN, "accelerate"), "launch", "--config_file", os.path.join(CONFIGS, "zero3_cpu.yaml"),
-           "--num_processes", "1", "--main_process_port", _port(), SCRIPT, d]
+    if mode == "zero3":
+        cmd = [os.path.join(BIN, "accelerate"), "launch", "--config_file", os.path.join(CONFIGS, "zero3_cpu.yaml"),
+               "--num_processes", "1", "--main_process_port", _port(), SCRIPT, d]
+    else:
+        cmd = [os.path.join(BIN, "torchrun"), "--nproc_per_node", "1", "--master_port", _port(), SCRIPT, d, "--fsdp2"]
     p = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-4000:]
     info = json.load(open(os.path.join(d, "rank-0.json")))
-    assert info["mode"] == "zero3" and info["world_size"] == 1, info
+    assert info["mode"] == mode and info["world_size"] == 1, info
     ref = os.path.join(d, "single")
     snaps = replay(d, ref)
     check_matches_single(d, ref, snaps)

@@ -107,10 +107,15 @@ def detect_mode(model: torch.nn.Module) -> str:
     if not (dist.is_available() and dist.is_initialized()):
         return "single"
     if dist.get_world_size() == 1:
-        # ZeRO-3 partitions even in a world of one: the module's parameters are empty placeholders (the values live in
-        # ds_tensor), and recording them as whole tensors recorded nothing (the window failed at tcut as "the weights
-        # did not move")
-        return "zero3" if any(hasattr(p, "ds_tensor") for p in model.parameters()) else "single"
+        # ZeRO-3 and FSDP2 keep their form in a world of one: ZeRO-3's module parameters are empty placeholders (the
+        # values live in ds_tensor; recorded as whole tensors, nothing was recorded and the window failed at tcut as
+        # "the weights did not move"), FSDP2's are DTensors (recorded as plain tensors, the first copy raised)
+        for p in model.parameters():
+            if hasattr(p, "ds_tensor"):
+                return "zero3"
+            if _is_dtensor(p):
+                return "fsdp2"
+        return "single"
     for p in model.parameters():
         if hasattr(p, "ds_tensor"):
             return "zero3"
