@@ -191,7 +191,7 @@ def test_memory_check_at_cpu_scale():
 
 
 def test_memory_verdict_with_an_h100s_figures():
-    plan = {"gpu_claims": {"trainer, measured at train begin": 3_640_000_000,
+    plan = {"gpu_claims": {"trainer at train begin": 3_640_000_000,
                            "trainer, added by its first step (gradients, optimizer states)": 12_300_000_000,
                            "headroom (25%)": 21_380_000_000, "theta_0 + scratch": 3_150_000_000,
                            "solve at tcut (directions, a horizon's float32 copy, Gram chunk)": 4_530_000_000},

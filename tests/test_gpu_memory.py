@@ -82,7 +82,7 @@ def test_the_ring_fits_the_device_after_the_first_step(qwen_1p5b, tmp_path):
     steady = weights + CONTEXT + pending + plan.device_fixed_bytes + solve + buffer
     assert steady <= H100 * (1 - DEFAULT_GPU_HEADROOM) + 1, (steady / GB, plan.format())
     text = plan.format()
-    assert "measured at train begin" in text and "added by its first step" in text and "solve at tcut" in text
+    assert "trainer at train begin" in text and "added by its first step" in text and "solve at tcut" in text
     # the plan without the optimizer's share: a larger device ring, which the first step's 16 B/param overflows
     blind, _ = _plan(qwen_1p5b, tmp_path, None)
     assert blind.tier == "device" and blind.buffer_bytes > buffer
@@ -136,3 +136,39 @@ def test_pinning_refused_leaves_pageable_memory_with_one_warning(registrar, capl
     assert any("could not pin" in r.getMessage() and "ulimit -l" in r.getMessage() for r in caplog.records)
     p.release()
     assert registrar["unregister"] == []
+
+
+@pytest.mark.parametrize("name,make", [
+    ("adamw", lambda ps: torch.optim.AdamW(ps, lr=1e-6)),
+    ("adamw-fused", lambda ps: torch.optim.AdamW(ps, lr=1e-6, fused=True)),
+    ("sgd", lambda ps: torch.optim.SGD(ps, lr=1e-3)),
+])
+def test_relex_plan_counts_a_torch_optimizer_as_the_callback_does(qwen_1p5b, tmp_path, capsys, name, make):
+    """`relex plan --optimizer adamw` (no model weights, only the config) claims what the callback claims for the live
+    model with that optimizer before its first step: the weights at train begin and what the first step adds (the
+    same pending_training_bytes over a real torch optimizer), in the config's dtype."""
+    from relex_callback.offline.cli import main
+    from relex_callback.trajectory.plan import torch_optimizer_bytes
+
+    shapes = [tuple(p.shape) for _, p in trainable_named_parameters(qwen_1p5b)]
+    weights, pending = torch_optimizer_bytes(shapes, "float32", name)
+    assert weights == sum(p.numel() * p.element_size() for p in qwen_1p5b.parameters())
+    assert pending == pending_training_bytes(make(list(qwen_1p5b.parameters())))[0]
+    assert main(["plan", "--model", os.path.join(FIX, "qwen2.5-math-1.5b"), "--tcut", "75", "--gpu-memory",
+                 str(H100), "--optimizer", name, "--json"]) == 0
+    claims = json.loads(capsys.readouterr().out)["gpu_claims"]
+    assert json.load(open(os.path.join(FIX, "qwen2.5-math-1.5b", "config.json")))["torch_dtype"] == "bfloat16"
+    # the config's dtype is bfloat16, the live model above float32: every figure exactly half
+    assert 2 * claims["trainer at train begin"] == weights
+    assert 2 * claims["trainer, added by its first step (gradients, optimizer states)"] == pending
+
+
+def test_relex_plan_refuses_a_torch_optimizer_for_deepspeed_and_two_answers(capsys):
+    from relex_callback.offline.cli import main
+
+    model = os.path.join(FIX, "qwen2.5-math-1.5b")
+    for extra, want in ((["--world-size", "8", "--optimizer", "adamw"], "DeepSpeed"),
+                        (["--optimizer", "adamw", "--trainer-memory", "20GB"], "give one"),
+                        (["--optimizer", "adam"], "not one of")):
+        assert main(["plan", "--model", model, "--tcut", "75", "--gpu-memory", "80GB", *extra]) == 2
+        assert want in capsys.readouterr().err

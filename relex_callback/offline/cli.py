@@ -169,6 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--gpu-memory", default=None, help="memory of one GPU, e.g. 80GB (default: the device tier is not planned)")
     q.add_argument("--trainer-memory", default=None, help="what the trainer holds on each GPU (default: model states, "
                                                          "16 bytes per parameter, divided by the world size when sharded; add a reference model when beta > 0)")
+    q.add_argument("--optimizer", default=None, help="without --trainer-memory: what the trainer holds on each GPU. "
+                   "mixed-adam (default): DeepSpeed or mixed-precision Adam, 16 bytes per parameter of model states "
+                   "(divided by the world size under ZeRO-3/FSDP2); adamw, adamw-fused, sgd: a plain torch optimizer "
+                   "on the config's dtype, the weights plus what its first step adds (gradients, states, a foreach "
+                   "temporary), counted as the callback counts them")
     q.add_argument("--vllm-colocate", default=None, help="a colocated vLLM engine's vllm_gpu_memory_utilization, e.g. 0.3")
     q.add_argument("--gpu-headroom", default="0.25", help="fraction of each GPU kept for activations (default 0.25)")
     q.add_argument("--host-memory", default=None, help="host memory of one node, e.g. 1TB (default: not planned)")
@@ -377,6 +382,18 @@ def cmd_plan(args) -> int:
                                               ("--max-buffer-bytes", args.max_buffer_bytes))}
     if sizes["--trainer-memory"] is not None and sizes["--gpu-memory"] is None:
         raise RelexInputError("--trainer-memory needs --gpu-memory (the device tier is planned only with it)")
+    optimizers = ("mixed-adam", "adamw", "adamw-fused", "sgd")
+    if args.optimizer is not None:
+        if args.optimizer not in optimizers:
+            raise RelexInputError(f"--optimizer {args.optimizer!r} is not one of {', '.join(optimizers)}")
+        if sizes["--trainer-memory"] is not None:
+            raise RelexInputError("--optimizer and --trainer-memory both say what the trainer holds; give one")
+        if sizes["--gpu-memory"] is None:
+            raise RelexInputError("--optimizer needs --gpu-memory (the device tier is planned only with it)")
+        if args.optimizer != "mixed-adam" and mode in ("zero3", "zero12"):
+            raise RelexInputError(f"--optimizer {args.optimizer} is a plain torch optimizer; --mode {mode} is "
+                                  "DeepSpeed, whose optimizer holds mixed-precision Adam states: use --optimizer "
+                                  "mixed-adam (the default)")
     vllm = _fraction_arg("--vllm-colocate", args.vllm_colocate, low_open=True)
     headroom = _fraction_arg("--gpu-headroom", args.gpu_headroom, low_open=False)
     if vllm is not None and sizes["--gpu-memory"] is None:
@@ -389,11 +406,17 @@ def cmd_plan(args) -> int:
     if mode in ("zero12", "zero3"):  # DeepSpeed: theta_0 is the fp32 master weights (or fp32 parameters)
         param_dtype = "float32"
     label = model_label(given, args.model)
+    trainer_bytes, pending = sizes["--trainer-memory"], 0
+    if args.optimizer not in (None, "mixed-adam"):
+        from ..trajectory.plan import torch_optimizer_bytes
+
+        trainer_bytes, pending = torch_optimizer_bytes([s for _, s in named], param_dtype, args.optimizer,
+                                                       shards=world if mode == "fsdp2" else 1)
     plan = plan_memory(
         window=tcut // stride, shapes=[s for _, s in named], mode=mode, world_size=world, local_world_size=local,
         dtype=dtype, param_dtype=param_dtype, fold_rank=fold_rank, storage=args.storage,
         max_buffer_bytes=sizes["--max-buffer-bytes"], gpu_memory=sizes["--gpu-memory"],
-        trainer_gpu_bytes=sizes["--trainer-memory"], use_vllm=vllm is not None,
+        trainer_gpu_bytes=trainer_bytes, trainer_pending_bytes=pending, use_vllm=vllm is not None,
         vllm_gpu_memory_utilization=vllm or 0.3, gpu_headroom=headroom, host_memory=sizes["--host-memory"],
         disk_free=sizes["--disk-free"], label=f"{label}, tcut {tcut}" + (f", stride {stride}" if stride > 1 else ""),
     )

@@ -170,6 +170,25 @@ def pending_training_bytes(optimizer, device=None) -> tuple[int, str]:
     return total, f"{type(opt).__name__}: gradients + optimizer states created at the first step"
 
 
+TORCH_OPTIMIZERS = {"adamw": ("AdamW", {}), "adamw-fused": ("AdamW", {"fused": True}), "sgd": ("SGD", {})}
+
+
+def torch_optimizer_bytes(shapes: Sequence[tuple[int, ...]], param_dtype: str, optimizer: str, shards: int = 1
+                          ) -> tuple[int, int]:
+    """What a run with a plain torch optimizer holds on each device, counted as the callback counts it: ``(weights
+    at train begin, what the first step adds)``. The weights in ``param_dtype`` (each tensor divided into ``shards``
+    flat pieces: FSDP2), and :func:`pending_training_bytes` of a real ``torch.optim`` optimizer (``optimizer``: a
+    key of :data:`TORCH_OPTIMIZERS`) over the same tensors on the meta device."""
+    import torch
+
+    name, kw = TORCH_OPTIMIZERS[optimizer]
+    dt = getattr(torch, param_dtype)
+    params = [torch.nn.Parameter(torch.empty(-(-math.prod(s) // shards), device="meta", dtype=dt)) for s in shapes]
+    weights = sum(p.numel() * p.element_size() for p in params)
+    opt = getattr(torch.optim, name)(params, lr=1e-6, **kw)
+    return weights, pending_training_bytes(opt)[0]
+
+
 @dataclass(frozen=True)
 class TierPlan:
     """One tier of a :class:`MemoryPlan`, per process (multiply by ``local_world_size`` for a node).
@@ -455,7 +474,7 @@ def _plan_budgets(notes, *, window, mode, world_size, local, total, row, exact, 
             trainer_gpu_bytes = MODEL_STATE_BYTES * total // share
             claims[f"trainer ({MODEL_STATE_BYTES} B/param{' / ' + str(share) if share > 1 else ''})"] = trainer_gpu_bytes
         else:
-            claims["trainer, measured at train begin"] = int(trainer_gpu_bytes)
+            claims["trainer at train begin"] = int(trainer_gpu_bytes)
             if trainer_pending_bytes:
                 claims["trainer, added by its first step (gradients, optimizer states)"] = int(trainer_pending_bytes)
         if use_vllm and vllm_mode == "colocate" and not vllm_claimed:
