@@ -72,6 +72,15 @@ class TensorSpec:
         )
 
 
+def theta0_dtype(specs: Sequence[TensorSpec]) -> torch.dtype:
+    """The dtype theta_0 is kept in: the recorded values' (``TensorSpec.record_dtype``: float32 for the fp32 master
+    weights of 16-bit parameters), or float32 / float64 when they mix dtypes."""
+    dts = {s.record_dtype for s in specs}
+    if len(dts) == 1:
+        return dts.pop()
+    return torch.float64 if torch.float64 in dts else torch.float32
+
+
 @dataclass
 class TrackedTensor:
     spec: TensorSpec

@@ -313,7 +313,7 @@ def check_compatible(meta: dict, directory: str, specs: Sequence[TensorSpec], dt
         )
     if meta["dtype"] != dtype_name(torch_dtype(dtype)):
         raise RelexInputError(f"the trajectory in {directory} is {meta['dtype']}, this run asks for {dtype}; use the same dtype")
-    from .store import theta0_dtype
+    from ..params import theta0_dtype
 
     now = dtype_name(theta0_dtype(specs))
     if meta.get("theta0_dtype") not in (None, now):

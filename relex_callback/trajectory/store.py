@@ -26,22 +26,12 @@ from ..config import dtype_name, torch_dtype
 from ..core.precision import exact
 from ..errors import RelexInputError, RelexMemoryError, RelexNonFiniteError
 from ..files.fs import describe_failure
-from ..params import TensorSpec
+from ..params import TensorSpec, theta0_dtype
 from . import persist
 from .persist import META_FILE, THETA0_FILE
 from .tiers import SNAPSHOT_CHUNK, SNAPSHOT_CHUNK_DEVICE, StorageTier, prefault
 
 logger = logging.getLogger("relex_callback")
-
-
-def theta0_dtype(specs: Sequence[TensorSpec]) -> torch.dtype:
-    """The dtype theta_0 is kept in: the recorded values' (``TensorSpec.record_dtype``: float32 for the fp32 master
-    weights of 16-bit parameters), or float32 / float64 when they mix dtypes."""
-    dts = {s.record_dtype for s in specs}
-    if len(dts) == 1:
-        return dts.pop()
-    return torch.float64 if torch.float64 in dts else torch.float32
-
 
 
 def estimate(specs: Sequence[TensorSpec], capacity: int, dtype="bfloat16") -> dict:
