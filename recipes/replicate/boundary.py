@@ -371,7 +371,7 @@ def run_grid(cfg):
 def parse(argv=None):
     p = argparse.ArgumentParser(description="RELEX: paying vs harming tasks on the toy model (CPU)")
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
-    p.add_argument("--lrs", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3])
+    p.add_argument("--lrs", type=float, nargs="+", default=[3e-5, 1e-4, 3e-4, 1e-3])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--tcuts", type=int, nargs="+", default=[20, 40])
     p.add_argument("--mults", type=int, nargs="+", default=[2, 5, 10])

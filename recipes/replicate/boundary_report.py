@@ -93,6 +93,20 @@ def separation(recs, getter):
     return pays, harms, split
 
 
+def best_threshold(pays, harms):
+    """The single threshold (either direction) that classifies the most pays/harms windows right: (accuracy,
+    threshold, ">=" when pays lie above it)."""
+    best = (0.0, None, None)
+    n = len(pays) + len(harms)
+    for th in sorted(set(pays) | set(harms)):
+        up = (sum(x >= th for x in pays) + sum(x < th for x in harms)) / n
+        down = (sum(x <= th for x in pays) + sum(x > th for x in harms)) / n
+        for acc, d in ((up, ">="), (down, "<=")):
+            if acc > best[0]:
+                best = (acc, th, d)
+    return best
+
+
 def fmt_range(xs):
     return f"{min(xs):.3g} .. {max(xs):.3g}" if xs else "-"
 
@@ -121,8 +135,8 @@ def analyze(cfg):
              f"them; {cpu / 60:.0f} min of one CPU core in all (mean {cpu / len(cells):.0f} s per run, of which training "
              f"{mean([c['seconds_train'] for c in cells]):.0f} s)."
              + (f" Fewer seeds where the budget ran out: {'; '.join(incomplete)}." if incomplete else "") + "\n")
-    L.append("Scores are exact expected rewards per prompt on all 100 prompts `a+b=`; the band of RELEX - `tcut` is the "
-             "paired standard error over the prompts, sd(d_i)/sqrt(100), per run. Verdict per run: *pays* / *harms* when "
+    L.append("Scores are exact expected rewards per prompt on all 100 prompts `a+b=` (sums2: on 100 fixed prompts of its "
+             "10,000); the band of RELEX - `tcut` is the paired standard error over the prompts, sd(d_i)/sqrt(100), per run. Verdict per run: *pays* / *harms* when "
              "the gain is beyond +-2 of its standard errors, else *tie*.\n")
 
     # ------------------------------------------------------------------ main table
@@ -192,17 +206,28 @@ def analyze(cfg):
              "one on the other. Windows of one run at `tcut` 20 and 40 share their first 20 steps; the horizons share "
              "the window.\n")
     mults = sorted({r["mult"] for r in recs})
-    L.append("| signal | " + " | ".join(f"{m}x: pays / harms (splits?)" for m in mults) + " |")
+    L.append("| signal | " + " | ".join(f"{m}x: pays / harms (splits?); best threshold" for m in mults) + " |")
     L.append("|---|" + "---|" * len(mults))
     sep = {}
     for label, get in SIGNALS:
         cols = []
         for m in mults:
             p, h, split = separation([r for r in recs if r["mult"] == m], get)
-            sep[f"{label}@{m}x"] = {"pays": p, "harms": h, "splits": split}
+            acc, th, d = best_threshold(p, h) if p and h else (None, None, None)
+            sep[f"{label}@{m}x"] = {"pays": p, "harms": h, "splits": split, "best_accuracy": acc, "threshold": th,
+                                    "pays_side": d}
             cols.append(f"{fmt_range(p)} ({len(p)}) / {fmt_range(h)} ({len(h)}) "
-                        f"({'-' if split is None else 'yes' if split else 'no'})")
+                        f"({'-' if split is None else 'yes' if split else 'no'})"
+                        + (f"; pays {d} {th:.3g}: {acc:.0%} right" if acc is not None else ""))
         L.append(f"| {label} | " + " | ".join(cols) + " |")
+    cols = []
+    for m in mults:
+        rr = [r for r in recs if r["mult"] == m]
+        rp = [bool(r["window"]["trend"]["rising"]) for r in rr if r["verdict"] == "pays"]
+        rh = [bool(r["window"]["trend"]["rising"]) for r in rr if r["verdict"] == "harms"]
+        sep[f"rising@{m}x"] = {"pays_rising": sum(rp), "pays": len(rp), "harms_rising": sum(rh), "harms": len(rh)}
+        cols.append(f"rising in {sum(rp)} of {len(rp)} paying / {sum(rh)} of {len(rh)} harming windows")
+    L.append("| the callback's `rising` flag (slope > 2 se) | " + " | ".join(cols) + " |")
 
     # ------------------------------------------------------------------ eval prompts at tcut
     L.append("\n#### Scoring the horizons at `tcut`: eval prompts needed\n")
@@ -228,14 +253,24 @@ def analyze(cfg):
             need.append({"task": task, "lr": lr, "tcut": tc, "mult": m, "exact": ne, "sampled": ns})
             cols.append(f"{statistics.median(ne):.0f} ({max(ne)}) / {statistics.median(ns):.0f} ({max(ns)})")
         L.append(f"| {task} | {lr:g} | {tc} | " + " | ".join(cols) + " |")
-    fin = [x for n in need for x in n["sampled"] if math.isfinite(x)]
     sps = mean([c["seconds_per_step"] for c in cells])
-    spp = mean([c["seconds_score_per_prompt"] for c in cells])
-    L.append(f"\nOne training step took {sps:.2f} s here (64 rollouts, forward and backward); exact scoring took "
-             f"{spp * 1000:.1f} ms per prompt and checkpoint (one teacher-forced pass over every continuation). The "
-             f"sampled n ranges {min(fin)} .. {max(fin)} over the (run, `tcut`, horizon) rows, i.e. 2n completions "
-             f"= {2 * min(fin) / ROLLOUTS_PER_STEP:.2g} .. {2 * max(fin) / ROLLOUTS_PER_STEP:.2g} steps' worth of "
-             f"rollouts per horizon scored.\n")
+    spp = {t: mean([c["seconds_score_per_prompt"] for c in cells if c["task"] == t]) for t in tasks}
+    L.append(f"\nOne training step took {sps:.3f} s here (64 rollouts, forward and backward, mean over the runs); exact "
+             "scoring took " + ", ".join(f"{spp[t] * 1000:.1f} ms ({t})" for t in tasks) + " per prompt and checkpoint "
+             "(one teacher-forced pass over every continuation it sums over). Median n over the windows (sampled, one "
+             "completion per prompt and checkpoint), and its cost 2n / 64 in training steps' rollouts:\n")
+    L.append("| verdict | " + " | ".join(f"{m}x: n (steps' rollouts)" for m in mults) + " |")
+    L.append("|---|" + "---:|" * len(mults))
+    summary = {}
+    for v in ("pays", "harms"):
+        cols = []
+        for m in mults:
+            ns = [r["n_sampled"] for r in recs if r["mult"] == m and r["verdict"] == v and math.isfinite(r["n_sampled"])]
+            med = statistics.median(ns) if ns else None
+            summary[f"{v}@{m}x"] = med
+            cols.append("-" if med is None else f"{med:.0f} ({2 * med / ROLLOUTS_PER_STEP:.1f})")
+        L.append(f"| {v} | " + " | ".join(cols) + " |")
+    L.append("")
 
     # ------------------------------------------------------------------ every run
     L.append("<details><summary>Every run</summary>\n")
@@ -254,7 +289,7 @@ def analyze(cfg):
     L.append("\n</details>\n")
     md = "\n".join(L) + "\n"
     R = {"cells": len(cells), "cpu_seconds": cpu, "table": table, "signals": sig_rows, "separation": sep,
-         "prompts_needed": need}
+         "prompts_needed": need, "prompts_needed_median": summary}
     from relex_callback.files.fs import write_json
 
     write_json(os.path.join(cfg.out, "boundary.json"), R, indent=1)
