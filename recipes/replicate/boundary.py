@@ -7,6 +7,8 @@ line, step clock), and RELEX's checkpoint, the ``tcut`` checkpoint and real trai
 
 * ``char``: the share of the target character ``7`` in the completion's 3 slots (count / 3), from a random
   initialisation (no warm-up);
+* ``char_w``: the same reward after the sums warm-up (the start of the sums tasks, whose completions are a number
+  and ``<eos>``): a control for the start;
 * ``graded``: sums ``a+b=`` with partial credit ``max(0, 1 - |n - (a+b)| / 5)`` for the answer n, after the sums
   warm-up;
 * ``sums``: sums with the exact-match reward of parts 1 and 3, after the same warm-up;
@@ -55,7 +57,7 @@ PROMPTS = 8  # per step: 64 rollouts
 COMPLETION = 3  # max_completion_length
 TARGET = "7"
 GRADED_SCALE = 5.0
-TASKS = ("char", "graded", "sums", "sums2")
+TASKS = ("char", "char_w", "graded", "sums", "sums2")
 COMPLETION2 = 4  # sums2: up to 3 answer digits and <eos>
 
 
@@ -86,7 +88,7 @@ def graded_reward(completions, answer, **kw):
 def train_reward(task):
     from relex_callback.examples.toy import arithmetic_reward
 
-    return {"char": char_reward, "graded": graded_reward, "sums": arithmetic_reward, "sums2": arithmetic_reward}[task]
+    return {"char": char_reward, "char_w": char_reward, "graded": graded_reward, "sums": arithmetic_reward, "sums2": arithmetic_reward}[task]
 
 
 # ---------------------------------------------------------------------------------------------- exact per-prompt scores
@@ -225,7 +227,7 @@ def scorer(task, tok):
     if task == "sums2":
         return RightAnswerScore(tok, sums2_problems(100, SUMS2_EVAL_SEED))
     problems = all_problems(9)
-    return CharScore(tok, problems) if task == "char" else AnswerScore(tok, problems, graded=task == "graded")
+    return CharScore(tok, problems) if task.startswith("char") else AnswerScore(tok, problems, graded=task == "graded")
 
 
 # ---------------------------------------------------------------------------------------------- one run

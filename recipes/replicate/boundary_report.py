@@ -10,7 +10,7 @@ import os
 import statistics
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-TASK_ORDER = {"char": 0, "sums2": 1, "graded": 2, "sums": 3}
+TASK_ORDER = {"char": 0, "char_w": 1, "sums2": 2, "graded": 3, "sums": 4}
 ROLLOUTS_PER_STEP = 64
 # signals the callback reports at tcut, per (run, tcut): (label, getter)
 SIGNALS = [
