@@ -1,0 +1,398 @@
+"""The boundary between tasks where RELEX pays and tasks where it harms, on the toy model.
+
+One real GRPO run (``GRPOTrainer``, constant lr, 8 prompts x 8 completions per step) per (task, lr, seed), every
+step's weights kept. From each window (steps 1..tcut, for every ``--tcuts``) the engine solves RELEX (rank 1, the
+line, step clock), and RELEX's checkpoint, the ``tcut`` checkpoint and real training are scored at each horizon
+``mult x tcut`` that the run reached. Tasks, from "reward keeps rising" to "reward saturates":
+
+* ``char``: the share of the target character ``7`` in the completion's 3 slots (count / 3), from a random
+  initialisation (no warm-up);
+* ``char_w``: the same reward after the sums warm-up (the start of the sums tasks, whose completions are a number
+  and ``<eos>``): a control for the start;
+* ``graded``: sums ``a+b=`` with partial credit ``max(0, 1 - |n - (a+b)| / 5)`` for the answer n, after the sums
+  warm-up;
+* ``sums``: sums with the exact-match reward of parts 1 and 3, after the same warm-up;
+* ``sums2``: two-digit sums ``ab+cd=`` (operands 00..99, zero-padded) with the exact-match reward, after a
+  supervised warm-up on them (``--warmup2`` steps); a harder task whose reward starts low.
+
+Each checkpoint is scored per prompt, exactly, on all 100 prompts ``a+b=`` (the training distribution): ``char``
+by enumerating the 18^2 continuations that do not stop, ``graded`` and ``sums`` by the probability of each 1- or
+2-digit answer followed by ``<eos>`` (the convention of ``task.ExpectedReward``); ``sums2`` on 100 fixed prompts
+(of its 10,000) by P(answer, then ``<eos>``). The band of a difference between
+two checkpoints is its paired standard error over the prompts, sd(d_i) / sqrt(100).
+
+    PYTHONPATH=. python recipes/replicate/boundary.py              # the grid (resumes: finished cells are cached)
+    PYTHONPATH=. python recipes/replicate/boundary.py --analyze    # tables and the doc block from the cached cells
+
+Writes ``<out>/cells/*.json`` (one per run), ``<out>/boundary.json``, ``<out>/boundary.md`` and the block between
+``<!-- boundary:begin -->`` / ``<!-- boundary:end -->`` of ``--doc``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import random
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_DISABLED", "true")
+
+import torch  # noqa: E402
+
+from task import all_problems, encode, sample_problems, warm_up  # noqa: E402
+
+from relex_callback.files.fs import write_json  # noqa: E402
+
+GENERATIONS = 8
+PROMPTS = 8  # per step: 64 rollouts
+COMPLETION = 3  # max_completion_length
+TARGET = "7"
+GRADED_SCALE = 5.0
+TASKS = ("char", "char_w", "graded", "sums", "sums2")
+COMPLETION2 = 4  # sums2: up to 3 answer digits and <eos>
+
+
+# ---------------------------------------------------------------------------------------------- rewards (training)
+def _text(c):
+    return c if isinstance(c, str) else c[-1]["content"] if isinstance(c, list) else str(c)
+
+
+def char_reward(completions, **kw):
+    """The share of the target character among the completion's ``COMPLETION`` slots (a stop leaves slots empty)."""
+    return [_text(c).count(TARGET) / COMPLETION for c in completions]
+
+
+def graded_value(answer: str, truth: str) -> float:
+    return max(0.0, 1.0 - abs(int(answer) - int(truth)) / GRADED_SCALE)
+
+
+def graded_reward(completions, answer, **kw):
+    from relex_callback.examples.toy import extract_answer
+
+    out = []
+    for c, a in zip(completions, answer):
+        n = extract_answer(_text(c))
+        out.append(graded_value(n, a) if n is not None else 0.0)
+    return out
+
+
+def train_reward(task):
+    from relex_callback.examples.toy import arithmetic_reward
+
+    return {"char": char_reward, "char_w": char_reward, "graded": graded_reward, "sums": arithmetic_reward, "sums2": arithmetic_reward}[task]
+
+
+# ---------------------------------------------------------------------------------------------- exact per-prompt scores
+class CharScore:
+    """Per-prompt expected ``char`` reward under sampling at temperature 1, exact: (1/3) sum_k P(x_k = target, no
+    <eos> before k), by one teacher-forced pass over every prompt + x1 + x2 with x1, x2 not <eos>."""
+
+    def __init__(self, tok, problems):
+        V = len(tok)
+        self.eos, self.t = tok.eos_token_id, tok.convert_tokens_to_ids(TARGET)
+        self.cont = torch.tensor([v for v in range(V) if v != self.eos])
+        K = len(self.cont)
+        pr = torch.tensor([encode(tok, p["prompt"]) for p in problems])  # [P, L]
+        P, L = pr.shape
+        x1 = self.cont.repeat_interleave(K)
+        x2 = self.cont.repeat(K)
+        self.ids = torch.cat([pr[:, None, :].expand(P, K * K, L), x1.expand(P, -1)[..., None],
+                              x2.expand(P, -1)[..., None]], -1).reshape(P * K * K, L + 2)
+        self.P, self.K, self.L = P, K, L
+
+    @torch.no_grad()
+    def __call__(self, model, chunk=8192):
+        model.eval()
+        lp = torch.cat([torch.log_softmax(model(input_ids=self.ids[i:i + chunk]).logits[:, self.L - 1:].double(), -1)
+                        for i in range(0, len(self.ids), chunk)])  # [B, 3, V]
+        p = lp.exp().view(self.P, self.K, self.K, 3, -1)
+        p1 = p[:, 0, 0, 0]  # [P, V] first token
+        p2 = p[:, :, 0, 1]  # [P, K, V] second | x1
+        p3 = p[:, :, :, 2]  # [P, K, K, V] third | x1 x2
+        c = self.cont
+        q1 = p1[:, c]  # [P, K] P(x1)
+        q12 = q1[:, :, None] * p2[:, :, c]  # [P, K, K] P(x1, x2)
+        e = p1[:, self.t] + (q1 * p2[:, :, self.t]).sum(1) + (q12 * p3[..., self.t]).sum((1, 2))
+        return (e / COMPLETION).float()
+
+
+class AnswerScore:
+    """Per-prompt expected reward of a sums task: sum over the 1- and 2-digit answers n of P(n, then <eos>) g(n),
+    by one teacher-forced pass over every prompt + d1 + d2 + <eos>. ``sums``: g = 1 for the right answer (as
+    ``task.ExpectedReward``); ``graded``: g = max(0, 1 - |n - truth| / 5) (a leading zero reads as the number)."""
+
+    def __init__(self, tok, problems, graded: bool):
+        self.eos = tok.eos_token_id
+        digits = encode(tok, "0123456789")
+        self.digits = torch.tensor(digits)
+        pr = torch.tensor([encode(tok, p["prompt"]) for p in problems])
+        P, L = pr.shape
+        d1 = self.digits.repeat_interleave(10)
+        d2 = self.digits.repeat(10)
+        self.ids = torch.cat([pr[:, None, :].expand(P, 100, L), d1.expand(P, -1)[..., None],
+                              d2.expand(P, -1)[..., None], torch.full((P, 100, 1), self.eos)], -1).reshape(P * 100, L + 3)
+        g1 = torch.zeros(P, 10, dtype=torch.float64)
+        g2 = torch.zeros(P, 10, 10, dtype=torch.float64)
+        for i, p in enumerate(problems):
+            for a in range(10):
+                g1[i, a] = graded_value(str(a), p["answer"]) if graded else float(str(a) == p["answer"])
+                for b in range(10):
+                    s = f"{a}{b}"
+                    g2[i, a, b] = graded_value(s, p["answer"]) if graded else float(s == p["answer"])
+        self.g1, self.g2, self.P, self.L = g1, g2, P, L
+
+    @torch.no_grad()
+    def __call__(self, model, chunk=8192):
+        model.eval()
+        lp = torch.cat([torch.log_softmax(model(input_ids=self.ids[i:i + chunk]).logits[:, self.L - 1:self.L + 2]
+                                          .double(), -1) for i in range(0, len(self.ids), chunk)])  # [B, 3, V]: after prompt, after d1, after d2
+        p = lp.exp().view(self.P, 10, 10, 3, -1)
+        pd1 = p[:, 0, 0, 0][:, self.digits]  # [P, 10]
+        pe1 = p[:, :, 0, 1, self.eos]  # [P, 10] eos after d1
+        pd2 = p[:, :, 0, 1][:, :, self.digits]  # [P, 10, 10]
+        pe2 = p[:, :, :, 2, self.eos]  # [P, 10, 10] eos after d1 d2
+        e = (pd1 * pe1 * self.g1).sum(1) + (pd1[:, :, None] * pd2 * pe2 * self.g2).sum((1, 2))
+        return e.float()
+
+
+class RightAnswerScore:
+    """Per-prompt P(the right answer, then <eos>) under sampling (prompts of one length): ``task.ExpectedReward``
+    per prompt."""
+
+    def __init__(self, tok, problems):
+        seqs = [encode(tok, p["prompt"]) + encode(tok, p["answer"]) + [tok.eos_token_id] for p in problems]
+        L = len(encode(tok, problems[0]["prompt"]))
+        width = max(map(len, seqs))
+        self.ids = torch.tensor([q + [tok.pad_token_id] * (width - len(q)) for q in seqs])
+        self.mask = torch.tensor([[0] * L + [1] * (len(q) - L) + [0] * (width - len(q)) for q in seqs],
+                                 dtype=torch.float64)
+        self.attn = (self.mask > 0).long() | (torch.arange(width) < L).long()
+        self.P = len(problems)
+
+    @torch.no_grad()
+    def __call__(self, model):
+        model.eval()
+        logits = model(input_ids=self.ids, attention_mask=self.attn).logits[:, :-1].double()
+        logp = torch.log_softmax(logits, -1).gather(-1, self.ids[:, 1:, None]).squeeze(-1)
+        return (logp * self.mask[:, 1:]).sum(-1).exp().float()
+
+
+def sums2_problems(n, seed):
+    g = random.Random(seed)
+    out = []
+    for _ in range(n):
+        a, b = g.randint(0, 99), g.randint(0, 99)
+        out.append({"prompt": f"{a:02d}+{b:02d}=", "answer": str(a + b)})
+    return out
+
+
+SUMS2_EVAL_SEED = 12345  # the 100 fixed evaluation prompts of sums2 (the same for every run)
+
+
+def warm_up2(model, tok, *, steps, seed, lr=3e-3, batch=64):
+    """Supervised steps on two-digit sums ``ab+cd=`` + answer + <eos> (loss on the answer only)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    model.train()
+    width = 6 + 3 + 1
+    rng = 0
+    for _ in range(steps):
+        probs = sums2_problems(batch, seed * 100003 + rng)
+        rng += 1
+        ids = torch.full((batch, width), tok.pad_token_id)
+        labels = torch.full((batch, width), -100)
+        attn = torch.zeros((batch, width), dtype=torch.long)
+        for r, p in enumerate(probs):
+            pr, ans = encode(tok, p["prompt"]), encode(tok, p["answer"]) + [tok.eos_token_id]
+            seq = pr + ans
+            ids[r, : len(seq)] = torch.tensor(seq)
+            labels[r, len(pr) : len(seq)] = torch.tensor(ans)
+            attn[r, : len(seq)] = 1
+        loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+
+
+def scorer(task, tok):
+    if task == "sums2":
+        return RightAnswerScore(tok, sums2_problems(100, SUMS2_EVAL_SEED))
+    problems = all_problems(9)
+    return CharScore(tok, problems) if task.startswith("char") else AnswerScore(tok, problems, graded=task == "graded")
+
+
+# ---------------------------------------------------------------------------------------------- one run
+def cell_key(task, lr, seed):
+    return f"{task}_lr{lr:g}_s{seed}"
+
+
+def train_run(cfg, task, lr, seed):
+    """(Warm-up +) GRPO for ``cfg.steps`` steps; returns (model, tok, named, theta [N+1, D], log_history, seconds)."""
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from relex_callback.examples.toy import build_model, build_tokenizer
+    from relex_callback.params import trainable_named_parameters
+
+    random.seed(seed)
+    torch.manual_seed(seed)
+    tok = build_tokenizer()
+    model = build_model(tok, hidden_size=64, layers=2, seed=seed)
+    if task == "sums2":
+        warm_up2(model, tok, steps=cfg.warmup2, seed=seed)
+    elif task != "char" and cfg.warmup:
+        warm_up(model, tok, steps=cfg.warmup, max_operand=9, seed=seed)
+    named = trainable_named_parameters(model)
+    params = [p for _, p in named]
+    N = cfg.steps
+    theta = torch.empty(N + 1, sum(p.numel() for p in params))
+    theta[0] = torch.nn.utils.parameters_to_vector([p.detach() for p in params]).float()
+
+    class Record(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step <= N:
+                theta[state.global_step] = torch.nn.utils.parameters_to_vector([p.detach() for p in params]).float()
+
+    n_data = N * PROMPTS + 64
+    ds = Dataset.from_list(sums2_problems(n_data, seed + 1) if task == "sums2" else sample_problems(n_data, 9, seed + 1))
+    args = GRPOConfig(
+        output_dir=os.path.join(cfg.out, "run", "grpo"), use_cpu=True, bf16=False, learning_rate=lr,
+        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_steps=N,
+        per_device_train_batch_size=PROMPTS * GENERATIONS, num_generations=GENERATIONS,
+        max_completion_length=COMPLETION2 if task == "sums2" else COMPLETION, temperature=1.0, beta=0.0,
+        logging_steps=1, save_strategy="no", report_to=[], seed=seed, data_seed=seed, disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    trainer = GRPOTrainer(model=model, processing_class=tok, reward_funcs=train_reward(task), args=args,
+                          train_dataset=ds, callbacks=[Record()])
+    t0 = time.perf_counter()
+    trainer.train()
+    return model, tok, named, theta, trainer.state.log_history, time.perf_counter() - t0
+
+
+def paired(a, b):
+    """mean(a - b) and its standard error over the prompts, sd(a_i - b_i) / sqrt(P)."""
+    d = (a - b).double()
+    return float(d.mean()), float(d.std(unbiased=True) / math.sqrt(d.numel())), float(d.std(unbiased=True))
+
+
+def horizons(cfg, tc):
+    return [(m, m * tc) for m in cfg.mults if m * tc <= cfg.steps]
+
+
+def run_cell(cfg, task, lr, seed):
+    from noise_map import backtest, window_grams
+    from replicate import cos_ratio, extrapolated, solve_window
+
+    from relex_callback.core import noise
+    from relex_callback.core.trend import reward_trend
+
+    t_all = time.perf_counter()
+    model, tok, named, theta, history, t_train = train_run(cfg, task, lr, seed)
+    params = [p for _, p in named]
+    score = scorer(task, tok)
+    t_score = []
+
+    def per_prompt(flat):
+        with torch.no_grad():
+            torch.nn.utils.vector_to_parameters(flat.to(params[0].dtype), params)
+        t0 = time.perf_counter()
+        v = score(model)
+        t_score.append(time.perf_counter() - t0)
+        return v
+
+    need = set(range(0, cfg.steps + 1, cfg.eval_every)) | {cfg.steps}
+    for tc in cfg.tcuts:
+        need |= {tc} | {H for _, H in horizons(cfg, tc)}
+    real = {t: per_prompt(theta[t]) for t in sorted(need)}
+    theta0 = theta[0]
+    out = {"task": task, "lr": lr, "seed": seed, "steps": cfg.steps, "prompts": score.P,
+           "seconds_train": round(t_train, 1), "seconds_per_step": t_train / cfg.steps,
+           "curve": {t: float(v.mean()) for t, v in real.items()},
+           "train_reward": [(h["step"], h["reward"]) for h in history if "reward" in h], "tcuts": {}}
+    for tc in cfg.tcuts:
+        sol = solve_window(named, theta, tc)
+        G, specs = window_grams(named, theta, tc)
+        steps = list(range(1, tc + 1))
+        sig = noise.drift_share(G, steps, coeffs=sol.coeffs[:, 0, :], names=[s.name for s in specs])
+        trend = reward_trend(history, "reward", last=tc)
+        rows = []
+        for mult, H in horizons(cfg, tc):
+            th = extrapolated(sol, theta0, H)
+            rx = per_prompt(th)
+            g, se, sd = paired(rx, real[tc])
+            gr, se_r, _ = paired(real[H], real[tc])
+            c, r = cos_ratio(th - theta0, theta[H] - theta0)
+            rows.append({"x_tcut": mult, "H": H, "tcut": float(real[tc].mean()), "relex": float(rx.mean()),
+                         "real_H": float(real[H].mean()), "gain": g, "gain_se": se, "gain_sd": sd,
+                         "real_gain": gr, "real_gain_se": se_r, "cos": c, "norm_ratio": r,
+                         "relex_per_prompt": [round(float(x), 6) for x in rx]})
+        out["tcuts"][str(tc)] = {
+            "signal": sig.to_json(), "backtest": backtest(G, steps),
+            "trend": {k: trend[k] for k in ("slope", "stderr", "rising", "points", "mean")},
+            "window_gain": float((real[tc] - real[0]).mean()), "rows": rows,
+            "tcut_per_prompt": [round(float(x), 6) for x in real[tc]]}
+    out["seconds_score_per_prompt"] = sum(t_score) / len(t_score) / score.P
+    out["seconds"] = round(time.perf_counter() - t_all, 1)
+    return out
+
+
+def grid(cfg):
+    return [(task, lr, seed) for seed in cfg.seeds for task in cfg.tasks for lr in cfg.lrs]
+
+
+def run_grid(cfg):
+    torch.set_num_threads(1)
+    d = os.path.join(cfg.out, "cells")
+    os.makedirs(d, exist_ok=True)
+    for task, lr, seed in grid(cfg):
+        path = os.path.join(d, cell_key(task, lr, seed) + ".json")
+        if os.path.isfile(path):
+            continue
+        if cfg.deadline and time.time() > cfg.deadline:
+            print(f"deadline reached: {cell_key(task, lr, seed)} and the rest not run", flush=True)
+            break
+        res = run_cell(cfg, task, lr, seed)
+        write_json(path, res, indent=1)
+        summ = "; ".join(f"tcut {tc}: " + " ".join(f"{r['x_tcut']}x {r['gain']:+.3f}" for r in v["rows"])
+                         for tc, v in res["tcuts"].items())
+        print(f"{cell_key(task, lr, seed)}: {res['seconds']} s, curve 0 {res['curve'][0]:.3f} -> "
+              f"{res['curve'][cfg.steps]:.3f}; RELEX - tcut {summ}", flush=True)
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description="RELEX: paying vs harming tasks on the toy model (CPU)")
+    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    p.add_argument("--lrs", type=float, nargs="+", default=[3e-5, 1e-4, 3e-4, 1e-3])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--tcuts", type=int, nargs="+", default=[20, 40])
+    p.add_argument("--mults", type=int, nargs="+", default=[2, 5, 10])
+    p.add_argument("--steps", type=int, default=400, help="GRPO steps per run (horizons past it are not scored)")
+    p.add_argument("--warmup", type=int, default=60, help="supervised warm-up steps (sums tasks; char starts raw)")
+    p.add_argument("--warmup2", type=int, default=300, help="supervised warm-up steps of sums2")
+    p.add_argument("--eval_every", type=int, default=40)
+    p.add_argument("--deadline", type=float, default=0, help="unix time after which no new cell starts")
+    p.add_argument("--out", default=os.path.join(REPO, "docs", "replication", "boundary"))
+    p.add_argument("--doc", default=os.path.join(REPO, "docs", "replication.md"))
+    p.add_argument("--marker", default="boundary")
+    p.add_argument("--analyze", action="store_true", help="only tables and the doc block from the cached cells")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    cfg = parse()
+    if not cfg.analyze:
+        run_grid(cfg)
+    import boundary_report
+
+    boundary_report.analyze(cfg)
