@@ -48,7 +48,7 @@ os.environ.setdefault("WANDB_DISABLED", "true")
 
 import torch  # noqa: E402
 
-from task import all_problems, encode, sample_problems, warm_up  # noqa: E402
+from task import all_problems, encode, sample_problems, supervised, warm_up  # noqa: E402
 
 from relex_callback.files.fs import write_json  # noqa: E402
 
@@ -199,28 +199,13 @@ SUMS2_EVAL_SEED = 12345  # the 100 fixed evaluation prompts of sums2 (the same f
 
 
 def warm_up2(model, tok, *, steps, seed, lr=3e-3, batch=64):
-    """Supervised steps on two-digit sums ``ab+cd=`` + answer + <eos> (loss on the answer only)."""
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    model.train()
-    width = 6 + 3 + 1
-    rng = 0
-    for _ in range(steps):
-        probs = sums2_problems(batch, seed * 100003 + rng)
-        rng += 1
-        ids = torch.full((batch, width), tok.pad_token_id)
-        labels = torch.full((batch, width), -100)
-        attn = torch.zeros((batch, width), dtype=torch.long)
-        for r, p in enumerate(probs):
-            pr, ans = encode(tok, p["prompt"]), encode(tok, p["answer"]) + [tok.eos_token_id]
-            seq = pr + ans
-            ids[r, : len(seq)] = torch.tensor(seq)
-            labels[r, len(pr) : len(seq)] = torch.tensor(ans)
-            attn[r, : len(seq)] = 1
-        loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
+    """Supervised steps (:func:`task.supervised`) on two-digit sums ``ab+cd=`` + answer + <eos>."""
+    draws = iter(range(steps))
+
+    def draw():
+        return [(p["prompt"], p["answer"]) for p in sums2_problems(batch, seed * 100003 + next(draws))]
+
+    supervised(model, tok, draw, steps=steps, width=6 + 3 + 1, lr=lr)
 
 
 def scorer(task, tok):

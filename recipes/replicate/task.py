@@ -24,21 +24,20 @@ def encode(tok, text: str) -> list[int]:
     return tok.convert_tokens_to_ids(list(text))
 
 
-def warm_up(model, tok, *, steps: int, max_operand: int, seed: int, lr: float = 3e-3, batch: int = 64) -> list[float]:
-    """Supervised steps on ``prompt + answer + <eos>`` (loss on the answer only), so that RL starts from a model whose
-    reward is above zero but far from 1. Returns the loss per step."""
-    g = torch.Generator().manual_seed(seed)
+def supervised(model, tok, draw, *, steps: int, width: int, lr: float = 3e-3) -> list[float]:
+    """Supervised steps on ``prompt + answer + <eos>`` with the loss on the answer only: each step ``draw()`` gives the
+    batch's ``(prompt, answer)`` pairs, ``width`` tokens hold the longest. Returns the loss per step."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     model.train()
     losses = []
-    width = 4 + 2 + 1  # "a+b=" + up to two answer digits + eos
     for _ in range(steps):
-        ab = torch.randint(0, max_operand + 1, (batch, 2), generator=g).tolist()
+        pairs = draw()
+        batch = len(pairs)
         ids = torch.full((batch, width), tok.pad_token_id)
         labels = torch.full((batch, width), -100)
         attn = torch.zeros((batch, width), dtype=torch.long)
-        for r, (a, b) in enumerate(ab):
-            p, ans = encode(tok, f"{a}+{b}="), encode(tok, str(a + b)) + [tok.eos_token_id]
+        for r, (prompt, answer) in enumerate(pairs):
+            p, ans = encode(tok, prompt), encode(tok, answer) + [tok.eos_token_id]
             seq = p + ans
             ids[r, : len(seq)] = torch.tensor(seq)
             labels[r, len(p) : len(seq)] = torch.tensor(ans)
@@ -50,6 +49,18 @@ def warm_up(model, tok, *, steps: int, max_operand: int, seed: int, lr: float = 
         losses.append(float(loss))
     model.eval()
     return losses
+
+
+def warm_up(model, tok, *, steps: int, max_operand: int, seed: int, lr: float = 3e-3, batch: int = 64) -> list[float]:
+    """Supervised steps on ``a+b=`` + the sum (:func:`supervised`), so that RL starts from a model whose reward is
+    above zero but far from 1. Returns the loss per step."""
+    g = torch.Generator().manual_seed(seed)
+
+    def draw():
+        ab = torch.randint(0, max_operand + 1, (batch, 2), generator=g).tolist()
+        return [(f"{a}+{b}=", str(a + b)) for a, b in ab]
+
+    return supervised(model, tok, draw, steps=steps, width=4 + 2 + 1, lr=lr)  # "a+b=" + two answer digits + eos
 
 
 class Scorer:
