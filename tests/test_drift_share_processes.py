@@ -52,11 +52,8 @@ def _topology(mode, rank):
     return topo
 
 
-def test_replicated_report_carries_the_whole_windows_drift_share():
-    M = _walk()
-    whole = solve(M, STEPS, _specs(list(SIZES)), method="gram").noise
-    mine = {0: ["a.weight"], 1: ["b.weight", "c.bias"]}
-    sols = {r: solve(_columns(M, names), STEPS, _specs(names), method="gram") for r, names in mine.items()}
+def _two_processes_report(sols):
+    """Process 0's report_solution of a replicated 2-process run, process 1's gathers played back to it in order."""
     sent = []
     p1 = _topology("replicated", 1)
     p1.gather_objects = lambda obj: (sent.append(obj), [obj, obj])[1]
@@ -65,6 +62,15 @@ def test_replicated_report_carries_the_whole_windows_drift_share():
     p0.gather_objects = lambda obj: [obj, sent.pop(0)]
     rep = p0.report_solution(sols[0])
     assert not sent  # process 0 made the same gathers, in the same order
+    return rep
+
+
+def test_replicated_report_carries_the_whole_windows_drift_share():
+    M = _walk()
+    whole = solve(M, STEPS, _specs(list(SIZES)), method="gram").noise
+    mine = {0: ["a.weight"], 1: ["b.weight", "c.bias"]}
+    sols = {r: solve(_columns(M, names), STEPS, _specs(names), method="gram") for r, names in mine.items()}
+    rep = _two_processes_report(sols)
     assert rep.noise is not None and not isinstance(rep.noise, str)
     assert rep.noise.names == list(SIZES)
     assert rep.noise.drift_share == pytest.approx(whole.drift_share, abs=1e-9)
@@ -80,13 +86,7 @@ def test_replicated_report_keeps_a_processs_reason():
     names = {0: ["a.weight"], 1: ["b.weight", "c.bias"]}
     sols = {r: solve(_columns(M, n), STEPS[:2], _specs(n), method="gram") for r, n in names.items()}
     assert isinstance(sols[1].noise, str)
-    sent = []
-    p1 = _topology("replicated", 1)
-    p1.gather_objects = lambda obj: (sent.append(obj), [obj, obj])[1]
-    p1.report_solution(sols[1])
-    p0 = _topology("replicated", 0)
-    p0.gather_objects = lambda obj: [obj, sent.pop(0)]
-    rep = p0.report_solution(sols[0])
+    rep = _two_processes_report(sols)
     line = format_noise(noise.report_entry(rep.noise))
     assert line == f"drift share: not computed ({sols[1].noise})"
     assert "(not computed)" not in line
