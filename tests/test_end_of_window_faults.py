@@ -211,3 +211,32 @@ def test_a_kept_window_of_a_scheduled_run_finishes_on_its_lr_clock(tmp_path, mon
     got = json.loads((tmp_path / "finished" / "report.json").read_text())
     assert (got.get("clock") or {}).get("kind") == "lr", got.get("clock")
     _same(_weights(tmp_path / "finished" / f"step-{H}"), want)
+
+
+def test_every_saved_form_of_a_scheduled_window_carries_its_lr_clock(tmp_path, monkeypatch):
+    """A window can be finished offline from its partial_trajectory/ (above) or from any checkpoint's
+    relex_trajectory/: each carries the learning rates the callback read ahead, so `relex extrapolate --trajectory`
+    fits on the callback's lr clock from either (without them it fell back to the step, with a warning)."""
+    import json
+
+    from relex_callback.core.clock import Clock
+
+    monkeypatch.setenv("RELEX_DISABLE_TRITON", "1")
+    kernels.reset()
+    cb = RelexCallback(tcut=TCUT, horizons=[H], dtype="float32")
+    trainer, model, tok = build_trainer(str(tmp_path), [cb], max_steps=30, save_steps=3, scheduler="linear")
+    model.save_pretrained(str(tmp_path / "base"))
+    tok.save_pretrained(str(tmp_path / "base"))
+    trainer.train()
+    want = json.loads((tmp_path / "relex" / "report.json").read_text())["clock"]
+    saved = tmp_path / "checkpoint-3" / "relex_trajectory"
+    meta = json.loads((saved / "trajectory.json").read_text())
+    lrs = meta["window"]["learning_rates"]
+    assert len(lrs) >= H and Clock(tuple(lrs), TCUT, want["source"]).summary([H]) == want  # the callback's clock
+    from relex_callback.offline.cli import main
+
+    out = tmp_path / "from-checkpoint"
+    assert main(["extrapolate", "--trajectory", str(saved), "--base", str(tmp_path / "base"), "--horizons", str(H),
+                 "--out", str(out), "--no-progress"]) == 0
+    got = json.loads((out / "report.json").read_text())["clock"]
+    assert got["kind"] == "lr" and got["source"] == want["source"], got

@@ -220,6 +220,7 @@ class RelexCallback(TrainerCallback, ExportableState):
         except BaseException:
             self._release()
             raise
+        lifecycle.record_schedule(self)
         self._run_id = self.store.run_id
 
     def _release(self):

@@ -67,6 +67,15 @@ def read_schedule(cb, trainer, state):
     cb._schedule = (lrs, f"the trainer's {type(inner).__name__} (max_steps={max_steps})")
 
 
+def record_schedule(cb):
+    """The learning rates read ahead (:func:`read_schedule`) go with the window's metadata, so that every saved form
+    of the window (a checkpoint's ``relex_trajectory/``, ``partial_trajectory/``) is fitted offline on the clock the
+    callback uses (``relex extrapolate --trajectory`` reads them)."""
+    sched = cb.__dict__.get("_schedule")
+    if sched and sched[0] and cb.settings.fit_clock == "lr":
+        cb.store.window.update(learning_rates=[float(v) for v in sched[0]], lr_source=str(sched[1]))
+
+
 def end_run():
     """``on_train_end``: repeated warnings pass again (:mod:`.notices`)."""
     from .notices import end_run as _end
@@ -190,9 +199,6 @@ def keep_window(cb, args, kwargs, step: int) -> tuple[str, str]:
     from ..params import is_peft_model
 
     keep = cb.topology.trajectory_dir(os.path.join(cb._out_dir(args), "partial_trajectory"))
-    sched = cb.__dict__.get("_schedule")
-    if sched and sched[0] and cb.settings.fit_clock == "lr":  # the lr clock's rates go with the window:
-        cb.store.window.update(learning_rates=[float(v) for v in sched[0]], lr_source=str(sched[1]))  # same fit offline
     cb.store.save(keep)
     model = kwargs.get("model")
     started = getattr(getattr(model, "config", None), "_name_or_path", None)  # from_pretrained's path, if a directory
