@@ -85,6 +85,9 @@ def test_the_ring_fits_the_device_after_the_first_step(qwen_1p5b, tmp_path):
     assert "trainer at train begin" in text and "added by its first step" in text and "solve at tcut" in text
     # the plan without the optimizer's share: a larger device ring, which the first step's 16 B/param overflows
     blind, _ = _plan(qwen_1p5b, tmp_path, None)
+    print(f"device budget {plan.tiers['device'].budget / GB:.1f} GB -> {plan.tier} ring of {plan.rows} rows "
+          f"({plan.buffer_bytes / GB:.1f} GB); without the optimizer's share: {blind.tiers['device'].budget / GB:.1f} "
+          f"GB -> {blind.tier} ring of {blind.rows} rows ({blind.buffer_bytes / GB:.1f} GB)")
     assert blind.tier == "device" and blind.buffer_bytes > buffer
     assert weights + CONTEXT + pending + blind.device_fixed_bytes + blind.buffer_bytes > H100 * (1 - DEFAULT_GPU_HEADROOM)
 
