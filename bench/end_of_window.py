@@ -9,7 +9,7 @@ two horizons. Printed side by side:
   (a 1 GB ``copy_``);
 * writing time (state file + two horizons) vs ``model.save_pretrained`` of the same two checkpoints (plain, and
   with ``fsync`` as relex's writes are durable), and vs the tensor-by-tensor writer of
-  ``relex_callback.pipeline.streamed`` writing the same horizons from the same solution (the candidate fix);
+  ``relex_callback.files.streaming`` writing the same horizons from the same solution (the candidate fix);
 * a profile (CPU time) of the writes' top functions.
 
     python bench/end_of_window.py [--hidden 768 --layers 12 --vocab 32768 --steps 16]
@@ -71,7 +71,7 @@ def main():
     from relex_callback.files.checkpoints import ModelSource
     from relex_callback.params import TensorSpec
     from relex_callback.pipeline.finalize import finalize
-    from relex_callback.pipeline.streamed import write_horizon_streaming
+    from relex_callback.files.streaming import write_horizon_streaming
     from relex_callback.files.writers import FullModelWriter
 
     cfg = Qwen2Config(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
@@ -113,7 +113,7 @@ def main():
     prof.disable()
     solve_s, write_s = rep["solve_seconds"], rep["write_seconds"]
 
-    # the same horizons from the same solution, written tensor by tensor (relex_callback.pipeline.streamed)
+    # the same horizons from the same solution, written tensor by tensor (relex_callback.files.streaming)
     src = writer.source
     t_stream = float("inf")
     for rep_i in range(2):  # best of 2 (the machine is shared)

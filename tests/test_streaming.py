@@ -1,6 +1,7 @@
 """Tensor-major `relex extrapolate` (relex_callback/pipeline/streamed.py) against the buffered path and a float64 SVD
 reference computed here; its outputs in the usual formats (from_pretrained, load_state, materialize bit for bit);
-refusals (NaN checkpoint, overflowing horizons) with nothing written; the tensor-by-tensor safetensors writer."""
+refusals (NaN checkpoint, overflowing horizons) with nothing written; the tensor-by-tensor safetensors writer
+(relex_callback/files/streaming.py)."""
 
 import json
 import contextlib
@@ -261,7 +262,7 @@ def test_streaming_refuses_cuda_and_power(raw):
 
 
 def test_write_shard_streaming_is_a_plain_safetensors_file(tmp_path):
-    from relex_callback.pipeline.streamed import write_shard_streaming
+    from relex_callback.files.streaming import write_shard_streaming
 
     g = torch.Generator().manual_seed(0)
     ts = {"x": torch.randn(3, 5, generator=g), "y": torch.randn(7, generator=g).to(torch.bfloat16),
@@ -403,3 +404,4 @@ def test_full_disk_before_the_state_leaves_nothing(raw, tmp_path):
         assert os.listdir(mnt) == ["filler"]
     finally:
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+

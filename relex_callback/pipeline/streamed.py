@@ -2,52 +2,58 @@
 
 The buffered path (:func:`relex_callback.offline.api.extrapolate_checkpoints` with ``streaming=False``) copies every
 checkpoint into one ``[T, D]`` trajectory buffer (bf16 by default) and solves it. Offline, nothing needs that buffer:
-each tensor's trajectory is independent. This module reads, tensor by tensor, the ``T`` slices of a tensor straight
-from the checkpoint files into a float32 block (``os.preadv`` from the page cache into memory reused for every
-tensor: one copy, no page faults, no bf16 rounding), subtracts theta_0, builds the ``T x T`` Gram (float32 products
-per column chunk, summed in float64), takes the top eigenpairs and fits the lines with the solver's own math
-(:func:`relex_callback.core.solver._top_eigenpairs`, ``_directions``, :func:`relex_callback.core.fit.fit_lines`), and gets the
-directions ``v = M^T u / sigma`` from the same block. Tensors are grouped so that a group's block fits
-``memory_budget``: such a group is read once. A tensor larger than the budget is read in column chunks twice (Gram,
-then direction).
+each tensor's trajectory is independent. This strategy reads, tensor by tensor, the ``T`` slices of a tensor straight
+from the checkpoint files into a float32 block (:class:`relex_callback.files.streaming.FileReader`: ``os.preadv``
+from the page cache into memory reused for every tensor: one copy, no page faults, no bf16 rounding), subtracts
+theta_0, builds the ``T x T`` Gram (float32 products per column chunk, summed in float64), takes the top eigenpairs
+and fits the lines with the solver's own math (:func:`relex_callback.core.solver._top_eigenpairs`, ``_directions``,
+:func:`relex_callback.core.fit.fit_lines`), and gets the directions ``v = M^T u / sigma`` from the same block.
+Tensors are grouped so that a group's block fits ``memory_budget``: such a group is read once. A tensor larger than
+the budget is read in column chunks twice (Gram, then direction).
 
 It is a solve strategy of the one pipeline (:func:`relex_callback.pipeline.finalize.finalize` runs
-:class:`StreamedSolve` with its :class:`StreamedWriter`), so the order, the checks and the messages are the pipeline's:
+:class:`StreamedSolve` with its :class:`~relex_callback.files.streaming.StreamedWriter`), so the order, the checks
+and the messages are the pipeline's:
 
 1. every check before anything is written (outputs free, horizons that would overflow the dtype, non-finite
    checkpoints with the buffered path's message);
 2. the state file: each group's :class:`~relex_callback.core.solver.Solution` is written by
    :func:`relex_callback.files.state.save_state` into a scratch part, and the parts are joined into one
-   ``relex_state.safetensors`` (headers merged, data copied inside the kernel) and renamed into place;
+   ``relex_state.safetensors`` (:func:`relex_callback.files.streaming.merge_state_parts`: headers merged, data
+   copied inside the kernel) and renamed into place;
 3. each horizon, written from the committed state file (directions memory-mapped, theta_0 memory-mapped from the
    base) exactly as ``relex materialize`` would: ``theta_0 + (a H + b) v`` by
    :func:`relex_callback.core.solver.extrapolate_piece`, assembled in a temporary directory, NaN/Inf refused, renamed
-   whole, with the relex marker; shards are written tensor by tensor (:func:`write_shard_streaming`), so a shard is
-   never held in memory;
+   whole, with the relex marker; shards are written tensor by tensor
+   (:func:`relex_callback.files.streaming.write_shard_streaming`), so a shard is never held in memory;
 4. ``report.json`` from :func:`relex_callback.files.report.build_report`.
 
 Peak memory is about ``memory_budget`` plus the largest tensor's direction and one float32 copy of it, whatever the
-number of checkpoints and the model size.
+number of checkpoints and the model size. The bytes on disk (reading slices, joining the state parts, writing the
+horizons) are :mod:`relex_callback.files.streaming`'s; this module is the solve.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import shutil
-import struct
+import sys
 import time
 import uuid
-from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
+from ..core import noise as _noise
+from ..core.backtest import backtest_from_gram, combine
+from ..core.fit import fit_lines
 from ..core.precision import exact
-from ..errors import RelexInputError, RelexNonFiniteError, RelexWriteError
-from ..files.checkpoints import MappedSource
-from ..files.fs import loads_json, read_safetensors_header
+from ..core.solver import Solution, _directions, _fit_steps, _top_eigenpairs
+from ..errors import RelexInputError, RelexWriteError
+from ..files.checkpoints import MappedSource, nonfinite_base
+from ..files.state import save_state
+from ..files.streaming import FileReader, StreamedWriter
 from ..files.writers import CheckpointWriter, WriteFailed, guarded
 from ..params import TensorSpec
 from .finalize import check_horizons_fit
@@ -60,89 +66,6 @@ GRAM_CHUNK = 1 << 20
 # Elements per read of a checkpoint slice: the piece is still in cache when theta_0 is subtracted from it (a separate
 # subtraction over the whole block cost 1.4 s CPU of 11 for the 76.6M x 20 benchmark).
 SUB_PIECE = 1 << 20
-# Elements converted per read when a checkpoint is not float32 (bf16/fp16 checkpoints are staged then widened).
-STAGE_ELEMS = 1 << 22
-
-ST_CODES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
-    torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
-}
-for _name, _code in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2")):
-    if hasattr(torch, _name):
-        ST_CODES[getattr(torch, _name)] = _code
-
-
-# ------------------------------------------------------------------------------------------------ reading
-@dataclass
-class _Loc:
-    path: str
-    offset: int  # absolute byte offset of the tensor's data in the file
-    dtype: torch.dtype
-    numel: int
-
-
-class FileReader:
-    """The tensors of one checkpoint (a :class:`~relex_callback.files.checkpoints.DirectorySource`) read with ``preadv``
-    into caller-owned float32 memory: ``read(name, out, start)`` fills ``out`` with elements ``[start, start +
-    out.numel())`` of the flattened tensor. Headers are parsed (and checked against the file sizes) once, by
-    :class:`~relex_callback.files.checkpoints.MappedSafetensors`."""
-
-    def __init__(self, source, names: Sequence[str]):
-        from ..files.checkpoints import MappedSafetensors, st_dtype
-
-        self.path = source.path
-        self.locs: dict[str, _Loc] = {}
-        headers = {}
-        for n in names:
-            fp = source.key_file[n]
-            if fp not in headers:
-                headers[fp] = MappedSafetensors(fp)
-            mf = headers[fp]
-            h = mf.header[n]
-            b, e = h["data_offsets"]
-            dtype = st_dtype(h["dtype"])
-            self.locs[n] = _Loc(fp, mf.start + b, dtype, (e - b) // dtype.itemsize)
-        self._fds: dict[str, int] = {}
-        self._stage: Optional[torch.Tensor] = None
-
-    def _fd(self, path: str) -> int:
-        fd = self._fds.get(path)
-        if fd is None:
-            fd = self._fds[path] = os.open(path, os.O_RDONLY)
-        return fd
-
-    def _pread(self, fd: int, dst: torch.Tensor, offset: int):
-        if not dst.is_contiguous():  # reshape would copy, and the read would land in the copy
-            raise ValueError("FileReader reads into contiguous memory only")
-        view = memoryview(dst.reshape(-1).view(torch.uint8).numpy())
-        done, total = 0, len(view)
-        while done < total:
-            n = os.preadv(fd, [view[done:]], offset + done)
-            if n <= 0:
-                raise RelexInputError(f"cannot read {total} bytes at offset {offset} of a checkpoint file: the file "
-                                      "is truncated (it changed after it was opened)")
-            done += n
-
-    def read(self, name: str, out: torch.Tensor, start: int = 0):
-        loc = self.locs[name]
-        count = out.numel()
-        fd = self._fd(loc.path)
-        if loc.dtype == torch.float32:
-            self._pread(fd, out, loc.offset + 4 * start)
-            return
-        isz = loc.dtype.itemsize
-        if self._stage is None:
-            self._stage = torch.empty(STAGE_ELEMS * 8, dtype=torch.uint8)
-        for a in range(0, count, STAGE_ELEMS):
-            k = min(STAGE_ELEMS, count - a)
-            raw = self._stage[: k * isz]
-            self._pread(fd, raw, loc.offset + (start + a) * isz)
-            out[a: a + k].copy_(raw.view(loc.dtype))
-
-    def close(self):
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
 
 
 # ------------------------------------------------------------------------------------------------ grouping
@@ -184,9 +107,6 @@ def solve_grams(G: torch.Tensor, steps: Sequence[int], rank: int, fit_start: Opt
     """The solver's math from the Grams ``G`` (``[S, T, T]`` float64): ``(sigma, U, X, coeffs, slope, intercept, r2,
     total, last_sq)`` exactly as :func:`relex_callback.core.solver.solve` computes them on the Gram path (the lines on
     ``clock.at(step)`` with an lr clock)."""
-    from ..core.fit import fit_lines
-    from ..core.solver import _directions, _fit_steps, _top_eigenpairs
-
     steps_t, mask = _fit_steps(steps, fit_start)
     lam, U = _top_eigenpairs(G, rank)
     sigma, U, X = _directions(lam, U, rank)
@@ -198,207 +118,8 @@ def solve_grams(G: torch.Tensor, steps: Sequence[int], rank: int, fit_start: Opt
     return sigma, U, X, coeffs, slope, intercept, r2, total, last_sq
 
 
-# ------------------------------------------------------------------------------------------------ writing
-def safetensors_header(entries: Sequence[tuple[str, torch.dtype, tuple]], metadata: Optional[dict] = None):
-    """The header bytes (length prefix included, padded to 8 bytes) of a safetensors file holding ``entries``
-    ``(name, dtype, shape)`` in that order, and the byte size of its data."""
-    hdr: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
-    off = 0
-    for name, dtype, shape in entries:
-        if dtype not in ST_CODES:
-            raise RelexInputError(f"{name}: dtype {dtype} cannot be written to safetensors")
-        nb = math.prod(shape) * dtype.itemsize
-        hdr[name] = {"dtype": ST_CODES[dtype], "shape": [int(s) for s in shape], "data_offsets": [off, off + nb]}
-        off += nb
-    raw = json.dumps(hdr, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    return struct.pack("<Q", len(raw)) + raw, off
-
-
-def _write_tensor(f, t: torch.Tensor):
-    if t.numel():
-        f.write(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))
-
-
-def _all_finite(t: torch.Tensor) -> bool:
-    """``isfinite(t).all()`` without the boolean tensor: a float64 sum is finite exactly when every element is (it
-    cannot overflow from finite float32/16 values); the exact check only when it is not."""
-    if t.numel() == 0:
-        return True
-    if t.dtype in (torch.float32, torch.float16, torch.bfloat16) and math.isfinite(float(t.sum(dtype=torch.float64))):
-        return True
-    return bool(torch.isfinite(t).all())
-
-
-def write_shard_streaming(path: str, keys: list[str], meta: dict, produce: Callable[[str], torch.Tensor]):
-    """Like :func:`relex_callback.files.checkpoints.write_shard` (each ``produce(key)`` checked against ``meta[key]`` and
-    for NaN/Inf, the same errors), but the shard is written tensor by tensor: the header first (sizes are known from
-    ``meta``), then each tensor as it is produced. Only one tensor is in memory at a time and nothing is serialised
-    twice; the file is a plain safetensors file (``{"format": "pt"}`` metadata, 8-byte aligned data)."""
-    head, _ = safetensors_header([(k, meta[k][1], tuple(meta[k][0])) for k in keys])
-    with open(path, "wb") as f:
-        f.write(head)
-        for k in keys:
-            t = produce(k)
-            shape, dtype = meta[k]
-            if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
-                raise RuntimeError(f"{k}: produced {tuple(t.shape)} {t.dtype}, expected {shape} {dtype}")
-            if t.is_floating_point() and not _all_finite(t):
-                raise RelexNonFiniteError(
-                    f"{k} would be written with NaN/Inf values into {os.path.dirname(path)}; that checkpoint was not "
-                    "written (a diverged model, or an extrapolation from non-finite deltas)"
-                )
-            _write_tensor(f, t.to("cpu"))
-
-
-def write_weights_streaming(out_dir: str, keys: list[str], meta: dict, produce, max_shard_size) -> list[str]:
-    """:func:`relex_callback.files.checkpoints.write_weights` (same shard plan, names and index) with
-    :func:`write_shard_streaming`."""
-    from ..files.checkpoints import plan_shards, shard_names, tensor_bytes, write_index
-
-    entries = [(k, tensor_bytes(*meta[k])) for k in keys]
-    shards = plan_shards(entries, max_shard_size)
-    names = shard_names(len(shards))
-    for name, shard in zip(names, shards):
-        write_shard_streaming(os.path.join(out_dir, name), shard, meta, produce)
-    if len(shards) > 1:
-        write_index(out_dir, {k: n for n, shard in zip(names, shards) for k in shard}, sum(nb for _, nb in entries))
-    return names
-
-
-def _read_header(path: str):
-    hdr, start, size = read_safetensors_header(path)
-    return hdr, start, size - start
-
-
-def merge_state_parts(parts: Sequence[str], path: str, offsets: dict[str, int]):
-    """Join state files written by :func:`relex_callback.files.state.save_state` for consecutive groups of tensors into one
-    state file at ``path`` (a temporary the caller renames): their ``relex`` metadata merged (``order``
-    concatenated, ``tensors`` united, every other field equal), each tensor's ``spec.offset`` set to ``offsets``
-    (its column in the whole model, as the buffered path records it), data copied without passing through Python."""
-    metas, heads = [], []
-    for p in parts:
-        hdr, start, size = _read_header(p)
-        md = hdr.pop("__metadata__")
-        metas.append(loads_json(md["relex"], f"the relex metadata of {p}"))
-        heads.append((hdr, start, size, md))
-    merged = dict(metas[0])
-    merged["order"], merged["tensors"] = [], {}
-    for m in metas:
-        same = {k: v for k, v in m.items() if k not in ("order", "tensors")}
-        if same != {k: v for k, v in metas[0].items() if k not in ("order", "tensors")}:
-            raise RuntimeError("state parts disagree on their settings")
-        merged["order"] += m["order"]
-        merged["tensors"].update(m["tensors"])
-    for name, info in merged["tensors"].items():
-        info["spec"]["offset"] = int(offsets[name])
-    out_hdr: dict = {"__metadata__": {**heads[0][3], "relex": json.dumps(merged)}}
-    base = 0
-    for hdr, _, size, _ in heads:
-        for k, v in hdr.items():
-            b, e = v["data_offsets"]
-            out_hdr[k] = {**v, "data_offsets": [base + b, base + e]}
-        base += size
-    raw = json.dumps(out_hdr, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as out:
-        out.write(struct.pack("<Q", len(raw)) + raw)
-        out.flush()
-        for (hdr, start, size, _), p in zip(heads, parts):
-            with open(p, "rb") as src:
-                done = 0
-                while done < size:
-                    try:
-                        n = os.copy_file_range(src.fileno(), out.fileno(), size - done, start + done)
-                    except (AttributeError, OSError) as e:
-                        if isinstance(e, OSError) and e.errno not in (18, 22, 38, 95):  # EXDEV, EINVAL, ENOSYS, EOPNOTSUPP
-                            raise
-                        src.seek(start + done)
-                        out.seek(0, os.SEEK_END)
-                        shutil.copyfileobj(_Limited(src, size - done), out, 1 << 24)
-                        n = size - done
-                    if n == 0:
-                        raise OSError(f"{p} is shorter than its header says")
-                    done += n
-
-
-class _Limited:
-    def __init__(self, f, n):
-        self.f, self.n = f, n
-
-    def read(self, k=-1):
-        k = self.n if k < 0 else min(k, self.n)
-        b = self.f.read(k)
-        self.n -= len(b)
-        return b
-
-
-class MappedState:
-    """A committed state file read back lazily: directions memory-mapped one tensor at a time, everything else from
-    its metadata; ``extrapolate`` is :meth:`relex_callback.files.state.RelexState.extrapolate` (bit for bit what ``relex
-    materialize`` writes from the same file)."""
-
-    def __init__(self, path: str, specs: list[TensorSpec], slope: torch.Tensor, intercept: torch.Tensor, rank: int,
-                 clock=None):
-        from ..files.checkpoints import MappedSafetensors
-
-        self.file = MappedSafetensors(path)
-        self.specs, self.slope, self.intercept, self.rank, self.clock = specs, slope, intercept, rank, clock
-
-    def coef_at(self, horizon: float) -> torch.Tensor:
-        if self.clock is not None:
-            horizon = self.clock.at(horizon)
-        return self.slope * float(horizon) + self.intercept
-
-    @torch.no_grad()
-    def extrapolate(self, i: int, horizon: float, theta0: torch.Tensor) -> torch.Tensor:
-        from ..core.solver import extrapolate_piece
-
-        spec = self.specs[i]
-        return extrapolate_piece(theta0, self.coef_at(horizon)[i], self.file.get(spec.name)[: self.rank], spec.dtype)
-
-    def close(self):
-        self.file.close()
-
-
-def write_horizon_streaming(out_dir: str, horizon: int, tcut: int, result, theta0_of, source, *, overwrite=False,
-                            max_shard_size="50GB", run_id: Optional[str] = None) -> str:
-    """:func:`relex_callback.files.writers.write_full_checkpoint` with shards written tensor by tensor: ``out_dir/step-H``
-    assembled in a temporary directory (weights, config, tokenizer, the relex marker) and renamed whole; a failed
-    write raises :class:`~relex_callback.files.writers.WriteFailed` with nothing under the final name."""
-    from ..files.checkpoints import write_relex_marker
-    from ..files.fs import atomic_directory, clean_stale_temporaries, horizon_dir
-    from ..files.writers import guarded
-
-    final = horizon_dir(out_dir, horizon)
-    clean_stale_temporaries(out_dir, os.path.basename(final))
-    index = {s.name: i for i, s in enumerate(result.specs)}
-
-    def produce(key):
-        i = index.get(key)
-        if i is None:
-            return source.get(key)
-        spec = result.specs[i]
-        return result.extrapolate(i, horizon, theta0_of(i)).reshape(spec.shape)
-
-    meta = dict(source.meta)
-    for n, i in index.items():
-        meta[n] = (tuple(result.specs[i].shape), result.specs[i].dtype)
-
-    def write():
-        with atomic_directory(final, overwrite=overwrite) as tmp:
-            write_weights_streaming(tmp, list(source.keys), meta, produce, max_shard_size)
-            source.write_extras(tmp)
-            write_relex_marker(tmp, horizon, tcut, run_id)
-
-    guarded(write)
-    return final
-
-
 # ------------------------------------------------------------------------------------------------ the driver
 def _cat_solutions(parts, specs, steps, fit_start, rank, seconds, bytes_read, clock=None):
-    from ..core.solver import Solution
-
     def cat(k):
         return torch.cat([getattr(p, k) for p in parts], 0)
 
@@ -424,60 +145,6 @@ def _first_nonfinite(readers, ckpts, names, numels, base_reader):
         if bad:
             return ck, bad
     return None, []
-
-
-class StreamedWriter(CheckpointWriter):
-    """The writer of the streamed solve: the state file joined from the parts the solve wrote group by group, and each
-    horizon from the committed state file and the memory-mapped base (as ``relex materialize`` writes them)."""
-
-    def __init__(self, src_base, specs, offsets, rank: int, max_shard_size):
-        self.src_base, self.specs, self.offsets, self.rank = src_base, specs, offsets, rank
-        self.max_shard_size = max_shard_size
-        self.part_files: list[str] = []
-        self.scratch: Optional[str] = None
-        self.mapped = self.base_mapped = None
-        self.stamps: dict = {}
-
-    def bind(self, solution, store=None):
-        self.solution = solution
-
-    def write_state(self, out_dir: str, tcut: int) -> str:
-        from ..files.fs import STATE_NAME, atomic_file
-
-        state_path = os.path.join(out_dir, STATE_NAME)
-
-        def commit_state():
-            os.makedirs(out_dir, exist_ok=True)
-            with atomic_file(state_path) as tmp:
-                merge_state_parts(self.part_files, tmp, self.offsets)
-            shutil.rmtree(self.scratch, ignore_errors=True)
-
-        t = time.perf_counter()
-        guarded(commit_state)
-        self.stamps["state"] = time.perf_counter() - t
-        sol = self.solution
-        self.mapped = MappedState(state_path, self.specs, sol.slope, sol.intercept, self.rank, sol.clock)
-        self.base_mapped = MappedSource(self.src_base)
-        return state_path
-
-    @torch.no_grad()
-    def write_horizon(self, out_dir: str, horizon: int, tcut: int, overwrite: bool = False) -> str:
-        t = time.perf_counter()
-        try:
-            return write_horizon_streaming(out_dir, horizon, tcut, self.mapped,
-                                           lambda i: self.base_mapped.get(self.specs[i].name).reshape(-1),
-                                           self.src_base, overwrite=overwrite, max_shard_size=self.max_shard_size,
-                                           run_id=self.run_id)
-        finally:
-            self.stamps["horizons"] = self.stamps.get("horizons", 0.0) + time.perf_counter() - t
-
-    def close(self):
-        for m in (self.mapped, self.base_mapped):
-            if m is not None:
-                m.close()
-        self.mapped = self.base_mapped = None
-        if self.scratch:
-            shutil.rmtree(self.scratch, ignore_errors=True)
 
 
 class StreamedSolve:
@@ -536,9 +203,6 @@ class StreamedSolve:
     def solve(self, settings, writer: CheckpointWriter, horizons: Sequence[int]):
         """Every group's Gram, eigenpairs, directions and state part; returns the solution over every tensor (``V`` is
         ``None``: the directions are in the parts)."""
-        from ..core import noise as _noise
-        from ..core.backtest import combine
-
         T, rank, fit_start = len(self.cks), settings.rank, settings.fit_start
         self.groups = plan_groups(self.numels, T, self.memory_budget)
         t0 = time.perf_counter()
@@ -549,10 +213,6 @@ class StreamedSolve:
         parts, backtests = [], []
         bar = None
         if self.progress:
-            import sys
-
-            from tqdm.auto import tqdm
-
             bar = tqdm(total=sum(self.numels), desc="relex: reading checkpoints", unit="param", unit_scale=True,
                        file=sys.stderr, dynamic_ncols=True)
             self._open.append(bar)
@@ -578,10 +238,6 @@ class StreamedSolve:
         """One group: its Grams (one read of its slices, two for a tensor too large for the budget), eigenpairs,
         directions, the horizon overflow check, and its part of the state file. Returns ``(solution, backtest,
         columns)``."""
-        from ..core import noise as _noise
-        from ..core.backtest import backtest_from_gram
-        from ..core.solver import Solution
-
         T, steps, rank, fit_start = len(self.cks), self.steps, settings.rank, settings.fit_start
         arena = self._arena()
         gspecs, col = self._group_specs(idx)
@@ -602,7 +258,8 @@ class StreamedSolve:
         self._save_group_state(gi, sol, gspecs, theta0, fp_mapped)
         sol.V = None
         bt = backtest_from_gram(G, steps, True, fit_start=fit_start, names=[x.name for x in gspecs], clock=self.clock)
-        sol.noise = _noise.safe(_noise.drift_share, G, steps, coeffs=sol.coeffs[:, 0, :], names=[x.name for x in gspecs])
+        sol.noise = _noise.safe(_noise.drift_share, G, steps, coeffs=sol.coeffs[:, 0, :],
+                                names=[x.name for x in gspecs])
         return sol, bt, col
 
     def _read_block(self, io, cols_of, width, s=0):
@@ -633,8 +290,6 @@ class StreamedSolve:
         d = torch.diagonal(G, dim1=-2, dim2=-1)
         if bool(torch.isfinite(d).all()):
             return
-        from ..files.checkpoints import nonfinite_base
-
         nonfinite_base(self.src_base, self.src_base.path, self.names)  # a NaN in theta_0 is the base's
         ck, bad = _first_nonfinite(readers, self.cks, self.names, self.numels, base_reader)
         if ck is None:  # Inf products of finite values: deltas beyond float32's square root
@@ -700,8 +355,6 @@ class StreamedSolve:
 
     def _save_group_state(self, gi, sol, gspecs, theta0, fp_mapped):
         """Write the group's part of the state file in the scratch directory (a failed write: RelexWriteError)."""
-        from ..files.state import save_state
-
         steps, secs = self.steps, self.secs
         ts = time.perf_counter()
         part = os.path.join(self.writer.scratch, f"part-{gi:05d}.safetensors")
@@ -765,5 +418,4 @@ class StreamedSolve:
         self.writer.close()
 
 
-__all__ = ["StreamedSolve", "StreamedWriter", "write_shard_streaming", "write_weights_streaming", "write_horizon_streaming",
-           "merge_state_parts", "plan_groups", "solve_grams", "FileReader", "MappedState", "DEFAULT_MEMORY_BUDGET"]
+__all__ = ["StreamedSolve", "plan_groups", "solve_grams", "DEFAULT_MEMORY_BUDGET"]
