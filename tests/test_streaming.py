@@ -405,3 +405,44 @@ def test_full_disk_before_the_state_leaves_nothing(raw, tmp_path):
     finally:
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
+
+def test_both_solve_strategies_are_what_finalize_asks_for():
+    """BufferedSolve and StreamedSolve satisfy the SolveStrategy protocol finalize is typed with: each member, each
+    method with the protocol's parameters in its order; and the protocol names every member finalize uses of its
+    solver (read from finalize's source), so a strategy cannot lack one that a window's end calls."""
+    import ast
+    import inspect
+    import textwrap
+    import typing
+    from types import SimpleNamespace
+
+    from relex_callback.params import TensorSpec
+    from relex_callback.pipeline import finalize as fin
+    from relex_callback.pipeline.streamed import StreamedSolve
+    from relex_callback.trajectory.store import TrajectoryStore
+
+    specs = [TensorSpec(name="w", shape=(2, 3), dtype=torch.float32, local_numel=6)]
+    buffered = fin.BufferedSolve(TrajectoryStore(specs, 2, dtype="float32", storage="host"))
+    streamed = StreamedSolve(src_base=SimpleNamespace(meta={"w": ((2, 3), torch.float32)}), sources=[],
+                             cks=[SimpleNamespace(step=1), SimpleNamespace(step=2)], names=["w"],
+                             dtype=torch.float32, max_shard_size="1GB")
+    methods = sorted(n for n, v in vars(fin.SolveStrategy).items() if inspect.isfunction(v) and not n.startswith("_"))
+    members = set(methods) | set(fin.SolveStrategy.__annotations__)
+    assert methods == ["bind", "check", "close", "distributed_extra", "prepare", "report_extra", "solve"]
+    for strategy in (buffered, streamed):
+        assert isinstance(strategy, fin.SolveStrategy), type(strategy).__name__
+        for name in methods:
+            want = [(p.name, p.kind) for p in inspect.signature(getattr(fin.SolveStrategy, name)).parameters.values()]
+            got = [(p.name, p.kind) for p in inspect.signature(getattr(type(strategy), name)).parameters.values()]
+            assert got == want, f"{type(strategy).__name__}.{name}{got} is not the protocol's {want}"
+    assert not isinstance(SimpleNamespace(**{n: None for n in members - {"close"}}), fin.SolveStrategy)
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(fin.finalize)))
+    used = {n.attr for n in ast.walk(tree)
+            if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == "solver"}
+    used |= {n.args[1].value for n in ast.walk(tree)
+             if isinstance(n, ast.Call) and getattr(n.func, "id", None) in ("getattr", "hasattr")
+             and isinstance(n.args[0], ast.Name) and n.args[0].id == "solver"}
+    assert used and used <= members, f"finalize uses {sorted(used - members)} of its solver beyond the protocol"
+    hint = typing.get_type_hints(fin.finalize)["solver"]
+    assert fin.SolveStrategy in typing.get_args(hint) and TrajectoryStore in typing.get_args(hint)

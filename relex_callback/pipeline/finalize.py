@@ -9,23 +9,28 @@ The callback (single process, DDP / ZeRO / FSDP2, PEFT) and the CLI (``relex ext
 failures: every check that needs no work runs first (outputs free, a window of at least two steps); the state file
 is written before any horizon, so a failure while writing a horizon (disk full) leaves the state from which
 ``relex materialize`` finishes the job, and so is ``report.json`` (the trust signals; rewritten whole with the
-horizons' list at the end). Every failure message lists each output with its state. Any failed write is one :class:`~relex_callback.errors.RelexWriteError`
-saying what failed, what is intact and how to finish, on every process.
+horizons' list at the end). Every failure message lists each output with its state. Any failed write is one
+:class:`~relex_callback.errors.RelexWriteError` saying what failed, what is intact and how to finish, on every
+process.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
-from typing import Optional, Sequence
+from typing import Optional, Protocol, Sequence, Union, runtime_checkable
+
+import torch
 
 from ..errors import RelexInputError, RelexWriteError
 from ..files.fs import check_outputs_free, horizon_dir
 from ..files.report import REPORT_NAME, build_report, write_report
 from ..core import kernels
-from ..core.solver import solve
+from ..core.solver import Solution, solve
 from ..files.writers import CheckpointWriter, WriteFailed
+from ..trajectory.store import TrajectoryStore
 
 logger = logging.getLogger("relex_callback")
 
@@ -62,10 +67,6 @@ def check_window(store, skipped_nonfinite: Sequence[int] = (), *, fit: str = "li
 def check_horizons_fit(sol, horizons: Sequence[int]):
     """Refuse, before anything is written, horizons at which ``|a H + b| max|v|`` would overflow a tensor's dtype
     (half its largest value, leaving room for theta_0): found after the state file and a first horizon otherwise."""
-    import math
-
-    import torch
-
     bad: dict[int, list[str]] = {}
     coefs = {h: sol.coef_at(h).abs() for h in horizons}
     for i, spec in enumerate(sol.specs):
@@ -85,6 +86,36 @@ def check_horizons_fit(sol, horizons: Sequence[int]):
             f"|a H + b| * max|v| beyond half the dtype's largest value); nothing was written. Use horizons below "
             f"{first}, or check the run: coefficients this large mean the trajectory diverged"
         )
+
+
+@runtime_checkable
+class SolveStrategy(Protocol):
+    """What :func:`finalize` asks of a solve strategy, in the order it asks it: :class:`BufferedSolve` (a store's
+    arena in memory) and :class:`~relex_callback.pipeline.streamed.StreamedSolve` (tensor-major from memory-mapped
+    checkpoints) are the two. The writer is the output form; the strategy decides what the writer is bound to."""
+
+    run_id: Optional[str]  # the window's id: recorded in the state file and every step-H/ marker
+
+    def check(self, settings) -> None:
+        """Refuse the window before anything is written (too few steps for the fit, a budget that holds nothing)."""
+
+    def prepare(self, out_dir: str, writer: CheckpointWriter) -> None:
+        """Make room for the outputs: the output directory, or a scratch directory beside it."""
+
+    def solve(self, settings, writer: CheckpointWriter, horizons: Sequence[int]) -> Solution:
+        """The window's solution; horizons that would overflow a tensor's dtype refused (on every process)."""
+
+    def bind(self, writer: CheckpointWriter, sol: Solution) -> None:
+        """Hand the solution (and whatever theta_0 comes from) to the writer, before the state file is written."""
+
+    def report_extra(self, writer: CheckpointWriter) -> dict:
+        """The strategy's entries of ``report.json`` (buffer, storage, folds, or the streaming figures)."""
+
+    def distributed_extra(self, writer: CheckpointWriter, t_bind: float) -> dict:
+        """The entries of ``report.json`` a distributed run adds (empty on one process)."""
+
+    def close(self) -> None:
+        """Release what the solve holds (files, memory); called whether or not the window succeeded."""
 
 
 class BufferedSolve:
@@ -179,16 +210,17 @@ class BufferedSolve:
         pass
 
 
-def finalize(solver, writer: CheckpointWriter, settings, *, out_dir: str, kept: Optional[str] = None,
-             report_extra: Optional[dict] = None, skip_horizons: Optional[str] = None,
+def finalize(solver: Union[SolveStrategy, TrajectoryStore], writer: CheckpointWriter, settings, *, out_dir: str,
+             kept: Optional[str] = None, report_extra: Optional[dict] = None, skip_horizons: Optional[str] = None,
              base_hint: str = "<the model training started from>"):
     """Solve a window and write the state file, every horizon and ``report.json`` into ``out_dir``. Returns
     ``(solution, report)``; in a distributed run every process calls it (the solution covers this process's pieces,
     the report every tensor).
 
     Args:
-        solver (`BufferedSolve`, `StreamedSolve` or a `TrajectoryStore`): the solve strategy (a store is solved
-            buffered): it checks the window, solves, and binds the solution to the writer.
+        solver (`SolveStrategy` or a `TrajectoryStore`): the solve strategy, :class:`BufferedSolve` or
+            :class:`~relex_callback.pipeline.streamed.StreamedSolve` (a store is solved buffered): it checks the
+            window, solves, and binds the solution to the writer.
         writer (`CheckpointWriter`): the output form (the streamed strategy brings its own).
         settings (`RelexSettings`): the window's ``tcut``, ``horizons``, ``rank``, ``fit_start``, ``solver``,
             ``overwrite``, ``fit``, ``fit_window`` and ``degree``.
@@ -254,8 +286,8 @@ def _write_state(writer: CheckpointWriter, out_dir: str, tcut: int, kept: Option
         where = f"the recorded window is kept in {kept}" if kept else "the recorded window was not saved"
         raise RelexWriteError(
             f"writing the state file in {out_dir} failed: {e}. In {out_dir}: the state file, {REPORT_NAME} and every "
-            f"horizon were NOT written (nothing exists under their names); {where}. Free space (or fix permissions) and "
-            "run again"
+            f"horizon were NOT written (nothing exists under their names); {where}. Free space (or fix permissions) "
+            "and run again"
         ) from e.__cause__
 
 
@@ -269,7 +301,8 @@ def _write_horizons(writer: CheckpointWriter, out_dir: str, horizons: Sequence[i
         except WriteFailed as e:
             rest = horizons[len(written):]
             raise RelexWriteError(
-                f"writing {horizon_dir(out_dir, h)} failed: {e}. In {out_dir}: {_outputs_line(state_path, True, written, rest)}; "
+                f"writing {horizon_dir(out_dir, h)} failed: {e}. In {out_dir}: "
+                f"{_outputs_line(state_path, True, written, rest)}; "
                 f"free space (or fix permissions) and write the remaining horizons with `relex materialize --state "
                 f"{state_path} --base {base_hint} --horizons {','.join(str(x) for x in rest)} --out {out_dir}`"
             ) from e.__cause__
