@@ -1,19 +1,22 @@
 """Persistence of a trajectory: trainer checkpoints' ``relex_trajectory/``, the run directory's row files, resume.
 
-The bytes of a window are written once, in the run directory (``<relex output_dir>/trajectory/``): ``theta0.safetensors``
-once, and at each trainer checkpoint one ``rows-*.bin`` file holding only the rows recorded since the previous
-checkpoint (``basis-*.bin`` once per fold). Each checkpoint's ``relex_trajectory/`` hard-links those files (a plain copy
-only across file systems) and adds its own ``trajectory.json``, so a checkpoint costs the new rows plus metadata, older
-checkpoints stay valid when the trainer deletes newer or older ones, and a checkpoint still resumes after the run
-directory is deleted. Files are never modified once linked: a new version is always a new file renamed into place.
+The bytes of a window are written once, in the run directory (``<relex output_dir>/trajectory/``):
+``theta0.safetensors`` once, and at each trainer checkpoint one ``rows-*.bin`` file holding only the rows recorded since
+the previous checkpoint (``basis-*.bin`` once per fold). Each checkpoint's ``relex_trajectory/`` hard-links those files
+(a plain copy only across file systems) and adds its own ``trajectory.json``, so a checkpoint costs the new rows plus
+metadata, older checkpoints stay valid when the trainer deletes newer or older ones, and a checkpoint still resumes
+after the run directory is deleted. Files are never modified once linked: a new version is always a new file renamed
+into place.
 The disk tier's memory-mapped ``trajectory.bin`` is itself the linked file (its rows up to a checkpoint never change
 afterwards; a fold or a replay after a resume first moves the ring to a fresh file when a checkpoint still links the
 old one).
 
-Functions of a :class:`~.store.TrajectoryStore` (its ``save``/``load``/``open``/``verify_live``/``discard_files``
-methods call them): ``save`` and ``load`` (with ``check_compatible``: a saved window this run cannot continue is
-refused, naming what differs), ``verify_live`` (theta_0 + the last delta against the weights training resumed with),
-``open_saved`` (a saved trajectory on its own, for ``relex extrapolate --trajectory``), ``discard_files``.
+Functions of a :class:`~.store.TrajectoryStore` (its ``save``/``load``/``open``/``truncate``/``verify_live``/
+``discard_files`` methods call them): ``save`` and ``load`` (with ``check_compatible``: a saved window this run cannot
+continue is refused, naming what differs), ``truncate`` (back to an earlier step on a resume), ``verify_live``
+(theta_0 + the last delta against the weights training resumed with), ``open_saved`` (a saved trajectory on its own,
+for ``relex extrapolate --trajectory``), ``discard_files``; and the store's file bookkeeping (``start_files`` at
+theta_0, ``note_step`` after each disk-tier step).
 """
 
 from __future__ import annotations
@@ -27,11 +30,14 @@ import uuid
 from typing import Optional, Sequence
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from ..config import dtype_name, torch_dtype
 from ..errors import RelexInputError
-from ..files.fs import atomic_file, read_json, write_json
-from ..params import TensorSpec
+from ..files.fs import atomic_file, describe_failure, read_json, read_safetensors_header, write_json
+from ..files.state import fingerprint, fingerprint_mismatch
+from ..params import TensorSpec, theta0_dtype
+from .layout import move_to_fresh_file
 from .tiers import BUFFER_FILE, SNAPSHOT_CHUNK, SNAPSHOT_CHUNK_DEVICE
 
 logger = logging.getLogger("relex_callback")
@@ -46,8 +52,6 @@ META_VERSION = 2
 
 def save_theta0(directory: str, theta0: torch.Tensor):
     """Write a flat theta_0 arena as ``directory/theta0.safetensors`` atomically."""
-    from safetensors.torch import save_file
-
     with atomic_file(os.path.join(directory, THETA0_FILE)) as tmp:
         save_file({"theta0": theta0.detach().cpu().contiguous()}, tmp)
 
@@ -83,10 +87,57 @@ def link_or_copy(src: str, dst: str) -> str:
 
 
 def _fingerprints(tensors: Sequence[torch.Tensor]) -> list:
-    from ..files.state import fingerprint
-
     return [fingerprint(t) for t in tensors]
 
+
+
+def forget_files(store):
+    """No rows persisted in the run directory yet (host/device tiers: written at the next save, see
+    :func:`persist_rows`)."""
+    store._theta0_file = None  # where theta_0 is, once written
+    store._basis_entry = None  # {"file", "row", "rows"}: the fold basis rows
+    store._ring_entries = []  # ring rows 0.. in files, in order
+
+
+def start_files(store):
+    """A new theta_0, a new window: nothing persisted; the disk tier writes theta_0 and the metadata at once."""
+    forget_files(store)
+    if store.storage == "disk":
+        save_theta0(store.directory, store.theta0)
+        store._theta0_file = os.path.join(store.directory, THETA0_FILE)
+        write_meta(store, store.directory)
+
+
+def note_step(store):
+    """The disk tier's metadata after a recorded step, on the training step: atomic, no disk flush. It is
+    crash-recovery metadata only (the rows are in the allocated file): a failure is warned once and training goes
+    on."""
+    try:
+        write_meta(store, store.directory, durable=False)
+    except OSError as e:
+        if not store._meta_warned:
+            store._meta_warned = True
+            logger.warning("relex: cannot update %s (%s); training goes on, but a crash now would leave "
+                           "stale metadata there", os.path.join(store.directory, META_FILE), describe_failure(e))
+
+
+def truncate(store, last_step: int):
+    """Forget rows recorded after ``last_step`` (a resume from an earlier checkpoint will replay them)."""
+    if store.folded_steps and last_step < store.folded_steps[-1]:
+        raise RelexInputError(
+            f"cannot go back to step {last_step}: steps up to {store.folded_steps[-1]} were already folded into the "
+            f"factorisation; resume from the checkpoint whose trajectory was saved at step {last_step}"
+        )
+    kept = [s for s in store.steps if s <= last_step]
+    if len(kept) == len(store.steps):
+        return
+    store.steps = kept
+    store._last_sums = None
+    truncate_entries(store, store.num_ring_rows)
+    if store.storage == "disk":
+        if store.tier.file_linked():  # a checkpoint links rows that a replay would overwrite
+            move_to_fresh_file(store)
+        write_meta(store, store.directory)
 
 
 def truncate_entries(store, ring: int):
@@ -128,7 +179,8 @@ def discard_files(store, keep: Sequence[str] = ()) -> int:
     names += [n for n in os.listdir(store.directory) if n.startswith(("rows-", "basis-"))]
     if owner is None or owner != store.run_id:  # else only the files this window wrote there (host tier)
         mine = {e["file"] for e in store._ring_entries + ([store._basis_entry] if store._basis_entry else [])}
-        if store._theta0_file and os.path.dirname(os.path.abspath(store._theta0_file)) == os.path.abspath(store.directory):
+        here = os.path.abspath(store.directory)
+        if store._theta0_file and os.path.dirname(os.path.abspath(store._theta0_file)) == here:
             mine.add(THETA0_FILE)
         left = [n for n in names if n not in mine and os.path.exists(os.path.join(store.directory, n))]
         if left:
@@ -177,8 +229,6 @@ def disk_entries(store) -> list:
 
 
 def save_fold(store, directory: str):
-    from safetensors.torch import save_file
-
     with atomic_file(os.path.join(directory, FOLD_FILE)) as tmp:
         save_file({"L": store.L.contiguous(), "folded_sq": store.folded_sq.contiguous()}, tmp)
 
@@ -312,9 +362,8 @@ def check_compatible(meta: dict, directory: str, specs: Sequence[TensorSpec], dt
             "and world size of the run that saved it, or start from a checkpoint of this run"
         )
     if meta["dtype"] != dtype_name(torch_dtype(dtype)):
-        raise RelexInputError(f"the trajectory in {directory} is {meta['dtype']}, this run asks for {dtype}; use the same dtype")
-    from ..params import theta0_dtype
-
+        raise RelexInputError(f"the trajectory in {directory} is {meta['dtype']}, this run asks for {dtype}; use the "
+                              "same dtype")
     now = dtype_name(theta0_dtype(specs))
     if meta.get("theta0_dtype") not in (None, now):
         raise RelexInputError(
@@ -338,8 +387,6 @@ def check_sizes(meta: dict, directory: str, specs: Sequence[TensorSpec], dtype):
     """The sizes ``trajectory.json`` claims checked against the bytes present, before a buffer is allocated or a file
     mapped: theta_0's element count (its safetensors header) and each row file's length for the rows it is said to
     hold. A claim beyond the bytes (a damaged or edited file) is a :class:`RelexInputError` at no memory cost."""
-    from ..files.fs import read_safetensors_header
-
     D = sum(int(s.local_numel) for s in specs)
     item = torch.empty((), dtype=torch_dtype(dtype)).element_size()
     theta0 = os.path.join(directory, THETA0_FILE)
@@ -366,7 +413,8 @@ def check_sizes(meta: dict, directory: str, specs: Sequence[TensorSpec], dtype):
         nrows = int(meta.get("basis_rows") or 0) + len(meta.get("steps") or [])
         entries = [{"file": BUFFER_FILE, "row": 0, "rows": nrows}] if nrows else []
     for en in entries:
-        if not isinstance(en, dict) or not isinstance(en.get("file"), str) or os.path.basename(en["file"]) != en["file"]:
+        if (not isinstance(en, dict) or not isinstance(en.get("file"), str)
+                or os.path.basename(en["file"]) != en["file"]):
             raise RelexInputError(f"{directory}/{META_FILE} lists a row file {en!r} that is not a file name in the "
                                   "trajectory: it is damaged")
         path = os.path.join(directory, en["file"])
@@ -375,9 +423,9 @@ def check_sizes(meta: dict, directory: str, specs: Sequence[TensorSpec], dtype):
         have = os.path.getsize(path) if os.path.isfile(path) else -1
         if have < need:
             raise RelexInputError(
-                f"{path} holds {max(have, 0):,} bytes but {META_FILE} claims {rows} row(s) of {D:,} {dtype_name(torch_dtype(dtype))} "
-                f"elements there ({need:,} bytes): the trajectory is damaged or its metadata edited; nothing was "
-                "allocated")
+                f"{path} holds {max(have, 0):,} bytes but {META_FILE} claims {rows} row(s) of {D:,} "
+                f"{dtype_name(torch_dtype(dtype))} elements there ({need:,} bytes): the trajectory is damaged or its "
+                "metadata edited; nothing was allocated")
 
 
 def load(
@@ -399,8 +447,6 @@ def load(
     """Rebuild a store from ``save(directory)``; the specs (and ``window``, when given) must match the saved ones.
     With a ``run_directory`` other than ``directory``, the saved files are hard-linked into it, so that later
     checkpoints link them again without rewriting a byte, even after ``directory`` is deleted."""
-    from safetensors.torch import load_file
-
     meta = read_meta(directory)
     check_compatible(meta, directory, specs, dtype, window)
     check_sizes(meta, directory, specs, dtype)  # before anything is allocated or mapped
@@ -442,8 +488,8 @@ def load(
         target = store._rows_in_use() if store.fold_rank else store.M[:nrows]
         pos = 0
         for e in entries:
-            raw = torch.from_file(os.path.join(directory, e["file"]), shared=False, size=(e["row"] + e["rows"]) * store.D,
-                                  dtype=store.dtype)
+            raw = torch.from_file(os.path.join(directory, e["file"]), shared=False,
+                                  size=(e["row"] + e["rows"]) * store.D, dtype=store.dtype)
             target[pos : pos + e["rows"]].copy_(raw.view(-1, store.D)[e["row"] :])
             pos += e["rows"]
     if not same_dir:
@@ -493,8 +539,6 @@ def verify_live(store, live: Sequence[torch.Tensor], global_step: int) -> list[s
     The bound per element: the delta was computed in float32 from the parameters (relative error <= u32 = 2^-24)
     and rounded once into the buffer dtype (<= u = eps/2, plus half its smallest subnormal), so
     ``|theta_0 + delta - theta| <= 2 (u + u32) |delta| + tiny``, exact float64 arithmetic for the sum."""
-    from ..files.state import fingerprint, fingerprint_mismatch
-
     problems = []
     fps = store.saved.get("live")
     if fps is not None and store.saved.get("step") == global_step:

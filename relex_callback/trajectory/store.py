@@ -8,42 +8,31 @@ float32). The buffer ``M`` is ``K x D`` in the buffer dtype; row
 step order. When the steps outnumber the ``K`` slots, the ring folds into a running rank-``fold_rank`` factorisation
 (:meth:`TrajectoryStore.fold`; the math in :mod:`relex_callback.core.fold`).
 
-Composition: the arena lives on a :class:`~.tiers.StorageTier` (device, host, disk); saving, loading and checking
-against live weights are the functions of :mod:`.persist`; opening a window (fresh or resumed, sized by the memory
-plan) is :func:`.window.open_window`.
+Composition: the arena lives on a :class:`~.tiers.StorageTier` (device, host, disk); its columns, sizes and memory
+(allocation, a fresh disk file, release) are the functions of :mod:`.layout`; saving, loading, going back to an
+earlier step and checking against live weights are the functions of :mod:`.persist`; opening a window (fresh or
+resumed, sized by the memory plan) is :func:`.window.open_window`.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import uuid
 from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
-from ..config import dtype_name, torch_dtype
+from ..config import torch_dtype
+from ..core import kernels
+from ..core.kernels.reference import project_reference
 from ..core.precision import exact
+from ..core.solver import factor_left
 from ..errors import RelexInputError, RelexMemoryError, RelexNonFiniteError
-from ..files.fs import describe_failure
 from ..params import TensorSpec, theta0_dtype
-from . import persist
-from .persist import META_FILE, THETA0_FILE
-from .tiers import SNAPSHOT_CHUNK, SNAPSHOT_CHUNK_DEVICE, StorageTier, prefault
+from . import layout, persist
+from .tiers import SNAPSHOT_CHUNK, SNAPSHOT_CHUNK_DEVICE, prefault
 
 logger = logging.getLogger("relex_callback")
-
-
-def estimate(specs: Sequence[TensorSpec], capacity: int, dtype="bfloat16") -> dict:
-    """Bytes needed before allocating anything: ``buffer`` (K x D in the buffer dtype) and ``theta0``."""
-    D = sum(s.local_numel for s in specs)
-    dt = torch_dtype(dtype)
-    return {
-        "elements": D,
-        "slots": int(capacity),
-        "buffer": int(capacity) * D * dt.itemsize,
-        "theta0": D * theta0_dtype(specs).itemsize,
-    }
 
 
 class TrajectoryStore:
@@ -82,11 +71,7 @@ class TrajectoryStore:
         if not specs:
             raise RelexInputError("nothing to track: no tensors were selected")
         self.specs = list(specs)
-        off = 0
-        for s in self.specs:
-            s.offset = off
-            off += s.local_numel
-        self.D = off
+        self.D = layout.lay_out(self.specs)
         self._specs_json = [s.to_json() for s in self.specs]  # fixed from here on; written with every metadata update
         self.K = int(capacity)
         self.dtype = torch_dtype(dtype)
@@ -116,14 +101,8 @@ class TrajectoryStore:
         self.consensus: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
         self._meta_warned = False
         self.saved: dict = {}  # from load(): saved_step and the live-weight fingerprints at that step
-        # rows persisted in the run directory for checkpoints to link (host/device tiers; see save())
-        self._theta0_file: Optional[str] = None
-        self._basis_entry: Optional[dict] = None  # {"file", "row", "rows"}: the fold basis rows
-        self._ring_entries: list[dict] = []  # ring rows 0.. in files, in order
-        what = f"{self.rows_allocated} rows x {self.D:,} elements x {self.dtype.itemsize} bytes ({dtype_name(self.dtype)})"
-        kind = StorageTier.choose(storage, self.buffer_bytes, what, device=self.device, directory=directory,
-                                  max_bytes=max_bytes)
-        self.tier = StorageTier(kind, device=self.device, directory=directory, prefault=prefault)
+        persist.forget_files(self)  # rows persisted in the run directory for checkpoints to link: none yet
+        self.tier = layout.choose_tier(self, storage, directory=directory, max_bytes=max_bytes, prefault=prefault)
         self._scratch = None  # the snapshot's float32 chunk
         if _allocate:
             self._allocate()
@@ -141,30 +120,11 @@ class TrajectoryStore:
     def theta0_bytes(self) -> int:
         return self.D * self.theta0_dtype.itemsize
 
-    estimate = staticmethod(estimate)
-
-    # ------------------------------------------------------------- allocation
-    def _allocate(self, reuse_file: bool = False):
-        self.M = self.tier.allocate(self.rows_allocated, self.D, self.dtype, reuse_file=reuse_file)
-        if self.fold_rank:
-            self.arena = self.M
-            self.M = self.arena[self.fold_rank :]
-
-    def _move_arena_to_fresh_file(self, copy_rows: bool = True) -> torch.Tensor:
-        """Disk tier: continue in a new file (the old one stays, unchanged, for the checkpoints that link it).
-        ``copy_rows``: copy the rows in use; the caller fills the new file otherwise. Returns the new arena."""
-        self.synchronize()
-        old = self.arena if self.fold_rank else self.M
-        new = self.tier.map_disk(self.rows_allocated, self.D, self.dtype, fresh=True)
-        if copy_rows:
-            lo = (self.fold_rank - self.basis_rows) if self.fold_rank else 0
-            hi = (self.fold_rank or 0) + self.num_ring_rows
-            new[lo:hi].copy_(old[lo:hi])
-        if self.fold_rank:
-            self.arena, self.M = new, new[self.fold_rank :]
-        else:
-            self.M = new
-        return new
+    # the functions of .layout, as methods (their first argument is the store)
+    estimate = staticmethod(layout.estimate)
+    _allocate = layout.allocate
+    compute_device = property(layout.compute_device)
+    release = layout.release
 
     # --------------------------------------------------------------- theta_0
     def set_theta0(self, tensors: Iterable[torch.Tensor]):
@@ -180,11 +140,7 @@ class TrajectoryStore:
         self._reset_fold()
         self.run_id = uuid.uuid4().hex
         self._last_sums = None
-        self._theta0_file, self._basis_entry, self._ring_entries = None, None, []
-        if self.storage == "disk":
-            persist.save_theta0(self.directory, self.theta0)
-            self._theta0_file = os.path.join(self.directory, THETA0_FILE)
-            persist.write_meta(self, self.directory)
+        persist.start_files(self)
 
     def theta0_of(self, spec: TensorSpec) -> torch.Tensor:
         """This process's piece of theta_0 in the recorded dtype (an fp32 master weight stays float32: the horizons
@@ -217,24 +173,6 @@ class TrajectoryStore:
                 f"the trajectory buffer is full ({self.K} slots) at step {step}; raise the capacity or the stride"
             )
         return self.num_ring_rows
-
-    def truncate(self, last_step: int):
-        """Forget rows recorded after ``last_step`` (a resume from an earlier checkpoint will replay them)."""
-        if self.folded_steps and last_step < self.folded_steps[-1]:
-            raise RelexInputError(
-                f"cannot go back to step {last_step}: steps up to {self.folded_steps[-1]} were already folded into the "
-                f"factorisation; resume from the checkpoint whose trajectory was saved at step {last_step}"
-            )
-        kept = [s for s in self.steps if s <= last_step]
-        if len(kept) == len(self.steps):
-            return
-        self.steps = kept
-        self._last_sums = None
-        persist.truncate_entries(self, self.num_ring_rows)
-        if self.storage == "disk":
-            if self.tier.file_linked():  # a checkpoint links rows that a replay would overwrite
-                self._move_arena_to_fresh_file()
-            persist.write_meta(self, self.directory)
 
     @torch.no_grad()
     def snapshot(self, step: int, tensors: Iterable[torch.Tensor]):
@@ -284,13 +222,7 @@ class TrajectoryStore:
             self.steps.append(int(step))
             self._last_sums = sums
         if self.storage == "disk":
-            try:  # on the training step: atomic, no disk flush
-                persist.write_meta(self, self.directory, durable=False)
-            except OSError as e:  # crash-recovery metadata only (the rows are in the allocated file): go on
-                if not self._meta_warned:
-                    self._meta_warned = True
-                    logger.warning("relex: cannot update %s (%s); training goes on, but a crash now would leave "
-                                   "stale metadata there", os.path.join(self.directory, META_FILE), describe_failure(e))
+            persist.note_step(self)
 
     def _write_delta(self, target: torch.Tensor, tensors: Iterable[torch.Tensor]) -> torch.Tensor:
         """``target[:] = theta - theta_0`` for every tracked tensor; returns each tensor's float32 delta sum (on the
@@ -387,10 +319,6 @@ class TrajectoryStore:
     @exact
     def fold(self):
         """Fold every delta in the ring into the rank-``fold_rank`` factorisation and free the slots."""
-        from ..core import kernels
-        from ..core.kernels.reference import project_reference
-        from ..core.solver import factor_left
-
         if not self.fold_rank:
             raise RuntimeError("this store was created without fold_rank")
         if not self.num_ring_rows:
@@ -406,7 +334,7 @@ class TrajectoryStore:
         if self.storage == "disk" and self.tier.file_linked():
             # a checkpoint links the mapped file: the new basis goes to a fresh file, the old one stays as linked
             old_arena = self.arena
-            out = self._move_arena_to_fresh_file(copy_rows=False)
+            out = layout.move_to_fresh_file(self, copy_rows=False)
             B = old_arena[r - self.basis_rows : r + self.num_ring_rows]
         # the new basis overwrites rows of B when written in place: safe in the chunked reference and through the
         # device (kernels.staged), which compute each chunk's product in full before writing it (the Triton kernel on
@@ -425,16 +353,6 @@ class TrajectoryStore:
             persist.save_fold(self, self.directory)
             persist.write_meta(self, self.directory)
 
-    @property
-    def compute_device(self) -> Optional[torch.device]:
-        """Where the passes over the arena run when that is not where the arena is: the training device, for an
-        arena in host memory or on disk while training runs on a GPU (it goes through the device in blocks,
-        :mod:`relex_callback.core.kernels.staged`); ``None`` otherwise (the arena's own device)."""
-        buf = self.arena if self.arena is not None else self.M
-        if self.device.type == "cpu" or buf is None or buf.device.type != "cpu":
-            return None
-        return self.device
-
     def solve_inputs(self) -> dict:
         """Keyword arguments for :func:`relex_callback.core.solver.solve`: ``M`` and ``steps`` (plus ``left``,
         ``folded_sq`` and ``folded_steps`` for a folded store). Unfolded: exactly ``rows()`` and ``steps``."""
@@ -444,14 +362,6 @@ class TrajectoryStore:
         return {"M": self._rows_in_use(), "steps": list(self.steps), "left": self._left(), "folded_sq": self.folded_sq,
                 "folded_steps": len(self.folded_steps)}
 
-    def release(self):
-        """Free the buffer memory (the disk file stays until the directory is removed)."""
-        self.synchronize()
-        self.M = None
-        self.tier.release()
-        self._scratch = None
-        self.arena = None
-
     # ------------------------------------------------------------ persistence (see .persist)
     @property
     def storage(self) -> str:
@@ -460,6 +370,7 @@ class TrajectoryStore:
 
     # the functions of .persist, as methods (their first argument is the store, or the class for load/open)
     meta = persist.metadata
+    truncate = persist.truncate
     save = persist.save
     load = classmethod(persist.load)
     open = classmethod(persist.open_saved)
