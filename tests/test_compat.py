@@ -261,3 +261,60 @@ def test_model_source_path_is_where_from_pretrained_read(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "m"))
     assert compat.model_source_path(model) == str(tmp_path / "m")
     assert compat.model_source_path(object()) is None
+
+
+_OBJECTS = {"trainer", "handler", "callback_handler", "model", "args", "state", "control", "config", "lr_scheduler",
+            "scheduler", "sched", "optimizer", "processing_class", "tokenizer", "accelerator"}
+
+
+def private_accesses(source: str) -> list:
+    """``["line: what"]`` for each private access in ``source`` (read with ast): ``._name`` on a trainer / handler /
+    model / args / state / control / config / scheduler / optimizer object (as a name or an attribute:
+    ``self.trainer._logs``), ``getattr(trainer, "_name")`` and friends, ``sys._getframe``, ``gc.get_referrers``."""
+    import ast
+
+    def name_of(node):
+        return node.id if isinstance(node, ast.Name) else node.attr if isinstance(node, ast.Attribute) else None
+
+    def private(name):
+        return isinstance(name, str) and name.startswith("_") and not name.startswith("__")
+
+    found = []
+    for n in ast.walk(ast.parse(source)):
+        if isinstance(n, ast.Attribute) and private(n.attr) and name_of(n.value) in _OBJECTS:
+            found.append(f"{n.lineno}: {name_of(n.value)}.{n.attr}")
+        elif isinstance(n, ast.Attribute) and (name_of(n.value), n.attr) in (("sys", "_getframe"),
+                                                                            ("gc", "get_referrers")):
+            found.append(f"{n.lineno}: {name_of(n.value)}.{n.attr}")
+        elif (isinstance(n, ast.Call) and name_of(n.func) in ("getattr", "hasattr", "setattr", "delattr")
+              and len(n.args) >= 2 and isinstance(n.args[1], ast.Constant) and private(n.args[1].value)
+              and name_of(n.args[0]) in _OBJECTS):
+            found.append(f"{n.lineno}: {name_of(n.func)}({name_of(n.args[0])}, {n.args[1].value!r})")
+    return found
+
+
+def test_the_private_access_scan_sees_each_kind():
+    snippet = ("import sys, gc\n"
+               "a = self.trainer._logs\n"
+               "b = getattr(model, '_tied_weights_keys', None)\n"
+               "c = sys._getframe(1)\n"
+               "d = gc.get_referrers(x)\n"
+               "trainer.state._private = 1\n"
+               "e = self._own, trainer.model, cb.__dict__, p._hp_mapping\n")  # not a transformers / TRL private
+    assert sorted(f.split(":")[0] for f in private_accesses(snippet)) == ["2", "3", "4", "5", "6"]
+
+
+def test_no_private_name_of_transformers_or_trl_outside_compat():
+    """Every module of the package but compat.py: no private access of :func:`private_accesses`' kinds (the seam to
+    the Trainer is compat.py's functions, each tested above on the installed releases)."""
+    pkg = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "relex_callback")
+    found, scanned = [], 0
+    for d, _, files in os.walk(pkg):
+        for f in files:
+            path = os.path.join(d, f)
+            if not f.endswith(".py") or os.path.relpath(path, pkg) == "compat.py":
+                continue
+            scanned += 1
+            found += [f"{os.path.relpath(path, pkg)}:{x}" for x in private_accesses(open(path).read())]
+    assert scanned > 40 and not found, f"private parts of transformers / TRL objects outside compat.py: {found}"
+    assert private_accesses(open(os.path.join(pkg, "compat.py")).read())  # where they all are

@@ -62,7 +62,7 @@ def end_run():
 
 
 def is_main(cb) -> bool:
-    topo = cb.__dict__.get("topology")
+    topo = getattr(cb, "topology", None)
     return FILTER.main if topo is None else topo.process_rank == 0
 
 
