@@ -40,6 +40,7 @@ import re
 import sys
 import warnings
 from contextlib import contextmanager
+from importlib.metadata import PackageNotFoundError, version
 from typing import Iterable, Optional
 
 from .errors import RelexInputError
@@ -72,8 +73,6 @@ def parse_version(v: str) -> tuple:
 
 
 def installed_version(package: str) -> Optional[str]:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version(package)
     except PackageNotFoundError:

@@ -46,6 +46,11 @@ class RelexCallback(TrainerCallback, ExportableState):
     plus ``relex_state.safetensors`` (any other horizon later, with ``relex materialize``) and ``report.json``.
 
     {settings}
+
+    The Trainer: ``RelexCallback(..., trainer=trainer)`` links it (then ``trainer.add_callback(callback)``, as TRL's
+    ``WinRateCallback(judge, trainer)``); :meth:`attach` links and adds; without either, the Trainer that runs the
+    callback is found at ``on_train_begin`` (docs/callback.md).
+
     Example:
 
     ```python
