@@ -17,6 +17,11 @@ number, so a release in between (or a backport) gets the behaviour it actually h
   its own metrics (``eval_reward``, ``eval_rewards/<f>/mean``) and logs that, so ``trainer.evaluate()`` returns the
   metrics without them; the logged entry in ``state.log_history`` has them on every release. The entries an
   evaluation appends are merged into what it returns (a metric present in both keeps the returned value).
+* The seam to the Trainer (the functions under "the Trainer's internals" below). A ``TrainerCallback`` is handed no
+  reference to the Trainer, and the Trainer keeps some of what the callback needs in private attributes or only on
+  its call stack. Every such read or write of this package is one small function here, each tested against the
+  installed releases (tests/test_compat.py fails when a release renames or removes what it reads); no other module
+  reads a private name of a transformers / TRL object (tests/test_compat.py greps the package for it).
 * Version guard (:func:`check_versions`): a release older than the lowest supported one is refused with the
   supported range (its known failures include a wrong set of tensors in the written checkpoints); a newer one than
   the newest tested is used with one warning.
@@ -27,11 +32,15 @@ objects it is handed, and package versions from their metadata, without importin
 
 from __future__ import annotations
 
+import copy
+import gc
 import logging
 import os
 import re
 import sys
 import warnings
+from contextlib import contextmanager
+from importlib.metadata import PackageNotFoundError, version
 from typing import Iterable, Optional
 
 from .errors import RelexInputError
@@ -64,8 +73,6 @@ def parse_version(v: str) -> tuple:
 
 
 def installed_version(package: str) -> Optional[str]:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version(package)
     except PackageNotFoundError:
@@ -184,3 +191,153 @@ def evaluate_with_logged_metrics(trainer) -> dict:
                 if k.startswith("eval_") and k not in metrics:
                     metrics[k] = v
     return metrics
+
+
+# ------------------------------------------------------------------------------------------ the Trainer's internals
+# Each function below names what it touches and was tested on transformers 4.57.6 .. 5.25.0 and TRL 0.29.1 .. 1.16.0
+# (the range of SUPPORTED; tests/test_compat.py runs each one against the installed release's real objects).
+
+def _is_callback_handler(obj) -> bool:
+    """A ``transformers.trainer_callback.CallbackHandler`` (told by its class, without importing transformers)."""
+    return any(c.__name__ == "CallbackHandler" and c.__module__.startswith("transformers")
+               for c in type(obj).__mro__)
+
+
+def handler_holding(callback):
+    """The ``CallbackHandler`` whose ``callbacks`` list holds ``callback``, found through the garbage collector's
+    referrers of that list, or ``None``. Only the fallback for a callback passed in ``callbacks=[...]`` without a
+    trainer (``RelexCallback(trainer=...)`` / ``attach`` link it explicitly). Reads ``CallbackHandler.callbacks``
+    (transformers 4.57.6 .. 5.25.0)."""
+    for lst in gc.get_referrers(callback):
+        if not isinstance(lst, list):
+            continue
+        for owner in gc.get_referrers(lst):
+            if _is_callback_handler(owner) and owner.callbacks is lst:
+                return owner
+    return None
+
+
+def trainer_of(handler):
+    """The object (the Trainer) whose ``callback_handler`` is ``handler``, found through the garbage collector's
+    referrers (the Trainer's instance ``__dict__``, then its owner), or ``None``. The fallback of
+    :func:`handler_holding` (transformers 4.57.6 .. 5.25.0: ``Trainer.callback_handler``)."""
+    for r in gc.get_referrers(handler):
+        if getattr(r, "callback_handler", None) is handler:
+            return r
+        if isinstance(r, dict) and r.get("callback_handler") is handler:
+            for t in gc.get_referrers(r):
+                if getattr(t, "__dict__", None) is r:
+                    return t
+    return None
+
+
+def callback_handler(trainer):
+    """``trainer.callback_handler``: the ``CallbackHandler`` that calls the callbacks (transformers 4.57.6 ..
+    5.25.0), or ``None``."""
+    return getattr(trainer, "callback_handler", None)
+
+
+def holds(handler, callback) -> bool:
+    """Whether ``handler.callbacks`` holds this very instance (not only one of its class)."""
+    return handler is not None and any(c is callback for c in handler.callbacks)
+
+
+def put_first(handler, callback):
+    """Make ``callback`` the first entry of ``handler.callbacks`` (so its ``on_log`` adds metrics before the
+    reporting integrations see them), added if absent, once only (a second entry of the same instance, e.g. from
+    ``attach`` followed by ``trainer.add_callback``, is dropped). Safe while the handler iterates over the list in
+    ``call_event`` (the entries after the callback keep their positions). Rewrites ``CallbackHandler.callbacks`` in
+    place (transformers 4.57.6 .. 5.25.0)."""
+    lst = handler.callbacks
+    lst[:] = [callback] + [c for c in lst if c is not callback]
+
+
+def replace_callback(handler, old, new):
+    """Put ``new`` in the place of ``old`` in ``handler.callbacks`` (transformers 4.57.6 .. 5.25.0)."""
+    lst = handler.callbacks
+    lst[[i for i, c in enumerate(lst) if c is old][0]] = new
+
+
+@contextmanager
+def callbacks_detached(trainer):
+    """No callback of ``trainer`` sees an event inside the block (``handler.callbacks`` emptied, then put back as it
+    was, also on an error). transformers 4.57.6 .. 5.25.0: ``CallbackHandler.call_event`` iterates over
+    ``handler.callbacks``."""
+    handler = trainer.callback_handler
+    callbacks = list(handler.callbacks)
+    handler.callbacks[:] = []
+    try:
+        yield
+    finally:
+        handler.callbacks[:] = callbacks
+
+
+def resume_argument(trainer) -> Optional[str]:
+    """The checkpoint directory ``trainer.train(resume_from_checkpoint=...)`` is resuming from, as the Trainer resolved
+    it (``True`` -> the last checkpoint), or ``None``. The Trainer keeps it only as a local of its training loop
+    (``Trainer._inner_training_loop(..., resume_from_checkpoint=...)``, transformers 4.57.6 .. 5.25.0), which is on the
+    call stack while ``on_train_begin`` runs: read from the frame of a method of ``trainer`` that has it."""
+    if trainer is None:
+        return None
+    frame = sys._getframe(1)
+    for _ in range(64):  # on_train_begin is a few frames below Trainer._inner_training_loop
+        if frame is None:
+            break
+        if "resume_from_checkpoint" in frame.f_code.co_varnames and frame.f_locals.get("self") is trainer:
+            value = frame.f_locals.get("resume_from_checkpoint")
+            if isinstance(value, (str, os.PathLike)):
+                return os.fspath(value)
+        frame = frame.f_back
+    return None
+
+
+def trainer_buffers(trainer) -> dict:
+    """A deep copy of what an evaluation changes on ``trainer`` besides its log history: ``trainer.control``'s fields,
+    and GRPO's metric accumulators and completion log (``GRPOTrainer._metrics`` and ``_logs``, TRL 0.29.1 ..
+    1.16.0; absent on other trainers). :func:`restore_trainer_buffers` puts them back."""
+    out = {}
+    if getattr(trainer, "control", None) is not None:
+        out["control"] = copy.copy(trainer.control.__dict__)
+    for name in ("_logs", "_metrics"):
+        if hasattr(trainer, name):
+            out[name] = copy.deepcopy(getattr(trainer, name))
+    return out
+
+
+def restore_trainer_buffers(trainer, saved: dict):
+    """Put back what :func:`trainer_buffers` copied, and have a vLLM-generating GRPO trainer sync the weights before
+    its next generation (:func:`resync_generation`)."""
+    if "control" in saved:
+        trainer.control.__dict__.update(saved["control"])
+    for name in ("_logs", "_metrics"):
+        if name in saved:
+            setattr(trainer, name, saved[name])
+    resync_generation(trainer)
+
+
+def resync_generation(trainer):
+    """A GRPO trainer generating with vLLM loads the policy's weights into the engine only when the step changed
+    (``GRPOTrainer._last_loaded_step``, TRL 0.29.1 .. 1.16.0, set when ``use_vllm``): reset it so the weights just put
+    in (or restored) are synced before the next generation. Nothing on other trainers."""
+    if hasattr(trainer, "_last_loaded_step"):
+        trainer._last_loaded_step = -1
+
+
+def completion_log(trainer) -> Optional[dict]:
+    """GRPO's log of the last generated completions (``GRPOTrainer._logs``: ``{"prompt": deque, "rewards": {func:
+    deque}, ...}``, TRL 0.29.1 .. 1.16.0), or ``None`` (another trainer, or a layout without those keys)."""
+    logs = getattr(trainer, "_logs", None)
+    if not isinstance(logs, dict) or "prompt" not in logs or "rewards" not in logs:
+        return None
+    return logs
+
+
+def set_completion_log(trainer, logs: dict):
+    """Replace GRPO's completion log (``GRPOTrainer._logs``, TRL 0.29.1 .. 1.16.0)."""
+    trainer._logs = logs
+
+
+def model_source_path(model) -> Optional[str]:
+    """The path or hub id ``from_pretrained`` loaded ``model`` from (``PretrainedConfig._name_or_path``, transformers
+    4.57.6 .. 5.25.0), or ``None``."""
+    return getattr(getattr(model, "config", None), "_name_or_path", None)

@@ -597,3 +597,38 @@ def test_lora_run_ending_before_tcut_prints_a_command_that_works(tmp_path, caplo
     assert_matches_reference(lp, rec.snaps, [1, 2, 3, 4], 12, tracked)
     for n in tracked:
         assert not torch.equal(lp[n].detach().double(), rec.snaps[0][n]), n  # it moved
+
+
+# ------------------------------------------------------------------------------------------ the link to the Trainer
+@pytest.mark.parametrize("how", ["callbacks", "trainer=", "attach", "attach+add_callback"])
+def test_the_trainer_is_linked_or_found(tmp_path, monkeypatch, how):
+    """``RelexCallback(..., trainer=trainer)`` links (TRL's pattern: then ``trainer.add_callback``); ``attach`` links
+    and adds; attaching then adding again leaves one entry (events once per step). A linked trainer is used without
+    the search through the garbage collector, which stays the fallback for ``callbacks=[...]``."""
+    from relex_callback import compat
+    from relex_callback.trainer import trainer_link
+
+    def no_search(callback):
+        raise AssertionError("a linked trainer needs no search")
+
+    cb = RelexCallback(tcut=2, horizons=[4]) if how == "callbacks" else None
+    trainer = grpo_trainer(tmp_path, [Recorder()] + ([cb] if cb is not None else []))
+    if how != "callbacks":
+        monkeypatch.setattr(trainer_link, "handler_holding", no_search)
+    if how == "trainer=":
+        cb = RelexCallback(tcut=2, horizons=[4], trainer=trainer)
+        assert cb.trainer is trainer and not compat.holds(trainer.callback_handler, cb)  # linked, not added
+        trainer.add_callback(cb)
+    elif how.startswith("attach"):
+        cb = RelexCallback(tcut=2, horizons=[4])
+        assert cb.attach(trainer) is cb and trainer.callback_handler.callbacks[0] is cb
+        if how == "attach+add_callback":
+            trainer.add_callback(cb)
+            assert sum(c is cb for c in trainer.callback_handler.callbacks) == 2
+    trainer.train()
+    handler = trainer.callback_handler.callbacks
+    assert handler[0] is cb and sum(c is cb for c in handler) == 1  # first, so on_log adds relex/* before reporters
+    assert cb.trainer is trainer and cb.window.trainer is trainer
+    assert cb.done and cb.report["steps"] == [1, 2] and trainer.state.global_step == 2
+    assert (tmp_path / "relex" / "step-4").is_dir()
+    assert sum("relex/r2_mean" in entry for entry in trainer.state.log_history) == 1

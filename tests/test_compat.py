@@ -131,3 +131,190 @@ def test_installed_releases_are_supported():
     old, _ = compat.version_problems()
     assert not old, old
     RelexCallback(tcut=2, horizons=[4])
+
+
+# ----------------------------------------------------------------------------- the seam to the Trainer's internals
+# Each function of compat.py that reads or writes a private part of transformers / TRL, run on the installed release's
+# real objects: a release that renames or removes what one of them reads fails here.
+from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+from transformers.trainer_callback import CallbackHandler  # noqa: E402
+
+
+class _Seen(TrainerCallback):
+    """Counts the events it is called with; on_train_begin reads the checkpoint being resumed through compat."""
+
+    def __init__(self, trainer=None):
+        self.events, self.trainer, self.resumed = [], trainer, "unset"
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.events.append("on_train_begin")
+        if self.trainer is not None:
+            self.resumed = compat.resume_argument(self.trainer)
+
+    def on_log(self, args, state, control, **kw):
+        self.events.append("on_log")
+
+
+def _plain_trainer(out, callbacks):
+    tok = build_tokenizer()
+    args = TrainingArguments(output_dir=str(out), report_to=[], use_cpu=True, max_steps=1, disable_tqdm=True)
+    return Trainer(model=build_model(tok), args=args, callbacks=callbacks)
+
+
+@pytest.mark.parametrize("kind", ["trainer", "grpo"])
+def test_handler_and_trainer_found_through_the_referrers(tmp_path, kind):
+    cb = RelexCallback(tcut=2, horizons=[4])
+    trainer = grpo_trainer(tmp_path, [cb]) if kind == "grpo" else _plain_trainer(tmp_path, [cb])
+    handler = compat.callback_handler(trainer)
+    assert isinstance(handler, CallbackHandler) and compat._is_callback_handler(handler)
+    assert compat.handler_holding(cb) is handler
+    assert compat.trainer_of(handler) is trainer
+    assert compat.holds(handler, cb) and not compat.holds(handler, RelexCallback(tcut=2, horizons=[4]))
+    assert compat.handler_holding(RelexCallback(tcut=2, horizons=[4])) is None  # held by no handler
+
+
+def test_put_first_keeps_one_entry_and_replace_swaps_in_place(tmp_path):
+    cb, other = RelexCallback(tcut=2, horizons=[4]), _Seen()
+    trainer = _plain_trainer(tmp_path, [other])
+    handler = trainer.callback_handler
+    trainer.add_callback(cb)
+    trainer.add_callback(cb)  # added twice (attach, then add_callback): one entry remains, first
+    compat.put_first(handler, cb)
+    assert handler.callbacks[0] is cb and sum(c is cb for c in handler.callbacks) == 1 and other in handler.callbacks
+    new = RelexCallback(tcut=2, horizons=[4])
+    compat.replace_callback(handler, cb, new)
+    assert handler.callbacks[0] is new and not compat.holds(handler, cb)
+
+
+def test_callbacks_detached_sees_no_event_and_puts_them_back(tmp_path):
+    seen = _Seen()
+    trainer = _plain_trainer(tmp_path, [seen])
+    before = list(trainer.callback_handler.callbacks)
+    with pytest.raises(RuntimeError):
+        with compat.callbacks_detached(trainer):
+            trainer.callback_handler.on_log(trainer.args, trainer.state, trainer.control, logs={})
+            raise RuntimeError("an evaluation failed")
+    assert seen.events == [] and trainer.callback_handler.callbacks == before
+    trainer.callback_handler.on_log(trainer.args, trainer.state, trainer.control, logs={})
+    assert seen.events == ["on_log"]  # the handler calls the callbacks in that list
+
+
+def test_resume_argument_read_from_the_training_loop(tmp_path):
+    trainer = grpo_trainer(tmp_path, [], max_steps=2, save_strategy="steps", save_steps=1)
+    trainer.train()
+    seen = _Seen(trainer)
+    trainer.add_callback(seen)
+    trainer.train()  # not resuming: no path
+    assert seen.resumed is None
+    ckpt = str(tmp_path / "checkpoint-1")
+    trainer.args.max_steps = 2
+    trainer.train(resume_from_checkpoint=ckpt)
+    assert seen.resumed == ckpt
+    trainer.train(resume_from_checkpoint=True)  # True: the Trainer resolves the last checkpoint
+    assert seen.resumed == str(tmp_path / "checkpoint-2")
+
+
+def test_grpo_buffers_copied_and_put_back(tmp_path):
+    trainer = grpo_trainer(tmp_path, [], max_steps=1)
+    trainer.train()
+    log = compat.completion_log(trainer)  # GRPO's completion log of the last generation, with prompts and rewards
+    assert log is not None and len(log["prompt"]) > 0 and set(log["rewards"]) == {"digit_reward"}
+    assert "train" in trainer._metrics  # the accumulators a GRPO evaluation writes into
+    saved = compat.trainer_buffers(trainer)
+    assert set(saved) == {"control", "_logs", "_metrics"}
+    prompts = list(log["prompt"])
+    log["prompt"].append("changed meanwhile")
+    trainer._metrics["eval"]["reward"].append(1.0)
+    trainer.control.should_training_stop = not saved["control"]["should_training_stop"]
+    compat.restore_trainer_buffers(trainer, saved)
+    assert list(compat.completion_log(trainer)["prompt"]) == prompts and "reward" not in trainer._metrics["eval"]
+    assert trainer.control.should_training_stop == saved["control"]["should_training_stop"]
+    compat.set_completion_log(trainer, {"prompt": [], "rewards": {}})
+    assert compat.completion_log(trainer) == {"prompt": [], "rewards": {}}
+    plain = _plain_trainer(tmp_path / "plain", [])
+    assert compat.completion_log(plain) is None and set(compat.trainer_buffers(plain)) == {"control"}
+
+
+def test_resync_generation_resets_the_vllm_step_grpo_reads():
+    import inspect
+
+    from trl import GRPOTrainer
+
+    src = inspect.getsource(GRPOTrainer)
+    assert "self._last_loaded_step = -1" in src and "!= self._last_loaded_step" in src  # vLLM: load when it differs
+
+    class Loaded:
+        _last_loaded_step = 7
+
+    t = Loaded()
+    compat.resync_generation(t)
+    assert t._last_loaded_step == -1
+    other = object.__new__(Trainer)  # a trainer without vLLM: nothing set
+    compat.resync_generation(other)
+    assert not hasattr(other, "_last_loaded_step")
+
+
+def test_model_source_path_is_where_from_pretrained_read(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    build_model(build_tokenizer()).save_pretrained(tmp_path / "m")
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "m"))
+    assert compat.model_source_path(model) == str(tmp_path / "m")
+    assert compat.model_source_path(object()) is None
+
+
+_OBJECTS = {"trainer", "handler", "callback_handler", "model", "args", "state", "control", "config", "lr_scheduler",
+            "scheduler", "sched", "optimizer", "processing_class", "tokenizer", "accelerator"}
+
+
+def private_accesses(source: str) -> list:
+    """``["line: what"]`` for each private access in ``source`` (read with ast): ``._name`` on a trainer / handler /
+    model / args / state / control / config / scheduler / optimizer object (as a name or an attribute:
+    ``self.trainer._logs``), ``getattr(trainer, "_name")`` and friends, ``sys._getframe``, ``gc.get_referrers``."""
+    import ast
+
+    def name_of(node):
+        return node.id if isinstance(node, ast.Name) else node.attr if isinstance(node, ast.Attribute) else None
+
+    def private(name):
+        return isinstance(name, str) and name.startswith("_") and not name.startswith("__")
+
+    found = []
+    for n in ast.walk(ast.parse(source)):
+        if isinstance(n, ast.Attribute) and private(n.attr) and name_of(n.value) in _OBJECTS:
+            found.append(f"{n.lineno}: {name_of(n.value)}.{n.attr}")
+        elif isinstance(n, ast.Attribute) and (name_of(n.value), n.attr) in (("sys", "_getframe"),
+                                                                            ("gc", "get_referrers")):
+            found.append(f"{n.lineno}: {name_of(n.value)}.{n.attr}")
+        elif (isinstance(n, ast.Call) and name_of(n.func) in ("getattr", "hasattr", "setattr", "delattr")
+              and len(n.args) >= 2 and isinstance(n.args[1], ast.Constant) and private(n.args[1].value)
+              and name_of(n.args[0]) in _OBJECTS):
+            found.append(f"{n.lineno}: {name_of(n.func)}({name_of(n.args[0])}, {n.args[1].value!r})")
+    return found
+
+
+def test_the_private_access_scan_sees_each_kind():
+    snippet = ("import sys, gc\n"
+               "a = self.trainer._logs\n"
+               "b = getattr(model, '_tied_weights_keys', None)\n"
+               "c = sys._getframe(1)\n"
+               "d = gc.get_referrers(x)\n"
+               "trainer.state._private = 1\n"
+               "e = self._own, trainer.model, cb.__dict__, p._hp_mapping\n")  # not a transformers / TRL private
+    assert sorted(f.split(":")[0] for f in private_accesses(snippet)) == ["2", "3", "4", "5", "6"]
+
+
+def test_no_private_name_of_transformers_or_trl_outside_compat():
+    """Every module of the package but compat.py: no private access of :func:`private_accesses`' kinds (the seam to
+    the Trainer is compat.py's functions, each tested above on the installed releases)."""
+    pkg = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "relex_callback")
+    found, scanned = [], 0
+    for d, _, files in os.walk(pkg):
+        for f in files:
+            path = os.path.join(d, f)
+            if not f.endswith(".py") or os.path.relpath(path, pkg) == "compat.py":
+                continue
+            scanned += 1
+            found += [f"{os.path.relpath(path, pkg)}:{x}" for x in private_accesses(open(path).read())]
+    assert scanned > 40 and not found, f"private parts of transformers / TRL objects outside compat.py: {found}"
+    assert private_accesses(open(os.path.join(pkg, "compat.py")).read())  # where they all are

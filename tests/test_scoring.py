@@ -16,7 +16,8 @@ from datasets import Dataset
 
 from relex_callback import RelexCallback, RelexInputError, evaluate_horizons
 from relex_callback.compat import evaluate_with_logged_metrics
-from relex_callback.trainer.scoring import choose_metric, clean_metrics, rank_steps
+from relex_callback.trainer.evaluation import clean_metrics
+from relex_callback.trainer.scoring import choose_metric, rank_steps
 from relex_callback.examples.toy import arithmetic_problems, build_model, build_tokenizer
 from test_callback import grpo_trainer
 
@@ -354,16 +355,17 @@ def test_scoring_in_distributed_runs(tmp_path, mode):
 def test_plot_skipped_without_matplotlib(tmp_path, monkeypatch, caplog):
     import sys
 
-    from relex_callback.trainer.scoring import plot_horizons, summarize
+    from relex_callback.files.plot import plot_horizons
+    from relex_callback.trainer.scoring import NOISE_SE, summarize
 
     scores = {"4": {"reward": 0.2, "reward_stderr": 0.01}, "8": {"reward": 0.3, "reward_stderr": 0.02},
               "16": {"reward": 0.25, "reward_stderr": 0.02}}
     summary = summarize(scores, 4, [8, 16])
     assert summary["best_horizon"] == 8 and summary["horizon_eval_summary"]["best_beats_tcut"] is True
-    assert plot_horizons(scores, summary, 4, str(tmp_path / "a.png")) == str(tmp_path / "a.png")
+    assert plot_horizons(scores, summary, 4, str(tmp_path / "a.png"), noise_se=NOISE_SE) == str(tmp_path / "a.png")
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
     with caplog.at_level(logging.INFO, logger="relex_callback"):
-        assert plot_horizons(scores, summary, 4, str(tmp_path / "b.png")) is None
+        assert plot_horizons(scores, summary, 4, str(tmp_path / "b.png"), noise_se=NOISE_SE) is None
     assert not (tmp_path / "b.png").exists() and any("matplotlib" in r.getMessage() for r in caplog.records)
 
 
@@ -371,7 +373,7 @@ def test_plot_skipped_without_matplotlib(tmp_path, monkeypatch, caplog):
 def test_standard_errors_by_hand():
     import math
 
-    from relex_callback.trainer.scoring import standard_errors
+    from relex_callback.trainer.evaluation import standard_errors
 
     prompts = ["a", "a", "b", "b", "c", "c"]
     f = [1.0, 0.0, 1.0, 1.0, 0.0, 0.0]  # per-prompt means 0.5, 1, 0: sd 0.5 over 3 prompts
@@ -393,7 +395,8 @@ def test_a_noisy_score_never_beats_tcut(tmp_path):
     """Synthetic scores: a horizon better by less than two standard errors of the difference is "within noise",
     the tcut model stays the pick and keep_best removes nothing; one clearly better wins. Then real noise: the same
     GRPO model evaluated under four seeds (the "horizons" differ from the "tcut model" only by sampling noise)."""
-    from relex_callback.trainer.scoring import apply_scores, seeded_evaluate, summarize
+    from relex_callback.trainer.evaluation import seeded_evaluate
+    from relex_callback.trainer.scoring import apply_scores, summarize
 
     noisy = {"4": {"reward": 0.1823, "reward_stderr": 0.02}, "8": {"reward": 0.1927, "reward_stderr": 0.02},
              "16": {"reward": 0.185, "reward_stderr": 0.02}}

@@ -15,6 +15,9 @@ import logging
 import os
 from typing import Optional
 
+from ..files.fs import STATE_INDEX_NAME, STATE_NAME
+from ..files.report import REPORT_NAME, format_trust
+
 LOGGER = "relex_callback"
 
 
@@ -62,15 +65,12 @@ def end_run():
 
 
 def is_main(cb) -> bool:
-    topo = cb.__dict__.get("topology")
+    topo = getattr(cb, "topology", None)
     return FILTER.main if topo is None else topo.process_rank == 0
 
 
 def summary(cb, out_dir: str, state, model=None) -> Optional[str]:
     """The end-of-window summary (printed by the main process; returned on every process for tests)."""
-    from ..files.fs import STATE_INDEX_NAME, STATE_NAME
-    from ..files.report import REPORT_NAME, format_trust
-
     rep, s = cb.report or {}, cb.settings
     written = [w for w in rep.get("checkpoints") or [] if os.path.isdir(w)]  # keep_best may have removed some
     state_file = STATE_INDEX_NAME if os.path.isfile(os.path.join(out_dir, STATE_INDEX_NAME)) else STATE_NAME
