@@ -24,7 +24,8 @@ import signal
 import sys
 from typing import Optional, Sequence
 
-from ..config import SOLVERS, STORAGES, bounded, parse_dtype, parse_horizons, parse_size
+from ..config import (DEFAULT_FOLD_RANK, DEFAULTS, FIT_CLOCKS, FITS, SOLVERS, STORAGES, bounded, cli_argument, parse_dtype,
+                      parse_horizons, parse_size)
 from ..errors import RelexError, RelexInputError, RelexInterrupted
 from ..files.lock import visible_entries, writing
 from .hub import label as model_label, resolve_model
@@ -82,6 +83,12 @@ def _version() -> str:
     return getattr(sys.modules.get((__package__ or "relex_callback").split(".")[0]), "__version__", "unknown")
 
 
+def _setting(parser, name: str, help: Optional[str] = None, **extra):
+    """The flag of a setting, as :data:`relex_callback.config.SETTINGS` declares it (default, choices, help)."""
+    flag, kw = cli_argument(name, help, **extra)
+    parser.add_argument(flag, **kw)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="relex", description="RELEX: rank-1 linear extrapolation of RL weight trajectories.")
     p.add_argument("--version", action="version", version=f"relex {_version()}")
@@ -107,22 +114,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--horizons", required=True, help="steps to write, comma separated, each beyond the last checkpoint's step")
     e.add_argument("--out", required=True, help="output directory (step-H/, relex_state.safetensors, report.json)")
     e.add_argument("--steps", default=None, help="step numbers of --checkpoints, comma separated, in the order given (default: from the directory names)")
-    e.add_argument("--fit-start", default=None, help="first step used in the line fit (default: all)")
-    e.add_argument("--stride", default="1", help="use only checkpoints whose step is a multiple of N (default 1: all)")
-    e.add_argument("--rank", default="1", help="directions per tensor (default 1, the paper's choice)")
-    e.add_argument("--dtype", default="bfloat16", help="trajectory buffer dtype: bfloat16 (default), float16 or float32")
+    _setting(e, "fit_start")
+    _setting(e, "stride", "use only checkpoints whose step is a multiple of N")
+    _setting(e, "rank")
+    _setting(e, "dtype")
     e.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    e.add_argument("--storage", default="auto", help="buffer tier: auto (default), device, host or disk")
-    e.add_argument("--solver", default="auto", help="auto (default), gram or power")
-    e.add_argument("--max-shard-size", default="50GB", help="shard the written checkpoints above this size (default 50GB, like save_pretrained)")
-    e.add_argument("--fit", default="linear", help="coefficient curve: linear (default, the paper), power, log, polynomial, "
-                   "or auto (chosen by the in-window backtest)")
-    e.add_argument("--fit-window", default=None, help="fit only the last N checkpoints' steps")
-    e.add_argument("--degree", default="2", help="degree of --fit polynomial (default 2)")
-    e.add_argument("--fit-clock", default="lr", choices=("lr", "steps"),
-                   help="axis of the fit: lr (default: the cumulative learning rate, from --schedule or the "
-                        "learning_rate log of the run's trainer_state.json; the step when neither reaches the last "
-                        "horizon, with a warning) or steps (the paper's)")
+    _setting(e, "storage")
+    _setting(e, "solver")
+    _setting(e, "max_shard_size")
+    _setting(e, "fit")
+    _setting(e, "fit_window")
+    _setting(e, "degree")
+    _setting(e, "fit_clock", choices=FIT_CLOCKS)
     e.add_argument("--schedule", default=None, help="the run's learning-rate schedule, "
                    "NAME[,warmup=W][,total=N][,KEY=VALUE...] as transformers.get_scheduler builds it (imports "
                    "transformers); N: the max_steps it was built for (default: the last horizon)")
@@ -130,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --checkpoints: skip the check that they are one run started from --base (copies, "
                         "never-trained tensors that differ from the base, a first checkpoint farther from the base "
                         "than the run's steps reach)")
-    e.add_argument("--overwrite", action="store_true", help="replace existing outputs in --out")
+    _setting(e, "overwrite")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
     e.add_argument("--streaming", action=argparse.BooleanOptionalAction, default=None,
                    help="read the checkpoints tensor by tensor, without a [T, D] buffer (exact float32 deltas, memory "
@@ -143,8 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "or a cached hub id)")
     m.add_argument("--horizons", required=True, help="steps to write, comma separated")
     m.add_argument("--out", required=True, help="output directory (step-H/ for each horizon)")
-    m.add_argument("--max-shard-size", default="50GB", help="shard the written checkpoints above this size (default 50GB, like save_pretrained)")
-    m.add_argument("--overwrite", action="store_true", help="replace existing step-H/ directories")
+    _setting(m, "max_shard_size")
+    _setting(m, "overwrite", "replace existing step-H/ directories")
 
     r = sub.add_parser("report", help="summarise report.json (and plot it with --plot)")
     r.add_argument("dir", help="the directory `relex extrapolate` (or the callback) wrote, or its report.json")
@@ -155,17 +158,17 @@ def build_parser() -> argparse.ArgumentParser:
                                     "training")
     q.add_argument("--model", required=True, help="a model directory, its config.json, or a hub id read from the "
                    "Hugging Face cache (only the config is read)")
-    q.add_argument("--tcut", required=True, help="optimizer steps observed (the window is tcut/stride rows)")
+    _setting(q, "tcut")
     q.add_argument("--world-size", default="1", help="training processes in all (default 1)")
     q.add_argument("--local-world-size", default=None, help="processes per node (default: --world-size, one node)")
     q.add_argument("--mode", default=None, help="zero3 (default with several processes), fsdp2, replicated (DDP, "
                                                 "ZeRO-1/2 in fp32), zero12 (ZeRO-1/2 with bf16/fp16 mixed precision) "
                                                 "or single")
-    q.add_argument("--stride", default="1", help="record every k-th step (default 1)")
-    q.add_argument("--dtype", default="bfloat16", help="buffer dtype: bfloat16 (default), float16 or float32")
-    q.add_argument("--fold-rank", default=None, help="basis rows of a folded buffer (default 8)")
-    q.add_argument("--storage", default="auto", help="auto (default), device, host or disk")
-    q.add_argument("--max-buffer-bytes", default=None, help="the callback's max_buffer_bytes, a cap on every tier")
+    _setting(q, "stride")
+    _setting(q, "dtype")
+    _setting(q, "fold_rank")
+    _setting(q, "storage")
+    _setting(q, "max_buffer_bytes")
     q.add_argument("--gpu-memory", default=None, help="memory of one GPU, e.g. 80GB (default: the device tier is not planned)")
     q.add_argument("--trainer-memory", default=None, help="what the trainer holds on each GPU (default: model states, "
                                                          "16 bytes per parameter, divided by the world size when sharded; add a reference model when beta > 0)")
@@ -216,11 +219,9 @@ def cmd_extrapolate(args) -> int:
         raise RelexInputError(f"--dtype {args.dtype!r} is not one of bfloat16, float16, float32 (the trajectory "
                               "buffer's dtype)") from None
     _shard_size(args.max_shard_size)
-    from ..config import FITS
-
     if args.fit not in FITS:
         raise RelexInputError(f"--fit {args.fit!r} is not one of {', '.join(FITS)}")
-    if args.degree != 2 and args.fit not in ("polynomial", "auto"):
+    if args.degree != DEFAULTS["degree"] and args.fit not in ("polynomial", "auto"):
         raise RelexInputError(f"--degree applies to --fit polynomial; this run fits {args.fit}")
     fit_kw = dict(fit=args.fit, fit_window=args.fit_window, degree=args.degree, fit_clock=args.fit_clock,
                   schedule=args.schedule)
@@ -230,7 +231,7 @@ def cmd_extrapolate(args) -> int:
     if args.untracked_from is not None and args.untracked_frozen:
         raise RelexInputError("--untracked-from and --untracked-frozen exclude each other: pass one")
     if args.trajectory is not None:
-        if args.steps is not None or args.stride != 1:
+        if args.steps is not None or args.stride != DEFAULTS["stride"]:
             raise RelexInputError("--steps and --stride apply to --checkpoints; a saved trajectory keeps its own steps")
         if args.streaming:
             raise RelexInputError("--streaming applies to --checkpoints; a saved trajectory is already one buffer")
@@ -351,7 +352,6 @@ def _fraction_arg(option: str, value, low_open: bool):
 
 
 def cmd_plan(args) -> int:
-    from ..config import DEFAULT_FOLD_RANK
     from ..trajectory.plan import MODES, plan_memory, read_model_config
 
     _numbers(args, PLAN_NUMBERS)

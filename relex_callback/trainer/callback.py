@@ -21,7 +21,7 @@ from transformers.trainer_callback import ExportableState
 
 from ..trajectory.persist import TRAJECTORY_DIR
 from ..trajectory.window import OutputLock, open_window, resume_record
-from ..config import SETTINGS_DOC, RelexConfig, RelexSettings
+from ..config import SETTINGS, SETTINGS_DOC, RelexConfig, RelexSettings
 from ..errors import RelexInputError, RelexNonFiniteError
 from ..files.fs import check_writable_dir
 from . import lifecycle
@@ -95,17 +95,11 @@ class RelexCallback(TrainerCallback, ExportableState):
         keep_best: Optional[int] = None,
         fit_clock: str = "lr",
     ):
+        given = dict(locals())  # the arguments as passed, before any other local is bound
         from ..compat import check_versions, trl_in_use
 
         check_versions(("transformers", "accelerate", "trl") if trl_in_use() else ("transformers", "accelerate"))
-        self.settings = RelexSettings.validate(
-            tcut=tcut, horizons=horizons, stride=stride, fit_start=fit_start, rank=rank, storage=storage, dtype=dtype,
-            max_buffer_bytes=max_buffer_bytes, stop_training=stop_training, output_dir=output_dir, include=include,
-            exclude=exclude, solver=solver, overwrite=overwrite, max_shard_size=max_shard_size, fold_rank=fold_rank,
-            buffer_slots=buffer_slots, on_nonfinite=on_nonfinite, merge_lora=merge_lora, fit=fit, fit_window=fit_window,
-            degree=degree, on_flat_reward=on_flat_reward, reward_metric=reward_metric,
-            evaluate_horizons=evaluate_horizons, keep_best=keep_best, fit_clock=fit_clock,
-        )
+        self.settings = RelexSettings.validate(**{s.name: given[s.name] for s in SETTINGS})
         self.store = None  # TrajectoryStore of the open window
         self.tracked = []  # TrackedTensor: this process's pieces
         self.topology = None  # relex_callback.trainer.topology.Topology
