@@ -18,13 +18,14 @@ import os
 import shutil
 import sys
 import time
-from typing import Callable, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
 from ..files.checkpoints import (ADAPTER_KEYS, check_same_tensors, DirectorySource, discover_checkpoints, MappedSource,
                                   nonfinite_base, read_tensors)
-from ..config import RelexSettings
+from ..config import DEFAULTS, MAX_STEP, RelexSettings, parse_horizons, parse_size
 from ..errors import RelexInputError, RelexNonFiniteError, RelexWriteError
 from ..files.fs import STATE_NAME, check_free_space, check_outputs_free, check_writable_dir, read_json
 from ..files.lock import visible_entries, writing
@@ -32,6 +33,57 @@ from ..pipeline.finalize import BufferedSolve, check_horizons_fit, finalize
 from ..files.writers import FullModelWriter, WriteFailed, write_full_checkpoint
 
 logger = logging.getLogger("relex_callback")
+
+
+@dataclass(frozen=True)
+class OfflineOptions:
+    """The keyword arguments of :func:`extrapolate_checkpoints` and :func:`extrapolate_trajectory`, as the one object
+    their steps receive. The settings shared with the callback keep its names and defaults
+    (:data:`relex_callback.config.SETTINGS`); the others are the offline engine's own."""
+
+    steps: Optional[Sequence[int]] = None  # step numbers of the checkpoints, in the order given
+    stride: int = DEFAULTS["stride"]
+    fit_start: Optional[int] = DEFAULTS["fit_start"]
+    rank: int = DEFAULTS["rank"]
+    dtype: str = DEFAULTS["dtype"]
+    device: str = "cpu"
+    storage: str = DEFAULTS["storage"]
+    solver: str = DEFAULTS["solver"]
+    max_shard_size: Any = DEFAULTS["max_shard_size"]
+    overwrite: bool = DEFAULTS["overwrite"]
+    progress: bool = False
+    timing: bool = False
+    streaming: Optional[bool] = None
+    memory_budget: Optional[int] = None
+    fit: str = DEFAULTS["fit"]
+    fit_window: Optional[int] = DEFAULTS["fit_window"]
+    degree: int = DEFAULTS["degree"]
+    run_check: bool = True
+    fit_clock: str = DEFAULTS["fit_clock"]
+    schedule: Optional[str] = None
+    untracked_from: Optional[str] = None
+    untracked_frozen: bool = False
+
+    @classmethod
+    def of(cls, given: dict) -> "OfflineOptions":
+        """The options among ``given`` (a public function's ``locals()``)."""
+        return cls(**{f.name: given[f.name] for f in dataclasses.fields(cls) if f.name in given})
+
+
+@dataclass(frozen=True)
+class _Job:
+    """The checked inputs of one ``extrapolate_checkpoints`` run, handed to its solve path."""
+
+    base: str
+    cks: list  # the checkpoints found, by step
+    src_base: Any  # DirectorySource of the base
+    sources: list  # DirectorySource of each checkpoint
+    names: list[str]  # the tracked tensors
+    specs: list  # their TensorSpec
+    out: str  # the absolute output directory
+    options: OfflineOptions
+    t_main: float  # when the run began (RELEX_TIMING)
+    clock: Any = None  # the lr clock, or None: the step
 
 
 def base_theta0(src, base: str, specs, expected_of: Callable, whose: str, hint: str) -> dict[str, torch.Tensor]:
@@ -63,11 +115,10 @@ def _check_out(out_dir: str, overwrite: bool):
 
 
 def materialize(state_path: str, base: str, horizons: Sequence[int], out_dir: Optional[str] = None, *,
-                overwrite: bool = False, max_shard_size="50GB") -> list[str]:
+                overwrite: bool = DEFAULTS["overwrite"], max_shard_size=DEFAULTS["max_shard_size"]) -> list[str]:
     """Write ``step-H`` for each horizon from a state file and the base checkpoint (theta_0 and every untracked
     tensor): what ``relex materialize`` runs. Refuses a base whose tracked tensors do not match the fingerprints
     of theta_0 in the state. Returns the written directories."""
-    from ..config import parse_horizons, parse_size, MAX_STEP
     from ..files.state import load_state
 
     parse_size(max_shard_size)
@@ -209,10 +260,12 @@ def _load_peft_base(base: str, rec: dict):
 
 
 def extrapolate_trajectory(trajectory_dir: str, base: str, horizons: Sequence[int], out_dir: str, *,
-                           rank: int = 1, fit_start: Optional[int] = None, method: str = "auto",
-                           overwrite: bool = False, max_shard_size="50GB", fit: str = "linear",
-                           fit_window: Optional[int] = None, degree: int = 2, untracked_from: Optional[str] = None,
-                           untracked_frozen: bool = False, fit_clock: str = "lr", schedule: Optional[str] = None):
+                           rank: int = DEFAULTS["rank"], fit_start: Optional[int] = DEFAULTS["fit_start"],
+                           method: str = DEFAULTS["solver"], overwrite: bool = DEFAULTS["overwrite"],
+                           max_shard_size=DEFAULTS["max_shard_size"], fit: str = DEFAULTS["fit"],
+                           fit_window: Optional[int] = DEFAULTS["fit_window"], degree: int = DEFAULTS["degree"],
+                           untracked_from: Optional[str] = None, untracked_frozen: bool = False,
+                           fit_clock: str = DEFAULTS["fit_clock"], schedule: Optional[str] = None):
     """Solve a saved trajectory (``<out>/partial_trajectory/`` of a run that ended before tcut, or a checkpoint's
     ``relex_trajectory/``) and write the state, the horizons and the report, as the callback would have. ``tcut``
     is the last recorded step. ``base`` is the checkpoint training started from (config, tokenizer); it must match
@@ -224,16 +277,13 @@ def extrapolate_trajectory(trajectory_dir: str, base: str, horizons: Sequence[in
     ``untracked_frozen`` (the user says none of them was trained); otherwise refused. ``fit_clock``, ``schedule``: as
     in :func:`extrapolate_checkpoints` (a trajectory has no log history: the lr clock needs ``schedule``). Returns
     ``(solution, report)``."""
+    options = OfflineOptions.of({**locals(), "solver": method})
     with writing(out_dir, "relex extrapolate"):  # the output directory's lock, from before the first byte
-        return _extrapolate_trajectory(trajectory_dir, base, horizons, out_dir, rank=rank, fit_start=fit_start,
-                                       method=method, overwrite=overwrite, max_shard_size=max_shard_size, fit=fit,
-                                       fit_window=fit_window, degree=degree, untracked_from=untracked_from,
-                                       untracked_frozen=untracked_frozen, fit_clock=fit_clock, schedule=schedule)
+        return _extrapolate_trajectory(trajectory_dir, base, horizons, out_dir, options)
 
 
-def _extrapolate_trajectory(trajectory_dir, base, horizons, out_dir, *, rank, fit_start, method, overwrite,
-                            max_shard_size, fit, fit_window, degree, untracked_from, untracked_frozen, fit_clock,
-                            schedule):
+def _extrapolate_trajectory(trajectory_dir, base, horizons, out_dir, o: OfflineOptions):
+    rank, fit_start = o.rank, o.fit_start
     from ..trajectory.store import TrajectoryStore
     from ..files.state import fingerprint
 
@@ -242,9 +292,9 @@ def _extrapolate_trajectory(trajectory_dir, base, horizons, out_dir, *, rank, fi
         raise RelexInputError(f"{trajectory_dir} holds {store.num_rows} recorded step(s); a line needs at least 2")
     tcut = store.steps[-1]
     settings = RelexSettings.validate(tcut=tcut, horizons=horizons, stride=1, fit_start=fit_start,
-                                      rank=min(rank, store.num_rows), solver=method, max_shard_size=max_shard_size,
-                                      fit=fit, degree=degree, allow_partial_stride=True)
-    _check_fit_window(fit_window, store.steps, fit_start)
+                                      rank=min(rank, store.num_rows), solver=o.solver, max_shard_size=o.max_shard_size,
+                                      fit=o.fit, degree=o.degree, allow_partial_stride=True)
+    _check_fit_window(o.fit_window, store.steps, fit_start)
     if rank > store.num_rows:
         raise RelexInputError(f"rank={rank} exceeds the {store.num_rows} recorded steps in {trajectory_dir}")
     src = DirectorySource(base)
@@ -268,8 +318,8 @@ def _extrapolate_trajectory(trajectory_dir, base, horizons, out_dir, *, rank, fi
     if not os.path.isfile(keys_file):  # a PEFT adapter base holds the adapter only (its keys are all tracked)
         from .belongs import untracked_at_tcut
 
-        src = untracked_at_tcut(store, trajectory_dir, src, base, untracked_from, untracked_frozen)
-    elif untracked_from is not None:
+        src = untracked_at_tcut(store, trajectory_dir, src, base, o.untracked_from, o.untracked_frozen)
+    elif o.untracked_from is not None:
         raise RelexInputError("--untracked-from applies to a full model's trajectory; a LoRA trajectory's base is "
                               "the adapter/ directory the callback saved beside it")
     check_free_space(out_dir, {f"{len(settings.horizons)} horizon(s) of the base's size":
@@ -277,10 +327,10 @@ def _extrapolate_trajectory(trajectory_dir, base, horizons, out_dir, *, rank, fi
                                "the state file": rank * store.D * store.dtype.itemsize})
     logger.warning("relex: extrapolating a trajectory of %d steps (%s..%d) from %s", store.num_rows, store.steps[0],
                    tcut, trajectory_dir)
-    window = dataclasses.replace(settings, rank=rank, fit_start=fit_start, solver=method, overwrite=overwrite, fit=fit,
-                                 fit_window=fit_window, degree=degree)
+    window = dataclasses.replace(settings, rank=rank, fit_start=fit_start, solver=o.solver, overwrite=o.overwrite,
+                                 fit=o.fit, fit_window=o.fit_window, degree=o.degree)
     notices = []
-    clock = _trajectory_clock(store, trajectory_dir, tcut, settings.horizons, fit_clock, schedule, notices)
+    clock = _trajectory_clock(store, trajectory_dir, tcut, settings.horizons, o.fit_clock, o.schedule, notices)
     result = finalize(BufferedSolve(store, clock=clock), FullModelWriter(src, max_shard_size=settings.max_shard_size),
                       window, out_dir=out_dir,
                       report_extra={"trajectory": os.path.abspath(trajectory_dir), "partial": True})
@@ -319,13 +369,15 @@ def _check_fit_window(fit_window, steps, fit_start):
 
 
 def extrapolate_checkpoints(base: str, checkpoints: Sequence[str], horizons, out_dir: str, *,
-                            steps: Optional[Sequence[int]] = None, stride: int = 1, fit_start: Optional[int] = None,
-                            rank: int = 1, dtype: str = "bfloat16", device: str = "cpu", storage: str = "auto",
-                            solver: str = "auto", max_shard_size="50GB", overwrite: bool = False,
-                            progress: bool = False, timing: bool = False, streaming: Optional[bool] = None,
-                            memory_budget: Optional[int] = None, fit: str = "linear",
-                            fit_window: Optional[int] = None, degree: int = 2, run_check: bool = True,
-                            fit_clock: str = "lr", schedule: Optional[str] = None):
+                            steps: Optional[Sequence[int]] = None, stride: int = DEFAULTS["stride"],
+                            fit_start: Optional[int] = DEFAULTS["fit_start"], rank: int = DEFAULTS["rank"],
+                            dtype: str = DEFAULTS["dtype"], device: str = "cpu", storage: str = DEFAULTS["storage"],
+                            solver: str = DEFAULTS["solver"], max_shard_size=DEFAULTS["max_shard_size"],
+                            overwrite: bool = DEFAULTS["overwrite"], progress: bool = False, timing: bool = False,
+                            streaming: Optional[bool] = None, memory_budget: Optional[int] = None,
+                            fit: str = DEFAULTS["fit"], fit_window: Optional[int] = DEFAULTS["fit_window"],
+                            degree: int = DEFAULTS["degree"], run_check: bool = True,
+                            fit_clock: str = DEFAULTS["fit_clock"], schedule: Optional[str] = None):
     """RELEX over checkpoints saved on disk (a run without the callback, or verl's): what ``relex extrapolate`` runs.
 
     Args:
@@ -358,64 +410,51 @@ def extrapolate_checkpoints(base: str, checkpoints: Sequence[str], horizons, out
         ``(solution, report)``. Every input mistake raises :class:`~relex_callback.errors.RelexInputError` before
         anything is written.
     """
+    options = OfflineOptions.of(locals())
     with writing(out_dir, "relex extrapolate"):  # the output directory's lock, from before the first byte
-        return _extrapolate_checkpoints(
-            base, checkpoints, horizons, out_dir, steps=steps, stride=stride, fit_start=fit_start, rank=rank,
-            dtype=dtype, device=device, storage=storage, solver=solver, max_shard_size=max_shard_size,
-            overwrite=overwrite, progress=progress, timing=timing, streaming=streaming, memory_budget=memory_budget,
-            fit=fit, fit_window=fit_window, degree=degree, run_check=run_check, fit_clock=fit_clock, schedule=schedule)
+        return _extrapolate_checkpoints(base, checkpoints, horizons, out_dir, options)
 
 
-def _extrapolate_checkpoints(base, checkpoints, horizons, out_dir, *, steps, stride, fit_start, rank, dtype, device,
-                             storage, solver, max_shard_size, overwrite, progress, timing, streaming, memory_budget,
-                             fit, fit_window, degree, run_check, fit_clock, schedule):
+def _extrapolate_checkpoints(base, checkpoints, horizons, out_dir, o: OfflineOptions):
     t_main = time.perf_counter()
-    cks, tcut, settings, streaming = _check_checkpoint_args(
-        base, checkpoints, horizons, out_dir, steps=steps, stride=stride, fit_start=fit_start, rank=rank, dtype=dtype,
-        device=device, storage=storage, solver=solver, max_shard_size=max_shard_size, overwrite=overwrite,
-        streaming=streaming, fit=fit, fit_window=fit_window, degree=degree)
+    cks, tcut, settings, streaming = _check_checkpoint_args(base, checkpoints, horizons, out_dir, o)
     src_base, names, sources, specs = _open_checkpoints(base, cks)
-    if run_check:
+    if o.run_check:
         from .belongs import check_belongs
 
         check_belongs(base, src_base, cks, sources, names)  # before any heavy work
     else:
         logger.warning("relex: --no-run-check: the checkpoints are not checked to be one run started from %s", base)
     out = os.path.abspath(out_dir)
-    _check_space(out, src_base, names, settings, streaming=streaming, rank=rank)
+    _check_space(out, src_base, names, settings, streaming=streaming, rank=o.rank)
     from .schedule import offline_clock
 
     notices = []
-    clock = offline_clock([c.path for c in cks], tcut, settings.horizons, fit_clock, schedule, notices=notices)
+    clock = offline_clock([c.path for c in cks], tcut, settings.horizons, o.fit_clock, o.schedule, notices=notices)
     # the window as the pipeline sees it: tcut is the last checkpoint's step, the fit as asked (checked above)
-    window = dataclasses.replace(settings, tcut=tcut, rank=rank, fit_start=fit_start, overwrite=overwrite, fit=fit,
-                                 fit_window=fit_window, degree=degree)
-    if streaming:
-        result = _extrapolate_streamed(base, cks, src_base, sources, names, settings, window, out, rank=rank,
-                                       memory_budget=memory_budget, progress=progress, timing=timing, t_main=t_main,
-                                       clock=clock)
-    else:
-        result = _extrapolate_buffered(base, cks, src_base, sources, names, specs, settings, window, out,
-                                       device=device, progress=progress, timing=timing, t_main=t_main, clock=clock)
+    window = dataclasses.replace(settings, tcut=tcut, rank=o.rank, fit_start=o.fit_start, overwrite=o.overwrite,
+                                 fit=o.fit, fit_window=o.fit_window, degree=o.degree)
+    job = _Job(base=base, cks=cks, src_base=src_base, sources=sources, names=names, specs=specs, out=out, options=o,
+               t_main=t_main, clock=clock)
+    result = (_extrapolate_streamed if streaming else _extrapolate_buffered)(job, settings, window)
     for text in notices:  # after the outputs: a refusal on the way is the command's only line
         logger.warning("%s", text)
     return result
 
 
-def _check_checkpoint_args(base, checkpoints, horizons, out_dir, *, steps, stride, fit_start, rank, dtype, device,
-                           storage, solver, max_shard_size, overwrite, streaming, fit, fit_window, degree):
+def _check_checkpoint_args(base, checkpoints, horizons, out_dir, o: OfflineOptions):
     """Check extrapolate_checkpoints' arguments against the checkpoints found; return (cks, tcut, settings,
     streaming)."""
+    device, storage, solver, fit, fit_window, degree = o.device, o.storage, o.solver, o.fit, o.fit_window, o.degree
+    fit_start, rank, streaming = o.fit_start, o.rank, o.streaming
     if device not in ("cpu", "cuda"):
         raise RelexInputError(f"--device {device!r} is not one of ['cpu', 'cuda']")
-    cks = discover_checkpoints(checkpoints, steps, stride)
+    cks = discover_checkpoints(checkpoints, o.steps, o.stride)
     from .belongs import same_directories
 
     same_directories(cks)
     tcut = cks[-1].step
     obs = [c.step for c in cks]
-    from ..config import parse_horizons
-
     early = [h for h in parse_horizons(horizons) if h <= tcut]
     if early:
         raise RelexInputError(f"--horizons {','.join(map(str, early))} not beyond the last checkpoint's step {tcut}: "
@@ -424,7 +463,7 @@ def _check_checkpoint_args(base, checkpoints, horizons, out_dir, *, steps, strid
     # The steps need not be every stride-th step, so settings are validated with stride 1 and the checks that depend
     # on the actual steps are done here.
     settings = RelexSettings.validate(tcut=max(tcut, 2), horizons=horizons, stride=1, rank=1, storage=storage,
-                                      dtype=dtype, solver=solver, max_shard_size=max_shard_size, fit=fit,
+                                      dtype=o.dtype, solver=solver, max_shard_size=o.max_shard_size, fit=fit,
                                       degree=degree)
     _check_fit_window(fit_window, obs, fit_start)
     if fit == "polynomial" and degree >= min(len(obs), fit_window or len(obs)):
@@ -439,7 +478,7 @@ def _check_checkpoint_args(base, checkpoints, horizons, out_dir, *, steps, strid
         raise RelexInputError(f"--rank {rank} must be between 1 and the number of checkpoints ({len(obs)})")
     if solver == "power" and rank > 1:
         raise RelexInputError(f"--solver power computes rank 1 only; use --solver gram or auto for --rank {rank}")
-    _check_out(out_dir, overwrite)
+    _check_out(out_dir, o.overwrite)
     if device == "cuda" and not torch.cuda.is_available():
         raise RelexInputError("--device cuda but no CUDA device is visible; use --device cpu")
     plain_line = fit == "linear" and fit_window is None
@@ -487,30 +526,34 @@ def _open_checkpoints(base, cks):
     return src_base, names, sources, specs
 
 
-def _extrapolate_streamed(base, cks, src_base, sources, names, settings, window, out, *, rank, memory_budget, progress,
-                          timing, t_main, clock=None):
+def _extrapolate_streamed(job: _Job, settings, window):
     """Solve and write tensor group by tensor group straight from the checkpoints (no trajectory buffer)."""
     from ..pipeline.streamed import DEFAULT_MEMORY_BUDGET, StreamedSolve
 
+    o, base, cks = job.options, job.base, job.cks
     t_checked = time.perf_counter()
-    streamed = StreamedSolve(src_base=src_base, sources=sources, cks=cks, names=names, dtype=settings.torch_dtype,
-                             max_shard_size=settings.max_shard_size, rank=rank,
-                             memory_budget=memory_budget or DEFAULT_MEMORY_BUDGET, progress=progress, clock=clock)
-    sol, report = finalize(streamed, streamed.writer, window, out_dir=out, base_hint=os.path.abspath(base),
+    streamed = StreamedSolve(src_base=job.src_base, sources=job.sources, cks=cks, names=job.names,
+                             dtype=settings.torch_dtype, max_shard_size=settings.max_shard_size, rank=o.rank,
+                             memory_budget=o.memory_budget or DEFAULT_MEMORY_BUDGET, progress=o.progress,
+                             clock=job.clock)
+    sol, report = finalize(streamed, streamed.writer, window, out_dir=job.out, base_hint=os.path.abspath(base),
                            report_extra={"base": os.path.abspath(base), "checkpoints_read": [c.path for c in cks]})
     phases = streamed.timings()
-    if timing:
-        print(f"relex: timing: header checks {t_checked - t_main:.2f} s, streaming "
+    if o.timing:
+        print(f"relex: timing: header checks {t_checked - job.t_main:.2f} s, streaming "
               f"{time.perf_counter() - t_checked:.2f} s ({', '.join(f'{k} {v}' for k, v in phases.items())}); "
               f"peak RSS {_peak_rss() / 1e9:.2f} GB", file=sys.stderr)
     return sol, report
 
 
-def _extrapolate_buffered(base, cks, src_base, sources, names, specs, settings, window, out, *, device, progress,
-                          timing, t_main, clock=None):
+def _extrapolate_buffered(job: _Job, settings, window):
     """Read every checkpoint into a scratch trajectory buffer, solve and write it, remove the scratch."""
     from ..trajectory.store import TrajectoryStore
 
+    base, cks, src_base, sources, names, specs, out = (job.base, job.cks, job.src_base, job.sources, job.names,
+                                                       job.specs, job.out)
+    o = job.options
+    device, progress, timing, t_main, clock = o.device, o.progress, o.timing, job.t_main, job.clock
     scratch = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.trajectory-{os.getpid()}")
     t_checked = time.perf_counter()
     store = TrajectoryStore(specs, len(cks), dtype=settings.dtype, storage=settings.storage,
