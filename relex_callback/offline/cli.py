@@ -352,7 +352,7 @@ def _fraction_arg(option: str, value, low_open: bool):
 
 
 def cmd_plan(args) -> int:
-    from ..trajectory.plan import MODES, plan_memory, read_model_config
+    from ..trajectory.plan import MODES, PlanMachine, PlanWindow, plan_memory, read_model_config
 
     _numbers(args, PLAN_NUMBERS)
     tcut, stride = args.tcut, args.stride
@@ -412,14 +412,14 @@ def cmd_plan(args) -> int:
 
         trainer_bytes, pending = torch_optimizer_bytes([s for _, s in named], param_dtype, args.optimizer,
                                                        shards=world if mode == "fsdp2" else 1)
-    plan = plan_memory(
-        window=tcut // stride, shapes=[s for _, s in named], mode=mode, world_size=world, local_world_size=local,
-        dtype=dtype, param_dtype=param_dtype, fold_rank=fold_rank, storage=args.storage,
-        max_buffer_bytes=sizes["--max-buffer-bytes"], gpu_memory=sizes["--gpu-memory"],
-        trainer_gpu_bytes=trainer_bytes, trainer_pending_bytes=pending, use_vllm=vllm is not None,
-        vllm_gpu_memory_utilization=vllm or 0.3, gpu_headroom=headroom, host_memory=sizes["--host-memory"],
-        disk_free=sizes["--disk-free"], label=f"{label}, tcut {tcut}" + (f", stride {stride}" if stride > 1 else ""),
-    )
+    win = PlanWindow(window=tcut // stride, shapes=[s for _, s in named], mode=mode, world_size=world,
+                     local_world_size=local, dtype=dtype, param_dtype=param_dtype, fold_rank=fold_rank,
+                     storage=args.storage, max_buffer_bytes=sizes["--max-buffer-bytes"])
+    machine = PlanMachine(gpu_memory=sizes["--gpu-memory"], trainer_gpu_bytes=trainer_bytes,
+                          trainer_pending_bytes=pending, use_vllm=vllm is not None,
+                          vllm_gpu_memory_utilization=vllm or 0.3, gpu_headroom=headroom,
+                          host_memory=sizes["--host-memory"], disk_free=sizes["--disk-free"])
+    plan = plan_memory(win, machine, label=f"{label}, tcut {tcut}" + (f", stride {stride}" if stride > 1 else ""))
     if args.json:
         import json
 
