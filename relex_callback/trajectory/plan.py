@@ -667,10 +667,28 @@ def _local_world_size(world: int) -> int:
     return n if 1 <= n <= world and world % n == 0 else world
 
 
+@dataclass(frozen=True)
+class NodeFigures:
+    """A node's figures given to :func:`plan_for_run` instead of measured (a plan fed with another machine's figures,
+    e.g. a device's on a machine without one).
+
+    Args:
+        local_world_size (`int`, *optional*): processes per node (default ``LOCAL_WORLD_SIZE``).
+        device_memory (`tuple[int, int]`, *optional*): ``(free, total)`` bytes of the device instead of
+            ``torch.cuda.mem_get_info``.
+        host_memory / disk_free (`int`, *optional*): the node's available host memory and the output file system's
+            free bytes instead of measuring them.
+    """
+
+    local_world_size: Optional[int] = None
+    device_memory: Optional[tuple[int, int]] = None
+    host_memory: Optional[int] = None
+    disk_free: Optional[int] = None
+
+
 def plan_for_run(settings, specs, topology, trainer_args=None, *, elements: Optional[int] = None, device=None,
-                 local_world_size: Optional[int] = None, label: str = "", out_dir: Optional[str] = None,
-                 optimizer=None, device_memory: Optional[tuple[int, int]] = None, host_memory: Optional[int] = None,
-                 disk_free: Optional[int] = None) -> MemoryPlan:
+                 label: str = "", out_dir: Optional[str] = None, optimizer=None,
+                 given: NodeFigures = NodeFigures()) -> MemoryPlan:
     """The plan of a live run at ``on_train_begin``, before the store is allocated: what ``storage="auto"`` should
     pick, and how many ring slots.
 
@@ -691,15 +709,12 @@ def plan_for_run(settings, specs, topology, trainer_args=None, *, elements: Opti
             this process's.
         device (`torch.device`, *optional*): the parameters' device (default: CUDA's current device when CUDA is
             available, else the CPU).
-        local_world_size (`int`, *optional*): processes per node (default ``LOCAL_WORLD_SIZE``).
         out_dir (`str`, *optional*): where the disk tier would live (default ``settings.output_dir``).
         optimizer (*optional*): the trainer's optimizer; what its first step will still allocate on the device
             (gradients, lazily created states: :func:`pending_training_bytes`) is claimed with the measured memory,
             so the ring holds at steady state, not only at ``on_train_begin``.
-        device_memory (`tuple[int, int]`, *optional*): ``(free, total)`` bytes of the device instead of
-            ``torch.cuda.mem_get_info`` (the plan fed with a device's figures, e.g. on a machine without one).
-        host_memory / disk_free (`int`, *optional*): the node's available host memory and the output file system's
-            free bytes instead of measuring them.
+        given (`NodeFigures`, *optional*): the node's figures to use instead of measuring them (processes per node,
+            device, host and disk memory).
 
     Returns:
         :class:`MemoryPlan` (``.tier``, ``.slots``, ``.folded``, ``.format()`` for the log).
@@ -711,7 +726,8 @@ def plan_for_run(settings, specs, topology, trainer_args=None, *, elements: Opti
     D = int(elements) if elements is not None else sum(s.local_numel for s in specs)
     world = int(getattr(topology, "world", 1))
     mode = getattr(topology, "mode", "single")
-    local = local_world_size or _local_world_size(world)
+    device_memory, host_memory, disk_free = given.device_memory, given.host_memory, given.disk_free
+    local = given.local_world_size or _local_world_size(world)
     if device is None:
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     device = torch.device(device)
