@@ -209,7 +209,8 @@ SETTINGS: tuple[Setting, ...] = (
         doc="""
         Curve fitted to each direction's coefficient ``c_t``: ``"linear"`` (the paper), ``"power"``
         (``a t^p + b``), ``"log"``, ``"polynomial"`` (``degree``), or ``"auto"`` (each family fitted on the first
-        part of the window and scored by how well it predicts the rest; the winner is refitted on the whole window)."""),
+        part of the window and scored by how well it predicts the rest; the winner is refitted on the whole window).
+        """),
     Setting(
         "fit_window", None, Optional[int], "Optional[int]", "`int`", bounds=(1, MAX_STEP),
         help="Fit only the last N recorded steps (default: all from fit_start).",
@@ -468,7 +469,8 @@ class RelexSettings:
         _flag("overwrite", v.overwrite)
         _flag("merge_lora", v.merge_lora)
         output_dir = v.output_dir
-        if output_dir is not None and not isinstance(output_dir, (str, bytes)) and not hasattr(output_dir, "__fspath__"):
+        if (output_dir is not None and not isinstance(output_dir, (str, bytes))
+                and not hasattr(output_dir, "__fspath__")):
             raise RelexInputError(f"output_dir must be a path (str), got {type(output_dir).__name__}")
         include = tuple(p.pattern for p in compile_patterns(v.include, "include")) if v.include is not None else None
         exclude = tuple(p.pattern for p in compile_patterns(v.exclude, "exclude")) if v.exclude is not None else None
@@ -508,7 +510,8 @@ def _check_window(tcut, stride, allow_partial_stride):
     tcut = bounded("tcut", tcut)
     stride = bounded("stride", stride)
     if stride > tcut:
-        raise RelexInputError(f"stride={stride} is larger than tcut={tcut}: no step would be recorded; use a stride <= tcut/2")
+        raise RelexInputError(f"stride={stride} is larger than tcut={tcut}: no step would be recorded; use a stride "
+                              "<= tcut/2")
     if tcut % stride and not allow_partial_stride:
         lo, hi = tcut - tcut % stride, tcut - tcut % stride + stride
         raise RelexInputError(
@@ -518,7 +521,8 @@ def _check_window(tcut, stride, allow_partial_stride):
     steps = snapshot_steps(tcut, stride)
     if len(steps) < 2:
         raise RelexInputError(
-            f"tcut={tcut} with stride={stride} records {len(steps)} snapshot; a line needs at least 2: lower stride or raise tcut"
+            f"tcut={tcut} with stride={stride} records {len(steps)} snapshot; a line needs at least 2: lower stride or "
+            "raise tcut"
         )
     return tcut, stride, steps
 
@@ -552,7 +556,8 @@ def _check_fit_start_and_rank(fit_start, rank, steps, tcut, stride):
         n_fit = len([t for t in steps if t >= fit_start])
         if n_fit < 2:
             raise RelexInputError(
-                f"fit_start={fit_start} leaves {n_fit} snapshot step(s) in [fit_start, tcut={tcut}] with stride={stride}; "
+                f"fit_start={fit_start} leaves {n_fit} snapshot step(s) in [fit_start, tcut={tcut}] with "
+                f"stride={stride}; "
                 f"the line needs at least 2: use fit_start <= {steps[-2]}"
             )
     rank = bounded("rank", rank)
@@ -601,7 +606,8 @@ def _check_reward_options(on_flat_reward, reward_metric, evaluate_horizons, keep
     """The reward-trend and horizon-scoring options; return keep_best."""
     _choice("on_flat_reward", on_flat_reward, ON_FLAT_REWARD)
     if reward_metric is not None and (not isinstance(reward_metric, str) or not reward_metric.strip()):
-        raise RelexInputError(f"reward_metric must be the name of a logged metric (e.g. 'reward'), got {reward_metric!r}")
+        raise RelexInputError(f"reward_metric must be the name of a logged metric (e.g. 'reward'), got "
+                              f"{reward_metric!r}")
     _flag("evaluate_horizons", evaluate_horizons)
     if keep_best is not None:
         keep_best = _strict_whole("keep_best", keep_best)

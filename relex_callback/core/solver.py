@@ -196,8 +196,8 @@ class SolveOptions:
         max_iter (`int`, *optional*, defaults to `6`): passes over a segment before ``power`` gives it to ``gram``.
         tol (`float`, *optional*, defaults to `1e-6`): ``power`` accepts a Ritz pair when its residual is below
             ``tol`` times both the Ritz value and the gap to the next one (eigenvector error ~ ``tol``).
-        backtest (`bool`, `int` or `float`, *optional*): run the in-window backtest (:mod:`relex_callback.core.backtest`)
-            with this fit part: ``True`` for the steps ``<= last step / 2``, a float in ``(0, 1)`` for a fraction of
+        backtest (`bool`, `int` or `float`, *optional*): run the in-window backtest
+            (:mod:`relex_callback.core.backtest`) with this fit part: ``True`` for the steps ``<= last step / 2``, a float in ``(0, 1)`` for a fraction of
             the last step, an int for a step number. ``None`` (default): no backtest. The result is
             ``Solution.backtest`` (with a ``reason`` instead of figures when the window is too short). The Gram paths
             take it from the Gram they already have; ``power`` runs a second Krylov iteration on the fit part in the
@@ -387,7 +387,8 @@ def _solve_gram(r: _Run):
 
 def _solve_power(r: _Run, offsets, numels):
     """The power path: Krylov eigenpairs per segment, the Gram fallback for the unconverged, the backtest."""
-    M, steps, names, seg_bytes, secs, t0, bt, bt_rows = r.M, r.steps, r.names, r.seg_bytes, r.secs, r.t0, r.bt, r.bt_rows
+    M, steps, names, seg_bytes, secs, t0 = r.M, r.steps, r.names, r.seg_bytes, r.secs, r.t0
+    bt, bt_rows = r.bt, r.bt_rows
     o = r.options
     rank, max_iter, tol, fit_start, clock = o.rank, o.max_iter, o.tol, o.fit_start, o.clock
     T = M.shape[0]

@@ -102,7 +102,8 @@ def base_theta0(src, base: str, specs, expected_of: Callable, whose: str, hint: 
             differ.append((spec.name, why))
         thetas[spec.name] = t
     if differ:  # every tensor that differs is named: the same architecture with other weights differs everywhere
-        names = ", ".join(f"{n} ({why})" for n, why in differ[:5]) + (f" and {len(differ) - 5} more" if len(differ) > 5 else "")
+        names = ", ".join(f"{n} ({why})" for n, why in differ[:5]) + (f" and {len(differ) - 5} more"
+                                                                      if len(differ) > 5 else "")
         raise RelexInputError(f"the base {base} does not match {whose} theta_0 for {len(differ)} of {len(specs)} "
                               f"tensor(s): {names}; {hint}")
     return thetas
@@ -128,7 +129,8 @@ def materialize(state_path: str, base: str, horizons: Sequence[int], out_dir: Op
         raise RelexInputError(f"horizons repeat: give each step once, e.g. {','.join(map(str, sorted(set(hs))))}")
     bad = [h for h in hs if h <= st.tcut]
     if bad:
-        raise RelexInputError(f"horizons {bad} are not beyond the state's last observed step {st.tcut}; use horizons > {st.tcut}")
+        raise RelexInputError(f"horizons {bad} are not beyond the state's last observed step {st.tcut}; use horizons "
+                              f"> {st.tcut}")
     big = [h for h in hs if h > MAX_STEP]
     if big:
         raise RelexInputError(f"horizons {big} are beyond {MAX_STEP:,} steps; use smaller horizons")
@@ -147,7 +149,8 @@ def _materialize_full(st, base: str, hs, out_dir: str, overwrite: bool, max_shar
     check_outputs_free(out_dir, hs, overwrite, include_state=False)
     for spec in st.specs:
         if spec.name not in src.meta:
-            raise RelexInputError(f"the base {base} has no tensor {spec.name}: pass the base the state was computed from")
+            raise RelexInputError(f"the base {base} has no tensor {spec.name}: pass the base the state was computed "
+                                  "from")
         shape, dtype = src.meta[spec.name]
         if tuple(shape) != tuple(spec.shape) or dtype != spec.dtype:
             raise RelexInputError(
@@ -155,7 +158,8 @@ def _materialize_full(st, base: str, hs, out_dir: str, overwrite: bool, max_shar
                 "pass the base the state was computed from"
             )
     thetas = base_theta0(src, base, st.specs, lambda spec: st.info[spec.name]["theta0"], "the state's",
-                         "pass the same base checkpoint given to `relex extrapolate` (or the model the callback trained)")
+                         "pass the same base checkpoint given to `relex extrapolate` (or the model the callback "
+                         "trained)")
     from ..files.untracked import UntrackedSource
 
     base_bytes = src.weights_bytes
@@ -272,11 +276,11 @@ def extrapolate_trajectory(trajectory_dir: str, base: str, horizons: Sequence[in
     the trajectory's theta_0.
 
     The tensors the trajectory does not track are written as the callback writes them, their values at tcut
-    (:func:`relex_callback.offline.belongs.untracked_at_tcut`): from the trajectory's ``untracked.safetensors``, else from ``untracked_from`` or
-    the checkpoint the ``relex_trajectory/`` sits in (verified to be the model at tcut), else from the base only with
-    ``untracked_frozen`` (the user says none of them was trained); otherwise refused. ``fit_clock``, ``schedule``: as
-    in :func:`extrapolate_checkpoints` (a trajectory has no log history: the lr clock needs ``schedule``). Returns
-    ``(solution, report)``."""
+    (:func:`relex_callback.offline.belongs.untracked_at_tcut`): from the trajectory's ``untracked.safetensors``, else
+    from ``untracked_from`` or the checkpoint the ``relex_trajectory/`` sits in (verified to be the model at tcut),
+    else from the base only with ``untracked_frozen`` (the user says none of them was trained); otherwise refused.
+    ``fit_clock``, ``schedule``: as in :func:`extrapolate_checkpoints` (a trajectory has no log history: the lr clock
+    needs ``schedule``). Returns ``(solution, report)``."""
     options = OfflineOptions.of({**locals(), "solver": method})
     with writing(out_dir, "relex extrapolate"):  # the output directory's lock, from before the first byte
         return _extrapolate_trajectory(trajectory_dir, base, horizons, out_dir, options)
@@ -354,7 +358,8 @@ def _trajectory_clock(store, trajectory_dir, tcut, horizons, fit_clock, schedule
         raise RelexInputError(f"{trajectory_dir}: the learning rates recorded with the trajectory are not numbers; the "
                               "file was edited or is damaged: pass --schedule (the run's lr schedule) or "
                               "--fit-clock steps")
-    clock, _why = resolve(recorded, tcut, horizons, str(store.window.get("lr_source") or "recorded with the trajectory"))
+    source = str(store.window.get("lr_source") or "recorded with the trajectory")
+    clock, _why = resolve(recorded, tcut, horizons, source)
     return clock
 
 
@@ -389,12 +394,12 @@ def extrapolate_checkpoints(base: str, checkpoints: Sequence[str], horizons, out
         steps (`list[int]`, *optional*): step numbers of ``checkpoints`` in the order given (default: their names).
         stride, fit_start, rank, dtype, solver, max_shard_size, overwrite: as in :class:`~relex_callback.RelexCallback`.
         device (`str`, *optional*, defaults to `"cpu"`): ``cpu`` or ``cuda``. storage: the buffer tier.
-        streaming (`bool`, *optional*): read the checkpoints tensor by tensor (:mod:`relex_callback.pipeline.streamed`: no
-            ``[T, D]`` buffer, float32/float64 arithmetic on the exact deltas, memory bounded by ``memory_budget``)
-            instead of filling the trajectory buffer. Default (``None``): streaming on the CPU with the default
-            ``storage`` and a Gram solver (``auto`` or ``gram``); the buffer otherwise (``--device cuda``, an explicit
-            ``storage``, ``solver="power"``). With streaming, ``dtype`` is the dtype of the directions kept in the
-            state file (the horizons are written from them).
+        streaming (`bool`, *optional*): read the checkpoints tensor by tensor
+            (:mod:`relex_callback.pipeline.streamed`: no ``[T, D]`` buffer, float32/float64 arithmetic on the exact
+            deltas, memory bounded by ``memory_budget``) instead of filling the trajectory buffer. Default
+            (``None``): streaming on the CPU with the default ``storage`` and a Gram solver (``auto`` or ``gram``);
+            the buffer otherwise (``--device cuda``, an explicit ``storage``, ``solver="power"``). With streaming,
+            ``dtype`` is the dtype of the directions kept in the state file (the horizons are written from them).
         memory_budget (`int`, *optional*, defaults to 256 MiB): with streaming, the bytes of float32 blocks read at a
             time (tensors whose ``T + 1`` rows fit are read once, larger ones twice in column chunks).
         run_check (`bool`, *optional*, defaults to `True`): refuse checkpoints that are not one run started from
@@ -472,7 +477,8 @@ def _check_checkpoint_args(base, checkpoints, horizons, out_dir, o: OfflineOptio
     if fit_start is not None:
         n_fit = len([s for s in obs if s >= fit_start])
         if fit_start < 0 or n_fit < 2:
-            raise RelexInputError(f"--fit-start {fit_start} leaves {n_fit} of the steps {obs} to fit; the line needs 2: "
+            raise RelexInputError(f"--fit-start {fit_start} leaves {n_fit} of the steps {obs} to fit; the line needs "
+                                  "2: "
                                   f"use --fit-start <= {obs[-2]}")
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1 or rank > len(obs):
         raise RelexInputError(f"--rank {rank} must be between 1 and the number of checkpoints ({len(obs)})")
@@ -568,7 +574,8 @@ def _extrapolate_buffered(job: _Job, settings, window):
             except RelexNonFiniteError as e:
                 bar.close()
                 nonfinite_base(src_base, base, names)  # a NaN in theta_0 is the base's, not this checkpoint's
-                raise RelexInputError(f"{ck.path}: {e}; leave this checkpoint (and later ones) out of --checkpoints") from None
+                raise RelexInputError(f"{ck.path}: {e}; leave this checkpoint (and later ones) out of "
+                                      "--checkpoints") from None
             bar.update(1)
         bar.close()
         t_read = time.perf_counter()

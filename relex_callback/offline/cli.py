@@ -24,8 +24,8 @@ import signal
 import sys
 from typing import Optional, Sequence
 
-from ..config import (DEFAULT_FOLD_RANK, DEFAULTS, FIT_CLOCKS, FITS, SOLVERS, STORAGES, bounded, cli_argument, parse_dtype,
-                      parse_horizons, parse_size)
+from ..config import (DEFAULT_FOLD_RANK, DEFAULTS, FIT_CLOCKS, FITS, SOLVERS, STORAGES, bounded, cli_argument,
+                      parse_dtype, parse_horizons, parse_size)
 from ..errors import RelexError, RelexInputError, RelexInterrupted
 from ..files.lock import visible_entries, writing
 from .hub import label as model_label, resolve_model
@@ -74,7 +74,8 @@ def _shard_size(value: str) -> int:
     try:
         return parse_size(value, "--max-shard-size")
     except RelexInputError:
-        raise RelexInputError(f"--max-shard-size {value!r} is not a size; use e.g. 5GB, 500MB or a number of bytes") from None
+        raise RelexInputError(f"--max-shard-size {value!r} is not a size; use e.g. 5GB, 500MB or a number of "
+                              "bytes") from None
 
 
 def _version() -> str:
@@ -100,10 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "directory, or a hub id read from the Hugging Face cache")
     src = e.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoints", nargs="+",
-                     help="checkpoint directories (checkpoint-N, global_step_N, step_N, step-N), or one parent directory holding them")
+                     help="checkpoint directories (checkpoint-N, global_step_N, step_N, step-N), or one parent "
+                          "directory holding them")
     src.add_argument("--trajectory",
-                     help="a trajectory the callback saved (<out>/partial_trajectory/ of a run that ended before tcut, or "
-                          "a checkpoint's relex_trajectory/) instead of checkpoints; tcut is its last recorded step")
+                     help="a trajectory the callback saved (<out>/partial_trajectory/ of a run that ended before "
+                          "tcut, or a checkpoint's relex_trajectory/) instead of checkpoints; tcut is its last "
+                          "recorded step")
     e.add_argument("--untracked-from", default=None,
                    help="with --trajectory: the checkpoint saved at its last recorded step, whose weights give the "
                         "tensors the trajectory does not track (default: the trajectory's untracked.safetensors, or "
@@ -111,9 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--untracked-frozen", action="store_true",
                    help="with --trajectory: none of the tensors it does not track was trained (frozen parameters, "
                         "buffers): take them from --base")
-    e.add_argument("--horizons", required=True, help="steps to write, comma separated, each beyond the last checkpoint's step")
+    e.add_argument("--horizons", required=True,
+                   help="steps to write, comma separated, each beyond the last checkpoint's step")
     e.add_argument("--out", required=True, help="output directory (step-H/, relex_state.safetensors, report.json)")
-    e.add_argument("--steps", default=None, help="step numbers of --checkpoints, comma separated, in the order given (default: from the directory names)")
+    e.add_argument("--steps", default=None, help="step numbers of --checkpoints, comma separated, in the order given "
+                   "(default: from the directory names)")
     _setting(e, "fit_start")
     _setting(e, "stride", "use only checkpoints whose step is a multiple of N")
     _setting(e, "rank")
@@ -169,18 +174,22 @@ def build_parser() -> argparse.ArgumentParser:
     _setting(q, "fold_rank")
     _setting(q, "storage")
     _setting(q, "max_buffer_bytes")
-    q.add_argument("--gpu-memory", default=None, help="memory of one GPU, e.g. 80GB (default: the device tier is not planned)")
+    q.add_argument("--gpu-memory", default=None,
+                   help="memory of one GPU, e.g. 80GB (default: the device tier is not planned)")
     q.add_argument("--trainer-memory", default=None, help="what the trainer holds on each GPU (default: model states, "
-                                                         "16 bytes per parameter, divided by the world size when sharded; add a reference model when beta > 0)")
+                   "16 bytes per parameter, divided by the world size when sharded; add a reference model when "
+                   "beta > 0)")
     q.add_argument("--optimizer", default=None, help="without --trainer-memory: what the trainer holds on each GPU. "
                    "mixed-adam (default): DeepSpeed or mixed-precision Adam, 16 bytes per parameter of model states "
                    "(divided by the world size under ZeRO-3/FSDP2); adamw, adamw-fused, sgd: a plain torch optimizer "
                    "on the config's dtype, the weights plus what its first step adds (gradients, states, a foreach "
                    "temporary), counted as the callback counts them")
-    q.add_argument("--vllm-colocate", default=None, help="a colocated vLLM engine's vllm_gpu_memory_utilization, e.g. 0.3")
+    q.add_argument("--vllm-colocate", default=None,
+                   help="a colocated vLLM engine's vllm_gpu_memory_utilization, e.g. 0.3")
     q.add_argument("--gpu-headroom", default="0.25", help="fraction of each GPU kept for activations (default 0.25)")
     q.add_argument("--host-memory", default=None, help="host memory of one node, e.g. 1TB (default: not planned)")
-    q.add_argument("--disk-free", default=None, help="free disk of the output directory per node, e.g. 4TB (default: not planned)")
+    q.add_argument("--disk-free", default=None,
+                   help="free disk of the output directory per node, e.g. 4TB (default: not planned)")
     q.add_argument("--json", action="store_true", help="print the plan as JSON instead of text")
     return p
 
@@ -238,7 +247,8 @@ def cmd_extrapolate(args) -> int:
         if args.no_run_check:
             raise RelexInputError("--no-run-check applies to --checkpoints; a saved trajectory is checked against "
                                   "--base by its theta_0")
-        _check_dir("--trajectory", args.trajectory, "the partial_trajectory/ or relex_trajectory/ directory the callback wrote")
+        _check_dir("--trajectory", args.trajectory,
+                   "the partial_trajectory/ or relex_trajectory/ directory the callback wrote")
         if args.untracked_from is not None:
             _check_dir("--untracked-from", args.untracked_from, "the checkpoint saved at the trajectory's last step",
                        weights=True)
@@ -357,7 +367,8 @@ def cmd_plan(args) -> int:
     _numbers(args, PLAN_NUMBERS)
     tcut, stride = args.tcut, args.stride
     if stride > tcut // 2:
-        raise RelexInputError(f"--stride {stride} leaves fewer than 2 snapshots in --tcut {tcut}; use --stride <= {tcut // 2}")
+        raise RelexInputError(f"--stride {stride} leaves fewer than 2 snapshots in --tcut {tcut}; use --stride <= "
+                              f"{tcut // 2}")
     world = args.world_size
     local = world if args.local_world_size is None else args.local_world_size
     if local > world or world % local:
@@ -378,7 +389,8 @@ def cmd_plan(args) -> int:
     if args.storage not in STORAGES:
         raise RelexInputError(f"--storage {args.storage!r} is not one of {', '.join(STORAGES)}")
     sizes = {o: _size_arg(o, v) for o, v in (("--gpu-memory", args.gpu_memory), ("--host-memory", args.host_memory),
-                                              ("--disk-free", args.disk_free), ("--trainer-memory", args.trainer_memory),
+                                              ("--disk-free", args.disk_free),
+                                              ("--trainer-memory", args.trainer_memory),
                                               ("--max-buffer-bytes", args.max_buffer_bytes))}
     if sizes["--trainer-memory"] is not None and sizes["--gpu-memory"] is None:
         raise RelexInputError("--trainer-memory needs --gpu-memory (the device tier is planned only with it)")

@@ -501,7 +501,8 @@ def _plan_budgets(notes, win: PlanWindow, m: PlanMachine, fig: _Figures):
         if trainer_gpu_bytes is None:
             share = world_size if mode in ("zero3", "fsdp2") else 1
             trainer_gpu_bytes = MODEL_STATE_BYTES * total // share
-            claims[f"trainer ({MODEL_STATE_BYTES} B/param{' / ' + str(share) if share > 1 else ''})"] = trainer_gpu_bytes
+            name = f"trainer ({MODEL_STATE_BYTES} B/param{' / ' + str(share) if share > 1 else ''})"
+            claims[name] = trainer_gpu_bytes
         else:
             claims["trainer at train begin"] = int(trainer_gpu_bytes)
             if trainer_pending_bytes:
@@ -527,13 +528,15 @@ def _plan_budgets(notes, win: PlanWindow, m: PlanMachine, fig: _Figures):
     else:
         tiers["host"] = TierPlan("host", None, "no --host-memory", None, None)
     if disk_free is not None:
-        tiers["disk"] = TierPlan("disk", int(disk_free) // local, f"{format_bytes(disk_free)} free / {local}", None, None)
+        tiers["disk"] = TierPlan("disk", int(disk_free) // local, f"{format_bytes(disk_free)} free / {local}", None,
+                                 None)
     else:
         tiers["disk"] = TierPlan("disk", None, "no --disk-free", None, None)
     capped = max_buffer_bytes is not None and exact > max_buffer_bytes
     for k, t in tiers.items():
         fits = None if t.budget is None else (exact <= t.budget and not capped)
-        tiers[k] = TierPlan(t.tier, t.budget, t.note, fits, _fold_slots(t.budget, row, fold_rank, window, max_buffer_bytes))
+        slots = _fold_slots(t.budget, row, fold_rank, window, max_buffer_bytes)
+        tiers[k] = TierPlan(t.tier, t.budget, t.note, fits, slots)
     if capped:
         notes.append(f"max_buffer_bytes={format_bytes(max_buffer_bytes)} is below the exact window: the run folds")
     return claims, tiers
