@@ -1,6 +1,9 @@
-"""Every RELEX setting, validated once, without torch.
+"""Every RELEX setting, declared once and validated once, without torch.
 
-:class:`RelexSettings` is the single source of truth for what a valid setting is. The callback
+:data:`SETTINGS` declares each setting once (name, default, types, bounds, choices, help, documentation);
+:class:`RelexSettings`, the defaults of :meth:`RelexSettings.validate`, :class:`RelexConfig`, :data:`SETTINGS_DOC`
+(the callback's argument documentation) and the ``relex`` flags that take a setting (:func:`cli_argument`) are
+generated from it. :meth:`RelexSettings.validate` is the single source of truth for what a valid value is. The callback
 (``RelexCallback(**kw)`` builds one), :class:`RelexConfig` (the ``HfArgumentParser`` / ``TrlParser`` form, every
 callback argument prefixed ``relex_``) and the CLI all go through :meth:`RelexSettings.validate`, so a bad value
 gives the same message everywhere, before any work is done. This module imports no torch: ``relex --help`` and

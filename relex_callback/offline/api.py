@@ -22,15 +22,24 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
+from ..config import DEFAULTS, MAX_STEP, RelexSettings, parse_horizons, parse_size
+from ..core.clock import resolve
+from ..errors import RelexInputError, RelexNonFiniteError, RelexWriteError
 from ..files.checkpoints import (ADAPTER_KEYS, check_same_tensors, DirectorySource, discover_checkpoints, MappedSource,
                                   nonfinite_base, read_tensors)
-from ..config import DEFAULTS, MAX_STEP, RelexSettings, parse_horizons, parse_size
-from ..errors import RelexInputError, RelexNonFiniteError, RelexWriteError
 from ..files.fs import STATE_NAME, check_free_space, check_outputs_free, check_writable_dir, read_json
 from ..files.lock import visible_entries, writing
+from ..files.state import PEFT_THETA0, PEFT_VALUE, fingerprint, fingerprint_mismatch, load_state
+from ..files.untracked import UntrackedSource
+from ..files.writers import FullModelWriter, PeftAdapterWriter, WriteFailed, write_full_checkpoint
+from ..params import TensorSpec
 from ..pipeline.finalize import BufferedSolve, check_horizons_fit, finalize
-from ..files.writers import FullModelWriter, WriteFailed, write_full_checkpoint
+from ..pipeline.streamed import DEFAULT_MEMORY_BUDGET, StreamedSolve
+from ..trajectory.store import TrajectoryStore
+from .belongs import check_belongs, same_directories, untracked_at_tcut
+from .schedule import offline_clock
 
 logger = logging.getLogger("relex_callback")
 
@@ -90,8 +99,6 @@ def base_theta0(src, base: str, specs, expected_of: Callable, whose: str, hint: 
     """Each spec's piece of theta_0 read from the base checkpoint ``src`` (path ``base``), refused with ``hint``
     when its fingerprint differs from ``expected_of(spec)`` (``whose`` names where that came from). Returns
     ``name -> flat piece``."""
-    from ..files.state import fingerprint, fingerprint_mismatch
-
     thetas, differ = {}, []
     for spec in specs:
         t = src.get(spec.name).reshape(-1)[spec.flat_start: spec.flat_start + spec.local_numel]
@@ -120,8 +127,6 @@ def materialize(state_path: str, base: str, horizons: Sequence[int], out_dir: Op
     """Write ``step-H`` for each horizon from a state file and the base checkpoint (theta_0 and every untracked
     tensor): what ``relex materialize`` runs. Refuses a base whose tracked tensors do not match the fingerprints
     of theta_0 in the state. Returns the written directories."""
-    from ..files.state import load_state
-
     parse_size(max_shard_size)
     st = load_state(state_path)
     hs = sorted(parse_horizons(horizons))
@@ -160,8 +165,6 @@ def _materialize_full(st, base: str, hs, out_dir: str, overwrite: bool, max_shar
     thetas = base_theta0(src, base, st.specs, lambda spec: st.info[spec.name]["theta0"], "the state's",
                          "pass the same base checkpoint given to `relex extrapolate` (or the model the callback "
                          "trained)")
-    from ..files.untracked import UntrackedSource
-
     base_bytes = src.weights_bytes
     src = UntrackedSource(src, st)  # the untracked tensors the run wrote: from the state, or checked in the base
     src.check(base)
@@ -178,9 +181,6 @@ def _materialize_peft(st, base: str, hs, out_dir: str, overwrite: bool) -> list[
     tcut values (untracked), written by :class:`~relex_callback.files.writers.PeftAdapterWriter` as the callback did.
     Every check before anything is written: the outputs, the base loads, the adapter's parameters are the state's,
     and every frozen base weight matches the run's fingerprint (the merged model is made of them)."""
-    from ..files.state import PEFT_THETA0, PEFT_VALUE, fingerprint, fingerprint_mismatch
-    from ..files.writers import PeftAdapterWriter
-
     rec = st.peft
     check_writable_dir(out_dir, "--out")
     check_outputs_free(out_dir, hs, overwrite, include_state=False, merged=rec["merge_lora"])
@@ -211,7 +211,7 @@ def _materialize_peft(st, base: str, hs, out_dir: str, overwrite: bool) -> list[
             params[n].copy_(st.tensors[PEFT_VALUE + n].reshape(params[n].shape))
     tok = None
     try:
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer  # a PEFT state only: the CLI never imports transformers otherwise
 
         tok = AutoTokenizer.from_pretrained(base)
     except Exception:  # no tokenizer beside the base: the adapters are written without one
@@ -242,7 +242,7 @@ def _write_each(hs, out_dir: str, write_one) -> list[str]:
 def _load_peft_base(base: str, rec: dict):
     """The base model in ``base`` with the run's adapter (its recorded PEFT config and adapter name) applied."""
     try:
-        import peft
+        import peft  # optional: a PEFT state only
         from transformers import AutoModelForCausalLM
     except ImportError as e:
         raise RelexInputError(f"the state is a PEFT (LoRA) run's: materializing it needs peft ({e})") from None
@@ -288,9 +288,6 @@ def extrapolate_trajectory(trajectory_dir: str, base: str, horizons: Sequence[in
 
 def _extrapolate_trajectory(trajectory_dir, base, horizons, out_dir, o: OfflineOptions):
     rank, fit_start = o.rank, o.fit_start
-    from ..trajectory.store import TrajectoryStore
-    from ..files.state import fingerprint
-
     store = TrajectoryStore.open(trajectory_dir)
     if store.num_rows < 2:
         raise RelexInputError(f"{trajectory_dir} holds {store.num_rows} recorded step(s); a line needs at least 2")
@@ -320,8 +317,6 @@ def _extrapolate_trajectory(trajectory_dir, base, horizons, out_dir, o: OfflineO
     base_theta0(src, base, store.specs, lambda spec: fingerprint(store.theta0_of(spec)), "the trajectory's",
                 "pass the checkpoint training started from")
     if not os.path.isfile(keys_file):  # a PEFT adapter base holds the adapter only (its keys are all tracked)
-        from .belongs import untracked_at_tcut
-
         src = untracked_at_tcut(store, trajectory_dir, src, base, o.untracked_from, o.untracked_frozen)
     elif o.untracked_from is not None:
         raise RelexInputError("--untracked-from applies to a full model's trajectory; a LoRA trajectory's base is "
@@ -347,13 +342,9 @@ def _trajectory_clock(store, trajectory_dir, tcut, horizons, fit_clock, schedule
     """The clock of a saved trajectory: ``--schedule`` when given; else the learning rates the callback recorded
     with a window it kept (``partial_trajectory/``: the trainer's schedule read ahead, so the fit is the one the
     callback would have made); else the step, with the warning :func:`offline_clock` gives."""
-    from .schedule import offline_clock
-
     recorded = store.window.get("learning_rates")
     if fit_clock != "lr" or schedule or not isinstance(recorded, list) or not recorded:
         return offline_clock([], tcut, horizons, fit_clock, schedule, notices=notices)
-    from ..core.clock import resolve
-
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in recorded):
         raise RelexInputError(f"{trajectory_dir}: the learning rates recorded with the trajectory are not numbers; the "
                               "file was edited or is damaged: pass --schedule (the run's lr schedule) or "
@@ -425,15 +416,11 @@ def _extrapolate_checkpoints(base, checkpoints, horizons, out_dir, o: OfflineOpt
     cks, tcut, settings, streaming = _check_checkpoint_args(base, checkpoints, horizons, out_dir, o)
     src_base, names, sources, specs = _open_checkpoints(base, cks)
     if o.run_check:
-        from .belongs import check_belongs
-
         check_belongs(base, src_base, cks, sources, names)  # before any heavy work
     else:
         logger.warning("relex: --no-run-check: the checkpoints are not checked to be one run started from %s", base)
     out = os.path.abspath(out_dir)
     _check_space(out, src_base, names, settings, streaming=streaming, rank=o.rank)
-    from .schedule import offline_clock
-
     notices = []
     clock = offline_clock([c.path for c in cks], tcut, settings.horizons, o.fit_clock, o.schedule, notices=notices)
     # the window as the pipeline sees it: tcut is the last checkpoint's step, the fit as asked (checked above)
@@ -455,8 +442,6 @@ def _check_checkpoint_args(base, checkpoints, horizons, out_dir, o: OfflineOptio
     if device not in ("cpu", "cuda"):
         raise RelexInputError(f"--device {device!r} is not one of ['cpu', 'cuda']")
     cks = discover_checkpoints(checkpoints, o.steps, o.stride)
-    from .belongs import same_directories
-
     same_directories(cks)
     tcut = cks[-1].step
     obs = [c.step for c in cks]
@@ -515,8 +500,6 @@ def _check_space(out: str, src_base, names, settings, *, streaming: bool, rank: 
 def _open_checkpoints(base, cks):
     """Open the base and every checkpoint, check they hold the same tensors; return (src_base, names, sources,
     specs)."""
-    from ..params import TensorSpec
-
     src_base = DirectorySource(base)
     names = [k for k in src_base.keys if src_base.meta[k][1].is_floating_point]
     if not names:
@@ -534,8 +517,6 @@ def _open_checkpoints(base, cks):
 
 def _extrapolate_streamed(job: _Job, settings, window):
     """Solve and write tensor group by tensor group straight from the checkpoints (no trajectory buffer)."""
-    from ..pipeline.streamed import DEFAULT_MEMORY_BUDGET, StreamedSolve
-
     o, base, cks = job.options, job.base, job.cks
     t_checked = time.perf_counter()
     streamed = StreamedSolve(src_base=job.src_base, sources=job.sources, cks=cks, names=job.names,
@@ -554,8 +535,6 @@ def _extrapolate_streamed(job: _Job, settings, window):
 
 def _extrapolate_buffered(job: _Job, settings, window):
     """Read every checkpoint into a scratch trajectory buffer, solve and write it, remove the scratch."""
-    from ..trajectory.store import TrajectoryStore
-
     base, cks, src_base, sources, names, specs, out = (job.base, job.cks, job.src_base, job.sources, job.names,
                                                        job.specs, job.out)
     o = job.options
@@ -606,7 +585,7 @@ def _extrapolate_buffered(job: _Job, settings, window):
 
 
 def _peak_rss() -> int:
-    import resource
+    import resource  # POSIX only: imported where the timing asks for it
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
@@ -625,8 +604,6 @@ class _NoBar:
 def _progress(total: int, disabled: bool):
     if disabled:
         return _NoBar()
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, desc="relex: reading checkpoints", unit="ckpt", file=sys.stderr, dynamic_ncols=True)
 
 

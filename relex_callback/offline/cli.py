@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import signal
 import sys
@@ -26,8 +27,14 @@ from typing import Optional, Sequence
 
 from ..config import (DEFAULT_FOLD_RANK, DEFAULTS, FIT_CLOCKS, FITS, SOLVERS, STORAGES, bounded, cli_argument,
                       parse_dtype, parse_horizons, parse_size)
-from ..errors import RelexError, RelexInputError, RelexInterrupted
-from ..files.lock import visible_entries, writing
+from ..errors import RelexError, RelexInputError, RelexInterrupted, name_switch
+from ..files.fs import (REPORT_PLOT_FILE, STATE_INDEX_NAME, STATE_NAME, foreign_output, horizon_dir,
+                        output_run_id)
+from ..files.lock import COMPLETED, visible_entries, writing
+from ..files.report import format_summary, format_trust, load_report, plot_report, report_path
+from ..files.schema import check_report
+from ..trajectory.plan import (MODES, PlanMachine, PlanWindow, count_parameters, plan_memory, read_model_config,
+                               torch_optimizer_bytes)
 from .hub import label as model_label, resolve_model
 
 
@@ -256,7 +263,7 @@ def cmd_extrapolate(args) -> int:
             if visible_entries(args.out) and not args.overwrite:
                 raise RelexInputError(f"--out {args.out} exists and is not empty; choose a new directory, or pass "
                                       "--overwrite")
-            from .api import extrapolate_trajectory
+            from .api import extrapolate_trajectory  # imports torch: once the arguments are checked
 
             _, report = extrapolate_trajectory(args.trajectory, args.base, horizons, args.out, rank=args.rank,
                                                fit_start=args.fit_start, method=args.solver, overwrite=args.overwrite,
@@ -265,7 +272,7 @@ def cmd_extrapolate(args) -> int:
         print(trust_lines(report))
         print(f"relex: wrote {', '.join(report['checkpoints'])}")
         return 0
-    from .api import extrapolate_checkpoints
+    from .api import extrapolate_checkpoints  # imports torch: once the arguments are checked
 
     with writing(args.out, "relex extrapolate"):
         _, report = extrapolate_checkpoints(
@@ -287,7 +294,7 @@ def cmd_materialize(args) -> int:
     args.base = resolve_model("--base", args.base)
     _check_dir("--base", args.base, "the same base checkpoint the state was computed from", weights=True)
     _shard_size(args.max_shard_size)
-    from .api import materialize
+    from .api import materialize  # imports torch: once the arguments are checked
 
     with writing(args.out, "relex materialize"):
         written = materialize(args.state, args.base, horizons, args.out, overwrite=args.overwrite,
@@ -297,19 +304,14 @@ def cmd_materialize(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from ..files.report import format_summary, load_report, plot_report, report_path
 
     args.worst = bounded("worst", args.worst, "--worst")
-    from ..files.schema import check_report
-
     rep = load_report(args.dir)
     if not isinstance(rep, dict) or not isinstance(rep.get("tensors"), list) or "tcut" not in rep:
         raise RelexInputError(f"{report_path(args.dir)} is JSON but not a RELEX report (no 'tcut' and 'tensors'); pass "
                               "the directory that `relex extrapolate` or the callback wrote")
     check_report(rep, report_path(args.dir), plot=args.plot)
     _check_one_run(rep, report_path(args.dir))
-    from ..files.fs import REPORT_PLOT_FILE, foreign_output
-
     png = os.path.join(os.path.dirname(report_path(args.dir)), REPORT_PLOT_FILE)
     why = foreign_output(png) if args.plot and os.path.lexists(png) else None
     if why:  # a picture relex did not draw is not replaced
@@ -324,8 +326,6 @@ def cmd_report(args) -> int:
 def _check_one_run(rep: dict, path: str):
     """The state file and the horizons beside ``report.json`` carry its run id (read back: two writers, or files
     copied in, must not pass for one run's results)."""
-    from ..files.fs import STATE_INDEX_NAME, STATE_NAME, horizon_dir, output_run_id
-
     rid = rep.get("run_id")
     if not isinstance(rid, str):  # a report written before run ids were recorded
         return
@@ -362,8 +362,6 @@ def _fraction_arg(option: str, value, low_open: bool):
 
 
 def cmd_plan(args) -> int:
-    from ..trajectory.plan import MODES, PlanMachine, PlanWindow, plan_memory, read_model_config
-
     _numbers(args, PLAN_NUMBERS)
     tcut, stride = args.tcut, args.stride
     if stride > tcut // 2:
@@ -412,16 +410,12 @@ def cmd_plan(args) -> int:
         raise RelexInputError("--vllm-colocate needs --gpu-memory (the share is a fraction of each GPU)")
     given, args.model = args.model, resolve_model("--model", args.model, config_only=True)
     read_model_config(args.model)  # input mistakes before torch is imported
-    from ..trajectory.plan import count_parameters
-
     named, param_dtype = count_parameters(args.model)
     if mode in ("zero12", "zero3"):  # DeepSpeed: theta_0 is the fp32 master weights (or fp32 parameters)
         param_dtype = "float32"
     label = model_label(given, args.model)
     trainer_bytes, pending = sizes["--trainer-memory"], 0
     if args.optimizer not in (None, "mixed-adam"):
-        from ..trajectory.plan import torch_optimizer_bytes
-
         trainer_bytes, pending = torch_optimizer_bytes([s for _, s in named], param_dtype, args.optimizer,
                                                        shards=world if mode == "fsdp2" else 1)
     win = PlanWindow(window=tcut // stride, shapes=[s for _, s in named], mode=mode, world_size=world,
@@ -433,8 +427,6 @@ def cmd_plan(args) -> int:
                           host_memory=sizes["--host-memory"], disk_free=sizes["--disk-free"])
     plan = plan_memory(win, machine, label=f"{label}, tcut {tcut}" + (f", stride {stride}" if stride > 1 else ""))
     if args.json:
-        import json
-
         print(json.dumps(plan.to_dict(), indent=1))
     else:
         print(plan.format())
@@ -442,8 +434,6 @@ def cmd_plan(args) -> int:
 
 
 def trust_lines(report: dict) -> str:
-    from ..files.report import format_trust
-
     return format_trust(report)
 
 
@@ -476,8 +466,6 @@ def _install_handlers() -> dict:
 
 
 def _interrupted_line(e: RelexInterrupted) -> str:
-    from ..files.lock import COMPLETED
-
     if e.complete or (e.out_dir is None and COMPLETED):
         return (f"relex: interrupted by {e.name} after every output was written whole in "
                 f"{e.out_dir or COMPLETED[-1]}; nothing is left to do")
@@ -505,8 +493,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               "plan": cmd_plan}[args.command]
         return fn(args)
     except RelexError as e:  # input mistakes, non-finite values in a checkpoint, failed writes
-        from ..errors import name_switch
-
         print(f"relex: error: {name_switch(e, 'cli')}", file=sys.stderr)
         return 2
     except RelexInterrupted as e:
