@@ -226,6 +226,26 @@ def test_callback_md_shows_every_argument_with_its_default():
             assert ast.literal_eval(text.strip()) == SETTING[name].default, name
 
 
+def test_cli_md_prose_states_the_declared_defaults_and_choices():
+    """Where docs/cli.md's prose writes a setting's flag with choices (`--storage auto|device|host|disk`) they are
+    declared ones; where it writes a value as the default (`--max-shard-size 50GB` (the default ...)) it is the
+    declared default."""
+    with open(CLI_MD) as f:
+        prose = f.read().split(BEGIN, 1)[0]
+    checked = 0
+    for flag, value, after in re.findall(r"`(--[a-z-]+) ([^`]+)`([^`]{0,20})", prose):
+        s = SETTING.get(flag[2:].replace("-", "_"))
+        if s is None:
+            continue
+        if "|" in value:
+            assert set(value.split("|")) <= set(s.choices), (flag, value, s.choices)
+            checked += 1
+        elif "default" in after:
+            assert value == str(s.default), (flag, value, s.default)
+            checked += 1
+    assert checked >= 4
+
+
 def cli_table() -> str:
     """The table of the `relex` flags that take a setting (generated into docs/cli.md)."""
     rows = {}
