@@ -17,7 +17,7 @@ import torch
 
 from relex_callback.trajectory.store import TrajectoryStore
 from relex_callback.params import TensorSpec
-from relex_callback.core.solver import solve
+from relex_callback.core.solver import SolveOptions, solve
 
 
 def main():
@@ -53,10 +53,10 @@ def main():
             fold_s += time.perf_counter() - t0
             exact.snapshot(t, row)
         t0 = time.perf_counter()
-        sf = solve(specs=folded.specs, method="gram", **folded.solve_inputs())
+        sf = solve(specs=folded.specs, **folded.solve_inputs(), options=SolveOptions(method="gram"))
         t_f = time.perf_counter() - t0
         t0 = time.perf_counter()
-        se = solve(specs=exact.specs, method="gram", **exact.solve_inputs())
+        se = solve(specs=exact.specs, **exact.solve_inputs(), options=SolveOptions(method="gram"))
         t_e = time.perf_counter() - t0
         cos, rel = 1.0, 0.0
         H = 10 * tcut

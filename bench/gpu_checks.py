@@ -472,14 +472,14 @@ def check_pinned(device, small: bool = False) -> dict:
     import torch
 
     from relex_callback.trajectory import tiers
-    from relex_callback.trajectory.plan import plan_memory
+    from relex_callback.trajectory.plan import PlanMachine, PlanWindow, plan_memory
 
     cuda = str(device).startswith("cuda")
     if not cuda and tiers.HOST_REGISTER is tiers._cudart_register:
         return result("SKIP", "needs CUDA (cudaHostRegister)")
     rows, D = (3, 1_000_003) if small else (5, 200_000_033)
-    plan = plan_memory(window=rows, elements=D, dtype="bfloat16", storage="host", host_memory=4 * rows * D * 2,
-                       cuda=True)
+    plan = plan_memory(PlanWindow(window=rows, elements=D, dtype="bfloat16", storage="host"),
+                       PlanMachine(host_memory=4 * rows * D * 2, cuda=True))
     want = plan.buffer_bytes
     real = tiers.HOST_REGISTER
     calls = []

@@ -7,7 +7,7 @@ bytes read from the buffer, the effective GB/s, the bandwidth of a plain copy of
 run, their ratio (1.0 = the solve reads the buffer as fast as a copy would; the design's floor is two reads), and
 the time of a per-tensor ``torch.linalg.svd`` loop on the same data.
 
-With ``--backtest`` each method also runs with ``solve(..., backtest=True)`` (the in-window backtest on the steps
+With ``--backtest`` each method also runs with ``solve(..., SolveOptions(backtest=True))`` (the in-window backtest on the steps
 ``<= T/2``) in the same process, interleaved with the plain runs, and prints both times side by side, their ratio,
 the bytes read and the backtest's global figures (which must agree between the methods).
 
@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from relex_callback.params import TensorSpec  # noqa: E402
-from relex_callback.core.solver import solve  # noqa: E402
+from relex_callback.core.solver import SolveOptions, solve  # noqa: E402
 
 
 def build(T, numel, tensors, dtype, device, noise, seed=0):
@@ -80,7 +80,7 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeat", type=int, default=3, help="report the best of this many runs")
     p.add_argument("--svd", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--backtest", action="store_true", help="also time solve(backtest=True) beside each plain solve")
+    p.add_argument("--backtest", action="store_true", help="also time solve with SolveOptions(backtest=True) beside each plain solve")
     p.add_argument("--pass-cost", action="store_true",
                    help="only time one fused Krylov pass over a [T, numel] segment: plain, with the backtest's Krylov "
                         "task, and with a T x T/2 Gram-column GEMM instead (the alternative the power path rejected)")
@@ -108,7 +108,7 @@ def main():
                 continue
 
             def end_of_window():
-                sol = solve(M, steps, specs, method=method)
+                sol = solve(M, steps, specs, SolveOptions(method=method))
                 outs = {}
                 for H in horizons:
                     for i, sp in enumerate(specs):
@@ -180,8 +180,9 @@ def bench_backtest(M, steps, specs, method, a):
     (wall time and process CPU time)."""
     plain, withbt = [], []
     for _ in range(a.repeat):
-        plain.append(timed(lambda: solve(M, steps, specs, method=method), a.device, cpu=True))
-        withbt.append(timed(lambda: solve(M, steps, specs, method=method, backtest=True), a.device, cpu=True))
+        plain.append(timed(lambda: solve(M, steps, specs, SolveOptions(method=method)), a.device, cpu=True))
+        withbt.append(timed(lambda: solve(M, steps, specs, SolveOptions(method=method, backtest=True)), a.device,
+                            cpu=True))
     s0, w0, c0 = min(plain, key=lambda r: r[1])
     s1, w1, c1 = min(withbt, key=lambda r: r[1])
     c0, c1 = min(r[2] for r in plain), min(r[2] for r in withbt)

@@ -19,7 +19,7 @@ from relex_callback.core.backtest import (
 )
 from relex_callback.trajectory.store import TrajectoryStore
 from relex_callback.params import TensorSpec
-from relex_callback.core.solver import BACKTEST_TOL_FACTOR, solve
+from relex_callback.core.solver import BACKTEST_TOL_FACTOR, SolveOptions, solve
 
 from helpers import U32, arena_specs, first_order_bound, gram_rounding
 
@@ -155,7 +155,7 @@ def _within(got, want, bound, what):
 def test_exact_linear_rank1_is_predicted_exactly(method):
     steps = list(range(2, 42, 2))
     M64, specs = _trajectory(steps, [300, 1000, 7])
-    sol = solve(M64.float(), steps, specs, method=method, backtest=True)
+    sol = solve(M64.float(), steps, specs, SolveOptions(method=method, backtest=True))
     bt = sol.backtest
     assert bt.reason is None
     assert bt.fit_steps == [s for s in steps if s <= 20] and bt.predicted_step == 40
@@ -208,7 +208,7 @@ def test_figures_fall_monotonically_with_drift(method):
     figs = []
     for drift in (0.0, 0.05, 0.1, 0.2, 0.4, 0.8):
         M64, specs = _trajectory(steps, [500, 200], drift=drift, noise=0.01, seed=1)
-        bt = solve(M64.float(), steps, specs, method=method, backtest=True).backtest
+        bt = solve(M64.float(), steps, specs, SolveOptions(method=method, backtest=True)).backtest
         figs.append((bt.cosine_global, bt.relative_error_global, bt.direction_cosine))
     cos, rel, dirc = zip(*figs)
     assert all(x > y for x, y in zip(cos, cos[1:])), cos
@@ -223,7 +223,7 @@ def test_matches_brute_force_float64(method, fit_start):
     steps = list(range(1, 25))
     M64, specs = _trajectory(steps, [400, 90, 1500], drift=0.3, noise=0.05, seed=2)
     M = M64.float()
-    sol = solve(M, steps, specs, method=method, fit_start=fit_start, backtest=True)
+    sol = solve(M, steps, specs, SolveOptions(method=method, fit_start=fit_start, backtest=True))
     bt = sol.backtest
     p = len(bt.fit_steps)
     assert p == 12
@@ -253,8 +253,8 @@ def test_gram_and_power_agree_including_fallbacks():
     M64, specs = _trajectory(steps, [800, 333, 64], drift=0.2, noise=0.2, seed=3)
     M = M64.float()
     M[:, specs[2].offset : specs[2].offset + 64] = 0  # a frozen tensor
-    a = solve(M, steps, specs, method="gram", backtest=0.4).backtest
-    b = solve(M, steps, specs, method="power", backtest=0.4).backtest
+    a = solve(M, steps, specs, SolveOptions(method="gram", backtest=0.4)).backtest
+    b = solve(M, steps, specs, SolveOptions(method="power", backtest=0.4)).backtest
     assert a.fit_steps == b.fit_steps and a.predicted_steps == b.predicted_steps
     # each path within its derived bound of the exact figures (the power path's includes its acceptance tolerance)
     (bp_per, bp_glob, bp_sums), (bg_per, bg_glob, bg_sums) = _bounds(M, steps, specs, fit=0.4, power_tol=1e-6,
@@ -267,8 +267,8 @@ def test_gram_and_power_agree_including_fallbacks():
     R = torch.randn(30, 700, generator=torch.Generator().manual_seed(4)) * 1e-3
     rs, _ = _specs([400, 300])
     steps = list(range(1, 31))
-    ga = solve(R, steps, rs, method="gram", backtest=True).backtest
-    pb = solve(R, steps, rs, method="power", backtest=True, max_iter=3)
+    ga = solve(R, steps, rs, SolveOptions(method="gram", backtest=True)).backtest
+    pb = solve(R, steps, rs, SolveOptions(method="power", backtest=True, max_iter=3))
     assert pb.fallbacks >= 1
     _diag_only_differs(ga, pb.backtest, R, rs, len(steps) // 2)
     # only the fit part's iteration gives up (random first half, a strong line after it): the main solve converged,
@@ -278,9 +278,9 @@ def test_gram_and_power_agree_including_fallbacks():
     v = torch.randn(500, generator=g)
     Q[15:] += torch.arange(1, 16, dtype=torch.float32)[:, None] * v / v.norm()
     qs, _ = _specs([500])
-    ga = solve(Q, steps, qs, method="gram", backtest=True).backtest
-    pq = solve(Q, steps, qs, method="power", backtest=True, max_iter=4)
-    plain = solve(Q, steps, qs, method="power", max_iter=4)
+    ga = solve(Q, steps, qs, SolveOptions(method="gram", backtest=True)).backtest
+    pq = solve(Q, steps, qs, SolveOptions(method="power", backtest=True, max_iter=4))
+    plain = solve(Q, steps, qs, SolveOptions(method="power", max_iter=4))
     assert pq.fallbacks == 0 and pq.bytes_read > plain.bytes_read  # one Gram of the segment beyond the passes
     # the drift also reads the main iteration's (lam, u): converged to tol, not the Gram's
     _diag_only_differs(ga, pq.backtest, Q, qs, len(steps) // 2, main_tol=1e-6)
@@ -321,7 +321,7 @@ def test_zero_and_late_tensors_give_no_nan(method):
     M = M64.float()
     M[:, specs[1].offset : specs[1].offset + 40] = 0  # never moves
     M[:6, specs[2].offset : specs[2].offset + 30] = 0  # moves only after the fit part
-    bt = solve(M, steps, specs, method=method, backtest=True).backtest
+    bt = solve(M, steps, specs, SolveOptions(method=method, backtest=True)).backtest
     for x in (bt.cosine, bt.norm_ratio, bt.relative_error, bt.tensor_direction_cosine, *bt.sums.values()):
         assert not torch.isnan(x).any()
     assert (float(bt.cosine[1]), float(bt.norm_ratio[1]), float(bt.relative_error[1])) == (1.0, 1.0, 0.0)
@@ -333,7 +333,7 @@ def test_zero_and_late_tensors_give_no_nan(method):
     json.dumps(rep, allow_nan=False)
     # everything frozen: a prediction of nothing is exact, and still no NaN
     Z = torch.zeros(12, 120)
-    bz = solve(Z, steps, specs, method=method, backtest=True).backtest
+    bz = solve(Z, steps, specs, SolveOptions(method=method, backtest=True)).backtest
     figs = (bz.cosine_global, bz.norm_ratio_global, bz.relative_error_global, bz.direction_cosine)
     assert figs == (1.0, 1.0, 0.0, 1.0)
 
@@ -343,7 +343,7 @@ def test_restored_tensor_has_infinite_ratio_reported_as_none():
     specs, D = _specs([20])
     M = torch.zeros(8, D)
     M[:4] = torch.arange(1, 5, dtype=torch.float32)[:, None] * torch.ones(20) * 1e-3  # moved, then restored to theta_0
-    bt = solve(M, steps, specs, method="gram", backtest=True).backtest
+    bt = solve(M, steps, specs, SolveOptions(method="gram", backtest=True)).backtest
     assert math.isinf(float(bt.norm_ratio[0])) and math.isinf(float(bt.relative_error[0]))
     rep = to_report(bt)
     assert rep["tensors"][0]["norm_ratio"] is None and rep["norm_ratio_global"] is None
@@ -353,8 +353,8 @@ def test_restored_tensor_has_infinite_ratio_reported_as_none():
 def test_rank_r_backtests_the_rank1_component():
     steps = list(range(1, 21))
     M64, specs = _trajectory(steps, [300, 120], drift=0.3, noise=0.05, seed=6)
-    one = solve(M64.float(), steps, specs, method="gram", backtest=True).backtest
-    three = solve(M64.float(), steps, specs, method="gram", rank=3, backtest=True).backtest
+    one = solve(M64.float(), steps, specs, SolveOptions(method="gram", backtest=True)).backtest
+    three = solve(M64.float(), steps, specs, SolveOptions(method="gram", rank=3, backtest=True)).backtest
     # the same float32 Gram and the same float64 eigh of it either way: bitwise
     for k in one.sums:
         assert torch.equal(one.sums[k], three.sums[k]), k
@@ -403,10 +403,10 @@ def test_folded_store_agrees_with_unfolded():
     steps = list(range(1, 31))
     # rank-2 trajectories (line + quadratic drift, no noise): a rank-4 fold keeps them up to rounding
     M64, specs = _trajectory(steps, [200, 150], drift=0.3, seed=7)
-    plain = solve(M64.float(), steps, specs, method="gram", backtest=True).backtest
+    plain = solve(M64.float(), steps, specs, SolveOptions(method="gram", backtest=True)).backtest
     st = _store(M64, specs, steps, K=7, fold_rank=4)
     assert st.folds >= 3
-    sol = solve(specs=st.specs, method="gram", backtest=True, **st.solve_inputs())
+    sol = solve(specs=st.specs, **st.solve_inputs(), options=SolveOptions(method="gram", backtest=True))
     assert sol.method == "gram-folded"
     fold = sol.backtest
     bound, move = _fold_bound(M64.float(), st, steps)
@@ -415,9 +415,9 @@ def test_folded_store_agrees_with_unfolded():
     assert bool((bound < 1e-3 * torch.tensor([getattr(plain, k) for k in GLOBAL]).abs()).all()), bound
     # noisy trajectories: the fold truncates to rank 4, the figures move by what the discarded noise allows
     M64, specs = _trajectory(steps, [200, 150], drift=0.3, noise=0.05, seed=7)
-    plain = solve(M64.float(), steps, specs, method="gram", backtest=True).backtest
+    plain = solve(M64.float(), steps, specs, SolveOptions(method="gram", backtest=True)).backtest
     st = _store(M64, specs, steps, K=7, fold_rank=4)
-    fold = solve(specs=st.specs, method="gram", backtest=True, **st.solve_inputs()).backtest
+    fold = solve(specs=st.specs, **st.solve_inputs(), options=SolveOptions(method="gram", backtest=True)).backtest
     bound, move = _fold_bound(M64.float(), st, steps)
     _within([getattr(fold, k) for k in GLOBAL], [getattr(plain, k) for k in GLOBAL], bound,
             f"folded, noise truncated (Gram moved by {move:.1e} of its largest entry)")
@@ -427,7 +427,7 @@ def test_combine_disjoint_tensor_sets_equals_the_whole():
     steps = list(range(1, 21))
     M64, specs = _trajectory(steps, [300, 50, 700, 20], drift=0.2, noise=0.05, seed=8)
     M = M64.float()
-    whole = solve(M, steps, specs, method="gram", backtest=True).backtest
+    whole = solve(M, steps, specs, SolveOptions(method="gram", backtest=True)).backtest
     parts = []
     for group in ([0, 2], [1, 3]):
         sub, o = [], 0
@@ -440,7 +440,7 @@ def test_combine_disjoint_tensor_sets_equals_the_whole():
         # the Gram path here: the power path's acceptance bound (tol 1e-6 on lam, 1e-5 on the fit part) is wider
         # than the difference between a part and the whole, so it could not tell them apart; the power path's
         # figures are checked against the Gram path's in test_gram_and_power_agree_including_fallbacks
-        parts.append(solve(torch.cat(cols, 1), steps, sub, method="gram", backtest=True).backtest)
+        parts.append(solve(torch.cat(cols, 1), steps, sub, SolveOptions(method="gram", backtest=True)).backtest)
     merged = combine(parts)
     assert merged.names == ["t0", "t2", "t1", "t3"]
     # the same per-tensor data in another arena layout (its float32 Gram may be summed in another order): each
@@ -471,7 +471,7 @@ def test_fit_part_spec_and_short_windows():
     M64, specs = _trajectory(steps, [30], seed=9)
     # one step in the fit part, or every step: no backtest, a reason instead (the solve itself is unaffected)
     for fit in (3, 10):
-        sol = solve(M64.float(), steps, specs, backtest=fit)
+        sol = solve(M64.float(), steps, specs, SolveOptions(backtest=fit))
         assert sol.backtest.reason and sol.backtest.cosine_global is None
         rep = to_report(sol.backtest)
         assert rep["reason"] == sol.backtest.reason and rep["tensors"] == [] and rep["predicted_step"] is None
@@ -484,7 +484,7 @@ def test_report_dict_and_pure_function():
     steps = list(range(1, 17))
     M64, specs = _trajectory(steps, [100, 60], drift=0.1, noise=0.02, seed=10)
     M = M64.float()
-    sol = solve(M, steps, specs, method="gram", backtest=True)
+    sol = solve(M, steps, specs, SolveOptions(method="gram", backtest=True))
     rep = sol.backtest.to_report()
     for k in ("fit_steps", "predicted_step", "cosine_global", "norm_ratio_global", "relative_error_global",
               "direction_cosine", "tensors", "by_step"):

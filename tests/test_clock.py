@@ -106,7 +106,7 @@ def test_clock_json_round_trip_and_log_history():
 
 def test_solver_fits_on_the_clock_and_places_horizons_on_it():
     """An exactly linear-in-tau trajectory is extrapolated exactly by the lr clock (and not by the step clock)."""
-    from relex_callback.core.solver import solve
+    from relex_callback.core.solver import SolveOptions, solve
     from relex_callback.params import TensorSpec
 
     torch.manual_seed(0)
@@ -116,11 +116,11 @@ def test_solver_fits_on_the_clock_and_places_horizons_on_it():
     steps = list(range(1, 9))
     M = torch.stack([c.tau(t) * v for t in steps]).float()
     specs = [TensorSpec("w", (50,), torch.float32, 50, 0, 0)]
-    sol = solve(M, steps, specs, method="gram", clock=c)
+    sol = solve(M, steps, specs, SolveOptions(method="gram", clock=c))
     pred = float(sol.coef_at(16)[0, 0]) * sol.V[0].double()
     want = c.tau(16) * v
     assert torch.allclose(pred, want, rtol=1e-4, atol=1e-5)
-    plain = solve(M, steps, specs, method="gram")
+    plain = solve(M, steps, specs, SolveOptions(method="gram"))
     assert not torch.allclose(float(plain.coef_at(16)[0, 0]) * plain.V[0].double(), want, rtol=1e-2)
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from relex_callback.core import noise
-from relex_callback.core.solver import solve
+from relex_callback.core.solver import SolveOptions, solve
 from relex_callback.files.report import format_noise
 from relex_callback.params import TensorSpec
 from relex_callback.trainer.topology import Topology
@@ -67,9 +67,10 @@ def _two_processes_report(sols):
 
 def test_replicated_report_carries_the_whole_windows_drift_share():
     M = _walk()
-    whole = solve(M, STEPS, _specs(list(SIZES)), method="gram").noise
+    whole = solve(M, STEPS, _specs(list(SIZES)), SolveOptions(method="gram")).noise
     mine = {0: ["a.weight"], 1: ["b.weight", "c.bias"]}
-    sols = {r: solve(_columns(M, names), STEPS, _specs(names), method="gram") for r, names in mine.items()}
+    sols = {r: solve(_columns(M, names), STEPS, _specs(names), SolveOptions(method="gram"))
+            for r, names in mine.items()}
     rep = _two_processes_report(sols)
     assert rep.noise is not None and not isinstance(rep.noise, str)
     assert rep.noise.names == list(SIZES)
@@ -84,7 +85,7 @@ def test_replicated_report_carries_the_whole_windows_drift_share():
 def test_replicated_report_keeps_a_processs_reason():
     M = _walk()[:2]  # two recorded steps: too few for the figure
     names = {0: ["a.weight"], 1: ["b.weight", "c.bias"]}
-    sols = {r: solve(_columns(M, n), STEPS[:2], _specs(n), method="gram") for r, n in names.items()}
+    sols = {r: solve(_columns(M, n), STEPS[:2], _specs(n), SolveOptions(method="gram")) for r, n in names.items()}
     assert isinstance(sols[1].noise, str)
     rep = _two_processes_report(sols)
     line = format_noise(noise.report_entry(rep.noise))
@@ -94,7 +95,7 @@ def test_replicated_report_keeps_a_processs_reason():
 
 def test_sharded_report_keeps_the_solutions_drift_share():
     M = _walk()
-    sol = solve(M, STEPS, _specs(list(SIZES)), method="gram")
+    sol = solve(M, STEPS, _specs(list(SIZES)), SolveOptions(method="gram"))
     rep = _topology("zero3", 0).report_solution(sol)
     assert rep.noise is sol.noise
 
@@ -105,7 +106,7 @@ def test_no_figures_never_reads_not_computed_twice():
 
 
 def test_gather_form_is_on_the_cpu_and_plain():
-    sol = solve(_walk(), STEPS, _specs(list(SIZES)), method="gram")
+    sol = solve(_walk(), STEPS, _specs(list(SIZES)), SolveOptions(method="gram"))
     form = noise.gather_form(sol.noise)
     assert set(form) == {"mom", "c_mom", "steps", "names"}
     assert all(t.device.type == "cpu" for t in form["mom"])

@@ -12,7 +12,7 @@ from relex_callback.errors import RelexInputError, RelexMemoryError
 from relex_callback.config import RelexSettings
 from relex_callback.core.fold import plan_slots
 from relex_callback.params import TensorSpec
-from relex_callback.core.solver import solve
+from relex_callback.core.solver import SolveOptions, solve
 
 from helpers import extrapolation_tolerance, gram_rounding
 
@@ -54,7 +54,8 @@ def _store(specs, theta0, snaps, K, fold_rank, dtype="float32", steps=None, **kw
 
 
 def _solve(st, rank=1, fit_start=None):
-    return solve(specs=st.specs, rank=rank, fit_start=fit_start, method="gram", **st.solve_inputs())
+    return solve(specs=st.specs, options=SolveOptions(rank=rank, fit_start=fit_start, method="gram"),
+                 **st.solve_inputs())
 
 
 def compare(exact, other, theta0, H):

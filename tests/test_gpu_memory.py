@@ -19,6 +19,7 @@ from relex_callback.trainer.topology import Topology
 from relex_callback.trajectory import tiers
 from relex_callback.trajectory.plan import (
     DEFAULT_GPU_HEADROOM,
+    NodeFigures,
     pending_training_bytes,
     plan_for_run,
     solve_scratch_bytes,
@@ -48,8 +49,8 @@ def _plan(model, tmp_path, optimizer, storage="auto", dtype="bfloat16", host=64 
     specs = [t.spec for t in plain_tracked(trainable_named_parameters(model))]
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     free = H100 - weights - CONTEXT  # what mem_get_info says at on_train_begin: the model and a context
-    return plan_for_run(s, specs, Topology("single"), None, device="cpu", device_memory=(free, H100),
-                        optimizer=optimizer, local_world_size=1, host_memory=host, disk_free=disk), weights
+    given = NodeFigures(local_world_size=1, device_memory=(free, H100), host_memory=host, disk_free=disk)
+    return plan_for_run(s, specs, Topology("single"), None, device="cpu", optimizer=optimizer, given=given), weights
 
 
 def test_plain_adamw_counts_16_bytes_per_float32_parameter(qwen_1p5b):

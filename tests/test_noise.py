@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from relex_callback.core import noise
-from relex_callback.core.solver import solve
+from relex_callback.core.solver import SolveOptions, solve
 
 from helpers import U32, arena_specs, first_order_bound, gram_rounding
 
@@ -34,7 +34,7 @@ def _walk(T, drift, sigma, seed=0, sizes=SIZES):
 
 
 def _share(M, steps, specs, method="gram"):
-    sol = solve(M.float(), steps, specs, method=method)
+    sol = solve(M.float(), steps, specs, SolveOptions(method=method))
     return sol.noise
 
 
@@ -161,7 +161,7 @@ def test_combine_equals_the_whole_window():
 
 def test_a_window_too_short_gives_a_reason_not_a_figure():
     M, specs = _walk(2, drift=1.0, sigma=0.1)
-    sol = solve(M.float(), [1, 2], specs, method="gram")
+    sol = solve(M.float(), [1, 2], specs, SolveOptions(method="gram"))
     assert isinstance(sol.noise, str) and "at least 3" in sol.noise
     assert noise.report_entry(sol.noise) == {"reason": sol.noise}
     with pytest.raises(ValueError, match="increasing"):

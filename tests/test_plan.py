@@ -3,6 +3,7 @@ published configs, the plan's arithmetic recomputed here from first principles, 
 by 8 processes vs 1, a colocated vLLM's share, folding when the exact window fits nowhere, and every CLI mistake ->
 one `relex: error:` line, exit 2."""
 
+import dataclasses
 import json
 import math
 import os
@@ -14,14 +15,22 @@ import torch
 
 from relex_callback.offline.cli import main
 from relex_callback.errors import RelexInputError
-from relex_callback.trajectory.plan import (balance_loads, count_parameters, elements_per_process, plan_for_run, plan_memory,
-                                 _local_world_size)
+from relex_callback.trajectory.plan import (PlanMachine, PlanWindow, balance_loads, count_parameters, elements_per_process,
+                                            plan_for_run, plan_memory, _local_world_size)
 
 FIX = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 GB, TB = 10**9, 10**12
 # Published totals, in billions, 3 significant digits (the model cards print 1.54B, 4.0B and
 # 8.2B, see tests/fixtures/README.md for where the configs come from).
 PUBLISHED = {"qwen2.5-math-1.5b": 1.54, "qwen3-4b-base": 4.02, "qwen3-8b-base": 8.19}
+WINDOW_FIELDS = {f.name for f in dataclasses.fields(PlanWindow)}
+
+
+def _plan(label="", **kw):
+    """plan_memory with its inputs as keywords, each given to PlanWindow or PlanMachine by its name (an unknown name
+    is a TypeError from PlanMachine)."""
+    win = PlanWindow(**{k: v for k, v in kw.items() if k in WINDOW_FIELDS})
+    return plan_memory(win, PlanMachine(**{k: v for k, v in kw.items() if k not in WINDOW_FIELDS}), label=label)
 
 
 def closed_form(cfg: dict) -> int:
@@ -96,7 +105,7 @@ def test_plan_arithmetic_of_the_8b_run(counted):
     shapes = [s for _, s in counted["qwen3-8b-base"][0]]
     N = sum(math.prod(s) for s in shapes)
     D = sum(-(-math.prod(s) // 8) for s in shapes)
-    p = plan_memory(window=100, shapes=shapes, mode="zero3", world_size=8, gpu_memory=80 * GB, host_memory=1 * TB,
+    p = _plan(window=100, shapes=shapes, mode="zero3", world_size=8, gpu_memory=80 * GB, host_memory=1 * TB,
                     use_vllm=True, vllm_gpu_memory_utilization=0.3)
     assert p.elements == D and p.elements_total == N
     assert p.row_bytes == 2 * D and p.exact_bytes == 100 * 2 * D
@@ -128,8 +137,8 @@ def test_auto_sees_the_node_shared_by_its_processes():
     """The same process on a node alone (local world 1) gets the whole host share; with 8 per node one eighth: the
     exact window fits the host in the first case only (today's choose_storage would pick host in both)."""
     kw = dict(window=100, elements=1_023_841_920, mode="zero3", world_size=8, gpu_memory=80 * GB, host_memory=1 * TB)
-    alone = plan_memory(local_world_size=1, **kw)
-    shared = plan_memory(local_world_size=8, **kw)
+    alone = _plan(local_world_size=1, **kw)
+    shared = _plan(local_world_size=8, **kw)
     assert alone.tiers["host"].budget == 8 * shared.tiers["host"].budget
     assert (alone.tier, alone.folded, alone.slots) == ("host", False, 100)
     assert shared.folded and shared.slots < 100
@@ -139,37 +148,37 @@ def test_auto_sees_the_node_shared_by_its_processes():
 
 def test_a_colocated_vllm_takes_its_share_unless_already_measured():
     kw = dict(window=75, elements=192_964_288, mode="zero3", world_size=8, gpu_memory=80 * GB)
-    none = plan_memory(**kw)
-    vllm = plan_memory(use_vllm=True, vllm_gpu_memory_utilization=0.3, **kw)
-    server = plan_memory(use_vllm=True, vllm_mode="server", **kw)
-    measured = plan_memory(use_vllm=True, vllm_gpu_memory_utilization=0.3, vllm_claimed=True, **kw)
+    none = _plan(**kw)
+    vllm = _plan(use_vllm=True, vllm_gpu_memory_utilization=0.3, **kw)
+    server = _plan(use_vllm=True, vllm_mode="server", **kw)
+    measured = _plan(use_vllm=True, vllm_gpu_memory_utilization=0.3, vllm_claimed=True, **kw)
     assert none.tiers["device"].budget - vllm.tiers["device"].budget == 24 * GB
     assert server.tiers["device"].budget == measured.tiers["device"].budget == none.tiers["device"].budget
     # 28.9 GB exact: fits beside the trainer alone (55 GB), and still with vLLM's 24 GB taken (32.5 GB)
     assert none.tier == vllm.tier == "device" and not vllm.folded
-    tight = plan_memory(use_vllm=True, vllm_gpu_memory_utilization=0.5, **kw)
+    tight = _plan(use_vllm=True, vllm_gpu_memory_utilization=0.5, **kw)
     assert tight.tiers["device"].exact_fits is False
 
 
 def test_fits_nowhere_folds_or_says_what_is_missing():
     row = 10**6 * 2
-    p = plan_memory(window=50, elements=10**6, host_memory=2 * 20 * row, cuda=False)  # host budget: 20 rows
+    p = _plan(window=50, elements=10**6, host_memory=2 * 20 * row, cuda=False)  # host budget: 20 rows
     assert p.tiers["device"].budget is None and (p.tier, p.folded, p.slots) == ("host", True, 12)
     assert "fits no tier" in p.reason
-    none = plan_memory(window=50, elements=10**6, host_memory=2 * 8 * row, cuda=False)  # 8 rows: no slot beside 8
+    none = _plan(window=50, elements=10**6, host_memory=2 * 8 * row, cuda=False)  # 8 rows: no slot beside 8
     assert none.tier is None and none.slots == 0 and "no tier has" in none.reason
-    asked = plan_memory(window=50, elements=10**6, host_memory=2 * 8 * row, storage="host", cuda=False)
+    asked = _plan(window=50, elements=10**6, host_memory=2 * 8 * row, storage="host", cuda=False)
     assert asked.tier is None and "choose another storage" in asked.reason
-    unknown = plan_memory(window=50, elements=10**6, cuda=False)
+    unknown = _plan(window=50, elements=10**6, cuda=False)
     assert unknown.tier is None and "no tier's memory was given" in unknown.reason
     # the device wins over a larger host ring only when it affords at least fold_rank slots
     fixed = row + 4 * 10**6  # theta_0 (bf16, one row) + the float32 scratch of the 10^6-element tensor
     # + the solve at tcut: the bf16 direction row, the tensor in float32 + bf16, the Gram's float32 chunk
     fixed += row + 10**6 * (4 + 2) + 50 * (1 << 18) * 4
-    few = plan_memory(window=50, elements=10**6, gpu_memory=10**12, trainer_gpu_bytes=10**12 - 30 * row - fixed,
+    few = _plan(window=50, elements=10**6, gpu_memory=10**12, trainer_gpu_bytes=10**12 - 30 * row - fixed,
                       gpu_headroom=0, host_memory=2 * 40 * row)
     assert few.tiers["device"].fold_slots == 22 and (few.tier, few.slots) == ("device", 22)
-    fewer = plan_memory(window=50, elements=10**6, gpu_memory=10**12, trainer_gpu_bytes=10**12 - 12 * row - fixed,
+    fewer = _plan(window=50, elements=10**6, gpu_memory=10**12, trainer_gpu_bytes=10**12 - 12 * row - fixed,
                         gpu_headroom=0, host_memory=2 * 40 * row)
     assert fewer.tiers["device"].fold_slots == 4 and (fewer.tier, fewer.slots) == ("host", 32)
 
@@ -178,7 +187,7 @@ def test_max_buffer_bytes_folds_like_the_store():
     from relex_callback.core.fold import plan_slots
 
     D, cap = 3_000_000, 20 * 3_000_000 * 2 + 12345
-    p = plan_memory(window=40, elements=D, host_memory=10**12, max_buffer_bytes=cap, cuda=False)
+    p = _plan(window=40, elements=D, host_memory=10**12, max_buffer_bytes=cap, cuda=False)
     K, fr = plan_slots(40, D, 2, max_buffer_bytes=cap, buffer_slots=None, fold_rank=8)
     assert (p.tier, p.folded, p.slots, p.fold_rank) == ("host", True, K, fr)
 
@@ -220,7 +229,7 @@ def test_cli_prints_the_plan(capsys, counted):
     rc = main(["plan", "--model", os.path.join(FIX, "qwen3-8b-base", "config.json"), "--tcut", "100", "--world-size",
                "8", "--gpu-memory", "80GB", "--host-memory", "1TB", "--vllm-colocate", "0.3", "--json"])
     d = json.loads(capsys.readouterr().out)
-    want = plan_memory(window=100, shapes=[s for _, s in counted["qwen3-8b-base"][0]], mode="zero3", world_size=8,
+    want = _plan(window=100, shapes=[s for _, s in counted["qwen3-8b-base"][0]], mode="zero3", world_size=8,
                        gpu_memory=80 * GB, host_memory=TB, use_vllm=True, vllm_gpu_memory_utilization=0.3)
     assert rc == 0 and d["tier"] == want.tier and d["slots"] == want.slots and d["exact_bytes"] == want.exact_bytes
     assert d["tiers"]["host"]["budget"] == want.tiers["host"].budget

@@ -21,7 +21,7 @@ from torch.overrides import TorchFunctionMode
 
 from relex_callback.core import kernels
 from relex_callback.core.precision import float32_exact
-from relex_callback.core.solver import factor_left, solve
+from relex_callback.core.solver import factor_left, SolveOptions, solve
 from relex_callback.params import TensorSpec
 from relex_callback.trajectory.store import TrajectoryStore
 
@@ -84,8 +84,8 @@ def test_every_solver_product_runs_in_ieee_under_tf32(tf32_requested):
     calls = {
         "gram": lambda: kernels.gram(M, offsets, numels),
         "project": lambda: kernels.project(M, offsets, numels, U, out),
-        "solve gram": lambda: solve(M, steps, specs, method="gram", rank=2),
-        "solve power": lambda: solve(M, steps, specs, method="power"),
+        "solve gram": lambda: solve(M, steps, specs, SolveOptions(method="gram", rank=2)),
+        "solve power": lambda: solve(M, steps, specs, SolveOptions(method="power")),
         "factor_left": lambda: factor_left(M, None, specs, 2),
     }
     for name, fn in calls.items():

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from relex_callback.core.solver import solve
+from relex_callback.core.solver import SolveOptions, solve
 
 from helpers import U32, arena_specs, direction_tolerance
 
@@ -83,7 +83,7 @@ def _bounds(M64, steps, spec, rank, fit_start, solver_tol):
 
 def _check(sol, M64, steps, specs, *, rank=1, fit_start=None, solver_tol=1e-6):
     """The solver's result against the float64 SVD of the same data, each figure to its derived bound
-    (:func:`_bounds`); ``solver_tol``: the power path's acceptance tolerance (``solve(tol=1e-6)``), 0 suffices for
+    (:func:`_bounds`); ``solver_tol``: the power path's acceptance tolerance (``SolveOptions(tol=1e-6)``), 0 suffices for
     the Gram path."""
     for i, sp in enumerate(specs):
         ref = _svd_reference(M64, steps, sp, rank, fit_start)
@@ -102,7 +102,7 @@ def _check(sol, M64, steps, specs, *, rank=1, fit_start=None, solver_tol=1e-6):
 @pytest.mark.parametrize("kind", ["near1", "random"])
 def test_matches_float64_svd_fp32_storage(method, kind):
     M64, steps, specs = _trajectory(12, [1, 7, 300, 2000], kind, seed=1)
-    sol = solve(M64.float(), steps, specs, method=method)
+    sol = solve(M64.float(), steps, specs, SolveOptions(method=method))
     assert sol.method == method
     assert all(torch.isfinite(x).all() for x in (sol.sigma, sol.slope, sol.intercept, sol.r2, sol.V.float()))
     # a 1-column segment is exactly rank 1: the check holds for it too
@@ -112,8 +112,8 @@ def test_matches_float64_svd_fp32_storage(method, kind):
 @pytest.mark.parametrize("method", METHODS)
 def test_power_falls_back_on_random_data_and_agrees_with_gram(method):
     M64, steps, specs = _trajectory(30, [500, 800], "random", seed=2)
-    a = solve(M64.float(), steps, specs, method="gram")
-    b = solve(M64.float(), steps, specs, method=method, max_iter=3)
+    a = solve(M64.float(), steps, specs, SolveOptions(method="gram"))
+    b = solve(M64.float(), steps, specs, SolveOptions(method=method, max_iter=3))
     if method == "power":
         # flat spectrum: 3 Krylov steps are not enough, the Gram path finishes the job for every segment
         assert b.fallbacks == len(specs)
@@ -136,7 +136,7 @@ def test_all_zero_segments_give_theta0(method):
     M = M64.float()
     M[:, specs[1].offset : specs[1].offset + 50] = 0
     M[:, specs[2].offset : specs[2].offset + 9] = 0
-    sol = solve(M, steps, specs, method=method)
+    sol = solve(M, steps, specs, SolveOptions(method=method))
     for i in (1, 2):
         assert float(sol.sigma[i, 0]) == 0.0
         assert float(sol.slope[i, 0]) == 0.0 and float(sol.intercept[i, 0]) == 0.0
@@ -163,7 +163,7 @@ def test_movement_only_in_early_rows(method):
     v = torch.randn(n, generator=g)
     M[:3, :n] = torch.tensor([1.0, 2.0, 3.0])[:, None] * v * 1e-3  # later rows zero
     M[:3, n:] = torch.randn(3, n, generator=g) * 1e-3
-    sol = solve(M, steps, specs, method=method)
+    sol = solve(M, steps, specs, SolveOptions(method=method))
     assert torch.isfinite(sol.V.float()).all() and torch.isfinite(sol.slope).all()
     _check(sol, M.double(), steps, specs)
 
@@ -181,7 +181,7 @@ def test_rank_r_components_each_fitted():
         C = torch.stack([5e-3 * t + 0.01, 3e-3 * t - 0.003, 2e-2 * torch.sin(t)], 1)
         M[:, sp.offset : sp.offset + n] = C @ Q.T + torch.randn(T, n, generator=g, dtype=torch.float64) * 1e-6
     for method in METHODS:  # power falls back to gram for rank > 1
-        sol = solve(M.float(), steps, specs, rank=3, method=method)
+        sol = solve(M.float(), steps, specs, SolveOptions(rank=3, method=method))
         assert sol.method == "gram" and sol.V.shape == (3, D)
         _check(sol, M.float().double(), steps, specs, rank=3)
         assert (sol.explained_rank >= sol.explained).all()
@@ -190,19 +190,19 @@ def test_rank_r_components_each_fitted():
 @pytest.mark.parametrize("method", METHODS)
 def test_fit_start(method):
     M64, steps, specs = _trajectory(15, [120, 50], "near1", seed=6)
-    sol = solve(M64.float(), steps, specs, method=method, fit_start=steps[5])
+    sol = solve(M64.float(), steps, specs, SolveOptions(method=method, fit_start=steps[5]))
     _check(sol, M64.float().double(), steps, specs, fit_start=steps[5])
-    full = solve(M64.float(), steps, specs, method=method)
+    full = solve(M64.float(), steps, specs, SolveOptions(method=method))
     assert not torch.allclose(sol.slope, full.slope, rtol=1e-9)
     with pytest.raises(ValueError, match="fit_start"):
-        solve(M64.float(), steps, specs, fit_start=steps[-1])
+        solve(M64.float(), steps, specs, SolveOptions(fit_start=steps[-1]))
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_explained_variance_and_r2_direct(method):
     M64, steps, specs = _trajectory(9, [80, 31], "near1", seed=7)
     M = M64.float()
-    sol = solve(M, steps, specs, method=method)
+    sol = solve(M, steps, specs, SolveOptions(method=method))
     t = torch.tensor(steps, dtype=torch.float64)
     for i, sp in enumerate(specs):
         m = M.double()[:, sp.offset : sp.offset + sp.local_numel]
@@ -237,7 +237,7 @@ def test_explained_variance_and_r2_direct(method):
 def test_half_storage_near_rank1(method, dtype):
     M64, steps, specs = _trajectory(20, [3000, 257], "near1", seed=8)
     M = M64.to(dtype)
-    sol = solve(M, steps, specs, method=method)
+    sol = solve(M, steps, specs, SolveOptions(method=method))
     assert sol.V.dtype == dtype
     for i, sp in enumerate(specs):
         _, Vh = torch.linalg.svd(M64[:, sp.offset : sp.offset + sp.local_numel], full_matrices=False)[1:]
@@ -248,7 +248,7 @@ def test_half_storage_near_rank1(method, dtype):
 @pytest.mark.parametrize("method", METHODS)
 def test_extrapolate_is_the_formula(method):
     M64, steps, specs = _trajectory(8, [100], "near1", seed=9)
-    sol = solve(M64.float(), steps, specs, method=method)
+    sol = solve(M64.float(), steps, specs, SolveOptions(method=method))
     theta0 = torch.randn(100)
     H = 500
     coef = float(sol.slope[0, 0]) * H + float(sol.intercept[0, 0])
@@ -266,7 +266,7 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="steps"):
         solve(M64.float(), steps[:-1], specs)
     with pytest.raises(ValueError, match="method"):
-        solve(M64.float(), steps, specs, method="svd")
+        solve(M64.float(), steps, specs, SolveOptions(method="svd"))
     with pytest.raises(ValueError, match="two"):
         solve(M64.float()[:1], steps[:1], specs)
 
@@ -279,11 +279,11 @@ def test_auto_dispatch():
     assert sol.method == "power"  # CPU, rank 1, many steps (docs/architecture.md, "Solver figures")
     few = M64[: CPU_GRAM_MAX_STEPS]
     assert solve(few.float(), steps[: CPU_GRAM_MAX_STEPS], specs).method == "gram"  # small T: T^2 n is cheaper
-    assert solve(M64.float(), steps, specs, rank=2).method == "gram"
+    assert solve(M64.float(), steps, specs, SolveOptions(rank=2)).method == "gram"
     assert solve(M64.float(), steps, specs, reduce=lambda G: G).method == "gram"  # distributed: Grams all-reduced
     _check(sol, M64.float().double(), steps, specs)
     # bytes read: power = its passes + the direction pass; gram = exactly two reads of the buffer
-    gram = solve(M64.float(), steps, specs, method="gram")
+    gram = solve(M64.float(), steps, specs, SolveOptions(method="gram"))
     assert gram.bytes_read == 2 * M64.shape[0] * M64.shape[1] * 4
     assert sol.bytes_read > gram.bytes_read
 
@@ -292,7 +292,7 @@ def test_direction_tolerance_holds_and_catches_a_planted_error():
     """helpers.direction_tolerance (used by test_callback's resume check): the float32 solve's direction within it of
     the float64 SVD's, the bound small enough that a 1e-3 turn of the direction fails it."""
     M64, steps, specs = _trajectory(12, [300, 2000], "near1", seed=3)
-    sol = solve(M64.float(), steps, specs, method="gram")
+    sol = solve(M64.float(), steps, specs, SolveOptions(method="gram"))
     M = M64.float().double()
     for i, sp in enumerate(specs):
         m = M[:, sp.offset : sp.offset + sp.local_numel]

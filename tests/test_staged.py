@@ -15,7 +15,7 @@ import torch
 
 from relex_callback.core import kernels
 from relex_callback.core.kernels import reference, staged
-from relex_callback.core.solver import solve
+from relex_callback.core.solver import SolveOptions, solve
 from relex_callback.params import TensorSpec
 from relex_callback.trajectory.store import TrajectoryStore
 
@@ -127,9 +127,9 @@ def _trajectory(T=8, sizes=(300, 41, 1000, 7), seed=0):
 @pytest.mark.parametrize("method", ["auto", "power", "gram"])
 def test_solve_through_the_device_matches_the_plain_solve(cpu_counts_as_elsewhere, method):
     M, steps, specs = _trajectory()
-    plain = solve(M, steps, specs, method="gram", rank=2)
+    plain = solve(M, steps, specs, SolveOptions(method="gram", rank=2))
     assert cpu_counts_as_elsewhere == {"gram": 0, "project": 0}
-    got = solve(M, steps, specs, method=method, rank=2, compute_device="cuda")
+    got = solve(M, steps, specs, SolveOptions(method=method, rank=2), compute_device="cuda")
     assert cpu_counts_as_elsewhere == {"gram": 1, "project": 1}  # one pass each: the power path is not taken
     assert got.method == "gram"
     # the same float32 products summed over other blocks: rounding relative to the largest singular value
@@ -154,7 +154,8 @@ def test_the_fold_through_the_device_matches_the_plain_fold(cpu_counts_as_elsewh
         for t, row in zip(steps, M):
             st.snapshot(t, list(torch.split(row, sizes)))
         assert st.folds >= 2
-        return solve(specs=st.specs, rank=1, method="gram", compute_device=st.compute_device, **st.solve_inputs())
+        return solve(specs=st.specs, options=SolveOptions(rank=1, method="gram"), compute_device=st.compute_device,
+                     **st.solve_inputs())
 
     plain = run()
     assert cpu_counts_as_elsewhere == {"gram": 0, "project": 0}

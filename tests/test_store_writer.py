@@ -12,7 +12,7 @@ import torch
 from relex_callback.trajectory.store import TrajectoryStore
 from relex_callback.errors import RelexInputError, RelexMemoryError
 from relex_callback.params import TensorSpec, plain_tracked
-from relex_callback.core.solver import solve
+from relex_callback.core.solver import SolveOptions, solve
 from relex_callback.files.state import fingerprint, fingerprint_mismatch, load_state, save_state
 from relex_callback.files.checkpoints import ModelSource, plan_shards
 from relex_callback.files.fs import atomic_directory
@@ -131,7 +131,7 @@ def _solved(model):
     dirs = [torch.randn(s.shape, generator=g) * 1e-3 for s in specs]
     for t in (1, 2, 3):
         store.snapshot(t, [t_.read().reshape(s.shape) + t * d for t_, s, d in zip(tracked, specs, dirs)])
-    sol = solve(store.rows(), store.steps, store.specs, method="gram")
+    sol = solve(store.rows(), store.steps, store.specs, SolveOptions(method="gram"))
     return store, sol, dirs
 
 

@@ -32,7 +32,7 @@ additive across disjoint sets of tensors: :meth:`Backtest.sums` and :func:`combi
 hold different tensors. In sharded runs the Grams are all-reduced before the solve, so every rank already holds the
 global result for every tensor: do not add the ranks' sums there.
 
-The power path (``solve(method="power")``) never forms ``G``; it delivers the same four inputs
+The power path (``SolveOptions(method="power")``) never forms ``G``; it delivers the same four inputs
 (``lambda_P, u_P, G[:, P] u_P, diag G``) from a second Krylov iteration run on ``P``'s rows in the same passes over
 the buffer (:func:`backtest_from_projections` takes those).
 """

@@ -68,8 +68,8 @@ class Solution:
     seconds: dict = field(default_factory=dict)
     fallbacks: int = 0
     bytes_read: int = 0  # bytes of the buffer read by the solve (passes x segment bytes)
-    backtest: Optional[Backtest] = None  # the in-window backtest (``solve(backtest=...)``), else None
-    curve: Optional[Fit] = None  # the fitted coefficient curves when not the plain line (``solve(fit=...)``)
+    backtest: Optional[Backtest] = None  # the in-window backtest (``SolveOptions(backtest=...)``), else None
+    curve: Optional[Fit] = None  # the fitted coefficient curves when not the plain line (``SolveOptions(fit=...)``)
     selection: Optional[Selection] = None  # fit="auto": every family's backtest score and the choice
     noise: Any = None  # relex_callback.core.noise.DriftShare, or the reason it was not computed (str)
     clock: Any = None  # relex_callback.core.clock.Clock: fitted against the lr clock; None: against the step
@@ -183,29 +183,81 @@ def _fix_signs(U: torch.Tensor) -> torch.Tensor:
     return U * sign.unsqueeze(1)
 
 
+@dataclass(frozen=True)
+class SolveOptions:
+    """What :func:`solve` computes, as one object (the pipeline builds it from the window's settings).
+
+    Args:
+        rank (`int`, *optional*, defaults to `1`): number of components per tensor.
+        fit_start (`int`, *optional*): fit the lines on steps ``>= fit_start`` only.
+        method (`str`, *optional*, defaults to `"auto"`): ``"gram"``, ``"power"`` or ``"auto"`` (see
+            :func:`default_method`). ``power`` falls back to ``gram`` for ``rank > 1`` and with ``reduce``.
+        out_dtype (`torch.dtype`, *optional*): dtype of the direction arena ``V`` (default: the buffer dtype).
+        max_iter (`int`, *optional*, defaults to `6`): passes over a segment before ``power`` gives it to ``gram``.
+        tol (`float`, *optional*, defaults to `1e-6`): ``power`` accepts a Ritz pair when its residual is below
+            ``tol`` times both the Ritz value and the gap to the next one (eigenvector error ~ ``tol``).
+        backtest (`bool`, `int` or `float`, *optional*): run the in-window backtest
+            (:mod:`relex_callback.core.backtest`) with this fit part: ``True`` for the steps ``<= last step / 2``, a float in ``(0, 1)`` for a fraction of
+            the last step, an int for a step number. ``None`` (default): no backtest. The result is
+            ``Solution.backtest`` (with a ``reason`` instead of figures when the window is too short). The Gram paths
+            take it from the Gram they already have; ``power`` runs a second Krylov iteration on the fit part in the
+            same passes over the buffer (more arithmetic per pass, no extra read while both iterations converge
+            together). Always on the rank-1 component.
+        fit / fit_window / degree (*optional*): the coefficient curve (:func:`fit_curves`; the settings of the same
+            names).
+        per_tensor_fit (`bool`, *optional*, defaults to `False`): ``fit="auto"`` chooses the family per tensor.
+        clock (`Clock`, *optional*): fit against ``clock.at(step)`` (:mod:`relex_callback.core.clock`, the lr clock)
+            instead of the step; ``None``: the step (the paper's axis).
+    """
+
+    rank: int = 1
+    fit_start: Optional[int] = None
+    method: str = "auto"
+    out_dtype: Optional[torch.dtype] = None
+    max_iter: int = 6
+    tol: float = 1e-6
+    backtest: Any = None
+    fit: str = "linear"
+    fit_window: Optional[int] = None
+    degree: int = 2
+    per_tensor_fit: bool = False
+    clock: Any = None
+
+
+@dataclass
+class _Run:
+    """One solve's arena, options and bookkeeping, handed to the Gram or the power path."""
+
+    M: torch.Tensor
+    steps: Sequence[int]
+    specs: Sequence[TensorSpec]
+    options: SolveOptions
+    left: Optional[torch.Tensor]
+    folded_sq: Optional[torch.Tensor]
+    folded_steps: int
+    reduce: Optional[Callable[[torch.Tensor], torch.Tensor]]
+    compute_device: Any
+    names: list
+    backtest: Any  # the backtest's fit part, resolved (fit="auto" turns it on)
+    bt: Any  # the backtest's result when it was skipped, else filled by the path
+    bt_rows: Optional[int]
+    seg_bytes: int
+    secs: dict
+    t0: float
+
+
 @torch.no_grad()
 @exact
 def solve(
     M: torch.Tensor,
     steps: Sequence[int],
     specs: Sequence[TensorSpec],
+    options: SolveOptions = SolveOptions(),
     *,
-    rank: int = 1,
-    fit_start: Optional[int] = None,
-    method: str = "auto",
-    out_dtype: Optional[torch.dtype] = None,
-    reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-    max_iter: int = 6,
-    tol: float = 1e-6,
     left: Optional[torch.Tensor] = None,
     folded_sq: Optional[torch.Tensor] = None,
     folded_steps: int = 0,
-    backtest=None,
-    fit: str = "linear",
-    fit_window: Optional[int] = None,
-    degree: int = 2,
-    per_tensor_fit: bool = False,
-    clock=None,
+    reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     compute_device=None,
 ) -> Solution:
     """Solve every segment of ``M`` (``[T, D]``, rows in step order).
@@ -214,16 +266,7 @@ def solve(
         M (`torch.Tensor`): the arena ``[T, D]`` (rows in step order; any float dtype).
         steps (`Sequence[int]`): the step number of each row.
         specs (`Sequence[TensorSpec]`): the segments (``offset``, ``local_numel``).
-        rank (`int`, *optional*, defaults to `1`): number of components per tensor.
-        fit_start (`int`, *optional*): fit the lines on steps ``>= fit_start`` only.
-        method (`str`, *optional*, defaults to `"auto"`): ``"gram"``, ``"power"`` or ``"auto"`` (see
-            :func:`default_method`). ``power`` falls back to ``gram`` for ``rank > 1`` and with ``reduce``.
-        out_dtype (`torch.dtype`, *optional*): dtype of the direction arena ``V`` (default: the buffer dtype).
-        reduce (`Callable`, *optional*): applied to the stacked Gram matrices (``[S, T, T]`` float64) before the
-            eigen-decomposition; the distributed path passes an all-reduce here (one collective for all tensors).
-        max_iter (`int`, *optional*, defaults to `6`): passes over a segment before ``power`` gives it to ``gram``.
-        tol (`float`, *optional*, defaults to `1e-6`): ``power`` accepts a Ritz pair when its residual is below
-            ``tol`` times both the Ritz value and the gap to the next one (eigenvector error ~ ``tol``).
+        options (`SolveOptions`, *optional*): what to compute: rank, fit start, method, backtest, fit, clock.
         left (`torch.Tensor`, *optional*): a folded store's left factors (``TrajectoryStore.solve_inputs``):
             ``[S, T, R]`` float64 with the trajectory of segment ``i`` equal to ``left[i] @ M_i`` (``M`` then has
             ``R`` rows: the folded basis and the remaining deltas). ``None`` (no fold) is the plain path.
@@ -231,42 +274,37 @@ def solve(
             first ``folded_steps`` steps (the factorisation alone would understate it); the report's total adds the
             later steps' squared norms from the Gram diagonal, so the remaining deltas are not read again.
         folded_steps (`int`, *optional*, defaults to `0`): how many leading steps ``folded_sq`` covers.
-        backtest (`bool`, `int` or `float`, *optional*): run the in-window backtest (:mod:`relex_callback.core.backtest`)
-            with this fit part: ``True`` for the steps ``<= last step / 2``, a float in ``(0, 1)`` for a fraction of
-            the last step, an int for a step number. ``None`` (default): no backtest. The result is
-            ``Solution.backtest`` (with a ``reason`` instead of figures when the window is too short). The Gram paths
-            take it from the Gram they already have; ``power`` runs a second Krylov iteration on the fit part in the
-            same passes over the buffer (more arithmetic per pass, no extra read while both iterations converge
-            together). Always on the rank-1 component.
-        clock (`Clock`, *optional*): fit against ``clock.at(step)`` (:mod:`relex_callback.core.clock`, the lr clock)
-            instead of the step; ``None``: the step (the paper's axis).
+        reduce (`Callable`, *optional*): applied to the stacked Gram matrices (``[S, T, T]`` float64) before the
+            eigen-decomposition; the distributed path passes an all-reduce here (one collective for all tensors).
         compute_device (`torch.device`, *optional*): run the passes over ``M`` there when ``M`` is elsewhere (a host
             or disk arena while training runs on a GPU: :mod:`relex_callback.core.kernels.staged`); the Gram method
             then (two passes, each block copied once).
     """
+    o = options
+    rank, fit_start, clock = o.rank, o.fit_start, o.clock
     T, D = M.shape
     offsets = [s.offset for s in specs]
     numels = [s.local_numel for s in specs]
     S = len(specs)
-    method = _solve_method(M, steps, left, method, rank, reduce)
+    method = _solve_method(M, steps, left, o.method, rank, reduce)
     if kernels.staged.through(M, compute_device) is not None and method == "power":
         method = "gram"  # the power path reads the arena once per iteration: through the device, two passes are less
     steps_t, mask = _fit_steps(steps, fit_start)
     x_t = clock.at_steps(steps) if clock is not None else steps_t
     names = [sp.name for sp in specs]
-    backtest, bt, bt_rows = _backtest_rows(steps, names, fit, backtest)
-    V = torch.zeros(rank, D, dtype=out_dtype or M.dtype, device=M.device)
+    backtest, bt, bt_rows = _backtest_rows(steps, names, o.fit, o.backtest)
+    V = torch.zeros(rank, D, dtype=o.out_dtype or M.dtype, device=M.device)
     seg_bytes = T * sum(numels) * M.element_size()
     secs = {}
     t0 = time.perf_counter()
     fallbacks = 0
+    run = _Run(M=M, steps=steps, specs=specs, options=o, left=left, folded_sq=folded_sq, folded_steps=folded_steps,
+               reduce=reduce, compute_device=compute_device, names=names, backtest=backtest, bt=bt, bt_rows=bt_rows,
+               seg_bytes=seg_bytes, secs=secs, t0=t0)
     if method != "power":
-        sigma, U, X, total, last_sq, bt, passes, noise_in = _solve_gram(
-            M, steps, specs, left, rank, reduce, folded_sq, folded_steps, backtest, bt, bt_rows, fit_start, names,
-            secs, t0, clock, compute_device)
+        sigma, U, X, total, last_sq, bt, passes, noise_in = _solve_gram(run)
     else:
-        sigma, U, X, total, last_sq, bt, passes, fallbacks, noise_in = _solve_power(
-            M, steps, offsets, numels, rank, max_iter, tol, bt, bt_rows, fit_start, names, seg_bytes, secs, t0, clock)
+        sigma, U, X, total, last_sq, bt, passes, fallbacks, noise_in = _solve_power(run, offsets, numels)
     t2 = time.perf_counter()
     kernels.project(M, offsets, numels, X, V, device=compute_device)
     secs["direction"] = time.perf_counter() - t2
@@ -275,8 +313,8 @@ def solve(
     slope, intercept, r2 = fit_lines(coeffs, x_t, mask)
     if not isinstance(noise_in, str):
         noise_in = _noise.safe(_noise.from_gram_parts, *noise_in, steps, coeffs=coeffs[:, 0, :], names=names)
-    curve, selection = fit_curves(coeffs, x_t, mask, bt, fit=fit, fit_window=fit_window, degree=degree,
-                                  per_tensor=per_tensor_fit)
+    curve, selection = fit_curves(coeffs, x_t, mask, bt, fit=o.fit, fit_window=o.fit_window, degree=o.degree,
+                                  per_tensor=o.per_tensor_fit)
     secs["total"] = time.perf_counter() - t0
     return Solution(
         specs=list(specs), steps=[int(s) for s in steps], fit_start=fit_start, rank=rank, sigma=sigma, coeffs=coeffs,
@@ -319,12 +357,14 @@ def _backtest_rows(steps, names, fit, backtest):
     return backtest, bt, bt_rows
 
 
-def _solve_gram(M, steps, specs, left, rank, reduce, folded_sq, folded_steps, backtest, bt, bt_rows, fit_start, names,
-                secs, t0, clock=None, compute_device=None):
+def _solve_gram(r: _Run):
     """The Gram paths (plain or folded): directions, norms, the drift share's inputs and backtest from the Gram
     matrices."""
+    M, steps, specs, left, reduce, names, secs, t0 = r.M, r.steps, r.specs, r.left, r.reduce, r.names, r.secs, r.t0
+    rank, fit_start, clock = r.options.rank, r.options.fit_start, r.options.clock
+    folded_sq, folded_steps, backtest, bt, bt_rows = r.folded_sq, r.folded_steps, r.backtest, r.bt, r.bt_rows
     S = len(specs)
-    sigma, U, X, _, G = factor_left(M, left, specs, rank, reduce=reduce, compute_device=compute_device)
+    sigma, U, X, _, G = factor_left(M, left, specs, rank, reduce=reduce, compute_device=r.compute_device)
     row_sq = torch.diagonal(G, dim1=1, dim2=2)
     if folded_sq is None:
         total = row_sq.sum(-1).clamp_min(0)
@@ -345,9 +385,12 @@ def _solve_gram(M, steps, specs, left, rank, reduce, folded_sq, folded_steps, ba
     return sigma, U, X, total, last_sq, bt, passes, noise_in
 
 
-def _solve_power(M, steps, offsets, numels, rank, max_iter, tol, bt, bt_rows, fit_start, names, seg_bytes, secs, t0,
-                 clock=None):
+def _solve_power(r: _Run, offsets, numels):
     """The power path: Krylov eigenpairs per segment, the Gram fallback for the unconverged, the backtest."""
+    M, steps, names, seg_bytes, secs, t0 = r.M, r.steps, r.names, r.seg_bytes, r.secs, r.t0
+    bt, bt_rows = r.bt, r.bt_rows
+    o = r.options
+    rank, max_iter, tol, fit_start, clock = o.rank, o.max_iter, o.tol, o.fit_start, o.clock
     T = M.shape[0]
     p = bt_rows if bt_rows is not None else 0
     lam, U, diag, todo, passes, bt_in, noise_in = _power_eigs(M, offsets, numels, max_iter=max_iter, tol=tol,

@@ -20,7 +20,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from ..config import parse_size
+from ..config import DEFAULTS, parse_size
 from ..errors import RelexInputError
 from .fs import read_json, read_safetensors_header
 
@@ -435,7 +435,7 @@ def write_weights(
     keys: list[str],
     meta: dict[str, tuple[tuple[int, ...], torch.dtype]],
     produce: Callable[[str], torch.Tensor],
-    max_shard_size="50GB",
+    max_shard_size=DEFAULTS["max_shard_size"],
     weights_name: str = WEIGHTS_NAME,
 ):
     """Write ``keys`` (in order) as safetensors shards + index into ``out_dir`` (not atomic by itself)."""

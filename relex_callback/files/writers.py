@@ -28,7 +28,7 @@ import torch
 
 from .checkpoints import (ADAPTER_KEYS, WEIGHTS_NAME, plan_shards, shard_names, tensor_bytes, write_index, write_model_extras,
                           write_relex_marker, write_shard, write_weights)
-from ..config import parse_size
+from ..config import DEFAULTS, parse_size
 from ..errors import RelexInputError
 from .fs import (STATE_NAME, atomic_directory, clean_stale_temporaries, commit_directory, describe_failure,
                  horizon_dir, new_temporary_dir, not_ours, write_failure)
@@ -101,10 +101,11 @@ class FullModelWriter(CheckpointWriter):
         source: where the untracked tensors, config and tokenizer come from (``ModelSource`` or ``DirectorySource``).
         theta0_of (`Callable[[int], torch.Tensor]`, *optional*): tensor ``i``'s flat theta_0; default the store's
             copy (the CLI reads it back from the base checkpoint instead, so the store can be freed first).
-        max_shard_size (`int` or `str`, *optional*, defaults to `"50GB"`): shard size, as in ``save_pretrained``.
+        max_shard_size (`int` or `str`, *optional*): shard size, as in ``save_pretrained`` (default: the setting's).
     """
 
-    def __init__(self, source, *, theta0_of: Optional[Callable[[int], torch.Tensor]] = None, max_shard_size="50GB"):
+    def __init__(self, source, *, theta0_of: Optional[Callable[[int], torch.Tensor]] = None,
+                 max_shard_size=DEFAULTS["max_shard_size"]):
         self.source = source
         self._theta0_of = theta0_of
         self.max_shard_size = parse_size(max_shard_size)
@@ -136,7 +137,7 @@ class FullModelWriter(CheckpointWriter):
 
 
 def write_full_checkpoint(out_dir: str, horizon: int, tcut: int, result, theta0_of, source, *, overwrite=False,
-                          max_shard_size="50GB", run_id: Optional[str] = None) -> str:
+                          max_shard_size=DEFAULTS["max_shard_size"], run_id: Optional[str] = None) -> str:
     """Write ``out_dir/step-<horizon>`` atomically from ``result`` (a ``Solution`` or a loaded ``RelexState``) and
     ``source``: what :class:`FullModelWriter` and ``relex materialize`` do for each horizon."""
     final = horizon_dir(out_dir, horizon)
@@ -292,7 +293,7 @@ class ShardedWriter(CheckpointWriter):
             process 0. max_shard_size (`int` or `str`): shard size per process.
     """
 
-    def __init__(self, topology, model, tokenizer=None, *, max_shard_size="50GB"):
+    def __init__(self, topology, model, tokenizer=None, *, max_shard_size=DEFAULTS["max_shard_size"]):
         self.topo, self.model, self.tokenizer = topology, model, tokenizer
         self.max_shard_size = parse_size(max_shard_size)
 

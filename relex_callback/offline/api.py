@@ -18,28 +18,87 @@ import os
 import shutil
 import sys
 import time
-from typing import Callable, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
+from ..config import DEFAULTS, MAX_STEP, RelexSettings, parse_horizons, parse_size
+from ..core.clock import resolve
+from ..errors import RelexInputError, RelexNonFiniteError, RelexWriteError
 from ..files.checkpoints import (ADAPTER_KEYS, check_same_tensors, DirectorySource, discover_checkpoints, MappedSource,
                                   nonfinite_base, read_tensors)
-from ..config import RelexSettings
-from ..errors import RelexInputError, RelexNonFiniteError, RelexWriteError
 from ..files.fs import STATE_NAME, check_free_space, check_outputs_free, check_writable_dir, read_json
 from ..files.lock import visible_entries, writing
+from ..files.state import PEFT_THETA0, PEFT_VALUE, fingerprint, fingerprint_mismatch, load_state
+from ..files.untracked import UntrackedSource
+from ..files.writers import FullModelWriter, PeftAdapterWriter, WriteFailed, write_full_checkpoint
+from ..params import TensorSpec
 from ..pipeline.finalize import BufferedSolve, check_horizons_fit, finalize
-from ..files.writers import FullModelWriter, WriteFailed, write_full_checkpoint
+from ..pipeline.streamed import DEFAULT_MEMORY_BUDGET, StreamedSolve
+from ..trajectory.store import TrajectoryStore
+from .belongs import check_belongs, same_directories, untracked_at_tcut
+from .schedule import offline_clock
 
 logger = logging.getLogger("relex_callback")
+
+
+@dataclass(frozen=True)
+class OfflineOptions:
+    """The keyword arguments of :func:`extrapolate_checkpoints` and :func:`extrapolate_trajectory`, as the one object
+    their steps receive. The settings shared with the callback keep its names and defaults
+    (:data:`relex_callback.config.SETTINGS`); the others are the offline engine's own."""
+
+    steps: Optional[Sequence[int]] = None  # step numbers of the checkpoints, in the order given
+    stride: int = DEFAULTS["stride"]
+    fit_start: Optional[int] = DEFAULTS["fit_start"]
+    rank: int = DEFAULTS["rank"]
+    dtype: str = DEFAULTS["dtype"]
+    device: str = "cpu"
+    storage: str = DEFAULTS["storage"]
+    solver: str = DEFAULTS["solver"]
+    max_shard_size: Any = DEFAULTS["max_shard_size"]
+    overwrite: bool = DEFAULTS["overwrite"]
+    progress: bool = False
+    timing: bool = False
+    streaming: Optional[bool] = None
+    memory_budget: Optional[int] = None
+    fit: str = DEFAULTS["fit"]
+    fit_window: Optional[int] = DEFAULTS["fit_window"]
+    degree: int = DEFAULTS["degree"]
+    run_check: bool = True
+    fit_clock: str = DEFAULTS["fit_clock"]
+    schedule: Optional[str] = None
+    untracked_from: Optional[str] = None
+    untracked_frozen: bool = False
+
+    @classmethod
+    def of(cls, given: dict) -> "OfflineOptions":
+        """The options among ``given`` (a public function's ``locals()``)."""
+        return cls(**{f.name: given[f.name] for f in dataclasses.fields(cls) if f.name in given})
+
+
+@dataclass(frozen=True)
+class _Job:
+    """The checked inputs of one ``extrapolate_checkpoints`` run, handed to its solve path."""
+
+    base: str
+    cks: list  # the checkpoints found, by step
+    src_base: Any  # DirectorySource of the base
+    sources: list  # DirectorySource of each checkpoint
+    names: list[str]  # the tracked tensors
+    specs: list  # their TensorSpec
+    out: str  # the absolute output directory
+    options: OfflineOptions
+    t_main: float  # when the run began (RELEX_TIMING)
+    clock: Any = None  # the lr clock, or None: the step
 
 
 def base_theta0(src, base: str, specs, expected_of: Callable, whose: str, hint: str) -> dict[str, torch.Tensor]:
     """Each spec's piece of theta_0 read from the base checkpoint ``src`` (path ``base``), refused with ``hint``
     when its fingerprint differs from ``expected_of(spec)`` (``whose`` names where that came from). Returns
     ``name -> flat piece``."""
-    from ..files.state import fingerprint, fingerprint_mismatch
-
     thetas, differ = {}, []
     for spec in specs:
         t = src.get(spec.name).reshape(-1)[spec.flat_start: spec.flat_start + spec.local_numel]
@@ -50,7 +109,8 @@ def base_theta0(src, base: str, specs, expected_of: Callable, whose: str, hint: 
             differ.append((spec.name, why))
         thetas[spec.name] = t
     if differ:  # every tensor that differs is named: the same architecture with other weights differs everywhere
-        names = ", ".join(f"{n} ({why})" for n, why in differ[:5]) + (f" and {len(differ) - 5} more" if len(differ) > 5 else "")
+        names = ", ".join(f"{n} ({why})" for n, why in differ[:5]) + (f" and {len(differ) - 5} more"
+                                                                      if len(differ) > 5 else "")
         raise RelexInputError(f"the base {base} does not match {whose} theta_0 for {len(differ)} of {len(specs)} "
                               f"tensor(s): {names}; {hint}")
     return thetas
@@ -63,13 +123,10 @@ def _check_out(out_dir: str, overwrite: bool):
 
 
 def materialize(state_path: str, base: str, horizons: Sequence[int], out_dir: Optional[str] = None, *,
-                overwrite: bool = False, max_shard_size="50GB") -> list[str]:
+                overwrite: bool = DEFAULTS["overwrite"], max_shard_size=DEFAULTS["max_shard_size"]) -> list[str]:
     """Write ``step-H`` for each horizon from a state file and the base checkpoint (theta_0 and every untracked
     tensor): what ``relex materialize`` runs. Refuses a base whose tracked tensors do not match the fingerprints
     of theta_0 in the state. Returns the written directories."""
-    from ..config import parse_horizons, parse_size, MAX_STEP
-    from ..files.state import load_state
-
     parse_size(max_shard_size)
     st = load_state(state_path)
     hs = sorted(parse_horizons(horizons))
@@ -77,7 +134,8 @@ def materialize(state_path: str, base: str, horizons: Sequence[int], out_dir: Op
         raise RelexInputError(f"horizons repeat: give each step once, e.g. {','.join(map(str, sorted(set(hs))))}")
     bad = [h for h in hs if h <= st.tcut]
     if bad:
-        raise RelexInputError(f"horizons {bad} are not beyond the state's last observed step {st.tcut}; use horizons > {st.tcut}")
+        raise RelexInputError(f"horizons {bad} are not beyond the state's last observed step {st.tcut}; use horizons "
+                              f"> {st.tcut}")
     big = [h for h in hs if h > MAX_STEP]
     if big:
         raise RelexInputError(f"horizons {big} are beyond {MAX_STEP:,} steps; use smaller horizons")
@@ -96,7 +154,8 @@ def _materialize_full(st, base: str, hs, out_dir: str, overwrite: bool, max_shar
     check_outputs_free(out_dir, hs, overwrite, include_state=False)
     for spec in st.specs:
         if spec.name not in src.meta:
-            raise RelexInputError(f"the base {base} has no tensor {spec.name}: pass the base the state was computed from")
+            raise RelexInputError(f"the base {base} has no tensor {spec.name}: pass the base the state was computed "
+                                  "from")
         shape, dtype = src.meta[spec.name]
         if tuple(shape) != tuple(spec.shape) or dtype != spec.dtype:
             raise RelexInputError(
@@ -104,9 +163,8 @@ def _materialize_full(st, base: str, hs, out_dir: str, overwrite: bool, max_shar
                 "pass the base the state was computed from"
             )
     thetas = base_theta0(src, base, st.specs, lambda spec: st.info[spec.name]["theta0"], "the state's",
-                         "pass the same base checkpoint given to `relex extrapolate` (or the model the callback trained)")
-    from ..files.untracked import UntrackedSource
-
+                         "pass the same base checkpoint given to `relex extrapolate` (or the model the callback "
+                         "trained)")
     base_bytes = src.weights_bytes
     src = UntrackedSource(src, st)  # the untracked tensors the run wrote: from the state, or checked in the base
     src.check(base)
@@ -123,9 +181,6 @@ def _materialize_peft(st, base: str, hs, out_dir: str, overwrite: bool) -> list[
     tcut values (untracked), written by :class:`~relex_callback.files.writers.PeftAdapterWriter` as the callback did.
     Every check before anything is written: the outputs, the base loads, the adapter's parameters are the state's,
     and every frozen base weight matches the run's fingerprint (the merged model is made of them)."""
-    from ..files.state import PEFT_THETA0, PEFT_VALUE, fingerprint, fingerprint_mismatch
-    from ..files.writers import PeftAdapterWriter
-
     rec = st.peft
     check_writable_dir(out_dir, "--out")
     check_outputs_free(out_dir, hs, overwrite, include_state=False, merged=rec["merge_lora"])
@@ -156,7 +211,7 @@ def _materialize_peft(st, base: str, hs, out_dir: str, overwrite: bool) -> list[
             params[n].copy_(st.tensors[PEFT_VALUE + n].reshape(params[n].shape))
     tok = None
     try:
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer  # a PEFT state only: the CLI never imports transformers otherwise
 
         tok = AutoTokenizer.from_pretrained(base)
     except Exception:  # no tokenizer beside the base: the adapters are written without one
@@ -187,7 +242,7 @@ def _write_each(hs, out_dir: str, write_one) -> list[str]:
 def _load_peft_base(base: str, rec: dict):
     """The base model in ``base`` with the run's adapter (its recorded PEFT config and adapter name) applied."""
     try:
-        import peft
+        import peft  # optional: a PEFT state only
         from transformers import AutoModelForCausalLM
     except ImportError as e:
         raise RelexInputError(f"the state is a PEFT (LoRA) run's: materializing it needs peft ({e})") from None
@@ -209,42 +264,38 @@ def _load_peft_base(base: str, rec: dict):
 
 
 def extrapolate_trajectory(trajectory_dir: str, base: str, horizons: Sequence[int], out_dir: str, *,
-                           rank: int = 1, fit_start: Optional[int] = None, method: str = "auto",
-                           overwrite: bool = False, max_shard_size="50GB", fit: str = "linear",
-                           fit_window: Optional[int] = None, degree: int = 2, untracked_from: Optional[str] = None,
-                           untracked_frozen: bool = False, fit_clock: str = "lr", schedule: Optional[str] = None):
+                           rank: int = DEFAULTS["rank"], fit_start: Optional[int] = DEFAULTS["fit_start"],
+                           method: str = DEFAULTS["solver"], overwrite: bool = DEFAULTS["overwrite"],
+                           max_shard_size=DEFAULTS["max_shard_size"], fit: str = DEFAULTS["fit"],
+                           fit_window: Optional[int] = DEFAULTS["fit_window"], degree: int = DEFAULTS["degree"],
+                           untracked_from: Optional[str] = None, untracked_frozen: bool = False,
+                           fit_clock: str = DEFAULTS["fit_clock"], schedule: Optional[str] = None):
     """Solve a saved trajectory (``<out>/partial_trajectory/`` of a run that ended before tcut, or a checkpoint's
     ``relex_trajectory/``) and write the state, the horizons and the report, as the callback would have. ``tcut``
     is the last recorded step. ``base`` is the checkpoint training started from (config, tokenizer); it must match
     the trajectory's theta_0.
 
     The tensors the trajectory does not track are written as the callback writes them, their values at tcut
-    (:func:`relex_callback.offline.belongs.untracked_at_tcut`): from the trajectory's ``untracked.safetensors``, else from ``untracked_from`` or
-    the checkpoint the ``relex_trajectory/`` sits in (verified to be the model at tcut), else from the base only with
-    ``untracked_frozen`` (the user says none of them was trained); otherwise refused. ``fit_clock``, ``schedule``: as
-    in :func:`extrapolate_checkpoints` (a trajectory has no log history: the lr clock needs ``schedule``). Returns
-    ``(solution, report)``."""
+    (:func:`relex_callback.offline.belongs.untracked_at_tcut`): from the trajectory's ``untracked.safetensors``, else
+    from ``untracked_from`` or the checkpoint the ``relex_trajectory/`` sits in (verified to be the model at tcut),
+    else from the base only with ``untracked_frozen`` (the user says none of them was trained); otherwise refused.
+    ``fit_clock``, ``schedule``: as in :func:`extrapolate_checkpoints` (a trajectory has no log history: the lr clock
+    needs ``schedule``). Returns ``(solution, report)``."""
+    options = OfflineOptions.of({**locals(), "solver": method})
     with writing(out_dir, "relex extrapolate"):  # the output directory's lock, from before the first byte
-        return _extrapolate_trajectory(trajectory_dir, base, horizons, out_dir, rank=rank, fit_start=fit_start,
-                                       method=method, overwrite=overwrite, max_shard_size=max_shard_size, fit=fit,
-                                       fit_window=fit_window, degree=degree, untracked_from=untracked_from,
-                                       untracked_frozen=untracked_frozen, fit_clock=fit_clock, schedule=schedule)
+        return _extrapolate_trajectory(trajectory_dir, base, horizons, out_dir, options)
 
 
-def _extrapolate_trajectory(trajectory_dir, base, horizons, out_dir, *, rank, fit_start, method, overwrite,
-                            max_shard_size, fit, fit_window, degree, untracked_from, untracked_frozen, fit_clock,
-                            schedule):
-    from ..trajectory.store import TrajectoryStore
-    from ..files.state import fingerprint
-
+def _extrapolate_trajectory(trajectory_dir, base, horizons, out_dir, o: OfflineOptions):
+    rank, fit_start = o.rank, o.fit_start
     store = TrajectoryStore.open(trajectory_dir)
     if store.num_rows < 2:
         raise RelexInputError(f"{trajectory_dir} holds {store.num_rows} recorded step(s); a line needs at least 2")
     tcut = store.steps[-1]
     settings = RelexSettings.validate(tcut=tcut, horizons=horizons, stride=1, fit_start=fit_start,
-                                      rank=min(rank, store.num_rows), solver=method, max_shard_size=max_shard_size,
-                                      fit=fit, degree=degree, allow_partial_stride=True)
-    _check_fit_window(fit_window, store.steps, fit_start)
+                                      rank=min(rank, store.num_rows), solver=o.solver, max_shard_size=o.max_shard_size,
+                                      fit=o.fit, degree=o.degree, allow_partial_stride=True)
+    _check_fit_window(o.fit_window, store.steps, fit_start)
     if rank > store.num_rows:
         raise RelexInputError(f"rank={rank} exceeds the {store.num_rows} recorded steps in {trajectory_dir}")
     src = DirectorySource(base)
@@ -266,10 +317,8 @@ def _extrapolate_trajectory(trajectory_dir, base, horizons, out_dir, *, rank, fi
     base_theta0(src, base, store.specs, lambda spec: fingerprint(store.theta0_of(spec)), "the trajectory's",
                 "pass the checkpoint training started from")
     if not os.path.isfile(keys_file):  # a PEFT adapter base holds the adapter only (its keys are all tracked)
-        from .belongs import untracked_at_tcut
-
-        src = untracked_at_tcut(store, trajectory_dir, src, base, untracked_from, untracked_frozen)
-    elif untracked_from is not None:
+        src = untracked_at_tcut(store, trajectory_dir, src, base, o.untracked_from, o.untracked_frozen)
+    elif o.untracked_from is not None:
         raise RelexInputError("--untracked-from applies to a full model's trajectory; a LoRA trajectory's base is "
                               "the adapter/ directory the callback saved beside it")
     check_free_space(out_dir, {f"{len(settings.horizons)} horizon(s) of the base's size":
@@ -277,10 +326,10 @@ def _extrapolate_trajectory(trajectory_dir, base, horizons, out_dir, *, rank, fi
                                "the state file": rank * store.D * store.dtype.itemsize})
     logger.warning("relex: extrapolating a trajectory of %d steps (%s..%d) from %s", store.num_rows, store.steps[0],
                    tcut, trajectory_dir)
-    window = dataclasses.replace(settings, rank=rank, fit_start=fit_start, solver=method, overwrite=overwrite, fit=fit,
-                                 fit_window=fit_window, degree=degree)
+    window = dataclasses.replace(settings, rank=rank, fit_start=fit_start, solver=o.solver, overwrite=o.overwrite,
+                                 fit=o.fit, fit_window=o.fit_window, degree=o.degree)
     notices = []
-    clock = _trajectory_clock(store, trajectory_dir, tcut, settings.horizons, fit_clock, schedule, notices)
+    clock = _trajectory_clock(store, trajectory_dir, tcut, settings.horizons, o.fit_clock, o.schedule, notices)
     result = finalize(BufferedSolve(store, clock=clock), FullModelWriter(src, max_shard_size=settings.max_shard_size),
                       window, out_dir=out_dir,
                       report_extra={"trajectory": os.path.abspath(trajectory_dir), "partial": True})
@@ -293,18 +342,15 @@ def _trajectory_clock(store, trajectory_dir, tcut, horizons, fit_clock, schedule
     """The clock of a saved trajectory: ``--schedule`` when given; else the learning rates the callback recorded
     with a window it kept (``partial_trajectory/``: the trainer's schedule read ahead, so the fit is the one the
     callback would have made); else the step, with the warning :func:`offline_clock` gives."""
-    from .schedule import offline_clock
-
     recorded = store.window.get("learning_rates")
     if fit_clock != "lr" or schedule or not isinstance(recorded, list) or not recorded:
         return offline_clock([], tcut, horizons, fit_clock, schedule, notices=notices)
-    from ..core.clock import resolve
-
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in recorded):
         raise RelexInputError(f"{trajectory_dir}: the learning rates recorded with the trajectory are not numbers; the "
                               "file was edited or is damaged: pass --schedule (the run's lr schedule) or "
                               "--fit-clock steps")
-    clock, _why = resolve(recorded, tcut, horizons, str(store.window.get("lr_source") or "recorded with the trajectory"))
+    source = str(store.window.get("lr_source") or "recorded with the trajectory")
+    clock, _why = resolve(recorded, tcut, horizons, source)
     return clock
 
 
@@ -319,13 +365,15 @@ def _check_fit_window(fit_window, steps, fit_start):
 
 
 def extrapolate_checkpoints(base: str, checkpoints: Sequence[str], horizons, out_dir: str, *,
-                            steps: Optional[Sequence[int]] = None, stride: int = 1, fit_start: Optional[int] = None,
-                            rank: int = 1, dtype: str = "bfloat16", device: str = "cpu", storage: str = "auto",
-                            solver: str = "auto", max_shard_size="50GB", overwrite: bool = False,
-                            progress: bool = False, timing: bool = False, streaming: Optional[bool] = None,
-                            memory_budget: Optional[int] = None, fit: str = "linear",
-                            fit_window: Optional[int] = None, degree: int = 2, run_check: bool = True,
-                            fit_clock: str = "lr", schedule: Optional[str] = None):
+                            steps: Optional[Sequence[int]] = None, stride: int = DEFAULTS["stride"],
+                            fit_start: Optional[int] = DEFAULTS["fit_start"], rank: int = DEFAULTS["rank"],
+                            dtype: str = DEFAULTS["dtype"], device: str = "cpu", storage: str = DEFAULTS["storage"],
+                            solver: str = DEFAULTS["solver"], max_shard_size=DEFAULTS["max_shard_size"],
+                            overwrite: bool = DEFAULTS["overwrite"], progress: bool = False, timing: bool = False,
+                            streaming: Optional[bool] = None, memory_budget: Optional[int] = None,
+                            fit: str = DEFAULTS["fit"], fit_window: Optional[int] = DEFAULTS["fit_window"],
+                            degree: int = DEFAULTS["degree"], run_check: bool = True,
+                            fit_clock: str = DEFAULTS["fit_clock"], schedule: Optional[str] = None):
     """RELEX over checkpoints saved on disk (a run without the callback, or verl's): what ``relex extrapolate`` runs.
 
     Args:
@@ -337,12 +385,12 @@ def extrapolate_checkpoints(base: str, checkpoints: Sequence[str], horizons, out
         steps (`list[int]`, *optional*): step numbers of ``checkpoints`` in the order given (default: their names).
         stride, fit_start, rank, dtype, solver, max_shard_size, overwrite: as in :class:`~relex_callback.RelexCallback`.
         device (`str`, *optional*, defaults to `"cpu"`): ``cpu`` or ``cuda``. storage: the buffer tier.
-        streaming (`bool`, *optional*): read the checkpoints tensor by tensor (:mod:`relex_callback.pipeline.streamed`: no
-            ``[T, D]`` buffer, float32/float64 arithmetic on the exact deltas, memory bounded by ``memory_budget``)
-            instead of filling the trajectory buffer. Default (``None``): streaming on the CPU with the default
-            ``storage`` and a Gram solver (``auto`` or ``gram``); the buffer otherwise (``--device cuda``, an explicit
-            ``storage``, ``solver="power"``). With streaming, ``dtype`` is the dtype of the directions kept in the
-            state file (the horizons are written from them).
+        streaming (`bool`, *optional*): read the checkpoints tensor by tensor
+            (:mod:`relex_callback.pipeline.streamed`: no ``[T, D]`` buffer, float32/float64 arithmetic on the exact
+            deltas, memory bounded by ``memory_budget``) instead of filling the trajectory buffer. Default
+            (``None``): streaming on the CPU with the default ``storage`` and a Gram solver (``auto`` or ``gram``);
+            the buffer otherwise (``--device cuda``, an explicit ``storage``, ``solver="power"``). With streaming,
+            ``dtype`` is the dtype of the directions kept in the state file (the horizons are written from them).
         memory_budget (`int`, *optional*, defaults to 256 MiB): with streaming, the bytes of float32 blocks read at a
             time (tensors whose ``T + 1`` rows fit are read once, larger ones twice in column chunks).
         run_check (`bool`, *optional*, defaults to `True`): refuse checkpoints that are not one run started from
@@ -358,64 +406,45 @@ def extrapolate_checkpoints(base: str, checkpoints: Sequence[str], horizons, out
         ``(solution, report)``. Every input mistake raises :class:`~relex_callback.errors.RelexInputError` before
         anything is written.
     """
+    options = OfflineOptions.of(locals())
     with writing(out_dir, "relex extrapolate"):  # the output directory's lock, from before the first byte
-        return _extrapolate_checkpoints(
-            base, checkpoints, horizons, out_dir, steps=steps, stride=stride, fit_start=fit_start, rank=rank,
-            dtype=dtype, device=device, storage=storage, solver=solver, max_shard_size=max_shard_size,
-            overwrite=overwrite, progress=progress, timing=timing, streaming=streaming, memory_budget=memory_budget,
-            fit=fit, fit_window=fit_window, degree=degree, run_check=run_check, fit_clock=fit_clock, schedule=schedule)
+        return _extrapolate_checkpoints(base, checkpoints, horizons, out_dir, options)
 
 
-def _extrapolate_checkpoints(base, checkpoints, horizons, out_dir, *, steps, stride, fit_start, rank, dtype, device,
-                             storage, solver, max_shard_size, overwrite, progress, timing, streaming, memory_budget,
-                             fit, fit_window, degree, run_check, fit_clock, schedule):
+def _extrapolate_checkpoints(base, checkpoints, horizons, out_dir, o: OfflineOptions):
     t_main = time.perf_counter()
-    cks, tcut, settings, streaming = _check_checkpoint_args(
-        base, checkpoints, horizons, out_dir, steps=steps, stride=stride, fit_start=fit_start, rank=rank, dtype=dtype,
-        device=device, storage=storage, solver=solver, max_shard_size=max_shard_size, overwrite=overwrite,
-        streaming=streaming, fit=fit, fit_window=fit_window, degree=degree)
+    cks, tcut, settings, streaming = _check_checkpoint_args(base, checkpoints, horizons, out_dir, o)
     src_base, names, sources, specs = _open_checkpoints(base, cks)
-    if run_check:
-        from .belongs import check_belongs
-
+    if o.run_check:
         check_belongs(base, src_base, cks, sources, names)  # before any heavy work
     else:
         logger.warning("relex: --no-run-check: the checkpoints are not checked to be one run started from %s", base)
     out = os.path.abspath(out_dir)
-    _check_space(out, src_base, names, settings, streaming=streaming, rank=rank)
-    from .schedule import offline_clock
-
+    _check_space(out, src_base, names, settings, streaming=streaming, rank=o.rank)
     notices = []
-    clock = offline_clock([c.path for c in cks], tcut, settings.horizons, fit_clock, schedule, notices=notices)
+    clock = offline_clock([c.path for c in cks], tcut, settings.horizons, o.fit_clock, o.schedule, notices=notices)
     # the window as the pipeline sees it: tcut is the last checkpoint's step, the fit as asked (checked above)
-    window = dataclasses.replace(settings, tcut=tcut, rank=rank, fit_start=fit_start, overwrite=overwrite, fit=fit,
-                                 fit_window=fit_window, degree=degree)
-    if streaming:
-        result = _extrapolate_streamed(base, cks, src_base, sources, names, settings, window, out, rank=rank,
-                                       memory_budget=memory_budget, progress=progress, timing=timing, t_main=t_main,
-                                       clock=clock)
-    else:
-        result = _extrapolate_buffered(base, cks, src_base, sources, names, specs, settings, window, out,
-                                       device=device, progress=progress, timing=timing, t_main=t_main, clock=clock)
+    window = dataclasses.replace(settings, tcut=tcut, rank=o.rank, fit_start=o.fit_start, overwrite=o.overwrite,
+                                 fit=o.fit, fit_window=o.fit_window, degree=o.degree)
+    job = _Job(base=base, cks=cks, src_base=src_base, sources=sources, names=names, specs=specs, out=out, options=o,
+               t_main=t_main, clock=clock)
+    result = (_extrapolate_streamed if streaming else _extrapolate_buffered)(job, settings, window)
     for text in notices:  # after the outputs: a refusal on the way is the command's only line
         logger.warning("%s", text)
     return result
 
 
-def _check_checkpoint_args(base, checkpoints, horizons, out_dir, *, steps, stride, fit_start, rank, dtype, device,
-                           storage, solver, max_shard_size, overwrite, streaming, fit, fit_window, degree):
+def _check_checkpoint_args(base, checkpoints, horizons, out_dir, o: OfflineOptions):
     """Check extrapolate_checkpoints' arguments against the checkpoints found; return (cks, tcut, settings,
     streaming)."""
+    device, storage, solver, fit, fit_window, degree = o.device, o.storage, o.solver, o.fit, o.fit_window, o.degree
+    fit_start, rank, streaming = o.fit_start, o.rank, o.streaming
     if device not in ("cpu", "cuda"):
         raise RelexInputError(f"--device {device!r} is not one of ['cpu', 'cuda']")
-    cks = discover_checkpoints(checkpoints, steps, stride)
-    from .belongs import same_directories
-
+    cks = discover_checkpoints(checkpoints, o.steps, o.stride)
     same_directories(cks)
     tcut = cks[-1].step
     obs = [c.step for c in cks]
-    from ..config import parse_horizons
-
     early = [h for h in parse_horizons(horizons) if h <= tcut]
     if early:
         raise RelexInputError(f"--horizons {','.join(map(str, early))} not beyond the last checkpoint's step {tcut}: "
@@ -424,7 +453,7 @@ def _check_checkpoint_args(base, checkpoints, horizons, out_dir, *, steps, strid
     # The steps need not be every stride-th step, so settings are validated with stride 1 and the checks that depend
     # on the actual steps are done here.
     settings = RelexSettings.validate(tcut=max(tcut, 2), horizons=horizons, stride=1, rank=1, storage=storage,
-                                      dtype=dtype, solver=solver, max_shard_size=max_shard_size, fit=fit,
+                                      dtype=o.dtype, solver=solver, max_shard_size=o.max_shard_size, fit=fit,
                                       degree=degree)
     _check_fit_window(fit_window, obs, fit_start)
     if fit == "polynomial" and degree >= min(len(obs), fit_window or len(obs)):
@@ -433,13 +462,14 @@ def _check_checkpoint_args(base, checkpoints, horizons, out_dir, *, steps, strid
     if fit_start is not None:
         n_fit = len([s for s in obs if s >= fit_start])
         if fit_start < 0 or n_fit < 2:
-            raise RelexInputError(f"--fit-start {fit_start} leaves {n_fit} of the steps {obs} to fit; the line needs 2: "
+            raise RelexInputError(f"--fit-start {fit_start} leaves {n_fit} of the steps {obs} to fit; the line needs "
+                                  "2: "
                                   f"use --fit-start <= {obs[-2]}")
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1 or rank > len(obs):
         raise RelexInputError(f"--rank {rank} must be between 1 and the number of checkpoints ({len(obs)})")
     if solver == "power" and rank > 1:
         raise RelexInputError(f"--solver power computes rank 1 only; use --solver gram or auto for --rank {rank}")
-    _check_out(out_dir, overwrite)
+    _check_out(out_dir, o.overwrite)
     if device == "cuda" and not torch.cuda.is_available():
         raise RelexInputError("--device cuda but no CUDA device is visible; use --device cpu")
     plain_line = fit == "linear" and fit_window is None
@@ -470,8 +500,6 @@ def _check_space(out: str, src_base, names, settings, *, streaming: bool, rank: 
 def _open_checkpoints(base, cks):
     """Open the base and every checkpoint, check they hold the same tensors; return (src_base, names, sources,
     specs)."""
-    from ..params import TensorSpec
-
     src_base = DirectorySource(base)
     names = [k for k in src_base.keys if src_base.meta[k][1].is_floating_point]
     if not names:
@@ -487,30 +515,30 @@ def _open_checkpoints(base, cks):
     return src_base, names, sources, specs
 
 
-def _extrapolate_streamed(base, cks, src_base, sources, names, settings, window, out, *, rank, memory_budget, progress,
-                          timing, t_main, clock=None):
+def _extrapolate_streamed(job: _Job, settings, window):
     """Solve and write tensor group by tensor group straight from the checkpoints (no trajectory buffer)."""
-    from ..pipeline.streamed import DEFAULT_MEMORY_BUDGET, StreamedSolve
-
+    o, base, cks = job.options, job.base, job.cks
     t_checked = time.perf_counter()
-    streamed = StreamedSolve(src_base=src_base, sources=sources, cks=cks, names=names, dtype=settings.torch_dtype,
-                             max_shard_size=settings.max_shard_size, rank=rank,
-                             memory_budget=memory_budget or DEFAULT_MEMORY_BUDGET, progress=progress, clock=clock)
-    sol, report = finalize(streamed, streamed.writer, window, out_dir=out, base_hint=os.path.abspath(base),
+    streamed = StreamedSolve(src_base=job.src_base, sources=job.sources, cks=cks, names=job.names,
+                             dtype=settings.torch_dtype, max_shard_size=settings.max_shard_size, rank=o.rank,
+                             memory_budget=o.memory_budget or DEFAULT_MEMORY_BUDGET, progress=o.progress,
+                             clock=job.clock)
+    sol, report = finalize(streamed, streamed.writer, window, out_dir=job.out, base_hint=os.path.abspath(base),
                            report_extra={"base": os.path.abspath(base), "checkpoints_read": [c.path for c in cks]})
     phases = streamed.timings()
-    if timing:
-        print(f"relex: timing: header checks {t_checked - t_main:.2f} s, streaming "
+    if o.timing:
+        print(f"relex: timing: header checks {t_checked - job.t_main:.2f} s, streaming "
               f"{time.perf_counter() - t_checked:.2f} s ({', '.join(f'{k} {v}' for k, v in phases.items())}); "
               f"peak RSS {_peak_rss() / 1e9:.2f} GB", file=sys.stderr)
     return sol, report
 
 
-def _extrapolate_buffered(base, cks, src_base, sources, names, specs, settings, window, out, *, device, progress,
-                          timing, t_main, clock=None):
+def _extrapolate_buffered(job: _Job, settings, window):
     """Read every checkpoint into a scratch trajectory buffer, solve and write it, remove the scratch."""
-    from ..trajectory.store import TrajectoryStore
-
+    base, cks, src_base, sources, names, specs, out = (job.base, job.cks, job.src_base, job.sources, job.names,
+                                                       job.specs, job.out)
+    o = job.options
+    device, progress, timing, t_main, clock = o.device, o.progress, o.timing, job.t_main, job.clock
     scratch = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.trajectory-{os.getpid()}")
     t_checked = time.perf_counter()
     store = TrajectoryStore(specs, len(cks), dtype=settings.dtype, storage=settings.storage,
@@ -525,7 +553,8 @@ def _extrapolate_buffered(base, cks, src_base, sources, names, specs, settings, 
             except RelexNonFiniteError as e:
                 bar.close()
                 nonfinite_base(src_base, base, names)  # a NaN in theta_0 is the base's, not this checkpoint's
-                raise RelexInputError(f"{ck.path}: {e}; leave this checkpoint (and later ones) out of --checkpoints") from None
+                raise RelexInputError(f"{ck.path}: {e}; leave this checkpoint (and later ones) out of "
+                                      "--checkpoints") from None
             bar.update(1)
         bar.close()
         t_read = time.perf_counter()
@@ -556,7 +585,7 @@ def _extrapolate_buffered(base, cks, src_base, sources, names, specs, settings, 
 
 
 def _peak_rss() -> int:
-    import resource
+    import resource  # POSIX only: imported where the timing asks for it
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
@@ -575,8 +604,6 @@ class _NoBar:
 def _progress(total: int, disabled: bool):
     if disabled:
         return _NoBar()
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, desc="relex: reading checkpoints", unit="ckpt", file=sys.stderr, dynamic_ncols=True)
 
 

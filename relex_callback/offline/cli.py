@@ -19,14 +19,22 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import signal
 import sys
 from typing import Optional, Sequence
 
-from ..config import SOLVERS, STORAGES, bounded, parse_dtype, parse_horizons, parse_size
-from ..errors import RelexError, RelexInputError, RelexInterrupted
-from ..files.lock import visible_entries, writing
+from ..config import (DEFAULT_FOLD_RANK, DEFAULTS, FIT_CLOCKS, FITS, SOLVERS, STORAGES, bounded, cli_argument,
+                      parse_dtype, parse_horizons, parse_size)
+from ..errors import RelexError, RelexInputError, RelexInterrupted, name_switch
+from ..files.fs import (REPORT_PLOT_FILE, STATE_INDEX_NAME, STATE_NAME, foreign_output, horizon_dir,
+                        output_run_id)
+from ..files.lock import COMPLETED, visible_entries, writing
+from ..files.report import format_summary, format_trust, load_report, plot_report, report_path
+from ..files.schema import check_report
+from ..trajectory.plan import (MODES, PlanMachine, PlanWindow, count_parameters, plan_memory, read_model_config,
+                               torch_optimizer_bytes)
 from .hub import label as model_label, resolve_model
 
 
@@ -73,13 +81,20 @@ def _shard_size(value: str) -> int:
     try:
         return parse_size(value, "--max-shard-size")
     except RelexInputError:
-        raise RelexInputError(f"--max-shard-size {value!r} is not a size; use e.g. 5GB, 500MB or a number of bytes") from None
+        raise RelexInputError(f"--max-shard-size {value!r} is not a size; use e.g. 5GB, 500MB or a number of "
+                              "bytes") from None
 
 
 def _version() -> str:
     # relex_callback/__init__.py holds the version (setup.cfg reads it there); the package is always imported before
     # any of its modules, so it is read from sys.modules rather than imported from a lower layer
     return getattr(sys.modules.get((__package__ or "relex_callback").split(".")[0]), "__version__", "unknown")
+
+
+def _setting(parser, name: str, help: Optional[str] = None, **extra):
+    """The flag of a setting, as :data:`relex_callback.config.SETTINGS` declares it (default, choices, help)."""
+    flag, kw = cli_argument(name, help, **extra)
+    parser.add_argument(flag, **kw)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,10 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "directory, or a hub id read from the Hugging Face cache")
     src = e.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoints", nargs="+",
-                     help="checkpoint directories (checkpoint-N, global_step_N, step_N, step-N), or one parent directory holding them")
+                     help="checkpoint directories (checkpoint-N, global_step_N, step_N, step-N), or one parent "
+                          "directory holding them")
     src.add_argument("--trajectory",
-                     help="a trajectory the callback saved (<out>/partial_trajectory/ of a run that ended before tcut, or "
-                          "a checkpoint's relex_trajectory/) instead of checkpoints; tcut is its last recorded step")
+                     help="a trajectory the callback saved (<out>/partial_trajectory/ of a run that ended before "
+                          "tcut, or a checkpoint's relex_trajectory/) instead of checkpoints; tcut is its last "
+                          "recorded step")
     e.add_argument("--untracked-from", default=None,
                    help="with --trajectory: the checkpoint saved at its last recorded step, whose weights give the "
                         "tensors the trajectory does not track (default: the trajectory's untracked.safetensors, or "
@@ -104,25 +121,23 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--untracked-frozen", action="store_true",
                    help="with --trajectory: none of the tensors it does not track was trained (frozen parameters, "
                         "buffers): take them from --base")
-    e.add_argument("--horizons", required=True, help="steps to write, comma separated, each beyond the last checkpoint's step")
+    e.add_argument("--horizons", required=True,
+                   help="steps to write, comma separated, each beyond the last checkpoint's step")
     e.add_argument("--out", required=True, help="output directory (step-H/, relex_state.safetensors, report.json)")
-    e.add_argument("--steps", default=None, help="step numbers of --checkpoints, comma separated, in the order given (default: from the directory names)")
-    e.add_argument("--fit-start", default=None, help="first step used in the line fit (default: all)")
-    e.add_argument("--stride", default="1", help="use only checkpoints whose step is a multiple of N (default 1: all)")
-    e.add_argument("--rank", default="1", help="directions per tensor (default 1, the paper's choice)")
-    e.add_argument("--dtype", default="bfloat16", help="trajectory buffer dtype: bfloat16 (default), float16 or float32")
+    e.add_argument("--steps", default=None, help="step numbers of --checkpoints, comma separated, in the order given "
+                   "(default: from the directory names)")
+    _setting(e, "fit_start")
+    _setting(e, "stride", "use only checkpoints whose step is a multiple of N")
+    _setting(e, "rank")
+    _setting(e, "dtype")
     e.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    e.add_argument("--storage", default="auto", help="buffer tier: auto (default), device, host or disk")
-    e.add_argument("--solver", default="auto", help="auto (default), gram or power")
-    e.add_argument("--max-shard-size", default="50GB", help="shard the written checkpoints above this size (default 50GB, like save_pretrained)")
-    e.add_argument("--fit", default="linear", help="coefficient curve: linear (default, the paper), power, log, polynomial, "
-                   "or auto (chosen by the in-window backtest)")
-    e.add_argument("--fit-window", default=None, help="fit only the last N checkpoints' steps")
-    e.add_argument("--degree", default="2", help="degree of --fit polynomial (default 2)")
-    e.add_argument("--fit-clock", default="lr", choices=("lr", "steps"),
-                   help="axis of the fit: lr (default: the cumulative learning rate, from --schedule or the "
-                        "learning_rate log of the run's trainer_state.json; the step when neither reaches the last "
-                        "horizon, with a warning) or steps (the paper's)")
+    _setting(e, "storage")
+    _setting(e, "solver")
+    _setting(e, "max_shard_size")
+    _setting(e, "fit")
+    _setting(e, "fit_window")
+    _setting(e, "degree")
+    _setting(e, "fit_clock", choices=FIT_CLOCKS)
     e.add_argument("--schedule", default=None, help="the run's learning-rate schedule, "
                    "NAME[,warmup=W][,total=N][,KEY=VALUE...] as transformers.get_scheduler builds it (imports "
                    "transformers); N: the max_steps it was built for (default: the last horizon)")
@@ -130,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --checkpoints: skip the check that they are one run started from --base (copies, "
                         "never-trained tensors that differ from the base, a first checkpoint farther from the base "
                         "than the run's steps reach)")
-    e.add_argument("--overwrite", action="store_true", help="replace existing outputs in --out")
+    _setting(e, "overwrite")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
     e.add_argument("--streaming", action=argparse.BooleanOptionalAction, default=None,
                    help="read the checkpoints tensor by tensor, without a [T, D] buffer (exact float32 deltas, memory "
@@ -143,8 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "or a cached hub id)")
     m.add_argument("--horizons", required=True, help="steps to write, comma separated")
     m.add_argument("--out", required=True, help="output directory (step-H/ for each horizon)")
-    m.add_argument("--max-shard-size", default="50GB", help="shard the written checkpoints above this size (default 50GB, like save_pretrained)")
-    m.add_argument("--overwrite", action="store_true", help="replace existing step-H/ directories")
+    _setting(m, "max_shard_size")
+    _setting(m, "overwrite", "replace existing step-H/ directories")
 
     r = sub.add_parser("report", help="summarise report.json (and plot it with --plot)")
     r.add_argument("dir", help="the directory `relex extrapolate` (or the callback) wrote, or its report.json")
@@ -155,29 +170,33 @@ def build_parser() -> argparse.ArgumentParser:
                                     "training")
     q.add_argument("--model", required=True, help="a model directory, its config.json, or a hub id read from the "
                    "Hugging Face cache (only the config is read)")
-    q.add_argument("--tcut", required=True, help="optimizer steps observed (the window is tcut/stride rows)")
+    _setting(q, "tcut")
     q.add_argument("--world-size", default="1", help="training processes in all (default 1)")
     q.add_argument("--local-world-size", default=None, help="processes per node (default: --world-size, one node)")
     q.add_argument("--mode", default=None, help="zero3 (default with several processes), fsdp2, replicated (DDP, "
                                                 "ZeRO-1/2 in fp32), zero12 (ZeRO-1/2 with bf16/fp16 mixed precision) "
                                                 "or single")
-    q.add_argument("--stride", default="1", help="record every k-th step (default 1)")
-    q.add_argument("--dtype", default="bfloat16", help="buffer dtype: bfloat16 (default), float16 or float32")
-    q.add_argument("--fold-rank", default=None, help="basis rows of a folded buffer (default 8)")
-    q.add_argument("--storage", default="auto", help="auto (default), device, host or disk")
-    q.add_argument("--max-buffer-bytes", default=None, help="the callback's max_buffer_bytes, a cap on every tier")
-    q.add_argument("--gpu-memory", default=None, help="memory of one GPU, e.g. 80GB (default: the device tier is not planned)")
+    _setting(q, "stride")
+    _setting(q, "dtype")
+    _setting(q, "fold_rank")
+    _setting(q, "storage")
+    _setting(q, "max_buffer_bytes")
+    q.add_argument("--gpu-memory", default=None,
+                   help="memory of one GPU, e.g. 80GB (default: the device tier is not planned)")
     q.add_argument("--trainer-memory", default=None, help="what the trainer holds on each GPU (default: model states, "
-                                                         "16 bytes per parameter, divided by the world size when sharded; add a reference model when beta > 0)")
+                   "16 bytes per parameter, divided by the world size when sharded; add a reference model when "
+                   "beta > 0)")
     q.add_argument("--optimizer", default=None, help="without --trainer-memory: what the trainer holds on each GPU. "
                    "mixed-adam (default): DeepSpeed or mixed-precision Adam, 16 bytes per parameter of model states "
                    "(divided by the world size under ZeRO-3/FSDP2); adamw, adamw-fused, sgd: a plain torch optimizer "
                    "on the config's dtype, the weights plus what its first step adds (gradients, states, a foreach "
                    "temporary), counted as the callback counts them")
-    q.add_argument("--vllm-colocate", default=None, help="a colocated vLLM engine's vllm_gpu_memory_utilization, e.g. 0.3")
+    q.add_argument("--vllm-colocate", default=None,
+                   help="a colocated vLLM engine's vllm_gpu_memory_utilization, e.g. 0.3")
     q.add_argument("--gpu-headroom", default="0.25", help="fraction of each GPU kept for activations (default 0.25)")
     q.add_argument("--host-memory", default=None, help="host memory of one node, e.g. 1TB (default: not planned)")
-    q.add_argument("--disk-free", default=None, help="free disk of the output directory per node, e.g. 4TB (default: not planned)")
+    q.add_argument("--disk-free", default=None,
+                   help="free disk of the output directory per node, e.g. 4TB (default: not planned)")
     q.add_argument("--json", action="store_true", help="print the plan as JSON instead of text")
     return p
 
@@ -216,11 +235,9 @@ def cmd_extrapolate(args) -> int:
         raise RelexInputError(f"--dtype {args.dtype!r} is not one of bfloat16, float16, float32 (the trajectory "
                               "buffer's dtype)") from None
     _shard_size(args.max_shard_size)
-    from ..config import FITS
-
     if args.fit not in FITS:
         raise RelexInputError(f"--fit {args.fit!r} is not one of {', '.join(FITS)}")
-    if args.degree != 2 and args.fit not in ("polynomial", "auto"):
+    if args.degree != DEFAULTS["degree"] and args.fit not in ("polynomial", "auto"):
         raise RelexInputError(f"--degree applies to --fit polynomial; this run fits {args.fit}")
     fit_kw = dict(fit=args.fit, fit_window=args.fit_window, degree=args.degree, fit_clock=args.fit_clock,
                   schedule=args.schedule)
@@ -230,14 +247,15 @@ def cmd_extrapolate(args) -> int:
     if args.untracked_from is not None and args.untracked_frozen:
         raise RelexInputError("--untracked-from and --untracked-frozen exclude each other: pass one")
     if args.trajectory is not None:
-        if args.steps is not None or args.stride != 1:
+        if args.steps is not None or args.stride != DEFAULTS["stride"]:
             raise RelexInputError("--steps and --stride apply to --checkpoints; a saved trajectory keeps its own steps")
         if args.streaming:
             raise RelexInputError("--streaming applies to --checkpoints; a saved trajectory is already one buffer")
         if args.no_run_check:
             raise RelexInputError("--no-run-check applies to --checkpoints; a saved trajectory is checked against "
                                   "--base by its theta_0")
-        _check_dir("--trajectory", args.trajectory, "the partial_trajectory/ or relex_trajectory/ directory the callback wrote")
+        _check_dir("--trajectory", args.trajectory,
+                   "the partial_trajectory/ or relex_trajectory/ directory the callback wrote")
         if args.untracked_from is not None:
             _check_dir("--untracked-from", args.untracked_from, "the checkpoint saved at the trajectory's last step",
                        weights=True)
@@ -245,7 +263,7 @@ def cmd_extrapolate(args) -> int:
             if visible_entries(args.out) and not args.overwrite:
                 raise RelexInputError(f"--out {args.out} exists and is not empty; choose a new directory, or pass "
                                       "--overwrite")
-            from .api import extrapolate_trajectory
+            from .api import extrapolate_trajectory  # imports torch: once the arguments are checked
 
             _, report = extrapolate_trajectory(args.trajectory, args.base, horizons, args.out, rank=args.rank,
                                                fit_start=args.fit_start, method=args.solver, overwrite=args.overwrite,
@@ -254,7 +272,7 @@ def cmd_extrapolate(args) -> int:
         print(trust_lines(report))
         print(f"relex: wrote {', '.join(report['checkpoints'])}")
         return 0
-    from .api import extrapolate_checkpoints
+    from .api import extrapolate_checkpoints  # imports torch: once the arguments are checked
 
     with writing(args.out, "relex extrapolate"):
         _, report = extrapolate_checkpoints(
@@ -276,7 +294,7 @@ def cmd_materialize(args) -> int:
     args.base = resolve_model("--base", args.base)
     _check_dir("--base", args.base, "the same base checkpoint the state was computed from", weights=True)
     _shard_size(args.max_shard_size)
-    from .api import materialize
+    from .api import materialize  # imports torch: once the arguments are checked
 
     with writing(args.out, "relex materialize"):
         written = materialize(args.state, args.base, horizons, args.out, overwrite=args.overwrite,
@@ -286,19 +304,14 @@ def cmd_materialize(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from ..files.report import format_summary, load_report, plot_report, report_path
 
     args.worst = bounded("worst", args.worst, "--worst")
-    from ..files.schema import check_report
-
     rep = load_report(args.dir)
     if not isinstance(rep, dict) or not isinstance(rep.get("tensors"), list) or "tcut" not in rep:
         raise RelexInputError(f"{report_path(args.dir)} is JSON but not a RELEX report (no 'tcut' and 'tensors'); pass "
                               "the directory that `relex extrapolate` or the callback wrote")
     check_report(rep, report_path(args.dir), plot=args.plot)
     _check_one_run(rep, report_path(args.dir))
-    from ..files.fs import REPORT_PLOT_FILE, foreign_output
-
     png = os.path.join(os.path.dirname(report_path(args.dir)), REPORT_PLOT_FILE)
     why = foreign_output(png) if args.plot and os.path.lexists(png) else None
     if why:  # a picture relex did not draw is not replaced
@@ -313,8 +326,6 @@ def cmd_report(args) -> int:
 def _check_one_run(rep: dict, path: str):
     """The state file and the horizons beside ``report.json`` carry its run id (read back: two writers, or files
     copied in, must not pass for one run's results)."""
-    from ..files.fs import STATE_INDEX_NAME, STATE_NAME, horizon_dir, output_run_id
-
     rid = rep.get("run_id")
     if not isinstance(rid, str):  # a report written before run ids were recorded
         return
@@ -351,13 +362,11 @@ def _fraction_arg(option: str, value, low_open: bool):
 
 
 def cmd_plan(args) -> int:
-    from ..config import DEFAULT_FOLD_RANK
-    from ..trajectory.plan import MODES, plan_memory, read_model_config
-
     _numbers(args, PLAN_NUMBERS)
     tcut, stride = args.tcut, args.stride
     if stride > tcut // 2:
-        raise RelexInputError(f"--stride {stride} leaves fewer than 2 snapshots in --tcut {tcut}; use --stride <= {tcut // 2}")
+        raise RelexInputError(f"--stride {stride} leaves fewer than 2 snapshots in --tcut {tcut}; use --stride <= "
+                              f"{tcut // 2}")
     world = args.world_size
     local = world if args.local_world_size is None else args.local_world_size
     if local > world or world % local:
@@ -378,7 +387,8 @@ def cmd_plan(args) -> int:
     if args.storage not in STORAGES:
         raise RelexInputError(f"--storage {args.storage!r} is not one of {', '.join(STORAGES)}")
     sizes = {o: _size_arg(o, v) for o, v in (("--gpu-memory", args.gpu_memory), ("--host-memory", args.host_memory),
-                                              ("--disk-free", args.disk_free), ("--trainer-memory", args.trainer_memory),
+                                              ("--disk-free", args.disk_free),
+                                              ("--trainer-memory", args.trainer_memory),
                                               ("--max-buffer-bytes", args.max_buffer_bytes))}
     if sizes["--trainer-memory"] is not None and sizes["--gpu-memory"] is None:
         raise RelexInputError("--trainer-memory needs --gpu-memory (the device tier is planned only with it)")
@@ -400,29 +410,23 @@ def cmd_plan(args) -> int:
         raise RelexInputError("--vllm-colocate needs --gpu-memory (the share is a fraction of each GPU)")
     given, args.model = args.model, resolve_model("--model", args.model, config_only=True)
     read_model_config(args.model)  # input mistakes before torch is imported
-    from ..trajectory.plan import count_parameters
-
     named, param_dtype = count_parameters(args.model)
     if mode in ("zero12", "zero3"):  # DeepSpeed: theta_0 is the fp32 master weights (or fp32 parameters)
         param_dtype = "float32"
     label = model_label(given, args.model)
     trainer_bytes, pending = sizes["--trainer-memory"], 0
     if args.optimizer not in (None, "mixed-adam"):
-        from ..trajectory.plan import torch_optimizer_bytes
-
         trainer_bytes, pending = torch_optimizer_bytes([s for _, s in named], param_dtype, args.optimizer,
                                                        shards=world if mode == "fsdp2" else 1)
-    plan = plan_memory(
-        window=tcut // stride, shapes=[s for _, s in named], mode=mode, world_size=world, local_world_size=local,
-        dtype=dtype, param_dtype=param_dtype, fold_rank=fold_rank, storage=args.storage,
-        max_buffer_bytes=sizes["--max-buffer-bytes"], gpu_memory=sizes["--gpu-memory"],
-        trainer_gpu_bytes=trainer_bytes, trainer_pending_bytes=pending, use_vllm=vllm is not None,
-        vllm_gpu_memory_utilization=vllm or 0.3, gpu_headroom=headroom, host_memory=sizes["--host-memory"],
-        disk_free=sizes["--disk-free"], label=f"{label}, tcut {tcut}" + (f", stride {stride}" if stride > 1 else ""),
-    )
+    win = PlanWindow(window=tcut // stride, shapes=[s for _, s in named], mode=mode, world_size=world,
+                     local_world_size=local, dtype=dtype, param_dtype=param_dtype, fold_rank=fold_rank,
+                     storage=args.storage, max_buffer_bytes=sizes["--max-buffer-bytes"])
+    machine = PlanMachine(gpu_memory=sizes["--gpu-memory"], trainer_gpu_bytes=trainer_bytes,
+                          trainer_pending_bytes=pending, use_vllm=vllm is not None,
+                          vllm_gpu_memory_utilization=vllm or 0.3, gpu_headroom=headroom,
+                          host_memory=sizes["--host-memory"], disk_free=sizes["--disk-free"])
+    plan = plan_memory(win, machine, label=f"{label}, tcut {tcut}" + (f", stride {stride}" if stride > 1 else ""))
     if args.json:
-        import json
-
         print(json.dumps(plan.to_dict(), indent=1))
     else:
         print(plan.format())
@@ -430,8 +434,6 @@ def cmd_plan(args) -> int:
 
 
 def trust_lines(report: dict) -> str:
-    from ..files.report import format_trust
-
     return format_trust(report)
 
 
@@ -464,8 +466,6 @@ def _install_handlers() -> dict:
 
 
 def _interrupted_line(e: RelexInterrupted) -> str:
-    from ..files.lock import COMPLETED
-
     if e.complete or (e.out_dir is None and COMPLETED):
         return (f"relex: interrupted by {e.name} after every output was written whole in "
                 f"{e.out_dir or COMPLETED[-1]}; nothing is left to do")
@@ -493,8 +493,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               "plan": cmd_plan}[args.command]
         return fn(args)
     except RelexError as e:  # input mistakes, non-finite values in a checkpoint, failed writes
-        from ..errors import name_switch
-
         print(f"relex: error: {name_switch(e, 'cli')}", file=sys.stderr)
         return 2
     except RelexInterrupted as e:

@@ -28,7 +28,7 @@ from ..errors import RelexInputError, RelexWriteError
 from ..files.fs import check_outputs_free, horizon_dir
 from ..files.report import REPORT_NAME, build_report, write_report
 from ..core import kernels
-from ..core.solver import Solution, solve
+from ..core.solver import Solution, SolveOptions, solve
 from ..files.writers import CheckpointWriter, WriteFailed
 from ..trajectory.store import TrajectoryStore
 
@@ -160,10 +160,11 @@ class BufferedSolve:
         inputs = self.store.solve_inputs()
         topo = getattr(writer, "topo", None)
         try:
-            sol = solve(specs=self.store.specs, rank=settings.rank, fit_start=settings.fit_start,
-                        method=settings.solver, reduce=self.reduce, **inputs, backtest=self.backtest, fit=settings.fit,
-                        fit_window=settings.fit_window, degree=settings.degree,
-                        per_tensor_fit=topo is not None and not topo.sharded, clock=self.clock,
+            options = SolveOptions(rank=settings.rank, fit_start=settings.fit_start, method=settings.solver,
+                                   backtest=self.backtest, fit=settings.fit, fit_window=settings.fit_window,
+                                   degree=settings.degree, per_tensor_fit=topo is not None and not topo.sharded,
+                                   clock=self.clock)
+            sol = solve(specs=self.store.specs, options=options, reduce=self.reduce, **inputs,
                         compute_device=self.store.compute_device)
         except Exception as e:  # every process learns it (the others would wait for this one in the next collective)
             del inputs

@@ -21,7 +21,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from ..compat import callback_handler, check_versions, holds, put_first, trl_in_use
-from ..config import SETTINGS_DOC, RelexConfig, RelexSettings
+from ..config import SETTINGS, SETTINGS_DOC, RelexConfig, RelexSettings
 from .trainer_link import running_trainer, take_back_original
 from .window import Window
 
@@ -99,15 +99,9 @@ class RelexCallback(TrainerCallback, ExportableState):
         fit_clock: str = "lr",
         trainer=None,
     ):
+        given = dict(locals())  # the arguments as passed, before any other local is bound
         check_versions(("transformers", "accelerate", "trl") if trl_in_use() else ("transformers", "accelerate"))
-        self.settings = RelexSettings.validate(
-            tcut=tcut, horizons=horizons, stride=stride, fit_start=fit_start, rank=rank, storage=storage, dtype=dtype,
-            max_buffer_bytes=max_buffer_bytes, stop_training=stop_training, output_dir=output_dir, include=include,
-            exclude=exclude, solver=solver, overwrite=overwrite, max_shard_size=max_shard_size, fold_rank=fold_rank,
-            buffer_slots=buffer_slots, on_nonfinite=on_nonfinite, merge_lora=merge_lora, fit=fit, fit_window=fit_window,
-            degree=degree, on_flat_reward=on_flat_reward, reward_metric=reward_metric,
-            evaluate_horizons=evaluate_horizons, keep_best=keep_best, fit_clock=fit_clock,
-        )
+        self.settings = RelexSettings.validate(**{s.name: given[s.name] for s in SETTINGS})
         self.window = Window(self.settings)  # the window's state and life (trainer/window.py)
         self._trainer = None  # weakref to the Trainer linked by trainer= / attach()
         self._created = next(_CREATED)

@@ -312,42 +312,17 @@ def _fold_slots(budget: Optional[int], row: int, fold_rank: int, window: int, ca
     return int(max(0, min(k, window - 1)))
 
 
-def plan_memory(
-    *,
-    window: int,
-    elements: Optional[int] = None,
-    shapes: Optional[Sequence[Sequence[int]]] = None,
-    mode: str = "single",
-    world_size: int = 1,
-    local_world_size: Optional[int] = None,
-    dtype: str = "bfloat16",
-    param_dtype: str = "bfloat16",
-    fold_rank: int = DEFAULT_FOLD_RANK,
-    storage: str = "auto",
-    max_buffer_bytes: Optional[int] = None,
-    gpu_memory: Optional[int] = None,
-    trainer_gpu_bytes: Optional[int] = None,
-    trainer_pending_bytes: int = 0,
-    rank: int = 1,
-    largest_piece: Optional[int] = None,
-    use_vllm: bool = False,
-    vllm_mode: str = "colocate",
-    vllm_gpu_memory_utilization: float = 0.3,
-    vllm_claimed: bool = False,
-    gpu_headroom: float = DEFAULT_GPU_HEADROOM,
-    host_memory: Optional[int] = None,
-    host_fraction: float = DEFAULT_HOST_FRACTION,
-    disk_free: Optional[int] = None,
-    cuda: bool = True,
-    label: str = "",
-) -> MemoryPlan:
-    """Compute the memory plan of a window (pure arithmetic: nothing is measured or allocated).
+@dataclass(frozen=True)
+class PlanWindow:
+    """The window a memory plan is for: its rows, how the tracked tensors divide among processes, the buffer's form.
 
     Args:
         window (`int`): snapshot rows of the window, ``tcut // stride``.
         elements (`int`, *optional*): tracked elements of the largest process (give this or ``shapes``).
         shapes (`list[tuple[int, ...]]`, *optional*): full shapes of every tracked tensor; divided among processes
             as ``mode`` does (:func:`elements_per_process`).
+        largest_piece (`int`, *optional*): elements of the largest tracked piece of a process (from ``shapes`` when
+            given; else ``elements``, an upper bound).
         mode (`str`, *optional*, defaults to `"single"`): ``single``, ``replicated`` (DDP, ZeRO-1/2 in fp32),
             ``zero12`` (ZeRO-1/2 with bf16/fp16 mixed precision), ``zero3`` or ``fsdp2``.
         world_size (`int`, *optional*, defaults to 1): processes in the job.
@@ -358,15 +333,35 @@ def plan_memory(
         fold_rank (`int`, *optional*, defaults to 8): basis rows of a folded buffer.
         storage (`str`, *optional*, defaults to `"auto"`): ``auto`` or a tier to plan for.
         max_buffer_bytes (`int`, *optional*): the callback's ``max_buffer_bytes``: a cap on every tier.
+        rank (`int`, *optional*, defaults to 1): directions per tensor (the solve's direction arena at ``tcut``).
+    """
+
+    window: int
+    elements: Optional[int] = None
+    shapes: Optional[Sequence[Sequence[int]]] = None
+    largest_piece: Optional[int] = None
+    mode: str = "single"
+    world_size: int = 1
+    local_world_size: Optional[int] = None
+    dtype: str = "bfloat16"
+    param_dtype: str = "bfloat16"
+    fold_rank: int = DEFAULT_FOLD_RANK
+    storage: str = "auto"
+    max_buffer_bytes: Optional[int] = None
+    rank: int = 1
+
+
+@dataclass(frozen=True)
+class PlanMachine:
+    """What a node offers a window, and what else claims it.
+
+    Args:
         gpu_memory (`int`, *optional*): bytes of one device (None: the device tier is not planned).
         trainer_gpu_bytes (`int`, *optional*): bytes the trainer holds on each device; defaults to the model
             states (16 bytes per parameter, divided by ``world_size`` in the sharded modes).
         trainer_pending_bytes (`int`, *optional*, defaults to 0): bytes training will still allocate on each device
             after ``trainer_gpu_bytes`` was measured: gradients and optimizer states that a torch optimizer creates at
             its first step (:func:`pending_training_bytes`).
-        rank (`int`, *optional*, defaults to 1): directions per tensor (the solve's direction arena at ``tcut``).
-        largest_piece (`int`, *optional*): elements of the largest tracked piece of a process (from ``shapes`` when
-            given; else ``elements``, an upper bound).
         use_vllm / vllm_mode / vllm_gpu_memory_utilization (*optional*): TRL's ``GRPOConfig`` fields; a colocated
             engine claims ``vllm_gpu_memory_utilization x gpu_memory`` of every training device.
         vllm_claimed (`bool`, *optional*, defaults to `False`): the engine's memory is already part of
@@ -379,73 +374,104 @@ def plan_memory(
         disk_free (`int`, *optional*): free bytes of the output file system, shared by a node's processes.
         cuda (`bool`, *optional*, defaults to `True`): parameters on a CUDA device (the host tier then stages one
             row on the device).
+    """
+
+    gpu_memory: Optional[int] = None
+    trainer_gpu_bytes: Optional[int] = None
+    trainer_pending_bytes: int = 0
+    use_vllm: bool = False
+    vllm_mode: str = "colocate"
+    vllm_gpu_memory_utilization: float = 0.3
+    vllm_claimed: bool = False
+    gpu_headroom: float = DEFAULT_GPU_HEADROOM
+    host_memory: Optional[int] = None
+    host_fraction: float = DEFAULT_HOST_FRACTION
+    disk_free: Optional[int] = None
+    cuda: bool = True
+
+
+@dataclass(frozen=True)
+class _Figures:
+    """A plan's derived sizes: the mode after the checks, processes per node, bytes per process."""
+
+    mode: str
+    local: int
+    total: int  # tracked elements of the whole job
+    row: int  # one buffer row
+    exact: int  # the exact window
+    device_fixed: int  # theta_0 + the snapshot's scratch on the device
+    staging: int  # the host tier's one-row device staging buffer
+    solve_bytes: int  # the solve's device scratch at tcut
+
+
+def plan_memory(win: PlanWindow, machine: PlanMachine = PlanMachine(), label: str = "") -> MemoryPlan:
+    """Compute the memory plan of a window (pure arithmetic: nothing is measured or allocated).
+
+    Args:
+        win (`PlanWindow`): the window: rows, tracked elements and how processes share them, buffer dtype and tier.
+        machine (`PlanMachine`, *optional*): what a node offers and what else claims it (default: nothing known,
+            so no tier is sized).
         label (`str`, *optional*): a name for the first line of the text block.
 
     Returns:
         :class:`MemoryPlan`.
     """
-    mode, local, dt, pdt, D, total, piece = _plan_inputs(
-        window=window, elements=elements, shapes=shapes, mode=mode, world_size=world_size,
-        local_world_size=local_world_size, dtype=dtype, param_dtype=param_dtype, fold_rank=fold_rank, storage=storage,
-        use_vllm=use_vllm, vllm_mode=vllm_mode, vllm_gpu_memory_utilization=vllm_gpu_memory_utilization,
-        gpu_headroom=gpu_headroom, host_fraction=host_fraction)
-    if largest_piece is not None:
-        piece = min(int(largest_piece), D)
+    mode, local, dt, pdt, D, total, piece = _plan_inputs(win, machine)
+    if win.largest_piece is not None:
+        piece = min(int(win.largest_piece), D)
+    cuda = machine.cuda
     item = ITEMSIZE[dt]
     row = D * item
-    exact = window * row
+    exact = win.window * row
     theta0 = D * ITEMSIZE[pdt]
     scratch = min(SNAPSHOT_CHUNK_DEVICE, piece) * 4 if cuda else 0
     device_fixed = theta0 + scratch
-    solve_bytes = solve_scratch_bytes(D, piece, window, item, ITEMSIZE[pdt], rank) if cuda else 0
+    solve_bytes = solve_scratch_bytes(D, piece, win.window, item, ITEMSIZE[pdt], win.rank) if cuda else 0
     staging = row if cuda else 0
     notes = []
-    claims, tiers = _plan_budgets(
-        notes, window=window, mode=mode, world_size=world_size, local=local, total=total, row=row, exact=exact,
-        device_fixed=device_fixed, staging=staging, fold_rank=fold_rank, max_buffer_bytes=max_buffer_bytes,
-        gpu_memory=gpu_memory, trainer_gpu_bytes=trainer_gpu_bytes, trainer_pending_bytes=trainer_pending_bytes,
-        solve_bytes=solve_bytes, use_vllm=use_vllm, vllm_mode=vllm_mode,
-        vllm_gpu_memory_utilization=vllm_gpu_memory_utilization, vllm_claimed=vllm_claimed,
-        gpu_headroom=gpu_headroom, host_memory=host_memory, host_fraction=host_fraction, disk_free=disk_free,
-        cuda=cuda)
+    fig = _Figures(mode=mode, local=local, total=total, row=row, exact=exact, device_fixed=device_fixed,
+                   staging=staging, solve_bytes=solve_bytes)
+    claims, tiers = _plan_budgets(notes, win, machine, fig)
     tier, slots, folded, reason = _choose_storage(
-        tiers, storage=storage, window=window, local=local, row=row, exact=exact, fold_rank=fold_rank)
+        tiers, storage=win.storage, window=win.window, local=local, row=row, exact=exact, fold_rank=win.fold_rank)
     return MemoryPlan(
-        label=label, mode=mode, world_size=world_size, local_world_size=local, window=window, dtype=dt,
-        param_dtype=pdt, fold_rank=fold_rank, elements_total=total, elements=D, row_bytes=row, exact_bytes=exact,
-        theta0_bytes=theta0, device_fixed_bytes=device_fixed, staging_bytes=staging, gpu_memory=gpu_memory,
-        gpu_claims=claims, host_memory=host_memory, disk_free=disk_free, max_buffer_bytes=max_buffer_bytes,
-        tiers=tiers, storage=storage, tier=tier, slots=slots, folded=folded, reason=reason, notes=tuple(notes),
+        label=label, mode=mode, world_size=win.world_size, local_world_size=local, window=win.window, dtype=dt,
+        param_dtype=pdt, fold_rank=win.fold_rank, elements_total=total, elements=D, row_bytes=row, exact_bytes=exact,
+        theta0_bytes=theta0, device_fixed_bytes=device_fixed, staging_bytes=staging, gpu_memory=machine.gpu_memory,
+        gpu_claims=claims, host_memory=machine.host_memory, disk_free=machine.disk_free,
+        max_buffer_bytes=win.max_buffer_bytes, tiers=tiers, storage=win.storage, tier=tier, slots=slots,
+        folded=folded, reason=reason, notes=tuple(notes),
     )
 
 
-def _plan_inputs(*, window, elements, shapes, mode, world_size, local_world_size, dtype, param_dtype, fold_rank,
-                 storage, use_vllm, vllm_mode, vllm_gpu_memory_utilization, gpu_headroom, host_fraction):
+def _plan_inputs(win: PlanWindow, machine: PlanMachine):
     """Check plan_memory's inputs; return (mode, local, dtype, param dtype, elements D, total, largest piece)."""
+    mode, world_size, storage, elements, shapes = win.mode, win.world_size, win.storage, win.elements, win.shapes
     if mode not in MODES:
         raise RelexInputError(f"mode={mode!r} is not one of {list(MODES)}")
     if storage not in STORAGES:
         raise RelexInputError(f"storage={storage!r} is not one of {list(STORAGES)}")
-    for name, v, lo in (("window", window, 1), ("world_size", world_size, 1), ("fold_rank", fold_rank, 1)):
+    for name, v, lo in (("window", win.window, 1), ("world_size", world_size, 1), ("fold_rank", win.fold_rank, 1)):
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             raise RelexInputError(f"{name} must be a whole number >= {lo}, got {v!r}")
-    local = world_size if local_world_size is None else local_world_size
+    local = world_size if win.local_world_size is None else win.local_world_size
     if isinstance(local, bool) or not isinstance(local, int) or not 1 <= local <= world_size or world_size % local:
         raise RelexInputError(f"local_world_size={local!r} must divide world_size={world_size} (processes per node)")
     if mode == "single" and world_size > 1:
         raise RelexInputError(f"mode='single' with world_size={world_size}; use replicated, zero3 or fsdp2")
     if mode != "single" and world_size == 1:
         mode = "single"
-    if not 0 <= gpu_headroom < 1:
-        raise RelexInputError(f"gpu_headroom={gpu_headroom!r} must be a fraction in [0, 1)")
-    if not 0 < host_fraction <= 1:
-        raise RelexInputError(f"host_fraction={host_fraction!r} must be a fraction in (0, 1]")
-    if use_vllm and vllm_mode == "colocate" and not 0 < vllm_gpu_memory_utilization <= 1:
-        raise RelexInputError(f"vllm_gpu_memory_utilization={vllm_gpu_memory_utilization!r} must be in (0, 1]")
-    dt = parse_dtype(dtype)
-    pdt = str(param_dtype).replace("torch.", "")
+    if not 0 <= machine.gpu_headroom < 1:
+        raise RelexInputError(f"gpu_headroom={machine.gpu_headroom!r} must be a fraction in [0, 1)")
+    if not 0 < machine.host_fraction <= 1:
+        raise RelexInputError(f"host_fraction={machine.host_fraction!r} must be a fraction in (0, 1]")
+    util = machine.vllm_gpu_memory_utilization
+    if machine.use_vllm and machine.vllm_mode == "colocate" and not 0 < util <= 1:
+        raise RelexInputError(f"vllm_gpu_memory_utilization={util!r} must be in (0, 1]")
+    dt = parse_dtype(win.dtype)
+    pdt = str(win.param_dtype).replace("torch.", "")
     if pdt not in ITEMSIZE:
-        raise RelexInputError(f"param_dtype={param_dtype!r} is not one of {sorted(ITEMSIZE)}")
+        raise RelexInputError(f"param_dtype={win.param_dtype!r} is not one of {sorted(ITEMSIZE)}")
     if (elements is None) == (shapes is None):
         raise RelexInputError("give the tracked elements per process or the tensors' shapes (one of the two)")
     if shapes is not None:
@@ -461,33 +487,37 @@ def _plan_inputs(*, window, elements, shapes, mode, world_size, local_world_size
     return mode, local, dt, pdt, D, total, piece
 
 
-def _plan_budgets(notes, *, window, mode, world_size, local, total, row, exact, device_fixed, staging, fold_rank,
-                  max_buffer_bytes, gpu_memory, trainer_gpu_bytes, trainer_pending_bytes, solve_bytes, use_vllm,
-                  vllm_mode, vllm_gpu_memory_utilization, vllm_claimed, gpu_headroom, host_memory, host_fraction,
-                  disk_free, cuda):
+def _plan_budgets(notes, win: PlanWindow, m: PlanMachine, fig: _Figures):
     """Budget each tier (device claims, host share, disk share) and what fits in it; return (claims, tiers)."""
+    gpu_memory, cuda, trainer_gpu_bytes, trainer_pending_bytes = (m.gpu_memory, m.cuda, m.trainer_gpu_bytes,
+                                                                  m.trainer_pending_bytes)
+    use_vllm, vllm_mode, vllm_claimed, util = m.use_vllm, m.vllm_mode, m.vllm_claimed, m.vllm_gpu_memory_utilization
+    gpu_headroom, host_memory, host_fraction, disk_free = m.gpu_headroom, m.host_memory, m.host_fraction, m.disk_free
+    mode, local, total, row, exact = fig.mode, fig.local, fig.total, fig.row, fig.exact
+    world_size, window, fold_rank, max_buffer_bytes = win.world_size, win.window, win.fold_rank, win.max_buffer_bytes
     claims = {}
     tiers = {}
     if gpu_memory is not None and cuda:
         if trainer_gpu_bytes is None:
             share = world_size if mode in ("zero3", "fsdp2") else 1
             trainer_gpu_bytes = MODEL_STATE_BYTES * total // share
-            claims[f"trainer ({MODEL_STATE_BYTES} B/param{' / ' + str(share) if share > 1 else ''})"] = trainer_gpu_bytes
+            name = f"trainer ({MODEL_STATE_BYTES} B/param{' / ' + str(share) if share > 1 else ''})"
+            claims[name] = trainer_gpu_bytes
         else:
             claims["trainer at train begin"] = int(trainer_gpu_bytes)
             if trainer_pending_bytes:
                 claims["trainer, added by its first step (gradients, optimizer states)"] = int(trainer_pending_bytes)
         if use_vllm and vllm_mode == "colocate" and not vllm_claimed:
-            claims[f"vLLM colocate ({vllm_gpu_memory_utilization:g})"] = int(vllm_gpu_memory_utilization * gpu_memory)
+            claims[f"vLLM colocate ({util:g})"] = int(util * gpu_memory)
         claims[f"headroom ({gpu_headroom:.0%})"] = int(gpu_headroom * gpu_memory)
-        claims["theta_0 + scratch"] = device_fixed
-        if solve_bytes:
-            claims["solve at tcut (directions, a horizon's float32 copy, Gram chunk)"] = solve_bytes
+        claims["theta_0 + scratch"] = fig.device_fixed
+        if fig.solve_bytes:
+            claims["solve at tcut (directions, a horizon's float32 copy, Gram chunk)"] = fig.solve_bytes
         free = gpu_memory - sum(claims.values())
         if free < 0:
             notes.append(f"the device is over-committed by {format_bytes(-free)} before any buffer: the trainer, vLLM "
                          "and headroom alone exceed it")
-        if free < staging:
+        if free < fig.staging:
             notes.append("the host tier's one-row device staging buffer does not fit either")
         tiers["device"] = TierPlan("device", max(0, free), "device - claims", None, None)
     else:
@@ -498,13 +528,15 @@ def _plan_budgets(notes, *, window, mode, world_size, local, total, row, exact, 
     else:
         tiers["host"] = TierPlan("host", None, "no --host-memory", None, None)
     if disk_free is not None:
-        tiers["disk"] = TierPlan("disk", int(disk_free) // local, f"{format_bytes(disk_free)} free / {local}", None, None)
+        tiers["disk"] = TierPlan("disk", int(disk_free) // local, f"{format_bytes(disk_free)} free / {local}", None,
+                                 None)
     else:
         tiers["disk"] = TierPlan("disk", None, "no --disk-free", None, None)
     capped = max_buffer_bytes is not None and exact > max_buffer_bytes
     for k, t in tiers.items():
         fits = None if t.budget is None else (exact <= t.budget and not capped)
-        tiers[k] = TierPlan(t.tier, t.budget, t.note, fits, _fold_slots(t.budget, row, fold_rank, window, max_buffer_bytes))
+        slots = _fold_slots(t.budget, row, fold_rank, window, max_buffer_bytes)
+        tiers[k] = TierPlan(t.tier, t.budget, t.note, fits, slots)
     if capped:
         notes.append(f"max_buffer_bytes={format_bytes(max_buffer_bytes)} is below the exact window: the run folds")
     return claims, tiers
@@ -638,10 +670,28 @@ def _local_world_size(world: int) -> int:
     return n if 1 <= n <= world and world % n == 0 else world
 
 
+@dataclass(frozen=True)
+class NodeFigures:
+    """A node's figures given to :func:`plan_for_run` instead of measured (a plan fed with another machine's figures,
+    e.g. a device's on a machine without one).
+
+    Args:
+        local_world_size (`int`, *optional*): processes per node (default ``LOCAL_WORLD_SIZE``).
+        device_memory (`tuple[int, int]`, *optional*): ``(free, total)`` bytes of the device instead of
+            ``torch.cuda.mem_get_info``.
+        host_memory / disk_free (`int`, *optional*): the node's available host memory and the output file system's
+            free bytes instead of measuring them.
+    """
+
+    local_world_size: Optional[int] = None
+    device_memory: Optional[tuple[int, int]] = None
+    host_memory: Optional[int] = None
+    disk_free: Optional[int] = None
+
+
 def plan_for_run(settings, specs, topology, trainer_args=None, *, elements: Optional[int] = None, device=None,
-                 local_world_size: Optional[int] = None, label: str = "", out_dir: Optional[str] = None,
-                 optimizer=None, device_memory: Optional[tuple[int, int]] = None, host_memory: Optional[int] = None,
-                 disk_free: Optional[int] = None) -> MemoryPlan:
+                 label: str = "", out_dir: Optional[str] = None, optimizer=None,
+                 given: NodeFigures = NodeFigures()) -> MemoryPlan:
     """The plan of a live run at ``on_train_begin``, before the store is allocated: what ``storage="auto"`` should
     pick, and how many ring slots.
 
@@ -662,15 +712,12 @@ def plan_for_run(settings, specs, topology, trainer_args=None, *, elements: Opti
             this process's.
         device (`torch.device`, *optional*): the parameters' device (default: CUDA's current device when CUDA is
             available, else the CPU).
-        local_world_size (`int`, *optional*): processes per node (default ``LOCAL_WORLD_SIZE``).
         out_dir (`str`, *optional*): where the disk tier would live (default ``settings.output_dir``).
         optimizer (*optional*): the trainer's optimizer; what its first step will still allocate on the device
             (gradients, lazily created states: :func:`pending_training_bytes`) is claimed with the measured memory,
             so the ring holds at steady state, not only at ``on_train_begin``.
-        device_memory (`tuple[int, int]`, *optional*): ``(free, total)`` bytes of the device instead of
-            ``torch.cuda.mem_get_info`` (the plan fed with a device's figures, e.g. on a machine without one).
-        host_memory / disk_free (`int`, *optional*): the node's available host memory and the output file system's
-            free bytes instead of measuring them.
+        given (`NodeFigures`, *optional*): the node's figures to use instead of measuring them (processes per node,
+            device, host and disk memory).
 
     Returns:
         :class:`MemoryPlan` (``.tier``, ``.slots``, ``.folded``, ``.format()`` for the log).
@@ -682,7 +729,8 @@ def plan_for_run(settings, specs, topology, trainer_args=None, *, elements: Opti
     D = int(elements) if elements is not None else sum(s.local_numel for s in specs)
     world = int(getattr(topology, "world", 1))
     mode = getattr(topology, "mode", "single")
-    local = local_world_size or _local_world_size(world)
+    device_memory, host_memory, disk_free = given.device_memory, given.host_memory, given.disk_free
+    local = given.local_world_size or _local_world_size(world)
     if device is None:
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     device = torch.device(device)
@@ -707,12 +755,12 @@ def plan_for_run(settings, specs, topology, trainer_args=None, *, elements: Opti
     # host: what is available now on the node, as if the node's processes had not allocated yet (each process plans
     # before allocating); pinned memory is not swappable, so only a fraction of it is offered
     host = host_memory if host_memory is not None else available_host_bytes()
-    return plan_memory(
+    win = PlanWindow(
         window=len(settings.steps), elements=D, mode=mode if world > 1 else "single", world_size=world,
         local_world_size=local, dtype=settings.dtype, param_dtype=pdt, fold_rank=settings.fold_rank,
-        storage=settings.storage, max_buffer_bytes=settings.max_buffer_bytes, gpu_memory=gpu_memory,
-        trainer_gpu_bytes=trainer, trainer_pending_bytes=pending, rank=int(getattr(settings, "rank", 1) or 1),
-        largest_piece=max((s.local_numel for s in specs), default=None),
-        use_vllm=use_vllm, vllm_mode=vllm_mode, vllm_gpu_memory_utilization=util,
-        vllm_claimed=not asleep, host_memory=host, disk_free=disk, cuda=cuda, label=label,
-    )
+        storage=settings.storage, max_buffer_bytes=settings.max_buffer_bytes,
+        rank=int(getattr(settings, "rank", 1) or 1), largest_piece=max((s.local_numel for s in specs), default=None))
+    machine = PlanMachine(gpu_memory=gpu_memory, trainer_gpu_bytes=trainer, trainer_pending_bytes=pending,
+                          use_vllm=use_vllm, vllm_mode=vllm_mode, vllm_gpu_memory_utilization=util,
+                          vllm_claimed=not asleep, host_memory=host, disk_free=disk, cuda=cuda)
+    return plan_memory(win, machine, label=label)
