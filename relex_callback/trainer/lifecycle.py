@@ -11,7 +11,6 @@ that never reaches it keeps its recorded steps in ``partial_trajectory/`` (:func
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from typing import Optional
@@ -25,7 +24,6 @@ from ..files.fs import check_outputs_free
 from ..files.untracked import UNTRACKED_FILE, is_relex_untracked, record_untracked, save_untracked
 from ..files.writers import save_adapter_at
 from ..params import is_peft_model
-from ..pipeline.finalize import BufferedSolve, finalize
 
 logger = logging.getLogger("relex_callback")
 
@@ -92,23 +90,6 @@ def window_clock(s, schedule: Optional[tuple]):
                        f"learning-rate schedule (step {clock.end}): past it the lr clock counts each step at the "
                        f"window's mean learning rate ({clock.tail_lr:.3g})")
     return clock, None
-
-
-def run_pipeline(store, topology, writer, s, out_dir, model, trend, flat, skipped_steps, clock, overwrite_own=False):
-    """The end-of-window pipeline over ``store`` with this run's settings and report entries; ``overwrite_own``: a
-    resumed window replaces its own run's outputs (checked by the caller to be all that run's)."""
-    solver = BufferedSolve(store, reduce=topology.reduce_grams if topology.sharded else None,
-                           skipped_nonfinite=skipped_steps, clock=clock)
-    if overwrite_own:
-        s = dataclasses.replace(s, overwrite=True)
-    return finalize(
-        solver, writer, s, out_dir=out_dir, kept=store.directory if store.storage == "disk" else None,
-        skip_horizons=flat if s.on_flat_reward == "error" else None,
-        report_extra={"recorded": topology.recorded, "skipped_nonfinite_steps": list(skipped_steps),
-                      "reward_trend": trend,
-                      "skipped_unchanged_steps": list(store.skipped_unchanged_steps),
-                      "format": "peft_adapter" if is_peft_model(model) else "full"},
-    )
 
 
 def window_metrics(report: dict, store, trend: dict, seconds: float) -> dict:

@@ -12,6 +12,7 @@ steps' computations that need no window state are the functions of :mod:`.lifecy
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -24,6 +25,7 @@ from ..files.fs import STATE_INDEX_NAME, STATE_NAME, check_writable_dir
 from ..files.report import REPORT_NAME, write_report
 from ..files.writers import model_writer
 from ..params import is_peft_model, select_names, trainable_named_parameters
+from ..pipeline.finalize import BufferedSolve, finalize
 from ..trajectory.persist import RUN_TRAJECTORY_DIR, THETA0_FILE, TRAJECTORY_DIR
 from ..trajectory.window import OutputLock, open_window, resume_record
 from . import lifecycle, notices
@@ -357,8 +359,17 @@ class Window:
         replace_own = self.replace_own is not None and self.replace_own == self.store.run_id and not s.overwrite
         if replace_own:
             self.check_outputs(out_dir, model, own_run=self.replace_own)
-        return lifecycle.run_pipeline(self.store, self.topology, writer, s, out_dir, model, trend, flat,
-                                      self.skipped_steps, clock, overwrite_own=replace_own)
+            s = dataclasses.replace(s, overwrite=True)
+        store, topology = self.store, self.topology
+        solver = BufferedSolve(store, reduce=topology.reduce_grams if topology.sharded else None,
+                               skipped_nonfinite=self.skipped_steps, clock=clock)
+        return finalize(
+            solver, writer, s, out_dir=out_dir, kept=store.directory if store.storage == "disk" else None,
+            skip_horizons=flat if s.on_flat_reward == "error" else None,
+            report_extra={"recorded": topology.recorded, "skipped_nonfinite_steps": list(self.skipped_steps),
+                          "reward_trend": trend, "skipped_unchanged_steps": list(store.skipped_unchanged_steps),
+                          "format": "peft_adapter" if is_peft_model(model) else "full"},
+        )
 
     def score(self, sol, model, out_dir: str, control):
         """Score the horizons with the trainer's ``evaluate()`` (:func:`.scoring.score_at_tcut`); update and rewrite
