@@ -54,7 +54,14 @@ def variants(quick: bool = False):
                 seen.add(key)
                 sig = {"M_ptr": f"*{TRITON_TYPE[dt]}", "G_ptr": "*fp32", "table_ptr": "*i64", "T": "i32",
                        "stride_t": "i32", "pairs_ptr": "*i64"}
-                yield "gram", f"gram_{dt}_BT{cfg['BT']}_N{cfg['BLOCK_N']}" + ("_single" if cfg["SINGLE"] else f"_pairs{cfg['NPAIRS']}"), sig, cfg, warps
+                yield (
+                    "gram",
+                    f"gram_{dt}_BT{cfg['BT']}_N{cfg['BLOCK_N']}"
+                    + ("_single" if cfg["SINGLE"] else f"_pairs{cfg['NPAIRS']}"),
+                    sig,
+                    cfg,
+                    warps,
+                )
     for dt in dtypes:
         for out in sorted({dt, "float32"}):
             for T in rows:
@@ -83,7 +90,9 @@ def ptxas_usage(ptx: str, arch: int, workdir: str) -> dict:
     with open(path, "w") as fh:
         fh.write(ptx)
     gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
-    r = subprocess.run([_ptxas(arch), "-v", f"--gpu-name={gpu}", path, "-o", os.devnull], capture_output=True, text=True)
+    r = subprocess.run(
+        [_ptxas(arch), "-v", f"--gpu-name={gpu}", path, "-o", os.devnull], capture_output=True, text=True
+    )
     text = r.stdout + r.stderr
     if r.returncode != 0:
         raise RuntimeError(f"ptxas failed: {text[-500:]}")

@@ -133,7 +133,9 @@ def project_error(out, M, segs, U, out_dtype: str) -> float:
         bound = dot_bound(ui.T, m.T)
         if out_dtype in ULP16:
             dt = getattr(torch, out_dtype)
-            bound = bound + ULP16[out_dtype] * (exact.abs() + bound) + torch.finfo(dt).smallest_normal * torch.finfo(dt).eps
+            bound = (
+                bound + ULP16[out_dtype] * (exact.abs() + bound) + torch.finfo(dt).smallest_normal * torch.finfo(dt).eps
+            )
         r = ((out[:, o : o + n].double() - exact).abs() / bound.clamp_min(1e-300)).max()
         worst = max(worst, float(r) if math.isfinite(float(r)) else math.inf)
     return worst
@@ -352,7 +354,9 @@ def memory_verdict(peak_device: int, plan: dict, total: int) -> tuple[str, str, 
     claims = plan["gpu_claims"]
     headroom = sum(v for k, v in claims.items() if k.startswith("headroom"))
     solve = sum(v for k, v in claims.items() if k.startswith("solve at tcut"))
-    on_device = plan["buffer_bytes"] if plan["tier"] == "device" else (plan["staging_bytes"] if plan["tier"] == "host" else 0)
+    on_device = (
+        plan["buffer_bytes"] if plan["tier"] == "device" else (plan["staging_bytes"] if plan["tier"] == "host" else 0)
+    )
     planned = sum(claims.values()) - headroom - solve + on_device  # at step 3: the solve's scratch comes at tcut
     unplanned = peak_device - planned
     ok = peak_device <= total and unplanned <= headroom
@@ -439,9 +443,17 @@ def check_memory(device, small: bool = False) -> dict:
         if not plans:
             return result("FAIL", f"the callback made no memory plan ({oom or 'no error'})", n_params=n_params)
         plan = plans[-1].to_dict()
-        data = dict(n_params=n_params, plan=plan, plan_text=plans[-1].format(), seconds_build=round(t_build, 1),
-                    seconds_train=round(t_train, 1), steps=seen.get("steps"), tier=seen.get("tier"), rows_recorded=seen.get("rows_recorded"),
-                    oom=oom)
+        data = dict(
+            n_params=n_params,
+            plan=plan,
+            plan_text=plans[-1].format(),
+            seconds_build=round(t_build, 1),
+            seconds_train=round(t_train, 1),
+            steps=seen.get("steps"),
+            tier=seen.get("tier"),
+            rows_recorded=seen.get("rows_recorded"),
+            oom=oom,
+        )
         if not cuda:
             st = "FAIL" if oom or seen.get("steps") != 3 else "PASS"
             return result(st, f"cpu scale: {n_params:,} parameters, 3 steps, plan chose {plan['tier']} "
@@ -511,7 +523,9 @@ def check_pinned(device, small: bool = False) -> dict:
         after = dict(host_stats()) if host_stats else None
         if before is not None:
             keys = [k for k in after if ("reserved" in k or "allocated" in k) and isinstance(after[k], (int, float))]
-            data["host_allocator_change"] = {k: after[k] - before.get(k, 0) for k in keys if after[k] != before.get(k, 0)}
+            data["host_allocator_change"] = {
+                k: after[k] - before.get(k, 0) for k in keys if after[k] != before.get(k, 0)
+            }
             if data["host_allocator_change"]:
                 problems.append(f"the caching host allocator moved: {data['host_allocator_change']}")
         if not all(data["is_pinned_first_last"]):
@@ -541,7 +555,12 @@ def check_pinned(device, small: bool = False) -> dict:
 def qwen_tensor_sizes(cfg: dict, layers: int | None = None) -> list[int]:
     """Element counts of the tracked tensors of a Qwen2 model (embeddings, then per layer q/k/v with biases, o, the
     MLP and two norms, then the final norm), the first ``layers`` layers only when given (no embeddings then)."""
-    h, i, heads, kv = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    h, i, heads, kv = (
+        cfg["hidden_size"],
+        cfg["intermediate_size"],
+        cfg["num_attention_heads"],
+        cfg["num_key_value_heads"],
+    )
     hd = h // heads
     layer = [h * h, h, kv * hd * h, kv * hd, kv * hd * h, kv * hd, h * h, i * h, i * h, h * i, h, h]
     if layers is not None:
@@ -608,8 +627,9 @@ def check_snapshot(device, small: bool = False) -> dict:
             p.normal_(0, 0.02, generator=g)
     tracked = plain_tracked(trainable_named_parameters(model))
     specs = [t.spec for t in tracked]
-    store = TrajectoryStore(specs, capacity=steps + 1, dtype="bfloat16", storage="device" if device != "cpu" else "host",
-                            device=device)
+    store = TrajectoryStore(
+        specs, capacity=steps + 1, dtype="bfloat16", storage="device" if device != "cpu" else "host", device=device
+    )
     store.set_theta0([t.read() for t in tracked])
     D = store.D
     nudge = min(tracked, key=lambda t: t.spec.local_numel)  # moved a little every step: every step is a new row

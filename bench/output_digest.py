@@ -35,7 +35,9 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 # the JSON keys whose values are wall-clock measurements or dates (differ on every run)
-VOLATILE = re.compile(r"(seconds|_s$|^time|timing|elapsed|date|created|written_at|wall|duration|throughput|per_s|bytes_per)")
+VOLATILE = re.compile(
+    r"(seconds|_s$|^time|timing|elapsed|date|created|written_at|wall|duration|throughput|per_s|bytes_per)"
+)
 TCUT, HORIZONS = 4, (8, 12)
 
 JOBS = {
@@ -162,8 +164,20 @@ def main(argv=None):
             opts = {"default": [], "f32_rank2_power": ["--dtype", "float32", "--rank", "2", "--fit", "power"],
                     "stride2_fitstart": ["--dtype", "float32", "--stride", "2", "--fit-start", "2"]}[name]
             for form in ("--streaming", "--no-streaming"):
-                rc, _ = relex("extrapolate", "--base", os.path.join(d, "base"), "--checkpoints", *ckpts, "--horizons",
-                              hz, "--out", os.path.join(d, "cli" + form.replace("--", "-")), "--no-progress", form, *opts)
+                rc, _ = relex(
+                    "extrapolate",
+                    "--base",
+                    os.path.join(d, "base"),
+                    "--checkpoints",
+                    *ckpts,
+                    "--horizons",
+                    hz,
+                    "--out",
+                    os.path.join(d, "cli" + form.replace("--", "-")),
+                    "--no-progress",
+                    form,
+                    *opts,
+                )
                 lines.append(f"exit {rc} extrapolate {name} {form}")
             rc, _ = relex("materialize", "--state", os.path.join(d, "run", "relex"), "--base", os.path.join(d, "base"),
                           "--horizons", f"{horizons[0]},{5 * tcut}", "--out", os.path.join(d, "materialized"))

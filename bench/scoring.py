@@ -47,8 +47,14 @@ def main(argv=None):
     from trl import GRPOConfig, GRPOTrainer
 
     from relex_callback import RelexCallback
-    from relex_callback.examples.toy import (arithmetic_reward, arithmetic_split, build_model, build_tokenizer, greedy_accuracy,
-                                    supervised_warmup)
+    from relex_callback.examples.toy import (
+        arithmetic_reward,
+        arithmetic_split,
+        build_model,
+        build_tokenizer,
+        greedy_accuracy,
+        supervised_warmup,
+    )
 
     torch.set_num_threads(a.threads)
     hf_logging.set_verbosity_error()

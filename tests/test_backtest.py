@@ -1,4 +1,5 @@
-"""In-window backtest (relex_callback.core.backtest): the Gram-derived figures against a brute-force float64 computation from
+"""In-window backtest (relex_callback.core.backtest): the Gram-derived figures against a brute-force float64
+computation from
 M itself, the power path against the Gram path, folded against unfolded stores, and the behaviour on exact, drifting,
 zero and too-short trajectories."""
 

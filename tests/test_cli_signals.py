@@ -11,7 +11,6 @@ relex once, so that every signal x boundary x before/after case is a real proces
 import hashlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys

@@ -1,4 +1,5 @@
-"""Smoke test of the demo (``python -m relex_callback.examples.demo --quick``) in a child process, as `make demo` runs it."""
+"""Smoke test of the demo (``python -m relex_callback.examples.demo --quick``) in a child process, as `make demo` runs
+it."""
 
 import json
 import os
@@ -9,8 +10,14 @@ import sys
 
 def test_demo_quick(tmp_path, subprocess_env):
     out = tmp_path / "demo"
-    r = subprocess.run([sys.executable, "-m", "relex_callback.examples.demo", "--quick", "--out", str(out), "--threads", "1"],
-                       env=subprocess_env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    r = subprocess.run(
+        [sys.executable, "-m", "relex_callback.examples.demo", "--quick", "--out", str(out), "--threads", "1"],
+        env=subprocess_env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "held-out acc" in r.stdout and "RELEX step-12" in r.stdout
     result = json.load(open(out / "demo.json"))

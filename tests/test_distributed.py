@@ -61,7 +61,16 @@ def launch(mode: str, out: str, *extra: str, timeout: int = 600, expect_fail: bo
             cmd.append("--fsdp2")
     else:
         cfg = os.path.join(CONFIGS, f"{mode}_cpu.yaml")
-        cmd = [os.path.join(BIN, "accelerate"), "launch", "--config_file", cfg, "--main_process_port", _port(), SCRIPT, out]
+        cmd = [
+            os.path.join(BIN, "accelerate"),
+            "launch",
+            "--config_file",
+            cfg,
+            "--main_process_port",
+            _port(),
+            SCRIPT,
+            out,
+        ]
     cmd += list(extra)
     p = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
     if expect_fail:
@@ -101,11 +110,18 @@ def replay(run_dir: str, out_dir: str, exclude=None, horizons=HORIZONS, tcut=TCU
         for n in untracked:
             params[n].copy_(snaps[tcut][n])
     tracked = plain_tracked([(n, params[n]) for n in names])
-    store = TrajectoryStore([t.spec for t in tracked], slots or tcut, dtype="float32", storage="host", fold_rank=fold_rank)
+    store = TrajectoryStore(
+        [t.spec for t in tracked], slots or tcut, dtype="float32", storage="host", fold_rank=fold_rank
+    )
     store.set_theta0([snaps[0][n].reshape(-1).float() for n in names])
     for t in range(1, tcut + 1):
         store.snapshot(t, [snaps[t][n].reshape(-1).float() for n in names])
-    finalize(store, FullModelWriter(ModelSource(model, tok)), RelexSettings(tcut=tcut, horizons=tuple(horizons)), out_dir=out_dir)
+    finalize(
+        store,
+        FullModelWriter(ModelSource(model, tok)),
+        RelexSettings(tcut=tcut, horizons=tuple(horizons)),
+        out_dir=out_dir,
+    )
     return snaps
 
 
@@ -201,7 +217,9 @@ def check_state(run_dir, ref_dir):
     snaps, steps = rec["snaps"], list(range(1, TCUT + 1))
     # the state extrapolates what the single-process file holds: each within its float32 bound of the float64
     # reference of the recorded trajectory (was rtol 1e-5)
-    mine = {s.name: got.extrapolate(i, 20, snaps[0][s.name].reshape(-1)).reshape(s.shape) for i, s in enumerate(got.specs)}
+    mine = {
+        s.name: got.extrapolate(i, 20, snaps[0][s.name].reshape(-1)).reshape(s.shape) for i, s in enumerate(got.specs)
+    }
     compare_weights(mine, {n: sd[n] for n in mine}, snaps, 20, steps, label=f"{os.path.basename(run_dir)} state")
     # the slopes (was rtol 1e-4): the slope a of the coefficient line on the unit direction is the extrapolation per
     # unit of H as H -> infinity, and |da| <= ||d(a v)||: extrapolation_tolerance at H = 1e12 bounds |da| / |a| for
@@ -313,7 +331,9 @@ def validation_runs(tmp_path_factory):
         first = rank_info(d)
         if resume:
             for r in range(2):
-                assert os.path.isfile(os.path.join(d, "checkpoint-9", "relex_trajectory", f"rank-{r}", "validation.json"))
+                assert os.path.isfile(
+                    os.path.join(d, "checkpoint-9", "relex_trajectory", f"rank-{r}", "validation.json")
+                )
             rec1 = torch.load(os.path.join(d, "trajectory.pt"))
             os.remove(os.path.join(d, "trajectory.pt"))
             launch(mode, d, *common, "--max-steps", "11", "--resume")
@@ -337,8 +357,12 @@ def expected_validation(ref_dir, snaps, h, names):
     for n in names:
         real = (snaps[h][n].double() - snaps[0][n].double()).flatten()
         pred = (sd[n].double() - snaps[0][n].double()).flatten()
-        out[n] = (float(real @ pred / (real.norm() * pred.norm())), float(pred.norm() / real.norm()), float(pred.norm()),
-                  real.numel())
+        out[n] = (
+            float(real @ pred / (real.norm() * pred.norm())),
+            float(pred.norm() / real.norm()),
+            float(pred.norm()),
+            real.numel(),
+        )
     return out
 
 

@@ -176,7 +176,9 @@ def test_a_later_train_call_can_run_after_a_kept_window(tmp_path, monkeypatch):
         _run(tmp_path / "a")
     monkeypatch.undo()
     kernels.reset()
-    cb = RelexCallback(tcut=TCUT, horizons=[H], dtype="float32", output_dir=str(tmp_path / "a" / "relex"), overwrite=True)
+    cb = RelexCallback(
+        tcut=TCUT, horizons=[H], dtype="float32", output_dir=str(tmp_path / "a" / "relex"), overwrite=True
+    )
     trainer, _, _ = build_trainer(str(tmp_path / "b"), [cb], max_steps=30)
     trainer.train()
     assert (tmp_path / "a" / "relex" / f"step-{H}" / "model.safetensors").exists()

@@ -152,7 +152,8 @@ def _all_tensors(d):
 
 
 def test_disk_full_during_write_is_clear_and_recoverable(tmp_path, monkeypatch):
-    """Fault injection: ``checkpoints.write_safetensors`` (the lowest-level file write) raises ENOSPC on its second call,
+    """Fault injection: ``checkpoints.write_safetensors`` (the lowest-level file write) raises ENOSPC on its second
+    call,
     as a full disk would; everything above it is real."""
     from relex_callback.files import checkpoints as writer
 
@@ -305,7 +306,12 @@ def test_bad_shard_size_fails_before_the_state_file(tmp_path, tiny_model, tokeni
     store = _small_store(tmp_path, tiny_model)
     out = tmp_path / "out"
     with pytest.raises(RelexInputError, match="max_shard_size"):
-        finalize(store, FullModelWriter(ModelSource(tiny_model, tokenizer), max_shard_size="lots"), RelexSettings(tcut=3, horizons=(9,)), out_dir=str(out))
+        finalize(
+            store,
+            FullModelWriter(ModelSource(tiny_model, tokenizer), max_shard_size="lots"),
+            RelexSettings(tcut=3, horizons=(9,)),
+            out_dir=str(out),
+        )
     assert not out.exists() or not any(out.iterdir())
 
 
@@ -320,7 +326,12 @@ def test_window_with_fewer_than_two_recorded_steps_is_a_clear_error(tmp_path, ti
     store.set_theta0([t.read() for t in tracked])
     store.snapshot(4, [t.read() + 1e-3 for t in tracked])  # steps 1-3 were skipped as non-finite
     with pytest.raises(RelexInputError, match="only 1 step"):
-        finalize(store, FullModelWriter(ModelSource(tiny_model, tokenizer)), RelexSettings(tcut=4, horizons=(8,)), out_dir=str(tmp_path / "out"))
+        finalize(
+            store,
+            FullModelWriter(ModelSource(tiny_model, tokenizer)),
+            RelexSettings(tcut=4, horizons=(8,)),
+            out_dir=str(tmp_path / "out"),
+        )
     assert not (tmp_path / "out").exists()
 
 
@@ -351,7 +362,12 @@ def test_materialize_checks_every_output_before_writing_one(tmp_path, tiny_model
     tokenizer.save_pretrained(str(base))
     store = _small_store(tmp_path, tiny_model)
     out = tmp_path / "out"
-    finalize(store, FullModelWriter(ModelSource(tiny_model, tokenizer)), RelexSettings(tcut=3, horizons=(9,)), out_dir=str(out))
+    finalize(
+        store,
+        FullModelWriter(ModelSource(tiny_model, tokenizer)),
+        RelexSettings(tcut=3, horizons=(9,)),
+        out_dir=str(out),
+    )
     # step-9 exists: asking for 6 and 9 must fail before step-6 is written
     with pytest.raises(RelexInputError, match="step-9"):
         materialize(str(out / "relex_state.safetensors"), str(base), [6, 9], str(out))

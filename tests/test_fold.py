@@ -39,7 +39,9 @@ def _trajectory(T, noise=0.02, seed=0):
             if s.name == "frozen":
                 row.append(theta0[i].clone())
             else:
-                row.append(theta0[i] + (0.01 * t + 0.03) * v[i] + 0.01 * noise * torch.randn(s.local_numel, generator=g))
+                row.append(
+                    theta0[i] + (0.01 * t + 0.03) * v[i] + 0.01 * noise * torch.randn(s.local_numel, generator=g)
+                )
         snaps.append(row)
     return specs, theta0, snaps
 
@@ -72,7 +74,8 @@ def compare(exact, other, theta0, H):
 
 
 def fold_bounds(exact_st, folded_st, theta0, H, rank=1, fit_start=None):
-    """Per moving tensor, the bound on ``||move_folded - move_exact|| / ||move_exact||`` (``move = theta(H) - theta_0``):
+    """Per moving tensor, the bound on ``||move_folded - move_exact|| / ||move_exact||`` (``move = theta(H) -
+    theta_0``):
     each path within its :func:`helpers.extrapolation_tolerance` of the exact float64 extrapolation of the recorded
     deltas ``M`` (the unfolded store's rows). The folded path reads ``C B`` instead of ``M`` (read back from the store
     here, in float64): its Gram moves by ``(C B)(C B)^T - M M^T`` (what the folds discarded; the float32 rounding of
@@ -299,8 +302,11 @@ def test_grpo_callback_folded_matches_exact(tmp_path, tokenizer, caplog):
         trainer.train()
     plans = [r.getMessage() for r in caplog.records if r.getMessage().startswith("relex memory plan")]
     assert len(plans) == 2  # one block per callback, at on_train_begin
-    assert any("auto     -> host: the exact window (12 rows" in p and "fits no tier; folded on host: 4 basis + 3 ring rows"
-               in p for p in plans), plans
+    assert any(
+        "auto     -> host: the exact window (12 rows" in p
+        and "fits no tier; folded on host: 4 basis + 3 ring rows" in p
+        for p in plans
+    ), plans
     assert any("fits no memory tier; folding it" in r.getMessage() for r in caplog.records)
     assert trainer.state.global_step == tcut
     assert folded_cb.report["buffer_bytes"] == 7 * D * 2 and folded_cb.report["folds"] >= 2

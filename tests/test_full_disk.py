@@ -26,7 +26,9 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs need
 
 def _mount(path, kib: int):
     os.makedirs(path, exist_ok=True)
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(path)], capture_output=True, text=True)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(path)], capture_output=True, text=True
+    )
     if r.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
 
@@ -192,5 +194,10 @@ def test_horizons_that_overflow_the_dtype_are_refused_before_any_write(tmp_path)
     for t in (1, 2, 3, 4):
         store.snapshot(t, [lin.weight.detach().reshape(-1) + t * d])
     with pytest.raises(RelexInputError, match="overflow"):
-        finalize(store, FullModelWriter(ModelSource(lin)), RelexSettings(tcut=4, horizons=(40, 10**6)), out_dir=str(tmp_path / "o"))
+        finalize(
+            store,
+            FullModelWriter(ModelSource(lin)),
+            RelexSettings(tcut=4, horizons=(40, 10**6)),
+            out_dir=str(tmp_path / "o"),
+        )
     assert not (tmp_path / "o").exists() or not os.listdir(tmp_path / "o")

@@ -89,7 +89,9 @@ def test_the_ring_fits_the_device_after_the_first_step(qwen_1p5b, tmp_path):
           f"({plan.buffer_bytes / GB:.1f} GB); without the optimizer's share: {blind.tiers['device'].budget / GB:.1f} "
           f"GB -> {blind.tier} ring of {blind.rows} rows ({blind.buffer_bytes / GB:.1f} GB)")
     assert blind.tier == "device" and blind.buffer_bytes > buffer
-    assert weights + CONTEXT + pending + blind.device_fixed_bytes + blind.buffer_bytes > H100 * (1 - DEFAULT_GPU_HEADROOM)
+    assert weights + CONTEXT + pending + blind.device_fixed_bytes + blind.buffer_bytes > H100 * (
+        1 - DEFAULT_GPU_HEADROOM
+    )
 
 
 def test_a_window_the_device_cannot_hold_at_steady_state_goes_to_the_host(qwen_1p5b, tmp_path):

@@ -54,9 +54,18 @@ def test_plan_reads_a_cached_hub_id_like_its_directory(tmp_path, subprocess_env)
     snap = _cache_model(str(cache), "Qwen/Qwen2.5-Math-1.5B", {"config.json": os.path.join(FIXTURE, "config.json")})
     env = _env(subprocess_env, cache)
     # the layout is the hub's: its own cache scanner sees the repository and the revision
-    seen = subprocess.run([sys.executable, "-c", "from huggingface_hub import scan_cache_dir; "
-                           "print([(r.repo_id, [v.commit_hash for v in r.revisions]) for r in scan_cache_dir().repos])"],
-                          capture_output=True, text=True, env=env, timeout=120)
+    seen = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from huggingface_hub import scan_cache_dir; "
+            "print([(r.repo_id, [v.commit_hash for v in r.revisions]) for r in scan_cache_dir().repos])",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert seen.stdout.strip() == f"[('Qwen/Qwen2.5-Math-1.5B', ['{COMMIT}'])]", seen.stderr
     local = tmp_path / "Qwen2.5-Math-1.5B"
     local.mkdir()

@@ -41,7 +41,10 @@ def _in_process_ok() -> bool:
 
 IN_PROCESS = _in_process_ok()
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-needs_kernels = pytest.mark.skipif(not IN_PROCESS, reason="triton is not installed (or its interpreter could not start: see test_interpreter_really_runs_the_kernels)")
+needs_kernels = pytest.mark.skipif(
+    not IN_PROCESS,
+    reason="triton is not installed (or its interpreter could not start: see test_interpreter_really_runs_the_kernels)",
+)
 
 # (segment sizes) cases: a single column, odd sizes, sizes that are not multiples of any block, many tiny segments
 # and one big one. The tests shrink each program's column span to SPAN so that the big segments cover several
@@ -215,7 +218,9 @@ def test_dispatch_forced_triton_matches(monkeypatch):
 @pytest.mark.skipif(not HAVE_TRITON, reason="triton not installed")
 def test_interpreter_really_runs_the_kernels():
     # the kernel cases are skipped only when they cannot run; with triton installed they must be able to
-    assert IN_PROCESS, "Triton kernels cannot run here: on CPU, TRITON_INTERPRET=1 must be set before triton is imported"
+    assert IN_PROCESS, (
+        "Triton kernels cannot run here: on CPU, TRITON_INTERPRET=1 must be set before triton is imported"
+    )
 
 
 @pytest.mark.skipif(not HAVE_TRITON, reason="triton not installed")
@@ -225,7 +230,9 @@ def test_program_table_covers_every_column_once():
     offsets, numels = [0, 10, 10, 50, 1000], [10, 0, 40, 901, 1]
     for span in (1, 7, 64, 5000):
         tab = _table(offsets, numels, span, "cpu").tolist()
-        expect = [(i, s, min(o + n, s + span)) for i, (o, n) in enumerate(zip(offsets, numels)) for s in range(o, o + n, span)]
+        expect = [
+            (i, s, min(o + n, s + span)) for i, (o, n) in enumerate(zip(offsets, numels)) for s in range(o, o + n, span)
+        ]
         assert [tuple(r) for r in tab] == expect
     assert _table([5], [0], 16, "cpu").shape == (0, 3)
 

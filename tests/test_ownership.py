@@ -75,8 +75,10 @@ def every_output_name() -> list:
 def lora_trainer(out, callbacks):
     peft = pytest.importorskip("peft")
     tok = build_tokenizer()
-    model = peft.get_peft_model(build_model(tok), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                                  init_lora_weights="gaussian"))
+    model = peft.get_peft_model(
+        build_model(tok),
+        peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights="gaussian"),
+    )
     return grpo_trainer(out, callbacks, model=model, tok=tok, max_steps=4)
 
 
@@ -168,8 +170,13 @@ def test_keep_best_temporaries_and_trajectory_files_remove_only_this_runs(tmp_pa
 
 # -------------------------------------------------------------------- the CLI: overwrite, a base of other weights
 def _cli(argv, env):
-    return subprocess.run([sys.executable, "-m", "relex_callback.offline.cli", *argv], env=env, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "relex_callback.offline.cli", *argv],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -280,7 +287,17 @@ def test_cli_refuses_every_number_beyond_the_callbacks_bound(cli_paths, cmd, opt
     value = str(BOUNDS[name][1] + 1 if how == "max+1" else 10**30)
     out = os.path.join(d, f"n-{cmd}{option}{how}")
     argv = {
-        "extrapolate": ["extrapolate", "--base", p["base"], "--checkpoints", p["ckpts"], "--horizons", "40", "--out", out],
+        "extrapolate": [
+            "extrapolate",
+            "--base",
+            p["base"],
+            "--checkpoints",
+            p["ckpts"],
+            "--horizons",
+            "40",
+            "--out",
+            out,
+        ],
         "materialize": ["materialize", "--state", p["done"], "--base", p["base"], "--horizons", "100", "--out", out],
         "plan": ["plan", "--model", p["base"], "--tcut", "100", "--world-size", "8"],
         "report": ["report", p["done"]],

@@ -80,12 +80,19 @@ def _assert_same(a, b, what):
     wa, wb = (read_weights(x) if not isinstance(x, dict) else x for x in (a, b))
     assert sorted(wa) == sorted(wb), (what, sorted(set(wa) ^ set(wb)))
     bad = [k for k in wa if not torch.equal(wa[k], wb[k])]
-    assert not bad, f"{what}: {len(bad)} tensors differ, e.g. {bad[0]} by {float((wa[bad[0]] - wb[bad[0]]).abs().max())}"
+    assert not bad, (
+        f"{what}: {len(bad)} tensors differ, e.g. {bad[0]} by {float((wa[bad[0]] - wb[bad[0]]).abs().max())}"
+    )
 
 
 def _cli(env, *args):
-    r = subprocess.run([sys.executable, "-m", "relex_callback.offline.cli", *map(str, args)], env=env, capture_output=True,
-                       text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-m", "relex_callback.offline.cli", *map(str, args)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
 
 
@@ -148,7 +155,9 @@ def test_materialize_and_evaluate_rebuild_equal_the_callback(run, env, tmp_path,
     hook = trainer.model.register_forward_pre_hook(grab)
     try:
         with pytest.raises(Seen):
-            evaluate_horizons(trainer, str(run / "relex" / cell), base=str(run / "base"), horizons=[H_EVAL], write=False)
+            evaluate_horizons(
+                trainer, str(run / "relex" / cell), base=str(run / "base"), horizons=[H_EVAL], write=False
+            )
     finally:
         hook.remove()
     want = read_weights(mat / f"step-{H_EVAL}")
@@ -318,7 +327,9 @@ def test_peft_materialize_refuses_an_edited_peft_record(peft_run, env, tmp_path,
     else:
         del tensors[next(k for k in tensors if k.startswith("peft/value/"))]
     (tmp_path / "st").mkdir()
-    save_file(tensors, tmp_path / "st" / "relex_state.safetensors", metadata={"format": "pt", "relex": json.dumps(meta)})
+    save_file(
+        tensors, tmp_path / "st" / "relex_state.safetensors", metadata={"format": "pt", "relex": json.dumps(meta)}
+    )
     last = _refused(env, "materialize", "--state", tmp_path / "st", "--base", peft_run / "base", "--horizons", H,
                     "--out", tmp_path / "mat")
     assert "edited or is damaged" in last, last
@@ -346,7 +357,9 @@ def test_distributed_run_and_materialize_of_its_sharded_state_give_the_same_byte
     run_dir = tmp_path / "run"
     launch(mode, str(run_dir), "--exclude", r"mlp\.up_proj|norm", "--horizons", "12")
     assert (run_dir / "relex" / "relex_state.index.json").is_file()
-    _cli(env, "materialize", "--state", run_dir / "relex", "--base", base, "--horizons", "12", "--out", tmp_path / "mat")
+    _cli(
+        env, "materialize", "--state", run_dir / "relex", "--base", base, "--horizons", "12", "--out", tmp_path / "mat"
+    )
     _assert_same(run_dir / "relex" / "step-12", tmp_path / "mat" / "step-12", f"{mode}: run vs relex materialize")
     # and the untracked trained tensors are the run's real values at tcut (the script records the full parameters;
     # under ZeRO-3 / FSDP2 they are gathered from every process's shard at write time), not theta_0

@@ -1,4 +1,5 @@
-"""The memory plan (relex_callback/trajectory/plan.py) and `relex plan`: parameter counts of the paper's three models from their
+"""The memory plan (relex_callback/trajectory/plan.py) and `relex plan`: parameter counts of the paper's three models
+from their
 published configs, the plan's arithmetic recomputed here from first principles, the `auto` choice under a node shared
 by 8 processes vs 1, a colocated vLLM's share, folding when the exact window fits nowhere, and every CLI mistake ->
 one `relex: error:` line, exit 2."""
@@ -14,8 +15,14 @@ import torch
 
 from relex_callback.offline.cli import main
 from relex_callback.errors import RelexInputError
-from relex_callback.trajectory.plan import (balance_loads, count_parameters, elements_per_process, plan_for_run, plan_memory,
-                                 _local_world_size)
+from relex_callback.trajectory.plan import (
+    balance_loads,
+    count_parameters,
+    elements_per_process,
+    plan_for_run,
+    plan_memory,
+    _local_world_size,
+)
 
 FIX = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 GB, TB = 10**9, 10**12
@@ -26,13 +33,13 @@ PUBLISHED = {"qwen2.5-math-1.5b": 1.54, "qwen3-4b-base": 4.02, "qwen3-8b-base": 
 
 def closed_form(cfg: dict) -> int:
     """Parameters of a Qwen2 / Qwen3 decoder from its config, counted by hand (not by building the model)."""
-    h, V, L, I = cfg["hidden_size"], cfg["vocab_size"], cfg["num_hidden_layers"], cfg["intermediate_size"]
+    h, V, L, inter = cfg["hidden_size"], cfg["vocab_size"], cfg["num_hidden_layers"], cfg["intermediate_size"]
     nh, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     hd = cfg.get("head_dim") or h // nh
     qwen2 = cfg["model_type"] == "qwen2"  # q/k/v biases; Qwen3 has none but normalises q and k per head
     attn = h * nh * hd + 2 * h * kv * hd + nh * hd * h
     attn += (nh * hd + 2 * kv * hd) if qwen2 else 2 * hd
-    layer = attn + 3 * h * I + 2 * h
+    layer = attn + 3 * h * inter + 2 * h
     lm_head = 0 if cfg["tie_word_embeddings"] else V * h
     return V * h + L * layer + h + lm_head
 
@@ -253,7 +260,10 @@ BAD = [
     (["--model", M8, "--tcut", "100", "--dtype", "int8"], "--dtype 'int8' is not one of"),
     (["--model", M8, "--tcut", "100", "--gpu-memory", "lots"], "--gpu-memory 'lots' is not a size"),
     (["--model", M8, "--tcut", "100", "--host-memory", "0TB"], "--host-memory '0TB' is not a size"),
-    (["--model", M8, "--tcut", "100", "--gpu-memory", "80GB", "--vllm-colocate", "1.5"], "--vllm-colocate must be a fraction"),
+    (
+        ["--model", M8, "--tcut", "100", "--gpu-memory", "80GB", "--vllm-colocate", "1.5"],
+        "--vllm-colocate must be a fraction",
+    ),
     (["--model", M8, "--tcut", "100", "--vllm-colocate", "0.3"], "--vllm-colocate needs --gpu-memory"),
     (["--model", M8, "--tcut", "100", "--trainer-memory", "20GB"], "--trainer-memory needs --gpu-memory"),
     (["--model", M8, "--tcut", "100", "--gpu-headroom", "1"], "--gpu-headroom must be a fraction"),

@@ -117,7 +117,9 @@ def test_the_streamed_engine_runs_in_ieee_under_tf32(tf32_requested, tmp_path):
     M, steps, specs = _problem(T=5, sizes=(64, 200))
     base = tmp_path / "base"
     base.mkdir()
-    save_file({s.name: torch.zeros(s.local_numel) for s in specs}, str(base / "model.safetensors"), metadata={"format": "pt"})
+    save_file(
+        {s.name: torch.zeros(s.local_numel) for s in specs}, str(base / "model.safetensors"), metadata={"format": "pt"}
+    )
     for t, row in zip(steps, M):
         d = tmp_path / "ckpts" / f"checkpoint-{t}"
         d.mkdir(parents=True)

@@ -86,7 +86,19 @@ def test_state_direction_of_the_wrong_shape_is_refused(done, tmp_path, capsys):
     tensors[name] = tensors[name][:, :1].contiguous()
     bad = tmp_path / "relex_state.safetensors"
     _write_state(bad, tensors, meta)
-    rc = main(["materialize", "--state", str(bad), "--base", str(done / "base"), "--horizons", "30", "--out", str(tmp_path / "m")])
+    rc = main(
+        [
+            "materialize",
+            "--state",
+            str(bad),
+            "--base",
+            str(done / "base"),
+            "--horizons",
+            "30",
+            "--out",
+            str(tmp_path / "m"),
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and f"the direction of {name}" in err
 

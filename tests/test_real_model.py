@@ -52,7 +52,12 @@ def test_conversion_matches_gguf_model(converted):
 
 
 def test_reward_parsing():
-    assert rm.sum_reward(["16 + 35 = 51", "51", "The sum is 50.", "To add"], ["51", "51", "51", "51"]) == [1.0, 1.0, 0.0, 0.0]
+    assert rm.sum_reward(["16 + 35 = 51", "51", "The sum is 50.", "To add"], ["51", "51", "51", "51"]) == [
+        1.0,
+        1.0,
+        0.0,
+        0.0,
+    ]
     assert rm.sum_reward([[{"role": "assistant", "content": "42"}]], ["42"]) == [1.0]
 
 

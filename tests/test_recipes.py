@@ -49,7 +49,9 @@ def test_configs_parse_to_the_papers_settings(name, tcut, horizons):
     assert "accelerate launch --config_file recipes/accelerate/zero3.yaml recipes/grpo_relex.py" in header
     assert f"python recipes/grpo_relex.py --config recipes/configs/{name}.yaml" in header
     parser = TrlParser((RecipeArguments, GRPOConfig, ModelConfig, RelexConfig))
-    recipe, args, model, relex = parser.parse_args_and_config(["--config", path, "--bf16", "false", "--use_cpu", "true"])
+    recipe, args, model, relex = parser.parse_args_and_config(
+        ["--config", path, "--bf16", "false", "--use_cpu", "true"]
+    )
     assert relex.relex_tcut == tcut and list(relex.relex_horizons) == horizons
     assert getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type) == "constant"
     assert args.max_steps == horizons[-1]
@@ -83,12 +85,47 @@ def _env():
 def trained(local_assets):
     out = local_assets / "run"
     cmd = [
-        sys.executable, os.path.join(RECIPES, "grpo_relex.py"), "--config", os.path.join(CONFIGS, "qwen2.5-math-1.5b.yaml"),
-        "--model", str(local_assets / "model"), "--dataset", str(local_assets / "train.jsonl"), "--output_dir", str(out),
-        "--relex_tcut", "4", "--relex_horizons", "8", "16", "--max_steps", "40", "--bf16", "false", "--use_cpu", "true",
-        "--dtype", "float32", "--attn_implementation", "eager", "--gradient_checkpointing", "false",
-        "--per_device_train_batch_size", "16", "--num_generations", "4", "--max_completion_length", "2",
-        "--prompt_template", "{problem}=", "--require_boxed", "false", "--learning_rate", "1e-3", "--seed", "0",
+        sys.executable,
+        os.path.join(RECIPES, "grpo_relex.py"),
+        "--config",
+        os.path.join(CONFIGS, "qwen2.5-math-1.5b.yaml"),
+        "--model",
+        str(local_assets / "model"),
+        "--dataset",
+        str(local_assets / "train.jsonl"),
+        "--output_dir",
+        str(out),
+        "--relex_tcut",
+        "4",
+        "--relex_horizons",
+        "8",
+        "16",
+        "--max_steps",
+        "40",
+        "--bf16",
+        "false",
+        "--use_cpu",
+        "true",
+        "--dtype",
+        "float32",
+        "--attn_implementation",
+        "eager",
+        "--gradient_checkpointing",
+        "false",
+        "--per_device_train_batch_size",
+        "16",
+        "--num_generations",
+        "4",
+        "--max_completion_length",
+        "2",
+        "--prompt_template",
+        "{problem}=",
+        "--require_boxed",
+        "false",
+        "--learning_rate",
+        "1e-3",
+        "--seed",
+        "0",
     ]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

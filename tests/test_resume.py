@@ -238,7 +238,9 @@ def test_a_window_too_short_for_its_fit_at_tcut_is_kept_with_a_command_that_work
     assert os.path.isfile(os.path.join(keep, "trajectory.json"))
     if one_left:
         return  # one recorded step: nothing can be fitted from it, but it was not thrown away
-    args = cmd.replace("<the checkpoint training started from>", str(tmp_path / "base")).replace("DIR", str(tmp_path / "out"))
+    args = cmd.replace("<the checkpoint training started from>", str(tmp_path / "base")).replace(
+        "DIR", str(tmp_path / "out")
+    )
     assert main(["extrapolate", *args.split(), "--no-progress"]) == 0
     assert (tmp_path / "out" / "step-12" / "model.safetensors").exists()
 

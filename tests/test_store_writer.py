@@ -21,7 +21,10 @@ from helpers import U32, extrapolation_tolerance
 
 
 def _specs(shapes, dtype=torch.float32):
-    return [TensorSpec(name=f"w{i}", shape=s, dtype=dtype, local_numel=int(torch.Size(s).numel())) for i, s in enumerate(shapes)]
+    return [
+        TensorSpec(name=f"w{i}", shape=s, dtype=dtype, local_numel=int(torch.Size(s).numel()))
+        for i, s in enumerate(shapes)
+    ]
 
 
 def _fill(store, steps, seed=0):
@@ -144,7 +147,9 @@ def test_sharded_write_loads_with_from_pretrained_and_ties(tmp_path, tiny_model,
     tiny_model.tie_weights()
     store, sol, dirs = _solved(tiny_model)
     src = ModelSource(tiny_model, tokenizer)
-    out = write_horizon(str(tmp_path), 30, 10, sol, lambda i: store.theta0_of(store.specs[i]), src, max_shard_size="20KB")
+    out = write_horizon(
+        str(tmp_path), 30, 10, sol, lambda i: store.theta0_of(store.specs[i]), src, max_shard_size="20KB"
+    )
     files = sorted(os.listdir(out))
     assert "model.safetensors.index.json" in files and sum(f.endswith(".safetensors") for f in files) > 1
     idx = json.load(open(os.path.join(out, "model.safetensors.index.json")))

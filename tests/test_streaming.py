@@ -33,7 +33,9 @@ def _trajectory(root, dtype=torch.float32, seed=0, second=0.0):
     g = torch.Generator().manual_seed(seed)
     shapes = {"a.weight": (40, 50), "b.weight": (700,), "c.bias": (3,), "d.weight": (64, 64), "e.weight": (1,)}
     th0 = {k: 0.1 * torch.randn(s, generator=g) for k, s in shapes.items()}
-    paths = {k: (torch.randn(s, generator=g), 0.01 + 0.02 * torch.rand((), generator=g).item()) for k, s in shapes.items()}
+    paths = {
+        k: (torch.randn(s, generator=g), 0.01 + 0.02 * torch.rand((), generator=g).item()) for k, s in shapes.items()
+    }
     seconds = {k: torch.randn(s, generator=g) for k, s in shapes.items()} if second else {}
     base = os.path.join(root, "base")
     _save(base, {**{k: v.to(dtype) for k, v in th0.items()}, "pos_ids": torch.arange(7)})
@@ -147,7 +149,9 @@ def test_streamed_vs_buffered_vs_float64_reference(raw, raw2, rank):
     for name, kw in {
         "stream32": dict(streaming=True, dtype="float32"),
         # a budget of 300 columns: many groups, and tensors read twice in column chunks
-        "stream32_small": dict(streaming=True, dtype="float32", memory_budget=4 * (len(STEPS) + 1) * 300, progress=True),
+        "stream32_small": dict(
+            streaming=True, dtype="float32", memory_budget=4 * (len(STEPS) + 1) * 300, progress=True
+        ),
         "buffer32": dict(streaming=False, dtype="float32"),
         "stream16": dict(streaming=True),
         "buffer16": dict(streaming=False),
@@ -203,8 +207,9 @@ def test_state_and_materialize_match_bit_for_bit(raw):
     assert [s.offset for s in st.specs] == [s.offset for s in sol.specs] and st.specs[-1].offset > 0
     buffered = load_state(_run(raw, "buffer-mat", streaming=False)[0])
     assert [s.offset for s in buffered.specs] == [s.offset for s in st.specs]
-    assert set(json.loads(safe_open(os.path.join(out, "relex_state.safetensors"), "pt").metadata()["relex"])) == \
-        set(json.loads(safe_open(os.path.join(root, "buffer-mat", "relex_state.safetensors"), "pt").metadata()["relex"]))
+    assert set(json.loads(safe_open(os.path.join(out, "relex_state.safetensors"), "pt").metadata()["relex"])) == set(
+        json.loads(safe_open(os.path.join(root, "buffer-mat", "relex_state.safetensors"), "pt").metadata()["relex"])
+    )
     mat = os.path.join(root, "mat")
     materialize(os.path.join(out, "relex_state.safetensors"), base, [H], mat)
     a = load_file(os.path.join(out, f"step-{H}", "model.safetensors"))
@@ -316,7 +321,9 @@ def test_cli_flag_and_from_pretrained(tmp_path):
         for n, p in m.named_parameters():
             t0 = snaps[0][n]
             M = torch.stack([(snaps[t][n] - t0).reshape(-1) for t in (2, 4, 6)])
-            bound = extrapolation_tolerance(M, [2, 4, 6], 20, theta0_norm=float(t0.norm())) * float((ref[n] - t0).norm())
+            bound = extrapolation_tolerance(M, [2, 4, 6], 20, theta0_norm=float(t0.norm())) * float(
+                (ref[n] - t0).norm()
+            )
             err = float((p.detach().double() - ref[n]).norm())
             assert err <= bound, (n, err, bound)
             worst = max(worst, err / bound)
@@ -366,7 +373,9 @@ def test_full_disk_keeps_the_state_and_says_how_to_finish(raw, tmp_path):
     # half horizons
     kib = 2 * (2 * state + 2 * horizon) // 1024 + 64
     leave = max(2 * state, state + horizon + horizon // 2) + 8192
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(mnt)], capture_output=True, text=True)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(mnt)], capture_output=True, text=True
+    )
     if r.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
     try:
@@ -397,8 +406,14 @@ def test_full_disk_before_the_state_leaves_nothing(raw, tmp_path):
     if r.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
     try:
-        with pytest.raises(RelexWriteError, match="writing the state file .* failed: .*No space left on device.*nothing exists under the final names"), \
-                _disk_filled_after_the_check(mnt / "filler", 12 * 1024):
+        with (
+            pytest.raises(
+                RelexWriteError,
+                match="writing the state file .* failed: .*No space left on device.*nothing exists under the final "
+                      "names",
+            ),
+            _disk_filled_after_the_check(mnt / "filler", 12 * 1024),
+        ):
             extrapolate_checkpoints(base, [ckpts], [H], str(mnt / "out"), streaming=True, dtype="float32")
         assert os.listdir(mnt) == ["filler"]
     finally:

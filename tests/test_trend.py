@@ -1,4 +1,5 @@
-"""Reward trend (relex_callback.core.trend) against a direct least-squares computation, on synthetic histories and on the
+"""Reward trend (relex_callback.core.trend) against a direct least-squares computation, on synthetic histories and on
+the
 log history of a real tiny TRL GRPOTrainer run."""
 
 import math

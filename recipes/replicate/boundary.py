@@ -88,7 +88,13 @@ def graded_reward(completions, answer, **kw):
 def train_reward(task):
     from relex_callback.examples.toy import arithmetic_reward
 
-    return {"char": char_reward, "char_w": char_reward, "graded": graded_reward, "sums": arithmetic_reward, "sums2": arithmetic_reward}[task]
+    return {
+        "char": char_reward,
+        "char_w": char_reward,
+        "graded": graded_reward,
+        "sums": arithmetic_reward,
+        "sums2": arithmetic_reward,
+    }[task]
 
 
 # ---------------------------------------------------------------------------------------------- exact per-prompt scores
@@ -138,8 +144,15 @@ class AnswerScore:
         P, L = pr.shape
         d1 = self.digits.repeat_interleave(10)
         d2 = self.digits.repeat(10)
-        self.ids = torch.cat([pr[:, None, :].expand(P, 100, L), d1.expand(P, -1)[..., None],
-                              d2.expand(P, -1)[..., None], torch.full((P, 100, 1), self.eos)], -1).reshape(P * 100, L + 3)
+        self.ids = torch.cat(
+            [
+                pr[:, None, :].expand(P, 100, L),
+                d1.expand(P, -1)[..., None],
+                d2.expand(P, -1)[..., None],
+                torch.full((P, 100, 1), self.eos),
+            ],
+            -1,
+        ).reshape(P * 100, L + 3)
         g1 = torch.zeros(P, 10, dtype=torch.float64)
         g2 = torch.zeros(P, 10, 10, dtype=torch.float64)
         for i, p in enumerate(problems):
@@ -153,8 +166,14 @@ class AnswerScore:
     @torch.no_grad()
     def __call__(self, model, chunk=8192):
         model.eval()
-        lp = torch.cat([torch.log_softmax(model(input_ids=self.ids[i:i + chunk]).logits[:, self.L - 1:self.L + 2]
-                                          .double(), -1) for i in range(0, len(self.ids), chunk)])  # [B, 3, V]: after prompt, after d1, after d2
+        lp = torch.cat(
+            [
+                torch.log_softmax(
+                    model(input_ids=self.ids[i : i + chunk]).logits[:, self.L - 1 : self.L + 2].double(), -1
+                )
+                for i in range(0, len(self.ids), chunk)
+            ]
+        )  # [B, 3, V]: after prompt, after d1, after d2
         p = lp.exp().view(self.P, 10, 10, 3, -1)
         pd1 = p[:, 0, 0, 0][:, self.digits]  # [P, 10]
         pe1 = p[:, :, 0, 1, self.eos]  # [P, 10] eos after d1
@@ -249,7 +268,9 @@ def train_run(cfg, task, lr, seed):
                 theta[state.global_step] = torch.nn.utils.parameters_to_vector([p.detach() for p in params]).float()
 
     n_data = N * PROMPTS + 64
-    ds = Dataset.from_list(sums2_problems(n_data, seed + 1) if task == "sums2" else sample_problems(n_data, 9, seed + 1))
+    ds = Dataset.from_list(
+        sums2_problems(n_data, seed + 1) if task == "sums2" else sample_problems(n_data, 9, seed + 1)
+    )
     args = GRPOConfig(
         output_dir=os.path.join(cfg.out, "run", "grpo"), use_cpu=True, bf16=False, learning_rate=lr,
         lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_steps=N,

@@ -184,7 +184,9 @@ def run_cell(cfg, rollouts, lr, seed):
     # the growth exponent of |Delta_t| over the whole run: 1 for a line, 0.5 for a random walk
     tt = torch.arange(tc, N + 1, dtype=torch.float64)
     nrm = (theta[tc:] - theta0).double().norm(dim=1)
-    slope = float(torch.linalg.lstsq(torch.stack([tt.log(), torch.ones_like(tt)], 1), nrm.log()[:, None]).solution[0, 0])
+    slope = float(
+        torch.linalg.lstsq(torch.stack([tt.log(), torch.ones_like(tt)], 1), nrm.log()[:, None]).solution[0, 0]
+    )
     return {"rollouts": rollouts, "prompts": rollouts // GENERATIONS, "lr": lr, "seed": seed, "tcut": tc,
             "steps": N, "seconds_train": round(t_train, 1), "seconds": round(time.perf_counter() - t_all, 1),
             "curve": curve, "rows": rows, "signal": sig.to_json(), "backtest": bt,
@@ -193,7 +195,8 @@ def run_cell(cfg, rollouts, lr, seed):
             "explained_mean": float(sol.explained.mean()), "r2_mean": float(sol.r2[:, 0].mean())}
 
 
-# ---------------------------------------------------------------------------------------------- extrapolate-and-continue
+# ---------------------------------------------------------------------------------------------- extrapolate-and-
+# continue
 ARMS = {"plain": None, "jump, Adam kept": (2, False), "jump, Adam reset": (2, True), "Adam reset only": (None, True)}
 
 
@@ -287,7 +290,9 @@ def time_settings(cfg):
     for r in cfg.rollouts:
         t0 = time.perf_counter()
         *_, t = train_cell(cfg, r, cfg.lrs[0], 0)
-        print(f"rollouts {r}: {t / 10:.3f} s/step (cell total incl. warm-up {time.perf_counter() - t0:.1f} s)", flush=True)
+        print(
+            f"rollouts {r}: {t / 10:.3f} s/step (cell total incl. warm-up {time.perf_counter() - t0:.1f} s)", flush=True
+        )
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ Presets:
   once), 128 prompts x 8 completions = 1,024 rollouts per optimizer step (micro-batches of 256, 4 accumulation steps),
   constant lr 2e-6, two-number sums with operands 1..99 asked through the chat template (the sum task of
   ``recipes/replicate/real_model.py`` with a wider operand range, so the held-out accuracy has room to rise over many
-  steps; 2 of 40 right at step 0 in CPU checks here), ``tcut`` 25..50 and validation to 4 x ``tcut`` (horizons 2x, 3x, 4x), 512 held-out
+  steps; 2 of 40 right at step 0 in CPU checks here), ``tcut`` 25..50 and validation to 4 x ``tcut`` (horizons 2x, 3x,
+  4x), 512 held-out
   sums. Needs CUDA.
 * ``cpu-smoke``: the tiny from-scratch model of ``relex_callback.examples.toy`` (SFT warm-up, then GRPO on one-digit
   sums): the same code path in seconds on a CPU. Its numbers check the pipeline, not the method.

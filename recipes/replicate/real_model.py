@@ -165,8 +165,14 @@ def train(s: Setting, base_dir: str, run_dir: str, checkpoint_every: int = 0, re
     )
     from relex_callback.examples.real_model import sum_reward
 
-    trainer = GRPOTrainer(model=model, processing_class=tok, reward_funcs=sum_reward, args=args,
-                          train_dataset=Dataset.from_list(train_set), callbacks=[relex, saver, StepBar(f"GRPO {s.name}")])
+    trainer = GRPOTrainer(
+        model=model,
+        processing_class=tok,
+        reward_funcs=sum_reward,
+        args=args,
+        train_dataset=Dataset.from_list(train_set),
+        callbacks=[relex, saver, StepBar(f"GRPO {s.name}")],
+    )
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # the bar shows the reward; the full logs go to results.json
@@ -265,8 +271,9 @@ def run_setting(s: Setting, base_dir: str, out_root: str, keep: bool = False, re
             key = f"tcut{tcut}-{fam}"
             rep = extrapolate(base_dir, ckpt, range(1, tcut + 1), s.horizons(tcut), os.path.join(run_dir, key), fit=fam)
             families[key] = {"tcut": tcut, "family": fam, "fit": rep.get("fit"), "backtest": rep.get("backtest")}
-        rep = extrapolate(base_dir, ckpt, range(1, tcut + 1), s.horizons(tcut), os.path.join(run_dir, f"tcut{tcut}-auto"),
-                          fit="auto")
+        rep = extrapolate(
+            base_dir, ckpt, range(1, tcut + 1), s.horizons(tcut), os.path.join(run_dir, f"tcut{tcut}-auto"), fit="auto"
+        )
         families[f"tcut{tcut}-auto"] = {"tcut": tcut, "family": "auto", "fit": rep.get("fit")}
         shutil.rmtree(os.path.join(run_dir, f"tcut{tcut}-auto"), ignore_errors=True)
     whole = extrapolate(base_dir, ckpt, range(1, s.steps + 1), [s.steps + 1], os.path.join(run_dir, "whole"))
@@ -343,8 +350,10 @@ def run_setting(s: Setting, base_dir: str, out_root: str, keep: bool = False, re
 # ------------------------------------------------------------------------------------------------- the doc
 def table(results: dict) -> str:
     lines = []
-    lines.append("| setting | prompts x gens | temp | lr | operands | s/step | s/eval | tcut | H | H/tcut | base | real tcut "
-                 "| real H | RELEX H | naive H | cos | norm ratio | cos naive | norm naive | backtest at tcut: cos / norm |")
+    lines.append(
+        "| setting | prompts x gens | temp | lr | operands | s/step | s/eval | tcut | H | H/tcut | base | real tcut "
+        "| real H | RELEX H | naive H | cos | norm ratio | cos naive | norm naive | backtest at tcut: cos / norm |"
+    )
     lines.append("|" + "---|" * 20)
     for name, r in results.items():
         s = r["setting"]
@@ -355,11 +364,14 @@ def table(results: dict) -> str:
                 if any(x not in a for x in (k, n, "base", f"real@{tcut}", f"real@{h}")) or k not in st or n not in st:
                     continue  # a partial result (the run stopped before this horizon was scored)
                 lines.append(
-                    f"| {name} | {s['prompts']}x{s['generations']} | {s['temperature']} | {s['lr']:g} | 1..{s['max_operand']} "
+                    f"| {name} | {s['prompts']}x{s['generations']} | {s['temperature']} | {s['lr']:g} | "
+                    f"1..{s['max_operand']} "
                     f"| {r['seconds']['per_step']:.0f} | {r['seconds']['per_eval']:.0f} | {tcut} | {h} | {h // tcut} "
                     f"| {a['base']:.3f} | {a[f'real@{tcut}']:.3f} | {a[f'real@{h}']:.3f} | **{a[k]:.3f}** | {a[n]:.3f} "
-                    f"| {st[k]['cos']:.2f} | {st[k]['norm_ratio']:.2f} | {st[n]['cos']:.2f} | {st[n]['norm_ratio']:.2f} "
-                    f"| {_backtest_cell(r, tcut)} |")
+                    f"| {st[k]['cos']:.2f} | {st[k]['norm_ratio']:.2f} | {st[n]['cos']:.2f} | "
+                    f"{st[n]['norm_ratio']:.2f} "
+                    f"| {_backtest_cell(r, tcut)} |"
+                )
     return "\n".join(lines)
 
 
@@ -376,7 +388,9 @@ def findings(results: dict) -> str:
     out = ["| setting | EV whole run (mean / weighted) | R^2 whole run (mean / median) | rank-1 recon acc (step) "
            "| real acc (step) | EV window tcut (mean) | R^2 window (mean) |", "|---|---|---|---|---|---|---|"]
     for name, r in results.items():
-        if not r.get("whole_run") or any(f"rank1@{st}" not in r["accuracy"] for st in (r["setting"]["tcuts"][-1], r["setting"]["steps"])):
+        if not r.get("whole_run") or any(
+            f"rank1@{st}" not in r["accuracy"] for st in (r["setting"]["tcuts"][-1], r["setting"]["steps"])
+        ):
             out.append(f"| {name} | (not measured: the run stopped before the whole-run window was solved) | | | | | |")
             continue
         w = r["whole_run"]["summary"]
@@ -402,8 +416,10 @@ def fit_start_table(results: dict) -> str:
                 if k.startswith(f"relex:{key}@"):
                     h = int(k.split("@")[1])
                     st = r["delta_stats"][k]
-                    out.append(f"| {name} | tcut {w['tcut']}, fit from step {w['fit_start']} | {h} "
-                               f"| {r['accuracy'][f'real@{h}']:.3f} | {v:.3f} | {st['cos']:.2f} | {st['norm_ratio']:.2f} |")
+                    out.append(
+                        f"| {name} | tcut {w['tcut']}, fit from step {w['fit_start']} | {h} "
+                        f"| {r['accuracy'][f'real@{h}']:.3f} | {v:.3f} | {st['cos']:.2f} | {st['norm_ratio']:.2f} |"
+                    )
                     any_ = True
     return "\n".join(out) if any_ else "(no fit_start variant in the settings run)"
 
@@ -411,8 +427,11 @@ def fit_start_table(results: dict) -> str:
 def families_table(results: dict) -> str:
     """Every fit family's horizons against real training and the tcut checkpoint, and what fit="auto" chose from the
     window's backtest (before seeing the horizons)."""
-    out = ["| setting | tcut | H | real tcut | real H | linear | power | log | best at H | auto chose (backtest rel. err "
-           "linear / power / log) | cos lin / pow / log | norm lin / pow / log |", "|" + "---|" * 12]
+    out = [
+        "| setting | tcut | H | real tcut | real H | linear | power | log | best at H | auto chose (backtest rel. err "
+        "linear / power / log) | cos lin / pow / log | norm lin / pow / log |",
+        "|" + "---|" * 12,
+    ]
     any_ = False
     for name, r in results.items():
         fams = r.get("families") or {}
@@ -496,7 +515,8 @@ def plots(results: dict, dirname: str) -> list[str]:
 def write_doc(results: dict, doc: str, figdir: str, results_path: str):
     body = [
         "<!-- real:begin -->",
-        f"Written by `PYTHONPATH=. python recipes/replicate/real_model.py --doc-only` from `{os.path.relpath(results_path, REPO)}`.",
+        "Written by `PYTHONPATH=. python recipes/replicate/real_model.py --doc-only` from "
+        f"`{os.path.relpath(results_path, REPO)}`.",
         "",
         "#### Findings 1 and 2 over the whole run (every step's checkpoint in one window)",
         "",
@@ -521,7 +541,7 @@ def write_doc(results: dict, doc: str, figdir: str, results_path: str):
         "",
         fit_start_table(results),
         "",
-        "#### Fit families, and what `fit=\"auto\"` picks at tcut",
+        '#### Fit families, and what `fit="auto"` picks at tcut',
         "",
         "Each family fitted to the same window by `relex extrapolate --fit FAMILY`; `auto` is `--fit auto`, which "
         "scores the families by predicting the window's later part from its earlier part (the score shown) and "
@@ -530,8 +550,11 @@ def write_doc(results: dict, doc: str, figdir: str, results_path: str):
         families_table(results),
         "",
         "![real extrapolation](replication/real_extrapolation.png)",
-        *(["![real finding 2](replication/real_finding2.png)"] if any((r.get("whole_run") or {}).get("coeffs_mean_abs")
-                                                                    for r in results.values()) else []),
+        *(
+            ["![real finding 2](replication/real_finding2.png)"]
+            if any((r.get("whole_run") or {}).get("coeffs_mean_abs") for r in results.values())
+            else []
+        ),
         "<!-- real:end -->",
     ]
     text = open(doc).read()
@@ -553,7 +576,9 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=None, help="override every setting's training length")
     p.add_argument("--n-eval", type=int, default=None, help="override every setting's held-out size")
     p.add_argument("--keep", action="store_true", help="keep the checkpoints")
-    p.add_argument("--reuse", action="store_true", help="reuse a finished training run in --out (after a later stage failed)")
+    p.add_argument(
+        "--reuse", action="store_true", help="reuse a finished training run in --out (after a later stage failed)"
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--checkpoint-every", type=int, default=0,
                    help="save a Trainer checkpoint (optimizer, RNG, the callback's window) every N steps, keeping the "

@@ -74,7 +74,8 @@ def prepare_checkpoint(cache_dir: Optional[str] = None, *, force: bool = False) 
 
     Args:
         cache_dir (`str`, *optional*):
-            Where to write it. Defaults to ``$RELEX_REAL_MODEL_CACHE`` or ``~/.cache/relex_callback/smollm2-135m-instruct``.
+            Where to write it. Defaults to ``$RELEX_REAL_MODEL_CACHE`` or
+            ``~/.cache/relex_callback/smollm2-135m-instruct``.
         force (`bool`, *optional*, defaults to `False`):
             Convert again even when the directory holds a finished conversion.
 

@@ -133,7 +133,9 @@ def load_report(path: str) -> dict:
     try:
         return read_json(path)
     except FileNotFoundError:
-        raise RelexInputError(f"{path} does not exist; pass the directory that `relex extrapolate` or the callback wrote") from None
+        raise RelexInputError(
+            f"{path} does not exist; pass the directory that `relex extrapolate` or the callback wrote"
+        ) from None
     except ValueError as e:
         raise RelexInputError(f"{path} is not valid JSON: {e}") from None
 
@@ -197,7 +199,9 @@ def format_summary(report: dict, worst: int = 10) -> str:
     for label, xs in (("explained variance", ev), ("R^2 of the line fit", r2)):
         if xs:
             d = _dist(xs)
-            lines.append(f"{label:24s}" + "".join(f"{d[k]:8.4f}" for k in ("mean", "min", "q05", "q25", "median", "q75", "max")))
+            lines.append(
+                f"{label:24s}" + "".join(f"{d[k]:8.4f}" for k in ("mean", "min", "q05", "q25", "median", "q75", "max"))
+            )
     lines.append(f"explained variance weighted by tensor size: {wev:.4f}")
     lines += ["", "explained variance (sigma1^2 / ||M||_F^2) over tensors:"] + text_histogram(ev)
     if r2:
@@ -206,10 +210,15 @@ def format_summary(report: dict, worst: int = 10) -> str:
     if k:
         lines += ["", f"worst {min(k, len(moving))} tensors by explained variance:"]
         for t in sorted(moving, key=lambda t: t["explained_variance"])[:k]:
-            lines.append(f"  {t['explained_variance']:.4f}  R^2 {_fmt(t['r2'][0])}  ||delta|| {t['delta_norm']:.3g}  {t['name']}")
+            lines.append(
+                f"  {t['explained_variance']:.4f}  R^2 {_fmt(t['r2'][0])}  ||delta|| {t['delta_norm']:.3g}  {t['name']}"
+            )
         lines += [f"worst {min(k, len(moving))} tensors by R^2:"]
         for t in sorted(moving, key=lambda t: _key(t["r2"][0]))[:k]:
-            lines.append(f"  {_fmt(t['r2'][0])}  explained {t['explained_variance']:.4f}  ||delta|| {t['delta_norm']:.3g}  {t['name']}")
+            lines.append(
+                f"  {_fmt(t['r2'][0])}  explained {t['explained_variance']:.4f}  ||delta|| {t['delta_norm']:.3g}  "
+                f"{t['name']}"
+            )
     return "\n".join(lines)
 
 
@@ -225,9 +234,11 @@ def format_trust(report: dict) -> str:
             fs = bt.get("fit_steps") or []
             lines.append(
                 f"backtest (line fitted on steps {_steps_text(fs)}, predicting step {bt.get('predicted_step')}): "
-                f"cosine {_fmt(bt.get('cosine_global')).strip()}, norm ratio {_fmt(bt.get('norm_ratio_global')).strip()}, "
+                f"cosine {_fmt(bt.get('cosine_global')).strip()}, norm ratio "
+                f"{_fmt(bt.get('norm_ratio_global')).strip()}, "
                 f"relative error {_fmt(bt.get('relative_error_global')).strip()}, direction cosine "
-                f"{_fmt(bt.get('direction_cosine')).strip()}")
+                f"{_fmt(bt.get('direction_cosine')).strip()}"
+            )
     nz = report.get("noise")
     if nz:
         lines.append(format_noise(nz))
@@ -237,8 +248,10 @@ def format_trust(report: dict) -> str:
             lines.append(f"reward trend: not computed ({tr.get('reason')})")
         else:
             verdict = "rising" if tr.get("rising") else "NOT rising: extrapolating it is likely harmful"
-            lines.append(f"reward trend ({tr.get('metric')}): slope {tr['slope']:.3g} +- {tr['stderr']:.3g} per step over "
-                         f"{tr.get('points')} logged steps: {verdict}")
+            lines.append(
+                f"reward trend ({tr.get('metric')}): slope {tr['slope']:.3g} +- {tr['stderr']:.3g} per step over "
+                f"{tr.get('points')} logged steps: {verdict}"
+            )
     fit = report.get("fit") or {}
     sel = fit.get("selection")
     if sel and sel.get("scores"):
@@ -328,7 +341,9 @@ def _steps_text(steps: list) -> str:
 
 def representative_tensors(report: dict, k: int = 4) -> list[dict]:
     """Up to ``k`` moving tensors spread over the explained-variance range: the worst, the quantiles, the best."""
-    moving = sorted((t for t in report.get("tensors", []) if t.get("delta_norm", 0) > 0), key=lambda t: t["explained_variance"])
+    moving = sorted(
+        (t for t in report.get("tensors", []) if t.get("delta_norm", 0) > 0), key=lambda t: t["explained_variance"]
+    )
     if len(moving) <= k:
         return moving
     idx = sorted({round(j * (len(moving) - 1) / (k - 1)) for j in range(k)})
@@ -354,7 +369,9 @@ def plot_report(report: dict, path: str, k: int = 4) -> str:
     hz = (report.get("horizons") or [max(steps or [1])])[0]
     for t in reps:
         c = t["coeffs"][0]
-        (line,) = ax.plot(steps, c, "o", ms=3, label=f"{t['name']} (EV {t['explained_variance']:.3f}, R^2 {_fmt(t['r2'][0]).strip()})")
+        (line,) = ax.plot(
+            steps, c, "o", ms=3, label=f"{t['name']} (EV {t['explained_variance']:.3f}, R^2 {_fmt(t['r2'][0]).strip()})"
+        )
         a, b = t["slope"][0], t["intercept"][0]
         xs = [min(steps), hz]
         ax.plot(xs, [a * x + b for x in xs], "-", color=line.get_color(), lw=1)

@@ -245,7 +245,9 @@ def _load_state_index(path: str) -> RelexState:
             where[s.name] = (p, i)
     missing = [n for n in order if n not in where]
     if missing:
-        raise RelexInputError(f"{path} lists {missing[:3]} but their state shard does not hold them; the state is incomplete")
+        raise RelexInputError(
+            f"{path} lists {missing[:3]} but their state shard does not hold them; the state is incomplete"
+        )
     specs, tensors, info = [], {}, {}
     for n in order:
         p, i = where[n]
@@ -272,7 +274,9 @@ def _load_state_file(path: str) -> RelexState:
     if os.path.isdir(path):
         path = os.path.join(path, STATE_NAME)
     if not os.path.isfile(path):
-        raise RelexInputError(f"{path} does not exist; pass the relex_state.safetensors written by the callback or `relex extrapolate`")
+        raise RelexInputError(
+            f"{path} does not exist; pass the relex_state.safetensors written by the callback or `relex extrapolate`"
+        )
     try:
         with safe_open(path, "pt") as f:
             md = f.metadata() or {}
@@ -296,8 +300,10 @@ def _load_state_file(path: str) -> RelexState:
         t = tensors.get(n)
         if t is None or tuple(t.shape) != want or not t.is_floating_point():
             got = "missing" if t is None else f"{tuple(t.shape)} {t.dtype}"
-            raise RelexInputError(f"{path}: the direction of {n} is {got}, expected a float tensor of shape {want}; the "
-                                  "file was edited or is damaged: use the relex_state.safetensors the run wrote")
+            raise RelexInputError(
+                f"{path}: the direction of {n} is {got}, expected a float tensor of shape {want}; the "
+                "file was edited or is damaged: use the relex_state.safetensors the run wrote"
+            )
     untracked = check_untracked_meta(meta, tensors, path)
     order = meta["order"]
     info = meta["tensors"]

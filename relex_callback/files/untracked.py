@@ -83,8 +83,10 @@ class UntrackedSource:
                 t = self.state.tensors[PREFIX + key]
                 shape, dtype = self.src.meta[key]
                 if tuple(shape) != tuple(t.shape) or dtype != t.dtype:
-                    raise RelexInputError(f"{key}: {list(shape)} {dtype} in {base} but {list(t.shape)} {t.dtype} in the "
-                                          "state; pass the base the state was computed from")
+                    raise RelexInputError(
+                        f"{key}: {list(shape)} {dtype} in {base} but {list(t.shape)} {t.dtype} in the "
+                        "state; pass the base the state was computed from"
+                    )
             elif e.get("fingerprint") is not None:
                 why = fingerprint_mismatch(fingerprint(self.src.get(key)), e["fingerprint"])
                 if why:

@@ -26,8 +26,18 @@ from typing import Callable, Optional
 
 import torch
 
-from .checkpoints import (ADAPTER_KEYS, WEIGHTS_NAME, plan_shards, shard_names, tensor_bytes, write_index, write_model_extras,
-                          write_relex_marker, write_shard, write_weights)
+from .checkpoints import (
+    ADAPTER_KEYS,
+    WEIGHTS_NAME,
+    plan_shards,
+    shard_names,
+    tensor_bytes,
+    write_index,
+    write_model_extras,
+    write_relex_marker,
+    write_shard,
+    write_weights,
+)
 from ..config import parse_size
 from ..errors import RelexInputError
 from .fs import (STATE_NAME, atomic_directory, clean_stale_temporaries, commit_directory, describe_failure,
@@ -279,7 +289,8 @@ def save_adapter_at(model, params: dict, values: dict, directory: str, tokenizer
 
 
 class ShardedWriter(CheckpointWriter):
-    """Every process writes its share of each checkpoint (see :mod:`relex_callback.trainer.topology` for who writes what).
+    """Every process writes its share of each checkpoint (see :mod:`relex_callback.trainer.topology` for who writes
+    what).
 
     The state is sharded by tensor: ``relex_state-0000i-of-0000N.safetensors`` (each a valid state file for the whole
     tensors its process wrote) plus ``relex_state.index.json``, written last by process 0 (the commit point). Each
@@ -368,8 +379,15 @@ class ShardedWriter(CheckpointWriter):
                 weight_map.update(m)
             for r in files:
                 os.replace(os.path.join(tmp, names[r]), os.path.join(out_dir, names[r]))
-            save_state_index(out_dir, weight_map, [n for n in topo.names if n in weight_map],
-                             world_size=topo.world, mode=topo.mode, run_id=self.run_id, shards=[names[r] for r in files])
+            save_state_index(
+                out_dir,
+                weight_map,
+                [n for n in topo.names if n in weight_map],
+                world_size=topo.world,
+                mode=topo.mode,
+                run_id=self.run_id,
+                shards=[names[r] for r in files],
+            )
 
         try:
             self._step(save_mine)

@@ -104,8 +104,10 @@ def check_belongs(base: str, src_base, cks, sources, names: Sequence[str]):
             raise RelexInputError(
                 f"{', '.join(frozen[:3])}{more}: unchanged in every checkpoint (never trained: frozen, a buffer) but "
                 f"different in the base {base}: the checkpoints did not start from this base; pass the checkpoint "
-                "training started from as --base (or --no-run-check if it was changed on purpose between the base and step "
-                f"{steps[0]})")
+                "training started from as --base (or --no-run-check if it was changed on purpose between the base and "
+                "step "
+                f"{steps[0]})"
+            )
         if seen >= MIN_EXPECTED:
             r, d0, rate = distance_ratio(x0, xs, steps, names)
             if r > MAX_RATIO:
@@ -220,9 +222,11 @@ def _untracked_from_checkpoint(store, path, src, keys, tcut):
                               f"saved at step {tcut}")
     checkable = bool(store.num_ring_rows) or (store.saved.get("live") is not None and store.saved.get("step") == tcut)
     if not checkable:
-        raise RelexInputError(f"the trajectory {store.saved.get('directory')} records no row or fingerprint at step "
-                              f"{tcut} to check --untracked-from {path} against; pass --untracked-frozen if none of the "
-                              "untracked tensors was trained, or use `relex extrapolate --checkpoints`")
+        raise RelexInputError(
+            f"the trajectory {store.saved.get('directory')} records no row or fingerprint at step "
+            f"{tcut} to check --untracked-from {path} against; pass --untracked-frozen if none of the "
+            "untracked tensors was trained, or use `relex extrapolate --checkpoints`"
+        )
     problems = verify_live(store, _Live(ck, store.specs), tcut)
     if problems:
         raise RelexInputError(f"--untracked-from {path} is not the model at step {tcut}, the trajectory's last "
