@@ -23,6 +23,10 @@ import subprocess
 import sys
 import time
 from collections import Counter
+import contextlib
+import torch
+from relex_callback.core.kernels import triton_ops
+from relex_callback.core.kernels.triton_ops import gram_config, project_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -38,10 +42,6 @@ TRITON_TYPE = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 def variants(quick: bool = False):
     """``(kernel, name, signature, constexprs, num_warps)`` of every variant the package launches (``quick``: the
     paper-sized window T = 75 in bf16 and float32 only)."""
-    import torch
-
-    from relex_callback.core.kernels.triton_ops import gram_config, project_config
-
     rows = (75,) if quick else ROWS
     dtypes = ("bfloat16", "float32") if quick else DTYPES
     seen = set()
@@ -115,8 +115,6 @@ def compile_variant(kernel: str, sig: dict, constexprs: dict, num_warps: int, ar
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from relex_callback.core.kernels import triton_ops
-
     fn = {"gram": triton_ops._gram_kernel, "project": triton_ops._project_kernel}[kernel]
     names = list(fn.arg_names)
     aligned = [n for n, t in sig.items() if t.startswith("*") or n.startswith("stride")]
@@ -171,8 +169,6 @@ def main(argv=None) -> int:
 
 
 def contextlib_suppress():
-    import contextlib
-
     return contextlib.suppress(OSError)
 
 

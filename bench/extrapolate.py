@@ -29,6 +29,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from safetensors.torch import save_file
+import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -73,9 +75,6 @@ def shapes(cfg) -> dict:
 
 
 def build(root: str, n_ckpt: int, every: int):
-    import torch
-    from safetensors.torch import save_file
-
     marker = os.path.join(root, "done.json")
     want = {"config": CONFIG, "n": n_ckpt, "every": every, "version": 1}
     if os.path.isfile(marker) and json.load(open(marker)) == want:

@@ -20,6 +20,7 @@ import tempfile
 import time
 
 import torch
+from safetensors.torch import load_file
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -40,8 +41,6 @@ def launch(out, port, args):
 
 
 def weights(path):
-    from safetensors.torch import load_file
-
     sd = {}
     for f in sorted(os.listdir(path)):
         if f.endswith(".safetensors"):

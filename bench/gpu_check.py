@@ -36,6 +36,9 @@ import subprocess
 import sys
 import threading
 import time
+import importlib.metadata as md
+import importlib.util
+import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LIMIT = 600  # seconds: the whole plan, the stage commands before this one included
@@ -410,8 +413,6 @@ def orchestrate(total: float, bundle: bool, json_path: str, only=None, preset_ca
 
 
 def run_optional(name: str, budget: float, env: dict) -> dict:
-    import importlib.util
-
     if importlib.util.find_spec("pytest") is None and not env.get("PYTHONPATH"):
         return {"status": "SKIP", "seconds": 0.0, "budget": budget, "figure": "pytest not installed"}
     rc, out, dt = run_cmd([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_kernels.py"],
@@ -422,10 +423,6 @@ def run_optional(name: str, budget: float, env: dict) -> dict:
 
 # --------------------------------------------------------------------------------------------------- the children
 def env_info() -> dict:
-    import importlib.metadata as md
-
-    import torch
-
     d = {"cuda": torch.cuda.is_available(), "torch": torch.__version__, "cuda_version": torch.version.cuda,
          "python": sys.version.split()[0], "cpus": os.cpu_count()}
     for m in ("transformers", "triton", "accelerate", "peft", "trl", "datasets"):

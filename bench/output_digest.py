@@ -27,6 +27,9 @@ import struct
 import subprocess
 import sys
 import tempfile
+import torch
+from relex_callback import RelexCallback
+from relex_callback.examples.toy import arithmetic_problems, build_model, build_tokenizer
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_DISABLED", "true")
@@ -110,12 +113,8 @@ def digit_reward(completions, **kwargs) -> list[float]:
 
 
 def run_job(root, name, kw):
-    import torch
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
-
-    from relex_callback import RelexCallback
-    from relex_callback.examples.toy import arithmetic_problems, build_model, build_tokenizer
 
     d = os.path.join(root, f"job-{name}")
     torch.manual_seed(0)

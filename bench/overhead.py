@@ -26,6 +26,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
+from transformers import Trainer, TrainingArguments
+from transformers.utils import logging as hf_logging
+from relex_callback import RelexCallback
+from relex_callback.examples.toy import build_model, build_tokenizer
 
 
 class StepTimer(TrainerCallback):
@@ -58,11 +62,6 @@ def main(argv=None):
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     from datasets import Dataset
-    from transformers import Trainer, TrainingArguments
-    from transformers.utils import logging as hf_logging
-
-    from relex_callback import RelexCallback
-    from relex_callback.examples.toy import build_model, build_tokenizer
 
     hf_logging.set_verbosity_error()
     tok = build_tokenizer()

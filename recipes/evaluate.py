@@ -22,6 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from grpo_relex import DEFAULT_TEMPLATE, load_problems  # noqa: E402
 from rewards import completion_text, is_correct, require_math_verify  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer
+import torch
 
 
 def parse_checkpoints(items: list[str]) -> list[tuple[str, str]]:
@@ -46,9 +48,6 @@ def parse_checkpoints(items: list[str]) -> list[tuple[str, str]]:
 
 
 def generate_transformers(path: str, prompts: list[str], max_new_tokens: int, batch_size: int, dtype: str) -> list[str]:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

@@ -34,6 +34,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from rewards import make_accuracy_reward, require_math_verify  # noqa: E402
 from trl import ScriptArguments  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer
+import torch
+from relex_callback import RelexCallback, RelexConfig
 
 logger = logging.getLogger("grpo_relex")
 
@@ -111,11 +114,7 @@ def build_dataset(args: RecipeArguments):
 
 
 def main(argv=None):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer, ModelConfig, TrlParser
-
-    from relex_callback import RelexCallback, RelexConfig
 
     parser = TrlParser((RecipeArguments, GRPOConfig, ModelConfig, RelexConfig))
     recipe, training_args, model_args, relex_args = parser.parse_args_and_config(argv)

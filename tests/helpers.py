@@ -2,6 +2,7 @@
 
 import functools
 import math
+import os
 
 import torch
 
@@ -11,8 +12,6 @@ from relex_callback.examples.toy import _text
 
 def cli_env() -> dict:
     """The environment for running the `relex` CLI as a subprocess on this checkout (the repo first on PYTHONPATH)."""
-    import os
-
     e = dict(os.environ)
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     e["PYTHONPATH"] = repo + os.pathsep + e.get("PYTHONPATH", "")
@@ -278,8 +277,6 @@ def compare_weights(wa: dict, wb: dict, snaps_a: dict, horizon: int, steps, snap
 def load_recorded(d: str) -> dict:
     """Snapshots written by a child process's recorder (``step-<t>.pt``, ``{name: float32 tensor}``, exact copies of
     the trainable parameters) as ``{t: {name: float64 tensor}}``."""
-    import os
-
     out = {}
     for fn in os.listdir(d):
         if fn.startswith("step-") and fn.endswith(".pt"):

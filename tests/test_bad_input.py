@@ -9,11 +9,18 @@ import os
 import re
 import sys
 import tempfile
+import contextlib
+import io
+import json
+import shutil
+import subprocess
 
 import pytest
 
 from relex_callback.config import RelexSettings
 import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
@@ -21,6 +28,16 @@ if REPO not in sys.path:
 
 from relex_callback import RelexCallback  # noqa: E402
 from relex_callback.errors import RelexInputError  # noqa: E402
+from relex_callback.core.fold import plan_slots  # noqa: E402
+from relex_callback.examples.toy import build_model, build_tokenizer  # noqa: E402
+from relex_callback.files.checkpoints import DirectorySource  # noqa: E402
+from relex_callback.files.fs import check_outputs_free  # noqa: E402
+from relex_callback.files.writers import FullModelWriter  # noqa: E402
+from relex_callback.offline.api import extrapolate_trajectory, materialize as m  # noqa: E402
+from relex_callback.offline.cli import main  # noqa: E402
+from relex_callback.params import plain_tracked, TensorSpec, trainable_named_parameters  # noqa: E402
+from relex_callback.pipeline.finalize import finalize  # noqa: E402
+from relex_callback.trajectory.store import TrajectoryStore  # noqa: E402
 
 DOC = os.path.join(REPO, "docs", "bad_input.md")
 OK = dict(tcut=75, horizons=[500])
@@ -33,8 +50,6 @@ def cb(**kw):
 
 
 def _model():
-    from relex_callback.examples.toy import build_model, build_tokenizer
-
     return build_model(build_tokenizer(), hidden_size=16, layers=1)
 
 
@@ -47,14 +62,10 @@ def select(**kw):
 
 
 def plan(**kw):
-    from relex_callback.core.fold import plan_slots
-
     return lambda d: plan_slots(100, 1000, 2, **kw)
 
 
 def _base(d, seed=0):
-    from relex_callback.examples.toy import build_model, build_tokenizer
-
     p = os.path.join(d, f"base{seed}")
     if not os.path.isdir(p):
         tok = build_tokenizer()
@@ -65,14 +76,6 @@ def _base(d, seed=0):
 
 def _state(d):
     """A real state file from a 4-step window on base0."""
-    from transformers import AutoModelForCausalLM
-
-    from relex_callback.trajectory.store import TrajectoryStore
-    from relex_callback.pipeline.finalize import finalize
-    from relex_callback.files.writers import FullModelWriter
-    from relex_callback.params import plain_tracked, trainable_named_parameters
-    from relex_callback.files.checkpoints import DirectorySource
-
     out = os.path.join(d, "out")
     if os.path.isfile(os.path.join(out, "relex_state.safetensors")):
         return out
@@ -90,8 +93,6 @@ def _state(d):
 
 
 def materialize(base="base0", horizons=(40,), state=None):
-    from relex_callback.offline.api import materialize as m
-
     def run(d):
         out = _state(d)
         sp = state(d) if state else os.path.join(out, "relex_state.safetensors")
@@ -109,8 +110,6 @@ def _corrupt_state(d):
 
 
 def _corrupt_base(d):
-    import shutil
-
     p = os.path.join(d, "corrupt_base")
     if not os.path.isdir(p):
         shutil.copytree(_base(d), p)
@@ -127,8 +126,6 @@ def _no_weights(d):
 
 def _outputs_free(d, name, overwrite=False, merged=False):
     """The check RelexCallback.on_train_begin runs, on an output_dir holding a user's ``name``."""
-    from relex_callback.files.fs import check_outputs_free
-
     out = os.path.join(d, f"userout-{name}")
     path = os.path.join(out, name)
     if not os.path.exists(path):
@@ -141,8 +138,6 @@ def _outputs_free(d, name, overwrite=False, merged=False):
 
 
 def extrapolate(traj):
-    from relex_callback.offline.api import extrapolate_trajectory
-
     return lambda d: extrapolate_trajectory(traj(d), _base(d), [40], os.path.join(d, "x"))
 
 
@@ -269,10 +264,6 @@ DEEP = "[" * 100_000 + "]" * 100_000  # JSON nested 100,000 deep: Python's parse
 
 
 def _save_like(src_dir, dst_dir, tensors):
-    import shutil
-
-    from safetensors.torch import save_file
-
     os.makedirs(dst_dir, exist_ok=True)
     for f in os.listdir(src_dir):
         if f != "model.safetensors":
@@ -283,11 +274,6 @@ def _save_like(src_dir, dst_dir, tensors):
 
 def cli_fixture(d):
     """Build the paths the CLI cases refer to, once per directory (cheap: a 16-wide one-layer model)."""
-    import json
-    import shutil
-
-    from safetensors.torch import load_file
-
     p = {k: os.path.join(d, k) for k in _CLI_PATHS}
     p["base"], p["base1"] = _base(d, 0), _base(d, 1)
     if os.path.isdir(p["done"]):
@@ -329,8 +315,6 @@ def cli_fixture(d):
     with open(p["file"], "w") as fh:
         fh.write("a file, not a directory\n")
     # a real trajectory saved by the store (what the callback leaves in partial_trajectory/)
-    from relex_callback.trajectory.store import TrajectoryStore
-    from relex_callback.params import TensorSpec
 
     specs = [TensorSpec(name=k, shape=tuple(v.shape), dtype=v.dtype, local_numel=v.numel()) for k, v in theta0.items()]
     st = TrajectoryStore(specs, len(CLI_STEPS), dtype="float32", storage="host")
@@ -350,7 +334,6 @@ def cli_fixture(d):
     with open(os.path.join(p["notreport"], "report.json"), "w") as fh:
         json.dump([1, 2, 3], fh)
     # a finished run: state, step-40/ and report.json
-    from relex_callback.offline.cli import main
 
     with _quiet():
         rc = main(["extrapolate", "--base", p["base"], "--checkpoints", p["ckpts"], "--horizons", "40", "--out",
@@ -382,9 +365,6 @@ def cli_fixture(d):
 def _lying_files(p, theta0, dirs):
     """Every file relex reads, once nested 100,000 deep and once claiming more bytes than it holds; a dangling
     symlink as --out; a float16 run whose far horizon overflows."""
-    import json
-    import shutil
-
     def write(path, text):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "w") as fh:
@@ -423,7 +403,6 @@ def _lying_files(p, theta0, dirs):
     with open(os.path.join(p["lieindex"], "model.safetensors.index.json"), "w") as fh:
         json.dump({"metadata": {}, "weight_map": {**{k: "a.safetensors" for k in keys[1:]}, keys[0]: "b.safetensors"}},
                   fh)
-    from safetensors.torch import save_file
 
     save_file({"other": torch.zeros(2)}, os.path.join(p["lieindex"], "b.safetensors"), metadata={"format": "pt"})
     os.symlink(os.path.join(os.path.dirname(p["dangling"]), "nowhere"), p["dangling"])
@@ -432,7 +411,6 @@ def _lying_files(p, theta0, dirs):
     for s in CLI_STEPS:
         _save_like(p["base"], os.path.join(p["ckpts16"], f"checkpoint-{s}"),
                    {k: (v + 1e-2 * s * dirs[k]).half() for k, v in theta0.items()})
-    from relex_callback.offline.cli import main
 
     with _quiet():
         rc = main(["extrapolate", "--base", p["base16"], "--checkpoints", p["ckpts16"], "--horizons", "40", "--out",
@@ -442,9 +420,6 @@ def _lying_files(p, theta0, dirs):
 
 class _quiet:
     def __enter__(self):
-        import contextlib
-        import io
-
         self._cm = contextlib.ExitStack()
         self._cm.enter_context(contextlib.redirect_stdout(io.StringIO()))
         self._cm.enter_context(contextlib.redirect_stderr(io.StringIO()))
@@ -684,8 +659,6 @@ def _tree(path):
 
 def run_cli_case(i: int, d: str, p: dict, capture) -> dict:
     """Run CLI case ``i`` in process; ``capture()`` returns the stderr written since the last call."""
-    from relex_callback.offline.cli import main
-
     _, _, cmd = CLI_CASES[i]
     out = os.path.join(d, f"out{i}")
     argv = cli_argv(cmd, p, d, out)
@@ -709,9 +682,6 @@ def normalise_cli(msg: str, p: dict, d: str) -> str:
 
 
 def collect_cli():
-    import contextlib
-    import io
-
     rows = []
     with tempfile.TemporaryDirectory() as d:
         p = cli_fixture(d)
@@ -855,8 +825,6 @@ SUBPROCESS_CASES = ["--checkpoints with a NaN in a checkpoint", "--state not a s
 
 @pytest.mark.parametrize("what", SUBPROCESS_CASES)
 def test_cli_bad_input_in_a_real_process(what, cli_env, subprocess_env):
-    import subprocess
-
     d, p = cli_env
     i = [c[1] for c in CLI_CASES].index(what)
     out = os.path.join(d, "sub-out")

@@ -13,8 +13,11 @@ import torch
 from safetensors.torch import load_file
 
 from relex_callback.offline.cli import main
+from relex_callback.examples.toy import build_model, build_tokenizer
+from relex_callback.files.checkpoints import DirectorySource
 
 from helpers import extrapolation_tolerance
+from transformers import AutoModelForCausalLM
 
 STEPS = [2, 4, 6, 8, 10, 12]
 HORIZONS = [40, 100]
@@ -55,8 +58,6 @@ def _save_trajectory(root, model, tok, steps, seed, layout="checkpoint-{}", base
 def _reference(base_dir, ck_dirs, steps, horizon, fit_start=None, tolerances=None):
     """The math of docs/math.md in float64 with torch.linalg.svd: {name: theta_hat(H) - theta_0} (float64);
     ``tolerances`` (a dict) gets each tensor's float32-solve bound (tests/helpers.py extrapolation_tolerance)."""
-    from relex_callback.files.checkpoints import DirectorySource
-
     base = DirectorySource(base_dir)
     srcs = [DirectorySource(d) for d in ck_dirs]
     t = torch.tensor(steps, dtype=torch.float64)
@@ -82,8 +83,6 @@ def _reference(base_dir, ck_dirs, steps, horizon, fit_start=None, tolerances=Non
 
 @pytest.fixture(scope="module")
 def traj(tmp_path_factory):
-    from relex_callback.examples.toy import build_model, build_tokenizer
-
     torch.set_num_threads(1)
     root = str(tmp_path_factory.mktemp("traj"))
     tok = build_tokenizer()
@@ -117,8 +116,6 @@ def extrapolated(traj):
 
 def _rel_delta_error(out_dir, base_dir, ref, tol=None):
     """The worst relative error of the extrapolated deltas; with ``tol`` ({name: bound}), the worst error / bound."""
-    from transformers import AutoModelForCausalLM
-
     got = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32)
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     sd, sd0 = got.state_dict(), base.state_dict()
@@ -259,8 +256,6 @@ def test_materialize_equals_extrapolate(traj, extrapolated, tmp_path):
 
 
 def test_materialize_refuses_other_base(traj, extrapolated, tmp_path, capsys):
-    from relex_callback.examples.toy import build_model
-
     other = str(tmp_path / "other")
     build_model(traj["tok"], hidden_size=32, layers=1, seed=7).save_pretrained(other)
     out = str(tmp_path / "m")
@@ -300,8 +295,6 @@ def _links(tmp, traj, names):
 
 
 def _bad_cases(traj, tmp):
-    from relex_callback.examples.toy import build_model
-
     ok = lambda *extra: ["extrapolate", "--base", traj["base"], "--checkpoints", traj["ckpts"], "--no-progress", *extra]  # noqa: E731
     cases = {}
     empty = tmp / "empty"

@@ -11,18 +11,23 @@ import math
 import os
 import subprocess
 import sys
+import logging
 
 import pytest
 import torch
+from transformers import get_scheduler
 
 from relex_callback.core.clock import Clock, lrs_from_log, resolve, schedule_lrs
+from relex_callback import RelexCallback
+from relex_callback.core.solver import solve
+from relex_callback.examples.toy import arithmetic_problems, build_model, build_tokenizer
+from relex_callback.files.state import load_state
+from relex_callback.params import TensorSpec
 
 W, N, BASE = 2, 10, 0.5  # warmup steps, max_steps, base learning rate
 
 
 def _sched(name, **kw):
-    from transformers import get_scheduler
-
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=BASE)
     return get_scheduler(name, opt, num_warmup_steps=W, num_training_steps=N, scheduler_specific_kwargs=kw or None)
 
@@ -106,9 +111,6 @@ def test_clock_json_round_trip_and_log_history():
 
 def test_solver_fits_on_the_clock_and_places_horizons_on_it():
     """An exactly linear-in-tau trajectory is extrapolated exactly by the lr clock (and not by the step clock)."""
-    from relex_callback.core.solver import solve
-    from relex_callback.params import TensorSpec
-
     torch.manual_seed(0)
     lrs = [1.0 - 0.05 * k for k in range(20)]
     c = Clock(tuple(lrs), 8, "t")
@@ -129,8 +131,6 @@ def _run(out, clock="lr", schedule="linear", warmup=0, tcut=4, max_steps=8, step
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
-    from relex_callback import RelexCallback
-    from relex_callback.examples.toy import arithmetic_problems, build_model, build_tokenizer
     from tests.helpers import digit_reward
 
     torch.manual_seed(0)
@@ -189,7 +189,6 @@ def test_linear_schedule_recorded_and_rewritten_bit_for_bit(tmp_path):
     # the rates the trainer logged are the ones read ahead (step t logs the rate step t ran with)
     logged = {e["step"]: e["learning_rate"] for e in trainer.state.log_history if "learning_rate" in e}
     out = tmp_path / "run" / "relex"
-    from relex_callback.files.state import load_state
 
     st = load_state(str(out))
     assert st.clock is not None
@@ -231,8 +230,6 @@ def test_linear_schedule_recorded_and_rewritten_bit_for_bit(tmp_path):
 
 
 def test_unreadable_scheduler_falls_back_with_one_warning(tmp_path, caplog):
-    import logging
-
     with caplog.at_level(logging.WARNING, logger="relex_callback"):
         cb, _ = _run(str(tmp_path), clock="lr", step_lr=True)
     msgs = [r.getMessage() for r in caplog.records if "StepLR" in r.getMessage()]

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from safetensors.torch import load_file
 
 
 
@@ -29,7 +30,6 @@ def test_demo_quick(tmp_path, subprocess_env):
     for h in (8, 12):
         assert os.path.isfile(out / "relex" / f"step-{h}" / "model.safetensors")
     # the two horizons are distinct points on the extrapolated line, not copies of one checkpoint
-    from safetensors.torch import load_file
 
     w8, w12 = (load_file(out / "relex" / f"step-{h}" / "model.safetensors") for h in (8, 12))
     assert w8.keys() == w12.keys()

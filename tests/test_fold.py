@@ -3,6 +3,7 @@ path, within the bf16/rank-r truncation, and its memory does not grow with tcut.
 
 import logging
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,8 +14,12 @@ from relex_callback.config import RelexSettings
 from relex_callback.core.fold import plan_slots
 from relex_callback.params import TensorSpec
 from relex_callback.core.solver import solve
+from relex_callback import RelexCallback
+from relex_callback.examples.toy import arithmetic_problems, build_model
 
 from helpers import extrapolation_tolerance, gram_rounding
+from safetensors.torch import load_file
+from transformers import TrainerCallback
 
 logger = logging.getLogger(__name__)
 
@@ -249,14 +254,8 @@ def test_grpo_callback_folded_matches_exact(tmp_path, tokenizer, caplog):
     """One tiny GRPOTrainer run with two callbacks on the same trajectory: the exact one (whole window in memory)
     and a folded one (3 slots + 4 fold rows, bf16: storage="auto" under a max_buffer_bytes the exact window exceeds,
     so the memory plan folds and says so). Their step-H checkpoints agree."""
-    import logging
-
     from datasets import Dataset
-    from safetensors.torch import load_file
     from trl import GRPOConfig, GRPOTrainer
-
-    from relex_callback import RelexCallback
-    from relex_callback.examples.toy import arithmetic_problems, build_model
 
     def digit_reward(completions, **kw):  # dense, so an untrained toy model gets a learning signal at once
         return [sum(ch == "7" for ch in c) / max(1, len(c)) for c in completions]
@@ -273,9 +272,6 @@ def test_grpo_callback_folded_matches_exact(tmp_path, tokenizer, caplog):
         learning_rate=3e-3, lr_scheduler_type="constant", logging_steps=50, save_strategy="no", report_to=[],
         use_cpu=True, seed=0, max_steps=40, beta=0.0, temperature=1.0,
     )
-    from types import SimpleNamespace
-
-    from transformers import TrainerCallback
 
     kept = {}
 

@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 from safetensors.torch import save_file
+from relex_callback.offline.hub import looks_like_hub_id
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FIXTURE = os.path.join(HERE, "fixtures", "qwen2.5-math-1.5b")
@@ -125,6 +126,4 @@ def test_extrapolate_reads_a_cached_base_like_its_directory(tmp_path, subprocess
                                        ("/abs/path", False), ("a/b/c", False), ("cfg/config.json", False),
                                        ("../up", False)])
 def test_what_counts_as_a_hub_id(value, hub):
-    from relex_callback.offline.hub import looks_like_hub_id
-
     assert looks_like_hub_id(value) is hub

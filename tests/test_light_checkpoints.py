@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import shutil
 
 import pytest
 import torch
@@ -74,7 +75,6 @@ def test_each_checkpoint_adds_only_its_new_rows(tmp_path, storage):
         assert added[0] <= st.theta0_bytes + st.buffer_bytes + meta_max, added
         assert all(a <= meta_max for a in added[1:]), added
     # every checkpoint still reads back its own window, after the run directory is gone
-    import shutil
 
     shutil.rmtree(tmp_path / "run")
     for k in (2, 4, 6):

@@ -14,8 +14,10 @@ from safetensors.torch import load_file, save_file
 
 from relex_callback.core import noise
 from relex_callback.core.solver import solve
+from relex_callback import RelexCallback
 
 from helpers import U32, arena_specs, first_order_bound, gram_rounding
+from test_callback import grpo_trainer
 
 SIZES = [4000, 700, 64]
 
@@ -248,10 +250,6 @@ def test_relex_extrapolate_writes_it_and_relex_report_prints_it(tmp_path, subpro
 @pytest.mark.slow
 def test_the_callback_logs_it_and_writes_it(tmp_path):
     """A real GRPOTrainer run: report.json's drift share is logged as ``relex/noise/drift_share``."""
-    from relex_callback import RelexCallback
-
-    from test_callback import grpo_trainer
-
     cb = RelexCallback(tcut=6, horizons=[12], dtype="float32")
     trainer = grpo_trainer(tmp_path, [cb])
     trainer.train()

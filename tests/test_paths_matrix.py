@@ -31,12 +31,18 @@ import os
 import shutil
 import subprocess
 import sys
+import json
 
 import pytest
 import torch
 
-from relex_callback import RelexCallback
+from relex_callback import evaluate_horizons, RelexCallback
+from relex_callback.examples.toy import arithmetic_problems, build_model, build_tokenizer
 from test_callback import Recorder, StopAt, _compare_dirs, grpo_trainer, read_weights
+from helpers import cli_env
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from test_distributed import launch
 
 TCUT = 6
 H = 15
@@ -64,8 +70,6 @@ FROZEN = "model.norm.weight"
 
 
 def _model(tok):
-    from relex_callback.examples.toy import build_model
-
     model = build_model(tok)  # tied embeddings (the toy default)
     model.get_parameter(FROZEN).requires_grad_(False)
     return model
@@ -98,8 +102,6 @@ def _cli(env, *args):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    from relex_callback.examples.toy import build_tokenizer
-
     out = tmp_path_factory.mktemp("paths")
     tok = build_tokenizer()
     model = _model(tok)
@@ -118,8 +120,6 @@ def run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def env():
-    from helpers import cli_env
-
     return cli_env()
 
 
@@ -128,8 +128,6 @@ def test_materialize_and_evaluate_rebuild_equal_the_callback(run, env, tmp_path,
     """`relex materialize` from the cell's state writes the callback's bytes, and `evaluate_horizons` puts into the
     model exactly what `relex materialize` writes for a horizon the run did not write (untracked tensors included:
     trained ones at their tcut values, which the state file records; frozen ones from the base)."""
-    from relex_callback import evaluate_horizons
-
     kw, _ = CELLS[cell]
     mat = tmp_path / "mat"
     _cli(env, "materialize", "--state", run / "relex" / cell / "relex_state.safetensors", "--base", run / "base",
@@ -138,7 +136,6 @@ def test_materialize_and_evaluate_rebuild_equal_the_callback(run, env, tmp_path,
     _assert_same(run / "relex" / cell / f"step-{H}", mat / f"step-{H}", f"{cell}: callback vs relex materialize")
 
     from datasets import Dataset
-    from relex_callback.examples.toy import arithmetic_problems, build_tokenizer
 
     tok = build_tokenizer()
     trainer = grpo_trainer(tmp_path / "eval", [], model=_model(tok), tok=tok)
@@ -197,8 +194,6 @@ def test_cli_extrapolate_streamed_is_its_own_materialize_and_close_to_the_callba
 def test_resumed_from_a_copied_checkpoint_equals_the_callback(run, tmp_path, cell):
     """The same training interrupted at step 3, `cp -r` of checkpoint-3, the run directory deleted, resumed from the
     copy: the cell's horizon is the uninterrupted callback's, bitwise."""
-    from relex_callback.examples.toy import build_tokenizer
-
     tok = build_tokenizer()
     first = tmp_path / "run"
     grpo_trainer(first, [_callback(cell, first / "relex"), StopAt(3)], model=_model(tok), tok=tok,
@@ -219,7 +214,6 @@ def test_peft_resumed_from_a_copied_checkpoint_equals_the_uninterrupted_run(tmp_
     """PEFT: the adapter directory (and with merge_lora the merged model) of a run resumed from a `cp -r` copy equal
     the uninterrupted run's, bitwise."""
     peft = pytest.importorskip("peft")
-    from relex_callback.examples.toy import build_model, build_tokenizer
 
     def model(tok):
         return peft.get_peft_model(build_model(tok), peft.LoraConfig(
@@ -242,7 +236,6 @@ def test_peft_resumed_from_a_copied_checkpoint_equals_the_uninterrupted_run(tmp_
 
 def _lora(tok):
     peft = pytest.importorskip("peft")
-    from relex_callback.examples.toy import build_model
 
     return peft.get_peft_model(build_model(tok), peft.LoraConfig(
         r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights="gaussian"))
@@ -256,7 +249,6 @@ def peft_run(tmp_path_factory):
     """One GRPO run of a LoRA adapter on the tiny model, one callback per PEFT cell (the default bf16 buffer); the
     base model saved as ``base/``."""
     pytest.importorskip("peft")
-    from relex_callback.examples.toy import build_model, build_tokenizer
 
     out = tmp_path_factory.mktemp("peft")
     tok = build_tokenizer()
@@ -310,11 +302,6 @@ def test_peft_materialize_refuses_a_base_that_is_not_the_adapters(peft_run, env,
 def test_peft_materialize_refuses_an_edited_peft_record(peft_run, env, tmp_path, edit):
     """Every field of a PEFT state's record that materialize reads is checked: an edited or damaged one is refused
     with exit 2 and one line naming the field, before anything is written."""
-    import json
-
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
     src = peft_run / "relex" / "exclude" / "relex_state.safetensors"
     with safe_open(str(src), "pt") as f:
         meta, tensors = json.loads(f.metadata()["relex"]), {k: f.get_tensor(k) for k in f.keys()}
@@ -346,10 +333,6 @@ def test_distributed_run_and_materialize_of_its_sharded_state_give_the_same_byte
     wrote and ``relex materialize`` from the sharded state (``relex_state.index.json``) are bitwise equal. The
     untracked tensors' tcut values are recorded in the state shard of the process that writes them; before, the
     sharded state did not have them and materialize wrote theta_0 in their place."""
-    from test_distributed import launch
-
-    from relex_callback.examples.toy import build_model, build_tokenizer
-
     tok = build_tokenizer()
     base = tmp_path / "base"
     build_model(tok, hidden_size=32, layers=1, heads=2, kv_heads=1, seed=0).save_pretrained(base)  # the script's
@@ -395,8 +378,6 @@ def partial(tmp_path_factory):
     """One GRPO run stopped at step T_PART: per cell, a callback with tcut=T_PART (the reference) and one with
     tcut=TCUT that keeps its recorded steps in ``partial_trajectory/``. ``checkpoint-T_PART/relex_trajectory/`` is
     the exclude cell's: the first callback to save there (a later one does not write into another window's)."""
-    from relex_callback.examples.toy import build_tokenizer
-
     out = tmp_path_factory.mktemp("partial")
     tok = build_tokenizer()
     model = _model(tok)
@@ -417,8 +398,6 @@ def partial(tmp_path_factory):
 
 
 def _tracked(traj):
-    import json
-
     with open(os.path.join(traj, "trajectory.json")) as f:
         return sorted(d["name"] for d in json.load(f)["specs"])
 
@@ -451,8 +430,6 @@ def test_cli_extrapolate_checkpoint_trajectory_equals_the_callback(partial, env,
 
 def _perturbed_base(src, dst, key):
     """A copy of the base ``src`` at ``dst`` whose tensor ``key`` is moved by 0.5: a base the run did not start from."""
-    from safetensors.torch import load_file, save_file
-
     shutil.copytree(src, dst)
     w = load_file(dst / "model.safetensors")
     w[key] = w[key] + 0.5

@@ -23,6 +23,11 @@ from relex_callback.trajectory.plan import (
     plan_memory,
     _local_world_size,
 )
+from relex_callback.config import RelexSettings
+from relex_callback.core.fold import plan_slots
+from relex_callback.params import TensorSpec
+from relex_callback.trainer.topology import balance, Topology
+from relex_callback.trajectory.tiers import available_host_bytes
 
 FIX = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 GB, TB = 10**9, 10**12
@@ -67,8 +72,6 @@ def test_parameter_counts_match_the_published_totals(counted, model):
 def test_division_among_processes_matches_the_topology():
     """zero3: DeepSpeed's flat partitions (Topology._track_zero3's ranges); fsdp2: torch.chunk along dim 0 (what
     fully_shard's Shard(0) keeps); replicated: topology.balance's greedy assignment."""
-    from relex_callback.trainer.topology import balance
-
     shapes = [(151936, 64), (64, 64), (7, 5), (3,), (1000, 3), (13, 11)]
     sizes = [math.prod(s) for s in shapes]
     for world in (1, 2, 3, 8):
@@ -182,8 +185,6 @@ def test_fits_nowhere_folds_or_says_what_is_missing():
 
 
 def test_max_buffer_bytes_folds_like_the_store():
-    from relex_callback.core.fold import plan_slots
-
     D, cap = 3_000_000, 20 * 3_000_000 * 2 + 12345
     p = plan_memory(window=40, elements=D, host_memory=10**12, max_buffer_bytes=cap, cuda=False)
     K, fr = plan_slots(40, D, 2, max_buffer_bytes=cap, buffer_slots=None, fold_rank=8)
@@ -191,11 +192,6 @@ def test_max_buffer_bytes_folds_like_the_store():
 
 
 def test_plan_for_run_on_this_machine(tmp_path, monkeypatch):
-    from relex_callback.trajectory.tiers import available_host_bytes
-    from relex_callback.config import RelexSettings
-    from relex_callback.params import TensorSpec
-    from relex_callback.trainer.topology import Topology
-
     s = RelexSettings.validate(tcut=12, horizons=[60], stride=2, output_dir=str(tmp_path))
     specs = [TensorSpec("a", (100, 10), torch.float32, 1000), TensorSpec("b", (10,), torch.float32, 10)]
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")

@@ -24,8 +24,10 @@ from relex_callback.core.precision import float32_exact
 from relex_callback.core.solver import factor_left, solve
 from relex_callback.params import TensorSpec
 from relex_callback.trajectory.store import TrajectoryStore
+from relex_callback.offline.api import extrapolate_checkpoints
 
 from helpers import arena_specs
+from safetensors.torch import save_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -110,10 +112,6 @@ def test_the_fold_runs_in_ieee_under_tf32(tf32_requested):
 
 
 def test_the_streamed_engine_runs_in_ieee_under_tf32(tf32_requested, tmp_path):
-    from safetensors.torch import save_file
-
-    from relex_callback.offline.api import extrapolate_checkpoints
-
     M, steps, specs = _problem(T=5, sizes=(64, 200))
     base = tmp_path / "base"
     base.mkdir()

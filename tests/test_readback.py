@@ -11,13 +11,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from relex_callback.offline.cli import main
+from relex_callback.examples.toy import build_model, build_tokenizer
 
 
 @pytest.fixture(scope="module")
 def done(tmp_path_factory):
     """A base checkpoint, three training checkpoints and a finished `relex extrapolate`."""
-    from relex_callback.examples.toy import build_model, build_tokenizer
-
     d = tmp_path_factory.mktemp("readback")
     tok = build_tokenizer()
     model = build_model(tok, hidden_size=32, layers=1)

@@ -11,8 +11,11 @@ import re
 import shlex
 import subprocess
 import sys
+import inspect
 
 import pytest
+from relex_callback import RelexCallback
+from relex_callback.offline.cli import build_parser
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(REPO, "README.md")
@@ -66,10 +69,6 @@ def test_python_snippets_parse_and_their_imports_exist(page, index, text):
 
 def test_the_callback_arguments_listed_are_its_arguments():
     """docs/callback.md's argument block names every argument of RelexCallback with its default."""
-    import inspect
-
-    from relex_callback import RelexCallback
-
     text = _read(os.path.join(REPO, "docs", "callback.md"))
     block = next(
         t for _, t in _blocks(os.path.join(REPO, "docs", "callback.md"), {"python"}) if t.startswith("RelexCallback(")
@@ -110,8 +109,6 @@ def _relex_commands():
 
 
 def test_relex_command_lines_parse():
-    from relex_callback.offline.cli import build_parser
-
     cmds = _relex_commands()
     assert any(p == "README.md" for p, _ in cmds), "the README shows no relex command"
     for page, argv in cmds:

@@ -9,6 +9,9 @@ import sys
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
+from relex_callback import RelexConfig
+from relex_callback.examples.toy import build_model, build_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = os.path.join(REPO, "recipes")
@@ -42,8 +45,6 @@ def test_configs_parse_to_the_papers_settings(name, tcut, horizons):
     from grpo_relex import RecipeArguments
     from trl import GRPOConfig, ModelConfig, TrlParser
 
-    from relex_callback import RelexConfig
-
     path = os.path.join(CONFIGS, f"{name}.yaml")
     header = open(path).read()
     assert "accelerate launch --config_file recipes/accelerate/zero3.yaml recipes/grpo_relex.py" in header
@@ -60,8 +61,6 @@ def test_configs_parse_to_the_papers_settings(name, tcut, horizons):
 
 @pytest.fixture(scope="module")
 def local_assets(tmp_path_factory):
-    from relex_callback.examples.toy import build_model, build_tokenizer
-
     root = tmp_path_factory.mktemp("recipe")
     tok = build_tokenizer()
     build_model(tok).save_pretrained(root / "model")
@@ -133,8 +132,6 @@ def trained(local_assets):
 
 
 def test_grpo_recipe_writes_loadable_horizons(trained, local_assets):
-    from transformers import AutoModelForCausalLM
-
     out, proc = trained
     relex = out / "relex"
     report = json.loads((relex / "report.json").read_text())

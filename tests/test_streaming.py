@@ -5,16 +5,24 @@ refusals (NaN checkpoint, overflowing horizons) with nothing written; the tensor
 import json
 import contextlib
 import os
+import glob
+import subprocess
 
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from relex_callback.errors import RelexInputError, RelexNonFiniteError
+from relex_callback.errors import RelexInputError, RelexNonFiniteError, RelexWriteError
 from relex_callback.offline.api import extrapolate_checkpoints, materialize
+from relex_callback.examples.toy import build_model, build_tokenizer
+from relex_callback.files.state import load_state
+from relex_callback.offline.cli import main
+from relex_callback.pipeline import streamed
+from relex_callback.pipeline.streamed import write_shard_streaming
 
 from helpers import extrapolation_tolerance, float64_reference
+from transformers import AutoModelForCausalLM
 
 STEPS = [3, 6, 9, 12, 15]
 H = 60
@@ -196,8 +204,6 @@ def test_streamed_vs_buffered_vs_float64_reference(raw, raw2, rank):
 
 
 def test_state_and_materialize_match_bit_for_bit(raw):
-    from relex_callback.files.state import load_state
-
     root, base, ckpts = raw
     out, sol, rep = _run(raw, "stream-mat", streaming=True, memory_budget=4 * (len(STEPS) + 1) * 500)
     st = load_state(out)
@@ -266,8 +272,6 @@ def test_streaming_refuses_cuda_and_power(raw):
 
 
 def test_write_shard_streaming_is_a_plain_safetensors_file(tmp_path):
-    from relex_callback.pipeline.streamed import write_shard_streaming
-
     g = torch.Generator().manual_seed(0)
     ts = {"x": torch.randn(3, 5, generator=g), "y": torch.randn(7, generator=g).to(torch.bfloat16),
           "z": torch.arange(4, dtype=torch.int64), "e": torch.empty(0, 3), "h": torch.randn(2, generator=g).half()}
@@ -286,11 +290,6 @@ def test_write_shard_streaming_is_a_plain_safetensors_file(tmp_path):
 
 def test_cli_flag_and_from_pretrained(tmp_path):
     """`--no-streaming` reaches the buffered path; the streamed horizons of a real model load with from_pretrained."""
-    from transformers import AutoModelForCausalLM
-
-    from relex_callback.offline.cli import main
-    from relex_callback.examples.toy import build_model, build_tokenizer
-
     tok = build_tokenizer()
     model = build_model(tok, hidden_size=32, layers=1, tie=True, seed=0)
     base = str(tmp_path / "base")
@@ -336,8 +335,6 @@ def test_cli_flag_and_from_pretrained(tmp_path):
 def _disk_filled_after_the_check(filler, leave: int):
     """Another writer fills the file system of ``filler`` once the extrapolation has passed its pre-write space check
     (when the solve starts), leaving ``leave`` bytes free: the disk is really full when the writes come."""
-    from relex_callback.pipeline import streamed
-
     real = streamed.StreamedSolve.solve
 
     def solve(self, *args, **kwargs):
@@ -357,11 +354,6 @@ def _disk_filled_after_the_check(filler, leave: int):
 def test_full_disk_keeps_the_state_and_says_how_to_finish(raw, tmp_path):
     """A real full disk (a small tmpfs): room for the state file and the first horizon, not the second. One
     RelexWriteError naming what is intact and the `relex materialize` command; nothing partial left."""
-    import glob
-    import subprocess
-
-    from relex_callback.errors import RelexWriteError
-
     root, base, ckpts = raw
     ref_out, _, _ = _run(raw, "sizes", streaming=True, dtype="float32")
     state = os.path.getsize(os.path.join(ref_out, "relex_state.safetensors"))
@@ -395,10 +387,6 @@ def test_full_disk_keeps_the_state_and_says_how_to_finish(raw, tmp_path):
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
 def test_full_disk_before_the_state_leaves_nothing(raw, tmp_path):
-    import subprocess
-
-    from relex_callback.errors import RelexWriteError
-
     root, base, ckpts = raw
     mnt = tmp_path / "mnt"
     os.makedirs(mnt)

@@ -7,8 +7,10 @@ import random
 
 import pytest
 import torch
+from helpers import digit_reward
 
 from relex_callback.core.trend import default_metric, reward_trend
+from relex_callback.examples.toy import arithmetic_problems, build_model, build_tokenizer
 
 
 def _ols(points):
@@ -105,9 +107,6 @@ def grpo_history(tmp_path_factory):
     """``state.log_history`` of a real tiny GRPO run (local model and tokenizer, CPU, a few seconds)."""
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
-
-    from helpers import digit_reward
-    from relex_callback.examples.toy import arithmetic_problems, build_model, build_tokenizer
 
     out = tmp_path_factory.mktemp("grpo_trend")
     tok = build_tokenizer()

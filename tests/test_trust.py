@@ -11,8 +11,9 @@ from relex_callback import RelexCallback, RelexInputError
 from relex_callback.offline.api import materialize
 from relex_callback.files.state import load_state
 
-from test_callback import grpo_trainer, read_weights
-from relex_callback.examples.toy import build_model, build_tokenizer
+from test_callback import grpo_args, grpo_trainer, read_weights
+from relex_callback.examples.toy import arithmetic_problems, build_model, build_tokenizer
+from relex_callback.offline.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -69,9 +70,6 @@ def test_flat_reward_error_writes_the_state_but_no_horizon(tmp_path):
     from datasets import Dataset
     from trl import GRPOTrainer
 
-    from relex_callback.examples.toy import arithmetic_problems
-    from test_callback import grpo_args
-
     tok = build_tokenizer()
     cb = RelexCallback(tcut=6, horizons=[12], dtype="float32", on_flat_reward="error")
     trainer = GRPOTrainer(model=build_model(tok), reward_funcs=falling, args=grpo_args(tmp_path),
@@ -89,8 +87,6 @@ def test_flat_reward_error_writes_the_state_but_no_horizon(tmp_path):
 def test_cli_fit_auto_prints_the_signals(power_run, tmp_path, capsys):
     """relex extrapolate over the callback's own trainer checkpoints is not possible here (save_strategy=no), so
     build checkpoints along a square-root path: --fit auto picks power and the printed lines say so."""
-    from relex_callback.offline.cli import main
-
     tok = build_tokenizer()
     model = build_model(tok, hidden_size=32, layers=1)
     model.save_pretrained(tmp_path / "base")

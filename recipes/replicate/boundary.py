@@ -49,8 +49,15 @@ os.environ.setdefault("WANDB_DISABLED", "true")
 import torch  # noqa: E402
 
 from task import all_problems, encode, sample_problems, supervised, warm_up  # noqa: E402
+from noise_map import backtest, window_grams  # noqa: E402
+from replicate import cos_ratio, extrapolated, solve_window  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
 
 from relex_callback.files.fs import write_json  # noqa: E402
+from relex_callback.core import noise  # noqa: E402
+from relex_callback.core.trend import reward_trend  # noqa: E402
+from relex_callback.examples.toy import arithmetic_reward, build_model, build_tokenizer, extract_answer  # noqa: E402
+from relex_callback.params import trainable_named_parameters  # noqa: E402
 
 GENERATIONS = 8
 PROMPTS = 8  # per step: 64 rollouts
@@ -76,8 +83,6 @@ def graded_value(answer: str, truth: str) -> float:
 
 
 def graded_reward(completions, answer, **kw):
-    from relex_callback.examples.toy import extract_answer
-
     out = []
     for c, a in zip(completions, answer):
         n = extract_answer(_text(c))
@@ -86,8 +91,6 @@ def graded_reward(completions, answer, **kw):
 
 
 def train_reward(task):
-    from relex_callback.examples.toy import arithmetic_reward
-
     return {
         "char": char_reward,
         "char_w": char_reward,
@@ -242,11 +245,7 @@ def cell_key(task, lr, seed):
 def train_run(cfg, task, lr, seed):
     """(Warm-up +) GRPO for ``cfg.steps`` steps; returns (model, tok, named, theta [N+1, D], log_history, seconds)."""
     from datasets import Dataset
-    from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
-
-    from relex_callback.examples.toy import build_model, build_tokenizer
-    from relex_callback.params import trainable_named_parameters
 
     random.seed(seed)
     torch.manual_seed(seed)
@@ -297,12 +296,6 @@ def horizons(cfg, tc):
 
 
 def run_cell(cfg, task, lr, seed):
-    from noise_map import backtest, window_grams
-    from replicate import cos_ratio, extrapolated, solve_window
-
-    from relex_callback.core import noise
-    from relex_callback.core.trend import reward_trend
-
     t_all = time.perf_counter()
     model, tok, named, theta, history, t_train = train_run(cfg, task, lr, seed)
     params = [p for _, p in named]

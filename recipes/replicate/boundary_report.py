@@ -8,6 +8,7 @@ import json
 import math
 import os
 import statistics
+from relex_callback.files.fs import write_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TASK_ORDER = {"char": 0, "char_w": 1, "sums2": 2, "graded": 3, "sums": 4}
@@ -319,7 +320,6 @@ def analyze(cfg):
     md = "\n".join(L) + "\n"
     R = {"cells": len(cells), "cpu_seconds": cpu, "table": table, "signals": sig_rows, "separation": sep,
          "prompts_needed": need, "prompts_needed_median": summary}
-    from relex_callback.files.fs import write_json
 
     write_json(os.path.join(cfg.out, "boundary.json"), R, indent=1)
     with open(os.path.join(cfg.out, "boundary.md"), "w") as f:

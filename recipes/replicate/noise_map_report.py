@@ -8,6 +8,9 @@ import json
 import math
 import os
 import random
+from replicate import splice as splice_block
+import torch
+from relex_callback.core import noise
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
@@ -146,10 +149,6 @@ def transient(c):
 def backfill_steps(out, cache):
     """Each cell's squared step lengths |s_t|^2 (summed over tensors) from its cached window Grams, kept in the
     cell's JSON (the Grams themselves are not committed)."""
-    import torch
-
-    from relex_callback.core import noise
-
     for p in sorted(glob.glob(os.path.join(out, "cells", "*.json"))):
         with open(p) as f:
             c = json.load(f)
@@ -275,10 +274,6 @@ def real_runs(path=os.path.join(REPO, "docs", "replication", "real_results.json"
     whole run's rank-1 coefficients as mean |c_t| over tensors (normalised to 1 at the end). The same estimators
     on that scalar series over steps 1..tcut are a proxy (the whole run's direction, not the window's), reported as
     such. Rows: (run, tcut, H, gain of RELEX over the tcut checkpoint, proxy signals)."""
-    import torch
-
-    from relex_callback.core import noise
-
     if not os.path.isfile(path):
         return []
     with open(path) as f:
@@ -538,6 +533,4 @@ def plot(R, cells, live, path):
 
 def splice(doc, md, marker="noise-map"):
     """The noise map's block of ``docs/replication.md`` (between ``<!-- marker:begin/end -->``)."""
-    from replicate import splice as splice_block
-
     splice_block(doc, md, marker)

@@ -28,6 +28,7 @@ import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, replace
+import signal
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
@@ -40,8 +41,26 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 warnings.filterwarnings("ignore", category=UserWarning)
 
 import torch  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+from transformers.trainer_callback import PrinterCallback  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
+import numpy as np  # noqa: E402
 
 from relex_callback.files.fs import write_json, write_text  # noqa: E402  (atomic: tmp + rename)
+from relex_callback import load_state, RelexCallback  # noqa: E402
+from relex_callback.examples.real_model import (  # noqa: E402
+    delta_stats,
+    flat_params,
+    greedy_accuracy,
+    load_model,
+    load_weights,
+    naive_weights,
+    read_checkpoint_weights,
+    SaveAtSteps,
+    split_problems,
+    StepBar,
+    sum_reward,
+)
 
 
 @dataclass
@@ -129,11 +148,7 @@ def train(s: Setting, base_dir: str, run_dir: str, checkpoint_every: int = 0, re
     newest one, so a run longer than one sitting goes on where it stopped. Returns (held-out problems, train log,
     seconds of training over every sitting)."""
     from datasets import Dataset
-    from transformers.utils import logging as hf_logging
     from trl import GRPOConfig, GRPOTrainer
-
-    from relex_callback import RelexCallback
-    from relex_callback.examples.real_model import SaveAtSteps, StepBar, load_model, split_problems
 
     hf_logging.set_verbosity_error()
     logging.getLogger("relex_callback").setLevel(logging.WARNING)
@@ -163,7 +178,6 @@ def train(s: Setting, base_dir: str, run_dir: str, checkpoint_every: int = 0, re
         save_strategy="steps" if checkpoint_every else "no", save_steps=checkpoint_every or 500, save_total_limit=1,
         report_to=[], seed=s.seed, data_seed=s.seed, disable_tqdm=True, dataloader_num_workers=0,
     )
-    from relex_callback.examples.real_model import sum_reward
 
     trainer = GRPOTrainer(
         model=model,
@@ -173,7 +187,6 @@ def train(s: Setting, base_dir: str, run_dir: str, checkpoint_every: int = 0, re
         train_dataset=Dataset.from_list(train_set),
         callbacks=[relex, saver, StepBar(f"GRPO {s.name}")],
     )
-    from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # the bar shows the reward; the full logs go to results.json
     sittings_file = os.path.join(run_dir, "sittings.json")
@@ -217,8 +230,6 @@ def extrapolate(base_dir, ckpt, steps, horizons, out, fit_start=None, fit="linea
 
 def rank1_reconstruction(out, theta0, step):
     """theta_0 + c_t v per tensor: v from the state file (``load_state``), c_t from report.json's ``coeffs``."""
-    from relex_callback import load_state
-
     st = load_state(os.path.join(out, "relex_state.safetensors"))
     with open(os.path.join(out, "report.json")) as f:
         rep = json.load(f)
@@ -232,11 +243,6 @@ def rank1_reconstruction(out, theta0, step):
 
 def run_setting(s: Setting, base_dir: str, out_root: str, keep: bool = False, reuse: bool = False,
                 checkpoint_every: int = 0, resume: bool = False) -> dict:
-    from tqdm.auto import tqdm
-
-    from relex_callback.examples.real_model import (delta_stats, flat_params, greedy_accuracy, load_model, load_weights,
-                                           naive_weights, read_checkpoint_weights)
-
     run_dir = os.path.join(out_root, s.name)
     saved = os.path.join(run_dir, "train.json")
     if reuse and os.path.isfile(saved):  # training finished earlier (e.g. a later stage failed): do not train again
@@ -331,7 +337,6 @@ def run_setting(s: Setting, base_dir: str, out_root: str, keep: bool = False, re
         "n_eval": len(test),
     }
     # Finding 2 on the whole run: the mean |coefficient| trajectory (normalised per tensor), for the plot
-    import numpy as np
 
     cs = np.array([np.array(tt["coeffs"][0]) / (abs(tt["coeffs"][0][-1]) or 1.0) * np.sign(tt["coeffs"][0][-1] or 1)
                    for tt in whole["tensors"]])
@@ -587,7 +592,6 @@ def main(argv=None):
                    help="continue each setting from its newest Trainer checkpoint in --out (needs --checkpoint-every "
                         "on the first sitting)")
     a = p.parse_args(argv)
-    import signal
 
     # SIGTERM (a sitting's end) as an exception, so the sitting's time is recorded and the next --resume adds to it
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

@@ -32,18 +32,19 @@ os.environ.setdefault("WANDB_DISABLED", "true")
 import torch  # noqa: E402
 
 from task import ExpectedReward, Scorer, all_problems, sample_problems, warm_up  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
+from relex_callback import RelexCallback  # noqa: E402
+from relex_callback.core.solver import solve  # noqa: E402
+from relex_callback.examples.toy import arithmetic_reward, build_model, build_tokenizer  # noqa: E402
+from relex_callback.params import plain_tracked, trainable_named_parameters  # noqa: E402
+from relex_callback.trajectory.store import TrajectoryStore  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------- training
 def train(cfg, out_dir):
     """Warm up, then GRPO for ``cfg.steps`` steps; returns (model, tokenizer, names, theta [N+1, D] fp32, logs)."""
     from datasets import Dataset
-    from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
-
-    from relex_callback import RelexCallback
-    from relex_callback.params import trainable_named_parameters
-    from relex_callback.examples.toy import arithmetic_reward, build_model, build_tokenizer
 
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -89,9 +90,6 @@ def train(cfg, out_dir):
 
 # ---------------------------------------------------------------------------------------------- engine helpers
 def make_store(named, theta, steps, dtype):
-    from relex_callback.trajectory.store import TrajectoryStore
-    from relex_callback.params import plain_tracked
-
     tracked = plain_tracked(named)
     specs = [t.spec for t in tracked]
     store = TrajectoryStore(specs, len(steps), dtype=dtype, storage="host", skip_unchanged=False)  # every step is a row
@@ -111,8 +109,6 @@ def split(flat, specs):
 
 
 def solve_window(named, theta, tcut, *, stride=1, rank=1, fit_start=None, dtype="float32"):
-    from relex_callback.core.solver import solve
-
     steps = list(range(stride, tcut + 1, stride))
     store = make_store(named, theta, steps, dtype)
     sol = solve(store.rows(), store.steps, store.specs, rank=rank, fit_start=fit_start, method="gram")

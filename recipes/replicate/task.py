@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from relex_callback.examples.toy import arithmetic_reward
+from relex_callback.examples.toy import arithmetic_problems, arithmetic_reward
 
 
 def all_problems(max_operand: int) -> list[dict]:
@@ -18,8 +18,6 @@ def all_problems(max_operand: int) -> list[dict]:
 
 
 def sample_problems(n: int, max_operand: int, seed: int) -> list[dict]:
-    from relex_callback.examples.toy import arithmetic_problems
-
     return arithmetic_problems(n, seed=seed, max_operand=max_operand)
 
 

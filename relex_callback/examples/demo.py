@@ -21,8 +21,21 @@ import json
 import os
 import time
 import warnings
+import logging
 
 import torch
+from tqdm.auto import tqdm
+
+from relex_callback.examples import real_model as rm
+from relex_callback.examples.toy import (
+    arithmetic_reward,
+    arithmetic_split,
+    build_model,
+    build_tokenizer,
+    greedy_accuracy,
+    supervised_warmup,
+)
+from relex_callback.files.report import format_noise, format_trust
 
 # transformers 5 deprecation notices raised inside TRL (gradient_checkpointing -> activation_checkpointing) say
 # nothing a demo user can act on
@@ -75,22 +88,12 @@ def parse_args(argv=None):
 
 def run_tiny(args) -> dict:
     """The from-scratch tiny model (``--quick``): a smoke test of the whole path in seconds."""
-    import logging
-
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
     from trl import GRPOConfig, GRPOTrainer
 
-    from ..trainer.callback import RelexCallback
-    from relex_callback.examples.toy import (
-        arithmetic_reward,
-        arithmetic_split,
-        build_model,
-        build_tokenizer,
-        greedy_accuracy,
-        supervised_warmup,
-    )
+    from ..trainer.callback import RelexCallback  # transformers' Trainer: seconds to import, `--help` goes without
 
     cb = RelexCallback(tcut=args.tcut, horizons=args.horizons, overwrite=True)  # bad settings fail before any work
     horizons = cb.horizons
@@ -152,8 +155,6 @@ def print_table_tiny(result: dict):
     print(f"\nexplained variance (mean over tensors) {result['explained_variance_mean']:.3f}, R^2 of the line "
           f"{result['r2_mean']:.3f}; held-out {result['held_out_prompts']} sums, train {result['train_prompts']} sums")
     if result.get("noise"):
-        from relex_callback.files.report import format_noise
-
         print(format_noise(result["noise"]))
     s = result["seconds"]
     print(f"time: warm-up {s['warmup']:.1f}s, GRPO to tcut {s['grpo']:.1f}s, total {s['total']:.1f}s")
@@ -186,8 +187,6 @@ def plot_tiny(result: dict, path: str) -> bool:
 # ------------------------------------------------------------------------------------------------- real model
 def run_real(args) -> dict:
     """SmolLM2-135M-Instruct: GRPO in validation mode to the largest horizon, then every checkpoint evaluated."""
-    from relex_callback.examples import real_model as rm
-
     why = rm.missing_requirements()
     if why:
         raise SystemExit(f"demo: {why}; or run the tiny model: python -m relex_callback.examples.demo --quick")
@@ -237,11 +236,9 @@ def run_real(args) -> dict:
 
 def _real_callback(args):
     """The validation-mode RelexCallback of the real demo, threads and log levels; return (cb, its dir, horizons)."""
-    import logging
-
     from transformers.utils import logging as hf_logging
 
-    from ..trainer.callback import RelexCallback
+    from ..trainer.callback import RelexCallback  # transformers' Trainer: seconds to import, `--help` goes without
 
     relex_dir = os.path.join(args.out, "relex")
     cb = RelexCallback(
@@ -297,8 +294,6 @@ def _real_grpo(args, rm, cb, horizons, model, tok, train, select, real_dir):
 
 def _real_evaluate(args, rm, horizons, model, tok, test, base_dir, real_dir, relex_dir):
     """Step 3/3: greedy held-out accuracy of the base, real, RELEX and naive checkpoints; return (rows, seconds)."""
-    from tqdm.auto import tqdm
-
     jobs = [
         ("base", 0, base_dir),
         (f"real step {args.tcut} (tcut)", args.tcut, os.path.join(real_dir, f"step-{args.tcut}")),
@@ -371,7 +366,6 @@ def print_table_real(result: dict):
             f"{result['explained_variance_mean']:.3f}, "
             f"R^2 of the line {result['r2_mean']:.3f} (means over tensors)"
         )
-    from relex_callback.files.report import format_trust
 
     trust = format_trust({"backtest": result.get("backtest"), "reward_trend": result.get("reward_trend"),
                           "noise": result.get("noise")})

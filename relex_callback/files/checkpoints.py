@@ -17,12 +17,16 @@ import re
 import shutil
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
+import mmap
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from ..config import parse_size
-from ..errors import RelexInputError
-from .fs import read_json, read_safetensors_header
+from ..errors import RelexInputError, RelexNonFiniteError
+from .fs import read_json, read_safetensors_header, write_json
+from ..compat import tied_copies
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -79,8 +83,6 @@ class DirectorySource:
     """A Hugging Face checkpoint directory: weights from its safetensors, config and tokenizer files copied."""
 
     def __init__(self, path: str):
-        from safetensors import safe_open
-
         self.path = path
         if not os.path.isdir(path):
             raise RelexInputError(f"{path} is not a directory")
@@ -134,8 +136,6 @@ class DirectorySource:
         return sum(os.path.getsize(f) for f in set(self.key_file.values()))
 
     def get(self, key: str) -> torch.Tensor:
-        from safetensors import safe_open
-
         fp = self.key_file[key]
         try:
             handle = self._handles.get(fp)
@@ -174,8 +174,6 @@ def checkpoint_keys(model: torch.nn.Module, sd: dict) -> list[str]:
     """The keys ``save_pretrained`` writes: ``state_dict()`` minus the tied copies (``lm_head.weight`` of tied
     embeddings; found by sharing, the same on every transformers release: :func:`relex_callback.compat.tied_copies`),
     so tied weights stay tied when the checkpoint is loaded and the keys equal the tracked names."""
-    from ..compat import tied_copies
-
     tied = tied_copies(model, sd)
     return [k for k in sd if k not in tied]
 
@@ -244,8 +242,6 @@ class MappedSafetensors:
         self._last = None
 
     def get(self, name: str):
-        import mmap
-
         h = self.header[name]
         b, e = h["data_offsets"]
         dtype = st_dtype(h["dtype"])  # the dtype DirectorySource.meta reports for it (the shape/dtype checks use that)
@@ -337,8 +333,6 @@ def write_relex_marker(out_dir: str, horizon: int, tcut: int, run_id: Optional[s
     ``run_id`` (the id the state file records): what :func:`relex_callback.files.fs.not_ours` checks before any removal
     or
     read-back."""
-    from .fs import write_json
-
     write_json(os.path.join(out_dir, RELEX_MARKER), {"horizon": int(horizon), "tcut": int(tcut), "run_id": run_id,
                                                      "written_by": "relex_callback"}, durable=False)
 
@@ -461,8 +455,6 @@ def check_same_tensors(base, names, ck, src):
 
 # ---------------------------------------------------------------------------------------------- writing
 def write_safetensors(path: str, tensors: dict[str, torch.Tensor], metadata: Optional[dict] = None):
-    from safetensors.torch import save_file
-
     save_file({k: v.contiguous() for k, v in tensors.items()}, path, metadata=metadata or {"format": "pt"})
 
 
@@ -498,8 +490,6 @@ def write_shard(path: str, keys: list[str], meta: dict, produce: Callable[[str],
         if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
             raise RuntimeError(f"{k}: produced {tuple(t.shape)} {t.dtype}, expected {shape} {dtype}")
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            from ..errors import RelexNonFiniteError
-
             raise RelexNonFiniteError(
                 f"{k} would be written with NaN/Inf values into {os.path.dirname(path)}; that checkpoint was not "
                 "written "
@@ -511,8 +501,6 @@ def write_shard(path: str, keys: list[str], meta: dict, produce: Callable[[str],
 
 def write_index(out_dir: str, weight_map: dict[str, str], total_size: int):
     """``model.safetensors.index.json`` of a checkpoint written in more than one shard."""
-    from .fs import write_json
-
     write_json(os.path.join(out_dir, INDEX_NAME), {"metadata": {"total_size": total_size}, "weight_map": weight_map},
                durable=False, indent=2, sort_keys=True)
 

@@ -22,8 +22,9 @@ import re
 import shutil
 import uuid
 from typing import Iterable, Optional
+import tempfile
 
-from ..errors import RelexInputError
+from ..errors import RelexError, RelexInputError
 
 STATE_NAME = "relex_state.safetensors"
 STATE_INDEX_NAME = "relex_state.index.json"  # distributed runs: the state sharded by tensor
@@ -457,7 +458,6 @@ def check_writable_dir(path: str, what: str):
         raise RelexInputError(
             f"{what} {path} cannot be created: {probe} is a file, not a directory; choose another {what}"
         )
-    import tempfile
 
     prefix = f".relex-probe-{os.getpid()}-"
     try:  # permissions, read-only file systems, /proc: only trying tells
@@ -493,8 +493,6 @@ def check_free_space(out_dir: str, parts: dict, what: str = "--out"):
 def write_failure(e: BaseException) -> bool:
     """Whether ``e`` is a failed write (full disk, permissions, I/O error), whatever library raised it: ``OSError``
     and safetensors' ``SafetensorError`` (its ``save_file`` reports ENOSPC as one), not our own input errors."""
-    from ..errors import RelexError
-
     if isinstance(e, RelexError):
         return False
     if isinstance(e, OSError):

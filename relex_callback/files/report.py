@@ -7,7 +7,8 @@ import math
 import os
 from typing import Optional
 
-from .fs import read_json
+from .fs import atomic_file, read_json, write_json
+from ..errors import RelexInputError
 
 REPORT_NAME = "report.json"
 
@@ -84,7 +85,7 @@ def build_report(solution, *, tcut: int, horizons, extra: Optional[dict] = None)
     if bt is not None:
         rep["backtest"] = bt.to_report()
     if hasattr(solution, "noise"):
-        from ..core.noise import report_entry
+        from ..core.noise import report_entry  # deferred: core.noise imports torch, this module does not
 
         rep["noise"] = report_entry(solution.noise)
     if extra:
@@ -114,8 +115,6 @@ def _fit_summary(solution, horizons) -> dict:
 
 
 def write_report(path: str, report: dict):
-    from .fs import write_json
-
     write_json(path, report, indent=1, allow_nan=False, default=_json_default)
 
 
@@ -127,8 +126,6 @@ def _json_default(o):
 
 def load_report(path: str) -> dict:
     """Read ``report.json`` (``path`` is the file or the directory holding it)."""
-    from ..errors import RelexInputError
-
     path = report_path(path)
     try:
         return read_json(path)
@@ -353,8 +350,6 @@ def representative_tensors(report: dict, k: int = 4) -> list[dict]:
 def plot_report(report: dict, path: str, k: int = 4) -> str:
     """Write ``report.png``: the coefficients c_t of ``k`` representative tensors with their fitted lines
     (extended to the first horizon), and the histogram of explained variance. Needs the ``plot`` extra."""
-    from ..errors import RelexInputError
-
     try:
         import matplotlib
 
@@ -387,7 +382,6 @@ def plot_report(report: dict, path: str, k: int = 4) -> str:
     ax.set_ylabel("tensors")
     ax.set_title(f"{len(ev)} moving tensors")
     fig.tight_layout()
-    from .fs import atomic_file
 
     with atomic_file(path) as tmp:  # "Source: relex_callback": what a later --plot may replace (fs.foreign_output)
         fig.savefig(tmp, dpi=100, format="png", metadata={"Source": "relex_callback"})

@@ -33,10 +33,14 @@ from __future__ import annotations
 
 import os
 from typing import Sequence
+from types import SimpleNamespace
 
 import torch
 
 from ..errors import RelexInputError
+from ..files.checkpoints import DirectorySource, MappedSource
+from ..files.untracked import load_untracked, record_values, UNTRACKED_FILE, UntrackedSource
+from ..trajectory.persist import TRAJECTORY_DIR, verify_live
 
 SAMPLES = 256  # sampled elements per tensor (all of a smaller one)
 MAX_RATIO = 20.0  # R above this: the first checkpoint is not reachable from the base by this run's steps
@@ -66,8 +70,6 @@ def check_belongs(base: str, src_base, cks, sources, names: Sequence[str]):
     Weights saved in bf16 with a small learning rate change only where an element crosses a rounding boundary, so
     an unchanged sample is weak evidence: "unchanged" is concluded only where the changes seen elsewhere in the same
     checkpoints predict at least :data:`MIN_EXPECTED` changed samples (a Poisson count: below that, no verdict)."""
-    from ..files.checkpoints import MappedSource
-
     idx = {n: _indices(int(torch.Size(src_base.meta[n][0]).numel())) for n in names}
     opened = [MappedSource(s) for s in [src_base, *sources]]
     try:
@@ -160,11 +162,6 @@ def untracked_at_tcut(store, trajectory_dir, src, base, untracked_from, untracke
     callback would have written it (its value at tcut, the last recorded step), recorded for the state file so that
     ``relex materialize`` writes it again. Refuses, naming the tensors and what to pass, rather than writing theta_0
     for a tensor that may have been trained; frozen tensors and buffers are checked against the base."""
-    from types import SimpleNamespace
-
-    from ..files.untracked import UNTRACKED_FILE, UntrackedSource, load_untracked, record_values
-    from ..trajectory.persist import TRAJECTORY_DIR
-
     tracked = {s.name for s in store.specs}
     keys = [k for k in src.keys if k not in tracked]
     floating = [k for k in keys if src.meta[k][1].is_floating_point]
@@ -208,12 +205,8 @@ def _untracked_from_checkpoint(store, path, src, keys, tcut):
     """``(tensors, meta)`` of the untracked ``keys`` from the checkpoint ``path``, refused unless it is the model at
     ``tcut``: its tracked tensors equal theta_0 plus the last recorded delta (to the buffer dtype's rounding), or the
     fingerprints saved with the trajectory at that step."""
-    from ..files.untracked import record_values
-    from ..trajectory.persist import verify_live
-
     if not os.path.isdir(path):
         raise RelexInputError(f"--untracked-from {path} is not a directory; pass the checkpoint saved at step {tcut}")
-    from ..files.checkpoints import DirectorySource
 
     ck = DirectorySource(path)
     lost = [k for k in [s.name for s in store.specs] + list(keys) if k not in ck.meta]
