@@ -19,7 +19,8 @@ import torch
 from relex_callback.offline.belongs import _indices, check_belongs, distance_ratio, MAX_RATIO, sampled
 from relex_callback.examples.toy import build_model, build_tokenizer
 from relex_callback.files.checkpoints import Checkpoint, DirectorySource, MappedSource
-from test_callback import grpo_trainer, read_weights
+from grpo import grpo_trainer
+from test_callback import read_weights
 from helpers import cli_env
 from safetensors.torch import load_file, save_file
 

@@ -20,9 +20,10 @@ from transformers import get_scheduler
 from relex_callback.core.clock import Clock, lrs_from_log, resolve, schedule_lrs
 from relex_callback import RelexCallback
 from relex_callback.core.solver import solve
-from relex_callback.examples.toy import arithmetic_problems, build_model, build_tokenizer
+from relex_callback.examples.toy import build_model, build_tokenizer
 from relex_callback.files.state import load_state
 from relex_callback.params import TensorSpec
+from grpo import grpo_trainer
 
 W, N, BASE = 2, 10, 0.5  # warmup steps, max_steps, base learning rate
 
@@ -128,28 +129,19 @@ def test_solver_fits_on_the_clock_and_places_horizons_on_it():
 
 # ------------------------------------------------------------------------------------------- end to end
 def _run(out, clock="lr", schedule="linear", warmup=0, tcut=4, max_steps=8, step_lr=False):
-    from datasets import Dataset
-    from trl import GRPOConfig, GRPOTrainer
-
-    from tests.helpers import digit_reward
-
     torch.manual_seed(0)
     tok = build_tokenizer()
     model = build_model(tok, hidden_size=32, layers=1)
     model.save_pretrained(os.path.join(out, "base"))
     tok.save_pretrained(os.path.join(out, "base"))
     cb = RelexCallback(tcut=tcut, horizons=[2 * tcut, 3 * tcut], dtype="float32", fit_clock=clock)
-    args = GRPOConfig(output_dir=os.path.join(out, "run"), per_device_train_batch_size=4, num_generations=4,
-                      max_completion_length=4, learning_rate=1e-3, lr_scheduler_type=schedule, warmup_steps=warmup,
-                      max_steps=max_steps, logging_steps=1, save_strategy="steps", save_steps=1, report_to=[],
-                      use_cpu=True, bf16=False, seed=0, disable_tqdm=True)
     opts = (None, None)
     if step_lr:  # a scheduler that is not a LambdaLR: cannot be read ahead
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         opts = (opt, torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5))
-    trainer = GRPOTrainer(model=model, reward_funcs=digit_reward, args=args,
-                          train_dataset=Dataset.from_list(arithmetic_problems(64, seed=1)), processing_class=tok,
-                          callbacks=[cb], optimizers=opts)
+    trainer = grpo_trainer(os.path.join(out, "run"), [cb], model=model, tok=tok, optimizers=opts,
+                           lr_scheduler_type=schedule, warmup_steps=warmup, max_steps=max_steps, save_strategy="steps",
+                           save_steps=1)
     trainer.train()
     return cb, trainer
 

@@ -15,8 +15,9 @@ from relex_callback.core.fold import plan_slots
 from relex_callback.params import TensorSpec
 from relex_callback.core.solver import solve
 from relex_callback import RelexCallback
-from relex_callback.examples.toy import arithmetic_problems, build_model
+from relex_callback.examples.toy import build_model
 
+from grpo import grpo_trainer
 from helpers import extrapolation_tolerance, gram_rounding
 from safetensors.torch import load_file
 from transformers import TrainerCallback
@@ -254,24 +255,18 @@ def test_grpo_callback_folded_matches_exact(tmp_path, tokenizer, caplog):
     """One tiny GRPOTrainer run with two callbacks on the same trajectory: the exact one (whole window in memory)
     and a folded one (3 slots + 4 fold rows, bf16: storage="auto" under a max_buffer_bytes the exact window exceeds,
     so the memory plan folds and says so). Their step-H checkpoints agree."""
-    from datasets import Dataset
-    from trl import GRPOConfig, GRPOTrainer
-
     def digit_reward(completions, **kw):  # dense, so an untrained toy model gets a learning signal at once
         return [sum(ch == "7" for ch in c) / max(1, len(c)) for c in completions]
 
     model = build_model(tokenizer, hidden_size=32, layers=1)
-    ds = Dataset.from_list(arithmetic_problems(64, seed=1))
     tcut, H = 12, 60
     exact_cb = RelexCallback(tcut=tcut, horizons=[H], output_dir=str(tmp_path / "exact"), dtype="bfloat16")
     D = sum(p.numel() for p in model.parameters() if p.requires_grad)
     folded_cb = RelexCallback(tcut=tcut, horizons=[H], output_dir=str(tmp_path / "folded"), dtype="bfloat16",
                               max_buffer_bytes=7 * D * 2, fold_rank=4)
-    args = GRPOConfig(
-        output_dir=str(tmp_path / "run"), per_device_train_batch_size=8, num_generations=4, max_completion_length=4,
-        learning_rate=3e-3, lr_scheduler_type="constant", logging_steps=50, save_strategy="no", report_to=[],
-        use_cpu=True, seed=0, max_steps=40, beta=0.0, temperature=1.0,
-    )
+    # GRPOConfig's own bf16 and tqdm defaults, not the shared run's
+    args = dict(per_device_train_batch_size=8, learning_rate=3e-3, logging_steps=50, max_steps=40, beta=0.0,
+                temperature=1.0, bf16=None, disable_tqdm=None)
 
     kept = {}
 
@@ -292,8 +287,8 @@ def test_grpo_callback_folded_matches_exact(tmp_path, tokenizer, caplog):
 
                 st.release = keep
 
-    trainer = GRPOTrainer(model=model, reward_funcs=digit_reward, args=args, train_dataset=ds,
-                          processing_class=tokenizer, callbacks=[exact_cb, folded_cb, KeepInputs()])
+    trainer = grpo_trainer(tmp_path / "run", [exact_cb, folded_cb, KeepInputs()], model=model, tok=tokenizer,
+                           reward=digit_reward, **args)
     with caplog.at_level(logging.INFO, logger="relex_callback"):
         trainer.train()
     plans = [r.getMessage() for r in caplog.records if r.getMessage().startswith("relex memory plan")]

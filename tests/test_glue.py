@@ -14,7 +14,8 @@ import yaml
 from relex_callback import RelexCallback, RelexConfig
 from relex_callback.config import RelexSettings
 
-from test_callback import TCUT, grpo_trainer
+from grpo import grpo_trainer
+from test_callback import TCUT
 
 
 def _tensorboard_scalars(logdir) -> dict:

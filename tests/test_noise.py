@@ -17,7 +17,7 @@ from relex_callback.core.solver import solve
 from relex_callback import RelexCallback
 
 from helpers import U32, arena_specs, first_order_bound, gram_rounding
-from test_callback import grpo_trainer
+from grpo import grpo_trainer
 
 SIZES = [4000, 700, 64]
 

@@ -7,7 +7,7 @@ import re
 import pytest
 
 from test_distributed import launch
-from test_callback import grpo_trainer
+from grpo import grpo_trainer
 from relex_callback import RelexCallback
 
 

@@ -11,8 +11,9 @@ from relex_callback import RelexCallback, RelexInputError
 from relex_callback.offline.api import materialize
 from relex_callback.files.state import load_state
 
-from test_callback import grpo_args, grpo_trainer, read_weights
-from relex_callback.examples.toy import arithmetic_problems, build_model, build_tokenizer
+from grpo import grpo_trainer
+from test_callback import read_weights
+from relex_callback.examples.toy import build_model, build_tokenizer
 from relex_callback.offline.cli import main
 
 
@@ -67,14 +68,9 @@ def test_flat_reward_error_writes_the_state_but_no_horizon(tmp_path):
         calls[0] += 1
         return [1.0 - 0.05 * calls[0] + 0.1 * (i % 2) for i in range(len(completions))]
 
-    from datasets import Dataset
-    from trl import GRPOTrainer
-
     tok = build_tokenizer()
     cb = RelexCallback(tcut=6, horizons=[12], dtype="float32", on_flat_reward="error")
-    trainer = GRPOTrainer(model=build_model(tok), reward_funcs=falling, args=grpo_args(tmp_path),
-                          train_dataset=Dataset.from_list(arithmetic_problems(64, seed=1)), processing_class=tok,
-                          callbacks=[cb])
+    trainer = grpo_trainer(tmp_path, [cb], tok=tok, reward=falling)
     with pytest.raises(RelexInputError, match="did not rise"):
         trainer.train()
     relex = tmp_path / "relex"
