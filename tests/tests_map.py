@@ -16,6 +16,9 @@ REPO = os.path.dirname(TESTS)
 PKG = os.path.join(REPO, "relex_callback")
 
 
+PUBLIC: dict = {}
+
+
 def package_modules() -> list:
     """Dotted names of the package's modules (``relex_callback.x.y``; a package as its ``__init__``'s name)."""
     out = []
@@ -38,8 +41,54 @@ def named_modules(path: str, modules: set) -> set:
         elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
             found.add(node.module)
             found.update(f"{node.module}.{a.name}" for a in node.names)
+            if node.module == "relex_callback":
+                found.update(PUBLIC.get(a.name, "relex_callback") for a in node.names)
     found.update(re.findall(r"relex_callback(?:\.\w+)+", src))
     return {m for m in found if m in modules}
+
+
+def public_names() -> dict:
+    """Public name of ``relex_callback`` -> the module that defines it (``__init__``'s imports, lazy ones included)."""
+    out = {}
+    tree = ast.parse(open(os.path.join(PKG, "__init__.py"), encoding="utf-8").read())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            for a in node.names:
+                mod = "relex_callback" + (f".{node.module}" if node.module else "")
+                if node.module is None:  # from . import config
+                    out[a.asname or a.name] = f"{mod}.{a.name}"
+                else:
+                    out[a.asname or a.name] = mod
+        elif isinstance(node, ast.If) and isinstance(node.test, ast.Compare):
+            cmp = node.test.comparators[0]
+            consts = cmp.elts if isinstance(cmp, ast.Tuple) else [cmp]
+            names = [c.value for c in consts if isinstance(c, ast.Constant)]
+            for st in node.body:
+                if isinstance(st, ast.ImportFrom) and st.level == 1:
+                    mod = "relex_callback" + (f".{st.module}" if st.module else "")
+                    if len(st.names) == 1 and st.names[0].name not in names:  # from .offline import api
+                        mod = f"{mod}.{st.names[0].name}"
+                    for n in names:
+                        out[n] = mod
+    return out
+
+
+def package_importers() -> dict:
+    """module -> the package modules that import it (a relative or absolute import anywhere in their source)."""
+    modules = set(package_modules())
+    out = {m: set() for m in modules}
+    for m in modules:
+        is_pkg = os.path.exists(os.path.join(REPO, *m.split("."), "__init__.py"))
+        path = os.path.join(REPO, *m.split("."), "__init__.py") if is_pkg else os.path.join(REPO, *m.split(".")) + ".py"
+        here = m.split(".") if is_pkg else m.split(".")[:-1]
+        for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+            if isinstance(node, ast.ImportFrom):
+                base = here[: len(here) - node.level + 1] if node.level else []
+                target = ".".join(base + (node.module.split(".") if node.module else []))
+                for t in [target] + [f"{target}.{a.name}" for a in node.names]:
+                    if t in modules and t != m:
+                        out[t].add(m)
+    return out
 
 
 def table() -> dict:
@@ -68,11 +117,30 @@ def table() -> dict:
 
 
 def markdown() -> str:
+    """The table: the test files naming each module; for a module none names, those naming its importers."""
+    tab, importers = table(), package_importers()
     lines = ["| module | test files |", "| --- | --- |"]
-    for m, tests in table().items():
-        lines.append(f"| `{m}` | {', '.join(f'`{t}`' for t in tests) or '(none)'} |")
+    for m, tests in tab.items():
+        if tests:
+            cell = ", ".join(f"`{t}`" for t in tests)
+        else:
+            via = sorted(importers[m])
+            through, todo, seen = set(), list(via), {m}
+            while todo:  # the nearest importers some test names, however far up
+                i = todo.pop()
+                if i in seen:
+                    continue
+                seen.add(i)
+                through.update(tab[i])
+                if not tab[i]:
+                    todo.extend(importers[i])
+            through = sorted(through)
+            cell = f"through {', '.join(f'`{i}`' for i in via)}: " + ", ".join(f"`{t}`" for t in through)
+        lines.append(f"| `{m}` | {cell} |")
     return "\n".join(lines)
 
+
+PUBLIC.update(public_names())
 
 if __name__ == "__main__":
     print(markdown())
