@@ -18,7 +18,7 @@ PINS_new = $(NEW_PINS)
 COMPAT_TESTS ?= tests/test_compat.py tests/test_callback.py tests/test_glue.py tests/test_trust.py tests/test_scoring.py \
 	tests/test_resume.py
 
-.PHONY: test test-fast demo bench gpu-check gpu-bundle clean venv test-compat test-compat-low test-compat-new
+.PHONY: lint test test-fast demo bench gpu-check gpu-bundle clean venv test-compat test-compat-low test-compat-new
 
 $(VENV)/.torch:
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -58,10 +58,15 @@ test-compat-low test-compat-new: test-compat-%: .venv-%/.installed
 test-compat: .venv-low/.installed .venv-new/.installed
 	$(MAKE) -j2 --output-sync=target test-compat-low test-compat-new
 
-test: $(VENV)/.installed
+# ruff, as configured in pyproject.toml (pinned in setup.cfg's test extra); seconds, so the tests run only on code
+# that passes it
+lint: $(VENV)/.installed
+	$(PY) -m ruff check .
+
+test: lint
 	$(PY) -m pytest -q -ra --durations=15
 
-test-fast: $(VENV)/.installed
+test-fast: lint
 	$(PY) -m pytest -q -ra -m "not slow"
 
 # the real model (~15 min on 2 cores, install included); `make demo DEMO_ARGS=--quick`: the tiny model in seconds
@@ -85,4 +90,4 @@ gpu-bundle:
 	$(PYTHON) bench/gpu_bundle.py build
 
 clean:
-	rm -rf $(VENV) .venv-low .venv-new .pytest_cache build *.egg-info
+	rm -rf $(VENV) .venv-low .venv-new .pytest_cache .ruff_cache build *.egg-info

@@ -11,6 +11,8 @@ Runs against any version of the package (the same script measured the figures be
 import argparse
 import os
 import shutil
+from relex_callback import RelexCallback
+from relex_callback.examples.toy import arithmetic_problems, build_model, build_tokenizer
 
 
 def main():
@@ -20,9 +22,6 @@ def main():
     a = ap.parse_args()
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
-
-    from relex_callback import RelexCallback
-    from relex_callback.examples.toy import arithmetic_problems, build_model, build_tokenizer
 
     shutil.rmtree(a.out, ignore_errors=True)
     tok = build_tokenizer()

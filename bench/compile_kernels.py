@@ -23,6 +23,10 @@ import subprocess
 import sys
 import time
 from collections import Counter
+import contextlib
+import torch
+from relex_callback.core.kernels import triton_ops
+from relex_callback.core.kernels.triton_ops import gram_config, project_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -38,10 +42,6 @@ TRITON_TYPE = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 def variants(quick: bool = False):
     """``(kernel, name, signature, constexprs, num_warps)`` of every variant the package launches (``quick``: the
     paper-sized window T = 75 in bf16 and float32 only)."""
-    import torch
-
-    from relex_callback.core.kernels.triton_ops import gram_config, project_config
-
     rows = (75,) if quick else ROWS
     dtypes = ("bfloat16", "float32") if quick else DTYPES
     seen = set()
@@ -54,7 +54,14 @@ def variants(quick: bool = False):
                 seen.add(key)
                 sig = {"M_ptr": f"*{TRITON_TYPE[dt]}", "G_ptr": "*fp32", "table_ptr": "*i64", "T": "i32",
                        "stride_t": "i32", "pairs_ptr": "*i64"}
-                yield "gram", f"gram_{dt}_BT{cfg['BT']}_N{cfg['BLOCK_N']}" + ("_single" if cfg["SINGLE"] else f"_pairs{cfg['NPAIRS']}"), sig, cfg, warps
+                yield (
+                    "gram",
+                    f"gram_{dt}_BT{cfg['BT']}_N{cfg['BLOCK_N']}"
+                    + ("_single" if cfg["SINGLE"] else f"_pairs{cfg['NPAIRS']}"),
+                    sig,
+                    cfg,
+                    warps,
+                )
     for dt in dtypes:
         for out in sorted({dt, "float32"}):
             for T in rows:
@@ -83,7 +90,9 @@ def ptxas_usage(ptx: str, arch: int, workdir: str) -> dict:
     with open(path, "w") as fh:
         fh.write(ptx)
     gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
-    r = subprocess.run([_ptxas(arch), "-v", f"--gpu-name={gpu}", path, "-o", os.devnull], capture_output=True, text=True)
+    r = subprocess.run(
+        [_ptxas(arch), "-v", f"--gpu-name={gpu}", path, "-o", os.devnull], capture_output=True, text=True
+    )
     text = r.stdout + r.stderr
     if r.returncode != 0:
         raise RuntimeError(f"ptxas failed: {text[-500:]}")
@@ -105,8 +114,6 @@ def compile_variant(kernel: str, sig: dict, constexprs: dict, num_warps: int, ar
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-
-    from relex_callback.core.kernels import triton_ops
 
     fn = {"gram": triton_ops._gram_kernel, "project": triton_ops._project_kernel}[kernel]
     names = list(fn.arg_names)
@@ -162,8 +169,6 @@ def main(argv=None) -> int:
 
 
 def contextlib_suppress():
-    import contextlib
-
     return contextlib.suppress(OSError)
 
 

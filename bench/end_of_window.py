@@ -30,6 +30,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
+from safetensors.torch import load_file
+from transformers import Qwen2Config, Qwen2ForCausalLM
+from relex_callback.config import RelexSettings
+from relex_callback.files.checkpoints import ModelSource
+from relex_callback.files.writers import FullModelWriter
+from relex_callback.params import TensorSpec
+from relex_callback.pipeline.finalize import finalize
+from relex_callback.files.streaming import write_horizon_streaming
+from relex_callback.trajectory.store import TrajectoryStore
 
 
 def copy_bandwidth(nbytes: int = 1 << 30) -> float:
@@ -63,16 +72,6 @@ def main():
     ap.add_argument("--dtype", default="bfloat16", help="buffer dtype")
     ap.add_argument("--dir", default=None, help="scratch directory (default: a temporary one)")
     args = ap.parse_args()
-
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    from relex_callback.config import RelexSettings
-    from relex_callback.trajectory.store import TrajectoryStore
-    from relex_callback.files.checkpoints import ModelSource
-    from relex_callback.params import TensorSpec
-    from relex_callback.pipeline.finalize import finalize
-    from relex_callback.files.streaming import write_horizon_streaming
-    from relex_callback.files.writers import FullModelWriter
 
     cfg = Qwen2Config(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
                       num_hidden_layers=args.layers, num_attention_heads=12, num_key_value_heads=4,
@@ -129,7 +128,6 @@ def main():
     t0 = time.perf_counter()
     writer.write_state(out3, T)
     t_state_file = time.perf_counter() - t0
-    from safetensors.torch import load_file
 
     for h in horizons:
         a = load_file(os.path.join(out, f"step-{h}", "model.safetensors"))

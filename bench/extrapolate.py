@@ -29,6 +29,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from safetensors.torch import save_file
+import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -57,8 +59,8 @@ def shapes(cfg) -> dict:
     h, i, L, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
     kv = cfg["num_key_value_heads"] * h // cfg["num_attention_heads"]
     out = {"model.embed_tokens.weight": (v, h)}
-    for l in range(L):
-        p = f"model.layers.{l}."
+    for layer in range(L):
+        p = f"model.layers.{layer}."
         out.update({
             p + "input_layernorm.weight": (h,),
             p + "self_attn.q_proj.weight": (h, h), p + "self_attn.q_proj.bias": (h,),
@@ -73,9 +75,6 @@ def shapes(cfg) -> dict:
 
 
 def build(root: str, n_ckpt: int, every: int):
-    import torch
-    from safetensors.torch import save_file
-
     marker = os.path.join(root, "done.json")
     want = {"config": CONFIG, "n": n_ckpt, "every": every, "version": 1}
     if os.path.isfile(marker) and json.load(open(marker)) == want:
@@ -84,7 +83,11 @@ def build(root: str, n_ckpt: int, every: int):
     os.makedirs(root)
     g = torch.Generator().manual_seed(0)
     shp = shapes(CONFIG)
-    print(f"building {n_ckpt} checkpoints of {sum(math.prod(s) for s in shp.values()) / 1e6:.1f}M parameters in {root} ...", flush=True)
+    print(
+        f"building {n_ckpt} checkpoints of {sum(math.prod(s) for s in shp.values()) / 1e6:.1f}M parameters in {root} "
+        "...",
+        flush=True,
+    )
     theta0 = {k: (0.02 * torch.randn(s, generator=g)) for k, s in shp.items()}
     direction = {}
     noise = {}
@@ -95,7 +98,11 @@ def build(root: str, n_ckpt: int, every: int):
 
     def save(d, tensors):
         os.makedirs(d)
-        save_file({k: t.contiguous() for k, t in tensors.items()}, os.path.join(d, "model.safetensors"), metadata={"format": "pt"})
+        save_file(
+            {k: t.contiguous() for k, t in tensors.items()},
+            os.path.join(d, "model.safetensors"),
+            metadata={"format": "pt"},
+        )
         with open(os.path.join(d, "config.json"), "w") as f:
             json.dump(CONFIG, f, indent=1)
 
@@ -122,7 +129,9 @@ def main():
     args = ap.parse_args()
     build(args.dir, args.checkpoints, args.every)
     files = [os.path.join(args.dir, "base", "model.safetensors")] + [
-        os.path.join(args.dir, "ckpts", f"checkpoint-{j * args.every}", "model.safetensors") for j in range(1, args.checkpoints + 1)]
+        os.path.join(args.dir, "ckpts", f"checkpoint-{j * args.every}", "model.safetensors")
+        for j in range(1, args.checkpoints + 1)
+    ]
     total = sum(os.path.getsize(f) for f in files)
     tcut = args.checkpoints * args.every
     env = dict(os.environ)
@@ -146,24 +155,48 @@ def main():
         plain, floors["write"], cpu["write"] = _write_floor(args.dir, n_params, args.dtype, env)
         fsum = sum(floors.values())
         csum = sum(cpu.values())
-        print(f"run {r + 1}: floors: read (cat) {floors['read']:.2f} s ({total / 1e9 / floors['read']:.1f} GB/s), import "
-              f"{floors['import']:.2f} s, write (save_file of {write_bytes / 1e9:.2f} GB) {plain:.2f} s, + fsync (relex's "
-              f"outputs are durable) {floors['write']:.2f} s; sum "
-              f"{fsum:.2f} s (CPU time of the floors: {csum:.2f} s) | load average {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
+        print(
+            f"run {r + 1}: floors: read (cat) {floors['read']:.2f} s ({total / 1e9 / floors['read']:.1f} GB/s), import "
+            f"{floors['import']:.2f} s, write (save_file of {write_bytes / 1e9:.2f} GB) {plain:.2f} s, + fsync "
+            "(relex's "
+            f"outputs are durable) {floors['write']:.2f} s; sum "
+            f"{fsum:.2f} s (CPU time of the floors: {csum:.2f} s) | load average "
+            f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}"
+        )
         for mode in modes:
             out = os.path.join(args.dir, "out")
             shutil.rmtree(out, ignore_errors=True)
-            cmd = [sys.executable, "-m", "relex_callback.offline.cli", "extrapolate", "--base", os.path.join(args.dir, "base"),
-                   "--checkpoints", os.path.join(args.dir, "ckpts"), "--horizons", f"{5 * tcut},{10 * tcut}", "--out",
-                   out, "--dtype", args.dtype, "--solver", args.solver, "--no-progress",
-                   "--streaming" if mode == "streaming" else "--no-streaming"]
+            cmd = [
+                sys.executable,
+                "-m",
+                "relex_callback.offline.cli",
+                "extrapolate",
+                "--base",
+                os.path.join(args.dir, "base"),
+                "--checkpoints",
+                os.path.join(args.dir, "ckpts"),
+                "--horizons",
+                f"{5 * tcut},{10 * tcut}",
+                "--out",
+                out,
+                "--dtype",
+                args.dtype,
+                "--solver",
+                args.solver,
+                "--no-progress",
+                "--streaming" if mode == "streaming" else "--no-streaming",
+            ]
             wall, rss, ru, se = _run(cmd, env)
             rep = json.load(open(os.path.join(out, "report.json")))
             secs = rep.get("seconds", {})
             rows.append((r + 1, mode, wall, rss, fsum, ru.ru_utime + ru.ru_stime, csum))
-            print(f"    {mode:9s}: wall {wall:.2f} s = {wall / fsum:.2f}x the floors (CPU {ru.ru_utime + ru.ru_stime:.2f} s = {(ru.ru_utime + ru.ru_stime) / csum:.2f}x theirs), peak RSS {rss / 1e9:.2f} GB, user "
-                  f"{ru.ru_utime:.2f} s, sys {ru.ru_stime:.2f} s | solve {rep.get('solve_seconds', 0):.2f} s "
-                  f"({', '.join(f'{k} {v:.2f}' for k, v in secs.items())}), write {rep.get('write_seconds', 0):.2f} s")
+            print(
+                f"    {mode:9s}: wall {wall:.2f} s = {wall / fsum:.2f}x the floors (CPU "
+                f"{ru.ru_utime + ru.ru_stime:.2f} "
+                f"s = {(ru.ru_utime + ru.ru_stime) / csum:.2f}x theirs), peak RSS {rss / 1e9:.2f} GB, user "
+                f"{ru.ru_utime:.2f} s, sys {ru.ru_stime:.2f} s | solve {rep.get('solve_seconds', 0):.2f} s "
+                f"({', '.join(f'{k} {v:.2f}' for k, v in secs.items())}), write {rep.get('write_seconds', 0):.2f} s"
+            )
             for ln in se.splitlines():
                 if ln.startswith("relex: timing"):
                     print("       ", ln)
@@ -171,7 +204,9 @@ def main():
     print("\n| run | mode | wall s | peak RSS GB | floors' sum s | wall / floors | CPU s | CPU / floors' CPU |\n"
           "|---|---|---|---|---|---|---|---|")
     for r, mode, wall, rss, fsum, c, cs in rows:
-        print(f"| {r} | {mode} | {wall:.2f} | {rss / 1e9:.2f} | {fsum:.2f} | {wall / fsum:.2f} | {c:.2f} | {c / cs:.2f} |")
+        print(
+            f"| {r} | {mode} | {wall:.2f} | {rss / 1e9:.2f} | {fsum:.2f} | {wall / fsum:.2f} | {c:.2f} | {c / cs:.2f} |"
+        )
     print("goals: peak RSS <= 1 GB, wall <= 2x the floors' sum (2-core machine, warm page cache)")
 
 
@@ -193,7 +228,8 @@ def _write_floor(root: str, n_params: int, dtype: str, env) -> float:
         "from safetensors.torch import save_file\n"
         f"n = {n_params}; d = sys.argv[1]\n"
         "parts = [(torch.float32, 'h1'), (torch.float32, 'h2'), (getattr(torch, sys.argv[2]), 'state')]\n"
-        "ts = {name: {f't{i}': torch.ones(n // 8 + (n % 8 if i == 0 else 0), dtype=dt) for i in range(8)} for dt, name in parts}\n"
+        "ts = {name: {f't{i}': torch.ones(n // 8 + (n % 8 if i == 0 else 0), dtype=dt) for i in range(8)} for dt, name "
+        "in parts}\n"
         "t0 = time.perf_counter(); c0 = time.process_time()\n"
         "for name, tensors in ts.items():\n"
         "    save_file(tensors, f'{d}/{name}.safetensors', metadata={'format': 'pt'})\n"
@@ -207,7 +243,9 @@ def _write_floor(root: str, n_params: int, dtype: str, env) -> float:
     shutil.rmtree(d, ignore_errors=True)
     os.makedirs(d)
     try:
-        out = subprocess.run([sys.executable, "-c", code, d, dtype], env=env, check=True, capture_output=True, text=True)
+        out = subprocess.run(
+            [sys.executable, "-c", code, d, dtype], env=env, check=True, capture_output=True, text=True
+        )
         plain, durable, cpu = map(float, out.stdout.strip().splitlines()[-1].split())
         return plain, durable, cpu
     finally:

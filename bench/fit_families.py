@@ -17,7 +17,8 @@ Everything the backtest needs is computed by brute force from each ``M``: the fi
 ``<Delta_t, v_P>`` and ``||Delta_t||^2``. Figures: recovery (fraction of tensors whose chosen family is the
 generating one, power at any p counting as power) for the global and the per-tensor choice, and the relative
 error ``sqrt(sum_i ||c_hat_i(H) v_i - c_i(H) v_i*||^2 / sum_i ||c_i(H) v_i*||^2)`` at the horizon of the whole-window
-refit (averaged over the horizons H, H + tcut/4, H + tcut/2, H + 3 tcut/4) for: always linear, global auto, per-tensor auto, the oracle (the generating family refitted), sin_fft.
+refit (averaged over the horizons H, H + tcut/4, H + tcut/2, H + 3 tcut/4) for: always linear, global auto, per-tensor
+auto, the oracle (the generating family refitted), sin_fft.
 """
 
 from __future__ import annotations

@@ -47,7 +47,9 @@ def main():
         exact.set_theta0(theta0)
         fold_s = 0.0
         for t in range(1, tcut + 1):
-            row = [theta0[i] + (0.001 * t + 0.003) * v[i] + 1e-4 * torch.randn(n, generator=g) for i in range(args.tensors)]
+            row = [
+                theta0[i] + (0.001 * t + 0.003) * v[i] + 1e-4 * torch.randn(n, generator=g) for i in range(args.tensors)
+            ]
             t0 = time.perf_counter()
             folded.snapshot(t, row)
             fold_s += time.perf_counter() - t0

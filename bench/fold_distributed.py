@@ -20,6 +20,7 @@ import tempfile
 import time
 
 import torch
+from safetensors.torch import load_file
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -40,8 +41,6 @@ def launch(out, port, args):
 
 
 def weights(path):
-    from safetensors.torch import load_file
-
     sd = {}
     for f in sorted(os.listdir(path)):
         if f.endswith(".safetensors"):
@@ -66,7 +65,10 @@ def main():
             common = ["--tcut", str(tcut), "--horizons", str(H), "--exclude", "norm", "--hidden", str(a.hidden),
                       "--hidden-layers", str(a.layers), "--lr", str(a.lr)]
             res = {}
-            for kind, extra in (("exact", []), ("folded", ["--buffer-slots", str(a.slots), "--fold-rank", str(a.fold_rank)])):
+            for kind, extra in (
+                ("exact", []),
+                ("folded", ["--buffer-slots", str(a.slots), "--fold-rank", str(a.fold_rank)]),
+            ):
                 out = os.path.join(tmp, f"{kind}-{tcut}")
                 port += 1
                 wall, info = launch(out, port, common + extra)
@@ -80,9 +82,17 @@ def main():
             keys = [k for k in theta0 if k in ex and "norm" not in k]
             de = torch.cat([(ex[k].double() - theta0[k].double()).flatten() for k in keys])
             df = torch.cat([(fo[k].double() - theta0[k].double()).flatten() for k in keys])
-            worst = min(float(torch.nn.functional.cosine_similarity(
-                (fo[k].double() - theta0[k].double()).flatten(), (ex[k].double() - theta0[k].double()).flatten(), dim=0))
-                for k in keys if (ex[k].double() - theta0[k].double()).norm() > 0)
+            worst = min(
+                float(
+                    torch.nn.functional.cosine_similarity(
+                        (fo[k].double() - theta0[k].double()).flatten(),
+                        (ex[k].double() - theta0[k].double()).flatten(),
+                        dim=0,
+                    )
+                )
+                for k in keys
+                if (ex[k].double() - theta0[k].double()).norm() > 0
+            )
             rows.append({
                 "tcut": tcut, "H": H, "slots": a.slots, "fold_rank": a.fold_rank,
                 "buffer_bytes_exact": [i["buffer_bytes"] for i in res["exact"][2]],

@@ -36,6 +36,9 @@ import subprocess
 import sys
 import threading
 import time
+import importlib.metadata as md
+import importlib.util
+import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LIMIT = 600  # seconds: the whole plan, the stage commands before this one included
@@ -67,7 +70,9 @@ CHECKS = ("env", "kernels", "pinned", "fallback", *TIMED, "preset")
 
 # ------------------------------------------------------------------------------------------------------ the plan
 def bundle_parts(root: str = os.path.join(REPO, "gpu_bundle")) -> int:
-    for m in sorted(glob.glob(os.path.join(root, "part*", "manifest.json"))) + [os.path.join(root, "stage", "manifest.json")]:
+    for m in sorted(glob.glob(os.path.join(root, "part*", "manifest.json"))) + [
+        os.path.join(root, "stage", "manifest.json")
+    ]:
         try:
             with open(m) as f:
                 return len(json.load(f)["parts"])
@@ -269,8 +274,13 @@ def run_bundle_step(name: str, budget: float, env: dict, site: str) -> dict:
     if name != "imports":
         e.pop("PYTHONPATH", None)
     rc, out, dt = run_cmd(cmd, budget, e)
-    rec = {"status": "PASS" if rc == 0 else "FAIL", "seconds": round(dt, 1), "budget": budget, "rc": rc,
-           "figure": _tail(out, 1) if rc == 0 else (f"timed out after {budget:.0f} s: " if rc == 124 else "") + _tail(out)}
+    rec = {
+        "status": "PASS" if rc == 0 else "FAIL",
+        "seconds": round(dt, 1),
+        "budget": budget,
+        "rc": rc,
+        "figure": _tail(out, 1) if rc == 0 else (f"timed out after {budget:.0f} s: " if rc == 124 else "") + _tail(out),
+    }
     if name == "imports":
         rec["data"] = out.splitlines()[-40:]
     return rec
@@ -279,7 +289,9 @@ def run_bundle_step(name: str, budget: float, env: dict, site: str) -> dict:
 def run_preset(budget: float, env: dict, results_dir: str, out_dir: str | None) -> dict:
     cmd = [sys.executable, os.path.join(REPO, "recipes", "replicate", "paper_regime.py"), "--preset", "auto",
            "--budget-seconds", f"{budget:.0f}", "--out", results_dir]
-    rc, out, dt = run_cmd(cmd, budget + 5, env, term_grace=8.0, stream=True)  # the preset stops itself; SIGTERM writes its results
+    rc, out, dt = run_cmd(
+        cmd, budget + 5, env, term_grace=8.0, stream=True
+    )  # the preset stops itself; SIGTERM writes its results
     res = {}
     try:
         with open(os.path.join(results_dir, "results.json")) as f:
@@ -401,8 +413,6 @@ def orchestrate(total: float, bundle: bool, json_path: str, only=None, preset_ca
 
 
 def run_optional(name: str, budget: float, env: dict) -> dict:
-    import importlib.util
-
     if importlib.util.find_spec("pytest") is None and not env.get("PYTHONPATH"):
         return {"status": "SKIP", "seconds": 0.0, "budget": budget, "figure": "pytest not installed"}
     rc, out, dt = run_cmd([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_kernels.py"],
@@ -413,10 +423,6 @@ def run_optional(name: str, budget: float, env: dict) -> dict:
 
 # --------------------------------------------------------------------------------------------------- the children
 def env_info() -> dict:
-    import importlib.metadata as md
-
-    import torch
-
     d = {"cuda": torch.cuda.is_available(), "torch": torch.__version__, "cuda_version": torch.version.cuda,
          "python": sys.version.split()[0], "cpus": os.cpu_count()}
     for m in ("transformers", "triton", "accelerate", "peft", "trl", "datasets"):
@@ -460,7 +466,9 @@ def child(name: str, small: bool | None = None) -> int:
             rec = {"status": "FAIL", "figure": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}",
                    "data": None}
         if not cuda and rec["status"] != "SKIP":
-            rec["figure"] = "cpu scale: " + rec["figure"] if not rec["figure"].startswith("cpu scale") else rec["figure"]
+            rec["figure"] = (
+                "cpu scale: " + rec["figure"] if not rec["figure"].startswith("cpu scale") else rec["figure"]
+            )
     rec["child_seconds"] = round(time.monotonic() - t0, 2)
     print("GPU-CHECK-RESULT " + json.dumps(rec, default=str), flush=True)
     return 0 if rec["status"] != "FAIL" else 1

@@ -24,6 +24,18 @@ import shutil
 import statistics
 import tempfile
 import time
+import json
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, Qwen2Config, Trainer, TrainerCallback, TrainingArguments
+import torch
+from relex_callback import RelexCallback
+from relex_callback.core import kernels
+from relex_callback.core.kernels import reference, triton_ops
+from relex_callback.examples.toy import arithmetic_problems, build_model, build_tokenizer
+from relex_callback.params import plain_tracked, trainable_named_parameters
+from relex_callback.trajectory import tiers, window
+from relex_callback.trajectory.plan import PlanMachine, PlanWindow, plan_memory
+from relex_callback.trajectory.store import TrajectoryStore
 
 U32 = 2.0**-24
 ULP16 = {"bfloat16": 2.0**-7, "float16": 2.0**-10}
@@ -42,8 +54,6 @@ def result(status: str, figure: str, **data) -> dict:
 
 
 def _sync(device):
-    import torch
-
     if str(device).startswith("cuda"):
         torch.cuda.synchronize(device)
 
@@ -101,8 +111,6 @@ def kernel_cases(small: bool) -> dict:
 
 def _arena(T, D, segs, dtype, device, seed):
     """``[T, D]`` of NaN with N(0, 0.01^2) values in the given column ranges (made on ``device``)."""
-    import torch
-
     M = torch.full((T, D), float("nan"), dtype=dtype, device=device)
     g = torch.Generator(device=device).manual_seed(seed)
     for o, n in segs:
@@ -124,7 +132,6 @@ def gram_error(G, M, segs) -> float:
 
 def project_error(out, M, segs, U, out_dtype: str) -> float:
     worst = 0.0
-    import torch
 
     for i, (o, n) in enumerate(segs):
         m = M[:, o : o + n].double()
@@ -133,7 +140,9 @@ def project_error(out, M, segs, U, out_dtype: str) -> float:
         bound = dot_bound(ui.T, m.T)
         if out_dtype in ULP16:
             dt = getattr(torch, out_dtype)
-            bound = bound + ULP16[out_dtype] * (exact.abs() + bound) + torch.finfo(dt).smallest_normal * torch.finfo(dt).eps
+            bound = (
+                bound + ULP16[out_dtype] * (exact.abs() + bound) + torch.finfo(dt).smallest_normal * torch.finfo(dt).eps
+            )
         r = ((out[:, o : o + n].double() - exact).abs() / bound.clamp_min(1e-300)).max()
         worst = max(worst, float(r) if math.isfinite(float(r)) else math.inf)
     return worst
@@ -143,10 +152,6 @@ def check_kernels(device, small: bool = False) -> dict:
     """(a) The Triton Gram and projection kernels against the exact float64 results and the torch references, on
     arenas whose element offsets cross 2^31 (and columns past 2^31), and the projection at rank 3 with >= 2^30
     elements per row; plus float32 / float16 arenas of a few columns (every dtype compiled once)."""
-    import torch
-
-    from relex_callback.core.kernels import reference, triton_ops
-
     cases = kernel_cases(small)
     span = cases["span"]
     data = {"boundary": cases["boundary"], "tolerance": "error <= gamma_n sum|a b| (+ 2 ulp16 for 16-bit outputs)"}
@@ -223,12 +228,6 @@ class _Capture(logging.Handler):
 
 def _tiny_run(out: str, device: str, tcut: int, horizon: int):
     """A tiny causal-LM Trainer run (the toy tokenizer and a 1-layer Qwen2) with RelexCallback; stops at tcut."""
-    import torch
-    from transformers import Trainer, TrainingArguments
-
-    from relex_callback import RelexCallback
-    from relex_callback.examples.toy import arithmetic_problems, build_model, build_tokenizer
-
     tok = build_tokenizer()
     model = build_model(tok, hidden_size=32, layers=1)
     rows = []
@@ -255,14 +254,6 @@ def check_fallback(device, small: bool = False) -> dict:
     runs with ``RelexCallback``, one on the references (``RELEX_DISABLE_TRITON=1``), one where the projection kernel
     raises at the probe when the window opens and the Gram kernel passes the probe, then raises in the solve at
     ``tcut``. The horizons must be bitwise equal, each kernel warned about once and never called again."""
-    import json
-
-    import torch
-    from safetensors.torch import load_file
-
-    from relex_callback.core import kernels
-    from relex_callback.core.kernels import triton_ops
-
     tcut, horizon = 6, 18
     tmp = tempfile.mkdtemp(prefix="relex_fallback_")
     saved_env = {k: os.environ.get(k) for k in ("RELEX_DISABLE_TRITON", "RELEX_FORCE_TRITON")}
@@ -334,9 +325,6 @@ def check_fallback(device, small: bool = False) -> dict:
 # ------------------------------------------------------------------------------------------------------- (c) memory
 def qwen_model(device, small: bool, dtype):
     """Qwen2.5-1.5B's architecture (``small``: a 2-layer one) with random weights, made on ``device``."""
-    import torch
-    from transformers import AutoModelForCausalLM, Qwen2Config
-
     cfg = Qwen2Config(**(QWEN_SMALL if small else QWEN_1P5B))
     with torch.device(device):
         try:
@@ -352,7 +340,9 @@ def memory_verdict(peak_device: int, plan: dict, total: int) -> tuple[str, str, 
     claims = plan["gpu_claims"]
     headroom = sum(v for k, v in claims.items() if k.startswith("headroom"))
     solve = sum(v for k, v in claims.items() if k.startswith("solve at tcut"))
-    on_device = plan["buffer_bytes"] if plan["tier"] == "device" else (plan["staging_bytes"] if plan["tier"] == "host" else 0)
+    on_device = (
+        plan["buffer_bytes"] if plan["tier"] == "device" else (plan["staging_bytes"] if plan["tier"] == "host" else 0)
+    )
     planned = sum(claims.values()) - headroom - solve + on_device  # at step 3: the solve's scratch comes at tcut
     unplanned = peak_device - planned
     ok = peak_device <= total and unplanned <= headroom
@@ -368,12 +358,6 @@ def check_memory(device, small: bool = False) -> dict:
     """(c) Qwen2.5-1.5B (random weights, bf16, made on the GPU), a plain Trainer with torch AdamW,
     ``RelexCallback(storage="auto")`` with a window the device cannot hold whole (so the plan sizes a folded ring
     from what is free), 3 steps: the device's peak against what the plan claimed."""
-    import torch
-    from transformers import Trainer, TrainerCallback, TrainingArguments
-
-    from relex_callback import RelexCallback
-    from relex_callback.trajectory import window
-
     cuda = str(device).startswith("cuda")
     if cuda:
         torch.cuda.empty_cache()
@@ -439,9 +423,17 @@ def check_memory(device, small: bool = False) -> dict:
         if not plans:
             return result("FAIL", f"the callback made no memory plan ({oom or 'no error'})", n_params=n_params)
         plan = plans[-1].to_dict()
-        data = dict(n_params=n_params, plan=plan, plan_text=plans[-1].format(), seconds_build=round(t_build, 1),
-                    seconds_train=round(t_train, 1), steps=seen.get("steps"), tier=seen.get("tier"), rows_recorded=seen.get("rows_recorded"),
-                    oom=oom)
+        data = dict(
+            n_params=n_params,
+            plan=plan,
+            plan_text=plans[-1].format(),
+            seconds_build=round(t_build, 1),
+            seconds_train=round(t_train, 1),
+            steps=seen.get("steps"),
+            tier=seen.get("tier"),
+            rows_recorded=seen.get("rows_recorded"),
+            oom=oom,
+        )
         if not cuda:
             st = "FAIL" if oom or seen.get("steps") != 3 else "PASS"
             return result(st, f"cpu scale: {n_params:,} parameters, 3 steps, plan chose {plan['tier']} "
@@ -469,11 +461,6 @@ def check_pinned(device, small: bool = False) -> dict:
     """(d) The host tier's buffer is page-locked in place, exactly the bytes the plan says (not a power of two), and
     unlocked at release: the registration call is recorded, ``is_pinned`` read at both ends, the caching host
     allocator's stats unchanged, and a copy to the device timed from it against a pageable copy."""
-    import torch
-
-    from relex_callback.trajectory import tiers
-    from relex_callback.trajectory.plan import PlanMachine, PlanWindow, plan_memory
-
     cuda = str(device).startswith("cuda")
     if not cuda and tiers.HOST_REGISTER is tiers._cudart_register:
         return result("SKIP", "needs CUDA (cudaHostRegister)")
@@ -511,7 +498,9 @@ def check_pinned(device, small: bool = False) -> dict:
         after = dict(host_stats()) if host_stats else None
         if before is not None:
             keys = [k for k in after if ("reserved" in k or "allocated" in k) and isinstance(after[k], (int, float))]
-            data["host_allocator_change"] = {k: after[k] - before.get(k, 0) for k in keys if after[k] != before.get(k, 0)}
+            data["host_allocator_change"] = {
+                k: after[k] - before.get(k, 0) for k in keys if after[k] != before.get(k, 0)
+            }
             if data["host_allocator_change"]:
                 problems.append(f"the caching host allocator moved: {data['host_allocator_change']}")
         if not all(data["is_pinned_first_last"]):
@@ -541,7 +530,12 @@ def check_pinned(device, small: bool = False) -> dict:
 def qwen_tensor_sizes(cfg: dict, layers: int | None = None) -> list[int]:
     """Element counts of the tracked tensors of a Qwen2 model (embeddings, then per layer q/k/v with biases, o, the
     MLP and two norms, then the final norm), the first ``layers`` layers only when given (no embeddings then)."""
-    h, i, heads, kv = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    h, i, heads, kv = (
+        cfg["hidden_size"],
+        cfg["intermediate_size"],
+        cfg["num_attention_heads"],
+        cfg["num_key_value_heads"],
+    )
     hd = h // heads
     layer = [h * h, h, kv * hd * h, kv * hd, kv * hd * h, kv * hd, h * h, i * h, i * h, h * i, h, h]
     if layers is not None:
@@ -553,10 +547,6 @@ def check_gram_bandwidth(device, small: bool = False) -> dict:
     """(e) The Gram kernel's read rate over a paper-sized window (T = 75 rows, the tensors of two Qwen2.5-1.5B layers:
     94M columns, 14 GB of bf16) against a plain read of the same buffer (``sum``) and the torch reference, measured
     in the same process."""
-    import torch
-
-    from relex_callback.core.kernels import reference, triton_ops
-
     T = 8 if small else 75
     sizes = qwen_tensor_sizes(QWEN_SMALL if small else QWEN_1P5B, layers=2)
     offs, o = [], 0
@@ -594,11 +584,6 @@ def check_snapshot(device, small: bool = False) -> dict:
     """(f) The callback's per-step snapshot (every tracked tensor's delta from theta_0 into the device ring:
     ``TrajectoryStore.snapshot``) over Qwen2.5-1.5B's tensors, ms per step, beside the plain device-to-device copy
     of the same tensors into a row (per tensor) and of one contiguous row."""
-    import torch
-
-    from relex_callback.params import plain_tracked, trainable_named_parameters
-    from relex_callback.trajectory.store import TrajectoryStore
-
     steps = 3 if small else 5
     model = qwen_model("meta", small, torch.bfloat16)
     model.to_empty(device=device)
@@ -608,8 +593,9 @@ def check_snapshot(device, small: bool = False) -> dict:
             p.normal_(0, 0.02, generator=g)
     tracked = plain_tracked(trainable_named_parameters(model))
     specs = [t.spec for t in tracked]
-    store = TrajectoryStore(specs, capacity=steps + 1, dtype="bfloat16", storage="device" if device != "cpu" else "host",
-                            device=device)
+    store = TrajectoryStore(
+        specs, capacity=steps + 1, dtype="bfloat16", storage="device" if device != "cpu" else "host", device=device
+    )
     store.set_theta0([t.read() for t in tracked])
     D = store.D
     nudge = min(tracked, key=lambda t: t.spec.local_numel)  # moved a little every step: every step is a new row

@@ -1,4 +1,5 @@
-"""What the fixed-width copy of the float32 CPU Gram costs, and what it buys (docs/callback.md, "Every path gives the same bytes").
+"""What the fixed-width copy of the float32 CPU Gram costs, and what it buys (docs/callback.md, "Every path gives the
+same bytes").
 
 The float32 CPU Gram used to multiply views of the arena; with several threads its last bit depended on the arena's
 width and the tensor's offset in it, so the callback and ``relex extrapolate`` (which tracks the frozen tensors too)
@@ -49,11 +50,18 @@ def main():
     M = torch.randn(a.T, n * a.tensors)
     ta, tb = [], []
     for _ in range(a.repeat):
-        t = time.perf_counter(); gram_view(M, offs, sizes); ta.append(time.perf_counter() - t)
-        t = time.perf_counter(); gram_copied(M, offs, sizes); tb.append(time.perf_counter() - t)
-    print(f"T={a.T} elements={n * a.tensors:,} float32 ({M.numel() * 4 / 1e9:.2f} GB), threads {torch.get_num_threads()}, "
-          f"{a.repeat} interleaved runs: view (the old code) median {statistics.median(ta):.3f} s (min {min(ta):.3f}), "
-          f"copied (shipped) median {statistics.median(tb):.3f} s (min {min(tb):.3f})")
+        t = time.perf_counter()
+        gram_view(M, offs, sizes)
+        ta.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        gram_copied(M, offs, sizes)
+        tb.append(time.perf_counter() - t)
+    print(
+        f"T={a.T} elements={n * a.tensors:,} float32 ({M.numel() * 4 / 1e9:.2f} GB), threads "
+        f"{torch.get_num_threads()}, "
+        f"{a.repeat} interleaved runs: view (the old code) median {statistics.median(ta):.3f} s (min {min(ta):.3f}), "
+        f"copied (shipped) median {statistics.median(tb):.3f} s (min {min(tb):.3f})"
+    )
     # layout dependence: one 6 x 8192 tensor placed in arenas of several widths and offsets (the first is the
     # tensor alone, contiguous)
     x = torch.randn(6, 8192)

@@ -27,6 +27,9 @@ import struct
 import subprocess
 import sys
 import tempfile
+import torch
+from relex_callback import RelexCallback
+from relex_callback.examples.toy import arithmetic_problems, build_model, build_tokenizer
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_DISABLED", "true")
@@ -35,7 +38,9 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 # the JSON keys whose values are wall-clock measurements or dates (differ on every run)
-VOLATILE = re.compile(r"(seconds|_s$|^time|timing|elapsed|date|created|written_at|wall|duration|throughput|per_s|bytes_per)")
+VOLATILE = re.compile(
+    r"(seconds|_s$|^time|timing|elapsed|date|created|written_at|wall|duration|throughput|per_s|bytes_per)"
+)
 TCUT, HORIZONS = 4, (8, 12)
 
 JOBS = {
@@ -108,12 +113,8 @@ def digit_reward(completions, **kwargs) -> list[float]:
 
 
 def run_job(root, name, kw):
-    import torch
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
-
-    from relex_callback import RelexCallback
-    from relex_callback.examples.toy import arithmetic_problems, build_model, build_tokenizer
 
     d = os.path.join(root, f"job-{name}")
     torch.manual_seed(0)
@@ -162,8 +163,20 @@ def main(argv=None):
             opts = {"default": [], "f32_rank2_power": ["--dtype", "float32", "--rank", "2", "--fit", "power"],
                     "stride2_fitstart": ["--dtype", "float32", "--stride", "2", "--fit-start", "2"]}[name]
             for form in ("--streaming", "--no-streaming"):
-                rc, _ = relex("extrapolate", "--base", os.path.join(d, "base"), "--checkpoints", *ckpts, "--horizons",
-                              hz, "--out", os.path.join(d, "cli" + form.replace("--", "-")), "--no-progress", form, *opts)
+                rc, _ = relex(
+                    "extrapolate",
+                    "--base",
+                    os.path.join(d, "base"),
+                    "--checkpoints",
+                    *ckpts,
+                    "--horizons",
+                    hz,
+                    "--out",
+                    os.path.join(d, "cli" + form.replace("--", "-")),
+                    "--no-progress",
+                    form,
+                    *opts,
+                )
                 lines.append(f"exit {rc} extrapolate {name} {form}")
             rc, _ = relex("materialize", "--state", os.path.join(d, "run", "relex"), "--base", os.path.join(d, "base"),
                           "--horizons", f"{horizons[0]},{5 * tcut}", "--out", os.path.join(d, "materialized"))

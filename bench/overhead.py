@@ -9,7 +9,8 @@ with the median training step.
     python bench/overhead.py                       # ~45M-parameter model, fp32, bf16 buffer
     python bench/overhead.py --hidden 512 --layers 4 --batch 4
 
-Targets (docs/callback.md, "Overhead"): snapshot overhead <= 3% of a step; end of window <= 2 steps. No assertion: figures are printed.
+Targets (docs/callback.md, "Overhead"): snapshot overhead <= 3% of a step; end of window <= 2 steps. No assertion:
+figures are printed.
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
+from transformers import Trainer, TrainingArguments
+from transformers.utils import logging as hf_logging
+from relex_callback import RelexCallback
+from relex_callback.examples.toy import build_model, build_tokenizer
 
 
 class StepTimer(TrainerCallback):
@@ -57,16 +62,17 @@ def main(argv=None):
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     from datasets import Dataset
-    from transformers import Trainer, TrainingArguments
-    from transformers.utils import logging as hf_logging
-
-    from relex_callback import RelexCallback
-    from relex_callback.examples.toy import build_model, build_tokenizer
 
     hf_logging.set_verbosity_error()
     tok = build_tokenizer()
-    model = build_model(tok, hidden_size=a.hidden, layers=a.layers, heads=max(1, a.hidden // 64), kv_heads=max(1, a.hidden // 128),
-                        intermediate_size=int(a.hidden * 8 / 3) // 64 * 64)
+    model = build_model(
+        tok,
+        hidden_size=a.hidden,
+        layers=a.layers,
+        heads=max(1, a.hidden // 64),
+        kv_heads=max(1, a.hidden // 128),
+        intermediate_size=int(a.hidden * 8 / 3) // 64 * 64,
+    )
     n_params = sum(p.numel() for p in model.parameters())
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(4, len(tok), (a.batch * (a.tcut + 4), a.seq), generator=g)
@@ -88,28 +94,47 @@ def main(argv=None):
 
     with tempfile.TemporaryDirectory() as out:
         cb = TimedRelex(tcut=a.tcut, horizons=[10 * a.tcut, 20 * a.tcut], stride=2, dtype=a.dtype, storage="host")
-        args = TrainingArguments(output_dir=out, per_device_train_batch_size=a.batch, learning_rate=1e-4, max_steps=a.tcut + 2,
-                                 lr_scheduler_type="constant", logging_steps=1000, save_strategy="no", report_to=[],
-                                 use_cpu=True, bf16=False, disable_tqdm=True, seed=0)
+        args = TrainingArguments(
+            output_dir=out,
+            per_device_train_batch_size=a.batch,
+            learning_rate=1e-4,
+            max_steps=a.tcut + 2,
+            lr_scheduler_type="constant",
+            logging_steps=1000,
+            save_strategy="no",
+            report_to=[],
+            use_cpu=True,
+            bf16=False,
+            disable_tqdm=True,
+            seed=0,
+        )
         trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[cb, timer])
         trainer.train()
         assert trainer.state.global_step == a.tcut
-        eow = [l["relex/end_of_window_seconds"] for l in trainer.state.log_history if "relex/end_of_window_seconds" in l][0]
+        eow = [
+            e["relex/end_of_window_seconds"] for e in trainer.state.log_history if "relex/end_of_window_seconds" in e
+        ][0]
         solve = cb.report["solve_seconds"]
         write = cb.report["write_seconds"]
     steps = sorted(timer.times)[1:-1]  # step 1 warms up; the last one holds the end of the window
     with_snap = [timer.times[s] for s in steps if s % 2 == 0]
     without = [timer.times[s] for s in steps if s % 2 == 1]
     m_with, m_without = statistics.median(with_snap), statistics.median(without)
-    print(f"model: Qwen2 hidden={a.hidden} layers={a.layers}, {n_params / 1e6:.1f}M parameters (fp32), batch {a.batch}x{a.seq}, "
-          f"{a.threads} threads, buffer {a.dtype}")
+    print(
+        f"model: Qwen2 hidden={a.hidden} layers={a.layers}, {n_params / 1e6:.1f}M parameters (fp32), batch "
+        f"{a.batch}x{a.seq}, "
+        f"{a.threads} threads, buffer {a.dtype}"
+    )
     print(f"step without snapshot: median {m_without:.3f}s (n={len(without)}, min {min(without):.3f}s)")
     print(f"step with snapshot:    median {m_with:.3f}s (n={len(with_snap)}, min {min(with_snap):.3f}s)")
     print(f"snapshot overhead: {100 * (m_with / m_without - 1):+.1f}% of a step (median), "
           f"{100 * (min(with_snap) / min(without) - 1):+.1f}% (min)   target <= 3%")
     snap = statistics.median(snap_times)
-    print(f"snapshot itself (timed inside the callback): median {snap:.4f}s = {100 * snap / m_without:.2f}% of the median "
-          f"step, {100 * snap / min(without):.2f}% of the fastest step")
+    print(
+        f"snapshot itself (timed inside the callback): median {snap:.4f}s = {100 * snap / m_without:.2f}% of the "
+        "median "
+        f"step, {100 * snap / min(without):.2f}% of the fastest step"
+    )
     # CPU time (user + system, all threads of this process) does not count the time other processes hold the cores:
     # on a shared machine it is the steadier measure of what the snapshot costs relative to a step
     cpu_step = statistics.median([timer.cpu[s] for s in steps if s % 2 == 1])
@@ -117,7 +142,11 @@ def main(argv=None):
     print(f"CPU time: step without snapshot median {cpu_step:.3f}s, snapshot median {cpu_snap:.4f}s = "
           f"{100 * cpu_snap / cpu_step:.2f}% of a step's CPU time")
     print(f"load average at the end: {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    print(f"end of window (solve {solve:.3f}s + write 2 horizons {write:.3f}s): {eow:.3f}s = {eow / m_without:.2f} steps   target <= 2")
+    print(
+        f"end of window (solve {solve:.3f}s + write 2 horizons {write:.3f}s): {eow:.3f}s = {eow / m_without:.2f} steps "
+        " "
+        " target <= 2"
+    )
 
 
 if __name__ == "__main__":

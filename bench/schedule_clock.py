@@ -22,6 +22,10 @@ import json
 import os
 import sys
 import tempfile
+from transformers import Trainer, TrainingArguments
+import torch
+from relex_callback import RelexCallback
+from relex_callback.examples.toy import arithmetic_problems, build_model, build_tokenizer
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_DISABLED", "true")
@@ -39,12 +43,8 @@ def digit_reward(completions, **kwargs) -> list[float]:
 
 
 def run_grpo(out, tcut, clock, warmup):
-    import torch
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
-
-    from relex_callback import RelexCallback
-    from relex_callback.examples.toy import arithmetic_problems, build_model, build_tokenizer
 
     torch.manual_seed(0)
     tok = build_tokenizer()
@@ -61,12 +61,6 @@ def run_grpo(out, tcut, clock, warmup):
 
 
 def run_toy_lm(out, tcut, clock):
-    import torch
-    from transformers import Trainer, TrainingArguments
-
-    from relex_callback import RelexCallback
-    from relex_callback.examples.toy import arithmetic_problems, build_model, build_tokenizer
-
     torch.manual_seed(0)
     tok = build_tokenizer()
     model = build_model(tok)

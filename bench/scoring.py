@@ -20,12 +20,24 @@ import json
 import os
 import sys
 import time
+import logging
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_DISABLED", "true")
 
 import torch  # noqa: E402
+from transformers import AutoModelForCausalLM
+from transformers.utils import logging as hf_logging
+from relex_callback import RelexCallback
+from relex_callback.examples.toy import (
+    arithmetic_reward,
+    arithmetic_split,
+    build_model,
+    build_tokenizer,
+    greedy_accuracy,
+    supervised_warmup,
+)
 
 
 def main(argv=None):
@@ -39,16 +51,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args(argv)
 
-    import logging
-
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
     from trl import GRPOConfig, GRPOTrainer
-
-    from relex_callback import RelexCallback
-    from relex_callback.examples.toy import (arithmetic_reward, arithmetic_split, build_model, build_tokenizer, greedy_accuracy,
-                                    supervised_warmup)
 
     torch.set_num_threads(a.threads)
     hf_logging.set_verbosity_error()

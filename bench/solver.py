@@ -95,7 +95,7 @@ def main():
         buf = M.numel() * M.element_size()
         dst = torch.empty_like(M)
         copy_s = min(timed(lambda: dst.copy_(M), a.device)[1] for _ in range(3))
-        del dst
+        dst = None  # free the copy (the closures above read the name)
         copy_bw = buf / copy_s / 1e9
         theta0 = torch.zeros(M.shape[1], dtype=torch.bfloat16, device=a.device)
         horizons = [10 * a.T * (k + 1) for k in range(a.horizons)]
@@ -138,7 +138,7 @@ def main():
             print(f"  per-tensor torch.linalg.svd loop: {svd_s:.3f} s; "
                   + ", ".join(f"{m} {svd_s / s:.1f}x faster" for m, (s, _) in results.items())
                   + f"; min |cos(v_svd, v_{next(iter(results))})| = {cos:.6f} (float32 SVD: its own error dominates)")
-        del M
+        M = None  # free the buffer before the next noise level
 
 
 def pass_cost(T, n, dtype, device, repeat, chunk=1 << 15):

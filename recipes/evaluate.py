@@ -22,6 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from grpo_relex import DEFAULT_TEMPLATE, load_problems  # noqa: E402
 from rewards import completion_text, is_correct, require_math_verify  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer
+import torch
 
 
 def parse_checkpoints(items: list[str]) -> list[tuple[str, str]]:
@@ -33,24 +35,29 @@ def parse_checkpoints(items: list[str]) -> list[tuple[str, str]]:
         else:
             path = item
             norm = os.path.normpath(path)
-            label = os.path.join(os.path.basename(os.path.dirname(norm)), os.path.basename(norm)) if os.sep in norm else norm
+            label = (
+                os.path.join(os.path.basename(os.path.dirname(norm)), os.path.basename(norm))
+                if os.sep in norm
+                else norm
+            )
         out.append((label, path))
-    labels = [l for l, _ in out]
+    labels = [label for label, _ in out]
     if len(set(labels)) != len(labels):
         raise SystemExit(f"two checkpoints share a label ({labels}); name them with label=path")
     return out
 
 
 def generate_transformers(path: str, prompts: list[str], max_new_tokens: int, batch_size: int, dtype: str) -> list[str]:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype) if dtype != "auto" else "auto").to(device).eval()
+    model = (
+        AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype) if dtype != "auto" else "auto")
+        .to(device)
+        .eval()
+    )
     outs = []
     with torch.no_grad():
         for i in range(0, len(prompts), batch_size):
@@ -84,7 +91,9 @@ def markdown_table(rows: list[dict]) -> str:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoints", nargs="+", required=True, help="label=path or path (hub names work too)")
-    p.add_argument("--dataset", required=True, help="hub dataset name, a .jsonl/.json/.parquet file or a dataset directory")
+    p.add_argument(
+        "--dataset", required=True, help="hub dataset name, a .jsonl/.json/.parquet file or a dataset directory"
+    )
     p.add_argument("--dataset_config", default=None)
     p.add_argument("--split", default="test")
     p.add_argument("--problem_column", default="problem")

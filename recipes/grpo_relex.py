@@ -34,6 +34,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from rewards import make_accuracy_reward, require_math_verify  # noqa: E402
 from trl import ScriptArguments  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer
+import torch
+from relex_callback import RelexCallback, RelexConfig
 
 logger = logging.getLogger("grpo_relex")
 
@@ -48,13 +51,24 @@ class RecipeArguments(ScriptArguments):
     ``dataset_train_split``). ``dataset_name`` and ``model_name_or_path`` (``ModelConfig``) are the hub names;
     ``--dataset`` / ``--model`` override them with local paths."""
 
-    dataset: Optional[str] = field(default=None, metadata={"help": "Local dataset override: a .jsonl/.json/.parquet file or a dataset directory."})
+    dataset: Optional[str] = field(
+        default=None, metadata={"help": "Local dataset override: a .jsonl/.json/.parquet file or a dataset directory."}
+    )
     model: Optional[str] = field(default=None, metadata={"help": "Local model override: a checkpoint directory."})
     problem_column: str = field(default="problem", metadata={"help": "Column holding the question."})
-    solution_column: str = field(default="solution", metadata={"help": "Column holding the reference (a \\boxed{} answer inside)."})
-    prompt_template: str = field(default=DEFAULT_TEMPLATE, metadata={"help": "Prompt text; {problem} is replaced by the question."})
-    use_chat_template: bool = field(default=False, metadata={"help": "Wrap the prompt as a user message (instruct models). Base models: False."})
-    require_boxed: bool = field(default=True, metadata={"help": "Reward only the last \\boxed{} answer (False: math-verify parses the whole completion)."})
+    solution_column: str = field(
+        default="solution", metadata={"help": "Column holding the reference (a \\boxed{} answer inside)."}
+    )
+    prompt_template: str = field(
+        default=DEFAULT_TEMPLATE, metadata={"help": "Prompt text; {problem} is replaced by the question."}
+    )
+    use_chat_template: bool = field(
+        default=False, metadata={"help": "Wrap the prompt as a user message (instruct models). Base models: False."}
+    )
+    require_boxed: bool = field(
+        default=True,
+        metadata={"help": "Reward only the last \\boxed{} answer (False: math-verify parses the whole completion)."},
+    )
     max_train_samples: Optional[int] = field(default=None, metadata={"help": "Keep only the first N examples."})
 
 
@@ -66,7 +80,9 @@ def load_problems(path_or_name: str, config: Optional[str], split: str):
         ext = os.path.splitext(path_or_name)[1].lstrip(".").lower()
         kind = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet"}.get(ext)
         if kind is None:
-            raise ValueError(f"--dataset {path_or_name}: use a .jsonl, .json, .csv or .parquet file, or a dataset directory")
+            raise ValueError(
+                f"--dataset {path_or_name}: use a .jsonl, .json, .csv or .parquet file, or a dataset directory"
+            )
         return load_dataset(kind, data_files=path_or_name, split="train")
     if os.path.isdir(path_or_name) and os.path.isfile(os.path.join(path_or_name, "dataset_info.json")):
         ds = load_from_disk(path_or_name)
@@ -82,7 +98,8 @@ def build_dataset(args: RecipeArguments):
     for col in (args.problem_column, args.solution_column):
         if col not in ds.column_names:
             raise ValueError(
-                f"the dataset has no column {col!r} (columns: {ds.column_names}); set --problem_column/--solution_column"
+                f"the dataset has no column {col!r} (columns: {ds.column_names}); set "
+                "--problem_column/--solution_column"
             )
     if args.max_train_samples:
         ds = ds.select(range(min(args.max_train_samples, len(ds))))
@@ -97,11 +114,7 @@ def build_dataset(args: RecipeArguments):
 
 
 def main(argv=None):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer, ModelConfig, TrlParser
-
-    from relex_callback import RelexCallback, RelexConfig
 
     parser = TrlParser((RecipeArguments, GRPOConfig, ModelConfig, RelexConfig))
     recipe, training_args, model_args, relex_args = parser.parse_args_and_config(argv)
@@ -142,7 +155,12 @@ def main(argv=None):
     if callback.report is not None and trainer.is_world_process_zero():
         out = callback.output_dir or os.path.join(training_args.output_dir, "relex")
         summ = callback.report["summary"]
-        logger.info("RELEX wrote %s (explained variance mean %.3f, R^2 mean %s)", out, summ["explained_variance_mean"], summ["r2_mean"])
+        logger.info(
+            "RELEX wrote %s (explained variance mean %.3f, R^2 mean %s)",
+            out,
+            summ["explained_variance_mean"],
+            summ["r2_mean"],
+        )
     return trainer, callback
 
 

@@ -4,6 +4,8 @@ Every input mistake raises :class:`RelexInputError` with a message that says wha
 into one line on stderr and exit code 2. Anything else is a bug or an environment failure and keeps its traceback.
 """
 
+import signal
+
 
 class RelexError(Exception):
     """Base class of every error this package raises on purpose."""
@@ -37,8 +39,6 @@ class RelexInterrupted(BaseException):
     signal handler; the writer it interrupts removes what it had written, and the command exits with one line."""
 
     def __init__(self, signum: int):
-        import signal
-
         self.signum = int(signum)
         self.name = signal.Signals(self.signum).name
         self.removed: list = []  # what the interrupted writer had written and removed again

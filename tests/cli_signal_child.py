@@ -19,6 +19,8 @@ import shutil
 import signal
 import sys
 import time
+import hashlib
+import json
 
 
 STATE = {"watch": None, "n": 0, "when": "before", "sig": "TERM", "k": 0, "fired": False}
@@ -96,8 +98,6 @@ def run_case(watch, n, when, sig, argv) -> int:
 
 def digest(root) -> dict:
     """relative path -> sha256 (files) or 'dir', everything under ``root``."""
-    import hashlib
-
     out = {}
     for d, dirs, files in os.walk(root):
         for n in dirs:
@@ -112,8 +112,6 @@ def serve(cases_file: str, results_file: str):
     """Run every case of ``cases_file`` (JSON list of {watch, n, when, sig, argv, stderr}) in a process forked from
     this one (torch and relex imported once: a case costs a fork, not an interpreter start); the case's stderr goes
     to its file; the exit codes into ``results_file``."""
-    import json
-
     import relex_callback.offline.api  # noqa: F401  (imported before the forks)
 
     results = []

@@ -44,7 +44,11 @@ def build_trainer(out, callbacks, *, max_steps, save_steps=None, seed=0, lr=5e-3
         logging_steps=100, report_to=[], use_cpu=True, seed=seed, data_seed=seed, dataloader_num_workers=0,
         disable_tqdm=True, save_only_model=False,
     )
-    return Trainer(model=model, args=args, train_dataset=lm_dataset(tok), processing_class=tok, callbacks=callbacks), model, tok
+    return (
+        Trainer(model=model, args=args, train_dataset=lm_dataset(tok), processing_class=tok, callbacks=callbacks),
+        model,
+        tok,
+    )
 
 
 def main():
@@ -116,7 +120,9 @@ def main():
 
     cb = RelexCallback(tcut=a.tcut, horizons=a.horizons, storage=a.storage, dtype="float32",
                        max_shard_size=a.max_shard_size)
-    trainer, model, tok = build_trainer(a.out, [cb, Record(), KillAt(), Timeline()], max_steps=4 * a.tcut, save_steps=a.save_steps)
+    trainer, model, tok = build_trainer(
+        a.out, [cb, Record(), KillAt(), Timeline()], max_steps=4 * a.tcut, save_steps=a.save_steps
+    )
     if a.resume is None:
         model.save_pretrained(os.path.join(a.out, "base"))
         tok.save_pretrained(os.path.join(a.out, "base"))

@@ -2,6 +2,7 @@
 
 import functools
 import math
+import os
 
 import torch
 
@@ -11,8 +12,6 @@ from relex_callback.examples.toy import _text
 
 def cli_env() -> dict:
     """The environment for running the `relex` CLI as a subprocess on this checkout (the repo first on PYTHONPATH)."""
-    import os
-
     e = dict(os.environ)
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     e["PYTHONPATH"] = repo + os.pathsep + e.get("PYTHONPATH", "")
@@ -138,7 +137,8 @@ def gram_rounding(M64: torch.Tensor) -> torch.Tensor:
 def dot_error_bound(A: torch.Tensor, B: torch.Tensor = None, unit: float = 2 * U32) -> torch.Tensor:
     """Entrywise bound on the error of the float32-accumulated products ``A B^T`` (``A [T, n]``, ``B [R, n]``, exact
     values in any dtype; ``B = A`` for a Gram): ``|fl(a_i . b_j) - a_i . b_j| <= gamma_n sum_k |a_ik b_jk|`` with
-    ``gamma_n = n unit / (1 - n unit)`` (Higham, *Accuracy and Stability of Numerical Algorithms*, 2nd ed., Lemma 3.1 and
+    ``gamma_n = n unit / (1 - n unit)`` (Higham, *Accuracy and Stability of Numerical Algorithms*, 2nd ed., Lemma 3.1
+    and
     eq. 3.5): a worst case, for every summation order, blocking and atomic reduction. ``unit = 2u``, not ``u``: it
     also holds where an accumulator truncates instead of rounding to nearest (GPU tensor cores); the products of
     16-bit inputs are exact in float32 and those of float32 inputs add one rounding each, inside ``gamma_n``."""
@@ -156,9 +156,11 @@ def first_order_bound(f, G: torch.Tensor, E: torch.Tensor, backward_frobenius: f
     ``dG`` with ``|dG_ij| <= E_ij`` entrywise (plus, optionally, any symmetric ``F`` with ``||F||_F <=
     backward_frobenius``): ``f`` maps a batch ``[B, T, T]`` to ``[B, K]``.
 
-    Each independent entry (``i <= j``, moved together with ``G_ji``) is pushed by ``+E_ij`` and ``-E_ij`` and the larger
+    Each independent entry (``i <= j``, moved together with ``G_ji``) is pushed by ``+E_ij`` and ``-E_ij`` and the
+    larger
     change of each output is summed over the entries: the worst case of the linearised change over the box
-    ``|dG| <= E`` (a sum of ``|df/dG_ij| E_ij``). The ``F`` term adds ``||grad f|| backward_frobenius`` (Cauchy-Schwarz),
+    ``|dG| <= E`` (a sum of ``|df/dG_ij| E_ij``). The ``F`` term adds ``||grad f|| backward_frobenius``
+    (Cauchy-Schwarz),
     the gradient taken from the same central differences. The result is doubled to cover the second-order terms,
     ``(||dG|| / gap)^2`` relative to the first: this bound is only meant for perturbations far below the spectral gaps
     ``f`` depends on (the float32 Gram of a trajectory with a clear top direction). With ``parts``: the pair
@@ -234,7 +236,8 @@ def compare_weights(wa: dict, wb: dict, snaps_a: dict, horizon: int, steps, snap
     distance between the two references (0 when both read the same snapshots). A distributed run's Gram is the
     float64 all-reduce of per-process float32 Grams: sum_p sqrt(n_p) u |m_pi| |m_pj| <= sqrt(n) u |m_i| |m_j|
     (Cauchy-Schwarz), the same bound. Tensors without a move in the reference (untracked: theta_0 or the weights at
-    tcut copied; and the names in ``exact``) must be equal bitwise. ``same_trajectory``: the two recordings must be bitwise equal (a resumed run
+    tcut copied; and the names in ``exact``) must be equal bitwise. ``same_trajectory``: the two recordings must be
+    bitwise equal (a resumed run
     replays the same float32 training: the trainer restores model, optimizer and RNG states exactly), so the
     distance term is 0 by assertion, not by measurement. Prints the largest error / bound; returns it and the bound
     per tensor (absolute, 2-norm; 0 for the bitwise ones)."""
@@ -274,8 +277,6 @@ def compare_weights(wa: dict, wb: dict, snaps_a: dict, horizon: int, steps, snap
 def load_recorded(d: str) -> dict:
     """Snapshots written by a child process's recorder (``step-<t>.pt``, ``{name: float32 tensor}``, exact copies of
     the trainable parameters) as ``{t: {name: float64 tensor}}``."""
-    import os
-
     out = {}
     for fn in os.listdir(d):
         if fn.startswith("step-") and fn.endswith(".pt"):

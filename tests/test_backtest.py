@@ -1,4 +1,5 @@
-"""In-window backtest (relex_callback.core.backtest): the Gram-derived figures against a brute-force float64 computation from
+"""In-window backtest (relex_callback.core.backtest): the Gram-derived figures against a brute-force float64
+computation from
 M itself, the power path against the Gram path, folded against unfolded stores, and the behaviour on exact, drifting,
 zero and too-short trajectories."""
 
@@ -9,13 +10,15 @@ import pytest
 import torch
 
 from relex_callback.core.backtest import (
-    DRIFT_SUMS,
-    STEP_SUMS,
     _figures,
     backtest_from_gram,
+    backtest_from_projections,
     combine,
+    DRIFT_SUMS,
     resolve_fit_rows,
+    STEP_SUMS,
     to_report,
+    top_eigenpair,
 )
 from relex_callback.trajectory.store import TrajectoryStore
 from relex_callback.params import TensorSpec
@@ -291,8 +294,6 @@ def _diag_only_differs(a, b, M, specs, p, main_tol=0.0):
     bitwise equal); the rest is within what the Gram diagonal's rounding (each path's within ``sqrt(n) u |m_t|^2``)
     and, with ``main_tol``, the main iteration's acceptance (``lam``, ``u`` of ``G + F``) allow: the backtest from
     the exact Gram with the fit part's ``(lam_P, u_P, g_P)`` held fixed, through :func:`first_order_bound`."""
-    from relex_callback.core.backtest import backtest_from_projections, top_eigenpair
-
     for k in ("dot", "pred_sq"):
         assert torch.equal(a.sums[k], b.sums[k]), k
     steps = list(range(1, M.shape[0] + 1))

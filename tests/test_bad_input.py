@@ -1,4 +1,5 @@
-"""Bad input: every argument of the callback / settings / fold / Python entry points and of the `relex` CLI with its invalid
+"""Bad input: every argument of the callback / settings / fold / Python entry points and of the `relex` CLI with its
+invalid
 values and the exact message. The same table generates docs/bad_input.md, and a test checks the doc is current:
 
     PYTHONPATH=. python tests/test_bad_input.py --write   # regenerate docs/bad_input.md
@@ -8,11 +9,18 @@ import os
 import re
 import sys
 import tempfile
+import contextlib
+import io
+import json
+import shutil
+import subprocess
 
 import pytest
 
 from relex_callback.config import RelexSettings
 import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
@@ -20,6 +28,16 @@ if REPO not in sys.path:
 
 from relex_callback import RelexCallback  # noqa: E402
 from relex_callback.errors import RelexInputError  # noqa: E402
+from relex_callback.core.fold import plan_slots  # noqa: E402
+from relex_callback.examples.toy import build_model, build_tokenizer  # noqa: E402
+from relex_callback.files.checkpoints import DirectorySource  # noqa: E402
+from relex_callback.files.fs import check_outputs_free  # noqa: E402
+from relex_callback.files.writers import FullModelWriter  # noqa: E402
+from relex_callback.offline.api import extrapolate_trajectory, materialize as m  # noqa: E402
+from relex_callback.offline.cli import main  # noqa: E402
+from relex_callback.params import plain_tracked, TensorSpec, trainable_named_parameters  # noqa: E402
+from relex_callback.pipeline.finalize import finalize  # noqa: E402
+from relex_callback.trajectory.store import TrajectoryStore  # noqa: E402
 
 DOC = os.path.join(REPO, "docs", "bad_input.md")
 OK = dict(tcut=75, horizons=[500])
@@ -32,8 +50,6 @@ def cb(**kw):
 
 
 def _model():
-    from relex_callback.examples.toy import build_model, build_tokenizer
-
     return build_model(build_tokenizer(), hidden_size=16, layers=1)
 
 
@@ -46,14 +62,10 @@ def select(**kw):
 
 
 def plan(**kw):
-    from relex_callback.core.fold import plan_slots
-
     return lambda d: plan_slots(100, 1000, 2, **kw)
 
 
 def _base(d, seed=0):
-    from relex_callback.examples.toy import build_model, build_tokenizer
-
     p = os.path.join(d, f"base{seed}")
     if not os.path.isdir(p):
         tok = build_tokenizer()
@@ -64,14 +76,6 @@ def _base(d, seed=0):
 
 def _state(d):
     """A real state file from a 4-step window on base0."""
-    from transformers import AutoModelForCausalLM
-
-    from relex_callback.trajectory.store import TrajectoryStore
-    from relex_callback.pipeline.finalize import finalize
-    from relex_callback.files.writers import FullModelWriter
-    from relex_callback.params import plain_tracked, trainable_named_parameters
-    from relex_callback.files.checkpoints import DirectorySource
-
     out = os.path.join(d, "out")
     if os.path.isfile(os.path.join(out, "relex_state.safetensors")):
         return out
@@ -89,8 +93,6 @@ def _state(d):
 
 
 def materialize(base="base0", horizons=(40,), state=None):
-    from relex_callback.offline.api import materialize as m
-
     def run(d):
         out = _state(d)
         sp = state(d) if state else os.path.join(out, "relex_state.safetensors")
@@ -108,8 +110,6 @@ def _corrupt_state(d):
 
 
 def _corrupt_base(d):
-    import shutil
-
     p = os.path.join(d, "corrupt_base")
     if not os.path.isdir(p):
         shutil.copytree(_base(d), p)
@@ -126,8 +126,6 @@ def _no_weights(d):
 
 def _outputs_free(d, name, overwrite=False, merged=False):
     """The check RelexCallback.on_train_begin runs, on an output_dir holding a user's ``name``."""
-    from relex_callback.files.fs import check_outputs_free
-
     out = os.path.join(d, f"userout-{name}")
     path = os.path.join(out, name)
     if not os.path.exists(path):
@@ -140,8 +138,6 @@ def _outputs_free(d, name, overwrite=False, merged=False):
 
 
 def extrapolate(traj):
-    from relex_callback.offline.api import extrapolate_trajectory
-
     return lambda d: extrapolate_trajectory(traj(d), _base(d), [40], os.path.join(d, "x"))
 
 
@@ -186,37 +182,76 @@ CASES = [
     ("RelexCallback / RelexSettings", "fit", "'cubic'", cb(fit="cubic")),
     ("RelexCallback / RelexSettings", "fit", "'power' with tcut=2", cb(tcut=2, horizons=[8], fit="power")),
     ("RelexCallback / RelexSettings", "fit", "'power' with fit_window=2", cb(fit="power", fit_window=2)),
-    ("RelexCallback / RelexSettings", "degree", "3 with tcut=3 (polynomial)", cb(tcut=3, horizons=[8], fit="polynomial", degree=3)),
+    (
+        "RelexCallback / RelexSettings",
+        "degree",
+        "3 with tcut=3 (polynomial)",
+        cb(tcut=3, horizons=[8], fit="polynomial", degree=3),
+    ),
     ("RelexCallback / RelexSettings", "fit_window", "1", cb(fit_window=1)),
-    ("RelexCallback (on_train_begin)", "overwrite", "True, output_dir holding a user's step-500/ (no relex marker)",
-     lambda d: _outputs_free(d, "step-500", overwrite=True)),
-    ("RelexCallback (on_train_begin)", "output_dir", "holding a user's report.json", lambda d: _outputs_free(d, "report.json")),
-    ("RelexCallback (on_train_begin)", "merge_lora", "True (PEFT), output_dir holding a user's step-500-merged/",
-     lambda d: _outputs_free(d, "step-500-merged", merged=True)),
+    (
+        "RelexCallback (on_train_begin)",
+        "overwrite",
+        "True, output_dir holding a user's step-500/ (no relex marker)",
+        lambda d: _outputs_free(d, "step-500", overwrite=True),
+    ),
+    (
+        "RelexCallback (on_train_begin)",
+        "output_dir",
+        "holding a user's report.json",
+        lambda d: _outputs_free(d, "report.json"),
+    ),
+    (
+        "RelexCallback (on_train_begin)",
+        "merge_lora",
+        "True (PEFT), output_dir holding a user's step-500-merged/",
+        lambda d: _outputs_free(d, "step-500-merged", merged=True),
+    ),
     ("RelexCallback (on_train_begin)", "include", "['nomatch']", select(include=["nomatch"])),
     ("RelexCallback (on_train_begin)", "exclude", "['nomatch']", select(exclude=["nomatch"])),
     ("RelexCallback (on_train_begin)", "exclude", "['.*'] (everything)", select(exclude=[".*"])),
-    ("RelexCallback (on_train_begin)", "max_buffer_bytes", "5 rows (window 100 > rows, fold_rank=8)",
-     plan(max_buffer_bytes=5 * 2000, buffer_slots=None, fold_rank=8)),
-    ("RelexCallback (on_train_begin)", "buffer_slots + max_buffer_bytes", "buffer_slots=10, fold_rank=8, 12 rows",
-     plan(max_buffer_bytes=12 * 2000, buffer_slots=10, fold_rank=8)),
+    (
+        "RelexCallback (on_train_begin)",
+        "max_buffer_bytes",
+        "5 rows (window 100 > rows, fold_rank=8)",
+        plan(max_buffer_bytes=5 * 2000, buffer_slots=None, fold_rank=8),
+    ),
+    (
+        "RelexCallback (on_train_begin)",
+        "buffer_slots + max_buffer_bytes",
+        "buffer_slots=10, fold_rank=8, 12 rows",
+        plan(max_buffer_bytes=12 * 2000, buffer_slots=10, fold_rank=8),
+    ),
     ("offline.materialize (relex materialize)", "base", "another model (seed 1)", materialize(base="base1")),
     ("offline.materialize (relex materialize)", "base", "directory without weights", materialize(base=_no_weights)),
     ("offline.materialize (relex materialize)", "base", "truncated model.safetensors", materialize(base=_corrupt_base)),
     ("offline.materialize (relex materialize)", "state", "corrupt safetensors", materialize(state=_corrupt_state)),
-    ("offline.materialize (relex materialize)", "state", "missing file",
-     materialize(state=lambda d: os.path.join(d, "nope.safetensors"))),
-    ("offline.materialize (relex materialize)", "state", "a model checkpoint, not a state file",
-     materialize(state=lambda d: os.path.join(_base(d), "model.safetensors"))),
+    (
+        "offline.materialize (relex materialize)",
+        "state",
+        "missing file",
+        materialize(state=lambda d: os.path.join(d, "nope.safetensors")),
+    ),
+    (
+        "offline.materialize (relex materialize)",
+        "state",
+        "a model checkpoint, not a state file",
+        materialize(state=lambda d: os.path.join(_base(d), "model.safetensors")),
+    ),
     ("offline.materialize (relex materialize)", "horizons", "[3] (state tcut=4)", materialize(horizons=(3,))),
-    ("offline.extrapolate_trajectory", "trajectory", "a directory that is not a saved trajectory",
-     extrapolate(lambda d: _base(d))),
+    (
+        "offline.extrapolate_trajectory",
+        "trajectory",
+        "a directory that is not a saved trajectory",
+        extrapolate(lambda d: _base(d)),
+    ),
 ]
 
 
 # ------------------------------------------------------------------------------------------------ the CLI
 # Every option of `relex extrapolate / materialize / report` with its invalid values, run in process through
-# relex_callback.offline.cli.main(argv). Command lines use placeholders for the fixture's paths: <base> (a tiny saved model),
+# relex_callback.offline.cli.main(argv). Command lines use placeholders for the fixture's paths: <base> (a tiny saved
+# model),
 # <base1> (another model of the same shape), <ckpts> (its checkpoint-2,4,6,8), <done> (a finished `relex extrapolate`
 # output: state, step-40/, report.json), <traj> (a trajectory saved by the store), <out> (a fresh output directory
 # that must still not exist afterwards) and <dir> (the scratch directory).
@@ -229,10 +264,6 @@ DEEP = "[" * 100_000 + "]" * 100_000  # JSON nested 100,000 deep: Python's parse
 
 
 def _save_like(src_dir, dst_dir, tensors):
-    import shutil
-
-    from safetensors.torch import save_file
-
     os.makedirs(dst_dir, exist_ok=True)
     for f in os.listdir(src_dir):
         if f != "model.safetensors":
@@ -243,11 +274,6 @@ def _save_like(src_dir, dst_dir, tensors):
 
 def cli_fixture(d):
     """Build the paths the CLI cases refer to, once per directory (cheap: a 16-wide one-layer model)."""
-    import json
-    import shutil
-
-    from safetensors.torch import load_file
-
     p = {k: os.path.join(d, k) for k in _CLI_PATHS}
     p["base"], p["base1"] = _base(d, 0), _base(d, 1)
     if os.path.isdir(p["done"]):
@@ -264,7 +290,9 @@ def cli_fixture(d):
             os.makedirs(p[name], exist_ok=True)
             os.symlink(os.path.join(p["ckpts"], f"checkpoint-{s}"), os.path.join(p[name], f"checkpoint-{s}"))
     last = os.path.join(p["ckpts"], f"checkpoint-{CLI_STEPS[-1]}")
-    small = {k: v[..., :-1] if v.dim() == 2 else v for k, v in load_file(os.path.join(last, "model.safetensors")).items()}
+    small = {
+        k: v[..., :-1] if v.dim() == 2 else v for k, v in load_file(os.path.join(last, "model.safetensors")).items()
+    }
     _save_like(last, os.path.join(p["small"], f"checkpoint-{CLI_STEPS[-1]}"), small)
     nan = load_file(os.path.join(last, "model.safetensors"))
     k0 = sorted(nan)[-1]
@@ -287,8 +315,6 @@ def cli_fixture(d):
     with open(p["file"], "w") as fh:
         fh.write("a file, not a directory\n")
     # a real trajectory saved by the store (what the callback leaves in partial_trajectory/)
-    from relex_callback.trajectory.store import TrajectoryStore
-    from relex_callback.params import TensorSpec
 
     specs = [TensorSpec(name=k, shape=tuple(v.shape), dtype=v.dtype, local_numel=v.numel()) for k, v in theta0.items()]
     st = TrajectoryStore(specs, len(CLI_STEPS), dtype="float32", storage="host")
@@ -308,7 +334,6 @@ def cli_fixture(d):
     with open(os.path.join(p["notreport"], "report.json"), "w") as fh:
         json.dump([1, 2, 3], fh)
     # a finished run: state, step-40/ and report.json
-    from relex_callback.offline.cli import main
 
     with _quiet():
         rc = main(["extrapolate", "--base", p["base"], "--checkpoints", p["ckpts"], "--horizons", "40", "--out",
@@ -340,9 +365,6 @@ def cli_fixture(d):
 def _lying_files(p, theta0, dirs):
     """Every file relex reads, once nested 100,000 deep and once claiming more bytes than it holds; a dangling
     symlink as --out; a float16 run whose far horizon overflows."""
-    import json
-    import shutil
-
     def write(path, text):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "w") as fh:
@@ -381,7 +403,6 @@ def _lying_files(p, theta0, dirs):
     with open(os.path.join(p["lieindex"], "model.safetensors.index.json"), "w") as fh:
         json.dump({"metadata": {}, "weight_map": {**{k: "a.safetensors" for k in keys[1:]}, keys[0]: "b.safetensors"}},
                   fh)
-    from safetensors.torch import save_file
 
     save_file({"other": torch.zeros(2)}, os.path.join(p["lieindex"], "b.safetensors"), metadata={"format": "pt"})
     os.symlink(os.path.join(os.path.dirname(p["dangling"]), "nowhere"), p["dangling"])
@@ -390,7 +411,6 @@ def _lying_files(p, theta0, dirs):
     for s in CLI_STEPS:
         _save_like(p["base"], os.path.join(p["ckpts16"], f"checkpoint-{s}"),
                    {k: (v + 1e-2 * s * dirs[k]).half() for k, v in theta0.items()})
-    from relex_callback.offline.cli import main
 
     with _quiet():
         rc = main(["extrapolate", "--base", p["base16"], "--checkpoints", p["ckpts16"], "--horizons", "40", "--out",
@@ -400,9 +420,6 @@ def _lying_files(p, theta0, dirs):
 
 class _quiet:
     def __enter__(self):
-        import contextlib
-        import io
-
         self._cm = contextlib.ExitStack()
         self._cm.enter_context(contextlib.redirect_stdout(io.StringIO()))
         self._cm.enter_context(contextlib.redirect_stderr(io.StringIO()))
@@ -420,7 +437,11 @@ CLI_CASES = [
     ("(none)", "no subcommand", ""),
     ("(none)", "unknown subcommand", "fit --base <base>"),
     ("extrapolate", "--base missing", "extrapolate --checkpoints <ckpts> --horizons 40 --out <out>"),
-    ("extrapolate", "--checkpoints and --trajectory both missing", "extrapolate --base <base> --horizons 40 --out <out>"),
+    (
+        "extrapolate",
+        "--checkpoints and --trajectory both missing",
+        "extrapolate --base <base> --horizons 40 --out <out>",
+    ),
     ("extrapolate", "--checkpoints and --trajectory both given", X + " --trajectory <traj>"),
     ("extrapolate", "--horizons missing", "extrapolate --base <base> --checkpoints <ckpts> --out <out>"),
     ("extrapolate", "--out missing", "extrapolate --base <base> --checkpoints <ckpts> --horizons 40"),
@@ -459,14 +480,27 @@ CLI_CASES = [
     ("extrapolate", "--checkpoints a file", X.replace("<ckpts>", "<file>")),
     ("extrapolate", "--checkpoints an empty directory", X.replace("<ckpts>", "<empty>")),
     ("extrapolate", "--checkpoints a single checkpoint", X.replace("<ckpts>", "<ckpts>/checkpoint-2")),
-    ("extrapolate", "--checkpoints names without a step, no --steps", X.replace("<ckpts>", "<nostep>/first <nostep>/second")),
-    ("extrapolate", "--checkpoints the same directory twice (under two --steps)",
-     X.replace("<ckpts>", "<ckpts>/checkpoint-2 <ckpts>/checkpoint-4 <ckpts>/checkpoint-2") + " --steps 2,4,6"),
+    (
+        "extrapolate",
+        "--checkpoints names without a step, no --steps",
+        X.replace("<ckpts>", "<nostep>/first <nostep>/second"),
+    ),
+    (
+        "extrapolate",
+        "--checkpoints the same directory twice (under two --steps)",
+        X.replace("<ckpts>", "<ckpts>/checkpoint-2 <ckpts>/checkpoint-4 <ckpts>/checkpoint-2") + " --steps 2,4,6",
+    ),
     ("extrapolate", "--untracked-from with --checkpoints", X + " --untracked-from <base>"),
-    ("extrapolate", "--untracked-from and --untracked-frozen",
-     X.replace("--checkpoints <ckpts>", "--trajectory <traj>") + " --untracked-from <base> --untracked-frozen"),
-    ("extrapolate", "--no-run-check with --trajectory",
-     X.replace("--checkpoints <ckpts>", "--trajectory <traj>") + " --no-run-check"),
+    (
+        "extrapolate",
+        "--untracked-from and --untracked-frozen",
+        X.replace("--checkpoints <ckpts>", "--trajectory <traj>") + " --untracked-from <base> --untracked-frozen",
+    ),
+    (
+        "extrapolate",
+        "--no-run-check with --trajectory",
+        X.replace("--checkpoints <ckpts>", "--trajectory <traj>") + " --no-run-check",
+    ),
     ("extrapolate", "--checkpoints of another model (shapes differ)", X.replace("<ckpts>", "<small>")),
     ("extrapolate", "--checkpoints with a truncated safetensors", X.replace("<ckpts>", "<trunc>")),
     ("extrapolate", "--checkpoints with a NaN in a checkpoint", X.replace("<ckpts>", "<nan>")),
@@ -474,17 +508,53 @@ CLI_CASES = [
     ("extrapolate", "--trajectory not a directory", X.replace("--checkpoints <ckpts>", "--trajectory <file>")),
     ("extrapolate", "--trajectory nonexistent", X.replace("--checkpoints <ckpts>", "--trajectory <dir>/notraj")),
     ("extrapolate", "--trajectory not a saved trajectory", X.replace("--checkpoints <ckpts>", "--trajectory <ckpts>")),
-    ("extrapolate", "--trajectory with a damaged trajectory.json", X.replace("--checkpoints <ckpts>", "--trajectory <badmeta>")),
-    ("extrapolate", "--trajectory with a truncated theta0.safetensors", X.replace("--checkpoints <ckpts>", "--trajectory <trunc_theta0>")),
-    ("extrapolate", "--trajectory with a truncated trajectory.bin", X.replace("--checkpoints <ckpts>", "--trajectory <short_rows>")),
-    ("extrapolate", "--trajectory with a mismatched --base", X.replace("--checkpoints <ckpts>", "--trajectory <traj>").replace("<base>", "<base1>")),
-    ("extrapolate", "--trajectory with --steps", X.replace("--checkpoints <ckpts>", "--trajectory <traj>") + " --steps 2,4,6,8"),
-    ("extrapolate", "--trajectory with --horizons <= its last step", X.replace("--checkpoints <ckpts>", "--trajectory <traj>").replace("40", "8")),
-    ("extrapolate", "--trajectory with --rank > recorded steps", X.replace("--checkpoints <ckpts>", "--trajectory <traj>") + " --rank 5"),
-    ("extrapolate", "--trajectory with --max-shard-size garbage", X.replace("--checkpoints <ckpts>", "--trajectory <traj>") + " --max-shard-size lots"),
+    (
+        "extrapolate",
+        "--trajectory with a damaged trajectory.json",
+        X.replace("--checkpoints <ckpts>", "--trajectory <badmeta>"),
+    ),
+    (
+        "extrapolate",
+        "--trajectory with a truncated theta0.safetensors",
+        X.replace("--checkpoints <ckpts>", "--trajectory <trunc_theta0>"),
+    ),
+    (
+        "extrapolate",
+        "--trajectory with a truncated trajectory.bin",
+        X.replace("--checkpoints <ckpts>", "--trajectory <short_rows>"),
+    ),
+    (
+        "extrapolate",
+        "--trajectory with a mismatched --base",
+        X.replace("--checkpoints <ckpts>", "--trajectory <traj>").replace("<base>", "<base1>"),
+    ),
+    (
+        "extrapolate",
+        "--trajectory with --steps",
+        X.replace("--checkpoints <ckpts>", "--trajectory <traj>") + " --steps 2,4,6,8",
+    ),
+    (
+        "extrapolate",
+        "--trajectory with --horizons <= its last step",
+        X.replace("--checkpoints <ckpts>", "--trajectory <traj>").replace("40", "8"),
+    ),
+    (
+        "extrapolate",
+        "--trajectory with --rank > recorded steps",
+        X.replace("--checkpoints <ckpts>", "--trajectory <traj>") + " --rank 5",
+    ),
+    (
+        "extrapolate",
+        "--trajectory with --max-shard-size garbage",
+        X.replace("--checkpoints <ckpts>", "--trajectory <traj>") + " --max-shard-size lots",
+    ),
     ("extrapolate", "--out an existing non-empty directory", X.replace("<out>", "<done>")),
     ("extrapolate", "--out an existing file", X.replace("<out>", "<file>")),
-    ("extrapolate", "--overwrite over a user's step-40/ (no relex marker)", X.replace("<out>", "<userdir>") + " --overwrite"),
+    (
+        "extrapolate",
+        "--overwrite over a user's step-40/ (no relex marker)",
+        X.replace("<out>", "<userdir>") + " --overwrite",
+    ),
     ("extrapolate", "--out inside a file", X.replace("<out>", "<file>/out")),
     ("materialize", "--state missing", "materialize --base <base> --horizons 100 --out <out>"),
     ("materialize", "--state nonexistent", M.replace("<done>", "<dir>/nostate")),
@@ -513,19 +583,38 @@ CLI_CASES = [
     ("report", "--plot without matplotlib installed", "report <done> --plot"),
     # files that lie: nested 100,000 deep, or claiming more bytes than they hold (refused before any allocation)
     ("report", "report.json nested 100,000 deep", "report <deepreport>"),
-    ("extrapolate", "--trajectory with trajectory.json nested 100,000 deep", X.replace("--checkpoints <ckpts>", "--trajectory <deeptraj>")),
-    ("extrapolate", "--trajectory whose trajectory.json claims a 2^27-element tensor", X.replace("--checkpoints <ckpts>", "--trajectory <liar>")),
+    (
+        "extrapolate",
+        "--trajectory with trajectory.json nested 100,000 deep",
+        X.replace("--checkpoints <ckpts>", "--trajectory <deeptraj>"),
+    ),
+    (
+        "extrapolate",
+        "--trajectory whose trajectory.json claims a 2^27-element tensor",
+        X.replace("--checkpoints <ckpts>", "--trajectory <liar>"),
+    ),
     ("extrapolate", "--base with model.safetensors.index.json nested 100,000 deep", X.replace("<base>", "<deepindex>")),
     ("extrapolate", "--base whose index maps a tensor to a shard without it", X.replace("<base>", "<lieindex>")),
     ("extrapolate", "--checkpoints with a safetensors header claiming 2^40 bytes", X.replace("<ckpts>", "<liehdr>")),
-    ("extrapolate", "--overwrite over a step-40/ whose relex_horizon.json is nested 100,000 deep", X.replace("<out>", "<deepmarker>") + " --overwrite"),
-    ("materialize", "--state relex_state.index.json nested 100,000 deep", M.replace("<done>", "<deepstate>/relex_state.index.json")),
+    (
+        "extrapolate",
+        "--overwrite over a step-40/ whose relex_horizon.json is nested 100,000 deep",
+        X.replace("<out>", "<deepmarker>") + " --overwrite",
+    ),
+    (
+        "materialize",
+        "--state relex_state.index.json nested 100,000 deep",
+        M.replace("<done>", "<deepstate>/relex_state.index.json"),
+    ),
     ("plan", "--model config.json nested 100,000 deep", "plan --model <deepconfig> --tcut 100"),
     # everything checkable before the first write is checked before it
     ("extrapolate", "--out a dangling symlink", X.replace("<out>", "<dangling>")),
     ("materialize", "--out a dangling symlink", M.replace("<out>", "<dangling>")),
-    ("materialize", "--horizons 200,1000000000 on a float16 run (10^9 overflows)",
-     "materialize --state <done16> --base <base16> --horizons 200,1000000000 --out <out>"),
+    (
+        "materialize",
+        "--horizons 200,1000000000 on a float16 run (10^9 overflows)",
+        "materialize --state <done16> --base <base16> --horizons 200,1000000000 --out <out>",
+    ),
 ]
 
 
@@ -570,8 +659,6 @@ def _tree(path):
 
 def run_cli_case(i: int, d: str, p: dict, capture) -> dict:
     """Run CLI case ``i`` in process; ``capture()`` returns the stderr written since the last call."""
-    from relex_callback.offline.cli import main
-
     _, _, cmd = CLI_CASES[i]
     out = os.path.join(d, f"out{i}")
     argv = cli_argv(cmd, p, d, out)
@@ -595,9 +682,6 @@ def normalise_cli(msg: str, p: dict, d: str) -> str:
 
 
 def collect_cli():
-    import contextlib
-    import io
-
     rows = []
     with tempfile.TemporaryDirectory() as d:
         p = cli_fixture(d)
@@ -658,10 +742,12 @@ def render(rows, cli_rows=()) -> str:
             "",
             "## The `relex` CLI",
             "",
-            "Each command line is run in process (`relex_callback.offline.cli.main(argv)`); every one prints exactly the one "
+            "Each command line is run in process (`relex_callback.offline.cli.main(argv)`); every one prints exactly "
+            "the one "
             "line shown on stderr, exits with code 2, writes nothing to `--out` and leaves the other directories as "
             "they were (tests/test_bad_input.py checks all of it; a few also run as a real `python -m "
-            "relex_callback.offline.cli` subprocess to show no traceback reaches stderr). Placeholders: `<base>` a saved "
+            "relex_callback.offline.cli` subprocess to show no traceback reaches stderr). Placeholders: `<base>` a "
+            "saved "
             "model (step 0), `<base1>` another model of the same shape, `<ckpts>` its checkpoint-2, -4, -6, -8, "
             "`<done>` a finished `relex extrapolate --horizons 40` output (state, step-40/, report.json), `<traj>` a "
             "saved trajectory, `<nan>` / `<trunc>` / `<small>` checkpoint-2..8 whose checkpoint-8 has a NaN / a "
@@ -669,9 +755,11 @@ def render(rows, cli_rows=()) -> str:
             "an empty directory, `<notes>` a directory without report.json, `<badjson>` / `<notreport>` one with a "
             "broken report.json / a JSON list, `<badmeta>` / `<trunc_theta0>` / `<short_rows>` copies of `<traj>` with "
             "trajectory.json missing keys / theta0.safetensors or trajectory.bin cut in half, `<trunc_state>` the "
-            "state file without its last 50 bytes, `<userdir>` a directory holding a user's step-40/ (no relex marker), "
+            "state file without its last 50 bytes, `<userdir>` a directory holding a user's step-40/ (no relex "
+            "marker), "
             "`<nanbase>` `<base>` with a NaN in one tensor, `<badtrust>` `<done>`'s report.json with "
-            "backtest.cosine_global a string, `<file>` a plain file, `<out>` a fresh output directory, `<dir>` the scratch directory. "
+            "backtest.cosine_global a string, `<file>` a plain file, `<out>` a fresh output directory, `<dir>` the "
+            "scratch directory. "
             "`--device cuda without a GPU` and `--plot without matplotlib` are simulated when the machine has them.",
             "",
             "| command | what is wrong | command line | exit | message (stderr) |",
@@ -737,14 +825,17 @@ SUBPROCESS_CASES = ["--checkpoints with a NaN in a checkpoint", "--state not a s
 
 @pytest.mark.parametrize("what", SUBPROCESS_CASES)
 def test_cli_bad_input_in_a_real_process(what, cli_env, subprocess_env):
-    import subprocess
-
     d, p = cli_env
     i = [c[1] for c in CLI_CASES].index(what)
     out = os.path.join(d, "sub-out")
     argv = cli_argv(CLI_CASES[i][2], p, d, out)
-    r = subprocess.run([sys.executable, "-m", "relex_callback.offline.cli", *argv], env=subprocess_env, capture_output=True,
-                       text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "relex_callback.offline.cli", *argv],
+        env=subprocess_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 2, r.stderr
     assert r.stderr.startswith("relex: error: ") and r.stderr.count("\n") == 1, r.stderr
     assert "Traceback" not in r.stderr and r.stdout == ""
@@ -755,7 +846,9 @@ def test_cli_bad_input_in_a_real_process(what, cli_env, subprocess_env):
 def test_doc_is_generated_from_the_real_messages():
     assert os.path.isfile(DOC), "run: PYTHONPATH=. python tests/test_bad_input.py --write"
     with open(DOC) as f:
-        assert f.read() == render(rows(), cli_rows()), "docs/bad_input.md is stale: PYTHONPATH=. python tests/test_bad_input.py --write"
+        assert f.read() == render(rows(), cli_rows()), (
+            "docs/bad_input.md is stale: PYTHONPATH=. python tests/test_bad_input.py --write"
+        )
 
 
 if __name__ == "__main__":

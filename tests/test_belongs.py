@@ -16,16 +16,19 @@ import sys
 import pytest
 import torch
 
-from relex_callback.offline.belongs import MAX_RATIO, distance_ratio, sampled, _indices
-from test_callback import grpo_trainer, read_weights
+from relex_callback.offline.belongs import _indices, check_belongs, distance_ratio, MAX_RATIO, sampled
+from relex_callback.examples.toy import build_model, build_tokenizer
+from relex_callback.files.checkpoints import Checkpoint, DirectorySource, MappedSource
+from grpo import grpo_trainer
+from test_callback import read_weights
+from helpers import cli_env
+from safetensors.torch import load_file, save_file
 
 STEPS = 8
 FROZEN = "model.norm.weight"
 
 
 def _model(tok, seed=0):
-    from relex_callback.examples.toy import build_model
-
     model = build_model(tok, seed=seed)
     model.get_parameter(FROZEN).requires_grad_(False)
     return model
@@ -40,8 +43,6 @@ def ckrun(tmp_path_factory):
     the weights as far as a re-initialisation in a few dozen steps, so a model of another seed is only ~24x a step
     away there; at 1e-4 (still 100x a real RL step relative to the weights) the refusals below have the margin a real
     run has."""
-    from relex_callback.examples.toy import build_tokenizer
-
     out = tmp_path_factory.mktemp("belongs")
     tok = build_tokenizer()
     model = _model(tok)
@@ -52,7 +53,6 @@ def ckrun(tmp_path_factory):
                  learning_rate=5e-3, lr_scheduler_type="cosine", warmup_steps=3).train()
     grpo_trainer(out / "small", [], model=_model(tok), tok=tok, save_strategy="steps", save_steps=1, max_steps=STEPS,
                  learning_rate=1e-4).train()
-    from relex_callback.examples.toy import build_model
 
     bf16 = build_model(tok, dtype=torch.bfloat16)  # weights kept in bf16: a small step changes few elements
     bf16.save_pretrained(out / "bf16" / "base")
@@ -63,8 +63,6 @@ def ckrun(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def env():
-    from helpers import cli_env
-
     return cli_env()
 
 
@@ -81,9 +79,6 @@ def test_real_runs_stay_far_below_the_ratio_bound(ckrun):
     """R of real GRPO/Adam trajectories (learning rates 1e-4 and 1e-3 constant, 5e-3 warmup+cosine, 1e-5 on bf16
     weights), every checkpoint, strides 2 and 3, a late first checkpoint, two far-apart checkpoints: at most
     MAX_RATIO / 4, and none of the checks refuses any of them."""
-    from relex_callback.files.checkpoints import Checkpoint, DirectorySource, MappedSource
-    from relex_callback.offline.belongs import check_belongs
-
     rs = {}
     for run, tag in ((ckrun, "constant"), (ckrun / "cos", "cosine"), (ckrun / "small", "small-lr"),
                      (ckrun / "bf16", "bf16")):
@@ -120,16 +115,12 @@ def test_checkpoints_out_of_order_give_the_same_bytes(ckrun, env, tmp_path, orde
 
 
 def _other_seed(run, d):
-    from relex_callback.examples.toy import build_tokenizer
-
     _model(build_tokenizer(), seed=1).save_pretrained(d)
 
 
 def _finetuned(run, d):
     """A fine-tune of a sibling: every trained tensor moved by 0.01 per element, what 100 coherent steps of the
     ``small/`` run's Adam (learning rate 1e-4, about 1e-4 per element per step) would move it."""
-    from safetensors.torch import load_file, save_file
-
     shutil.copytree(run / "base", d)
     w = load_file(d / "model.safetensors")
     g = torch.Generator().manual_seed(3)
@@ -138,8 +129,6 @@ def _finetuned(run, d):
 
 
 def _frozen_differs(run, d):
-    from safetensors.torch import load_file, save_file
-
     shutil.copytree(run / "base", d)
     w = load_file(d / "model.safetensors")
     w[FROZEN] = w[FROZEN] + 0.5

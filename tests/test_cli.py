@@ -13,8 +13,11 @@ import torch
 from safetensors.torch import load_file
 
 from relex_callback.offline.cli import main
+from relex_callback.examples.toy import build_model, build_tokenizer
+from relex_callback.files.checkpoints import DirectorySource
 
 from helpers import extrapolation_tolerance
+from transformers import AutoModelForCausalLM
 
 STEPS = [2, 4, 6, 8, 10, 12]
 HORIZONS = [40, 100]
@@ -32,7 +35,11 @@ def _save_trajectory(root, model, tok, steps, seed, layout="checkpoint-{}", base
     paths = {}
     for n, p in model.named_parameters():
         v = torch.randn(p.numel(), generator=g)
-        paths[n] = (v / v.norm(), 0.01 + 0.01 * torch.rand((), generator=g).item(), 0.02 * torch.rand((), generator=g).item())
+        paths[n] = (
+            v / v.norm(),
+            0.01 + 0.01 * torch.rand((), generator=g).item(),
+            0.02 * torch.rand((), generator=g).item(),
+        )
     for t in steps:
         with torch.no_grad():
             for n, p in model.named_parameters():
@@ -51,8 +58,6 @@ def _save_trajectory(root, model, tok, steps, seed, layout="checkpoint-{}", base
 def _reference(base_dir, ck_dirs, steps, horizon, fit_start=None, tolerances=None):
     """The math of docs/math.md in float64 with torch.linalg.svd: {name: theta_hat(H) - theta_0} (float64);
     ``tolerances`` (a dict) gets each tensor's float32-solve bound (tests/helpers.py extrapolation_tolerance)."""
-    from relex_callback.files.checkpoints import DirectorySource
-
     base = DirectorySource(base_dir)
     srcs = [DirectorySource(d) for d in ck_dirs]
     t = torch.tensor(steps, dtype=torch.float64)
@@ -62,7 +67,9 @@ def _reference(base_dir, ck_dirs, steps, horizon, fit_start=None, tolerances=Non
         th0 = base.get(k).double().reshape(-1)
         M = torch.stack([s.get(k).double().reshape(-1) - th0 for s in srcs])
         if tolerances is not None:
-            tolerances[k] = extrapolation_tolerance(M, steps, horizon, theta0_norm=float(th0.norm()), fit_start=fit_start)
+            tolerances[k] = extrapolation_tolerance(
+                M, steps, horizon, theta0_norm=float(th0.norm()), fit_start=fit_start
+            )
         U, S, Vh = torch.linalg.svd(M, full_matrices=False)
         v = Vh[0]
         c = M @ v
@@ -76,8 +83,6 @@ def _reference(base_dir, ck_dirs, steps, horizon, fit_start=None, tolerances=Non
 
 @pytest.fixture(scope="module")
 def traj(tmp_path_factory):
-    from relex_callback.examples.toy import build_model, build_tokenizer
-
     torch.set_num_threads(1)
     root = str(tmp_path_factory.mktemp("traj"))
     tok = build_tokenizer()
@@ -89,16 +94,28 @@ def traj(tmp_path_factory):
 @pytest.fixture(scope="module")
 def extrapolated(traj):
     out = os.path.join(traj["root"], "out")
-    rc = main(["extrapolate", "--base", traj["base"], "--checkpoints", traj["ckpts"], "--horizons", ",".join(map(str, HORIZONS)),
-               "--out", out, "--dtype", "float32", "--no-progress"])
+    rc = main(
+        [
+            "extrapolate",
+            "--base",
+            traj["base"],
+            "--checkpoints",
+            traj["ckpts"],
+            "--horizons",
+            ",".join(map(str, HORIZONS)),
+            "--out",
+            out,
+            "--dtype",
+            "float32",
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     return out
 
 
 def _rel_delta_error(out_dir, base_dir, ref, tol=None):
     """The worst relative error of the extrapolated deltas; with ``tol`` ({name: bound}), the worst error / bound."""
-    from transformers import AutoModelForCausalLM
-
     got = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32)
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     sd, sd0 = got.state_dict(), base.state_dict()
@@ -147,33 +164,79 @@ def test_fit_start_stride_and_disk_storage(traj, tmp_path):
     assert os.listdir(tmp_path) == ["o"]  # the memory-mapped trajectory file beside --out is gone
     steps = [4, 8, 12]
     tol = {}
-    ref = _reference(traj["base"], [os.path.join(traj["ckpts"], f"checkpoint-{t}") for t in steps], steps, 60, fit_start=8,
-                     tolerances=tol)
+    ref = _reference(
+        traj["base"],
+        [os.path.join(traj["ckpts"], f"checkpoint-{t}") for t in steps],
+        steps,
+        60,
+        fit_start=8,
+        tolerances=tol,
+    )
     err, _ = _rel_delta_error(os.path.join(out, "step-60"), traj["base"], ref, tol)
     assert err <= 1.0  # error / its float32 bound
     assert json.load(open(os.path.join(out, "report.json")))["steps"] == steps
 
 
 def test_subprocess_and_verl_layout(traj, tmp_path, subprocess_env):
-    """A real `python -m relex_callback.offline.cli` over verl's global_step_N/actor/huggingface layout, explicit dirs."""
+    """A real `python -m relex_callback.offline.cli` over verl's global_step_N/actor/huggingface layout, explicit
+    dirs."""
     for t in STEPS:
         d = tmp_path / "verl" / f"global_step_{t}" / "actor"
         d.mkdir(parents=True)
         os.symlink(os.path.join(traj["ckpts"], f"checkpoint-{t}"), d / "huggingface")
     dirs = [str(tmp_path / "verl" / f"global_step_{t}") for t in reversed(STEPS)]  # any order: sorted by step
     out = str(tmp_path / "o")
-    p = subprocess.run([sys.executable, "-m", "relex_callback.offline.cli", "extrapolate", "--base", traj["base"], "--checkpoints", *dirs,
-                        "--horizons", "40", "--out", out, "--dtype", "float32"],
-                       env=subprocess_env, capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "relex_callback.offline.cli",
+            "extrapolate",
+            "--base",
+            traj["base"],
+            "--checkpoints",
+            *dirs,
+            "--horizons",
+            "40",
+            "--out",
+            out,
+            "--dtype",
+            "float32",
+        ],
+        env=subprocess_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr
     assert "step-40" in p.stdout
     tol = {}
-    ref = _reference(traj["base"], [os.path.join(traj["ckpts"], f"checkpoint-{t}") for t in STEPS], STEPS, 40, tolerances=tol)
+    ref = _reference(
+        traj["base"], [os.path.join(traj["ckpts"], f"checkpoint-{t}") for t in STEPS], STEPS, 40, tolerances=tol
+    )
     err, _ = _rel_delta_error(os.path.join(out, "step-40"), traj["base"], ref, tol)
     assert err <= 1.0  # error / its float32 bound
     # and an input mistake in a real process: one line, exit 2, no traceback
-    p = subprocess.run([sys.executable, "-m", "relex_callback.offline.cli", "extrapolate", "--base", traj["base"], "--checkpoints", *dirs,
-                        "--horizons", "12", "--out", str(tmp_path / "o2")], env=subprocess_env, capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "relex_callback.offline.cli",
+            "extrapolate",
+            "--base",
+            traj["base"],
+            "--checkpoints",
+            *dirs,
+            "--horizons",
+            "12",
+            "--out",
+            str(tmp_path / "o2"),
+        ],
+        env=subprocess_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 2
     assert p.stderr.startswith("relex: error: ") and p.stderr.count("\n") == 1 and "Traceback" not in p.stderr
     assert not (tmp_path / "o2").exists()
@@ -193,8 +256,6 @@ def test_materialize_equals_extrapolate(traj, extrapolated, tmp_path):
 
 
 def test_materialize_refuses_other_base(traj, extrapolated, tmp_path, capsys):
-    from relex_callback.examples.toy import build_model
-
     other = str(tmp_path / "other")
     build_model(traj["tok"], hidden_size=32, layers=1, seed=7).save_pretrained(other)
     out = str(tmp_path / "m")
@@ -234,23 +295,54 @@ def _links(tmp, traj, names):
 
 
 def _bad_cases(traj, tmp):
-    from relex_callback.examples.toy import build_model
-
     ok = lambda *extra: ["extrapolate", "--base", traj["base"], "--checkpoints", traj["ckpts"], "--no-progress", *extra]  # noqa: E731
     cases = {}
     empty = tmp / "empty"
     empty.mkdir()
     cases["no checkpoints"] = ["extrapolate", "--base", traj["base"], "--checkpoints", str(empty), "--horizons", "40"]
-    cases["missing checkpoint dir"] = ["extrapolate", "--base", traj["base"], "--checkpoints", str(tmp / "nope"), "--horizons", "40"]
-    cases["one checkpoint"] = ["extrapolate", "--base", traj["base"], "--checkpoints", os.path.join(traj["ckpts"], "checkpoint-2"), "--horizons", "40"]
+    cases["missing checkpoint dir"] = [
+        "extrapolate",
+        "--base",
+        traj["base"],
+        "--checkpoints",
+        str(tmp / "nope"),
+        "--horizons",
+        "40",
+    ]
+    cases["one checkpoint"] = [
+        "extrapolate",
+        "--base",
+        traj["base"],
+        "--checkpoints",
+        os.path.join(traj["ckpts"], "checkpoint-2"),
+        "--horizons",
+        "40",
+    ]
     rep = tmp / "rep"
     rep.mkdir()
     os.symlink(os.path.join(traj["ckpts"], "checkpoint-2"), rep / "checkpoint-4")
     os.symlink(os.path.join(traj["ckpts"], "checkpoint-4"), rep / "step_4")
-    cases["repeated steps (names)"] = ["extrapolate", "--base", traj["base"], "--checkpoints", str(rep), "--horizons", "40"]
-    cases["repeated steps (--steps)"] = ["extrapolate", "--base", traj["base"], "--checkpoints",
-                                         os.path.join(traj["ckpts"], "checkpoint-2"), os.path.join(traj["ckpts"], "checkpoint-4"),
-                                         "--steps", "3,3", "--horizons", "40"]
+    cases["repeated steps (names)"] = [
+        "extrapolate",
+        "--base",
+        traj["base"],
+        "--checkpoints",
+        str(rep),
+        "--horizons",
+        "40",
+    ]
+    cases["repeated steps (--steps)"] = [
+        "extrapolate",
+        "--base",
+        traj["base"],
+        "--checkpoints",
+        os.path.join(traj["ckpts"], "checkpoint-2"),
+        os.path.join(traj["ckpts"], "checkpoint-4"),
+        "--steps",
+        "3,3",
+        "--horizons",
+        "40",
+    ]
     cases["--steps count"] = ok("--steps", "1,2", "--horizons", "40")
     cases["horizon <= last step"] = ok("--horizons", "40,12")
     cases["horizon not a number"] = ok("--horizons", "forty")
@@ -264,7 +356,15 @@ def _bad_cases(traj, tmp):
     cases["stride keeps one"] = ok("--horizons", "40", "--stride", "7")
     cases["unknown option"] = ok("--horizons", "40", "--frobnicate")
     cases["missing --horizons"] = ok()
-    cases["missing base"] = ["extrapolate", "--base", str(tmp / "nobase"), "--checkpoints", traj["ckpts"], "--horizons", "40"]
+    cases["missing base"] = [
+        "extrapolate",
+        "--base",
+        str(tmp / "nobase"),
+        "--checkpoints",
+        traj["ckpts"],
+        "--horizons",
+        "40",
+    ]
     # shapes that differ between checkpoints
     mixed = tmp / "mixed"
     mixed.mkdir()
@@ -293,8 +393,25 @@ def _bad_cases(traj, tmp):
     nostep.mkdir()
     os.symlink(os.path.join(traj["ckpts"], "checkpoint-2"), nostep / "final")
     os.symlink(os.path.join(traj["ckpts"], "checkpoint-4"), nostep / "best")
-    cases["no step in names"] = ["extrapolate", "--base", traj["base"], "--checkpoints", str(nostep / "final"), str(nostep / "best"), "--horizons", "40"]
-    cases["materialize missing state"] = ["materialize", "--state", str(tmp / "none.safetensors"), "--base", traj["base"], "--horizons", "40"]
+    cases["no step in names"] = [
+        "extrapolate",
+        "--base",
+        traj["base"],
+        "--checkpoints",
+        str(nostep / "final"),
+        str(nostep / "best"),
+        "--horizons",
+        "40",
+    ]
+    cases["materialize missing state"] = [
+        "materialize",
+        "--state",
+        str(tmp / "none.safetensors"),
+        "--base",
+        traj["base"],
+        "--horizons",
+        "40",
+    ]
     cases["report missing"] = ["report", str(tmp / "none")]
     return cases
 
@@ -317,10 +434,24 @@ def test_bad_inputs_exit_2_and_write_nothing(traj, tmp_path, capsys):
 def test_existing_output_is_refused(traj, extrapolated, capsys):
     before = sorted(os.listdir(extrapolated))
     mtime = os.path.getmtime(os.path.join(extrapolated, "relex_state.safetensors"))
-    rc = main(["extrapolate", "--base", traj["base"], "--checkpoints", traj["ckpts"], "--horizons", "40", "--out", extrapolated])
+    rc = main(
+        [
+            "extrapolate",
+            "--base",
+            traj["base"],
+            "--checkpoints",
+            traj["ckpts"],
+            "--horizons",
+            "40",
+            "--out",
+            extrapolated,
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "--overwrite" in err
     assert sorted(os.listdir(extrapolated)) == before
     assert os.path.getmtime(os.path.join(extrapolated, "relex_state.safetensors")) == mtime
-    rc = main(["materialize", "--state", extrapolated, "--base", traj["base"], "--horizons", "100", "--out", extrapolated])
+    rc = main(
+        ["materialize", "--state", extrapolated, "--base", traj["base"], "--horizons", "100", "--out", extrapolated]
+    )
     assert rc == 2 and "step-100" in capsys.readouterr().err

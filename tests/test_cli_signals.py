@@ -11,10 +11,10 @@ relex once, so that every signal x boundary x before/after case is a real proces
 import hashlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -190,8 +190,6 @@ def test_every_signal_at_every_boundary(inputs, tmp_path, name):
 def test_ctrl_c_of_a_real_extrapolate_is_one_line_and_leaves_nothing(inputs, tmp_path):
     """A real `python -m relex_callback.offline.cli` (no test hooks) interrupted by SIGINT while it works: exit 130,
     one line, nothing left beside or inside --out; then a plain rerun succeeds."""
-    import time
-
     out = tmp_path / "out"
     argv = [sys.executable, "-m", "relex_callback.offline.cli", "extrapolate", "--base", str(inputs / "base"),
             "--checkpoints", str(inputs / "ckpts"), "--horizons", "20,40", "--out", str(out), "--no-progress",

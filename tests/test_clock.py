@@ -11,18 +11,24 @@ import math
 import os
 import subprocess
 import sys
+import logging
 
 import pytest
 import torch
+from transformers import get_scheduler
 
 from relex_callback.core.clock import Clock, lrs_from_log, resolve, schedule_lrs
+from relex_callback import RelexCallback
+from relex_callback.core.solver import SolveOptions, solve
+from relex_callback.examples.toy import build_model, build_tokenizer
+from relex_callback.files.state import load_state
+from relex_callback.params import TensorSpec
+from grpo import grpo_trainer
 
 W, N, BASE = 2, 10, 0.5  # warmup steps, max_steps, base learning rate
 
 
 def _sched(name, **kw):
-    from transformers import get_scheduler
-
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=BASE)
     return get_scheduler(name, opt, num_warmup_steps=W, num_training_steps=N, scheduler_specific_kwargs=kw or None)
 
@@ -106,9 +112,6 @@ def test_clock_json_round_trip_and_log_history():
 
 def test_solver_fits_on_the_clock_and_places_horizons_on_it():
     """An exactly linear-in-tau trajectory is extrapolated exactly by the lr clock (and not by the step clock)."""
-    from relex_callback.core.solver import SolveOptions, solve
-    from relex_callback.params import TensorSpec
-
     torch.manual_seed(0)
     lrs = [1.0 - 0.05 * k for k in range(20)]
     c = Clock(tuple(lrs), 8, "t")
@@ -126,30 +129,19 @@ def test_solver_fits_on_the_clock_and_places_horizons_on_it():
 
 # ------------------------------------------------------------------------------------------- end to end
 def _run(out, clock="lr", schedule="linear", warmup=0, tcut=4, max_steps=8, step_lr=False):
-    from datasets import Dataset
-    from trl import GRPOConfig, GRPOTrainer
-
-    from relex_callback import RelexCallback
-    from relex_callback.examples.toy import arithmetic_problems, build_model, build_tokenizer
-    from tests.helpers import digit_reward
-
     torch.manual_seed(0)
     tok = build_tokenizer()
     model = build_model(tok, hidden_size=32, layers=1)
     model.save_pretrained(os.path.join(out, "base"))
     tok.save_pretrained(os.path.join(out, "base"))
     cb = RelexCallback(tcut=tcut, horizons=[2 * tcut, 3 * tcut], dtype="float32", fit_clock=clock)
-    args = GRPOConfig(output_dir=os.path.join(out, "run"), per_device_train_batch_size=4, num_generations=4,
-                      max_completion_length=4, learning_rate=1e-3, lr_scheduler_type=schedule, warmup_steps=warmup,
-                      max_steps=max_steps, logging_steps=1, save_strategy="steps", save_steps=1, report_to=[],
-                      use_cpu=True, bf16=False, seed=0, disable_tqdm=True)
     opts = (None, None)
     if step_lr:  # a scheduler that is not a LambdaLR: cannot be read ahead
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         opts = (opt, torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5))
-    trainer = GRPOTrainer(model=model, reward_funcs=digit_reward, args=args,
-                          train_dataset=Dataset.from_list(arithmetic_problems(64, seed=1)), processing_class=tok,
-                          callbacks=[cb], optimizers=opts)
+    trainer = grpo_trainer(os.path.join(out, "run"), [cb], model=model, tok=tok, optimizers=opts,
+                           lr_scheduler_type=schedule, warmup_steps=warmup, max_steps=max_steps, save_strategy="steps",
+                           save_steps=1)
     trainer.train()
     return cb, trainer
 
@@ -189,7 +181,6 @@ def test_linear_schedule_recorded_and_rewritten_bit_for_bit(tmp_path):
     # the rates the trainer logged are the ones read ahead (step t logs the rate step t ran with)
     logged = {e["step"]: e["learning_rate"] for e in trainer.state.log_history if "learning_rate" in e}
     out = tmp_path / "run" / "relex"
-    from relex_callback.files.state import load_state
 
     st = load_state(str(out))
     assert st.clock is not None
@@ -231,8 +222,6 @@ def test_linear_schedule_recorded_and_rewritten_bit_for_bit(tmp_path):
 
 
 def test_unreadable_scheduler_falls_back_with_one_warning(tmp_path, caplog):
-    import logging
-
     with caplog.at_level(logging.WARNING, logger="relex_callback"):
         cb, _ = _run(str(tmp_path), clock="lr", step_lr=True)
     msgs = [r.getMessage() for r in caplog.records if "StepLR" in r.getMessage()]

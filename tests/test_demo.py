@@ -1,16 +1,24 @@
-"""Smoke test of the demo (``python -m relex_callback.examples.demo --quick``) in a child process, as `make demo` runs it."""
+"""Smoke test of the demo (``python -m relex_callback.examples.demo --quick``) in a child process, as `make demo` runs
+it."""
 
 import json
 import os
 import subprocess
 import sys
+from safetensors.torch import load_file
 
 
 
 def test_demo_quick(tmp_path, subprocess_env):
     out = tmp_path / "demo"
-    r = subprocess.run([sys.executable, "-m", "relex_callback.examples.demo", "--quick", "--out", str(out), "--threads", "1"],
-                       env=subprocess_env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    r = subprocess.run(
+        [sys.executable, "-m", "relex_callback.examples.demo", "--quick", "--out", str(out), "--threads", "1"],
+        env=subprocess_env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "held-out acc" in r.stdout and "RELEX step-12" in r.stdout
     result = json.load(open(out / "demo.json"))
@@ -22,7 +30,6 @@ def test_demo_quick(tmp_path, subprocess_env):
     for h in (8, 12):
         assert os.path.isfile(out / "relex" / f"step-{h}" / "model.safetensors")
     # the two horizons are distinct points on the extrapolated line, not copies of one checkpoint
-    from safetensors.torch import load_file
 
     w8, w12 = (load_file(out / "relex" / f"step-{h}" / "model.safetensors") for h in (8, 12))
     assert w8.keys() == w12.keys()

@@ -19,13 +19,22 @@ import os
 import subprocess
 import sys
 import time
+import re
 
 import pytest
 
 from relex_callback.config import RelexSettings
+from relex_callback.examples.toy import build_model, build_tokenizer
+from relex_callback.files.checkpoints import ModelSource
+from relex_callback.files.state import load_state
+from relex_callback.files.writers import FullModelWriter
+from relex_callback.params import plain_tracked
+from relex_callback.pipeline.finalize import finalize
+from relex_callback.trajectory.store import TrajectoryStore
 import torch
 
 from helpers import compare_weights, extrapolation_tolerance
+from transformers import AutoModelForCausalLM
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -61,7 +70,16 @@ def launch(mode: str, out: str, *extra: str, timeout: int = 600, expect_fail: bo
             cmd.append("--fsdp2")
     else:
         cfg = os.path.join(CONFIGS, f"{mode}_cpu.yaml")
-        cmd = [os.path.join(BIN, "accelerate"), "launch", "--config_file", cfg, "--main_process_port", _port(), SCRIPT, out]
+        cmd = [
+            os.path.join(BIN, "accelerate"),
+            "launch",
+            "--config_file",
+            cfg,
+            "--main_process_port",
+            _port(),
+            SCRIPT,
+            out,
+        ]
     cmd += list(extra)
     p = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
     if expect_fail:
@@ -78,15 +96,6 @@ def replay(run_dir: str, out_dir: str, exclude=None, horizons=HORIZONS, tcut=TCU
     ``fold_rank``: the same folded buffer). Excluded (untracked) tensors are written as they were at ``tcut``.
     ``record``: which record of ``trajectory.pt`` to replay (``snaps``: the parameters; ``masters``: DeepSpeed's fp32
     master weights), into a float32 model."""
-    import re
-
-    from relex_callback.trajectory.store import TrajectoryStore
-    from relex_callback.pipeline.finalize import finalize
-    from relex_callback.files.writers import FullModelWriter
-    from relex_callback.params import plain_tracked
-    from relex_callback.examples.toy import build_model, build_tokenizer
-    from relex_callback.files.checkpoints import ModelSource
-
     rec = torch.load(os.path.join(run_dir, "trajectory.pt"))
     names, snaps = rec["names"], rec[record]
     assert set(range(tcut + 1)) <= set(snaps)
@@ -101,11 +110,18 @@ def replay(run_dir: str, out_dir: str, exclude=None, horizons=HORIZONS, tcut=TCU
         for n in untracked:
             params[n].copy_(snaps[tcut][n])
     tracked = plain_tracked([(n, params[n]) for n in names])
-    store = TrajectoryStore([t.spec for t in tracked], slots or tcut, dtype="float32", storage="host", fold_rank=fold_rank)
+    store = TrajectoryStore(
+        [t.spec for t in tracked], slots or tcut, dtype="float32", storage="host", fold_rank=fold_rank
+    )
     store.set_theta0([snaps[0][n].reshape(-1).float() for n in names])
     for t in range(1, tcut + 1):
         store.snapshot(t, [snaps[t][n].reshape(-1).float() for n in names])
-    finalize(store, FullModelWriter(ModelSource(model, tok)), RelexSettings(tcut=tcut, horizons=tuple(horizons)), out_dir=out_dir)
+    finalize(
+        store,
+        FullModelWriter(ModelSource(model, tok)),
+        RelexSettings(tcut=tcut, horizons=tuple(horizons)),
+        out_dir=out_dir,
+    )
     return snaps
 
 
@@ -124,8 +140,6 @@ def resume_and_splice(mode: str, d: str, stopped: int, *args: str) -> dict:
 
 
 def load_sd(path):
-    from transformers import AutoModelForCausalLM
-
     m = AutoModelForCausalLM.from_pretrained(path)
     return {k: v.detach().clone() for k, v in m.state_dict().items()}, m
 
@@ -163,8 +177,6 @@ def check_matches_single(run_dir, ref_dir, snaps, horizons=HORIZONS, exclude=Non
     per-horizon bounds (name -> absolute bound) for the validation checks. ``folded``: a folded run against the folded
     replay (tests/test_distributed_fold.py): both differ from the exact reference by what the folds discarded, and
     the folds' own rounding (per-process vs all-reduced fold Grams) is not derived: rtol 1e-5 (docs/tolerances.md)."""
-    import re
-
     out = {}
     for h in horizons:
         got, model = load_sd(os.path.join(run_dir, "relex", f"step-{h}"))
@@ -190,8 +202,6 @@ def check_matches_single(run_dir, ref_dir, snaps, horizons=HORIZONS, exclude=Non
 
 def check_state(run_dir, ref_dir):
     """The sharded state file reads back (load_state) as the single-process one does, and extrapolates the same."""
-    from relex_callback.files.state import load_state
-
     run = os.path.join(run_dir, "relex")
     assert os.path.isfile(os.path.join(run, "relex_state.index.json"))
     got, want = load_state(run), load_state(ref_dir)
@@ -201,7 +211,9 @@ def check_state(run_dir, ref_dir):
     snaps, steps = rec["snaps"], list(range(1, TCUT + 1))
     # the state extrapolates what the single-process file holds: each within its float32 bound of the float64
     # reference of the recorded trajectory (was rtol 1e-5)
-    mine = {s.name: got.extrapolate(i, 20, snaps[0][s.name].reshape(-1)).reshape(s.shape) for i, s in enumerate(got.specs)}
+    mine = {
+        s.name: got.extrapolate(i, 20, snaps[0][s.name].reshape(-1)).reshape(s.shape) for i, s in enumerate(got.specs)
+    }
     compare_weights(mine, {n: sd[n] for n in mine}, snaps, 20, steps, label=f"{os.path.basename(run_dir)} state")
     # the slopes (was rtol 1e-4): the slope a of the coefficient line on the unit direction is the extrapolation per
     # unit of H as H -> infinity, and |da| <= ||d(a v)||: extrapolation_tolerance at H = 1e12 bounds |da| / |a| for
@@ -261,8 +273,6 @@ def test_sharding_in_one_process_records_the_shards(tmp_path, mode):
 @pytest.mark.parametrize("mode", ["ddp", "zero3", "fsdp2"])
 def test_each_rank_keeps_its_share(runs, mode):
     """No rank holds the full trajectory: per-rank buffer bytes are about total / world_size."""
-    import re
-
     run_dir, _, snaps = runs(mode)
     info = rank_info(run_dir)
     ex = EXCLUDE.get(mode)
@@ -313,7 +323,9 @@ def validation_runs(tmp_path_factory):
         first = rank_info(d)
         if resume:
             for r in range(2):
-                assert os.path.isfile(os.path.join(d, "checkpoint-9", "relex_trajectory", f"rank-{r}", "validation.json"))
+                assert os.path.isfile(
+                    os.path.join(d, "checkpoint-9", "relex_trajectory", f"rank-{r}", "validation.json")
+                )
             rec1 = torch.load(os.path.join(d, "trajectory.pt"))
             os.remove(os.path.join(d, "trajectory.pt"))
             launch(mode, d, *common, "--max-steps", "11", "--resume")
@@ -337,15 +349,17 @@ def expected_validation(ref_dir, snaps, h, names):
     for n in names:
         real = (snaps[h][n].double() - snaps[0][n].double()).flatten()
         pred = (sd[n].double() - snaps[0][n].double()).flatten()
-        out[n] = (float(real @ pred / (real.norm() * pred.norm())), float(pred.norm() / real.norm()), float(pred.norm()),
-                  real.numel())
+        out[n] = (
+            float(real @ pred / (real.norm() * pred.norm())),
+            float(pred.norm() / real.norm()),
+            float(pred.norm()),
+            real.numel(),
+        )
     return out
 
 
 @pytest.mark.parametrize("mode", ["ddp", "zero3"])
 def test_validation_mode(validation_runs, mode):
-    import re
-
     run_dir, ref_dir, snaps, first = validation_runs(mode)
     ex = EXCLUDE.get(mode)
     bounds = check_matches_single(run_dir, ref_dir, snaps, horizons=VHORIZONS, exclude=ex)
@@ -454,6 +468,5 @@ def test_write_failure_is_a_relex_write_error_on_every_rank(tmp_path, mode, fail
     assert "step-12" not in left and "step-20" not in left
     assert not [n for n in left if n.startswith(".")], left  # no temporaries
     assert "relex_state.index.json" in left
-    from relex_callback.files.state import load_state
 
     assert load_state(relex).tcut == TCUT

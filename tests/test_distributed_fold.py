@@ -13,7 +13,10 @@ import os
 
 import pytest
 
-from test_distributed import EXCLUDE, check_matches_single, launch, rank_info, replay, resume_and_splice
+from test_distributed import check_matches_single, EXCLUDE, launch, load_sd, rank_info, replay, resume_and_splice
+from test_full_disk import _mount, _umount
+from relex_callback.examples.toy import build_model, build_tokenizer
+from relex_callback.trainer.topology import balance
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -61,7 +64,6 @@ def test_folded_run_equals_single_process_folded_replay(folded_runs, mode, tmp_p
     # the fold is not the exact path in disguise: the exact replay of the same trajectory differs
     exact = str(tmp_path / "exact")
     replay(run_dir, exact, exclude=EXCLUDE.get(mode), horizons=(16,), tcut=8)
-    from test_distributed import load_sd
 
     got, _ = load_sd(os.path.join(run_dir, "relex", "step-16"))
     want, _ = load_sd(os.path.join(exact, "step-16"))
@@ -123,9 +125,6 @@ def test_a_nan_in_the_base_is_the_bases_on_every_process_before_step_1(tmp_path,
     "the base"; process 0 said the run diverged at step 1 (DDP) or "on another process" (FSDP2), after a training
     step. Now: the same message on both processes, naming the tensor and process 1, at step 0, nothing written in
     the relex output_dir and the user's file there untouched."""
-    from relex_callback.trainer.topology import balance
-    from relex_callback.examples.toy import build_model, build_tokenizer
-
     if mode == "ddp":
         model = build_model(build_tokenizer(), hidden_size=32, layers=1, heads=2, kv_heads=1, seed=0)
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -159,11 +158,6 @@ def test_ddp_disk_tier_that_fits_only_one_process_stops_both_before_step_1(tmp_p
     """storage="disk" with the relex output_dir on a real tmpfs that holds one process's trajectory file but not
     both: the process whose allocation fails raises RelexMemoryError naming the disk, the other raises too (instead
     of waiting in the next collective for 30 minutes), neither trains a step, and no trajectory file is left."""
-    from test_full_disk import _mount, _umount
-
-    from relex_callback.trainer.topology import balance
-    from relex_callback.examples.toy import build_model, build_tokenizer
-
     model = build_model(build_tokenizer(), hidden_size=32, layers=1, heads=2, kv_heads=1, seed=0)
     sizes = [p.numel() for p in model.parameters() if p.requires_grad]
     owner = balance(sizes, 2)

@@ -25,7 +25,9 @@ def _walk(seed=3, drift=0.5, sigma=0.6):
     rows = []
     for n in SIZES.values():
         d = torch.randn(n, generator=g, dtype=torch.float64)
-        rows.append(drift * d / d.norm() + torch.randn(len(STEPS), n, generator=g, dtype=torch.float64) * sigma / n ** 0.5)
+        rows.append(
+            drift * d / d.norm() + torch.randn(len(STEPS), n, generator=g, dtype=torch.float64) * sigma / n**0.5
+        )
     return torch.cat(rows, 1).cumsum(0).float()
 
 

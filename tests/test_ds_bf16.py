@@ -27,8 +27,18 @@ import pytest
 import torch
 
 from relex_callback.errors import RelexInputError
+from relex_callback.config import RelexSettings
+from relex_callback.examples.toy import build_model, build_tokenizer
+from relex_callback.files.checkpoints import ModelSource
+from relex_callback.files.state import load_state
+from relex_callback.files.writers import FullModelWriter
+from relex_callback.params import trainable_named_parameters
+from relex_callback.pipeline.finalize import finalize
+from relex_callback.trainer.topology import Topology
+from relex_callback.trajectory.store import TrajectoryStore
 
 from test_distributed import launch, replay
+from transformers import AutoModelForCausalLM
 
 TCUT, HORIZONS, LR = 6, (200, 1000), "1e-6"
 RECORDED = {"zero2_bf16": "fp32 master weights (DeepSpeed ZeRO-2 optimizer partitions)",
@@ -70,10 +80,6 @@ def relative_error(got, want, names, h):
 @pytest.mark.distributed
 @pytest.mark.parametrize("mode", ["zero2_bf16", "zero3_bf16"])
 def test_bf16_deepspeed_records_the_fp32_master_weights(bf16_runs, mode):
-    from transformers import AutoModelForCausalLM
-
-    from relex_callback.files.state import load_state
-
     run_dir, ref, bf16_ref, rec = bf16_runs(mode)
     names, snaps, masters = rec["names"], rec["snaps"], rec["masters"]
     total = sum(snaps[0][n].numel() for n in names)
@@ -139,8 +145,6 @@ def _link_masters(model):
 
 
 def test_zero12_masters_are_read_in_one_process():
-    from relex_callback.trainer.topology import Topology
-
     model = _bf16_model()
     masters = _link_masters(model)
     named = list(model.named_parameters())
@@ -159,8 +163,6 @@ def test_zero12_masters_are_read_in_one_process():
 
 
 def test_deepspeed_without_fp32_masters_is_refused_before_step_1():
-    from relex_callback.trainer.topology import Topology
-
     engine = types.SimpleNamespace(optimizer=types.SimpleNamespace())  # e.g. an optimizer that keeps no masters
     with pytest.raises(RelexInputError, match=r"0.weight: DeepSpeed trains this parameter in bfloat16 but "
                                               r"RelexCallback finds no fp32 master weights.*ZeRO stage 1, 2 or 3"):
@@ -180,16 +182,6 @@ def test_deepspeed_without_fp32_masters_is_refused_before_step_1():
 def test_masters_keep_theta0_in_float32_and_horizons_in_the_parameters_dtype(tmp_path):
     """theta_0 of fp32 masters is kept in float32 (the memory plan counts 4 bytes); the horizon is theta_0 + c v in
     float32, cast to bf16 when written."""
-    from relex_callback.config import RelexSettings
-    from relex_callback.files.checkpoints import ModelSource
-    from relex_callback.files.writers import FullModelWriter
-    from relex_callback.pipeline.finalize import finalize
-    from relex_callback.trainer.topology import Topology
-    from relex_callback.trajectory.store import TrajectoryStore
-
-    from relex_callback.examples.toy import build_model, build_tokenizer
-    from relex_callback.params import trainable_named_parameters
-
     tok = build_tokenizer()
     model = build_model(tok, hidden_size=32, layers=1, heads=2, kv_heads=1, seed=0).to(torch.bfloat16)
     masters = _link_masters(model)
@@ -208,7 +200,6 @@ def test_masters_keep_theta0_in_float32_and_horizons_in_the_parameters_dtype(tmp
     assert store.num_rows == TCUT
     finalize(store, FullModelWriter(ModelSource(model, tok)), RelexSettings(tcut=TCUT, horizons=(1000,)),
              out_dir=str(tmp_path))
-    from transformers import AutoModelForCausalLM
 
     sd = AutoModelForCausalLM.from_pretrained(os.path.join(tmp_path, "step-1000"), torch_dtype="auto").state_dict()
     moved = total = 0

@@ -16,6 +16,7 @@ import os
 import re
 import shlex
 import sys
+import json
 
 import pytest
 import torch
@@ -23,6 +24,9 @@ from safetensors.torch import load_file
 
 from relex_callback import RelexCallback, RelexEndOfWindowError
 from relex_callback.core import kernels
+from relex_callback.core.clock import Clock
+from relex_callback.core.kernels import reference, triton_ops
+from relex_callback.offline.cli import main
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -74,8 +78,6 @@ def reference_run(tmp_path_factory):
 
 def _sabotage(monkeypatch, op, after_calls, error):
     """``triton_ops.<op>`` raises ``error`` from its ``after_calls``-th call on (0: at the probe)."""
-    from relex_callback.core.kernels import triton_ops
-
     real = getattr(triton_ops, op)
     calls = {"n": 0}
 
@@ -112,15 +114,12 @@ def test_a_failing_kernel_is_replaced_by_its_reference(tmp_path, monkeypatch, ca
     assert set(kernels.disabled()) == {("cpu", "gram"), ("cpu", "project")}
     assert all(c["n"] == after + 1 for c in calls.values()), calls  # never called again once replaced
     _same(_weights(tmp_path / "relex" / f"step-{H}"), reference_run)
-    import json
 
     rep = json.load(open(tmp_path / "relex" / "report.json"))
     assert set(rep["kernels_replaced"]) == {"cpu gram", "cpu project"}
 
 
 def test_a_kernel_that_answers_wrong_at_the_probe_is_replaced(tmp_path, monkeypatch, caplog, reference_run):
-    from relex_callback.core.kernels import triton_ops
-
     monkeypatch.setenv("RELEX_FORCE_TRITON", "1")
     real = triton_ops.gram
     monkeypatch.setattr(triton_ops, "gram", lambda *a, **k: real(*a, **k) * 1.01)
@@ -132,8 +131,6 @@ def test_a_kernel_that_answers_wrong_at_the_probe_is_replaced(tmp_path, monkeypa
 
 def _break_solve(monkeypatch, error):
     """Both the kernel and the reference of the Gram fail (a sticky CUDA error, an OOM, a bug in the solve)."""
-    from relex_callback.core.kernels import reference
-
     def broken(*a, **k):
         raise error
 
@@ -161,7 +158,6 @@ def test_any_error_at_tcut_keeps_the_window_and_names_the_command(tmp_path, monk
     assert base == "<the checkpoint training started from>"  # the toy model has no path of its own
     argv = shlex.split(cmd.replace(base, shlex.quote(str(tmp_path / "base"))))[1:]
     argv[argv.index("--out") + 1] = str(tmp_path / "finished")
-    from relex_callback.offline.cli import main
 
     monkeypatch.setenv("RELEX_DISABLE_TRITON", "1")
     assert main(argv + ["--no-progress"]) == 0
@@ -176,7 +172,9 @@ def test_a_later_train_call_can_run_after_a_kept_window(tmp_path, monkeypatch):
         _run(tmp_path / "a")
     monkeypatch.undo()
     kernels.reset()
-    cb = RelexCallback(tcut=TCUT, horizons=[H], dtype="float32", output_dir=str(tmp_path / "a" / "relex"), overwrite=True)
+    cb = RelexCallback(
+        tcut=TCUT, horizons=[H], dtype="float32", output_dir=str(tmp_path / "a" / "relex"), overwrite=True
+    )
     trainer, _, _ = build_trainer(str(tmp_path / "b"), [cb], max_steps=30)
     trainer.train()
     assert (tmp_path / "a" / "relex" / f"step-{H}" / "model.safetensors").exists()
@@ -186,8 +184,6 @@ def test_a_kept_window_of_a_scheduled_run_finishes_on_its_lr_clock(tmp_path, mon
     """Under the default linear decay the callback fits on the lr clock; the window kept after a failure carries the
     learning rates it read ahead, so the printed command writes the callback's bytes (on the step clock it would
     not: the horizon lands 1.3-2.7x farther)."""
-    import json
-
     monkeypatch.setenv("RELEX_DISABLE_TRITON", "1")
     kernels.reset()
     _run(tmp_path / "ok", scheduler="linear")
@@ -204,7 +200,6 @@ def test_a_kept_window_of_a_scheduled_run_finishes_on_its_lr_clock(tmp_path, mon
     base = re.search(r"--base (.+?) --horizons", cmd).group(1)
     argv = shlex.split(cmd.replace(base, shlex.quote(str(tmp_path / "bad" / "base"))))[1:]
     argv[argv.index("--out") + 1] = str(tmp_path / "finished")
-    from relex_callback.offline.cli import main
 
     monkeypatch.setenv("RELEX_DISABLE_TRITON", "1")
     assert main(argv + ["--no-progress"]) == 0
@@ -217,10 +212,6 @@ def test_every_saved_form_of_a_scheduled_window_carries_its_lr_clock(tmp_path, m
     """A window can be finished offline from its partial_trajectory/ (above) or from any checkpoint's
     relex_trajectory/: each carries the learning rates the callback read ahead, so `relex extrapolate --trajectory`
     fits on the callback's lr clock from either (without them it fell back to the step, with a warning)."""
-    import json
-
-    from relex_callback.core.clock import Clock
-
     monkeypatch.setenv("RELEX_DISABLE_TRITON", "1")
     kernels.reset()
     cb = RelexCallback(tcut=TCUT, horizons=[H], dtype="float32")
@@ -233,7 +224,6 @@ def test_every_saved_form_of_a_scheduled_window_carries_its_lr_clock(tmp_path, m
     meta = json.loads((saved / "trajectory.json").read_text())
     lrs = meta["window"]["learning_rates"]
     assert len(lrs) >= H and Clock(tuple(lrs), TCUT, want["source"]).summary([H]) == want  # the callback's clock
-    from relex_callback.offline.cli import main
 
     out = tmp_path / "from-checkpoint"
     assert main(["extrapolate", "--trajectory", str(saved), "--base", str(tmp_path / "base"), "--horizons", str(H),

@@ -16,12 +16,19 @@ import pytest
 from relex_callback.config import RelexSettings
 import torch
 from safetensors.torch import load_file
-from transformers import TrainerCallback
+from transformers import AutoModelForCausalLM, TrainerCallback
 
 from relex_callback import RelexCallback, RelexNonFiniteError
 from relex_callback.trajectory.store import TrajectoryStore
 from relex_callback.offline.api import extrapolate_trajectory, materialize
 from relex_callback.errors import RelexInputError, RelexWriteError
+from relex_callback.core.solver import solve
+from relex_callback.examples.toy import build_model
+from relex_callback.files import checkpoints as writer
+from relex_callback.files.checkpoints import ModelSource
+from relex_callback.files.writers import FullModelWriter, write_full_checkpoint as write_horizon
+from relex_callback.params import plain_tracked, trainable_named_parameters
+from relex_callback.pipeline.finalize import finalize
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -133,7 +140,6 @@ def test_sigkill_during_checkpoint_write_then_materialize_finishes(tmp_path, sub
     written = materialize(str(relex / "relex_state.safetensors"), str(out / "base"), [40], max_shard_size="20KB")
     assert written == [os.path.abspath(relex / "step-40")] or written == [str(relex / "step-40")]
     assert not glob.glob(str(relex / ".step-40.*"))  # stale temporaries cleaned
-    from transformers import AutoModelForCausalLM
 
     m = AutoModelForCausalLM.from_pretrained(str(relex / "step-40"))
     assert all(bool(torch.isfinite(p).all()) for p in m.parameters())
@@ -152,10 +158,9 @@ def _all_tensors(d):
 
 
 def test_disk_full_during_write_is_clear_and_recoverable(tmp_path, monkeypatch):
-    """Fault injection: ``checkpoints.write_safetensors`` (the lowest-level file write) raises ENOSPC on its second call,
+    """Fault injection: ``checkpoints.write_safetensors`` (the lowest-level file write) raises ENOSPC on its second
+    call,
     as a full disk would; everything above it is real."""
-    from relex_callback.files import checkpoints as writer
-
     real = writer.write_safetensors
     calls = {"n": 0}
 
@@ -225,8 +230,6 @@ def test_killed_inside_window_and_resumed_gives_same_checkpoints(tmp_path, subpr
 
 @pytest.mark.parametrize("how", ["max_steps", "dataset_exhausted"])
 def test_trainer_ending_before_tcut_keeps_the_trajectory(tmp_path, caplog, how):
-    from transformers import AutoModelForCausalLM
-
     cb = RelexCallback(tcut=12, horizons=[60], dtype="float32")
     trainer, model, tok = build_trainer(str(tmp_path), [cb], max_steps=5 if how == "max_steps" else -1)
     if how == "dataset_exhausted":
@@ -253,7 +256,6 @@ def test_trainer_ending_before_tcut_keeps_the_trajectory(tmp_path, caplog, how):
     assert all(bool(torch.isfinite(p).all()) for p in m.parameters())
     # a different base is refused
     other = tmp_path / "other"
-    from relex_callback.examples.toy import build_model
 
     build_model(tok, hidden_size=32, layers=1, seed=5).save_pretrained(str(other))
     with pytest.raises(RelexInputError, match="does not match the trajectory's theta_0"):
@@ -273,8 +275,6 @@ def test_trainer_ending_before_tcut_keeps_the_trajectory(tmp_path, caplog, how):
 
 
 def _small_store(tmp_path, model):
-    from relex_callback.params import plain_tracked, trainable_named_parameters
-
     tracked = plain_tracked(trainable_named_parameters(model))
     store = TrajectoryStore([t.spec for t in tracked], 3, dtype="float32", storage="host")
     store.set_theta0([t.read() for t in tracked])
@@ -298,37 +298,35 @@ def test_damaged_saved_trajectory_is_an_input_error_from_python(tmp_path, tiny_m
 
 
 def test_bad_shard_size_fails_before_the_state_file(tmp_path, tiny_model, tokenizer):
-    from relex_callback.pipeline.finalize import finalize
-    from relex_callback.files.writers import FullModelWriter
-    from relex_callback.files.checkpoints import ModelSource
-
     store = _small_store(tmp_path, tiny_model)
     out = tmp_path / "out"
     with pytest.raises(RelexInputError, match="max_shard_size"):
-        finalize(store, FullModelWriter(ModelSource(tiny_model, tokenizer), max_shard_size="lots"), RelexSettings(tcut=3, horizons=(9,)), out_dir=str(out))
+        finalize(
+            store,
+            FullModelWriter(ModelSource(tiny_model, tokenizer), max_shard_size="lots"),
+            RelexSettings(tcut=3, horizons=(9,)),
+            out_dir=str(out),
+        )
     assert not out.exists() or not any(out.iterdir())
 
 
 def test_window_with_fewer_than_two_recorded_steps_is_a_clear_error(tmp_path, tiny_model, tokenizer):
-    from relex_callback.pipeline.finalize import finalize
-    from relex_callback.files.writers import FullModelWriter
-    from relex_callback.params import plain_tracked, trainable_named_parameters
-    from relex_callback.files.checkpoints import ModelSource
-
     tracked = plain_tracked(trainable_named_parameters(tiny_model))
     store = TrajectoryStore([t.spec for t in tracked], 4, dtype="float32", storage="host")
     store.set_theta0([t.read() for t in tracked])
     store.snapshot(4, [t.read() + 1e-3 for t in tracked])  # steps 1-3 were skipped as non-finite
     with pytest.raises(RelexInputError, match="only 1 step"):
-        finalize(store, FullModelWriter(ModelSource(tiny_model, tokenizer)), RelexSettings(tcut=4, horizons=(8,)), out_dir=str(tmp_path / "out"))
+        finalize(
+            store,
+            FullModelWriter(ModelSource(tiny_model, tokenizer)),
+            RelexSettings(tcut=4, horizons=(8,)),
+            out_dir=str(tmp_path / "out"),
+        )
     assert not (tmp_path / "out").exists()
 
 
 def test_no_checkpoint_is_written_with_nan(tmp_path, tiny_model, tokenizer):
     # the check sits in writer.write_shard, which the single-process and the distributed writers both use
-    from relex_callback.files.writers import write_full_checkpoint as write_horizon
-    from relex_callback.core.solver import solve
-    from relex_callback.files.checkpoints import ModelSource
 
     store = _small_store(tmp_path, tiny_model)
     sol = solve(store.rows(), store.steps, store.specs)
@@ -341,17 +339,17 @@ def test_no_checkpoint_is_written_with_nan(tmp_path, tiny_model, tokenizer):
 
 
 def test_materialize_checks_every_output_before_writing_one(tmp_path, tiny_model, tokenizer):
-    from relex_callback.offline.api import materialize
-    from relex_callback.pipeline.finalize import finalize
-    from relex_callback.files.writers import FullModelWriter
-    from relex_callback.files.checkpoints import ModelSource
-
     base = tmp_path / "base"
     tiny_model.save_pretrained(str(base))  # theta_0, before _small_store moves the weights
     tokenizer.save_pretrained(str(base))
     store = _small_store(tmp_path, tiny_model)
     out = tmp_path / "out"
-    finalize(store, FullModelWriter(ModelSource(tiny_model, tokenizer)), RelexSettings(tcut=3, horizons=(9,)), out_dir=str(out))
+    finalize(
+        store,
+        FullModelWriter(ModelSource(tiny_model, tokenizer)),
+        RelexSettings(tcut=3, horizons=(9,)),
+        out_dir=str(out),
+    )
     # step-9 exists: asking for 6 and 9 must fail before step-6 is written
     with pytest.raises(RelexInputError, match="step-9"):
         materialize(str(out / "relex_state.safetensors"), str(base), [6, 9], str(out))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from relex_callback.errors import RelexInputError
-from relex_callback.core.fit import AUTO_FAMILIES, FAMILIES, Fit, fit, fit_each, fit_lines, select_family
+from relex_callback.core.fit import _pick, AUTO_FAMILIES, FAMILIES, Fit, fit, fit_each, fit_lines, select_family
 
 STEPS = torch.arange(1, 41, dtype=torch.float64)  # real step numbers 1..40
 
@@ -255,7 +255,6 @@ def test_margin_keeps_the_line_on_noisy_lines():
     coeffs2, sq2, part2, later2, _, _ = _trajectory(["log"] * 2, noise=1e-3, seed=6)
     sel = select_family(coeffs2, sq2, STEPS, part2, later2, margin=0.5)
     assert sel.choice == "log"  # log beats the line by far more than 50%; power, earlier, is not preferred to it
-    from relex_callback.core.fit import _pick
 
     assert _pick(s, 1e-6, 0.05).tolist() == [2, 0, 1]
 

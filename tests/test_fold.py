@@ -3,6 +3,7 @@ path, within the bf16/rank-r truncation, and its memory does not grow with tcut.
 
 import logging
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,8 +14,13 @@ from relex_callback.config import RelexSettings
 from relex_callback.core.fold import plan_slots
 from relex_callback.params import TensorSpec
 from relex_callback.core.solver import SolveOptions, solve
+from relex_callback import RelexCallback
+from relex_callback.examples.toy import build_model
 
+from grpo import grpo_trainer
 from helpers import extrapolation_tolerance, gram_rounding
+from safetensors.torch import load_file
+from transformers import TrainerCallback
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +45,9 @@ def _trajectory(T, noise=0.02, seed=0):
             if s.name == "frozen":
                 row.append(theta0[i].clone())
             else:
-                row.append(theta0[i] + (0.01 * t + 0.03) * v[i] + 0.01 * noise * torch.randn(s.local_numel, generator=g))
+                row.append(
+                    theta0[i] + (0.01 * t + 0.03) * v[i] + 0.01 * noise * torch.randn(s.local_numel, generator=g)
+                )
         snaps.append(row)
     return specs, theta0, snaps
 
@@ -73,7 +81,8 @@ def compare(exact, other, theta0, H):
 
 
 def fold_bounds(exact_st, folded_st, theta0, H, rank=1, fit_start=None):
-    """Per moving tensor, the bound on ``||move_folded - move_exact|| / ||move_exact||`` (``move = theta(H) - theta_0``):
+    """Per moving tensor, the bound on ``||move_folded - move_exact|| / ||move_exact||`` (``move = theta(H) -
+    theta_0``):
     each path within its :func:`helpers.extrapolation_tolerance` of the exact float64 extrapolation of the recorded
     deltas ``M`` (the unfolded store's rows). The folded path reads ``C B`` instead of ``M`` (read back from the store
     here, in float64): its Gram moves by ``(C B)(C B)^T - M M^T`` (what the folds discarded; the float32 rounding of
@@ -247,33 +256,18 @@ def test_grpo_callback_folded_matches_exact(tmp_path, tokenizer, caplog):
     """One tiny GRPOTrainer run with two callbacks on the same trajectory: the exact one (whole window in memory)
     and a folded one (3 slots + 4 fold rows, bf16: storage="auto" under a max_buffer_bytes the exact window exceeds,
     so the memory plan folds and says so). Their step-H checkpoints agree."""
-    import logging
-
-    from datasets import Dataset
-    from safetensors.torch import load_file
-    from trl import GRPOConfig, GRPOTrainer
-
-    from relex_callback import RelexCallback
-    from relex_callback.examples.toy import arithmetic_problems, build_model
-
     def digit_reward(completions, **kw):  # dense, so an untrained toy model gets a learning signal at once
         return [sum(ch == "7" for ch in c) / max(1, len(c)) for c in completions]
 
     model = build_model(tokenizer, hidden_size=32, layers=1)
-    ds = Dataset.from_list(arithmetic_problems(64, seed=1))
     tcut, H = 12, 60
     exact_cb = RelexCallback(tcut=tcut, horizons=[H], output_dir=str(tmp_path / "exact"), dtype="bfloat16")
     D = sum(p.numel() for p in model.parameters() if p.requires_grad)
     folded_cb = RelexCallback(tcut=tcut, horizons=[H], output_dir=str(tmp_path / "folded"), dtype="bfloat16",
                               max_buffer_bytes=7 * D * 2, fold_rank=4)
-    args = GRPOConfig(
-        output_dir=str(tmp_path / "run"), per_device_train_batch_size=8, num_generations=4, max_completion_length=4,
-        learning_rate=3e-3, lr_scheduler_type="constant", logging_steps=50, save_strategy="no", report_to=[],
-        use_cpu=True, seed=0, max_steps=40, beta=0.0, temperature=1.0,
-    )
-    from types import SimpleNamespace
-
-    from transformers import TrainerCallback
+    # GRPOConfig's own bf16 and tqdm defaults, not the shared run's
+    args = dict(per_device_train_batch_size=8, learning_rate=3e-3, logging_steps=50, max_steps=40, beta=0.0,
+                temperature=1.0, bf16=None, disable_tqdm=None)
 
     kept = {}
 
@@ -294,14 +288,17 @@ def test_grpo_callback_folded_matches_exact(tmp_path, tokenizer, caplog):
 
                 st.release = keep
 
-    trainer = GRPOTrainer(model=model, reward_funcs=digit_reward, args=args, train_dataset=ds,
-                          processing_class=tokenizer, callbacks=[exact_cb, folded_cb, KeepInputs()])
+    trainer = grpo_trainer(tmp_path / "run", [exact_cb, folded_cb, KeepInputs()], model=model, tok=tokenizer,
+                           reward=digit_reward, **args)
     with caplog.at_level(logging.INFO, logger="relex_callback"):
         trainer.train()
     plans = [r.getMessage() for r in caplog.records if r.getMessage().startswith("relex memory plan")]
     assert len(plans) == 2  # one block per callback, at on_train_begin
-    assert any("auto     -> host: the exact window (12 rows" in p and "fits no tier; folded on host: 4 basis + 3 ring rows"
-               in p for p in plans), plans
+    assert any(
+        "auto     -> host: the exact window (12 rows" in p
+        and "fits no tier; folded on host: 4 basis + 3 ring rows" in p
+        for p in plans
+    ), plans
     assert any("fits no memory tier; folding it" in r.getMessage() for r in caplog.records)
     assert trainer.state.global_step == tcut
     assert folded_cb.report["buffer_bytes"] == 7 * D * 2 and folded_cb.report["folds"] >= 2

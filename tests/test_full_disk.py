@@ -18,6 +18,12 @@ from transformers import TrainerCallback
 from relex_callback import RelexCallback
 from relex_callback.errors import RelexInputError, RelexWriteError
 from relex_callback.offline.api import materialize
+from relex_callback.files.checkpoints import ModelSource
+from relex_callback.files.writers import FullModelWriter
+from relex_callback.offline.cli import main
+from relex_callback.params import plain_tracked
+from relex_callback.pipeline.finalize import finalize
+from relex_callback.trajectory.store import TrajectoryStore
 
 from fault_child import build_trainer  # noqa: E402
 
@@ -26,7 +32,9 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs need
 
 def _mount(path, kib: int):
     os.makedirs(path, exist_ok=True)
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(path)], capture_output=True, text=True)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(path)], capture_output=True, text=True
+    )
     if r.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
 
@@ -157,8 +165,6 @@ def test_report_does_not_fit(tmp_path, sizes):
 def test_output_dir_on_a_full_disk_for_the_cli(tmp_path, sizes, capsys):
     """`relex materialize` onto a full disk: refused before the first write (the plan's bytes against the free
     space), exit 2, one line, nothing written."""
-    from relex_callback.offline.cli import main
-
     done = tmp_path / "done"
     trainer = _run(tmp_path, done)
     trainer.train()
@@ -178,12 +184,6 @@ def test_output_dir_on_a_full_disk_for_the_cli(tmp_path, sizes, capsys):
 def test_horizons_that_overflow_the_dtype_are_refused_before_any_write(tmp_path):
     """Not a disk fault, but the same promise: a horizon whose values would overflow the parameters' dtype (here
     float16) is refused at the end of the window before the state file, not found while writing a horizon."""
-    from relex_callback.trajectory.store import TrajectoryStore
-    from relex_callback.files.checkpoints import ModelSource
-    from relex_callback.params import plain_tracked
-    from relex_callback.pipeline.finalize import finalize
-    from relex_callback.files.writers import FullModelWriter
-
     lin = torch.nn.Linear(10, 10, bias=False).half()
     tracked = plain_tracked([("weight", lin.weight)])
     store = TrajectoryStore([t.spec for t in tracked], 4, dtype="float32", storage="host")
@@ -192,5 +192,10 @@ def test_horizons_that_overflow_the_dtype_are_refused_before_any_write(tmp_path)
     for t in (1, 2, 3, 4):
         store.snapshot(t, [lin.weight.detach().reshape(-1) + t * d])
     with pytest.raises(RelexInputError, match="overflow"):
-        finalize(store, FullModelWriter(ModelSource(lin)), RelexSettings(tcut=4, horizons=(40, 10**6)), out_dir=str(tmp_path / "o"))
+        finalize(
+            store,
+            FullModelWriter(ModelSource(lin)),
+            RelexSettings(tcut=4, horizons=(40, 10**6)),
+            out_dir=str(tmp_path / "o"),
+        )
     assert not (tmp_path / "o").exists() or not os.listdir(tmp_path / "o")

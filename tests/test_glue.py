@@ -4,6 +4,9 @@ of RelexCallback is reachable from a YAML recipe through RelexConfig (one source
 import dataclasses
 import inspect
 import os
+import dataclasses as dc
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -11,7 +14,8 @@ import yaml
 from relex_callback import RelexCallback, RelexConfig
 from relex_callback.config import RelexSettings
 
-from test_callback import TCUT, grpo_trainer
+from grpo import grpo_trainer
+from test_callback import TCUT
 
 
 def _tensorboard_scalars(logdir) -> dict:
@@ -33,7 +37,6 @@ def test_tensorboard_receives_relex_scalars(tmp_path, attach, monkeypatch):
     cb = RelexCallback(tcut=TCUT, horizons=[12], dtype="float32")
     logdir = tmp_path / "tb"
     monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(logdir))  # transformers 5: TensorBoardCallback's log dir
-    import dataclasses as dc
     from transformers import TrainingArguments
 
     # transformers 4.x: TrainingArguments.logging_dir (the field is gone in 5.x)
@@ -126,9 +129,6 @@ def test_auto_horizons_are_a_scored_ladder():
 
 
 def test_config_module_imports_no_torch():
-    import subprocess
-    import sys
-
     code = ("import sys; import relex_callback.config, relex_callback.offline.cli; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

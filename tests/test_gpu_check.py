@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+import threading
 
 import pytest
 import torch
@@ -17,6 +18,9 @@ sys.path.insert(0, os.path.join(REPO, "bench"))
 
 import gpu_check  # noqa: E402
 import gpu_checks  # noqa: E402
+from relex_callback.core import kernels  # noqa: E402
+from relex_callback.core.kernels import triton_ops  # noqa: E402
+from relex_callback.trajectory import tiers  # noqa: E402
 
 PARTS = ["env", "kernels", "fallback", "memory", "pinned", "gram-bandwidth", "snapshot", "preset"]
 
@@ -62,8 +66,6 @@ def test_orchestration_timeouts_lines_and_json_after_every_part(tmp_path, monkey
     """main() on a pretended GPU machine: the bundle chain runs beside the correctness checks, the timed checks alone
     after them; a part past its budget is killed and reported; every part gives one line and the JSON holds every
     part (written after each one)."""
-    import threading
-
     live, peak, order, writes = set(), [0], [], []
     lock = threading.Lock()
 
@@ -153,7 +155,6 @@ def test_kernels_check_at_cpu_scale_and_its_bounds_bite(monkeypatch):
     assert r["status"] == "PASS", r["figure"]
     assert r["data"]["project_float32"]["written"] == r["data"]["project_float32"]["owned"]
     # a kernel 1e-3 off, or one writing outside its segments, fails
-    from relex_callback.core.kernels import triton_ops
 
     real = triton_ops.gram
     monkeypatch.setattr(triton_ops, "gram", lambda *a, **k: real(*a, **k) * (1 + 1e-3))
@@ -177,8 +178,6 @@ def test_fallback_check_at_cpu_scale():
     r = gpu_checks.check_fallback("cpu", small=True)
     assert r["status"] == "PASS", r["figure"]
     assert r["data"]["bitwise"] and r["data"]["calls"] == {"gram": 2, "project": 1} and len(r["data"]["warnings"]) == 2
-    from relex_callback.core import kernels
-    from relex_callback.core.kernels import triton_ops
 
     assert not kernels.disabled() and triton_ops.gram.__name__ == "gram"  # left as found
     assert "RELEX_DISABLE_TRITON" not in os.environ
@@ -207,8 +206,6 @@ def test_memory_verdict_with_an_h100s_figures():
 
 
 def test_pinned_check_registers_the_planned_bytes(monkeypatch):
-    from relex_callback.trajectory import tiers
-
     assert gpu_checks.check_pinned("cpu", small=True)["status"] == "SKIP"  # the real cudaHostRegister needs CUDA
     calls = {"register": [], "unregister": []}
     monkeypatch.setattr(tiers, "HOST_REGISTER", lambda p, n: calls["register"].append((p, n)) or 0)

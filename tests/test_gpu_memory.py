@@ -12,6 +12,7 @@ import os
 
 import pytest
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from relex_callback.config import RelexSettings
 from relex_callback.params import plain_tracked, trainable_named_parameters
@@ -23,7 +24,9 @@ from relex_callback.trajectory.plan import (
     pending_training_bytes,
     plan_for_run,
     solve_scratch_bytes,
+    torch_optimizer_bytes,
 )
+from relex_callback.offline.cli import main
 
 FIX = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 GB = 10**9
@@ -34,8 +37,6 @@ CONTEXT = 530 * 2**20  # a CUDA context and the allocator's first blocks
 @pytest.fixture(scope="module")
 def qwen_1p5b():
     """Qwen2.5-Math-1.5B's architecture in float32 on the meta device (no memory), with torch AdamW over it."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     cfg = json.load(open(os.path.join(FIX, "qwen2.5-math-1.5b", "config.json")))
     config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
     with torch.device("meta"):
@@ -90,7 +91,9 @@ def test_the_ring_fits_the_device_after_the_first_step(qwen_1p5b, tmp_path):
           f"({plan.buffer_bytes / GB:.1f} GB); without the optimizer's share: {blind.tiers['device'].budget / GB:.1f} "
           f"GB -> {blind.tier} ring of {blind.rows} rows ({blind.buffer_bytes / GB:.1f} GB)")
     assert blind.tier == "device" and blind.buffer_bytes > buffer
-    assert weights + CONTEXT + pending + blind.device_fixed_bytes + blind.buffer_bytes > H100 * (1 - DEFAULT_GPU_HEADROOM)
+    assert weights + CONTEXT + pending + blind.device_fixed_bytes + blind.buffer_bytes > H100 * (
+        1 - DEFAULT_GPU_HEADROOM
+    )
 
 
 def test_a_window_the_device_cannot_hold_at_steady_state_goes_to_the_host(qwen_1p5b, tmp_path):
@@ -151,9 +154,6 @@ def test_relex_plan_counts_a_torch_optimizer_as_the_callback_does(qwen_1p5b, tmp
     """`relex plan --optimizer adamw` (no model weights, only the config) claims what the callback claims for the live
     model with that optimizer before its first step: the weights at train begin and what the first step adds (the
     same pending_training_bytes over a real torch optimizer), in the config's dtype."""
-    from relex_callback.offline.cli import main
-    from relex_callback.trajectory.plan import torch_optimizer_bytes
-
     shapes = [tuple(p.shape) for _, p in trainable_named_parameters(qwen_1p5b)]
     weights, pending = torch_optimizer_bytes(shapes, "float32", name)
     assert weights == sum(p.numel() * p.element_size() for p in qwen_1p5b.parameters())
@@ -168,8 +168,6 @@ def test_relex_plan_counts_a_torch_optimizer_as_the_callback_does(qwen_1p5b, tmp
 
 
 def test_relex_plan_refuses_a_torch_optimizer_for_deepspeed_and_two_answers(capsys):
-    from relex_callback.offline.cli import main
-
     model = os.path.join(FIX, "qwen2.5-math-1.5b")
     for extra, want in ((["--world-size", "8", "--optimizer", "adamw"], "DeepSpeed"),
                         (["--optimizer", "adamw", "--trainer-memory", "20GB"], "give one"),

@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 from safetensors.torch import save_file
+from relex_callback.offline.hub import looks_like_hub_id
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FIXTURE = os.path.join(HERE, "fixtures", "qwen2.5-math-1.5b")
@@ -54,9 +55,18 @@ def test_plan_reads_a_cached_hub_id_like_its_directory(tmp_path, subprocess_env)
     snap = _cache_model(str(cache), "Qwen/Qwen2.5-Math-1.5B", {"config.json": os.path.join(FIXTURE, "config.json")})
     env = _env(subprocess_env, cache)
     # the layout is the hub's: its own cache scanner sees the repository and the revision
-    seen = subprocess.run([sys.executable, "-c", "from huggingface_hub import scan_cache_dir; "
-                           "print([(r.repo_id, [v.commit_hash for v in r.revisions]) for r in scan_cache_dir().repos])"],
-                          capture_output=True, text=True, env=env, timeout=120)
+    seen = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from huggingface_hub import scan_cache_dir; "
+            "print([(r.repo_id, [v.commit_hash for v in r.revisions]) for r in scan_cache_dir().repos])",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert seen.stdout.strip() == f"[('Qwen/Qwen2.5-Math-1.5B', ['{COMMIT}'])]", seen.stderr
     local = tmp_path / "Qwen2.5-Math-1.5B"
     local.mkdir()
@@ -116,6 +126,4 @@ def test_extrapolate_reads_a_cached_base_like_its_directory(tmp_path, subprocess
                                        ("/abs/path", False), ("a/b/c", False), ("cfg/config.json", False),
                                        ("../up", False)])
 def test_what_counts_as_a_hub_id(value, hub):
-    from relex_callback.offline.hub import looks_like_hub_id
-
     assert looks_like_hub_id(value) is hub

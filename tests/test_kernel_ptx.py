@@ -30,8 +30,13 @@ def compiled(tmp_path_factory):
     out = tmp_path_factory.mktemp("ptx")
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1", PYTHONPATH=REPO,
                TRITON_CACHE_DIR=str(out / "cache"))
-    r = subprocess.run([sys.executable, os.path.join(REPO, "bench", "compile_kernels.py"), "--quick", "--out", str(out)],
-                       capture_output=True, text=True, env=env, timeout=600)
+    r = subprocess.run(
+        [sys.executable, os.path.join(REPO, "bench", "compile_kernels.py"), "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     manifest = json.load(open(out / "manifest.json")) if (out / "manifest.json").exists() else {}
     assert manifest, r.stdout[-2000:] + r.stderr[-2000:]
     return out, manifest, r

@@ -17,7 +17,9 @@ try:
 except Exception:  # pragma: no cover - triton is an extra
     HAVE_TRITON = False
 
-from relex_callback.core.kernels import reference
+from relex_callback.core.kernels import reference, triton_ops
+from relex_callback.core import kernels
+from relex_callback.core.kernels.triton_ops import _table
 
 from helpers import dot_error_bound
 
@@ -41,7 +43,10 @@ def _in_process_ok() -> bool:
 
 IN_PROCESS = _in_process_ok()
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-needs_kernels = pytest.mark.skipif(not IN_PROCESS, reason="triton is not installed (or its interpreter could not start: see test_interpreter_really_runs_the_kernels)")
+needs_kernels = pytest.mark.skipif(
+    not IN_PROCESS,
+    reason="triton is not installed (or its interpreter could not start: see test_interpreter_really_runs_the_kernels)",
+)
 
 # (segment sizes) cases: a single column, odd sizes, sizes that are not multiples of any block, many tiny segments
 # and one big one. The tests shrink each program's column span to SPAN so that the big segments cover several
@@ -144,8 +149,6 @@ def _cases():
 @needs_kernels
 @pytest.mark.parametrize("T,sizes,dtype", list(_cases()))
 def test_gram_matches_reference(T, sizes, dtype):
-    from relex_callback.core.kernels import triton_ops
-
     M, offsets, numels = _arena(T, sizes, dtype)
     G = triton_ops.gram(M, offsets, numels, span=SPAN)
     R = reference.gram_reference(M.cpu(), offsets, numels)
@@ -166,8 +169,6 @@ def test_gram_matches_reference(T, sizes, dtype):
 @pytest.mark.parametrize("T", [2, 20, 150])
 def test_gram_large_T_tiles_blocks(T):
     """T > 128 takes the tiled path (upper-triangle blocks mirrored): compare on a small segment set."""
-    from relex_callback.core.kernels import triton_ops
-
     M, offsets, numels = _arena(T, [1, 70, 300], torch.bfloat16, seed=3)
     G = triton_ops.gram(M, offsets, numels, span=SPAN).cpu()
     _check_gram(G, M, offsets, numels, "tiled")
@@ -177,8 +178,6 @@ def test_gram_large_T_tiles_blocks(T):
 @pytest.mark.parametrize("T,sizes,dtype", list(_cases()))
 @pytest.mark.parametrize("r", [1, 3])
 def test_project_matches_reference(T, sizes, dtype, r):
-    from relex_callback.core.kernels import triton_ops
-
     M, offsets, numels = _arena(T, sizes, dtype, seed=1)
     U = torch.randn(len(sizes), T, r, generator=torch.Generator().manual_seed(2))
     for out_dtype in {torch.float32, dtype}:
@@ -202,8 +201,6 @@ def test_project_matches_reference(T, sizes, dtype, r):
 @needs_kernels
 def test_dispatch_forced_triton_matches(monkeypatch):
     """kernels.gram/project dispatch to Triton with RELEX_FORCE_TRITON=1 and give the reference's answer."""
-    from relex_callback.core import kernels
-
     monkeypatch.setenv("RELEX_FORCE_TRITON", "1")
     M, offsets, numels = _arena(5, [3, 40], torch.bfloat16, seed=6)
     assert kernels._use_triton(M)
@@ -215,25 +212,25 @@ def test_dispatch_forced_triton_matches(monkeypatch):
 @pytest.mark.skipif(not HAVE_TRITON, reason="triton not installed")
 def test_interpreter_really_runs_the_kernels():
     # the kernel cases are skipped only when they cannot run; with triton installed they must be able to
-    assert IN_PROCESS, "Triton kernels cannot run here: on CPU, TRITON_INTERPRET=1 must be set before triton is imported"
+    assert IN_PROCESS, (
+        "Triton kernels cannot run here: on CPU, TRITON_INTERPRET=1 must be set before triton is imported"
+    )
 
 
 @pytest.mark.skipif(not HAVE_TRITON, reason="triton not installed")
 def test_program_table_covers_every_column_once():
-    from relex_callback.core.kernels.triton_ops import _table
-
     offsets, numels = [0, 10, 10, 50, 1000], [10, 0, 40, 901, 1]
     for span in (1, 7, 64, 5000):
         tab = _table(offsets, numels, span, "cpu").tolist()
-        expect = [(i, s, min(o + n, s + span)) for i, (o, n) in enumerate(zip(offsets, numels)) for s in range(o, o + n, span)]
+        expect = [
+            (i, s, min(o + n, s + span)) for i, (o, n) in enumerate(zip(offsets, numels)) for s in range(o, o + n, span)
+        ]
         assert [tuple(r) for r in tab] == expect
     assert _table([5], [0], 16, "cpu").shape == (0, 3)
 
 
 @needs_kernels
 def test_default_span_matches_reference():
-    from relex_callback.core.kernels import triton_ops
-
     M, offsets, numels = _arena(5, [3, 700], torch.bfloat16, seed=7)
     _check_gram(triton_ops.gram(M, offsets, numels).cpu(), M, offsets, numels, "default span")
     U = torch.randn(2, 5, 1)

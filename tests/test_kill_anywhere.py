@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from relex_callback.offline.api import materialize
 
 from helpers import compare_weights, load_recorded
+import torch
 
 pytestmark = pytest.mark.slow
 
@@ -42,8 +43,6 @@ def _same(a_run, b_run, h):
     The recovered run's record may stop before tcut: a kill during the end-of-window write at tcut comes before the
     recorder's file of that step, and a materialize then reads the killed run's own window without training again.
     Returns the largest error / bound."""
-    import torch
-
     ref = load_recorded(str(a_run / "record"))
     mine = load_recorded(str(b_run / "record"))
     assert set(mine) <= set(ref) and 0 in mine, (b_run.name, sorted(mine))

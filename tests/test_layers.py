@@ -94,7 +94,9 @@ def test_every_module_has_a_layer_and_every_subpackage_says_what_it_owns():
         init = os.path.join(PKG, *d.split("."), "__init__.py")
         if d.count(".") == 0:  # the layers' sub-packages (kernels inside core is a part of core)
             doc = ast.get_docstring(ast.parse(open(init).read()))
-            assert doc and "May import" in doc, f"relex_callback/{d}/__init__.py must say what the layer owns and may import"
+            assert doc and "May import" in doc, (
+                f"relex_callback/{d}/__init__.py must say what the layer owns and may import"
+            )
 
 
 @pytest.mark.parametrize("mod", sorted(MODULES))

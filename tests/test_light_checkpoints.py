@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import shutil
 
 import pytest
 import torch
@@ -74,7 +75,6 @@ def test_each_checkpoint_adds_only_its_new_rows(tmp_path, storage):
         assert added[0] <= st.theta0_bytes + st.buffer_bytes + meta_max, added
         assert all(a <= meta_max for a in added[1:]), added
     # every checkpoint still reads back its own window, after the run directory is gone
-    import shutil
 
     shutil.rmtree(tmp_path / "run")
     for k in (2, 4, 6):
@@ -124,7 +124,10 @@ def test_grpo_checkpoint_bytes(tmp_path):
     checkpoint's relex_trajectory adds its one new row plus metadata."""
     cb = RelexCallback(tcut=6, horizons=[15], dtype="float32", storage="host")
     grpo_trainer(tmp_path, [cb], save_strategy="steps", save_steps=1).train()
-    D = sum(s["local_numel"] for s in json.load(open(tmp_path / "checkpoint-1" / "relex_trajectory" / "trajectory.json"))["specs"])
+    D = sum(
+        s["local_numel"]
+        for s in json.load(open(tmp_path / "checkpoint-1" / "relex_trajectory" / "trajectory.json"))["specs"]
+    )
     seen, added = set(), []
     for k in range(1, 6):
         added.append(_unique_bytes([tmp_path / f"checkpoint-{k}" / "relex_trajectory"], seen))

@@ -14,8 +14,10 @@ from safetensors.torch import load_file, save_file
 
 from relex_callback.core import noise
 from relex_callback.core.solver import SolveOptions, solve
+from relex_callback import RelexCallback
 
 from helpers import U32, arena_specs, first_order_bound, gram_rounding
+from grpo import grpo_trainer
 
 SIZES = [4000, 700, 64]
 
@@ -137,7 +139,7 @@ def test_halves_see_a_decelerating_line():
     steps = list(range(1, T + 1))
     slow = _share((t.sqrt()[:, None] * d).float(), steps, specs)
     steady = _share((t[:, None] * d).float(), steps, specs)
-    assert slow.speed_ratio == pytest.approx(2 ** 0.5 - 1, rel=0.02) and steady.speed_ratio == pytest.approx(1, rel=1e-3)
+    assert slow.speed_ratio == pytest.approx(2**0.5 - 1, rel=0.02) and steady.speed_ratio == pytest.approx(1, rel=1e-3)
     assert slow.mid_step == 20 and slow.late_share > 0.95 and steady.late_share > 0.99
     j = slow.to_json()
     assert j["speed_ratio"] == pytest.approx(slow.speed_ratio, rel=1e-5) and j["mid_step"] == 20
@@ -147,10 +149,14 @@ def test_combine_equals_the_whole_window():
     steps = list(range(1, 16))
     M, specs = _walk(15, drift=0.5, sigma=0.7, seed=5)
     D = M.shape[1]
-    G = torch.stack([M[:, s.offset:s.offset + s.local_numel] @ M[:, s.offset:s.offset + s.local_numel].T for s in specs])
+    G = torch.stack(
+        [M[:, s.offset : s.offset + s.local_numel] @ M[:, s.offset : s.offset + s.local_numel].T for s in specs]
+    )
     c = torch.randn(3, 15, dtype=torch.float64).cumsum(1)
     whole = noise.drift_share(G, steps, coeffs=c)
-    parts = noise.combine([noise.drift_share(G[:1], steps, coeffs=c[:1]), noise.drift_share(G[1:], steps, coeffs=c[1:])])
+    parts = noise.combine(
+        [noise.drift_share(G[:1], steps, coeffs=c[:1]), noise.drift_share(G[1:], steps, coeffs=c[1:])]
+    )
     assert parts.drift_share == pytest.approx(whole.drift_share, abs=1e-12)
     assert parts.global_share_se == pytest.approx(whole.global_share_se, abs=1e-12)
     assert parts.coef_share == pytest.approx(whole.coef_share, abs=1e-12)
@@ -199,8 +205,22 @@ def test_relex_extrapolate_writes_it_and_relex_report_prints_it(tmp_path, subpro
         base, ckpts = _checkpoints(str(tmp_path / name), drift, sigma, seed=7)
         for flag in ("--streaming", "--no-streaming"):
             out = str(tmp_path / name / flag.strip("-"))
-            r = _cli(subprocess_env, "extrapolate", "--base", base, "--checkpoints", ckpts, "--horizons", "48", "--out", out,
-                     "--no-progress", "--dtype", "float32", flag)
+            r = _cli(
+                subprocess_env,
+                "extrapolate",
+                "--base",
+                base,
+                "--checkpoints",
+                ckpts,
+                "--horizons",
+                "48",
+                "--out",
+                out,
+                "--no-progress",
+                "--dtype",
+                "float32",
+                flag,
+            )
             assert r.returncode == 0, r.stderr[-2000:]
             got[name, flag] = json.load(open(os.path.join(out, "report.json")))["noise"]
         r = _cli(subprocess_env, "report", out)
@@ -230,10 +250,6 @@ def test_relex_extrapolate_writes_it_and_relex_report_prints_it(tmp_path, subpro
 @pytest.mark.slow
 def test_the_callback_logs_it_and_writes_it(tmp_path):
     """A real GRPOTrainer run: report.json's drift share is logged as ``relex/noise/drift_share``."""
-    from relex_callback import RelexCallback
-
-    from test_callback import grpo_trainer
-
     cb = RelexCallback(tcut=6, horizons=[12], dtype="float32")
     trainer = grpo_trainer(tmp_path, [cb])
     trainer.train()

@@ -7,6 +7,8 @@ import re
 import pytest
 
 from test_distributed import launch
+from grpo import grpo_trainer
+from relex_callback import RelexCallback
 
 
 @pytest.mark.slow
@@ -22,9 +24,6 @@ def test_one_summary_and_no_duplicate_warning_in_a_two_process_run(tmp_path):
 
 
 def test_summary_at_the_default_log_level(tmp_path, capsys):
-    from relex_callback import RelexCallback
-    from test_callback import grpo_trainer
-
     cb = RelexCallback(tcut=4, horizons=[8, 12], dtype="float32")
     grpo_trainer(tmp_path, [cb]).train()
     out = capsys.readouterr().out

@@ -29,10 +29,16 @@ from relex_callback.offline.cli import EXTRAPOLATE_NUMBERS, PLAN_NUMBERS, main
 from relex_callback.config import BOUNDS
 from relex_callback.files.fs import RELEX_MARKER, STATE_SHARD_PATTERN, output_names
 from relex_callback.files.schema import REPORT_FIELDS
-from relex_callback.files.state import state_shard_name
+from relex_callback.files.state import load_state, state_shard_name
 from relex_callback.examples.toy import arithmetic_problems, build_model, build_tokenizer
+from relex_callback.errors import RelexNonFiniteError
+from relex_callback.trainer import scoring
+from relex_callback.trainer.scoring import evaluate_horizons
+from relex_callback.trajectory.plan import COUNT, POSITIVE_SIZE
 from test_bad_input import _save_like, cli_fixture
 from test_callback import Recorder, grpo_trainer
+from safetensors.torch import load_file
+from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
 HORIZONS = [4, 8]
 USER = "a user's file: relex must not touch it\n"
@@ -75,8 +81,10 @@ def every_output_name() -> list:
 def lora_trainer(out, callbacks):
     peft = pytest.importorskip("peft")
     tok = build_tokenizer()
-    model = peft.get_peft_model(build_model(tok), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                                  init_lora_weights="gaussian"))
+    model = peft.get_peft_model(
+        build_model(tok),
+        peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights="gaussian"),
+    )
     return grpo_trainer(out, callbacks, model=model, tok=tok, max_steps=4)
 
 
@@ -119,8 +127,6 @@ def test_keep_best_temporaries_and_trajectory_files_remove_only_this_runs(tmp_pa
     only this run's losing step-H/ and the stale temporary go; everything else is left, and report.json says why.
     The toy's scores are within noise of each other, where keep_best removes nothing (tests/test_scoring.py): the
     noise rule is switched off here so that the removals this test is about happen."""
-    from relex_callback.trainer import scoring
-
     monkeypatch.setattr(scoring, "NOISE_SE", -math.inf)  # every best horizon "beats" the tcut model
     relex = tmp_path / "relex"
     horizons = [4, 8, 16]
@@ -149,7 +155,6 @@ def test_keep_best_temporaries_and_trajectory_files_remove_only_this_runs(tmp_pa
     assert not stale.exists(), "the killed writer's temporary was not cleaned"
 
     # class 3: an earlier run's step-H/ in the same directory is neither scored nor removed as this run's
-    from relex_callback.trainer.scoring import evaluate_horizons
 
     best = kb["kept"][0]
     other = relex / "step-32"
@@ -168,8 +173,13 @@ def test_keep_best_temporaries_and_trajectory_files_remove_only_this_runs(tmp_pa
 
 # -------------------------------------------------------------------- the CLI: overwrite, a base of other weights
 def _cli(argv, env):
-    return subprocess.run([sys.executable, "-m", "relex_callback.offline.cli", *argv], env=env, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "relex_callback.offline.cli", *argv],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -201,7 +211,6 @@ def test_overwrite_of_relex_output_and_materialize_over_a_users_dir(cli_paths, s
               "--overwrite", "--no-progress"], subprocess_env)
     assert r.returncode == 0, r.stderr
     marker = json.load(open(os.path.join(again, "step-40", RELEX_MARKER)))
-    from relex_callback.files.state import load_state
 
     assert marker["run_id"] and marker["run_id"] == load_state(again).run_id
     # materialize --overwrite next to the state: a user's step-100/ is not replaced
@@ -220,8 +229,6 @@ def test_overwrite_of_relex_output_and_materialize_over_a_users_dir(cli_paths, s
 def test_a_base_with_other_weights_is_refused_naming_every_tensor(cli_paths, subprocess_env):
     """`relex materialize` with a base of the same architecture and other weights: refused, the count of the tensors
     that differ and (up to five) their names in the one line."""
-    from safetensors.torch import load_file
-
     d, p = cli_paths
     a = load_file(os.path.join(p["base"], "model.safetensors"))
     b = load_file(os.path.join(p["base1"], "model.safetensors"))
@@ -280,7 +287,17 @@ def test_cli_refuses_every_number_beyond_the_callbacks_bound(cli_paths, cmd, opt
     value = str(BOUNDS[name][1] + 1 if how == "max+1" else 10**30)
     out = os.path.join(d, f"n-{cmd}{option}{how}")
     argv = {
-        "extrapolate": ["extrapolate", "--base", p["base"], "--checkpoints", p["ckpts"], "--horizons", "40", "--out", out],
+        "extrapolate": [
+            "extrapolate",
+            "--base",
+            p["base"],
+            "--checkpoints",
+            p["ckpts"],
+            "--horizons",
+            "40",
+            "--out",
+            out,
+        ],
         "materialize": ["materialize", "--state", p["done"], "--base", p["base"], "--horizons", "100", "--out", out],
         "plan": ["plan", "--model", p["base"], "--tcut", "100", "--world-size", "8"],
         "report": ["report", p["done"]],
@@ -304,8 +321,6 @@ def test_world_size_10_21_in_a_real_process(cli_paths, subprocess_env):
 
 
 def _size_fields(cfg: dict, where=""):
-    from relex_callback.trajectory.plan import COUNT, POSITIVE_SIZE
-
     out = []
     for k, v in cfg.items():
         if isinstance(v, dict):
@@ -330,8 +345,6 @@ def test_plan_reads_the_size_fields_it_checks():
 def test_plan_refuses_every_bad_size_in_config_json(tmp_path, field, bad, capsys):
     """Every size field of a real config.json (hidden_size, num_hidden_layers, ...) set to a negative, zero (where a
     size must be positive), non-numeric, fractional or boolean value: `relex plan` exits 2 with one line naming it."""
-    from relex_callback.trajectory.plan import POSITIVE_SIZE
-
     with open(FIXTURE_CONFIG) as f:
         cfg = json.load(f)
     obj = cfg
@@ -395,8 +408,6 @@ def test_report_fields_in_a_real_process(tmp_path, real_report, subprocess_env):
 # ------------------------------------------------------------------------ class 7: the error names the input
 @pytest.mark.parametrize("streaming", ["--streaming", "--no-streaming"])
 def test_a_nan_in_the_base_is_the_bases(cli_paths, streaming, subprocess_env):
-    from safetensors.torch import load_file
-
     d, p = cli_paths
     nanbase = os.path.join(d, "nanbase")
     if not os.path.isdir(nanbase):
@@ -418,7 +429,6 @@ def test_a_nan_in_the_base_is_the_bases(cli_paths, streaming, subprocess_env):
 def test_a_nan_in_the_models_starting_weights_is_named_theta0(tmp_path):
     """A plain Trainer whose model starts with a NaN: the error says theta_0 (the base), not that step 1 diverged."""
     from datasets import Dataset
-    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
     tok = build_tokenizer()
     tok.padding_side = "right"
@@ -433,7 +443,6 @@ def test_a_nan_in_the_models_starting_weights_is_named_theta0(tmp_path):
     cb = RelexCallback(tcut=2, horizons=[4], dtype="float32", on_nonfinite="skip")
     trainer = Trainer(model=model, args=args, train_dataset=ds, processing_class=tok, callbacks=[cb],
                       data_collator=DataCollatorForLanguageModeling(tok, mlm=False))
-    from relex_callback.errors import RelexNonFiniteError
 
     with pytest.raises(RelexNonFiniteError) as e:
         trainer.train()

@@ -31,12 +31,18 @@ import os
 import shutil
 import subprocess
 import sys
+import json
 
 import pytest
 import torch
 
-from relex_callback import RelexCallback
+from relex_callback import evaluate_horizons, RelexCallback
+from relex_callback.examples.toy import arithmetic_problems, build_model, build_tokenizer
 from test_callback import Recorder, StopAt, _compare_dirs, grpo_trainer, read_weights
+from helpers import cli_env
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from test_distributed import launch
 
 TCUT = 6
 H = 15
@@ -64,8 +70,6 @@ FROZEN = "model.norm.weight"
 
 
 def _model(tok):
-    from relex_callback.examples.toy import build_model
-
     model = build_model(tok)  # tied embeddings (the toy default)
     model.get_parameter(FROZEN).requires_grad_(False)
     return model
@@ -80,19 +84,24 @@ def _assert_same(a, b, what):
     wa, wb = (read_weights(x) if not isinstance(x, dict) else x for x in (a, b))
     assert sorted(wa) == sorted(wb), (what, sorted(set(wa) ^ set(wb)))
     bad = [k for k in wa if not torch.equal(wa[k], wb[k])]
-    assert not bad, f"{what}: {len(bad)} tensors differ, e.g. {bad[0]} by {float((wa[bad[0]] - wb[bad[0]]).abs().max())}"
+    assert not bad, (
+        f"{what}: {len(bad)} tensors differ, e.g. {bad[0]} by {float((wa[bad[0]] - wb[bad[0]]).abs().max())}"
+    )
 
 
 def _cli(env, *args):
-    r = subprocess.run([sys.executable, "-m", "relex_callback.offline.cli", *map(str, args)], env=env, capture_output=True,
-                       text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-m", "relex_callback.offline.cli", *map(str, args)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    from relex_callback.examples.toy import build_tokenizer
-
     out = tmp_path_factory.mktemp("paths")
     tok = build_tokenizer()
     model = _model(tok)
@@ -111,8 +120,6 @@ def run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def env():
-    from helpers import cli_env
-
     return cli_env()
 
 
@@ -121,8 +128,6 @@ def test_materialize_and_evaluate_rebuild_equal_the_callback(run, env, tmp_path,
     """`relex materialize` from the cell's state writes the callback's bytes, and `evaluate_horizons` puts into the
     model exactly what `relex materialize` writes for a horizon the run did not write (untracked tensors included:
     trained ones at their tcut values, which the state file records; frozen ones from the base)."""
-    from relex_callback import evaluate_horizons
-
     kw, _ = CELLS[cell]
     mat = tmp_path / "mat"
     _cli(env, "materialize", "--state", run / "relex" / cell / "relex_state.safetensors", "--base", run / "base",
@@ -131,7 +136,6 @@ def test_materialize_and_evaluate_rebuild_equal_the_callback(run, env, tmp_path,
     _assert_same(run / "relex" / cell / f"step-{H}", mat / f"step-{H}", f"{cell}: callback vs relex materialize")
 
     from datasets import Dataset
-    from relex_callback.examples.toy import arithmetic_problems, build_tokenizer
 
     tok = build_tokenizer()
     trainer = grpo_trainer(tmp_path / "eval", [], model=_model(tok), tok=tok)
@@ -148,7 +152,9 @@ def test_materialize_and_evaluate_rebuild_equal_the_callback(run, env, tmp_path,
     hook = trainer.model.register_forward_pre_hook(grab)
     try:
         with pytest.raises(Seen):
-            evaluate_horizons(trainer, str(run / "relex" / cell), base=str(run / "base"), horizons=[H_EVAL], write=False)
+            evaluate_horizons(
+                trainer, str(run / "relex" / cell), base=str(run / "base"), horizons=[H_EVAL], write=False
+            )
     finally:
         hook.remove()
     want = read_weights(mat / f"step-{H_EVAL}")
@@ -188,8 +194,6 @@ def test_cli_extrapolate_streamed_is_its_own_materialize_and_close_to_the_callba
 def test_resumed_from_a_copied_checkpoint_equals_the_callback(run, tmp_path, cell):
     """The same training interrupted at step 3, `cp -r` of checkpoint-3, the run directory deleted, resumed from the
     copy: the cell's horizon is the uninterrupted callback's, bitwise."""
-    from relex_callback.examples.toy import build_tokenizer
-
     tok = build_tokenizer()
     first = tmp_path / "run"
     grpo_trainer(first, [_callback(cell, first / "relex"), StopAt(3)], model=_model(tok), tok=tok,
@@ -210,7 +214,6 @@ def test_peft_resumed_from_a_copied_checkpoint_equals_the_uninterrupted_run(tmp_
     """PEFT: the adapter directory (and with merge_lora the merged model) of a run resumed from a `cp -r` copy equal
     the uninterrupted run's, bitwise."""
     peft = pytest.importorskip("peft")
-    from relex_callback.examples.toy import build_model, build_tokenizer
 
     def model(tok):
         return peft.get_peft_model(build_model(tok), peft.LoraConfig(
@@ -233,7 +236,6 @@ def test_peft_resumed_from_a_copied_checkpoint_equals_the_uninterrupted_run(tmp_
 
 def _lora(tok):
     peft = pytest.importorskip("peft")
-    from relex_callback.examples.toy import build_model
 
     return peft.get_peft_model(build_model(tok), peft.LoraConfig(
         r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights="gaussian"))
@@ -247,7 +249,6 @@ def peft_run(tmp_path_factory):
     """One GRPO run of a LoRA adapter on the tiny model, one callback per PEFT cell (the default bf16 buffer); the
     base model saved as ``base/``."""
     pytest.importorskip("peft")
-    from relex_callback.examples.toy import build_model, build_tokenizer
 
     out = tmp_path_factory.mktemp("peft")
     tok = build_tokenizer()
@@ -301,11 +302,6 @@ def test_peft_materialize_refuses_a_base_that_is_not_the_adapters(peft_run, env,
 def test_peft_materialize_refuses_an_edited_peft_record(peft_run, env, tmp_path, edit):
     """Every field of a PEFT state's record that materialize reads is checked: an edited or damaged one is refused
     with exit 2 and one line naming the field, before anything is written."""
-    import json
-
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
     src = peft_run / "relex" / "exclude" / "relex_state.safetensors"
     with safe_open(str(src), "pt") as f:
         meta, tensors = json.loads(f.metadata()["relex"]), {k: f.get_tensor(k) for k in f.keys()}
@@ -318,7 +314,9 @@ def test_peft_materialize_refuses_an_edited_peft_record(peft_run, env, tmp_path,
     else:
         del tensors[next(k for k in tensors if k.startswith("peft/value/"))]
     (tmp_path / "st").mkdir()
-    save_file(tensors, tmp_path / "st" / "relex_state.safetensors", metadata={"format": "pt", "relex": json.dumps(meta)})
+    save_file(
+        tensors, tmp_path / "st" / "relex_state.safetensors", metadata={"format": "pt", "relex": json.dumps(meta)}
+    )
     last = _refused(env, "materialize", "--state", tmp_path / "st", "--base", peft_run / "base", "--horizons", H,
                     "--out", tmp_path / "mat")
     assert "edited or is damaged" in last, last
@@ -335,10 +333,6 @@ def test_distributed_run_and_materialize_of_its_sharded_state_give_the_same_byte
     wrote and ``relex materialize`` from the sharded state (``relex_state.index.json``) are bitwise equal. The
     untracked tensors' tcut values are recorded in the state shard of the process that writes them; before, the
     sharded state did not have them and materialize wrote theta_0 in their place."""
-    from test_distributed import launch
-
-    from relex_callback.examples.toy import build_model, build_tokenizer
-
     tok = build_tokenizer()
     base = tmp_path / "base"
     build_model(tok, hidden_size=32, layers=1, heads=2, kv_heads=1, seed=0).save_pretrained(base)  # the script's
@@ -346,7 +340,9 @@ def test_distributed_run_and_materialize_of_its_sharded_state_give_the_same_byte
     run_dir = tmp_path / "run"
     launch(mode, str(run_dir), "--exclude", r"mlp\.up_proj|norm", "--horizons", "12")
     assert (run_dir / "relex" / "relex_state.index.json").is_file()
-    _cli(env, "materialize", "--state", run_dir / "relex", "--base", base, "--horizons", "12", "--out", tmp_path / "mat")
+    _cli(
+        env, "materialize", "--state", run_dir / "relex", "--base", base, "--horizons", "12", "--out", tmp_path / "mat"
+    )
     _assert_same(run_dir / "relex" / "step-12", tmp_path / "mat" / "step-12", f"{mode}: run vs relex materialize")
     # and the untracked trained tensors are the run's real values at tcut (the script records the full parameters;
     # under ZeRO-3 / FSDP2 they are gathered from every process's shard at write time), not theta_0
@@ -382,8 +378,6 @@ def partial(tmp_path_factory):
     """One GRPO run stopped at step T_PART: per cell, a callback with tcut=T_PART (the reference) and one with
     tcut=TCUT that keeps its recorded steps in ``partial_trajectory/``. ``checkpoint-T_PART/relex_trajectory/`` is
     the exclude cell's: the first callback to save there (a later one does not write into another window's)."""
-    from relex_callback.examples.toy import build_tokenizer
-
     out = tmp_path_factory.mktemp("partial")
     tok = build_tokenizer()
     model = _model(tok)
@@ -404,8 +398,6 @@ def partial(tmp_path_factory):
 
 
 def _tracked(traj):
-    import json
-
     with open(os.path.join(traj, "trajectory.json")) as f:
         return sorted(d["name"] for d in json.load(f)["specs"])
 
@@ -438,8 +430,6 @@ def test_cli_extrapolate_checkpoint_trajectory_equals_the_callback(partial, env,
 
 def _perturbed_base(src, dst, key):
     """A copy of the base ``src`` at ``dst`` whose tensor ``key`` is moved by 0.5: a base the run did not start from."""
-    from safetensors.torch import load_file, save_file
-
     shutil.copytree(src, dst)
     w = load_file(dst / "model.safetensors")
     w[key] = w[key] + 0.5

@@ -1,4 +1,5 @@
-"""The memory plan (relex_callback/trajectory/plan.py) and `relex plan`: parameter counts of the paper's three models from their
+"""The memory plan (relex_callback/trajectory/plan.py) and `relex plan`: parameter counts of the paper's three models
+from their
 published configs, the plan's arithmetic recomputed here from first principles, the `auto` choice under a node shared
 by 8 processes vs 1, a colocated vLLM's share, folding when the exact window fits nowhere, and every CLI mistake ->
 one `relex: error:` line, exit 2."""
@@ -15,8 +16,21 @@ import torch
 
 from relex_callback.offline.cli import main
 from relex_callback.errors import RelexInputError
-from relex_callback.trajectory.plan import (PlanMachine, PlanWindow, balance_loads, count_parameters, elements_per_process,
-                                            plan_for_run, plan_memory, _local_world_size)
+from relex_callback.trajectory.plan import (
+    PlanMachine,
+    PlanWindow,
+    balance_loads,
+    count_parameters,
+    elements_per_process,
+    plan_for_run,
+    plan_memory,
+    _local_world_size,
+)
+from relex_callback.config import RelexSettings
+from relex_callback.core.fold import plan_slots
+from relex_callback.params import TensorSpec
+from relex_callback.trainer.topology import balance, Topology
+from relex_callback.trajectory.tiers import available_host_bytes
 
 FIX = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 GB, TB = 10**9, 10**12
@@ -35,13 +49,13 @@ def _plan(label="", **kw):
 
 def closed_form(cfg: dict) -> int:
     """Parameters of a Qwen2 / Qwen3 decoder from its config, counted by hand (not by building the model)."""
-    h, V, L, I = cfg["hidden_size"], cfg["vocab_size"], cfg["num_hidden_layers"], cfg["intermediate_size"]
+    h, V, L, inter = cfg["hidden_size"], cfg["vocab_size"], cfg["num_hidden_layers"], cfg["intermediate_size"]
     nh, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     hd = cfg.get("head_dim") or h // nh
     qwen2 = cfg["model_type"] == "qwen2"  # q/k/v biases; Qwen3 has none but normalises q and k per head
     attn = h * nh * hd + 2 * h * kv * hd + nh * hd * h
     attn += (nh * hd + 2 * kv * hd) if qwen2 else 2 * hd
-    layer = attn + 3 * h * I + 2 * h
+    layer = attn + 3 * h * inter + 2 * h
     lm_head = 0 if cfg["tie_word_embeddings"] else V * h
     return V * h + L * layer + h + lm_head
 
@@ -69,8 +83,6 @@ def test_parameter_counts_match_the_published_totals(counted, model):
 def test_division_among_processes_matches_the_topology():
     """zero3: DeepSpeed's flat partitions (Topology._track_zero3's ranges); fsdp2: torch.chunk along dim 0 (what
     fully_shard's Shard(0) keeps); replicated: topology.balance's greedy assignment."""
-    from relex_callback.trainer.topology import balance
-
     shapes = [(151936, 64), (64, 64), (7, 5), (3,), (1000, 3), (13, 11)]
     sizes = [math.prod(s) for s in shapes]
     for world in (1, 2, 3, 8):
@@ -184,8 +196,6 @@ def test_fits_nowhere_folds_or_says_what_is_missing():
 
 
 def test_max_buffer_bytes_folds_like_the_store():
-    from relex_callback.core.fold import plan_slots
-
     D, cap = 3_000_000, 20 * 3_000_000 * 2 + 12345
     p = _plan(window=40, elements=D, host_memory=10**12, max_buffer_bytes=cap, cuda=False)
     K, fr = plan_slots(40, D, 2, max_buffer_bytes=cap, buffer_slots=None, fold_rank=8)
@@ -193,11 +203,6 @@ def test_max_buffer_bytes_folds_like_the_store():
 
 
 def test_plan_for_run_on_this_machine(tmp_path, monkeypatch):
-    from relex_callback.trajectory.tiers import available_host_bytes
-    from relex_callback.config import RelexSettings
-    from relex_callback.params import TensorSpec
-    from relex_callback.trainer.topology import Topology
-
     s = RelexSettings.validate(tcut=12, horizons=[60], stride=2, output_dir=str(tmp_path))
     specs = [TensorSpec("a", (100, 10), torch.float32, 1000), TensorSpec("b", (10,), torch.float32, 10)]
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
@@ -262,7 +267,10 @@ BAD = [
     (["--model", M8, "--tcut", "100", "--dtype", "int8"], "--dtype 'int8' is not one of"),
     (["--model", M8, "--tcut", "100", "--gpu-memory", "lots"], "--gpu-memory 'lots' is not a size"),
     (["--model", M8, "--tcut", "100", "--host-memory", "0TB"], "--host-memory '0TB' is not a size"),
-    (["--model", M8, "--tcut", "100", "--gpu-memory", "80GB", "--vllm-colocate", "1.5"], "--vllm-colocate must be a fraction"),
+    (
+        ["--model", M8, "--tcut", "100", "--gpu-memory", "80GB", "--vllm-colocate", "1.5"],
+        "--vllm-colocate must be a fraction",
+    ),
     (["--model", M8, "--tcut", "100", "--vllm-colocate", "0.3"], "--vllm-colocate needs --gpu-memory"),
     (["--model", M8, "--tcut", "100", "--trainer-memory", "20GB"], "--trainer-memory needs --gpu-memory"),
     (["--model", M8, "--tcut", "100", "--gpu-headroom", "1"], "--gpu-headroom must be a fraction"),

@@ -24,8 +24,10 @@ from relex_callback.core.precision import float32_exact
 from relex_callback.core.solver import factor_left, SolveOptions, solve
 from relex_callback.params import TensorSpec
 from relex_callback.trajectory.store import TrajectoryStore
+from relex_callback.offline.api import extrapolate_checkpoints
 
 from helpers import arena_specs
+from safetensors.torch import save_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -110,14 +112,12 @@ def test_the_fold_runs_in_ieee_under_tf32(tf32_requested):
 
 
 def test_the_streamed_engine_runs_in_ieee_under_tf32(tf32_requested, tmp_path):
-    from safetensors.torch import save_file
-
-    from relex_callback.offline.api import extrapolate_checkpoints
-
     M, steps, specs = _problem(T=5, sizes=(64, 200))
     base = tmp_path / "base"
     base.mkdir()
-    save_file({s.name: torch.zeros(s.local_numel) for s in specs}, str(base / "model.safetensors"), metadata={"format": "pt"})
+    save_file(
+        {s.name: torch.zeros(s.local_numel) for s in specs}, str(base / "model.safetensors"), metadata={"format": "pt"}
+    )
     for t, row in zip(steps, M):
         d = tmp_path / "ckpts" / f"checkpoint-{t}"
         d.mkdir(parents=True)

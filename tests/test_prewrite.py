@@ -9,12 +9,15 @@ import os
 import resource  # noqa: F401  (the measuring wrapper below uses it in the child)
 import subprocess
 import sys
+import shutil
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from helpers import cli_env
+from relex_callback.params import TensorSpec
+from relex_callback.trajectory.store import TrajectoryStore
 
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
 
@@ -143,11 +146,6 @@ def _peak(argv):
 @pytest.fixture(scope="module")
 def lying(inputs, tmp_path_factory):
     """A saved trajectory (the store's own files) and copies of it whose trajectory.json or row file lie."""
-    from safetensors.torch import load_file
-
-    from relex_callback.params import TensorSpec
-    from relex_callback.trajectory.store import TrajectoryStore
-
     d = tmp_path_factory.mktemp("lying")
     theta0 = load_file(str(inputs / "base" / "model.safetensors"))
     specs = [TensorSpec(name=k, shape=tuple(v.shape), dtype=v.dtype, local_numel=v.numel()) for k, v in theta0.items()]
@@ -158,7 +156,6 @@ def lying(inputs, tmp_path_factory):
         st.snapshot(s, [ck[x.name] for x in specs])
     st.save(str(d / "traj"))
     st.release()
-    import shutil
 
     out = {"traj": d / "traj"}
     for name, numel in (("claims-2^27", 1 << 27), ("claims-2^28", 1 << 28)):

@@ -11,13 +11,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from relex_callback.offline.cli import main
+from relex_callback.examples.toy import build_model, build_tokenizer
 
 
 @pytest.fixture(scope="module")
 def done(tmp_path_factory):
     """A base checkpoint, three training checkpoints and a finished `relex extrapolate`."""
-    from relex_callback.examples.toy import build_model, build_tokenizer
-
     d = tmp_path_factory.mktemp("readback")
     tok = build_tokenizer()
     model = build_model(tok, hidden_size=32, layers=1)
@@ -86,7 +85,19 @@ def test_state_direction_of_the_wrong_shape_is_refused(done, tmp_path, capsys):
     tensors[name] = tensors[name][:, :1].contiguous()
     bad = tmp_path / "relex_state.safetensors"
     _write_state(bad, tensors, meta)
-    rc = main(["materialize", "--state", str(bad), "--base", str(done / "base"), "--horizons", "30", "--out", str(tmp_path / "m")])
+    rc = main(
+        [
+            "materialize",
+            "--state",
+            str(bad),
+            "--base",
+            str(done / "base"),
+            "--horizons",
+            "30",
+            "--out",
+            str(tmp_path / "m"),
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and f"the direction of {name}" in err
 

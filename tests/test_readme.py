@@ -11,8 +11,11 @@ import re
 import shlex
 import subprocess
 import sys
+import inspect
 
 import pytest
+from relex_callback import RelexCallback
+from relex_callback.offline.cli import build_parser
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(REPO, "README.md")
@@ -45,7 +48,9 @@ def _python_snippets():
     return [(_rel(p), i, text) for p in PAGES for i, (_, text) in enumerate(_blocks(p, {"python"}))]
 
 
-@pytest.mark.parametrize("page,index,text", _python_snippets(), ids=lambda x: str(x)[:40] if isinstance(x, str) else str(x))
+@pytest.mark.parametrize(
+    "page,index,text", _python_snippets(), ids=lambda x: str(x)[:40] if isinstance(x, str) else str(x)
+)
 def test_python_snippets_parse_and_their_imports_exist(page, index, text):
     try:
         tree = ast.parse(text)
@@ -64,12 +69,10 @@ def test_python_snippets_parse_and_their_imports_exist(page, index, text):
 
 def test_the_callback_arguments_listed_are_its_arguments():
     """docs/callback.md's argument block names every argument of RelexCallback with its default."""
-    import inspect
-
-    from relex_callback import RelexCallback
-
     text = _read(os.path.join(REPO, "docs", "callback.md"))
-    block = next(t for _, t in _blocks(os.path.join(REPO, "docs", "callback.md"), {"python"}) if t.startswith("RelexCallback("))
+    block = next(
+        t for _, t in _blocks(os.path.join(REPO, "docs", "callback.md"), {"python"}) if t.startswith("RelexCallback(")
+    )
     params = inspect.signature(RelexCallback.__init__).parameters
     listed = dict(re.findall(r"^    (\w+)=([^,#]+?),", block, re.M))
     for name, p in params.items():
@@ -106,8 +109,6 @@ def _relex_commands():
 
 
 def test_relex_command_lines_parse():
-    from relex_callback.offline.cli import build_parser
-
     cmds = _relex_commands()
     assert any(p == "README.md" for p, _ in cmds), "the README shows no relex command"
     for page, argv in cmds:
@@ -238,7 +239,10 @@ def test_nothing_points_outside_the_repository():
     files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
     hits = []
     for f in files:
-        if not f.endswith((".py", ".md", ".cfg", ".toml", ".sh", ".yaml", ".yml", ".txt")) and f not in ("Makefile", ".ci/run"):
+        if not f.endswith((".py", ".md", ".cfg", ".toml", ".sh", ".yaml", ".yml", ".txt")) and f not in (
+            "Makefile",
+            ".ci/run",
+        ):
             continue
         try:
             text = _read(os.path.join(REPO, f))
@@ -249,7 +253,9 @@ def test_nothing_points_outside_the_repository():
         for m in UPWARD.finditer(text):
             if not _inside(os.path.join(REPO, os.path.dirname(f), m.group(0))):
                 found.append(m.start())
-        hits += [f"{f}:{text.count(chr(10), 0, i) + 1}: {lines[text.count(chr(10), 0, i)].strip()[:100]}" for i in found]
+        hits += [
+            f"{f}:{text.count(chr(10), 0, i) + 1}: {lines[text.count(chr(10), 0, i)].strip()[:100]}" for i in found
+        ]
     assert not hits, "\n".join(hits)
 
 
@@ -265,7 +271,9 @@ def test_readme_quickstart_runs_and_relex_report_reads_it(tmp_path, subprocess_e
     script = tmp_path / "quickstart.py"
     script.write_text(_quickstart())
     env = dict(subprocess_env, TOKENIZERS_PARALLELISM="false")
-    r = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
+    r = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     out = tmp_path / "quickstart" / "relex"
     for name in ("step-12", "step-24", "relex_state.safetensors", "report.json"):

@@ -7,8 +7,10 @@ import os
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from relex_callback.examples import real_model as rm
+from relex_callback import load_state, RelexCallback
 
 pytestmark = [
     pytest.mark.slow,
@@ -23,8 +25,6 @@ def converted(tmp_path_factory):
 
 
 def test_conversion_matches_gguf_model(converted):
-    from transformers import AutoModelForCausalLM
-
     assert os.path.isfile(os.path.join(converted, "model.safetensors"))
     plain = AutoModelForCausalLM.from_pretrained(converted, dtype=torch.float32).eval()
     assert getattr(plain.config, "quantization_config", None) is None  # else the Trainer refuses to train it
@@ -52,7 +52,12 @@ def test_conversion_matches_gguf_model(converted):
 
 
 def test_reward_parsing():
-    assert rm.sum_reward(["16 + 35 = 51", "51", "The sum is 50.", "To add"], ["51", "51", "51", "51"]) == [1.0, 1.0, 0.0, 0.0]
+    assert rm.sum_reward(["16 + 35 = 51", "51", "The sum is 50.", "To add"], ["51", "51", "51", "51"]) == [
+        1.0,
+        1.0,
+        0.0,
+        0.0,
+    ]
     assert rm.sum_reward([[{"role": "assistant", "content": "42"}]], ["42"]) == [1.0]
 
 
@@ -64,10 +69,7 @@ def digit_share(completions, **kwargs):
 
 def test_grpo_steps_with_callback(converted, tmp_path):
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM
     from trl import GRPOConfig, GRPOTrainer
-
-    from relex_callback import RelexCallback, load_state
 
     model, tok = rm.load_model(converted)
     theta0 = rm.flat_params(model)

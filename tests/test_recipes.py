@@ -9,6 +9,9 @@ import sys
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
+from relex_callback import RelexConfig
+from relex_callback.examples.toy import build_model, build_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = os.path.join(REPO, "recipes")
@@ -42,14 +45,14 @@ def test_configs_parse_to_the_papers_settings(name, tcut, horizons):
     from grpo_relex import RecipeArguments
     from trl import GRPOConfig, ModelConfig, TrlParser
 
-    from relex_callback import RelexConfig
-
     path = os.path.join(CONFIGS, f"{name}.yaml")
     header = open(path).read()
     assert "accelerate launch --config_file recipes/accelerate/zero3.yaml recipes/grpo_relex.py" in header
     assert f"python recipes/grpo_relex.py --config recipes/configs/{name}.yaml" in header
     parser = TrlParser((RecipeArguments, GRPOConfig, ModelConfig, RelexConfig))
-    recipe, args, model, relex = parser.parse_args_and_config(["--config", path, "--bf16", "false", "--use_cpu", "true"])
+    recipe, args, model, relex = parser.parse_args_and_config(
+        ["--config", path, "--bf16", "false", "--use_cpu", "true"]
+    )
     assert relex.relex_tcut == tcut and list(relex.relex_horizons) == horizons
     assert getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type) == "constant"
     assert args.max_steps == horizons[-1]
@@ -58,8 +61,6 @@ def test_configs_parse_to_the_papers_settings(name, tcut, horizons):
 
 @pytest.fixture(scope="module")
 def local_assets(tmp_path_factory):
-    from relex_callback.examples.toy import build_model, build_tokenizer
-
     root = tmp_path_factory.mktemp("recipe")
     tok = build_tokenizer()
     build_model(tok).save_pretrained(root / "model")
@@ -83,12 +84,47 @@ def _env():
 def trained(local_assets):
     out = local_assets / "run"
     cmd = [
-        sys.executable, os.path.join(RECIPES, "grpo_relex.py"), "--config", os.path.join(CONFIGS, "qwen2.5-math-1.5b.yaml"),
-        "--model", str(local_assets / "model"), "--dataset", str(local_assets / "train.jsonl"), "--output_dir", str(out),
-        "--relex_tcut", "4", "--relex_horizons", "8", "16", "--max_steps", "40", "--bf16", "false", "--use_cpu", "true",
-        "--dtype", "float32", "--attn_implementation", "eager", "--gradient_checkpointing", "false",
-        "--per_device_train_batch_size", "16", "--num_generations", "4", "--max_completion_length", "2",
-        "--prompt_template", "{problem}=", "--require_boxed", "false", "--learning_rate", "1e-3", "--seed", "0",
+        sys.executable,
+        os.path.join(RECIPES, "grpo_relex.py"),
+        "--config",
+        os.path.join(CONFIGS, "qwen2.5-math-1.5b.yaml"),
+        "--model",
+        str(local_assets / "model"),
+        "--dataset",
+        str(local_assets / "train.jsonl"),
+        "--output_dir",
+        str(out),
+        "--relex_tcut",
+        "4",
+        "--relex_horizons",
+        "8",
+        "16",
+        "--max_steps",
+        "40",
+        "--bf16",
+        "false",
+        "--use_cpu",
+        "true",
+        "--dtype",
+        "float32",
+        "--attn_implementation",
+        "eager",
+        "--gradient_checkpointing",
+        "false",
+        "--per_device_train_batch_size",
+        "16",
+        "--num_generations",
+        "4",
+        "--max_completion_length",
+        "2",
+        "--prompt_template",
+        "{problem}=",
+        "--require_boxed",
+        "false",
+        "--learning_rate",
+        "1e-3",
+        "--seed",
+        "0",
     ]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -96,8 +132,6 @@ def trained(local_assets):
 
 
 def test_grpo_recipe_writes_loadable_horizons(trained, local_assets):
-    from transformers import AutoModelForCausalLM
-
     out, proc = trained
     relex = out / "relex"
     report = json.loads((relex / "report.json").read_text())

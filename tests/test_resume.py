@@ -12,13 +12,19 @@ import shutil
 import socket
 import subprocess
 import sys
+import logging
+import re
 
 import pytest
 import torch
 from transformers import TrainerCallback
 
 from relex_callback import RelexCallback, RelexInputError
+from relex_callback.examples.toy import build_model, build_tokenizer
+from relex_callback.offline.cli import main
+from relex_callback.trajectory.window import LOCK_FILE
 from test_callback import Recorder, StopAt, grpo_trainer, read_weights
+from fault_child import build_trainer
 
 TCUT = 6
 H = 15
@@ -146,7 +152,6 @@ def test_resume_after_tcut_from_a_checkpoint_saved_without_the_callback(tmp_path
     """The Trainer indexes ``stateful_callbacks[name]`` at its next save: a checkpoint saved without the callback
     lacks the key, which would be a KeyError at the first save after the resume."""
     sys.path.insert(0, os.path.dirname(__file__))
-    from fault_child import build_trainer
 
     t, _, _ = build_trainer(str(tmp_path), [StopAt(3)], max_steps=6, save_steps=3)
     t.train()
@@ -177,8 +182,6 @@ class FreezeStep(TrainerCallback):
 
 
 def test_unchanged_steps_are_skipped_and_counted(tmp_path, caplog):
-    import logging
-
     cb = _cb(tcut=8)
     t = grpo_trainer(tmp_path, [cb, FreezeStep([1, 5])])
     with caplog.at_level(logging.WARNING, logger="relex_callback"):
@@ -210,11 +213,6 @@ def test_a_window_too_short_for_its_fit_at_tcut_is_kept_with_a_command_that_work
     at tcut only 2 steps can be fitted: too few for power (3 parameters) or a quadratic. The error says so and why,
     nothing is extrapolated, and the recorded window is kept: the printed `relex extrapolate --trajectory` command,
     run with a 2-step fit, writes the horizon."""
-    import re
-
-    from relex_callback.offline.cli import main
-    from relex_callback.examples.toy import build_model, build_tokenizer
-
     tok = build_tokenizer()
     model = build_model(tok)
     model.save_pretrained(tmp_path / "base")
@@ -238,7 +236,9 @@ def test_a_window_too_short_for_its_fit_at_tcut_is_kept_with_a_command_that_work
     assert os.path.isfile(os.path.join(keep, "trajectory.json"))
     if one_left:
         return  # one recorded step: nothing can be fitted from it, but it was not thrown away
-    args = cmd.replace("<the checkpoint training started from>", str(tmp_path / "base")).replace("DIR", str(tmp_path / "out"))
+    args = cmd.replace("<the checkpoint training started from>", str(tmp_path / "base")).replace(
+        "DIR", str(tmp_path / "out")
+    )
     assert main(["extrapolate", *args.split(), "--no-progress"]) == 0
     assert (tmp_path / "out" / "step-12" / "model.safetensors").exists()
 
@@ -253,8 +253,6 @@ def test_two_callbacks_on_one_output_dir_are_refused_before_step_1(tmp_path):
 
 
 def test_output_dir_held_by_a_live_process_is_refused_and_a_dead_one_taken_over(tmp_path):
-    from relex_callback.trajectory.window import LOCK_FILE
-
     relex = tmp_path / "relex"
     relex.mkdir()
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])

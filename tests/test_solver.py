@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from relex_callback.core.solver import SolveOptions, solve
+from relex_callback.core.solver import CPU_GRAM_MAX_STEPS, SolveOptions, solve
 
 from helpers import U32, arena_specs, direction_tolerance
 
@@ -272,8 +272,6 @@ def test_bad_inputs():
 
 
 def test_auto_dispatch():
-    from relex_callback.core.solver import CPU_GRAM_MAX_STEPS
-
     M64, steps, specs = _trajectory(CPU_GRAM_MAX_STEPS + 2, [30, 20], "near1", seed=10)
     sol = solve(M64.float(), steps, specs)
     assert sol.method == "power"  # CPU, rank 1, many steps (docs/architecture.md, "Solver figures")

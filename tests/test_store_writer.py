@@ -16,12 +16,19 @@ from relex_callback.core.solver import SolveOptions, solve
 from relex_callback.files.state import fingerprint, fingerprint_mismatch, load_state, save_state
 from relex_callback.files.checkpoints import ModelSource, plan_shards
 from relex_callback.files.fs import atomic_directory
+from relex_callback.files import state as st
+from relex_callback.files.writers import write_full_checkpoint as write_horizon
 
 from helpers import U32, extrapolation_tolerance
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM
 
 
 def _specs(shapes, dtype=torch.float32):
-    return [TensorSpec(name=f"w{i}", shape=s, dtype=dtype, local_numel=int(torch.Size(s).numel())) for i, s in enumerate(shapes)]
+    return [
+        TensorSpec(name=f"w{i}", shape=s, dtype=dtype, local_numel=int(torch.Size(s).numel()))
+        for i, s in enumerate(shapes)
+    ]
 
 
 def _fill(store, steps, seed=0):
@@ -136,15 +143,13 @@ def _solved(model):
 
 
 def test_sharded_write_loads_with_from_pretrained_and_ties(tmp_path, tiny_model, tokenizer):
-    from transformers import AutoModelForCausalLM
-
-    from relex_callback.files.writers import write_full_checkpoint as write_horizon
-
     tiny_model.config.tie_word_embeddings = True
     tiny_model.tie_weights()
     store, sol, dirs = _solved(tiny_model)
     src = ModelSource(tiny_model, tokenizer)
-    out = write_horizon(str(tmp_path), 30, 10, sol, lambda i: store.theta0_of(store.specs[i]), src, max_shard_size="20KB")
+    out = write_horizon(
+        str(tmp_path), 30, 10, sol, lambda i: store.theta0_of(store.specs[i]), src, max_shard_size="20KB"
+    )
     files = sorted(os.listdir(out))
     assert "model.safetensors.index.json" in files and sum(f.endswith(".safetensors") for f in files) > 1
     idx = json.load(open(os.path.join(out, "model.safetensors.index.json")))
@@ -215,7 +220,6 @@ def test_state_round_trip_and_fingerprint_mismatch(tmp_path, tiny_model):
     assert fingerprint_mismatch(fingerprint(torch.zeros(3)), fingerprint(torch.zeros(4))) is not None
     with pytest.raises(RelexInputError, match="does not exist"):
         load_state(str(tmp_path / "nope.safetensors"))
-    from safetensors.torch import save_file
 
     save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(RelexInputError, match="not a RELEX state"):
@@ -226,8 +230,6 @@ def test_fingerprint_chunks_are_large_off_the_cpu_and_do_not_change_the_fingerpr
     """On a GPU the fingerprint's cost is its launches: chunks of 2^24 elements there (a 233M-element embedding in
     14 chunks instead of ~900), cache-sized ones on the CPU; the chunk size must not move the fingerprint beyond
     what fingerprint_mismatch tolerates (a state written on a GPU is checked against a base read on the CPU)."""
-    from relex_callback.files import state as st
-
     assert st.fingerprint_chunk("cpu") == st.FINGERPRINT_CHUNK <= 1 << 18
     for dev in ("cuda", "cuda:1", "meta"):
         assert st.fingerprint_chunk(dev) >= 1 << 24

@@ -6,16 +6,24 @@ refusals (NaN checkpoint, overflowing horizons) with nothing written; the tensor
 import json
 import contextlib
 import os
+import glob
+import subprocess
 
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from relex_callback.errors import RelexInputError, RelexNonFiniteError
+from relex_callback.errors import RelexInputError, RelexNonFiniteError, RelexWriteError
 from relex_callback.offline.api import extrapolate_checkpoints, materialize
+from relex_callback.examples.toy import build_model, build_tokenizer
+from relex_callback.files.state import load_state
+from relex_callback.offline.cli import main
+from relex_callback.pipeline import streamed
+from relex_callback.files.streaming import write_shard_streaming
 
 from helpers import extrapolation_tolerance, float64_reference
+from transformers import AutoModelForCausalLM
 
 STEPS = [3, 6, 9, 12, 15]
 H = 60
@@ -34,7 +42,9 @@ def _trajectory(root, dtype=torch.float32, seed=0, second=0.0):
     g = torch.Generator().manual_seed(seed)
     shapes = {"a.weight": (40, 50), "b.weight": (700,), "c.bias": (3,), "d.weight": (64, 64), "e.weight": (1,)}
     th0 = {k: 0.1 * torch.randn(s, generator=g) for k, s in shapes.items()}
-    paths = {k: (torch.randn(s, generator=g), 0.01 + 0.02 * torch.rand((), generator=g).item()) for k, s in shapes.items()}
+    paths = {
+        k: (torch.randn(s, generator=g), 0.01 + 0.02 * torch.rand((), generator=g).item()) for k, s in shapes.items()
+    }
     seconds = {k: torch.randn(s, generator=g) for k, s in shapes.items()} if second else {}
     base = os.path.join(root, "base")
     _save(base, {**{k: v.to(dtype) for k, v in th0.items()}, "pos_ids": torch.arange(7)})
@@ -148,7 +158,9 @@ def test_streamed_vs_buffered_vs_float64_reference(raw, raw2, rank):
     for name, kw in {
         "stream32": dict(streaming=True, dtype="float32"),
         # a budget of 300 columns: many groups, and tensors read twice in column chunks
-        "stream32_small": dict(streaming=True, dtype="float32", memory_budget=4 * (len(STEPS) + 1) * 300, progress=True),
+        "stream32_small": dict(
+            streaming=True, dtype="float32", memory_budget=4 * (len(STEPS) + 1) * 300, progress=True
+        ),
         "buffer32": dict(streaming=False, dtype="float32"),
         "stream16": dict(streaming=True),
         "buffer16": dict(streaming=False),
@@ -193,8 +205,6 @@ def test_streamed_vs_buffered_vs_float64_reference(raw, raw2, rank):
 
 
 def test_state_and_materialize_match_bit_for_bit(raw):
-    from relex_callback.files.state import load_state
-
     root, base, ckpts = raw
     out, sol, rep = _run(raw, "stream-mat", streaming=True, memory_budget=4 * (len(STEPS) + 1) * 500)
     st = load_state(out)
@@ -204,8 +214,9 @@ def test_state_and_materialize_match_bit_for_bit(raw):
     assert [s.offset for s in st.specs] == [s.offset for s in sol.specs] and st.specs[-1].offset > 0
     buffered = load_state(_run(raw, "buffer-mat", streaming=False)[0])
     assert [s.offset for s in buffered.specs] == [s.offset for s in st.specs]
-    assert set(json.loads(safe_open(os.path.join(out, "relex_state.safetensors"), "pt").metadata()["relex"])) == \
-        set(json.loads(safe_open(os.path.join(root, "buffer-mat", "relex_state.safetensors"), "pt").metadata()["relex"]))
+    assert set(json.loads(safe_open(os.path.join(out, "relex_state.safetensors"), "pt").metadata()["relex"])) == set(
+        json.loads(safe_open(os.path.join(root, "buffer-mat", "relex_state.safetensors"), "pt").metadata()["relex"])
+    )
     mat = os.path.join(root, "mat")
     materialize(os.path.join(out, "relex_state.safetensors"), base, [H], mat)
     a = load_file(os.path.join(out, f"step-{H}", "model.safetensors"))
@@ -262,8 +273,6 @@ def test_streaming_refuses_cuda_and_power(raw):
 
 
 def test_write_shard_streaming_is_a_plain_safetensors_file(tmp_path):
-    from relex_callback.files.streaming import write_shard_streaming
-
     g = torch.Generator().manual_seed(0)
     ts = {"x": torch.randn(3, 5, generator=g), "y": torch.randn(7, generator=g).to(torch.bfloat16),
           "z": torch.arange(4, dtype=torch.int64), "e": torch.empty(0, 3), "h": torch.randn(2, generator=g).half()}
@@ -282,11 +291,6 @@ def test_write_shard_streaming_is_a_plain_safetensors_file(tmp_path):
 
 def test_cli_flag_and_from_pretrained(tmp_path):
     """`--no-streaming` reaches the buffered path; the streamed horizons of a real model load with from_pretrained."""
-    from transformers import AutoModelForCausalLM
-
-    from relex_callback.offline.cli import main
-    from relex_callback.examples.toy import build_model, build_tokenizer
-
     tok = build_tokenizer()
     model = build_model(tok, hidden_size=32, layers=1, tie=True, seed=0)
     base = str(tmp_path / "base")
@@ -317,7 +321,9 @@ def test_cli_flag_and_from_pretrained(tmp_path):
         for n, p in m.named_parameters():
             t0 = snaps[0][n]
             M = torch.stack([(snaps[t][n] - t0).reshape(-1) for t in (2, 4, 6)])
-            bound = extrapolation_tolerance(M, [2, 4, 6], 20, theta0_norm=float(t0.norm())) * float((ref[n] - t0).norm())
+            bound = extrapolation_tolerance(M, [2, 4, 6], 20, theta0_norm=float(t0.norm())) * float(
+                (ref[n] - t0).norm()
+            )
             err = float((p.detach().double() - ref[n]).norm())
             assert err <= bound, (n, err, bound)
             worst = max(worst, err / bound)
@@ -330,8 +336,6 @@ def test_cli_flag_and_from_pretrained(tmp_path):
 def _disk_filled_after_the_check(filler, leave: int):
     """Another writer fills the file system of ``filler`` once the extrapolation has passed its pre-write space check
     (when the solve starts), leaving ``leave`` bytes free: the disk is really full when the writes come."""
-    from relex_callback.pipeline import streamed
-
     real = streamed.StreamedSolve.solve
 
     def solve(self, *args, **kwargs):
@@ -351,11 +355,6 @@ def _disk_filled_after_the_check(filler, leave: int):
 def test_full_disk_keeps_the_state_and_says_how_to_finish(raw, tmp_path):
     """A real full disk (a small tmpfs): room for the state file and the first horizon, not the second. One
     RelexWriteError naming what is intact and the `relex materialize` command; nothing partial left."""
-    import glob
-    import subprocess
-
-    from relex_callback.errors import RelexWriteError
-
     root, base, ckpts = raw
     ref_out, _, _ = _run(raw, "sizes", streaming=True, dtype="float32")
     state = os.path.getsize(os.path.join(ref_out, "relex_state.safetensors"))
@@ -367,7 +366,9 @@ def test_full_disk_keeps_the_state_and_says_how_to_finish(raw, tmp_path):
     # half horizons
     kib = 2 * (2 * state + 2 * horizon) // 1024 + 64
     leave = max(2 * state, state + horizon + horizon // 2) + 8192
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(mnt)], capture_output=True, text=True)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(mnt)], capture_output=True, text=True
+    )
     if r.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
     try:
@@ -387,10 +388,6 @@ def test_full_disk_keeps_the_state_and_says_how_to_finish(raw, tmp_path):
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
 def test_full_disk_before_the_state_leaves_nothing(raw, tmp_path):
-    import subprocess
-
-    from relex_callback.errors import RelexWriteError
-
     root, base, ckpts = raw
     mnt = tmp_path / "mnt"
     os.makedirs(mnt)
@@ -398,8 +395,14 @@ def test_full_disk_before_the_state_leaves_nothing(raw, tmp_path):
     if r.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
     try:
-        with pytest.raises(RelexWriteError, match="writing the state file .* failed: .*No space left on device.*nothing exists under the final names"), \
-                _disk_filled_after_the_check(mnt / "filler", 12 * 1024):
+        with (
+            pytest.raises(
+                RelexWriteError,
+                match="writing the state file .* failed: .*No space left on device.*nothing exists under the final "
+                      "names",
+            ),
+            _disk_filled_after_the_check(mnt / "filler", 12 * 1024),
+        ):
             extrapolate_checkpoints(base, [ckpts], [H], str(mnt / "out"), streaming=True, dtype="float32")
         assert os.listdir(mnt) == ["filler"]
     finally:

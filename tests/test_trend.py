@@ -1,4 +1,5 @@
-"""Reward trend (relex_callback.core.trend) against a direct least-squares computation, on synthetic histories and on the
+"""Reward trend (relex_callback.core.trend) against a direct least-squares computation, on synthetic histories and on
+the
 log history of a real tiny TRL GRPOTrainer run."""
 
 import math
@@ -6,6 +7,7 @@ import random
 
 import pytest
 import torch
+from grpo import grpo_trainer
 
 from relex_callback.core.trend import default_metric, reward_trend
 
@@ -102,21 +104,8 @@ def test_default_metric():
 @pytest.fixture(scope="module")
 def grpo_history(tmp_path_factory):
     """``state.log_history`` of a real tiny GRPO run (local model and tokenizer, CPU, a few seconds)."""
-    from datasets import Dataset
-    from trl import GRPOConfig, GRPOTrainer
-
-    from helpers import digit_reward
-    from relex_callback.examples.toy import arithmetic_problems, build_model, build_tokenizer
-
     out = tmp_path_factory.mktemp("grpo_trend")
-    tok = build_tokenizer()
-    args = GRPOConfig(
-        output_dir=str(out), per_device_train_batch_size=4, num_generations=4, max_completion_length=4,
-        learning_rate=1e-3, lr_scheduler_type="constant", warmup_steps=0, max_steps=12, logging_steps=1,
-        save_strategy="no", report_to=[], use_cpu=True, bf16=False, seed=0, disable_tqdm=True,
-    )
-    trainer = GRPOTrainer(model=build_model(tok), reward_funcs=digit_reward, args=args,
-                          train_dataset=Dataset.from_list(arithmetic_problems(64, seed=1)), processing_class=tok)
+    trainer = grpo_trainer(out, max_steps=12)
     trainer.train()
     return trainer.state.log_history
 

@@ -11,8 +11,10 @@ from relex_callback import RelexCallback, RelexInputError
 from relex_callback.offline.api import materialize
 from relex_callback.files.state import load_state
 
-from test_callback import grpo_trainer, read_weights
+from grpo import grpo_trainer
+from test_callback import read_weights
 from relex_callback.examples.toy import build_model, build_tokenizer
+from relex_callback.offline.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -66,17 +68,9 @@ def test_flat_reward_error_writes_the_state_but_no_horizon(tmp_path):
         calls[0] += 1
         return [1.0 - 0.05 * calls[0] + 0.1 * (i % 2) for i in range(len(completions))]
 
-    from datasets import Dataset
-    from trl import GRPOTrainer
-
-    from relex_callback.examples.toy import arithmetic_problems
-    from test_callback import grpo_args
-
     tok = build_tokenizer()
     cb = RelexCallback(tcut=6, horizons=[12], dtype="float32", on_flat_reward="error")
-    trainer = GRPOTrainer(model=build_model(tok), reward_funcs=falling, args=grpo_args(tmp_path),
-                          train_dataset=Dataset.from_list(arithmetic_problems(64, seed=1)), processing_class=tok,
-                          callbacks=[cb])
+    trainer = grpo_trainer(tmp_path, [cb], tok=tok, reward=falling)
     with pytest.raises(RelexInputError, match="did not rise"):
         trainer.train()
     relex = tmp_path / "relex"
@@ -89,8 +83,6 @@ def test_flat_reward_error_writes_the_state_but_no_horizon(tmp_path):
 def test_cli_fit_auto_prints_the_signals(power_run, tmp_path, capsys):
     """relex extrapolate over the callback's own trainer checkpoints is not possible here (save_strategy=no), so
     build checkpoints along a square-root path: --fit auto picks power and the printed lines say so."""
-    from relex_callback.offline.cli import main
-
     tok = build_tokenizer()
     model = build_model(tok, hidden_size=32, layers=1)
     model.save_pretrained(tmp_path / "base")

@@ -109,4 +109,7 @@ def test_wheel_and_sdist_build_install_and_run_the_quickstart(tmp_path):
 
     # the sdist installs too (built again from its own files, in pip's isolated build environment)
     _run([py, "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall", str(sdists[0])], cwd=tmp_path)
-    assert _run([py, "-c", "import relex_callback; print(relex_callback.__version__)"], cwd=tmp_path).stdout.strip() == version
+    assert (
+        _run([py, "-c", "import relex_callback; print(relex_callback.__version__)"], cwd=tmp_path).stdout.strip()
+        == version
+    )

@@ -163,13 +163,25 @@ def test_a_live_holder_is_refused_and_named(inputs, tmp_path):
     try:
         from relex_callback.files.lock import _pid_started
 
-        (out / LOCK_FILE).write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname(), "token": "x",
-                                                 "since": time.time(), "started": _pid_started(holder.pid),
-                                                 "writer": "relex materialize", "command": "relex materialize --out y"}))
+        (out / LOCK_FILE).write_text(
+            json.dumps(
+                {
+                    "pid": holder.pid,
+                    "host": socket.gethostname(),
+                    "token": "x",
+                    "since": time.time(),
+                    "started": _pid_started(holder.pid),
+                    "writer": "relex materialize",
+                    "command": "relex materialize --out y",
+                }
+            )
+        )
         for writer in ("extrapolate", "materialize"):
             r = _cli(_argv(writer, inputs, out))
             assert r.returncode == 2, r.stderr
-            assert f"`relex materialize` in process {holder.pid}" in r.stderr and "relex materialize --out y" in r.stderr
+            assert (
+                f"`relex materialize` in process {holder.pid}" in r.stderr and "relex materialize --out y" in r.stderr
+            )
             assert sorted(os.listdir(out)) == [LOCK_FILE], os.listdir(out)
     finally:
         holder.kill()

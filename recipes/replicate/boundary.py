@@ -49,8 +49,15 @@ os.environ.setdefault("WANDB_DISABLED", "true")
 import torch  # noqa: E402
 
 from task import all_problems, encode, sample_problems, supervised, warm_up  # noqa: E402
+from noise_map import backtest, window_grams  # noqa: E402
+from replicate import cos_ratio, extrapolated, solve_window  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
 
 from relex_callback.files.fs import write_json  # noqa: E402
+from relex_callback.core import noise  # noqa: E402
+from relex_callback.core.trend import reward_trend  # noqa: E402
+from relex_callback.examples.toy import arithmetic_reward, build_model, build_tokenizer, extract_answer  # noqa: E402
+from relex_callback.params import trainable_named_parameters  # noqa: E402
 
 GENERATIONS = 8
 PROMPTS = 8  # per step: 64 rollouts
@@ -76,8 +83,6 @@ def graded_value(answer: str, truth: str) -> float:
 
 
 def graded_reward(completions, answer, **kw):
-    from relex_callback.examples.toy import extract_answer
-
     out = []
     for c, a in zip(completions, answer):
         n = extract_answer(_text(c))
@@ -86,9 +91,13 @@ def graded_reward(completions, answer, **kw):
 
 
 def train_reward(task):
-    from relex_callback.examples.toy import arithmetic_reward
-
-    return {"char": char_reward, "char_w": char_reward, "graded": graded_reward, "sums": arithmetic_reward, "sums2": arithmetic_reward}[task]
+    return {
+        "char": char_reward,
+        "char_w": char_reward,
+        "graded": graded_reward,
+        "sums": arithmetic_reward,
+        "sums2": arithmetic_reward,
+    }[task]
 
 
 # ---------------------------------------------------------------------------------------------- exact per-prompt scores
@@ -138,8 +147,15 @@ class AnswerScore:
         P, L = pr.shape
         d1 = self.digits.repeat_interleave(10)
         d2 = self.digits.repeat(10)
-        self.ids = torch.cat([pr[:, None, :].expand(P, 100, L), d1.expand(P, -1)[..., None],
-                              d2.expand(P, -1)[..., None], torch.full((P, 100, 1), self.eos)], -1).reshape(P * 100, L + 3)
+        self.ids = torch.cat(
+            [
+                pr[:, None, :].expand(P, 100, L),
+                d1.expand(P, -1)[..., None],
+                d2.expand(P, -1)[..., None],
+                torch.full((P, 100, 1), self.eos),
+            ],
+            -1,
+        ).reshape(P * 100, L + 3)
         g1 = torch.zeros(P, 10, dtype=torch.float64)
         g2 = torch.zeros(P, 10, 10, dtype=torch.float64)
         for i, p in enumerate(problems):
@@ -153,8 +169,14 @@ class AnswerScore:
     @torch.no_grad()
     def __call__(self, model, chunk=8192):
         model.eval()
-        lp = torch.cat([torch.log_softmax(model(input_ids=self.ids[i:i + chunk]).logits[:, self.L - 1:self.L + 2]
-                                          .double(), -1) for i in range(0, len(self.ids), chunk)])  # [B, 3, V]: after prompt, after d1, after d2
+        lp = torch.cat(
+            [
+                torch.log_softmax(
+                    model(input_ids=self.ids[i : i + chunk]).logits[:, self.L - 1 : self.L + 2].double(), -1
+                )
+                for i in range(0, len(self.ids), chunk)
+            ]
+        )  # [B, 3, V]: after prompt, after d1, after d2
         p = lp.exp().view(self.P, 10, 10, 3, -1)
         pd1 = p[:, 0, 0, 0][:, self.digits]  # [P, 10]
         pe1 = p[:, :, 0, 1, self.eos]  # [P, 10] eos after d1
@@ -223,11 +245,7 @@ def cell_key(task, lr, seed):
 def train_run(cfg, task, lr, seed):
     """(Warm-up +) GRPO for ``cfg.steps`` steps; returns (model, tok, named, theta [N+1, D], log_history, seconds)."""
     from datasets import Dataset
-    from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
-
-    from relex_callback.examples.toy import build_model, build_tokenizer
-    from relex_callback.params import trainable_named_parameters
 
     random.seed(seed)
     torch.manual_seed(seed)
@@ -249,7 +267,9 @@ def train_run(cfg, task, lr, seed):
                 theta[state.global_step] = torch.nn.utils.parameters_to_vector([p.detach() for p in params]).float()
 
     n_data = N * PROMPTS + 64
-    ds = Dataset.from_list(sums2_problems(n_data, seed + 1) if task == "sums2" else sample_problems(n_data, 9, seed + 1))
+    ds = Dataset.from_list(
+        sums2_problems(n_data, seed + 1) if task == "sums2" else sample_problems(n_data, 9, seed + 1)
+    )
     args = GRPOConfig(
         output_dir=os.path.join(cfg.out, "run", "grpo"), use_cpu=True, bf16=False, learning_rate=lr,
         lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_steps=N,
@@ -276,12 +296,6 @@ def horizons(cfg, tc):
 
 
 def run_cell(cfg, task, lr, seed):
-    from noise_map import backtest, window_grams
-    from replicate import cos_ratio, extrapolated, solve_window
-
-    from relex_callback.core import noise
-    from relex_callback.core.trend import reward_trend
-
     t_all = time.perf_counter()
     model, tok, named, theta, history, t_train = train_run(cfg, task, lr, seed)
     params = [p for _, p in named]

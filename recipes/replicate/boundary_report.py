@@ -8,6 +8,7 @@ import json
 import math
 import os
 import statistics
+from relex_callback.files.fs import write_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TASK_ORDER = {"char": 0, "char_w": 1, "sums2": 2, "graded": 3, "sums": 4}
@@ -18,7 +19,10 @@ SIGNALS = [
     ("backtest norm ratio", lambda w: w["backtest"]["norm_ratio_global"]),
     ("drift share", lambda w: w["signal"]["drift_share"]),
     ("reward trend slope", lambda w: w["trend"]["slope"]),
-    ("reward trend t (slope/se)", lambda w: w["trend"]["slope"] / w["trend"]["stderr"] if w["trend"]["stderr"] else None),
+    (
+        "reward trend t (slope/se)",
+        lambda w: w["trend"]["slope"] / w["trend"]["stderr"] if w["trend"]["stderr"] else None,
+    ),
 ]
 
 
@@ -128,24 +132,36 @@ def analyze(cfg):
     steps = cells[0]["steps"]
     tcuts = sorted({int(t) for c in cells for t in c["tcuts"]})
     incomplete = [f"{t} lr {lr:g}: seeds {', '.join(map(str, s))}" for (t, lr), s in per.items() if len(s) < len(seeds)]
-    L.append(f"{len(cells)} GRPO runs of the toy model (tasks {', '.join(tasks)}; lr {', '.join(f'{x:g}' for x in lrs)}; "
-             f"seeds {', '.join(map(str, seeds))}; {ROLLOUTS_PER_STEP} rollouts per step), {steps} steps each, "
-             f"`tcut` {' and '.join(map(str, tcuts))} from the same runs, horizons "
-             f"{', '.join(sorted({str(r['mult']) + 'x' for r in recs}, key=lambda s: int(s[:-1])))} where the run reached "
-             f"them; {cpu / 60:.0f} min of one CPU core in all (mean {cpu / len(cells):.0f} s per run, of which training "
-             f"{mean([c['seconds_train'] for c in cells]):.0f} s)."
-             + (f" Fewer seeds where the budget ran out: {'; '.join(incomplete)}." if incomplete else "") + "\n")
-    L.append("Scores are exact expected rewards per prompt on all 100 prompts `a+b=` (sums2: on 100 fixed prompts of its "
-             "10,000); the band of RELEX - `tcut` is the paired standard error over the prompts, sd(d_i)/sqrt(100), per run. Verdict per run: *pays* / *harms* when "
-             "the gain is beyond +-2 of its standard errors, else *tie*.\n")
+    L.append(
+        f"{len(cells)} GRPO runs of the toy model (tasks {', '.join(tasks)}; lr {', '.join(f'{x:g}' for x in lrs)}; "
+        f"seeds {', '.join(map(str, seeds))}; {ROLLOUTS_PER_STEP} rollouts per step), {steps} steps each, "
+        f"`tcut` {' and '.join(map(str, tcuts))} from the same runs, horizons "
+        f"{', '.join(sorted({str(r['mult']) + 'x' for r in recs}, key=lambda s: int(s[:-1])))} where the run reached "
+        f"them; {cpu / 60:.0f} min of one CPU core in all (mean {cpu / len(cells):.0f} s per run, of which training "
+        f"{mean([c['seconds_train'] for c in cells]):.0f} s)."
+        + (f" Fewer seeds where the budget ran out: {'; '.join(incomplete)}." if incomplete else "")
+        + "\n"
+    )
+    L.append(
+        "Scores are exact expected rewards per prompt on all 100 prompts `a+b=` (sums2: on 100 fixed prompts of its "
+        "10,000); the band of RELEX - `tcut` is the paired standard error over the prompts, sd(d_i)/sqrt(100), per "
+        "run. "
+        "Verdict per run: *pays* / *harms* when "
+        "the gain is beyond +-2 of its standard errors, else *tie*.\n"
+    )
 
     # ------------------------------------------------------------------ main table
     L.append("#### RELEX against the `tcut` checkpoint and real training (mean over seeds)\n")
-    L.append("`tcut` / RELEX / real: rewards at the horizon (the `tcut` checkpoint does not move); RELEX - tcut: mean "
-             "over seeds +- its standard error over seeds, and [the mean per-run 2-SE band from the prompts]; kept: "
-             "RELEX's gain over real training's gain (ratio of the means; `-` where real training's mean gain is within its own 2-SE band); "
-             "verdicts: runs that pay / tie / harm.\n")
-    L.append("| task | lr | tcut | H | tcut / RELEX / real | RELEX - tcut | kept | pays / tie / harms | cos / norm ratio |")
+    L.append(
+        "`tcut` / RELEX / real: rewards at the horizon (the `tcut` checkpoint does not move); RELEX - tcut: mean "
+        "over seeds +- its standard error over seeds, and [the mean per-run 2-SE band from the prompts]; kept: "
+        "RELEX's gain over real training's gain (ratio of the means; `-` where real training's mean gain is within its "
+        "own 2-SE band); "
+        "verdicts: runs that pay / tie / harm.\n"
+    )
+    L.append(
+        "| task | lr | tcut | H | tcut / RELEX / real | RELEX - tcut | kept | pays / tie / harms | cos / norm ratio |"
+    )
     L.append("|---|---:|---:|---:|---|---|---:|---|---|")
     table = []
     for (task, lr, tc, mult), g in sorted(groups(recs, ["task", "lr", "tcut", "mult"]).items(),
@@ -163,10 +179,12 @@ def analyze(cfg):
              "cos": mean([r["row"]["cos"] for r in g]), "norm_ratio": mean([r["row"]["norm_ratio"] for r in g])}
         table.append(e)
         se = f" +- {e['gain_se_seeds']:.3f}" if e["seeds"] > 1 else ""
-        L.append(f"| {task} | {lr:g} | {tc} | {mult}x ({e['H']}) | {e['tcut_reward']:.3f} / {e['relex']:.3f} / "
-                 f"{e['real']:.3f} | {e['gain']:+.3f}{se} [+-{e['band2']:.4f}] | "
-                 f"{'-' if kept is None else f'{kept:.2f}'} | {e['pays']} / {e['ties']} / {e['harms']} of {e['seeds']} | "
-                 f"{e['cos']:.2f} / {e['norm_ratio']:.2f} |")
+        L.append(
+            f"| {task} | {lr:g} | {tc} | {mult}x ({e['H']}) | {e['tcut_reward']:.3f} / {e['relex']:.3f} / "
+            f"{e['real']:.3f} | {e['gain']:+.3f}{se} [+-{e['band2']:.4f}] | "
+            f"{'-' if kept is None else f'{kept:.2f}'} | {e['pays']} / {e['ties']} / {e['harms']} of {e['seeds']} | "
+            f"{e['cos']:.2f} / {e['norm_ratio']:.2f} |"
+        )
 
     # ------------------------------------------------------------------ signals at tcut
     L.append("\n#### Signals at `tcut` (mean over seeds)\n")
@@ -183,8 +201,12 @@ def analyze(cfg):
                                     key=lambda kv: (TASK_ORDER.get(kv[0][0], 9), *kv[0][1:])):
         runs = {r["seed"]: r for r in g}.values()
         w = [r["window"] for r in runs]
-        c0 = mean([next(c for c in cells if c["task"] == task and c["lr"] == lr and c["seed"] == r["seed"])["curve"]["0"]
-                   for r in runs])
+        c0 = mean(
+            [
+                next(c for c in cells if c["task"] == task and c["lr"] == lr and c["seed"] == r["seed"])["curve"]["0"]
+                for r in runs
+            ]
+        )
         vs = []
         for m in sorted({r["mult"] for r in g}):
             vv = [r["verdict"] for r in g if r["mult"] == m]
@@ -231,12 +253,14 @@ def analyze(cfg):
 
     # ------------------------------------------------------------------ eval prompts at tcut
     L.append("\n#### Scoring the horizons at `tcut`: eval prompts needed\n")
-    L.append("To call pays / harms at 2 standard errors from a score of RELEX's checkpoint and the `tcut` checkpoint on "
-             "n eval prompts: n = 4 var / gain^2, per run, from the spread measured on the 100 prompts. *exact*: each "
-             "prompt scored exactly (prompt spread only, a lower bound); *sampled*: one sampled completion per prompt "
-             "and checkpoint (adds the sampling variance, at most p(1-p) per prompt; exact for sums' 0/1 reward). "
-             "Cost: 2n sampled completions, against one training step's 64 rollouts plus its backward pass. Median "
-             "over seeds (max in brackets).\n")
+    L.append(
+        "To call pays / harms at 2 standard errors from a score of RELEX's checkpoint and the `tcut` checkpoint on "
+        "n eval prompts: n = 4 var / gain^2, per run, from the spread measured on the 100 prompts. *exact*: each "
+        "prompt scored exactly (prompt spread only, a lower bound); *sampled*: one sampled completion per prompt "
+        "and checkpoint (adds the sampling variance, at most p(1-p) per prompt; exact for sums' 0/1 reward). "
+        "Cost: 2n sampled completions, against one training step's 64 rollouts plus its backward pass. Median "
+        "over seeds (max in brackets).\n"
+    )
     L.append("| task | lr | tcut | " + " | ".join(f"{m}x: exact / sampled" for m in mults) + " |")
     L.append("|---|---:|---:|" + "---|" * len(mults))
     need = []
@@ -255,17 +279,21 @@ def analyze(cfg):
         L.append(f"| {task} | {lr:g} | {tc} | " + " | ".join(cols) + " |")
     sps = mean([c["seconds_per_step"] for c in cells])
     spp = {t: mean([c["seconds_score_per_prompt"] for c in cells if c["task"] == t]) for t in tasks}
-    L.append(f"\nOne training step took {sps:.3f} s here (64 rollouts, forward and backward, mean over the runs); exact "
-             "scoring took " + ", ".join(f"{spp[t] * 1000:.1f} ms ({t})" for t in tasks) + " per prompt and checkpoint "
-             "(one teacher-forced pass over every continuation it sums over). Median n over the windows (sampled, one "
-             "completion per prompt and checkpoint), and its cost 2n / 64 in training steps' rollouts:\n")
+    L.append(
+        f"\nOne training step took {sps:.3f} s here (64 rollouts, forward and backward, mean over the runs); exact "
+        "scoring took " + ", ".join(f"{spp[t] * 1000:.1f} ms ({t})" for t in tasks) + " per prompt and checkpoint "
+        "(one teacher-forced pass over every continuation it sums over). Median n over the windows (sampled, one "
+        "completion per prompt and checkpoint), and its cost 2n / 64 in training steps' rollouts:\n"
+    )
     L.append("| verdict | " + " | ".join(f"{m}x: n (steps' rollouts)" for m in mults) + " |")
     L.append("|---|" + "---:|" * len(mults))
     summary = {}
     for v in ("pays", "harms"):
         cols = []
         for m in mults:
-            ns = [r["n_sampled"] for r in recs if r["mult"] == m and r["verdict"] == v and math.isfinite(r["n_sampled"])]
+            ns = [
+                r["n_sampled"] for r in recs if r["mult"] == m and r["verdict"] == v and math.isfinite(r["n_sampled"])
+            ]
             med = statistics.median(ns) if ns else None
             summary[f"{v}@{m}x"] = med
             cols.append("-" if med is None else f"{med:.0f} ({2 * med / ROLLOUTS_PER_STEP:.1f})")
@@ -274,8 +302,10 @@ def analyze(cfg):
 
     # ------------------------------------------------------------------ every run
     L.append("<details><summary>Every run</summary>\n")
-    L.append("| task | lr | seed | tcut | reward 0 / tcut / end | trend slope +- se | backtest cos / norm | drift share | "
-             "RELEX - tcut (2 se) per horizon | seconds |")
+    L.append(
+        "| task | lr | seed | tcut | reward 0 / tcut / end | trend slope +- se | backtest cos / norm | drift share | "
+        "RELEX - tcut (2 se) per horizon | seconds |"
+    )
     L.append("|---|---:|---:|---:|---|---|---|---:|---|---:|")
     for c in cells:
         for tc, w in c["tcuts"].items():
@@ -290,7 +320,6 @@ def analyze(cfg):
     md = "\n".join(L) + "\n"
     R = {"cells": len(cells), "cpu_seconds": cpu, "table": table, "signals": sig_rows, "separation": sep,
          "prompts_needed": need, "prompts_needed_median": summary}
-    from relex_callback.files.fs import write_json
 
     write_json(os.path.join(cfg.out, "boundary.json"), R, indent=1)
     with open(os.path.join(cfg.out, "boundary.md"), "w") as f:

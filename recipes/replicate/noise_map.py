@@ -35,8 +35,14 @@ os.environ.setdefault("WANDB_DISABLED", "true")
 import torch  # noqa: E402
 
 from task import ExpectedReward, all_problems, sample_problems, warm_up  # noqa: E402
+from replicate import cos_ratio, extrapolated, solve_window  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
 
 from relex_callback.files.fs import write_json  # noqa: E402
+from relex_callback.core import noise  # noqa: E402
+from relex_callback.core.backtest import backtest_from_gram  # noqa: E402
+from relex_callback.examples.toy import arithmetic_reward, build_model, build_tokenizer  # noqa: E402
+from relex_callback.params import plain_tracked, trainable_named_parameters  # noqa: E402
 
 GENERATIONS = 8  # completions per prompt; rollouts per step = prompts x GENERATIONS
 
@@ -53,11 +59,7 @@ def train_cell(cfg, rollouts, lr, seed, jump=None):
     extrapolation of this run's own window (steps 1..M) to step ``mult x M`` (``mult`` None: no jump), and, if
     ``reset_adam``, Adam's moments are cleared (extrapolate-and-continue)."""
     from datasets import Dataset
-    from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
-
-    from relex_callback.params import trainable_named_parameters
-    from relex_callback.examples.toy import arithmetic_reward, build_model, build_tokenizer
 
     random.seed(seed)
     torch.manual_seed(seed)
@@ -112,8 +114,6 @@ def train_cell(cfg, rollouts, lr, seed, jump=None):
 
 def window_grams(named, theta, tcut):
     """Per-tensor Grams ``[S, T, T]`` float64 of the window's deltas Delta_t = theta_t - theta_0, t = 1..tcut."""
-    from relex_callback.params import plain_tracked
-
     specs = [t.spec for t in plain_tracked(named)]
     M = (theta[1 : tcut + 1] - theta[0]).double()
     out, o = [], 0  # the flat vector is the tensors one after another (spec offsets are the arena's, aligned)
@@ -125,8 +125,6 @@ def window_grams(named, theta, tcut):
 
 def backtest(G, steps):
     """The callback's in-window backtest (a line on the first half predicting the last step), the existing signal."""
-    from relex_callback.core.backtest import backtest_from_gram
-
     r = backtest_from_gram(G, steps, True).to_report()
     return {k: r.get(k) for k in ("cosine_global", "norm_ratio_global", "relative_error_global", "direction_cosine")}
 
@@ -145,10 +143,6 @@ def reward_of(model, tok, named):
 
 
 def run_cell(cfg, rollouts, lr, seed):
-    from replicate import cos_ratio, extrapolated, solve_window
-
-    from relex_callback.core import noise
-
     t_all = time.perf_counter()
     model, tok, named, theta, t_train = train_cell(cfg, rollouts, lr, seed)
     reward = reward_of(model, tok, named)
@@ -184,7 +178,9 @@ def run_cell(cfg, rollouts, lr, seed):
     # the growth exponent of |Delta_t| over the whole run: 1 for a line, 0.5 for a random walk
     tt = torch.arange(tc, N + 1, dtype=torch.float64)
     nrm = (theta[tc:] - theta0).double().norm(dim=1)
-    slope = float(torch.linalg.lstsq(torch.stack([tt.log(), torch.ones_like(tt)], 1), nrm.log()[:, None]).solution[0, 0])
+    slope = float(
+        torch.linalg.lstsq(torch.stack([tt.log(), torch.ones_like(tt)], 1), nrm.log()[:, None]).solution[0, 0]
+    )
     return {"rollouts": rollouts, "prompts": rollouts // GENERATIONS, "lr": lr, "seed": seed, "tcut": tc,
             "steps": N, "seconds_train": round(t_train, 1), "seconds": round(time.perf_counter() - t_all, 1),
             "curve": curve, "rows": rows, "signal": sig.to_json(), "backtest": bt,
@@ -193,7 +189,8 @@ def run_cell(cfg, rollouts, lr, seed):
             "explained_mean": float(sol.explained.mean()), "r2_mean": float(sol.r2[:, 0].mean())}
 
 
-# ---------------------------------------------------------------------------------------------- extrapolate-and-continue
+# ---------------------------------------------------------------------------------------------- extrapolate-and-
+# continue
 ARMS = {"plain": None, "jump, Adam kept": (2, False), "jump, Adam reset": (2, True), "Adam reset only": (None, True)}
 
 
@@ -287,7 +284,9 @@ def time_settings(cfg):
     for r in cfg.rollouts:
         t0 = time.perf_counter()
         *_, t = train_cell(cfg, r, cfg.lrs[0], 0)
-        print(f"rollouts {r}: {t / 10:.3f} s/step (cell total incl. warm-up {time.perf_counter() - t0:.1f} s)", flush=True)
+        print(
+            f"rollouts {r}: {t / 10:.3f} s/step (cell total incl. warm-up {time.perf_counter() - t0:.1f} s)", flush=True
+        )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,9 @@ import json
 import math
 import os
 import random
+from replicate import splice as splice_block
+import torch
+from relex_callback.core import noise
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
@@ -120,14 +123,20 @@ def exclusion(cells) -> str:
     text = (f"The exclusion rule is data-driven: a run whose real reward at `tcut` is below {COLLAPSED:.0%} of its "
             f"start's is left out of the counts and rankings. It drops {len(out)} run(s)")
     if by_lr:
-        text += " (" + ", ".join(f"{n} of the {total[lr]} at lr {lr:g}" for lr, n in sorted(by_lr.items(), reverse=True)) + ")"
+        text += (
+            " ("
+            + ", ".join(f"{n} of the {total[lr]} at lr {lr:g}" for lr, n in sorted(by_lr.items(), reverse=True))
+            + ")"
+        )
     kept = [c for c in cells if not collapsed(c)]
     if kept:
         w = min(kept, key=lambda c: c["rows"][0]["tcut"] / c["curve"]["0"])
         r = w["rows"][0]["tcut"] / w["curve"]["0"]
         if r < 1:
-            text += (f"; the kept run whose reward fell most by `tcut` is {w['rollouts']} rollouts, lr {w['lr']:g}, seed "
-                     f"{w['seed']} ({w['curve']['0']:.3f} -> {w['rows'][0]['tcut']:.3f}, {r:.0%} of its start)")
+            text += (
+                f"; the kept run whose reward fell most by `tcut` is {w['rollouts']} rollouts, lr {w['lr']:g}, seed "
+                f"{w['seed']} ({w['curve']['0']:.3f} -> {w['rows'][0]['tcut']:.3f}, {r:.0%} of its start)"
+            )
     return text + "."
 
 
@@ -140,10 +149,6 @@ def transient(c):
 def backfill_steps(out, cache):
     """Each cell's squared step lengths |s_t|^2 (summed over tensors) from its cached window Grams, kept in the
     cell's JSON (the Grams themselves are not committed)."""
-    import torch
-
-    from relex_callback.core import noise
-
     for p in sorted(glob.glob(os.path.join(out, "cells", "*.json"))):
         with open(p) as f:
             c = json.load(f)
@@ -178,12 +183,17 @@ def analyze(cfg):
             sig, gn = [x for x, _ in have], [g for _, g in have]
             rho, p = spearman(sig, gn)
             R["ranking"][f"{name}@{m}x"] = {"spearman": rho, "p": p, "n": len(have)}
-            R["threshold"][f"{name}@{m}x"] = best_threshold(sig if rho >= 0 else [-x for x in sig], gn) if have else None
+            R["threshold"][f"{name}@{m}x"] = (
+                best_threshold(sig if rho >= 0 else [-x for x in sig], gn) if have else None
+            )
         # the naive line's norm ratio: predicted from the signal vs measured
         pr = [predicted_norm_ratio(c["signal"], c["tcut"], r["H"]) for c, r in rows]
         me = [r["norm_ratio_naive"] for _, r in rows]
-        R["ranking"][f"norm_ratio_model@{m}x"] = {"pearson_log": pearson([math.log(x) for x in pr], [math.log(x) for x in me]),
-                                                  "mean_predicted": sum(pr) / len(pr), "mean_measured": sum(me) / len(me)}
+        R["ranking"][f"norm_ratio_model@{m}x"] = {
+            "pearson_log": pearson([math.log(x) for x in pr], [math.log(x) for x in me]),
+            "mean_predicted": sum(pr) / len(pr),
+            "mean_measured": sum(me) / len(me),
+        }
     # the map: mean over seeds per (rollouts, lr)
     keys = sorted({(c["rollouts"], c["lr"]) for c in cells})
     for ro, lr in keys:
@@ -215,7 +225,10 @@ def analyze(cfg):
                 part = [x for x in have if x.get("source", "proxy") == src]
                 if len(part) >= 3:
                     r_src, _ = spearman([x[key] for x in part], [x["gain"] for x in part], perms=0)
-                    R["real_runs"]["ranking"][key].setdefault("by_source", {})[src] = {"spearman": r_src, "n": len(part)}
+                    R["real_runs"]["ranking"][key].setdefault("by_source", {})[src] = {
+                        "spearman": r_src,
+                        "n": len(part),
+                    }
     with open(os.path.join(out, "noise_map.json"), "w") as f:
         json.dump(R, f, indent=1)
     md = tables(R, cells, cfg)
@@ -261,10 +274,6 @@ def real_runs(path=os.path.join(REPO, "docs", "replication", "real_results.json"
     whole run's rank-1 coefficients as mean |c_t| over tensors (normalised to 1 at the end). The same estimators
     on that scalar series over steps 1..tcut are a proxy (the whole run's direction, not the window's), reported as
     such. Rows: (run, tcut, H, gain of RELEX over the tcut checkpoint, proxy signals)."""
-    import torch
-
-    from relex_callback.core import noise
-
     if not os.path.isfile(path):
         return []
     with open(path) as f:
@@ -296,8 +305,11 @@ def real_runs(path=os.path.join(REPO, "docs", "replication", "real_results.json"
 
 
 def best_gain(cells, m):
-    return max(next(r for r in c["rows"] if r["x_tcut"] == m)["relex"] - next(r for r in c["rows"] if r["x_tcut"] == m)["tcut"]
-               for c in cells if not collapsed(c))
+    return max(
+        next(r for r in c["rows"] if r["x_tcut"] == m)["relex"] - next(r for r in c["rows"] if r["x_tcut"] == m)["tcut"]
+        for c in cells
+        if not collapsed(c)
+    )
 
 
 def _f3(x):
@@ -339,9 +351,13 @@ def tables(R, cells, cfg) -> str:
     L.append("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for key, e in R["map"].items():
         ro, lr = key.split("|")
-        bt = mean([c["backtest"]["norm_ratio_global"] for c in cells if str(c["rollouts"]) == ro and f"{c['lr']:g}" == lr])
-        L.append(f"| {ro} | {lr} | {e['drift_share']:.3f} | {e['coef_drift_share']:.3f} | {e['late_drift_share']:.3f} | "
-                 f"{e['speed_ratio']:.3f} | {bt:.3f} | {e['growth_exponent']:.2f} |")
+        bt = mean(
+            [c["backtest"]["norm_ratio_global"] for c in cells if str(c["rollouts"]) == ro and f"{c['lr']:g}" == lr]
+        )
+        L.append(
+            f"| {ro} | {lr} | {e['drift_share']:.3f} | {e['coef_drift_share']:.3f} | {e['late_drift_share']:.3f} | "
+            f"{e['speed_ratio']:.3f} | {bt:.3f} | {e['growth_exponent']:.2f} |"
+        )
     L.append("\n#### Outcomes (mean over seeds)\n")
     L.append("Reward of the `tcut` checkpoint / RELEX / RELEX fitted on the 2nd half / the naive line theta_0 + "
              "(H/tcut)(theta_tcut - theta_0) / real training at H; RELEX's cosine and norm ratio against the real "
@@ -404,7 +420,9 @@ def tables(R, cells, cfg) -> str:
             L.append("")
     rr = R.get("real_runs") or {}
     if rr.get("rows") and getattr(cfg, "marker", "noise-map") == "noise-map":  # once, in the main map
-        L.append("#### The real-model runs (part 2's six: a proxy; the 128/256-rollout runs: the window's own signal)\n")
+        L.append(
+            "#### The real-model runs (part 2's six: a proxy; the 128/256-rollout runs: the window's own signal)\n"
+        )
         L.append("The six runs of part 2 kept no window Grams (report.json was not saved), so the drift share itself "
                  "cannot be computed for them without re-running them. What they do hold is the whole run's rank-1 "
                  "coefficient, as mean |c_t| over tensors; the same estimators on its steps 1..`tcut` are a proxy (the "
@@ -412,22 +430,35 @@ def tables(R, cells, cfg) -> str:
                  "(`rise-r128`, `rise-r256`) kept `report.json[\"noise\"]` of their window (`window` below). Gain: "
                  "held-out greedy accuracy of RELEX minus the `tcut` checkpoint's (40 sums; 32 for `easy`, 64 for the "
                  "128/256-rollout runs).\n")
-        L.append("| run | rollouts | tcut | H | RELEX - tcut | real - tcut | drift share | signal | 2nd half | speed ratio |")
+        L.append(
+            "| run | rollouts | tcut | H | RELEX - tcut | real - tcut | drift share | signal | 2nd half | speed ratio |"
+        )
         L.append("|---|---:|---:|---:|---:|---:|---:|---|---:|---:|")
         for x in rr["rows"]:
             L.append(f"| {x['run']} | {x.get('rollouts', '-')} | {x['tcut']} | {x['H']} | {x['gain']:+.3f} | "
                      f"{x['real_gain']:+.3f} | {x['drift_share']:.3f} | {x.get('source', 'proxy')} | "
                      f"{_f3(x['late_drift_share'])} | {_f3(x['speed_ratio'])} |")
-        L.append("\nSpearman's rho of the signal with RELEX's gain over the " + str(len(rr["rows"])) + " (run, tcut, H) "
-                 "rows (not independent: horizons of one run share the signal" + (
-                     "; proxy and window signals ranked together" if any(x.get("source") == "window" for x in rr["rows"])
-                     else "") + "): " + ", ".join(
-                     f"{k.replace('_', ' ')} {v['spearman']:+.2f} (p {v['p']:.3f}, {v['n']} rows"
-                     + "".join(f"; {src} rows alone {b['spearman']:+.2f}, {b['n']} rows"
-                               for src, b in sorted((v.get("by_source") or {}).items()))
-                     + ")" for k, v in rr["ranking"].items())
-                 + ". A rho over pooled proxy and window rows mixes two kinds of signal: read the parts, not the pool; "
-                 "the p-values are nominal (no correction for the signals and horizons tried).\n")
+        L.append(
+            "\nSpearman's rho of the signal with RELEX's gain over the " + str(len(rr["rows"])) + " (run, tcut, H) "
+            "rows (not independent: horizons of one run share the signal"
+            + (
+                "; proxy and window signals ranked together"
+                if any(x.get("source") == "window" for x in rr["rows"])
+                else ""
+            )
+            + "): "
+            + ", ".join(
+                f"{k.replace('_', ' ')} {v['spearman']:+.2f} (p {v['p']:.3f}, {v['n']} rows"
+                + "".join(
+                    f"; {src} rows alone {b['spearman']:+.2f}, {b['n']} rows"
+                    for src, b in sorted((v.get("by_source") or {}).items())
+                )
+                + ")"
+                for k, v in rr["ranking"].items()
+            )
+            + ". A rho over pooled proxy and window rows mixes two kinds of signal: read the parts, not the pool; "
+            "the p-values are nominal (no correction for the signals and horizons tried).\n"
+        )
     L.append("\n<details><summary>Every run</summary>\n")
     L.append("| rollouts | lr | seed | drift share +- se | c_t share +- se | 2nd half | speed ratio | " +
              " | ".join(f"{m}x: RELEX - tcut" for m in mults) + " | seconds |")
@@ -435,9 +466,11 @@ def tables(R, cells, cfg) -> str:
     for c in cells:
         s = c["signal"]
         gains = " | ".join(f"{r['relex'] - r['tcut']:+.3f}" for r in c["rows"])
-        L.append(f"| {c['rollouts']} | {c['lr']:g} | {c['seed']} | {s['drift_share']:.3f} +- {s['drift_share_se']:.3f} | "
-                 f"{s['coef_drift_share']:.3f} +- {s['coef_drift_share_se']:.3f} | {s['late_drift_share']:.3f} | "
-                 f"{s['speed_ratio']:.3f} | {gains} | {c['seconds']:.0f} |")
+        L.append(
+            f"| {c['rollouts']} | {c['lr']:g} | {c['seed']} | {s['drift_share']:.3f} +- {s['drift_share_se']:.3f} | "
+            f"{s['coef_drift_share']:.3f} +- {s['coef_drift_share_se']:.3f} | {s['late_drift_share']:.3f} | "
+            f"{s['speed_ratio']:.3f} | {gains} | {c['seconds']:.0f} |"
+        )
     L.append("\n</details>\n")
     return "\n".join(L) + "\n"
 
@@ -500,6 +533,4 @@ def plot(R, cells, live, path):
 
 def splice(doc, md, marker="noise-map"):
     """The noise map's block of ``docs/replication.md`` (between ``<!-- marker:begin/end -->``)."""
-    from replicate import splice as splice_block
-
     splice_block(doc, md, marker)

@@ -8,7 +8,8 @@ Presets:
   once), 128 prompts x 8 completions = 1,024 rollouts per optimizer step (micro-batches of 256, 4 accumulation steps),
   constant lr 2e-6, two-number sums with operands 1..99 asked through the chat template (the sum task of
   ``recipes/replicate/real_model.py`` with a wider operand range, so the held-out accuracy has room to rise over many
-  steps; 2 of 40 right at step 0 in CPU checks here), ``tcut`` 25..50 and validation to 4 x ``tcut`` (horizons 2x, 3x, 4x), 512 held-out
+  steps; 2 of 40 right at step 0 in CPU checks here), ``tcut`` 25..50 and validation to 4 x ``tcut`` (horizons 2x, 3x,
+  4x), 512 held-out
   sums. Needs CUDA.
 * ``cpu-smoke``: the tiny from-scratch model of ``relex_callback.examples.toy`` (SFT warm-up, then GRPO on one-digit
   sums): the same code path in seconds on a CPU. Its numbers check the pipeline, not the method.
@@ -50,6 +51,23 @@ import sys  # noqa: E402
 import warnings  # noqa: E402
 from dataclasses import asdict, dataclass, replace  # noqa: E402
 from typing import Optional  # noqa: E402
+import logging  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
+from transformers.trainer_callback import PrinterCallback  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from relex_callback import RelexCallback  # noqa: E402
+from relex_callback.examples.real_model import read_checkpoint_weights  # noqa: E402
+from relex_callback.examples.toy import (  # noqa: E402
+    arithmetic_reward,
+    arithmetic_split,
+    build_model,
+    build_tokenizer,
+    supervised_warmup,
+)
+from relex_callback.files.fs import write_text  # noqa: E402
+from relex_callback.params import trainable_named_parameters  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
@@ -238,8 +256,6 @@ class Results:
                      "n_eval": preset.n_eval, "environment": {}}
 
     def write(self):
-        from relex_callback.files.fs import write_text
-
         self.data["elapsed_seconds"] = round(time.monotonic() - T_START, 2)
         os.makedirs(self.out, exist_ok=True)
         for name, text in ((RESULTS_JSON, json.dumps(self.data, indent=1, default=str)), (RESULTS_MD, self.markdown())):
@@ -300,7 +316,6 @@ class Task:
             from relex_callback.examples.real_model import prepare_checkpoint
 
             return prepare_checkpoint()
-        from relex_callback.examples.toy import arithmetic_split, build_model, build_tokenizer, supervised_warmup
 
         tok = build_tokenizer()
         train, _ = arithmetic_split(self.p.n_eval, seed=self.p.seed, max_operand=self.p.max_operand)
@@ -312,8 +327,6 @@ class Task:
         return base
 
     def load(self, base: str):
-        import torch
-
         if self.p.model == "smollm2":
             from relex_callback.examples.real_model import load_model
 
@@ -333,7 +346,6 @@ class Task:
             n_train = min(n_train, len(sum_problems(self.p.max_operand)) - self.p.n_eval)
             return split_problems(n_train, self.p.n_eval, max_operand=self.p.max_operand, seed=self.p.seed,
                                   tokenizer=tok)
-        from relex_callback.examples.toy import arithmetic_split
 
         return arithmetic_split(self.p.n_eval, seed=self.p.seed, max_operand=self.p.max_operand)
 
@@ -343,7 +355,6 @@ class Task:
             from relex_callback.examples.real_model import sum_reward
 
             return sum_reward
-        from relex_callback.examples.toy import arithmetic_reward
 
         return arithmetic_reward
 
@@ -381,8 +392,6 @@ def grpo_args(preset: Preset, out: str, max_steps: int):
 
 def step_timer():
     """A ``TrainerCallback`` that records the wall time of every optimizer step and the logged rewards."""
-    from transformers import TrainerCallback
-
     class _Timer(TrainerCallback):
         def __init__(self):
             self.t_begin, self.ends, self.rewards = None, [], []
@@ -405,22 +414,16 @@ def step_timer():
 
 
 def trainable(model):
-    from relex_callback.params import trainable_named_parameters
-
     return trainable_named_parameters(model)
 
 
 def load_into(scratch, weights: dict):
-    import torch
-
     with torch.no_grad():
         for n, p in trainable(scratch):
             p.copy_(weights[n].to(device=p.device, dtype=p.dtype))
 
 
 def read_weights(path: str, names) -> dict:
-    from relex_callback.examples.real_model import read_checkpoint_weights
-
     return read_checkpoint_weights(path, set(names))
 
 
@@ -448,24 +451,16 @@ def run(preset: Preset, out: str, budget: float, keep: bool = False) -> int:
 
 
 def _run(res: Results, preset: Preset, out: str, budget: float, keep: bool) -> int:
-    import torch
-
     if preset.device == "cuda" and not torch.cuda.is_available():
         print("paper_regime: the gpu preset needs CUDA and none is visible (torch.cuda.is_available() is False); "
               "run --preset cpu-smoke (or --preset auto) on this machine", file=sys.stderr)
         return 2
     if preset.threads:
         torch.set_num_threads(preset.threads)
-    import logging
 
-    import transformers
     import trl
     from datasets import Dataset
-    from transformers.trainer_callback import PrinterCallback
-    from transformers.utils import logging as hf_logging
     from trl import GRPOTrainer
-
-    from relex_callback import RelexCallback
 
     hf_logging.set_verbosity_error()
     logging.getLogger("relex_callback").setLevel(logging.WARNING)
@@ -614,8 +609,6 @@ def _evaluator(task, res, scratch, tok, theta0, tcut, horizons, out, preset, dea
     """The ``TrainerCallback`` that scores the live model at tcut and at each horizon, and every family's
     extrapolated checkpoint and the naive line at each horizon; stops training when the budget runs out
     (``per_step``, ``per_eval``: the plan's, a step with the callbacks and an evaluation with its weight load)."""
-    from transformers import TrainerCallback
-
     evals_per_horizon = 1 + len(preset.families) + 1
 
     class _Eval(TrainerCallback):

@@ -15,6 +15,9 @@ import json
 import os
 
 import torch
+from relex_callback import load_state
+from relex_callback.core.fit import fit
+from relex_callback.examples import real_model as rm
 
 
 def main():
@@ -22,10 +25,6 @@ def main():
     ap.add_argument("--demo", default="relex_demo", help="the demo's output directory")
     ap.add_argument("--families", default="linear,power,log", help="comma-separated fit families")
     a = ap.parse_args()
-
-    from relex_callback import load_state
-    from relex_callback.examples import real_model as rm
-    from relex_callback.core.fit import fit
 
     demo = json.load(open(os.path.join(a.demo, "demo.json")))
     st = demo["settings"]

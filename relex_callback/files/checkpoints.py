@@ -17,12 +17,16 @@ import re
 import shutil
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
+import mmap
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from ..config import DEFAULTS, parse_size
-from ..errors import RelexInputError
-from .fs import read_json, read_safetensors_header
+from ..errors import RelexInputError, RelexNonFiniteError
+from .fs import read_json, read_safetensors_header, write_json
+from ..compat import tied_copies
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -79,8 +83,6 @@ class DirectorySource:
     """A Hugging Face checkpoint directory: weights from its safetensors, config and tokenizer files copied."""
 
     def __init__(self, path: str):
-        from safetensors import safe_open
-
         self.path = path
         if not os.path.isdir(path):
             raise RelexInputError(f"{path} is not a directory")
@@ -104,7 +106,8 @@ class DirectorySource:
             files = [self.weights_name]
         else:
             raise RelexInputError(
-                f"{path} has no {WEIGHTS_NAME} or {INDEX_NAME}; save checkpoints with safetensors (the default of save_pretrained)"
+                f"{path} has no {WEIGHTS_NAME} or {INDEX_NAME}; save checkpoints with safetensors (the default of "
+                "save_pretrained)"
             )
         self.key_file: dict[str, str] = {}
         self.meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
@@ -133,8 +136,6 @@ class DirectorySource:
         return sum(os.path.getsize(f) for f in set(self.key_file.values()))
 
     def get(self, key: str) -> torch.Tensor:
-        from safetensors import safe_open
-
         fp = self.key_file[key]
         try:
             handle = self._handles.get(fp)
@@ -153,9 +154,18 @@ class DirectorySource:
 
 def st_dtype(name: str) -> torch.dtype:
     table = {
-        "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
-        "F8_E4M3": getattr(torch, "float8_e4m3fn", torch.uint8), "F8_E5M2": getattr(torch, "float8_e5m2", torch.uint8),
+        "F64": torch.float64,
+        "F32": torch.float32,
+        "F16": torch.float16,
+        "BF16": torch.bfloat16,
+        "I64": torch.int64,
+        "I32": torch.int32,
+        "I16": torch.int16,
+        "I8": torch.int8,
+        "U8": torch.uint8,
+        "BOOL": torch.bool,
+        "F8_E4M3": getattr(torch, "float8_e4m3fn", torch.uint8),
+        "F8_E5M2": getattr(torch, "float8_e5m2", torch.uint8),
     }
     return table.get(name, torch.float32)
 
@@ -164,8 +174,6 @@ def checkpoint_keys(model: torch.nn.Module, sd: dict) -> list[str]:
     """The keys ``save_pretrained`` writes: ``state_dict()`` minus the tied copies (``lm_head.weight`` of tied
     embeddings; found by sharing, the same on every transformers release: :func:`relex_callback.compat.tied_copies`),
     so tied weights stay tied when the checkpoint is loaded and the keys equal the tracked names."""
-    from ..compat import tied_copies
-
     tied = tied_copies(model, sd)
     return [k for k in sd if k not in tied]
 
@@ -224,15 +232,16 @@ class MappedSafetensors:
         for k, v in header.items():
             b, e = v["data_offsets"]
             if self.start + e > size:
-                raise RelexInputError(f"cannot read {path}: tensor {k} ends at byte {self.start + e} of a {size}-byte file; the file is truncated")
+                raise RelexInputError(
+                    f"cannot read {path}: tensor {k} ends at byte {self.start + e} of a {size}-byte file; the file is "
+                    "truncated"
+                )
         self.header = header
         self.size = size
         self._fd = None
         self._last = None
 
     def get(self, name: str):
-        import mmap
-
         h = self.header[name]
         b, e = h["data_offsets"]
         dtype = st_dtype(h["dtype"])  # the dtype DirectorySource.meta reports for it (the shape/dtype checks use that)
@@ -248,7 +257,9 @@ class MappedSafetensors:
                 self._last.madvise(mmap.MADV_DONTNEED)
             except (ValueError, OSError):
                 pass
-        mm = mmap.mmap(self._fd, self.start + e - lo, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=lo)
+        mm = mmap.mmap(
+            self._fd, self.start + e - lo, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=lo
+        )
         self._last = mm
         raw = torch.frombuffer(mm, dtype=torch.uint8, offset=self.start + b - lo, count=e - b)  # keeps mm alive
         if (self.start + b) % dtype.itemsize:  # unaligned (old writers): one copy
@@ -282,7 +293,8 @@ class MappedSource:
 
 
 def read_tensors(source, names: Sequence[str], device: str = "cpu"):
-    """Yield the tensors ``names`` of a :class:`~relex_callback.files.checkpoints.DirectorySource` one at a time, memory-mapped
+    """Yield the tensors ``names`` of a :class:`~relex_callback.files.checkpoints.DirectorySource` one at a time,
+    memory-mapped
     from its safetensors files (no copy on CPU: the store subtracts theta_0 straight from the page cache)."""
     mapped = MappedSource(source)
     try:
@@ -318,10 +330,9 @@ def is_relex_output(path: str) -> bool:
 
 def write_relex_marker(out_dir: str, horizon: int, tcut: int, run_id: Optional[str] = None):
     """Mark ``out_dir`` (a checkpoint being assembled) as relex's extrapolation to ``horizon`` from ``tcut`` by run
-    ``run_id`` (the id the state file records): what :func:`relex_callback.files.fs.not_ours` checks before any removal or
+    ``run_id`` (the id the state file records): what :func:`relex_callback.files.fs.not_ours` checks before any removal
+    or
     read-back."""
-    from .fs import write_json
-
     write_json(os.path.join(out_dir, RELEX_MARKER), {"horizon": int(horizon), "tcut": int(tcut), "run_id": run_id,
                                                      "written_by": "relex_callback"}, durable=False)
 
@@ -331,7 +342,9 @@ def step_of(path: str) -> Optional[int]:
     return int(m.group(1)) if m else None
 
 
-def discover_checkpoints(paths: Sequence[str], steps: Optional[Sequence[int]] = None, stride: int = 1) -> list[Checkpoint]:
+def discover_checkpoints(
+    paths: Sequence[str], steps: Optional[Sequence[int]] = None, stride: int = 1
+) -> list[Checkpoint]:
     """Resolve ``--checkpoints`` (+ ``--steps``, ``--stride``) to checkpoints sorted by step.
 
     A single path that is not itself a checkpoint is a parent directory: its subdirectories named like
@@ -341,13 +354,16 @@ def discover_checkpoints(paths: Sequence[str], steps: Optional[Sequence[int]] = 
     for p in paths:
         if not os.path.isdir(p):
             what = "is not a directory" if os.path.exists(p) else "does not exist"
-            raise RelexInputError(f"--checkpoints {p} {what}; pass checkpoint directories or one directory holding them")
+            raise RelexInputError(
+                f"--checkpoints {p} {what}; pass checkpoint directories or one directory holding them"
+            )
     dirs = list(paths)
     if len(paths) == 1 and weights_dir(paths[0]) is None:
         parent = paths[0]
         if steps is not None:
             raise RelexInputError(
-                f"--steps cannot be given with a parent directory ({parent}): its checkpoints are numbered by their names; "
+                f"--steps cannot be given with a parent directory ({parent}): its checkpoints are numbered by their "
+                "names; "
                 "pass the checkpoint directories themselves with --steps, in the same order"
             )
         named = [(int(STEP_DIR.match(d).group(1)), d) for d in os.listdir(parent)
@@ -357,22 +373,29 @@ def discover_checkpoints(paths: Sequence[str], steps: Optional[Sequence[int]] = 
         if not dirs:
             raise RelexInputError(
                 f"{parent} is neither a checkpoint (no model.safetensors) nor a directory of checkpoints named "
-                "checkpoint-N, global_step_N, step_N or step-N" + (f" (its {', '.join(sorted(ours))} were written by relex)" if ours else "")
+                "checkpoint-N, global_step_N, step_N or step-N"
+                + (f" (its {', '.join(sorted(ours))} were written by relex)" if ours else "")
             )
     found = []
     for d in dirs:
         if is_relex_output(d):
             raise RelexInputError(
-                f"{d} is an extrapolated checkpoint written by relex ({RELEX_MARKER}), not a training checkpoint; leave it "
+                f"{d} is an extrapolated checkpoint written by relex ({RELEX_MARKER}), not a training checkpoint; "
+                "leave "
+                "it "
                 "out of --checkpoints"
             )
         w = weights_dir(d)
         if w is None:
-            raise RelexInputError(f"{d} has no model.safetensors or model.safetensors.index.json (nor actor/huggingface/ with them)")
+            raise RelexInputError(
+                f"{d} has no model.safetensors or model.safetensors.index.json (nor actor/huggingface/ with them)"
+            )
         found.append((d, w))
     if steps is not None:
         if len(steps) != len(found):
-            raise RelexInputError(f"--steps gives {len(steps)} step numbers for {len(found)} checkpoints; give one per checkpoint")
+            raise RelexInputError(
+                f"--steps gives {len(steps)} step numbers for {len(found)} checkpoints; give one per checkpoint"
+            )
         numbered = list(steps)
     else:
         numbered = []
@@ -380,7 +403,8 @@ def discover_checkpoints(paths: Sequence[str], steps: Optional[Sequence[int]] = 
             s = step_of(d)
             if s is None:
                 raise RelexInputError(
-                    f"cannot tell the step of {d} from its name (expected checkpoint-N, global_step_N, step_N or step-N); pass --steps"
+                    f"cannot tell the step of {d} from its name (expected checkpoint-N, global_step_N, step_N or "
+                    "step-N); pass --steps"
                 )
             numbered.append(s)
     bad = [s for s in numbered if s <= 0]
@@ -398,7 +422,8 @@ def discover_checkpoints(paths: Sequence[str], steps: Optional[Sequence[int]] = 
         kept = [c for c in cks if c.step % stride == 0]
         if len(kept) < 2:
             raise RelexInputError(
-                f"--stride {stride} keeps {len(kept)} of the steps {[c.step for c in cks]} (steps divisible by {stride}); "
+                f"--stride {stride} keeps {len(kept)} of the steps {[c.step for c in cks]} (steps divisible by "
+                f"{stride}); "
                 "a line needs at least 2: lower --stride"
             )
         cks = kept
@@ -411,7 +436,9 @@ def check_same_tensors(base, names, ck, src):
     """Every tracked tensor present in ``src`` with the base's shape and dtype; no extra floating tensors."""
     for n in names:
         if n not in src.meta:
-            raise RelexInputError(f"{ck.weights} has no tensor {n!r} (present in the base); all checkpoints must be of the same model")
+            raise RelexInputError(
+                f"{ck.weights} has no tensor {n!r} (present in the base); all checkpoints must be of the same model"
+            )
         if src.meta[n] != base.meta[n]:
             (s1, d1), (s2, d2) = base.meta[n], src.meta[n]
             raise RelexInputError(
@@ -420,13 +447,14 @@ def check_same_tensors(base, names, ck, src):
             )
     extra = [k for k, (_, dt) in src.meta.items() if k not in base.meta and dt.is_floating_point]
     if extra:
-        raise RelexInputError(f"{ck.weights} has tensors the base lacks ({', '.join(extra[:3])}); all checkpoints must be of the same model")
+        raise RelexInputError(
+            f"{ck.weights} has tensors the base lacks ({', '.join(extra[:3])}); all checkpoints must be of the same "
+            "model"
+        )
 
 
 # ---------------------------------------------------------------------------------------------- writing
 def write_safetensors(path: str, tensors: dict[str, torch.Tensor], metadata: Optional[dict] = None):
-    from safetensors.torch import save_file
-
     save_file({k: v.contiguous() for k, v in tensors.items()}, path, metadata=metadata or {"format": "pt"})
 
 
@@ -462,10 +490,9 @@ def write_shard(path: str, keys: list[str], meta: dict, produce: Callable[[str],
         if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
             raise RuntimeError(f"{k}: produced {tuple(t.shape)} {t.dtype}, expected {shape} {dtype}")
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            from ..errors import RelexNonFiniteError
-
             raise RelexNonFiniteError(
-                f"{k} would be written with NaN/Inf values into {os.path.dirname(path)}; that checkpoint was not written "
+                f"{k} would be written with NaN/Inf values into {os.path.dirname(path)}; that checkpoint was not "
+                "written "
                 "(a diverged model, or an extrapolation from non-finite deltas)"
             )
         tensors[k] = t.to("cpu")
@@ -474,8 +501,6 @@ def write_shard(path: str, keys: list[str], meta: dict, produce: Callable[[str],
 
 def write_index(out_dir: str, weight_map: dict[str, str], total_size: int):
     """``model.safetensors.index.json`` of a checkpoint written in more than one shard."""
-    from .fs import write_json
-
     write_json(os.path.join(out_dir, INDEX_NAME), {"metadata": {"total_size": total_size}, "weight_map": weight_map},
                durable=False, indent=2, sort_keys=True)
 

@@ -22,8 +22,9 @@ import re
 import shutil
 import uuid
 from typing import Iterable, Optional
+import tempfile
 
-from ..errors import RelexInputError
+from ..errors import RelexError, RelexInputError
 
 STATE_NAME = "relex_state.safetensors"
 STATE_INDEX_NAME = "relex_state.index.json"  # distributed runs: the state sharded by tensor
@@ -63,8 +64,10 @@ def loads_json(text, what: str, max_bytes: int = MAX_JSON_BYTES):
         raise RelexInputError(f"{what} is {len(text):,} bytes of JSON, more than the {max_bytes:,} relex reads: the "
                               "file is damaged or is not the file relex expects")
     if _json_depth_over(text, MAX_JSON_DEPTH):
-        raise RelexInputError(f"{what} nests JSON more than {MAX_JSON_DEPTH} levels deep: the file is damaged or is not "
-                              "the file relex expects; replace it with the one relex (or save_pretrained) wrote")
+        raise RelexInputError(
+            f"{what} nests JSON more than {MAX_JSON_DEPTH} levels deep: the file is damaged or is not "
+            "the file relex expects; replace it with the one relex (or save_pretrained) wrote"
+        )
     try:
         return json.loads(text)
     except RecursionError:  # not reached below MAX_JSON_DEPTH; kept as the last guard
@@ -201,7 +204,9 @@ def commit_directory(tmp: str, final: str, marked_only: bool = True):
     if os.path.lexists(final):
         why = not_ours(final) if marked_only else None
         if why:  # overwrite replaces only relex's own output (checked before any work; checked again here)
-            raise RelexInputError(f"{final} {why}; it was left as it is: move it away or choose another output directory")
+            raise RelexInputError(
+                f"{final} {why}; it was left as it is: move it away or choose another output directory"
+            )
         trash = os.path.join(parent, f".{os.path.basename(final)}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         os.replace(final, trash)
         try:
@@ -357,7 +362,10 @@ def foreign_output(path: str) -> Optional[str]:
             "is not a RELEX state index"
     if name == REPORT_FILE:
         return None if os.path.isfile(path) and _is_relex_json(path, ("tcut", "tensors")) else "is not a RELEX report"
-    if name in (PLOT_FILE, REPORT_PLOT_FILE):  # relex's plot carries a PNG text entry "Source: relex_callback" (scoring.plot_horizons)
+    if name in (
+        PLOT_FILE,
+        REPORT_PLOT_FILE,
+    ):  # relex's plot carries a PNG text entry "Source: relex_callback" (scoring.plot_horizons)
         try:
             with open(path, "rb") as f:
                 ours = b"Source\x00relex_callback" in f.read(1 << 16)
@@ -447,8 +455,9 @@ def check_writable_dir(path: str, what: str):
                                   f"which does not exist; remove the link, create its target, or choose another {what}")
         probe = os.path.dirname(probe)
     if not os.path.isdir(probe):
-        raise RelexInputError(f"{what} {path} cannot be created: {probe} is a file, not a directory; choose another {what}")
-    import tempfile
+        raise RelexInputError(
+            f"{what} {path} cannot be created: {probe} is a file, not a directory; choose another {what}"
+        )
 
     prefix = f".relex-probe-{os.getpid()}-"
     try:  # permissions, read-only file systems, /proc: only trying tells
@@ -460,7 +469,9 @@ def check_writable_dir(path: str, what: str):
                     os.rmdir(os.path.join(probe, entry))
         if not isinstance(e, OSError):
             raise
-        raise RelexInputError(f"{what} {path} cannot be written ({probe}: {e.strerror}); choose another {what}") from None
+        raise RelexInputError(
+            f"{what} {path} cannot be written ({probe}: {e.strerror}); choose another {what}"
+        ) from None
 
 
 def check_free_space(out_dir: str, parts: dict, what: str = "--out"):
@@ -482,8 +493,6 @@ def check_free_space(out_dir: str, parts: dict, what: str = "--out"):
 def write_failure(e: BaseException) -> bool:
     """Whether ``e`` is a failed write (full disk, permissions, I/O error), whatever library raised it: ``OSError``
     and safetensors' ``SafetensorError`` (its ``save_file`` reports ENOSPC as one), not our own input errors."""
-    from ..errors import RelexError
-
     if isinstance(e, RelexError):
         return False
     if isinstance(e, OSError):

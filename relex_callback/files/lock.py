@@ -30,7 +30,7 @@ import weakref
 from typing import Optional
 
 from ..errors import RelexInputError, RelexInterrupted
-from .fs import check_writable_dir, read_json, sweep_temporaries, write_json
+from .fs import check_writable_dir, read_json, sweep_temporaries
 
 LOCK_FILE = ".relex-lock.json"  # inside the output directory while a writer owns it
 CALLBACK = "RelexCallback"

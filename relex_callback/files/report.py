@@ -7,7 +7,8 @@ import math
 import os
 from typing import Optional
 
-from .fs import read_json
+from .fs import atomic_file, read_json, write_json
+from ..errors import RelexInputError
 
 REPORT_NAME = "report.json"
 
@@ -84,7 +85,7 @@ def build_report(solution, *, tcut: int, horizons, extra: Optional[dict] = None)
     if bt is not None:
         rep["backtest"] = bt.to_report()
     if hasattr(solution, "noise"):
-        from ..core.noise import report_entry
+        from ..core.noise import report_entry  # deferred: core.noise imports torch, this module does not
 
         rep["noise"] = report_entry(solution.noise)
     if extra:
@@ -114,8 +115,6 @@ def _fit_summary(solution, horizons) -> dict:
 
 
 def write_report(path: str, report: dict):
-    from .fs import write_json
-
     write_json(path, report, indent=1, allow_nan=False, default=_json_default)
 
 
@@ -127,13 +126,13 @@ def _json_default(o):
 
 def load_report(path: str) -> dict:
     """Read ``report.json`` (``path`` is the file or the directory holding it)."""
-    from ..errors import RelexInputError
-
     path = report_path(path)
     try:
         return read_json(path)
     except FileNotFoundError:
-        raise RelexInputError(f"{path} does not exist; pass the directory that `relex extrapolate` or the callback wrote") from None
+        raise RelexInputError(
+            f"{path} does not exist; pass the directory that `relex extrapolate` or the callback wrote"
+        ) from None
     except ValueError as e:
         raise RelexInputError(f"{path} is not valid JSON: {e}") from None
 
@@ -197,7 +196,9 @@ def format_summary(report: dict, worst: int = 10) -> str:
     for label, xs in (("explained variance", ev), ("R^2 of the line fit", r2)):
         if xs:
             d = _dist(xs)
-            lines.append(f"{label:24s}" + "".join(f"{d[k]:8.4f}" for k in ("mean", "min", "q05", "q25", "median", "q75", "max")))
+            lines.append(
+                f"{label:24s}" + "".join(f"{d[k]:8.4f}" for k in ("mean", "min", "q05", "q25", "median", "q75", "max"))
+            )
     lines.append(f"explained variance weighted by tensor size: {wev:.4f}")
     lines += ["", "explained variance (sigma1^2 / ||M||_F^2) over tensors:"] + text_histogram(ev)
     if r2:
@@ -206,10 +207,15 @@ def format_summary(report: dict, worst: int = 10) -> str:
     if k:
         lines += ["", f"worst {min(k, len(moving))} tensors by explained variance:"]
         for t in sorted(moving, key=lambda t: t["explained_variance"])[:k]:
-            lines.append(f"  {t['explained_variance']:.4f}  R^2 {_fmt(t['r2'][0])}  ||delta|| {t['delta_norm']:.3g}  {t['name']}")
+            lines.append(
+                f"  {t['explained_variance']:.4f}  R^2 {_fmt(t['r2'][0])}  ||delta|| {t['delta_norm']:.3g}  {t['name']}"
+            )
         lines += [f"worst {min(k, len(moving))} tensors by R^2:"]
         for t in sorted(moving, key=lambda t: _key(t["r2"][0]))[:k]:
-            lines.append(f"  {_fmt(t['r2'][0])}  explained {t['explained_variance']:.4f}  ||delta|| {t['delta_norm']:.3g}  {t['name']}")
+            lines.append(
+                f"  {_fmt(t['r2'][0])}  explained {t['explained_variance']:.4f}  ||delta|| {t['delta_norm']:.3g}  "
+                f"{t['name']}"
+            )
     return "\n".join(lines)
 
 
@@ -225,9 +231,11 @@ def format_trust(report: dict) -> str:
             fs = bt.get("fit_steps") or []
             lines.append(
                 f"backtest (line fitted on steps {_steps_text(fs)}, predicting step {bt.get('predicted_step')}): "
-                f"cosine {_fmt(bt.get('cosine_global')).strip()}, norm ratio {_fmt(bt.get('norm_ratio_global')).strip()}, "
+                f"cosine {_fmt(bt.get('cosine_global')).strip()}, norm ratio "
+                f"{_fmt(bt.get('norm_ratio_global')).strip()}, "
                 f"relative error {_fmt(bt.get('relative_error_global')).strip()}, direction cosine "
-                f"{_fmt(bt.get('direction_cosine')).strip()}")
+                f"{_fmt(bt.get('direction_cosine')).strip()}"
+            )
     nz = report.get("noise")
     if nz:
         lines.append(format_noise(nz))
@@ -237,8 +245,10 @@ def format_trust(report: dict) -> str:
             lines.append(f"reward trend: not computed ({tr.get('reason')})")
         else:
             verdict = "rising" if tr.get("rising") else "NOT rising: extrapolating it is likely harmful"
-            lines.append(f"reward trend ({tr.get('metric')}): slope {tr['slope']:.3g} +- {tr['stderr']:.3g} per step over "
-                         f"{tr.get('points')} logged steps: {verdict}")
+            lines.append(
+                f"reward trend ({tr.get('metric')}): slope {tr['slope']:.3g} +- {tr['stderr']:.3g} per step over "
+                f"{tr.get('points')} logged steps: {verdict}"
+            )
     fit = report.get("fit") or {}
     sel = fit.get("selection")
     if sel and sel.get("scores"):
@@ -328,7 +338,9 @@ def _steps_text(steps: list) -> str:
 
 def representative_tensors(report: dict, k: int = 4) -> list[dict]:
     """Up to ``k`` moving tensors spread over the explained-variance range: the worst, the quantiles, the best."""
-    moving = sorted((t for t in report.get("tensors", []) if t.get("delta_norm", 0) > 0), key=lambda t: t["explained_variance"])
+    moving = sorted(
+        (t for t in report.get("tensors", []) if t.get("delta_norm", 0) > 0), key=lambda t: t["explained_variance"]
+    )
     if len(moving) <= k:
         return moving
     idx = sorted({round(j * (len(moving) - 1) / (k - 1)) for j in range(k)})
@@ -338,8 +350,6 @@ def representative_tensors(report: dict, k: int = 4) -> list[dict]:
 def plot_report(report: dict, path: str, k: int = 4) -> str:
     """Write ``report.png``: the coefficients c_t of ``k`` representative tensors with their fitted lines
     (extended to the first horizon), and the histogram of explained variance. Needs the ``plot`` extra."""
-    from ..errors import RelexInputError
-
     try:
         import matplotlib
 
@@ -354,7 +364,9 @@ def plot_report(report: dict, path: str, k: int = 4) -> str:
     hz = (report.get("horizons") or [max(steps or [1])])[0]
     for t in reps:
         c = t["coeffs"][0]
-        (line,) = ax.plot(steps, c, "o", ms=3, label=f"{t['name']} (EV {t['explained_variance']:.3f}, R^2 {_fmt(t['r2'][0]).strip()})")
+        (line,) = ax.plot(
+            steps, c, "o", ms=3, label=f"{t['name']} (EV {t['explained_variance']:.3f}, R^2 {_fmt(t['r2'][0]).strip()})"
+        )
         a, b = t["slope"][0], t["intercept"][0]
         xs = [min(steps), hz]
         ax.plot(xs, [a * x + b for x in xs], "-", color=line.get_color(), lw=1)
@@ -370,7 +382,6 @@ def plot_report(report: dict, path: str, k: int = 4) -> str:
     ax.set_ylabel("tensors")
     ax.set_title(f"{len(ev)} moving tensors")
     fig.tight_layout()
-    from .fs import atomic_file
 
     with atomic_file(path) as tmp:  # "Source: relex_callback": what a later --plot may replace (fs.foreign_output)
         fig.savefig(tmp, dpi=100, format="png", metadata={"Source": "relex_callback"})

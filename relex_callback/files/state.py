@@ -13,11 +13,17 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from ..errors import RelexInputError
 from ..params import TensorSpec
 
 from .fs import STATE_INDEX_NAME, STATE_NAME, atomic_file, loads_json, read_json, write_json  # noqa: F401  (the names live in fs)
+from ..core.clock import Clock
+from ..core.fit import Fit
+from ..core.solver import extrapolate_piece
+from .schema import check_state_meta, Checker, STR
 FORMAT_VERSION = 2  # 2: per-tensor "fit" (the coefficient curve, relex_callback.core.fit.Fit) beside slope/intercept
 UNTRACKED_VERSION = 3  # 3: "untracked" (relex_callback.files.untracked), written only by states that record trained
 #   untracked tensors, so that an older reader refuses the file instead of writing theta_0 where the run wrote them
@@ -126,8 +132,6 @@ class RelexState:
 
     @torch.no_grad()
     def extrapolate(self, i: int, horizon: float, theta0: torch.Tensor) -> torch.Tensor:
-        from ..core.solver import extrapolate_piece
-
         spec = self.specs[i]
         return extrapolate_piece(theta0, self.coef_at(horizon)[i], self.tensors[spec.name][: self.rank], spec.dtype)
 
@@ -181,8 +185,6 @@ def save_state(path: str, solution, theta0_of, *, tcut: int, extra: Optional[dic
 
 def _write_state_file(path: str, tensors: dict, meta: dict):
     """Directions + the ``relex`` metadata, written to a temporary and renamed into place."""
-    from safetensors.torch import save_file
-
     with atomic_file(path) as tmp:
         save_file(tensors, tmp, metadata={"format": "pt", "relex": json.dumps(meta)})
 
@@ -221,7 +223,6 @@ def _load_state_index(path: str) -> RelexState:
         order = index["metadata"]["order"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise RelexInputError(f"{path} is not a valid RELEX state index: {e}") from None
-    from .schema import STR, Checker
 
     c = Checker(path, "use the relex_state.index.json the run wrote")
     c.items({"order": order}, "order", STR, "metadata.")
@@ -245,7 +246,9 @@ def _load_state_index(path: str) -> RelexState:
             where[s.name] = (p, i)
     missing = [n for n in order if n not in where]
     if missing:
-        raise RelexInputError(f"{path} lists {missing[:3]} but their state shard does not hold them; the state is incomplete")
+        raise RelexInputError(
+            f"{path} lists {missing[:3]} but their state shard does not hold them; the state is incomplete"
+        )
     specs, tensors, info = [], {}, {}
     for n in order:
         p, i = where[n]
@@ -267,12 +270,12 @@ def _load_state_index(path: str) -> RelexState:
 
 
 def _load_state_file(path: str) -> RelexState:
-    from safetensors import safe_open
-
     if os.path.isdir(path):
         path = os.path.join(path, STATE_NAME)
     if not os.path.isfile(path):
-        raise RelexInputError(f"{path} does not exist; pass the relex_state.safetensors written by the callback or `relex extrapolate`")
+        raise RelexInputError(
+            f"{path} does not exist; pass the relex_state.safetensors written by the callback or `relex extrapolate`"
+        )
     try:
         with safe_open(path, "pt") as f:
             md = f.metadata() or {}
@@ -288,7 +291,6 @@ def _load_state_file(path: str) -> RelexState:
         version = meta.get("version") if isinstance(meta, dict) else None
         raise RelexInputError(f"{path} has state format version {version}; this relex_callback reads "
                               f"{', '.join(map(str, READABLE_VERSIONS))}: upgrade relex_callback to read it")
-    from .schema import check_state_meta
 
     check_state_meta(meta, path, ("bfloat16", "float16", "float32"))
     for n in meta["order"]:
@@ -296,8 +298,10 @@ def _load_state_file(path: str) -> RelexState:
         t = tensors.get(n)
         if t is None or tuple(t.shape) != want or not t.is_floating_point():
             got = "missing" if t is None else f"{tuple(t.shape)} {t.dtype}"
-            raise RelexInputError(f"{path}: the direction of {n} is {got}, expected a float tensor of shape {want}; the "
-                                  "file was edited or is damaged: use the relex_state.safetensors the run wrote")
+            raise RelexInputError(
+                f"{path}: the direction of {n} is {got}, expected a float tensor of shape {want}; the "
+                "file was edited or is damaged: use the relex_state.safetensors the run wrote"
+            )
     untracked = check_untracked_meta(meta, tensors, path)
     order = meta["order"]
     info = meta["tensors"]
@@ -315,8 +319,6 @@ def _load_state_file(path: str) -> RelexState:
 
 def _load_clock(meta: dict, path: str):
     """The state's lr clock (``None``: fitted on the step)."""
-    from ..core.clock import Clock
-
     try:
         return Clock.from_json(meta.get("clock"))
     except (ValueError, TypeError, AttributeError) as e:
@@ -360,7 +362,6 @@ def _load_curve(info: dict, order: list, path: str):
     """The recorded coefficient curves (``None`` when every tensor records only the line)."""
     if not any(isinstance(info[n], dict) and "fit" in info[n] for n in order):
         return None
-    from ..core.fit import Fit
 
     try:
         return Fit.stack([Fit.from_json(info[n].get("fit") or info[n]) for n in order])

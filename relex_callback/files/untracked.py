@@ -24,11 +24,14 @@ import os
 from typing import Optional
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from ..errors import RelexInputError
-from .fs import loads_json
+from .fs import atomic_file, loads_json
 
 from .state import PREFIX  # noqa: F401  (the state file's key prefix of an untracked tensor's value)
+from .state import fingerprint, fingerprint_mismatch
 
 
 def record_untracked(source, tracked_names) -> tuple[dict, dict]:
@@ -43,8 +46,6 @@ def record_untracked(source, tracked_names) -> tuple[dict, dict]:
 def record_values(keys, get, frozen) -> tuple[dict, dict]:
     """``(tensors, meta)`` for the untracked ``keys`` (values from ``get(key)``, as written into every horizon):
     trained ones (not in ``frozen``, floating point) by value, the others by fingerprint."""
-    from .state import fingerprint
-
     tensors, meta = {}, {}
     for key in keys:
         value = get(key)
@@ -73,8 +74,6 @@ class UntrackedSource:
             self.weights_name = src.weights_name
 
     def check(self, base: str):
-        from .state import fingerprint, fingerprint_mismatch
-
         for key, e in self.record.items():
             if key not in self.src.meta:
                 raise RelexInputError(f"the base {base} has no tensor {key} (the run wrote it into every horizon): "
@@ -83,8 +82,10 @@ class UntrackedSource:
                 t = self.state.tensors[PREFIX + key]
                 shape, dtype = self.src.meta[key]
                 if tuple(shape) != tuple(t.shape) or dtype != t.dtype:
-                    raise RelexInputError(f"{key}: {list(shape)} {dtype} in {base} but {list(t.shape)} {t.dtype} in the "
-                                          "state; pass the base the state was computed from")
+                    raise RelexInputError(
+                        f"{key}: {list(shape)} {dtype} in {base} but {list(t.shape)} {t.dtype} in the "
+                        "state; pass the base the state was computed from"
+                    )
             elif e.get("fingerprint") is not None:
                 why = fingerprint_mismatch(fingerprint(self.src.get(key)), e["fingerprint"])
                 if why:
@@ -108,10 +109,6 @@ UNTRACKED_FILE = "untracked.safetensors"  # in a partial_trajectory/: the untrac
 def save_untracked(directory: str, tensors: dict, meta: dict, *, step: int, run_id: Optional[str]):
     """Write :func:`record_values`' ``(tensors, meta)`` as ``directory/untracked.safetensors``, for the model at
     ``step`` (the trajectory's last recorded step) of the window ``run_id``."""
-    from safetensors.torch import save_file
-
-    from .fs import atomic_file
-
     header = {"relex_untracked": json.dumps({"step": int(step), "run_id": run_id, "untracked": meta})}
     with atomic_file(os.path.join(directory, UNTRACKED_FILE)) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=header)
@@ -121,8 +118,6 @@ def is_relex_untracked(path: str) -> bool:
     """Whether ``path`` is an ``untracked.safetensors`` relex wrote (its header names the record): the only kind a
     new window replaces."""
     try:
-        from safetensors import safe_open
-
         with safe_open(path, "pt") as f:
             return "relex_untracked" in (f.metadata() or {})
     except Exception:  # not a safetensors file at all
@@ -131,8 +126,6 @@ def is_relex_untracked(path: str) -> bool:
 
 def load_untracked(directory: str):
     """``(tensors, meta, step, run_id)`` from ``directory/untracked.safetensors``, or ``None`` without one."""
-    from safetensors import safe_open
-
     path = os.path.join(directory, UNTRACKED_FILE)
     if not os.path.isfile(path):
         return None

@@ -23,16 +23,41 @@ import copy
 import os
 import shutil
 from typing import Callable, Optional
+import json
 
 import torch
 
-from .checkpoints import (ADAPTER_KEYS, WEIGHTS_NAME, plan_shards, shard_names, tensor_bytes, write_index, write_model_extras,
-                          write_relex_marker, write_shard, write_weights)
+from .checkpoints import (
+    ADAPTER_KEYS,
+    ModelSource,
+    plan_shards,
+    shard_names,
+    tensor_bytes,
+    WEIGHTS_NAME,
+    write_index,
+    write_model_extras,
+    write_relex_marker,
+    write_shard,
+    write_weights,
+)
 from ..config import DEFAULTS, parse_size
 from ..errors import RelexInputError
-from .fs import (STATE_NAME, atomic_directory, clean_stale_temporaries, commit_directory, describe_failure,
-                 horizon_dir, new_temporary_dir, not_ours, write_failure)
-from .state import save_state
+from .fs import (
+    atomic_directory,
+    clean_stale_temporaries,
+    commit_directory,
+    describe_failure,
+    horizon_dir,
+    new_temporary_dir,
+    not_ours,
+    STATE_INDEX_NAME,
+    STATE_NAME,
+    write_failure,
+    write_json,
+)
+from .state import fingerprint, PEFT_THETA0, PEFT_VALUE, save_state, save_state_index, state_shard_name
+from ..params import is_peft_model
+from .untracked import record_untracked, record_values
 
 
 class WriteFailed(Exception):
@@ -121,9 +146,6 @@ class FullModelWriter(CheckpointWriter):
     def untracked_record(self):
         """From a live model: the untracked tensors the horizons copy from it, so that ``relex materialize`` writes
         the same bytes (a checkpoint on disk is the base itself: nothing to record)."""
-        from .checkpoints import ModelSource
-        from .untracked import record_untracked
-
         recorded = getattr(self.source, "state_record", None)  # an UntrackedSource that keeps its record
         if recorded is not None:
             return recorded
@@ -194,10 +216,6 @@ class PeftAdapterWriter(CheckpointWriter):
         the base model does not hold it), the trainable adapter parameters left untracked at their tcut values (as
         every adapter directory holds them), the adapter's PEFT config, ``merge_lora``, and a fingerprint (with
         dtype) of every frozen parameter (the base weights a merged model is made of)."""
-        import json
-
-        from .state import PEFT_THETA0, PEFT_VALUE, fingerprint
-
         tensors = {PEFT_THETA0 + sp.name: self.theta0_of(i).detach().to("cpu").reshape(-1).contiguous().clone()
                    for i, sp in enumerate(self.solution.specs)}
         values, frozen = [], {}
@@ -261,8 +279,6 @@ def save_adapter_at(model, params: dict, values: dict, directory: str, tokenizer
     """``directory``: the PEFT adapter with the tracked ``params`` set to ``values`` (name -> tensor; the live values
     are restored bit for bit afterwards), plus ``relex_keys.json`` (parameter name -> adapter file key), so
     ``relex extrapolate --trajectory ... --base directory`` can write adapter directories. Atomic."""
-    from .fs import write_json
-
     saved = {n: p.detach().clone() for n, p in params.items()}
     try:
         with torch.no_grad():
@@ -280,7 +296,8 @@ def save_adapter_at(model, params: dict, values: dict, directory: str, tokenizer
 
 
 class ShardedWriter(CheckpointWriter):
-    """Every process writes its share of each checkpoint (see :mod:`relex_callback.trainer.topology` for who writes what).
+    """Every process writes its share of each checkpoint (see :mod:`relex_callback.trainer.topology` for who writes
+    what).
 
     The state is sharded by tensor: ``relex_state-0000i-of-0000N.safetensors`` (each a valid state file for the whole
     tensors its process wrote) plus ``relex_state.index.json``, written last by process 0 (the commit point). Each
@@ -345,9 +362,6 @@ class ShardedWriter(CheckpointWriter):
         self.agree(error)
 
     def write_state(self, out_dir, tcut):
-        from .fs import STATE_INDEX_NAME
-        from .state import save_state_index, state_shard_name
-
         topo, owned = self.topo, self.solution
         untracked = self._untracked_mine()
         counts = topo.gather_objects(len(owned.specs) + len(untracked[1]))
@@ -369,8 +383,15 @@ class ShardedWriter(CheckpointWriter):
                 weight_map.update(m)
             for r in files:
                 os.replace(os.path.join(tmp, names[r]), os.path.join(out_dir, names[r]))
-            save_state_index(out_dir, weight_map, [n for n in topo.names if n in weight_map],
-                             world_size=topo.world, mode=topo.mode, run_id=self.run_id, shards=[names[r] for r in files])
+            save_state_index(
+                out_dir,
+                weight_map,
+                [n for n in topo.names if n in weight_map],
+                world_size=topo.world,
+                mode=topo.mode,
+                run_id=self.run_id,
+                shards=[names[r] for r in files],
+            )
 
         try:
             self._step(save_mine)
@@ -384,8 +405,6 @@ class ShardedWriter(CheckpointWriter):
     def _untracked_mine(self) -> tuple[dict, dict]:
         """The untracked keys this process writes into every horizon, recorded for the state file
         (:mod:`relex_callback.files.untracked`): the values :meth:`write_horizon` writes."""
-        from .untracked import record_values
-
         plan, tracked = self.plan, set(self.topo.names)
         mine = [k for k in plan["keys"] if plan["owner"][k] == self.topo.process_rank and k not in tracked]
         sd = plan["sd"]
@@ -445,9 +464,6 @@ class ShardedWriter(CheckpointWriter):
 
 def model_writer(model, tokenizer, topology, tracked, *, max_shard_size, merge_lora: bool) -> CheckpointWriter:
     """The writer for a live model: PEFT adapters, a distributed run's shards, or a full checkpoint."""
-    from ..params import is_peft_model
-    from .checkpoints import ModelSource
-
     if is_peft_model(model):
         return PeftAdapterWriter(model, {t.spec.name: t.param for t in tracked}, tokenizer, merge_lora=merge_lora)
     if topology.is_distributed:

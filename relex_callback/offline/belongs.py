@@ -33,10 +33,14 @@ from __future__ import annotations
 
 import os
 from typing import Sequence
+from types import SimpleNamespace
 
 import torch
 
 from ..errors import RelexInputError
+from ..files.checkpoints import DirectorySource, MappedSource
+from ..files.untracked import load_untracked, record_values, UNTRACKED_FILE, UntrackedSource
+from ..trajectory.persist import TRAJECTORY_DIR, verify_live
 
 SAMPLES = 256  # sampled elements per tensor (all of a smaller one)
 MAX_RATIO = 20.0  # R above this: the first checkpoint is not reachable from the base by this run's steps
@@ -66,8 +70,6 @@ def check_belongs(base: str, src_base, cks, sources, names: Sequence[str]):
     Weights saved in bf16 with a small learning rate change only where an element crosses a rounding boundary, so
     an unchanged sample is weak evidence: "unchanged" is concluded only where the changes seen elsewhere in the same
     checkpoints predict at least :data:`MIN_EXPECTED` changed samples (a Poisson count: below that, no verdict)."""
-    from ..files.checkpoints import MappedSource
-
     idx = {n: _indices(int(torch.Size(src_base.meta[n][0]).numel())) for n in names}
     opened = [MappedSource(s) for s in [src_base, *sources]]
     try:
@@ -104,8 +106,10 @@ def check_belongs(base: str, src_base, cks, sources, names: Sequence[str]):
             raise RelexInputError(
                 f"{', '.join(frozen[:3])}{more}: unchanged in every checkpoint (never trained: frozen, a buffer) but "
                 f"different in the base {base}: the checkpoints did not start from this base; pass the checkpoint "
-                "training started from as --base (or --no-run-check if it was changed on purpose between the base and step "
-                f"{steps[0]})")
+                "training started from as --base (or --no-run-check if it was changed on purpose between the base and "
+                "step "
+                f"{steps[0]})"
+            )
         if seen >= MIN_EXPECTED:
             r, d0, rate = distance_ratio(x0, xs, steps, names)
             if r > MAX_RATIO:
@@ -158,11 +162,6 @@ def untracked_at_tcut(store, trajectory_dir, src, base, untracked_from, untracke
     callback would have written it (its value at tcut, the last recorded step), recorded for the state file so that
     ``relex materialize`` writes it again. Refuses, naming the tensors and what to pass, rather than writing theta_0
     for a tensor that may have been trained; frozen tensors and buffers are checked against the base."""
-    from types import SimpleNamespace
-
-    from ..files.untracked import UNTRACKED_FILE, UntrackedSource, load_untracked, record_values
-    from ..trajectory.persist import TRAJECTORY_DIR
-
     tracked = {s.name for s in store.specs}
     keys = [k for k in src.keys if k not in tracked]
     floating = [k for k in keys if src.meta[k][1].is_floating_point]
@@ -206,12 +205,8 @@ def _untracked_from_checkpoint(store, path, src, keys, tcut):
     """``(tensors, meta)`` of the untracked ``keys`` from the checkpoint ``path``, refused unless it is the model at
     ``tcut``: its tracked tensors equal theta_0 plus the last recorded delta (to the buffer dtype's rounding), or the
     fingerprints saved with the trajectory at that step."""
-    from ..files.untracked import record_values
-    from ..trajectory.persist import verify_live
-
     if not os.path.isdir(path):
         raise RelexInputError(f"--untracked-from {path} is not a directory; pass the checkpoint saved at step {tcut}")
-    from ..files.checkpoints import DirectorySource
 
     ck = DirectorySource(path)
     lost = [k for k in [s.name for s in store.specs] + list(keys) if k not in ck.meta]
@@ -220,9 +215,11 @@ def _untracked_from_checkpoint(store, path, src, keys, tcut):
                               f"saved at step {tcut}")
     checkable = bool(store.num_ring_rows) or (store.saved.get("live") is not None and store.saved.get("step") == tcut)
     if not checkable:
-        raise RelexInputError(f"the trajectory {store.saved.get('directory')} records no row or fingerprint at step "
-                              f"{tcut} to check --untracked-from {path} against; pass --untracked-frozen if none of the "
-                              "untracked tensors was trained, or use `relex extrapolate --checkpoints`")
+        raise RelexInputError(
+            f"the trajectory {store.saved.get('directory')} records no row or fingerprint at step "
+            f"{tcut} to check --untracked-from {path} against; pass --untracked-frozen if none of the "
+            "untracked tensors was trained, or use `relex extrapolate --checkpoints`"
+        )
     problems = verify_live(store, _Live(ck, store.specs), tcut)
     if problems:
         raise RelexInputError(f"--untracked-from {path} is not the model at step {tcut}, the trajectory's last "

@@ -53,6 +53,7 @@ def schedule_option_lrs(spec: str, n: int) -> tuple[list, str]:
     """The learning rates of steps ``1..n`` of the schedule ``spec`` (base rate 1: the clock is scale-free), built
     by ``transformers.get_scheduler`` on a throwaway optimizer and read with
     :func:`relex_callback.core.clock.schedule_lrs`."""
+    # deferred: the torch-free command line imports this module (torch only once a schedule is built)
     import torch
 
     from ..core.clock import schedule_lrs
@@ -84,7 +85,7 @@ def logged_lrs(checkpoint_paths: Sequence[str], upto: int) -> tuple[Optional[lis
     """The learning rates in the log history of the run's newest ``trainer_state.json``: the given checkpoints' and
     those of the later checkpoints beside the last one (a run that went on after ``tcut`` logged the rates the
     horizons need). ``(lrs or None, the file)``."""
-    from ..core.clock import lrs_from_log
+    from ..core.clock import lrs_from_log  # deferred: core.clock imports torch
 
     last = os.path.normpath(checkpoint_paths[-1])
     cands = list(checkpoint_paths)
@@ -116,7 +117,7 @@ def offline_clock(checkpoint_paths: Sequence[str], tcut: int, horizons: Sequence
     ``fit_clock="lr"``: ``schedule`` when given, else the logged learning rates when they reach the last horizon;
     otherwise the step, with one warning saying why and what to pass (appended to ``notices`` when given, for the
     caller to say after the work succeeded)."""
-    from ..core.clock import MAX_RECORDED, resolve
+    from ..core.clock import MAX_RECORDED, resolve  # deferred: core.clock imports torch
 
     if fit_clock not in ("lr", "steps"):
         raise RelexInputError(f"--fit-clock {fit_clock!r} is not one of lr, steps")

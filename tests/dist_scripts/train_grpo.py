@@ -171,8 +171,12 @@ def main():
     ap.add_argument("--record-until", type=int, default=None, help="record full parameters up to this step (default: "
                     "tcut, or --max-steps with --validate; 0: only the start)")
     ap.add_argument("--hidden-layers", type=int, default=1)
-    ap.add_argument("--nan-base", default=None, help="NAME[:RANK][@I]: a NaN in element I (default 0) of this "
-                    "process's piece of parameter NAME before training (every process, or only RANK): a non-finite base")
+    ap.add_argument(
+        "--nan-base",
+        default=None,
+        help="NAME[:RANK][@I]: a NaN in element I (default 0) of this "
+        "process's piece of parameter NAME before training (every process, or only RANK): a non-finite base",
+    )
     ap.add_argument("--catch", action="store_true", help="an exception is written to rank-<r>.json (exit code 3)")
     ap.add_argument("--bf16", action="store_true", help="bf16 mixed precision (with an accelerate config that sets it)")
     ap.add_argument("--record-masters", action="store_true", help="also record DeepSpeed's fp32 master weights")
@@ -250,14 +254,23 @@ def main():
     if a.corrupt:
         r, st, kind, *name = a.corrupt.split(":")
         extra_callbacks.append(Corrupt(int(r), int(st), kind, name[0] if name else "q_proj"))
-    trainer = GRPOTrainer(model=model, reward_funcs=ones_reward, args=args, train_dataset=ds, processing_class=tok,
-                          callbacks=[relex, rec, *extra_callbacks], eval_dataset=Dataset.from_list(arithmetic_problems(8, seed=2)) if a.eval else None)
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=ones_reward,
+        args=args,
+        train_dataset=ds,
+        processing_class=tok,
+        callbacks=[relex, rec, *extra_callbacks],
+        eval_dataset=Dataset.from_list(arithmetic_problems(8, seed=2)) if a.eval else None,
+    )
     evaluated = []
     if a.eval:
         real_evaluate = trainer.evaluate
 
         def recording_evaluate(*args, **kwargs):  # test instrumentation: what the model holds when it is evaluated
-            evaluated.append(full_params(trainer.model, [n for n, p in trainer.model.named_parameters() if p.requires_grad]))
+            evaluated.append(
+                full_params(trainer.model, [n for n, p in trainer.model.named_parameters() if p.requires_grad])
+            )
             return real_evaluate(*args, **kwargs)
 
         trainer.evaluate = recording_evaluate

@@ -85,7 +85,12 @@ def gram_reference(M: torch.Tensor, offsets: Sequence[int], numels: Sequence[int
 @torch.no_grad()
 @exact
 def project_reference(
-    M: torch.Tensor, offsets: Sequence[int], numels: Sequence[int], U: torch.Tensor, out: torch.Tensor, chunk: int = CHUNK
+    M: torch.Tensor,
+    offsets: Sequence[int],
+    numels: Sequence[int],
+    U: torch.Tensor,
+    out: torch.Tensor,
+    chunk: int = CHUNK,
 ) -> torch.Tensor:
     """Direction pass: ``out[:, seg_i] = U[i]^T M_i`` for every segment. ``U`` is ``[S, T, r]`` (float32, already
     divided by sigma), ``out`` is ``[r, D]`` in any float dtype. Returns ``out``."""

@@ -73,7 +73,8 @@ def _auto_span(numels: Sequence[int], device, multiple: int) -> int:
 # bf16 (two 16-byte loads) and 64 bytes of float32, so every row of a tile is read with 16-byte vector loads once the
 # row stride is a multiple of 16 elements (Triton specializes an integer argument divisible by 16; the arena's width
 # is) and the column start is a multiple of 16 (the ``tl.multiple_of`` / ``tl.max_contiguous`` hints on the column
-# vector below; a hint on the scalar loop variable alone does not reach the loads). The unaligned head and the tail of a range
+# vector below; a hint on the scalar loop variable alone does not reach the loads). The unaligned head and the tail of a
+# range
 # are one masked tile each.
 ALIGN = 16
 
@@ -185,7 +186,8 @@ def gram_config(T: int, dtype: torch.dtype, block_n: int | None = None, interpre
     """The constexprs and launch options of :func:`gram` for ``T`` rows of ``dtype`` (one compiled variant each;
     ``bench/compile_kernels.py`` compiles every one of them ahead of time)."""
     # T <= 64: one block, its tile multiplied by its own transpose; else 64 x 64 blocks, the upper triangle of them.
-    # (One 128-row block spilled registers on sm_80 and sm_90 in the epilogue's 64-bit addresses: bench/compile_kernels.py.)
+    # (One 128-row block spilled registers on sm_80 and sm_90 in the epilogue's 64-bit addresses:
+    # bench/compile_kernels.py.)
     BT = _pow2(T) if T <= 64 else 64
     nb = triton.cdiv(T, BT)
     # Triton 3.x's interpreter multiplies bfloat16 tiles as raw 16-bit integers in tl.dot (wrong by ~1e10); under the
@@ -251,7 +253,12 @@ def _project_kernel(
 
 @torch.no_grad()
 def project(
-    M: torch.Tensor, offsets: Sequence[int], numels: Sequence[int], U: torch.Tensor, out: torch.Tensor, span: int | None = None
+    M: torch.Tensor,
+    offsets: Sequence[int],
+    numels: Sequence[int],
+    U: torch.Tensor,
+    out: torch.Tensor,
+    span: int | None = None,
 ) -> torch.Tensor:
     """Direction pass: ``out[:, seg_i] = U[i]^T M_i`` for every segment, like
     :func:`~relex_callback.core.kernels.reference.project_reference`.
