@@ -7,7 +7,8 @@ bytes read from the buffer, the effective GB/s, the bandwidth of a plain copy of
 run, their ratio (1.0 = the solve reads the buffer as fast as a copy would; the design's floor is two reads), and
 the time of a per-tensor ``torch.linalg.svd`` loop on the same data.
 
-With ``--backtest`` each method also runs with ``solve(..., SolveOptions(backtest=True))`` (the in-window backtest on the steps
+With ``--backtest`` each method also runs with ``solve(..., SolveOptions(backtest=True))`` (the in-window backtest on
+the steps
 ``<= T/2``) in the same process, interleaved with the plain runs, and prints both times side by side, their ratio,
 the bytes read and the backtest's global figures (which must agree between the methods).
 
@@ -80,7 +81,11 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeat", type=int, default=3, help="report the best of this many runs")
     p.add_argument("--svd", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--backtest", action="store_true", help="also time solve with SolveOptions(backtest=True) beside each plain solve")
+    p.add_argument(
+        "--backtest",
+        action="store_true",
+        help="also time solve with SolveOptions(backtest=True) beside each plain solve",
+    )
     p.add_argument("--pass-cost", action="store_true",
                    help="only time one fused Krylov pass over a [T, numel] segment: plain, with the backtest's Krylov "
                         "task, and with a T x T/2 Gram-column GEMM instead (the alternative the power path rejected)")

@@ -18,10 +18,11 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from relex_callback import RelexCallback, RelexConfig, RelexInputError
-from helpers import (U32, compare_weights, digit_reward, direction_tolerance, dot_error_bound, extrapolation_tolerance,
+from helpers import (U32, compare_weights, direction_tolerance, dot_error_bound, extrapolation_tolerance,
                      float64_reference)
 
 from relex_callback.examples.toy import arithmetic_problems, build_model, build_tokenizer
+from grpo import grpo_trainer
 
 TCUT = 6
 HORIZONS = [12, 20]
@@ -80,29 +81,6 @@ def read_weights(d: str) -> dict:
             out.update(load_file(os.path.join(d, fn)))
     return out
 
-
-
-def grpo_args(out_dir, **kw):
-    from trl import GRPOConfig
-
-    base = dict(
-        output_dir=str(out_dir), per_device_train_batch_size=4, num_generations=4, max_completion_length=4,
-        learning_rate=1e-3, lr_scheduler_type="constant", warmup_steps=0, max_steps=30, logging_steps=1,
-        save_strategy="no", report_to=[], use_cpu=True, bf16=False, seed=0, disable_tqdm=True,
-    )
-    base.update(kw)
-    return GRPOConfig(**base)
-
-
-def grpo_trainer(out_dir, callbacks, model=None, tok=None, **kw):
-    from datasets import Dataset
-    from trl import GRPOTrainer
-
-    tok = tok or build_tokenizer()
-    model = model if model is not None else build_model(tok)
-    ds = Dataset.from_list(arithmetic_problems(64, seed=1))
-    return GRPOTrainer(model=model, reward_funcs=digit_reward, args=grpo_args(out_dir, **kw), train_dataset=ds,
-                       processing_class=tok, callbacks=callbacks)
 
 
 # ------------------------------------------------------------------------------------- one shared GRPO run
@@ -168,7 +146,7 @@ def test_horizons_load_and_generate(grpo_run):
 
 
 def test_relex_metrics_in_log_history(grpo_run):
-    logs = [l for l in grpo_run["trainer"].state.log_history if any(k.startswith("relex/") for k in l)]
+    logs = [e for e in grpo_run["trainer"].state.log_history if any(k.startswith("relex/") for k in e)]
     assert len(logs) == 1
     log = logs[0]
     assert log["step"] == TCUT
@@ -190,7 +168,8 @@ def _compare_dirs(a, b, snaps_a, horizon, snaps_b=None, steps=None):
 
 def test_equals_offline_finalize_over_checkpoints(grpo_run, tmp_path):
     """The callback's result equals the offline computation over the checkpoints saved at every step of the same
-    run (engine.finalize over a store filled from the checkpoint directories). Once `relex_callback.offline.cli` is merged,
+    run (engine.finalize over a store filled from the checkpoint directories). Once `relex_callback.offline.cli` is
+    merged,
     ``test_equals_cli_extrapolate`` below checks the same through `relex extrapolate`."""
     from relex_callback.trajectory.store import TrajectoryStore
     from relex_callback.pipeline.finalize import finalize
@@ -207,7 +186,12 @@ def test_equals_offline_finalize_over_checkpoints(grpo_run, tmp_path):
     for t in range(1, TCUT + 1):
         src = DirectorySource(str(out / f"checkpoint-{t}"))
         store.snapshot(t, [src.get(n) for n in tracked])
-    finalize(store, FullModelWriter(base), RelexSettings(tcut=TCUT, horizons=tuple(HORIZONS)), out_dir=str(tmp_path / "offline"))
+    finalize(
+        store,
+        FullModelWriter(base),
+        RelexSettings(tcut=TCUT, horizons=tuple(HORIZONS)),
+        out_dir=str(tmp_path / "offline"),
+    )
     for h in HORIZONS:
         _compare_dirs(tmp_path / "offline" / f"step-{h}", grpo_run["relex"] / f"step-{h}", grpo_run["rec"].snaps, h)
 
@@ -217,8 +201,22 @@ def test_equals_cli_extrapolate(grpo_run, tmp_path, subprocess_env):
     pytest.importorskip("relex_callback.offline.cli", reason="the CLI is not in this checkout yet")
     out = grpo_run["out"]
     ckpts = [str(out / f"checkpoint-{t}") for t in range(1, TCUT + 1)]
-    cmd = [sys.executable, "-m", "relex_callback.offline.cli", "extrapolate", "--base", str(out / "base"), "--checkpoints", *ckpts,
-           "--horizons", ",".join(map(str, HORIZONS)), "--out", str(tmp_path / "cli"), "--dtype", "float32"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "relex_callback.offline.cli",
+        "extrapolate",
+        "--base",
+        str(out / "base"),
+        "--checkpoints",
+        *ckpts,
+        "--horizons",
+        ",".join(map(str, HORIZONS)),
+        "--out",
+        str(tmp_path / "cli"),
+        "--dtype",
+        "float32",
+    ]
     r = subprocess.run(cmd, env=subprocess_env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     for h in HORIZONS:
@@ -248,7 +246,7 @@ def test_resume_after_tcut_does_nothing_twice(grpo_run, tmp_path):
     trainer.train(resume_from_checkpoint=str(run / f"checkpoint-{TCUT}"))
     assert trainer.state.global_step == TCUT + 2
     assert {p: os.stat(run / "relex" / p).st_mtime_ns for p in os.listdir(run / "relex")} == before
-    assert not any(k.startswith("relex/") for l in trainer.state.log_history[-3:] for k in l)
+    assert not any(k.startswith("relex/") for e in trainer.state.log_history[-3:] for k in e)
 
 
 # ----------------------------------------------------------------------------------------------- resume
@@ -336,10 +334,14 @@ def test_validation_mode(tmp_path):
             assert abs(by_name[name]["cosine"] - cos) <= tol, (name, by_name[name]["cosine"] - cos, tol)
             ratio = float(pred.norm() / real.norm())
             assert abs(by_name[name]["norm_ratio"] - ratio) <= tol * ratio, (name, by_name[name]["norm_ratio"], ratio)
-            worst = max(worst, abs(by_name[name]["cosine"] - cos) / tol, abs(by_name[name]["norm_ratio"] / ratio - 1) / tol)
-        log = [l for l in trainer.state.log_history if f"relex/validation/{h}/cosine_mean" in l]
+            worst = max(
+                worst, abs(by_name[name]["cosine"] - cos) / tol, abs(by_name[name]["norm_ratio"] / ratio - 1) / tol
+            )
+        log = [e for e in trainer.state.log_history if f"relex/validation/{h}/cosine_mean" in e]
         assert len(log) == 1 and log[0]["step"] == h
-        assert log[0][f"relex/validation/{h}/cosine_mean"] == pytest.approx(rep["validation"][str(h)]["summary"]["cosine_mean"])
+        assert log[0][f"relex/validation/{h}/cosine_mean"] == pytest.approx(
+            rep["validation"][str(h)]["summary"]["cosine_mean"]
+        )
     print(f"validation figures: max error / bound {worst:.2e}")
     # the trajectory is close to linear over so few steps: the extrapolated move points the right way
     assert rep["validation"]["6"]["summary"]["cosine_global"] > 0.5
@@ -395,8 +397,10 @@ def test_lora_adapter_horizons(tmp_path):
     from transformers import AutoModelForCausalLM
 
     tok = build_tokenizer()
-    model = peft.get_peft_model(build_model(tok), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                                  init_lora_weights="gaussian"))
+    model = peft.get_peft_model(
+        build_model(tok),
+        peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights="gaussian"),
+    )
     rec = Recorder()
     cb = RelexCallback(tcut=4, horizons=[10], dtype="float32", merge_lora=True)
     trainer = grpo_trainer(tmp_path, [rec, cb], model=model, tok=tok)
@@ -478,7 +482,9 @@ def test_bf16_model_bf16_buffer(tmp_path):
     tok = build_tokenizer()
     model = build_model(tok, dtype=torch.bfloat16)
     rec = Recorder()
-    trainer = grpo_trainer(tmp_path, [rec, RelexCallback(tcut=4, horizons=[8])], model=model, tok=tok, learning_rate=2e-2)
+    trainer = grpo_trainer(
+        tmp_path, [rec, RelexCallback(tcut=4, horizons=[8])], model=model, tok=tok, learning_rate=2e-2
+    )
     trainer.train()
     assert trainer.state.global_step == 4
     d = tmp_path / "relex" / "step-8"
@@ -545,7 +551,8 @@ def test_config_from_yaml_and_cli_with_grpo_config(tmp_path):
 
     yaml_path = tmp_path / "recipe.yaml"
     yaml_path.write_text(
-        f"output_dir: {tmp_path}/out\nuse_cpu: true\nbf16: false\nlearning_rate: 1.0e-6\nrelex_tcut: 75\nrelex_horizons: [500, 1000]\n"
+        f"output_dir: {tmp_path}/out\nuse_cpu: true\nbf16: false\nlearning_rate: 1.0e-6\nrelex_tcut: "
+        f"75\nrelex_horizons: [500, 1000]\n"
         "relex_stride: 5\nrelex_dtype: float32\nrelex_include: ['mlp']\nrelex_stop_training: false\n"
     )
     relex, grpo = HfArgumentParser((RelexConfig, GRPOConfig)).parse_yaml_file(str(yaml_path))
@@ -554,13 +561,30 @@ def test_config_from_yaml_and_cli_with_grpo_config(tmp_path):
     assert cb.tcut == 75 and cb.horizons == (500, 1000) and cb.settings.stride == 5 and cb.stop_training is False
     assert cb.settings.dtype == "float32" and cb.settings.torch_dtype == torch.float32 and cb.include == ["mlp"]
 
-    argv = ["--output_dir", str(tmp_path / "o2"), "--use_cpu", "true", "--bf16", "false", "--relex_tcut", "50", "--relex_horizons", "400", "800",
-            "--relex_fit_start", "10", "--relex_merge_lora", "true"]
+    argv = [
+        "--output_dir",
+        str(tmp_path / "o2"),
+        "--use_cpu",
+        "true",
+        "--bf16",
+        "false",
+        "--relex_tcut",
+        "50",
+        "--relex_horizons",
+        "400",
+        "800",
+        "--relex_fit_start",
+        "10",
+        "--relex_merge_lora",
+        "true",
+    ]
     relex, grpo = TrlParser((RelexConfig, GRPOConfig)).parse_args_and_config(argv)
     cb = RelexCallback.from_config(relex)
     assert cb.tcut == 50 and cb.horizons == (400, 800) and cb.settings.fit_start == 10 and cb.merge_lora is True
     # the TrlParser reads the same YAML through --config, and CLI flags override it
-    relex, grpo = TrlParser((RelexConfig, GRPOConfig)).parse_args_and_config(["--config", str(yaml_path), "--relex_tcut", "60"])
+    relex, grpo = TrlParser((RelexConfig, GRPOConfig)).parse_args_and_config(
+        ["--config", str(yaml_path), "--relex_tcut", "60"]
+    )
     assert RelexCallback.from_config(relex).tcut == 60 and relex.relex_stride == 5
 
     bad = RelexConfig(relex_tcut=75, relex_horizons=[50])
@@ -579,8 +603,10 @@ def test_lora_run_ending_before_tcut_prints_a_command_that_works(tmp_path, caplo
     from relex_callback.offline.cli import main
 
     tok = build_tokenizer()
-    model = peft.get_peft_model(build_model(tok), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                                  init_lora_weights="gaussian"))
+    model = peft.get_peft_model(
+        build_model(tok),
+        peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights="gaussian"),
+    )
     rec = Recorder()
     cb = RelexCallback(tcut=8, horizons=[20], dtype="float32")
     trainer = grpo_trainer(tmp_path, [rec, cb], model=model, tok=tok, max_steps=4)

@@ -10,7 +10,6 @@ supported ones (docs/install.md, "Compatibility").
 * the version guard: older than supported is refused with the range, newer is warned about.
 """
 
-import json
 import logging
 import os
 
@@ -23,7 +22,7 @@ from relex_callback import compat
 from relex_callback.files.checkpoints import checkpoint_keys
 from relex_callback.params import trainable_named_parameters
 from relex_callback.examples.toy import arithmetic_problems, build_model, build_tokenizer
-from test_callback import grpo_trainer
+from grpo import grpo_trainer
 
 
 def _keys(d):

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from relex_callback import RelexCallback, RelexInputError
-from test_callback import Recorder, StopAt, grpo_trainer, read_weights
+from grpo import grpo_trainer
+from test_callback import Recorder, StopAt, read_weights
 
 TCUT = 4
 H = 9

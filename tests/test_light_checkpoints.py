@@ -24,7 +24,7 @@ from relex_callback.trajectory.store import TrajectoryStore
 from relex_callback.trajectory.tiers import allocate_file
 from relex_callback.errors import RelexMemoryError
 from relex_callback.params import TensorSpec
-from test_callback import grpo_trainer
+from grpo import grpo_trainer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -36,7 +36,8 @@ from relex_callback.trainer import scoring
 from relex_callback.trainer.scoring import evaluate_horizons
 from relex_callback.trajectory.plan import COUNT, POSITIVE_SIZE
 from test_bad_input import _save_like, cli_fixture
-from test_callback import Recorder, grpo_trainer
+from grpo import grpo_trainer
+from test_callback import Recorder
 from safetensors.torch import load_file
 from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 

@@ -38,7 +38,8 @@ import torch
 
 from relex_callback import evaluate_horizons, RelexCallback
 from relex_callback.examples.toy import arithmetic_problems, build_model, build_tokenizer
-from test_callback import Recorder, StopAt, _compare_dirs, grpo_trainer, read_weights
+from grpo import grpo_trainer
+from test_callback import Recorder, StopAt, _compare_dirs, read_weights
 from helpers import cli_env
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file

@@ -23,7 +23,8 @@ from relex_callback import RelexCallback, RelexInputError
 from relex_callback.examples.toy import build_model, build_tokenizer
 from relex_callback.offline.cli import main
 from relex_callback.trajectory.window import LOCK_FILE
-from test_callback import Recorder, StopAt, grpo_trainer, read_weights
+from grpo import grpo_trainer
+from test_callback import Recorder, StopAt, read_weights
 from fault_child import build_trainer
 
 TCUT = 6

@@ -166,7 +166,11 @@ def test_evaluate_horizons_after_training(scored, tmp_path):
 
 def test_weights_restored_when_evaluation_raises(scored):
     out, trainer, _, _ = scored
-    before, history, callbacks = params(trainer.model), list(trainer.state.log_history), list(trainer.callback_handler.callbacks)
+    before, history, callbacks = (
+        params(trainer.model),
+        list(trainer.state.log_history),
+        list(trainer.callback_handler.callbacks),
+    )
     rng = torch.get_rng_state()
     metrics = {k: dict(v) for k, v in trainer._metrics.items()}
     real, calls = trainer.evaluate, []
@@ -216,7 +220,12 @@ def test_auto_ladder_without_eval_set_is_written_unscored(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="relex_callback"):
         trainer.train()
     assert list(cb.horizons) == [4, 8, 16, 32]
-    assert sorted(d for d in os.listdir(tmp_path / "relex") if d.startswith("step-")) == ["step-16", "step-32", "step-4", "step-8"]
+    assert sorted(d for d in os.listdir(tmp_path / "relex") if d.startswith("step-")) == [
+        "step-16",
+        "step-32",
+        "step-4",
+        "step-8",
+    ]
     assert "horizon_eval" not in cb.report and "keep_best" not in cb.report
     msg = " ".join(r.getMessage() for r in caplog.records)
     assert "eval_dataset" in msg and "unscored" in msg and "keep_best removes nothing" in msg

@@ -83,7 +83,8 @@ def _bounds(M64, steps, spec, rank, fit_start, solver_tol):
 
 def _check(sol, M64, steps, specs, *, rank=1, fit_start=None, solver_tol=1e-6):
     """The solver's result against the float64 SVD of the same data, each figure to its derived bound
-    (:func:`_bounds`); ``solver_tol``: the power path's acceptance tolerance (``SolveOptions(tol=1e-6)``), 0 suffices for
+    (:func:`_bounds`); ``solver_tol``: the power path's acceptance tolerance (``SolveOptions(tol=1e-6)``), 0 suffices
+    for
     the Gram path."""
     for i, sp in enumerate(specs):
         ref = _svd_reference(M64, steps, sp, rank, fit_start)

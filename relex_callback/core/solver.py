@@ -1,6 +1,7 @@
 """The rank-1 (or rank-r) solve over the whole arena in a constant number of passes.
 
-Math (docs/math.md, "The extrapolation"): for every tracked tensor with recorded deltas ``M`` (``T x n``, rows = steps in
+Math (docs/math.md, "The extrapolation"): for every tracked tensor with recorded deltas ``M`` (``T x n``, rows =
+steps in
 order), take the top singular triplet ``(sigma, u, v)``; ``c_t = sigma*u[t] = <Delta_t, v>``; fit
 ``c_t = a*t + b`` on the real step numbers ``t >= fit_start``; ``theta(H) = theta_0 + (a*H + b) * v``.
 
@@ -83,7 +84,9 @@ class Solution:
     @property
     def explained_rank(self) -> torch.Tensor:
         tot = self.total
-        return torch.where(tot > 0, (self.sigma**2).sum(1) / tot.clamp_min(1e-300), torch.ones_like(tot)).clamp(0.0, 1.0)
+        return torch.where(tot > 0, (self.sigma**2).sum(1) / tot.clamp_min(1e-300), torch.ones_like(tot)).clamp(
+            0.0, 1.0
+        )
 
     @property
     def delta_norm(self) -> torch.Tensor:
@@ -197,7 +200,8 @@ class SolveOptions:
         tol (`float`, *optional*, defaults to `1e-6`): ``power`` accepts a Ritz pair when its residual is below
             ``tol`` times both the Ritz value and the gap to the next one (eigenvector error ~ ``tol``).
         backtest (`bool`, `int` or `float`, *optional*): run the in-window backtest
-            (:mod:`relex_callback.core.backtest`) with this fit part: ``True`` for the steps ``<= last step / 2``, a float in ``(0, 1)`` for a fraction of
+            (:mod:`relex_callback.core.backtest`) with this fit part: ``True`` for the steps ``<= last step / 2``, a
+            float in ``(0, 1)`` for a fraction of
             the last step, an int for a step number. ``None`` (default): no backtest. The result is
             ``Solution.backtest`` (with a ``reason`` instead of figures when the window is too short). The Gram paths
             take it from the Gram they already have; ``power`` runs a second Krylov iteration on the fit part in the
@@ -561,7 +565,8 @@ def _power_eigs(M: torch.Tensor, offsets, numels, *, max_iter: int, tol: float, 
                 fit_tol: Optional[float] = None):
     """Top eigenpair of every ``G_i = M_i M_i^T`` by Lanczos without forming ``G_i``.
 
-    Returns ``(lam [S,1], U [S,T,1], diag [S,T], todo, passes, bt, noise_in)``: ``diag`` is the Gram diagonal (squared row
+    Returns ``(lam [S,1], U [S,T,1], diag [S,T], todo, passes, bt, noise_in)``: ``diag`` is the Gram diagonal
+    (squared row
     norms, from the first pass), ``todo`` lists the segments that did not converge (their entries are left for the
     Gram fallback) and ``passes`` counts reads of the whole buffer.
 

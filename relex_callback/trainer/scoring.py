@@ -199,9 +199,14 @@ def score_at_tcut(s, trainer, sol, store, tracked, topology, report: dict, model
         run = score_in_run(trainer, sol, lambda i: store.theta0_of(sol.specs[i]), tracked, topo,
                            tcut=s.tcut, horizons=s.horizons, model=model)
     except Exception as e:
-        logger.error("relex: scoring the horizons with trainer.evaluate() failed (%s: %s); the state file, the "
-                     "horizons and report.json are written and the live weights were restored; score them after "
-                     "training with relex_callback.evaluate_horizons(trainer, %r, base=...)", type(e).__name__, e, out_dir)
+        logger.error(
+            "relex: scoring the horizons with trainer.evaluate() failed (%s: %s); the state file, the "
+            "horizons and report.json are written and the live weights were restored; score them after "
+            "training with relex_callback.evaluate_horizons(trainer, %r, base=...)",
+            type(e).__name__,
+            e,
+            out_dir,
+        )
         raise
     total = time.perf_counter() - t0
     coordinator = topo is None or topo.process_rank == 0

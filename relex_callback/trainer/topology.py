@@ -159,7 +159,11 @@ def _zero12_stage(params, engine=None) -> str:
 
 
 def no_master_refusal(name: str, p, engine=None) -> RelexInputError:
-    what = f" (its optimizer: {type(engine.optimizer).__name__})" if engine is not None and getattr(engine, "optimizer", None) is not None else ""
+    what = (
+        f" (its optimizer: {type(engine.optimizer).__name__})"
+        if engine is not None and getattr(engine, "optimizer", None) is not None
+        else ""
+    )
     return RelexInputError(
         f"{name}: DeepSpeed trains this parameter in {_dtype_name(p.dtype)} but RelexCallback finds no fp32 master "
         f"weights for it{what}. Recording the {_dtype_name(p.dtype)} parameters would record their rounding, not "
@@ -240,7 +244,8 @@ class Topology:
         if self.mode == "replicated":
             if len(named) < self.world:
                 raise RelexInputError(
-                    f"{len(named)} tracked tensor(s) for {self.world} ranks: with replicated parameters (DDP, ZeRO-1/2) "
+                    f"{len(named)} tracked tensor(s) for {self.world} ranks: with replicated parameters (DDP, "
+                    "ZeRO-1/2) "
                     "every rank needs at least one tensor; track more tensors (include/exclude) or use fewer ranks"
                 )
             owners = balance([p.numel() for _, p in named], self.world)
@@ -392,9 +397,14 @@ class Topology:
 
         dt = p.data if not hasattr(p, "to_local") else p
         placements = tuple(dt.placements)
-        if dt.device_mesh.ndim != 1 or len(placements) != 1 or not (isinstance(placements[0], Shard) and placements[0].dim == 0):
+        if (
+            dt.device_mesh.ndim != 1
+            or len(placements) != 1
+            or not (isinstance(placements[0], Shard) and placements[0].dim == 0)
+        ):
             raise RelexInputError(
-                f"{name}: FSDP2 parameter with placements {placements} on a {dt.device_mesh.ndim}-D mesh; RelexCallback "
+                f"{name}: FSDP2 parameter with placements {placements} on a {dt.device_mesh.ndim}-D mesh; "
+                "RelexCallback "
                 "supports fully_shard's default Shard(0) over one mesh dimension (no HSDP / tensor parallel)"
             )
         shape = tuple(dt.shape)
@@ -552,7 +562,9 @@ class Topology:
         for d in allr:
             merged.update(d)
         order = [n for n in self.names if n in merged]
-        specs = [TensorSpec(merged[n][0].name, merged[n][0].shape, merged[n][0].dtype, merged[n][0].numel) for n in order]
+        specs = [
+            TensorSpec(merged[n][0].name, merged[n][0].shape, merged[n][0].dtype, merged[n][0].numel) for n in order
+        ]
         stacked = {f: torch.stack([merged[n][1][f] for n in order]) for f in fields}
         secs = self.gather_objects(sol.seconds)
         curves = [merged[n][2] for n in order]

@@ -2,7 +2,8 @@
 
 A window of ``T = tcut / stride`` snapshots of ``D`` tracked elements per process needs ``T x D`` buffer elements
 per process (one row per snapshot), plus theta_0 (``D`` elements in the recorded dtype: the parameters', or float32
-for the fp32 master weights DeepSpeed mixed precision keeps; kept on the parameters' device). Exactly: Qwen3-8B-Base (8.19e9 elements) with ``tcut=100`` in bf16 is 1.64 TB per node whatever the
+for the fp32 master weights DeepSpeed mixed precision keeps; kept on the parameters' device). Exactly: Qwen3-8B-Base
+(8.19e9 elements) with ``tcut=100`` in bf16 is 1.64 TB per node whatever the
 sharding, 205 GB per process on 8 processes. The streaming fold (:mod:`relex_callback.core.fold`) bounds the buffer at
 ``fold_rank + K`` rows. This module says, before anything is allocated, which tier can hold what:
 
@@ -72,7 +73,8 @@ def balance_loads(sizes: Sequence[int], world: int) -> list[int]:
 
 
 def elements_per_process(shapes: Sequence[Sequence[int]], mode: str, world: int) -> list[int]:
-    """Tracked elements of every process for the full tensors ``shapes``, as :class:`~relex_callback.trainer.topology.Topology`
+    """Tracked elements of every process for the full tensors ``shapes``, as
+    :class:`~relex_callback.trainer.topology.Topology`
     divides them: ``single`` all; ``replicated`` whole tensors balanced by size; ``zero3`` a flat partition of
     ``ceil(n / world)`` elements of every tensor (the last processes get what is left); ``fsdp2`` ``ceil(rows / world)``
     rows of every tensor (``torch.chunk`` along dim 0); ``zero12`` a flat partition of ``ceil(total / world)``
@@ -273,9 +275,10 @@ class MemoryPlan:
         head = f"relex memory plan{': ' + self.label if self.label else ''}"
         lines = [
             head,
-            f"  run      {self.mode}, {self.world_size} process(es), {lpn} per node ({self.nodes} node(s)); window "
-            f"{self.window} rows, buffer {self.dtype}, fold_rank {self.fold_rank}",
-            f"  tracked  {self.elements_total:,} elements; {self.elements:,} per process -> one row {f(self.row_bytes)}",
+            f"  run      {self.mode}, {self.world_size} process(es), {lpn} per node ({self.nodes} node(s)); "
+            f"window {self.window} rows, buffer {self.dtype}, fold_rank {self.fold_rank}",
+            f"  tracked  {self.elements_total:,} elements; {self.elements:,} per process -> one row "
+            f"{f(self.row_bytes)}",
             f"  theta_0  {f(self.theta0_bytes)} per process ({self.param_dtype}) on the parameters' device, + "
             f"{f(self.device_fixed_bytes - self.theta0_bytes)} snapshot scratch",
         ]
@@ -583,7 +586,9 @@ def _choose_storage(tiers, *, storage, window, local, row, exact, fold_rank):
             reason = f"{exact_txt} fits {storage} as asked ({f(t.budget)} per process)"
         elif t.fold_slots:
             slots, folded = t.fold_slots, True
-            reason = f"{exact_txt} does not fit {storage} ({f(t.budget)} per process); folded: {folded_txt(storage, slots)}"
+            reason = (
+                f"{exact_txt} does not fit {storage} ({f(t.budget)} per process); folded: {folded_txt(storage, slots)}"
+            )
         else:
             tier, slots = None, 0
             reason = (f"{storage} ({f(t.budget)} per process) holds neither {exact_txt} nor {fold_rank}+1 folded rows "
@@ -604,7 +609,9 @@ def read_model_config(path: str) -> dict:
     try:
         cfg = read_json(file)
     except (OSError, ValueError) as e:
-        raise RelexInputError(f"--model {file} is not a readable JSON config ({e}); pass a model's config.json") from None
+        raise RelexInputError(
+            f"--model {file} is not a readable JSON config ({e}); pass a model's config.json"
+        ) from None
     if not isinstance(cfg, dict) or not isinstance(cfg.get("model_type"), str):
         raise RelexInputError(f"--model {file} has no 'model_type'; pass a transformers model config (config.json of "
                               "a model saved with save_pretrained)")
@@ -652,7 +659,9 @@ def count_parameters(path: str) -> tuple[list[tuple[str, tuple[int, ...]]], str]
             model = AutoModelForCausalLM.from_config(config)
     except (ValueError, KeyError, TypeError, ImportError, RuntimeError, AttributeError, ZeroDivisionError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise RelexInputError(f"--model {path}: transformers cannot build a causal LM from this config ({msg})") from None
+        raise RelexInputError(
+            f"--model {path}: transformers cannot build a causal LM from this config ({msg})"
+        ) from None
     named = [(n, tuple(p.shape)) for n, p in model.named_parameters() if p.requires_grad and p.is_floating_point()]
     dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
     dtype = str(dtypes.pop() if len(dtypes) == 1 else torch.float32).replace("torch.", "")

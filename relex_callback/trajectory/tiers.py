@@ -241,7 +241,9 @@ class StorageTier:
                 raise RelexInputError("storage='disk' needs a directory for the memory-mapped buffer")
             free = available_disk_bytes(directory)
             if need > free:
-                raise RelexMemoryError(f"the trajectory buffer needs {_fmt(need)} ({what}) but the disk has {_fmt(free)} free; {options}")
+                raise RelexMemoryError(
+                    f"the trajectory buffer needs {_fmt(need)} ({what}) but the disk has {_fmt(free)} free; {options}"
+                )
         elif storage == "device":
             free = available_device_bytes(device)
             if need > free:
@@ -251,7 +253,9 @@ class StorageTier:
         elif storage == "host":
             free = available_host_bytes()
             if need > free:
-                raise RelexMemoryError(f"the trajectory buffer needs {_fmt(need)} ({what}) but the host has {_fmt(free)} free; {options}")
+                raise RelexMemoryError(
+                    f"the trajectory buffer needs {_fmt(need)} ({what}) but the host has {_fmt(free)} free; {options}"
+                )
         else:
             raise RelexInputError(f"storage={storage!r} is not one of ['auto', 'device', 'host', 'disk']")
         return storage
