@@ -45,6 +45,10 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..core import noise as _noise
+from ..core.backtest import combine
+from ..core.fit import Fit
+from ..core.solver import Solution
 from ..errors import RelexInputError
 from ..params import TensorSpec, TrackedTensor, plain_tracked
 from ..files.checkpoints import checkpoint_keys, tensor_bytes
@@ -540,8 +544,6 @@ class Topology:
     def report_solution(self, sol):
         """A :class:`Solution` over every tracked tensor (whole specs, no directions) for the report: the local one
         in the sharded modes (its statistics are global after the all-reduce), gathered rows otherwise."""
-        from ..core.solver import Solution
-
         fields = ("sigma", "coeffs", "slope", "intercept", "r2", "total", "last_sq")
         if self.sharded:
             whole = [TensorSpec(s.name, s.shape, s.dtype, s.numel) for s in sol.specs]
@@ -550,10 +552,6 @@ class Topology:
                             fallbacks=sol.fallbacks, backtest=sol.backtest, curve=sol.curve, selection=sol.selection,
                             noise=sol.noise,  # from the all-reduced Grams: the whole window's already
                             clock=sol.clock)
-        from ..core import noise as _noise
-        from ..core.backtest import combine
-        from ..core.fit import Fit
-
         curve = sol.curve
         mine = {s.name: (s, {f: getattr(sol, f)[i].cpu() for f in fields},
                          curve[i].to_json() if curve is not None else None) for i, s in enumerate(sol.specs)}
@@ -612,8 +610,6 @@ class Topology:
         ``owned`` a :class:`Solution` over a small local arena of those tensors, ``theta0`` their flat theta_0 (in
         ``owned.specs`` order) and ``extra`` the untracked sharded keys this process writes, gathered. A collective:
         every process calls it."""
-        from ..core.solver import Solution
-
         dist = _dist()
         owner, meta, sd = plan["owner"], plan["meta"], plan["sd"]
         local = {s.name: i for i, s in enumerate(sol.specs)}

@@ -16,12 +16,15 @@ import os
 from typing import Optional
 
 import torch
+from safetensors.torch import load_file
 
 from ..trajectory.persist import THETA0_FILE, link_or_copy, save_theta0
 from ..trajectory.window import saved_trajectory
 from ..files.fs import STATE_NAME, read_json, write_json
 from ..files.report import REPORT_NAME, load_report, write_report
+from ..files.schema import check_report
 from ..files.state import RelexState, load_state, save_state
+from ..params import TensorSpec
 
 logger = logging.getLogger("relex_callback")
 
@@ -92,8 +95,6 @@ class Validation:
         if report is None:
             report = load_report(path) if coordinator and os.path.isfile(path) else {}
             if report:
-                from ..files.schema import check_report
-
                 check_report(report, path)
         report.setdefault("validation", {})[str(horizon)] = res
         if coordinator:
@@ -126,10 +127,6 @@ class Validation:
         """Resumed after tcut: reload this process's pieces from the checkpoint. In distributed runs every process must
         have its pieces (same world size, same tracked tensors) or none validates: the decision is collective, so no
         process waits in an all-reduce the others never reach. ``None`` (with a warning) when it cannot."""
-        from safetensors.torch import load_file
-
-        from ..params import TensorSpec
-
         ckpt_dir, why, validation = saved_trajectory(checkpoints, topology, VALIDATION_FILE), None, None
         if ckpt_dir is None:
             why = "the checkpoint has no saved validation state for this process (saved with another world size?)"
