@@ -12,7 +12,9 @@ Each repeat measures, in this order and on the same (shared) machine:
   dtype; the state file: the directions in --dtype), in a fresh process, imports excluded, then `fsync` of the files
   (relex's outputs are durable: every file is flushed before its rename); both are printed, the sum uses the second;
 * `relex extrapolate` with `--streaming` and with `--no-streaming`: wall, peak RSS, user/sys time, and the ratio of
-  the wall to the sum of the three floors.
+  the wall to the sum of the three floors; for the streamed run, its seconds by phase (import, check, read,
+  subtract, Gram, solve, directions, state, write) beside the read and import floors of the same repeat;
+* with `--baseline REPO`, the same streamed command of another checkout (before and after, same floors).
 
 The checkpoints are built once and kept in --dir (never in the repository); the weights move along a nearly rank-1
 path plus a small noise. Goals: peak RSS <= 1 GB, wall <= 2x the floors' sum.
@@ -24,6 +26,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -126,6 +129,9 @@ def main():
     ap.add_argument("--solver", default="auto")
     ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the CLI (default: unset)")
     ap.add_argument("--modes", default="streaming,buffered", help="comma separated: streaming, buffered")
+    ap.add_argument("--baseline", default=None, metavar="REPO",
+                    help="also run `relex extrapolate --streaming` of another checkout (e.g. a worktree of an older "
+                         "commit) in each repeat, beside this one's: before and after under the same floors")
     args = ap.parse_args()
     build(args.dir, args.checkpoints, args.every)
     files = [os.path.join(args.dir, "base", "model.safetensors")] + [
@@ -142,7 +148,10 @@ def main():
     n_params = sum(math.prod(x) for x in shapes(CONFIG).values())
     dir_bytes = {"bfloat16": 2, "float16": 2, "float32": 4}[args.dtype]
     write_bytes = 2 * 4 * n_params + dir_bytes * n_params
-    modes = [m for m in args.modes.split(",") if m]
+    modes = [m for m in args.modes.split(",") if m] + (["baseline"] if args.baseline else [])
+    base_env = dict(env)
+    if args.baseline:
+        base_env["PYTHONPATH"] = os.path.abspath(args.baseline) + os.pathsep + os.environ.get("PYTHONPATH", "")
     print(f"{len(files)} files, {total / 1e9:.2f} GB; horizons {5 * tcut},{10 * tcut}; --dtype {args.dtype}; solver "
           f"{args.solver}; relex writes {write_bytes / 1e9:.2f} GB; {os.cpu_count()} CPUs")
     subprocess.run(["cat", *files], stdout=subprocess.DEVNULL, check=True)  # warm the page cache
@@ -184,9 +193,11 @@ def main():
                 "--solver",
                 args.solver,
                 "--no-progress",
-                "--streaming" if mode == "streaming" else "--no-streaming",
+                "--no-streaming" if mode == "buffered" else "--streaming",
             ]
-            wall, rss, ru, se = _run(cmd, env)
+            # `python -m` puts the working directory first on sys.path: each checkout runs from its own root
+            wall, rss, ru, se = _run(cmd, base_env if mode == "baseline" else env,
+                                     os.path.abspath(args.baseline) if mode == "baseline" else REPO)
             rep = json.load(open(os.path.join(out, "report.json")))
             secs = rep.get("seconds", {})
             rows.append((r + 1, mode, wall, rss, fsum, ru.ru_utime + ru.ru_stime, csum))
@@ -200,6 +211,10 @@ def main():
             for ln in se.splitlines():
                 if ln.startswith("relex: timing"):
                     print("       ", ln)
+                    if mode != "buffered":
+                        print("        breakdown:", _breakdown(ln, wall), f"| floors of this run: read (cat) "
+                              f"{floors['read']:.2f} s, import {floors['import']:.2f} s; wall / (read + import) = "
+                              f"{wall / (floors['read'] + floors['import']):.2f}x")
         shutil.rmtree(os.path.join(args.dir, "out"), ignore_errors=True)
     print("\n| run | mode | wall s | peak RSS GB | floors' sum s | wall / floors | CPU s | CPU / floors' CPU |\n"
           "|---|---|---|---|---|---|---|---|")
@@ -208,6 +223,27 @@ def main():
             f"| {r} | {mode} | {wall:.2f} | {rss / 1e9:.2f} | {fsum:.2f} | {wall / fsum:.2f} | {c:.2f} | {c / cs:.2f} |"
         )
     print("goals: peak RSS <= 1 GB, wall <= 2x the floors' sum (2-core machine, warm page cache)")
+
+
+def _breakdown(line: str, wall: float) -> str:
+    """The streamed run's seconds by phase, from its ``RELEX_TIMING`` line: import (and interpreter start: the wall
+    minus the timed phases), check (discovery, headers, the belongs check), read, subtract, Gram, solve (eigenpairs,
+    fits, backtest), directions, state (parts + join), write (horizons, fsync included), other."""
+    head = re.search(r"header checks ([\d.]+) s, streaming ([\d.]+) s \((.*)\)", line)
+    if head is None:
+        return "(no timing line)"
+    check, streaming = float(head.group(1)), float(head.group(2))
+    ph = {k: float(v) for k, v in re.findall(r"(\w+) ([\d.e+-]+)", head.group(3))}
+    total = ph.get("total", 0.0)
+    parts = {
+        "import": wall - check - streaming, "check": check, "read": ph.get("read", 0.0),
+        "subtract": ph.get("subtract", 0.0), "gram": ph.get("gram", 0.0),
+        "solve": total - sum(ph.get(k, 0.0) for k in ("read", "subtract", "gram", "direction", "state_parts")),
+        "direction": ph.get("direction", 0.0), "state": ph.get("state_parts", 0.0) + ph.get("state", 0.0),
+        "write": ph.get("horizons", 0.0),
+    }
+    parts["other"] = streaming - total - ph.get("state", 0.0) - ph.get("horizons", 0.0)
+    return ", ".join(f"{k} {v:.2f}" for k, v in parts.items())
 
 
 def _timed(cmd):
@@ -252,11 +288,11 @@ def _write_floor(root: str, n_params: int, dtype: str, env) -> float:
         shutil.rmtree(d, ignore_errors=True)
 
 
-def _run(cmd, env):
+def _run(cmd, env, cwd):
     # the output goes to files, not pipes: nothing reads a pipe while wait4 waits, so a full one would hang the child
     with tempfile.TemporaryFile() as err:
         t0 = time.perf_counter()
-        p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err, cwd=cwd)
         _, status, ru = os.wait4(p.pid, 0)
         wall = time.perf_counter() - t0
         err.seek(0)

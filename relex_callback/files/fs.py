@@ -132,11 +132,33 @@ def _fsync_dir_files(d: str):
     _fsync_path(d)
 
 
+# Directories whose files are flushed by whoever commits them (a checkpoint being assembled: commit_directory fsyncs
+# every file in it and the directory before the rename) or never needed after a crash (scratch parts joined into a
+# durable file): atomic_file skips its own fsyncs there, so no file is flushed twice.
+_DEFERRED: set[str] = set()
+
+
+@contextlib.contextmanager
+def deferred_sync(directory: str):
+    """While the block runs, :func:`atomic_file` does not fsync files written directly in ``directory`` (nor the
+    directory): the caller flushes them when it commits them (:func:`commit_directory`), or they are scratch."""
+    d = os.path.abspath(directory)
+    added = d not in _DEFERRED
+    _DEFERRED.add(d)
+    try:
+        yield d
+    finally:
+        if added:
+            _DEFERRED.discard(d)
+
+
 @contextlib.contextmanager
 def atomic_file(path: str, durable: bool = True):
     """Yield a temporary path beside ``path``; when the block succeeds it is flushed (``durable``) and renamed to
     ``path``, when it raises it is removed. ``durable=False`` skips the fsync (a file rewritten at every training
-    step whose data is not fsync'd either; the rename still protects against a killed process)."""
+    step whose data is not fsync'd either; the rename still protects against a killed process); so does a
+    directory under :func:`deferred_sync` (its committer flushes it)."""
+    durable = durable and os.path.dirname(os.path.abspath(path)) not in _DEFERRED
     tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     try:
         yield tmp
@@ -177,7 +199,8 @@ def atomic_directory(final: str, overwrite: bool = False, marked_only: bool = Tr
                               "it is: move it away or choose another output directory")
     tmp = new_temporary_dir(final)
     try:
-        yield tmp
+        with deferred_sync(tmp):  # commit_directory flushes every file in it once
+            yield tmp
         commit_directory(tmp, final, marked_only=marked_only)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -38,9 +38,10 @@ from types import SimpleNamespace
 import torch
 
 from ..errors import RelexInputError
-from ..files.checkpoints import DirectorySource, MappedSource
+from ..files.checkpoints import DirectorySource
 from ..files.untracked import load_untracked, record_values, UNTRACKED_FILE, UntrackedSource
 from ..trajectory.persist import TRAJECTORY_DIR, verify_live
+from ..files.streaming import FileReader
 
 SAMPLES = 256  # sampled elements per tensor (all of a smaller one)
 MAX_RATIO = 20.0  # R above this: the first checkpoint is not reachable from the base by this run's steps
@@ -63,6 +64,53 @@ def sampled(mapped, names: Sequence[str], idx: dict) -> dict:
     return {n: mapped.get(n).reshape(-1)[idx[n]].to(torch.float64) for n in names}
 
 
+def _runs(ix: torch.Tensor) -> list[tuple[int, int]]:
+    """``(start, count)`` of the contiguous runs of the sorted, distinct indices ``ix``."""
+    if ix.numel() == 0:
+        return []
+    cut = (torch.nonzero(ix[1:] - ix[:-1] != 1).reshape(-1) + 1).tolist()
+    bounds = [0, *cut, ix.numel()]
+    first = ix.tolist()
+    return [(first[a], b - a) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def sampled_from_files(reader, names: Sequence[str], runs: dict) -> dict:
+    """:func:`sampled` read with one ``preadv`` per contiguous run of samples (``runs[name]``: :func:`_runs` of its
+    indices) from a :class:`~relex_callback.files.streaming.FileReader`: the same values, but only the bytes of the
+    samples are copied, into one buffer per dtype widened to float64 at once (a memory map per tensor cost a mapping,
+    a page fault per run and an unmapping: 0.4 s for 21 files of 98 tensors)."""
+    by_dtype: dict = {}
+    for n in names:
+        by_dtype.setdefault(reader.locs[n].dtype, []).append(n)
+    out = {}
+    for dtype, group in by_dtype.items():
+        isz = dtype.itemsize
+        counts = [sum(k for _, k in runs[n]) for n in group]
+        raw = torch.empty(sum(counts) * isz, dtype=torch.uint8)
+        view = memoryview(raw.numpy())
+        done = 0
+        for n in group:
+            loc = reader.locs[n]
+            fd = reader.fd(loc.path)
+            for a, k in runs[n]:
+                _pread_all(fd, view[done: done + k * isz], loc.offset + a * isz, reader.path)
+                done += k * isz
+        wide = raw.view(dtype).to(torch.float64)
+        for n, piece in zip(group, torch.split(wide, counts)):
+            out[n] = piece
+    return {n: out[n] for n in names}
+
+
+def _pread_all(fd: int, view: memoryview, offset: int, path: str):
+    got = 0
+    while got < len(view):
+        k = os.preadv(fd, [view[got:]], offset + got)
+        if k <= 0:
+            raise RelexInputError(f"cannot read {len(view)} bytes at offset {offset} of a file of {path}: the file "
+                                  "is truncated (it changed after it was opened)")
+        got += k
+
+
 def check_belongs(base: str, src_base, cks, sources, names: Sequence[str]):
     """Refuse (``RelexInputError``, one line naming the checkpoints or tensors and what to pass) checkpoints that are
     not one run started from ``base``: see the module docstring. ``cks`` are sorted by step.
@@ -71,12 +119,15 @@ def check_belongs(base: str, src_base, cks, sources, names: Sequence[str]):
     an unchanged sample is weak evidence: "unchanged" is concluded only where the changes seen elsewhere in the same
     checkpoints predict at least :data:`MIN_EXPECTED` changed samples (a Poisson count: below that, no verdict)."""
     idx = {n: _indices(int(torch.Size(src_base.meta[n][0]).numel())) for n in names}
-    opened = [MappedSource(s) for s in [src_base, *sources]]
+    runs = {n: _runs(idx[n]) for n in names}
+    opened = []
     try:
-        x0, *xs = [sampled(m, names, idx) for m in opened]
+        for s in [src_base, *sources]:
+            opened.append(FileReader(s, names))
+        x0, *xs = [sampled_from_files(r, names, runs) for r in opened]
     finally:
-        for m in opened:
-            m.close()
+        for r in opened:
+            r.close()
     steps = [c.step for c in cks]
     total = sum(int(idx[n].numel()) for n in names)
     changed = [sum(int((xs[i + 1][n] != xs[i][n]).sum()) for n in names) for i in range(len(xs) - 1)]

@@ -42,6 +42,7 @@ import time
 import uuid
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -52,6 +53,7 @@ from ..core.precision import exact
 from ..core.solver import Solution, _directions, _fit_steps, _top_eigenpairs
 from ..errors import RelexInputError, RelexWriteError
 from ..files.checkpoints import MappedSource, nonfinite_base
+from ..files.fs import deferred_sync
 from ..files.state import save_state
 from ..files.streaming import FileReader, StreamedWriter
 from ..files.writers import CheckpointWriter, WriteFailed, guarded
@@ -63,9 +65,12 @@ DEFAULT_MEMORY_BUDGET = 256 << 20
 # products: on the 2-core machine, T=21 x 3M columns took 0.84 s CPU in 16K-column products, 0.36 s in 64K, 0.21 s in
 # 256K and 0.13 s in one product (a micro-benchmark); 1M columns keeps float64 sums every 1M terms.
 GRAM_CHUNK = 1 << 20
-# Elements per read of a checkpoint slice: the piece is still in cache when theta_0 is subtracted from it (a separate
-# subtraction over the whole block cost 1.4 s CPU of 11 for the 76.6M x 20 benchmark).
-SUB_PIECE = 1 << 20
+# Elements per read of a checkpoint slice: the piece (and theta_0's, read once for every checkpoint) is still in
+# cache when theta_0 is subtracted from it (a separate subtraction over the whole block cost 1.4 s CPU of 11 for the
+# 76.6M x 20 benchmark). The subtraction runs on one thread (numpy; exact, whatever the threads): torch's sub_ on two
+# OpenMP threads waits at a barrier per piece, and on the shared 2-core machine (load 5) that took 3.7 s CPU instead
+# of 0.2 s for 1.3 GB of slices (read 0.3 s).
+SUB_PIECE = 1 << 18
 
 
 # ------------------------------------------------------------------------------------------------ grouping
@@ -180,6 +185,7 @@ class StreamedSolve:
                                      max_shard_size)
         self.secs = {"read": 0.0, "gram": 0.0, "direction": 0.0, "state_parts": 0.0}
         self.bytes_read = 0
+        self.sub_seconds = 0.0
         self.run_id = uuid.uuid4().hex  # this extrapolation's id: in the state file and every step-H/ marker
         self.groups: list = []
         self._open: list = []
@@ -268,20 +274,26 @@ class StreamedSolve:
         cache."""
         arena, readers, base_reader = io
         T = len(self.cks)
-        ta = time.perf_counter()
+        clock = time.perf_counter
+        ta = clock()
+        t_sub = 0.0
         block = arena[: (T + 1) * width].view(T + 1, width)
         th = block[T]
-        for n, c, k in cols_of:
-            base_reader.read(n, th[c: c + k], s)
-            for t, rd in enumerate(readers):
-                row = block[t]
-                for a in range(0, k, SUB_PIECE):
+        rows = block.numpy()  # the subtraction in numpy: one thread, no OpenMP barrier per piece (see SUB_PIECE)
+        with np.errstate(all="ignore"):  # NaN/Inf deltas: refused from the Gram, as with torch (no warning)
+            for n, c, k in cols_of:
+                base_reader.read(n, th[c: c + k], s)
+                for a in range(0, k, SUB_PIECE):  # theta_0's piece stays in cache for every checkpoint's piece
                     p = min(SUB_PIECE, k - a)
-                    piece = row[c + a: c + a + p]
-                    rd.read(n, piece, s + a)
-                    piece.sub_(th[c + a: c + a + p])
+                    theta = rows[T, c + a: c + a + p]
+                    for t, rd in enumerate(readers):
+                        rd.read(n, block[t, c + a: c + a + p], s + a)
+                        ts = clock()
+                        np.subtract(rows[t, c + a: c + a + p], theta, out=rows[t, c + a: c + a + p])
+                        t_sub += clock() - ts
         self.bytes_read += (T + 1) * width * 4
-        self.secs["read"] += time.perf_counter() - ta
+        self.sub_seconds += t_sub  # in secs["read"] (the report's phases), apart in timings()
+        self.secs["read"] += clock() - ta
         return block
 
     def _check_finite(self, io, G, gnames):
@@ -363,7 +375,8 @@ class StreamedSolve:
         else:
             th_of = lambda j, sp=gspecs: fp_mapped.get(sp[j].name).reshape(-1)  # noqa: E731
         try:
-            guarded(lambda: save_state(part, sol, th_of, tcut=steps[-1], extra={"run_id": self.run_id}))
+            with deferred_sync(self.writer.scratch):  # scratch: the joined state file is the one flushed
+                guarded(lambda: save_state(part, sol, th_of, tcut=steps[-1], extra={"run_id": self.run_id}))
         except WriteFailed as e:
             raise RelexWriteError(
                 f"writing the state file in {self.out_dir} failed: {e}; no horizon was written and nothing exists "
@@ -407,8 +420,10 @@ class StreamedSolve:
         return {}
 
     def timings(self) -> dict:
-        """Seconds by phase (read, gram, direction, state parts, total solve, state, horizons) and bytes read."""
+        """Seconds by phase (read, subtract, gram, direction, state parts, total solve, state, horizons) and bytes
+        read; ``read`` here excludes the subtraction (the report's ``seconds.read`` includes it)."""
         out = {k: round(v, 4) for k, v in self.secs.items()}
+        out.update(read=round(self.secs["read"] - self.sub_seconds, 4), subtract=round(self.sub_seconds, 4))
         out.update(state=round(self.writer.stamps.get("state", 0.0), 4),
                    horizons=round(self.writer.stamps.get("horizons", 0.0), 4), bytes_read=self.bytes_read)
         return out
