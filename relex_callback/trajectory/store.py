@@ -24,6 +24,7 @@ import torch
 
 from ..config import torch_dtype
 from ..core import kernels
+from ..core.fold import left_factor
 from ..core.kernels.reference import project_reference
 from ..core.precision import exact
 from ..core.solver import factor_left
@@ -302,15 +303,6 @@ class TrajectoryStore:
         r = self.fold_rank
         return self.arena[r - self.basis_rows : r + self.num_ring_rows]
 
-    def _left(self) -> torch.Tensor:
-        """``C = diag(L_i, I)`` per tensor: ``[S, T_folded + k, basis_rows + k]`` float64."""
-        S, Tf, b = self.L.shape
-        k = self.num_ring_rows
-        C = torch.zeros(S, Tf + k, b + k, dtype=torch.float64)
-        C[:, :Tf, :b] = self.L
-        C[:, Tf:, b:] = torch.eye(k, dtype=torch.float64)
-        return C
-
     def _ring_sq(self, G_B: torch.Tensor) -> torch.Tensor:
         b = self.basis_rows
         return torch.diagonal(G_B[:, b:, b:], dim1=1, dim2=2).sum(-1)
@@ -325,7 +317,7 @@ class TrajectoryStore:
             return
         self.synchronize()
         B = self._rows_in_use()
-        C = self._left()
+        C = left_factor(self.L, self.num_ring_rows)
         device = self.compute_device
         sigma, U, X, G_B, _ = factor_left(B, C, self.specs, self.fold_rank, reduce=self.reduce, compute_device=device)
         self.folded_sq = self.folded_sq + self._ring_sq(G_B)
@@ -359,8 +351,8 @@ class TrajectoryStore:
         if not self.folded_steps:
             return {"M": self.rows(), "steps": list(self.steps)}
         self.synchronize()
-        return {"M": self._rows_in_use(), "steps": list(self.steps), "left": self._left(), "folded_sq": self.folded_sq,
-                "folded_steps": len(self.folded_steps)}
+        return {"M": self._rows_in_use(), "steps": list(self.steps), "left": left_factor(self.L, self.num_ring_rows),
+                "folded_sq": self.folded_sq, "folded_steps": len(self.folded_steps)}
 
     # ------------------------------------------------------------ persistence (see .persist)
     @property
