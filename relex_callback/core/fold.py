@@ -31,6 +31,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
+
 from ..errors import RelexMemoryError
 
 
@@ -61,3 +63,14 @@ def plan_slots(window: int, D: int, itemsize: int, *, max_buffer_bytes: Optional
             f"{max_buffer_bytes:,}; lower buffer_slots or fold_rank"
         )
     return K, fold_rank
+
+
+def left_factor(L: torch.Tensor, ring_rows: int) -> torch.Tensor:
+    """``C = diag(L_i, I)`` per tensor, from the folded left factors ``L`` (``[S, T_folded, basis_rows]`` float64) and
+    the ``k = ring_rows`` rows still in the ring: ``[S, T_folded + k, basis_rows + k]`` float64."""
+    S, Tf, b = L.shape
+    k = ring_rows
+    C = torch.zeros(S, Tf + k, b + k, dtype=torch.float64)
+    C[:, :Tf, :b] = L
+    C[:, Tf:, b:] = torch.eye(k, dtype=torch.float64)
+    return C

@@ -91,5 +91,4 @@ def release(store):
     store.synchronize()
     store.M = None
     store.tier.release()
-    store._scratch = None
     store.arena = None

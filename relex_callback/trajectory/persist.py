@@ -15,8 +15,10 @@ Functions of a :class:`~.store.TrajectoryStore` (its ``save``/``load``/``open``/
 ``discard_files`` methods call them): ``save`` and ``load`` (with ``check_compatible``: a saved window this run cannot
 continue is refused, naming what differs), ``truncate`` (back to an earlier step on a resume), ``verify_live``
 (theta_0 + the last delta against the weights training resumed with), ``open_saved`` (a saved trajectory on its own,
-for ``relex extrapolate --trajectory``), ``discard_files``; and the store's file bookkeeping (``start_files`` at
-theta_0, ``note_step`` after each disk-tier step).
+for ``relex extrapolate --trajectory``), ``discard_files``; and the store's file bookkeeping, :class:`StoreFiles`
+(``store.files``, kept by this module's functions only: ``start_files`` at theta_0, ``note_step`` after each disk-tier
+step). What these functions read of the arena they read through the store's public API (``theta0``, ``rows_in_use()``,
+``last_sums``); what they change of it, through its methods (``allocate``, ``set_steps``).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import logging
 import os
 import shutil
 import uuid
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
@@ -89,14 +92,33 @@ def link_or_copy(src: str, dst: str) -> str:
 def _fingerprints(tensors: Sequence[torch.Tensor]) -> list:
     return [fingerprint(t) for t in tensors]
 
+@dataclass
+class StoreFiles:
+    """A store's bookkeeping of its files (``store.files``), created and updated by this module's functions only:
+    where theta_0 was written, the entries (``file``, first ``row`` in it, number of ``rows``) of the fold basis and
+    of the ring rows persisted in the run directory for checkpoints to link, the specs as every metadata update
+    writes them, and whether a failed disk-tier metadata update was warned about (once per store)."""
+
+    specs_json: list  # fixed from construction on; written with every metadata update
+    theta0_file: Optional[str] = None  # where theta_0 is, once written
+    basis_entry: Optional[dict] = None  # {"file", "row", "rows"}: the fold basis rows
+    ring_entries: list = field(default_factory=list)  # ring rows 0.. in files, in order
+    meta_warned: bool = False
+
+    def entry_files(self) -> set:
+        """The names of the files holding the persisted rows (basis and ring)."""
+        return {e["file"] for e in self.ring_entries + ([self.basis_entry] if self.basis_entry else [])}
+
+
+def new_files(specs: Sequence[TensorSpec]) -> StoreFiles:
+    """A new store's files (its specs already laid out): none persisted yet (host/device tiers: written at the next
+    save, see :func:`persist_rows`)."""
+    return StoreFiles([s.to_json() for s in specs])
 
 
 def forget_files(store):
-    """No rows persisted in the run directory yet (host/device tiers: written at the next save, see
-    :func:`persist_rows`)."""
-    store._theta0_file = None  # where theta_0 is, once written
-    store._basis_entry = None  # {"file", "row", "rows"}: the fold basis rows
-    store._ring_entries = []  # ring rows 0.. in files, in order
+    """No rows persisted in the run directory yet (a new theta_0: a new window)."""
+    store.files.theta0_file, store.files.basis_entry, store.files.ring_entries = None, None, []
 
 
 def start_files(store):
@@ -104,7 +126,7 @@ def start_files(store):
     forget_files(store)
     if store.storage == "disk":
         save_theta0(store.directory, store.theta0)
-        store._theta0_file = os.path.join(store.directory, THETA0_FILE)
+        store.files.theta0_file = os.path.join(store.directory, THETA0_FILE)
         write_meta(store, store.directory)
 
 
@@ -115,8 +137,8 @@ def note_step(store):
     try:
         write_meta(store, store.directory, durable=False)
     except OSError as e:
-        if not store._meta_warned:
-            store._meta_warned = True
+        if not store.files.meta_warned:
+            store.files.meta_warned = True
             logger.warning("relex: cannot update %s (%s); training goes on, but a crash now would leave "
                            "stale metadata there", os.path.join(store.directory, META_FILE), describe_failure(e))
 
@@ -131,8 +153,7 @@ def truncate(store, last_step: int):
     kept = [s for s in store.steps if s <= last_step]
     if len(kept) == len(store.steps):
         return
-    store.steps = kept
-    store._last_sums = None
+    store.set_steps(kept)  # the last kept step's delta sums are not kept: unknown
     truncate_entries(store, store.num_ring_rows)
     if store.storage == "disk":
         if store.tier.file_linked():  # a checkpoint links rows that a replay would overwrite
@@ -144,19 +165,19 @@ def truncate_entries(store, ring: int):
     """Forget the persisted ring rows beyond the first ``ring`` (a resume went back; their files stay for the
     checkpoints that link them)."""
     entries, n = [], 0
-    for e in store._ring_entries:
+    for e in store.files.ring_entries:
         if n >= ring:
             break
         entries.append(dict(e, rows=min(e["rows"], ring - n)))
         n += entries[-1]["rows"]
-    store._ring_entries = entries
+    store.files.ring_entries = entries
 
 
 def drop_entries(store):
     """Forget the persisted rows (a fold replaced them): unlink their files from the run directory; the
     checkpoints that link them keep theirs."""
-    names = {e["file"] for e in store._ring_entries + ([store._basis_entry] if store._basis_entry else [])}
-    store._ring_entries, store._basis_entry = [], None
+    names = store.files.entry_files()
+    store.files.ring_entries, store.files.basis_entry = [], None
     for name in names:
         if name != BUFFER_FILE and store.directory:
             with contextlib.suppress(OSError):
@@ -178,9 +199,9 @@ def discard_files(store, keep: Sequence[str] = ()) -> int:
     names = [BUFFER_FILE, META_FILE, THETA0_FILE, FOLD_FILE]
     names += [n for n in os.listdir(store.directory) if n.startswith(("rows-", "basis-"))]
     if owner is None or owner != store.run_id:  # else only the files this window wrote there (host tier)
-        mine = {e["file"] for e in store._ring_entries + ([store._basis_entry] if store._basis_entry else [])}
+        mine = store.files.entry_files()
         here = os.path.abspath(store.directory)
-        if store._theta0_file and os.path.dirname(os.path.abspath(store._theta0_file)) == here:
+        if store.files.theta0_file and os.path.dirname(os.path.abspath(store.files.theta0_file)) == here:
             mine.add(THETA0_FILE)
         left = [n for n in names if n not in mine and os.path.exists(os.path.join(store.directory, n))]
         if left:
@@ -208,7 +229,7 @@ def metadata(store) -> dict:
         "dtype": dtype_name(store.dtype),
         "theta0_dtype": dtype_name(store.theta0_dtype),
         "steps": list(store.steps),
-        "specs": store._specs_json,
+        "specs": store.files.specs_json,
         "fold_rank": store.fold_rank,
         "folded_steps": list(store.folded_steps),
         "folds": store.folds,
@@ -216,7 +237,7 @@ def metadata(store) -> dict:
         "run_id": store.run_id,
         "window": dict(store.window),
         "skipped_unchanged_steps": list(store.skipped_unchanged_steps),
-        "last_sums": store._last_sums.tolist() if store._last_sums is not None else None,
+        "last_sums": store.last_sums.tolist() if store.last_sums is not None else None,
         "files": disk_entries(store) if store.storage == "disk" else None,
     }
 
@@ -253,11 +274,11 @@ def persist_rows(store) -> list:
     once per fold, and the ring rows not persisted yet as one new file. Returns the entries (``file``, first
     ``row`` in it, number of ``rows``) in arena order, basis first. A file missing from the run directory (it
     was deleted) is written again from memory."""
-    run = store.directory
+    run, files = store.directory, store.files
     os.makedirs(run, exist_ok=True)
-    if store._theta0_file is None or not os.path.exists(store._theta0_file):
+    if files.theta0_file is None or not os.path.exists(files.theta0_file):
         save_theta0(run, store.theta0)
-        store._theta0_file = os.path.join(run, THETA0_FILE)
+        files.theta0_file = os.path.join(run, THETA0_FILE)
     if store.storage == "disk":
         fd = os.open(os.path.join(run, BUFFER_FILE), os.O_RDONLY)
         try:  # the rows a checkpoint links reach the disk with it (the mapped pages are not msync'd per step)
@@ -267,12 +288,12 @@ def persist_rows(store) -> list:
         return disk_entries(store)
     token = uuid.uuid4().hex[:8]
     r = store.fold_rank or 0
-    if store.basis_rows and not (store._basis_entry and os.path.exists(os.path.join(run, store._basis_entry["file"]))):
+    if store.basis_rows and not (files.basis_entry and os.path.exists(os.path.join(run, files.basis_entry["file"]))):
         name = f"basis-{store.folds:04d}-{token}.bin"
         write_rows(os.path.join(run, name), store.arena[r - store.basis_rows : r])
-        store._basis_entry = {"file": name, "row": 0, "rows": store.basis_rows}
+        files.basis_entry = {"file": name, "row": 0, "rows": store.basis_rows}
     entries, pos = [], 0
-    for e in store._ring_entries:
+    for e in files.ring_entries:
         if not os.path.exists(os.path.join(run, e["file"])):
             name = f"rows-again-{len(entries):04d}-{token}.bin"
             write_rows(os.path.join(run, name), store.M[pos : pos + e["rows"]])
@@ -284,8 +305,8 @@ def persist_rows(store) -> list:
         name = f"rows-{new[0]:06d}-{new[-1]:06d}-{token}.bin"
         write_rows(os.path.join(run, name), store.M[pos : store.num_ring_rows])
         entries.append({"file": name, "row": 0, "rows": store.num_ring_rows - pos})
-    store._ring_entries = entries
-    return ([store._basis_entry] if store.basis_rows else []) + list(entries)
+    files.ring_entries = entries
+    return ([files.basis_entry] if store.basis_rows else []) + list(entries)
 
 
 def save(store, directory: str, *, live: Optional[Sequence[torch.Tensor]] = None, step: Optional[int] = None):
@@ -311,12 +332,12 @@ def save(store, directory: str, *, live: Optional[Sequence[torch.Tensor]] = None
                 save_theta0(directory, store.theta0)
         else:
             save_theta0(directory, store.theta0)
-            rows = store._rows_in_use() if store.fold_rank else store.M[: len(store.steps)]
+            rows = store.rows_in_use() if store.fold_rank else store.M[: len(store.steps)]
             write_rows(os.path.join(directory, BUFFER_FILE), rows)
             entries = [{"file": BUFFER_FILE, "row": 0, "rows": int(rows.shape[0])}] if rows.shape[0] else []
     else:
         entries = persist_rows(store)
-        link_or_copy(store._theta0_file, os.path.join(directory, THETA0_FILE))
+        link_or_copy(store.files.theta0_file, os.path.join(directory, THETA0_FILE))
         names = list(dict.fromkeys(e["file"] for e in entries))
         for name in names:
             link_or_copy(os.path.join(store.directory, name), os.path.join(directory, name))
@@ -462,14 +483,12 @@ def load(
                 max_bytes=max_bytes, check_finite=check_finite, fold_rank=fold_rank, _allocate=False)
     same_dir = os.path.abspath(store.directory) == os.path.abspath(directory)
     same_file = store.storage == "disk" and same_dir
-    store._allocate(reuse_file=same_file)
+    store.allocate(reuse_file=same_file)
     store.theta0 = load_file(os.path.join(directory, THETA0_FILE))["theta0"].to(store.device)
-    store.steps = list(meta["steps"])
+    store.set_steps(meta["steps"], meta.get("last_sums"))
     store.run_id = meta.get("run_id") or uuid.uuid4().hex
     store.window = dict(meta.get("window") or window or {})
     store.skipped_unchanged_steps = list(meta.get("skipped_unchanged_steps") or [])
-    if meta.get("last_sums") is not None:
-        store._last_sums = torch.tensor(meta["last_sums"], dtype=torch.float32)
     store.saved = {"directory": directory, "step": meta.get("saved_step"), "live": meta.get("live")}
     if meta.get("folded_steps"):
         f = load_file(os.path.join(directory, FOLD_FILE))
@@ -485,7 +504,7 @@ def load(
         raise RelexInputError(f"{directory}/{META_FILE} lists {sum(e['rows'] for e in entries)} rows in its files "
                               f"but records {nrows}: the trajectory is damaged")
     if not same_file and nrows:
-        target = store._rows_in_use() if store.fold_rank else store.M[:nrows]
+        target = store.rows_in_use() if store.fold_rank else store.M[:nrows]
         pos = 0
         for e in entries:
             raw = torch.from_file(os.path.join(directory, e["file"]), shared=False,
@@ -494,12 +513,12 @@ def load(
             pos += e["rows"]
     if not same_dir:
         os.makedirs(store.directory, exist_ok=True)
-        store._theta0_file = os.path.join(store.directory, THETA0_FILE)
-        link_or_copy(os.path.join(directory, THETA0_FILE), store._theta0_file)
+        store.files.theta0_file = os.path.join(store.directory, THETA0_FILE)
+        link_or_copy(os.path.join(directory, THETA0_FILE), store.files.theta0_file)
         if store.storage != "disk":
             adopt_entries(store, directory, entries)
     else:
-        store._theta0_file = os.path.join(directory, THETA0_FILE)
+        store.files.theta0_file = os.path.join(directory, THETA0_FILE)
     if store.storage == "disk":
         write_meta(store, store.directory)
         if store.folded_steps:
@@ -525,8 +544,8 @@ def adopt_entries(store, directory: str, entries: list):
         if e["rows"] > take:
             ring.append(dict(e, row=e["row"] + take, rows=e["rows"] - take))
         left -= take
-    store._basis_entry = basis[0] if len(basis) == 1 else None  # split over files: written again at next save
-    store._ring_entries = ring
+    store.files.basis_entry = basis[0] if len(basis) == 1 else None  # split over files: written again at next save
+    store.files.ring_entries = ring
 
 
 @torch.no_grad()

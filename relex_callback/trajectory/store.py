@@ -24,6 +24,7 @@ import torch
 
 from ..config import torch_dtype
 from ..core import kernels
+from ..core.fold import left_factor
 from ..core.kernels.reference import project_reference
 from ..core.precision import exact
 from ..core.solver import factor_left
@@ -72,7 +73,7 @@ class TrajectoryStore:
             raise RelexInputError("nothing to track: no tensors were selected")
         self.specs = list(specs)
         self.D = layout.lay_out(self.specs)
-        self._specs_json = [s.to_json() for s in self.specs]  # fixed from here on; written with every metadata update
+        self.files = persist.new_files(self.specs)  # its files in the run directory, kept by .persist: none yet
         self.K = int(capacity)
         self.dtype = torch_dtype(dtype)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
@@ -99,13 +100,11 @@ class TrajectoryStore:
         # over processes, so every process records (or skips) the same steps and folds at the same steps
         self.reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
         self.consensus: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
-        self._meta_warned = False
         self.saved: dict = {}  # from load(): saved_step and the live-weight fingerprints at that step
-        persist.forget_files(self)  # rows persisted in the run directory for checkpoints to link: none yet
         self.tier = layout.choose_tier(self, storage, directory=directory, max_bytes=max_bytes, prefault=prefault)
         self._scratch = None  # the snapshot's float32 chunk
         if _allocate:
-            self._allocate()
+            self.allocate()
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -122,9 +121,13 @@ class TrajectoryStore:
 
     # the functions of .layout, as methods (their first argument is the store)
     estimate = staticmethod(layout.estimate)
-    _allocate = layout.allocate
+    allocate = layout.allocate
     compute_device = property(layout.compute_device)
-    release = layout.release
+
+    def release(self):
+        """Free the buffer memory (:func:`.layout.release`) and the snapshot's scratch."""
+        layout.release(self)
+        self._scratch = None
 
     # --------------------------------------------------------------- theta_0
     def set_theta0(self, tensors: Iterable[torch.Tensor]):
@@ -136,10 +139,9 @@ class TrajectoryStore:
                 raise RelexInputError(f"{spec.name}: expected {spec.local_numel} elements, got {t.numel()}")
             theta0[spec.offset : spec.offset + spec.local_numel].copy_(t.reshape(-1))
         self.theta0 = theta0
-        self.steps = []
+        self.set_steps([])
         self._reset_fold()
         self.run_id = uuid.uuid4().hex
-        self._last_sums = None
         persist.start_files(self)
 
     def theta0_of(self, spec: TensorSpec) -> torch.Tensor:
@@ -148,6 +150,17 @@ class TrajectoryStore:
         return self.theta0[spec.offset : spec.offset + spec.local_numel].to(spec.record_dtype)
 
     # -------------------------------------------------------------- snapshot
+    def set_steps(self, steps: Sequence[int], last_sums: Optional[Sequence[float]] = None):
+        """The recorded steps (a new theta_0, a resume, a truncate), with the float32 sums of the last one's delta per
+        tensor when known (``None``: the unchanged-step check decides on rows alone, see :meth:`_same_as_previous`)."""
+        self.steps = list(steps)
+        self._last_sums = torch.tensor(last_sums, dtype=torch.float32) if last_sums is not None else None
+
+    @property
+    def last_sums(self) -> Optional[torch.Tensor]:
+        """``[S]`` float32 sums of the last recorded delta, per tensor (``None``: unknown); saved with the metadata."""
+        return self._last_sums
+
     @property
     def num_rows(self) -> int:
         return len(self.steps)
@@ -297,19 +310,10 @@ class TrajectoryStore:
     def folded(self) -> bool:
         return bool(self.folded_steps)
 
-    def _rows_in_use(self) -> torch.Tensor:
+    def rows_in_use(self) -> torch.Tensor:
         """``B = [W^T; R]``: the basis rows in use followed by the ring rows, a contiguous view of the arena."""
         r = self.fold_rank
         return self.arena[r - self.basis_rows : r + self.num_ring_rows]
-
-    def _left(self) -> torch.Tensor:
-        """``C = diag(L_i, I)`` per tensor: ``[S, T_folded + k, basis_rows + k]`` float64."""
-        S, Tf, b = self.L.shape
-        k = self.num_ring_rows
-        C = torch.zeros(S, Tf + k, b + k, dtype=torch.float64)
-        C[:, :Tf, :b] = self.L
-        C[:, Tf:, b:] = torch.eye(k, dtype=torch.float64)
-        return C
 
     def _ring_sq(self, G_B: torch.Tensor) -> torch.Tensor:
         b = self.basis_rows
@@ -324,8 +328,8 @@ class TrajectoryStore:
         if not self.num_ring_rows:
             return
         self.synchronize()
-        B = self._rows_in_use()
-        C = self._left()
+        B = self.rows_in_use()
+        C = left_factor(self.L, self.num_ring_rows)
         device = self.compute_device
         sigma, U, X, G_B, _ = factor_left(B, C, self.specs, self.fold_rank, reduce=self.reduce, compute_device=device)
         self.folded_sq = self.folded_sq + self._ring_sq(G_B)
@@ -359,8 +363,8 @@ class TrajectoryStore:
         if not self.folded_steps:
             return {"M": self.rows(), "steps": list(self.steps)}
         self.synchronize()
-        return {"M": self._rows_in_use(), "steps": list(self.steps), "left": self._left(), "folded_sq": self.folded_sq,
-                "folded_steps": len(self.folded_steps)}
+        return {"M": self.rows_in_use(), "steps": list(self.steps), "left": left_factor(self.L, self.num_ring_rows),
+                "folded_sq": self.folded_sq, "folded_steps": len(self.folded_steps)}
 
     # ------------------------------------------------------------ persistence (see .persist)
     @property

@@ -102,7 +102,7 @@ def disk_needs(store, settings, *, model_bytes: int = 0, saves_in_window: bool =
     and each horizon (``model_bytes``: the checkpoint written per horizon)."""
     need = {}
     if saves_in_window and store.storage != "disk":
-        if store._theta0_file is None:
+        if store.files.theta0_file is None:
             need["theta_0 (once, linked by the checkpoints)"] = store.theta0_bytes
         left = max(0, len(settings.steps) - store.num_rows)
         rows = min(left, store.K) + (store.fold_rank or 0) if store.fold_rank else left
