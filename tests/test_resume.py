@@ -22,7 +22,7 @@ from transformers import TrainerCallback
 from relex_callback import RelexCallback, RelexInputError
 from relex_callback.examples.toy import build_model, build_tokenizer
 from relex_callback.offline.cli import main
-from relex_callback.trajectory.window import LOCK_FILE
+from relex_callback.files.lock import LOCK_FILE
 from grpo import grpo_trainer
 from test_callback import Recorder, StopAt, read_weights
 from fault_child import build_trainer

@@ -167,11 +167,11 @@ class BufferedSolve:
             sol = solve(specs=self.store.specs, options=options, reduce=self.reduce, **inputs,
                         compute_device=self.store.compute_device)
         except Exception as e:  # every process learns it (the others would wait for this one in the next collective)
-            del inputs
+            inputs = None
             if topo is not None:
                 writer.agree(e)
             raise
-        del inputs  # a view of the buffer: it must not keep the buffer alive through the writes
+        inputs = None  # a view of the buffer: it must not keep the buffer alive through the writes
         self.buffer_bytes, self.storage = self.store.buffer_bytes, self.store.storage
         error = None
         try:

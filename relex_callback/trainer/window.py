@@ -27,7 +27,8 @@ from ..files.writers import model_writer
 from ..params import is_peft_model, select_names, trainable_named_parameters
 from ..pipeline.finalize import BufferedSolve, finalize
 from ..trajectory.persist import RUN_TRAJECTORY_DIR, THETA0_FILE, TRAJECTORY_DIR
-from ..trajectory.window import OutputLock, open_window, resume_record
+from ..files.lock import OutputLock
+from ..trajectory.window import open_window, resume_record
 from . import lifecycle, notices
 from .scoring import score_at_tcut
 from .topology import Topology, deepspeed_engine

@@ -5,7 +5,7 @@ inside the window, the saved trajectory that belongs to this run and these weigh
 callback's record in ``trainer_state.json``; :func:`saved_trajectory` finds a checkpoint's ``relex_trajectory/``). It
 sizes the ring (the memory plan, :mod:`.plan`, for ``storage="auto"``), checks the free disk space for everything the
 window will write, and in distributed runs makes every process fail together before step 1 (:func:`_together`).
-:class:`~relex_callback.files.lock.OutputLock` (``.relex-lock.json``, re-exported here) refuses a second writer of the
+:class:`~relex_callback.files.lock.OutputLock` (``.relex-lock.json``) refuses a second writer of the
 same output directory: another callback, ``relex extrapolate`` or ``relex materialize``.
 """
 
@@ -20,7 +20,6 @@ import torch
 from ..core import kernels
 from ..errors import RelexError, RelexInputError, RelexMemoryError, RelexNonFiniteError
 from ..files.fs import describe_failure, write_failure
-from ..files.lock import LOCK_FILE, OutputLock  # noqa: F401  (re-exported: the callback owns its output_dir)
 from . import persist
 from .persist import META_FILE, RUN_TRAJECTORY_DIR, TRAJECTORY_DIR
 from .plan import plan_for_run
@@ -95,7 +94,9 @@ def _load_verified(checkpoints, expected, topology, tracked, global_step: int, l
     return None, None, notes, found
 
 
-def disk_needs(store, settings, *, model_bytes: int = 0, saves_in_window: bool = True, writes_outputs: bool = True) -> dict:
+def disk_needs(
+    store, settings, *, model_bytes: int = 0, saves_in_window: bool = True, writes_outputs: bool = True
+) -> dict:
     """Bytes this window still writes under the relex output_dir, by item (the disk tier's buffer is already
     allocated by then, so it is not counted again): theta_0 and the rows the trainer checkpoints link (host/device
     tiers, when checkpoints are saved inside the window), the state file (``rank`` float32 directions per element)
@@ -111,7 +112,9 @@ def disk_needs(store, settings, *, model_bytes: int = 0, saves_in_window: bool =
     if writes_outputs:
         need["state file"] = settings.rank * store.D * 4
         if model_bytes:
-            need[f"{len(settings.horizons)} horizon checkpoint(s) of {_fmt(model_bytes)}"] = len(settings.horizons) * model_bytes
+            need[f"{len(settings.horizons)} horizon checkpoint(s) of {_fmt(model_bytes)}"] = (
+                len(settings.horizons) * model_bytes
+            )
     return need
 
 
@@ -166,12 +169,12 @@ def open_window(settings, tracked, topology, *, out_dir: str, global_step: int, 
     """The store of a window at ``on_train_begin``: a fresh one holding theta_0 at step 0, or, when training resumed
     inside the window, the saved one that fits (see :func:`_load_verified`; ``checkpoints``: the paths the checkpoint
     may be, ``expected``: the record of the resumed trainer state), truncated to ``global_step``. Sizes the ring:
-    with ``storage="auto"`` (and no ``buffer_slots``) by the memory plan (:func:`relex_callback.trajectory.plan.plan_for_run`,
-    logged on process 0; ``trainer_args`` tells it about a colocated vLLM engine, ``optimizer`` what the first step
-    still allocates), which folds when the exact window
-    fits no tier, else by ``relex_callback.core.fold.plan_slots``; a resumed planned window keeps the buffer shape it was
-    saved with. Checks the free disk space for what the window will write, and refuses what
-    cannot work (a resume without a fitting trajectory, a buffer that fits nowhere) before the first step."""
+    with ``storage="auto"`` (and no ``buffer_slots``) by the memory plan
+    (:func:`relex_callback.trajectory.plan.plan_for_run`, logged on process 0; ``trainer_args`` tells it about a
+    colocated vLLM engine, ``optimizer`` what the first step still allocates), which folds when the exact window fits
+    no tier, else by ``relex_callback.core.fold.plan_slots``; a resumed planned window keeps the buffer shape it was
+    saved with. Checks the free disk space for what the window will write, and refuses what cannot work (a resume
+    without a fitting trajectory, a buffer that fits nowhere) before the first step."""
     if global_step == 0:  # theta_0 is taken here: a non-finite base is the base's fault, said before step 1
         check_base_finite(tracked, topology)
     specs = [t.spec for t in tracked]
@@ -193,8 +196,10 @@ def open_window(settings, tracked, topology, *, out_dir: str, global_step: int, 
     except Exception as e:
         if not write_failure(e):
             raise
-        raise RelexMemoryError(f"cannot write the trajectory to {run_dir}: {describe_failure(e)}; free disk space there "
-                               "or choose another output_dir") from None
+        raise RelexMemoryError(
+            f"cannot write the trajectory to {run_dir}: {describe_failure(e)}; free disk space there "
+            "or choose another output_dir"
+        ) from None
     try:
         _together(topology, "checking the free disk space for the RELEX outputs", lambda: check_disk_space(
             out_dir, disk_needs(store, settings, model_bytes=model_bytes, saves_in_window=saves_in_window,
@@ -209,8 +214,12 @@ def open_window(settings, tracked, topology, *, out_dir: str, global_step: int, 
     kernels.probe(store.compute_device or store.M.device, store.dtype)
     logger.info(
         "relex: tracking %d tensors (%d elements), %d snapshot slots%s, %.1f MiB buffer on %s",
-        len(specs), store.D, store.K, f" + {store.fold_rank} fold rows (window of {window} folded)" if store.fold_rank else "",
-        store.buffer_bytes / 2**20, store.storage,
+        len(specs),
+        store.D,
+        store.K,
+        f" + {store.fold_rank} fold rows (window of {window} folded)" if store.fold_rank else "",
+        store.buffer_bytes / 2**20,
+        store.storage,
     )
     return store
 
@@ -218,9 +227,10 @@ def open_window(settings, tracked, topology, *, out_dir: str, global_step: int, 
 def check_base_finite(tracked, topology):
     """Refuse a base (theta_0) that holds NaN/Inf, on every process with the same message, before anything is
     allocated or written and before step 1: each process checks its own pieces (its share of the tensors under DDP,
-    its shards under ZeRO-3 / FSDP2), and ONE collective (:meth:`~relex_callback.trainer.topology.Topology.first_holders`)
-    tells every process which tensors hold one and on which process. Without it, only the process holding the NaN
-    could say so; the others would see a non-finite delta at step 1 and call it a divergence of the run."""
+    its shards under ZeRO-3 / FSDP2), and ONE collective
+    (:meth:`~relex_callback.trainer.topology.Topology.first_holders`) tells every process which tensors hold one and
+    on which process. Without it, only the process holding the NaN could say so; the others would see a non-finite
+    delta at step 1 and call it a divergence of the run."""
     flags = {}
     for t in tracked:
         if t.spec.local_numel:
@@ -267,8 +277,12 @@ def _size_ring(settings, specs, topology, trainer_args, *, device, out_dir, wind
             logger.warning("relex: the exact window (%d rows) fits no memory tier; folding it: %s", window, plan.reason)
     else:
         capacity, fold_rank = plan_slots(
-            window, D_plan, torch.empty((), dtype=settings.torch_dtype).element_size(),
-            max_buffer_bytes=settings.max_buffer_bytes, buffer_slots=settings.buffer_slots, fold_rank=settings.fold_rank,
+            window,
+            D_plan,
+            torch.empty((), dtype=settings.torch_dtype).element_size(),
+            max_buffer_bytes=settings.max_buffer_bytes,
+            buffer_slots=settings.buffer_slots,
+            fold_rank=settings.fold_rank,
         )
     return storage, capacity, fold_rank, planned
 
