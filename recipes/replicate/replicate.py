@@ -34,7 +34,7 @@ import torch  # noqa: E402
 from task import ExpectedReward, Scorer, all_problems, sample_problems, warm_up  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 from relex_callback import RelexCallback  # noqa: E402
-from relex_callback.core.solver import solve  # noqa: E402
+from relex_callback.core.solver import SolveOptions, solve  # noqa: E402
 from relex_callback.examples.toy import arithmetic_reward, build_model, build_tokenizer  # noqa: E402
 from relex_callback.params import plain_tracked, trainable_named_parameters  # noqa: E402
 from relex_callback.trajectory.store import TrajectoryStore  # noqa: E402
@@ -111,7 +111,7 @@ def split(flat, specs):
 def solve_window(named, theta, tcut, *, stride=1, rank=1, fit_start=None, dtype="float32"):
     steps = list(range(stride, tcut + 1, stride))
     store = make_store(named, theta, steps, dtype)
-    sol = solve(store.rows(), store.steps, store.specs, rank=rank, fit_start=fit_start, method="gram")
+    sol = solve(store.rows(), store.steps, store.specs, SolveOptions(rank=rank, fit_start=fit_start, method="gram"))
     return sol
 
 
