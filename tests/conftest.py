@@ -43,7 +43,6 @@ def tiny_model(tokenizer):
 @pytest.fixture
 def subprocess_env():
     """Environment for child processes (CLI, torchrun, accelerate launch): this checkout first on the path."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    env.setdefault("OMP_NUM_THREADS", "1")
-    return env
+    from helpers import cli_env  # here, not at the top: helpers imports the package, after triton's set-up above
+
+    return cli_env()

@@ -3,9 +3,12 @@
 import functools
 import math
 import os
+import subprocess
+import sys
 
 import torch
 
+from relex_callback.files import streaming
 from relex_callback.params import TensorSpec
 from relex_callback.examples.toy import _text
 
@@ -17,6 +20,14 @@ def cli_env() -> dict:
     e["PYTHONPATH"] = repo + os.pathsep + e.get("PYTHONPATH", "")
     e.setdefault("OMP_NUM_THREADS", "1")
     return e
+
+
+def run_relex(*args, env=None, timeout=600, **kw) -> subprocess.CompletedProcess:
+    """``relex ARGS`` as a child process (``python -m relex_callback.offline.cli``) on this checkout, its output
+    captured as text; ``env`` defaults to :func:`cli_env`. Arguments are passed through ``str``."""
+    return subprocess.run([sys.executable, "-m", "relex_callback.offline.cli", *map(str, args)],
+                          env=cli_env() if env is None else env, capture_output=True, text=True, timeout=timeout,
+                          **kw)
 
 
 def arena_specs(sizes):
@@ -59,20 +70,11 @@ U32 = 2.0**-24
 
 
 def one_thread(fn):
-    """Run ``fn`` with one torch thread: the bounds are float64 algebra on T x T matrices (and thousands of tiny eigh
-    in :func:`first_order_bound`); threads gain nothing there, and on a loaded 2-core machine their spin-waits made
-    the checks 10-70x slower (measured: test_fold's rank-2 case 0.05 s vs 3.6 s)."""
-
-    @functools.wraps(fn)
-    def wrapped(*args, **kwargs):
-        n = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            torch.set_num_threads(n)
-
-    return wrapped
+    """Run ``fn`` with one torch thread (the package's :func:`relex_callback.files.streaming.one_thread`): the bounds
+    are float64 algebra on T x T matrices (and thousands of tiny eigh in :func:`first_order_bound`); threads gain
+    nothing there, and on a loaded 2-core machine their spin-waits made the checks 10-70x slower (measured: test_fold's
+    rank-2 case 0.05 s vs 3.6 s)."""
+    return functools.wraps(fn)(streaming.one_thread()(fn))
 
 
 @one_thread

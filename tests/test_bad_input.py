@@ -13,7 +13,6 @@ import contextlib
 import io
 import json
 import shutil
-import subprocess
 
 import pytest
 
@@ -38,6 +37,7 @@ from relex_callback.offline.cli import main  # noqa: E402
 from relex_callback.params import plain_tracked, TensorSpec, trainable_named_parameters  # noqa: E402
 from relex_callback.pipeline.finalize import finalize  # noqa: E402
 from relex_callback.trajectory.store import TrajectoryStore  # noqa: E402
+from helpers import run_relex  # noqa: E402
 
 DOC = os.path.join(REPO, "docs", "bad_input.md")
 OK = dict(tcut=75, horizons=[500])
@@ -430,6 +430,7 @@ class _quiet:
 
 
 X = "extrapolate --base <base> --checkpoints <ckpts> --horizons 40 --out <out> --no-progress"  # a valid run
+XT = X.replace("--checkpoints <ckpts>", "--trajectory <traj>")  # the same from a saved trajectory
 M = "materialize --state <done> --base <base> --horizons 100 --out <out>"
 XN = X.replace("<ckpts>", "<nostep>/first <nostep>/second")  # two checkpoints whose names give no step
 # (subcommand, what is wrong, command line after `relex` with placeholders; whitespace-split)
@@ -494,12 +495,12 @@ CLI_CASES = [
     (
         "extrapolate",
         "--untracked-from and --untracked-frozen",
-        X.replace("--checkpoints <ckpts>", "--trajectory <traj>") + " --untracked-from <base> --untracked-frozen",
+        XT + " --untracked-from <base> --untracked-frozen",
     ),
     (
         "extrapolate",
         "--no-run-check with --trajectory",
-        X.replace("--checkpoints <ckpts>", "--trajectory <traj>") + " --no-run-check",
+        XT + " --no-run-check",
     ),
     ("extrapolate", "--checkpoints of another model (shapes differ)", X.replace("<ckpts>", "<small>")),
     ("extrapolate", "--checkpoints with a truncated safetensors", X.replace("<ckpts>", "<trunc>")),
@@ -526,27 +527,27 @@ CLI_CASES = [
     (
         "extrapolate",
         "--trajectory with a mismatched --base",
-        X.replace("--checkpoints <ckpts>", "--trajectory <traj>").replace("<base>", "<base1>"),
+        XT.replace("<base>", "<base1>"),
     ),
     (
         "extrapolate",
         "--trajectory with --steps",
-        X.replace("--checkpoints <ckpts>", "--trajectory <traj>") + " --steps 2,4,6,8",
+        XT + " --steps 2,4,6,8",
     ),
     (
         "extrapolate",
         "--trajectory with --horizons <= its last step",
-        X.replace("--checkpoints <ckpts>", "--trajectory <traj>").replace("40", "8"),
+        XT.replace("40", "8"),
     ),
     (
         "extrapolate",
         "--trajectory with --rank > recorded steps",
-        X.replace("--checkpoints <ckpts>", "--trajectory <traj>") + " --rank 5",
+        XT + " --rank 5",
     ),
     (
         "extrapolate",
         "--trajectory with --max-shard-size garbage",
-        X.replace("--checkpoints <ckpts>", "--trajectory <traj>") + " --max-shard-size lots",
+        XT + " --max-shard-size lots",
     ),
     ("extrapolate", "--out an existing non-empty directory", X.replace("<out>", "<done>")),
     ("extrapolate", "--out an existing file", X.replace("<out>", "<file>")),
@@ -829,13 +830,7 @@ def test_cli_bad_input_in_a_real_process(what, cli_env, subprocess_env):
     i = [c[1] for c in CLI_CASES].index(what)
     out = os.path.join(d, "sub-out")
     argv = cli_argv(CLI_CASES[i][2], p, d, out)
-    r = subprocess.run(
-        [sys.executable, "-m", "relex_callback.offline.cli", *argv],
-        env=subprocess_env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    r = run_relex(*argv, env=subprocess_env)
     assert r.returncode == 2, r.stderr
     assert r.stderr.startswith("relex: error: ") and r.stderr.count("\n") == 1, r.stderr
     assert "Traceback" not in r.stderr and r.stdout == ""

@@ -10,8 +10,6 @@ trajectories, every step and with a stride, against MAX_RATIO (20): 0 to 2.6 ove
 
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -21,7 +19,7 @@ from relex_callback.examples.toy import build_model, build_tokenizer
 from relex_callback.files.checkpoints import Checkpoint, DirectorySource, MappedSource
 from grpo import grpo_trainer
 from test_callback import read_weights
-from helpers import cli_env
+from helpers import cli_env, run_relex
 from safetensors.torch import load_file, save_file
 
 STEPS = 8
@@ -66,11 +64,6 @@ def env():
     return cli_env()
 
 
-def _relex(env, *args):
-    return subprocess.run([sys.executable, "-m", "relex_callback.offline.cli", *map(str, args)], env=env,
-                          capture_output=True, text=True, timeout=600)
-
-
 def _ck(run, *steps):
     return [run / f"checkpoint-{t}" for t in steps]
 
@@ -103,12 +96,12 @@ def test_real_runs_stay_far_below_the_ratio_bound(ckrun):
 def test_checkpoints_out_of_order_give_the_same_bytes(ckrun, env, tmp_path, order):
     """Checkpoints given out of order (named, or with --steps in the same shuffled order) are sorted by step: the
     same horizon, bitwise, as in order."""
-    ordered = _relex(env, "extrapolate", "--base", ckrun / "base", "--checkpoints", *_ck(ckrun, 1, 2, 3, 4),
-                     "--horizons", 20, "--out", tmp_path / "a", "--no-progress")
+    ordered = run_relex("extrapolate", "--base", ckrun / "base", "--checkpoints", *_ck(ckrun, 1, 2, 3, 4),
+                        "--horizons", 20, "--out", tmp_path / "a", "--no-progress", env=env)
     assert ordered.returncode == 0, ordered.stderr[-2000:]
     extra = ["--steps", "3,1,4,2"] if order == "steps" else []
-    shuffled = _relex(env, "extrapolate", "--base", ckrun / "base", "--checkpoints", *_ck(ckrun, 3, 1, 4, 2),
-                      "--horizons", 20, "--out", tmp_path / "b", "--no-progress", *extra)
+    shuffled = run_relex("extrapolate", "--base", ckrun / "base", "--checkpoints", *_ck(ckrun, 3, 1, 4, 2),
+                         "--horizons", 20, "--out", tmp_path / "b", "--no-progress", *extra, env=env)
     assert shuffled.returncode == 0, shuffled.stderr[-2000:]
     a, b = read_weights(tmp_path / "a" / "step-20"), read_weights(tmp_path / "b" / "step-20")
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
@@ -154,14 +147,15 @@ def _refused(r, words):
 def test_a_base_the_checkpoints_did_not_start_from_is_refused(ckrun, env, tmp_path, case, streaming):
     make, words = BASES[case]
     make(ckrun, tmp_path / "base")
-    r = _relex(env, "extrapolate", "--base", tmp_path / "base", "--checkpoints", *_ck(ckrun / "small", 2, 4, 6, 8),
-               "--horizons", 20, "--out", tmp_path / "out", "--no-progress", streaming)
+    r = run_relex("extrapolate", "--base", tmp_path / "base", "--checkpoints", *_ck(ckrun / "small", 2, 4, 6, 8),
+                  "--horizons", 20, "--out", tmp_path / "out", "--no-progress", streaming, env=env)
     _refused(r, words)
     print(case, r.stderr.strip().splitlines()[-1][:300])
     assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out")  # refused before anything was written
     if case == "another seed":  # the flag the message names: the user's way past a false refusal
-        r = _relex(env, "extrapolate", "--base", tmp_path / "base", "--checkpoints", *_ck(ckrun / "small", 2, 4, 6, 8),
-                   "--horizons", 20, "--out", tmp_path / "out", "--no-progress", streaming, "--no-run-check")
+        r = run_relex("extrapolate", "--base", tmp_path / "base", "--checkpoints", *_ck(ckrun / "small", 2, 4, 6, 8),
+                      "--horizons", 20, "--out", tmp_path / "out", "--no-progress", streaming, "--no-run-check",
+                      env=env)
         assert r.returncode == 0 and "--no-run-check" in r.stderr, r.stderr[-2000:]
 
 
@@ -176,8 +170,8 @@ def test_duplicated_checkpoints_are_refused(ckrun, env, tmp_path):
         ([*_ck(ckrun, 2, 4), tmp_path / "checkpoint-9"], [], ["checkpoint-9", "same weights"]),
     ]
     for i, (cks, extra, words) in enumerate(cases):
-        r = _relex(env, "extrapolate", "--base", ckrun / "base", "--checkpoints", *cks, *extra, "--horizons", 20,
-                   "--out", tmp_path / f"out{i}", "--no-progress")
+        r = run_relex("extrapolate", "--base", ckrun / "base", "--checkpoints", *cks, *extra, "--horizons", 20,
+                      "--out", tmp_path / f"out{i}", "--no-progress", env=env)
         _refused(r, words)
         assert not (tmp_path / f"out{i}").exists() or not os.listdir(tmp_path / f"out{i}")
 
@@ -187,6 +181,6 @@ def test_checkpoints_still_at_theta0_are_not_copies(ckrun, env, tmp_path):
     observations, not copies: accepted. The base itself copied as steps 1 and 2, then the run's checkpoints."""
     for t in (1, 2):
         shutil.copytree(ckrun / "base", tmp_path / f"step-{t}")
-    r = _relex(env, "extrapolate", "--base", ckrun / "base", "--checkpoints", tmp_path / "step-1", tmp_path / "step-2",
-               *_ck(ckrun, 3, 4, 5, 6), "--horizons", 20, "--out", tmp_path / "out", "--no-progress")
+    r = run_relex("extrapolate", "--base", ckrun / "base", "--checkpoints", tmp_path / "step-1", tmp_path / "step-2",
+                  *_ck(ckrun, 3, 4, 5, 6), "--horizons", 20, "--out", tmp_path / "out", "--no-progress", env=env)
     assert r.returncode == 0, r.stderr[-2000:]

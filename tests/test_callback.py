@@ -7,8 +7,6 @@ parameters at each optimizer step, and a float64 SVD + least-squares line gives 
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 
@@ -19,7 +17,7 @@ from transformers import TrainerCallback
 
 from relex_callback import RelexCallback, RelexConfig, RelexInputError
 from helpers import (U32, compare_weights, direction_tolerance, dot_error_bound, extrapolation_tolerance,
-                     float64_reference)
+                     float64_reference, run_relex)
 
 from relex_callback.examples.toy import arithmetic_problems, build_model, build_tokenizer
 from grpo import grpo_trainer
@@ -168,9 +166,8 @@ def _compare_dirs(a, b, snaps_a, horizon, snaps_b=None, steps=None):
 
 def test_equals_offline_finalize_over_checkpoints(grpo_run, tmp_path):
     """The callback's result equals the offline computation over the checkpoints saved at every step of the same
-    run (engine.finalize over a store filled from the checkpoint directories). Once `relex_callback.offline.cli` is
-    merged,
-    ``test_equals_cli_extrapolate`` below checks the same through `relex extrapolate`."""
+    run (pipeline.finalize over a store filled from the checkpoint directories); ``test_equals_cli_extrapolate``
+    below checks the same through `relex extrapolate`."""
     from relex_callback.trajectory.store import TrajectoryStore
     from relex_callback.pipeline.finalize import finalize
     from relex_callback.files.writers import FullModelWriter
@@ -186,38 +183,18 @@ def test_equals_offline_finalize_over_checkpoints(grpo_run, tmp_path):
     for t in range(1, TCUT + 1):
         src = DirectorySource(str(out / f"checkpoint-{t}"))
         store.snapshot(t, [src.get(n) for n in tracked])
-    finalize(
-        store,
-        FullModelWriter(base),
-        RelexSettings(tcut=TCUT, horizons=tuple(HORIZONS)),
-        out_dir=str(tmp_path / "offline"),
-    )
+    finalize(store, FullModelWriter(base), RelexSettings(tcut=TCUT, horizons=tuple(HORIZONS)),
+             out_dir=str(tmp_path / "offline"))
     for h in HORIZONS:
         _compare_dirs(tmp_path / "offline" / f"step-{h}", grpo_run["relex"] / f"step-{h}", grpo_run["rec"].snaps, h)
 
 
 def test_equals_cli_extrapolate(grpo_run, tmp_path, subprocess_env):
     """`relex extrapolate` over the per-step checkpoints writes the same weights as the callback."""
-    pytest.importorskip("relex_callback.offline.cli", reason="the CLI is not in this checkout yet")
     out = grpo_run["out"]
     ckpts = [str(out / f"checkpoint-{t}") for t in range(1, TCUT + 1)]
-    cmd = [
-        sys.executable,
-        "-m",
-        "relex_callback.offline.cli",
-        "extrapolate",
-        "--base",
-        str(out / "base"),
-        "--checkpoints",
-        *ckpts,
-        "--horizons",
-        ",".join(map(str, HORIZONS)),
-        "--out",
-        str(tmp_path / "cli"),
-        "--dtype",
-        "float32",
-    ]
-    r = subprocess.run(cmd, env=subprocess_env, capture_output=True, text=True, timeout=300)
+    r = run_relex("extrapolate", "--base", out / "base", "--checkpoints", *ckpts, "--horizons",
+                  ",".join(map(str, HORIZONS)), "--out", tmp_path / "cli", "--dtype", "float32", env=subprocess_env)
     assert r.returncode == 0, r.stderr[-3000:]
     for h in HORIZONS:
         _compare_dirs(tmp_path / "cli" / f"step-{h}", grpo_run["relex"] / f"step-{h}", grpo_run["rec"].snaps, h)

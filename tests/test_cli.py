@@ -5,8 +5,6 @@ subprocess), the result loaded with `from_pretrained` and compared with a float6
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,7 +14,7 @@ from relex_callback.offline.cli import main
 from relex_callback.examples.toy import build_model, build_tokenizer
 from relex_callback.files.checkpoints import DirectorySource
 
-from helpers import extrapolation_tolerance
+from helpers import extrapolation_tolerance, run_relex
 from transformers import AutoModelForCausalLM
 
 STEPS = [2, 4, 6, 8, 10, 12]
@@ -186,28 +184,8 @@ def test_subprocess_and_verl_layout(traj, tmp_path, subprocess_env):
         os.symlink(os.path.join(traj["ckpts"], f"checkpoint-{t}"), d / "huggingface")
     dirs = [str(tmp_path / "verl" / f"global_step_{t}") for t in reversed(STEPS)]  # any order: sorted by step
     out = str(tmp_path / "o")
-    p = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "relex_callback.offline.cli",
-            "extrapolate",
-            "--base",
-            traj["base"],
-            "--checkpoints",
-            *dirs,
-            "--horizons",
-            "40",
-            "--out",
-            out,
-            "--dtype",
-            "float32",
-        ],
-        env=subprocess_env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    p = run_relex("extrapolate", "--base", traj["base"], "--checkpoints", *dirs, "--horizons", "40", "--out", out,
+                  "--dtype", "float32", env=subprocess_env)
     assert p.returncode == 0, p.stderr
     assert "step-40" in p.stdout
     tol = {}
@@ -217,26 +195,8 @@ def test_subprocess_and_verl_layout(traj, tmp_path, subprocess_env):
     err, _ = _rel_delta_error(os.path.join(out, "step-40"), traj["base"], ref, tol)
     assert err <= 1.0  # error / its float32 bound
     # and an input mistake in a real process: one line, exit 2, no traceback
-    p = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "relex_callback.offline.cli",
-            "extrapolate",
-            "--base",
-            traj["base"],
-            "--checkpoints",
-            *dirs,
-            "--horizons",
-            "12",
-            "--out",
-            str(tmp_path / "o2"),
-        ],
-        env=subprocess_env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    p = run_relex("extrapolate", "--base", traj["base"], "--checkpoints", *dirs, "--horizons", "12", "--out",
+                  str(tmp_path / "o2"), env=subprocess_env)
     assert p.returncode == 2
     assert p.stderr.startswith("relex: error: ") and p.stderr.count("\n") == 1 and "Traceback" not in p.stderr
     assert not (tmp_path / "o2").exists()

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 from relex_callback.offline.hub import looks_like_hub_id
+from helpers import run_relex
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FIXTURE = os.path.join(HERE, "fixtures", "qwen2.5-math-1.5b")
@@ -42,11 +43,6 @@ def _env(subprocess_env, cache):
     return env
 
 
-def _cli(env, *args):
-    return subprocess.run([sys.executable, "-m", "relex_callback.offline.cli", *args], capture_output=True, text=True,
-                          env=env, timeout=300)
-
-
 PLAN = ("--tcut", "75", "--world-size", "8", "--gpu-memory", "80GB", "--host-memory", "1TB", "--vllm-colocate", "0.3")
 
 
@@ -71,8 +67,8 @@ def test_plan_reads_a_cached_hub_id_like_its_directory(tmp_path, subprocess_env)
     local = tmp_path / "Qwen2.5-Math-1.5B"
     local.mkdir()
     shutil.copyfile(os.path.join(FIXTURE, "config.json"), local / "config.json")
-    by_id = _cli(env, "plan", "--model", "Qwen/Qwen2.5-Math-1.5B", *PLAN)
-    by_dir = _cli(env, "plan", "--model", str(local), *PLAN)
+    by_id = run_relex("plan", "--model", "Qwen/Qwen2.5-Math-1.5B", *PLAN, env=env)
+    by_dir = run_relex("plan", "--model", str(local), *PLAN, env=env)
     assert by_id.returncode == 0, by_id.stderr
     assert by_dir.returncode == 0, by_dir.stderr
     assert by_id.stdout == by_dir.stdout
@@ -82,17 +78,17 @@ def test_plan_reads_a_cached_hub_id_like_its_directory(tmp_path, subprocess_env)
 
 def test_an_uncached_hub_id_says_how_to_get_it(tmp_path, subprocess_env):
     env = _env(subprocess_env, tmp_path / "empty-hub")
-    r = _cli(env, "plan", "--model", "Qwen/Qwen3-8B-Base", *PLAN)
+    r = run_relex("plan", "--model", "Qwen/Qwen3-8B-Base", *PLAN, env=env)
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1, r.stderr
     assert "is neither a local path nor a model in the Hugging Face cache" in lines[0]
     assert lines[0].endswith("hf download Qwen/Qwen3-8B-Base config.json")
-    r = _cli(env, "materialize", "--state", str(tmp_path / "s.safetensors"), "--base", "org/not-here", "--horizons",
-             "10", "--out", str(tmp_path / "out"))
+    r = run_relex("materialize", "--state", str(tmp_path / "s.safetensors"), "--base", "org/not-here", "--horizons",
+                  "10", "--out", str(tmp_path / "out"), env=env)
     assert r.returncode == 2 and r.stderr.strip().endswith("hf download org/not-here"), r.stderr
     # a path that does not exist is still reported as a path
-    r = _cli(env, "plan", "--model", str(tmp_path / "nowhere" / "model"), *PLAN)
+    r = run_relex("plan", "--model", str(tmp_path / "nowhere" / "model"), *PLAN, env=env)
     assert r.returncode == 2 and "does not exist" in r.stderr, r.stderr
 
 
@@ -114,8 +110,8 @@ def test_extrapolate_reads_a_cached_base_like_its_directory(tmp_path, subprocess
     outs = {}
     for name, b in (("id", "me/tiny-base"), ("dir", str(base))):
         out = tmp_path / f"out-{name}"
-        r = _cli(env, "extrapolate", "--base", b, "--checkpoints", str(tmp_path / "ckpts"), "--horizons", "8",
-                 "--out", str(out), "--no-run-check")
+        r = run_relex("extrapolate", "--base", b, "--checkpoints", str(tmp_path / "ckpts"), "--horizons", "8", "--out",
+                      str(out), "--no-run-check", env=env)
         assert r.returncode == 0, r.stderr
         with open(out / "step-8" / "model.safetensors", "rb") as fh:
             outs[name] = fh.read()

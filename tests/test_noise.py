@@ -5,8 +5,6 @@ errors; strides and skipped steps use the real step numbers; the Gram and power 
 import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,7 +14,7 @@ from relex_callback.core import noise
 from relex_callback.core.solver import SolveOptions, solve
 from relex_callback import RelexCallback
 
-from helpers import U32, arena_specs, first_order_bound, gram_rounding
+from helpers import U32, arena_specs, first_order_bound, gram_rounding, run_relex
 from grpo import grpo_trainer
 
 SIZES = [4000, 700, 64]
@@ -191,11 +189,6 @@ def _checkpoints(root, drift, sigma, seed):
     return os.path.join(root, "base"), os.path.join(root, "ckpts")
 
 
-def _cli(env, *args):
-    return subprocess.run([sys.executable, "-m", "relex_callback.offline.cli", *args], capture_output=True, text=True,
-                          env=env, timeout=300)
-
-
 @pytest.mark.slow
 def test_relex_extrapolate_writes_it_and_relex_report_prints_it(tmp_path, subprocess_env):
     """Two sets of checkpoints, a near-line and a random walk: report.json's ``noise`` separates them, streamed and
@@ -205,25 +198,11 @@ def test_relex_extrapolate_writes_it_and_relex_report_prints_it(tmp_path, subpro
         base, ckpts = _checkpoints(str(tmp_path / name), drift, sigma, seed=7)
         for flag in ("--streaming", "--no-streaming"):
             out = str(tmp_path / name / flag.strip("-"))
-            r = _cli(
-                subprocess_env,
-                "extrapolate",
-                "--base",
-                base,
-                "--checkpoints",
-                ckpts,
-                "--horizons",
-                "48",
-                "--out",
-                out,
-                "--no-progress",
-                "--dtype",
-                "float32",
-                flag,
-            )
+            r = run_relex("extrapolate", "--base", base, "--checkpoints", ckpts, "--horizons", "48", "--out", out,
+                          "--no-progress", "--dtype", "float32", flag, env=subprocess_env)
             assert r.returncode == 0, r.stderr[-2000:]
             got[name, flag] = json.load(open(os.path.join(out, "report.json")))["noise"]
-        r = _cli(subprocess_env, "report", out)
+        r = run_relex("report", out, env=subprocess_env)
         assert r.returncode == 0, r.stderr[-2000:]
         line = next(x for x in r.stdout.splitlines() if x.startswith("drift share"))
         assert f"{got[name, '--no-streaming']['drift_share']:.3f}" in line and "steps 2..24" in line

@@ -18,7 +18,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import time
 
 import pytest
@@ -38,6 +37,7 @@ from relex_callback.trajectory.plan import COUNT, POSITIVE_SIZE
 from test_bad_input import _save_like, cli_fixture
 from grpo import grpo_trainer
 from test_callback import Recorder
+from helpers import run_relex
 from safetensors.torch import load_file
 from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
@@ -173,16 +173,6 @@ def test_keep_best_temporaries_and_trajectory_files_remove_only_this_runs(tmp_pa
 
 
 # -------------------------------------------------------------------- the CLI: overwrite, a base of other weights
-def _cli(argv, env):
-    return subprocess.run(
-        [sys.executable, "-m", "relex_callback.offline.cli", *argv],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
 @pytest.fixture(scope="module")
 def cli_paths(tmp_path_factory):
     d = str(tmp_path_factory.mktemp("own"))
@@ -208,8 +198,8 @@ def test_overwrite_of_relex_output_and_materialize_over_a_users_dir(cli_paths, s
     d, p = cli_paths
     again = os.path.join(d, "again")
     shutil.copytree(p["done"], again)
-    r = _cli(["extrapolate", "--base", p["base"], "--checkpoints", p["ckpts"], "--horizons", "40", "--out", again,
-              "--overwrite", "--no-progress"], subprocess_env)
+    r = run_relex("extrapolate", "--base", p["base"], "--checkpoints", p["ckpts"], "--horizons", "40", "--out", again,
+                  "--overwrite", "--no-progress", env=subprocess_env)
     assert r.returncode == 0, r.stderr
     marker = json.load(open(os.path.join(again, "step-40", RELEX_MARKER)))
 
@@ -217,12 +207,13 @@ def test_overwrite_of_relex_output_and_materialize_over_a_users_dir(cli_paths, s
     # materialize --overwrite next to the state: a user's step-100/ is not replaced
     plant(os.path.join(again, "step-100"), as_dir=True)
     before = tree(os.path.join(again, "step-100"))
-    r = _cli(["materialize", "--state", again, "--base", p["base"], "--horizons", "100", "--out", again, "--overwrite"],
-             subprocess_env)
+    r = run_relex("materialize", "--state", again, "--base", p["base"], "--horizons", "100", "--out", again,
+                  "--overwrite", env=subprocess_env)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
     assert "step-100" in r.stderr and tree(os.path.join(again, "step-100")) == before
     # the horizon materialize writes carries the state's run id (evaluate_horizons reads it as that run's)
-    r = _cli(["materialize", "--state", again, "--base", p["base"], "--horizons", "60", "--out", again], subprocess_env)
+    r = run_relex("materialize", "--state", again, "--base", p["base"], "--horizons", "60", "--out", again,
+                  env=subprocess_env)
     assert r.returncode == 0, r.stderr
     assert json.load(open(os.path.join(again, "step-60", RELEX_MARKER)))["run_id"] == marker["run_id"]
 
@@ -236,8 +227,8 @@ def test_a_base_with_other_weights_is_refused_naming_every_tensor(cli_paths, sub
     floats = [k for k in a if a[k].is_floating_point()]
     differ = [k for k in floats if not torch.equal(a[k], b[k])]
     assert len(differ) > 5
-    r = _cli(["materialize", "--state", p["done"], "--base", p["base1"], "--horizons", "100", "--out",
-              os.path.join(d, "m1")], subprocess_env)
+    r = run_relex("materialize", "--state", p["done"], "--base", p["base1"], "--horizons", "100", "--out",
+                  os.path.join(d, "m1"), env=subprocess_env)
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert f"for {len(differ)} of {len(floats)} tensor(s)" in r.stderr and f"and {len(differ) - 5} more" in r.stderr
     assert sum(f"{k} (" in r.stderr for k in differ) == 5, r.stderr
@@ -316,7 +307,7 @@ def test_cli_refuses_every_number_beyond_the_callbacks_bound(cli_paths, cmd, opt
 
 def test_world_size_10_21_in_a_real_process(cli_paths, subprocess_env):
     d, p = cli_paths
-    r = _cli(["plan", "--model", p["base"], "--tcut", "100", "--world-size", str(10**21)], subprocess_env)
+    r = run_relex("plan", "--model", p["base"], "--tcut", "100", "--world-size", str(10**21), env=subprocess_env)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--world-size" in r.stderr, r.stderr
     assert r.stdout == ""
 
@@ -402,7 +393,7 @@ def test_report_fields_in_a_real_process(tmp_path, real_report, subprocess_env):
     rep = json.loads(json.dumps(real_report))
     rep["backtest"] = {"cosine_global": "0.9"}  # a trust signal, not only the fields the schema knew
     (tmp_path / "report.json").write_text(json.dumps(rep))
-    r = _cli(["report", str(tmp_path)], subprocess_env)
+    r = run_relex("report", str(tmp_path), env=subprocess_env)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "backtest.cosine_global" in r.stderr, r.stderr
 
 
@@ -418,12 +409,12 @@ def test_a_nan_in_the_base_is_the_bases(cli_paths, streaming, subprocess_env):
         t[k].reshape(-1)[3] = float("nan")
         _save_like(p["base"], nanbase, t)
     out = os.path.join(d, f"nan-out{streaming}")
-    r = _cli(["extrapolate", "--base", nanbase, "--checkpoints", p["ckpts"], "--horizons", "40", "--out", out,
-              streaming, "--no-progress"], subprocess_env)
+    r = run_relex("extrapolate", "--base", nanbase, "--checkpoints", p["ckpts"], "--horizons", "40", "--out", out,
+                  streaming, "--no-progress", env=subprocess_env)
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert f"the base {nanbase} (theta_0) holds NaN/Inf" in r.stderr and "checkpoint-" not in r.stderr, r.stderr
-    r = _cli(["materialize", "--state", p["done"], "--base", nanbase, "--horizons", "100", "--out", out + "m"],
-             subprocess_env)
+    r = run_relex("materialize", "--state", p["done"], "--base", nanbase, "--horizons", "100", "--out", out + "m",
+                  env=subprocess_env)
     assert r.returncode == 2 and f"the base {nanbase} (theta_0) holds NaN/Inf" in r.stderr, r.stderr
 
 

@@ -29,8 +29,6 @@ Not covered: ``evaluate_horizons`` / ``relex extrapolate`` / a resume for the PE
 
 import os
 import shutil
-import subprocess
-import sys
 import json
 
 import pytest
@@ -40,7 +38,7 @@ from relex_callback import evaluate_horizons, RelexCallback
 from relex_callback.examples.toy import arithmetic_problems, build_model, build_tokenizer
 from grpo import grpo_trainer
 from test_callback import Recorder, StopAt, _compare_dirs, read_weights
-from helpers import cli_env
+from helpers import cli_env, run_relex
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from test_distributed import launch
@@ -91,13 +89,7 @@ def _assert_same(a, b, what):
 
 
 def _cli(env, *args):
-    r = subprocess.run(
-        [sys.executable, "-m", "relex_callback.offline.cli", *map(str, args)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    r = run_relex(*args, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
 
 
@@ -439,8 +431,7 @@ def _perturbed_base(src, dst, key):
 
 
 def _refused(env, *args) -> str:
-    r = subprocess.run([sys.executable, "-m", "relex_callback.offline.cli", *map(str, args)], env=env,
-                       capture_output=True, text=True, timeout=600)
+    r = run_relex(*args, env=env)
     assert r.returncode == 2, (r.returncode, r.stderr[-3000:])
     lines = r.stderr.strip().splitlines()
     assert lines and lines[-1].startswith("relex: error:"), r.stderr[-3000:]

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from helpers import cli_env
+from helpers import cli_env, run_relex
 from relex_callback.params import TensorSpec
 from relex_callback.trajectory.store import TrajectoryStore
 
@@ -38,15 +38,10 @@ def inputs(tmp_path_factory):
             os.makedirs(d)
             save_file({k: (t0[k] + 0.01 * s * v[k]).to(dt) for k in t0}, str(d / "model.safetensors"),
                       metadata={"format": "pt"})
-        r = _cli(["extrapolate", "--base", str(root / f"base{tag}"), "--checkpoints", str(root / f"ckpts{tag}"),
-                  "--horizons", "40", "--out", str(root / f"done{tag}"), "--no-progress"])
+        r = run_relex("extrapolate", "--base", str(root / f"base{tag}"), "--checkpoints", str(root / f"ckpts{tag}"),
+                      "--horizons", "40", "--out", str(root / f"done{tag}"), "--no-progress")
         assert r.returncode == 0, r.stderr
     return root
-
-
-def _cli(argv):
-    return subprocess.run([sys.executable, "-m", "relex_callback.offline.cli", *argv], env=cli_env(),
-                          capture_output=True, text=True, timeout=300)
 
 
 def _cmd(which, root, out, horizons="40,80", tag=""):
@@ -63,7 +58,7 @@ def _listing(d):
 
 def _refused(argv, watch, *words):
     before = _listing(watch)
-    r = _cli(argv)
+    r = run_relex(*argv)
     assert r.returncode == 2 and r.stderr.startswith("relex: error: ") and r.stderr.count("\n") == 1, r.stderr
     assert "Traceback" not in r.stderr and all(w in r.stderr for w in words), (words, r.stderr)
     assert _listing(watch) == before, f"something was written: {sorted(set(_listing(watch)) - set(before))}"

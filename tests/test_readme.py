@@ -17,6 +17,7 @@ import inspect
 import pytest
 from relex_callback import RelexCallback
 from relex_callback.offline.cli import build_parser
+from helpers import run_relex
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(REPO, "README.md")
@@ -278,16 +279,14 @@ def test_readme_quickstart_runs_and_relex_report_reads_it(tmp_path, subprocess_e
     script = tmp_path / "quickstart.py"
     script.write_text(_quickstart())
     env = dict(subprocess_env, TOKENIZERS_PARALLELISM="false")
-    r = subprocess.run(
-        [sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600
-    )
+    r = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, env=env,
+                       timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     out = tmp_path / "quickstart" / "relex"
     for name in ("step-12", "step-24", "relex_state.safetensors", "report.json"):
         assert (out / name).exists(), name
     report = [words for page, words in _relex_commands() if page == "README.md" and words[:1] == ["report"]]
     assert report, "the README shows no `relex report` for its quickstart"
-    r = subprocess.run([sys.executable, "-m", "relex_callback.offline.cli", *report[0]], cwd=tmp_path,
-                       capture_output=True, text=True, env=env, timeout=300)
+    r = run_relex(*report[0], env=env, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "tcut=6" in r.stdout and "backtest" in r.stdout and "drift share" in r.stdout

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from relex_callback.errors import RelexInputError
 from relex_callback.files.lock import LOCK_FILE
 
-from helpers import cli_env
+from helpers import cli_env, run_relex
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SIGNAL_CHILD = os.path.join(HERE, "cli_signal_child.py")
@@ -40,15 +40,10 @@ def inputs(tmp_path_factory):
         os.makedirs(d)
         save_file({k: t0[k] + 0.01 * s * v[k] + 1e-4 * torch.randn(x.shape, generator=g) for k, x in t0.items()},
                   str(d / "model.safetensors"), metadata={"format": "pt"})
-    r = _cli(["extrapolate", "--base", str(root / "base"), "--checkpoints", str(root / "ckpts"), "--horizons", "20",
-              "--out", str(root / "ref"), "--no-progress"])
+    r = run_relex("extrapolate", "--base", str(root / "base"), "--checkpoints", str(root / "ckpts"), "--horizons",
+                  "20", "--out", str(root / "ref"), "--no-progress")
     assert r.returncode == 0, r.stderr
     return root
-
-
-def _cli(argv, **kw):
-    return subprocess.run([sys.executable, "-m", "relex_callback.offline.cli", *argv], env=cli_env(),
-                          capture_output=True, text=True, timeout=300, **kw)
 
 
 def _argv(writer, root, out):
@@ -106,7 +101,7 @@ def _second(writer, root, out, tmp_path):
             trainer.train()
         assert trainer.state.global_step == 0  # refused at on_train_begin, before step 1
         return str(e.value)
-    r = _cli(_argv(writer, root, out))
+    r = run_relex(*_argv(writer, root, out))
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
     return r.stderr
 
@@ -148,7 +143,7 @@ def test_a_lock_of_a_dead_process_is_taken_over(inputs, tmp_path, writer):
     (out / LOCK_FILE).write_text(json.dumps({"pid": pid, "host": socket.gethostname(), "token": "x",
                                              "since": time.time(), "started": "1", "writer": "relex extrapolate",
                                              "command": "relex extrapolate --out x"}))
-    r = _cli(_argv(writer, inputs, out))
+    r = run_relex(*_argv(writer, inputs, out))
     assert r.returncode == 0, r.stderr
     assert not (out / LOCK_FILE).exists()
     assert any(n.startswith("step-") for n in os.listdir(out))
@@ -177,7 +172,7 @@ def test_a_live_holder_is_refused_and_named(inputs, tmp_path):
             )
         )
         for writer in ("extrapolate", "materialize"):
-            r = _cli(_argv(writer, inputs, out))
+            r = run_relex(*_argv(writer, inputs, out))
             assert r.returncode == 2, r.stderr
             assert (
                 f"`relex materialize` in process {holder.pid}" in r.stderr and "relex materialize --out y" in r.stderr
@@ -193,12 +188,12 @@ def test_report_refuses_a_directory_mixing_two_runs(inputs, tmp_path):
     id; a state file of another run beside the report is refused naming both ids."""
     a, b = tmp_path / "a", tmp_path / "b"
     for d in (a, b):
-        r = _cli(["extrapolate", "--base", str(inputs / "base"), "--checkpoints", str(inputs / "ckpts"), "--horizons",
-                  "20", "--out", str(d), "--no-progress"])
+        r = run_relex("extrapolate", "--base", str(inputs / "base"), "--checkpoints", str(inputs / "ckpts"),
+                      "--horizons", "20", "--out", str(d), "--no-progress")
         assert r.returncode == 0, r.stderr
-    assert _cli(["report", str(a)]).returncode == 0
+    assert run_relex("report", str(a)).returncode == 0
     shutil.copy(b / "relex_state.safetensors", a / "relex_state.safetensors")
-    r = _cli(["report", str(a)])
+    r = run_relex("report", str(a))
     assert r.returncode == 2 and "another run" in r.stderr and r.stderr.count("\n") == 1, r.stderr
     rid_a = json.loads((a / "report.json").read_text())["run_id"]
     assert rid_a in r.stderr, r.stderr
