@@ -294,8 +294,8 @@ class MappedSource:
 
 def read_tensors(source, names: Sequence[str], device: str = "cpu"):
     """Yield the tensors ``names`` of a :class:`~relex_callback.files.checkpoints.DirectorySource` one at a time,
-    memory-mapped
-    from its safetensors files (no copy on CPU: the store subtracts theta_0 straight from the page cache)."""
+    memory-mapped from its safetensors files (no copy on CPU: the store subtracts theta_0 straight from the page
+    cache)."""
     mapped = MappedSource(source)
     try:
         for n in names:

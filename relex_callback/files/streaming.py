@@ -79,10 +79,6 @@ class FileReader:
         self._fds: dict[str, int] = {}
         self._stage: Optional[torch.Tensor] = None
 
-    def fd(self, path: str) -> int:
-        """The descriptor of ``path`` (one of this checkpoint's files), opened on first use, closed by :meth:`close`."""
-        return self._fd(path)
-
     def _fd(self, path: str) -> int:
         fd = self._fds.get(path)
         if fd is None:
@@ -100,6 +96,12 @@ class FileReader:
                 raise RelexInputError(f"cannot read {total} bytes at offset {offset} of a checkpoint file: the file "
                                       "is truncated (it changed after it was opened)")
             done += n
+
+    def read_raw(self, name: str, dst: torch.Tensor, start: int = 0):
+        """The stored bytes of elements ``[start, start + dst.numel() // itemsize)`` of ``name`` into the contiguous
+        uint8 ``dst`` (no conversion)."""
+        loc = self.locs[name]
+        self._pread(self._fd(loc.path), dst, loc.offset + start * loc.dtype.itemsize)
 
     def read(self, name: str, out: torch.Tensor, start: int = 0):
         loc = self.locs[name]
@@ -144,8 +146,8 @@ def safetensors_header(entries: Sequence[tuple[str, torch.dtype, tuple]], metada
 def one_thread():
     """torch's CPU operations on one thread while the block runs (the previous count restored after). For the
     element-wise passes of the writes (``theta_0 + c v``, the finiteness check): each element's value does not depend
-    on the threads, and on a shared machine two OpenMP threads wait at a barrier per tensor (on the 2-core machine
-    under load: the horizons' element-wise work took several times the CPU of one thread)."""
+    on the threads, and several OpenMP threads meet a barrier per tensor, which on a loaded host costs more than the
+    pass itself (`python bench/extrapolate.py` prints the write phase beside its floor)."""
     n = torch.get_num_threads()
     if n == 1:
         yield
@@ -165,8 +167,8 @@ def _write_tensor(f, t: torch.Tensor):
 def _all_finite(t: torch.Tensor) -> bool:
     """``isfinite(t).all()`` without the boolean tensor: a NaN or Inf element makes the float32 sum NaN or Inf, so a
     finite sum proves every element finite; the exact check only when it is not (a NaN/Inf, or finite values whose
-    float32 sum overflows). The float32 sum reads the tensor at memory speed (the float64 one converted each element:
-    16x the time on the 2-core machine)."""
+    float32 sum overflows). The float32 sum reads the tensor without widening each element, as a float64 sum
+    would."""
     if t.numel() == 0:
         return True
     if t.dtype in (torch.float32, torch.float16, torch.bfloat16) and math.isfinite(float(t.sum(dtype=torch.float32))):

@@ -87,28 +87,15 @@ def sampled_from_files(reader, names: Sequence[str], runs: dict) -> dict:
         isz = dtype.itemsize
         counts = [sum(k for _, k in runs[n]) for n in group]
         raw = torch.empty(sum(counts) * isz, dtype=torch.uint8)
-        view = memoryview(raw.numpy())
         done = 0
         for n in group:
-            loc = reader.locs[n]
-            fd = reader.fd(loc.path)
             for a, k in runs[n]:
-                _pread_all(fd, view[done: done + k * isz], loc.offset + a * isz, reader.path)
+                reader.read_raw(n, raw[done: done + k * isz], a)
                 done += k * isz
         wide = raw.view(dtype).to(torch.float64)
         for n, piece in zip(group, torch.split(wide, counts)):
             out[n] = piece
     return {n: out[n] for n in names}
-
-
-def _pread_all(fd: int, view: memoryview, offset: int, path: str):
-    got = 0
-    while got < len(view):
-        k = os.preadv(fd, [view[got:]], offset + got)
-        if k <= 0:
-            raise RelexInputError(f"cannot read {len(view)} bytes at offset {offset} of a file of {path}: the file "
-                                  "is truncated (it changed after it was opened)")
-        got += k
 
 
 def check_belongs(base: str, src_base, cks, sources, names: Sequence[str]):
