@@ -67,9 +67,9 @@ DEFAULT_MEMORY_BUDGET = 256 << 20
 GRAM_CHUNK = 1 << 20
 # Elements per read of a checkpoint slice: the piece (and theta_0's, read once for every checkpoint) is still in
 # cache when theta_0 is subtracted from it (a separate subtraction over the whole block cost 1.4 s CPU of 11 for the
-# 76.6M x 20 benchmark). The subtraction runs on one thread (numpy; exact, whatever the threads): torch's sub_ on two
-# OpenMP threads waits at a barrier per piece, and on the shared 2-core machine (load 5) that took 3.7 s CPU instead
-# of 0.2 s for 1.3 GB of slices (read 0.3 s).
+# 76.6M x 20 benchmark). The subtraction runs on one thread (numpy; each element's result is the same whatever the
+# threads): torch's sub_ on several OpenMP threads meets a barrier per piece, which costs more than the subtraction
+# on a loaded host (`python bench/extrapolate.py` prints the subtract phase beside the read).
 SUB_PIECE = 1 << 18
 
 
