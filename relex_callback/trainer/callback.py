@@ -121,7 +121,7 @@ class RelexCallback(TrainerCallback, ExportableState):
         handler = callback_handler(trainer)
         if not holds(handler, self):
             trainer.add_callback(self)
-        put_first(callback_handler(trainer), self)
+        put_first(handler, self)
         return self
 
     @property
