@@ -175,26 +175,10 @@ def main():
         for mode in modes:
             out = os.path.join(args.dir, "out")
             shutil.rmtree(out, ignore_errors=True)
-            cmd = [
-                sys.executable,
-                "-m",
-                "relex_callback.offline.cli",
-                "extrapolate",
-                "--base",
-                os.path.join(args.dir, "base"),
-                "--checkpoints",
-                os.path.join(args.dir, "ckpts"),
-                "--horizons",
-                f"{5 * tcut},{10 * tcut}",
-                "--out",
-                out,
-                "--dtype",
-                args.dtype,
-                "--solver",
-                args.solver,
-                "--no-progress",
-                "--no-streaming" if mode == "buffered" else "--streaming",
-            ]
+            cmd = [sys.executable, "-m", "relex_callback.offline.cli", "extrapolate", "--base",
+                   os.path.join(args.dir, "base"), "--checkpoints", os.path.join(args.dir, "ckpts"), "--horizons",
+                   f"{5 * tcut},{10 * tcut}", "--out", out, "--dtype", args.dtype, "--solver", args.solver,
+                   "--no-progress", "--no-streaming" if mode == "buffered" else "--streaming"]
             # `python -m` puts the working directory first on sys.path: each checkout runs from its own root
             wall, rss, ru, se = _run(cmd, base_env if mode == "baseline" else env,
                                      os.path.abspath(args.baseline) if mode == "baseline" else REPO)
