@@ -31,6 +31,7 @@ Writes ``<out>/cells/*.json`` (one per run), ``<out>/boundary.json``, ``<out>/bo
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import random
@@ -50,11 +51,13 @@ import torch  # noqa: E402
 
 from task import all_problems, encode, sample_problems, supervised, warm_up  # noqa: E402
 from noise_map import backtest, window_grams  # noqa: E402
-from replicate import cos_ratio, extrapolated, solve_window  # noqa: E402
+from replicate import cos_ratio, extrapolated, make_store, solve_window  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 from relex_callback.files.fs import write_json  # noqa: E402
 from relex_callback.core import noise  # noqa: E402
+from relex_callback.core.clock import resolve, schedule_lrs  # noqa: E402
+from relex_callback.core.solver import SolveOptions, solve  # noqa: E402
 from relex_callback.core.trend import reward_trend  # noqa: E402
 from relex_callback.examples.toy import arithmetic_reward, build_model, build_tokenizer, extract_answer  # noqa: E402
 from relex_callback.params import trainable_named_parameters  # noqa: E402
@@ -66,6 +69,23 @@ TARGET = "7"
 GRADED_SCALE = 5.0
 TASKS = ("char", "char_w", "graded", "sums", "sums2")
 COMPLETION2 = 4  # sums2: up to 3 answer digits and <eos>
+
+# ---------------------------------------------------------------------------------------------- optimizer controls
+# ``constant`` is the default grid itself (AdamW, constant lr, no warmup); the others change one thing each.
+WARMUP_STEPS = 10
+SGD_MOMENTUM = 0.9
+# SGD's lr = SGD_LR_PER_ADAM_LR x the Adam lr of the paired runs: chosen with ``--calibrate_sgd`` (per task, the SGD
+# lr of its grid whose exact reward change over the first 40 steps is closest, in log ratio, to constant-lr AdamW's
+# at lr 1e-4, seed 0; char and sums both picked SGD lr 1e-3).
+SGD_LR_PER_ADAM_LR = 10.0
+CONTROLS = {
+    "constant": {},
+    "warmup": {"lr_scheduler_type": "constant_with_warmup", "warmup_steps": WARMUP_STEPS},
+    "beta2_0.99": {"adam_beta2": 0.99},
+    "sgd": {"optim": "sgd", "optim_args": f"momentum={SGD_MOMENTUM}"},
+    "linear": {"lr_scheduler_type": "linear"},
+}
+SCHEDULED = ("warmup", "linear")  # solved on the lr clock (and on the step clock beside it)
 
 
 # ---------------------------------------------------------------------------------------------- rewards (training)
@@ -238,12 +258,22 @@ def scorer(task, tok):
 
 
 # ---------------------------------------------------------------------------------------------- one run
-def cell_key(task, lr, seed):
-    return f"{task}_lr{lr:g}_s{seed}"
+def cell_key(task, lr, seed, control="constant"):
+    return f"{task}_lr{lr:g}_s{seed}" if control == "constant" else f"{task}_{control}_lr{lr:g}_s{seed}"
 
 
-def train_run(cfg, task, lr, seed):
-    """(Warm-up +) GRPO for ``cfg.steps`` steps; returns (model, tok, named, theta [N+1, D], log_history, seconds)."""
+def optimizer_lr(control, lr, task, sgd_scale=None):
+    """The lr the optimizer gets: ``lr`` itself, or for SGD the calibrated multiple of the paired Adam lr
+    (:data:`SGD_LR_PER_ADAM_LR`, or ``sgd_scale``)."""
+    if control != "sgd":
+        return lr
+    return lr * (sgd_scale or SGD_LR_PER_ADAM_LR)
+
+
+def train_run(cfg, task, lr, seed, control="constant", steps=None, sgd_scale=None):
+    """(Warm-up +) GRPO for ``steps`` (default ``cfg.steps``) steps under ``control`` (:data:`CONTROLS`); returns
+    (model, tok, named, theta [N+1, D], log_history, seconds, info) where ``info`` holds the optimizer as built and
+    the lr each optimizer step ran with (read from the optimizer at each step's start) and the schedule's."""
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
@@ -257,11 +287,16 @@ def train_run(cfg, task, lr, seed):
         warm_up(model, tok, steps=cfg.warmup, max_operand=9, seed=seed)
     named = trainable_named_parameters(model)
     params = [p for _, p in named]
-    N = cfg.steps
+    N = steps or cfg.steps
     theta = torch.empty(N + 1, sum(p.numel() for p in params))
     theta[0] = torch.nn.utils.parameters_to_vector([p.detach() for p in params]).float()
 
+    ran_lrs = []
+
     class Record(TrainerCallback):
+        def on_step_begin(self, args, state, control, optimizer=None, **kw):
+            ran_lrs.append(float(optimizer.param_groups[0]["lr"]))
+
         def on_step_end(self, args, state, control, **kw):
             if state.global_step <= N:
                 theta[state.global_step] = torch.nn.utils.parameters_to_vector([p.detach() for p in params]).float()
@@ -270,9 +305,12 @@ def train_run(cfg, task, lr, seed):
     ds = Dataset.from_list(
         sums2_problems(n_data, seed + 1) if task == "sums2" else sample_problems(n_data, 9, seed + 1)
     )
+    opt = {"lr_scheduler_type": "constant", "warmup_steps": 0, **CONTROLS[control]}
+    if control == "warmup":
+        opt["warmup_steps"] = getattr(cfg, "control_warmup", WARMUP_STEPS)
     args = GRPOConfig(
-        output_dir=os.path.join(cfg.out, "run", "grpo"), use_cpu=True, bf16=False, learning_rate=lr,
-        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_steps=N,
+        output_dir=os.path.join(cfg.out, "run", "grpo"), use_cpu=True, bf16=False,
+        learning_rate=optimizer_lr(control, lr, task, sgd_scale), weight_decay=0.0, max_steps=N, **opt,
         per_device_train_batch_size=PROMPTS * GENERATIONS, num_generations=GENERATIONS,
         max_completion_length=COMPLETION2 if task == "sums2" else COMPLETION, temperature=1.0, beta=0.0,
         logging_steps=1, save_strategy="no", report_to=[], seed=seed, data_seed=seed, disable_tqdm=True,
@@ -282,7 +320,16 @@ def train_run(cfg, task, lr, seed):
                           train_dataset=ds, callbacks=[Record()])
     t0 = time.perf_counter()
     trainer.train()
-    return model, tok, named, theta, trainer.state.log_history, time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
+    built = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate wraps it
+    group = built.param_groups[0]
+    sched, why = schedule_lrs(trainer.lr_scheduler, N, N)
+    info = {"control": control, "optimizer": type(built).__name__, "lr": optimizer_lr(control, lr, task, sgd_scale),
+            "betas": list(group["betas"]) if "betas" in group else None, "momentum": group.get("momentum"),
+            "max_grad_norm": args.max_grad_norm,
+            "lr_scheduler_type": getattr(args.lr_scheduler_type, "value", str(args.lr_scheduler_type)),
+            "warmup_steps": args.warmup_steps, "ran_lrs": ran_lrs[:N], "schedule_lrs": sched, "schedule_why": why}
+    return model, tok, named, theta, trainer.state.log_history, seconds, info
 
 
 def paired(a, b):
@@ -291,13 +338,26 @@ def paired(a, b):
     return float(d.mean()), float(d.std(unbiased=True) / math.sqrt(d.numel())), float(d.std(unbiased=True))
 
 
-def horizons(cfg, tc):
-    return [(m, m * tc) for m in cfg.mults if m * tc <= cfg.steps]
+def horizons(cfg, tc, steps=None):
+    return [(m, m * tc) for m in cfg.mults if m * tc <= (steps or cfg.steps)]
 
 
-def run_cell(cfg, task, lr, seed):
+def solve_on(named, theta, tc, clock):
+    """RELEX's rank-1 line on the window 1..tc against ``clock`` (an lr clock, or ``None``: the step)."""
+    if clock is None:
+        return solve_window(named, theta, tc)
+    store = make_store(named, theta, list(range(1, tc + 1)), "float32")
+    return solve(store.rows(), store.steps, store.specs, SolveOptions(rank=1, method="gram", clock=clock))
+
+
+def run_cell(cfg, task, lr, seed, control="constant"):
+    """One run and its windows. ``constant`` is the default grid (``cfg.steps`` steps, the curve every
+    ``cfg.eval_every``); a control runs ``cfg.control_steps`` steps and scores only the checkpoints the windows need.
+    A scheduled control (:data:`SCHEDULED`) is solved on the lr clock (``rows``) and on the step clock
+    (``rows_steps``)."""
     t_all = time.perf_counter()
-    model, tok, named, theta, history, t_train = train_run(cfg, task, lr, seed)
+    N = cfg.steps if control == "constant" else cfg.control_steps
+    model, tok, named, theta, history, t_train, info = train_run(cfg, task, lr, seed, control, N)
     params = [p for _, p in named]
     score = scorer(task, tok)
     t_score = []
@@ -310,23 +370,21 @@ def run_cell(cfg, task, lr, seed):
         t_score.append(time.perf_counter() - t0)
         return v
 
-    need = set(range(0, cfg.steps + 1, cfg.eval_every)) | {cfg.steps}
+    need = (set(range(0, N + 1, cfg.eval_every)) if control == "constant" else {0}) | {N}
     for tc in cfg.tcuts:
-        need |= {tc} | {H for _, H in horizons(cfg, tc)}
+        need |= {tc} | {H for _, H in horizons(cfg, tc, N)}
     real = {t: per_prompt(theta[t]) for t in sorted(need)}
     theta0 = theta[0]
-    out = {"task": task, "lr": lr, "seed": seed, "steps": cfg.steps, "prompts": score.P,
-           "seconds_train": round(t_train, 1), "seconds_per_step": t_train / cfg.steps,
+    out = {"task": task, "lr": lr, "seed": seed, "steps": N, "prompts": score.P,
+           "seconds_train": round(t_train, 1), "seconds_per_step": t_train / N,
            "curve": {t: float(v.mean()) for t, v in real.items()},
            "train_reward": [(h["step"], h["reward"]) for h in history if "reward" in h], "tcuts": {}}
-    for tc in cfg.tcuts:
-        sol = solve_window(named, theta, tc)
-        G, specs = window_grams(named, theta, tc)
-        steps = list(range(1, tc + 1))
-        sig = noise.drift_share(G, steps, coeffs=sol.coeffs[:, 0, :], names=[s.name for s in specs])
-        trend = reward_trend(history, "reward", last=tc)
+    if control != "constant":
+        out["control"] = info
+
+    def rows_for(sol, tc):
         rows = []
-        for mult, H in horizons(cfg, tc):
+        for mult, H in horizons(cfg, tc, N):
             th = extrapolated(sol, theta0, H)
             rx = per_prompt(th)
             g, se, sd = paired(rx, real[tc])
@@ -336,11 +394,28 @@ def run_cell(cfg, task, lr, seed):
                          "real_H": float(real[H].mean()), "gain": g, "gain_se": se, "gain_sd": sd,
                          "real_gain": gr, "real_gain_se": se_r, "cos": c, "norm_ratio": r,
                          "relex_per_prompt": [round(float(x), 6) for x in rx]})
-        out["tcuts"][str(tc)] = {
-            "signal": sig.to_json(), "backtest": backtest(G, steps),
-            "trend": {k: trend[k] for k in ("slope", "stderr", "rising", "points", "mean")},
-            "window_gain": float((real[tc] - real[0]).mean()), "rows": rows,
-            "tcut_per_prompt": [round(float(x), 6) for x in real[tc]]}
+        return rows
+
+    for tc in cfg.tcuts:
+        clock, why = (resolve(info["schedule_lrs"], tc, [H for _, H in horizons(cfg, tc, N)], "scheduler")
+                      if control in SCHEDULED else (None, "constant lr"))
+        if control in SCHEDULED and clock is None:
+            raise RuntimeError(f"{control}: no lr clock for tcut {tc} ({why})")
+        sol = solve_on(named, theta, tc, clock)
+        G, specs = window_grams(named, theta, tc)
+        steps = list(range(1, tc + 1))
+        sig = noise.drift_share(G, steps, coeffs=sol.coeffs[:, 0, :], names=[s.name for s in specs])
+        trend = reward_trend(history, "reward", last=tc)
+        w = {"signal": sig.to_json(), "backtest": backtest(G, steps),
+             "trend": {k: trend[k] for k in ("slope", "stderr", "rising", "points", "mean")},
+             "window_gain": float((real[tc] - real[0]).mean()), "rows": rows_for(sol, tc),
+             "tcut_per_prompt": [round(float(x), 6) for x in real[tc]]}
+        if control != "constant":
+            w["clock"] = "lr" if clock is not None else "steps"
+            if clock is not None:
+                w["horizons_on_clock"] = {str(H): clock.at(H) for _, H in horizons(cfg, tc, N)}
+                w["rows_steps"] = rows_for(solve_on(named, theta, tc, None), tc)
+        out["tcuts"][str(tc)] = w
     out["seconds_score_per_prompt"] = sum(t_score) / len(t_score) / score.P
     out["seconds"] = round(time.perf_counter() - t_all, 1)
     return out
@@ -350,23 +425,72 @@ def grid(cfg):
     return [(task, lr, seed) for seed in cfg.seeds for task in cfg.tasks for lr in cfg.lrs]
 
 
+def control_grid(cfg):
+    return [(task, lr, seed, c) for seed in cfg.seeds for c in cfg.controls for task in cfg.control_tasks
+            for lr in cfg.control_lrs if c != "constant"]
+
+
 def run_grid(cfg):
+    """The default grid (``cells/``), then the optimizer controls (``controls/``); finished runs are cached."""
     torch.set_num_threads(1)
-    d = os.path.join(cfg.out, "cells")
-    os.makedirs(d, exist_ok=True)
-    for task, lr, seed in grid(cfg):
-        path = os.path.join(d, cell_key(task, lr, seed) + ".json")
+    todo = [(t, lr, s, "constant") for t, lr, s in grid(cfg)] + control_grid(cfg)
+    for task, lr, seed, control in todo:
+        d = os.path.join(cfg.out, "cells" if control == "constant" else "controls")
+        os.makedirs(d, exist_ok=True)
+        key = cell_key(task, lr, seed, control)
+        path = os.path.join(d, key + ".json")
         if os.path.isfile(path):
             continue
         if cfg.deadline and time.time() > cfg.deadline:
-            print(f"deadline reached: {cell_key(task, lr, seed)} and the rest not run", flush=True)
+            print(f"deadline reached: {key} and the rest not run", flush=True)
             break
-        res = run_cell(cfg, task, lr, seed)
+        res = run_cell(cfg, task, lr, seed, control)
         write_json(path, res, indent=1)
         summ = "; ".join(f"tcut {tc}: " + " ".join(f"{r['x_tcut']}x {r['gain']:+.3f}" for r in v["rows"])
                          for tc, v in res["tcuts"].items())
-        print(f"{cell_key(task, lr, seed)}: {res['seconds']} s, curve 0 {res['curve'][0]:.3f} -> "
-              f"{res['curve'][cfg.steps]:.3f}; RELEX - tcut {summ}", flush=True)
+        print(f"{key}: {res['seconds']} s, curve 0 {res['curve'][0]:.3f} -> "
+              f"{res['curve'][res['steps']]:.3f}; RELEX - tcut {summ}", flush=True)
+
+
+def calibrate_sgd(cfg):
+    """Short SGD runs (momentum :data:`SGD_MOMENTUM`) at ``cfg.sgd_lrs`` on ``cfg.control_tasks``, seed
+    ``cfg.seeds[0]``: the exact reward at steps 0, 20 and ``cfg.calibrate_steps``, beside the constant-lr AdamW run of
+    the default grid at the same task, lr ``cfg.control_lrs[0]`` and seed (its cached curve). Writes
+    ``controls/sgd_calibration.json``; the ratio picked goes into :data:`SGD_LR_PER_ADAM_LR` by hand."""
+    torch.set_num_threads(1)
+    seed, adam_lr, N = cfg.seeds[0], cfg.control_lrs[0], cfg.calibrate_steps
+    rows = []
+    for task in cfg.control_tasks:
+        base = os.path.join(cfg.out, "cells", cell_key(task, adam_lr, seed) + ".json")
+        adam = json.load(open(base))["curve"] if os.path.isfile(base) else {}
+        for sgd_lr in cfg.sgd_lrs:
+            model, tok, named, theta, _, secs, info = train_run(cfg, task, adam_lr, seed, "sgd", N,
+                                                                sgd_scale=sgd_lr / adam_lr)
+            params = [p for _, p in named]
+            score = scorer(task, tok)
+            curve = {}
+            for t in (0, 20, N):
+                with torch.no_grad():
+                    torch.nn.utils.vector_to_parameters(theta[t].to(params[0].dtype), params)
+                curve[str(t)] = float(score(model).mean())
+            gain, adam_gain = curve[str(N)] - curve["0"], adam.get(str(N), math.nan) - adam.get("0", math.nan)
+            rows.append({"task": task, "seed": seed, "steps": N, "sgd_lr": sgd_lr, "adam_lr": adam_lr, "curve": curve,
+                         "gain": gain, "adam_curve": {k: adam.get(k) for k in curve}, "adam_gain": adam_gain,
+                         "log_ratio": math.log(gain / adam_gain) if gain > 0 and adam_gain > 0 else None,
+                         "seconds": round(secs, 1), "optimizer": info["optimizer"], "momentum": info["momentum"]})
+            print(f"calibrate {task} sgd lr {sgd_lr:g}: reward {curve['0']:.3f} -> {curve[str(N)]:.3f} "
+                  f"(gain {gain:+.4f}; adam lr {adam_lr:g}: {adam_gain:+.4f})", flush=True)
+    picked = {}
+    for task in cfg.control_tasks:
+        ok = [r for r in rows if r["task"] == task and r["log_ratio"] is not None]
+        if ok:
+            r = min(ok, key=lambda r: abs(r["log_ratio"]))
+            picked[task] = {"sgd_lr": r["sgd_lr"], "ratio": r["sgd_lr"] / adam_lr, "log_ratio": r["log_ratio"]}
+    res = {"rows": rows, "picked": picked}
+    os.makedirs(os.path.join(cfg.out, "controls"), exist_ok=True)
+    write_json(os.path.join(cfg.out, "controls", "sgd_calibration.json"), res, indent=1)
+    print(f"picked (closest gain in log ratio, per task): {picked}", flush=True)
+    return res
 
 
 def parse(argv=None):
@@ -385,13 +509,27 @@ def parse(argv=None):
     p.add_argument("--doc", default=os.path.join(REPO, "docs", "replication.md"))
     p.add_argument("--marker", default="boundary")
     p.add_argument("--analyze", action="store_true", help="only tables and the doc block from the cached cells")
+    p.add_argument("--controls", nargs="*", default=[c for c in CONTROLS if c != "constant"], choices=list(CONTROLS),
+                   help="optimizer controls run beside the default grid (none: only the default grid)")
+    p.add_argument("--control_tasks", nargs="+", default=["char", "sums"], choices=TASKS)
+    p.add_argument("--control_lrs", type=float, nargs="+", default=[1e-4])
+    p.add_argument("--control_steps", type=int, default=200, help="GRPO steps of a control run")
+    p.add_argument("--control_warmup", type=int, default=WARMUP_STEPS, help="warmup steps of the warmup control")
+    p.add_argument("--control_marker", default="boundary-controls")
+    p.add_argument("--calibrate_sgd", action="store_true", help="only the SGD lr calibration runs")
+    p.add_argument("--sgd_lrs", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3, 1e-2, 1.5e-2, 2e-2, 3e-2])
+    p.add_argument("--calibrate_steps", type=int, default=40)
     return p.parse_args(argv)
 
 
 if __name__ == "__main__":
     cfg = parse()
+    if cfg.calibrate_sgd:
+        calibrate_sgd(cfg)
+        sys.exit(0)
     if not cfg.analyze:
         run_grid(cfg)
     import boundary_report
 
     boundary_report.analyze(cfg)
+    boundary_report.analyze_controls(cfg)

@@ -330,3 +330,223 @@ def analyze(cfg):
         splice(cfg.doc, md, marker=cfg.marker)
     print(md)
     return R
+
+
+# ---------------------------------------------------------------------------------------------- optimizer controls
+CONTROL_ORDER = {"constant": 0, "warmup": 1, "linear": 2, "beta2_0.99": 3, "sgd": 4}
+CONTROL_WHAT = {
+    "constant": "AdamW (beta2 0.999), constant lr, no warmup: the default grid's runs",
+    "warmup": "the same with a linear warmup over the first {warmup} steps, then constant",
+    "linear": "the same with the lr decaying linearly to 0 at the run's last step (`GRPOConfig`'s default)",
+    "beta2_0.99": "AdamW with beta2 0.99, constant lr",
+    "sgd": "SGD with momentum {momentum}, constant lr (chosen by the calibration below)",
+}
+
+
+def load_controls(out):
+    cells = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(out, "controls", "*.json")))
+             if not p.endswith("sgd_calibration.json")]
+    cells.sort(key=lambda c: (TASK_ORDER.get(c["task"], 9), c["lr"], CONTROL_ORDER.get(c["control"]["control"], 9),
+                              c["seed"]))
+    return cells
+
+
+def control_records(cells, baseline, max_steps):
+    """One record per (run, tcut, horizon) for the controls and for their constant-lr baseline runs (the default
+    grid's, horizons up to ``max_steps``); ``steps_row``: the same window solved on the step clock (scheduled
+    controls only)."""
+    out = []
+    for c in baseline:
+        for tc, w in c["tcuts"].items():
+            for r in w["rows"]:
+                if r["H"] <= max_steps:
+                    out.append({"task": c["task"], "lr": c["lr"], "seed": c["seed"], "control": "constant",
+                                "tcut": int(tc), "mult": r["x_tcut"], "H": r["H"], "row": r, "steps_row": None,
+                                "clock": "steps", "verdict": verdict(r["gain"], r["gain_se"])})
+    for c in cells:
+        for tc, w in c["tcuts"].items():
+            steps_rows = {r["H"]: r for r in w.get("rows_steps", [])}
+            for r in w["rows"]:
+                out.append({"task": c["task"], "lr": c["lr"], "seed": c["seed"], "control": c["control"]["control"],
+                            "tcut": int(tc), "mult": r["x_tcut"], "H": r["H"], "row": r,
+                            "steps_row": steps_rows.get(r["H"]), "clock": w.get("clock", "steps"),
+                            "verdict": verdict(r["gain"], r["gain_se"])})
+    return out
+
+
+def _counts(vs):
+    return f"{vs.count('pays')} / {vs.count('tie')} / {vs.count('harms')}"
+
+
+def analyze_controls(cfg):
+    """The ``<!-- boundary-controls:begin/end -->`` block: every control against the constant-lr baseline of the same
+    task, lr and seeds; writes ``controls.json`` and ``controls.md`` beside ``boundary.json``."""
+    cells = load_controls(cfg.out)
+    if not cells:
+        print("no control runs")
+        return None
+    steps = max(c["steps"] for c in cells)
+    keys = {(c["task"], c["lr"], c["seed"]) for c in cells}
+    baseline = [c for c in load(cfg.out) if (c["task"], c["lr"], c["seed"]) in keys]
+    recs = control_records(cells, baseline, steps)
+    info = {}
+    for c in cells:
+        info.setdefault((c["task"], c["control"]["control"]), c["control"])
+    tasks = sorted({c["task"] for c in cells}, key=lambda t: TASK_ORDER.get(t, 9))
+    lrs = sorted({c["lr"] for c in cells})
+    seeds = sorted({c["seed"] for c in cells})
+    controls = sorted({c["control"]["control"] for c in cells}, key=lambda k: CONTROL_ORDER.get(k, 9))
+    cpu = sum(c["seconds"] for c in cells)
+    cpu_all = cpu + sum(c["seconds"] for c in load(cfg.out))
+    any_info = next(iter(info.values()))
+    L = []
+    L.append(
+        f"{len(cells)} control runs (tasks {', '.join(tasks)}; Adam lr {', '.join(f'{x:g}' for x in lrs)}; seeds "
+        f"{', '.join(map(str, seeds))}; controls {', '.join(controls)}), {steps} steps each, `tcut` "
+        f"{' and '.join(sorted({str(r['tcut']) for r in recs}, key=int))}, horizons up to step {steps}; "
+        f"{cpu / 60:.1f} min of one CPU core (mean {cpu / len(cells):.0f} s per run). With the default grid: "
+        f"{cpu_all / 60:.0f} min of one core for the whole of part 6. Baseline (`constant`): the default grid's "
+        f"400-step runs of the same task, lr and seeds, at the same horizons.\n"
+    )
+    L.append("| control | optimizer (as built by the Trainer) | lr | schedule |")
+    L.append("|---|---|---|---|")
+    for k in controls:
+        for t in tasks:
+            i = info.get((t, k))
+            if i is None:
+                continue
+            opt = i["optimizer"] + (f", betas {tuple(i['betas'])}" if i["betas"] else "") + (
+                f", momentum {i['momentum']:g}" if i.get("momentum") else "")
+            sched = i["lr_scheduler_type"] + (f", {i['warmup_steps']} warmup steps" if i["warmup_steps"] else "")
+            L.append(f"| {k} ({t}) | {opt}; grad-norm clip {i['max_grad_norm']:g} | {i['lr']:g} | {sched} |")
+    L.append(
+        "\nWhat changes: " + "; ".join(
+            f"`{k}`: " + CONTROL_WHAT[k].format(warmup=any_info.get("warmup_steps") or 10, momentum=0.9)
+            for k in ["constant"] + controls) + ". The scheduled controls (`warmup`, `linear`) are solved on the lr "
+        "clock (the coefficient a line in the cumulative learning rate, the package's default `fit_clock=\"lr\"`, "
+        "with the learning rates read from the run's own scheduler); the step-clock fit of the same window is in the "
+        "last column. The others have a constant lr, where both clocks are the same fit.\n"
+    )
+
+    # ------------------------------------------------------------------ SGD calibration
+    cal_path = os.path.join(cfg.out, "controls", "sgd_calibration.json")
+    calibration = json.load(open(cal_path)) if os.path.isfile(cal_path) else None
+    if calibration:
+        rows = calibration["rows"]
+        n = rows[0]["steps"]
+        L.append(f"SGD's lr, per task: short runs (seed {rows[0]['seed']}, {n} steps) at each SGD lr below, the exact "
+                 f"reward gain over the {n} steps against constant-lr AdamW's at lr {rows[0]['adam_lr']:g} (the "
+                 "baseline run of the same seed); the pick is the closest gain in log ratio:\n")
+        sgd_lrs = sorted({r["sgd_lr"] for r in rows})
+        L.append("| task | AdamW gain | " + " | ".join(f"SGD {x:g}" for x in sgd_lrs) + " | picked |")
+        L.append("|---|---:|" + "---:|" * len(sgd_lrs) + "---|")
+        for t in tasks:
+            tr = {r["sgd_lr"]: r for r in rows if r["task"] == t}
+            if not tr:
+                continue
+            p = calibration["picked"].get(t)
+            L.append(f"| {t} | {next(iter(tr.values()))['adam_gain']:+.3f} | "
+                     + " | ".join(f"{tr[x]['gain']:+.3f}" if x in tr else "-" for x in sgd_lrs)
+                     + (f" | {p['sgd_lr']:g} |" if p else " | - |"))
+        L.append("")
+
+    # ------------------------------------------------------------------ real training under each control
+    order = ["constant"] + [k for k in controls if k != "constant"]
+    L.append("#### Real training under each control (exact reward, mean over seeds)\n")
+    pts = [0, 20, 40, 100, steps]
+    L.append("| task | control | " + " | ".join(f"step {t}" for t in pts) + " |")
+    L.append("|---|---|" + "---:|" * len(pts))
+    for t in tasks:
+        for k in order:
+            cs = baseline if k == "constant" else [c for c in cells if c["control"]["control"] == k]
+            cs = [c for c in cs if c["task"] == t]
+            if cs:
+                L.append(f"| {t} | {k} | " + " | ".join(f"{mean([c['curve'].get(str(p)) for c in cs]):.3f}"
+                                                         for p in pts) + " |")
+    L.append("")
+
+    # ------------------------------------------------------------------ the table
+    L.append("#### RELEX under each control against the `tcut` checkpoint and real training (mean over seeds)\n")
+    L.append(
+        "Columns as in the table above: `tcut` / RELEX / real at the horizon; RELEX - tcut: mean over seeds +- its "
+        "standard error over seeds, [the mean per-run 2-SE band from the prompts]; kept: RELEX's gain over real "
+        "training's gain (`-` where real training's mean gain is within its own 2-SE band); verdicts per run; cos / "
+        "norm ratio of the extrapolated delta against the real one (1 / 1 is exact). Last column, scheduled "
+        "controls only: the same window on the step clock (RELEX - tcut; verdicts; cos / norm ratio).\n"
+    )
+    L.append("| task | tcut | H | control | tcut / RELEX / real | RELEX - tcut | kept | pays / tie / harms | "
+             "cos / norm ratio | step clock |")
+    L.append("|---|---:|---:|---|---|---|---:|---|---|---|")
+    table = []
+    for (task, lr, tc, mult, k), g in sorted(
+        groups(recs, ["task", "lr", "tcut", "mult", "control"]).items(),
+        key=lambda kv: (TASK_ORDER.get(kv[0][0], 9), kv[0][1], kv[0][2], kv[0][3], order.index(kv[0][4])),
+    ):
+        gains = [r["row"]["gain"] for r in g]
+        real_gain = mean([r["row"]["real_gain"] for r in g])
+        real_band = mean([2 * r["row"]["real_gain_se"] for r in g])
+        kept = mean(gains) / real_gain if real_gain > real_band else None
+        v = [r["verdict"] for r in g]
+        e = {"task": task, "lr": lr, "tcut": tc, "mult": mult, "H": g[0]["H"], "control": k, "seeds": len(g),
+             "clock": g[0]["clock"], "tcut_reward": mean([r["row"]["tcut"] for r in g]),
+             "relex": mean([r["row"]["relex"] for r in g]), "real": mean([r["row"]["real_H"] for r in g]),
+             "gain": mean(gains), "gain_se_seeds": se_over(gains), "band2": mean([2 * r["row"]["gain_se"] for r in g]),
+             "kept": kept, "pays": v.count("pays"), "ties": v.count("tie"), "harms": v.count("harms"),
+             "cos": mean([r["row"]["cos"] for r in g]), "norm_ratio": mean([r["row"]["norm_ratio"] for r in g])}
+        sr = [r["steps_row"] for r in g if r["steps_row"]]
+        step_col = "-"
+        if sr:
+            sv = [verdict(x["gain"], x["gain_se"]) for x in sr]
+            e["steps"] = {"gain": mean([x["gain"] for x in sr]), "pays": sv.count("pays"), "ties": sv.count("tie"),
+                          "harms": sv.count("harms"), "cos": mean([x["cos"] for x in sr]),
+                          "norm_ratio": mean([x["norm_ratio"] for x in sr])}
+            s = e["steps"]
+            step_col = f"{s['gain']:+.3f}; {_counts(sv)}; {s['cos']:.2f} / {s['norm_ratio']:.2f}"
+        table.append(e)
+        se = f" +- {e['gain_se_seeds']:.3f}" if e["seeds"] > 1 else ""
+        L.append(
+            f"| {task} | {tc} | {mult}x ({e['H']}) | {k}{' (lr clock)' if e['clock'] == 'lr' else ''} | "
+            f"{e['tcut_reward']:.3f} / {e['relex']:.3f} / {e['real']:.3f} | {e['gain']:+.3f}{se} [+-{e['band2']:.4f}] "
+            f"| {'-' if kept is None else f'{kept:.2f}'} | {_counts(v)} of {e['seeds']} | "
+            f"{e['cos']:.2f} / {e['norm_ratio']:.2f} | {step_col} |"
+        )
+
+    # ------------------------------------------------------------------ pooled per task and control
+    L.append("\n#### Pooled per task and control\n")
+    L.append("Over every seed, window and horizon above (runs x `tcut` x horizon; the windows of one run share steps, "
+             "so these are not independent): verdicts, and the range of the per-row cos and norm ratio.\n")
+    L.append("| task | control | pays / tie / harms | cos: median (range) | norm ratio: median (range) | "
+             "step clock: pays / tie / harms; norm ratio median |")
+    L.append("|---|---|---|---|---|---|")
+    pooled = []
+    for (task, k), g in sorted(groups(recs, ["task", "control"]).items(),
+                               key=lambda kv: (TASK_ORDER.get(kv[0][0], 9), order.index(kv[0][1]))):
+        v = [r["verdict"] for r in g]
+        cs = [r["row"]["cos"] for r in g]
+        ns = [r["row"]["norm_ratio"] for r in g]
+        sr = [r["steps_row"] for r in g if r["steps_row"]]
+        e = {"task": task, "control": k, "rows": len(g), "pays": v.count("pays"), "ties": v.count("tie"),
+             "harms": v.count("harms"), "cos_median": statistics.median(cs), "cos": [min(cs), max(cs)],
+             "norm_median": statistics.median(ns), "norm": [min(ns), max(ns)]}
+        col = "-"
+        if sr:
+            sv = [verdict(x["gain"], x["gain_se"]) for x in sr]
+            e["steps"] = {"pays": sv.count("pays"), "ties": sv.count("tie"), "harms": sv.count("harms"),
+                          "norm_median": statistics.median([x["norm_ratio"] for x in sr])}
+            col = f"{_counts(sv)}; {e['steps']['norm_median']:.2f}"
+        pooled.append(e)
+        L.append(f"| {task} | {k} | {_counts(v)} of {len(g)} | {e['cos_median']:.2f} ({min(cs):.2f} .. "
+                 f"{max(cs):.2f}) | {e['norm_median']:.2f} ({min(ns):.2f} .. {max(ns):.2f}) | {col} |")
+    L.append("")
+    md = "\n".join(L) + "\n"
+    R = {"cells": len(cells), "cpu_seconds": cpu, "cpu_seconds_with_default_grid": cpu_all, "table": table,
+         "pooled": pooled, "sgd_calibration": calibration}
+    write_json(os.path.join(cfg.out, "controls.json"), R, indent=1)
+    with open(os.path.join(cfg.out, "controls.md"), "w") as f:
+        f.write(md)
+    if cfg.doc:
+        from replicate import splice
+
+        splice(cfg.doc, md, marker=cfg.control_marker)
+    print(md)
+    return R
