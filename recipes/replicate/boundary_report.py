@@ -410,15 +410,12 @@ def analyze_controls(cfg):
     )
     L.append("| control | optimizer (as built by the Trainer) | lr | schedule |")
     L.append("|---|---|---|---|")
-    for k in controls:
-        for t in tasks:
-            i = info.get((t, k))
-            if i is None:
-                continue
-            opt = i["optimizer"] + (f", betas {tuple(i['betas'])}" if i["betas"] else "") + (
-                f", momentum {i['momentum']:g}" if i.get("momentum") else "")
-            sched = i["lr_scheduler_type"] + (f", {i['warmup_steps']} warmup steps" if i["warmup_steps"] else "")
-            L.append(f"| {k} ({t}) | {opt}; grad-norm clip {i['max_grad_norm']:g} | {i['lr']:g} | {sched} |")
+    for k in controls:  # the optimizer, lr and schedule do not depend on the task: one row per control
+        i = next(v for (_, kk), v in info.items() if kk == k)
+        opt = i["optimizer"] + (f", betas {tuple(i['betas'])}" if i["betas"] else "") + (
+            f", momentum {i['momentum']:g}" if i.get("momentum") else "")
+        sched = i["lr_scheduler_type"] + (f", {i['warmup_steps']} warmup steps" if i["warmup_steps"] else "")
+        L.append(f"| {k} | {opt}; grad-norm clip {i['max_grad_norm']:g} | {i['lr']:g} | {sched} |")
     L.append(
         "\nWhat changes: " + "; ".join(
             f"`{k}`: " + CONTROL_WHAT[k].format(warmup=any_info.get("warmup_steps") or 10, momentum=0.9)
@@ -454,14 +451,14 @@ def analyze_controls(cfg):
     order = ["constant"] + [k for k in controls if k != "constant"]
     L.append("#### Real training under each control (exact reward, mean over seeds)\n")
     pts = [0, 20, 40, 100, steps]
-    L.append("| task | control | " + " | ".join(f"step {t}" for t in pts) + " |")
-    L.append("|---|---|" + "---:|" * len(pts))
-    for t in tasks:
+    L.append("| task | lr | control | " + " | ".join(f"step {t}" for t in pts) + " |")
+    L.append("|---|---:|---|" + "---:|" * len(pts))
+    for t, lr in ((t, lr) for t in tasks for lr in lrs):
         for k in order:
             cs = baseline if k == "constant" else [c for c in cells if c["control"]["control"] == k]
-            cs = [c for c in cs if c["task"] == t]
+            cs = [c for c in cs if c["task"] == t and c["lr"] == lr]
             if cs:
-                L.append(f"| {t} | {k} | " + " | ".join(f"{mean([c['curve'].get(str(p)) for c in cs]):.3f}"
+                L.append(f"| {t} | {lr:g} | {k} | " + " | ".join(f"{mean([c['curve'].get(str(p)) for c in cs]):.3f}"
                                                          for p in pts) + " |")
     L.append("")
 
@@ -474,9 +471,9 @@ def analyze_controls(cfg):
         "norm ratio of the extrapolated delta against the real one (1 / 1 is exact). Last column, scheduled "
         "controls only: the same window on the step clock (RELEX - tcut; verdicts; cos / norm ratio).\n"
     )
-    L.append("| task | tcut | H | control | tcut / RELEX / real | RELEX - tcut | kept | pays / tie / harms | "
+    L.append("| task | lr | tcut | H | control | tcut / RELEX / real | RELEX - tcut | kept | pays / tie / harms | "
              "cos / norm ratio | step clock |")
-    L.append("|---|---:|---:|---|---|---|---:|---|---|---|")
+    L.append("|---|---:|---:|---:|---|---|---|---:|---|---|---|")
     table = []
     for (task, lr, tc, mult, k), g in sorted(
         groups(recs, ["task", "lr", "tcut", "mult", "control"]).items(),
@@ -505,7 +502,7 @@ def analyze_controls(cfg):
         table.append(e)
         se = f" +- {e['gain_se_seeds']:.3f}" if e["seeds"] > 1 else ""
         L.append(
-            f"| {task} | {tc} | {mult}x ({e['H']}) | {k}{' (lr clock)' if e['clock'] == 'lr' else ''} | "
+            f"| {task} | {lr:g} | {tc} | {mult}x ({e['H']}) | {k}{' (lr clock)' if e['clock'] == 'lr' else ''} | "
             f"{e['tcut_reward']:.3f} / {e['relex']:.3f} / {e['real']:.3f} | {e['gain']:+.3f}{se} [+-{e['band2']:.4f}] "
             f"| {'-' if kept is None else f'{kept:.2f}'} | {_counts(v)} of {e['seeds']} | "
             f"{e['cos']:.2f} / {e['norm_ratio']:.2f} | {step_col} |"
