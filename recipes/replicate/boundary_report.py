@@ -404,9 +404,9 @@ def analyze_controls(cfg):
         f"{len(cells)} control runs (tasks {', '.join(tasks)}; Adam lr {', '.join(f'{x:g}' for x in lrs)}; seeds "
         f"{', '.join(map(str, seeds))}; controls {', '.join(controls)}), {steps} steps each, `tcut` "
         f"{' and '.join(sorted({str(r['tcut']) for r in recs}, key=int))}, horizons up to step {steps}; "
-        f"{cpu / 60:.1f} min of one CPU core (mean {cpu / len(cells):.0f} s per run). With the default grid: "
-        f"{cpu_all / 60:.0f} min of one core for the whole of part 6. Baseline (`constant`): the default grid's "
-        f"400-step runs of the same task, lr and seeds, at the same horizons.\n"
+        f"{cpu / 60:.1f} min on one core by the wall clock of each run (mean {cpu / len(cells):.0f} s per run). With "
+        f"the default grid: {cpu_all / 60:.0f} min for the whole of part 6, measured the same way. Baseline "
+        "(`constant`): the default grid's 400-step runs of the same task, lr and seeds, at the same horizons.\n"
     )
     L.append("| control | optimizer (as built by the Trainer) | lr | schedule |")
     L.append("|---|---|---|---|")
