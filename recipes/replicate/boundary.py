@@ -21,11 +21,20 @@ by enumerating the 18^2 continuations that do not stop, ``graded`` and ``sums`` 
 (of its 10,000) by P(answer, then ``<eos>``). The band of a difference between
 two checkpoints is its paired standard error over the prompts, sd(d_i) / sqrt(100).
 
-    PYTHONPATH=. python recipes/replicate/boundary.py              # the grid (resumes: finished cells are cached)
-    PYTHONPATH=. python recipes/replicate/boundary.py --analyze    # tables and the doc block from the cached cells
+Optimizer controls (``--controls``, all four by default; ``--controls`` alone: none): the same windows on
+``--control_tasks`` x ``--control_lrs`` x seeds, ``--control_steps``-step runs, under one change each against the
+grid's constant-lr AdamW: ``warmup`` (linear warmup over ``--control_warmup`` steps, then constant), ``linear``
+(decay to 0 at the run's last step), ``beta2_0.99`` (AdamW's beta2 0.99) and ``sgd`` (SGD with momentum 0.9 at
+:data:`SGD_LR_PER_ADAM_LR` x the Adam lr, from ``--calibrate_sgd``). The scheduled ones are solved on the lr clock
+(the learning rates read from the run's scheduler) and, beside it, on the step clock.
+
+    PYTHONPATH=. python recipes/replicate/boundary.py                # the grid, then the controls (runs cached)
+    PYTHONPATH=. python recipes/replicate/boundary.py --analyze      # tables and the doc blocks from the cache
+    PYTHONPATH=. python recipes/replicate/boundary.py --calibrate_sgd  # short SGD runs for the SGD control's lr
 
 Writes ``<out>/cells/*.json`` (one per run), ``<out>/boundary.json``, ``<out>/boundary.md`` and the block between
-``<!-- boundary:begin -->`` / ``<!-- boundary:end -->`` of ``--doc``.
+``<!-- boundary:begin -->`` / ``<!-- boundary:end -->`` of ``--doc``; for the controls ``<out>/controls/*.json``,
+``<out>/controls.json``, ``<out>/controls.md`` and the ``<!-- boundary-controls:begin/end -->`` block.
 """
 
 from __future__ import annotations
