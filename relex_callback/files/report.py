@@ -293,9 +293,36 @@ def format_scores(report: dict) -> list[str]:
     d, sd = summ.get("difference"), summ.get("difference_stderr")
     band = f" (best {summ.get('ranking', [None])[0]} vs tcut: {d:+.3g} +- {sd:.2g})" if d is not None and sd else ""
     lines.append(f"pick: {summ.get('pick', report.get('best_horizon'))}: {summ.get('verdict', '')}{band}")
+    lines += format_calls(report.get("horizon_calls") or {}, tcut)
     kb = report.get("keep_best") or {}
     if kb.get("skipped"):
         lines.append(f"keep_best: {kb['skipped']}")
+    return lines
+
+
+def format_calls(calls: dict, tcut) -> list[str]:
+    """One line per scored horizon (``report.json["horizon_calls"]``): its difference from the tcut model against
+    the noise band (two standard errors), and the eval prompts a call on that difference needs with what they cost."""
+    lines = []
+    for h in sorted(calls, key=lambda s: int(s)):
+        c = calls[h]
+        d, se = c.get("difference"), c.get("difference_stderr")
+        if d is None:
+            continue
+        if se is None:
+            lines.append(f"step {h} vs tcut {tcut}: {d:+.3g}, noise unknown (no standard error for this metric)")
+            continue
+        where = {"better": "better, beyond", "worse": "worse, beyond"}.get(c.get("call"), "within")
+        line = f"step {h} vs tcut {tcut}: {d:+.3g} +- {se:.2g}: {where} its noise band (+-{2 * se:.2g})"
+        n = c.get("prompts_needed")
+        if n is not None:
+            line += f"; a 2-SE call on this difference needs ~{n} eval prompts"
+            if c.get("completions_needed") is not None:
+                line += f" ({c['completions_needed']:.0f} completions for the tcut model and this horizon"
+                if c.get("rollouts_steps") is not None:
+                    line += f" = {c['rollouts_steps']:.2g} training steps' rollouts, no backward pass"
+                line += ")"
+        lines.append(line)
     return lines
 
 
