@@ -100,7 +100,7 @@ def test_summary_says_per_horizon_call_and_its_cost(tmp_path, capsys):
             assert c["prompts_needed"] is None
             continue
         n = math.ceil((2 * se * math.sqrt(prompts) / abs(d)) ** 2)
-        assert c["prompts_needed"] == max(n, 1) and f"needs ~{c['prompts_needed']} eval prompts" in line
+        assert c["prompts_needed"] == max(n, 1) and f"needs ~{c['prompts_needed']} eval prompt" in line
         rollouts = 2 * c["prompts_needed"] * 4 / 4  # 4 completions per prompt; 4 completions per training step
         assert c["rollouts_steps"] == pytest.approx(rollouts) and f"= {rollouts:.2g} training steps' rollouts" in line
 

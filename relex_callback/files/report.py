@@ -316,7 +316,7 @@ def format_calls(calls: dict, tcut) -> list[str]:
         line = f"step {h} vs tcut {tcut}: {d:+.3g} +- {se:.2g}: {where} its noise band (+-{2 * se:.2g})"
         n = c.get("prompts_needed")
         if n is not None:
-            line += f"; a 2-SE call on this difference needs ~{n} eval prompts"
+            line += f"; a 2-SE call on this difference needs ~{n} eval prompt{'s' if n != 1 else ''}"
             if c.get("completions_needed") is not None:
                 line += f" ({c['completions_needed']:.0f} completions for the tcut model and this horizon"
                 if c.get("rollouts_steps") is not None:
