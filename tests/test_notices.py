@@ -95,7 +95,7 @@ def test_summary_says_per_horizon_call_and_its_cost(tmp_path, capsys):
         assert c["call"] == ("better" if d > 2 * se else "worse" if d < -2 * se else "within noise")
         line = next(ln for ln in out.splitlines() if ln.startswith(f"relex: step {h} vs tcut 4: "))
         where = {"better": "better, beyond", "worse": "worse, beyond", "within noise": "within"}[c["call"]]
-        assert f": {where} its noise band (+-{2 * se:.2g})" in line, line
+        assert f": {where} its noise band (+-{2 * se:.4g})" in line, line
         if d == 0:
             assert c["prompts_needed"] is None
             continue

@@ -313,7 +313,7 @@ def format_calls(calls: dict, tcut) -> list[str]:
             lines.append(f"step {h} vs tcut {tcut}: {d:+.3g}, noise unknown (no standard error for this metric)")
             continue
         where = {"better": "better, beyond", "worse": "worse, beyond"}.get(c.get("call"), "within")
-        line = f"step {h} vs tcut {tcut}: {d:+.3g} +- {se:.2g}: {where} its noise band (+-{2 * se:.2g})"
+        line = f"step {h} vs tcut {tcut}: {d:+.4g} +- {se:.2g}: {where} its noise band (+-{2 * se:.4g})"
         n = c.get("prompts_needed")
         if n is not None:
             line += f"; a 2-SE call on this difference needs ~{n} eval prompt{'s' if n != 1 else ''}"
