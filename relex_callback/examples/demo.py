@@ -75,7 +75,8 @@ def parse_args(argv=None):
         "(its own evaluation, before any further training; disjoint from the held-out set; 0: no scoring)",
     )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    p.add_argument("--threads", type=int, default=2,
+                   help="torch CPU threads (default 2; the toy part before the real model runs on one)")
     p.add_argument("--quick", action="store_true", help="the tiny from-scratch model: a smoke test in seconds")
     p.add_argument("--toy-only", action="store_true", help="only the toy model on the paying and the harmful task "
                    "(1-2 minutes), not the real model")
@@ -223,6 +224,21 @@ class _KeepWeights:
 def run_toy_pair(args) -> dict:
     """The toy model trained on the paying task and on the harmful one from one start, RELEX in validation mode with
     the horizons scored at tcut on 30 eval prompts; every checkpoint then scored on all 100 prompts of the task."""
+    from .toy import char_reward
+
+    rewards = {"char": char_reward, "sums": arithmetic_reward}
+    # one thread whatever --threads says: the toy model's tensors are too small for a second one to help, and on a
+    # machine shared with other jobs two threads made this part 7.7x slower (797 s against 104 s with one)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _toy_pair(args, rewards)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _toy_pair(args, rewards) -> dict:
+    """:func:`run_toy_pair` in the thread setting it chose."""
     import contextlib
     import io
 
@@ -233,10 +249,8 @@ def run_toy_pair(args) -> dict:
     from trl import GRPOConfig, GRPOTrainer
 
     from ..trainer.callback import RelexCallback
-    from .toy import char_reward, sampled_reward
+    from .toy import sampled_reward
 
-    rewards = {"char": char_reward, "sums": arithmetic_reward}
-    torch.set_num_threads(args.threads)
     if not args.verbose:
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
@@ -346,7 +360,7 @@ def print_toy_pair(result: dict):
             print(f"the callback's end-of-window summary ({t['task']}):")
             print("\n".join("  " + ln for ln in t["summary_lines"]))
     secs = ", ".join(f"{t['task']} {t['seconds']:.0f}s" for t in result["tasks"])
-    print(f"time: {secs}, total {result['seconds']:.0f}s")
+    print(f"time: {secs}, total {result['seconds']:.0f}s", flush=True)  # seen before the real model's minutes
 
 
 # ------------------------------------------------------------------------------------------------- real model
