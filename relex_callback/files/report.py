@@ -304,22 +304,27 @@ def format_calls(calls: dict, tcut) -> list[str]:
     """One line per scored horizon (``report.json["horizon_calls"]``): its difference from the tcut model against
     the noise band (two standard errors), and the eval prompts a call on that difference needs with what they cost."""
     lines = []
-    for h in sorted(calls, key=lambda s: int(s)):
+
+    def num(x):
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+    for h in sorted(calls, key=lambda s: int(s) if s.isdigit() else 0):
         c = calls[h]
         d, se = c.get("difference"), c.get("difference_stderr")
-        if d is None:
+        if not num(d):
             continue
+        se = se if num(se) else None
         if se is None:
             lines.append(f"step {h} vs tcut {tcut}: {d:+.3g}, noise unknown (no standard error for this metric)")
             continue
         where = {"better": "better, beyond", "worse": "worse, beyond"}.get(c.get("call"), "within")
         line = f"step {h} vs tcut {tcut}: {d:+.4g} +- {se:.2g}: {where} its noise band (+-{2 * se:.4g})"
         n = c.get("prompts_needed")
-        if n is not None:
+        if num(n):
             line += f"; a 2-SE call on this difference needs ~{n} eval prompt{'s' if n != 1 else ''}"
-            if c.get("completions_needed") is not None:
+            if num(c.get("completions_needed")):
                 line += f" ({c['completions_needed']:.0f} completions for the tcut model and this horizon"
-                if c.get("rollouts_steps") is not None:
+                if num(c.get("rollouts_steps")):
                     line += f" = {c['rollouts_steps']:.2g} training steps' rollouts, no backward pass"
                 line += ")"
         lines.append(line)
