@@ -69,7 +69,8 @@ test: lint
 test-fast: lint
 	$(PY) -m pytest -q -ra -m "not slow"
 
-# the real model (~15 min on 2 cores, install included); `make demo DEMO_ARGS=--quick`: the tiny model in seconds
+# the toy model on a paying and a harmful task (1-2 min), then the real model (~15 min on 2 cores, install included);
+# `make demo DEMO_ARGS=--toy-only`: the toy part alone; `make demo DEMO_ARGS=--quick`: the tiny model in seconds
 demo: $(VENV)/.demo
 	OMP_NUM_THREADS=2 TOKENIZERS_PARALLELISM=false $(PY) -m relex_callback.examples.demo $(DEMO_ARGS)
 

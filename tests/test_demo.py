@@ -36,3 +36,39 @@ def test_demo_quick(tmp_path, subprocess_env):
     assert all(bool(w.isfinite().all()) for w in (*w8.values(), *w12.values()))
     assert any(not w8[k].equal(w12[k]) for k in w8)
     assert (out / "demo.png").is_file() or "no plot" in r.stdout
+
+
+def test_toy_pair_table(tmp_path, monkeypatch, capsys):
+    """The demo's two toy runs (the paying task beside the harmful one), shortened: both tasks trained from one start,
+    every horizon with the measured verdict, what the callback's scoring at tcut said and whether the two agree."""
+    import argparse
+
+    from relex_callback.examples import demo
+
+    for k, v in dict(tcut=4, horizons=(8, 12), warmup=5, select=8, samples=4).items():
+        monkeypatch.setitem(demo.TOY, k, v)
+    args = argparse.Namespace(out=str(tmp_path), seed=0, threads=1, verbose=False)
+    result = demo.run_toy_pair(args)
+    demo.print_toy_pair(result)
+    out = capsys.readouterr().out
+    assert [t["task"] for t in result["tasks"]] == ["char", "sums"]
+    assert "ONE seed (0)" in out
+    for t in result["tasks"]:
+        assert [r["H"] for r in t["rows"]] == [8, 12]
+        assert set(t["horizon_eval"]) == {"4", "8", "12"}
+        for r in t["rows"]:
+            assert r["measured_call"] in ("pays", "harms", "no clear effect") and r["band"] >= 0
+            assert r["measured_call"] == ("pays" if r["gain"] > r["band"] else "harms" if r["gain"] < -r["band"]
+                                          else "no clear effect")
+            assert abs(r["gain"] - (r["relex"] - r["tcut"])) < 1e-9
+            assert r["scored_call"] in ("pays", "harms", "no clear effect")
+            assert r["right"] == (r["scored_call"] == r["measured_call"] if r["scored_call"] != "no clear effect"
+                                  else None)
+            assert f"{t['task']:<5} {r['H']:>4} {r['tcut']:>6.3f} {r['relex']:>6.3f} {r['real']:>6.3f}" in out
+        # the callback's own end-of-window lines, one per horizon, are kept and printed
+        assert [ln.split(" vs ")[0] for ln in t["summary_lines"]] == ["relex: step 8", "relex: step 12"]
+        assert all("  " + ln in out for ln in t["summary_lines"])
+        for h in (8, 12):
+            assert os.path.isfile(os.path.join(str(tmp_path), "toy", t["task"], "relex", f"step-{h}",
+                                               "model.safetensors"))
+    assert json.load(open(tmp_path / "toy.json"))["tasks"][1]["task"] == "sums"

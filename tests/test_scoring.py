@@ -56,8 +56,8 @@ def seeded_eval(trainer) -> dict:
 
 
 def without_seconds(m: dict) -> dict:
-    """The scores (what evaluate() gives), without the timing and the standard errors relex adds."""
-    return {k: v for k, v in m.items() if k != "seconds" and not k.endswith("_stderr")}
+    """The scores (what evaluate() gives), without the timing, the standard errors and the counts relex adds."""
+    return {k: v for k, v in m.items() if k != "seconds" and not k.endswith("_stderr") and not k.startswith("scored_")}
 
 
 @pytest.fixture(scope="module")

@@ -68,13 +68,14 @@ from relex_callback.core import noise  # noqa: E402
 from relex_callback.core.clock import resolve, schedule_lrs  # noqa: E402
 from relex_callback.core.solver import SolveOptions, solve  # noqa: E402
 from relex_callback.core.trend import reward_trend  # noqa: E402
-from relex_callback.examples.toy import arithmetic_reward, build_model, build_tokenizer, extract_answer  # noqa: E402
+from relex_callback.examples.toy import (CHAR_SLOTS, CHAR_TARGET, arithmetic_reward, build_model,  # noqa: E402
+                                        build_tokenizer, char_reward, extract_answer)
 from relex_callback.params import trainable_named_parameters  # noqa: E402
 
 GENERATIONS = 8
 PROMPTS = 8  # per step: 64 rollouts
-COMPLETION = 3  # max_completion_length
-TARGET = "7"
+COMPLETION = CHAR_SLOTS  # max_completion_length (the character task's slots, relex_callback.examples.toy)
+TARGET = CHAR_TARGET
 GRADED_SCALE = 5.0
 TASKS = ("char", "char_w", "graded", "sums", "sums2")
 COMPLETION2 = 4  # sums2: up to 3 answer digits and <eos>
@@ -100,11 +101,6 @@ SCHEDULED = ("warmup", "linear")  # solved on the lr clock (and on the step cloc
 # ---------------------------------------------------------------------------------------------- rewards (training)
 def _text(c):
     return c if isinstance(c, str) else c[-1]["content"] if isinstance(c, list) else str(c)
-
-
-def char_reward(completions, **kw):
-    """The share of the target character among the completion's ``COMPLETION`` slots (a stop leaves slots empty)."""
-    return [_text(c).count(TARGET) / COMPLETION for c in completions]
 
 
 def graded_value(answer: str, truth: str) -> float:

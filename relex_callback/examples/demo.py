@@ -11,6 +11,13 @@
    extrapolated horizon, the real checkpoint at the same step and the naive line
    ``theta_0 + (H/tcut)(theta_tcut - theta_0)``; print a table and a verdict, plot ``demo.png``.
 
+Before the real model, the toy model of docs/replication.md part 6 shows both sides in 1-2 minutes: from one
+start, GRPO on the character task (where RELEX paid in every run of part 6) and on exact-match sums (where it
+harmed), each with the horizons scored at ``tcut`` on 30 eval prompts (``evaluate_horizons=True``) and trained on to
+the horizons; a table says, per task and horizon, whether RELEX paid (all 100 prompts of the task, 32 sampled
+completions each) and what the callback's scoring at ``tcut`` had said, with the eval prompts a call needs
+(:func:`run_toy_pair`; ``--toy-only``: that part alone). One seed: a demonstration, not a measurement.
+
 ``--quick`` runs the tiny from-scratch model instead (seconds; the smoke test). The numbers are whatever this run gives.
 """
 
@@ -68,8 +75,11 @@ def parse_args(argv=None):
         "(its own evaluation, before any further training; disjoint from the held-out set; 0: no scoring)",
     )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    p.add_argument("--threads", type=int, default=2,
+                   help="torch CPU threads (default 2; the toy part before the real model runs on one)")
     p.add_argument("--quick", action="store_true", help="the tiny from-scratch model: a smoke test in seconds")
+    p.add_argument("--toy-only", action="store_true", help="only the toy model on the paying and the harmful task "
+                   "(1-2 minutes), not the real model")
     p.add_argument("--verbose", action="store_true", help="show the trainer's per-step logs and the callback's log")
     p.add_argument("--no-plot", action="store_true", help="do not write demo.png")
     p.add_argument("--warmup-steps", type=int, default=100, help="--quick only: supervised warm-up steps")
@@ -182,6 +192,175 @@ def plot_tiny(result: dict, path: str) -> bool:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
+
+
+# ------------------------------------------------------------------------------------------ pays vs harms (toy)
+# The toy model of docs/replication.md part 6 (hidden 64, 2 layers, 64 rollouts per step, constant lr), one start
+# checkpoint (the sums warm-up) trained by GRPO on two rewards: the character task, where RELEX paid in every cell of
+# part 6, and exact-match sums, where it harmed. lr 3e-4, tcut 20, horizons 5x and 10x: part 6's verdicts there were
+# the same in all three seeds on both tasks (char_w: pays; sums: harms), and so were this demo's over seeds 0, 1, 2.
+TOY = dict(lr=3e-4, tcut=20, horizons=(100, 200), warmup=60, prompts=8, generations=8, select=30, samples=32)
+TOY_TASKS = (("char", "share of the character 7 in the 3 completion slots"), ("sums", "exact-match sums a+b="))
+
+
+class _KeepWeights:
+    """A TrainerCallback (built lazily: transformers is imported on use) that keeps copies of the model's weights at
+    the given steps (the real training at tcut and at each horizon)."""
+
+    def __new__(cls, steps):
+        from transformers import TrainerCallback
+
+        class Keep(TrainerCallback):
+            def __init__(self):
+                self.steps, self.kept = set(steps), {}
+
+            def on_step_end(self, args, state, control, model=None, **kw):
+                if state.global_step in self.steps:
+                    self.kept[state.global_step] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+        return Keep()
+
+
+def run_toy_pair(args) -> dict:
+    """The toy model trained on the paying task and on the harmful one from one start, RELEX in validation mode with
+    the horizons scored at tcut on 30 eval prompts; every checkpoint then scored on all 100 prompts of the task."""
+    from .toy import char_reward
+
+    rewards = {"char": char_reward, "sums": arithmetic_reward}
+    # one thread whatever --threads says: the toy model's tensors are too small for a second one to help, and on a
+    # machine shared with other jobs two threads made this part 7.7x slower (797 s against 104 s with one)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _toy_pair(args, rewards)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _toy_pair(args, rewards) -> dict:
+    """:func:`run_toy_pair` in the thread setting it chose."""
+    import contextlib
+    import io
+
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+    from transformers.trainer_callback import PrinterCallback
+    from transformers.utils import logging as hf_logging
+    from trl import GRPOConfig, GRPOTrainer
+
+    from ..trainer.callback import RelexCallback
+    from .toy import sampled_reward
+
+    if not args.verbose:
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        logging.getLogger("relex_callback").setLevel(logging.ERROR)
+    t_start = time.perf_counter()
+    tcut, horizons = TOY["tcut"], list(TOY["horizons"])
+    tok = build_tokenizer()
+    # part 6's prompts: all 100 sums a+b= (digits 0-9), trained on and scored on; the callback scores its horizons on
+    # a fixed random 30 of them (fresh samples), the end result is measured on all 100 with more completions each
+    rest, select = arithmetic_split(TOY["select"], seed=args.seed)
+    prompts = select + rest
+    start = build_model(tok, hidden_size=64, layers=2, seed=args.seed)
+    supervised_warmup(start, tok, prompts, TOY["warmup"], seed=args.seed)
+    start_weights = {k: v.clone() for k, v in start.state_dict().items()}
+    tasks = []
+    for task, what in TOY_TASKS:
+        t0 = time.perf_counter()
+        out = os.path.join(args.out, "toy", task)
+        model = build_model(tok, hidden_size=64, layers=2, seed=args.seed)
+        model.load_state_dict(start_weights)
+        cb = RelexCallback(tcut=tcut, horizons=horizons, stop_training=False, evaluate_horizons=True, overwrite=True,
+                           output_dir=os.path.join(out, "relex"))
+        keep = _KeepWeights([tcut, *horizons])
+        batch = TOY["prompts"] * TOY["generations"]
+        grpo_args = GRPOConfig(
+            output_dir=os.path.join(out, "trainer"), per_device_train_batch_size=batch,
+            num_generations=TOY["generations"], max_completion_length=3, learning_rate=TOY["lr"],
+            lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_steps=max(horizons), temperature=1.0,
+            beta=0.0, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, bf16=False, seed=args.seed,
+            data_seed=args.seed, disable_tqdm=True, dataloader_num_workers=0, per_device_eval_batch_size=batch,
+        )
+        n_rep = max(horizons) * TOY["prompts"] // len(prompts) + 2
+        trainer = GRPOTrainer(model=model, reward_funcs=rewards[task], args=grpo_args, processing_class=tok,
+                              train_dataset=Dataset.from_list(prompts * n_rep), eval_dataset=Dataset.from_list(select),
+                              callbacks=[cb, keep])
+        trainer.remove_callback(PrinterCallback)
+        said = io.StringIO()
+        with contextlib.redirect_stdout(said) if not args.verbose else contextlib.nullcontext():
+            trainer.train()
+        t_train = time.perf_counter() - t0
+
+        def score(weights):
+            model.load_state_dict(weights)
+            return sampled_reward(model, tok, prompts, rewards[task], TOY["samples"], seed=args.seed)
+
+        at_tcut = score(keep.kept[tcut])
+        rows = []
+        for h in horizons:
+            relex = AutoModelForCausalLM.from_pretrained(os.path.join(out, "relex", f"step-{h}"))
+            rx = sampled_reward(relex, tok, prompts, rewards[task], TOY["samples"], seed=args.seed)
+            real = score(keep.kept[h])
+            d = rx - at_tcut
+            band = 2 * float(d.std(unbiased=True)) / len(d) ** 0.5
+            gain = float(d.mean())
+            measured = "pays" if gain > band else "harms" if gain < -band else "no clear effect"
+            c = (cb.report.get("horizon_calls") or {}).get(str(h), {})
+            tcut_call = {"better": "pays", "worse": "harms", "within noise": "no clear effect"}.get(c.get("call"))
+            rows.append({"H": h, "tcut": float(at_tcut.mean()), "relex": float(rx.mean()), "real": float(real.mean()),
+                         "gain": gain, "band": band, "measured_call": measured, "scored": c,
+                         "scored_call": tcut_call,
+                         "right": tcut_call == measured if tcut_call in ("pays", "harms") else None})
+        summary = [ln for ln in said.getvalue().splitlines() if ln.startswith("relex: step ")]
+        tasks.append({"task": task, "reward": what, "rows": rows, "summary_lines": summary,
+                      "horizon_eval": cb.report.get("horizon_eval"),
+                      "validation": {h: (v or {}).get("summary")
+                                     for h, v in (cb.report.get("validation") or {}).items()},
+                      "seconds": round(time.perf_counter() - t0, 1), "seconds_train": round(t_train, 1)})
+    result = {"tasks": tasks, "settings": {**TOY, "seed": args.seed, "horizons": horizons},
+              "prompts": len(prompts), "eval_prompts": len(select),
+              "seconds": round(time.perf_counter() - t_start, 1)}
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "toy.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    return result
+
+
+def print_toy_pair(result: dict):
+    st = result["settings"]
+    print(f"\nWhere RELEX pays and where it harms (toy model, hidden 64, 2 layers; ONE seed ({st['seed']}): a "
+          f"demonstration, not a measurement).\nOne start (60 supervised steps on sums), GRPO lr {st['lr']:g}, "
+          f"{st['prompts']} prompts x {st['generations']} completions per step, RelexCallback(tcut={st['tcut']}, "
+          f"horizons={st['horizons']}, "
+          f"stop_training=False, evaluate_horizons=True) with {result['eval_prompts']} eval prompts; then every "
+          f"checkpoint scored on all {result['prompts']} prompts a+b= x {st['samples']} sampled completions (mean "
+          "reward; the 30 eval prompts are among them, scored afresh).")
+    print(f"\n{'task':<5} {'step':>4} {'tcut':>6} {'RELEX':>6} {'real':>6}  {'RELEX - tcut, measured':<32} "
+          f"{'scored at tcut (callback)':<40} right?")
+    for t in result["tasks"]:
+        for r in t["rows"]:
+            c = r["scored"]
+            held = f"{r['gain']:+.3f} (band +-{r['band']:.3f}): {r['measured_call']}"
+            if c.get("difference_stderr") is not None:
+                n = c.get("prompts_needed")
+                scored = (f"{c['difference']:+.3f} (+-{2 * c['difference_stderr']:.3f}): {r['scored_call']}"
+                          + (f", n~{n}" if n else ""))
+            else:
+                scored = "not scored"
+            right = "no call" if r["right"] is None else "yes" if r["right"] else "NO"
+            print(f"{t['task']:<5} {r['H']:>4} {r['tcut']:>6.3f} {r['relex']:>6.3f} {r['real']:>6.3f}  {held:<32} "
+                  f"{scored:<40} {right}")
+    print("measured: band = 2 standard errors of the paired per-prompt difference. Scored at tcut: the callback's "
+          "own call on its eval prompts,\nbefore any further training (band: 2 standard errors, unpaired); n: the eval "
+          "prompts a 2-SE call on that difference needs; right?: the call\nagainst the measured verdict ('no call': "
+          "within its band, too few prompts for a difference that small).")
+    for t in result["tasks"]:
+        if t["summary_lines"]:
+            print(f"the callback's end-of-window summary ({t['task']}):")
+            print("\n".join("  " + ln for ln in t["summary_lines"]))
+    secs = ", ".join(f"{t['task']} {t['seconds']:.0f}s" for t in result["tasks"])
+    print(f"time: {secs}, total {result['seconds']:.0f}s", flush=True)  # seen before the real model's minutes
 
 
 # ------------------------------------------------------------------------------------------------- real model
@@ -439,6 +618,18 @@ def main(argv=None):
         print_table_tiny(result)
         plot_fn = plot_tiny
     else:
+        why = None if args.toy_only else rm.missing_requirements()
+        if why:  # said before the toy part runs, not after it
+            raise SystemExit(f"demo: {why}; or without the real model: python -m relex_callback.examples.demo "
+                             "--toy-only (the toy model on both tasks) or --quick (the smoke test)")
+        print("[0/3] toy model: the task where RELEX pays beside the one where it harms (1-2 minutes)", flush=True)
+        toy = run_toy_pair(args)
+        print_toy_pair(toy)
+        if args.toy_only:
+            print(f"results: {os.path.join(args.out, 'toy.json')}; checkpoints: {os.path.join(args.out, 'toy')}"
+                  "/<task>/relex/step-*")
+            return toy
+        print()
         result = run_real(args)
         print_table_real(result)
         plot_fn = plot_real

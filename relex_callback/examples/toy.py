@@ -82,6 +82,16 @@ def arithmetic_reward(completions, answer, **kwargs) -> list[float]:
     return out
 
 
+CHAR_TARGET = "7"  # the character task: the share of this character in the completion's slots
+CHAR_SLOTS = 3  # max_completion_length of the character task
+
+
+def char_reward(completions, **kwargs) -> list[float]:
+    """The share of :data:`CHAR_TARGET` among a completion's :data:`CHAR_SLOTS` slots (a stop leaves slots empty): a
+    reward that more of the character only raises, whatever the prompt (docs/replication.md, part 6)."""
+    return [_text(c).count(CHAR_TARGET) / CHAR_SLOTS for c in completions]
+
+
 def arithmetic_split(n_test: int, seed: int = 0, max_operand: int = 9) -> tuple[list[dict], list[dict]]:
     """All sums ``a+b`` with ``0 <= a, b <= max_operand``, split into disjoint train and held-out test problems
     (``n_test`` held out), so evaluation uses prompts never seen in training."""
@@ -111,6 +121,28 @@ def greedy_accuracy(model, tokenizer, problems: list[dict], max_new_tokens: int 
     finally:
         tokenizer.padding_side = side
     return total / max(len(problems), 1)
+
+
+@torch.no_grad()
+def sampled_reward(model, tokenizer, problems: list[dict], reward, samples: int, max_new_tokens: int = 3,
+                   seed: int = 0) -> torch.Tensor:
+    """Per prompt, the mean ``reward`` of ``samples`` completions sampled at temperature 1 (as GRPO samples them):
+    a tensor of ``len(problems)`` values, seeded by ``seed``."""
+    model.eval()
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    torch.manual_seed(seed)
+    try:
+        enc = tokenizer([p["prompt"] for p in problems], return_tensors="pt", padding=True).to(model.device)
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=True, temperature=1.0, top_k=0,
+                             top_p=1.0, num_return_sequences=samples, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id)
+        texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        answers = [p.get("answer") for p in problems for _ in range(samples)]
+        r = torch.tensor(reward(texts, answer=answers), dtype=torch.float64)
+    finally:
+        tokenizer.padding_side = side
+    return r.view(len(problems), samples).mean(1)
 
 
 def supervised_warmup(model, tokenizer, problems: list[dict], steps: int, lr: float = 3e-3, batch_size: int = 32,

@@ -293,9 +293,41 @@ def format_scores(report: dict) -> list[str]:
     d, sd = summ.get("difference"), summ.get("difference_stderr")
     band = f" (best {summ.get('ranking', [None])[0]} vs tcut: {d:+.3g} +- {sd:.2g})" if d is not None and sd else ""
     lines.append(f"pick: {summ.get('pick', report.get('best_horizon'))}: {summ.get('verdict', '')}{band}")
+    lines += format_calls(report.get("horizon_calls") or {}, tcut)
     kb = report.get("keep_best") or {}
     if kb.get("skipped"):
         lines.append(f"keep_best: {kb['skipped']}")
+    return lines
+
+
+def format_calls(calls: dict, tcut) -> list[str]:
+    """One line per scored horizon (``report.json["horizon_calls"]``): its difference from the tcut model against
+    the noise band (two standard errors), and the eval prompts a call on that difference needs with what they cost."""
+    lines = []
+
+    def num(x):
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+    for h in sorted(calls, key=lambda s: int(s) if s.isdigit() else 0):
+        c = calls[h]
+        d, se = c.get("difference"), c.get("difference_stderr")
+        if not num(d):
+            continue
+        se = se if num(se) else None
+        if se is None:
+            lines.append(f"step {h} vs tcut {tcut}: {d:+.3g}, noise unknown (no standard error for this metric)")
+            continue
+        where = {"better": "better, beyond", "worse": "worse, beyond"}.get(c.get("call"), "within")
+        line = f"step {h} vs tcut {tcut}: {d:+.4g} +- {se:.2g}: {where} its noise band (+-{2 * se:.4g})"
+        n = c.get("prompts_needed")
+        if num(n):
+            line += f"; a 2-SE call on this difference needs ~{n} eval prompt{'s' if n != 1 else ''}"
+            if num(c.get("completions_needed")):
+                line += f" ({c['completions_needed']:.0f} completions for the tcut model and this horizon"
+                if num(c.get("rollouts_steps")):
+                    line += f" = {c['rollouts_steps']:.2g} training steps' rollouts, no backward pass"
+                line += ")"
+        lines.append(line)
     return lines
 
 

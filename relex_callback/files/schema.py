@@ -115,6 +115,7 @@ REPORT_FIELDS = [
     ("fit.selection.scores", MAP_OF(NUM, nullable=True), False), ("fit.selection.skipped", MAP_OF(STR), False),
     ("fit.selection.reason", STR, False),
     ("horizon_eval", MAP_OF(MAP_OF(NUM, nullable=True)), False), ("validation", DICT, False),
+    ("horizon_calls", MAP_OF(DICT), False),
 ]
 _MINIMUM = {"tensors[].numel": 0, "tensors[].delta_norm": 0, "tcut": 1}
 

@@ -17,7 +17,7 @@ the private parts of the Trainer it touches are :mod:`relex_callback.compat`'s):
 and every horizon are scored on the same sampling noise (common random numbers: their differences are less noisy
 than independent runs), and a score can be reproduced by ``set_seed(args.seed, device_specific=True);
 trainer.evaluate()`` on the ``step-H`` checkpoint. It returns the scores cleaned (:func:`clean_metrics`) with their
-standard errors (:func:`standard_errors`).
+standard errors (:func:`standard_errors`) and what they were measured on (:func:`scored_size`).
 """
 
 from __future__ import annotations
@@ -106,7 +106,18 @@ def seeded_evaluate(trainer, seed: Optional[int] = None) -> dict:
     with _completion_log(trainer) as samples:
         metrics = clean_metrics(evaluate_with_logged_metrics(trainer))  # TRL < 1.5 logs GRPO's eval metrics
     metrics.update(standard_errors(metrics, samples, _eval_size(trainer)))
+    metrics.update(scored_size(samples))
     return metrics
+
+
+def scored_size(samples: dict) -> dict:
+    """``{"scored_prompts": P, "scored_completions": C}``: how many distinct prompts and completions one GRPO
+    evaluation scored (from its completion log); empty for other trainers. What a score's standard error was measured
+    on, so that the prompts a call needs (:func:`relex_callback.trainer.scoring.prompts_needed`) can be priced."""
+    prompts = samples.get("prompt") or []
+    if not prompts:
+        return {}
+    return {"scored_prompts": float(len({_prompt_key(p) for p in prompts})), "scored_completions": float(len(prompts))}
 
 
 # ------------------------------------------------------------------------------------------ a score's noise

@@ -2,8 +2,9 @@
 
 * :func:`summary`: at ``tcut`` the main process prints (``print``: seen at any log level, as the Trainer's own
   progress is) where the files are, what the signals say (``files.report.format_trust``: backtest, drift share,
-  reward trend, clock, the scores with their standard errors and the pick, validation figures), and the next
-  command. The package's INFO lines stay for those who turn them on.
+  reward trend, clock, the scores with their standard errors and the pick, each horizon against the tcut model with
+  the eval prompts a call on it needs, validation figures), and the next command. The package's INFO lines stay for
+  those who turn them on.
 * :class:`OncePerRun`: a filter on the package logger. A DDP / ZeRO / FSDP2 run has one callback per process and
   each would print the same warning: only the main process's warnings pass (errors always do), and while a run is
   open (:func:`start_run` .. :func:`end_run`) each message once.
@@ -19,6 +20,9 @@ from ..files.fs import STATE_INDEX_NAME, STATE_NAME
 from ..files.report import REPORT_NAME, format_trust
 
 LOGGER = "relex_callback"
+# The median eval prompts a pays/harms call at 2 standard errors needed on the toy grid (docs/replication.md part 6,
+# one sampled completion per prompt and checkpoint): said in the summary of a window whose horizons were not scored.
+UNSCORED_PROMPTS = "28-100"
 
 
 class OncePerRun(logging.Filter):
@@ -88,8 +92,10 @@ def summary(cb, out_dir: str, state, model=None) -> Optional[str]:
     lines += ["relex: " + t for t in trust.split("\n") if t]
     summ = rep.get("horizon_eval_summary")
     if not summ or not summ.get("metric"):
-        lines.append("relex: pick: not scored (pass evaluate_horizons=True with an eval_dataset, or evaluate the "
-                     "step-H/ checkpoints on your task: validate on your run before using one)")
+        lines.append("relex: pick: not scored. Scoring at tcut (evaluate_horizons=True with an eval_dataset) is the "
+                     f"check that told paying from harming runs in the project's measurements: ~{UNSCORED_PROMPTS} "
+                     "eval prompts per call at 5x-10x tcut, hundreds at 2x (docs/trust.md); or evaluate the step-H/ "
+                     "checkpoints on your task before using one")
     lines.append(f"relex: next: `relex report {out_dir}` (every figure); more horizons: `relex materialize --state "
                  f"{os.path.join(out_dir, state_file)} --base {base} --horizons H --out DIR`")
     text = "\n".join(lines)

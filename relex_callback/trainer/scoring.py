@@ -77,13 +77,71 @@ def rank_steps(scores: dict, metric: str, goal: str, steps: Sequence[int]) -> li
     return sorted(steps, key=key)
 
 
-def summarize(scores: dict, tcut: int, horizons: Sequence[int], reward_metric: Optional[str] = None) -> dict:
+def prompts_needed(gain: Optional[float], se_diff: Optional[float], prompts: Optional[float],
+                   z: float = NOISE_SE) -> Optional[int]:
+    """The eval prompts a call on a difference ``gain`` at ``z`` standard errors needs, ``n = (z sd / gain)^2``, where
+    ``sd = se_diff sqrt(prompts)`` is the per-prompt spread of the difference measured on ``prompts`` prompts (the
+    call needs ``z se_diff(n) < |gain|`` with ``se_diff(n) = sd / sqrt(n)``). ``None`` without a gain or a spread."""
+    if gain is None or se_diff is None or not prompts or gain == 0 or not math.isfinite(gain):
+        return None
+    sd = se_diff * math.sqrt(prompts)
+    return max(1, math.ceil(round((z * sd / abs(gain)) ** 2, 9)))  # (rounded: 4.000000001 is 4 prompts)
+
+
+def horizon_calls(scores: dict, tcut: int, horizons: Sequence[int], metric: str, goal: str,
+                  rollouts_per_step: Optional[int] = None) -> dict:
+    """Per horizon, its score against the tcut model's: ``difference`` (positive: the horizon is better),
+    ``difference_stderr`` (``sqrt(se_tcut^2 + se_h^2)``, as :func:`summarize`), ``call`` ("better" / "worse" beyond
+    :data:`NOISE_SE` of them, else "within noise"; "noise unknown" without standard errors), and, from the spread
+    measured on the ``scored_prompts`` of the evaluation, ``prompts_needed`` (:func:`prompts_needed`) for a call on
+    this difference, ``completions_needed`` (the tcut model and the horizon each scored on them, at the evaluation's
+    completions per prompt) and ``rollouts_steps``: those completions in training steps' rollouts
+    (``rollouts_per_step``: completions one optimizer step generates)."""
+    at_tcut = scores.get(str(tcut)) or {}
+    out = {}
+    for h in horizons:
+        m = scores.get(str(h)) or {}
+        v, v_t = m.get(metric), at_tcut.get(metric)
+        if v is None or v_t is None:
+            continue
+        diff = v - v_t if goal == "max" else v_t - v
+        se_t, se_h = at_tcut.get(metric + STDERR), m.get(metric + STDERR)
+        rec = {"difference": diff, "difference_stderr": None, "call": "noise unknown", "prompts_needed": None}
+        if se_t is not None and se_h is not None:
+            se = math.sqrt(se_t ** 2 + se_h ** 2)
+            rec["difference_stderr"] = se
+            rec["call"] = ("better" if diff > NOISE_SE * se else "worse" if diff < -NOISE_SE * se
+                           else "within noise")
+            prompts, completions = at_tcut.get("scored_prompts"), at_tcut.get("scored_completions")
+            n = prompts_needed(diff, se, prompts)
+            rec["prompts_needed"] = n
+            if n is not None and prompts and completions:
+                rec["completions_needed"] = 2 * n * completions / prompts
+                if rollouts_per_step:
+                    rec["rollouts_steps"] = rec["completions_needed"] / rollouts_per_step
+        out[str(h)] = rec
+    return out
+
+
+def rollouts_per_step(trainer) -> Optional[int]:
+    """Completions one optimizer step of a GRPO trainer generates (``per_device_train_batch_size`` counts completions:
+    times the accumulation steps and the processes); ``None`` when the trainer has no such arguments."""
+    a = getattr(trainer, "args", None)
+    try:
+        return int(a.per_device_train_batch_size * a.gradient_accumulation_steps * a.world_size)
+    except (AttributeError, TypeError):
+        return None
+
+
+def summarize(scores: dict, tcut: int, horizons: Sequence[int], reward_metric: Optional[str] = None,
+              rollouts: Optional[int] = None) -> dict:
     """``best_horizon`` (the best-scored horizon) and ``horizon_eval_summary``: the metric, its goal, the tcut and
     best values with their standard errors, the difference and its standard error (``sqrt(se_tcut^2 +
     se_best^2)``: conservative, the two are scored on the same prompts and seeds), and the verdict.
     ``best_beats_tcut`` is true only when the best horizon is better by more than :data:`NOISE_SE` standard errors
     of the difference; otherwise the verdict says "within noise" (or "worse than the tcut model", or that the noise
-    is unknown: no standard error, e.g. ``eval_loss``) and ``pick`` stays ``"tcut"``."""
+    is unknown: no standard error, e.g. ``eval_loss``) and ``pick`` stays ``"tcut"``. ``horizon_calls``: every
+    horizon against the tcut model (:func:`horizon_calls`; ``rollouts``: completions per training step)."""
     metric, goal = choose_metric(scores, reward_metric)
     if metric is None:
         return {"best_horizon": None, "horizon_eval_summary": {"metric": None}}
@@ -108,7 +166,8 @@ def summarize(scores: dict, tcut: int, horizons: Sequence[int], reward_metric: O
         "metric": metric, "goal": goal, "tcut": int(tcut), "tcut_value": at_tcut, "tcut_stderr": se_t,
         "best_value": best_value, "best_stderr": se_b, "difference": diff, "difference_stderr": se_d,
         "best_beats_tcut": bool(beats) if beats is not None else None, "verdict": verdict,
-        "pick": best if beats else "tcut", "ranking": order}}
+        "pick": best if beats else "tcut", "ranking": order},
+        "horizon_calls": horizon_calls(scores, tcut, horizons, metric, goal, rollouts)}
 
 
 # --------------------------------------------------------------------------------------- scoring inside a run
@@ -134,7 +193,7 @@ def score_in_run(trainer, result, theta0_of, tracked, topology, *, tcut: int, ho
                 logger.info("relex: scored step %d in %.2fs", h, seconds[str(h)])
         finally:
             live.restore()
-    return {"horizon_eval": scores, "seconds": seconds}
+    return {"horizon_eval": scores, "seconds": seconds, "rollouts_per_step": rollouts_per_step(trainer)}
 
 
 def apply_scores(report: dict, run: dict, *, tcut: int, horizons: Sequence[int], out_dir: str,
@@ -147,7 +206,7 @@ def apply_scores(report: dict, run: dict, *, tcut: int, horizons: Sequence[int],
         if s in scores:
             scores[s]["seconds"] = round(secs, 3)
     report["horizon_eval"] = {**report.get("horizon_eval", {}), **scores}
-    summary = summarize(report["horizon_eval"], tcut, horizons, reward_metric)
+    summary = summarize(report["horizon_eval"], tcut, horizons, reward_metric, run.get("rollouts_per_step"))
     report.update(summary)
     if keep_best is not None and summary["best_horizon"] is not None:
         ranking = summary["horizon_eval_summary"]["ranking"]
@@ -278,8 +337,8 @@ def evaluate_horizons(trainer, relex_dir: str, base: Optional[str] = None, horiz
     keys = checkpoint_keys(model, sd)
     plan = _weights_plan(keys, st, relex_dir, hs, missing, base, tcut_model)
     scores, seconds = _score_plan(trainer, sd, keys, plan, seed)
-    return _record(relex_dir, {"horizon_eval": scores, "seconds": seconds}, st.tcut, hs, keep_best, reward_metric,
-                   write, st.run_id)
+    run = {"horizon_eval": scores, "seconds": seconds, "rollouts_per_step": rollouts_per_step(trainer)}
+    return _record(relex_dir, run, st.tcut, hs, keep_best, reward_metric, write, st.run_id)
 
 
 def _open_state_for_scoring(trainer, relex_dir, write):
@@ -417,8 +476,8 @@ def _evaluate_adapters(trainer, relex_dir, st, hs, tcut_model, seed, keep_best, 
                 seconds[str(step)] = time.perf_counter() - t0
         finally:
             weights.restore()
-    return _record(relex_dir, {"horizon_eval": scores, "seconds": seconds}, st.tcut, hs, keep_best, reward_metric,
-                   write, st.run_id)
+    run = {"horizon_eval": scores, "seconds": seconds, "rollouts_per_step": rollouts_per_step(trainer)}
+    return _record(relex_dir, run, st.tcut, hs, keep_best, reward_metric, write, st.run_id)
 
 
 def _record(relex_dir, run, tcut, hs, keep_best, reward_metric, write, run_id=None) -> dict:
@@ -435,7 +494,7 @@ def _record(relex_dir, run, tcut, hs, keep_best, reward_metric, write, run_id=No
                               reward_metric=reward_metric, coordinator=False)
         report.pop("keep_best", None)
     out = {"horizon_eval": {s: report["horizon_eval"][s] for s in scores}, "best_horizon": report.get("best_horizon"),
-           "horizon_eval_summary": report.get("horizon_eval_summary")}
+           "horizon_eval_summary": report.get("horizon_eval_summary"), "horizon_calls": report.get("horizon_calls")}
     if "keep_best" in report and keep_best is not None:
         out["keep_best"] = report["keep_best"]
     return out
