@@ -132,8 +132,15 @@ def main():
     ap.add_argument("--baseline", default=None, metavar="REPO",
                     help="also run `relex extrapolate --streaming` of another checkout (e.g. a worktree of an older "
                          "commit) in each repeat, beside this one's: before and after under the same floors")
+    ap.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    build(args.dir, args.checkpoints, args.every)
+    if args.build_only:
+        build(args.dir, args.checkpoints, args.every)
+        return
+    # built in a child process: a process started by this one begins with this one's peak RSS (Linux keeps the
+    # high-water mark across fork and exec), so building here (GBs of tensors) would be counted as relex's peak
+    subprocess.run([sys.executable, os.path.abspath(__file__), "--build-only", "--dir", args.dir, "--checkpoints",
+                    str(args.checkpoints), "--every", str(args.every)], check=True)
     files = [os.path.join(args.dir, "base", "model.safetensors")] + [
         os.path.join(args.dir, "ckpts", f"checkpoint-{j * args.every}", "model.safetensors")
         for j in range(1, args.checkpoints + 1)
@@ -219,15 +226,22 @@ def _breakdown(line: str, wall: float) -> str:
     check, streaming = float(head.group(1)), float(head.group(2))
     ph = {k: float(v) for k, v in re.findall(r"(\w+) ([\d.e+-]+)", head.group(3))}
     total = ph.get("total", 0.0)
+    # with the reads on a prefetch thread (a `read_wait` phase), the wall sees only the wait for them: read and
+    # subtract are that thread's seconds, overlapped with the Gram, solve, directions and state of the block before
+    overlapped = "read_wait" in ph
+    waited = ("read_wait",) if overlapped else ("read", "subtract")
     parts = {
         "import": wall - check - streaming, "check": check, "read": ph.get("read", 0.0),
-        "subtract": ph.get("subtract", 0.0), "gram": ph.get("gram", 0.0),
-        "solve": total - sum(ph.get(k, 0.0) for k in ("read", "subtract", "gram", "direction", "state_parts")),
+        "subtract": ph.get("subtract", 0.0), "read_wait": ph.get("read_wait", 0.0), "gram": ph.get("gram", 0.0),
+        "solve": total - sum(ph.get(k, 0.0) for k in (*waited, "gram", "direction", "state_parts")),
         "direction": ph.get("direction", 0.0), "state": ph.get("state_parts", 0.0) + ph.get("state", 0.0),
         "write": ph.get("horizons", 0.0),
     }
     parts["other"] = streaming - total - ph.get("state", 0.0) - ph.get("horizons", 0.0)
-    return ", ".join(f"{k} {v:.2f}" for k, v in parts.items())
+    if not overlapped:
+        del parts["read_wait"]
+    return ", ".join(f"{k} {v:.2f}" + (" (prefetch thread)" if overlapped and k in ("read", "subtract") else "")
+                     for k, v in parts.items())
 
 
 def _timed(cmd):
