@@ -9,9 +9,10 @@ theta_0, builds the ``T x T`` Gram (float32 products per column chunk, summed in
 and fits the lines with the solver's own math (:func:`relex_callback.core.solver._top_eigenpairs`, ``_directions``,
 :func:`relex_callback.core.fit.fit_lines`), and gets the directions ``v = M^T u / sigma`` from the same block.
 Tensors are grouped so that a group's block fits ``memory_budget``: such a group is read once. A tensor larger than
-the budget is read in column chunks twice (Gram, then direction). The next block is read on a thread while the solve
-uses the current one (:class:`_Prefetch`: two blocks in memory; the reads and the subtraction release the GIL, so
-on two cores the reading hides behind the Gram, eigenpairs, directions and state part of the block before).
+the budget is read in column chunks twice (Gram, then direction). With ``RELEX_READ_AHEAD=1`` the next block is read
+on a thread while the solve uses the current one (:class:`_Prefetch`: two blocks in memory; the reads and the
+subtraction release the GIL, so with a free core the reading runs beside the Gram, eigenpairs, directions and state
+part of the block before; see :data:`READ_AHEAD`).
 
 It is a solve strategy of the one pipeline (:func:`relex_callback.pipeline.finalize.finalize` runs
 :class:`StreamedSolve` with its :class:`~relex_callback.files.streaming.StreamedWriter`), so the order, the checks
@@ -30,10 +31,10 @@ and the messages are the pipeline's:
    (:func:`relex_callback.files.streaming.write_shard_streaming`), so a shard is never held in memory;
 4. ``report.json`` from :func:`relex_callback.files.report.build_report`.
 
-Peak memory is about twice ``memory_budget`` (the block being solved and the one being read) plus the largest
-tensor's direction and one float32 copy of it, whatever the number of checkpoints and the model size. The bytes on
-disk (reading slices, joining the state parts, writing the horizons) are :mod:`relex_callback.files.streaming`'s;
-this module is the solve.
+Peak memory is about ``memory_budget`` (twice with the read ahead: the block being solved and the one being read)
+plus the largest tensor's direction and one float32 copy of it, whatever the number of checkpoints and the model
+size. The bytes on disk (reading slices, joining the state parts, writing the horizons) are
+:mod:`relex_callback.files.streaming`'s; this module is the solve.
 """
 
 from __future__ import annotations
@@ -75,9 +76,12 @@ GRAM_CHUNK = 1 << 20
 # threads): torch's sub_ on several OpenMP threads meets a barrier per piece, which costs more than the subtraction
 # on a loaded host (`python bench/extrapolate.py` prints the subtract phase beside the read).
 SUB_PIECE = 1 << 18
-# Read the next block on a thread while the solve uses the current one (:class:`_Prefetch`); False reads each block
-# when the solve asks for it, into one arena (the same bytes either way: tests/test_streaming.py compares them).
-READ_AHEAD = True
+# Read the next block on a thread while the solve uses the current one (:class:`_Prefetch`), with RELEX_READ_AHEAD=1;
+# off by default: it can shorten the wall only where a core is free (the reads and the Gram each want one), and on the
+# shared 2-core machine `python bench/extrapolate.py --modes streaming,readahead` measured the same wall and CPU time
+# either way (docs/cli.md, "Speed") for 0.27 GB more peak memory (two blocks). Off, each block is read when the solve
+# asks for it, into one arena; the bytes written are the same either way (tests/test_streaming.py compares them).
+READ_AHEAD = os.environ.get("RELEX_READ_AHEAD", "") == "1"
 
 
 # ------------------------------------------------------------------------------------------------ grouping
@@ -169,7 +173,8 @@ class _Prefetch:
     ``read(job, slot)`` fills arena ``slot`` and returns the block; :meth:`next` returns ``(job, block)`` in the order
     of ``jobs`` (an error of the read raised there) and starts the read of the following job into the arena of the
     block before, which the caller has finished with when it asks for the next one. :meth:`stop` waits for a read in
-    flight and ends the thread (before the files are closed, or read again by the caller)."""
+    flight and ends the thread (before the files are closed, or read again by the caller). With ``ahead=False``
+    there is no thread: :meth:`next` reads each block when asked, into arena 0."""
 
     def __init__(self, jobs: list, read, ahead: bool = True):
         self.jobs, self.read, self.k, self.ahead = jobs, read, 0, ahead
@@ -217,8 +222,8 @@ class StreamedSolve:
         names (`list[str]`): the tracked tensors (the base's floating-point keys).
         dtype (`torch.dtype`): the dtype of the directions kept in the state file (and used for the horizons).
         max_shard_size: of the written checkpoints.
-        memory_budget (`int`, *optional*, defaults to 256 MiB): bytes of a float32 block (two in memory: the next one
-            is read while the solve uses the other).
+        memory_budget (`int`, *optional*, defaults to 256 MiB): bytes of a float32 block (two in memory with
+            ``RELEX_READ_AHEAD=1``: the next one is read while the solve uses the other).
         progress (`bool`, *optional*): a progress bar on stderr.
     """
 
@@ -354,7 +359,8 @@ class StreamedSolve:
     def _read_block(self, io, cols_of, width, s=0):
         """Rows 0..T-1: the deltas; row T: theta_0, for columns laid out by ``cols_of`` [(name, col, count)].
         Each checkpoint's slice is read in cache-sized pieces and theta_0 subtracted while the piece is in
-        cache. Runs on the prefetch thread (:class:`_Prefetch`): its seconds are the thread's, not the wall's."""
+        cache. With the read ahead it runs on the prefetch thread (:class:`_Prefetch`): its seconds are the thread's,
+        not the wall's."""
         arena, readers, base_reader = io
         T = len(self.cks)
         clock = time.perf_counter
@@ -507,13 +513,16 @@ class StreamedSolve:
         return {}
 
     def timings(self) -> dict:
-        """Seconds by phase (read, read_wait, gram, direction, state parts, total solve, subtract, state,
-        horizons) and bytes read. ``read`` and ``subtract`` are the prefetch thread's seconds (``read`` here excludes
-        the subtraction; the report's ``seconds.read`` includes it), spent while the solve ran on the other block;
-        ``read_wait`` is what the solve waited for them (the part of the reads the wall sees)."""
+        """Seconds by phase (read, gram, direction, state parts, total solve, subtract, read_wait, state,
+        horizons) and bytes read (``read`` here excludes the subtraction; the report's ``seconds.read`` includes it).
+        With the read ahead, ``read`` and ``subtract`` are the prefetch thread's seconds, spent while the solve ran on
+        the other block;
+        ``read_wait`` is what the solve waited for them (the part of the reads the wall sees); without the read
+        ahead, read and subtract are the wall's and there is no ``read_wait``."""
         out = {k: round(v, 4) for k, v in self.secs.items()}
-        out.update(read=round(self.secs["read"] - self.sub_seconds, 4), read_wait=round(self.wait_seconds, 4),
-                   subtract=round(self.sub_seconds, 4))
+        out.update(read=round(self.secs["read"] - self.sub_seconds, 4), subtract=round(self.sub_seconds, 4))
+        if self._blocks.ahead:
+            out.update(read_wait=round(self.wait_seconds, 4))
         out.update(state=round(self.writer.stamps.get("state", 0.0), 4),
                    horizons=round(self.writer.stamps.get("horizons", 0.0), 4), bytes_read=self.bytes_read)
         return out
