@@ -13,7 +13,9 @@ Each repeat measures, in this order and on the same (shared) machine:
   (relex's outputs are durable: every file is flushed before its rename); both are printed, the sum uses the second;
 * `relex extrapolate` with `--streaming` and with `--no-streaming`: wall, peak RSS, user/sys time, and the ratio of
   the wall to the sum of the three floors; for the streamed run, its seconds by phase (import, check, read,
-  subtract, Gram, solve, directions, state, write) beside the read and import floors of the same repeat;
+  subtract, Gram, solve, directions, state, write) beside the read and import floors of the same repeat (where the
+  blocks are read ahead on a thread, read and subtract are that thread's seconds and read_wait the wall's part);
+* with `--modes ...,readahead`, the streamed command with `RELEX_READ_AHEAD=1` (the next block read on a thread);
 * with `--baseline REPO`, the same streamed command of another checkout (before and after, same floors).
 
 The checkpoints are built once and kept in --dir (never in the repository); the weights move along a nearly rank-1
@@ -128,7 +130,9 @@ def main():
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--solver", default="auto")
     ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the CLI (default: unset)")
-    ap.add_argument("--modes", default="streaming,buffered", help="comma separated: streaming, buffered")
+    ap.add_argument("--modes", default="streaming,buffered",
+                    help="comma separated: streaming, buffered, readahead (streaming with RELEX_READ_AHEAD=1: the "
+                         "next block read on a thread while the solve uses the current one)")
     ap.add_argument("--baseline", default=None, metavar="REPO",
                     help="also run `relex extrapolate --streaming` of another checkout (e.g. a worktree of an older "
                          "commit) in each repeat, beside this one's: before and after under the same floors")
@@ -150,6 +154,7 @@ def main():
     env = dict(os.environ)
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     env["RELEX_TIMING"] = "1"
+    env.pop("RELEX_READ_AHEAD", None)  # the readahead mode sets it
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
     n_params = sum(math.prod(x) for x in shapes(CONFIG).values())
@@ -187,8 +192,8 @@ def main():
                    f"{5 * tcut},{10 * tcut}", "--out", out, "--dtype", args.dtype, "--solver", args.solver,
                    "--no-progress", "--no-streaming" if mode == "buffered" else "--streaming"]
             # `python -m` puts the working directory first on sys.path: each checkout runs from its own root
-            wall, rss, ru, se = _run(cmd, base_env if mode == "baseline" else env,
-                                     os.path.abspath(args.baseline) if mode == "baseline" else REPO)
+            run_env = {"baseline": base_env, "readahead": dict(env, RELEX_READ_AHEAD="1")}.get(mode, env)
+            wall, rss, ru, se = _run(cmd, run_env, os.path.abspath(args.baseline) if mode == "baseline" else REPO)
             rep = json.load(open(os.path.join(out, "report.json")))
             secs = rep.get("seconds", {})
             rows.append((r + 1, mode, wall, rss, fsum, ru.ru_utime + ru.ru_stime, csum))
