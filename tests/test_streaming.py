@@ -488,3 +488,32 @@ def test_both_solve_strategies_are_what_finalize_asks_for():
     assert used and used <= members, f"finalize uses {sorted(used - members)} of its solver beyond the protocol"
     hint = typing.get_type_hints(fin.finalize)["solver"]
     assert fin.SolveStrategy in typing.get_args(hint) and TrajectoryStore in typing.get_args(hint)
+
+
+@pytest.mark.parametrize("ahead", [True, False])
+def test_prefetch_order_arenas_and_read_errors(ahead):
+    """The blocks come back in the plan's order; read ahead, block k is read on the prefetch thread into arena k % 2
+    (the arena of block k - 1, which the caller has let go by asking for block k), one block ahead at most; a read
+    error is raised to the caller at that block, and stop() ends the thread. Without the read ahead each block is
+    read on the caller's thread into arena 0."""
+    import threading
+
+    seen = []
+
+    def read(job, slot):
+        seen.append((job, slot, threading.current_thread() is threading.main_thread()))
+        if job == 3:
+            raise RelexInputError("cannot read job 3")
+        return job * 10
+
+    p = streamed._Prefetch([0, 1, 2, 3, 4], read, ahead=ahead)
+    assert [p.next() for _ in range(3)] == [(0, 0), (1, 10), (2, 20)]
+    # read ahead, block 3 may be in flight (started when block 2 was handed over); block 4 is not read before
+    assert [j for j, _, _ in seen][:3] == [0, 1, 2] and 4 not in [j for j, _, _ in seen]
+    assert len(seen) == 3 or ahead
+    with pytest.raises(RelexInputError, match="job 3"):
+        p.next()
+    p.stop()
+    assert [j for j, _, _ in seen] == [0, 1, 2, 3]
+    assert [s for _, s, _ in seen] == ([0, 1, 0, 1] if ahead else [0, 0, 0, 0])
+    assert all(main is not ahead for _, _, main in seen)
