@@ -13,7 +13,9 @@ Each repeat measures, in this order and on the same (shared) machine:
   (relex's outputs are durable: every file is flushed before its rename); both are printed, the sum uses the second;
 * `relex extrapolate` with `--streaming` and with `--no-streaming`: wall, peak RSS, user/sys time, and the ratio of
   the wall to the sum of the three floors; for the streamed run, its seconds by phase (import, check, read,
-  subtract, Gram, solve, directions, state, write) beside the read and import floors of the same repeat;
+  subtract, Gram, solve, directions, state, write) beside the read and import floors of the same repeat (where the
+  blocks are read ahead on a thread, read and subtract are that thread's seconds and read_wait the wall's part);
+* with `--modes ...,readahead`, the streamed command with `RELEX_READ_AHEAD=1` (the next block read on a thread);
 * with `--baseline REPO`, the same streamed command of another checkout (before and after, same floors).
 
 The checkpoints are built once and kept in --dir (never in the repository); the weights move along a nearly rank-1
@@ -128,12 +130,21 @@ def main():
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--solver", default="auto")
     ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the CLI (default: unset)")
-    ap.add_argument("--modes", default="streaming,buffered", help="comma separated: streaming, buffered")
+    ap.add_argument("--modes", default="streaming,buffered",
+                    help="comma separated: streaming, buffered, readahead (streaming with RELEX_READ_AHEAD=1: the "
+                         "next block read on a thread while the solve uses the current one)")
     ap.add_argument("--baseline", default=None, metavar="REPO",
                     help="also run `relex extrapolate --streaming` of another checkout (e.g. a worktree of an older "
                          "commit) in each repeat, beside this one's: before and after under the same floors")
+    ap.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    build(args.dir, args.checkpoints, args.every)
+    if args.build_only:
+        build(args.dir, args.checkpoints, args.every)
+        return
+    # built in a child process: a process started by this one begins with this one's peak RSS (Linux keeps the
+    # high-water mark across fork and exec), so building here (GBs of tensors) would be counted as relex's peak
+    subprocess.run([sys.executable, os.path.abspath(__file__), "--build-only", "--dir", args.dir, "--checkpoints",
+                    str(args.checkpoints), "--every", str(args.every)], check=True)
     files = [os.path.join(args.dir, "base", "model.safetensors")] + [
         os.path.join(args.dir, "ckpts", f"checkpoint-{j * args.every}", "model.safetensors")
         for j in range(1, args.checkpoints + 1)
@@ -143,6 +154,7 @@ def main():
     env = dict(os.environ)
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     env["RELEX_TIMING"] = "1"
+    env.pop("RELEX_READ_AHEAD", None)  # the readahead mode sets it
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
     n_params = sum(math.prod(x) for x in shapes(CONFIG).values())
@@ -180,8 +192,8 @@ def main():
                    f"{5 * tcut},{10 * tcut}", "--out", out, "--dtype", args.dtype, "--solver", args.solver,
                    "--no-progress", "--no-streaming" if mode == "buffered" else "--streaming"]
             # `python -m` puts the working directory first on sys.path: each checkout runs from its own root
-            wall, rss, ru, se = _run(cmd, base_env if mode == "baseline" else env,
-                                     os.path.abspath(args.baseline) if mode == "baseline" else REPO)
+            run_env = {"baseline": base_env, "readahead": dict(env, RELEX_READ_AHEAD="1")}.get(mode, env)
+            wall, rss, ru, se = _run(cmd, run_env, os.path.abspath(args.baseline) if mode == "baseline" else REPO)
             rep = json.load(open(os.path.join(out, "report.json")))
             secs = rep.get("seconds", {})
             rows.append((r + 1, mode, wall, rss, fsum, ru.ru_utime + ru.ru_stime, csum))
@@ -219,15 +231,22 @@ def _breakdown(line: str, wall: float) -> str:
     check, streaming = float(head.group(1)), float(head.group(2))
     ph = {k: float(v) for k, v in re.findall(r"(\w+) ([\d.e+-]+)", head.group(3))}
     total = ph.get("total", 0.0)
+    # with the reads on a prefetch thread (a `read_wait` phase), the wall sees only the wait for them: read and
+    # subtract are that thread's seconds, overlapped with the Gram, solve, directions and state of the block before
+    overlapped = "read_wait" in ph
+    waited = ("read_wait",) if overlapped else ("read", "subtract")
     parts = {
         "import": wall - check - streaming, "check": check, "read": ph.get("read", 0.0),
-        "subtract": ph.get("subtract", 0.0), "gram": ph.get("gram", 0.0),
-        "solve": total - sum(ph.get(k, 0.0) for k in ("read", "subtract", "gram", "direction", "state_parts")),
+        "subtract": ph.get("subtract", 0.0), "read_wait": ph.get("read_wait", 0.0), "gram": ph.get("gram", 0.0),
+        "solve": total - sum(ph.get(k, 0.0) for k in (*waited, "gram", "direction", "state_parts")),
         "direction": ph.get("direction", 0.0), "state": ph.get("state_parts", 0.0) + ph.get("state", 0.0),
         "write": ph.get("horizons", 0.0),
     }
     parts["other"] = streaming - total - ph.get("state", 0.0) - ph.get("horizons", 0.0)
-    return ", ".join(f"{k} {v:.2f}" for k, v in parts.items())
+    if not overlapped:
+        del parts["read_wait"]
+    return ", ".join(f"{k} {v:.2f}" + (" (prefetch thread)" if overlapped and k in ("read", "subtract") else "")
+                     for k, v in parts.items())
 
 
 def _timed(cmd):

@@ -7,6 +7,7 @@ import json
 import contextlib
 import os
 import glob
+import struct
 import subprocess
 
 import pytest
@@ -225,6 +226,44 @@ def test_state_and_materialize_match_bit_for_bit(raw):
     assert json.load(open(os.path.join(out, f"step-{H}", "relex_horizon.json")))["horizon"] == H
     assert not [f for f in os.listdir(out) if f.startswith(".")]
     assert not [f for f in os.listdir(root) if ".relex-parts-" in f]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_read_ahead_writes_the_same_bytes_as_reading_in_turn(tmp_path, monkeypatch, dtype):
+    """The next block read on a thread while the solve uses the current one: every output byte as when each block is
+    read when the solve asks for it. The budget (300 columns) makes several groups and reads three tensors in column
+    chunks twice, so blocks are read ahead across groups, chunks and the two passes of a chunked tensor."""
+    base, ckpts = _trajectory(str(tmp_path), dtype=dtype, seed=4)
+    budget = 4 * (len(STEPS) + 1) * 300
+    outs = {}
+    for ahead in (True, False):
+        monkeypatch.setattr(streamed, "READ_AHEAD", ahead)
+        outs[ahead] = str(tmp_path / f"ahead-{ahead}")
+        _, rep = extrapolate_checkpoints(base, [ckpts], [H, 2 * H], outs[ahead], streaming=True,
+                                         memory_budget=budget)
+        assert rep["streaming"]["groups"] >= 4 and rep["streaming"]["tensors_read_twice"] == 3
+    files = sorted(os.path.relpath(f, outs[True]) for f in glob.glob(os.path.join(outs[True], "**"), recursive=True)
+                   if os.path.isfile(f))
+    assert files == sorted(os.path.relpath(f, outs[False]) for f in glob.glob(os.path.join(outs[False], "**"),
+                                                                             recursive=True) if os.path.isfile(f))
+    run_ids = [json.load(open(os.path.join(outs[a], "report.json")))["run_id"] for a in (True, False)]
+    for f in files:
+        a, b = (open(os.path.join(outs[x], f), "rb").read() for x in (True, False))
+        if f == "report.json":  # seconds differ on every run; every other field is compared
+            ra, rb = json.loads(a), json.loads(b)
+            for r in (ra, rb):
+                for k in ("seconds", "solve_seconds", "write_seconds", "created", "run_id", "out", "written"):
+                    r.pop(k, None)
+            assert json.dumps(ra, sort_keys=True).replace(outs[True], "OUT") == json.dumps(
+                rb, sort_keys=True).replace(outs[False], "OUT")
+        else:  # the run id (a fresh uuid per run) is in the state's metadata and each horizon's marker
+            if f.endswith(".safetensors"):  # the header as parsed JSON (safetensors orders metadata keys freely)
+                (na,), (nb,) = struct.unpack("<Q", a[:8]), struct.unpack("<Q", b[:8])
+                ha, hb = (json.loads(h.decode().replace(i, "ID")) for h, i in ((a[8: 8 + na], run_ids[0]),
+                                                                              (b[8: 8 + nb], run_ids[1])))
+                assert ha == hb, f
+                a, b = a[8 + na:], b[8 + nb:]
+            assert a.replace(run_ids[0].encode(), b"ID") == b.replace(run_ids[1].encode(), b"ID"), f
 
 
 def test_bf16_checkpoints(tmp_path):
@@ -449,3 +488,32 @@ def test_both_solve_strategies_are_what_finalize_asks_for():
     assert used and used <= members, f"finalize uses {sorted(used - members)} of its solver beyond the protocol"
     hint = typing.get_type_hints(fin.finalize)["solver"]
     assert fin.SolveStrategy in typing.get_args(hint) and TrajectoryStore in typing.get_args(hint)
+
+
+@pytest.mark.parametrize("ahead", [True, False])
+def test_prefetch_order_arenas_and_read_errors(ahead):
+    """The blocks come back in the plan's order; read ahead, block k is read on the prefetch thread into arena k % 2
+    (the arena of block k - 1, which the caller has let go by asking for block k), one block ahead at most; a read
+    error is raised to the caller at that block, and stop() ends the thread. Without the read ahead each block is
+    read on the caller's thread into arena 0."""
+    import threading
+
+    seen = []
+
+    def read(job, slot):
+        seen.append((job, slot, threading.current_thread() is threading.main_thread()))
+        if job == 3:
+            raise RelexInputError("cannot read job 3")
+        return job * 10
+
+    p = streamed._Prefetch([0, 1, 2, 3, 4], read, ahead=ahead)
+    assert [p.next() for _ in range(3)] == [(0, 0), (1, 10), (2, 20)]
+    # read ahead, block 3 may be in flight (started when block 2 was handed over); block 4 is not read before
+    assert [j for j, _, _ in seen][:3] == [0, 1, 2] and 4 not in [j for j, _, _ in seen]
+    assert len(seen) == 3 or ahead
+    with pytest.raises(RelexInputError, match="job 3"):
+        p.next()
+    p.stop()
+    assert [j for j, _, _ in seen] == [0, 1, 2, 3]
+    assert [s for _, s, _ in seen] == ([0, 1, 0, 1] if ahead else [0, 0, 0, 0])
+    assert all(main is not ahead for _, _, main in seen)

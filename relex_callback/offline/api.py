@@ -391,8 +391,10 @@ def extrapolate_checkpoints(base: str, checkpoints: Sequence[str], horizons, out
             (``None``): streaming on the CPU with the default ``storage`` and a Gram solver (``auto`` or ``gram``);
             the buffer otherwise (``--device cuda``, an explicit ``storage``, ``solver="power"``). With streaming,
             ``dtype`` is the dtype of the directions kept in the state file (the horizons are written from them).
-        memory_budget (`int`, *optional*, defaults to 256 MiB): with streaming, the bytes of float32 blocks read at a
-            time (tensors whose ``T + 1`` rows fit are read once, larger ones twice in column chunks).
+        memory_budget (`int`, *optional*, defaults to 256 MiB): with streaming, the bytes of a float32 block
+            (tensors whose ``T + 1`` rows fit are read once, larger ones twice in column chunks); with
+            ``RELEX_READ_AHEAD=1`` in the environment two blocks are in memory, the next one read on a thread while
+            the solve uses the other.
         run_check (`bool`, *optional*, defaults to `True`): refuse checkpoints that are not one run started from
             ``base`` (:mod:`relex_callback.offline.belongs`: copies, never-trained tensors that differ from the base,
             a first checkpoint farther from the base than the run's steps can reach), from sampled elements.

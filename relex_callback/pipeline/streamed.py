@@ -9,7 +9,10 @@ theta_0, builds the ``T x T`` Gram (float32 products per column chunk, summed in
 and fits the lines with the solver's own math (:func:`relex_callback.core.solver._top_eigenpairs`, ``_directions``,
 :func:`relex_callback.core.fit.fit_lines`), and gets the directions ``v = M^T u / sigma`` from the same block.
 Tensors are grouped so that a group's block fits ``memory_budget``: such a group is read once. A tensor larger than
-the budget is read in column chunks twice (Gram, then direction).
+the budget is read in column chunks twice (Gram, then direction). With ``RELEX_READ_AHEAD=1`` the next block is read
+on a thread while the solve uses the current one (:class:`_Prefetch`: two blocks in memory; the reads and the
+subtraction release the GIL, so with a free core the reading runs beside the Gram, eigenpairs, directions and state
+part of the block before; see :data:`READ_AHEAD`).
 
 It is a solve strategy of the one pipeline (:func:`relex_callback.pipeline.finalize.finalize` runs
 :class:`StreamedSolve` with its :class:`~relex_callback.files.streaming.StreamedWriter`), so the order, the checks
@@ -28,9 +31,10 @@ and the messages are the pipeline's:
    (:func:`relex_callback.files.streaming.write_shard_streaming`), so a shard is never held in memory;
 4. ``report.json`` from :func:`relex_callback.files.report.build_report`.
 
-Peak memory is about ``memory_budget`` plus the largest tensor's direction and one float32 copy of it, whatever the
-number of checkpoints and the model size. The bytes on disk (reading slices, joining the state parts, writing the
-horizons) are :mod:`relex_callback.files.streaming`'s; this module is the solve.
+Peak memory is about ``memory_budget`` (twice with the read ahead: the block being solved and the one being read)
+plus the largest tensor's direction and one float32 copy of it, whatever the number of checkpoints and the model
+size. The bytes on disk (reading slices, joining the state parts, writing the horizons) are
+:mod:`relex_callback.files.streaming`'s; this module is the solve.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ import os
 import sys
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Optional, Sequence
 
 import numpy as np
@@ -71,6 +76,12 @@ GRAM_CHUNK = 1 << 20
 # threads): torch's sub_ on several OpenMP threads meets a barrier per piece, which costs more than the subtraction
 # on a loaded host (`python bench/extrapolate.py` prints the subtract phase beside the read).
 SUB_PIECE = 1 << 18
+# Read the next block on a thread while the solve uses the current one (:class:`_Prefetch`), with RELEX_READ_AHEAD=1;
+# off by default: it can shorten the wall only where a core is free (the reads and the Gram each want one), and on the
+# shared 2-core machine `python bench/extrapolate.py --modes streaming,readahead` measured the same wall and CPU time
+# either way (docs/cli.md, "Speed") for 0.27 GB more peak memory (two blocks). Off, each block is read when the solve
+# asks for it, into one arena; the bytes written are the same either way (tests/test_streaming.py compares them).
+READ_AHEAD = os.environ.get("RELEX_READ_AHEAD", "") == "1"
 
 
 # ------------------------------------------------------------------------------------------------ grouping
@@ -152,6 +163,52 @@ def _first_nonfinite(readers, ckpts, names, numels, base_reader):
     return None, []
 
 
+class _Prefetch:
+    """The blocks of ``jobs`` read one ahead on a thread: while the solve uses block ``k`` (its Gram, eigenpairs,
+    directions and state part, on the calling thread), block ``k + 1`` is read into the other of two arenas
+    (``preadv`` and numpy's subtraction release the GIL, so the two run on two cores). Nothing of the arithmetic
+    moves: each block is read and subtracted by the same code in the same order, on one thread as before, so the
+    bytes written are the same; at most two blocks exist at a time.
+
+    ``read(job, slot)`` fills arena ``slot`` and returns the block; :meth:`next` returns ``(job, block)`` in the order
+    of ``jobs`` (an error of the read raised there) and starts the read of the following job into the arena of the
+    block before, which the caller has finished with when it asks for the next one. :meth:`stop` waits for a read in
+    flight and ends the thread (before the files are closed, or read again by the caller). With ``ahead=False``
+    there is no thread: :meth:`next` reads each block when asked, into arena 0."""
+
+    def __init__(self, jobs: list, read, ahead: bool = True):
+        self.jobs, self.read, self.k, self.ahead = jobs, read, 0, ahead
+        self._pool = self._pending = None
+        if jobs and ahead:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="relex-read")
+            self._pending = self._pool.submit(read, jobs[0], 0)
+
+    def next(self):
+        if not self.ahead and self.k < len(self.jobs):  # read now, on this thread, into the one arena
+            self.k += 1
+            return self.jobs[self.k - 1], self.read(self.jobs[self.k - 1], 0)
+        if self._pending is None:
+            raise RuntimeError("streamed read: no block left (or the reads were stopped)")
+        k = self.k
+        block = self._pending.result()  # on an error (or an interrupt) the read stays pending: stop() waits for it
+        self._pending = None
+        self.k = k + 1
+        if self.k < len(self.jobs):
+            self._pending = self._pool.submit(self.read, self.jobs[self.k], self.k % 2)
+        return self.jobs[k], block
+
+    def stop(self):
+        fut, self._pending = self._pending, None
+        if fut is not None:
+            try:
+                fut.result()
+            except BaseException:  # noqa: BLE001 - a block nobody will use: its read error is not the caller's
+                pass
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+
 class StreamedSolve:
     """The tensor-major solve strategy of ``relex extrapolate`` (the module docstring has the plan): groups of tensors
     read from the memory-mapped checkpoints in float32, their Grams, eigenpairs and directions, each group's part of
@@ -165,7 +222,8 @@ class StreamedSolve:
         names (`list[str]`): the tracked tensors (the base's floating-point keys).
         dtype (`torch.dtype`): the dtype of the directions kept in the state file (and used for the horizons).
         max_shard_size: of the written checkpoints.
-        memory_budget (`int`, *optional*, defaults to 256 MiB): bytes of float32 blocks read at a time.
+        memory_budget (`int`, *optional*, defaults to 256 MiB): bytes of a float32 block (two in memory with
+            ``RELEX_READ_AHEAD=1``: the next one is read while the solve uses the other).
         progress (`bool`, *optional*): a progress bar on stderr.
     """
 
@@ -186,9 +244,12 @@ class StreamedSolve:
         self.secs = {"read": 0.0, "gram": 0.0, "direction": 0.0, "state_parts": 0.0}
         self.bytes_read = 0
         self.sub_seconds = 0.0
+        self.wait_seconds = 0.0  # the solve waiting for a block read ahead (in timings(), not the report's phases)
         self.run_id = uuid.uuid4().hex  # this extrapolation's id: in the state file and every step-H/ marker
         self.groups: list = []
         self._open: list = []
+        self._arenas: list = [None, None]
+        self._blocks = _Prefetch([], None)
 
     def check(self, settings):
         T = len(self.cks)
@@ -222,6 +283,8 @@ class StreamedSolve:
             bar = tqdm(total=sum(self.numels), desc="relex: reading checkpoints", unit="param", unit_scale=True,
                        file=sys.stderr, dynamic_ncols=True)
             self._open.append(bar)
+        self._blocks = _Prefetch(self._read_jobs(), lambda job, slot: self._read_block(
+            (self._arena(slot), readers, base_reader), *job), ahead=READ_AHEAD)
         try:
             for gi, (idx, resident) in enumerate(self.groups):
                 sol, bt, col = self._solve_group(gi, idx, resident, readers, base_reader, fp_mapped, settings,
@@ -245,12 +308,11 @@ class StreamedSolve:
         directions, the horizon overflow check, and its part of the state file. Returns ``(solution, backtest,
         columns)``."""
         T, steps, rank, fit_start = len(self.cks), self.steps, settings.rank, settings.fit_start
-        arena = self._arena()
         gspecs, col = self._group_specs(idx)
         S = len(idx)
         G = torch.zeros(S, T, T, dtype=torch.float64)
         V = torch.zeros(rank, col, dtype=self.dtype)
-        io = (arena, readers, base_reader)
+        io = (None, readers, base_reader)
         if resident:
             fitted, theta0 = self._solve_resident(io, gspecs, col, G, V, rank, fit_start)
         else:
@@ -268,10 +330,37 @@ class StreamedSolve:
                                 names=[x.name for x in gspecs])
         return sol, bt, col
 
+    def _read_jobs(self):
+        """Every block the solve reads, in the order it reads them: ``(cols_of, width, start)`` per resident group,
+        and for a tensor too large for the budget its column chunks twice (the Gram pass, then the directions)."""
+        T = len(self.cks)
+        jobs = []
+        for idx, resident in self.groups:
+            gspecs, col = self._group_specs(idx)
+            if resident:
+                jobs.append(([(s.name, s.offset, s.local_numel) for s in gspecs], col, 0))
+                continue
+            n = gspecs[0].local_numel
+            width = max(1, self.memory_budget // (4 * (T + 1)))
+            for _ in range(2):
+                jobs += [([(gspecs[0].name, 0, min(width, n - a))], min(width, n - a), a) for a in range(0, n, width)]
+        return jobs
+
+    def _next_block(self, cols_of, width, s=0):
+        """The next block of :meth:`_read_jobs` (read ahead by the prefetch thread while the previous block was
+        used); the seconds waited for it go to ``read_wait`` in :meth:`timings`."""
+        t = time.perf_counter()
+        job, block = self._blocks.next()
+        self.wait_seconds += time.perf_counter() - t
+        if job != (cols_of, width, s):  # the plan and the solve disagree: a bug, never the input's fault
+            raise RuntimeError(f"streamed read out of order: expected {(cols_of, width, s)}, got {job}")
+        return block
+
     def _read_block(self, io, cols_of, width, s=0):
         """Rows 0..T-1: the deltas; row T: theta_0, for columns laid out by ``cols_of`` [(name, col, count)].
         Each checkpoint's slice is read in cache-sized pieces and theta_0 subtracted while the piece is in
-        cache."""
+        cache. With the read ahead it runs on the prefetch thread (:class:`_Prefetch`): its seconds are the thread's,
+        not the wall's."""
         arena, readers, base_reader = io
         T = len(self.cks)
         clock = time.perf_counter
@@ -302,6 +391,7 @@ class StreamedSolve:
         d = torch.diagonal(G, dim1=-2, dim2=-1)
         if bool(torch.isfinite(d).all()):
             return
+        self._blocks.stop()  # the readers are read again below: the block read ahead is not needed any more
         nonfinite_base(self.src_base, self.src_base.path, self.names)  # a NaN in theta_0 is the base's
         ck, bad = _first_nonfinite(readers, self.cks, self.names, self.numels, base_reader)
         if ck is None:  # Inf products of finite values: deltas beyond float32's square root
@@ -327,7 +417,7 @@ class StreamedSolve:
         (the fit, theta_0 of the group)."""
         T, secs = len(self.cks), self.secs
         S = len(gspecs)
-        block = self._read_block(io, [(s.name, s.offset, s.local_numel) for s in gspecs], col)
+        block = self._next_block([(s.name, s.offset, s.local_numel) for s in gspecs], col)
         tg = time.perf_counter()
         for j, s in enumerate(gspecs):
             _gram_into(G[j], block[:T, s.offset: s.offset + s.local_numel])
@@ -350,7 +440,7 @@ class StreamedSolve:
         width = max(1, self.memory_budget // (4 * (T + 1)))
         for a in range(0, n, width):
             k = min(width, n - a)
-            block = self._read_block(io, [(s.name, 0, k)], k, a)
+            block = self._next_block([(s.name, 0, k)], k, a)
             tg = time.perf_counter()
             _gram_into(G[0], block[:T])
             secs["gram"] += time.perf_counter() - tg
@@ -359,7 +449,7 @@ class StreamedSolve:
         X = fitted[2]
         for a in range(0, n, width):
             k = min(width, n - a)
-            block = self._read_block(io, [(s.name, 0, k)], k, a)
+            block = self._next_block([(s.name, 0, k)], k, a)
             td = time.perf_counter()
             V[:, a: a + k] = X[0].T @ block[:T]
             secs["direction"] += time.perf_counter() - td
@@ -386,16 +476,19 @@ class StreamedSolve:
         secs["state_parts"] += time.perf_counter() - ts
         self.writer.part_files.append(part)
 
-    def _arena(self) -> torch.Tensor:
-        if getattr(self, "_arena_t", None) is None:
+    def _arena(self, slot: int) -> torch.Tensor:
+        """The float32 memory of the blocks read into ``slot`` (0 or 1: one block is read while the other is used),
+        allocated when the slot is first read into (a run of one block never allocates the second)."""
+        if self._arenas[slot] is None:
             T, budget = len(self.cks), self.memory_budget
             cols = max([sum(self.numels[i] for i in g) if res else max(1, budget // (4 * (T + 1)))
                         for g, res in self.groups] + [1])
-            self._arena_t = torch.empty((T + 1) * cols, dtype=torch.float32)
-        return self._arena_t
+            self._arenas[slot] = torch.empty((T + 1) * cols, dtype=torch.float32)
+        return self._arenas[slot]
 
     def _close_readers(self):
-        self._arena_t = None  # the float32 blocks are not needed for the writes
+        self._blocks.stop()  # before the files are closed: the prefetch thread may be reading them
+        self._arenas = [None, None]  # the float32 blocks are not needed for the writes
         for r in self._open:
             r.close()
         self._open = []
@@ -420,10 +513,16 @@ class StreamedSolve:
         return {}
 
     def timings(self) -> dict:
-        """Seconds by phase (read, subtract, gram, direction, state parts, total solve, state, horizons) and bytes
-        read; ``read`` here excludes the subtraction (the report's ``seconds.read`` includes it)."""
+        """Seconds by phase (read, gram, direction, state parts, total solve, subtract, read_wait, state,
+        horizons) and bytes read (``read`` here excludes the subtraction; the report's ``seconds.read`` includes it).
+        With the read ahead, ``read`` and ``subtract`` are the prefetch thread's seconds, spent while the solve ran on
+        the other block;
+        ``read_wait`` is what the solve waited for them (the part of the reads the wall sees); without the read
+        ahead, read and subtract are the wall's and there is no ``read_wait``."""
         out = {k: round(v, 4) for k, v in self.secs.items()}
         out.update(read=round(self.secs["read"] - self.sub_seconds, 4), subtract=round(self.sub_seconds, 4))
+        if self._blocks.ahead:
+            out.update(read_wait=round(self.wait_seconds, 4))
         out.update(state=round(self.writer.stamps.get("state", 0.0), 4),
                    horizons=round(self.writer.stamps.get("horizons", 0.0), 4), bytes_read=self.bytes_read)
         return out
