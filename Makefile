@@ -63,11 +63,14 @@ test-compat: .venv-low/.installed .venv-new/.installed
 lint: $(VENV)/.installed
 	$(PY) -m ruff check .
 
+# the tests in parallel, one worker per core (pytest-xdist; tests/conftest.py gives each one thread); TEST_WORKERS=0
+# runs them in this process
+TEST_WORKERS ?= auto
 test: lint
-	$(PY) -m pytest -q -ra --durations=15
+	$(PY) -m pytest -q -ra --durations=15 -n $(TEST_WORKERS) --dist worksteal
 
 test-fast: lint
-	$(PY) -m pytest -q -ra -m "not slow"
+	$(PY) -m pytest -q -ra -m "not slow" -n $(TEST_WORKERS) --dist worksteal
 
 # the toy model on a paying and a harmful task (1-2 min), then the real model (~15 min on 2 cores, install included);
 # `make demo DEMO_ARGS=--toy-only`: the toy part alone; `make demo DEMO_ARGS=--quick`: the tiny model in seconds

@@ -23,7 +23,11 @@ if not torch.cuda.is_available():
     assert "triton" not in sys.modules, "triton was imported before tests/conftest.py could enable its interpreter"
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# `make test` runs the tests in parallel (pytest-xdist, one worker per core): each worker, and the processes it
+# starts, then computes on one thread; oversubscribed cores make OpenMP's waiting threads spin (several times slower).
+_THREADS = max(1, min(2, os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+os.environ.setdefault("OMP_NUM_THREADS", str(_THREADS))
+torch.set_num_threads(_THREADS)
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 import re
+import socket
 
 import pytest
 
@@ -43,12 +44,14 @@ SCRIPT = os.path.join(HERE, "dist_scripts", "train_grpo.py")
 CONFIGS = os.path.join(HERE, "configs")
 BIN = os.path.dirname(sys.executable)
 TCUT, HORIZONS = 6, (12, 20)
-_PORT = [29600]
 
 
 def _port():
-    _PORT[0] += 1
-    return str(_PORT[0] + os.getpid() % 200)
+    """A port no other process holds now: the tests run in parallel (pytest-xdist), so a fixed or counted port
+    could be taken by another worker's launcher."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
 
 
 def _env():
