@@ -102,7 +102,8 @@ def test_summary_says_per_horizon_call_and_its_cost(tmp_path, capsys):
         n = math.ceil((2 * se * math.sqrt(prompts) / abs(d)) ** 2)
         assert c["prompts_needed"] == max(n, 1) and f"needs ~{c['prompts_needed']} eval prompt" in line
         rollouts = 2 * c["prompts_needed"] * 4 / 4  # 4 completions per prompt; 4 completions per training step
-        assert c["rollouts_steps"] == pytest.approx(rollouts) and f"= {rollouts:.2g} training steps' rollouts" in line
+        shown = f"{rollouts:.2g}" if rollouts < 100 else f"{rollouts:.0f}"  # 350, not 3.5e+02
+        assert c["rollouts_steps"] == pytest.approx(rollouts) and f"= {shown} training steps' rollouts" in line
 
 
 def test_unscored_summary_names_the_check_and_its_prompts(tmp_path, capsys):

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import time
 import warnings
@@ -553,11 +554,19 @@ def print_table_real(result: dict):
         scores = ", ".join(f"step {k}: {v.get('reward', float('nan')):.3f}" for k, v in
                            sorted(he.items(), key=lambda kv: int(kv[0])))
         tcut_key, best = str(result["settings"]["tcut"]), result.get("best_horizon")
-        beats = best is not None and he.get(str(best), {}).get("reward", -1) > he.get(tcut_key, {}).get("reward", 1)
+        at_best, at_tcut = he.get(str(best), {}) if best is not None else {}, he.get(tcut_key, {})
+        beats = at_best.get("reward", -1) > at_tcut.get("reward", 1)
+        verdict = "no horizon scores above the tcut model"
+        if beats:
+            diff = at_best["reward"] - at_tcut["reward"]
+            ses = [m.get("reward_stderr") for m in (at_best, at_tcut)]
+            band = 2 * math.sqrt(sum(se ** 2 for se in ses)) if None not in ses else None
+            verdict = f"best horizon {best}, above the tcut model by {diff:+.3f}" + (
+                "" if band is None else ", beyond its noise band" if diff > band else
+                f", within its noise band (+-{band:.3f}): not a call")
         trust += (
             f"\nscored at tcut by the trainer's own evaluation ({result['settings']['select']} sums never trained "
-            f"on, sampled; eval reward): {scores}; "
-            + (f"best horizon {best}, above the tcut model" if beats else "no horizon scores above the tcut model")
+            f"on, sampled; eval reward): {scores}; {verdict}"
         )
     if trust:
         print("signals at tcut (before any further training):")

@@ -325,7 +325,9 @@ def format_calls(calls: dict, tcut) -> list[str]:
             if num(c.get("completions_needed")):
                 line += f" ({c['completions_needed']:.0f} completions for the tcut model and this horizon"
                 if num(c.get("rollouts_steps")):
-                    line += f" = {c['rollouts_steps']:.2g} training steps' rollouts, no backward pass"
+                    steps = c["rollouts_steps"]
+                    line += f" = {steps:.2g}" if steps < 100 else f" = {steps:.0f}"
+                    line += " training steps' rollouts, no backward pass"
                 line += ")"
         lines.append(line)
     return lines
