@@ -202,17 +202,35 @@ def sum_reward(completions, answer, **kwargs) -> list[float]:
     return [1.0 if parse_answer(_text(c)) == str(a) else 0.0 for c, a in zip(completions, answer)]
 
 
+def graded_score(text: str, truth) -> float:
+    """Partial credit for one completion: ``max(0, 1 - |answer - truth| / truth)`` with the answer the completion's
+    last integer (:func:`parse_answer`), 0.0 when it has no number; 1.0 only for the exact sum (``truth`` > 0)."""
+    got, truth = parse_answer(text), int(truth)
+    if got is None:
+        return 0.0
+    return max(0.0, 1.0 - abs(int(got) - truth) / truth)
+
+
+def graded_reward(completions, answer, **kwargs) -> list[float]:
+    """TRL reward function: :func:`graded_score` of each completion, so an answer near the sum earns part of the
+    reward (the exact reward of :func:`sum_reward` gives a group of near misses no signal)."""
+    return [graded_score(_text(c), a) for c, a in zip(completions, answer)]
+
+
 @torch.no_grad()
-def greedy_accuracy(model, tokenizer, problems: list[dict], *, max_new_tokens: int = 16, batch_size: int = 64) -> float:
-    """Share of ``problems`` answered right under greedy decoding, in batches (left padding)."""
+def greedy_scores(model, tokenizer, problems: list[dict], *, max_new_tokens: int = 16,
+                  batch_size: int = 64) -> dict:
+    """One greedy completion per problem (in batches, left padding), scored two ways: ``{"graded": [...],
+    "exact": [...]}``, per problem in the order given (:func:`graded_score`, and 1.0/0.0 from :func:`sum_reward`),
+    so two checkpoints can be compared prompt by prompt."""
     if not problems:
-        raise RelexInputError("greedy_accuracy needs at least one problem")
+        raise RelexInputError("greedy_scores needs at least one problem")
     was_training = model.training
     model.eval()
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    right = 0
+    graded, exact = [], []
     try:
         for i in range(0, len(problems), batch_size):
             batch = problems[i : i + batch_size]
@@ -221,11 +239,21 @@ def greedy_accuracy(model, tokenizer, problems: list[dict], *, max_new_tokens: i
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
                                  eos_token_id=tokenizer.eos_token_id)
             texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-            right += sum(r == 1.0 for r in sum_reward(texts, [p["answer"] for p in batch]))
+            answers = [p["answer"] for p in batch]
+            graded += graded_reward(texts, answers)
+            exact += sum_reward(texts, answers)
     finally:
         tokenizer.padding_side = side
         model.train(was_training)
-    return right / len(problems)
+    return {"graded": graded, "exact": exact}
+
+
+def greedy_accuracy(model, tokenizer, problems: list[dict], *, max_new_tokens: int = 16, batch_size: int = 64) -> float:
+    """Share of ``problems`` answered right under greedy decoding (:func:`greedy_scores`' exact scores)."""
+    if not problems:
+        raise RelexInputError("greedy_accuracy needs at least one problem")
+    exact = greedy_scores(model, tokenizer, problems, max_new_tokens=max_new_tokens, batch_size=batch_size)["exact"]
+    return sum(exact) / len(problems)
 
 
 # ------------------------------------------------------------------------------------------------- weights
