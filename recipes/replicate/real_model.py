@@ -51,6 +51,7 @@ from relex_callback import load_state, RelexCallback  # noqa: E402
 from relex_callback.examples.real_model import (  # noqa: E402
     delta_stats,
     flat_params,
+    graded_reward,
     greedy_accuracy,
     load_model,
     load_weights,
@@ -80,6 +81,7 @@ class Setting:
     n_eval: int = 40
     seed: int = 0
     micro_batch: int = 0  # completions per forward/backward (gradient accumulation makes up the rest); 0: all at once
+    reward: str = "exact"  # "exact": sum_reward (1 for the right sum); "graded": graded_reward (partial credit)
 
     def horizons(self, tcut: int) -> list[int]:
         return [h for h in (2 * tcut, 3 * tcut, 4 * tcut, 6 * tcut, 8 * tcut) if h <= self.steps]
@@ -141,8 +143,12 @@ def last_trainer_checkpoint(run_dir: str):
     return os.path.join(d, f"checkpoint-{max(steps)}") if steps else None
 
 
-def train(s: Setting, base_dir: str, run_dir: str, checkpoint_every: int = 0, resume: bool = False):
-    """GRPO for ``s.steps`` steps, saving every step's checkpoint under ``run_dir/ckpt``; the callback runs in
+REWARDS = {"exact": sum_reward, "graded": graded_reward}
+
+
+def train(s: Setting, base_dir: str, run_dir: str, checkpoint_every: int = 0, resume: bool = False, save_steps=None):
+    """GRPO for ``s.steps`` steps, saving every step's checkpoint (or those of ``save_steps``) under
+    ``run_dir/ckpt``; the callback runs in
     validation mode with the first tcut. With ``checkpoint_every`` the Trainer also saves its own checkpoint (model,
     optimizer, RNG, the callback's window) every that many steps, keeping the last; ``resume`` continues from the
     newest one, so a run longer than one sitting goes on where it stopped. Returns (held-out problems, train log,
@@ -169,7 +175,7 @@ def train(s: Setting, base_dir: str, run_dir: str, checkpoint_every: int = 0, re
                          f"--checkpoint-every N to make one)")
     relex = RelexCallback(tcut=tcut, horizons=s.horizons(tcut), stop_training=False,
                           output_dir=os.path.join(run_dir, "callback"), overwrite=not resume)
-    saver = SaveAtSteps(save_steps=set(range(1, s.steps + 1)), save_dir=ckpt, tokenizer=tok)
+    saver = SaveAtSteps(save_steps=set(save_steps or range(1, s.steps + 1)), save_dir=ckpt, tokenizer=tok)
     args = GRPOConfig(
         output_dir=os.path.join(run_dir, "trainer"), use_cpu=True, bf16=False, learning_rate=s.lr,
         lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_steps=s.steps,
@@ -182,7 +188,7 @@ def train(s: Setting, base_dir: str, run_dir: str, checkpoint_every: int = 0, re
     trainer = GRPOTrainer(
         model=model,
         processing_class=tok,
-        reward_funcs=sum_reward,
+        reward_funcs=REWARDS[s.reward],
         args=args,
         train_dataset=Dataset.from_list(train_set),
         callbacks=[relex, saver, StepBar(f"GRPO {s.name}")],
