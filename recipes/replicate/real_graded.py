@@ -94,7 +94,8 @@ def run_setting(s: Setting, base_dir: str, out_root: str, keep: bool = False) ->
     return {
         "setting": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(s).items()},
         "scores": scores, "n_eval": len(test),
-        "train": {"reward": tl["reward"], "validation": tl["validation"]},
+        "train": {"reward": tl["reward"],  # the callback's own check at each horizon (cosine, norm ratio), no tensors
+                  "validation": {h: v.get("summary") for h, v in (tl["validation"] or {}).items()}},
         "seconds": {"train": round(sec_train, 1), "per_step": round(sec_train / s.steps, 2), "eval": round(sec_eval, 1),
                     "evals": len(ckpts), "per_eval": round(sec_eval / len(ckpts), 1)},
     }
