@@ -2,11 +2,13 @@
 it."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
-from safetensors.torch import load_file
 
+import torch
+from safetensors.torch import load_file
 
 
 def test_demo_quick(tmp_path, subprocess_env):
@@ -47,8 +49,16 @@ def test_toy_pair_table(tmp_path, monkeypatch, capsys):
 
     for k, v in dict(tcut=4, horizons=(8, 12), warmup=5, select=8, samples=4).items():
         monkeypatch.setitem(demo.TOY, k, v)
+    from transformers.utils import logging as hf_logging
+
     args = argparse.Namespace(out=str(tmp_path), seed=0, threads=1, verbose=False)
+    logger = logging.getLogger("relex_callback")
+    before = (logger.level, hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled(), torch.get_num_threads())
     result = demo.run_toy_pair(args)
+    # the part quiets the logs while it runs, not after: a later run in the same process (a test, the real model's
+    # part) must still see the package's warnings
+    assert (logger.level, hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled(),
+            torch.get_num_threads()) == before
     demo.print_toy_pair(result)
     out = capsys.readouterr().out
     assert [t["task"] for t in result["tasks"]] == ["char", "sums"]

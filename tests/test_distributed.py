@@ -46,12 +46,26 @@ BIN = os.path.dirname(sys.executable)
 TCUT, HORIZONS = 6, (12, 20)
 
 
+_PORTS = {"next": 0}
+
+
 def _port():
-    """A port no other process holds now: the tests run in parallel (pytest-xdist), so a fixed or counted port
-    could be taken by another worker's launcher."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
+    """A port for a launcher's rendezvous that no other process holds now. The tests run in parallel (pytest-xdist):
+    each worker takes its ports from a block of its own, below the range where the OS picks the local ports of
+    connections (gloo's among them: an OS-assigned port could be one a rendezvous is about to bind), and skips any
+    port that something holds."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:]
+    base = 20000 + 1000 * (int(worker) % 12 if worker.isdigit() else 0)
+    for _ in range(1000):
+        _PORTS["next"] += 1
+        port = base + (_PORTS["next"] + os.getpid()) % 1000
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return str(port)
+    raise RuntimeError(f"no free port in {base}..{base + 999}")
 
 
 def _env():

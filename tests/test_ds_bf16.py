@@ -220,9 +220,11 @@ def test_bf16_deepspeed_without_fp32_masters_is_refused_on_every_process(tmp_pat
     """ZeRO stage 0 with bf16: DeepSpeed's FP16 optimizer wrapper keeps its fp32 masters where the callback does not
     read them; the run is refused at on_train_begin on every process (before step 1), saying what to change."""
     out = str(tmp_path)
-    launch("zero0_bf16", out, "--bf16", "--lr", LR, "--catch", expect_fail=True)
+    p = launch("zero0_bf16", out, "--bf16", "--lr", LR, "--catch", expect_fail=True)
     for r in range(2):
-        info = json.load(open(os.path.join(out, f"rank-{r}.json")))
+        path = os.path.join(out, f"rank-{r}.json")  # written by the script where it caught the refusal
+        assert os.path.isfile(path), f"rank {r} failed before the refusal:\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}"
+        info = json.load(open(path))
         assert info["error"] == "RelexInputError" and info["global_step"] == 0, info
         assert "finds no fp32 master weights" in info["message"] and "ZeRO stage 1, 2 or 3" in info["message"]
     relex = os.path.join(out, "relex")

@@ -230,12 +230,21 @@ def run_toy_pair(args) -> dict:
     rewards = {"char": char_reward, "sums": arithmetic_reward}
     # one thread whatever --threads says: the toy model's tensors are too small for a second one to help, and on a
     # machine shared with other jobs two threads made this part 7.7x slower (797 s against 104 s with one)
+    from transformers.utils import logging as hf_logging
+
     threads = torch.get_num_threads()
+    # the part quiets the package's and transformers' logs while it runs (unless --verbose); what follows in this
+    # process (the real model's part, or a caller's own run) gets them back as they were
+    level, hf_level = logging.getLogger("relex_callback").level, hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
     torch.set_num_threads(1)
     try:
         return _toy_pair(args, rewards)
     finally:
         torch.set_num_threads(threads)
+        logging.getLogger("relex_callback").setLevel(level)
+        hf_logging.set_verbosity(hf_level)
+        (hf_logging.enable_progress_bar if bars else hf_logging.disable_progress_bar)()
 
 
 def _toy_pair(args, rewards) -> dict:
