@@ -8,7 +8,7 @@ import json
 import math
 import os
 import statistics
-from relex_callback.files.fs import write_json
+from relex_callback.files.fs import write_json, write_text
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TASK_ORDER = {"char": 0, "char_w": 1, "sums2": 2, "graded": 3, "sums": 4}
@@ -321,15 +321,20 @@ def analyze(cfg):
     R = {"cells": len(cells), "cpu_seconds": cpu, "table": table, "signals": sig_rows, "separation": sep,
          "prompts_needed": need, "prompts_needed_median": summary}
 
-    write_json(os.path.join(cfg.out, "boundary.json"), R, indent=1)
-    with open(os.path.join(cfg.out, "boundary.md"), "w") as f:
-        f.write(md)
+    return publish(cfg, "boundary", R, md, cfg.marker)
+
+
+def publish(cfg, name: str, figures: dict, md: str, marker: str) -> dict:
+    """``<out>/<name>.json`` (the figures) and ``<out>/<name>.md`` (the tables), each written whole or not at all,
+    the tables spliced into ``cfg.doc`` between ``marker``'s comments and printed; returns ``figures``."""
+    write_json(os.path.join(cfg.out, f"{name}.json"), figures, indent=1)
+    write_text(os.path.join(cfg.out, f"{name}.md"), md)
     if cfg.doc:
         from replicate import splice
 
-        splice(cfg.doc, md, marker=cfg.marker)
+        splice(cfg.doc, md, marker=marker)
     print(md)
-    return R
+    return figures
 
 
 # ---------------------------------------------------------------------------------------------- optimizer controls
@@ -538,12 +543,4 @@ def analyze_controls(cfg):
     md = "\n".join(L) + "\n"
     R = {"cells": len(cells), "cpu_seconds": cpu, "cpu_seconds_with_default_grid": cpu_all, "table": table,
          "pooled": pooled, "sgd_calibration": calibration}
-    write_json(os.path.join(cfg.out, "controls.json"), R, indent=1)
-    with open(os.path.join(cfg.out, "controls.md"), "w") as f:
-        f.write(md)
-    if cfg.doc:
-        from replicate import splice
-
-        splice(cfg.doc, md, marker=cfg.control_marker)
-    print(md)
-    return R
+    return publish(cfg, "controls", R, md, cfg.control_marker)
