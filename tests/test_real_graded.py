@@ -100,3 +100,41 @@ def test_settings_are_the_graded_setting():
             "graded", 2e-6, seed, 8, 4, 0.7, 99, (8,), 256)
         assert s.horizons(8) == [16, 24]
         assert set(rg.checkpoints(s, "r")) == {"tcut", "relex@16", "real@16", "relex@24", "real@24"}
+
+
+def _store_many(path, prefix, n, start):
+    import real_model
+
+    start.wait(60)  # both imported: the writes overlap
+    for i in range(n):
+        real_model.store_result(path, f"{prefix}{i}", {"i": i})
+
+
+def test_results_of_sittings_run_side_by_side_are_all_kept(tmp_path):
+    """Two recipe processes on other settings write the same results file (one per seed, as the 3-seed run was
+    made): each stores what it has merged with what the file holds then, so neither loses the other's settings."""
+    import json
+    import multiprocessing
+
+    path = str(tmp_path / "results" / "r.json")
+    ctx = multiprocessing.get_context("spawn")
+    start = ctx.Barrier(2)
+    procs = [ctx.Process(target=_store_many, args=(path, p, 60, start)) for p in ("a", "b")]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    got = json.load(open(path))
+    assert sorted(got) == sorted([f"a{i}" for i in range(60)] + [f"b{i}" for i in range(60)])
+    assert os.listdir(tmp_path / "results") == ["r.json"]  # no lock file or temporary left beside it
+
+
+def test_unknown_settings_are_refused_before_any_work(tmp_path):
+    import real_model
+
+    assert real_model.chosen_settings("smoke,,base", real_model.SETTINGS) == ["smoke", "base"]
+    with pytest.raises(SystemExit, match=r"unknown setting\(s\) 'nope', 'graded-2e-6-s9'; choose from"):
+        rg.main(["--settings", "graded-2e-6-s0,nope,graded-2e-6-s9", "--results", str(tmp_path / "r.json"),
+                 "--doc", ""])
+    assert not os.listdir(tmp_path)  # refused before the model, the results file or anything else

