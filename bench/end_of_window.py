@@ -7,9 +7,10 @@ two horizons. Printed side by side:
 
 * solve time (Gram + direction passes) vs two reads of the buffer at this machine's copy bandwidth, measured here
   (a 1 GB ``copy_``);
-* writing time (state file + two horizons) vs ``model.save_pretrained`` of the same two checkpoints (plain, and
-  with ``fsync`` as relex's writes are durable), and vs the tensor-by-tensor writer of
-  ``relex_callback.files.streaming`` writing the same horizons from the same solution (the candidate fix);
+* writing time (state file, report and two horizons; then the two horizons alone, by the same writer) vs
+  ``model.save_pretrained`` of the same two checkpoints (plain, and with ``fsync`` as relex's writes are durable),
+  and vs the tensor-by-tensor writer of ``relex_callback.files.streaming`` writing the same horizons from the same
+  solution;
 * a profile (CPU time) of the writes' top functions.
 
     python bench/end_of_window.py [--hidden 768 --layers 12 --vocab 32768 --steps 16]
@@ -122,6 +123,15 @@ def main():
         for h in horizons:
             write_horizon_streaming(out2, h, T, sol, writer.theta0_of, src, max_shard_size="5GB")
         t_stream = min(t_stream, time.perf_counter() - t0)
+    # the horizons alone, by the writer finalize used (its write time also holds the state file and report.json)
+    t_full = float("inf")
+    for rep_i in range(2):  # best of 2
+        out4 = os.path.join(root, f"full-{rep_i}")
+        os.makedirs(out4)
+        t0 = time.perf_counter()
+        for h in horizons:
+            writer.write_horizon(out4, h, T, False)
+        t_full = min(t_full, time.perf_counter() - t0)
     # the state file alone (part of finalize's write time)
     out3 = os.path.join(root, "state-only")
     os.makedirs(out3)
@@ -155,6 +165,8 @@ def main():
           f"bf16 directions) | {t_state_file:.2f} | | | |")
     print(f"| write: state + {len(horizons)} horizons (writers.FullModelWriter) | {write_s:.2f} | save_pretrained x"
           f"{len(horizons)} (+ fsync) | {sp[0]:.2f} ({sp[1]:.2f}) | {write_s / sp[1]:.2f} vs durable |")
+    print(f"| write: {len(horizons)} horizons alone (writers.FullModelWriter.write_horizon) | {t_full:.2f} | "
+          f"save_pretrained x{len(horizons)} + fsync | {sp[1]:.2f} | {t_full / sp[1]:.2f} |")
     print(f"| write: {len(horizons)} horizons tensor by tensor (streaming.write_horizon_streaming) | {t_stream:.2f} | "
           f"save_pretrained x{len(horizons)} + fsync | {sp[1]:.2f} | {t_stream / sp[1]:.2f} |")
     print("top CPU time inside finalize:")

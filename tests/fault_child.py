@@ -108,15 +108,15 @@ def main():
         # tells the parent and waits to be SIGKILLed mid-checkpoint
         from relex_callback.files import checkpoints as writer
 
-        real = writer.write_safetensors
+        real = writer.write_tensor_file
 
-        def stalling(path, tensors, metadata=None):
-            real(path, tensors, metadata)
+        def stalling(path, *args, **kw):
+            real(path, *args, **kw)
             if f".step-{a.stall_write_horizon}.tmp-" in path:
                 open(os.path.join(a.out, "WRITING"), "w").close()
                 time.sleep(120)
 
-        writer.write_safetensors = stalling
+        writer.write_tensor_file = stalling
 
     cb = RelexCallback(tcut=a.tcut, horizons=a.horizons, storage=a.storage, dtype="float32",
                        max_shard_size=a.max_shard_size)

@@ -463,7 +463,7 @@ def test_a_solve_failing_on_one_process_stops_every_process_and_keeps_the_window
 
 @pytest.mark.parametrize("mode,failing", [("ddp", 1), ("zero3", 0)])
 def test_write_failure_is_a_relex_write_error_on_every_rank(tmp_path, mode, failing):
-    """One process's checkpoint shard write fails (ENOSPC, injected at the lowest file write): every process raises
+    """One process's checkpoint shard write fails (ENOSPC, injected where a shard file is written): every process raises
     RelexWriteError (no process waits in a collective the other never reaches), nothing exists under step-H, no
     temporary is left, and the state written before the horizons is whole (relex materialize can finish)."""
     out = str(tmp_path / mode)

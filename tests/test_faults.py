@@ -158,19 +158,19 @@ def _all_tensors(d):
 
 
 def test_disk_full_during_write_is_clear_and_recoverable(tmp_path, monkeypatch):
-    """Fault injection: ``checkpoints.write_safetensors`` (the lowest-level file write) raises ENOSPC on its second
-    call,
-    as a full disk would; everything above it is real."""
-    real = writer.write_safetensors
-    calls = {"n": 0}
+    """Fault injection: the second shard file's tensor writes (``checkpoints._write_tensor``, the lowest-level write)
+    raise ENOSPC after its first tensor, as a disk filling mid-file would; everything above it is real."""
+    real = writer._write_tensor
+    files = []
 
-    def full_disk(path, tensors, metadata=None):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
-        return real(path, tensors, metadata)
+    def full_disk(f, t):
+        if f.name not in files:
+            files.append(f.name)
+        elif len(files) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f.name)
+        return real(f, t)
 
-    monkeypatch.setattr(writer, "write_safetensors", full_disk)
+    monkeypatch.setattr(writer, "_write_tensor", full_disk)
     cb = RelexCallback(tcut=5, horizons=[25], dtype="float32", storage="disk", max_shard_size="20KB")
     trainer, model, tok = build_trainer(str(tmp_path), [cb], max_steps=10)
     base = tmp_path / "base"
@@ -185,7 +185,8 @@ def test_disk_full_during_write_is_clear_and_recoverable(tmp_path, monkeypatch):
     assert (relex / "relex_state.safetensors").exists()
     traj = TrajectoryStore.open(str(relex / "trajectory"))  # the disk-tier buffer is intact
     assert traj.steps == [1, 2, 3, 4, 5]
-    monkeypatch.setattr(writer, "write_safetensors", real)  # space freed
+    assert len(files) == 2  # the fault struck the second shard
+    monkeypatch.setattr(writer, "_write_tensor", real)  # space freed
     materialize(str(relex / "relex_state.safetensors"), str(base), [25], max_shard_size="20KB")
     _assert_finite_checkpoint_sharded(relex / "step-25")
 

@@ -328,6 +328,67 @@ def test_write_shard_streaming_is_a_plain_safetensors_file(tmp_path):
         write_shard_streaming(str(tmp_path / "b.safetensors"), list(ts), meta, lambda k: bad[k])
 
 
+def test_write_shard_has_save_file_bytes(tmp_path):
+    """write_shard writes tensor by tensor, yet every file is byte for byte what safetensors' save_file writes of the
+    same tensors: every dtype relex writes itself, in random key orders, names that sort differently by dtype and by
+    name, non-ASCII, quotes, backslashes and control characters, scalars, empty tensors. A dtype relex does not lay out
+    itself (complex) still gets save_file's file."""
+    from relex_callback.files.checkpoints import ST_CODES, write_shard
+
+    g = torch.Generator().manual_seed(0)
+    names = ["model.embed_tokens.weight", "lm_head.weight", "a", "B", "z\"q", "back\\slash", "tab\there", "é", "日本",
+             "model.layers.10.x", "model.layers.9.x", "", "ctl\x01", "0", "_", "~"]
+    dtypes = list(ST_CODES)
+    for trial in range(12):
+        ts = {}
+        for j in torch.randperm(len(names), generator=g)[: 4 + trial].tolist():
+            dt = dtypes[int(torch.randint(len(dtypes), (1,), generator=g))]
+            shape = [(), (0,), (3,), (2, 5), (1, 0, 2), (7, 3)][int(torch.randint(6, (1,), generator=g))]
+            ts[names[j]] = (torch.randn(shape, generator=g) * 50).to(dt) if dt.is_floating_point else \
+                torch.randint(0, 2 if dt == torch.bool else 100, shape, generator=g).to(dt)
+        meta = {k: (tuple(v.shape), v.dtype) for k, v in ts.items()}
+        a, b = tmp_path / f"w{trial}.safetensors", tmp_path / f"s{trial}.safetensors"
+        write_shard(str(a), list(ts), meta, lambda k: ts[k])
+        save_file(ts, str(b), metadata={"format": "pt"})
+        assert a.read_bytes() == b.read_bytes(), (trial, {k: (v.dtype, tuple(v.shape)) for k, v in ts.items()})
+    ts = {"c": torch.ones(3, dtype=torch.complex64), "x": torch.ones(2)}
+    meta = {k: (tuple(v.shape), v.dtype) for k, v in ts.items()}
+    write_shard(str(tmp_path / "c.safetensors"), list(ts), meta, lambda k: ts[k])
+    save_file(ts, str(tmp_path / "d.safetensors"), metadata={"format": "pt"})
+    assert (tmp_path / "c.safetensors").read_bytes() == (tmp_path / "d.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+                         + [getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n)])
+def test_all_finite_agrees_with_isfinite(dtype):
+    """The check every written tensor passes (write_shard and write_shard_streaming): the same answer as
+    ``isfinite(t).all()`` for NaN, +Inf, -Inf and both infinities together, at the first element, inside and in the
+    tail that vectorised loops leave, in tensors of many sizes; and True for finite values whose float32 sum
+    overflows (the exact check catches that the sum lied). float8 has no isfinite of its own (e4m3fn holds no Inf: an
+    Inf stored becomes NaN)."""
+    from relex_callback.files.checkpoints import all_finite
+
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 2, 7, 17, 64, 1000, (1 << 16) + 3):
+        x = torch.randn(n, generator=g).to(dtype)
+        assert all_finite(x) and all_finite(x.reshape(1, n)) and all_finite(x[::2])
+        for bad in ([float("nan")], [float("inf")], [float("-inf")], [float("inf"), float("-inf")]):
+            for pos in sorted({0, n // 2, n - 1, max(0, n - 3)}):
+                y = x.clone()
+                for j, v in enumerate(bad):
+                    y[(pos + j) % n] = v
+                want = bool(torch.isfinite(y.float()).all())  # float8 e4m3fn stores no Inf (it saturates)
+                assert all_finite(y) is want, (n, bad, pos)
+                # a NaN always counts; an Inf too, except in a dtype without one
+                assert want is False or (str(dtype) == "torch.float8_e4m3fn" and bad[0] == bad[0]), (dtype, bad)
+    big = torch.finfo(dtype).max
+    x = torch.full((4,), big, dtype=dtype)
+    assert all_finite(x) and all_finite(torch.full((4,), -big, dtype=dtype))  # bf16, float32: the sum overflows
+    if dtype in (torch.bfloat16, torch.float32):
+        assert not torch.isfinite(x.sum(dtype=torch.float32))
+    assert all_finite(torch.empty(0, 3, dtype=dtype))
+
+
 def test_cli_flag_and_from_pretrained(tmp_path):
     """`--no-streaming` reaches the buffered path; the streamed horizons of a real model load with from_pretrained."""
     tok = build_tokenizer()

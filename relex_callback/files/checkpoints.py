@@ -11,10 +11,13 @@ directory), :func:`write_shard` (refuses NaN/Inf), :func:`write_model_extras`.
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 import os
 import re
 import shutil
+import struct
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 import mmap
@@ -25,7 +28,7 @@ from safetensors.torch import save_file
 
 from ..config import DEFAULTS, parse_size
 from ..errors import RelexInputError, RelexNonFiniteError
-from .fs import read_json, read_safetensors_header, write_json
+from .fs import read_json, read_safetensors_header, start_writeback, write_json
 from ..compat import tied_copies
 
 WEIGHTS_NAME = "model.safetensors"
@@ -479,23 +482,124 @@ def write_weights(
     return names
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """``bool(torch.isfinite(t).all())`` without its boolean tensor, the check of every tensor a checkpoint is written
+    with. A NaN or an Inf anywhere makes a float32 sum NaN or Inf (NaN propagates; Inf plus a finite value is Inf,
+    plus -Inf NaN), so a finite sum proves every element finite. Only when the sum is not finite (a NaN/Inf, or finite
+    values whose sum overflows float32) is the exact element-wise check run. The sum reads each element once in its
+    own dtype (float16/bfloat16 widened in registers, not into a copy); a float64 tensor gets the exact check, a
+    float8 one the check of its float32 copy (torch has no isfinite for float8)."""
+    if t.numel() == 0:
+        return True
+    if t.dtype in (torch.float32, torch.float16, torch.bfloat16) and math.isfinite(float(t.sum(dtype=torch.float32))):
+        return True
+    if t.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):  # float8: no isfinite kernel
+        t = t.float()  # exact (every float8 value is a float32), NaN and Inf kept
+    return bool(torch.isfinite(t).all())
+
+
+# safetensors' dtype codes (the dtypes relex writes a file of itself; any other goes through save_file)
+ST_CODES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
+    torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}
+for _name, _code in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2"), ("uint16", "U16"), ("uint32", "U32"),
+                     ("uint64", "U64")):
+    if hasattr(torch, _name):
+        ST_CODES[getattr(torch, _name)] = _code
+
+
+def safetensors_header(entries: Sequence[tuple[str, torch.dtype, tuple]], metadata: Optional[dict] = None):
+    """The header bytes (length prefix included, padded with spaces to 8 bytes) of a safetensors file holding
+    ``entries`` ``(name, dtype, shape)`` in that order, and the byte size of its data. The JSON is written as
+    safetensors' own serializer writes it (no spaces, UTF-8 names as they are), so a file laid out in
+    :func:`safetensors_order` has ``save_file``'s bytes."""
+    hdr: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
+    off = 0
+    for name, dtype, shape in entries:
+        if dtype not in ST_CODES:
+            raise RelexInputError(f"{name}: dtype {dtype} cannot be written to safetensors")
+        nb = math.prod(shape) * dtype.itemsize
+        hdr[name] = {"dtype": ST_CODES[dtype], "shape": [int(s) for s in shape], "data_offsets": [off, off + nb]}
+        off += nb
+    raw = json.dumps(hdr, separators=(",", ":"), ensure_ascii=False).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw, off
+
+
+@functools.lru_cache(maxsize=1)
+def _dtype_rank() -> dict:
+    """Each dtype's place in the order the installed safetensors lays tensors out (by dtype, then by name), read once
+    from its own serializer: one empty tensor per dtype, named so that only the dtype decides."""
+    from safetensors.torch import save
+
+    dts = list(ST_CODES)
+    raw = save({f"t{i:03d}": torch.empty(0, dtype=d) for i, d in enumerate(dts)}, metadata={"format": "pt"})
+    (n,) = struct.unpack("<Q", raw[:8])
+    names = [k for k in json.loads(raw[8: 8 + n]) if k != "__metadata__"]  # JSON objects keep their order
+    return {dts[int(k[1:])]: pos for pos, k in enumerate(names)}
+
+
+def safetensors_order(keys: Sequence[str], meta: dict) -> list[str]:
+    """``keys`` in the order ``save_file`` writes them: grouped by dtype in the installed safetensors' order, then by
+    name (Python's string order is the UTF-8 byte order safetensors sorts by)."""
+    rank = _dtype_rank()
+    return sorted(keys, key=lambda k: (rank[meta[k][1]], k))
+
+
+def _write_tensor(f, t: torch.Tensor):
+    if t.numel():
+        f.write(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))
+
+
+def _produced(produce, k: str, meta: dict, path: str) -> torch.Tensor:
+    """``produce(k)``, checked against ``meta[k]`` (a mismatch is relex's bug) and for NaN/Inf (the input's fault)."""
+    t = produce(k)
+    shape, dtype = meta[k]
+    if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+        raise RuntimeError(f"{k}: produced {tuple(t.shape)} {t.dtype}, expected {shape} {dtype}")
+    if t.is_floating_point() and not all_finite(t):
+        raise RelexNonFiniteError(
+            f"{k} would be written with NaN/Inf values into {os.path.dirname(path)}; that checkpoint was not written "
+            "(a diverged model, or an extrapolation from non-finite deltas)"
+        )
+    return t
+
+
+def write_tensor_file(path: str, keys: Sequence[str], meta: dict, produce: Callable[[str], torch.Tensor], *,
+                      order: str = "safetensors"):
+    """A safetensors file of ``keys`` written tensor by tensor: the header first (the sizes are known from ``meta``),
+    then each ``produce(key)`` as it comes, checked against ``meta[key]`` (shape, dtype) and for NaN/Inf (no
+    checkpoint is ever written with them). Only one tensor is in memory at a time, and the disk starts writing each
+    tensor while the next is computed (:func:`relex_callback.files.fs.start_writeback`); the file is made durable
+    by whoever commits it. ``order="safetensors"`` lays the tensors out as ``save_file`` does (the same bytes, see
+    :func:`safetensors_order`), ``"given"`` in the order of ``keys``."""
+    keys = safetensors_order(keys, meta) if order == "safetensors" else list(keys)
+    head, _ = safetensors_header([(k, meta[k][1], tuple(meta[k][0])) for k in keys])
+    with open(path, "wb") as f:
+        f.write(head)
+        off = len(head)
+        for k in keys:
+            t = _produced(produce, k, meta, path)
+            _write_tensor(f, t.to("cpu"))
+            f.flush()
+            nb = t.numel() * t.element_size()
+            start_writeback(f.fileno(), off, nb)
+            off += nb
+
+
 def write_shard(path: str, keys: list[str], meta: dict, produce: Callable[[str], torch.Tensor]):
     """Write one shard file of ``keys``, each ``produce(key)`` checked against ``meta[key]`` (shape, dtype) and for
-    NaN/Inf (no checkpoint is ever written with them, single-process or distributed); the shard's tensors are the
-    only ones held in memory."""
+    NaN/Inf (no checkpoint is ever written with them, single-process or distributed). Tensor by tensor in
+    ``save_file``'s layout (:func:`write_tensor_file`: the same bytes, one tensor in memory at a time); a shard
+    holding a dtype relex does not write itself goes through ``save_file`` (the shard's tensors then held in memory
+    together)."""
+    if all(meta[k][1] in ST_CODES for k in keys):
+        write_tensor_file(path, keys, meta, produce)
+        return
     tensors = {}
     for k in keys:
-        t = produce(k)
-        shape, dtype = meta[k]
-        if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
-            raise RuntimeError(f"{k}: produced {tuple(t.shape)} {t.dtype}, expected {shape} {dtype}")
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise RelexNonFiniteError(
-                f"{k} would be written with NaN/Inf values into {os.path.dirname(path)}; that checkpoint was not "
-                "written "
-                "(a diverged model, or an extrapolation from non-finite deltas)"
-            )
-        tensors[k] = t.to("cpu")
+        tensors[k] = _produced(produce, k, meta, path).to("cpu")
     write_safetensors(path, tensors)
 
 

@@ -111,6 +111,34 @@ def horizon_dir(out_dir: str, horizon: int) -> str:
     return os.path.join(out_dir, f"step-{int(horizon)}")
 
 
+def _libc_sync_file_range():
+    try:
+        import ctypes
+        import ctypes.util
+
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        f = libc.sync_file_range
+    except (OSError, AttributeError):  # not Linux (or no such call): the fsync at the commit does all the work
+        return None
+    f.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
+    f.restype = ctypes.c_int
+    return f
+
+
+_SYNC_FILE_RANGE = _libc_sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2  # start writing the range's dirty pages, wait for nothing
+
+
+def start_writeback(fd: int, offset: int, nbytes: int):
+    """Ask the kernel to start writing bytes ``[offset, offset + nbytes)`` of ``fd`` to the device now, without
+    waiting (Linux ``sync_file_range(SYNC_FILE_RANGE_WRITE)``), so that the disk works while the next tensor is
+    computed and the fsync at the commit finds most of the file already written (`python bench/end_of_window.py`:
+    the horizons' write phase). Nothing is promised by it: the fsync still makes the file durable and reports any
+    error; where the call does not exist, or fails, this does nothing."""
+    if _SYNC_FILE_RANGE is not None and nbytes > 0:
+        _SYNC_FILE_RANGE(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)
+
+
 def _fsync_path(path: str):
     try:
         fd = os.open(path, os.O_RDONLY)

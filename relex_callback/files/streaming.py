@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import shutil
 import struct
@@ -28,25 +27,16 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from ..core.solver import extrapolate_piece
-from ..errors import RelexInputError, RelexNonFiniteError
+from ..errors import RelexInputError
 from ..params import TensorSpec
-from .checkpoints import (MappedSafetensors, MappedSource, plan_shards, shard_names, st_dtype, tensor_bytes,
-                          write_index, write_relex_marker)
+from .checkpoints import (ST_CODES, MappedSafetensors, MappedSource, plan_shards, safetensors_header, shard_names,
+                          st_dtype, tensor_bytes, write_index, write_relex_marker, write_tensor_file)
 from .fs import (STATE_NAME, atomic_directory, atomic_file, clean_stale_temporaries, horizon_dir, loads_json,
                  read_safetensors_header)
 from .writers import CheckpointWriter, guarded
 
 # Elements converted per read when a checkpoint is not float32 (bf16/fp16 checkpoints are staged then widened).
 STAGE_ELEMS = 1 << 22
-
-ST_CODES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
-    torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
-}
-for _name, _code in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2")):
-    if hasattr(torch, _name):
-        ST_CODES[getattr(torch, _name)] = _code
-
 
 # ------------------------------------------------------------------------------------------------ reading
 @dataclass
@@ -126,22 +116,6 @@ class FileReader:
 
 
 # ------------------------------------------------------------------------------------------------ writing
-def safetensors_header(entries: Sequence[tuple[str, torch.dtype, tuple]], metadata: Optional[dict] = None):
-    """The header bytes (length prefix included, padded to 8 bytes) of a safetensors file holding ``entries``
-    ``(name, dtype, shape)`` in that order, and the byte size of its data."""
-    hdr: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
-    off = 0
-    for name, dtype, shape in entries:
-        if dtype not in ST_CODES:
-            raise RelexInputError(f"{name}: dtype {dtype} cannot be written to safetensors")
-        nb = math.prod(shape) * dtype.itemsize
-        hdr[name] = {"dtype": ST_CODES[dtype], "shape": [int(s) for s in shape], "data_offsets": [off, off + nb]}
-        off += nb
-    raw = json.dumps(hdr, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    return struct.pack("<Q", len(raw)) + raw, off
-
-
 @contextlib.contextmanager
 def one_thread():
     """torch's CPU operations on one thread while the block runs (the previous count restored after). For the
@@ -159,43 +133,12 @@ def one_thread():
         torch.set_num_threads(n)
 
 
-def _write_tensor(f, t: torch.Tensor):
-    if t.numel():
-        f.write(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))
-
-
-def _all_finite(t: torch.Tensor) -> bool:
-    """``isfinite(t).all()`` without the boolean tensor: a NaN or Inf element makes the float32 sum NaN or Inf, so a
-    finite sum proves every element finite; the exact check only when it is not (a NaN/Inf, or finite values whose
-    float32 sum overflows). The float32 sum reads the tensor without widening each element, as a float64 sum
-    would."""
-    if t.numel() == 0:
-        return True
-    if t.dtype in (torch.float32, torch.float16, torch.bfloat16) and math.isfinite(float(t.sum(dtype=torch.float32))):
-        return True
-    return bool(torch.isfinite(t).all())
-
-
 def write_shard_streaming(path: str, keys: list[str], meta: dict, produce: Callable[[str], torch.Tensor]):
-    """Like :func:`relex_callback.files.checkpoints.write_shard` (each ``produce(key)`` checked against
-    ``meta[key]`` and for NaN/Inf, the same errors), but the shard is written tensor by tensor: the header first
-    (sizes are known from ``meta``), then each tensor as it is produced. Only one tensor is in memory at a time and
-    nothing is serialised twice; the file is a plain safetensors file (``{"format": "pt"}`` metadata, 8-byte aligned
-    data)."""
-    head, _ = safetensors_header([(k, meta[k][1], tuple(meta[k][0])) for k in keys])
-    with open(path, "wb") as f:
-        f.write(head)
-        for k in keys:
-            t = produce(k)
-            shape, dtype = meta[k]
-            if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
-                raise RuntimeError(f"{k}: produced {tuple(t.shape)} {t.dtype}, expected {shape} {dtype}")
-            if t.is_floating_point() and not _all_finite(t):
-                raise RelexNonFiniteError(
-                    f"{k} would be written with NaN/Inf values into {os.path.dirname(path)}; that checkpoint was not "
-                    "written (a diverged model, or an extrapolation from non-finite deltas)"
-                )
-            _write_tensor(f, t.to("cpu"))
+    """:func:`relex_callback.files.checkpoints.write_tensor_file` with the tensors laid out in the order of ``keys``
+    (the layout ``relex extrapolate``'s streamed outputs have always had; :func:`~relex_callback.files.checkpoints.
+    write_shard` lays them out as ``save_file`` does): a plain safetensors file, ``{"format": "pt"}`` metadata, the
+    header first, then each tensor as it is produced and checked (shape, dtype, NaN/Inf)."""
+    write_tensor_file(path, keys, meta, produce, order="given")
 
 
 def write_weights_streaming(out_dir: str, keys: list[str], meta: dict, produce, max_shard_size) -> list[str]:

@@ -196,14 +196,14 @@ def main():
 
         from relex_callback.files import checkpoints
 
-        real = checkpoints.write_safetensors
+        real = checkpoints.write_tensor_file
 
-        def full_disk(path, tensors, metadata=None):
+        def full_disk(path, *args, **kw):
             if os.path.basename(path).startswith("model"):  # the horizon's shards; the state file still fits
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
-            return real(path, tensors, metadata)
+            return real(path, *args, **kw)
 
-        checkpoints.write_safetensors = full_disk
+        checkpoints.write_tensor_file = full_disk
 
     tok = build_tokenizer()
     model = build_model(tok, hidden_size=a.hidden, layers=a.hidden_layers, heads=2, kv_heads=1, seed=0)
