@@ -305,3 +305,26 @@ def test_direction_tolerance_holds_and_catches_a_planted_error():
         w -= (w @ v) * v
         planted = v + 1e-3 * w / w.norm()  # turned by 1e-3
         assert min(float((planted - v64).norm()), float((planted + v64).norm())) > tol
+
+
+def test_extrapolate_piece_is_the_widened_sum():
+    """theta_0 + sum_k c_k v_k: bit for bit the float32 copy of theta_0 with each direction added in turn (what every
+    horizon file holds), whatever theta_0's and the directions' dtypes, the rank, and zero coefficients (none, some,
+    all)."""
+    from relex_callback.core.solver import extrapolate_piece
+
+    g = torch.Generator().manual_seed(0)
+    for th_dt in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        for v_dt in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+            for coefs in ([0.37], [0.0], [1.5, -0.25], [0.0, 2.0], [0.0, 0.0], [3.0, 0.0, -1e-3]):
+                n = 1 + int(torch.randint(3000, (1,), generator=g))
+                theta0 = torch.randn(n, generator=g).to(th_dt)
+                V = torch.randn(len(coefs), n, generator=g).to(v_dt)
+                want = theta0.to(torch.float32, copy=True)
+                for k, c in enumerate(torch.tensor(coefs).tolist()):  # the coefficients as the solution holds them
+                    if c:
+                        want.add_(V[k], alpha=c)
+                for out_dt in (torch.float32, th_dt):
+                    got = extrapolate_piece(theta0, torch.tensor(coefs), V, out_dt)
+                    assert got.dtype == out_dt and torch.equal(got, want.to(out_dt)), (th_dt, v_dt, coefs, out_dt)
+                    assert got.data_ptr() != theta0.data_ptr()  # never theta_0's own memory

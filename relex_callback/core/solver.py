@@ -118,13 +118,25 @@ class Solution:
 
 @torch.no_grad()
 def extrapolate_piece(theta0: torch.Tensor, coefs: torch.Tensor, V: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``theta0 + sum_k coefs[k] * V[k]`` in float32 (one float32 copy of theta0; the directions are added in their
-    stored dtype, widened inside the add), cast to ``dtype``. Shared by :class:`Solution` and the state file."""
-    out = theta0.reshape(-1).to(torch.float32, copy=True)
+    """``theta0 + sum_k coefs[k] * V[k]`` in float32 (the directions are added in their stored dtype, widened inside
+    the add), cast to ``dtype``. Shared by :class:`Solution` and the state file. A float32 theta0 and the first
+    direction go through one ``torch.add`` (one pass, no copy of theta0 first: the same float32 ``a + c b`` per
+    element, so the same bits as the copy and ``add_`` it replaces); a theta0 in another dtype is widened first."""
+    theta = theta0.reshape(-1)
+    out = None
     for k in range(V.shape[0]):
         c = float(coefs[k])
-        if c != 0.0:
-            out.add_(V[k].to(out.device), alpha=c)
+        if c == 0.0:
+            continue
+        v = V[k].to(theta.device)
+        if out is None and theta.dtype == torch.float32 and v.dtype in (torch.float32, torch.bfloat16, torch.float16):
+            out = torch.add(theta, v, alpha=c)
+            continue
+        if out is None:
+            out = theta.to(torch.float32, copy=True)
+        out.add_(v, alpha=c)
+    if out is None:  # every coefficient zero: theta_0 itself
+        out = theta.to(torch.float32, copy=True)
     return out.to(dtype)
 
 
