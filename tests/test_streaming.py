@@ -237,7 +237,7 @@ def test_read_ahead_writes_the_same_bytes_as_reading_in_turn(tmp_path, monkeypat
     budget = 4 * (len(STEPS) + 1) * 300
     outs = {}
     for ahead in (True, False):
-        monkeypatch.setattr(streamed, "READ_AHEAD", ahead)
+        monkeypatch.setenv("RELEX_READ_AHEAD", "1" if ahead else "0")
         outs[ahead] = str(tmp_path / f"ahead-{ahead}")
         _, rep = extrapolate_checkpoints(base, [ckpts], [H, 2 * H], outs[ahead], streaming=True,
                                          memory_budget=budget)
@@ -264,6 +264,36 @@ def test_read_ahead_writes_the_same_bytes_as_reading_in_turn(tmp_path, monkeypat
                 assert ha == hb, f
                 a, b = a[8 + na:], b[8 + nb:]
             assert a.replace(run_ids[0].encode(), b"ID") == b.replace(run_ids[1].encode(), b"ID"), f
+
+
+def test_read_ahead_switch(tmp_path, monkeypatch, capsys):
+    """RELEX_READ_AHEAD: 1 and 0 decide; unset (or empty), the CPUs this process may run on decide (two or more: on);
+    anything else is refused before a byte is written, naming the values it takes. The run records what it did: the
+    timing line has a read_wait phase only when blocks were read ahead."""
+    from relex_callback.pipeline.streamed import read_ahead
+
+    for value, cpus, want in (("1", {0}, True), ("0", {0, 1}, False), ("", {0, 1}, True), ("", {0}, False),
+                              (None, {0, 1, 2, 3}, True), (None, {3}, False), (" 1 ", {0}, True)):
+        if value is None:
+            monkeypatch.delenv("RELEX_READ_AHEAD", raising=False)
+        else:
+            monkeypatch.setenv("RELEX_READ_AHEAD", value)
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, c=cpus: set(c))
+        assert read_ahead() is want, (value, cpus)
+    base, ckpts = _trajectory(str(tmp_path), seed=5)
+    for value in ("yes", "2", "true"):
+        monkeypatch.setenv("RELEX_READ_AHEAD", value)
+        out = tmp_path / f"out-{value}"
+        with pytest.raises(RelexInputError, match=r"RELEX_READ_AHEAD=.*give 1 .* 0 .* unset"):
+            extrapolate_checkpoints(base, [ckpts], [H], str(out), streaming=True)
+        assert not out.exists() and not [f for f in os.listdir(tmp_path) if ".relex-parts-" in f]
+    for value, cpus in (("", {0, 1}), ("", {0})):
+        monkeypatch.setenv("RELEX_READ_AHEAD", value)
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, c=cpus: set(c))
+        capsys.readouterr()
+        extrapolate_checkpoints(base, [ckpts], [H], str(tmp_path / f"auto-{len(cpus)}"), streaming=True, timing=True)
+        line = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("relex: timing")]
+        assert len(line) == 1 and ("read_wait" in line[0]) is (len(cpus) >= 2), line
 
 
 def test_bf16_checkpoints(tmp_path):

@@ -392,9 +392,10 @@ def extrapolate_checkpoints(base: str, checkpoints: Sequence[str], horizons, out
             the buffer otherwise (``--device cuda``, an explicit ``storage``, ``solver="power"``). With streaming,
             ``dtype`` is the dtype of the directions kept in the state file (the horizons are written from them).
         memory_budget (`int`, *optional*, defaults to 256 MiB): with streaming, the bytes of a float32 block
-            (tensors whose ``T + 1`` rows fit are read once, larger ones twice in column chunks); with
-            ``RELEX_READ_AHEAD=1`` in the environment two blocks are in memory, the next one read on a thread while
-            the solve uses the other.
+            (tensors whose ``T + 1`` rows fit are read once, larger ones twice in column chunks). Where the process
+            may run on two CPUs or more, two blocks are in memory: the next one is read on a thread while the solve
+            uses the other (``RELEX_READ_AHEAD=0`` in the environment reads each block when it is needed, one block
+            in memory; ``=1`` reads ahead whatever the CPUs).
         run_check (`bool`, *optional*, defaults to `True`): refuse checkpoints that are not one run started from
             ``base`` (:mod:`relex_callback.offline.belongs`: copies, never-trained tensors that differ from the base,
             a first checkpoint farther from the base than the run's steps can reach), from sampled elements.

@@ -9,10 +9,10 @@ theta_0, builds the ``T x T`` Gram (float32 products per column chunk, summed in
 and fits the lines with the solver's own math (:func:`relex_callback.core.solver._top_eigenpairs`, ``_directions``,
 :func:`relex_callback.core.fit.fit_lines`), and gets the directions ``v = M^T u / sigma`` from the same block.
 Tensors are grouped so that a group's block fits ``memory_budget``: such a group is read once. A tensor larger than
-the budget is read in column chunks twice (Gram, then direction). With ``RELEX_READ_AHEAD=1`` the next block is read
-on a thread while the solve uses the current one (:class:`_Prefetch`: two blocks in memory; the reads and the
-subtraction release the GIL, so with a free core the reading runs beside the Gram, eigenpairs, directions and state
-part of the block before; see :data:`READ_AHEAD`).
+the budget is read in column chunks twice (Gram, then direction). Where the process may run on two CPUs or more,
+the next block is read on a thread while the solve uses the current one (:class:`_Prefetch`: two blocks in memory;
+the reads and the subtraction release the GIL, so the reading runs beside the Gram, eigenpairs, directions and state
+part of the block before); ``RELEX_READ_AHEAD=0`` or ``1`` decides it (:func:`read_ahead`).
 
 It is a solve strategy of the one pipeline (:func:`relex_callback.pipeline.finalize.finalize` runs
 :class:`StreamedSolve` with its :class:`~relex_callback.files.streaming.StreamedWriter`), so the order, the checks
@@ -31,7 +31,8 @@ and the messages are the pipeline's:
    (:func:`relex_callback.files.streaming.write_shard_streaming`), so a shard is never held in memory;
 4. ``report.json`` from :func:`relex_callback.files.report.build_report`.
 
-Peak memory is about ``memory_budget`` (twice with the read ahead: the block being solved and the one being read)
+Peak memory is about twice ``memory_budget`` with the read ahead (the block being solved and the one being read;
+once without)
 plus the largest tensor's direction and one float32 copy of it, whatever the number of checkpoints and the model
 size. The bytes on disk (reading slices, joining the state parts, writing the horizons) are
 :mod:`relex_callback.files.streaming`'s; this module is the solve.
@@ -76,12 +77,31 @@ GRAM_CHUNK = 1 << 20
 # threads): torch's sub_ on several OpenMP threads meets a barrier per piece, which costs more than the subtraction
 # on a loaded host (`python bench/extrapolate.py` prints the subtract phase beside the read).
 SUB_PIECE = 1 << 18
-# Read the next block on a thread while the solve uses the current one (:class:`_Prefetch`), with RELEX_READ_AHEAD=1;
-# off by default: it can shorten the wall only where a core is free (the reads and the Gram each want one), and on the
-# shared 2-core machine `python bench/extrapolate.py --modes streaming,readahead` measured the same wall and CPU time
-# either way (docs/cli.md, "Speed") for 0.27 GB more peak memory (two blocks). Off, each block is read when the solve
-# asks for it, into one arena; the bytes written are the same either way (tests/test_streaming.py compares them).
-READ_AHEAD = os.environ.get("RELEX_READ_AHEAD", "") == "1"
+# Read the next block on a thread while the solve uses the current one (:class:`_Prefetch`). RELEX_READ_AHEAD=1 turns
+# it on, =0 off; unset, it is on where this process may run on two CPUs or more (:func:`read_ahead`). It shortens the
+# wall only where a second core is free (the reads and the Gram each want one): `python bench/extrapolate.py --modes
+# streaming,readahead --repeat 3` on the idle 2-core machine measured it faster in every repeat (docs/cli.md,
+# "Speed"), and at a load of 6-7 (both cores busy with other jobs) the same wall on average, for 0.27 GB more peak
+# memory (two blocks). Off, each block is read when the solve asks for it, into one arena; the bytes written are the
+# same either way (tests/test_streaming.py compares them).
+READ_AHEAD_ENV = "RELEX_READ_AHEAD"
+
+
+def read_ahead() -> bool:
+    """Whether the streamed solve reads the next block on a thread: ``RELEX_READ_AHEAD`` 1 (on) or 0 (off); unset or
+    empty, on where this process may run on two CPUs or more (its affinity, which a container's or ``taskset``'s
+    limit narrows). Any other value is refused: a misspelt switch would otherwise do the opposite of what was meant."""
+    v = os.environ.get(READ_AHEAD_ENV, "").strip()
+    if v in ("0", "1"):
+        return v == "1"
+    if v:
+        raise RelexInputError(f"{READ_AHEAD_ENV}={v!r}: give 1 (read the next block on a thread), 0 (read each block "
+                              "when it is needed) or leave it unset (on with two CPUs or more)")
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # no affinity on this platform: the CPUs of the machine
+        cpus = os.cpu_count() or 1
+    return cpus >= 2
 
 
 # ------------------------------------------------------------------------------------------------ grouping
@@ -222,8 +242,8 @@ class StreamedSolve:
         names (`list[str]`): the tracked tensors (the base's floating-point keys).
         dtype (`torch.dtype`): the dtype of the directions kept in the state file (and used for the horizons).
         max_shard_size: of the written checkpoints.
-        memory_budget (`int`, *optional*, defaults to 256 MiB): bytes of a float32 block (two in memory with
-            ``RELEX_READ_AHEAD=1``: the next one is read while the solve uses the other).
+        memory_budget (`int`, *optional*, defaults to 256 MiB): bytes of a float32 block (two in memory with the
+            read ahead, :func:`read_ahead`: the next one is read while the solve uses the other).
         progress (`bool`, *optional*): a progress bar on stderr.
     """
 
@@ -250,12 +270,14 @@ class StreamedSolve:
         self._open: list = []
         self._arenas: list = [None, None]
         self._blocks = _Prefetch([], None)
+        self.read_ahead: Optional[bool] = None  # decided by check() (RELEX_READ_AHEAD, or the CPUs this process has)
 
     def check(self, settings):
         T = len(self.cks)
         if self.memory_budget < 4 * (T + 1):
             raise RelexInputError(f"memory_budget={self.memory_budget} bytes holds no column of {T + 1} float32 rows; "
                                   f"give at least {4 * (T + 1)} bytes (default 256 MiB)")
+        self.read_ahead = read_ahead()  # a misspelt RELEX_READ_AHEAD refused here, before anything is written
 
     def prepare(self, out_dir: str, writer: CheckpointWriter):
         self.out_dir = out_dir
@@ -283,8 +305,10 @@ class StreamedSolve:
             bar = tqdm(total=sum(self.numels), desc="relex: reading checkpoints", unit="param", unit_scale=True,
                        file=sys.stderr, dynamic_ncols=True)
             self._open.append(bar)
+        if self.read_ahead is None:
+            self.read_ahead = read_ahead()
         self._blocks = _Prefetch(self._read_jobs(), lambda job, slot: self._read_block(
-            (self._arena(slot), readers, base_reader), *job), ahead=READ_AHEAD)
+            (self._arena(slot), readers, base_reader), *job), ahead=self.read_ahead)
         try:
             for gi, (idx, resident) in enumerate(self.groups):
                 sol, bt, col = self._solve_group(gi, idx, resident, readers, base_reader, fp_mapped, settings,
@@ -532,4 +556,4 @@ class StreamedSolve:
         self.writer.close()
 
 
-__all__ = ["StreamedSolve", "plan_groups", "solve_grams", "DEFAULT_MEMORY_BUDGET"]
+__all__ = ["StreamedSolve", "plan_groups", "read_ahead", "solve_grams", "DEFAULT_MEMORY_BUDGET"]
