@@ -358,13 +358,20 @@ def test_write_shard_streaming_is_a_plain_safetensors_file(tmp_path):
         write_shard_streaming(str(tmp_path / "b.safetensors"), list(ts), meta, lambda k: bad[k])
 
 
-def test_write_shard_has_save_file_bytes(tmp_path):
+def test_write_shard_has_save_file_bytes(tmp_path, monkeypatch):
     """write_shard writes tensor by tensor, yet every file is byte for byte what safetensors' save_file writes of the
     same tensors: every dtype relex writes itself, in random key orders, names that sort differently by dtype and by
     name, non-ASCII, quotes, backslashes and control characters, scalars, empty tensors. A dtype relex does not lay out
     itself (complex) still gets save_file's file."""
-    from relex_callback.files.checkpoints import ST_CODES, write_shard
+    from relex_callback.files import checkpoints
+    from relex_callback.files.checkpoints import ST_CODES, _dtype_rank, write_shard
 
+    assert set(_dtype_rank()) == set(ST_CODES)  # the installed safetensors' layout is relex's: the own writer runs
+
+    def not_save_file(*a, **k):
+        raise AssertionError("a shard of these dtypes went through save_file")
+
+    monkeypatch.setattr(checkpoints, "write_safetensors", not_save_file)
     g = torch.Generator().manual_seed(0)
     names = ["model.embed_tokens.weight", "lm_head.weight", "a", "B", "z\"q", "back\\slash", "tab\there", "é", "日本",
              "model.layers.10.x", "model.layers.9.x", "", "ctl\x01", "0", "_", "~"]
@@ -381,6 +388,7 @@ def test_write_shard_has_save_file_bytes(tmp_path):
         write_shard(str(a), list(ts), meta, lambda k: ts[k])
         save_file(ts, str(b), metadata={"format": "pt"})
         assert a.read_bytes() == b.read_bytes(), (trial, {k: (v.dtype, tuple(v.shape)) for k, v in ts.items()})
+    monkeypatch.undo()
     ts = {"c": torch.ones(3, dtype=torch.complex64), "x": torch.ones(2)}
     meta = {k: (tuple(v.shape), v.dtype) for k, v in ts.items()}
     write_shard(str(tmp_path / "c.safetensors"), list(ts), meta, lambda k: ts[k])

@@ -530,14 +530,29 @@ def safetensors_header(entries: Sequence[tuple[str, torch.dtype, tuple]], metada
 @functools.lru_cache(maxsize=1)
 def _dtype_rank() -> dict:
     """Each dtype's place in the order the installed safetensors lays tensors out (by dtype, then by name), read once
-    from its own serializer: one empty tensor per dtype, named so that only the dtype decides."""
+    from its own serializer: one empty tensor per dtype, named so that only the dtype decides. A dtype this
+    safetensors does not take is left out (a shard holding it goes through ``save_file``, as it always did)."""
     from safetensors.torch import save
 
-    dts = list(ST_CODES)
+    dts = []
+    for d in ST_CODES:
+        try:
+            save({"t": torch.empty(0, dtype=d)})
+        except Exception:  # noqa: BLE001 - an older safetensors without this dtype
+            continue
+        dts.append(d)
     raw = save({f"t{i:03d}": torch.empty(0, dtype=d) for i, d in enumerate(dts)}, metadata={"format": "pt"})
     (n,) = struct.unpack("<Q", raw[:8])
     names = [k for k in json.loads(raw[8: 8 + n]) if k != "__metadata__"]  # JSON objects keep their order
-    return {dts[int(k[1:])]: pos for pos, k in enumerate(names)}
+    rank = {dts[int(k[1:])]: pos for pos, k in enumerate(names)}
+    # the whole layout checked once on a small file: where this safetensors writes other bytes than ours, every
+    # shard goes through save_file (the bytes of a checkpoint never depend on which writer relex used)
+    probe = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b\u00e9": torch.ones(3, dtype=torch.bfloat16),
+             "a": torch.zeros(0, dtype=torch.int64), "z": torch.tensor(True)}
+    order = sorted(probe, key=lambda k: (rank.get(probe[k].dtype, -1), k))
+    head, _ = safetensors_header([(k, probe[k].dtype, tuple(probe[k].shape)) for k in order])
+    ours = head + b"".join(probe[k].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() for k in order)
+    return rank if ours == save(probe, metadata={"format": "pt"}) else {}
 
 
 def safetensors_order(keys: Sequence[str], meta: dict) -> list[str]:
@@ -594,7 +609,7 @@ def write_shard(path: str, keys: list[str], meta: dict, produce: Callable[[str],
     ``save_file``'s layout (:func:`write_tensor_file`: the same bytes, one tensor in memory at a time); a shard
     holding a dtype relex does not write itself goes through ``save_file`` (the shard's tensors then held in memory
     together)."""
-    if all(meta[k][1] in ST_CODES for k in keys):
+    if all(meta[k][1] in _dtype_rank() for k in keys):
         write_tensor_file(path, keys, meta, produce)
         return
     tensors = {}
