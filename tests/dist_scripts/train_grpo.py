@@ -285,9 +285,18 @@ def main():
         if a.fail_write_rank is None and a.fail_solve_rank is None and not a.corrupt and not a.catch and not a.nan_base:
             raise
         rank = dist.get_rank() if dist.is_initialized() else 0
-        with open(os.path.join(a.out, f"rank-{rank}.json"), "w") as f:
+        path = os.path.join(a.out, f"rank-{rank}.json")
+        with open(path + ".tmp", "w") as f:
             json.dump({"rank": rank, "error": type(e).__name__, "message": str(e),
                        "global_step": trainer.state.global_step}, f)
+        os.replace(path + ".tmp", path)
+        # the launcher stops every process once one exits non-zero: wait (a while, no collective) for the others'
+        # files, so that a process slower to reach its own error is not killed before it has written it
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        deadline = time.time() + 120
+        while time.time() < deadline and not all(
+                os.path.isfile(os.path.join(a.out, f"rank-{r}.json")) for r in range(world)):
+            time.sleep(0.1)
         return 3
     wall = time.perf_counter() - t0
     rank = dist.get_rank() if dist.is_initialized() else 0
