@@ -599,7 +599,8 @@ def write_tensor_file(path: str, keys: Sequence[str], meta: dict, produce: Calla
             _write_tensor(f, t.to("cpu"))
             f.flush()
             nb = t.numel() * t.element_size()
-            start_writeback(f.fileno(), off, nb)
+            if nb:
+                start_writeback(f.fileno(), off, nb)
             off += nb
 
 
