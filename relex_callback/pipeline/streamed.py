@@ -80,10 +80,10 @@ SUB_PIECE = 1 << 18
 # Read the next block on a thread while the solve uses the current one (:class:`_Prefetch`). RELEX_READ_AHEAD=1 turns
 # it on, =0 off; unset, it is on where this process may run on two CPUs or more (:func:`read_ahead`). It shortens the
 # wall only where a second core is free (the reads and the Gram each want one): `python bench/extrapolate.py --modes
-# streaming,readahead --repeat 3` on the idle 2-core machine measured it faster in every repeat (docs/cli.md,
-# "Speed"), and at a load of 6-7 (both cores busy with other jobs) the same wall on average, for 0.27 GB more peak
-# memory (two blocks). Off, each block is read when the solve asks for it, into one arena; the bytes written are the
-# same either way (tests/test_streaming.py compares them).
+# streaming,inturn --repeat 3` on the 2-core machine at a load near 1 measured it faster in every repeat, by 0.7-1.2 s
+# of 10 (docs/cli.md, "Speed"), and at a load of 6-7 (both cores busy with other jobs) the same wall on average, for
+# 0.27 GB more peak memory (two blocks). Off, each block is read when the solve asks for it, into one arena; the
+# bytes written are the same either way (tests/test_streaming.py compares them).
 READ_AHEAD_ENV = "RELEX_READ_AHEAD"
 
 
