@@ -148,7 +148,8 @@ def test_the_checker_sees_an_upward_import_and_a_cycle():
     circle = {m: set(v) for m, v in GRAPH.items()}
     circle["files.fs"].add("files.state")  # files.state already imports files.fs
     assert "files.fs" in GRAPH["files.state"]
-    assert find_cycles(circle) == [["files.state", "files.fs", "files.state"]]
+    (cycle,) = find_cycles(circle)  # the one cycle the added import makes (directly, or through files.checkpoints)
+    assert cycle[0] == cycle[-1] and {"files.state", "files.fs"} <= set(cycle), cycle
     assert not upward("core.solver", GRAPH) and not find_cycles(GRAPH)
     assert "trajectory.tiers" in GRAPH["trajectory.plan"]  # the plan measures memory through the tiers...
     assert "trajectory.plan" not in GRAPH["trajectory.tiers"]  # ...and the tiers never import the plan (was a cycle)

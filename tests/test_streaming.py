@@ -396,6 +396,36 @@ def test_write_shard_has_save_file_bytes(tmp_path, monkeypatch):
     assert (tmp_path / "c.safetensors").read_bytes() == (tmp_path / "d.safetensors").read_bytes()
 
 
+def _canonical(raw: bytes) -> bytes:
+    (n,) = struct.unpack("<Q", raw[:8])
+    return json.dumps(json.loads(raw[8: 8 + n]), sort_keys=True).encode() + raw[8 + n:]
+
+
+def test_write_tensors_is_save_file_without_copies(tmp_path):
+    """The state file's writer: save_file's file (the same header up to the order of the metadata keys, which
+    save_file varies between processes, and the same data bytes) from views of one storage (a rank-2 V's rows, which
+    save_file refuses unless cloned), non-contiguous views, NaN/Inf written as they are, a two-key metadata; the file
+    loads back equal; an unlaid-out dtype goes through save_file."""
+    from relex_callback.files.checkpoints import write_tensors
+
+    g = torch.Generator().manual_seed(0)
+    V = torch.randn(2, 50, generator=g).to(torch.bfloat16)
+    ts = {"layer.b": V[:, 10:30], "layer.a": V[:, :10], "t": torch.randn(4, 3, generator=g).T,
+          "n": torch.tensor([float("nan"), float("inf"), 1.0]), "i": torch.arange(3, dtype=torch.int32)}
+    md = {"format": "pt", "relex": json.dumps({"tensors": {"é": [1, 2]}, "q": "a\"b"})}
+    write_tensors(str(tmp_path / "w.safetensors"), ts, metadata=md)
+    save_file({k: v.contiguous().clone() for k, v in ts.items()}, str(tmp_path / "s.safetensors"), metadata=md)
+    a, b = (tmp_path / "w.safetensors").read_bytes(), (tmp_path / "s.safetensors").read_bytes()
+    assert _canonical(a) == _canonical(b)
+    back = load_file(str(tmp_path / "w.safetensors"))
+    assert all(torch.equal(back[k], v) or (k == "n" and torch.equal(back[k].isnan(), v.isnan())) for k, v in ts.items())
+    with safe_open(str(tmp_path / "w.safetensors"), "pt") as f:
+        assert f.metadata() == md
+    c = {"c": torch.ones(2, dtype=torch.complex64), "x": V[0]}
+    write_tensors(str(tmp_path / "c.safetensors"), c)
+    assert torch.equal(load_file(str(tmp_path / "c.safetensors"))["x"], V[0])
+
+
 def test_shard_writes_start_the_disk_on_each_tensor(tmp_path, monkeypatch):
     """Each tensor's bytes are handed to the disk as soon as they are written (the ranges asked cover the file's data
     exactly, in order, one per non-empty tensor), on Linux through the real call; both writers."""

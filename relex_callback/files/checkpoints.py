@@ -567,13 +567,13 @@ def _write_tensor(f, t: torch.Tensor):
         f.write(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))
 
 
-def _produced(produce, k: str, meta: dict, path: str) -> torch.Tensor:
+def _produced(produce, k: str, meta: dict, path: str, check_finite: bool = True) -> torch.Tensor:
     """``produce(k)``, checked against ``meta[k]`` (a mismatch is relex's bug) and for NaN/Inf (the input's fault)."""
     t = produce(k)
     shape, dtype = meta[k]
     if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
         raise RuntimeError(f"{k}: produced {tuple(t.shape)} {t.dtype}, expected {shape} {dtype}")
-    if t.is_floating_point() and not all_finite(t):
+    if check_finite and t.is_floating_point() and not all_finite(t):
         raise RelexNonFiniteError(
             f"{k} would be written with NaN/Inf values into {os.path.dirname(path)}; that checkpoint was not written "
             "(a diverged model, or an extrapolation from non-finite deltas)"
@@ -582,26 +582,40 @@ def _produced(produce, k: str, meta: dict, path: str) -> torch.Tensor:
 
 
 def write_tensor_file(path: str, keys: Sequence[str], meta: dict, produce: Callable[[str], torch.Tensor], *,
-                      order: str = "safetensors"):
+                      order: str = "safetensors", metadata: Optional[dict] = None, check_finite: bool = True):
     """A safetensors file of ``keys`` written tensor by tensor: the header first (the sizes are known from ``meta``),
     then each ``produce(key)`` as it comes, checked against ``meta[key]`` (shape, dtype) and for NaN/Inf (no
     checkpoint is ever written with them). Only one tensor is in memory at a time, and the disk starts writing each
     tensor while the next is computed (:func:`relex_callback.files.fs.start_writeback`); the file is made durable
     by whoever commits it. ``order="safetensors"`` lays the tensors out as ``save_file`` does (the same bytes, see
-    :func:`safetensors_order`), ``"given"`` in the order of ``keys``."""
+    :func:`safetensors_order`), ``"given"`` in the order of ``keys``. ``metadata``: the header's (default
+    ``{"format": "pt"}``); ``check_finite=False`` writes NaN/Inf as they are (a file that is not a checkpoint)."""
     keys = safetensors_order(keys, meta) if order == "safetensors" else list(keys)
-    head, _ = safetensors_header([(k, meta[k][1], tuple(meta[k][0])) for k in keys])
+    head, _ = safetensors_header([(k, meta[k][1], tuple(meta[k][0])) for k in keys], metadata)
     with open(path, "wb") as f:
         f.write(head)
         off = len(head)
         for k in keys:
-            t = _produced(produce, k, meta, path)
+            t = _produced(produce, k, meta, path, check_finite)
             _write_tensor(f, t.to("cpu"))
             f.flush()
             nb = t.numel() * t.element_size()
             if nb:
                 start_writeback(f.fileno(), off, nb)
             off += nb
+
+
+def write_tensors(path: str, tensors: dict, metadata: Optional[dict] = None):
+    """``save_file(tensors, path, metadata)``'s file (its bytes, up to the order of the metadata keys, which
+    ``save_file`` varies from process to process), written tensor by tensor from ``tensors`` as they are: no copy of
+    them (``save_file`` holds a bytes copy of every tensor, and refuses views of one storage, which the callers
+    cloned for it), nothing checked for NaN/Inf. Through ``save_file`` where its layout is not relex's (see
+    :func:`write_shard`)."""
+    meta = {k: (tuple(t.shape), t.dtype) for k, t in tensors.items()}
+    if all(m[1] in _dtype_rank() for m in meta.values()):
+        write_tensor_file(path, list(tensors), meta, tensors.__getitem__, metadata=metadata, check_finite=False)
+        return
+    save_file({k: t.contiguous().clone() for k, t in tensors.items()}, path, metadata=metadata or {"format": "pt"})
 
 
 def write_shard(path: str, keys: list[str], meta: dict, produce: Callable[[str], torch.Tensor]):

@@ -14,10 +14,10 @@ from typing import Optional
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from ..errors import RelexInputError
 from ..params import TensorSpec
+from .checkpoints import write_tensors
 
 from .fs import STATE_INDEX_NAME, STATE_NAME, atomic_file, loads_json, read_json, write_json  # noqa: F401  (the names live in fs)
 from ..core.clock import Clock
@@ -145,7 +145,7 @@ def save_state(path: str, solution, theta0_of, *, tcut: int, extra: Optional[dic
     info = {}
     ev = solution.explained
     for i, spec in enumerate(solution.specs):
-        tensors[spec.name] = solution.direction(i).detach().to("cpu").contiguous().clone()
+        tensors[spec.name] = solution.direction(i).detach().to("cpu")  # a view of V on the CPU: written, not copied
         info[spec.name] = {
             "spec": spec.to_json(),
             "slope": solution.slope[i].tolist(),
@@ -184,9 +184,10 @@ def save_state(path: str, solution, theta0_of, *, tcut: int, extra: Optional[dic
 
 
 def _write_state_file(path: str, tensors: dict, meta: dict):
-    """Directions + the ``relex`` metadata, written to a temporary and renamed into place."""
+    """Directions + the ``relex`` metadata, written to a temporary and renamed into place, tensor by tensor
+    (:func:`relex_callback.files.checkpoints.write_tensors`: ``save_file``'s bytes without a copy of the directions)."""
     with atomic_file(path) as tmp:
-        save_file(tensors, tmp, metadata={"format": "pt", "relex": json.dumps(meta)})
+        write_tensors(tmp, tensors, metadata={"format": "pt", "relex": json.dumps(meta)})
 
 
 def state_shard_name(i: int, n: int) -> str:
