@@ -422,7 +422,7 @@ def test_write_tensors_is_save_file_without_copies(tmp_path):
     with safe_open(str(tmp_path / "w.safetensors"), "pt") as f:
         assert f.metadata() == md
     c = {"c": torch.ones(2, dtype=torch.complex64), "x": V[0]}
-    write_tensors(str(tmp_path / "c.safetensors"), c)
+    write_tensors(str(tmp_path / "c.safetensors"), c, metadata={"format": "pt"})
     assert torch.equal(load_file(str(tmp_path / "c.safetensors"))["x"], V[0])
 
 

@@ -605,17 +605,18 @@ def write_tensor_file(path: str, keys: Sequence[str], meta: dict, produce: Calla
             off += nb
 
 
-def write_tensors(path: str, tensors: dict, metadata: Optional[dict] = None):
+def write_tensors(path: str, tensors: dict, *, metadata: dict):
     """``save_file(tensors, path, metadata)``'s file (its bytes, up to the order of the metadata keys, which
     ``save_file`` varies from process to process), written tensor by tensor from ``tensors`` as they are: no copy of
     them (``save_file`` holds a bytes copy of every tensor, and refuses views of one storage, which the callers
-    cloned for it), nothing checked for NaN/Inf. Through ``save_file`` where its layout is not relex's (see
+    cloned for it), nothing checked for NaN/Inf. ``metadata`` is required: ``save_file`` without one writes no
+    ``__metadata__``, which a file of relex always has. Through ``save_file`` where its layout is not relex's (see
     :func:`write_shard`)."""
     meta = {k: (tuple(t.shape), t.dtype) for k, t in tensors.items()}
     if all(m[1] in _dtype_rank() for m in meta.values()):
         write_tensor_file(path, list(tensors), meta, tensors.__getitem__, metadata=metadata, check_finite=False)
         return
-    save_file({k: t.contiguous().clone() for k, t in tensors.items()}, path, metadata=metadata or {"format": "pt"})
+    save_file({k: t.contiguous().clone() for k, t in tensors.items()}, path, metadata=metadata)
 
 
 def write_shard(path: str, keys: list[str], meta: dict, produce: Callable[[str], torch.Tensor]):
