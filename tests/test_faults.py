@@ -158,16 +158,18 @@ def _all_tensors(d):
 
 
 def test_disk_full_during_write_is_clear_and_recoverable(tmp_path, monkeypatch):
-    """Fault injection: the second shard file's tensor writes (``checkpoints._write_tensor``, the lowest-level write)
-    raise ENOSPC after its first tensor, as a disk filling mid-file would; everything above it is real."""
+    """Fault injection: the horizon's second shard file raises ENOSPC after its first tensor
+    (``checkpoints._write_tensor``, the lowest-level write, which the state file also goes through: it is written
+    whole first), as a disk filling mid-file would; everything above it is real."""
     real = writer._write_tensor
     files = []
 
     def full_disk(f, t):
-        if f.name not in files:
-            files.append(f.name)
-        elif len(files) == 2:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f.name)
+        if os.path.basename(f.name).startswith("model"):  # the horizon's shards
+            if f.name not in files:
+                files.append(f.name)
+            elif len(files) == 2:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f.name)
         return real(f, t)
 
     monkeypatch.setattr(writer, "_write_tensor", full_disk)
