@@ -427,8 +427,10 @@ def test_write_tensors_is_save_file_without_copies(tmp_path):
 
 
 def test_shard_writes_start_the_disk_on_each_tensor(tmp_path, monkeypatch):
-    """Each tensor's bytes are handed to the disk as soon as they are written (the ranges asked cover the file's data
-    exactly, in order, one per non-empty tensor), on Linux through the real call; both writers."""
+    """Written bytes are handed to the disk once WRITEBACK_MIN of them have gathered (with it at 0: each non-empty
+    tensor's bytes, the ranges covering the file's data exactly, in order; at 2000 bytes: contiguous ranges of at
+    least that, the rest left to the fsync; at its default: none for a file of small tensors), on Linux through the
+    real call; both writers."""
     import sys
 
     from relex_callback.files import checkpoints, fs
@@ -443,15 +445,23 @@ def test_shard_writes_start_the_disk_on_each_tensor(tmp_path, monkeypatch):
           "e": torch.empty(0), "i": torch.arange(9)}
     meta = {k: (tuple(v.shape), v.dtype) for k, v in ts.items()}
     for i, write in enumerate((checkpoints.write_shard, write_shard_streaming)):
-        asked.clear()
-        p = str(tmp_path / f"{i}.safetensors")
-        write(p, list(ts), meta, lambda k: ts[k])
-        (n,) = struct.unpack("<Q", open(p, "rb").read(8))
-        starts = [8 + n]
-        for off, nb in asked:
-            assert off == starts[-1] and nb > 0
-            starts.append(off + nb)
-        assert starts[-1] == os.path.getsize(p) and len(asked) == 3  # the empty tensor has no bytes to write
+        for least in (0, 2000, checkpoints.WRITEBACK_MIN):
+            monkeypatch.setattr(checkpoints, "WRITEBACK_MIN", least)
+            asked.clear()
+            p = str(tmp_path / f"{i}-{least}.safetensors")
+            write(p, list(ts), meta, lambda k: ts[k])
+            (n,) = struct.unpack("<Q", open(p, "rb").read(8))
+            starts = [0]
+            for off, nb in asked:
+                assert off == starts[-1] and nb >= max(least, 1)
+                starts.append(off + nb)
+            size = os.path.getsize(p)
+            if least == 0:  # the header with the first tensor, then one range per tensor (none for the empty one)
+                assert starts[-1] == size and len(asked) == 3 and asked[0][1] > 8 + n
+            elif least == 2000:
+                assert len(asked) >= 1 and size - starts[-1] < 2000 + 300 * 7 * 4
+            else:
+                assert asked == [] and size < least
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64]

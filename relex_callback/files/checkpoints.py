@@ -581,6 +581,12 @@ def _produced(produce, k: str, meta: dict, path: str, check_finite: bool = True)
     return t
 
 
+# Bytes written before they are handed to the disk (:func:`relex_callback.files.fs.start_writeback`): a request per
+# small tensor only adds system calls and small writes (a file of small tensors is left to its fsync); a large tensor
+# goes to the disk as soon as it is written.
+WRITEBACK_MIN = 8 << 20
+
+
 def write_tensor_file(path: str, keys: Sequence[str], meta: dict, produce: Callable[[str], torch.Tensor], *,
                       order: str = "safetensors", metadata: Optional[dict] = None, check_finite: bool = True):
     """A safetensors file of ``keys`` written tensor by tensor: the header first (the sizes are known from ``meta``),
@@ -594,15 +600,15 @@ def write_tensor_file(path: str, keys: Sequence[str], meta: dict, produce: Calla
     head, _ = safetensors_header([(k, meta[k][1], tuple(meta[k][0])) for k in keys], metadata)
     with open(path, "wb") as f:
         f.write(head)
-        off = len(head)
+        off, kicked = len(head), 0  # bytes written; bytes already handed to the disk
         for k in keys:
             t = _produced(produce, k, meta, path, check_finite)
             _write_tensor(f, t.to("cpu"))
-            f.flush()
-            nb = t.numel() * t.element_size()
-            if nb:
-                start_writeback(f.fileno(), off, nb)
-            off += nb
+            off += t.numel() * t.element_size()
+            if off > kicked and off - kicked >= WRITEBACK_MIN:  # small tensors gathered; the fsync does the rest
+                f.flush()
+                start_writeback(f.fileno(), kicked, off - kicked)
+                kicked = off
 
 
 def write_tensors(path: str, tensors: dict, *, metadata: dict):
