@@ -591,11 +591,12 @@ def write_tensor_file(path: str, keys: Sequence[str], meta: dict, produce: Calla
                       order: str = "safetensors", metadata: Optional[dict] = None, check_finite: bool = True):
     """A safetensors file of ``keys`` written tensor by tensor: the header first (the sizes are known from ``meta``),
     then each ``produce(key)`` as it comes, checked against ``meta[key]`` (shape, dtype) and for NaN/Inf (no
-    checkpoint is ever written with them). Only one tensor is in memory at a time, and the disk starts writing each
-    tensor while the next is computed (:func:`relex_callback.files.fs.start_writeback`); the file is made durable
-    by whoever commits it. ``order="safetensors"`` lays the tensors out as ``save_file`` does (the same bytes, see
-    :func:`safetensors_order`), ``"given"`` in the order of ``keys``. ``metadata``: the header's (default
-    ``{"format": "pt"}``); ``check_finite=False`` writes NaN/Inf as they are (a file that is not a checkpoint)."""
+    checkpoint is ever written with them). Only one tensor is in memory at a time, and the disk starts on the bytes
+    written (each :data:`WRITEBACK_MIN` of them, :func:`relex_callback.files.fs.start_writeback`) while the next
+    tensors are computed; the file is made durable by whoever commits it. ``order="safetensors"`` lays the tensors
+    out as ``save_file`` does (the same bytes, see :func:`safetensors_order`), ``"given"`` in the order of ``keys``.
+    ``metadata``: the header's (default ``{"format": "pt"}``); ``check_finite=False`` writes NaN/Inf as they are (a
+    file that is not a checkpoint)."""
     keys = safetensors_order(keys, meta) if order == "safetensors" else list(keys)
     head, _ = safetensors_header([(k, meta[k][1], tuple(meta[k][0])) for k in keys], metadata)
     with open(path, "wb") as f:
@@ -614,8 +615,8 @@ def write_tensor_file(path: str, keys: Sequence[str], meta: dict, produce: Calla
 def write_tensors(path: str, tensors: dict, *, metadata: dict):
     """``save_file(tensors, path, metadata)``'s file (its bytes, up to the order of the metadata keys, which
     ``save_file`` varies from process to process), written tensor by tensor from ``tensors`` as they are: no copy of
-    them (``save_file`` holds a bytes copy of every tensor, and refuses views of one storage, which the callers
-    cloned for it), nothing checked for NaN/Inf. ``metadata`` is required: ``save_file`` without one writes no
+    them (``save_file`` refuses views of one storage, so the callers cloned every direction for it), nothing checked
+    for NaN/Inf. ``metadata`` is required: ``save_file`` without one writes no
     ``__metadata__``, which a file of relex always has. Through ``save_file`` where its layout is not relex's (see
     :func:`write_shard`)."""
     meta = {k: (tuple(t.shape), t.dtype) for k, t in tensors.items()}
