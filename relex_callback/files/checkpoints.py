@@ -551,7 +551,7 @@ def _dtype_rank() -> dict:
              "a": torch.zeros(0, dtype=torch.int64), "z": torch.tensor(True)}
     order = sorted(probe, key=lambda k: (rank.get(probe[k].dtype, -1), k))
     head, _ = safetensors_header([(k, probe[k].dtype, tuple(probe[k].shape)) for k in order])
-    ours = head + b"".join(probe[k].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() for k in order)
+    ours = head + b"".join(bytes(_raw(probe[k])) for k in order)
     return rank if ours == save(probe, metadata={"format": "pt"}) else {}
 
 
@@ -562,9 +562,15 @@ def safetensors_order(keys: Sequence[str], meta: dict) -> list[str]:
     return sorted(keys, key=lambda k: (rank[meta[k][1]], k))
 
 
+def _raw(t: torch.Tensor) -> memoryview:
+    """A tensor's bytes as safetensors stores them (row-major, native order), without a copy where it is
+    contiguous."""
+    return memoryview(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
 def _write_tensor(f, t: torch.Tensor):
     if t.numel():
-        f.write(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))
+        f.write(_raw(t))
 
 
 def _produced(produce, k: str, meta: dict, path: str, check_finite: bool = True) -> torch.Tensor:
