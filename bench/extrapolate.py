@@ -228,7 +228,9 @@ def main():
 def _breakdown(line: str, wall: float) -> str:
     """The streamed run's seconds by phase, from its ``RELEX_TIMING`` line: import (and interpreter start: the wall
     minus the timed phases), check (discovery, headers, the belongs check), read, subtract, Gram, solve (eigenpairs,
-    fits, backtest), directions, state (parts + join), write (horizons, fsync included), other."""
+    fits, backtest), directions, state (parts + join), write_early (the horizons' tensors written during the solve,
+    as each group is solved), write (the horizons after the state file: their commit, fsync included, or all of
+    them where none was begun early), other."""
     head = re.search(r"header checks ([\d.]+) s, streaming ([\d.]+) s \((.*)\)", line)
     if head is None:
         return "(no timing line)"
@@ -242,9 +244,9 @@ def _breakdown(line: str, wall: float) -> str:
     parts = {
         "import": wall - check - streaming, "check": check, "read": ph.get("read", 0.0),
         "subtract": ph.get("subtract", 0.0), "read_wait": ph.get("read_wait", 0.0), "gram": ph.get("gram", 0.0),
-        "solve": total - sum(ph.get(k, 0.0) for k in (*waited, "gram", "direction", "state_parts")),
+        "solve": total - sum(ph.get(k, 0.0) for k in (*waited, "gram", "direction", "state_parts", "early")),
         "direction": ph.get("direction", 0.0), "state": ph.get("state_parts", 0.0) + ph.get("state", 0.0),
-        "write": ph.get("horizons", 0.0),
+        "write_early": ph.get("early", 0.0), "write": ph.get("horizons", 0.0),
     }
     parts["other"] = streaming - total - ph.get("state", 0.0) - ph.get("horizons", 0.0)
     if not overlapped:

@@ -5,6 +5,7 @@ refusals (NaN checkpoint, overflowing horizons) with nothing written; the tensor
 
 import json
 import contextlib
+import errno
 import os
 import glob
 import struct
@@ -21,7 +22,8 @@ from relex_callback.examples.toy import build_model, build_tokenizer
 from relex_callback.files.state import load_state
 from relex_callback.offline.cli import main
 from relex_callback.pipeline import streamed
-from relex_callback.files.streaming import write_shard_streaming
+from relex_callback.files import streaming
+from relex_callback.files.streaming import StreamedWriter, write_shard_streaming
 
 from helpers import extrapolation_tolerance, float64_reference
 from transformers import AutoModelForCausalLM
@@ -242,28 +244,123 @@ def test_read_ahead_writes_the_same_bytes_as_reading_in_turn(tmp_path, monkeypat
         _, rep = extrapolate_checkpoints(base, [ckpts], [H, 2 * H], outs[ahead], streaming=True,
                                          memory_budget=budget)
         assert rep["streaming"]["groups"] >= 4 and rep["streaming"]["tensors_read_twice"] == 3
-    files = sorted(os.path.relpath(f, outs[True]) for f in glob.glob(os.path.join(outs[True], "**"), recursive=True)
-                   if os.path.isfile(f))
-    assert files == sorted(os.path.relpath(f, outs[False]) for f in glob.glob(os.path.join(outs[False], "**"),
-                                                                             recursive=True) if os.path.isfile(f))
-    run_ids = [json.load(open(os.path.join(outs[a], "report.json")))["run_id"] for a in (True, False)]
+    _assert_same_outputs(outs[True], outs[False])
+
+
+def _output_files(out):
+    return sorted(os.path.relpath(f, out) for f in glob.glob(os.path.join(out, "**"), recursive=True)
+                  if os.path.isfile(f))
+
+
+def _assert_same_outputs(out_a, out_b):
+    """Every file of two extrapolations byte for byte, but for what differs on every run: the run id (a fresh uuid
+    per run, in the state's metadata and each horizon's marker), the order of a safetensors header's metadata keys
+    (safetensors orders them freely) and the report's seconds, dates and paths."""
+    files = _output_files(out_a)
+    assert files == _output_files(out_b)
+    run_ids = [json.load(open(os.path.join(o, "report.json")))["run_id"] for o in (out_a, out_b)]
     for f in files:
-        a, b = (open(os.path.join(outs[x], f), "rb").read() for x in (True, False))
+        a, b = (open(os.path.join(o, f), "rb").read() for o in (out_a, out_b))
         if f == "report.json":  # seconds differ on every run; every other field is compared
             ra, rb = json.loads(a), json.loads(b)
             for r in (ra, rb):
                 for k in ("seconds", "solve_seconds", "write_seconds", "created", "run_id", "out", "written"):
                     r.pop(k, None)
-            assert json.dumps(ra, sort_keys=True).replace(outs[True], "OUT") == json.dumps(
-                rb, sort_keys=True).replace(outs[False], "OUT")
-        else:  # the run id (a fresh uuid per run) is in the state's metadata and each horizon's marker
-            if f.endswith(".safetensors"):  # the header as parsed JSON (safetensors orders metadata keys freely)
+            assert json.dumps(ra, sort_keys=True).replace(out_a, "OUT") == json.dumps(
+                rb, sort_keys=True).replace(out_b, "OUT")
+        else:
+            if f.endswith(".safetensors"):  # the header as parsed JSON
                 (na,), (nb,) = struct.unpack("<Q", a[:8]), struct.unpack("<Q", b[:8])
                 ha, hb = (json.loads(h.decode().replace(i, "ID")) for h, i in ((a[8: 8 + na], run_ids[0]),
                                                                               (b[8: 8 + nb], run_ids[1])))
                 assert ha == hb, f
                 a, b = a[8 + na:], b[8 + nb:]
             assert a.replace(run_ids[0].encode(), b"ID") == b.replace(run_ids[1].encode(), b"ID"), f
+
+
+def _begun_when_the_state_is_written(monkeypatch):
+    """The temporaries in ``--out`` when the state file is written (the horizons begun during the solve), per run."""
+    seen = []
+    real = StreamedWriter.write_state
+
+    def write_state(self, out_dir, tcut):
+        seen.append(sorted(e.split(".tmp-")[0] for e in os.listdir(out_dir) if ".tmp-" in e)
+                    if os.path.isdir(out_dir) else [])
+        return real(self, out_dir, tcut)
+
+    monkeypatch.setattr(StreamedWriter, "write_state", write_state)
+    return seen
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_horizons_written_during_the_solve_have_the_bytes_of_those_written_after(tmp_path, monkeypatch, dtype):
+    """The horizons begun during the solve (each group's tensors written into its shards as the group is solved)
+    against the same run writing them after the state file, from it, one at a time: every output byte the same.
+    Sharded horizons (an index), tensors in groups (theta_0 from the block) and read in column chunks (theta_0 from
+    the base), a base in float32 and in bf16, rank 2, two horizons on the lr clock of a linear schedule. That they
+    were begun during the solve is seen in --out when the state file is written."""
+    base, ckpts = _trajectory(str(tmp_path), dtype=dtype, seed=6, second=0.3)
+    seen = _begun_when_the_state_is_written(monkeypatch)
+    outs = {}
+    for early in (True, False):
+        if not early:  # the horizons are written after the state file, from it (as when the disk has no room)
+            monkeypatch.setattr(StreamedWriter, "begin_horizons", lambda self, *a, **k: None)
+        outs[early] = str(tmp_path / f"early-{early}")
+        _, rep = extrapolate_checkpoints(base, [ckpts], [H, 2 * H], outs[early], streaming=True, rank=2,
+                                         memory_budget=4 * (len(STEPS) + 1) * 300, max_shard_size="6KB",
+                                         schedule="linear,warmup=2,total=150")
+        assert rep["streaming"]["groups"] >= 4 and rep["streaming"]["tensors_read_twice"] == 3
+        assert rep["clock"]["horizons_on_clock"][str(H)] != H, rep["clock"]  # the lr clock: not the step
+    assert seen == [[f".step-{2 * H}", f".step-{H}"], []]
+    assert len(glob.glob(os.path.join(outs[True], f"step-{H}", "model-*-of-*.safetensors"))) >= 3
+    _assert_same_outputs(outs[True], outs[False])
+    assert not [e for e in os.listdir(tmp_path) if e.startswith(".")]
+    assert not [e for o in outs.values() for e in os.listdir(o) if e.startswith(".")]
+
+
+@pytest.mark.parametrize("fault", ["put", "begin", "interrupt"])
+def test_a_failure_while_horizons_are_written_during_the_solve(tmp_path, monkeypatch, fault):
+    """A write failing while the horizons are written during the solve (any error, at the second group: an I/O
+    error, a bug) drops them, and they are written after the state file as they would have been: the same bytes and
+    no temporary left. A failure while beginning them likewise. An interrupt leaves nothing: neither the horizons
+    begun nor the state's parts."""
+    base, ckpts = _trajectory(str(tmp_path), seed=7)
+    kw = dict(streaming=True, memory_budget=4 * (len(STEPS) + 1) * 300, max_shard_size="6KB")
+    ref = str(tmp_path / "ref")
+    extrapolate_checkpoints(base, [ckpts], [H, 2 * H], ref, **kw)
+    calls = []
+    if fault == "begin":
+        real_init = streaming.EarlyHorizon.__init__
+
+        def init(self, out_dir, horizon, *a, **k):
+            if horizon == 2 * H:
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
+            real_init(self, out_dir, horizon, *a, **k)
+
+        monkeypatch.setattr(streaming.EarlyHorizon, "__init__", init)
+    else:
+        real_put = streaming.EarlyHorizon.put
+
+        def put(self, name, start, piece):
+            calls.append(name)
+            if len(set(calls)) == 3:
+                raise KeyboardInterrupt() if fault == "interrupt" else OSError(errno.EIO, os.strerror(errno.EIO))
+            real_put(self, name, start, piece)
+
+        monkeypatch.setattr(streaming.EarlyHorizon, "put", put)
+    out = str(tmp_path / "out")
+    seen = _begun_when_the_state_is_written(monkeypatch)
+    if fault == "interrupt":
+        with pytest.raises(KeyboardInterrupt):
+            extrapolate_checkpoints(base, [ckpts], [H, 2 * H], out, **kw)
+        assert sorted(os.listdir(tmp_path)) == ["base", "ckpts", "ref"]  # --out was not there: it is not now
+        return
+    extrapolate_checkpoints(base, [ckpts], [H, 2 * H], out, **kw)
+    assert seen == [[]]  # dropped before the state file
+    assert fault == "begin" or len(set(calls)) == 3
+    _assert_same_outputs(out, ref)
+    assert not [e for e in os.listdir(tmp_path) if e.startswith(".")]
+    assert not [e for e in os.listdir(out) if e.startswith(".")]
 
 
 def test_read_ahead_switch(tmp_path, monkeypatch, capsys):
@@ -589,6 +686,117 @@ def test_full_disk_keeps_the_state_and_says_how_to_finish(raw, tmp_path):
 
         assert load_state(out).steps == STEPS
     finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+@contextlib.contextmanager
+def _disk_filled_after_the_horizons_began(filler, leave):
+    """Another writer fills the file system of ``filler`` once the horizons were begun for the solve (the disk had
+    room for every output then), leaving ``leave(begun)`` bytes free: ``begun``, the bytes the horizons took when
+    they began (their headers)."""
+    real = StreamedWriter.begin_horizons
+
+    def begin(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        assert len(self.early) == 2  # begun: the check saw room for them
+        begun = _allocated(glob.glob(os.path.join(os.path.dirname(filler), "out", ".step-*", "*")))
+        st = os.statvfs(os.path.dirname(filler))
+        with open(filler, "wb") as f:
+            f.write(b"\0" * max(0, st.f_bavail * st.f_frsize - leave(begun)))
+
+    StreamedWriter.begin_horizons = begin
+    try:
+        yield
+    finally:
+        StreamedWriter.begin_horizons = real
+
+
+def _allocated(paths) -> int:
+    return sum(os.stat(f).st_blocks * 512 for f in paths)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+@pytest.mark.parametrize("fails", ["horizon_begun", "state_part", "joined_state"])
+def test_full_disk_while_horizons_are_written_during_the_solve(raw, tmp_path, fails):
+    """A real full disk (a small tmpfs) once the horizons were begun during the solve: whichever write meets it, the
+    horizons begun are dropped (their space freed) and the run ends as it would have without them.
+
+    * ``horizon_begun``: room for the state and one horizon. A tensor of a horizon begun fails; the state, the
+      report and the first horizon are written whole, and one error names the `relex materialize` command for the
+      second.
+    * ``state_part``: room for less than the state's part. It fails, is written again in the space the horizons
+      begun held, and the joined state then fails: one error saying that nothing is under the final names.
+    * ``joined_state``: room for every output, but not for the joined state beside the horizons begun and the
+      parts. The state file takes their space (joined again) and every output is written, with the bytes of a run
+      on an empty disk.
+
+    Nothing partial is left in any case (no scratch part, no temporary)."""
+    root, base, ckpts = raw
+    kw = dict(streaming=True, dtype="float32", max_shard_size="12KB", rank=2)  # rank 2: a larger state file
+    ref = os.path.join(root, f"ref-{fails}")
+    extrapolate_checkpoints(base, [ckpts], [H, 2 * H], ref, **kw)
+    state = _allocated([os.path.join(ref, "relex_state.safetensors")])
+    horizon = _allocated(glob.glob(os.path.join(ref, f"step-{H}", "*")))
+    shards = _allocated(glob.glob(os.path.join(ref, f"step-{H}", "model*.safetensors")))
+    report = _allocated([os.path.join(ref, "report.json")])
+    sizes = f"state {state} bytes, horizon {horizon} bytes (shards {shards}), report {report}"
+
+    def between(lo, hi, begun):  # bytes left free: the middle of [lo, hi), whole pages
+        assert hi - lo >= 8192, (lo, hi, begun, sizes)
+        return lo + (hi - lo) // 2 // 4096 * 4096
+
+    leave = {
+        # room for the state, the report and one horizon, not for the horizons' tensors beside the state's part
+        "horizon_begun": lambda begun: between(horizon + state + report - begun,
+                                               min(2 * horizon + state + report, 2 * shards + state) - begun, begun),
+        "state_part": lambda begun: state - 8192,
+        # room for every output at its end (the report twice: rewritten whole), not for the horizons' tensors, the
+        # parts and the joined state at once
+        "joined_state": lambda begun: between(2 * horizon + state + 2 * report - begun,
+                                              2 * shards + 2 * state - begun, begun),
+    }[fails]
+    mnt = tmp_path / "mnt"
+    os.makedirs(mnt)
+    kib = 4 * (2 * state + 2 * horizon) // 1024 + (20 << 10)  # room for every output when the horizons begin
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(mnt)], capture_output=True,
+                       text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    seen = []
+    real_state = StreamedWriter.write_state
+
+    def write_state(self, out_dir, tcut):  # the horizons begun when the state is written, and after it
+        seen.append(len(self.early))
+        try:
+            return real_state(self, out_dir, tcut)
+        finally:
+            seen.append(len(self.early))
+
+    StreamedWriter.write_state = write_state
+    out = str(mnt / "out")
+    try:
+        with _disk_filled_after_the_horizons_began(mnt / "filler", leave):
+            if fails == "joined_state":
+                extrapolate_checkpoints(base, [ckpts], [H, 2 * H], out, **kw)
+                assert seen == [2, 0], sizes  # there when the state was joined, dropped to make room for it
+                _assert_same_outputs(out, ref)
+            else:
+                with pytest.raises(RelexWriteError) as e:
+                    extrapolate_checkpoints(base, [ckpts], [H, 2 * H], out, **kw)
+                msg = str(e.value)
+                assert seen == [0, 0], sizes  # dropped during the solve
+                assert "No space left on device" in msg, msg
+                if fails == "horizon_begun":
+                    assert f"step-{2 * H}" in msg and "relex materialize" in msg and "intact" in msg, msg
+                    assert sorted(os.listdir(out)) == ["relex_state.safetensors", "report.json", f"step-{H}"]
+                    assert load_state(out).steps == STEPS
+                else:
+                    assert "writing the state file" in msg and "nothing exists under their names" in msg, msg
+        listed = sorted(os.listdir(mnt))
+        assert listed in (["filler", "out"], ["filler"]), (listed, sizes)  # no scratch parts, no temporaries
+        assert not os.path.isdir(out) or not [e for e in os.listdir(out) if e.startswith(".")]
+    finally:
+        StreamedWriter.write_state = real_state
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 

@@ -214,18 +214,25 @@ def write_json(path: str, obj, durable: bool = True, **dump_kw):
 
 
 @contextlib.contextmanager
-def atomic_directory(final: str, overwrite: bool = False, marked_only: bool = True):
+def atomic_directory(final: str, overwrite: bool = False, marked_only: bool = True, tmp: Optional[str] = None):
     """Yield a temporary sibling of ``final``; rename it to ``final`` when the block succeeds, delete it when it
     raises. ``final`` existing is an error unless ``overwrite``; even then an existing ``final`` without the relex
     marker (not relex's output) is refused and left, unless ``marked_only=False`` (a directory inside relex's own
-    files, e.g. ``partial_trajectory/adapter``)."""
+    files, e.g. ``partial_trajectory/adapter``). ``tmp``: a temporary of ``final`` already begun
+    (:func:`new_temporary_dir`: a horizon written while the solve ran), finished by the block and committed, or
+    deleted, the same way (deleted too when ``final`` is refused)."""
     final = os.path.abspath(final)
-    if os.path.lexists(final) and not overwrite:
-        raise RelexInputError(f"{final} already exists; choose another output directory or pass overwrite")
-    if marked_only and os.path.lexists(final) and not_ours(final):
-        raise RelexInputError(f"{final} {not_ours(final)}; overwrite replaces only what relex wrote, so it was left as "
-                              "it is: move it away or choose another output directory")
-    tmp = new_temporary_dir(final)
+    try:
+        if os.path.lexists(final) and not overwrite:
+            raise RelexInputError(f"{final} already exists; choose another output directory or pass overwrite")
+        if marked_only and os.path.lexists(final) and not_ours(final):
+            raise RelexInputError(f"{final} {not_ours(final)}; overwrite replaces only what relex wrote, so it was "
+                                  "left as it is: move it away or choose another output directory")
+    except BaseException:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    tmp = tmp or new_temporary_dir(final)
     try:
         with deferred_sync(tmp):  # commit_directory flushes every file in it once
             yield tmp

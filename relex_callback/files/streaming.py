@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import struct
@@ -27,13 +28,16 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from ..core.solver import extrapolate_piece
-from ..errors import RelexInputError
+from ..errors import RelexInputError, RelexNonFiniteError
 from ..params import TensorSpec
-from .checkpoints import (ST_CODES, MappedSafetensors, MappedSource, plan_shards, safetensors_header, shard_names,
-                          st_dtype, tensor_bytes, write_index, write_relex_marker, write_tensor_file)
+from .checkpoints import (ST_CODES, WRITEBACK_MIN, MappedSafetensors, MappedSource, _produced, _raw, all_finite,
+                          plan_shards, safetensors_header, shard_names, st_dtype, tensor_bytes, write_index,
+                          write_relex_marker, write_tensor_file)
 from .fs import (STATE_NAME, atomic_directory, atomic_file, clean_stale_temporaries, horizon_dir, loads_json,
-                 read_safetensors_header)
-from .writers import CheckpointWriter, guarded
+                 new_temporary_dir, read_safetensors_header, start_writeback)
+from .writers import CheckpointWriter, WriteFailed, guarded
+
+logger = logging.getLogger("relex_callback")
 
 # Elements converted per read when a checkpoint is not float32 (bf16/fp16 checkpoints are staged then widened).
 STAGE_ELEMS = 1 << 22
@@ -222,6 +226,14 @@ class _Limited:
         return b
 
 
+def coef_at(slope: torch.Tensor, intercept: torch.Tensor, horizon: float, clock=None) -> torch.Tensor:
+    """Each tensor's coefficients at ``horizon`` (``[S, rank]``): its line at the step, or at ``clock.at(step)`` with
+    an lr clock. Element by element, so a group's rows are the same numbers as the whole model's."""
+    if clock is not None:
+        horizon = clock.at(horizon)
+    return slope * float(horizon) + intercept
+
+
 class MappedState:
     """A committed state file read back lazily: directions memory-mapped one tensor at a time, everything else from
     its metadata; ``extrapolate`` is :meth:`relex_callback.files.state.RelexState.extrapolate` (bit for bit what ``relex
@@ -233,9 +245,7 @@ class MappedState:
         self.specs, self.slope, self.intercept, self.rank, self.clock = specs, slope, intercept, rank, clock
 
     def coef_at(self, horizon: float) -> torch.Tensor:
-        if self.clock is not None:
-            horizon = self.clock.at(horizon)
-        return self.slope * float(horizon) + self.intercept
+        return coef_at(self.slope, self.intercept, horizon, self.clock)
 
     @torch.no_grad()
     def extrapolate(self, i: int, horizon: float, theta0: torch.Tensor) -> torch.Tensor:
@@ -246,14 +256,133 @@ class MappedState:
         self.file.close()
 
 
+# Elements of a tensor extrapolated, checked and written at a time by :class:`EarlyHorizon` (the values are element by
+# element, so the pieces do not change a bit; small pieces keep the memory of the writes small).
+EARLY_PIECE = 1 << 20
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int):
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done:], offset + done)
+
+
+class EarlyHorizon:
+    """``out_dir/step-H`` begun while the streamed solve runs, so that its bytes reach the disk while the checkpoints
+    are still being read (:meth:`StreamedWriter.begin_horizons`). It is the temporary directory
+    :func:`~relex_callback.files.fs.new_temporary_dir` names (swept like any other after a failure or a signal), with
+    the shards :func:`write_weights_streaming` would write (same plan, names, headers and layout): each header and
+    every untracked tensor written at once, each tracked tensor at its place in its shard as soon as its group's
+    directions are known (:meth:`put`, in pieces), the disk started on them as they come. Nothing is under the final
+    name until :func:`write_horizon_streaming` commits it, after the state file, as it commits any horizon; a horizon
+    that is not :meth:`complete` by then is deleted (:meth:`abort`) and written the usual way."""
+
+    def __init__(self, out_dir: str, horizon: int, source, specs: Sequence[TensorSpec], max_shard_size):
+        self.horizon = int(horizon)
+        self.final = horizon_dir(out_dir, horizon)
+        tracked = {s.name for s in specs}
+        meta = dict(source.meta)
+        for s in specs:
+            meta[s.name] = (tuple(s.shape), s.dtype)
+        keys = list(source.keys)
+        entries = [(k, tensor_bytes(*meta[k])) for k in keys]
+        shards = plan_shards(entries, max_shard_size)
+        names = shard_names(len(shards))
+        self.meta, self.nbytes = meta, sum(nb for _, nb in entries)
+        self.index = {k: n for n, shard in zip(names, shards) for k in shard} if len(shards) > 1 else None
+        self.places: dict = {}  # key -> (fd, file offset of its data, its bytes)
+        self.left: dict = {}  # tracked key -> bytes not written yet
+        self.fds: list[int] = []
+        self._unsent: dict = {}  # fd -> [first, end) of the bytes written since the disk was last asked, their count
+        clean_stale_temporaries(os.path.dirname(self.final), os.path.basename(self.final))
+        self.tmp = new_temporary_dir(self.final)
+        try:
+            for name, shard in zip(names, shards):
+                path = os.path.join(self.tmp, name)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o666)
+                self.fds.append(fd)
+                head, _ = safetensors_header([(k, meta[k][1], tuple(meta[k][0])) for k in shard])
+                _pwrite_all(fd, memoryview(head), 0)
+                off = len(head)
+                for k in shard:
+                    nb = tensor_bytes(*meta[k])
+                    self.places[k] = (fd, off, nb, path)
+                    off += nb
+            for k in keys:
+                if k in tracked:
+                    self.left[k] = self.places[k][2]
+                else:
+                    t = _produced(source.get, k, meta, self.places[k][3]).to("cpu")
+                    self._write(k, 0, t)
+        except BaseException:
+            self.abort()
+            raise
+
+    def put(self, name: str, start: int, piece: torch.Tensor):
+        """Elements ``[start, start + piece.numel())`` of the flattened tracked tensor ``name``: checked (dtype,
+        NaN/Inf, as every checkpoint's tensors are) and written at their place."""
+        dtype = self.meta[name][1]
+        if piece.dtype != dtype:
+            raise RuntimeError(f"{name}: produced {piece.dtype}, expected {dtype}")
+        if piece.is_floating_point() and not all_finite(piece):
+            raise RelexNonFiniteError(f"{name} would be written with NaN/Inf values into {self.final}")
+        self.left[name] -= self._write(name, start, piece)
+
+    def _write(self, name: str, start: int, t: torch.Tensor) -> int:
+        fd, off, nb, _ = self.places[name]
+        a, n = off + start * t.element_size(), t.numel() * t.element_size()
+        if start < 0 or a + n > off + nb:
+            raise RuntimeError(f"{name}: elements from {start} ({n} bytes) overrun its {nb} bytes")
+        if n:
+            _pwrite_all(fd, _raw(t), a)
+        lo, hi, count = self._unsent.get(fd, (a, a + n, 0))
+        lo, hi, count = min(lo, a), max(hi, a + n), count + n
+        if count >= WRITEBACK_MIN:  # small tensors gathered; the commit's fsync does the rest
+            start_writeback(fd, lo, hi - lo)
+            self._unsent.pop(fd, None)
+        else:
+            self._unsent[fd] = (lo, hi, count)
+        return n
+
+    def complete(self) -> bool:
+        """Every tracked tensor written whole."""
+        return bool(self.fds) and not any(self.left.values())
+
+    def finish(self):
+        """Close the shards and write the index (a sharded horizon): what is left of ``write_weights_streaming``'s
+        part before the config, tokenizer and marker."""
+        whole = self.complete()
+        self._close()
+        if not whole:
+            raise RuntimeError(f"{self.final}: begun during the solve but not every tensor was written")
+        if self.index is not None:
+            write_index(self.tmp, self.index, self.nbytes)
+
+    def _close(self):
+        fds, self.fds = self.fds, []
+        for fd in fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def abort(self):
+        """Close and delete everything begun (nothing was under the final name)."""
+        self._close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
 def write_horizon_streaming(out_dir: str, horizon: int, tcut: int, result, theta0_of, source, *, overwrite=False,
-                            max_shard_size="50GB", run_id: Optional[str] = None) -> str:
+                            max_shard_size="50GB", run_id: Optional[str] = None,
+                            early: Optional[EarlyHorizon] = None) -> str:
     """:func:`relex_callback.files.writers.write_full_checkpoint` with shards written tensor by tensor:
     ``out_dir/step-H`` assembled in a temporary directory (weights, config, tokenizer, the relex marker) and renamed
     whole; a failed write raises :class:`~relex_callback.files.writers.WriteFailed` with nothing under the final
-    name."""
+    name. ``early``: the horizon's weights already written during the solve (:class:`EarlyHorizon`, complete): only
+    the rest is written, and it is committed the same way."""
     final = horizon_dir(out_dir, horizon)
-    clean_stale_temporaries(out_dir, os.path.basename(final))
+    if early is None:  # an early horizon cleaned the stale temporaries when it began (its own is one of them now)
+        clean_stale_temporaries(out_dir, os.path.basename(final))
     index = {s.name: i for i, s in enumerate(result.specs)}
 
     def produce(key):
@@ -268,8 +397,11 @@ def write_horizon_streaming(out_dir: str, horizon: int, tcut: int, result, theta
         meta[n] = (tuple(result.specs[i].shape), result.specs[i].dtype)
 
     def write():
-        with atomic_directory(final, overwrite=overwrite) as tmp:
-            write_weights_streaming(tmp, list(source.keys), meta, produce, max_shard_size)
+        with atomic_directory(final, overwrite=overwrite, tmp=early.tmp if early is not None else None) as tmp:
+            if early is not None:
+                early.finish()
+            else:
+                write_weights_streaming(tmp, list(source.keys), meta, produce, max_shard_size)
             source.write_extras(tmp)
             write_relex_marker(tmp, horizon, tcut, run_id)
 
@@ -289,9 +421,77 @@ class StreamedWriter(CheckpointWriter):
         self.scratch: Optional[str] = None
         self.mapped = self.base_mapped = None
         self.stamps: dict = {}
+        self.early: dict[int, EarlyHorizon] = {}  # horizon -> its weights written during the solve
+        self.clock = None  # the solution's lr clock (set by begin_horizons), or None: the step
+        self._made_out: Optional[str] = None  # --out, where begin_horizons made it
 
     def bind(self, solution, store=None):
         self.solution = solution
+
+    # -------------------------------------------------------------------------------- horizons during the solve
+    def begin_horizons(self, out_dir: str, horizons: Sequence[int], state_bytes: int, clock=None):
+        """Begin every horizon during the solve (:class:`EarlyHorizon`), so that the disk writes them while the
+        checkpoints are read, where ``out_dir``'s file system has room for all of them, the state file's parts and
+        the joined state file at once, an eighth and 16 MiB to spare; else none is begun and each is written after the state file, one at a time,
+        from it. The bytes are the same either way (``tests/test_streaming.py`` compares them)."""
+        self.clock = clock
+        if not horizons:
+            return
+        need = sum(sum(tensor_bytes(*m) for m in self.src_base.meta.values()) for _ in horizons) + 2 * state_bytes
+        probe = os.path.abspath(out_dir)
+        while not os.path.exists(probe):
+            probe = os.path.dirname(probe)
+        if shutil.disk_usage(probe).free < need + need // 8 + (16 << 20):  # room, with some to spare
+            logger.debug("relex: the horizons are written after the state file (no room for them during the solve)")
+            return
+        self._made_out = None if os.path.isdir(out_dir) else os.path.abspath(out_dir)
+        try:
+            for h in horizons:
+                self.early[int(h)] = EarlyHorizon(out_dir, h, self.src_base, self.specs, self.max_shard_size)
+        except Exception as e:  # noqa: BLE001 - written after the state file instead, where a failure is reported
+            self.drop_early(f"beginning the horizons failed ({e})")
+
+    @torch.no_grad()
+    def write_group(self, gspecs: Sequence[TensorSpec], slope: torch.Tensor, intercept: torch.Tensor,
+                    V: torch.Tensor, theta0_of: Callable[[int], torch.Tensor]):
+        """A solved group's tensors into every begun horizon: ``theta_0 + c(H) v`` by ``extrapolate_piece`` with the
+        coefficients :class:`MappedState` gives (the same numbers, element by element, as the horizon written from
+        the committed state file), in pieces. ``gspecs``' offsets are columns of ``V`` (``[rank, columns]``, the
+        directions in the state file's dtype); ``theta0_of(j)``: tensor j's flattened theta_0. A failure (a full
+        disk) drops every begun horizon: they are written after the state file, where it is reported."""
+        if not self.early:
+            return
+        t = time.perf_counter()
+        try:
+            with one_thread():
+                for h, e in self.early.items():
+                    coef = coef_at(slope, intercept, h, self.clock)
+                    for j, s in enumerate(gspecs):
+                        th, n = theta0_of(j), s.local_numel
+                        for a in range(0, n, EARLY_PIECE):
+                            b = min(n, a + EARLY_PIECE)
+                            e.put(s.name, a, extrapolate_piece(th[a:b], coef[j], V[:, s.offset + a: s.offset + b],
+                                                               s.dtype))
+        except Exception as e:  # noqa: BLE001 - see the docstring
+            self.drop_early(f"writing them during the solve failed ({e})")
+        finally:
+            self.stamps["early"] = self.stamps.get("early", 0.0) + time.perf_counter() - t
+
+    def drop_early(self, why: str = "") -> bool:
+        """Delete every horizon begun during the solve (freeing its disk space); whether there was one."""
+        if not self.early:
+            return False
+        if why:
+            logger.debug("relex: the horizons are written after the state file: %s", why)
+        for e in self.early.values():
+            e.abort()
+        self.early = {}
+        if self._made_out is not None:  # --out was made for them: a run refused or stopped leaves it as it was
+            try:
+                os.rmdir(self._made_out)  # only where nothing else is in it
+            except OSError:
+                pass
+        return True
 
     def write_state(self, out_dir: str, tcut: int) -> str:
         state_path = os.path.join(out_dir, STATE_NAME)
@@ -303,7 +503,12 @@ class StreamedWriter(CheckpointWriter):
             shutil.rmtree(self.scratch, ignore_errors=True)
 
         t = time.perf_counter()
-        guarded(commit_state)
+        try:
+            guarded(commit_state)
+        except WriteFailed:  # the horizons begun during the solve hold space the state file needs: it comes first
+            if not self.drop_early("the state file needed their space"):
+                raise
+            guarded(commit_state)
         self.stamps["state"] = time.perf_counter() - t
         sol = self.solution
         self.mapped = MappedState(state_path, self.specs, sol.slope, sol.intercept, self.rank, sol.clock)
@@ -313,16 +518,21 @@ class StreamedWriter(CheckpointWriter):
     @torch.no_grad()
     def write_horizon(self, out_dir: str, horizon: int, tcut: int, overwrite: bool = False) -> str:
         t = time.perf_counter()
+        early = self.early.pop(int(horizon), None)
+        if early is not None and not early.complete():  # a bug, never the input's: written from the state file
+            early.abort()
+            early = None
         try:
             with one_thread():
                 return write_horizon_streaming(out_dir, horizon, tcut, self.mapped,
                                                lambda i: self.base_mapped.get(self.specs[i].name).reshape(-1),
                                                self.src_base, overwrite=overwrite,
-                                               max_shard_size=self.max_shard_size, run_id=self.run_id)
+                                               max_shard_size=self.max_shard_size, run_id=self.run_id, early=early)
         finally:
             self.stamps["horizons"] = self.stamps.get("horizons", 0.0) + time.perf_counter() - t
 
     def close(self):
+        self.drop_early()
         for m in (self.mapped, self.base_mapped):
             if m is not None:
                 m.close()
@@ -331,5 +541,5 @@ class StreamedWriter(CheckpointWriter):
             shutil.rmtree(self.scratch, ignore_errors=True)
 
 
-__all__ = ["FileReader", "MappedState", "StreamedWriter", "merge_state_parts", "safetensors_header",
+__all__ = ["EarlyHorizon", "FileReader", "MappedState", "coef_at", "StreamedWriter", "merge_state_parts", "safetensors_header",
            "write_horizon_streaming", "write_shard_streaming", "write_weights_streaming", "ST_CODES"]

@@ -307,6 +307,8 @@ class StreamedSolve:
             self._open.append(bar)
         if self.read_ahead is None:
             self.read_ahead = read_ahead()
+        # the horizons are begun now, where the disk has room, and each group's tensors written as it is solved
+        self.writer.begin_horizons(self.out_dir, horizons, rank * sum(self.numels) * self.dtype.itemsize, self.clock)
         self._blocks = _Prefetch(self._read_jobs(), lambda job, slot: self._read_block(
             (self._arena(slot), readers, base_reader), *job), ahead=self.read_ahead)
         try:
@@ -347,7 +349,12 @@ class StreamedSolve:
                        clock=self.clock)
         # refused before anything is written (the state is committed only after every group passed)
         check_horizons_fit(sol, horizons)
-        self._save_group_state(gi, sol, gspecs, theta0, fp_mapped)
+        if theta0 is not None:
+            th_of = lambda j, th=theta0, sp=gspecs: th[sp[j].offset: sp[j].offset + sp[j].local_numel]  # noqa: E731
+        else:
+            th_of = lambda j, sp=gspecs: fp_mapped.get(sp[j].name).reshape(-1)  # noqa: E731
+        self._save_group_state(gi, sol, gspecs, th_of)
+        self.writer.write_group(gspecs, sol.slope, sol.intercept, V, th_of)  # into the horizons begun, if any
         sol.V = None
         bt = backtest_from_gram(G, steps, True, fit_start=fit_start, names=[x.name for x in gspecs], clock=self.clock)
         sol.noise = _noise.safe(_noise.drift_share, G, steps, coeffs=sol.coeffs[:, 0, :],
@@ -479,18 +486,24 @@ class StreamedSolve:
             secs["direction"] += time.perf_counter() - td
         return fitted, None  # theta_0 read back from the base by the fingerprint (memory-mapped)
 
-    def _save_group_state(self, gi, sol, gspecs, theta0, fp_mapped):
-        """Write the group's part of the state file in the scratch directory (a failed write: RelexWriteError)."""
+    def _save_group_state(self, gi, sol, gspecs, th_of):
+        """Write the group's part of the state file in the scratch directory (a failed write: RelexWriteError; tried
+        again once where horizons begun during the solve held space, which the state file needs first)."""
         steps, secs = self.steps, self.secs
         ts = time.perf_counter()
         part = os.path.join(self.writer.scratch, f"part-{gi:05d}.safetensors")
-        if theta0 is not None:
-            th_of = lambda j, th=theta0, sp=gspecs: th[sp[j].offset: sp[j].offset + sp[j].local_numel]  # noqa: E731
-        else:
-            th_of = lambda j, sp=gspecs: fp_mapped.get(sp[j].name).reshape(-1)  # noqa: E731
-        try:
+
+        def write():
             with deferred_sync(self.writer.scratch):  # scratch: the joined state file is the one flushed
                 guarded(lambda: save_state(part, sol, th_of, tcut=steps[-1], extra={"run_id": self.run_id}))
+
+        try:
+            try:
+                write()
+            except WriteFailed:
+                if not self.writer.drop_early("the state file needed their space"):
+                    raise
+                write()
         except WriteFailed as e:
             raise RelexWriteError(
                 f"writing the state file in {self.out_dir} failed: {e}; no horizon was written and nothing exists "
@@ -537,8 +550,8 @@ class StreamedSolve:
         return {}
 
     def timings(self) -> dict:
-        """Seconds by phase (read, gram, direction, state parts, total solve, subtract, read_wait, state,
-        horizons) and bytes read (``read`` here excludes the subtraction; the report's ``seconds.read`` includes it).
+        """Seconds by phase (read, gram, direction, state parts, total solve, subtract, read_wait, early (the
+        horizons' tensors written during the solve, part of its total), state, horizons) and bytes read (``read`` here excludes the subtraction; the report's ``seconds.read`` includes it).
         With the read ahead, ``read`` and ``subtract`` are the prefetch thread's seconds, spent while the solve ran on
         the other block;
         ``read_wait`` is what the solve waited for them (the part of the reads the wall sees); without the read
@@ -547,7 +560,8 @@ class StreamedSolve:
         out.update(read=round(self.secs["read"] - self.sub_seconds, 4), subtract=round(self.sub_seconds, 4))
         if self._blocks.ahead:
             out.update(read_wait=round(self.wait_seconds, 4))
-        out.update(state=round(self.writer.stamps.get("state", 0.0), 4),
+        out.update(early=round(self.writer.stamps.get("early", 0.0), 4),
+                   state=round(self.writer.stamps.get("state", 0.0), 4),
                    horizons=round(self.writer.stamps.get("horizons", 0.0), 4), bytes_read=self.bytes_read)
         return out
 
