@@ -8,7 +8,8 @@
   lazily by :class:`MappedState` (directions memory-mapped one tensor at a time);
 * the horizons: :func:`write_horizon_streaming` writes ``step-H/`` as ``relex materialize`` does, each shard tensor by
   tensor (:func:`write_shard_streaming`: the header first, sizes known from the metadata), so a shard is never held
-  in memory;
+  in memory; or commits the one :class:`EarlyHorizon` began during the solve (each tensor written at its place as
+  its group was solved);
 * :class:`StreamedWriter`: the :class:`~relex_callback.files.writers.CheckpointWriter` of the streamed solve, the two
   above behind the pipeline's writer interface.
 """

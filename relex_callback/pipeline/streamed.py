@@ -11,8 +11,8 @@ and fits the lines with the solver's own math (:func:`relex_callback.core.solver
 Tensors are grouped so that a group's block fits ``memory_budget``: such a group is read once. A tensor larger than
 the budget is read in column chunks twice (Gram, then direction). Where the process may run on two CPUs or more,
 the next block is read on a thread while the solve uses the current one (:class:`_Prefetch`: two blocks in memory;
-the reads and the subtraction release the GIL, so the reading runs beside the Gram, eigenpairs, directions and state
-part of the block before); ``RELEX_READ_AHEAD=0`` or ``1`` decides it (:func:`read_ahead`).
+the reads and the subtraction release the GIL, so the reading runs beside the Gram, eigenpairs, directions, state
+part and horizons of the block before); ``RELEX_READ_AHEAD=0`` or ``1`` decides it (:func:`read_ahead`).
 
 It is a solve strategy of the one pipeline (:func:`relex_callback.pipeline.finalize.finalize` runs
 :class:`StreamedSolve` with its :class:`~relex_callback.files.streaming.StreamedWriter`), so the order, the checks
@@ -24,11 +24,14 @@ and the messages are the pipeline's:
    :func:`relex_callback.files.state.save_state` into a scratch part, and the parts are joined into one
    ``relex_state.safetensors`` (:func:`relex_callback.files.streaming.merge_state_parts`: headers merged, data
    copied inside the kernel) and renamed into place;
-3. each horizon, written from the committed state file (directions memory-mapped, theta_0 memory-mapped from the
-   base) exactly as ``relex materialize`` would: ``theta_0 + (a H + b) v`` by
-   :func:`relex_callback.core.solver.extrapolate_piece`, assembled in a temporary directory, NaN/Inf refused, renamed
-   whole, with the relex marker; shards are written tensor by tensor
-   (:func:`relex_callback.files.streaming.write_shard_streaming`), so a shard is never held in memory;
+3. each horizon, as ``relex materialize`` would write it from the committed state file: ``theta_0 + (a H + b) v``
+   by :func:`relex_callback.core.solver.extrapolate_piece`, assembled in a temporary directory, NaN/Inf refused,
+   renamed whole after the state file, with the relex marker. Where the disk has room for every output at once, the
+   horizons are begun with the solve and each group's tensors written into their shards as soon as the group is
+   solved (:class:`~relex_callback.files.streaming.EarlyHorizon`: the same numbers, from the group's theta_0 and
+   directions, so the disk writes them while the checkpoints are read); else, or where such a write fails, each is
+   written after the state file from it (directions and theta_0 memory-mapped, shards tensor by tensor:
+   :func:`relex_callback.files.streaming.write_shard_streaming`). A shard is never held in memory;
 4. ``report.json`` from :func:`relex_callback.files.report.build_report`.
 
 Peak memory is about twice ``memory_budget`` with the read ahead (the block being solved and the one being read;
@@ -185,7 +188,7 @@ def _first_nonfinite(readers, ckpts, names, numels, base_reader):
 
 class _Prefetch:
     """The blocks of ``jobs`` read one ahead on a thread: while the solve uses block ``k`` (its Gram, eigenpairs,
-    directions and state part, on the calling thread), block ``k + 1`` is read into the other of two arenas
+    directions, state part and horizons, on the calling thread), block ``k + 1`` is read into the other of two arenas
     (``preadv`` and numpy's subtraction release the GIL, so the two run on two cores). Nothing of the arithmetic
     moves: each block is read and subtracted by the same code in the same order, on one thread as before, so the
     bytes written are the same; at most two blocks exist at a time.
