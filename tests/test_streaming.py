@@ -22,7 +22,7 @@ from relex_callback.examples.toy import build_model, build_tokenizer
 from relex_callback.files.state import load_state
 from relex_callback.offline.cli import main
 from relex_callback.pipeline import streamed
-from relex_callback.files import streaming
+from relex_callback.files import streaming as streaming_files
 from relex_callback.files.streaming import StreamedWriter, write_shard_streaming
 
 from helpers import extrapolation_tolerance, float64_reference
@@ -330,16 +330,16 @@ def test_a_failure_while_horizons_are_written_during_the_solve(tmp_path, monkeyp
     extrapolate_checkpoints(base, [ckpts], [H, 2 * H], ref, **kw)
     calls = []
     if fault == "begin":
-        real_init = streaming.EarlyHorizon.__init__
+        real_init = streaming_files.EarlyHorizon.__init__
 
         def init(self, out_dir, horizon, *a, **k):
             if horizon == 2 * H:
                 raise OSError(errno.EIO, os.strerror(errno.EIO))
             real_init(self, out_dir, horizon, *a, **k)
 
-        monkeypatch.setattr(streaming.EarlyHorizon, "__init__", init)
+        monkeypatch.setattr(streaming_files.EarlyHorizon, "__init__", init)
     else:
-        real_put = streaming.EarlyHorizon.put
+        real_put = streaming_files.EarlyHorizon.put
 
         def put(self, name, start, piece):
             calls.append(name)
@@ -347,7 +347,7 @@ def test_a_failure_while_horizons_are_written_during_the_solve(tmp_path, monkeyp
                 raise KeyboardInterrupt() if fault == "interrupt" else OSError(errno.EIO, os.strerror(errno.EIO))
             real_put(self, name, start, piece)
 
-        monkeypatch.setattr(streaming.EarlyHorizon, "put", put)
+        monkeypatch.setattr(streaming_files.EarlyHorizon, "put", put)
     out = str(tmp_path / "out")
     seen = _begun_when_the_state_is_written(monkeypatch)
     if fault == "interrupt":

@@ -433,8 +433,9 @@ class StreamedWriter(CheckpointWriter):
     def begin_horizons(self, out_dir: str, horizons: Sequence[int], state_bytes: int, clock=None):
         """Begin every horizon during the solve (:class:`EarlyHorizon`), so that the disk writes them while the
         checkpoints are read, where ``out_dir``'s file system has room for all of them, the state file's parts and
-        the joined state file at once, an eighth and 16 MiB to spare; else none is begun and each is written after the state file, one at a time,
-        from it. The bytes are the same either way (``tests/test_streaming.py`` compares them)."""
+        the joined state file at once, an eighth and 16 MiB to spare; else none is begun and each is written after
+        the state file, one at a time, from it. The bytes are the same either way (``tests/test_streaming.py``
+        compares them)."""
         self.clock = clock
         if not horizons:
             return
@@ -542,5 +543,6 @@ class StreamedWriter(CheckpointWriter):
             shutil.rmtree(self.scratch, ignore_errors=True)
 
 
-__all__ = ["EarlyHorizon", "FileReader", "MappedState", "coef_at", "StreamedWriter", "merge_state_parts", "safetensors_header",
-           "write_horizon_streaming", "write_shard_streaming", "write_weights_streaming", "ST_CODES"]
+__all__ = ["EarlyHorizon", "FileReader", "MappedState", "coef_at", "StreamedWriter", "merge_state_parts",
+           "safetensors_header", "write_horizon_streaming", "write_shard_streaming", "write_weights_streaming",
+           "ST_CODES"]

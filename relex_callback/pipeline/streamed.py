@@ -554,7 +554,8 @@ class StreamedSolve:
 
     def timings(self) -> dict:
         """Seconds by phase (read, gram, direction, state parts, total solve, subtract, read_wait, early (the
-        horizons' tensors written during the solve, part of its total), state, horizons) and bytes read (``read`` here excludes the subtraction; the report's ``seconds.read`` includes it).
+        horizons' tensors written during the solve, part of its total), state, horizons) and bytes read (``read``
+        here excludes the subtraction; the report's ``seconds.read`` includes it).
         With the read ahead, ``read`` and ``subtract`` are the prefetch thread's seconds, spent while the solve ran on
         the other block;
         ``read_wait`` is what the solve waited for them (the part of the reads the wall sees); without the read
