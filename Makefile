@@ -18,7 +18,7 @@ PINS_new = $(NEW_PINS)
 COMPAT_TESTS ?= tests/test_compat.py tests/test_callback.py tests/test_glue.py tests/test_trust.py tests/test_scoring.py \
 	tests/test_resume.py
 
-.PHONY: lint test test-fast demo bench gpu-check gpu-bundle clean venv test-compat test-compat-low test-compat-new
+.PHONY: lint test test-slow test-all demo bench gpu-check gpu-bundle clean venv test-compat test-compat-low test-compat-new
 
 $(VENV)/.torch:
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -64,13 +64,17 @@ lint: $(VENV)/.installed
 	$(PY) -m ruff check .
 
 # the tests in parallel, one worker per core (pytest-xdist; tests/conftest.py gives each one thread); TEST_WORKERS=0
-# runs them in this process
+# runs them in this process. `make test`: every test not marked slow (about 7 minutes on 2 cores); `make test-slow`:
+# the slow ones (several processes over gloo, DeepSpeed, whole runs, signals at every boundary, the wheel: about 13
+# minutes); `make test-all`: both. CI (.ci/run) runs all of them.
 TEST_WORKERS ?= auto
 test: lint
-	$(PY) -m pytest -q -ra --durations=15 -n $(TEST_WORKERS) --dist worksteal
+	$(PY) -m pytest -q -ra --durations=15 -m "not slow" -n $(TEST_WORKERS) --dist worksteal
 
-test-fast: lint
-	$(PY) -m pytest -q -ra -m "not slow" -n $(TEST_WORKERS) --dist worksteal
+test-slow: $(VENV)/.installed
+	$(PY) -m pytest -q -ra --durations=15 -m slow -n $(TEST_WORKERS) --dist worksteal
+
+test-all: test test-slow
 
 # the toy model on a paying and a harmful task (1-2 min), then the real model (~15 min on 2 cores, install included);
 # `make demo DEMO_ARGS=--toy-only`: the toy part alone; `make demo DEMO_ARGS=--quick`: the tiny model in seconds
