@@ -13,7 +13,8 @@ Each repeat measures, in this order and on the same (shared) machine:
   (relex's outputs are durable: every file is flushed before its rename); both are printed, the sum uses the second;
 * `relex extrapolate` with `--streaming` and with `--no-streaming`: wall, peak RSS, user/sys time, and the ratio of
   the wall to the sum of the three floors; for the streamed run, its seconds by phase (import, check, read,
-  subtract, Gram, solve, directions, state, write) beside the read and import floors of the same repeat (where the
+  subtract, Gram, solve, directions, state, write_early: the horizons' tensors written during the solve, write: the
+  horizons after the state file) beside the read and import floors of the same repeat (where the
   blocks are read ahead on a thread, read and subtract are that thread's seconds and read_wait the wall's part);
 * the streamed command reads the next block on a thread where it may use two CPUs (the default); with `--modes
   ...,inturn` it also runs with `RELEX_READ_AHEAD=0` (each block read when the solve asks for it), and with
