@@ -470,16 +470,25 @@ def write_weights(
     weights_name: str = WEIGHTS_NAME,
 ):
     """Write ``keys`` (in order) as safetensors shards + index into ``out_dir`` (not atomic by itself)."""
+    names, shards, weight_map, total = weights_layout(keys, meta, max_shard_size, weights_name)
+    for name, shard in zip(names, shards):
+        write_shard(os.path.join(out_dir, name), shard, meta, produce)
+    if weight_map is not None:
+        write_index(out_dir, weight_map, total)
+    return names
+
+
+def weights_layout(keys: Sequence[str], meta: dict, max_shard_size, weights_name: str = WEIGHTS_NAME):
+    """The files a checkpoint of ``keys`` is written in: ``(names, shards, weight_map, total_bytes)``, ``shards[i]``
+    the keys of file ``names[i]`` in order, ``weight_map`` the index's (``None`` for one file). An adapter file is
+    never sharded (PEFT reads one file)."""
     entries = [(k, tensor_bytes(*meta[k])) for k in keys]
     shards = plan_shards(entries, max_shard_size)
     if weights_name != WEIGHTS_NAME and len(shards) > 1:
-        shards = [[k for shard in shards for k in shard]]  # an adapter file is never sharded (PEFT reads one file)
+        shards = [[k for shard in shards for k in shard]]
     names = shard_names(len(shards), weights_name)
-    for name, shard in zip(names, shards):
-        write_shard(os.path.join(out_dir, name), shard, meta, produce)
-    if len(shards) > 1:
-        write_index(out_dir, {k: n for n, shard in zip(names, shards) for k in shard}, sum(nb for _, nb in entries))
-    return names
+    weight_map = {k: n for n, shard in zip(names, shards) for k in shard} if len(shards) > 1 else None
+    return names, shards, weight_map, sum(nb for _, nb in entries)
 
 
 def all_finite(t: torch.Tensor) -> bool:
@@ -593,6 +602,33 @@ def _produced(produce, k: str, meta: dict, path: str, check_finite: bool = True)
 WRITEBACK_MIN = 8 << 20
 
 
+class Writeback:
+    """The bytes written to one file, handed to the disk (:func:`relex_callback.files.fs.start_writeback`) once
+    :data:`WRITEBACK_MIN` of them have gathered: the range from the first to the last byte written since, which the
+    writes may fill in any order. ``flush``: called first (a buffered file's bytes must reach the kernel)."""
+
+    def __init__(self, fd: int, flush: Optional[Callable[[], None]] = None):
+        self.fd, self.flush = fd, flush
+        self.lo = self.hi = None
+        self.count = 0
+
+    def wrote(self, offset: int, nbytes: int, kick: bool = True):
+        """``nbytes`` written at ``offset``; ``kick=False``: gathered but not handed over yet (a file's header,
+        which goes with its first tensor)."""
+        if nbytes <= 0:
+            return
+        end = offset + nbytes
+        self.lo = offset if self.lo is None else min(self.lo, offset)
+        self.hi = end if self.hi is None else max(self.hi, end)
+        self.count += nbytes
+        if kick and self.count >= WRITEBACK_MIN:  # small tensors gathered; the commit's fsync does the rest
+            if self.flush is not None:
+                self.flush()
+            start_writeback(self.fd, self.lo, self.hi - self.lo)
+            self.lo = self.hi = None
+            self.count = 0
+
+
 def write_tensor_file(path: str, keys: Sequence[str], meta: dict, produce: Callable[[str], torch.Tensor], *,
                       order: str = "safetensors", metadata: Optional[dict] = None, check_finite: bool = True):
     """A safetensors file of ``keys`` written tensor by tensor: the header first (the sizes are known from ``meta``),
@@ -607,15 +643,15 @@ def write_tensor_file(path: str, keys: Sequence[str], meta: dict, produce: Calla
     head, _ = safetensors_header([(k, meta[k][1], tuple(meta[k][0])) for k in keys], metadata)
     with open(path, "wb") as f:
         f.write(head)
-        off, kicked = len(head), 0  # bytes written; bytes already handed to the disk
+        disk = Writeback(f.fileno(), f.flush)
+        disk.wrote(0, len(head), kick=False)
+        off = len(head)
         for k in keys:
             t = _produced(produce, k, meta, path, check_finite)
             _write_tensor(f, t.to("cpu"))
-            off += t.numel() * t.element_size()
-            if off > kicked and off - kicked >= WRITEBACK_MIN:  # small tensors gathered; the fsync does the rest
-                f.flush()
-                start_writeback(f.fileno(), kicked, off - kicked)
-                kicked = off
+            nb = t.numel() * t.element_size()
+            disk.wrote(off, nb)
+            off += nb
 
 
 def write_tensors(path: str, tensors: dict, *, metadata: dict):

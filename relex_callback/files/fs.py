@@ -532,14 +532,19 @@ def check_writable_dir(path: str, what: str):
         ) from None
 
 
+def free_bytes(path: str) -> int:
+    """Free bytes of the file system ``path`` is (or will be) on: that of its nearest existing ancestor."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    return shutil.disk_usage(probe).free
+
+
 def check_free_space(out_dir: str, parts: dict, what: str = "--out"):
     """Refuse, before the first write, a plan whose outputs do not fit the free space of ``out_dir``'s file system.
     ``parts``: what will be written -> bytes (estimates from the inputs' own sizes)."""
     need = sum(int(v) for v in parts.values())
-    probe = os.path.abspath(out_dir)
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    free = shutil.disk_usage(probe).free
+    free = free_bytes(out_dir)
     if need > free:
         gb = lambda n: f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n:,} bytes"  # noqa: E731
         listed = ", ".join(f"{k} {gb(v)}" for k, v in parts.items() if v)

@@ -31,11 +31,11 @@ import torch
 from ..core.solver import extrapolate_piece
 from ..errors import RelexInputError, RelexNonFiniteError
 from ..params import TensorSpec
-from .checkpoints import (ST_CODES, WRITEBACK_MIN, MappedSafetensors, MappedSource, _produced, _raw, all_finite,
-                          plan_shards, safetensors_header, shard_names, st_dtype, tensor_bytes, write_index,
-                          write_relex_marker, write_tensor_file)
-from .fs import (STATE_NAME, atomic_directory, atomic_file, clean_stale_temporaries, horizon_dir, loads_json,
-                 new_temporary_dir, read_safetensors_header, start_writeback)
+from .checkpoints import (ST_CODES, MappedSafetensors, MappedSource, Writeback, _produced, _raw, all_finite,
+                          safetensors_header, st_dtype, tensor_bytes, weights_layout, write_index, write_relex_marker,
+                          write_tensor_file)
+from .fs import (STATE_NAME, atomic_directory, atomic_file, clean_stale_temporaries, free_bytes, horizon_dir,
+                 loads_json, new_temporary_dir, read_safetensors_header)
 from .writers import CheckpointWriter, WriteFailed, guarded
 
 logger = logging.getLogger("relex_callback")
@@ -149,14 +149,21 @@ def write_shard_streaming(path: str, keys: list[str], meta: dict, produce: Calla
 def write_weights_streaming(out_dir: str, keys: list[str], meta: dict, produce, max_shard_size) -> list[str]:
     """:func:`relex_callback.files.checkpoints.write_weights` (same shard plan, names and index) with
     :func:`write_shard_streaming`."""
-    entries = [(k, tensor_bytes(*meta[k])) for k in keys]
-    shards = plan_shards(entries, max_shard_size)
-    names = shard_names(len(shards))
+    names, shards, weight_map, total = weights_layout(keys, meta, max_shard_size)
     for name, shard in zip(names, shards):
         write_shard_streaming(os.path.join(out_dir, name), shard, meta, produce)
-    if len(shards) > 1:
-        write_index(out_dir, {k: n for n, shard in zip(names, shards) for k in shard}, sum(nb for _, nb in entries))
+    if weight_map is not None:
+        write_index(out_dir, weight_map, total)
     return names
+
+
+def horizon_meta(source, specs: Sequence[TensorSpec]) -> dict:
+    """``(shape, dtype)`` of every tensor a horizon of ``source`` holds: the source's, the tracked ones as their
+    specs say."""
+    meta = dict(source.meta)
+    for s in specs:
+        meta[s.name] = (tuple(s.shape), s.dtype)
+    return meta
 
 
 def _read_header(path: str):
@@ -279,22 +286,14 @@ class EarlyHorizon:
     that is not :meth:`complete` by then is deleted (:meth:`abort`) and written the usual way."""
 
     def __init__(self, out_dir: str, horizon: int, source, specs: Sequence[TensorSpec], max_shard_size):
-        self.horizon = int(horizon)
         self.final = horizon_dir(out_dir, horizon)
         tracked = {s.name for s in specs}
-        meta = dict(source.meta)
-        for s in specs:
-            meta[s.name] = (tuple(s.shape), s.dtype)
+        self.meta = meta = horizon_meta(source, specs)
         keys = list(source.keys)
-        entries = [(k, tensor_bytes(*meta[k])) for k in keys]
-        shards = plan_shards(entries, max_shard_size)
-        names = shard_names(len(shards))
-        self.meta, self.nbytes = meta, sum(nb for _, nb in entries)
-        self.index = {k: n for n, shard in zip(names, shards) for k in shard} if len(shards) > 1 else None
-        self.places: dict = {}  # key -> (fd, file offset of its data, its bytes)
+        names, shards, self.index, self.nbytes = weights_layout(keys, meta, max_shard_size)
+        self.places: dict = {}  # key -> (its file's Writeback, file offset of its data, its bytes, the file's path)
         self.left: dict = {}  # tracked key -> bytes not written yet
         self.fds: list[int] = []
-        self._unsent: dict = {}  # fd -> [first, end) of the bytes written since the disk was last asked, their count
         clean_stale_temporaries(os.path.dirname(self.final), os.path.basename(self.final))
         self.tmp = new_temporary_dir(self.final)
         try:
@@ -304,10 +303,12 @@ class EarlyHorizon:
                 self.fds.append(fd)
                 head, _ = safetensors_header([(k, meta[k][1], tuple(meta[k][0])) for k in shard])
                 _pwrite_all(fd, memoryview(head), 0)
+                disk = Writeback(fd)
+                disk.wrote(0, len(head), kick=False)  # with the first tensor
                 off = len(head)
                 for k in shard:
                     nb = tensor_bytes(*meta[k])
-                    self.places[k] = (fd, off, nb, path)
+                    self.places[k] = (disk, off, nb, path)
                     off += nb
             for k in keys:
                 if k in tracked:
@@ -330,19 +331,13 @@ class EarlyHorizon:
         self.left[name] -= self._write(name, start, piece)
 
     def _write(self, name: str, start: int, t: torch.Tensor) -> int:
-        fd, off, nb, _ = self.places[name]
+        disk, off, nb, _ = self.places[name]
         a, n = off + start * t.element_size(), t.numel() * t.element_size()
         if start < 0 or a + n > off + nb:
             raise RuntimeError(f"{name}: elements from {start} ({n} bytes) overrun its {nb} bytes")
         if n:
-            _pwrite_all(fd, _raw(t), a)
-        lo, hi, count = self._unsent.get(fd, (a, a + n, 0))
-        lo, hi, count = min(lo, a), max(hi, a + n), count + n
-        if count >= WRITEBACK_MIN:  # small tensors gathered; the commit's fsync does the rest
-            start_writeback(fd, lo, hi - lo)
-            self._unsent.pop(fd, None)
-        else:
-            self._unsent[fd] = (lo, hi, count)
+            _pwrite_all(disk.fd, _raw(t), a)
+        disk.wrote(a, n)
         return n
 
     def complete(self) -> bool:
@@ -393,9 +388,7 @@ def write_horizon_streaming(out_dir: str, horizon: int, tcut: int, result, theta
         spec = result.specs[i]
         return result.extrapolate(i, horizon, theta0_of(i)).reshape(spec.shape)
 
-    meta = dict(source.meta)
-    for n, i in index.items():
-        meta[n] = (tuple(result.specs[i].shape), result.specs[i].dtype)
+    meta = horizon_meta(source, result.specs)
 
     def write():
         with atomic_directory(final, overwrite=overwrite, tmp=early.tmp if early is not None else None) as tmp:
@@ -439,11 +432,9 @@ class StreamedWriter(CheckpointWriter):
         self.clock = clock
         if not horizons:
             return
-        need = sum(sum(tensor_bytes(*m) for m in self.src_base.meta.values()) for _ in horizons) + 2 * state_bytes
-        probe = os.path.abspath(out_dir)
-        while not os.path.exists(probe):
-            probe = os.path.dirname(probe)
-        if shutil.disk_usage(probe).free < need + need // 8 + (16 << 20):  # room, with some to spare
+        one = sum(tensor_bytes(*m) for m in horizon_meta(self.src_base, self.specs).values())
+        need = len(horizons) * one + 2 * state_bytes
+        if free_bytes(out_dir) < need + need // 8 + (16 << 20):  # room, with some to spare
             logger.debug("relex: the horizons are written after the state file (no room for them during the solve)")
             return
         self._made_out = None if os.path.isdir(out_dir) else os.path.abspath(out_dir)
@@ -495,6 +486,17 @@ class StreamedWriter(CheckpointWriter):
                 pass
         return True
 
+    def before_early(self, write: Callable[[], object]):
+        """``write()`` (a write of the state file, which raises :class:`WriteFailed`), tried once more after dropping
+        the horizons begun during the solve where it failed while they held disk space: the state file comes
+        first."""
+        try:
+            return write()
+        except WriteFailed:
+            if not self.drop_early("the state file needed their space"):
+                raise
+            return write()
+
     def write_state(self, out_dir: str, tcut: int) -> str:
         state_path = os.path.join(out_dir, STATE_NAME)
 
@@ -505,12 +507,7 @@ class StreamedWriter(CheckpointWriter):
             shutil.rmtree(self.scratch, ignore_errors=True)
 
         t = time.perf_counter()
-        try:
-            guarded(commit_state)
-        except WriteFailed:  # the horizons begun during the solve hold space the state file needs: it comes first
-            if not self.drop_early("the state file needed their space"):
-                raise
-            guarded(commit_state)
+        self.before_early(lambda: guarded(commit_state))
         self.stamps["state"] = time.perf_counter() - t
         sol = self.solution
         self.mapped = MappedState(state_path, self.specs, sol.slope, sol.intercept, self.rank, sol.clock)
@@ -543,6 +540,6 @@ class StreamedWriter(CheckpointWriter):
             shutil.rmtree(self.scratch, ignore_errors=True)
 
 
-__all__ = ["EarlyHorizon", "FileReader", "MappedState", "coef_at", "StreamedWriter", "merge_state_parts",
-           "safetensors_header", "write_horizon_streaming", "write_shard_streaming", "write_weights_streaming",
-           "ST_CODES"]
+__all__ = ["EarlyHorizon", "FileReader", "MappedState", "coef_at", "horizon_meta", "StreamedWriter",
+           "merge_state_parts", "safetensors_header", "write_horizon_streaming", "write_shard_streaming",
+           "write_weights_streaming", "ST_CODES"]

@@ -501,12 +501,7 @@ class StreamedSolve:
                 guarded(lambda: save_state(part, sol, th_of, tcut=steps[-1], extra={"run_id": self.run_id}))
 
         try:
-            try:
-                write()
-            except WriteFailed:
-                if not self.writer.drop_early("the state file needed their space"):
-                    raise
-                write()
+            self.writer.before_early(write)
         except WriteFailed as e:
             raise RelexWriteError(
                 f"writing the state file in {self.out_dir} failed: {e}; no horizon was written and nothing exists "
