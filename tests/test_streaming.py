@@ -292,14 +292,35 @@ def _begun_when_the_state_is_written(monkeypatch):
     return seen
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_horizons_written_during_the_solve_have_the_bytes_of_those_written_after(tmp_path, monkeypatch, dtype):
+def _reshard(d):
+    """Rewrite the checkpoint in ``d`` as two shard files and an index, as save_pretrained shards a large model."""
+    single = os.path.join(d, "model.safetensors")
+    sd = load_file(single)
+    keys = sorted(sd)
+    names = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    parts = [keys[: len(keys) // 2], keys[len(keys) // 2:]]
+    for name, part in zip(names, parts):
+        save_file({k: sd[k] for k in part}, os.path.join(d, name), metadata={"format": "pt"})
+    with open(os.path.join(d, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": sum(t.numel() * t.element_size() for t in sd.values())},
+                   "weight_map": {k: n for n, part in zip(names, parts) for k in part}}, f)
+    os.remove(single)
+
+
+@pytest.mark.parametrize("dtype,inputs", [(torch.float32, "one_file"), (torch.bfloat16, "one_file"),
+                                          (torch.float32, "sharded")])
+def test_horizons_written_during_the_solve_have_the_bytes_of_those_written_after(tmp_path, monkeypatch, dtype,
+                                                                                  inputs):
     """The horizons begun during the solve (each group's tensors written into its shards as the group is solved)
     against the same run writing them after the state file, from it, one at a time: every output byte the same.
     Sharded horizons (an index), tensors in groups (theta_0 from the block) and read in column chunks (theta_0 from
-    the base), a base in float32 and in bf16, rank 2, two horizons on the lr clock of a linear schedule. That they
-    were begun during the solve is seen in --out when the state file is written."""
+    the base), a base in float32 and in bf16, a base and checkpoints in one file each or sharded with an index, rank
+    2, two horizons on the lr clock of a linear schedule. That they were begun during the solve is seen in --out
+    when the state file is written."""
     base, ckpts = _trajectory(str(tmp_path), dtype=dtype, seed=6, second=0.3)
+    if inputs == "sharded":
+        for d in [base] + glob.glob(os.path.join(ckpts, "checkpoint-*")):
+            _reshard(d)
     seen = _begun_when_the_state_is_written(monkeypatch)
     outs = {}
     for early in (True, False):
